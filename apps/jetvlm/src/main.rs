@@ -1,0 +1,51 @@
+//! `jetvlm`: the command line of the jetvlm SDK.
+//!
+//! Each subcommand lives in its own module under `cmd/`, with its clap arguments and a
+//! `run` function; this file only parses, sets up logging and dispatches.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod cmd;
+mod logging;
+
+#[derive(Parser, Debug)]
+#[command(name = "jetvlm", version, about = "Vision-language models on NVIDIA Jetson boards")]
+struct Cli {
+    /// Log filter in RUST_LOG syntax (e.g. `info`, `jetvlm_kvcache=debug`); RUST_LOG wins
+    /// when set.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Plan memory for a model and workload on a Jetson board.
+    Plan(cmd::plan::PlanArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    logging::init(&cli.log, cli.log_format);
+    if let Err(err) = run(cli.command) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Plan(args) => cmd::plan::run(args),
+    }
+}

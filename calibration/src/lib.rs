@@ -1,0 +1,1 @@
+//! jetvlm-calibration (being built).

@@ -1,0 +1,1 @@
+//! jetvlm-board (being built).

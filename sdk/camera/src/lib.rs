@@ -1,0 +1,1 @@
+//! jetvlm-camera (being built).

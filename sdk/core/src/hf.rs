@@ -1,0 +1,437 @@
+//! Hugging Face `config.json` for the decoder families jetvlm runs (Llama, Mistral, Qwen2,
+//! and the language half of VLMs that nest it under `text_config`).
+//!
+//! Both config generations are accepted: the older top-level `rope_theta`, `rope_scaling`
+//! and `torch_dtype`, and the newer `rope_parameters` and `dtype`. Missing
+//! `num_key_value_heads` defaults to `num_attention_heads` (as transformers does); missing
+//! `hidden_size` and the other shape fields are errors naming the file and field.
+
+use crate::{ConfigError, DType};
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::Path;
+
+/// Decoder architectures jetvlm implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl Architecture {
+    pub fn from_hf(name: &str) -> Option<Self> {
+        match name {
+            "LlamaForCausalLM" | "LlamaModel" => Some(Architecture::Llama),
+            "MistralForCausalLM" | "MistralModel" => Some(Architecture::Mistral),
+            "Qwen2ForCausalLM" | "Qwen2Model" => Some(Architecture::Qwen2),
+            _ => None,
+        }
+    }
+
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        match model_type {
+            "llama" => Some(Architecture::Llama),
+            "mistral" => Some(Architecture::Mistral),
+            "qwen2" | "qwen2_vl" | "qwen2_5_vl" => Some(Architecture::Qwen2),
+            _ => None,
+        }
+    }
+}
+
+/// RoPE frequency scaling.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    Default,
+    /// Llama 3.x frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+    /// Linear position interpolation.
+    Linear { factor: f64 },
+}
+
+/// The validated language-model configuration: every shape the decoder, the KV cache and
+/// the memory planner need.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    /// The `architectures[0]` string as written (or derived from `model_type`).
+    pub architecture_name: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry biases (Qwen2 always; Llama when `attention_bias`).
+    pub attention_bias: bool,
+    pub dtype: DType,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelConfig {
+    /// Parameters of the language model (embeddings, layers, final norm, LM head unless
+    /// tied).
+    pub fn num_parameters(&self) -> u64 {
+        let h = self.hidden_size as u64;
+        let q = (self.num_attention_heads * self.head_dim) as u64;
+        let kv = (self.num_key_value_heads * self.head_dim) as u64;
+        let i = self.intermediate_size as u64;
+        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        let attn = h * q + 2 * h * kv + q * h + bias;
+        let mlp = 3 * h * i;
+        let norms = 2 * h;
+        let layer = attn + mlp + norms;
+        let emb = self.vocab_size as u64 * h;
+        let head = if self.tie_word_embeddings { 0 } else { emb };
+        emb + head + self.num_hidden_layers as u64 * layer + h
+    }
+
+    /// Bytes of the weights at the stored dtype.
+    pub fn weight_bytes(&self) -> u64 {
+        self.num_parameters() * self.dtype.size_bytes() as u64
+    }
+
+    /// Bytes of weights a decode step reads: everything except the embedding table (one row
+    /// is gathered), but including the LM head (the tied embedding when tied).
+    pub fn weight_bytes_read_per_token(&self) -> u64 {
+        let emb = self.vocab_size as u64 * self.hidden_size as u64;
+        let params = self.num_parameters() - emb
+            + if self.tie_word_embeddings { emb } else { 0 };
+        params * self.dtype.size_bytes() as u64
+    }
+
+    /// K and V elements stored per token across all layers.
+    pub fn kv_elements_per_token(&self) -> u64 {
+        2 * (self.num_hidden_layers * self.num_key_value_heads * self.head_dim) as u64
+    }
+
+    /// Reads and validates a `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let raw: Value = crate::config::load_json(path)?;
+        Self::from_value(&raw, path)
+    }
+
+    /// Validates an already-parsed `config.json`; `path` names it in errors.
+    pub fn from_value(raw: &Value, path: &Path) -> Result<Self, ConfigError> {
+        // VLM configs (Idefics3/SmolVLM, LLaVA) nest the language model under `text_config`;
+        // Qwen2-VL keeps it at the top level. Fields missing from `text_config` fall back to
+        // the top level.
+        let text = raw.get("text_config").filter(|v| v.is_object());
+        let get = |key: &str| -> Option<&Value> {
+            text.and_then(|t| t.get(key))
+                .filter(|v| !v.is_null())
+                .or_else(|| raw.get(key).filter(|v| !v.is_null()))
+        };
+        let prefix = if text.is_some() { "text_config." } else { "" };
+        let field = |key: &str| format!("{prefix}{key}");
+
+        let usize_field = |key: &str| -> Result<Option<usize>, ConfigError> {
+            match get(key) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .map(|x| Some(x as usize))
+                    .ok_or_else(|| {
+                        ConfigError::invalid(path, field(key), format!("expected a non-negative integer, got {v}"))
+                    }),
+            }
+        };
+        let required = |key: &str| -> Result<usize, ConfigError> {
+            match usize_field(key)? {
+                Some(0) => Err(ConfigError::invalid(path, field(key), "must be greater than zero")),
+                Some(x) => Ok(x),
+                None => Err(ConfigError::invalid(path, field(key), "missing (required)")),
+            }
+        };
+        let f64_field = |key: &str| -> Result<Option<f64>, ConfigError> {
+            match get(key) {
+                None => Ok(None),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                    ConfigError::invalid(path, field(key), format!("expected a number, got {v}"))
+                }),
+            }
+        };
+
+        // Architecture.
+        let arch_name = get("architectures")
+            .and_then(|a| a.as_array())
+            .and_then(|a| a.first())
+            .and_then(|a| a.as_str())
+            .map(str::to_string);
+        let model_type = get("model_type").and_then(|m| m.as_str()).map(str::to_string);
+        let (architecture, architecture_name) = match (&arch_name, &model_type) {
+            (Some(name), _) if Architecture::from_hf(name).is_some() => {
+                (Architecture::from_hf(name).unwrap_or(Architecture::Llama), name.clone())
+            }
+            (_, Some(mt)) if Architecture::from_model_type(mt).is_some() => (
+                Architecture::from_model_type(mt).unwrap_or(Architecture::Llama),
+                arch_name.clone().unwrap_or_else(|| mt.clone()),
+            ),
+            _ => {
+                let shown = arch_name.or(model_type).unwrap_or_else(|| "<none>".into());
+                return Err(ConfigError::invalid(
+                    path,
+                    field("architectures"),
+                    format!(
+                        "unsupported architecture `{shown}` (supported: LlamaForCausalLM, \
+                         MistralForCausalLM, Qwen2ForCausalLM)"
+                    ),
+                ));
+            }
+        };
+
+        let hidden_size = required("hidden_size")?;
+        let num_attention_heads = required("num_attention_heads")?;
+        let num_hidden_layers = required("num_hidden_layers")?;
+        let intermediate_size = required("intermediate_size")?;
+        let vocab_size = required("vocab_size")?;
+        let num_key_value_heads = match usize_field("num_key_value_heads")? {
+            Some(0) => {
+                return Err(ConfigError::invalid(
+                    path,
+                    field("num_key_value_heads"),
+                    "must be greater than zero",
+                ));
+            }
+            Some(x) => x,
+            None => num_attention_heads,
+        };
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(ConfigError::invalid(
+                path,
+                field("num_key_value_heads"),
+                format!(
+                    "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
+                ),
+            ));
+        }
+        let head_dim = match usize_field("head_dim")? {
+            Some(0) | None => {
+                if hidden_size % num_attention_heads != 0 {
+                    return Err(ConfigError::invalid(
+                        path,
+                        field("hidden_size"),
+                        format!(
+                            "{hidden_size} is not a multiple of num_attention_heads \
+                             {num_attention_heads} and no head_dim is given"
+                        ),
+                    ));
+                }
+                hidden_size / num_attention_heads
+            }
+            Some(d) => d,
+        };
+        if head_dim % 2 != 0 {
+            return Err(ConfigError::invalid(path, field("head_dim"), format!("{head_dim} must be even for RoPE")));
+        }
+
+        // RoPE: newer `rope_parameters`, older `rope_theta` + `rope_scaling`.
+        let rope_params = get("rope_parameters").filter(|v| v.is_object());
+        let rope_scaling_obj = rope_params.or_else(|| get("rope_scaling").filter(|v| v.is_object()));
+        let rope_theta = match rope_params.and_then(|p| p.get("rope_theta")) {
+            Some(v) => v.as_f64().ok_or_else(|| {
+                ConfigError::invalid(path, field("rope_parameters.rope_theta"), format!("expected a number, got {v}"))
+            })?,
+            None => f64_field("rope_theta")?.unwrap_or(10_000.0),
+        };
+        let max_position_embeddings = usize_field("max_position_embeddings")?.unwrap_or(4096);
+        let rope_scaling = parse_rope_scaling(rope_scaling_obj, path, &field("rope_parameters"), max_position_embeddings)?;
+
+        let rms_norm_eps = f64_field("rms_norm_eps")?.unwrap_or(1e-6);
+        let tie_word_embeddings = get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false);
+        let attention_bias = match architecture {
+            Architecture::Qwen2 => true,
+            _ => get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
+        };
+        let dtype = match get("dtype").or_else(|| get("torch_dtype")) {
+            None => DType::F32,
+            Some(v) => {
+                let s = v.as_str().unwrap_or("");
+                DType::from_hf_name(s).ok_or_else(|| {
+                    ConfigError::invalid(path, field("dtype"), format!("unsupported dtype {v}"))
+                })?
+            }
+        };
+        let bos_token_id = get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32);
+        let eos_token_ids = match get("eos_token_id") {
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+            Some(v) => v.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            None => Vec::new(),
+        };
+
+        Ok(ModelConfig {
+            architecture,
+            architecture_name,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            vocab_size,
+            rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings,
+            tie_word_embeddings,
+            attention_bias,
+            dtype,
+            bos_token_id,
+            eos_token_ids,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct RawRopeScaling {
+    #[serde(alias = "type")]
+    rope_type: Option<String>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
+}
+
+fn parse_rope_scaling(
+    obj: Option<&Value>,
+    path: &Path,
+    field: &str,
+    max_pos: usize,
+) -> Result<RopeScaling, ConfigError> {
+    let Some(obj) = obj else {
+        return Ok(RopeScaling::Default);
+    };
+    let raw: RawRopeScaling = serde_json::from_value(obj.clone())
+        .map_err(|e| ConfigError::invalid(path, field, e.to_string()))?;
+    let kind = raw
+        .rope_type
+        .or_else(|| obj.get("type").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| "default".into());
+    match kind.as_str() {
+        "default" | "mrope" => Ok(RopeScaling::Default),
+        "linear" => Ok(RopeScaling::Linear { factor: raw.factor.unwrap_or(1.0) }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: raw.factor.unwrap_or(8.0),
+            low_freq_factor: raw.low_freq_factor.unwrap_or(1.0),
+            high_freq_factor: raw.high_freq_factor.unwrap_or(4.0),
+            original_max_position_embeddings: raw.original_max_position_embeddings.unwrap_or(max_pos),
+        }),
+        other => Err(ConfigError::invalid(
+            path,
+            format!("{field}.rope_type"),
+            format!("unsupported RoPE scaling `{other}` (supported: default, linear, llama3)"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn p() -> &'static Path {
+        Path::new("config.json")
+    }
+
+    fn base() -> Value {
+        json!({
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+            "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+            "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "torch_dtype": "bfloat16",
+            "tie_word_embeddings": true, "max_position_embeddings": 8192
+        })
+    }
+
+    #[test]
+    fn smollm2_135m_shape() {
+        let c = ModelConfig::from_value(&base(), p()).unwrap();
+        assert_eq!(c.head_dim, 64);
+        assert_eq!(c.dtype, DType::BF16);
+        assert_eq!(c.rope_theta, 100000.0);
+        // SmolLM2-135M has 134.5M parameters.
+        let n = c.num_parameters();
+        assert!((134_000_000..135_000_000).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn newer_rope_parameters_and_dtype() {
+        let mut v = base();
+        let o = v.as_object_mut().unwrap();
+        o.remove("rope_theta");
+        o.remove("torch_dtype");
+        o.insert("dtype".into(), json!("float16"));
+        o.insert(
+            "rope_parameters".into(),
+            json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}),
+        );
+        let c = ModelConfig::from_value(&v, p()).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(c.dtype, DType::F16);
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 32.0));
+    }
+
+    #[test]
+    fn missing_kv_heads_defaults_to_heads() {
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("num_key_value_heads");
+        let c = ModelConfig::from_value(&v, p()).unwrap();
+        assert_eq!(c.num_key_value_heads, 9);
+    }
+
+    #[test]
+    fn missing_hidden_size_names_field() {
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("hidden_size");
+        let e = ModelConfig::from_value(&v, p()).unwrap_err();
+        assert_eq!(e.field(), Some("hidden_size"));
+        assert!(e.to_string().contains("config.json"));
+    }
+
+    #[test]
+    fn unsupported_arch() {
+        let mut v = base();
+        v["architectures"] = json!(["GPT2LMHeadModel"]);
+        v.as_object_mut().unwrap().insert("model_type".into(), json!("gpt2"));
+        let e = ModelConfig::from_value(&v, p()).unwrap_err();
+        assert!(e.to_string().contains("GPT2LMHeadModel"), "{e}");
+    }
+
+    #[test]
+    fn nested_text_config() {
+        let v = json!({
+            "architectures": ["Idefics3ForConditionalGeneration"],
+            "text_config": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+                "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                "vocab_size": 49280},
+            "torch_dtype": "bfloat16"
+        });
+        let c = ModelConfig::from_value(&v, p()).unwrap();
+        assert_eq!(c.architecture, Architecture::Llama);
+        assert_eq!(c.dtype, DType::BF16);
+        assert_eq!(c.vocab_size, 49280);
+    }
+
+    #[test]
+    fn qwen2_has_bias() {
+        let mut v = base();
+        v["architectures"] = json!(["Qwen2ForCausalLM"]);
+        let c = ModelConfig::from_value(&v, p()).unwrap();
+        assert!(c.attention_bias);
+    }
+}

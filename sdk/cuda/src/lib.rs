@@ -1,0 +1,1 @@
+//! jetvlm-cuda (being built).

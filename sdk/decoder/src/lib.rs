@@ -1,0 +1,1 @@
+//! jetvlm-decoder (being built).

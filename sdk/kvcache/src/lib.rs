@@ -1,0 +1,1 @@
+//! jetvlm-kvcache (being built).

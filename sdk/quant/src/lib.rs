@@ -1,0 +1,1 @@
+//! jetvlm-quant (being built).

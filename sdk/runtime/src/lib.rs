@@ -1,0 +1,1 @@
+//! jetvlm-runtime (being built).

@@ -1,0 +1,1 @@
+//! jetvlm-vision (being built).
