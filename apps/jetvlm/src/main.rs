@@ -33,6 +33,8 @@ pub enum LogFormat {
 enum Command {
     /// Plan memory for a model and workload on a Jetson board.
     Plan(cmd::plan::PlanArgs),
+    /// Benchmarks: KV attention and decode, FP16 vs mixed KV, against measured bandwidth.
+    Bench(cmd::bench::BenchArgs),
 }
 
 fn main() {
@@ -47,5 +49,6 @@ fn main() {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Plan(args) => cmd::plan::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     }
 }
