@@ -4,11 +4,13 @@
 //!   cache picks its precision from this tag.
 //! - [`DType`], [`Device`]: storage types and where computation runs.
 //! - [`hf`]: Hugging Face `config.json` schema -> validated [`hf::ModelConfig`].
+//! - [`sysinfo`]: last-level cache size and measured memory read bandwidth.
 //! - [`config`]: YAML (serde-saphyr) and JSON loading with errors that name the file, the
 //!   line and the field.
 
 pub mod config;
 pub mod hf;
+pub mod sysinfo;
 mod types;
 
 pub use config::ConfigError;
