@@ -1,1 +1,55 @@
-//! jetvlm-quant (being built).
+//! jetvlm-quant: the block formats of the quantized KV cache.
+//!
+//! Asymmetric integer quantization with an FP16 scale and zero per group:
+//! `x ~= zero + scale * code`, `code` in `0..2^bits`, for 8, 4 and 2 bits.
+//!
+//! - [`format`]: [`GroupFormat`] (bits x group size), the packing of codes into bytes, and
+//!   the `#[repr(C)]` group blocks ([`BlockQ4G64`] and friends) with compile-time size
+//!   assertions.
+//! - [`reference`]: the plain, obviously-correct quantize / dequantize every fast kernel is
+//!   compared with, and the error bound each element must meet.
+//!
+//! Packing ("split halves", SIMD friendly): for 4 bits, byte `i` of an `n`-code row holds
+//! code `i` in its low nibble and code `i + n/2` in its high nibble; for 2 bits, byte `i`
+//! holds codes `i`, `i + n/4`, `i + n/2`, `i + 3n/4` in bits 0-1, 2-3, 4-5, 6-7; 8-bit codes
+//! are one per byte.
+
+pub mod format;
+pub mod reference;
+
+pub use format::{
+    BlockQ2G32, BlockQ2G64, BlockQ2G128, BlockQ4G32, BlockQ4G64, BlockQ4G128, BlockQ8G32,
+    BlockQ8G64, BlockQ8G128, GroupBlock, GroupFormat, ScaleZero,
+};
+pub use reference::{
+    dequantize_groups, dequantize_row, element_error_bound, quantize_groups, quantize_row,
+    row_params,
+};
+
+/// Errors of the quantization formats.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum QuantError {
+    #[error("unsupported bit width {bits} (expected 2, 4 or 8)")]
+    UnsupportedBits { bits: u32 },
+    #[error("unsupported group size {group} (expected 32, 64 or 128)")]
+    UnsupportedGroup { group: usize },
+    #[error("{op}: length {len} is not a multiple of the {what} {multiple}")]
+    NotMultiple {
+        op: &'static str,
+        len: usize,
+        what: &'static str,
+        multiple: usize,
+    },
+    #[error("{op}: buffer of {got} bytes, expected {expected}")]
+    BufferSize {
+        op: &'static str,
+        got: usize,
+        expected: usize,
+    },
+    #[error("{op}: non-finite input value {value} at index {index}")]
+    NonFinite {
+        op: &'static str,
+        index: usize,
+        value: f32,
+    },
+}
