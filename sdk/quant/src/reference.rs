@@ -104,7 +104,7 @@ fn check_finite(op: &'static str, x: &[f32]) -> Result<(), QuantError> {
 /// `out`, which must hold exactly `x.len() / group * group_bytes` bytes.
 pub fn quantize_groups(x: &[f32], fmt: GroupFormat, out: &mut [u8]) -> Result<(), QuantError> {
     let g = fmt.group();
-    if x.len() % g != 0 {
+    if !x.len().is_multiple_of(g) {
         return Err(QuantError::NotMultiple {
             op: "quantize_groups",
             len: x.len(),
@@ -139,7 +139,7 @@ pub fn dequantize_groups(
     out: &mut [f32],
 ) -> Result<(), QuantError> {
     let g = fmt.group();
-    if out.len() % g != 0 {
+    if !out.len().is_multiple_of(g) {
         return Err(QuantError::NotMultiple {
             op: "dequantize_groups",
             len: out.len(),
