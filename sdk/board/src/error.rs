@@ -1,0 +1,42 @@
+use jetvlm_core::ConfigError;
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading a board or a model description, planning, or
+/// detecting the board.
+#[derive(Debug, thiserror::Error)]
+pub enum BoardError {
+    /// A board YAML, `config.json` or `jetvlm.yaml` that could not be read or understood
+    /// (names the file, line and field).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+
+    /// A board name that is neither bundled, nor in `--boards-dir`, nor a path to a YAML file.
+    #[error("unknown board `{name}`; known boards: {}. Pass a board name from that list or a path to a board YAML", known.join(", "))]
+    UnknownBoard { name: String, known: Vec<String> },
+
+    /// `--model` points at something that is neither a Hugging Face `config.json` nor a
+    /// directory holding one (or a jetvlm package with `jetvlm.yaml`).
+    #[error("cannot find a model config at {}: expected a directory with config.json or jetvlm.yaml, or a path to config.json", path.display())]
+    ModelNotFound { path: PathBuf },
+
+    /// A workload or planner option that cannot be planned (zero tokens per frame, ...).
+    #[error("invalid workload: {0}")]
+    InvalidWorkload(String),
+
+    /// A KV policy string the planner does not understand.
+    #[error("invalid KV policy `{given}`: {reason}. Accepted: fp16, mixed, int4-all, int8-frames, int2-frames, or mixed:bits=2|4|8|16,group=32|64|128[,budget=0.1][,keys=token|channel]")]
+    InvalidPolicy { given: String, reason: String },
+
+    /// Detection found no Jetson device-tree model under the given root.
+    #[error("not a Jetson: {} is missing, so the board cannot be detected; pass --board with one of: {}", path.display(), known.join(", "))]
+    NotAJetson { path: PathBuf, known: Vec<String> },
+
+    /// A Jetson whose device-tree model string matches no known product line.
+    #[error("unrecognised Jetson model `{model}` (from {}); pass --board with one of: {}", path.display(), known.join(", "))]
+    UnrecognisedBoard { model: String, path: PathBuf, known: Vec<String> },
+
+    /// A system file (`/proc/meminfo`, `/etc/nv_tegra_release`) that exists but could not
+    /// be read or parsed.
+    #[error("cannot read {}: {message}", path.display())]
+    SystemFile { path: PathBuf, message: String },
+}

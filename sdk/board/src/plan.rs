@@ -1,0 +1,604 @@
+//! The memory planner: pure functions of (board profile, model, workload, KV policy,
+//! options).
+//!
+//! What a plan charges, in bytes:
+//!
+//! - **weights**: language-model parameters at the config's dtype, or at `--weight-bits`
+//!   (8 / 4 bits are charged as blocks of 32 weights with one FP16 scale, the q8_0 / q4_0
+//!   layout: 8.5 / 4.5 bits per weight).
+//! - **vision encoder**: its parameters at its dtype (see [`crate::model`]; the vision
+//!   encoder is not affected by `--weight-bits`).
+//! - **KV cache**, text and frame parts: `layers * kv_heads * 2 (K and V)` vectors of
+//!   `head_dim` per token, each at its format's bytes (see [`crate::policy`]).
+//! - **activations / workspace** (an estimate): with `C = min(prefill_chunk, context)`,
+//!   decoder buffers `C * (4 h + q_dim + 2 kv_dim + 3 i) * 4` bytes (f32 residual, norm,
+//!   attention output, o-proj output, q/k/v, MLP gate/up/act), attention scratch
+//!   `C * heads * (head_dim + 2 + 256) * 4` (online-softmax state and one 256-token block of
+//!   scores per query head), logits `2 * vocab * 4` (logits and the sampler's copy), and the
+//!   vision encoder's per-frame activations `seq * (6 h_v + i_v) * 4 + heads_v * seq^2 * 4`
+//!   plus its f32 input and output tensors.
+//! - **camera buffers**: a ring of `count` frames of `width * height * channels` bytes
+//!   (default 4 x 1280x720 RGB).
+//! - **runtime**: CUDA context and libraries, a constant per board family
+//!   ([`crate::Family::runtime_overhead_bytes`]).
+//!
+//! The roofline: every decode step reads the weights (all but the embedding table, plus the
+//! LM head) and the whole KV cache once, so
+//! `tpot_floor = (weight bytes read + KV bytes) / bandwidth`, taken at the full context (the
+//! last answer token).
+
+use crate::model::{ModelSpec, VisionEncoder, VisionSource};
+use crate::policy::{KvFormat, KvPrecision};
+use crate::{BoardError, BoardProfile};
+use jetvlm_core::DType;
+use jetvlm_core::hf::ModelConfig;
+use serde::Serialize;
+
+const MIB: u64 = 1 << 20;
+
+/// Tokens of attention scores the decoder keeps per query head (one KV block).
+pub const ATTENTION_BLOCK_TOKENS: u64 = 256;
+
+/// What the model is asked to hold and produce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    /// Camera frames kept in the context.
+    pub frames: u64,
+    pub tokens_per_frame: u64,
+    /// Text tokens of the prompt (system prompt, question, frame markers).
+    pub prompt_tokens: u64,
+    /// Tokens generated for the answer.
+    pub answer_tokens: u64,
+}
+
+impl Workload {
+    pub fn frame_tokens(&self) -> u64 {
+        self.frames * self.tokens_per_frame
+    }
+    pub fn text_tokens(&self) -> u64 {
+        self.prompt_tokens + self.answer_tokens
+    }
+    pub fn context_tokens(&self) -> u64 {
+        self.frame_tokens() + self.text_tokens()
+    }
+    fn with_frames(&self, frames: u64) -> Self {
+        Workload { frames, ..*self }
+    }
+}
+
+/// Storage of the language model's weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightFormat {
+    /// The dtype `config.json` declares.
+    #[default]
+    Native,
+    /// 32, 16, 8 or 4 bits per weight (8 and 4 with an FP16 scale per 32 weights).
+    Bits(u8),
+}
+
+impl WeightFormat {
+    /// Parses `--weight-bits`.
+    pub fn from_bits(bits: u8) -> Result<Self, BoardError> {
+        match bits {
+            32 | 16 | 8 | 4 => Ok(WeightFormat::Bits(bits)),
+            other => Err(BoardError::InvalidWorkload(format!("weight bits must be 32, 16, 8 or 4, got {other}"))),
+        }
+    }
+
+    /// Bytes of `params` weights.
+    pub fn bytes(&self, params: u64, native: DType) -> u64 {
+        match self {
+            WeightFormat::Native => params * native.size_bytes() as u64,
+            WeightFormat::Bits(b) if *b >= 16 => params * (*b as u64 / 8),
+            // Blocks of 32 weights: 32 * b bits of codes + a 16-bit scale.
+            WeightFormat::Bits(b) => (params * (32 * *b as u64 + 16)).div_ceil(32 * 8),
+        }
+    }
+
+    /// Bits per weight, scales included.
+    pub fn bits_per_weight(&self, native: DType) -> f64 {
+        match self {
+            WeightFormat::Native => 8.0 * native.size_bytes() as f64,
+            WeightFormat::Bits(b) if *b >= 16 => *b as f64,
+            WeightFormat::Bits(b) => *b as f64 + 0.5,
+        }
+    }
+
+    pub fn describe(&self, native: DType) -> String {
+        match self {
+            WeightFormat::Native => format!("{native} (from config)"),
+            WeightFormat::Bits(b) if *b >= 16 => format!("{b}-bit"),
+            WeightFormat::Bits(b) => format!("{b}-bit, g32 FP16 scales ({} bits/weight)", *b as f64 + 0.5),
+        }
+    }
+}
+
+/// The camera's frame ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct CameraBuffers {
+    pub width: u64,
+    pub height: u64,
+    pub channels: u64,
+    pub count: u64,
+}
+
+impl Default for CameraBuffers {
+    fn default() -> Self {
+        CameraBuffers { width: 1280, height: 720, channels: 3, count: 4 }
+    }
+}
+
+impl CameraBuffers {
+    pub fn bytes(&self) -> u64 {
+        self.width * self.height * self.channels * self.count
+    }
+}
+
+/// Planner knobs that are not the workload itself.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PlanOptions {
+    pub weights: WeightFormat,
+    pub camera: CameraBuffers,
+    /// Tokens the decoder processes at once during prefill.
+    pub prefill_chunk: u64,
+    /// Replaces the board's usable memory (e.g. MemAvailable read on the board).
+    pub budget_bytes: Option<u64>,
+    /// Says where `budget_bytes` came from, for display.
+    pub budget_source: Option<String>,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            weights: WeightFormat::Native,
+            camera: CameraBuffers::default(),
+            prefill_chunk: 512,
+            budget_bytes: None,
+            budget_source: None,
+        }
+    }
+}
+
+/// KV cache bytes split by token kind.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct KvUsage {
+    pub text_tokens: u64,
+    pub frame_tokens: u64,
+    /// Frame tokens kept FP16 inside the policy's FP16 budget.
+    pub fp16_frame_tokens: u64,
+    pub text_bytes: u64,
+    pub frame_bytes: u64,
+    pub total_bytes: u64,
+    /// The same tokens, all FP16.
+    pub fp16_equivalent_bytes: u64,
+}
+
+/// Bytes of one token's K and V across all layers in `format`.
+pub fn kv_bytes_per_token(text: &ModelConfig, format: KvFormat) -> u64 {
+    let vectors = 2 * (text.num_hidden_layers * text.num_key_value_heads) as u64;
+    vectors * format.vector_bytes(text.head_dim as u64)
+}
+
+/// KV cache of `workload` under `kv` (pure arithmetic, see [`crate::policy`]).
+pub fn kv_usage(text: &ModelConfig, workload: &Workload, kv: &KvPrecision) -> KvUsage {
+    let text_tokens = workload.text_tokens();
+    let frame_tokens = workload.frame_tokens();
+    let context = text_tokens + frame_tokens;
+    let fp16 = kv_bytes_per_token(text, KvFormat::FP16);
+    let fp16_frame_tokens = if kv.quantizes_frames() && kv.fp16_budget > 0.0 {
+        let cap = ((context as f64) * kv.fp16_budget - 1e-9).ceil().max(0.0) as u64;
+        cap.saturating_sub(text_tokens).min(frame_tokens)
+    } else {
+        0
+    };
+    let text_bytes = text_tokens * kv_bytes_per_token(text, kv.text);
+    let frame_bytes = fp16_frame_tokens * fp16
+        + (frame_tokens - fp16_frame_tokens) * kv_bytes_per_token(text, kv.frames);
+    KvUsage {
+        text_tokens,
+        frame_tokens,
+        fp16_frame_tokens,
+        text_bytes,
+        frame_bytes,
+        total_bytes: text_bytes + frame_bytes,
+        fp16_equivalent_bytes: context * fp16,
+    }
+}
+
+/// The activation / workspace estimate, by part.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Activations {
+    pub decoder_bytes: u64,
+    pub attention_bytes: u64,
+    pub logits_bytes: u64,
+    pub vision_bytes: u64,
+}
+
+impl Activations {
+    pub fn total(&self) -> u64 {
+        self.decoder_bytes + self.attention_bytes + self.logits_bytes + self.vision_bytes
+    }
+}
+
+/// Estimates activations and workspace (formulas in the module docs).
+pub fn activations(model: &ModelSpec, workload: &Workload, opts: &PlanOptions) -> Activations {
+    let t = &model.text;
+    let h = t.hidden_size as u64;
+    let q_dim = (t.num_attention_heads * t.head_dim) as u64;
+    let kv_dim = (t.num_key_value_heads * t.head_dim) as u64;
+    let i = t.intermediate_size as u64;
+    let chunk = opts.prefill_chunk.min(workload.context_tokens()).max(1);
+    let decoder_bytes = chunk * (4 * h + q_dim + 2 * kv_dim + 3 * i) * 4;
+    let attention_bytes =
+        chunk * t.num_attention_heads as u64 * (t.head_dim as u64 + 2 + ATTENTION_BLOCK_TOKENS) * 4;
+    let logits_bytes = 2 * t.vocab_size as u64 * 4;
+    let vision_bytes = match &model.vision {
+        Some(v) if workload.frames > 0 => vision_activation_bytes(v, workload.tokens_per_frame, h),
+        _ => 0,
+    };
+    Activations { decoder_bytes, attention_bytes, logits_bytes, vision_bytes }
+}
+
+fn vision_activation_bytes(v: &VisionEncoder, tokens_per_frame: u64, text_hidden: u64) -> u64 {
+    let output = tokens_per_frame * text_hidden * 4;
+    match &v.shape {
+        Some(s) => {
+            let seq = tokens_per_frame * s.patches_per_token;
+            let hidden = seq * (6 * s.hidden + s.intermediate) * 4;
+            let scores = s.heads * seq * seq * 4;
+            let input = seq * s.channels * s.temporal_patch * s.patch_size * s.patch_size * 4;
+            hidden + scores + input + output
+        }
+        // Shapes unknown (an .onnx encoder): at least its output, twice (output + copy into
+        // the decoder's input).
+        None => 2 * output,
+    }
+}
+
+/// Bytes by component.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct MemoryBreakdown {
+    pub weights_bytes: u64,
+    pub vision_encoder_bytes: u64,
+    pub kv_text_bytes: u64,
+    pub kv_frame_bytes: u64,
+    pub activation_bytes: u64,
+    pub camera_bytes: u64,
+    pub runtime_bytes: u64,
+}
+
+impl MemoryBreakdown {
+    pub fn kv_bytes(&self) -> u64 {
+        self.kv_text_bytes + self.kv_frame_bytes
+    }
+    pub fn total(&self) -> u64 {
+        self.weights_bytes
+            + self.vision_encoder_bytes
+            + self.kv_bytes()
+            + self.activation_bytes
+            + self.camera_bytes
+            + self.runtime_bytes
+    }
+}
+
+fn check(workload: &Workload, opts: &PlanOptions) -> Result<(), BoardError> {
+    if workload.tokens_per_frame == 0 {
+        return Err(BoardError::InvalidWorkload("tokens per frame must be greater than zero".into()));
+    }
+    if opts.prefill_chunk == 0 {
+        return Err(BoardError::InvalidWorkload("prefill chunk must be greater than zero".into()));
+    }
+    Ok(())
+}
+
+/// The memory the workload needs on `board`.
+pub fn memory(
+    board: &BoardProfile,
+    model: &ModelSpec,
+    workload: &Workload,
+    kv: &KvPrecision,
+    opts: &PlanOptions,
+) -> Result<MemoryBreakdown, BoardError> {
+    check(workload, opts)?;
+    let usage = kv_usage(&model.text, workload, kv);
+    Ok(MemoryBreakdown {
+        weights_bytes: opts.weights.bytes(model.text.num_parameters(), model.text.dtype),
+        vision_encoder_bytes: model.vision.as_ref().map_or(0, |v| v.bytes),
+        kv_text_bytes: usage.text_bytes,
+        kv_frame_bytes: usage.frame_bytes,
+        activation_bytes: activations(model, workload, opts).total(),
+        camera_bytes: if workload.frames > 0 { opts.camera.bytes() } else { 0 },
+        runtime_bytes: board.runtime_overhead_bytes(),
+    })
+}
+
+/// The memory budget: the override, else the board's usable memory.
+pub fn budget_bytes(board: &BoardProfile, opts: &PlanOptions) -> u64 {
+    opts.budget_bytes.unwrap_or_else(|| board.usable_bytes())
+}
+
+/// The largest number of frames whose plan fits the budget (0 when even none fit).
+pub fn max_frames(
+    board: &BoardProfile,
+    model: &ModelSpec,
+    workload: &Workload,
+    kv: &KvPrecision,
+    opts: &PlanOptions,
+) -> Result<u64, BoardError> {
+    let budget = budget_bytes(board, opts);
+    let fits = |n: u64| -> Result<bool, BoardError> {
+        Ok(memory(board, model, &workload.with_frames(n), kv, opts)?.total() <= budget)
+    };
+    if !fits(0)? {
+        return Ok(0);
+    }
+    // Grow until it does not fit, then bisect: the total never shrinks as frames grow.
+    let (mut lo, mut hi) = (0u64, 1u64);
+    while fits(hi)? {
+        lo = hi;
+        hi *= 2;
+        if hi > 1 << 40 {
+            return Ok(lo);
+        }
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
+}
+
+/// Parameters a decode step reads: all but the embedding table, plus the LM head (the tied
+/// embedding when tied).
+pub fn params_read_per_token(text: &ModelConfig) -> u64 {
+    let emb = text.vocab_size as u64 * text.hidden_size as u64;
+    text.num_parameters() - emb + if text.tie_word_embeddings { emb } else { 0 }
+}
+
+/// The roofline lower bound on time per output token, in milliseconds, at the workload's
+/// full context.
+pub fn tpot_floor_ms(board: &BoardProfile, model: &ModelSpec, workload: &Workload, kv: &KvPrecision, opts: &PlanOptions) -> f64 {
+    let weights = opts.weights.bytes(params_read_per_token(&model.text), model.text.dtype);
+    let kv_bytes = kv_usage(&model.text, workload, kv).total_bytes;
+    (weights + kv_bytes) as f64 / board.bandwidth_bytes_per_s() * 1e3
+}
+
+/// Maximum frames under one policy, for the comparison table.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PolicyFrames {
+    pub policy: String,
+    pub frame_bits_per_element: f64,
+    pub max_frames: u64,
+    pub kv_bytes: u64,
+    pub tpot_floor_ms: f64,
+}
+
+/// A complete plan: what it takes, whether it fits, how far it could go, how fast it can be.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Plan {
+    pub board: String,
+    pub board_display: String,
+    pub model: String,
+    pub config_path: String,
+    pub kv_policy: String,
+    pub weights_format: String,
+    pub workload: Workload,
+    pub context_tokens: u64,
+    pub memory: MemoryBreakdown,
+    pub activations: Activations,
+    pub kv: KvUsage,
+    pub vision_params: Option<u64>,
+    pub vision_source: Option<VisionSource>,
+    pub total_bytes: u64,
+    pub budget_bytes: u64,
+    pub budget_source: String,
+    pub fits: bool,
+    /// Budget minus total (negative when it does not fit).
+    pub headroom_bytes: i64,
+    pub kv_bytes: u64,
+    pub max_frames_fp16: u64,
+    /// Max frames under the requested policy when it quantizes frames, else under `mixed`.
+    pub max_frames_mixed: u64,
+    pub mixed_policy: String,
+    pub max_frames_by_policy: Vec<PolicyFrames>,
+    /// Frames that fit inside the model's `max_position_embeddings`.
+    pub max_frames_context: u64,
+    pub max_position_embeddings: u64,
+    pub bandwidth_gb_s: f64,
+    pub weight_bytes_read_per_token: u64,
+    pub kv_bytes_read_per_token: u64,
+    pub tpot_floor_ms: f64,
+    pub tpot_floor_fp16_ms: f64,
+    /// When it does not fit: by how much, and what to change.
+    pub advice: Option<String>,
+    /// Estimates and caveats worth reading.
+    pub notes: Vec<String>,
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.0} MiB", b as f64 / MIB as f64)
+}
+
+/// Plans `workload` on `board`.
+pub fn plan(
+    board: &BoardProfile,
+    model: &ModelSpec,
+    workload: &Workload,
+    kv: &KvPrecision,
+    opts: &PlanOptions,
+) -> Result<Plan, BoardError> {
+    let mem = memory(board, model, workload, kv, opts)?;
+    let acts = activations(model, workload, opts);
+    let usage = kv_usage(&model.text, workload, kv);
+    let budget = budget_bytes(board, opts);
+    let total = mem.total();
+    let fits = total <= budget;
+    let mixed = if kv.quantizes_frames() { *kv } else { KvPrecision::mixed() };
+    let max_frames_fp16 = max_frames(board, model, workload, &KvPrecision::fp16(), opts)?;
+    let max_frames_mixed = max_frames(board, model, workload, &mixed, opts)?;
+
+    let mut by_policy = Vec::new();
+    let mut policies = vec![KvPrecision::fp16(), KvPrecision::frames_at(8), KvPrecision::mixed(), KvPrecision::frames_at(2)];
+    if !policies.contains(kv) {
+        policies.push(*kv);
+    }
+    for p in &policies {
+        by_policy.push(PolicyFrames {
+            policy: p.name(),
+            frame_bits_per_element: p.frames.bits_per_element(model.text.head_dim as u64),
+            max_frames: max_frames(board, model, workload, p, opts)?,
+            kv_bytes: kv_usage(&model.text, workload, p).total_bytes,
+            tpot_floor_ms: tpot_floor_ms(board, model, workload, p, opts),
+        });
+    }
+
+    let max_pos = model.text.max_position_embeddings as u64;
+    let max_frames_context = max_pos.saturating_sub(workload.text_tokens()) / workload.tokens_per_frame;
+    let weight_read = opts.weights.bytes(params_read_per_token(&model.text), model.text.dtype);
+
+    let mut notes = Vec::new();
+    if let Some(v) = &model.vision {
+        match &v.source {
+            VisionSource::Estimated { family } => notes.push(format!(
+                "vision encoder size is an estimate from vision_config ({family} formula, {:.1}M params); \
+                 pass --vision-params or --vision-bytes for the exact figure",
+                v.params.unwrap_or(0) as f64 / 1e6
+            )),
+            VisionSource::OnnxFile { path } => notes.push(format!("vision encoder size is the size of {}", path.display())),
+            VisionSource::UserParams | VisionSource::UserBytes => {}
+        }
+    } else if workload.frames > 0 {
+        notes.push("the model has no vision_config: the vision encoder is not counted (pass --vision-params or --vision-bytes)".into());
+    }
+    notes.push(format!(
+        "activations/workspace are an estimate (prefill chunk {} tokens); runtime is a per-family constant ({})",
+        opts.prefill_chunk,
+        mib(board.runtime_overhead_bytes())
+    ));
+    if workload.context_tokens() > max_pos {
+        notes.push(format!(
+            "context of {} tokens exceeds the model's max_position_embeddings {max_pos}: at most {max_frames_context} frames fit its positions",
+            workload.context_tokens()
+        ));
+    }
+
+    let budget_source = opts.budget_source.clone().unwrap_or_else(|| {
+        format!(
+            "{}: {} MiB DRAM - {} MiB reserved for OS/desktop",
+            board.name, board.memory.dram_mib, board.memory.os_reserved_mib
+        )
+    });
+    let mut p = Plan {
+        board: board.name.clone(),
+        board_display: board.display_name.clone(),
+        model: model.name.clone(),
+        config_path: model.config_path.display().to_string(),
+        kv_policy: kv.name(),
+        weights_format: opts.weights.describe(model.text.dtype),
+        workload: *workload,
+        context_tokens: workload.context_tokens(),
+        memory: mem,
+        activations: acts,
+        kv: usage,
+        vision_params: model.vision.as_ref().and_then(|v| v.params),
+        vision_source: model.vision.as_ref().map(|v| v.source.clone()),
+        total_bytes: total,
+        budget_bytes: budget,
+        budget_source,
+        fits,
+        headroom_bytes: budget as i64 - total as i64,
+        kv_bytes: usage.total_bytes,
+        max_frames_fp16,
+        max_frames_mixed,
+        mixed_policy: mixed.name(),
+        max_frames_by_policy: by_policy,
+        max_frames_context,
+        max_position_embeddings: max_pos,
+        bandwidth_gb_s: board.memory.bandwidth_gb_s,
+        weight_bytes_read_per_token: weight_read,
+        kv_bytes_read_per_token: usage.total_bytes,
+        tpot_floor_ms: tpot_floor_ms(board, model, workload, kv, opts),
+        tpot_floor_fp16_ms: tpot_floor_ms(board, model, workload, &KvPrecision::fp16(), opts),
+        advice: None,
+        notes,
+    };
+    if !fits {
+        p.advice = Some(advice(board, model, workload, kv, opts, &p)?);
+    }
+    Ok(p)
+}
+
+fn advice(
+    board: &BoardProfile,
+    model: &ModelSpec,
+    workload: &Workload,
+    kv: &KvPrecision,
+    opts: &PlanOptions,
+    p: &Plan,
+) -> Result<String, BoardError> {
+    let over = p.total_bytes - p.budget_bytes;
+    let mut msg = format!(
+        "the plan needs {} but {} has {} usable: {} ({:.1} MB) over budget.",
+        mib(p.total_bytes),
+        board.name,
+        mib(p.budget_bytes),
+        mib(over),
+        over as f64 / 1e6
+    );
+    let mut fixes = Vec::new();
+    let now = max_frames(board, model, workload, kv, opts)?;
+    if workload.frames > 0 && now > 0 {
+        fixes.push(format!("use at most {now} frames (--frames {now})"));
+    }
+    if workload.frames > 0 {
+        let lower: Vec<u8> = [8u8, 4, 2].into_iter().filter(|b| *b < kv.frames.bits).collect();
+        let mut found = false;
+        for bits in &lower {
+            let mut q = KvPrecision::frames_at(*bits);
+            if !kv.frames.is_fp16() {
+                q.frames.group = kv.frames.group;
+                q.fp16_budget = kv.fp16_budget;
+            }
+            let m = max_frames(board, model, workload, &q, opts)?;
+            if m >= workload.frames {
+                fixes.push(format!("store frames at fewer bits: --kv {} fits {} frames (up to {m})", q.name(), workload.frames));
+                found = true;
+                break;
+            }
+        }
+        if !found && let Some(bits) = lower.last() {
+            let q = KvPrecision::frames_at(*bits);
+            let m = max_frames(board, model, workload, &q, opts)?;
+            fixes.push(format!("even --kv {} fits only {m} frames", q.name()));
+        }
+    }
+    if opts.weights.bits_per_weight(model.text.dtype) > 4.5 {
+        let o4 = PlanOptions { weights: WeightFormat::Bits(4), ..opts.clone() };
+        let total4 = memory(board, model, workload, kv, &o4)?.total();
+        if total4 <= p.budget_bytes {
+            fixes.push(format!("4-bit weights (--weight-bits 4) fit this workload ({} total)", mib(total4)));
+        } else {
+            let m = max_frames(board, model, workload, kv, &o4)?;
+            fixes.push(format!("4-bit weights (--weight-bits 4) fit {m} frames"));
+        }
+    }
+    let fixed = memory(board, model, &workload.with_frames(0), kv, opts)?;
+    if fixed.total() > p.budget_bytes {
+        msg.push_str(&format!(
+            " The model alone (weights {}, vision encoder {}, runtime {}) exceeds the budget with no frames.",
+            mib(fixed.weights_bytes),
+            mib(fixed.vision_encoder_bytes),
+            mib(fixed.runtime_bytes)
+        ));
+    }
+    fixes.push("use a smaller model (fewer parameters or KV heads) or a board with more memory".into());
+    msg.push_str(" To fit: ");
+    msg.push_str(&fixes.join("; or "));
+    msg.push('.');
+    Ok(msg)
+}
