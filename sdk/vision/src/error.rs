@@ -1,0 +1,86 @@
+//! The one error type of the vision crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong between a frame and its image embeddings.
+#[derive(Debug, thiserror::Error)]
+pub enum VisionError {
+    /// The ONNX Runtime shared library could not be found or loaded.
+    #[error(
+        "ONNX Runtime library not found (looked in: {}). Run `scripts/setup.sh` to install the \
+         project venv with onnxruntime, set `vision.ort_library` in the runtime config, or set \
+         ORT_DYLIB_PATH to libonnxruntime.so",
+        looked_in.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    OrtLibraryNotFound { looked_in: Vec<PathBuf> },
+
+    #[error("loading ONNX Runtime from {}: {message}", path.display())]
+    OrtLibraryLoad { path: PathBuf, message: String },
+
+    /// An ONNX Runtime call failed; `op` names what was being done.
+    #[error("ONNX Runtime: {op} ({}): {message}", model.display())]
+    Ort {
+        op: &'static str,
+        model: PathBuf,
+        message: String,
+    },
+
+    /// The encoder model's inputs/outputs disagree with what the manifest declares.
+    #[error("encoder {}: {message}", model.display())]
+    ModelMismatch { model: PathBuf, message: String },
+
+    /// A required execution provider could not be used.
+    #[error("execution provider `{requested}` required but unavailable: {reason}")]
+    ProviderUnavailable { requested: String, reason: String },
+
+    /// An unknown execution provider name in the configuration.
+    #[error("unknown execution provider `{0}` (expected tensorrt, cuda or cpu)")]
+    UnknownProvider(String),
+
+    /// An input image that cannot be preprocessed.
+    #[error("image {width}x{height} with {len} bytes: {message}")]
+    BadImage {
+        width: u32,
+        height: u32,
+        len: usize,
+        message: String,
+    },
+
+    #[error("resizing {src_w}x{src_h} -> {dst_w}x{dst_h}: {message}")]
+    Resize {
+        src_w: u32,
+        src_h: u32,
+        dst_w: u32,
+        dst_h: u32,
+        message: String,
+    },
+
+    /// The encoder produced something other than `[batch, tokens, hidden]`.
+    #[error("encoder {} output {shape:?}: {message}", model.display())]
+    BadOutput {
+        model: PathBuf,
+        shape: Vec<i64>,
+        message: String,
+    },
+
+    /// The model package manifest (jetvlm.yaml) is invalid; every problem found is listed.
+    #[error("{}: {} problem(s):\n{}", manifest.display(), issues.len(), issues.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
+    Package {
+        manifest: PathBuf,
+        issues: Vec<crate::package::Issue>,
+    },
+
+    #[error("decoding image {}: {message}", path.display())]
+    Decode { path: PathBuf, message: String },
+
+    #[error("reading {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The ONNX file could not be parsed far enough to read its input/output signature.
+    #[error("{}: not a readable ONNX model: {message}", path.display())]
+    OnnxFormat { path: PathBuf, message: String },
+}

@@ -1,0 +1,556 @@
+//! The model package: a directory with a `jetvlm.yaml` manifest, the vision encoder
+//! (`.onnx`) and the decoder in Hugging Face layout.
+//!
+//! [`ModelPackage::load`] validates everything it can before any weight is read (files
+//! exist, shapes agree between the manifest, the decoder's `config.json` and the ONNX
+//! signature, prompt template placeholders, normalisation constants) and reports every
+//! problem at once in one error naming `jetvlm.yaml`.
+
+use crate::VisionError;
+use crate::onnx::{self, ElemType, OnnxSignature};
+use crate::preprocess::{InputDType, Layout, PreprocessConfig, ResizeMode};
+use jetvlm_core::hf::ModelConfig;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// The manifest file name inside a package directory.
+pub const MANIFEST: &str = "jetvlm.yaml";
+
+/// One problem found in a package, with the manifest field it concerns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issue {
+    pub field: String,
+    pub message: String,
+}
+
+impl Issue {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Issue {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "`{}`: {}", self.field, self.message)
+        }
+    }
+}
+
+/// `jetvlm.yaml`, format 1, as written.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub name: String,
+    pub vision: VisionSection,
+    pub decoder: DecoderSection,
+    pub prompt: PromptSection,
+    #[serde(default)]
+    pub kv: KvSection,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSize {
+    pub height: u32,
+    pub width: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisionSection {
+    /// Path of the ONNX encoder, relative to the package.
+    pub encoder: PathBuf,
+    pub image_size: ImageSize,
+    #[serde(default)]
+    pub resize: ResizeMode,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    #[serde(default)]
+    pub layout: Layout,
+    #[serde(default)]
+    pub input_dtype: InputDType,
+    pub tokens_per_frame: usize,
+    /// Input tensor name (default: the model's first input).
+    #[serde(default)]
+    pub input_name: Option<String>,
+    /// Output tensor name (default: the model's first output).
+    #[serde(default)]
+    pub output_name: Option<String>,
+    /// TensorRT execution provider settings for this encoder.
+    #[serde(default)]
+    pub tensorrt: Option<TensorRtSection>,
+}
+
+/// TensorRT build settings; the engine is built once per board and cached.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorRtSection {
+    #[serde(default = "yes")]
+    pub fp16: bool,
+    #[serde(default)]
+    pub int8: bool,
+    /// Engine cache directory, relative to the package (or absolute).
+    #[serde(default)]
+    pub engine_cache: Option<PathBuf>,
+    #[serde(default)]
+    pub workspace_mb: Option<usize>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecoderSection {
+    pub dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptSection {
+    /// `{frames}` and `{question}` placeholders; the rest is literal text.
+    pub template: String,
+    /// Text before each frame's embeddings; `{i}` is the 1-based frame number.
+    #[serde(default)]
+    pub frame_prefix: String,
+    /// Text after each frame's embeddings.
+    #[serde(default)]
+    pub frame_suffix: String,
+    #[serde(default)]
+    pub add_bos: bool,
+    #[serde(default)]
+    pub stop: Vec<String>,
+    #[serde(default)]
+    pub default_question: Option<String>,
+    /// The model family's image placeholder token (e.g. `<image>`), for reference; the
+    /// runtime places embeddings directly and never feeds this token.
+    #[serde(default)]
+    pub image_token: Option<String>,
+    /// System prompt kept at the start of a streaming session's cache.
+    #[serde(default)]
+    pub system: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvSection {
+    pub policy: String,
+}
+
+impl Default for KvSection {
+    fn default() -> Self {
+        KvSection {
+            policy: "mixed".into(),
+        }
+    }
+}
+
+/// A validated package: the manifest plus resolved paths and the facts read while
+/// validating (decoder config, encoder signature).
+#[derive(Clone, Debug)]
+pub struct ModelPackage {
+    pub dir: PathBuf,
+    pub manifest_path: PathBuf,
+    pub manifest: Manifest,
+    pub encoder_path: PathBuf,
+    pub decoder_dir: PathBuf,
+    pub decoder_config: ModelConfig,
+    pub encoder_signature: OnnxSignature,
+}
+
+impl ModelPackage {
+    /// Loads and validates the package in `dir` (or the manifest file itself).
+    pub fn load(dir: &Path) -> Result<Self, VisionError> {
+        Self::load_with(dir, |_, _| {})
+    }
+
+    /// As [`load`](Self::load), with extra checks from the caller (e.g. that `kv.policy`
+    /// parses) whose issues are reported together with the package's own.
+    pub fn load_with(
+        dir: &Path,
+        extra: impl FnOnce(&Manifest, &mut Vec<Issue>),
+    ) -> Result<Self, VisionError> {
+        let (dir, manifest_path) = if dir.is_file() {
+            let parent = dir.parent().unwrap_or(Path::new(".")).to_path_buf();
+            (parent, dir.to_path_buf())
+        } else {
+            (dir.to_path_buf(), dir.join(MANIFEST))
+        };
+        let fail = |issues: Vec<Issue>| VisionError::Package {
+            manifest: manifest_path.clone(),
+            issues,
+        };
+        if !manifest_path.is_file() {
+            return Err(fail(vec![Issue::new(
+                "",
+                format!("no {MANIFEST} in {}", dir.display()),
+            )]));
+        }
+        let manifest: Manifest = jetvlm_core::config::load_yaml(&manifest_path).map_err(|e| {
+            let field = e.field().unwrap_or("").to_string();
+            fail(vec![Issue::new(field, e.to_string())])
+        })?;
+
+        let mut issues = Vec::new();
+        if manifest.format != 1 {
+            issues.push(Issue::new(
+                "format",
+                format!(
+                    "format {} is not supported (this build reads format 1)",
+                    manifest.format
+                ),
+            ));
+        }
+        let v = &manifest.vision;
+        let (h, w) = (v.image_size.height, v.image_size.width);
+        if !(1..=8192).contains(&h) || !(1..=8192).contains(&w) {
+            issues.push(Issue::new(
+                "vision.image_size",
+                format!("{w}x{h} is out of range (1..=8192 each side)"),
+            ));
+        }
+        if v.mean.len() != 3 {
+            issues.push(Issue::new(
+                "vision.mean",
+                format!("needs 3 values (R, G, B), got {}", v.mean.len()),
+            ));
+        } else if v.mean.iter().any(|m| !(0.0..=1.0).contains(m)) {
+            issues.push(Issue::new(
+                "vision.mean",
+                "values apply to RGB in [0, 1]; each must lie in [0, 1]",
+            ));
+        }
+        if v.std.len() != 3 {
+            issues.push(Issue::new(
+                "vision.std",
+                format!("needs 3 values (R, G, B), got {}", v.std.len()),
+            ));
+        } else if v.std.iter().any(|s| !(*s > 0.0 && s.is_finite())) {
+            issues.push(Issue::new("vision.std", "values must be positive"));
+        }
+        if v.tokens_per_frame == 0 {
+            issues.push(Issue::new("vision.tokens_per_frame", "must be at least 1"));
+        }
+
+        let encoder_path = dir.join(&v.encoder);
+        let mut signature = None;
+        if !encoder_path.is_file() {
+            issues.push(Issue::new(
+                "vision.encoder",
+                format!("{} does not exist", encoder_path.display()),
+            ));
+        } else {
+            match onnx::read_signature(&encoder_path) {
+                Ok(sig) => signature = Some(sig),
+                Err(e) => issues.push(Issue::new("vision.encoder", e.to_string())),
+            }
+        }
+
+        let decoder_dir = dir.join(&manifest.decoder.dir);
+        let mut decoder_config = None;
+        if !decoder_dir.is_dir() {
+            issues.push(Issue::new(
+                "decoder.dir",
+                format!("{} is not a directory", decoder_dir.display()),
+            ));
+        } else {
+            let config = decoder_dir.join("config.json");
+            if config.is_file() {
+                match ModelConfig::from_file(&config) {
+                    Ok(c) => decoder_config = Some(c),
+                    Err(e) => issues.push(Issue::new("decoder.dir", e.to_string())),
+                }
+            } else {
+                issues.push(Issue::new(
+                    "decoder.dir",
+                    format!("{} is missing", config.display()),
+                ));
+            }
+            if !decoder_dir.join("tokenizer.json").is_file() {
+                issues.push(Issue::new(
+                    "decoder.dir",
+                    format!(
+                        "{} is missing",
+                        decoder_dir.join("tokenizer.json").display()
+                    ),
+                ));
+            }
+            let has_weights = decoder_dir.join("model.safetensors").is_file()
+                || decoder_dir.join("model.safetensors.index.json").is_file();
+            if !has_weights {
+                issues.push(Issue::new(
+                    "decoder.dir",
+                    format!(
+                        "no model.safetensors or model.safetensors.index.json in {}",
+                        decoder_dir.display()
+                    ),
+                ));
+            }
+        }
+
+        if let Some(sig) = &signature {
+            check_signature(v, sig, decoder_config.as_ref(), &mut issues);
+        }
+
+        let p = &manifest.prompt;
+        if !p.template.contains("{question}") {
+            issues.push(Issue::new("prompt.template", "must contain `{question}`"));
+        }
+        if p.template.matches("{frames}").count() != 1 {
+            issues.push(Issue::new(
+                "prompt.template",
+                "must contain `{frames}` exactly once",
+            ));
+        }
+        for (field, text) in [
+            ("prompt.template", &p.template),
+            ("prompt.frame_prefix", &p.frame_prefix),
+            ("prompt.frame_suffix", &p.frame_suffix),
+        ] {
+            let stripped = text
+                .replace("{frames}", "")
+                .replace("{question}", "")
+                .replace("{i}", "");
+            if let Some(at) = stripped.find(['{', '}']) {
+                issues.push(Issue::new(
+                    field,
+                    format!(
+                        "unknown placeholder near `{}` (known: {{frames}}, {{question}}, {{i}})",
+                        &stripped[at..(at + 12).min(stripped.len())]
+                    ),
+                ));
+            }
+        }
+        if p.stop.iter().any(|s| s.is_empty()) {
+            issues.push(Issue::new("prompt.stop", "stop strings must not be empty"));
+        }
+        if manifest.kv.policy.trim().is_empty() {
+            issues.push(Issue::new(
+                "kv.policy",
+                "must name a KV policy (e.g. mixed, fp16)",
+            ));
+        }
+        if let Some(trt) = &v.tensorrt
+            && trt.workspace_mb == Some(0)
+        {
+            issues.push(Issue::new(
+                "vision.tensorrt.workspace_mb",
+                "must be positive",
+            ));
+        }
+
+        extra(&manifest, &mut issues);
+
+        if !issues.is_empty() {
+            return Err(fail(issues));
+        }
+        // Both are Some when no issue was recorded.
+        let (Some(decoder_config), Some(encoder_signature)) = (decoder_config, signature) else {
+            return Err(fail(vec![Issue::new("", "package incomplete")]));
+        };
+        Ok(ModelPackage {
+            dir,
+            manifest_path,
+            manifest,
+            encoder_path,
+            decoder_dir,
+            decoder_config,
+            encoder_signature,
+        })
+    }
+
+    /// The preprocessing the encoder expects.
+    pub fn preprocess_config(&self) -> PreprocessConfig {
+        let v = &self.manifest.vision;
+        PreprocessConfig {
+            width: v.image_size.width,
+            height: v.image_size.height,
+            resize: v.resize,
+            mean: [v.mean[0], v.mean[1], v.mean[2]],
+            std: [v.std[0], v.std[1], v.std[2]],
+            layout: v.layout,
+            dtype: v.input_dtype,
+        }
+    }
+
+    pub fn tokens_per_frame(&self) -> usize {
+        self.manifest.vision.tokens_per_frame
+    }
+
+    /// The TensorRT engine cache directory, resolved against the package.
+    pub fn tensorrt_cache_dir(&self) -> Option<PathBuf> {
+        let trt = self.manifest.vision.tensorrt.as_ref()?;
+        trt.engine_cache.as_ref().map(|p| self.dir.join(p))
+    }
+}
+
+fn expected_elem(dtype: InputDType) -> ElemType {
+    match dtype {
+        InputDType::F32 => ElemType::F32,
+        InputDType::F16 => ElemType::F16,
+        InputDType::U8 => ElemType::U8,
+    }
+}
+
+/// Checks the encoder's declared input/output against the manifest and decoder config.
+fn check_signature(
+    v: &VisionSection,
+    sig: &OnnxSignature,
+    decoder: Option<&ModelConfig>,
+    issues: &mut Vec<Issue>,
+) {
+    let input = match &v.input_name {
+        Some(name) => sig.inputs.iter().find(|i| &i.name == name),
+        None => sig.inputs.first(),
+    };
+    let names = |l: &[onnx::TensorSig]| {
+        l.iter()
+            .map(|t| t.name.clone())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match input {
+        None => issues.push(Issue::new(
+            "vision.input_name",
+            format!(
+                "encoder has no input {} (inputs: [{}])",
+                v.input_name.as_deref().unwrap_or("at all"),
+                names(&sig.inputs)
+            ),
+        )),
+        Some(input) => {
+            if input.elem != expected_elem(v.input_dtype) {
+                issues.push(Issue::new(
+                    "vision.input_dtype",
+                    format!(
+                        "manifest says {} but encoder input `{}` is {}",
+                        v.input_dtype, input.name, input.elem
+                    ),
+                ));
+            }
+            let (h, w) = (v.image_size.height as i64, v.image_size.width as i64);
+            let expected: [Option<i64>; 4] = match v.layout {
+                Layout::Nchw => [None, Some(3), Some(h), Some(w)],
+                Layout::Nhwc => [None, Some(h), Some(w), Some(3)],
+            };
+            if input.shape.len() != 4 {
+                issues.push(Issue::new(
+                    "vision.layout",
+                    format!(
+                        "encoder input `{}` has rank {}, expected 4",
+                        input.name,
+                        input.shape.len()
+                    ),
+                ));
+            } else {
+                if let Some(b) = input.shape[0]
+                    && b != 1
+                {
+                    issues.push(Issue::new(
+                        "vision.encoder",
+                        format!(
+                            "encoder input `{}` has fixed batch {b}; need 1 or dynamic",
+                            input.name
+                        ),
+                    ));
+                }
+                for (axis, (got, want)) in input.shape.iter().zip(expected).enumerate().skip(1) {
+                    if let (Some(g), Some(w)) = (got, want)
+                        && *g != w
+                    {
+                        issues.push(Issue::new(
+                            if axis == 1 || (axis == 3 && v.layout == Layout::Nhwc) {
+                                "vision.layout"
+                            } else {
+                                "vision.image_size"
+                            },
+                            format!(
+                                "encoder input `{}` shape {} disagrees with the manifest ({:?} layout, {}x{}): axis {axis} is {g}, expected {w}",
+                                input.name,
+                                fmt_shape(&input.shape),
+                                v.layout,
+                                v.image_size.width,
+                                v.image_size.height
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let output = match &v.output_name {
+        Some(name) => sig.outputs.iter().find(|o| &o.name == name),
+        None => sig.outputs.first(),
+    };
+    match output {
+        None => issues.push(Issue::new(
+            "vision.output_name",
+            format!(
+                "encoder has no output {} (outputs: [{}])",
+                v.output_name.as_deref().unwrap_or("at all"),
+                names(&sig.outputs)
+            ),
+        )),
+        Some(out) => {
+            if out.elem != ElemType::F32 {
+                issues.push(Issue::new(
+                    "vision.encoder",
+                    format!(
+                        "encoder output `{}` is {}, expected f32",
+                        out.name, out.elem
+                    ),
+                ));
+            }
+            if out.shape.len() != 3 {
+                issues.push(Issue::new(
+                    "vision.encoder",
+                    format!(
+                        "encoder output `{}` has shape {}, expected [batch, tokens_per_frame, hidden_size]",
+                        out.name,
+                        fmt_shape(&out.shape)
+                    ),
+                ));
+            } else {
+                if let Some(t) = out.shape[1]
+                    && t as usize != v.tokens_per_frame
+                {
+                    issues.push(Issue::new(
+                        "vision.tokens_per_frame",
+                        format!(
+                            "manifest says {} but encoder output `{}` has {t} tokens per frame",
+                            v.tokens_per_frame, out.name
+                        ),
+                    ));
+                }
+                if let (Some(hidden), Some(cfg)) = (out.shape[2], decoder)
+                    && hidden as usize != cfg.hidden_size
+                {
+                    issues.push(Issue::new(
+                        "vision.encoder",
+                        format!(
+                            "encoder output `{}` width {hidden} differs from the decoder hidden_size {}",
+                            out.name, cfg.hidden_size
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn fmt_shape(shape: &[Option<i64>]) -> String {
+    let dims: Vec<String> = shape
+        .iter()
+        .map(|d| d.map_or("?".to_string(), |v| v.to_string()))
+        .collect();
+    format!("[{}]", dims.join(", "))
+}
