@@ -83,57 +83,53 @@ pub fn packed_len(n: usize, bits: u32) -> usize {
     n * bits as usize / 8
 }
 
-/// Packs `codes` (each `< 2^bits`) into `out` with the split-halves layout described in the
-/// crate documentation. `codes.len()` must be a multiple of `8 / bits * 1` lanes
-/// (2 for 4-bit, 4 for 2-bit) and `out.len() == packed_len(codes.len(), bits)`.
+/// Codes are packed in chunks of this many codes (see the crate documentation).
+pub const PACK_CHUNK: usize = 32;
+
+/// Packs `codes` (each `< 2^bits`) into `out` chunk by chunk (32 codes per chunk, split
+/// halves / quarters inside the chunk). `codes.len()` must be a multiple of 32 and
+/// `out.len() >= packed_len(codes.len(), bits)`.
 pub fn pack_codes(codes: &[u8], bits: u32, out: &mut [u8]) {
-    let n = codes.len();
-    match bits {
-        8 => out[..n].copy_from_slice(codes),
-        4 => {
-            let h = n / 2;
-            for i in 0..h {
-                out[i] = (codes[i] & 0x0f) | (codes[i + h] << 4);
+    let cb = packed_len(PACK_CHUNK, bits);
+    for (c, o) in codes.chunks_exact(PACK_CHUNK).zip(out.chunks_exact_mut(cb)) {
+        match bits {
+            8 => o.copy_from_slice(c),
+            4 => {
+                for i in 0..16 {
+                    o[i] = (c[i] & 0x0f) | (c[i + 16] << 4);
+                }
             }
-        }
-        2 => {
-            let q = n / 4;
-            for i in 0..q {
-                out[i] = (codes[i] & 3)
-                    | (codes[i + q] & 3) << 2
-                    | (codes[i + 2 * q] & 3) << 4
-                    | (codes[i + 3 * q] & 3) << 6;
+            2 => {
+                for i in 0..8 {
+                    o[i] = (c[i] & 3)
+                        | (c[i + 8] & 3) << 2
+                        | (c[i + 16] & 3) << 4
+                        | (c[i + 24] & 3) << 6;
+                }
             }
+            _ => unreachable!("bit width validated by GroupFormat / check_bits"),
         }
-        _ => unreachable!("bit width validated by GroupFormat / check_bits"),
     }
 }
 
-/// Code `i` of a row of `n` codes packed by [`pack_codes`].
+/// Code `i` of a row packed by [`pack_codes`].
 #[inline]
-pub fn unpack_code(packed: &[u8], n: usize, bits: u32, i: usize) -> u8 {
+pub fn unpack_code(packed: &[u8], bits: u32, i: usize) -> u8 {
+    let (chunk, j) = (i / PACK_CHUNK, i % PACK_CHUNK);
     match bits {
         8 => packed[i],
         4 => {
-            let h = n / 2;
-            if i < h {
-                packed[i] & 0x0f
-            } else {
-                packed[i - h] >> 4
-            }
+            let b = packed[chunk * 16 + j % 16];
+            if j < 16 { b & 0x0f } else { b >> 4 }
         }
-        _ => {
-            let q = n / 4;
-            (packed[i % q] >> (2 * (i / q))) & 3
-        }
+        _ => (packed[chunk * 8 + j % 8] >> (2 * (j / 8))) & 3,
     }
 }
 
 /// Unpacks a whole row of `codes.len()` codes.
 pub fn unpack_codes(packed: &[u8], bits: u32, codes: &mut [u8]) {
-    let n = codes.len();
     for (i, c) in codes.iter_mut().enumerate() {
-        *c = unpack_code(packed, n, bits, i);
+        *c = unpack_code(packed, bits, i);
     }
 }
 
@@ -160,7 +156,7 @@ pub trait GroupBlock: Pod {
     fn dequantize(&self, out: &mut [f32]) {
         let p = self.params();
         for (i, o) in out[..Self::GROUP].iter_mut().enumerate() {
-            *o = p.dequant(unpack_code(self.codes(), Self::GROUP, Self::BITS, i));
+            *o = p.dequant(unpack_code(self.codes(), Self::BITS, i));
         }
     }
 }
@@ -248,11 +244,12 @@ mod tests {
     }
 
     #[test]
-    fn four_bit_packing_is_split_halves() {
+    fn four_bit_packing_is_split_halves_per_chunk() {
         let codes: Vec<u8> = (0..64).map(|i| (i % 16) as u8).collect();
         let mut packed = [0u8; 32];
         pack_codes(&codes, 4, &mut packed);
-        assert_eq!(packed[0], codes[0] | codes[32] << 4);
-        assert_eq!(packed[5], codes[5] | codes[37] << 4);
+        assert_eq!(packed[0], codes[0] | codes[16] << 4);
+        assert_eq!(packed[5], codes[5] | codes[21] << 4);
+        assert_eq!(packed[16], codes[32] | codes[48] << 4);
     }
 }

@@ -9,20 +9,22 @@
 //! - [`reference`]: the plain, obviously-correct quantize / dequantize every fast kernel is
 //!   compared with, and the error bound each element must meet.
 //!
-//! Packing ("split halves", SIMD friendly): for 4 bits, byte `i` of an `n`-code row holds
-//! code `i` in its low nibble and code `i + n/2` in its high nibble; for 2 bits, byte `i`
-//! holds codes `i`, `i + n/4`, `i + n/2`, `i + 3n/4` in bits 0-1, 2-3, 4-5, 6-7; 8-bit codes
-//! are one per byte.
+//! Packing (SIMD friendly): codes are packed in chunks of 32. For 4 bits, byte `i` (0..16)
+//! of a chunk holds code `i` in its low nibble and code `i + 16` in its high nibble; for 2
+//! bits, byte `i` (0..8) holds codes `i`, `i + 8`, `i + 16`, `i + 24` in bits 0-1, 2-3, 4-5,
+//! 6-7; 8-bit codes are one per byte. A 16-byte load of 4-bit codes therefore widens to 32
+//! codes in order with one mask and one shift.
 
 pub mod format;
 pub mod reference;
 
 pub use format::{
     BlockQ2G32, BlockQ2G64, BlockQ2G128, BlockQ4G32, BlockQ4G64, BlockQ4G128, BlockQ8G32,
-    BlockQ8G64, BlockQ8G128, GroupBlock, GroupFormat, ScaleZero,
+    BlockQ8G64, BlockQ8G128, GroupBlock, GroupFormat, PACK_CHUNK, ScaleZero, check_bits, max_code,
+    pack_codes, packed_len, unpack_code, unpack_codes,
 };
 pub use reference::{
-    dequantize_groups, dequantize_row, element_error_bound, quantize_groups, quantize_row,
+    code_of, dequantize_groups, dequantize_row, element_error_bound, quantize_groups, quantize_row,
     row_params,
 };
 

@@ -67,8 +67,9 @@ pub fn code_of(v: f32, p: ScaleZero, bits: u32) -> u8 {
         .clamp(0.0, max_code(bits) as f32) as u8
 }
 
-/// Quantizes one row (one group) of values: returns its parameters and writes the packed
-/// codes into `packed` (`packed_len(x.len(), bits)` bytes).
+/// Quantizes one row (one group, a multiple of 32 values) with a single scale and zero:
+/// returns its parameters and writes the packed codes into `packed`
+/// (`packed_len(x.len(), bits)` bytes).
 pub fn quantize_row(x: &[f32], bits: u32, packed: &mut [u8]) -> ScaleZero {
     let p = row_params(x, bits);
     let mut codes = [0u8; 512];
@@ -83,9 +84,8 @@ pub fn quantize_row(x: &[f32], bits: u32, packed: &mut [u8]) -> ScaleZero {
 
 /// Dequantizes one row written by [`quantize_row`].
 pub fn dequantize_row(p: ScaleZero, packed: &[u8], bits: u32, out: &mut [f32]) {
-    let n = out.len();
     for (i, o) in out.iter_mut().enumerate() {
-        *o = p.dequant(unpack_code(packed, n, bits, i));
+        *o = p.dequant(unpack_code(packed, bits, i));
     }
 }
 
