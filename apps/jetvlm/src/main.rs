@@ -33,6 +33,8 @@ pub enum LogFormat {
 enum Command {
     /// Plan memory for a model and workload on a Jetson board.
     Plan(cmd::plan::PlanArgs),
+    /// Board profiles: list, show, detect the board this runs on.
+    Board(cmd::board::BoardArgs),
     /// Benchmarks: KV attention and decode, FP16 vs mixed KV, against measured bandwidth.
     Bench(cmd::bench::BenchArgs),
 }
@@ -49,6 +51,7 @@ fn main() {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Plan(args) => cmd::plan::run(args),
+        Command::Board(args) => cmd::board::run(args),
         Command::Bench(args) => cmd::bench::run(args),
     }
 }

@@ -1,4 +1,5 @@
 //! One module per subcommand.
 
 pub mod plan;
+pub mod board;
 pub mod bench;

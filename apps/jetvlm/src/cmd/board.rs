@@ -1,0 +1,124 @@
+//! `jetvlm board`: list the known board profiles, show one, or detect the board this runs on.
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use jetvlm_board::BoardProfile;
+use jetvlm_board::detect::SystemInfo;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct BoardArgs {
+    /// Directory of extra board YAML files (board name = file stem).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub boards_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: BoardCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BoardCommand {
+    /// Known boards: memory, usable budget, bandwidth, GPU, JetPack.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One board's full profile.
+    Show {
+        /// Board name or path to a board YAML.
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detect the board from /proc/device-tree/model, /etc/nv_tegra_release, /proc/meminfo.
+    Detect {
+        /// Root of the file system to read (for testing on a copied tree).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(args: BoardArgs) -> Result<()> {
+    let reg = super::plan::registry(args.boards_dir.as_deref())?;
+    match args.command {
+        BoardCommand::List { json } => {
+            let boards = reg.all()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&boards)?);
+            } else {
+                print!("{}", list_table(&boards));
+            }
+        }
+        BoardCommand::Show { name, json } => {
+            let b = reg.resolve(&name)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b)?);
+            } else {
+                print!("{}", list_table(std::slice::from_ref(&b)));
+                println!(
+                    "  CPU {} x {}; GPU {} sm_{} ({} CUDA cores, {} Tensor Cores); L4T {}, CUDA {}, TensorRT {}",
+                    b.cpu.cores, b.cpu.model, b.gpu.arch, b.gpu.sm, b.gpu.cuda_cores, b.gpu.tensor_cores,
+                    b.software.l4t, b.software.cuda, b.software.tensorrt
+                );
+            }
+        }
+        BoardCommand::Detect { root, json } => {
+            let info = SystemInfo::read(&root)?;
+            let boards = reg.all()?;
+            let board = info.board(&boards);
+            if json {
+                let v = serde_json::json!({
+                    "system": info,
+                    "board": board.as_ref().ok().map(|b| b.name.clone()),
+                    "error": board.as_ref().err().map(|e| e.to_string()),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("device-tree model : {}", info.model.as_deref().unwrap_or("(none)"));
+                match (info.l4t, &info.jetpack) {
+                    (Some(l), Some(jp)) => println!("L4T               : {l} (JetPack {jp})"),
+                    (Some(l), None) => println!("L4T               : {l} (JetPack unknown)"),
+                    _ => println!("L4T               : (no /etc/nv_tegra_release)"),
+                }
+                if let Some(m) = info.meminfo {
+                    println!(
+                        "memory            : MemTotal {:.0} MiB, MemAvailable {:.0} MiB (plans use MemAvailable; MemFree {:.0} MiB is what cuMemGetInfo reports)",
+                        m.total_bytes as f64 / 1048576.0,
+                        m.available_bytes as f64 / 1048576.0,
+                        m.free_bytes as f64 / 1048576.0
+                    );
+                }
+            }
+            let b = board?;
+            if !json {
+                println!("board             : {} ({})", b.name, b.display_name);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn list_table(boards: &[BoardProfile]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<22} {:<34} {:>8} {:>10} {:>8} {:>10} {:>8}",
+        "name", "board", "DRAM GB", "usable GB", "GB/s", "GPU", "JetPack"
+    );
+    for b in boards {
+        let _ = writeln!(
+            s,
+            "{:<22} {:<34} {:>8.1} {:>10.2} {:>8.1} {:>10} {:>8}",
+            b.name,
+            b.display_name,
+            b.dram_bytes() as f64 / 1e9,
+            b.usable_bytes() as f64 / 1e9,
+            b.memory.bandwidth_gb_s,
+            format!("sm_{}", b.gpu.sm),
+            b.software.jetpack
+        );
+    }
+    s
+}
