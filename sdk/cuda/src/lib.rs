@@ -1,1 +1,41 @@
-//! jetvlm-cuda (being built).
+//! jetvlm-cuda: the CUDA backend of jetvlm.
+//!
+//! - [`sources`]: the `.cu` kernel sources (embedded), compiled at run time with NVRTC for the
+//!   device's exact SM; [`cache`]: the on-disk cache of compiled kernels.
+//! - [`layout`]: the device KV pool layout (FP16 text blocks, INT2/4/8 frame blocks) shared by
+//!   the kernels and their CPU twins in [`reference`].
+//! - [`CudaDevice`]: context, stream, kernel registry and the kernels' launchers. Built with the
+//!   `cuda` feature it drives the GPU through cudarc (dynamic loading: no CUDA library is needed
+//!   to build); without it, [`CudaDevice::open`] returns [`CudaError::NotCompiledWithCuda`], so
+//!   callers need no `cfg`.
+//! - [`selftest`]: every kernel against its CPU twin on random and outlier-heavy inputs.
+//! - [`meminfo`]: MemAvailable (what unified-memory planning uses) and [`DeviceInfo`].
+
+pub mod cache;
+mod error;
+pub mod inputs;
+pub mod layout;
+pub mod meminfo;
+pub mod reference;
+pub mod selftest;
+pub mod sources;
+
+#[cfg(feature = "cuda")]
+mod backend;
+#[cfg(not(feature = "cuda"))]
+mod dummy;
+
+#[cfg(feature = "cuda")]
+pub use backend::*;
+#[cfg(not(feature = "cuda"))]
+pub use dummy::*;
+
+pub use error::CudaError;
+pub use layout::{BlockEntry, BlockKind, KvLayout};
+pub use meminfo::DeviceInfo;
+pub use selftest::{CompiledKernel, KernelCheck};
+
+/// True when this build contains the CUDA backend.
+pub const fn compiled_with_cuda() -> bool {
+    cfg!(feature = "cuda")
+}

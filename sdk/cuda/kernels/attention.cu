@@ -1,0 +1,221 @@
+// Fused mixed-precision attention over the KV pools (layouts in kv_quant.cu), split over the
+// context as flash-decoding does, then a combine kernel.
+//
+// The context is a list of entries, one per cached block, each int4 {kind, block, len, order}:
+// kind 0 = FP16 text block, 1 = quantized frame block; `len` valid tokens starting at the
+// block's first slot; `order` is the append-order index of the block's first token. A query with
+// order index qo attends to every key with order <= qo (decode passes INT_MAX: everything).
+//
+// Grid: x = split, y = kv_head * head_chunks + chunk, z = query token. 128 threads = 4 warps.
+// Each warp takes tokens of the split's entries in turn and keeps an online softmax for up to
+// ATTN_MAX_G query heads sharing the kv head (grouped-query attention); each lane holds
+// D/32 consecutive elements (D % 32 == 0, D <= 256). Quantized keys and values are dequantized
+// in registers (x = zero + scale * code); nothing is written back in FP16.
+// Partial results: part_acc[q][hq][split][D] (unnormalised), part_ml[q][hq][split] = {max, sum}.
+// FP16 values are carried as their IEEE bits (unsigned short) and converted with PTX cvt, so
+// the kernels need no header: NVRTC compiles them as they are.
+__device__ __forceinline__ float h2f(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ unsigned short f2h(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float bf2f(unsigned short b) { return __uint_as_float(((unsigned int)b) << 16); }
+struct f16_t { unsigned short bits; };   // IEEE FP16
+struct bf16_t { unsigned short bits; };  // bfloat16
+#define NEG_INF __int_as_float(0xff800000)
+
+#define ATTN_WARPS 4
+#define ATTN_MAX_G 8
+#define ATTN_MAX_E 8
+#define ATTN_MAX_D 256
+
+// (scale, zero) of a parameter pair.
+__device__ __forceinline__ float2 unpack_params(unsigned int p) {
+    return make_float2(h2f((unsigned short)(p & 0xffffu)), h2f((unsigned short)(p >> 16)));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ unsigned int code_at(const unsigned char* row, unsigned int d, unsigned int bits) {
+    unsigned int bit = d * bits;
+    return (row[bit >> 3] >> (bit & 7u)) & ((1u << bits) - 1u);
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) mixed_attention_partial(
+    const float* __restrict__ q, const int* __restrict__ q_order, const int4* __restrict__ entries,
+    int n_entries, int entries_per_split, const unsigned short* __restrict__ k_text, const unsigned short* __restrict__ v_text,
+    const unsigned char* __restrict__ k_codes, const unsigned int* __restrict__ k_params,
+    const unsigned char* __restrict__ v_codes, const unsigned int* __restrict__ v_params, int Hq, int Hkv, int D,
+    int T, int group, int bits, int key_per_channel, float softmax_scale, float* __restrict__ part_acc,
+    float* __restrict__ part_ml) {
+    __shared__ float s_m[ATTN_WARPS][ATTN_MAX_G];
+    __shared__ float s_l[ATTN_WARPS][ATTN_MAX_G];
+    __shared__ float s_acc[ATTN_WARPS][ATTN_MAX_G][ATTN_MAX_D];
+
+    const int split = blockIdx.x;
+    const int n_splits = gridDim.x;
+    const int G = Hq / Hkv;
+    const int head_chunks = (G + ATTN_MAX_G - 1) / ATTN_MAX_G;
+    const int kvh = blockIdx.y / head_chunks;
+    const int chunk = blockIdx.y - kvh * head_chunks;
+    const int h0 = kvh * G + chunk * ATTN_MAX_G;  // first query head of this block
+    const int gc = min(ATTN_MAX_G, G - chunk * ATTN_MAX_G);
+    const int qi = blockIdx.z;
+    const int qo = q_order[qi];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int E = D / 32;
+    const int d0 = lane * E;
+    const int row_bytes = D * bits / 8;
+    const int groups = D / group;
+
+    float qv[ATTN_MAX_G][ATTN_MAX_E];
+    float acc[ATTN_MAX_G][ATTN_MAX_E];
+    float m[ATTN_MAX_G], l[ATTN_MAX_G];
+#pragma unroll
+    for (int g = 0; g < ATTN_MAX_G; ++g) {
+        m[g] = NEG_INF;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < ATTN_MAX_E; ++e) {
+            acc[g][e] = 0.0f;
+            qv[g][e] = (g < gc && e < E) ? q[((size_t)qi * Hq + h0 + g) * D + d0 + e] * softmax_scale : 0.0f;
+        }
+    }
+
+    const int e_begin = split * entries_per_split;
+    const int e_end = min(n_entries, e_begin + entries_per_split);
+    for (int ei = e_begin; ei < e_end; ++ei) {
+        const int4 ent = entries[ei];
+        const bool frame = ent.x != 0;
+        const int blk = ent.y, len = ent.z, order0 = ent.w;
+        // Per-channel key parameters of this block for this lane's elements.
+        float kc_s[ATTN_MAX_E], kc_z[ATTN_MAX_E];
+        if (frame && key_per_channel) {
+#pragma unroll
+            for (int e = 0; e < ATTN_MAX_E; ++e) {
+                if (e < E) {
+                    float2 p = unpack_params(k_params[((size_t)blk * Hkv + kvh) * D + d0 + e]);
+                    kc_s[e] = p.x;
+                    kc_z[e] = p.y;
+                }
+            }
+        }
+        for (int t = warp; t < len; t += ATTN_WARPS) {
+            if (order0 + t > qo) break;  // orders grow along the block
+            const size_t slot = ((size_t)blk * T + t) * Hkv + kvh;
+            float kf[ATTN_MAX_E], vf[ATTN_MAX_E];
+            if (!frame) {
+                const unsigned short* kr = k_text + slot * D + d0;
+                const unsigned short* vr = v_text + slot * D + d0;
+#pragma unroll
+                for (int e = 0; e < ATTN_MAX_E; ++e) {
+                    if (e < E) {
+                        kf[e] = h2f(kr[e]);
+                        vf[e] = h2f(vr[e]);
+                    }
+                }
+            } else {
+                const unsigned char* kr = k_codes + slot * row_bytes;
+                const unsigned char* vr = v_codes + slot * row_bytes;
+                const float2 vp = unpack_params(v_params[slot * groups + d0 / group]);
+                float2 kp = make_float2(0.0f, 0.0f);
+                if (!key_per_channel) kp = unpack_params(k_params[slot * groups + d0 / group]);
+#pragma unroll
+                for (int e = 0; e < ATTN_MAX_E; ++e) {
+                    if (e < E) {
+                        float kcode = (float)code_at(kr, d0 + e, bits);
+                        kf[e] = key_per_channel ? kc_z[e] + kc_s[e] * kcode : kp.y + kp.x * kcode;
+                        vf[e] = vp.y + vp.x * (float)code_at(vr, d0 + e, bits);
+                    }
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < ATTN_MAX_G; ++g) {
+                if (g < gc) {
+                    float s = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < ATTN_MAX_E; ++e)
+                        if (e < E) s += qv[g][e] * kf[e];
+                    s = warp_sum(s);
+                    float m_new = fmaxf(m[g], s);
+                    float corr = expf(m[g] - m_new);  // exp(-inf) = 0 on the first key
+                    float p = expf(s - m_new);
+                    l[g] = l[g] * corr + p;
+#pragma unroll
+                    for (int e = 0; e < ATTN_MAX_E; ++e)
+                        if (e < E) acc[g][e] = acc[g][e] * corr + p * vf[e];
+                    m[g] = m_new;
+                }
+            }
+        }
+    }
+
+    // Merge the warps' states.
+#pragma unroll
+    for (int g = 0; g < ATTN_MAX_G; ++g) {
+        if (g < gc) {
+            if (lane == 0) {
+                s_m[warp][g] = m[g];
+                s_l[warp][g] = l[g];
+            }
+#pragma unroll
+            for (int e = 0; e < ATTN_MAX_E; ++e)
+                if (e < E) s_acc[warp][g][d0 + e] = acc[g][e];
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < gc * D; idx += blockDim.x) {
+        const int g = idx / D, d = idx - g * D;
+        float mm = NEG_INF;
+        for (int w = 0; w < ATTN_WARPS; ++w) mm = fmaxf(mm, s_m[w][g]);
+        float ll = 0.0f, a = 0.0f;
+        if (mm != NEG_INF) {
+            for (int w = 0; w < ATTN_WARPS; ++w) {
+                if (s_m[w][g] != NEG_INF) {
+                    float f = expf(s_m[w][g] - mm);
+                    ll += s_l[w][g] * f;
+                    a += s_acc[w][g][d] * f;
+                }
+            }
+        }
+        const size_t part = ((size_t)qi * Hq + h0 + g) * n_splits + split;
+        part_acc[part * D + d] = a;
+        if (d == 0) {
+            part_ml[part * 2] = mm;
+            part_ml[part * 2 + 1] = ll;
+        }
+    }
+}
+
+// out[q][hq][d] = sum_s acc_s[d] * exp(m_s - M) / sum_s l_s * exp(m_s - M). One block per (q, hq),
+// one thread per element. A query that saw no key gets zeros.
+extern "C" __global__ void mixed_attention_combine(const float* __restrict__ part_acc,
+                                                   const float* __restrict__ part_ml, float* __restrict__ out,
+                                                   int n_splits, int D) {
+    const size_t qh = blockIdx.x;
+    const float* ml = part_ml + qh * n_splits * 2;
+    float mm = NEG_INF;
+    for (int s = 0; s < n_splits; ++s) mm = fmaxf(mm, ml[2 * s]);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float ll = 0.0f, a = 0.0f;
+        if (mm != NEG_INF) {
+            for (int s = 0; s < n_splits; ++s) {
+                float ms = ml[2 * s];
+                if (ms != NEG_INF) {
+                    float f = expf(ms - mm);
+                    ll += ml[2 * s + 1] * f;
+                    a += part_acc[(qh * n_splits + s) * D + d] * f;
+                }
+            }
+        }
+        out[qh * D + d] = ll > 0.0f ? a / ll : 0.0f;
+    }
+}

@@ -1,0 +1,69 @@
+// Element-wise decoder kernels: residual add, SwiGLU, embedding gather.
+// Activations are f32; embedding tables are f32, f16 or bf16 (bf16 passed as raw u16 bits).
+// FP16 values are carried as their IEEE bits (unsigned short) and converted with PTX cvt, so
+// the kernels need no header: NVRTC compiles them as they are.
+__device__ __forceinline__ float h2f(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ unsigned short f2h(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float bf2f(unsigned short b) { return __uint_as_float(((unsigned int)b) << 16); }
+struct f16_t { unsigned short bits; };   // IEEE FP16
+struct bf16_t { unsigned short bits; };  // bfloat16
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float load_elem(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float load_elem(const f16_t* p, size_t i) { return h2f(p[i].bits); }
+__device__ __forceinline__ float load_elem(const bf16_t* p, size_t i) { return bf2f(p[i].bits); }
+
+// x[i] += y[i]
+extern "C" __global__ void residual_add_f32(float* __restrict__ x, const float* __restrict__ y,
+                                            unsigned int n) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        x[i] += y[i];
+    }
+}
+
+// out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g))
+extern "C" __global__ void swiglu_f32(float* __restrict__ out, const float* __restrict__ gate,
+                                      const float* __restrict__ up, unsigned int n) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+// out[t][c] = table[ids[t]][c]; ids outside the vocabulary give a zero row (the host validates
+// ids before launching, so this only guards memory).
+template <typename T>
+__device__ void embedding_gather(float* __restrict__ out, const T* __restrict__ table,
+                                 const unsigned int* __restrict__ ids, unsigned int n_ids,
+                                 unsigned int hidden, unsigned int vocab) {
+    size_t total = (size_t)n_ids * hidden;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t t = i / hidden;
+        size_t c = i - t * hidden;
+        unsigned int id = ids[t];
+        out[i] = id < vocab ? load_elem(table, (size_t)id * hidden + c) : 0.0f;
+    }
+}
+
+extern "C" __global__ void embedding_gather_f32(float* out, const float* table, const unsigned int* ids,
+                                                unsigned int n_ids, unsigned int hidden, unsigned int vocab) {
+    embedding_gather(out, table, ids, n_ids, hidden, vocab);
+}
+extern "C" __global__ void embedding_gather_f16(float* out, const f16_t* table, const unsigned int* ids,
+                                                unsigned int n_ids, unsigned int hidden, unsigned int vocab) {
+    embedding_gather(out, table, ids, n_ids, hidden, vocab);
+}
+extern "C" __global__ void embedding_gather_bf16(float* out, const bf16_t* table,
+                                                 const unsigned int* ids, unsigned int n_ids,
+                                                 unsigned int hidden, unsigned int vocab) {
+    embedding_gather(out, table, ids, n_ids, hidden, vocab);
+}

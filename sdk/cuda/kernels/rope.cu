@@ -1,0 +1,24 @@
+// Rotary position embedding, Hugging Face "rotate_half" layout: within each head the pair is
+// (i, i + rotary_dim/2). In place on x[n_tokens][n_heads][head_dim] (f32).
+// inv_freq[rotary_dim/2] carries any frequency scaling (e.g. Llama 3), computed on the host.
+// The angle is pos * inv_freq in f32 (as Hugging Face computes it), then accurate sin/cos.
+extern "C" __global__ void rope_f32(float* __restrict__ x, const unsigned int* __restrict__ positions,
+                                    const float* __restrict__ inv_freq, unsigned int n_tokens,
+                                    unsigned int n_heads, unsigned int head_dim, unsigned int rotary_dim) {
+    unsigned int half_dim = rotary_dim / 2;
+    size_t total = (size_t)n_tokens * n_heads * half_dim;
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        unsigned int i = (unsigned int)(idx % half_dim);
+        size_t th = idx / half_dim;  // token * n_heads + head
+        size_t t = th / n_heads;
+        float angle = (float)positions[t] * inv_freq[i];
+        float s, c;
+        sincosf(angle, &s, &c);
+        float* head = x + th * head_dim;
+        float a = head[i];
+        float b = head[i + half_dim];
+        head[i] = a * c - b * s;
+        head[i + half_dim] = b * c + a * s;
+    }
+}

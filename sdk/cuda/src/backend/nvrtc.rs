@@ -1,0 +1,108 @@
+//! NVRTC through cudarc's dynamic loading: compiles the `.cu` sources to CUBIN for an exact SM.
+//! Needs only libnvrtc (no driver, no GPU).
+
+use std::ffi::{CStr, CString};
+
+use cudarc::nvrtc::{result, sys};
+
+use crate::error::CudaError;
+use crate::sources::KernelSource;
+
+/// True when a libnvrtc can be loaded (checked before any NVRTC call: cudarc panics otherwise).
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen candidate library names.
+    unsafe { sys::is_culib_present() }
+}
+
+/// (major, minor) of the loaded NVRTC.
+pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
+    if !nvrtc_available() {
+        return Err(CudaError::NvrtcNotFound);
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is present; both pointers are valid for writes.
+    unsafe { sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| CudaError::Nvrtc {
+            op: "nvrtcVersion",
+            message: format!("{e:?}"),
+        })?;
+    Ok((major, minor))
+}
+
+/// Compiler options: exact SM, C++17, no fast math (the CPU twins assume IEEE division/sqrt).
+fn options(sm: u32) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture=sm_{sm}"),
+        "--std=c++17".into(),
+        "-default-device".into(),
+    ]
+}
+
+struct Program(sys::nvrtcProgram);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: created by create_program and destroyed only here.
+        let _ = unsafe { result::destroy_program(self.0) };
+    }
+}
+
+fn log_of(prog: &Program) -> String {
+    // SAFETY: valid program handle; the log is NUL-terminated.
+    match unsafe { result::get_program_log(prog.0) } {
+        Ok(raw) if !raw.is_empty() => unsafe { CStr::from_ptr(raw.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+        _ => String::new(),
+    }
+}
+
+/// Compiles `source` to a CUBIN for `sm_<sm>`. A compile error carries the NVRTC log.
+pub fn compile_cubin(source: &KernelSource, sm: u32) -> Result<Vec<u8>, CudaError> {
+    if !nvrtc_available() {
+        return Err(CudaError::NvrtcNotFound);
+    }
+    let nv = |op: &'static str| {
+        move |e: result::NvrtcError| CudaError::Nvrtc {
+            op,
+            message: format!("{e:?}"),
+        }
+    };
+    let src = CString::new(source.source).map_err(|_| CudaError::Compile {
+        file: source.file,
+        arch: format!("sm_{sm}"),
+        log: "source contains a NUL byte".into(),
+    })?;
+    let name =
+        CString::new(source.file).map_err(|_| CudaError::UnknownKernel(source.file.into()))?;
+    let prog =
+        Program(result::create_program(&src, Some(&name)).map_err(nv("nvrtcCreateProgram"))?);
+    // SAFETY: valid program; options are plain strings.
+    if let Err(e) = unsafe { result::compile_program(prog.0, &options(sm)) } {
+        let log = log_of(&prog);
+        return Err(CudaError::Compile {
+            file: source.file,
+            arch: format!("sm_{sm} ({e:?})"),
+            log,
+        });
+    }
+    let mut size = 0usize;
+    // SAFETY: valid compiled program; `size` is valid for writes.
+    unsafe { sys::nvrtcGetCUBINSize(prog.0, &mut size) }
+        .result()
+        .map_err(nv("nvrtcGetCUBINSize"))?;
+    let mut image = vec![0u8; size];
+    // SAFETY: `image` has the size NVRTC reported.
+    unsafe { sys::nvrtcGetCUBIN(prog.0, image.as_mut_ptr().cast()) }
+        .result()
+        .map_err(nv("nvrtcGetCUBIN"))?;
+    if image.is_empty() {
+        return Err(CudaError::Compile {
+            file: source.file,
+            arch: format!("sm_{sm}"),
+            log: "empty CUBIN".into(),
+        });
+    }
+    Ok(image)
+}

@@ -1,0 +1,56 @@
+use std::path::PathBuf;
+
+/// Errors of the CUDA backend; each names the operation and the shape, kernel or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("this jetvlm was built without CUDA support (rebuild with `--features cuda`)")]
+    NotCompiledWithCuda,
+    #[error("CUDA driver library (libcuda.so) not found: this machine has no usable NVIDIA driver")]
+    DriverNotFound,
+    #[error(
+        "NVRTC library (libnvrtc.so) not found: install the CUDA toolkit, or the `nvidia-cuda-nvrtc-cu12` \
+         wheel and add its `nvidia/cuda_nvrtc/lib` directory to LD_LIBRARY_PATH"
+    )]
+    NvrtcNotFound,
+    #[error("no CUDA device {ordinal}: {message}")]
+    NoDevice { ordinal: usize, message: String },
+    #[error("CUDA driver call `{op}` failed: {message}")]
+    Driver { op: &'static str, message: String },
+    #[error("NVRTC call `{op}` failed: {message}")]
+    Nvrtc { op: &'static str, message: String },
+    #[error("NVRTC could not compile kernels/{file} for {arch}:\n{log}")]
+    Compile {
+        file: &'static str,
+        arch: String,
+        log: String,
+    },
+    #[error("kernel cache {path}: {source}")]
+    Cache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no kernel source named `{0}`")]
+    UnknownKernel(String),
+    #[error("{op}: {message}")]
+    Shape { op: &'static str, message: String },
+}
+
+impl CudaError {
+    /// True for the errors that mean "no usable CUDA here" (missing build feature, driver,
+    /// NVRTC or device), as opposed to a failure on a working GPU.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            CudaError::NotCompiledWithCuda
+                | CudaError::DriverNotFound
+                | CudaError::NvrtcNotFound
+                | CudaError::NoDevice { .. }
+        )
+    }
+}

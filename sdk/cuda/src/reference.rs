@@ -1,0 +1,512 @@
+//! Slow, obviously-correct CPU twins of every CUDA kernel. The selftest runs each kernel and
+//! its twin on the same inputs and compares them; the twins accumulate in f64.
+
+use half::f16;
+
+use crate::layout::{BlockEntry, BlockKind, KvLayout};
+
+/// `x[i] += y[i]` (kernel `residual_add_f32`).
+pub fn residual_add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += *b;
+    }
+}
+
+/// `silu(gate) * up` (kernel `swiglu_f32`).
+pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gate.iter()
+        .zip(up)
+        .map(|(&g, &u)| {
+            let g = g as f64;
+            (g / (1.0 + (-g).exp()) * u as f64) as f32
+        })
+        .collect()
+}
+
+/// Rows of `table` (`[vocab][hidden]`, already widened to f32) for `ids`
+/// (kernels `embedding_gather_*`). Ids must be inside the vocabulary.
+pub fn embedding_gather(table: &[f32], hidden: usize, ids: &[u32]) -> Vec<f32> {
+    ids.iter()
+        .flat_map(|&id| {
+            table[id as usize * hidden..(id as usize + 1) * hidden]
+                .iter()
+                .copied()
+        })
+        .collect()
+}
+
+/// RMSNorm of each `dim`-row of `x` (kernels `rmsnorm_*`).
+pub fn rmsnorm(x: &[f32], weight: &[f32], dim: usize, eps: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks(dim) {
+        let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
+        let inv = 1.0 / (ms + eps as f64).sqrt();
+        out.extend(
+            row.iter()
+                .zip(weight)
+                .map(|(&v, &w)| (v as f64 * inv * w as f64) as f32),
+        );
+    }
+    out
+}
+
+/// Inverse frequencies `theta^(-2i/rotary_dim)` of plain RoPE.
+pub fn rope_inv_freq(theta: f64, rotary_dim: usize) -> Vec<f32> {
+    (0..rotary_dim / 2)
+        .map(|i| theta.powf(-(2.0 * i as f64) / rotary_dim as f64) as f32)
+        .collect()
+}
+
+/// Rotary embedding in place on `x[n_tokens][n_heads][head_dim]`, rotate-half layout
+/// (kernel `rope_f32`). The angle is `pos * inv_freq` in f32, as the kernel computes it.
+pub fn rope(
+    x: &mut [f32],
+    positions: &[u32],
+    inv_freq: &[f32],
+    n_heads: usize,
+    head_dim: usize,
+    rotary_dim: usize,
+) {
+    let half = rotary_dim / 2;
+    for (t, &pos) in positions.iter().enumerate() {
+        for h in 0..n_heads {
+            let head = &mut x[(t * n_heads + h) * head_dim..(t * n_heads + h + 1) * head_dim];
+            for i in 0..half {
+                let angle = (pos as f32 * inv_freq[i]) as f64;
+                let (s, c) = angle.sin_cos();
+                let (a, b) = (head[i] as f64, head[i + half] as f64);
+                head[i] = (a * c - b * s) as f32;
+                head[i + half] = (b * c + a * s) as f32;
+            }
+        }
+    }
+}
+
+/// `y[t][r] = sum_c w[r][c] * x[t][c]` with `w` widened to f32 (kernels `gemv_*`).
+pub fn gemv(w: &[f32], x: &[f32], rows: usize, cols: usize, n_tok: usize) -> Vec<f32> {
+    let mut y = vec![0.0f32; n_tok * rows];
+    for t in 0..n_tok {
+        let xr = &x[t * cols..(t + 1) * cols];
+        for r in 0..rows {
+            let wr = &w[r * cols..(r + 1) * cols];
+            y[t * rows + r] = wr
+                .iter()
+                .zip(xr)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>() as f32;
+        }
+    }
+    y
+}
+
+/// FP16 (scale, zero) of a value range, as the kernels round them.
+pub fn range_params(lo: f32, hi: f32, bits: u32) -> [f16; 2] {
+    let levels = ((1u32 << bits) - 1) as f32;
+    [f16::from_f32((hi - lo) / levels), f16::from_f32(lo)]
+}
+
+/// Code of `x` under FP16 parameters `p`.
+pub fn quantize_value(x: f32, p: [f16; 2], bits: u32) -> u8 {
+    let scale = p[0].to_f32();
+    let zero = p[1].to_f32();
+    if scale > 0.0 {
+        ((x - zero) / scale)
+            .round_ties_even()
+            .clamp(0.0, ((1u32 << bits) - 1) as f32) as u8
+    } else {
+        0
+    }
+}
+
+/// Value of `code` under FP16 parameters `p`.
+pub fn dequantize_value(code: u8, p: [f16; 2]) -> f32 {
+    p[1].to_f32() + p[0].to_f32() * code as f32
+}
+
+fn code_at(row: &[u8], d: usize, bits: u32) -> u8 {
+    let bit = d * bits as usize;
+    (row[bit / 8] >> (bit % 8)) & ((1u16 << bits) - 1) as u8
+}
+
+/// Host image of one layer's device KV pools; its writers are the reference twins of
+/// `kv_store_f16` and the `kv_quant_*` kernels, and [`attention`] reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostPools {
+    pub layout: KvLayout,
+    pub text_blocks: usize,
+    pub frame_blocks: usize,
+    pub k_text: Vec<f16>,
+    pub v_text: Vec<f16>,
+    pub k_codes: Vec<u8>,
+    pub v_codes: Vec<u8>,
+    /// (scale, zero) pairs flattened: `[2 * pair]` = scale, `[2 * pair + 1]` = zero.
+    pub k_params: Vec<f16>,
+    pub v_params: Vec<f16>,
+}
+
+impl HostPools {
+    pub fn new(layout: KvLayout, text_blocks: usize, frame_blocks: usize) -> Self {
+        Self {
+            layout,
+            text_blocks,
+            frame_blocks,
+            k_text: vec![f16::ZERO; text_blocks * layout.text_block_elems()],
+            v_text: vec![f16::ZERO; text_blocks * layout.text_block_elems()],
+            k_codes: vec![0; frame_blocks * layout.frame_block_code_bytes()],
+            v_codes: vec![0; frame_blocks * layout.frame_block_code_bytes()],
+            k_params: vec![f16::ZERO; 2 * frame_blocks * layout.k_params_per_block()],
+            v_params: vec![f16::ZERO; 2 * frame_blocks * layout.v_params_per_block()],
+        }
+    }
+
+    /// Twin of `kv_store_f16` for K and V: `k`, `v` are `[len][H][D]`.
+    pub fn store_text(&mut self, block: usize, tok_offset: usize, k: &[f32], v: &[f32]) {
+        let base = (block * self.layout.block_tokens + tok_offset) * self.layout.row_elems();
+        for (i, (&a, &b)) in k.iter().zip(v).enumerate() {
+            self.k_text[base + i] = f16::from_f32(a);
+            self.v_text[base + i] = f16::from_f32(b);
+        }
+    }
+
+    /// Twin of the `kv_quant_*` kernels: quantizes `len` tokens (`k`, `v`: `[len][H][D]`) into
+    /// frame block `block` from slot `tok_offset` (0 for per-channel keys).
+    pub fn quantize_frame(
+        &mut self,
+        block: usize,
+        tok_offset: usize,
+        len: usize,
+        k: &[f32],
+        v: &[f32],
+    ) {
+        let l = self.layout;
+        let (h_n, d_n, g) = (l.kv_heads, l.head_dim, l.group);
+        let groups = l.groups();
+        let rb = l.code_row_bytes();
+        let per_byte = 8 / l.bits as usize;
+        let token_params = |x: &[f32], params: &mut [f16], base_pair: usize| {
+            for th in 0..len * h_n {
+                for gi in 0..groups {
+                    let vals = &x[th * d_n + gi * g..th * d_n + (gi + 1) * g];
+                    let lo = vals.iter().copied().fold(vals[0], f32::min);
+                    let hi = vals.iter().copied().fold(vals[0], f32::max);
+                    let p = range_params(lo, hi, l.bits);
+                    let pair = base_pair + th * groups + gi;
+                    params[2 * pair] = p[0];
+                    params[2 * pair + 1] = p[1];
+                }
+            }
+        };
+        let codes_of = |x: &[f32], params: &[f16], codes: &mut [u8], per_channel: bool| {
+            for th in 0..len * h_n {
+                let h = th % h_n;
+                for j in 0..rb {
+                    let mut byte = 0u8;
+                    for e in 0..per_byte {
+                        let d = j * per_byte + e;
+                        let pair = if per_channel {
+                            (block * h_n + h) * d_n + d
+                        } else {
+                            (block * l.block_tokens + tok_offset) * h_n * groups
+                                + th * groups
+                                + d / g
+                        };
+                        let p = [params[2 * pair], params[2 * pair + 1]];
+                        byte |= quantize_value(x[th * d_n + d], p, l.bits) << (e * l.bits as usize);
+                    }
+                    codes[(block * l.block_tokens + tok_offset) * h_n * rb + th * rb + j] = byte;
+                }
+            }
+        };
+        let token_base = (block * l.block_tokens + tok_offset) * h_n * groups;
+        token_params(v, &mut self.v_params, token_base);
+        codes_of(v, &self.v_params, &mut self.v_codes, false);
+        if l.key_per_channel {
+            for i in 0..h_n * d_n {
+                let lo = (0..len).map(|t| k[t * h_n * d_n + i]).fold(k[i], f32::min);
+                let hi = (0..len).map(|t| k[t * h_n * d_n + i]).fold(k[i], f32::max);
+                let p = range_params(lo, hi, l.bits);
+                let pair = block * h_n * d_n + i;
+                self.k_params[2 * pair] = p[0];
+                self.k_params[2 * pair + 1] = p[1];
+            }
+            codes_of(k, &self.k_params, &mut self.k_codes, true);
+        } else {
+            token_params(k, &mut self.k_params, token_base);
+            codes_of(k, &self.k_params, &mut self.k_codes, false);
+        }
+    }
+
+    /// Dequantized (or widened) K and V of one token of one kv head.
+    pub fn token(
+        &self,
+        kind: BlockKind,
+        block: usize,
+        t: usize,
+        kvh: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let l = self.layout;
+        let slot = (block * l.block_tokens + t) * l.kv_heads + kvh;
+        let d_n = l.head_dim;
+        match kind {
+            BlockKind::Text => (
+                self.k_text[slot * d_n..(slot + 1) * d_n]
+                    .iter()
+                    .map(|x| x.to_f32())
+                    .collect(),
+                self.v_text[slot * d_n..(slot + 1) * d_n]
+                    .iter()
+                    .map(|x| x.to_f32())
+                    .collect(),
+            ),
+            BlockKind::Frame => {
+                let rb = l.code_row_bytes();
+                let krow = &self.k_codes[slot * rb..(slot + 1) * rb];
+                let vrow = &self.v_codes[slot * rb..(slot + 1) * rb];
+                let pair = |params: &[f16], i: usize| [params[2 * i], params[2 * i + 1]];
+                let groups = l.groups();
+                let k = (0..d_n)
+                    .map(|d| {
+                        let p = if l.key_per_channel {
+                            pair(&self.k_params, (block * l.kv_heads + kvh) * d_n + d)
+                        } else {
+                            pair(&self.k_params, slot * groups + d / l.group)
+                        };
+                        dequantize_value(code_at(krow, d, l.bits), p)
+                    })
+                    .collect();
+                let v = (0..d_n)
+                    .map(|d| {
+                        dequantize_value(
+                            code_at(vrow, d, l.bits),
+                            pair(&self.v_params, slot * groups + d / l.group),
+                        )
+                    })
+                    .collect();
+                (k, v)
+            }
+        }
+    }
+}
+
+/// Twin of `mixed_attention_partial` + `mixed_attention_combine`: `q[n_q][q_heads][D]`, query
+/// `i` sees keys whose order is <= `q_order[i]`; softmax scale `1/sqrt(D)`; grouped-query
+/// (query head `h` reads kv head `h / (q_heads / kv_heads)`). Returns `[n_q][q_heads][D]`.
+pub fn attention(
+    pools: &HostPools,
+    q: &[f32],
+    q_order: &[i32],
+    q_heads: usize,
+    entries: &[BlockEntry],
+) -> Vec<f32> {
+    let l = pools.layout;
+    let d_n = l.head_dim;
+    let group = q_heads / l.kv_heads;
+    let scale = 1.0 / (d_n as f64).sqrt();
+    let mut out = vec![0.0f32; q.len()];
+    for (qi, &qo) in q_order.iter().enumerate() {
+        for kvh in 0..l.kv_heads {
+            let mut keys = Vec::new();
+            for e in entries {
+                for t in 0..e.len as usize {
+                    if e.order as i64 + t as i64 <= qo as i64 {
+                        keys.push(pools.token(e.kind, e.block as usize, t, kvh));
+                    }
+                }
+            }
+            for hq in kvh * group..(kvh + 1) * group {
+                let qv = &q[(qi * q_heads + hq) * d_n..(qi * q_heads + hq + 1) * d_n];
+                let scores: Vec<f64> = keys
+                    .iter()
+                    .map(|(k, _)| {
+                        qv.iter()
+                            .zip(k)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let total: f64 = w.iter().sum();
+                let o = &mut out[(qi * q_heads + hq) * d_n..(qi * q_heads + hq + 1) * d_n];
+                if total > 0.0 {
+                    for d in 0..d_n {
+                        o[d] = (keys
+                            .iter()
+                            .zip(&w)
+                            .map(|((_, v), &p)| p * v[d] as f64)
+                            .sum::<f64>()
+                            / total) as f32;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Largest absolute difference divided by the largest absolute reference value (the
+/// normalised error of `test-backend-ops`); 0 when both are empty.
+pub fn normalized_error(got: &[f32], want: &[f32]) -> f64 {
+    let scale = want
+        .iter()
+        .fold(0.0f64, |m, &v| m.max((v as f64).abs()))
+        .max(f64::MIN_POSITIVE);
+    let err = got.iter().zip(want).fold(0.0f64, |m, (&a, &b)| {
+        let d = (a as f64 - b as f64).abs();
+        if d.is_nan() { f64::INFINITY } else { m.max(d) }
+    });
+    if got.len() != want.len() {
+        f64::INFINITY
+    } else {
+        err / scale
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inputs::Rng;
+
+    fn layout(bits: u32, per_channel: bool) -> KvLayout {
+        KvLayout {
+            kv_heads: 2,
+            head_dim: 64,
+            block_tokens: 8,
+            bits,
+            group: 32,
+            key_per_channel: per_channel,
+        }
+    }
+
+    #[test]
+    fn quantization_error_is_within_half_a_step() {
+        for bits in [2, 4, 8] {
+            for per_channel in [false, true] {
+                let l = layout(bits, per_channel);
+                let mut pools = HostPools::new(l, 1, 2);
+                let mut rng = Rng::new(bits as u64 + per_channel as u64 * 10);
+                let k = rng.outlier_normals(8 * l.row_elems(), l.head_dim);
+                let v = rng.normals(8 * l.row_elems());
+                pools.quantize_frame(1, 0, 8, &k, &v);
+                let levels = ((1u32 << bits) - 1) as f32;
+                for t in 0..8 {
+                    for h in 0..2 {
+                        let (kd, vd) = pools.token(BlockKind::Frame, 1, t, h);
+                        for d in 0..64 {
+                            let i = (t * 2 + h) * 64 + d;
+                            // Range of the group (per-token) or channel (per-channel) the element belongs to.
+                            // Half a quantization step, plus the FP16 rounding of scale and zero.
+                            let bound = |x: &[f32], per_channel: bool| -> f32 {
+                                let vals: Vec<f32> = if per_channel {
+                                    (0..8).map(|tt| x[(tt * 2 + h) * 64 + d]).collect()
+                                } else {
+                                    let g0 = (t * 2 + h) * 64 + d / 32 * 32;
+                                    x[g0..g0 + 32].to_vec()
+                                };
+                                let hi = vals.iter().copied().fold(f32::MIN, f32::max);
+                                let lo = vals.iter().copied().fold(f32::MAX, f32::min);
+                                (hi - lo) / levels * 0.5 * 1.01
+                                    + 1e-3 * (hi - lo + hi.abs().max(lo.abs()))
+                            };
+                            let kb = bound(&k, per_channel);
+                            let vb = bound(&v, false);
+                            assert!(
+                                (kd[d] - k[i]).abs() <= kb,
+                                "bits {bits} pc {per_channel} k {} vs {} bound {kb}",
+                                kd[d],
+                                k[i]
+                            );
+                            assert!(
+                                (vd[d] - v[i]).abs() <= vb,
+                                "bits {bits} v {} vs {} bound {vb}",
+                                vd[d],
+                                v[i]
+                            );
+                        }
+                    }
+                }
+                // Block 0 was not written.
+                assert!(
+                    pools
+                        .token(BlockKind::Frame, 0, 0, 0)
+                        .0
+                        .iter()
+                        .all(|&x| x == 0.0)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn attention_over_one_key_returns_its_value() {
+        let l = layout(4, false);
+        let mut pools = HostPools::new(l, 1, 0);
+        let k: Vec<f32> = (0..l.row_elems()).map(|i| (i % 7) as f32 * 0.25).collect();
+        let v: Vec<f32> = (0..l.row_elems()).map(|i| (i % 5) as f32 - 2.0).collect();
+        pools.store_text(0, 0, &k, &v);
+        let entries = [BlockEntry {
+            kind: BlockKind::Text,
+            block: 0,
+            len: 1,
+            order: 0,
+        }];
+        let q = vec![0.5f32; 4 * 64];
+        let out = attention(&pools, &q, &[0], 4, &entries);
+        for hq in 0..4 {
+            let kvh = hq / 2;
+            assert_eq!(&out[hq * 64..(hq + 1) * 64], &v[kvh * 64..(kvh + 1) * 64]);
+        }
+    }
+
+    #[test]
+    fn attention_respects_query_order() {
+        let l = layout(8, false);
+        let mut pools = HostPools::new(l, 1, 0);
+        let mut rng = Rng::new(3);
+        let k = rng.normals(2 * l.row_elems());
+        let v = rng.normals(2 * l.row_elems());
+        pools.store_text(0, 0, &k, &v);
+        let entries = [BlockEntry {
+            kind: BlockKind::Text,
+            block: 0,
+            len: 2,
+            order: 10,
+        }];
+        let q = rng.normals(2 * 2 * 64);
+        let out = attention(&pools, &q, &[10, 11], 2, &entries);
+        // The first query sees only the first token, so it returns that token's value exactly.
+        let v0: Vec<f32> = v[..64].iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+        assert_eq!(&out[..64], &v0[..]);
+        assert_ne!(&out[2 * 64..3 * 64], &v0[..]);
+    }
+
+    #[test]
+    fn small_kernels_match_closed_forms() {
+        let mut x = vec![1.0, 2.0];
+        residual_add(&mut x, &[0.5, -2.0]);
+        assert_eq!(x, vec![1.5, 0.0]);
+        let s = swiglu(&[0.0, 10.0], &[3.0, 2.0]);
+        assert_eq!(s[0], 0.0);
+        assert!((s[1] - 2.0 * 10.0 / (1.0 + (-10.0f32).exp())).abs() < 1e-5);
+        let n = rmsnorm(&[3.0, 4.0], &[1.0, 2.0], 2, 0.0);
+        let r = (12.5f32).sqrt();
+        assert!((n[0] - 3.0 / r).abs() < 1e-6 && (n[1] - 8.0 / r).abs() < 1e-6);
+        // RoPE at position 0 is the identity; at any position it preserves each pair's norm.
+        let inv = rope_inv_freq(10000.0, 4);
+        let mut y = vec![1.0, 2.0, 3.0, 4.0];
+        rope(&mut y, &[0], &inv, 1, 4, 4);
+        assert_eq!(y, vec![1.0, 2.0, 3.0, 4.0]);
+        rope(&mut y, &[7], &inv, 1, 4, 4);
+        assert!(((y[0] * y[0] + y[2] * y[2]) - 10.0).abs() < 1e-4);
+        assert_eq!(
+            gemv(&[1.0, 2.0, 3.0, 4.0], &[1.0, 1.0], 2, 2, 1),
+            vec![3.0, 7.0]
+        );
+        assert_eq!(
+            embedding_gather(&[0.0, 1.0, 2.0, 3.0], 2, &[1, 0]),
+            vec![2.0, 3.0, 0.0, 1.0]
+        );
+        assert!(normalized_error(&[1.0, f32::NAN], &[1.0, 1.0]).is_infinite());
+    }
+}
