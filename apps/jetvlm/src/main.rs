@@ -37,6 +37,8 @@ enum Command {
     Board(cmd::board::BoardArgs),
     /// Benchmarks: KV attention and decode, FP16 vs mixed KV, against measured bandwidth.
     Bench(cmd::bench::BenchArgs),
+    /// Write a synthetic camera-scene question/answer dataset (images + qa.jsonl).
+    Synth(cmd::synth::SynthArgs),
 }
 
 fn main() {
@@ -53,5 +55,6 @@ fn run(command: Command) -> Result<()> {
         Command::Plan(args) => cmd::plan::run(args),
         Command::Board(args) => cmd::board::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Synth(args) => cmd::synth::run(args),
     }
 }
