@@ -7,7 +7,7 @@ use std::path::PathBuf;
 pub enum VisionError {
     /// The ONNX Runtime shared library could not be found or loaded.
     #[error(
-        "ONNX Runtime library not found (looked in: {}). Run `scripts/setup.sh` to install the \
+        "ONNX Runtime library not found (looked in: {}). Run `.ci/setup` to install the \
          project venv with onnxruntime, set `vision.ort_library` in the runtime config, or set \
          ORT_DYLIB_PATH to libonnxruntime.so",
         looked_in.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
