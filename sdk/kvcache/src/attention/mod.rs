@@ -1,0 +1,290 @@
+//! Attention over mixed blocks on the CPU.
+//!
+//! One pass per (query, KV head, chunk of blocks) with online softmax across blocks
+//! (flash-decoding style); chunks of one query and head are merged at the end. Each block
+//! is read once for all the query heads that share its KV head (grouped-query attention),
+//! and quantized blocks are never dequantized into a buffer:
+//!
+//! - per-token key groups: `q . k = sum_g s_g * (q_g . codes_g) + z_g * sum(q_g)`;
+//! - per-channel keys: the scales are folded into `q` once per block,
+//!   `q . k = (q * s) . codes + q . z`;
+//! - values: `sum_t p_t (s_t codes_t + z_t) = sum_t (p_t s_t) codes_t + sum_t p_t z_t`.
+//!
+//! Kernels: [`Kernel::Portable`] (plain Rust), [`Kernel::Avx2`] (x86_64 AVX2 + FMA + F16C,
+//! detected at run time), [`Kernel::Neon`] (aarch64). [`Kernel::Reference`] is the slow f32
+//! twin every kernel is tested against.
+
+pub mod portable;
+pub mod reference;
+
+use crate::cells::{Cells, PoolKind, Span};
+use crate::layout::{Fp16Layout, QuantLayout};
+use crate::pool::{Pool, PoolLayout};
+use rayon::prelude::*;
+
+/// Largest query heads per KV head the fast kernels take.
+pub const MAX_GQA: usize = 16;
+/// Largest head dimension the fast kernels take.
+pub const MAX_HEAD_DIM: usize = 256;
+/// Largest block (tokens) of either pool.
+pub const MAX_BLOCK_TOKENS: usize = 128;
+pub const MAX_GROUPS: usize = MAX_HEAD_DIM / 32;
+
+/// Which attention implementation runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Dequantize to f32 and run textbook attention in f64 (slow; for tests).
+    Reference,
+    /// Fused kernels in plain Rust.
+    Portable,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs.
+    pub fn detect() -> Kernel {
+        Kernel::Portable
+    }
+    /// Whether this CPU can run the kernel.
+    pub fn available(self) -> bool {
+        match self {
+            Kernel::Reference | Kernel::Portable => true,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Reference => "reference",
+            Kernel::Portable => "portable",
+        }
+    }
+}
+
+/// The scaled queries of one KV head's query heads, and per-group sums of them.
+pub struct Prep {
+    pub g: usize,
+    pub d: usize,
+    /// `[g][d]`, already multiplied by `1/sqrt(d)`.
+    pub q: [f32; MAX_GQA * MAX_HEAD_DIM],
+    /// `[g][groups]`: sum of `q` over each quantization group.
+    pub qsum: [f32; MAX_GQA * MAX_GROUPS],
+    /// Scratch for kernels (e.g. `q` with per-channel scales folded in).
+    pub scratch: [f32; MAX_GQA * MAX_HEAD_DIM],
+}
+
+/// Running online-softmax state of one task.
+pub struct State {
+    pub g: usize,
+    pub d: usize,
+    pub m: [f32; MAX_GQA],
+    pub l: [f32; MAX_GQA],
+    /// `[g][d]` weighted sum of values (codes part for quantized blocks).
+    pub acc: [f32; MAX_GQA * MAX_HEAD_DIM],
+    /// `[g][groups]` weighted sum of value zeros (quantized blocks).
+    pub zacc: [f32; MAX_GQA * MAX_GROUPS],
+    /// Scores / probabilities of the current block, `[g][MAX_BLOCK_TOKENS]`.
+    pub s: [f32; MAX_GQA * MAX_BLOCK_TOKENS],
+}
+
+/// The functions one kernel family provides.
+#[derive(Clone, Copy)]
+pub(crate) struct Fns {
+    pub fp16_scores: fn(&Prep, &[u8], &Fp16Layout, usize, &mut [f32]),
+    pub fp16_accum: fn(&mut State, &[u8], &Fp16Layout, usize),
+    pub quant_scores: fn(&mut Prep, &[u8], &QuantLayout, usize, &mut [f32]),
+    pub quant_accum: fn(&mut State, &[u8], &QuantLayout, usize),
+    /// Turns the block's scores into probabilities and rescales the running state.
+    pub softmax: fn(&mut State, usize),
+}
+
+fn fns(_kernel: Kernel) -> Fns {
+    portable::fns()
+}
+
+/// What a fast attention pass needs to know about the cache.
+pub(crate) struct Ctx<'a> {
+    pub cells: &'a Cells,
+    pub pools: &'a [Option<Pool>; 2],
+    pub layer: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub d: usize,
+    /// Value quantization group (head_dim when nothing is quantized).
+    pub vgroup: usize,
+}
+
+struct BlockRef<'a> {
+    pool: PoolKind,
+    id: u32,
+    seqs: &'a [u32],
+}
+
+/// Fused attention of `span`'s queries (see `MixedKvCache::attend`).
+pub(crate) fn attend_fast(ctx: &Ctx<'_>, span: &Span, q: &[f32], out: &mut [f32], kernel: Kernel) {
+    let f = fns(kernel);
+    let (d, kvh) = (ctx.d, ctx.kv_heads);
+    let g = ctx.q_heads / kvh;
+    let blocks: Vec<BlockRef<'_>> = ctx
+        .cells
+        .blocks()
+        .map(|m| BlockRef {
+            pool: m.pool,
+            id: m.id,
+            seqs: &m.seqs,
+        })
+        .collect();
+    let nq = span.len();
+    let threads = rayon::current_num_threads().max(1);
+    let per_q = nq * kvh;
+    let chunks = if per_q >= 4 * threads {
+        1
+    } else {
+        (4 * threads)
+            .div_ceil(per_q)
+            .min(blocks.len().div_ceil(8))
+            .max(1)
+    };
+    let chunk_len = blocks.len().div_ceil(chunks).max(1);
+    let stride = g * (d + 2);
+    let mut partial = vec![0f32; per_q * chunks * stride];
+    partial
+        .par_chunks_mut(stride)
+        .enumerate()
+        .for_each(|(task, buf)| {
+            let (qk, c) = (task / chunks, task % chunks);
+            let (i, kh) = (qk / kvh, qk % kvh);
+            let lo = (c * chunk_len).min(blocks.len());
+            let hi = ((c + 1) * chunk_len).min(blocks.len());
+            run_task(
+                ctx,
+                &f,
+                &blocks[lo..hi],
+                span.seq(i),
+                kh,
+                &q[(i * ctx.q_heads + kh * g) * d..][..g * d],
+                buf,
+            );
+        });
+    // Merge the chunks of each (query, KV head).
+    for qk in 0..per_q {
+        let (i, kh) = (qk / kvh, qk % kvh);
+        for h in 0..g {
+            let mut m = f32::NEG_INFINITY;
+            for c in 0..chunks {
+                m = m.max(partial[(qk * chunks + c) * stride + h * (d + 2)]);
+            }
+            let o = &mut out[(i * ctx.q_heads + kh * g + h) * d..][..d];
+            o.fill(0.0);
+            let mut l = 0f32;
+            for c in 0..chunks {
+                let b = &partial[(qk * chunks + c) * stride + h * (d + 2)..][..d + 2];
+                if b[1] == 0.0 {
+                    continue;
+                }
+                let w = (b[0] - m).exp();
+                l += b[1] * w;
+                for (o, &a) in o.iter_mut().zip(&b[2..]) {
+                    *o += a * w;
+                }
+            }
+            if l > 0.0 {
+                let inv = 1.0 / l;
+                o.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+    }
+}
+
+/// One (query, KV head, chunk) pass; writes `[g][m, l, acc[d]]` into `buf`.
+fn run_task(
+    ctx: &Ctx<'_>,
+    f: &Fns,
+    blocks: &[BlockRef<'_>],
+    qseq: u32,
+    kh: usize,
+    q: &[f32],
+    buf: &mut [f32],
+) {
+    let (g, d) = (ctx.q_heads / ctx.kv_heads, ctx.d);
+    let mut prep = Prep::new(g, d, ctx.vgroup, q);
+    let mut st = State::new(g, d);
+    for b in blocks {
+        let Some(pool) = &ctx.pools[b.pool as usize] else {
+            continue;
+        };
+        let n = if b.seqs.last().is_some_and(|&s| s <= qseq) {
+            b.seqs.len()
+        } else {
+            b.seqs.partition_point(|&s| s <= qseq)
+        };
+        if n == 0 {
+            continue;
+        }
+        let seg = pool.segment(ctx.layer, b.id, kh);
+        match pool.layout() {
+            PoolLayout::Fp16(l) => {
+                (f.fp16_scores)(&prep, seg, l, n, &mut st.s);
+                (f.softmax)(&mut st, n);
+                (f.fp16_accum)(&mut st, seg, l, n);
+            }
+            PoolLayout::Quant(l) => {
+                (f.quant_scores)(&mut prep, seg, l, n, &mut st.s);
+                (f.softmax)(&mut st, n);
+                (f.quant_accum)(&mut st, seg, l, n);
+            }
+        }
+    }
+    for h in 0..g {
+        let b = &mut buf[h * (d + 2)..][..d + 2];
+        b[0] = st.m[h];
+        b[1] = st.l[h];
+        for c in 0..d {
+            b[2 + c] = st.acc[h * d + c] + st.zacc[h * MAX_GROUPS + c / ctx.vgroup];
+        }
+    }
+}
+
+impl Prep {
+    fn new(g: usize, d: usize, group: usize, q: &[f32]) -> Self {
+        let mut p = Prep {
+            g,
+            d,
+            q: [0.0; MAX_GQA * MAX_HEAD_DIM],
+            qsum: [0.0; MAX_GQA * MAX_GROUPS],
+            scratch: [0.0; MAX_GQA * MAX_HEAD_DIM],
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        for h in 0..g {
+            for c in 0..d {
+                p.q[h * d + c] = q[h * d + c] * scale;
+            }
+            for gi in 0..d / group {
+                p.qsum[h * MAX_GROUPS + gi] = p.q[h * d + gi * group..][..group].iter().sum();
+            }
+        }
+        p
+    }
+}
+
+impl State {
+    fn new(g: usize, d: usize) -> Self {
+        State {
+            g,
+            d,
+            m: [f32::NEG_INFINITY; MAX_GQA],
+            l: [0.0; MAX_GQA],
+            acc: [0.0; MAX_GQA * MAX_HEAD_DIM],
+            zacc: [0.0; MAX_GQA * MAX_GROUPS],
+            s: [0.0; MAX_GQA * MAX_BLOCK_TOKENS],
+        }
+    }
+}
+
+/// Index of head `h`, group `g` in [`Prep::qsum`] / [`State::zacc`].
+#[inline]
+pub fn gidx(h: usize, g: usize) -> usize {
+    h * MAX_GROUPS + g
+}
+/// Index of head `h`, token `t` in [`State::s`].
+#[inline]
+pub fn sidx(h: usize, t: usize) -> usize {
+    h * MAX_BLOCK_TOKENS + t
+}

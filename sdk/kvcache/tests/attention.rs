@@ -1,0 +1,149 @@
+//! Every attention kernel against the f32 reference on the same cached data, and the
+//! FP16 policy against plain f32 attention on the original data.
+
+mod common;
+use common::*;
+use jetvlm_core::TokenKind;
+use jetvlm_kvcache::{Kernel, KvPolicy, MixedKvCache};
+
+fn kernels() -> Vec<Kernel> {
+    let mut k = vec![Kernel::Portable];
+    if Kernel::detect() != Kernel::Portable {
+        k.push(Kernel::detect());
+    }
+    k
+}
+
+#[test]
+fn decode_kernels_match_reference_for_every_policy() {
+    for (pi, policy) in policies().into_iter().enumerate() {
+        for &(q, kv, d) in &[(9usize, 3usize, 64usize), (4, 4, 128), (8, 2, 32)] {
+            if d % policy.group != 0 {
+                continue;
+            }
+            let mut rng = rng(100 + pi as u64);
+            let mut cache = MixedKvCache::new(shape(2, q, kv, d), policy.clone(), 4096).unwrap();
+            fill(&mut cache, &mut rng, 37, 3, 64, false);
+            let p = cache.next_position();
+            let span = cache.append_span(TokenKind::Text, &[p], None).unwrap();
+            for layer in 0..2 {
+                let k = rand_kv(&mut rng, 1, kv, d, false);
+                let v = rand_kv(&mut rng, 1, kv, d, false);
+                cache.write(layer, &span, &k, &v).unwrap();
+                let qv = rand_q(&mut rng, 1, q, d);
+                let mut want = vec![0f32; q * d];
+                cache
+                    .attend_with(Kernel::Reference, layer, &span, &qv, &mut want)
+                    .unwrap();
+                for kern in kernels() {
+                    let mut got = vec![0f32; q * d];
+                    cache
+                        .attend_with(kern, layer, &span, &qv, &mut got)
+                        .unwrap();
+                    let e = rel_err(&got, &want);
+                    assert!(
+                        e < 1e-3,
+                        "{} {:?} shape ({q},{kv},{d}): rel err {e}",
+                        policy,
+                        kern
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn prefill_kernels_match_reference_causally() {
+    for policy in policies() {
+        let (q, kv, d) = (6, 2, 64);
+        if d % policy.group != 0 {
+            continue;
+        }
+        let mut rng = rng(7);
+        let mut cache = MixedKvCache::new(shape(1, q, kv, d), policy.clone(), 4096).unwrap();
+        let spans = fill(&mut cache, &mut rng, 20, 2, 40, true);
+        // Attend with the queries of a frame span (causal inside it) and the last text span.
+        for (span, _, _) in [&spans[1], &spans[3]] {
+            let qv = rand_q(&mut rng, span.len(), q, d);
+            let mut want = vec![0f32; qv.len()];
+            cache
+                .attend_with(Kernel::Reference, 0, span, &qv, &mut want)
+                .unwrap();
+            for kern in kernels() {
+                let mut got = vec![0f32; qv.len()];
+                cache.attend_with(kern, 0, span, &qv, &mut got).unwrap();
+                let e = rel_err(&got, &want);
+                assert!(e < 1e-3, "{policy} {kern:?}: rel err {e}");
+            }
+        }
+    }
+}
+
+/// Plain f32 causal attention of one query over given K/V rows `[n][d]`.
+fn plain_attention(q: &[f32], keys: &[Vec<f32>], vals: &[Vec<f32>]) -> Vec<f32> {
+    let d = q.len();
+    let s: Vec<f64> = keys
+        .iter()
+        .map(|k| {
+            k.iter()
+                .zip(q)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum::<f64>()
+                / (d as f64).sqrt()
+        })
+        .collect();
+    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+    let l: f64 = w.iter().sum();
+    (0..d)
+        .map(|c| {
+            (w.iter()
+                .zip(vals)
+                .map(|(p, v)| p * v[c] as f64)
+                .sum::<f64>()
+                / l) as f32
+        })
+        .collect()
+}
+
+#[test]
+fn fp16_policy_matches_f32_attention_on_original_data() {
+    let (qh, kvh, d) = (4, 2, 64);
+    let mut rng = rng(11);
+    let mut cache = MixedKvCache::new(shape(1, qh, kvh, d), KvPolicy::fp16(), 2048).unwrap();
+    let spans = fill(&mut cache, &mut rng, 30, 4, 50, false);
+    let mut keys = vec![Vec::new(); kvh];
+    let mut vals = vec![Vec::new(); kvh];
+    for (span, k, v) in &spans {
+        for i in 0..span.len() {
+            for h in 0..kvh {
+                keys[h].push(k[(i * kvh + h) * d..][..d].to_vec());
+                vals[h].push(v[(i * kvh + h) * d..][..d].to_vec());
+            }
+        }
+    }
+    let last = &spans.last().unwrap().0;
+    let n = last.len();
+    let qv = rand_q(&mut rng, n, qh, d);
+    let total = keys[0].len();
+    let mut want = vec![0f32; n * qh * d];
+    for i in 0..n {
+        let visible = total - n + i + 1;
+        for h in 0..qh {
+            let kh = h / (qh / kvh);
+            let o = plain_attention(
+                &qv[(i * qh + h) * d..][..d],
+                &keys[kh][..visible],
+                &vals[kh][..visible],
+            );
+            want[(i * qh + h) * d..][..d].copy_from_slice(&o);
+        }
+    }
+    for kern in [Kernel::Reference].into_iter().chain(kernels()) {
+        let mut got = vec![0f32; n * qh * d];
+        cache.attend_with(kern, 0, last, &qv, &mut got).unwrap();
+        let e = rel_err(&got, &want);
+        assert!(e < 1e-3, "{kern:?}: rel err {e}");
+    }
+}
