@@ -1,1 +1,34 @@
-//! jetvlm-decoder (being built).
+//! jetvlm-decoder: the language half of a VLM, read from the Hugging Face files users have.
+//!
+//! - [`config`]: `config.json` -> validated [`Config`] (Llama, Mistral, Qwen2; GQA, RoPE
+//!   default / linear / llama3, tied embeddings, Qwen2 q/k/v biases).
+//! - [`weights`]: memory-mapped safetensors (single file or sharded), F32 / F16 / BF16 kept
+//!   in their stored type.
+//! - [`kernels`]: matrix-vector (decode) and matrix-matrix (prefill) products that convert
+//!   F16/BF16 in the kernel, RMSNorm, SwiGLU, RoPE; each with a reference twin.
+//! - [`kv`]: the KV cache calls the forward pass makes ([`KvStore`], implemented by
+//!   `jetvlm_kvcache::MixedKvCache`) and the exact [`F32KvCache`] reference.
+//! - [`model`]: [`Model::load`] and [`Model::forward`] over spans of text ids and injected
+//!   embeddings (camera frames), each span tagged Text or Frame for the cache.
+//! - [`tokenizer`]: `tokenizer.json`, chat template, stop tokens, incremental detokenizer.
+//! - [`sampler`]: greedy / temperature / top-k / top-p / repetition penalty, seeded.
+//! - [`generate`]: the streaming generation iterator.
+
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod kernels;
+pub mod kv;
+pub mod model;
+pub mod sampler;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::Config;
+pub use error::{DecoderError, Result};
+pub use generate::{FinishReason, GenerateOptions, Generation, Step};
+pub use kv::{F32KvCache, KvStore};
+pub use model::{Input, LoadOptions, Logits, LogitsMode, Model};
+pub use sampler::{Sampler, SamplerConfig};
+pub use tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
+pub use weights::{Tensor, TensorData, Weights};

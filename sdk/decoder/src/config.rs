@@ -1,0 +1,117 @@
+//! `config.json` -> validated [`Config`]: the shared Hugging Face schema of `jetvlm_core::hf`
+//! plus the checks only the decoder makes (activation, MLP bias, sliding window).
+
+use crate::error::{DecoderError, Result};
+use jetvlm_core::hf::ModelConfig;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// The validated decoder configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Shapes, RoPE, dtype, tie, biases, special ids.
+    pub model: ModelConfig,
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// Mistral's sliding attention window, when configured; the decoder attends to the full
+    /// cache, which is exact for contexts up to the window.
+    pub sliding_window: Option<usize>,
+}
+
+impl Config {
+    /// Reads `dir/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::from_file(&dir.join("config.json"))
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let raw: Value = jetvlm_core::config::load_json(path)?;
+        Self::from_value(&raw, path)
+    }
+
+    pub fn from_value(raw: &Value, path: &Path) -> Result<Self> {
+        let model = ModelConfig::from_value(raw, path)?;
+        let text = raw
+            .get("text_config")
+            .filter(|v| v.is_object())
+            .unwrap_or(raw);
+        let get = |k: &str| text.get(k).or_else(|| raw.get(k)).filter(|v| !v.is_null());
+        let unsupported = |field: &str, msg: String| DecoderError::Unsupported {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            msg,
+        };
+        if let Some(act) = get("hidden_act").or_else(|| get("hidden_activation")) {
+            let a = act.as_str().unwrap_or("");
+            if a != "silu" && a != "swish" {
+                return Err(unsupported(
+                    "hidden_act",
+                    format!("activation {act} not supported (silu)"),
+                ));
+            }
+        }
+        if get("mlp_bias").and_then(Value::as_bool).unwrap_or(false) {
+            return Err(unsupported(
+                "mlp_bias",
+                "MLP biases are not supported".into(),
+            ));
+        }
+        if let Some(p) = get("pretraining_tp").and_then(Value::as_u64)
+            && p > 1
+        {
+            tracing::debug!(
+                pretraining_tp = p,
+                "pretraining_tp only affects training numerics; ignored"
+            );
+        }
+        let sliding_window = match get("use_sliding_window").and_then(Value::as_bool) {
+            Some(false) => None,
+            _ => get("sliding_window")
+                .and_then(Value::as_u64)
+                .map(|w| w as usize),
+        };
+        Ok(Config {
+            model,
+            path: path.to_path_buf(),
+            sliding_window,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> Value {
+        json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100,
+               "hidden_act": "silu"})
+    }
+
+    #[test]
+    fn accepts_silu_rejects_gelu_and_mlp_bias() {
+        let p = Path::new("config.json");
+        assert!(Config::from_value(&base(), p).is_ok());
+        let mut v = base();
+        v["hidden_act"] = json!("gelu");
+        let e = Config::from_value(&v, p).unwrap_err().to_string();
+        assert!(e.contains("hidden_act") && e.contains("config.json"), "{e}");
+        let mut v = base();
+        v["mlp_bias"] = json!(true);
+        assert!(matches!(
+            Config::from_value(&v, p),
+            Err(DecoderError::Unsupported { .. })
+        ));
+    }
+
+    #[test]
+    fn unsupported_architecture_is_a_config_error() {
+        let mut v = base();
+        v["architectures"] = json!(["GPT2LMHeadModel"]);
+        v["model_type"] = json!("gpt2");
+        let e = Config::from_value(&v, Path::new("x/config.json")).unwrap_err();
+        assert!(matches!(e, DecoderError::Config(_)));
+        assert!(e.to_string().contains("GPT2LMHeadModel"), "{e}");
+    }
+}

@@ -1,0 +1,90 @@
+//! The decoder's error type: every variant names the operation and the file, tensor or shape
+//! at fault.
+
+use std::path::PathBuf;
+
+/// Errors of `jetvlm-decoder`.
+#[derive(Debug, thiserror::Error)]
+pub enum DecoderError {
+    /// `config.json` is missing, does not parse, or describes something unsupported.
+    #[error("model config: {0}")]
+    Config(#[from] jetvlm_core::ConfigError),
+
+    /// The config parses but the decoder cannot run it (activation, MLP bias, ...).
+    #[error("{path}: field `{field}`: {msg}")]
+    Unsupported {
+        path: PathBuf,
+        field: String,
+        msg: String,
+    },
+
+    /// Reading a file failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// No weights in the model directory.
+    #[error(
+        "no weights in {dir}: expected model.safetensors, model.safetensors.index.json or *.safetensors"
+    )]
+    NoWeights { dir: PathBuf },
+
+    /// `model.safetensors.index.json` does not parse or names a missing shard.
+    #[error("weight index {path}: {msg}")]
+    Index { path: PathBuf, msg: String },
+
+    /// A safetensors file is truncated or its header is malformed.
+    #[error("safetensors file {path}: {msg}")]
+    Safetensors { path: PathBuf, msg: String },
+
+    /// A tensor the architecture needs is absent from every weight file.
+    #[error("tensor `{name}` missing from the weights in {dir}")]
+    MissingTensor { name: String, dir: PathBuf },
+
+    /// A tensor has the wrong shape.
+    #[error("tensor `{name}` in {path}: shape {actual:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        path: PathBuf,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+
+    /// A tensor has a dtype the decoder does not read.
+    #[error("tensor `{name}` in {path}: dtype {dtype} not supported (F32, F16, BF16)")]
+    DType {
+        name: String,
+        path: PathBuf,
+        dtype: String,
+    },
+
+    /// `tokenizer.json` (or another tokenizer file) does not parse.
+    #[error("tokenizer {path}: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+
+    /// Encoding or decoding text failed.
+    #[error("tokenizer {op}: {msg}")]
+    Tokenize { op: &'static str, msg: String },
+
+    /// The chat template does not compile or fails to render.
+    #[error("chat template from {path}: {msg}")]
+    ChatTemplate { path: PathBuf, msg: String },
+
+    /// A forward input is malformed (token id out of range, embedding length, ...).
+    #[error("forward input: {0}")]
+    Input(String),
+
+    /// The KV cache refused an operation.
+    #[error("KV cache: {0}")]
+    Kv(#[from] jetvlm_kvcache::KvError),
+
+    /// The reference f32 cache refused an operation.
+    #[error("f32 KV cache: {0}")]
+    RefCache(String),
+}
+
+/// Result alias of the decoder crate.
+pub type Result<T, E = DecoderError> = std::result::Result<T, E>;

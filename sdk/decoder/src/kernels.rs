@@ -1,0 +1,520 @@
+//! CPU kernels of the forward pass: matrix-vector products for decode (memory-bound, read
+//! F16/BF16 weights directly and convert in registers), matrix-matrix products for prefill
+//! (the `gemm` crate on f32 tiles converted from the stored type), RMSNorm, SwiGLU, RoPE.
+//!
+//! Weight matrices are Hugging Face `Linear` weights: row-major `[out, in]`, so `y = W x`.
+//! Every fast kernel has a plain reference twin (`*_ref`) and a test comparing them.
+
+use crate::weights::TensorData;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Dot product of one stored-type weight row with an f32 vector.
+#[inline]
+pub fn dot(w: TensorData<'_>, start: usize, x: &[f32]) -> f32 {
+    let n = x.len();
+    match w {
+        TensorData::F32(s) => dot_f32(&s[start..start + n], x),
+        TensorData::F16(s) => dot_f16(&s[start..start + n], x),
+        TensorData::BF16(s) => dot_bf16(&s[start..start + n], x),
+    }
+}
+
+/// Reference dot product (f64 accumulation).
+pub fn dot_ref(w: TensorData<'_>, start: usize, x: &[f32]) -> f32 {
+    let mut acc = 0f64;
+    for (i, &xi) in x.iter().enumerate() {
+        acc += w.get(start + i) as f64 * xi as f64;
+    }
+    acc as f32
+}
+
+fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx2_fma() {
+        // SAFETY: AVX2 and FMA are present (checked at run time).
+        return unsafe { simd::dot_f32(w, x) };
+    }
+    dot_portable(w.iter().copied(), x)
+}
+
+fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx2_fma_f16c() {
+        // SAFETY: AVX2, FMA and F16C are present (checked at run time).
+        return unsafe { simd::dot_f16(w, x) };
+    }
+    dot_portable(w.iter().map(|v| v.to_f32()), x)
+}
+
+fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx2_fma() {
+        // SAFETY: AVX2 and FMA are present (checked at run time).
+        return unsafe { simd::dot_bf16(w, x) };
+    }
+    dot_portable(w.iter().map(|v| v.to_f32()), x)
+}
+
+/// Portable dot product with 8 independent accumulators (vectorises on any target).
+#[inline]
+fn dot_portable(w: impl Iterator<Item = f32>, x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (i, (wv, &xv)) in w.zip(x).enumerate() {
+        acc[i & 7] += wv * xv;
+    }
+    acc.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use half::{bf16, f16};
+    use std::arch::x86_64::*;
+
+    pub fn has_avx2_fma() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+
+    pub fn has_avx2_fma_f16c() -> bool {
+        has_avx2_fma() && is_x86_feature_detected!("f16c")
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps::<1>(v);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// # Safety
+    /// Requires AVX2 and FMA; `w.len() == x.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut a = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY: every load reads inside [0, n).
+        unsafe {
+            while i + 32 <= n {
+                for j in 0..4 {
+                    let wv = _mm256_loadu_ps(wp.add(i + 8 * j));
+                    let xv = _mm256_loadu_ps(xp.add(i + 8 * j));
+                    a[j] = _mm256_fmadd_ps(wv, xv, a[j]);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                a[0] =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a[0]);
+                i += 8;
+            }
+            let mut s = hsum(_mm256_add_ps(
+                _mm256_add_ps(a[0], a[1]),
+                _mm256_add_ps(a[2], a[3]),
+            ));
+            while i < n {
+                s += *wp.add(i) * *xp.add(i);
+                i += 1;
+            }
+            s
+        }
+    }
+
+    /// # Safety
+    /// Requires AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let (wp, xp) = (w.as_ptr() as *const u16, x.as_ptr());
+        let mut a = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY: every load reads inside [0, n).
+        unsafe {
+            while i + 32 <= n {
+                for j in 0..4 {
+                    let h = _mm_loadu_si128(wp.add(i + 8 * j) as *const __m128i);
+                    let wv = _mm256_cvtph_ps(h);
+                    a[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(i + 8 * j)), a[j]);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                let wv = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(i) as *const __m128i));
+                a[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(i)), a[0]);
+                i += 8;
+            }
+            let mut s = hsum(_mm256_add_ps(
+                _mm256_add_ps(a[0], a[1]),
+                _mm256_add_ps(a[2], a[3]),
+            ));
+            while i < n {
+                s += f16::from_bits(*wp.add(i)).to_f32() * *xp.add(i);
+                i += 1;
+            }
+            s
+        }
+    }
+
+    /// # Safety
+    /// Requires AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let (wp, xp) = (w.as_ptr() as *const u16, x.as_ptr());
+        let mut a = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY: every load reads inside [0, n).
+        unsafe {
+            while i + 32 <= n {
+                for j in 0..4 {
+                    let h = _mm_loadu_si128(wp.add(i + 8 * j) as *const __m128i);
+                    // bf16 -> f32: widen to 32 bits and shift into the high half.
+                    let wv = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+                    a[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(i + 8 * j)), a[j]);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                let h = _mm_loadu_si128(wp.add(i) as *const __m128i);
+                let wv = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+                a[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(i)), a[0]);
+                i += 8;
+            }
+            let mut s = hsum(_mm256_add_ps(
+                _mm256_add_ps(a[0], a[1]),
+                _mm256_add_ps(a[2], a[3]),
+            ));
+            while i < n {
+                s += bf16::from_bits(*wp.add(i)).to_f32() * *xp.add(i);
+                i += 1;
+            }
+            s
+        }
+    }
+}
+
+/// Rows per rayon task in the matrix-vector product: large enough that scheduling costs
+/// little next to reading the rows.
+fn gemv_chunk(rows: usize, cols: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let by_threads = rows.div_ceil(threads * 4);
+    let min_rows = (16 * 1024 / cols.max(1)).max(1); // at least ~16K elements per task
+    by_threads.max(min_rows).max(1)
+}
+
+/// `y[r] = W[r, :] . x` for a row-major `[rows, cols]` weight, rows in parallel.
+pub fn gemv(w: TensorData<'_>, rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+    debug_assert_eq!(x.len(), cols);
+    debug_assert_eq!(y.len(), rows);
+    let chunk = gemv_chunk(rows, cols);
+    if chunk >= rows {
+        for (r, out) in y.iter_mut().enumerate() {
+            *out = dot(w, r * cols, x);
+        }
+        return;
+    }
+    y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
+        let r0 = ci * chunk;
+        for (j, out) in ys.iter_mut().enumerate() {
+            *out = dot(w, (r0 + j) * cols, x);
+        }
+    });
+}
+
+/// Reference twin of [`gemv`].
+pub fn gemv_ref(w: TensorData<'_>, rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+    for r in 0..rows {
+        y[r] = dot_ref(w, r * cols, x);
+    }
+}
+
+/// Output rows of W converted to f32 per prefill tile.
+const TILE_ROWS: usize = 64;
+
+struct SendPtr(*mut f32);
+// SAFETY: tiles write disjoint column ranges of the output.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `Y[n, rows] = X[n, cols] W^T` (prefill). One token uses [`gemv`]; otherwise the weight
+/// is processed in tiles of output rows, each converted from its stored type to f32 and
+/// multiplied with the `gemm` crate, tiles in parallel.
+pub fn matmul(w: TensorData<'_>, rows: usize, cols: usize, x: &[f32], n: usize, y: &mut [f32]) {
+    assert_eq!(x.len(), n * cols, "matmul input length");
+    assert_eq!(y.len(), n * rows, "matmul output length");
+    if n == 1 {
+        gemv(w, rows, cols, x, y);
+        return;
+    }
+    let tiles = rows.div_ceil(TILE_ROWS);
+    let dst = SendPtr(y.as_mut_ptr());
+    let dst = &dst;
+    (0..tiles)
+        .into_par_iter()
+        .for_each_init(Vec::new, |scratch: &mut Vec<f32>, t| {
+            let r0 = t * TILE_ROWS;
+            let r1 = (r0 + TILE_ROWS).min(rows);
+            let m = r1 - r0;
+            let (wp, w_rs): (*const f32, isize) = match w {
+                TensorData::F32(s) => (s[r0 * cols..].as_ptr(), cols as isize),
+                _ => {
+                    scratch.resize(m * cols, 0.0);
+                    w.to_f32_into(r0 * cols, &mut scratch[..m * cols]);
+                    (scratch.as_ptr(), cols as isize)
+                }
+            };
+            // dst[i, j] (i over n tokens, j over the tile's m rows) = sum_k X[i, k] W[r0 + j, k].
+            // SAFETY: pointers and strides describe in-bounds matrices: X is [n, cols] row-major,
+            // the tile of W is [m, cols] row-major (read as a [cols, m] rhs with column stride
+            // `cols`), and dst starts at column r0 of the [n, rows] output with row stride
+            // `rows`; tiles write disjoint columns.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    m,
+                    cols,
+                    dst.0.add(r0),
+                    1,
+                    rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    wp,
+                    w_rs,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+}
+
+/// Reference twin of [`matmul`].
+pub fn matmul_ref(w: TensorData<'_>, rows: usize, cols: usize, x: &[f32], n: usize, y: &mut [f32]) {
+    for i in 0..n {
+        gemv_ref(
+            w,
+            rows,
+            cols,
+            &x[i * cols..(i + 1) * cols],
+            &mut y[i * rows..(i + 1) * rows],
+        );
+    }
+}
+
+/// RMSNorm of every row of `x` (width `w.len()`) into `out`: `x / sqrt(mean(x^2) + eps) * w`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, &xv), &wv) in or.iter_mut().zip(xr).zip(w) {
+            *o = wv * (xv * inv);
+        }
+    }
+}
+
+/// SwiGLU in place: `gate = silu(gate) * up`.
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let s = *g / (1.0 + (-*g).exp());
+        *g = s * u;
+    }
+}
+
+/// Rotary embedding tables: inverse frequencies for half the head dimension.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    inv_freq: Vec<f64>,
+    head_dim: usize,
+}
+
+impl Rope {
+    /// Frequencies as Hugging Face computes them for `default`, `linear` and `llama3` RoPE.
+    pub fn new(cfg: &jetvlm_core::hf::ModelConfig) -> Self {
+        use jetvlm_core::hf::RopeScaling;
+        let d = cfg.head_dim;
+        let base = cfg.rope_theta;
+        let mut inv_freq: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f64 / d as f64))
+            .collect();
+        match &cfg.rope_scaling {
+            RopeScaling::Default => {}
+            RopeScaling::Linear { factor } => {
+                for f in &mut inv_freq {
+                    *f /= factor;
+                }
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old = *original_max_position_embeddings as f64;
+                let low_wl = old / low_freq_factor;
+                let high_wl = old / high_freq_factor;
+                for f in &mut inv_freq {
+                    let wl = 2.0 * std::f64::consts::PI / *f;
+                    if wl > low_wl {
+                        *f /= factor;
+                    } else if wl >= high_wl {
+                        let smooth =
+                            (old / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+        }
+        Rope {
+            inv_freq,
+            head_dim: d,
+        }
+    }
+
+    /// Rotates `x: [n, heads, head_dim]` in place, token `i` at `positions[i]` (the
+    /// half-split "rotate_half" layout Llama and Qwen2 checkpoints use).
+    pub fn apply(&self, x: &mut [f32], heads: usize, positions: &[u32]) {
+        let d = self.head_dim;
+        let h = d / 2;
+        let mut cos = vec![0f32; h];
+        let mut sin = vec![0f32; h];
+        for (t, &p) in positions.iter().enumerate() {
+            for i in 0..h {
+                let a = p as f64 * self.inv_freq[i];
+                cos[i] = a.cos() as f32;
+                sin[i] = a.sin() as f32;
+            }
+            let row = &mut x[t * heads * d..(t + 1) * heads * d];
+            for head in row.chunks_exact_mut(d) {
+                let (a, b) = head.split_at_mut(h);
+                for i in 0..h {
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * cos[i] - x2 * sin[i];
+                    b[i] = x2 * cos[i] + x1 * sin[i];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    fn rand_vec(n: usize, rng: &mut StdRng) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn max_err(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn gemv_matches_reference_all_dtypes() {
+        let mut rng = StdRng::seed_from_u64(7);
+        // Odd sizes exercise the SIMD tails.
+        for &(rows, cols) in &[(1usize, 1usize), (7, 13), (70, 77), (300, 576), (1000, 64)] {
+            let w = rand_vec(rows * cols, &mut rng);
+            let x = rand_vec(cols, &mut rng);
+            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            for data in [
+                TensorData::F32(&w),
+                TensorData::F16(&wh),
+                TensorData::BF16(&wb),
+            ] {
+                let mut y = vec![0f32; rows];
+                let mut r = vec![0f32; rows];
+                gemv(data, rows, cols, &x, &mut y);
+                gemv_ref(data, rows, cols, &x, &mut r);
+                // f32 accumulation over `cols` terms of magnitude <= 1.
+                let bound = 1e-6 * cols as f32 + 1e-6;
+                assert!(
+                    max_err(&y, &r) <= bound,
+                    "{:?} {rows}x{cols}: {}",
+                    data.dtype(),
+                    max_err(&y, &r)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_matches_reference_all_dtypes() {
+        let mut rng = StdRng::seed_from_u64(8);
+        for &(rows, cols, n) in &[
+            (65usize, 33usize, 3usize),
+            (130, 64, 17),
+            (64, 128, 2),
+            (5, 7, 1),
+        ] {
+            let w = rand_vec(rows * cols, &mut rng);
+            let x = rand_vec(n * cols, &mut rng);
+            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            for data in [
+                TensorData::F32(&w),
+                TensorData::F16(&wh),
+                TensorData::BF16(&wb),
+            ] {
+                let mut y = vec![0f32; n * rows];
+                let mut r = vec![0f32; n * rows];
+                matmul(data, rows, cols, &x, n, &mut y);
+                matmul_ref(data, rows, cols, &x, n, &mut r);
+                let bound = 1e-6 * cols as f32 + 1e-6;
+                assert!(
+                    max_err(&y, &r) <= bound,
+                    "{:?} {rows}x{cols}x{n}: {}",
+                    data.dtype(),
+                    max_err(&y, &r)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rope_rotation_preserves_norm_and_is_identity_at_zero() {
+        let cfg = jetvlm_core::hf::ModelConfig::from_value(
+            &serde_json::json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+                "vocab_size": 10}),
+            std::path::Path::new("config.json"),
+        )
+        .unwrap();
+        let rope = Rope::new(&cfg);
+        let mut rng = StdRng::seed_from_u64(9);
+        let x = rand_vec(2 * 4 * 16, &mut rng);
+        let mut y = x.clone();
+        rope.apply(&mut y, 4, &[0, 1000]);
+        assert_eq!(&y[..64], &x[..64]);
+        let n0: f32 = x[64..].iter().map(|v| v * v).sum();
+        let n1: f32 = y[64..].iter().map(|v| v * v).sum();
+        assert!((n0 - n1).abs() < 1e-4 * n0);
+        assert!(max_err(&x[64..], &y[64..]) > 1e-3);
+    }
+
+    #[test]
+    fn rms_norm_unit_rms() {
+        let x = [3.0f32, -4.0, 0.0, 5.0];
+        let w = [1.0f32; 4];
+        let mut o = [0f32; 4];
+        rms_norm(&x, &w, 0.0, &mut o);
+        let rms = (o.iter().map(|v| v * v).sum::<f32>() / 4.0).sqrt();
+        assert!((rms - 1.0).abs() < 1e-6);
+    }
+}

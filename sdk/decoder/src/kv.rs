@@ -1,0 +1,286 @@
+//! The decoder's view of a KV cache: the `append_span -> write (per layer) -> attend` calls
+//! of `jetvlm_kvcache::MixedKvCache`, as a trait so the same forward pass also runs on
+//! [`F32KvCache`], an exact f32 reference cache used to check the model against Hugging
+//! Face outputs without the cache's FP16/INT4 rounding.
+
+use crate::error::{DecoderError, Result};
+use jetvlm_core::{FrameId, TokenKind};
+pub use jetvlm_kvcache::CacheShape;
+use jetvlm_kvcache::{MixedKvCache, Span};
+use rayon::prelude::*;
+
+/// What the forward pass needs from a KV cache.
+pub trait KvStore {
+    /// Handle of an appended span.
+    type Span;
+    fn shape(&self) -> CacheShape;
+    /// RoPE position of the next appended token.
+    fn next_position(&self) -> u32;
+    /// Tokens cached.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Reserves cells for `positions.len()` tokens of one kind.
+    fn append_span(
+        &mut self,
+        kind: TokenKind,
+        positions: &[u32],
+        frame: Option<FrameId>,
+    ) -> Result<Self::Span>;
+    /// Stores one layer's post-RoPE keys and values, `[span.len(), kv_heads, head_dim]`.
+    fn write(&mut self, layer: usize, span: &Self::Span, k: &[f32], v: &[f32]) -> Result<()>;
+    /// Causal grouped-query attention of the span's queries over the cache.
+    fn attend(&self, layer: usize, span: &Self::Span, q: &[f32], out: &mut [f32]) -> Result<()>;
+    /// Drops the most recent `n` tokens.
+    fn truncate_last(&mut self, n: usize) -> Result<()>;
+}
+
+impl KvStore for MixedKvCache {
+    type Span = Span;
+    fn shape(&self) -> CacheShape {
+        MixedKvCache::shape(self)
+    }
+    fn next_position(&self) -> u32 {
+        MixedKvCache::next_position(self)
+    }
+    fn len(&self) -> usize {
+        MixedKvCache::len(self)
+    }
+    fn append_span(
+        &mut self,
+        kind: TokenKind,
+        positions: &[u32],
+        frame: Option<FrameId>,
+    ) -> Result<Span> {
+        Ok(MixedKvCache::append_span(self, kind, positions, frame)?)
+    }
+    fn write(&mut self, layer: usize, span: &Span, k: &[f32], v: &[f32]) -> Result<()> {
+        Ok(MixedKvCache::write(self, layer, span, k, v)?)
+    }
+    fn attend(&self, layer: usize, span: &Span, q: &[f32], out: &mut [f32]) -> Result<()> {
+        Ok(MixedKvCache::attend(self, layer, span, q, out)?)
+    }
+    fn truncate_last(&mut self, n: usize) -> Result<()> {
+        Ok(MixedKvCache::truncate_last(self, n)?)
+    }
+}
+
+/// An exact f32 KV cache: every token's K and V kept as f32, attention computed in f64
+/// accumulation. The reference the decoder is checked against; also selectable as the
+/// `f32` KV policy of the CLI for comparisons.
+#[derive(Clone, Debug)]
+pub struct F32KvCache {
+    shape: CacheShape,
+    capacity: usize,
+    tokens: usize,
+    next_pos: u32,
+    kinds: Vec<TokenKind>,
+    /// Per layer `[tokens, kv_heads, head_dim]`.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    /// Tokens written per layer (a layer is attended only after its write).
+    written: Vec<usize>,
+}
+
+/// A span of the reference cache: the index of its first token and its length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct F32Span {
+    pub start: usize,
+    pub len: usize,
+    pub kind: TokenKind,
+}
+
+impl F32KvCache {
+    pub fn new(shape: CacheShape, capacity_tokens: usize) -> Self {
+        F32KvCache {
+            shape,
+            capacity: capacity_tokens,
+            tokens: 0,
+            next_pos: 0,
+            kinds: Vec::new(),
+            k: vec![Vec::new(); shape.layers],
+            v: vec![Vec::new(); shape.layers],
+            written: vec![0; shape.layers],
+        }
+    }
+
+    /// Kinds of the cached tokens, oldest first.
+    pub fn kinds(&self) -> &[TokenKind] {
+        &self.kinds
+    }
+
+    pub fn clear(&mut self) {
+        *self = F32KvCache::new(self.shape, self.capacity);
+    }
+
+    fn row(&self) -> usize {
+        self.shape.kv_heads * self.shape.head_dim
+    }
+}
+
+impl KvStore for F32KvCache {
+    type Span = F32Span;
+    fn shape(&self) -> CacheShape {
+        self.shape
+    }
+    fn next_position(&self) -> u32 {
+        self.next_pos
+    }
+    fn len(&self) -> usize {
+        self.tokens
+    }
+    fn append_span(
+        &mut self,
+        kind: TokenKind,
+        positions: &[u32],
+        frame: Option<FrameId>,
+    ) -> Result<F32Span> {
+        if kind == TokenKind::Frame && frame.is_none() {
+            return Err(DecoderError::RefCache(
+                "frame span without a frame id".into(),
+            ));
+        }
+        if self.tokens + positions.len() > self.capacity {
+            return Err(DecoderError::RefCache(format!(
+                "capacity of {} tokens exceeded ({} cached + {} new)",
+                self.capacity,
+                self.tokens,
+                positions.len()
+            )));
+        }
+        let span = F32Span {
+            start: self.tokens,
+            len: positions.len(),
+            kind,
+        };
+        self.tokens += positions.len();
+        self.kinds
+            .extend(std::iter::repeat_n(kind, positions.len()));
+        if let Some(&m) = positions.iter().max() {
+            self.next_pos = self.next_pos.max(m + 1);
+        }
+        let row = self.row();
+        for l in 0..self.shape.layers {
+            self.k[l].resize(self.tokens * row, 0.0);
+            self.v[l].resize(self.tokens * row, 0.0);
+        }
+        Ok(span)
+    }
+    fn write(&mut self, layer: usize, span: &F32Span, k: &[f32], v: &[f32]) -> Result<()> {
+        let row = self.row();
+        if layer >= self.shape.layers || k.len() != span.len * row || v.len() != span.len * row {
+            return Err(DecoderError::RefCache(format!(
+                "write layer {layer}: k/v lengths {}/{} for a span of {} tokens x {row}",
+                k.len(),
+                v.len(),
+                span.len
+            )));
+        }
+        if span.start + span.len > self.tokens {
+            return Err(DecoderError::RefCache(
+                "write to a span no longer cached".into(),
+            ));
+        }
+        self.k[layer][span.start * row..(span.start + span.len) * row].copy_from_slice(k);
+        self.v[layer][span.start * row..(span.start + span.len) * row].copy_from_slice(v);
+        self.written[layer] = self.written[layer].max(span.start + span.len);
+        Ok(())
+    }
+    fn attend(&self, layer: usize, span: &F32Span, q: &[f32], out: &mut [f32]) -> Result<()> {
+        let CacheShape {
+            q_heads,
+            kv_heads,
+            head_dim: d,
+            ..
+        } = self.shape;
+        if layer >= self.shape.layers || q.len() != span.len * q_heads * d || out.len() != q.len() {
+            return Err(DecoderError::RefCache(format!(
+                "attend layer {layer}: q/out lengths {}/{}",
+                q.len(),
+                out.len()
+            )));
+        }
+        if self.written[layer] < span.start + span.len {
+            return Err(DecoderError::RefCache(format!(
+                "attend layer {layer} before its write"
+            )));
+        }
+        let group = q_heads / kv_heads;
+        let scale = 1.0 / (d as f64).sqrt();
+        let (kc, vc) = (&self.k[layer], &self.v[layer]);
+        out.par_chunks_mut(d).enumerate().for_each(|(qi, o)| {
+            let t = qi / q_heads;
+            let h = qi % q_heads;
+            let kvh = h / group;
+            let qv = &q[qi * d..(qi + 1) * d];
+            let upto = span.start + t + 1;
+            let scores: Vec<f64> = (0..upto)
+                .map(|j| {
+                    let kr = &kc[(j * kv_heads + kvh) * d..(j * kv_heads + kvh + 1) * d];
+                    kr.iter()
+                        .zip(qv)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>()
+                        * scale
+                })
+                .collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let z: f64 = w.iter().sum();
+            for (e, ov) in o.iter_mut().enumerate() {
+                let mut acc = 0f64;
+                for (j, wj) in w.iter().enumerate() {
+                    acc += wj * vc[(j * kv_heads + kvh) * d + e] as f64;
+                }
+                *ov = (acc / z) as f32;
+            }
+        });
+        Ok(())
+    }
+    fn truncate_last(&mut self, n: usize) -> Result<()> {
+        if n > self.tokens {
+            return Err(DecoderError::RefCache(format!(
+                "truncate {n} of {} tokens",
+                self.tokens
+            )));
+        }
+        self.tokens -= n;
+        self.kinds.truncate(self.tokens);
+        let row = self.row();
+        for l in 0..self.shape.layers {
+            self.k[l].truncate(self.tokens * row);
+            self.v[l].truncate(self.tokens * row);
+            self.written[l] = self.written[l].min(self.tokens);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_token_attends_to_itself() {
+        let shape = CacheShape {
+            layers: 1,
+            q_heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+        };
+        let mut c = F32KvCache::new(shape, 8);
+        let s = c.append_span(TokenKind::Text, &[0], None).unwrap();
+        let v = [1.0, 2.0, 3.0, 4.0];
+        c.write(0, &s, &[0.5; 4], &v).unwrap();
+        let mut out = [0f32; 8];
+        c.attend(0, &s, &[1.0; 8], &mut out).unwrap();
+        assert_eq!(&out[..4], &v);
+        assert_eq!(&out[4..], &v);
+        assert!(c.append_span(TokenKind::Frame, &[1], None).is_err());
+        assert!(
+            c.append_span(TokenKind::Text, &(1..9).collect::<Vec<_>>(), None)
+                .is_err()
+        );
+    }
+}
