@@ -41,12 +41,26 @@ pub fn parse_device_tree_model(bytes: &[u8]) -> String {
 pub fn parse_nv_tegra_release(text: &str) -> Option<L4tVersion> {
     let line = text.lines().find(|l| l.contains("REVISION"))?;
     let r = line.find('R')?;
-    let major: u32 = line[r + 1..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()?;
+    let major: u32 = line[r + 1..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()?;
     let rev = line.split("REVISION:").nth(1)?.split(',').next()?.trim();
     let mut parts = rev.split('.');
     let minor = parts.next()?.trim().parse().ok()?;
-    let patch = parts.next().map(|p| p.trim().parse()).transpose().ok()?.unwrap_or(0);
-    Some(L4tVersion { major, minor, patch })
+    let patch = parts
+        .next()
+        .map(|p| p.trim().parse())
+        .transpose()
+        .ok()?
+        .unwrap_or(0);
+    Some(L4tVersion {
+        major,
+        minor,
+        patch,
+    })
 }
 
 /// The JetPack release an L4T version belongs to (NVIDIA's JetPack archive).
@@ -118,17 +132,34 @@ const PRODUCT_LINES: &[(&str, &str)] = &[
 /// Maps a device-tree model string and MemTotal to a board name from `boards`: the product
 /// line from the string, then the smallest DRAM size that holds MemTotal (MemTotal is a bit
 /// below DRAM: firmware carveouts). A model string with "Super" picks the Super profile.
-pub fn board_for_model(model: &str, mem_total_bytes: u64, boards: &[BoardProfile]) -> Option<String> {
+pub fn board_for_model(
+    model: &str,
+    mem_total_bytes: u64,
+    boards: &[BoardProfile],
+) -> Option<String> {
     let lower = model.to_ascii_lowercase();
     let (_, prefix) = PRODUCT_LINES.iter().find(|(key, _)| lower.contains(key))?;
     let want_super = lower.contains("super");
-    let line: Vec<&BoardProfile> = boards.iter().filter(|b| b.name.starts_with(prefix)).collect();
+    let line: Vec<&BoardProfile> = boards
+        .iter()
+        .filter(|b| b.name.starts_with(prefix))
+        .collect();
     let pick = |super_mode: bool| -> Option<&BoardProfile> {
-        let mut c: Vec<&&BoardProfile> = line.iter().filter(|b| b.name.ends_with("-super") == super_mode).collect();
+        let mut c: Vec<&&BoardProfile> = line
+            .iter()
+            .filter(|b| b.name.ends_with("-super") == super_mode)
+            .collect();
         c.sort_by_key(|b| b.memory.dram_mib);
-        c.iter().find(|b| b.dram_bytes() >= mem_total_bytes).or(c.last()).map(|b| **b)
+        c.iter()
+            .find(|b| b.dram_bytes() >= mem_total_bytes)
+            .or(c.last())
+            .map(|b| **b)
     };
-    let chosen = if want_super { pick(true).or_else(|| pick(false)) } else { pick(false) };
+    let chosen = if want_super {
+        pick(true).or_else(|| pick(false))
+    } else {
+        pick(false)
+    };
     chosen.map(|b| b.name.clone())
 }
 
@@ -149,21 +180,29 @@ impl SystemInfo {
     /// files that exist but cannot be parsed are errors naming them.
     pub fn read(root: &Path) -> Result<Self, BoardError> {
         let model_path = root.join("proc/device-tree/model");
-        let model = std::fs::read(&model_path).ok().map(|b| parse_device_tree_model(&b));
+        let model = std::fs::read(&model_path)
+            .ok()
+            .map(|b| parse_device_tree_model(&b));
         let release_path = root.join("etc/nv_tegra_release");
         let l4t = match std::fs::read_to_string(&release_path) {
-            Ok(text) => Some(parse_nv_tegra_release(&text).ok_or_else(|| BoardError::SystemFile {
-                path: release_path.clone(),
-                message: "no `# R<major> (release), REVISION: <minor>.<patch>` line".into(),
-            })?),
+            Ok(text) => {
+                Some(
+                    parse_nv_tegra_release(&text).ok_or_else(|| BoardError::SystemFile {
+                        path: release_path.clone(),
+                        message: "no `# R<major> (release), REVISION: <minor>.<patch>` line".into(),
+                    })?,
+                )
+            }
             Err(_) => None,
         };
         let meminfo_path = root.join("proc/meminfo");
         let meminfo = match std::fs::read_to_string(&meminfo_path) {
-            Ok(text) => Some(parse_meminfo(&text).map_err(|message| BoardError::SystemFile {
-                path: meminfo_path.clone(),
-                message,
-            })?),
+            Ok(text) => Some(
+                parse_meminfo(&text).map_err(|message| BoardError::SystemFile {
+                    path: meminfo_path.clone(),
+                    message,
+                })?,
+            ),
             Err(_) => None,
         };
         Ok(SystemInfo {
@@ -180,7 +219,10 @@ impl SystemInfo {
         let known = || boards.iter().map(|b| b.name.clone()).collect::<Vec<_>>();
         let model_path = self.root.join("proc/device-tree/model");
         let Some(model) = &self.model else {
-            return Err(BoardError::NotAJetson { path: model_path, known: known() });
+            return Err(BoardError::NotAJetson {
+                path: model_path,
+                known: known(),
+            });
         };
         let total = self.meminfo.map(|m| m.total_bytes).unwrap_or(0);
         board_for_model(model, total, boards)
@@ -203,9 +245,17 @@ mod tests {
             "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: Wed Jan  8 01:49:37 UTC 2025\n",
         )
         .unwrap();
-        assert_eq!(v, L4tVersion { major: 36, minor: 4, patch: 3 });
+        assert_eq!(
+            v,
+            L4tVersion {
+                major: 36,
+                minor: 4,
+                patch: 3
+            }
+        );
         assert_eq!(jetpack_for_l4t(v), Some("6.2"));
-        let x = parse_nv_tegra_release("# R35 (release), REVISION: 6.0, GCID: 1, BOARD: t186ref").unwrap();
+        let x = parse_nv_tegra_release("# R35 (release), REVISION: 6.0, GCID: 1, BOARD: t186ref")
+            .unwrap();
         assert_eq!(x.to_string(), "35.6.0");
         assert_eq!(jetpack_for_l4t(x), Some("5.1.4"));
         assert_eq!(parse_nv_tegra_release("garbage"), None);
@@ -217,11 +267,18 @@ mod tests {
         assert_eq!(m.total_bytes, 7_620_000 * 1024);
         assert_eq!(m.available_bytes, 5_000_000 * 1024);
         assert_eq!(m.free_bytes, 500_000 * 1024);
-        assert!(parse_meminfo("MemTotal: 1 kB\nMemFree: 1 kB\n").unwrap_err().contains("MemAvailable"));
+        assert!(
+            parse_meminfo("MemTotal: 1 kB\nMemFree: 1 kB\n")
+                .unwrap_err()
+                .contains("MemAvailable")
+        );
     }
 
     #[test]
     fn model_string_trims_nul() {
-        assert_eq!(parse_device_tree_model(b"NVIDIA Jetson Orin Nano Developer Kit\0"), "NVIDIA Jetson Orin Nano Developer Kit");
+        assert_eq!(
+            parse_device_tree_model(b"NVIDIA Jetson Orin Nano Developer Kit\0"),
+            "NVIDIA Jetson Orin Nano Developer Kit"
+        );
     }
 }

@@ -24,7 +24,9 @@ pub enum BoardError {
     InvalidWorkload(String),
 
     /// A KV policy string the planner does not understand.
-    #[error("invalid KV policy `{given}`: {reason}. Accepted: fp16, mixed, int4-all, int8-frames, int2-frames, or mixed:bits=2|4|8|16,group=32|64|128[,budget=0.1][,keys=token|channel]")]
+    #[error(
+        "invalid KV policy `{given}`: {reason}. Accepted: fp16, mixed, int4-all, int8-frames, int2-frames, or mixed:bits=2|4|8|16,group=32|64|128[,budget=0.1][,keys=token|channel]"
+    )]
     InvalidPolicy { given: String, reason: String },
 
     /// Detection found no Jetson device-tree model under the given root.
@@ -33,7 +35,11 @@ pub enum BoardError {
 
     /// A Jetson whose device-tree model string matches no known product line.
     #[error("unrecognised Jetson model `{model}` (from {}); pass --board with one of: {}", path.display(), known.join(", "))]
-    UnrecognisedBoard { model: String, path: PathBuf, known: Vec<String> },
+    UnrecognisedBoard {
+        model: String,
+        path: PathBuf,
+        known: Vec<String>,
+    },
 
     /// A system file (`/proc/meminfo`, `/etc/nv_tegra_release`) that exists but could not
     /// be read or parsed.

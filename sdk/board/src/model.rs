@@ -130,13 +130,21 @@ impl ModelSpec {
             if config.is_file() {
                 return Self::from_hf_config(&config);
             }
-            return Err(BoardError::ModelNotFound { path: path.to_path_buf() });
+            return Err(BoardError::ModelNotFound {
+                path: path.to_path_buf(),
+            });
         }
         if path.is_file() {
             let is_manifest = path.file_name().and_then(|n| n.to_str()) == Some("jetvlm.yaml");
-            return if is_manifest { Self::from_package(path) } else { Self::from_hf_config(path) };
+            return if is_manifest {
+                Self::from_package(path)
+            } else {
+                Self::from_hf_config(path)
+            };
         }
-        Err(BoardError::ModelNotFound { path: path.to_path_buf() })
+        Err(BoardError::ModelNotFound {
+            path: path.to_path_buf(),
+        })
     }
 
     /// Reads a Hugging Face `config.json` (language model + `vision_config` when present).
@@ -192,7 +200,12 @@ impl ModelSpec {
             }
         }
         if manifest.vision.tokens_per_frame == 0 {
-            return Err(ConfigError::invalid(manifest_path, "vision.tokens_per_frame", "must be greater than zero").into());
+            return Err(ConfigError::invalid(
+                manifest_path,
+                "vision.tokens_per_frame",
+                "must be greater than zero",
+            )
+            .into());
         }
         spec.vision = Some(VisionEncoder {
             params: None,
@@ -249,15 +262,27 @@ fn estimate_vision(
         match vc.get(key).filter(|v| !v.is_null()) {
             None => Ok(None),
             Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-                ConfigError::invalid(path, format!("vision_config.{key}"), format!("expected a non-negative integer, got {v}"))
+                ConfigError::invalid(
+                    path,
+                    format!("vision_config.{key}"),
+                    format!("expected a non-negative integer, got {v}"),
+                )
             }),
         }
     };
     let need = |key: &str| -> Result<u64, ConfigError> {
         match num(key)? {
-            Some(0) => Err(ConfigError::invalid(path, format!("vision_config.{key}"), "must be greater than zero")),
+            Some(0) => Err(ConfigError::invalid(
+                path,
+                format!("vision_config.{key}"),
+                "must be greater than zero",
+            )),
             Some(x) => Ok(x),
-            None => Err(ConfigError::invalid(path, format!("vision_config.{key}"), "missing (required to estimate the vision encoder)")),
+            None => Err(ConfigError::invalid(
+                path,
+                format!("vision_config.{key}"),
+                "missing (required to estimate the vision encoder)",
+            )),
         }
     };
     let text_hidden = text.hidden_size as u64;
@@ -283,7 +308,10 @@ fn estimate_vision(
         let merge = num("spatial_merge_size")?.unwrap_or(2);
         let out = num("hidden_size")?.unwrap_or(text_hidden);
         let merged = e * merge * merge;
-        let params = depth * (4 * e * e + 2 * e * m) + channels * temporal * patch * patch * e + merged * merged + merged * out;
+        let params = depth * (4 * e * e + 2 * e * m)
+            + channels * temporal * patch * patch * e
+            + merged * merged
+            + merged * out;
         let side = QWEN2_VL_FRAME_PIXELS / (patch * merge);
         let tokens = side * side;
         let shape = VisionShape {
@@ -299,7 +327,9 @@ fn estimate_vision(
             VisionEncoder {
                 params: Some(params),
                 bytes: params * dtype_bytes,
-                source: VisionSource::Estimated { family: "qwen2-vl".into() },
+                source: VisionSource::Estimated {
+                    family: "qwen2-vl".into(),
+                },
                 shape: Some(shape),
             },
             (tokens > 0).then_some(tokens),
@@ -321,10 +351,13 @@ fn estimate_vision(
     let scale = raw.get("scale_factor").and_then(Value::as_u64);
     let (family, connector, patches_per_token) = match scale {
         Some(s) if s > 0 => ("idefics3", h * s * s * text_hidden, s * s),
-        _ if model_type.starts_with("llava") => ("llava", h * text_hidden + text_hidden * text_hidden, 1),
+        _ if model_type.starts_with("llava") => {
+            ("llava", h * text_hidden + text_hidden * text_hidden, 1)
+        }
         _ => ("vit", h * text_hidden, 1),
     };
-    let params = layers * (4 * h * h + 2 * h * i) + channels * patch * patch * h + patches * h + connector;
+    let params =
+        layers * (4 * h * h + 2 * h * i) + channels * patch * patch * h + patches * h + connector;
     let tokens = patches / patches_per_token;
     let shape = VisionShape {
         hidden: h,
@@ -339,7 +372,9 @@ fn estimate_vision(
         VisionEncoder {
             params: Some(params),
             bytes: params * dtype_bytes,
-            source: VisionSource::Estimated { family: family.into() },
+            source: VisionSource::Estimated {
+                family: family.into(),
+            },
             shape: Some(shape),
         },
         (tokens > 0).then_some(tokens),

@@ -82,7 +82,9 @@ impl WeightFormat {
     pub fn from_bits(bits: u8) -> Result<Self, BoardError> {
         match bits {
             32 | 16 | 8 | 4 => Ok(WeightFormat::Bits(bits)),
-            other => Err(BoardError::InvalidWorkload(format!("weight bits must be 32, 16, 8 or 4, got {other}"))),
+            other => Err(BoardError::InvalidWorkload(format!(
+                "weight bits must be 32, 16, 8 or 4, got {other}"
+            ))),
         }
     }
 
@@ -109,7 +111,9 @@ impl WeightFormat {
         match self {
             WeightFormat::Native => format!("{native} (from config)"),
             WeightFormat::Bits(b) if *b >= 16 => format!("{b}-bit"),
-            WeightFormat::Bits(b) => format!("{b}-bit, g32 FP16 scales ({} bits/weight)", *b as f64 + 0.5),
+            WeightFormat::Bits(b) => {
+                format!("{b}-bit, g32 FP16 scales ({} bits/weight)", *b as f64 + 0.5)
+            }
         }
     }
 }
@@ -125,7 +129,12 @@ pub struct CameraBuffers {
 
 impl Default for CameraBuffers {
     fn default() -> Self {
-        CameraBuffers { width: 1280, height: 720, channels: 3, count: 4 }
+        CameraBuffers {
+            width: 1280,
+            height: 720,
+            channels: 3,
+            count: 4,
+        }
     }
 }
 
@@ -237,7 +246,12 @@ pub fn activations(model: &ModelSpec, workload: &Workload, opts: &PlanOptions) -
         Some(v) if workload.frames > 0 => vision_activation_bytes(v, workload.tokens_per_frame, h),
         _ => 0,
     };
-    Activations { decoder_bytes, attention_bytes, logits_bytes, vision_bytes }
+    Activations {
+        decoder_bytes,
+        attention_bytes,
+        logits_bytes,
+        vision_bytes,
+    }
 }
 
 fn vision_activation_bytes(v: &VisionEncoder, tokens_per_frame: u64, text_hidden: u64) -> u64 {
@@ -284,10 +298,14 @@ impl MemoryBreakdown {
 
 fn check(workload: &Workload, opts: &PlanOptions) -> Result<(), BoardError> {
     if workload.tokens_per_frame == 0 {
-        return Err(BoardError::InvalidWorkload("tokens per frame must be greater than zero".into()));
+        return Err(BoardError::InvalidWorkload(
+            "tokens per frame must be greater than zero".into(),
+        ));
     }
     if opts.prefill_chunk == 0 {
-        return Err(BoardError::InvalidWorkload("prefill chunk must be greater than zero".into()));
+        return Err(BoardError::InvalidWorkload(
+            "prefill chunk must be greater than zero".into(),
+        ));
     }
     Ok(())
 }
@@ -303,12 +321,18 @@ pub fn memory(
     check(workload, opts)?;
     let usage = kv_usage(&model.text, workload, kv);
     Ok(MemoryBreakdown {
-        weights_bytes: opts.weights.bytes(model.text.num_parameters(), model.text.dtype),
+        weights_bytes: opts
+            .weights
+            .bytes(model.text.num_parameters(), model.text.dtype),
         vision_encoder_bytes: model.vision.as_ref().map_or(0, |v| v.bytes),
         kv_text_bytes: usage.text_bytes,
         kv_frame_bytes: usage.frame_bytes,
         activation_bytes: activations(model, workload, opts).total(),
-        camera_bytes: if workload.frames > 0 { opts.camera.bytes() } else { 0 },
+        camera_bytes: if workload.frames > 0 {
+            opts.camera.bytes()
+        } else {
+            0
+        },
         runtime_bytes: board.runtime_overhead_bytes(),
     })
 }
@@ -362,8 +386,16 @@ pub fn params_read_per_token(text: &ModelConfig) -> u64 {
 
 /// The roofline lower bound on time per output token, in milliseconds, at the workload's
 /// full context.
-pub fn tpot_floor_ms(board: &BoardProfile, model: &ModelSpec, workload: &Workload, kv: &KvPrecision, opts: &PlanOptions) -> f64 {
-    let weights = opts.weights.bytes(params_read_per_token(&model.text), model.text.dtype);
+pub fn tpot_floor_ms(
+    board: &BoardProfile,
+    model: &ModelSpec,
+    workload: &Workload,
+    kv: &KvPrecision,
+    opts: &PlanOptions,
+) -> f64 {
+    let weights = opts
+        .weights
+        .bytes(params_read_per_token(&model.text), model.text.dtype);
     let kv_bytes = kv_usage(&model.text, workload, kv).total_bytes;
     (weights + kv_bytes) as f64 / board.bandwidth_bytes_per_s() * 1e3
 }
@@ -438,12 +470,21 @@ pub fn plan(
     let budget = budget_bytes(board, opts);
     let total = mem.total();
     let fits = total <= budget;
-    let mixed = if kv.quantizes_frames() { *kv } else { KvPrecision::mixed() };
+    let mixed = if kv.quantizes_frames() {
+        *kv
+    } else {
+        KvPrecision::mixed()
+    };
     let max_frames_fp16 = max_frames(board, model, workload, &KvPrecision::fp16(), opts)?;
     let max_frames_mixed = max_frames(board, model, workload, &mixed, opts)?;
 
     let mut by_policy = Vec::new();
-    let mut policies = vec![KvPrecision::fp16(), KvPrecision::frames_at(8), KvPrecision::mixed(), KvPrecision::frames_at(2)];
+    let mut policies = vec![
+        KvPrecision::fp16(),
+        KvPrecision::frames_at(8),
+        KvPrecision::mixed(),
+        KvPrecision::frames_at(2),
+    ];
     if !policies.contains(kv) {
         policies.push(*kv);
     }
@@ -458,8 +499,11 @@ pub fn plan(
     }
 
     let max_pos = model.text.max_position_embeddings as u64;
-    let max_frames_context = max_pos.saturating_sub(workload.text_tokens()) / workload.tokens_per_frame;
-    let weight_read = opts.weights.bytes(params_read_per_token(&model.text), model.text.dtype);
+    let max_frames_context =
+        max_pos.saturating_sub(workload.text_tokens()) / workload.tokens_per_frame;
+    let weight_read = opts
+        .weights
+        .bytes(params_read_per_token(&model.text), model.text.dtype);
 
     let mut notes = Vec::new();
     if let Some(v) = &model.vision {
@@ -551,12 +595,25 @@ fn advice(
         over as f64 / 1e6
     );
     let mut fixes = Vec::new();
-    let now = max_frames(board, model, workload, kv, opts)?;
-    if workload.frames > 0 && now > 0 {
-        fixes.push(format!("use at most {now} frames (--frames {now})"));
+    let fixed = memory(board, model, &workload.with_frames(0), kv, opts)?;
+    let model_alone_fits = fixed.total() <= p.budget_bytes;
+    if !model_alone_fits {
+        msg.push_str(&format!(
+            " The model alone (weights {}, vision encoder {}, runtime {}) exceeds the budget with no frames.",
+            mib(fixed.weights_bytes),
+            mib(fixed.vision_encoder_bytes),
+            mib(fixed.runtime_bytes)
+        ));
     }
-    if workload.frames > 0 {
-        let lower: Vec<u8> = [8u8, 4, 2].into_iter().filter(|b| *b < kv.frames.bits).collect();
+    if workload.frames > 0 && model_alone_fits {
+        let now = max_frames(board, model, workload, kv, opts)?;
+        if now > 0 {
+            fixes.push(format!("use at most {now} frames (--frames {now})"));
+        }
+        let lower: Vec<u8> = [8u8, 4, 2]
+            .into_iter()
+            .filter(|b| *b < kv.frames.bits)
+            .collect();
         let mut found = false;
         for bits in &lower {
             let mut q = KvPrecision::frames_at(*bits);
@@ -566,7 +623,11 @@ fn advice(
             }
             let m = max_frames(board, model, workload, &q, opts)?;
             if m >= workload.frames {
-                fixes.push(format!("store frames at fewer bits: --kv {} fits {} frames (up to {m})", q.name(), workload.frames));
+                fixes.push(format!(
+                    "store frames at fewer bits: --kv {} fits {} frames (up to {m})",
+                    q.name(),
+                    workload.frames
+                ));
                 found = true;
                 break;
             }
@@ -574,29 +635,33 @@ fn advice(
         if !found && let Some(bits) = lower.last() {
             let q = KvPrecision::frames_at(*bits);
             let m = max_frames(board, model, workload, &q, opts)?;
-            fixes.push(format!("even --kv {} fits only {m} frames", q.name()));
+            fixes.push(format!(
+                "lower frame bits help only so far: --kv {} fits {m} frames",
+                q.name()
+            ));
         }
     }
     if opts.weights.bits_per_weight(model.text.dtype) > 4.5 {
-        let o4 = PlanOptions { weights: WeightFormat::Bits(4), ..opts.clone() };
+        let o4 = PlanOptions {
+            weights: WeightFormat::Bits(4),
+            ..opts.clone()
+        };
         let total4 = memory(board, model, workload, kv, &o4)?.total();
         if total4 <= p.budget_bytes {
-            fixes.push(format!("4-bit weights (--weight-bits 4) fit this workload ({} total)", mib(total4)));
+            fixes.push(format!(
+                "4-bit weights (--weight-bits 4) fit this workload ({} total)",
+                mib(total4)
+            ));
         } else {
             let m = max_frames(board, model, workload, kv, &o4)?;
-            fixes.push(format!("4-bit weights (--weight-bits 4) fit {m} frames"));
+            if m > 0 {
+                fixes.push(format!("4-bit weights (--weight-bits 4) fit {m} frames"));
+            }
         }
     }
-    let fixed = memory(board, model, &workload.with_frames(0), kv, opts)?;
-    if fixed.total() > p.budget_bytes {
-        msg.push_str(&format!(
-            " The model alone (weights {}, vision encoder {}, runtime {}) exceeds the budget with no frames.",
-            mib(fixed.weights_bytes),
-            mib(fixed.vision_encoder_bytes),
-            mib(fixed.runtime_bytes)
-        ));
-    }
-    fixes.push("use a smaller model (fewer parameters or KV heads) or a board with more memory".into());
+    fixes.push(
+        "use a smaller model (fewer parameters or KV heads) or a board with more memory".into(),
+    );
     msg.push_str(" To fit: ");
     msg.push_str(&fixes.join("; or "));
     msg.push('.');

@@ -157,8 +157,16 @@ impl KvPrecision {
             KeyMode::Token => "token",
             KeyMode::Channel => "channel",
         };
-        let text = if self.text.is_fp16() { String::new() } else { ",text=quant".into() };
-        let group = if self.frames.is_fp16() { self.text.group } else { self.frames.group };
+        let text = if self.text.is_fp16() {
+            String::new()
+        } else {
+            ",text=quant".into()
+        };
+        let group = if self.frames.is_fp16() {
+            self.text.group
+        } else {
+            self.frames.group
+        };
         format!(
             "mixed:bits={},group={},budget={},keys={keys}{text}",
             self.frames.bits, group, self.fp16_budget
@@ -201,21 +209,30 @@ impl FromStr for KvPrecision {
                 .ok_or_else(|| err(format!("`{kv}` is not key=value")))?;
             match key.trim() {
                 "bits" => {
-                    let bits: u8 = value.trim().parse().map_err(|_| err(format!("bits `{value}` is not a number")))?;
+                    let bits: u8 = value
+                        .trim()
+                        .parse()
+                        .map_err(|_| err(format!("bits `{value}` is not a number")))?;
                     if ![2, 4, 8, 16].contains(&bits) {
                         return Err(err(format!("bits must be 2, 4, 8 or 16, got {bits}")));
                     }
                     p.frames.bits = bits;
                 }
                 "group" => {
-                    let group: u32 = value.trim().parse().map_err(|_| err(format!("group `{value}` is not a number")))?;
+                    let group: u32 = value
+                        .trim()
+                        .parse()
+                        .map_err(|_| err(format!("group `{value}` is not a number")))?;
                     if ![32, 64, 128].contains(&group) {
                         return Err(err(format!("group must be 32, 64 or 128, got {group}")));
                     }
                     p.frames.group = group;
                 }
                 "budget" => {
-                    let b: f64 = value.trim().parse().map_err(|_| err(format!("budget `{value}` is not a number")))?;
+                    let b: f64 = value
+                        .trim()
+                        .parse()
+                        .map_err(|_| err(format!("budget `{value}` is not a number")))?;
                     if !(0.0..=1.0).contains(&b) {
                         return Err(err(format!("budget must be a fraction in [0, 1], got {b}")));
                     }
@@ -225,14 +242,20 @@ impl FromStr for KvPrecision {
                     p.keys = match value.trim() {
                         "token" => KeyMode::Token,
                         "channel" => KeyMode::Channel,
-                        other => return Err(err(format!("keys must be token or channel, got `{other}`"))),
+                        other => {
+                            return Err(err(format!(
+                                "keys must be token or channel, got `{other}`"
+                            )));
+                        }
                     }
                 }
                 "text" => {
                     text_quant = match value.trim() {
                         "fp16" => false,
                         "quant" => true,
-                        other => return Err(err(format!("text must be fp16 or quant, got `{other}`"))),
+                        other => {
+                            return Err(err(format!("text must be fp16 or quant, got `{other}`")));
+                        }
                     }
                 }
                 // The KV cache's own options that do not change the byte count.
@@ -256,7 +279,13 @@ mod tests {
 
     #[test]
     fn bits_per_element_match_the_design_table() {
-        for (bits, group, expect) in [(4, 32, 5.0), (4, 64, 4.5), (4, 128, 4.25), (8, 64, 8.5), (2, 64, 2.5)] {
+        for (bits, group, expect) in [
+            (4, 32, 5.0),
+            (4, 64, 4.5),
+            (4, 128, 4.25),
+            (8, 64, 8.5),
+            (2, 64, 2.5),
+        ] {
             let f = KvFormat::quantized(bits, group);
             assert_eq!(f.bits_per_element(128), expect, "int{bits} g{group}");
         }
@@ -271,7 +300,9 @@ mod tests {
             let p: KvPrecision = name.parse().unwrap();
             assert_eq!(p.name(), name);
         }
-        let p: KvPrecision = "mixed:bits=2,group=32,budget=0.05,keys=token".parse().unwrap();
+        let p: KvPrecision = "mixed:bits=2,group=32,budget=0.05,keys=token"
+            .parse()
+            .unwrap();
         assert_eq!(p.frames, KvFormat::quantized(2, 32));
         assert_eq!(p.fp16_budget, 0.05);
         assert_eq!(p.name().parse::<KvPrecision>().unwrap(), p);
@@ -281,7 +312,14 @@ mod tests {
 
     #[test]
     fn bad_policies_name_the_accepted_forms() {
-        for bad in ["int3", "mixed:bits=3", "mixed:group=48", "mixed:budget=2", "mixed:foo=1", "mixed:bits"] {
+        for bad in [
+            "int3",
+            "mixed:bits=3",
+            "mixed:group=48",
+            "mixed:budget=2",
+            "mixed:foo=1",
+            "mixed:bits",
+        ] {
             let e = bad.parse::<KvPrecision>().unwrap_err().to_string();
             assert!(e.contains("Accepted: fp16, mixed"), "{bad}: {e}");
         }

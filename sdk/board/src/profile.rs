@@ -122,7 +122,11 @@ impl BoardProfile {
             return Err(ConfigError::invalid(path, "name", "must not be empty"));
         }
         if self.memory.dram_mib == 0 {
-            return Err(ConfigError::invalid(path, "memory.dram_mib", "must be greater than zero"));
+            return Err(ConfigError::invalid(
+                path,
+                "memory.dram_mib",
+                "must be greater than zero",
+            ));
         }
         if self.memory.os_reserved_mib >= self.memory.dram_mib {
             return Err(ConfigError::invalid(
@@ -143,10 +147,18 @@ impl BoardProfile {
             ));
         }
         if self.gpu.sm == 0 {
-            return Err(ConfigError::invalid(path, "gpu.sm", "must be greater than zero"));
+            return Err(ConfigError::invalid(
+                path,
+                "gpu.sm",
+                "must be greater than zero",
+            ));
         }
         if self.cpu.cores == 0 {
-            return Err(ConfigError::invalid(path, "cpu.cores", "must be greater than zero"));
+            return Err(ConfigError::invalid(
+                path,
+                "cpu.cores",
+                "must be greater than zero",
+            ));
         }
         Ok(())
     }
@@ -158,7 +170,10 @@ impl BoardProfile {
 
     /// Memory an application may plan to use: DRAM minus the OS/desktop reservation.
     pub fn usable_bytes(&self) -> u64 {
-        self.memory.dram_mib.saturating_sub(self.memory.os_reserved_mib) * MIB
+        self.memory
+            .dram_mib
+            .saturating_sub(self.memory.os_reserved_mib)
+            * MIB
     }
 
     /// Peak DRAM bandwidth in bytes per second.

@@ -9,19 +9,58 @@ use std::path::{Path, PathBuf};
 
 /// The board profiles shipped in `boards/`, as `(name, yaml)`; the name is the file stem.
 pub const BUNDLED: &[(&str, &str)] = &[
-    ("agx-orin-32gb", include_str!("../../../boards/agx-orin-32gb.yaml")),
-    ("agx-orin-64gb", include_str!("../../../boards/agx-orin-64gb.yaml")),
-    ("agx-xavier-32gb", include_str!("../../../boards/agx-xavier-32gb.yaml")),
-    ("agx-xavier-64gb", include_str!("../../../boards/agx-xavier-64gb.yaml")),
-    ("orin-nano-4gb", include_str!("../../../boards/orin-nano-4gb.yaml")),
-    ("orin-nano-4gb-super", include_str!("../../../boards/orin-nano-4gb-super.yaml")),
-    ("orin-nano-8gb", include_str!("../../../boards/orin-nano-8gb.yaml")),
-    ("orin-nano-8gb-super", include_str!("../../../boards/orin-nano-8gb-super.yaml")),
-    ("orin-nx-8gb", include_str!("../../../boards/orin-nx-8gb.yaml")),
-    ("orin-nx-16gb", include_str!("../../../boards/orin-nx-16gb.yaml")),
-    ("thor-t5000", include_str!("../../../boards/thor-t5000.yaml")),
-    ("xavier-nx-8gb", include_str!("../../../boards/xavier-nx-8gb.yaml")),
-    ("xavier-nx-16gb", include_str!("../../../boards/xavier-nx-16gb.yaml")),
+    (
+        "agx-orin-32gb",
+        include_str!("../../../boards/agx-orin-32gb.yaml"),
+    ),
+    (
+        "agx-orin-64gb",
+        include_str!("../../../boards/agx-orin-64gb.yaml"),
+    ),
+    (
+        "agx-xavier-32gb",
+        include_str!("../../../boards/agx-xavier-32gb.yaml"),
+    ),
+    (
+        "agx-xavier-64gb",
+        include_str!("../../../boards/agx-xavier-64gb.yaml"),
+    ),
+    (
+        "orin-nano-4gb",
+        include_str!("../../../boards/orin-nano-4gb.yaml"),
+    ),
+    (
+        "orin-nano-4gb-super",
+        include_str!("../../../boards/orin-nano-4gb-super.yaml"),
+    ),
+    (
+        "orin-nano-8gb",
+        include_str!("../../../boards/orin-nano-8gb.yaml"),
+    ),
+    (
+        "orin-nano-8gb-super",
+        include_str!("../../../boards/orin-nano-8gb-super.yaml"),
+    ),
+    (
+        "orin-nx-8gb",
+        include_str!("../../../boards/orin-nx-8gb.yaml"),
+    ),
+    (
+        "orin-nx-16gb",
+        include_str!("../../../boards/orin-nx-16gb.yaml"),
+    ),
+    (
+        "thor-t5000",
+        include_str!("../../../boards/thor-t5000.yaml"),
+    ),
+    (
+        "xavier-nx-8gb",
+        include_str!("../../../boards/xavier-nx-8gb.yaml"),
+    ),
+    (
+        "xavier-nx-16gb",
+        include_str!("../../../boards/xavier-nx-16gb.yaml"),
+    ),
 ];
 
 #[derive(Clone, Debug)]
@@ -73,7 +112,8 @@ impl BoardRegistry {
                 continue;
             }
             if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
-                self.boards.insert(stem.to_string(), Source::File(path.clone()));
+                self.boards
+                    .insert(stem.to_string(), Source::File(path.clone()));
             }
         }
         Ok(self)
@@ -87,10 +127,13 @@ impl BoardRegistry {
     /// Loads the profile registered under `name`. The profile's `name` field must equal the
     /// registered name (the file stem), so a copied file cannot masquerade as another board.
     pub fn get(&self, name: &str) -> Result<BoardProfile, BoardError> {
-        let source = self.boards.get(name).ok_or_else(|| BoardError::UnknownBoard {
-            name: name.to_string(),
-            known: self.names(),
-        })?;
+        let source = self
+            .boards
+            .get(name)
+            .ok_or_else(|| BoardError::UnknownBoard {
+                name: name.to_string(),
+                known: self.names(),
+            })?;
         let (profile, origin) = match source {
             Source::Bundled(text) => {
                 let origin = PathBuf::from(format!("boards/{name}.yaml"));
