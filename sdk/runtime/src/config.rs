@@ -1,0 +1,142 @@
+//! [`RuntimeConfig`]: how a package is run (KV policy, generation, streaming window, ONNX
+//! Runtime). Loadable from YAML; every field has a default.
+//!
+//! ```yaml
+//! kv_policy: mixed            # overrides the package's kv.policy; `f32` = exact reference cache
+//! max_new_tokens: 128
+//! sampling: {temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0}
+//! window_frames: 4            # StreamSession: frames kept in the cache
+//! capacity_tokens: 4096       # KV cache budget (default: what the context needs)
+//! vision:
+//!   ort_library: /usr/lib/aarch64-linux-gnu/libonnxruntime.so
+//!   execution_providers: [tensorrt, cuda, cpu]
+//!   require: false
+//! ```
+
+use crate::RuntimeError;
+use jetvlm_decoder::SamplerConfig;
+use jetvlm_vision::OrtConfig;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Sampling settings; temperature 0 is greedy (the default).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl Sampling {
+    pub fn to_sampler(&self) -> SamplerConfig {
+        SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// KV policy (`fp16`, `mixed`, `int4-all`, `mixed:bits=4,group=64,...`, or `f32` for the
+    /// exact reference cache); `None` uses the package's `kv.policy`.
+    pub kv_policy: Option<String>,
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Frames a [`StreamSession`](crate::StreamSession) keeps cached (oldest evicted first).
+    pub window_frames: usize,
+    /// KV cache budget in tokens; `None` sizes it for the context (frames, prompt, answer).
+    pub capacity_tokens: Option<usize>,
+    /// ONNX Runtime library and execution providers for the vision encoder.
+    pub vision: OrtConfig,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            kv_policy: None,
+            max_new_tokens: 128,
+            sampling: Sampling::default(),
+            window_frames: 4,
+            capacity_tokens: None,
+            vision: OrtConfig::default(),
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// Reads a YAML runtime config (errors name the file, line and field).
+    pub fn from_yaml(path: &Path) -> Result<Self, RuntimeError> {
+        let cfg: RuntimeConfig = jetvlm_core::config::load_yaml(path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), RuntimeError> {
+        let bad = |field: &str, msg: &str| {
+            Err(RuntimeError::Config(jetvlm_core::ConfigError::invalid(path, field, msg)))
+        };
+        if self.window_frames == 0 {
+            return bad("window_frames", "must be at least 1");
+        }
+        if self.max_new_tokens == 0 {
+            return bad("max_new_tokens", "must be at least 1");
+        }
+        if !(self.sampling.top_p > 0.0 && self.sampling.top_p <= 1.0) {
+            return bad("sampling.top_p", "must lie in (0, 1]");
+        }
+        if self.capacity_tokens == Some(0) {
+            return bad("capacity_tokens", "must be positive");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jetvlm_vision::ExecutionProvider;
+
+    #[test]
+    fn yaml_round_trip_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rt.yaml");
+        std::fs::write(
+            &p,
+            "kv_policy: fp16\nmax_new_tokens: 5\nwindow_frames: 2\nvision:\n  execution_providers: [tensorrt, cpu]\n  require: true\n",
+        )
+        .unwrap();
+        let cfg = RuntimeConfig::from_yaml(&p).unwrap();
+        assert_eq!(cfg.kv_policy.as_deref(), Some("fp16"));
+        assert_eq!(cfg.max_new_tokens, 5);
+        assert_eq!(cfg.vision.execution_providers, vec![ExecutionProvider::TensorRt, ExecutionProvider::Cpu]);
+        assert!(cfg.vision.require);
+        assert_eq!(cfg.sampling, Sampling::default());
+
+        std::fs::write(&p, "window_frames: 0\n").unwrap();
+        let err = RuntimeConfig::from_yaml(&p).unwrap_err().to_string();
+        assert!(err.contains("window_frames") && err.contains("rt.yaml"), "{err}");
+        std::fs::write(&p, "vision:\n  execution_providers: [tpu]\n").unwrap();
+        let err = RuntimeConfig::from_yaml(&p).unwrap_err().to_string();
+        assert!(err.contains("rt.yaml"), "{err}");
+    }
+}

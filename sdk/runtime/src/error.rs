@@ -1,0 +1,42 @@
+//! The one error type of the runtime.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// Package validation, preprocessing or the vision encoder.
+    #[error(transparent)]
+    Vision(#[from] jetvlm_vision::VisionError),
+
+    /// Loading or running the decoder, or its tokenizer.
+    #[error("decoder: {0}")]
+    Decoder(#[from] jetvlm_decoder::DecoderError),
+
+    /// The KV cache (capacity, eviction, policy).
+    #[error("KV cache: {0}")]
+    Kv(#[from] jetvlm_kvcache::KvError),
+
+    /// The runtime configuration file.
+    #[error(transparent)]
+    Config(#[from] jetvlm_core::ConfigError),
+
+    /// The prompt could not be built (template, tokenizer, special tokens).
+    #[error("prompt ({}): {message}", manifest.display())]
+    Prompt { manifest: PathBuf, message: String },
+
+    /// A frame that cannot be used (size, format).
+    #[error("frame {index}: {message}")]
+    Frame { index: u64, message: String },
+
+    /// An operation the chosen KV cache cannot do.
+    #[error("{op}: {message}")]
+    Unsupported { op: &'static str, message: String },
+
+    /// The context does not fit in the cache or the model's positions.
+    #[error("context of {needed} tokens exceeds {limit} ({what})")]
+    ContextTooLong {
+        needed: usize,
+        limit: usize,
+        what: &'static str,
+    },
+}

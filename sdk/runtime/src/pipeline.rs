@@ -1,0 +1,451 @@
+//! [`Pipeline`]: a loaded model package (vision encoder, decoder, tokenizer, KV cache) and
+//! one-shot questions over frames, streamed token by token with final [`Stats`].
+
+use crate::cache::{KvBackend, KvChoice, KvStats};
+use crate::prompt::{Part, PromptTemplate};
+use crate::{RuntimeConfig, RuntimeError};
+use jetvlm_camera::Frame;
+use jetvlm_core::FrameId;
+use jetvlm_decoder::{
+    FinishReason, GenerateOptions, Generation, Input, LoadOptions, Model, Tokenizer,
+};
+use jetvlm_vision::package::Issue;
+use jetvlm_vision::{Embeddings, ImageView, ModelPackage, OrtEncoder, VisionEncoder};
+use serde::Serialize;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Timings and sizes of one answer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Stats {
+    /// Tokens in the prompt (text and frame tokens).
+    pub prompt_tokens: usize,
+    /// Frames encoded for this answer.
+    pub frames: usize,
+    /// Preprocessing + vision encoder time for those frames.
+    pub encoder_ms: f64,
+    /// Decoder prefill over the prompt.
+    pub prefill_ms: f64,
+    /// From the call to the first generated token.
+    pub ttft_ms: f64,
+    /// Mean time per generated token after the first.
+    pub tpot_ms: f64,
+    /// Generated tokens.
+    pub tokens: usize,
+    pub kv: KvStats,
+    pub kv_policy: String,
+    /// The ONNX Runtime execution provider that ran the encoder.
+    pub execution_provider: String,
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// A finished answer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Answer {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    #[serde(flatten)]
+    pub stats: Stats,
+}
+
+/// One streamed token and the text it completes (may be empty).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Token {
+    pub id: u32,
+    pub text: String,
+}
+
+/// A prompt ready for the decoder: text ids and frame embeddings in order.
+#[derive(Clone, Debug)]
+pub(crate) enum Span {
+    Text(Vec<u32>),
+    Frame(usize),
+}
+
+/// A loaded model package.
+pub struct Pipeline {
+    pub(crate) package: ModelPackage,
+    pub(crate) encoder: OrtEncoder,
+    pub(crate) model: Model,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) template: PromptTemplate,
+    pub(crate) kv: KvChoice,
+    pub(crate) cache: KvBackend,
+    pub(crate) capacity: usize,
+    pub(crate) cfg: RuntimeConfig,
+    pub(crate) bos: Option<u32>,
+    pub(crate) stop_tokens: Vec<u32>,
+    pub(crate) next_frame: FrameId,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("package", &self.package.dir)
+            .field("kv", &self.kv.name())
+            .finish()
+    }
+}
+
+impl Pipeline {
+    /// Validates the package (all problems at once), then loads the decoder, the tokenizer
+    /// and the vision encoder, and sizes the KV cache.
+    pub fn load(dir: &Path, cfg: RuntimeConfig) -> Result<Self, RuntimeError> {
+        let kv_override = cfg.kv_policy.clone();
+        let package = ModelPackage::load_with(dir, |m, issues| {
+            let (field, name) = match &kv_override {
+                Some(p) => ("kv_policy (runtime config)", p.as_str()),
+                None => ("kv.policy", m.kv.policy.as_str()),
+            };
+            if let Err(e) = KvChoice::parse(name) {
+                issues.push(Issue::new(field, e.to_string()));
+            }
+        })?;
+        let kv = KvChoice::parse(kv_override.as_deref().unwrap_or(&package.manifest.kv.policy))?;
+        let model = Model::load(&package.decoder_dir, &LoadOptions::default())?;
+        let tokenizer = Tokenizer::from_dir(&package.decoder_dir)?;
+        let encoder = OrtEncoder::from_package(&package, &cfg.vision)?;
+        let prompt_err = |message: String| RuntimeError::Prompt {
+            manifest: package.manifest_path.clone(),
+            message,
+        };
+        if encoder.hidden_size() != model.hidden_size() {
+            return Err(prompt_err(format!(
+                "encoder width {} differs from the decoder hidden size {}",
+                encoder.hidden_size(),
+                model.hidden_size()
+            )));
+        }
+        let bos = if package.manifest.prompt.add_bos {
+            let id = tokenizer
+                .bos_token()
+                .and_then(|t| tokenizer.token_to_id(t))
+                .or(package.decoder_config.bos_token_id);
+            Some(id.ok_or_else(|| {
+                prompt_err("add_bos is set but neither the tokenizer nor config.json names a BOS token".into())
+            })?)
+        } else {
+            None
+        };
+        let mut stop_tokens: Vec<u32> = tokenizer.stop_token_ids().to_vec();
+        stop_tokens.extend(&package.decoder_config.eos_token_ids);
+        stop_tokens.sort_unstable();
+        stop_tokens.dedup();
+        let template = PromptTemplate::new(&package.manifest.prompt);
+        let capacity = cfg.capacity_tokens.unwrap_or_else(|| {
+            cfg.window_frames * package.tokens_per_frame() + 512 + cfg.max_new_tokens
+        });
+        let cache = KvBackend::new(&kv, model.cache_shape(), capacity)?;
+        tracing::info!(
+            package = %package.dir.display(),
+            kv = %kv.name(),
+            capacity,
+            provider = %encoder.execution_provider(),
+            "pipeline loaded"
+        );
+        Ok(Pipeline {
+            package,
+            encoder,
+            model,
+            tokenizer,
+            template,
+            kv,
+            cache,
+            capacity,
+            cfg,
+            bos,
+            stop_tokens,
+            next_frame: 0,
+        })
+    }
+
+    pub fn package(&self) -> &ModelPackage {
+        &self.package
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.cfg
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn kv_policy(&self) -> String {
+        self.kv.name()
+    }
+
+    /// The execution provider running the vision encoder.
+    pub fn execution_provider(&self) -> String {
+        self.encoder.execution_provider().to_string()
+    }
+
+    pub fn kv_memory(&self) -> KvStats {
+        self.cache.memory()
+    }
+
+    /// Encodes frames (one batch when the encoder allows) and returns their embeddings and
+    /// the time spent.
+    pub fn encode_frames(&mut self, frames: &[Frame]) -> Result<(Vec<Embeddings>, f64), RuntimeError> {
+        let t0 = Instant::now();
+        let mut views = Vec::with_capacity(frames.len());
+        for f in frames {
+            views.push(ImageView::new(f.width, f.height, &f.rgb).map_err(|e| RuntimeError::Frame {
+                index: f.index,
+                message: e.to_string(),
+            })?);
+        }
+        let out = self.encoder.encode_batch(&views)?;
+        Ok((out, t0.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// Tokenizes text (no special tokens added).
+    pub(crate) fn encode_text(&self, text: &str) -> Result<Vec<u32>, RuntimeError> {
+        Ok(self.tokenizer.encode(text, false)?)
+    }
+
+    /// The prompt for `n_frames` frames and a question, as spans.
+    pub(crate) fn prompt_spans(&self, n_frames: usize, question: &str) -> Result<Vec<Span>, RuntimeError> {
+        let mut spans = Vec::new();
+        let mut pending: Vec<u32> = self.bos.into_iter().collect();
+        for part in self.template.layout(n_frames, question) {
+            match part {
+                Part::Text(t) => pending.extend(self.encode_text(&t)?),
+                Part::Frame(i) => {
+                    if !pending.is_empty() {
+                        spans.push(Span::Text(std::mem::take(&mut pending)));
+                    }
+                    spans.push(Span::Frame(i));
+                }
+            }
+        }
+        if !pending.is_empty() {
+            spans.push(Span::Text(pending));
+        }
+        Ok(spans)
+    }
+
+    /// The prompt's token ids, with `placeholder` at each frame token (what a reference
+    /// implementation that substitutes image features at a placeholder token is fed).
+    pub fn prompt_ids(&self, n_frames: usize, question: &str, placeholder: u32) -> Result<Vec<u32>, RuntimeError> {
+        let tpf = self.package.tokens_per_frame();
+        Ok(self
+            .prompt_spans(n_frames, question)?
+            .into_iter()
+            .flat_map(|s| match s {
+                Span::Text(ids) => ids,
+                Span::Frame(_) => vec![placeholder; tpf],
+            })
+            .collect())
+    }
+
+    fn ensure_capacity(&mut self, needed: usize) -> Result<(), RuntimeError> {
+        if needed <= self.capacity {
+            return Ok(());
+        }
+        if let Some(limit) = self.cfg.capacity_tokens {
+            return Err(RuntimeError::ContextTooLong {
+                needed,
+                limit,
+                what: "capacity_tokens of the runtime config",
+            });
+        }
+        self.capacity = needed.next_multiple_of(256);
+        self.cache = KvBackend::new(&self.kv, self.model.cache_shape(), self.capacity)?;
+        Ok(())
+    }
+
+    /// Clears the cache and lays out frames + question; returns the spans' inputs data.
+    fn prepare(
+        &mut self,
+        frames: &[Frame],
+        question: &str,
+    ) -> Result<(Vec<Span>, Vec<Embeddings>, Vec<FrameId>, f64, usize), RuntimeError> {
+        let (embeds, encoder_ms) = self.encode_frames(frames)?;
+        let spans = self.prompt_spans(frames.len(), question)?;
+        let tpf = self.package.tokens_per_frame();
+        let prompt_tokens: usize = spans
+            .iter()
+            .map(|s| match s {
+                Span::Text(ids) => ids.len(),
+                Span::Frame(_) => tpf,
+            })
+            .sum();
+        let max_pos = self.package.decoder_config.max_position_embeddings;
+        if prompt_tokens + self.cfg.max_new_tokens > max_pos {
+            tracing::warn!(
+                prompt_tokens,
+                max_new_tokens = self.cfg.max_new_tokens,
+                max_position_embeddings = max_pos,
+                "context exceeds the model's trained positions"
+            );
+        }
+        self.ensure_capacity(prompt_tokens + self.cfg.max_new_tokens)?;
+        self.cache.clear();
+        let ids: Vec<FrameId> = (0..frames.len() as u64).map(|i| self.next_frame + i).collect();
+        self.next_frame += frames.len() as u64;
+        Ok((spans, embeds, ids, encoder_ms, prompt_tokens))
+    }
+
+    /// The decoder's logits for the token after the prompt (frames + question), on a fresh
+    /// cache. For checking against reference implementations.
+    pub fn first_token_logits(&mut self, frames: &[Frame], question: &str) -> Result<Vec<f32>, RuntimeError> {
+        let (spans, embeds, ids, _, _) = self.prepare(frames, question)?;
+        let inputs = inputs(&spans, &embeds, &ids);
+        let logits = self.model.forward(&inputs, &mut self.cache)?;
+        Ok(logits.last().to_vec())
+    }
+
+    /// Asks a question about frames (oldest first) on a fresh cache and streams the answer.
+    pub fn ask(&mut self, frames: &[Frame], question: &str) -> Result<TokenStream<'_>, RuntimeError> {
+        let started = Instant::now();
+        let (spans, embeds, ids, encoder_ms, prompt_tokens) = self.prepare(frames, question)?;
+        let text_ids: Vec<u32> = spans
+            .iter()
+            .flat_map(|s| match s {
+                Span::Text(ids) => ids.clone(),
+                Span::Frame(_) => Vec::new(),
+            })
+            .collect();
+        let inputs = inputs(&spans, &embeds, &ids);
+        let stats = Stats {
+            prompt_tokens,
+            frames: frames.len(),
+            encoder_ms,
+            kv_policy: self.kv.name(),
+            execution_provider: self.encoder.execution_provider().to_string(),
+            ..Stats::default()
+        };
+        let opts = self.generate_options();
+        let tap = self.cache.tap();
+        let t_prefill = Instant::now();
+        let generation = Generation::start(
+            &self.model,
+            &mut self.cache,
+            &inputs,
+            &text_ids,
+            Some(&self.tokenizer),
+            opts,
+        )?;
+        let prefill_ms = t_prefill.elapsed().as_secs_f64() * 1e3;
+        Ok(TokenStream::new(generation, tap, started, Stats { prefill_ms, ..stats }))
+    }
+
+    pub(crate) fn generate_options(&self) -> GenerateOptions {
+        GenerateOptions {
+            max_tokens: self.cfg.max_new_tokens,
+            sampler: self.cfg.sampling.to_sampler(),
+            stop_tokens: self.stop_tokens.clone(),
+            stop_strings: self.package.manifest.prompt.stop.clone(),
+            skip_special: true,
+        }
+    }
+}
+
+/// Decoder inputs for spans (frames borrow their embeddings).
+pub(crate) fn inputs<'a>(spans: &'a [Span], embeds: &'a [Embeddings], ids: &[FrameId]) -> Vec<Input<'a>> {
+    spans
+        .iter()
+        .map(|s| match s {
+            Span::Text(t) => Input::text(t),
+            Span::Frame(i) => Input::frame(&embeds[*i].data, embeds[*i].tokens, ids[*i]),
+        })
+        .collect()
+}
+
+/// A streaming answer: iterate for [`Token`]s, then [`finish`](TokenStream::finish) for the
+/// full [`Answer`] with its [`Stats`].
+pub struct TokenStream<'a> {
+    generation: Generation<'a, KvBackend>,
+    tap: Arc<Mutex<KvStats>>,
+    started: Instant,
+    first_at: Option<Instant>,
+    last_at: Option<Instant>,
+    stats: Stats,
+    ids: Vec<u32>,
+    text: String,
+}
+
+impl<'a> TokenStream<'a> {
+    fn new(generation: Generation<'a, KvBackend>, tap: Arc<Mutex<KvStats>>, started: Instant, stats: Stats) -> Self {
+        TokenStream {
+            generation,
+            tap,
+            started,
+            first_at: None,
+            last_at: None,
+            stats,
+            ids: Vec::new(),
+            text: String::new(),
+        }
+    }
+
+    pub(crate) fn from_parts(
+        generation: Generation<'a, KvBackend>,
+        tap: Arc<Mutex<KvStats>>,
+        started: Instant,
+        stats: Stats,
+    ) -> Self {
+        Self::new(generation, tap, started, stats)
+    }
+
+    /// Stats so far (complete once the stream is exhausted).
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.tokens = self.ids.len();
+        if let Some(first) = self.first_at {
+            s.ttft_ms = (first - self.started).as_secs_f64() * 1e3;
+            if let Some(last) = self.last_at
+                && self.ids.len() > 1
+            {
+                s.tpot_ms = (last - first).as_secs_f64() * 1e3 / (self.ids.len() - 1) as f64;
+            }
+        }
+        if let Ok(kv) = self.tap.lock() {
+            s.kv = *kv;
+        }
+        s.finish_reason = self.generation.finish_reason();
+        s
+    }
+
+    /// Runs the stream to its end and returns the answer.
+    pub fn finish(mut self) -> Result<Answer, RuntimeError> {
+        for t in self.by_ref() {
+            t?;
+        }
+        Ok(Answer {
+            text: self.text.clone(),
+            token_ids: self.ids.clone(),
+            stats: self.stats(),
+        })
+    }
+}
+
+impl Iterator for TokenStream<'_> {
+    type Item = Result<Token, RuntimeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let step = self.generation.next()?;
+        let now = Instant::now();
+        if self.first_at.is_none() {
+            self.first_at = Some(now);
+        }
+        self.last_at = Some(now);
+        Some(match step {
+            Ok(s) => {
+                self.ids.push(s.token);
+                self.text.push_str(&s.text);
+                Ok(Token {
+                    id: s.token,
+                    text: s.text,
+                })
+            }
+            Err(e) => Err(e.into()),
+        })
+    }
+}

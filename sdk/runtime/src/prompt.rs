@@ -1,0 +1,176 @@
+//! The manifest's prompt template turned into an ordered list of text and frame parts.
+//!
+//! `{frames}` expands, for each frame i (oldest first, 1-based), to `frame_prefix` (with
+//! `{i}` = i), the frame's embeddings, then `frame_suffix`; `{question}` is the question.
+//! Adjacent text is merged, so each text part is tokenized as one string.
+
+use jetvlm_vision::package::PromptSection;
+
+/// One part of a prompt, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Part {
+    Text(String),
+    /// The frame at this index of the frames given.
+    Frame(usize),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Frames,
+    Question,
+}
+
+/// A parsed prompt template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PromptTemplate {
+    pieces: Vec<Piece>,
+    frame_prefix: String,
+    frame_suffix: String,
+    /// Text placed before the template in a streaming session (system prompt).
+    system: Option<String>,
+}
+
+impl PromptTemplate {
+    pub fn new(p: &PromptSection) -> Self {
+        let mut pieces = Vec::new();
+        let mut rest = p.template.as_str();
+        while !rest.is_empty() {
+            let next = [("{frames}", Piece::Frames), ("{question}", Piece::Question)]
+                .into_iter()
+                .filter_map(|(pat, piece)| rest.find(pat).map(|i| (i, pat.len(), piece)))
+                .min_by_key(|(i, _, _)| *i);
+            match next {
+                Some((i, len, piece)) => {
+                    if i > 0 {
+                        pieces.push(Piece::Text(rest[..i].to_string()));
+                    }
+                    pieces.push(piece);
+                    rest = &rest[i + len..];
+                }
+                None => {
+                    pieces.push(Piece::Text(rest.to_string()));
+                    rest = "";
+                }
+            }
+        }
+        PromptTemplate {
+            pieces,
+            frame_prefix: p.frame_prefix.clone(),
+            frame_suffix: p.frame_suffix.clone(),
+            system: p.system.clone(),
+        }
+    }
+
+    /// The whole prompt for `n_frames` frames and a question.
+    pub fn layout(&self, n_frames: usize, question: &str) -> Vec<Part> {
+        let mut parts = Vec::new();
+        for piece in &self.pieces {
+            match piece {
+                Piece::Text(t) => push_text(&mut parts, t),
+                Piece::Question => push_text(&mut parts, question),
+                Piece::Frames => {
+                    for i in 0..n_frames {
+                        push_text(&mut parts, &self.frame_prefix.replace("{i}", &(i + 1).to_string()));
+                        parts.push(Part::Frame(i));
+                        push_text(&mut parts, &self.frame_suffix.replace("{i}", &(i + 1).to_string()));
+                    }
+                }
+            }
+        }
+        parts
+    }
+
+    /// For a streaming session: the text kept before the frames (system prompt and the
+    /// template up to `{frames}`) and the text after them with the question. `None` when the
+    /// template puts the question before the frames (a rolling window cannot keep it).
+    pub fn session_split(&self, question: &str) -> Option<(String, String)> {
+        let at = self.pieces.iter().position(|p| *p == Piece::Frames)?;
+        if self.pieces[..at].contains(&Piece::Question) {
+            return None;
+        }
+        let mut before = self.system.clone().unwrap_or_default();
+        for p in &self.pieces[..at] {
+            if let Piece::Text(t) = p {
+                before.push_str(t);
+            }
+        }
+        let mut after = String::new();
+        for p in &self.pieces[at + 1..] {
+            match p {
+                Piece::Text(t) => after.push_str(t),
+                Piece::Question => after.push_str(question),
+                Piece::Frames => return None,
+            }
+        }
+        Some((before, after))
+    }
+
+    pub fn system(&self) -> Option<&str> {
+        self.system.as_deref()
+    }
+}
+
+fn push_text(parts: &mut Vec<Part>, text: &str) {
+    if text.is_empty() {
+        return;
+    }
+    if let Some(Part::Text(last)) = parts.last_mut() {
+        last.push_str(text);
+    } else {
+        parts.push(Part::Text(text.to_string()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(template: &str, prefix: &str) -> PromptSection {
+        PromptSection {
+            template: template.into(),
+            frame_prefix: prefix.into(),
+            frame_suffix: String::new(),
+            add_bos: true,
+            stop: vec![],
+            default_question: None,
+            image_token: None,
+            system: Some("SYS ".into()),
+        }
+    }
+
+    #[test]
+    fn frames_and_question_expand_in_order() {
+        let t = PromptTemplate::new(&section("<frames>{frames}</frames><q>{question}</q><a>", "<f{i}>"));
+        assert_eq!(
+            t.layout(2, "how many?"),
+            vec![
+                Part::Text("<frames><f1>".into()),
+                Part::Frame(0),
+                Part::Text("<f2>".into()),
+                Part::Frame(1),
+                Part::Text("</frames><q>how many?</q><a>".into()),
+            ]
+        );
+        assert_eq!(
+            t.session_split("why?"),
+            Some(("SYS <frames>".to_string(), "</frames><q>why?</q><a>".to_string()))
+        );
+    }
+
+    #[test]
+    fn llava_style_and_question_first() {
+        let t = PromptTemplate::new(&section("USER: {frames}\n{question} ASSISTANT:", ""));
+        assert_eq!(
+            t.layout(1, "what?"),
+            vec![
+                Part::Text("USER: ".into()),
+                Part::Frame(0),
+                Part::Text("\nwhat? ASSISTANT:".into())
+            ]
+        );
+        let q_first = PromptTemplate::new(&section("{question} {frames}", ""));
+        assert_eq!(q_first.session_split("x"), None);
+        assert_eq!(q_first.layout(0, "x"), vec![Part::Text("x ".into())]);
+    }
+}

@@ -1,0 +1,200 @@
+//! [`StreamSession`]: a camera-driven context. The system prompt (and the template text
+//! before `{frames}`) stays cached; frames are appended as they arrive and the oldest frame's
+//! blocks are evicted once the window is full, so memory stays bounded however long the
+//! camera runs. Questions are asked against the cached frames without re-encoding them; each
+//! question and its answer are rolled back before the next frame or question.
+//!
+//! Frames in a session carry no per-frame prefix text (`frame_prefix`/`frame_suffix`), so an
+//! evicted frame leaves nothing behind in the cache.
+
+use crate::pipeline::{Pipeline, Stats, TokenStream};
+use crate::RuntimeError;
+use jetvlm_camera::Frame;
+use jetvlm_core::FrameId;
+use jetvlm_decoder::{Generation, Input, KvStore, LogitsMode};
+use jetvlm_vision::ImageView;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// A frame held in the session's window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CachedFrame {
+    pub id: FrameId,
+    /// The frame's index in its stream.
+    pub index: u64,
+    pub timestamp: Duration,
+}
+
+/// A rolling window of frames in the KV cache; see the module docs.
+pub struct StreamSession<'p> {
+    pipe: &'p mut Pipeline,
+    window: VecDeque<CachedFrame>,
+    /// Cache length before the last question (rolled back to before the next step).
+    question_mark: Option<usize>,
+    prefix_tokens: usize,
+    /// Encoder time of the frames currently cached, by id.
+    encoder_ms: VecDeque<f64>,
+}
+
+impl std::fmt::Debug for StreamSession<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSession").field("window", &self.window).finish()
+    }
+}
+
+impl Pipeline {
+    /// Starts a streaming session on a fresh cache: BOS, the system prompt and the template
+    /// text before `{frames}` are prefilled once and kept.
+    pub fn session(&mut self) -> Result<StreamSession<'_>, RuntimeError> {
+        if !self.cache.supports_eviction() {
+            return Err(RuntimeError::Unsupported {
+                op: "starting a streaming session",
+                message: "the f32 reference cache cannot evict frames; choose a KV policy (fp16, mixed, ...)"
+                    .into(),
+            });
+        }
+        let (before, _) = self.template.session_split("").ok_or_else(|| RuntimeError::Prompt {
+            manifest: self.package.manifest_path.clone(),
+            message: "a streaming session needs `{frames}` before `{question}` in prompt.template".into(),
+        })?;
+        let mut ids: Vec<u32> = self.bos.into_iter().collect();
+        ids.extend(self.encode_text(&before)?);
+        let tpf = self.package.tokens_per_frame();
+        let needed = ids.len() + self.cfg.window_frames * tpf + 256 + self.cfg.max_new_tokens;
+        if needed > self.capacity {
+            if let Some(limit) = self.cfg.capacity_tokens {
+                return Err(RuntimeError::ContextTooLong {
+                    needed,
+                    limit,
+                    what: "capacity_tokens for window_frames frames plus prompt and answer",
+                });
+            }
+            self.capacity = needed.next_multiple_of(256);
+            self.cache = crate::cache::KvBackend::new(&self.kv, self.model.cache_shape(), self.capacity)?;
+        }
+        self.cache.clear();
+        if !ids.is_empty() {
+            self.model
+                .forward_with(&[Input::text(&ids)], &mut self.cache, LogitsMode::Last)?;
+        }
+        let prefix_tokens = ids.len();
+        Ok(StreamSession {
+            pipe: self,
+            window: VecDeque::new(),
+            question_mark: None,
+            prefix_tokens,
+            encoder_ms: VecDeque::new(),
+        })
+    }
+}
+
+impl StreamSession<'_> {
+    /// Drops the last question and answer from the cache.
+    fn roll_back(&mut self) -> Result<(), RuntimeError> {
+        if let Some(mark) = self.question_mark.take() {
+            let extra = self.pipe.cache.len().saturating_sub(mark);
+            if extra > 0 {
+                self.pipe.cache.truncate_last(extra)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes a frame and appends it to the window, evicting the oldest frame when the
+    /// window is full. Returns the frame's cache id.
+    pub fn push_frame(&mut self, frame: &Frame) -> Result<FrameId, RuntimeError> {
+        self.roll_back()?;
+        let view = ImageView::new(frame.width, frame.height, &frame.rgb).map_err(|e| RuntimeError::Frame {
+            index: frame.index,
+            message: e.to_string(),
+        })?;
+        let t0 = Instant::now();
+        let emb = jetvlm_vision::VisionEncoder::encode(&mut self.pipe.encoder, &view)?;
+        let enc_ms = t0.elapsed().as_secs_f64() * 1e3;
+        while self.window.len() >= self.pipe.cfg.window_frames {
+            if let Some(old) = self.window.pop_front() {
+                self.pipe.cache.evict_frame(old.id)?;
+                self.encoder_ms.pop_front();
+            }
+        }
+        let id = self.pipe.next_frame;
+        self.pipe.next_frame += 1;
+        self.pipe.model.forward_with(
+            &[Input::frame(&emb.data, emb.tokens, id)],
+            &mut self.pipe.cache,
+            LogitsMode::Last,
+        )?;
+        self.window.push_back(CachedFrame {
+            id,
+            index: frame.index,
+            timestamp: frame.timestamp,
+        });
+        self.encoder_ms.push_back(enc_ms);
+        Ok(id)
+    }
+
+    /// Frames in the cache, oldest first.
+    pub fn frames(&self) -> Vec<CachedFrame> {
+        self.window.iter().copied().collect()
+    }
+
+    /// Tokens of the kept prefix (BOS, system prompt, template text before the frames).
+    pub fn prefix_tokens(&self) -> usize {
+        self.prefix_tokens
+    }
+
+    /// Tokens cached now.
+    pub fn cached_tokens(&self) -> usize {
+        self.pipe.cache.len()
+    }
+
+    pub fn kv_memory(&self) -> crate::KvStats {
+        self.pipe.cache.memory()
+    }
+
+    /// Asks about the cached frames; the frames are not re-encoded. The question and answer
+    /// are removed from the cache before the next frame or question.
+    pub fn ask(&mut self, question: &str) -> Result<TokenStream<'_>, RuntimeError> {
+        self.roll_back()?;
+        let started = Instant::now();
+        let (_, after) = self
+            .pipe
+            .template
+            .session_split(question)
+            .ok_or_else(|| RuntimeError::Prompt {
+                manifest: self.pipe.package.manifest_path.clone(),
+                message: "a streaming session needs `{frames}` before `{question}` in prompt.template".into(),
+            })?;
+        let ids = self.pipe.encode_text(&after)?;
+        if ids.is_empty() {
+            return Err(RuntimeError::Prompt {
+                manifest: self.pipe.package.manifest_path.clone(),
+                message: "the question tokenizes to nothing".into(),
+            });
+        }
+        self.question_mark = Some(self.pipe.cache.len());
+        let stats = Stats {
+            prompt_tokens: self.pipe.cache.len() + ids.len(),
+            frames: self.window.len(),
+            // Frames were encoded as they arrived; report what the cached ones cost.
+            encoder_ms: self.encoder_ms.iter().sum(),
+            kv_policy: self.pipe.kv.name(),
+            execution_provider: self.pipe.encoder.execution_provider().to_string(),
+            ..Stats::default()
+        };
+        let opts = self.pipe.generate_options();
+        let tap = self.pipe.cache.tap();
+        let t_prefill = Instant::now();
+        let pipe = &mut *self.pipe;
+        let generation = Generation::start(
+            &pipe.model,
+            &mut pipe.cache,
+            &[Input::text(&ids)],
+            &ids,
+            Some(&pipe.tokenizer),
+            opts,
+        )?;
+        let prefill_ms = t_prefill.elapsed().as_secs_f64() * 1e3;
+        Ok(TokenStream::from_parts(generation, tap, started, Stats { prefill_ms, ..stats }))
+    }
+}
