@@ -34,6 +34,10 @@ pub fn nvrtc_available() -> bool {
     false
 }
 
+pub fn driver_available() -> bool {
+    false
+}
+
 pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
     Err(CudaError::NotCompiledWithCuda)
 }
@@ -41,4 +45,21 @@ pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
 /// Compiles every kernel source for each SM in `sms` with NVRTC (no GPU needed).
 pub fn compile_all(_sms: &[u32]) -> Result<Vec<CompiledKernel>, CudaError> {
     Err(CudaError::NotCompiledWithCuda)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_entry_point_says_cuda_is_not_compiled_in() {
+        let err = CudaDevice::open(0).unwrap_err();
+        assert!(matches!(err, CudaError::NotCompiledWithCuda) && err.is_unavailable());
+        assert!(err.to_string().contains("--features cuda"));
+        assert!(matches!(
+            compile_all(&[87]),
+            Err(CudaError::NotCompiledWithCuda)
+        ));
+        assert!(!nvrtc_available() && !driver_available());
+    }
 }

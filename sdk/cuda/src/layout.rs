@@ -49,7 +49,7 @@ impl KvLayout {
                 self.kv_heads, self.block_tokens
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 32 != 0 || self.head_dim > MAX_HEAD_DIM {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(32) || self.head_dim > MAX_HEAD_DIM {
             return bad(format!(
                 "head_dim {} must be a multiple of 32 and at most {MAX_HEAD_DIM}",
                 self.head_dim
@@ -58,7 +58,7 @@ impl KvLayout {
         if !matches!(self.bits, 2 | 4 | 8) {
             return bad(format!("bits {} must be 2, 4 or 8", self.bits));
         }
-        if !matches!(self.group, 32 | 64 | 128) || self.head_dim % self.group != 0 {
+        if !matches!(self.group, 32 | 64 | 128) || !self.head_dim.is_multiple_of(self.group) {
             return bad(format!(
                 "group {} must be 32, 64 or 128 and divide head_dim {}",
                 self.group, self.head_dim

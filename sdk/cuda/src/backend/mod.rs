@@ -1,8 +1,15 @@
 //! The cudarc backend (feature `cuda`).
 
+mod device;
+mod kv;
 mod nvrtc;
+mod ops;
+mod selftest;
 
+pub use device::{CudaDevice, driver_available};
+pub use kv::{DeviceKvPools, Splits};
 pub use nvrtc::{compile_cubin, nvrtc_available, nvrtc_version};
+pub use ops::DeviceWeights;
 
 use crate::error::CudaError;
 use crate::selftest::CompiledKernel;

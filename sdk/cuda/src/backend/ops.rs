@@ -1,0 +1,333 @@
+//! Launchers of the decoder kernels. Shapes are checked on the host before any launch; a
+//! mismatch is a [`CudaError::Shape`] naming the operation.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::{bf16, f16};
+
+use super::device::{CudaDevice, driver_err};
+use crate::error::CudaError;
+
+/// Weights on the device in their stored precision.
+#[derive(Debug)]
+pub enum DeviceWeights {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<f16>),
+    BF16(CudaSlice<bf16>),
+}
+
+impl DeviceWeights {
+    pub fn len(&self) -> usize {
+        match self {
+            DeviceWeights::F32(s) => s.len(),
+            DeviceWeights::F16(s) => s.len(),
+            DeviceWeights::BF16(s) => s.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn suffix(&self) -> &'static str {
+        match self {
+            DeviceWeights::F32(_) => "f32",
+            DeviceWeights::F16(_) => "f16",
+            DeviceWeights::BF16(_) => "bf16",
+        }
+    }
+}
+
+pub(crate) fn shape(op: &'static str, message: String) -> CudaError {
+    CudaError::Shape { op, message }
+}
+
+pub(crate) fn check_len(
+    op: &'static str,
+    what: &str,
+    have: usize,
+    need: usize,
+) -> Result<(), CudaError> {
+    if have < need {
+        return Err(shape(
+            op,
+            format!("{what} has {have} elements, needs {need}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Grid-stride launch over `n` items, 256 threads a block.
+pub(crate) fn linear(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65_535 * 16) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+pub(crate) fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32, CudaError> {
+    u32::try_from(v).map_err(|_| shape(op, format!("{what} = {v} exceeds u32")))
+}
+
+macro_rules! launch {
+    ($dev:expr, $file:expr, $func:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let f = $dev.function($file, $func)?;
+        let mut b = $dev.stream().launch_builder(&f);
+        $( b.arg($arg); )+
+        // SAFETY: argument types and counts follow the kernel's signature in kernels/$file,
+        // and every buffer was checked against the sizes the kernel indexes.
+        unsafe { b.launch($cfg) }.map_err(driver_err("cuLaunchKernel"))?;
+    }};
+}
+pub(crate) use launch;
+
+impl CudaDevice {
+    /// `x += y` (element-wise).
+    pub fn residual_add(
+        &self,
+        x: &mut CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "residual add";
+        check_len(OP, "x", x.len(), n)?;
+        check_len(OP, "y", y.len(), n)?;
+        let n32 = u32_of(OP, "n", n)?;
+        launch!(
+            self,
+            "elementwise.cu",
+            "residual_add_f32",
+            linear(n),
+            x,
+            y,
+            &n32
+        );
+        Ok(())
+    }
+
+    /// `out = silu(gate) * up`.
+    pub fn swiglu(
+        &self,
+        out: &mut CudaSlice<f32>,
+        gate: &CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "swiglu";
+        check_len(OP, "out", out.len(), n)?;
+        check_len(OP, "gate", gate.len(), n)?;
+        check_len(OP, "up", up.len(), n)?;
+        let n32 = u32_of(OP, "n", n)?;
+        launch!(
+            self,
+            "elementwise.cu",
+            "swiglu_f32",
+            linear(n),
+            out,
+            gate,
+            up,
+            &n32
+        );
+        Ok(())
+    }
+
+    /// `out[t] = table[ids[t]]` for a `[vocab][hidden]` table; ids outside the vocabulary are
+    /// an error naming the id.
+    pub fn embedding(
+        &self,
+        out: &mut CudaSlice<f32>,
+        table: &DeviceWeights,
+        ids: &[u32],
+        hidden: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "embedding gather";
+        if hidden == 0 || !table.len().is_multiple_of(hidden) {
+            return Err(shape(
+                OP,
+                format!(
+                    "table of {} elements is not rows of hidden {hidden}",
+                    table.len()
+                ),
+            ));
+        }
+        let vocab = table.len() / hidden;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(shape(
+                OP,
+                format!("token id {bad} outside the vocabulary of {vocab}"),
+            ));
+        }
+        check_len(OP, "out", out.len(), ids.len() * hidden)?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let d_ids = self.upload(ids)?;
+        let (n, h, v) = (
+            u32_of(OP, "ids", ids.len())?,
+            u32_of(OP, "hidden", hidden)?,
+            u32_of(OP, "vocab", vocab)?,
+        );
+        let cfg = linear(ids.len() * hidden);
+        let name = format!("embedding_gather_{}", table.suffix());
+        match table {
+            DeviceWeights::F32(t) => launch!(
+                self,
+                "elementwise.cu",
+                &name,
+                cfg,
+                out,
+                t,
+                &d_ids,
+                &n,
+                &h,
+                &v
+            ),
+            DeviceWeights::F16(t) => launch!(
+                self,
+                "elementwise.cu",
+                &name,
+                cfg,
+                out,
+                t,
+                &d_ids,
+                &n,
+                &h,
+                &v
+            ),
+            DeviceWeights::BF16(t) => launch!(
+                self,
+                "elementwise.cu",
+                &name,
+                cfg,
+                out,
+                t,
+                &d_ids,
+                &n,
+                &h,
+                &v
+            ),
+        }
+        Ok(())
+    }
+
+    /// RMSNorm of `rows` rows of `dim`: `out = x / sqrt(mean(x^2) + eps) * weight`.
+    pub fn rmsnorm(
+        &self,
+        out: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        weight: &DeviceWeights,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "rmsnorm";
+        check_len(OP, "x", x.len(), rows * dim)?;
+        check_len(OP, "out", out.len(), rows * dim)?;
+        check_len(OP, "weight", weight.len(), dim)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(OP, "rows", rows)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let d = u32_of(OP, "dim", dim)?;
+        let name = format!("rmsnorm_{}", weight.suffix());
+        match weight {
+            DeviceWeights::F32(w) => launch!(self, "rmsnorm.cu", &name, cfg, out, x, w, &d, &eps),
+            DeviceWeights::F16(w) => launch!(self, "rmsnorm.cu", &name, cfg, out, x, w, &d, &eps),
+            DeviceWeights::BF16(w) => launch!(self, "rmsnorm.cu", &name, cfg, out, x, w, &d, &eps),
+        }
+        Ok(())
+    }
+
+    /// Rotary embedding in place on `x[n_tokens][n_heads][head_dim]` (rotate-half layout),
+    /// `positions[n_tokens]`, `inv_freq[rotary_dim / 2]`.
+    pub fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        positions: &CudaSlice<u32>,
+        inv_freq: &CudaSlice<f32>,
+        n_tokens: usize,
+        n_heads: usize,
+        head_dim: usize,
+        rotary_dim: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "rope";
+        if rotary_dim > head_dim || !rotary_dim.is_multiple_of(2) {
+            return Err(shape(
+                OP,
+                format!("rotary_dim {rotary_dim} must be even and at most head_dim {head_dim}"),
+            ));
+        }
+        check_len(OP, "x", x.len(), n_tokens * n_heads * head_dim)?;
+        check_len(OP, "positions", positions.len(), n_tokens)?;
+        check_len(OP, "inv_freq", inv_freq.len(), rotary_dim / 2)?;
+        let (t, h, d, r) = (
+            u32_of(OP, "tokens", n_tokens)?,
+            u32_of(OP, "heads", n_heads)?,
+            u32_of(OP, "head_dim", head_dim)?,
+            u32_of(OP, "rotary_dim", rotary_dim)?,
+        );
+        launch!(
+            self,
+            "rope.cu",
+            "rope_f32",
+            linear(n_tokens * n_heads * rotary_dim / 2),
+            x,
+            positions,
+            inv_freq,
+            &t,
+            &h,
+            &d,
+            &r
+        );
+        Ok(())
+    }
+
+    /// `y[t][r] = sum_c w[r][c] * x[t][c]` for `n_tok` tokens, `w` row-major `[rows][cols]`.
+    pub fn gemv(
+        &self,
+        y: &mut CudaSlice<f32>,
+        w: &DeviceWeights,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        n_tok: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "gemv";
+        check_len(OP, "w", w.len(), rows * cols)?;
+        check_len(OP, "x", x.len(), n_tok * cols)?;
+        check_len(OP, "y", y.len(), n_tok * rows)?;
+        if rows == 0 || n_tok == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32_of(OP, "rows", rows.div_ceil(8))?,
+                u32_of(OP, "tokens", n_tok.div_ceil(8))?.min(65_535),
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if n_tok.div_ceil(8) > 65_535 {
+            return Err(shape(
+                OP,
+                format!("{n_tok} tokens in one call (at most {})", 65_535 * 8),
+            ));
+        }
+        let (r, c, n) = (
+            u32_of(OP, "rows", rows)?,
+            u32_of(OP, "cols", cols)?,
+            u32_of(OP, "tokens", n_tok)?,
+        );
+        let name = format!("gemv_{}", w.suffix());
+        match w {
+            DeviceWeights::F32(ws) => launch!(self, "gemv.cu", &name, cfg, y, ws, x, &r, &c, &n),
+            DeviceWeights::F16(ws) => launch!(self, "gemv.cu", &name, cfg, y, ws, x, &r, &c, &n),
+            DeviceWeights::BF16(ws) => launch!(self, "gemv.cu", &name, cfg, y, ws, x, &r, &c, &n),
+        }
+        Ok(())
+    }
+}

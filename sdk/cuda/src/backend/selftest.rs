@@ -1,0 +1,358 @@
+//! Every kernel against its CPU twin ([`crate::reference`]) on random and outlier-heavy inputs.
+
+use half::{bf16, f16};
+
+use super::device::CudaDevice;
+use super::kv::Splits;
+use super::ops::DeviceWeights;
+use crate::error::CudaError;
+use crate::inputs::Rng;
+use crate::layout::{BlockEntry, BlockKind, KvLayout, SEES_ALL};
+use crate::reference::{self as cpu, HostPools, normalized_error};
+use crate::selftest::KernelCheck;
+
+fn check(kernel: &'static str, case: impl Into<String>, error: f64, tolerance: f64) -> KernelCheck {
+    KernelCheck {
+        kernel,
+        case: case.into(),
+        error,
+        tolerance,
+    }
+}
+
+/// Inputs: plain normals, or outlier-heavy rows of `row` elements.
+fn values(rng: &mut Rng, n: usize, row: usize, outliers: bool) -> Vec<f32> {
+    if outliers {
+        rng.outlier_normals(n, row)
+    } else {
+        rng.normals(n)
+    }
+}
+
+fn kind(outliers: bool) -> &'static str {
+    if outliers { "outliers" } else { "random" }
+}
+
+/// Weights in each stored precision, with their f32 widening for the twin.
+fn weights(
+    dev: &CudaDevice,
+    w: &[f32],
+    dtype: &str,
+) -> Result<(DeviceWeights, Vec<f32>), CudaError> {
+    Ok(match dtype {
+        "f16" => {
+            let h: Vec<f16> = w.iter().map(|&x| f16::from_f32(x)).collect();
+            let wide = h.iter().map(|x| x.to_f32()).collect();
+            (DeviceWeights::F16(dev.upload(&h)?), wide)
+        }
+        "bf16" => {
+            let h: Vec<bf16> = w.iter().map(|&x| bf16::from_f32(x)).collect();
+            let wide = h.iter().map(|x| x.to_f32()).collect();
+            (DeviceWeights::BF16(dev.upload(&h)?), wide)
+        }
+        _ => (DeviceWeights::F32(dev.upload(w)?), w.to_vec()),
+    })
+}
+
+impl CudaDevice {
+    /// Runs every kernel against its CPU twin; one [`KernelCheck`] per kernel and case.
+    pub fn selftest(&self, seed: u64) -> Result<Vec<KernelCheck>, CudaError> {
+        let mut rng = Rng::new(seed);
+        let mut out = Vec::new();
+        for outliers in [false, true] {
+            self.check_elementwise(&mut rng, outliers, &mut out)?;
+            self.check_rmsnorm_rope(&mut rng, outliers, &mut out)?;
+            self.check_gemv(&mut rng, outliers, &mut out)?;
+        }
+        self.check_kv(&mut rng, &mut out)?;
+        Ok(out)
+    }
+
+    fn check_elementwise(
+        &self,
+        rng: &mut Rng,
+        outliers: bool,
+        out: &mut Vec<KernelCheck>,
+    ) -> Result<(), CudaError> {
+        let n = 4099;
+        let a = values(rng, n, 64, outliers);
+        let b = values(rng, n, 64, outliers);
+        let mut x = self.upload(&a)?;
+        self.residual_add(&mut x, &self.upload(&b)?, n)?;
+        let mut want = a.clone();
+        cpu::residual_add(&mut want, &b);
+        out.push(check(
+            "residual_add_f32",
+            kind(outliers),
+            normalized_error(&self.download(&x)?, &want),
+            0.0,
+        ));
+
+        let mut o = self.zeros::<f32>(n)?;
+        self.swiglu(&mut o, &self.upload(&a)?, &self.upload(&b)?, n)?;
+        out.push(check(
+            "swiglu_f32",
+            kind(outliers),
+            normalized_error(&self.download(&o)?, &cpu::swiglu(&a, &b)),
+            1e-5,
+        ));
+
+        let (vocab, hidden) = (1000, 96);
+        let table = values(rng, vocab * hidden, hidden, outliers);
+        let ids: Vec<u32> = (0..37).map(|_| rng.below(vocab as u32)).collect();
+        for dtype in ["f32", "f16", "bf16"] {
+            let (w, wide) = weights(self, &table, dtype)?;
+            let mut o = self.zeros::<f32>(ids.len() * hidden)?;
+            self.embedding(&mut o, &w, &ids, hidden)?;
+            let err = normalized_error(
+                &self.download(&o)?,
+                &cpu::embedding_gather(&wide, hidden, &ids),
+            );
+            out.push(check(
+                "embedding_gather",
+                format!("{} {dtype}", kind(outliers)),
+                err,
+                0.0,
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_rmsnorm_rope(
+        &self,
+        rng: &mut Rng,
+        outliers: bool,
+        out: &mut Vec<KernelCheck>,
+    ) -> Result<(), CudaError> {
+        let (rows, dim) = (7, 896);
+        let x = values(rng, rows * dim, dim, outliers);
+        let w: Vec<f32> = rng.normals(dim).iter().map(|v| 1.0 + 0.1 * v).collect();
+        for dtype in ["f32", "f16", "bf16"] {
+            let (dw, wide) = weights(self, &w, dtype)?;
+            let mut o = self.zeros::<f32>(rows * dim)?;
+            self.rmsnorm(&mut o, &self.upload(&x)?, &dw, rows, dim, 1e-6)?;
+            let err = normalized_error(&self.download(&o)?, &cpu::rmsnorm(&x, &wide, dim, 1e-6));
+            out.push(check(
+                "rmsnorm",
+                format!("{} {dtype} weights", kind(outliers)),
+                err,
+                1e-5,
+            ));
+        }
+        for (heads, head_dim, rotary_dim, theta) in
+            [(14usize, 64usize, 64usize, 1e6f64), (4, 128, 64, 1e4)]
+        {
+            let n_tok = 5;
+            let x = values(rng, n_tok * heads * head_dim, head_dim, outliers);
+            let positions: Vec<u32> = (0..n_tok).map(|_| rng.below(32_768)).collect();
+            let inv = cpu::rope_inv_freq(theta, rotary_dim);
+            let mut d = self.upload(&x)?;
+            self.rope(
+                &mut d,
+                &self.upload(&positions)?,
+                &self.upload(&inv)?,
+                n_tok,
+                heads,
+                head_dim,
+                rotary_dim,
+            )?;
+            let mut want = x.clone();
+            cpu::rope(&mut want, &positions, &inv, heads, head_dim, rotary_dim);
+            let case = format!("{} dim {head_dim} rotary {rotary_dim}", kind(outliers));
+            out.push(check(
+                "rope_f32",
+                case,
+                normalized_error(&self.download(&d)?, &want),
+                1e-5,
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_gemv(
+        &self,
+        rng: &mut Rng,
+        outliers: bool,
+        out: &mut Vec<KernelCheck>,
+    ) -> Result<(), CudaError> {
+        // (rows, cols, tokens): decode shape, a batch over two token tiles, an unaligned width.
+        for (rows, cols, n_tok) in [(896usize, 896usize, 1usize), (129, 4864, 11), (33, 77, 3)] {
+            let w = values(rng, rows * cols, cols, outliers);
+            let x = values(rng, n_tok * cols, cols, outliers);
+            for dtype in ["f32", "f16", "bf16"] {
+                let (dw, wide) = weights(self, &w, dtype)?;
+                let mut y = self.zeros::<f32>(n_tok * rows)?;
+                self.gemv(&mut y, &dw, &self.upload(&x)?, rows, cols, n_tok)?;
+                let err = normalized_error(
+                    &self.download(&y)?,
+                    &cpu::gemv(&wide, &x, rows, cols, n_tok),
+                );
+                let case = format!("{} {dtype} {rows}x{cols} x{n_tok}", kind(outliers));
+                out.push(check("gemv", case, err, 2e-5));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_kv(&self, rng: &mut Rng, out: &mut Vec<KernelCheck>) -> Result<(), CudaError> {
+        // (q_heads, kv_heads, head_dim, bits, group, per-channel keys, outliers)
+        let cases = [
+            (14usize, 2usize, 64usize, 4u32, 64usize, true, true),
+            (14, 2, 64, 4, 32, false, false),
+            (12, 2, 128, 2, 64, true, true),
+            (32, 2, 128, 8, 128, false, true),
+            (9, 3, 64, 2, 32, false, false),
+            (16, 16, 256, 4, 128, true, false),
+        ];
+        for (q_heads, kv_heads, head_dim, bits, group, per_channel, outliers) in cases {
+            let layout = KvLayout {
+                kv_heads,
+                head_dim,
+                block_tokens: 16,
+                bits,
+                group,
+                key_per_channel: per_channel,
+            };
+            let case = format!(
+                "{} {bits}-bit g{group} {} keys {q_heads}/{kv_heads}x{head_dim}",
+                kind(outliers),
+                if per_channel { "channel" } else { "token" }
+            );
+            self.check_kv_case(rng, layout, q_heads, outliers, &case, out)?;
+        }
+        Ok(())
+    }
+
+    fn check_kv_case(
+        &self,
+        rng: &mut Rng,
+        layout: KvLayout,
+        q_heads: usize,
+        outliers: bool,
+        case: &str,
+        out: &mut Vec<KernelCheck>,
+    ) -> Result<(), CudaError> {
+        let (text_blocks, frame_blocks, bt) = (6usize, 24usize, layout.block_tokens);
+        let row = layout.row_elems();
+        let mut pools = self.kv_pools(layout, text_blocks, frame_blocks)?;
+        let mut host = HostPools::new(layout, text_blocks, frame_blocks);
+        // Context: a text prompt block, the frames, a partial text block (question) last,
+        // plus one frame block holding a partial frame.
+        let mut entries = Vec::new();
+        let mut order = 0i32;
+        let mut push = |kind, block: usize, len: usize, entries: &mut Vec<BlockEntry>| {
+            entries.push(BlockEntry {
+                kind,
+                block: block as u32,
+                len: len as u32,
+                order,
+            });
+            order += len as i32;
+        };
+        for t in 0..2 {
+            let len = bt;
+            let (k, v) = (
+                values(rng, len * row, layout.head_dim, outliers),
+                values(rng, len * row, layout.head_dim, false),
+            );
+            self.kv_store_text(&mut pools, t, 0, len, &self.upload(&k)?, &self.upload(&v)?)?;
+            host.store_text(t, 0, &k, &v);
+            push(BlockKind::Text, t, len, &mut entries);
+        }
+        for f in 0..frame_blocks {
+            let len = if f == frame_blocks - 1 { bt - 3 } else { bt };
+            let (k, v) = (
+                values(rng, len * row, layout.head_dim, outliers),
+                values(rng, len * row, layout.head_dim, outliers),
+            );
+            self.kv_quantize_frame(&mut pools, f, 0, len, &self.upload(&k)?, &self.upload(&v)?)?;
+            host.quantize_frame(f, 0, len, &k, &v);
+            push(BlockKind::Frame, f, len, &mut entries);
+        }
+        let len = 5;
+        let (k, v) = (
+            values(rng, len * row, layout.head_dim, outliers),
+            values(rng, len * row, layout.head_dim, false),
+        );
+        self.kv_store_text(&mut pools, 2, 0, len, &self.upload(&k)?, &self.upload(&v)?)?;
+        host.store_text(2, 0, &k, &v);
+        push(BlockKind::Text, 2, len, &mut entries);
+
+        let got = self.download_pools(&pools)?;
+        let text_ok = got.k_text == host.k_text && got.v_text == host.v_text;
+        out.push(check(
+            "kv_store_f16",
+            case,
+            if text_ok { 0.0 } else { 1.0 },
+            0.0,
+        ));
+        let params_ok = got.k_params == host.k_params && got.v_params == host.v_params;
+        out.push(check(
+            "kv_quant_params",
+            case,
+            if params_ok { 0.0 } else { 1.0 },
+            0.0,
+        ));
+        let mismatched = |a: &[u8], b: &[u8]| a.iter().zip(b).filter(|(x, y)| x != y).count();
+        let code_err = (mismatched(&got.k_codes, &host.k_codes)
+            + mismatched(&got.v_codes, &host.v_codes)) as f64
+            / (2 * host.k_codes.len()).max(1) as f64;
+        // Codes are IEEE-exact on both sides; a rare tie may round differently.
+        out.push(check(
+            "kv_quant_codes (mismatch frac)",
+            case,
+            code_err,
+            1e-4,
+        ));
+
+        // Decode: one query sees everything, with automatic, single and many splits.
+        let dh = layout.head_dim;
+        let q = values(rng, q_heads * dh, dh, false);
+        let want = cpu::attention(&got, &q, &[SEES_ALL], q_heads, &entries);
+        for splits in [Splits::Auto, Splits::Fixed(1), Splits::Fixed(7)] {
+            let mut o = self.zeros::<f32>(q_heads * dh)?;
+            let used = self.attention(
+                &pools,
+                &self.upload(&q)?,
+                &[SEES_ALL],
+                q_heads,
+                &entries,
+                &mut o,
+                splits,
+            )?;
+            let err = normalized_error(&self.download(&o)?, &want);
+            out.push(check(
+                "mixed_attention decode",
+                format!("{case} splits {used}"),
+                err,
+                1e-4,
+            ));
+        }
+        // Prefill: 20 queries over the last text block and the frames, causal by order.
+        let n_q = 20;
+        let total = order;
+        let q_order: Vec<i32> = (0..n_q)
+            .map(|i| total - n_q as i32 + i as i32 - 3)
+            .collect();
+        let q = values(rng, n_q * q_heads * dh, dh, false);
+        let want = cpu::attention(&got, &q, &q_order, q_heads, &entries);
+        let mut o = self.zeros::<f32>(n_q * q_heads * dh)?;
+        self.attention(
+            &pools,
+            &self.upload(&q)?,
+            &q_order,
+            q_heads,
+            &entries,
+            &mut o,
+            Splits::Fixed(1),
+        )?;
+        let err = normalized_error(&self.download(&o)?, &want);
+        out.push(check(
+            "mixed_attention prefill",
+            case.to_string(),
+            err,
+            1e-4,
+        ));
+        Ok(())
+    }
+}
