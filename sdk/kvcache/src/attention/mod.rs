@@ -14,6 +14,8 @@
 //! detected at run time), [`Kernel::Neon`] (aarch64). [`Kernel::Reference`] is the slow f32
 //! twin every kernel is tested against.
 
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
 pub mod portable;
 pub mod reference;
 
@@ -37,25 +39,44 @@ pub enum Kernel {
     Reference,
     /// Fused kernels in plain Rust.
     Portable,
+    /// Fused kernels with AVX2, FMA and F16C (x86_64).
+    Avx2,
 }
 
 impl Kernel {
     /// The fastest kernel this CPU runs.
     pub fn detect() -> Kernel {
-        Kernel::Portable
+        if Kernel::Avx2.available() {
+            Kernel::Avx2
+        } else {
+            Kernel::Portable
+        }
     }
     /// Whether this CPU can run the kernel.
     pub fn available(self) -> bool {
         match self {
             Kernel::Reference | Kernel::Portable => true,
+            Kernel::Avx2 => avx2_available(),
         }
     }
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Reference => "reference",
             Kernel::Portable => "portable",
+            Kernel::Avx2 => "avx2",
         }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_available() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+}
+#[cfg(not(target_arch = "x86_64"))]
+fn avx2_available() -> bool {
+    false
 }
 
 /// The scaled queries of one KV head's query heads, and per-group sums of them.
@@ -95,8 +116,12 @@ pub(crate) struct Fns {
     pub softmax: fn(&mut State, usize),
 }
 
-fn fns(_kernel: Kernel) -> Fns {
-    portable::fns()
+fn fns(kernel: Kernel) -> Fns {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 if avx2_available() => avx2::fns(),
+        _ => portable::fns(),
+    }
 }
 
 /// What a fast attention pass needs to know about the cache.
