@@ -207,7 +207,7 @@ fn exp256(x: __m256) -> __m256 {
     y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.333_452e-3));
     y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.166_579_6e-2));
     y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.666_666_5e-1));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.000_000_1e-1));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(0.5));
     y = _mm256_fmadd_ps(
         y,
         _mm256_mul_ps(x, x),
