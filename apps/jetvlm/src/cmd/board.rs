@@ -59,8 +59,15 @@ pub fn run(args: BoardArgs) -> Result<()> {
                 print!("{}", list_table(std::slice::from_ref(&b)));
                 println!(
                     "  CPU {} x {}; GPU {} sm_{} ({} CUDA cores, {} Tensor Cores); L4T {}, CUDA {}, TensorRT {}",
-                    b.cpu.cores, b.cpu.model, b.gpu.arch, b.gpu.sm, b.gpu.cuda_cores, b.gpu.tensor_cores,
-                    b.software.l4t, b.software.cuda, b.software.tensorrt
+                    b.cpu.cores,
+                    b.cpu.model,
+                    b.gpu.arch,
+                    b.gpu.sm,
+                    b.gpu.cuda_cores,
+                    b.gpu.tensor_cores,
+                    b.software.l4t,
+                    b.software.cuda,
+                    b.software.tensorrt
                 );
             }
         }
@@ -76,7 +83,10 @@ pub fn run(args: BoardArgs) -> Result<()> {
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("device-tree model : {}", info.model.as_deref().unwrap_or("(none)"));
+                println!(
+                    "device-tree model : {}",
+                    info.model.as_deref().unwrap_or("(none)")
+                );
                 match (info.l4t, &info.jetpack) {
                     (Some(l), Some(jp)) => println!("L4T               : {l} (JetPack {jp})"),
                     (Some(l), None) => println!("L4T               : {l} (JetPack unknown)"),

@@ -81,9 +81,18 @@ fn parse_camera(s: &str) -> Result<(u64, u64)> {
     let (w, h) = s
         .split_once(['x', 'X'])
         .with_context(|| format!("--camera `{s}`: expected WIDTHxHEIGHT, e.g. 1280x720"))?;
-    let w: u64 = w.trim().parse().with_context(|| format!("--camera `{s}`: width is not a number"))?;
-    let h: u64 = h.trim().parse().with_context(|| format!("--camera `{s}`: height is not a number"))?;
-    anyhow::ensure!(w > 0 && h > 0, "--camera `{s}`: width and height must be positive");
+    let w: u64 = w
+        .trim()
+        .parse()
+        .with_context(|| format!("--camera `{s}`: width is not a number"))?;
+    let h: u64 = h
+        .trim()
+        .parse()
+        .with_context(|| format!("--camera `{s}`: height is not a number"))?;
+    anyhow::ensure!(
+        w > 0 && h > 0,
+        "--camera `{s}`: width and height must be positive"
+    );
     Ok((w, h))
 }
 
@@ -124,13 +133,22 @@ pub fn build(args: &PlanArgs) -> Result<Plan> {
             model.config_path.display()
         ),
     };
-    let kv_name = args.kv.clone().or_else(|| model.default_kv.clone()).unwrap_or_else(|| "mixed".into());
+    let kv_name = args
+        .kv
+        .clone()
+        .or_else(|| model.default_kv.clone())
+        .unwrap_or_else(|| "mixed".into());
     let kv: KvPrecision = kv_name.parse()?;
     if let Some(bits) = args.weight_bits {
         opts.weights = WeightFormat::from_bits(bits)?;
     }
     let (width, height) = parse_camera(&args.camera)?;
-    opts.camera = CameraBuffers { width, height, channels: 3, count: args.camera_buffers };
+    opts.camera = CameraBuffers {
+        width,
+        height,
+        channels: 3,
+        count: args.camera_buffers,
+    };
     opts.prefill_chunk = args.prefill_chunk;
     if let Some(mib) = args.budget_mib {
         opts.budget_bytes = Some(mib << 20);
@@ -174,12 +192,25 @@ pub fn render(p: &Plan) -> String {
     let mut s = String::new();
     let w = &p.workload;
     let m = &p.memory;
-    let _ = writeln!(s, "jetvlm plan: {} on {} ({})", p.model, p.board_display, p.board);
+    let _ = writeln!(
+        s,
+        "jetvlm plan: {} on {} ({})",
+        p.model, p.board_display, p.board
+    );
     let _ = writeln!(s, "  model     {}", p.config_path);
     let vision = match (&p.vision_source, p.vision_params) {
-        (Some(VisionSource::Estimated { family }), Some(n)) => format!("{:.1}M params (estimated from vision_config, {family})", n as f64 / 1e6),
-        (Some(VisionSource::OnnxFile { path }), _) => format!("{} MiB (size of {})", mib(m.vision_encoder_bytes), path.display()),
-        (Some(VisionSource::UserParams), Some(n)) => format!("{:.1}M params (--vision-params)", n as f64 / 1e6),
+        (Some(VisionSource::Estimated { family }), Some(n)) => format!(
+            "{:.1}M params (estimated from vision_config, {family})",
+            n as f64 / 1e6
+        ),
+        (Some(VisionSource::OnnxFile { path }), _) => format!(
+            "{} MiB (size of {})",
+            mib(m.vision_encoder_bytes),
+            path.display()
+        ),
+        (Some(VisionSource::UserParams), Some(n)) => {
+            format!("{:.1}M params (--vision-params)", n as f64 / 1e6)
+        }
         (Some(_), _) => format!("{} MiB (--vision-bytes)", mib(m.vision_encoder_bytes)),
         (None, _) => "none".into(),
     };
@@ -194,18 +225,29 @@ pub fn render(p: &Plan) -> String {
         p.context_tokens,
         pct(w.frame_tokens(), p.context_tokens)
     );
-    let _ = writeln!(s, "  KV policy {}   weights {}", p.kv_policy, p.weights_format);
+    let _ = writeln!(
+        s,
+        "  KV policy {}   weights {}",
+        p.kv_policy, p.weights_format
+    );
     let _ = writeln!(s);
 
     let rows: Vec<(String, u64)> = vec![
         ("weights".into(), m.weights_bytes),
         ("vision encoder".into(), m.vision_encoder_bytes),
-        (format!("KV text   ({} tokens)", p.kv.text_tokens), m.kv_text_bytes),
+        (
+            format!("KV text   ({} tokens)", p.kv.text_tokens),
+            m.kv_text_bytes,
+        ),
         (
             format!(
                 "KV frames ({} tokens{})",
                 p.kv.frame_tokens,
-                if p.kv.fp16_frame_tokens > 0 { format!(", {} kept FP16", p.kv.fp16_frame_tokens) } else { String::new() }
+                if p.kv.fp16_frame_tokens > 0 {
+                    format!(", {} kept FP16", p.kv.fp16_frame_tokens)
+                } else {
+                    String::new()
+                }
             ),
             m.kv_frame_bytes,
         ),
@@ -216,11 +258,23 @@ pub fn render(p: &Plan) -> String {
     let label_w = rows.iter().map(|r| r.0.len()).max().unwrap_or(10).max(24);
     let _ = writeln!(s, "  {:<label_w$}  {:>9}  {:>6}", "memory", "MiB", "share");
     for (label, bytes) in &rows {
-        let _ = writeln!(s, "  {:<label_w$}  {:>9}  {:>6}", label, mib(*bytes), pct(*bytes, p.total_bytes));
+        let _ = writeln!(
+            s,
+            "  {:<label_w$}  {:>9}  {:>6}",
+            label,
+            mib(*bytes),
+            pct(*bytes, p.total_bytes)
+        );
     }
     let _ = writeln!(s, "  {}", "-".repeat(label_w + 19));
     let _ = writeln!(s, "  {:<label_w$}  {:>9}", "total", mib(p.total_bytes));
-    let _ = writeln!(s, "  {:<label_w$}  {:>9}  ({})", "budget", mib(p.budget_bytes), p.budget_source);
+    let _ = writeln!(
+        s,
+        "  {:<label_w$}  {:>9}  ({})",
+        "budget",
+        mib(p.budget_bytes),
+        p.budget_source
+    );
     let verdict = if p.fits { "fits" } else { "DOES NOT FIT" };
     let _ = writeln!(
         s,
@@ -248,7 +302,10 @@ pub fn render(p: &Plan) -> String {
         );
     }
     let ratio = if p.max_frames_fp16 > 0 {
-        format!("{:.2}x", p.max_frames_mixed as f64 / p.max_frames_fp16 as f64)
+        format!(
+            "{:.2}x",
+            p.max_frames_mixed as f64 / p.max_frames_fp16 as f64
+        )
     } else {
         "-".into()
     };
@@ -300,15 +357,35 @@ mod tests {
 
     #[test]
     fn smolvlm_plan_fits_and_renders() {
-        let a = args(&["--board", "orin-nano-8gb", "--model", &fixture("configs/smolvlm-256m")]);
+        let a = args(&[
+            "--board",
+            "orin-nano-8gb",
+            "--model",
+            &fixture("configs/smolvlm-256m"),
+        ]);
         let p = build(&a).unwrap();
         assert!(p.fits);
         let table = render(&p);
-        for needle in ["Jetson Orin Nano 8GB", "KV frames (1024 tokens)", "budget", "fits", "TPOT floor", "int2-frames"] {
+        for needle in [
+            "Jetson Orin Nano 8GB",
+            "KV frames (1024 tokens)",
+            "budget",
+            "fits",
+            "TPOT floor",
+            "int2-frames",
+        ] {
             assert!(table.contains(needle), "missing `{needle}` in\n{table}");
         }
         let json: serde_json::Value = serde_json::to_value(&p).unwrap();
-        for key in ["fits", "total_bytes", "budget_bytes", "kv_bytes", "max_frames_fp16", "max_frames_mixed", "tpot_floor_ms"] {
+        for key in [
+            "fits",
+            "total_bytes",
+            "budget_bytes",
+            "kv_bytes",
+            "max_frames_fp16",
+            "max_frames_mixed",
+            "tpot_floor_ms",
+        ] {
             assert!(json.get(key).is_some(), "JSON lacks {key}");
         }
         assert_eq!(json["fits"], serde_json::Value::Bool(true));
@@ -317,9 +394,19 @@ mod tests {
     #[test]
     fn too_many_frames_fails_with_advice() {
         let a = args(&[
-            "--board", "orin-nano-4gb", "--model", &fixture("configs/qwen2-vl-2b"), "--frames", "400", "--kv", "fp16",
+            "--board",
+            "orin-nano-8gb",
+            "--model",
+            &fixture("configs/qwen2-vl-2b"),
+            "--frames",
+            "400",
+            "--kv",
+            "fp16",
         ]);
+        let max = build(&a).unwrap().max_frames_fp16;
         let err = run(a).unwrap_err().to_string();
+        assert!(err.contains(&format!("--frames {max}")), "{err}");
+        assert!(err.contains("--kv int2-frames"), "{err}");
         assert!(err.contains("over budget"), "{err}");
         assert!(err.contains("MiB") && err.contains("MB"), "{err}");
         assert!(err.contains("smaller model"), "{err}");
@@ -327,27 +414,59 @@ mod tests {
     }
 
     #[test]
+    fn model_too_big_for_the_board_says_so() {
+        let a = args(&[
+            "--board",
+            "orin-nano-4gb",
+            "--model",
+            &fixture("configs/qwen2-vl-2b"),
+        ]);
+        let err = run(a).unwrap_err().to_string();
+        assert!(err.contains("The model alone"), "{err}");
+        assert!(err.contains("smaller model"), "{err}");
+    }
+
+    #[test]
     fn unknown_board_lists_known_ones() {
-        let a = args(&["--board", "orin-pico", "--model", &fixture("configs/smolvlm-256m")]);
+        let a = args(&[
+            "--board",
+            "orin-pico",
+            "--model",
+            &fixture("configs/smolvlm-256m"),
+        ]);
         let err = build(&a).unwrap_err().to_string();
         assert!(err.contains("unknown board `orin-pico`"), "{err}");
-        assert!(err.contains("orin-nano-8gb") && err.contains("thor-t5000"), "{err}");
+        assert!(
+            err.contains("orin-nano-8gb") && err.contains("thor-t5000"),
+            "{err}"
+        );
     }
 
     #[test]
     fn no_board_on_a_non_jetson_lists_known_boards() {
         let a = args(&[
-            "--model", &fixture("configs/smolvlm-256m"), "--sys-root", &fixture("board/detect/x86-workstation"),
+            "--model",
+            &fixture("configs/smolvlm-256m"),
+            "--sys-root",
+            &fixture("board/detect/x86-workstation"),
         ]);
         let err = build(&a).unwrap_err().to_string();
         assert!(err.contains("not a Jetson"), "{err}");
-        assert!(err.contains("--board") && err.contains("agx-orin-64gb"), "{err}");
+        assert!(
+            err.contains("--board") && err.contains("agx-orin-64gb"),
+            "{err}"
+        );
     }
 
     #[test]
     fn detected_board_plans_against_mem_available() {
         let root = fixture("board/detect/orin-nano-8gb");
-        let a = args(&["--model", &fixture("configs/smolvlm-256m"), "--sys-root", &root]);
+        let a = args(&[
+            "--model",
+            &fixture("configs/smolvlm-256m"),
+            "--sys-root",
+            &root,
+        ]);
         let p = build(&a).unwrap();
         assert_eq!(p.board, "orin-nano-8gb");
         assert_eq!(p.budget_bytes, 5_123_456 * 1024);
