@@ -54,6 +54,7 @@ pub struct KvMemory {
 }
 
 /// The mixed-precision paged KV cache.
+#[derive(Clone)]
 pub struct MixedKvCache {
     shape: CacheShape,
     policy: KvPolicy,

@@ -29,6 +29,7 @@ impl PoolLayout {
 }
 
 /// Storage of one precision.
+#[derive(Clone)]
 pub struct Pool {
     layout: PoolLayout,
     layers: usize,

@@ -31,10 +31,20 @@ pub(crate) fn fns() -> Fns {
                 (portable::fns().quant_accum)(st, seg, l, n)
             }
         },
+        prefetch,
         softmax: |st, n| {
             // SAFETY: see above.
             unsafe { softmax(st, n) }
         },
+    }
+}
+
+fn prefetch(seg: &[u8]) {
+    let mut off = 0;
+    while off < seg.len() {
+        // SAFETY: prefetching is a hint and the address is inside `seg`.
+        unsafe { _mm_prefetch(seg.as_ptr().add(off) as *const i8, _MM_HINT_T0) };
+        off += 64;
     }
 }
 
@@ -71,9 +81,12 @@ unsafe fn fp16_scores_g<const G: usize>(
             for c in 0..d {
                 // SAFETY: c < d, t0 + 32 <= tokens: inside the key region.
                 let base = unsafe { k.add(c * tt + t0) };
-                let kv: [__m256; 4] = std::array::from_fn(|j| unsafe {
-                    _mm256_cvtph_ps(_mm_loadu_si128(base.add(8 * j) as *const __m128i))
-                });
+                let mut kv = [_mm256_setzero_ps(); 4];
+                for (j, kj) in kv.iter_mut().enumerate() {
+                    *kj = unsafe {
+                        _mm256_cvtph_ps(_mm_loadu_si128(base.add(8 * j) as *const __m128i))
+                    };
+                }
                 for h in 0..G {
                     let qb = unsafe { _mm256_broadcast_ss(&*q.add(h * d + c)) };
                     for j in 0..4 {
@@ -321,9 +334,9 @@ unsafe fn load_params8(p: *const u8) -> (__m256, __m256) {
     let b = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i)) }; // s4 z4 .. s7 z7
     let s = _mm256_shuffle_ps(a, b, 0b10_00_10_00); // s0 s1 s4 s5 | s2 s3 s6 s7
     let z = _mm256_shuffle_ps(a, b, 0b11_01_11_01);
-    let fix =
-        |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v), 0b11_01_10_00));
-    (fix(s), fix(z))
+    let s = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), 0b11_01_10_00));
+    let z = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(z), 0b11_01_10_00));
+    (s, z)
 }
 
 #[inline]

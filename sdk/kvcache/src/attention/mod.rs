@@ -114,6 +114,9 @@ pub(crate) struct Fns {
     pub quant_accum: fn(&mut State, &[u8], &QuantLayout, usize),
     /// Turns the block's scores into probabilities and rescales the running state.
     pub softmax: fn(&mut State, usize),
+    /// Hints that a segment is read next (blocks are separate allocations, so hardware
+    /// prefetchers, which stop at page boundaries, need help).
+    pub prefetch: fn(&[u8]),
 }
 
 fn fns(kernel: Kernel) -> Fns {
@@ -231,10 +234,15 @@ fn run_task(
     let (g, d) = (ctx.q_heads / ctx.kv_heads, ctx.d);
     let mut prep = Prep::new(g, d, ctx.vgroup, q);
     let mut st = State::new(g, d);
-    for b in blocks {
+    for (bi, b) in blocks.iter().enumerate() {
         let Some(pool) = &ctx.pools[b.pool as usize] else {
             continue;
         };
+        if let Some(next) = blocks.get(bi + 1)
+            && let Some(np) = &ctx.pools[next.pool as usize]
+        {
+            (f.prefetch)(np.segment(ctx.layer, next.id, kh));
+        }
         let n = if b.seqs.last().is_some_and(|&s| s <= qseq) {
             b.seqs.len()
         } else {
