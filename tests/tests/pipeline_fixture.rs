@@ -130,12 +130,17 @@ fn streaming_answer_equals_collected_answer() {
 fn mixed_policy_quantizes_frame_tokens() {
     let exp = expected();
     let q = exp["question"].as_str().unwrap();
-    let mut p = pipeline("mixed");
+    let mut p = pipeline("mixed:group=32");
     let a = p.ask(&[frame(0), other_frame(1)], q).unwrap().finish().unwrap();
     assert_eq!(a.stats.frames, 2);
     assert_eq!(a.stats.kv.frame_tokens, 32);
     assert!(a.stats.kv.quant_bytes > 0);
-    assert!(a.stats.kv.total_bytes < a.stats.kv.fp16_equivalent_bytes);
+    // The frame tokens left the FP16 pool: only text remains there.
+    let mut f = pipeline("fp16");
+    let b = f.ask(&[frame(0), other_frame(1)], q).unwrap().finish().unwrap();
+    assert_eq!(b.stats.kv.quant_bytes, 0);
+    assert!(a.stats.kv.fp16_bytes < b.stats.kv.fp16_bytes);
+    assert_eq!(a.stats.kv.fp16_equivalent_bytes, b.stats.kv.fp16_equivalent_bytes);
 }
 
 #[test]

@@ -57,6 +57,10 @@ pub struct KvBackend {
     tap: Arc<Mutex<KvStats>>,
     /// Per-token FP16 bytes over all layers (K and V).
     fp16_bytes_per_token: u64,
+    /// RoPE position of the next token. Follows the appended spans, and is rewound with
+    /// [`KvBackend::rewind`] when a question and its answer are rolled back, so the next
+    /// question sits at the same positions (and sees the same context) as the last one.
+    next_pos: u32,
 }
 
 enum Inner {
@@ -86,6 +90,7 @@ impl KvBackend {
             inner,
             tap: Arc::new(Mutex::new(KvStats::default())),
             fp16_bytes_per_token,
+            next_pos: 0,
         };
         b.refresh();
         Ok(b)
@@ -141,7 +146,18 @@ impl KvBackend {
             Inner::Mixed(c) => c.clear(),
             Inner::Exact(c) => c.clear(),
         }
+        self.next_pos = 0;
         self.refresh();
+    }
+
+    /// Drops the most recent `n` tokens and makes `position` the next RoPE position (the
+    /// first position of the dropped tokens), so rolled-back positions are reused.
+    pub fn roll_back(&mut self, n: usize, position: u32) -> Result<(), RuntimeError> {
+        if n > 0 {
+            KvStore::truncate_last(self, n)?;
+        }
+        self.next_pos = position;
+        Ok(())
     }
 
     /// Drops a frame's tokens (mixed cache only; the reference cache keeps everything).
@@ -184,10 +200,7 @@ impl KvStore for KvBackend {
     }
 
     fn next_position(&self) -> u32 {
-        match &self.inner {
-            Inner::Mixed(c) => KvStore::next_position(c),
-            Inner::Exact(c) => KvStore::next_position(c),
-        }
+        self.next_pos
     }
 
     fn len(&self) -> usize {
@@ -207,6 +220,9 @@ impl KvStore for KvBackend {
             Inner::Mixed(c) => BackendSpan::Mixed(KvStore::append_span(c, kind, positions, frame)?),
             Inner::Exact(c) => BackendSpan::Exact(KvStore::append_span(c, kind, positions, frame)?),
         };
+        if let Some(&last) = positions.iter().max() {
+            self.next_pos = self.next_pos.max(last + 1);
+        }
         self.refresh();
         Ok(span)
     }

@@ -29,8 +29,9 @@ pub struct CachedFrame {
 pub struct StreamSession<'p> {
     pipe: &'p mut Pipeline,
     window: VecDeque<CachedFrame>,
-    /// Cache length before the last question (rolled back to before the next step).
-    question_mark: Option<usize>,
+    /// Cache length and next position before the last question (rolled back to before the
+    /// next step).
+    question_mark: Option<(usize, u32)>,
     prefix_tokens: usize,
     /// Encoder time of the frames currently cached, by id.
     encoder_ms: VecDeque<f64>,
@@ -91,11 +92,9 @@ impl Pipeline {
 impl StreamSession<'_> {
     /// Drops the last question and answer from the cache.
     fn roll_back(&mut self) -> Result<(), RuntimeError> {
-        if let Some(mark) = self.question_mark.take() {
-            let extra = self.pipe.cache.len().saturating_sub(mark);
-            if extra > 0 {
-                self.pipe.cache.truncate_last(extra)?;
-            }
+        if let Some((len, position)) = self.question_mark.take() {
+            let extra = self.pipe.cache.len().saturating_sub(len);
+            self.pipe.cache.roll_back(extra, position)?;
         }
         Ok(())
     }
@@ -172,7 +171,7 @@ impl StreamSession<'_> {
                 message: "the question tokenizes to nothing".into(),
             });
         }
-        self.question_mark = Some(self.pipe.cache.len());
+        self.question_mark = Some((self.pipe.cache.len(), self.pipe.cache.next_position()));
         let stats = Stats {
             prompt_tokens: self.pipe.cache.len() + ids.len(),
             frames: self.window.len(),
