@@ -39,6 +39,8 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Write a synthetic camera-scene question/answer dataset (images + qa.jsonl).
     Synth(cmd::synth::SynthArgs),
+    /// Check every CUDA kernel against its CPU reference (PASS/FAIL per kernel).
+    Selftest(cmd::selftest::SelftestArgs),
 }
 
 fn main() {
@@ -56,5 +58,6 @@ fn run(command: Command) -> Result<()> {
         Command::Board(args) => cmd::board::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Synth(args) => cmd::synth::run(args),
+        Command::Selftest(args) => cmd::selftest::run(args),
     }
 }

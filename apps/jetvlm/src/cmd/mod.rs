@@ -4,3 +4,4 @@ pub mod plan;
 pub mod board;
 pub mod bench;
 pub mod synth;
+pub mod selftest;
