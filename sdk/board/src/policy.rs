@@ -136,6 +136,25 @@ impl KvPrecision {
         !self.frames.is_fp16()
     }
 
+    /// One line for people: `text FP16, frames INT4 g64 (4.50 bits/element), FP16 budget 10%`.
+    pub fn describe(&self, head_dim: u64) -> String {
+        let fmt = |f: KvFormat| {
+            if f.is_fp16() {
+                "FP16".to_string()
+            } else {
+                format!("{f} ({:.2} bits/element)", f.bits_per_element(head_dim))
+            }
+        };
+        let mut s = format!("text {}, frames {}", fmt(self.text), fmt(self.frames));
+        if self.quantizes_frames() && self.fp16_budget > 0.0 && self.fp16_budget < 1.0 {
+            s.push_str(&format!(
+                ", FP16 budget {:.0}% of the context",
+                self.fp16_budget * 100.0
+            ));
+        }
+        s
+    }
+
     /// Canonical spelling; parses back to the same policy.
     pub fn name(&self) -> String {
         if *self == Self::fp16() {

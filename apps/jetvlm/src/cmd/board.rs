@@ -114,17 +114,17 @@ fn list_table(boards: &[BoardProfile]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<22} {:<34} {:>8} {:>10} {:>8} {:>10} {:>8}",
-        "name", "board", "DRAM GB", "usable GB", "GB/s", "GPU", "JetPack"
+        "{:<22} {:<34} {:>9} {:>11} {:>8} {:>7} {:>8}",
+        "name", "board", "DRAM MiB", "usable MiB", "GB/s", "GPU", "JetPack"
     );
     for b in boards {
         let _ = writeln!(
             s,
-            "{:<22} {:<34} {:>8.1} {:>10.2} {:>8.1} {:>10} {:>8}",
+            "{:<22} {:<34} {:>9} {:>11} {:>8.1} {:>7} {:>8}",
             b.name,
             b.display_name,
-            b.dram_bytes() as f64 / 1e9,
-            b.usable_bytes() as f64 / 1e9,
+            b.memory.dram_mib,
+            b.usable_bytes() >> 20,
             b.memory.bandwidth_gb_s,
             format!("sm_{}", b.gpu.sm),
             b.software.jetpack

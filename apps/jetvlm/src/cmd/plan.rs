@@ -227,9 +227,10 @@ pub fn render(p: &Plan) -> String {
     );
     let _ = writeln!(
         s,
-        "  KV policy {}   weights {}",
-        p.kv_policy, p.weights_format
+        "  KV cache  {}: {}",
+        p.kv_policy, p.kv_policy_description
     );
+    let _ = writeln!(s, "  weights   {}", p.weights_format);
     let _ = writeln!(s);
 
     let rows: Vec<(String, u64)> = vec![
