@@ -33,6 +33,8 @@ pub enum LogFormat {
 enum Command {
     /// Plan memory for a model and workload on a Jetson board.
     Plan(cmd::plan::PlanArgs),
+    /// Ask a question about images with a model package (vision encoder + decoder).
+    Ask(cmd::ask::AskArgs),
     /// Board profiles: list, show, detect the board this runs on.
     Board(cmd::board::BoardArgs),
     /// Benchmarks: KV attention and decode, FP16 vs mixed KV, against measured bandwidth.
@@ -55,6 +57,7 @@ fn main() {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Plan(args) => cmd::plan::run(args),
+        Command::Ask(args) => cmd::ask::run(args),
         Command::Board(args) => cmd::board::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Synth(args) => cmd::synth::run(args),

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod plan;
+pub mod ask;
 pub mod board;
 pub mod bench;
 pub mod synth;

@@ -1,0 +1,136 @@
+//! `jetvlm ask`: one question about one or more images with a model package, streamed to
+//! stdout (stats on stderr) or reported as one JSON object.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use jetvlm_camera::Frame;
+use jetvlm_runtime::{Pipeline, RuntimeConfig};
+use jetvlm_vision::{ExecutionProvider, RgbImage};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub struct AskArgs {
+    /// Model package directory (holding jetvlm.yaml).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Image file (PNG or JPEG); repeat for several frames, oldest first.
+    #[arg(long = "image", required = true)]
+    pub images: Vec<PathBuf>,
+    /// The question (default: the package's default_question).
+    pub question: Option<String>,
+    /// KV cache policy: fp16, mixed, int4-all, int8-frames, mixed:bits=4,group=64,... or f32
+    /// (exact reference cache). Default: the package's kv.policy.
+    #[arg(long)]
+    pub kv: Option<String>,
+    /// Runtime config YAML (KV policy, sampling, execution providers, ...); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Maximum tokens to generate.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Sampling temperature (0 = greedy, the default).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Execution providers for the vision encoder in priority order (tensorrt,cuda,cpu).
+    #[arg(long = "ep", value_delimiter = ',')]
+    pub execution_providers: Option<Vec<ExecutionProvider>>,
+    /// Fail instead of falling back when the first execution provider is unavailable.
+    #[arg(long)]
+    pub require_ep: bool,
+    /// Path of libonnxruntime.so (overrides ORT_DYLIB_PATH and the search).
+    #[arg(long)]
+    pub ort_library: Option<PathBuf>,
+    /// Print one JSON object (text, token ids, timings, KV bytes, execution provider).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: AskArgs) -> Result<()> {
+    let mut cfg = match &args.config {
+        Some(p) => RuntimeConfig::from_yaml(p)?,
+        None => RuntimeConfig::default(),
+    };
+    if args.kv.is_some() {
+        cfg.kv_policy = args.kv.clone();
+    }
+    if let Some(n) = args.max_tokens {
+        cfg.max_new_tokens = n;
+    }
+    if let Some(t) = args.temperature {
+        cfg.sampling.temperature = t;
+    }
+    if let Some(s) = args.seed {
+        cfg.sampling.seed = s;
+    }
+    if let Some(eps) = &args.execution_providers {
+        cfg.vision.execution_providers = eps.clone();
+    }
+    if args.require_ep {
+        cfg.vision.require = true;
+    }
+    if args.ort_library.is_some() {
+        cfg.vision.ort_library = args.ort_library.clone();
+    }
+
+    let mut frames = Vec::with_capacity(args.images.len());
+    for (i, path) in args.images.iter().enumerate() {
+        let img = RgbImage::open(path).with_context(|| format!("reading image {}", path.display()))?;
+        frames.push(Frame {
+            index: i as u64,
+            timestamp: Duration::ZERO,
+            width: img.width,
+            height: img.height,
+            rgb: img.data,
+        });
+    }
+
+    let mut pipeline = Pipeline::load(&args.model, cfg)
+        .with_context(|| format!("loading model package {}", args.model.display()))?;
+    let question = match &args.question {
+        Some(q) => q.clone(),
+        None => pipeline
+            .package()
+            .manifest
+            .prompt
+            .default_question
+            .clone()
+            .context("no question given and the package has no prompt.default_question")?,
+    };
+
+    let mut stream = pipeline.ask(&frames, &question)?;
+    if args.json {
+        let answer = stream.finish()?;
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for token in stream.by_ref() {
+        let token = token?;
+        out.write_all(token.text.as_bytes())?;
+        out.flush()?;
+    }
+    writeln!(out)?;
+    let s = stream.stats();
+    eprintln!(
+        "{} frame(s), {} prompt tokens, {} generated | encoder {:.1} ms ({}) | prefill {:.1} ms | TTFT {:.1} ms | TPOT {:.2} ms | KV {} ({} B: fp16 {} B, quant {} B; all-FP16 {} B)",
+        s.frames,
+        s.prompt_tokens,
+        s.tokens,
+        s.encoder_ms,
+        s.execution_provider,
+        s.prefill_ms,
+        s.ttft_ms,
+        s.tpot_ms,
+        s.kv_policy,
+        s.kv.total_bytes,
+        s.kv.fp16_bytes,
+        s.kv.quant_bytes,
+        s.kv.fp16_equivalent_bytes
+    );
+    Ok(())
+}
