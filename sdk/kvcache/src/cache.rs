@@ -383,6 +383,10 @@ impl MixedKvCache {
             }
         }
     }
+    /// The pool of one precision (`None` for the quantized pool of an all-FP16 policy).
+    pub fn pool(&self, kind: PoolKind) -> Option<&Pool> {
+        self.pools[kind as usize].as_ref()
+    }
     /// Block storage held by each pool (in use or free), in blocks: `[fp16, quant]`.
     pub fn allocated_blocks(&self) -> [usize; 2] {
         [0, 1].map(|i| self.pools[i].as_ref().map_or(0, Pool::allocated_blocks))

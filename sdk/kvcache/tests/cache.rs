@@ -1,0 +1,350 @@
+//! Cache behaviour: memory by precision, eviction, errors, quantization error of keys.
+
+mod common;
+use common::*;
+use jetvlm_core::TokenKind;
+use jetvlm_kvcache::{Kernel, KvError, KvPolicy, MixedKvCache};
+
+#[test]
+fn mixed_cache_holds_at_most_0_37_of_fp16_bytes() {
+    // 10% text FP16, 90% frames INT4 g64 (scales and zeros included).
+    let s = shape(4, 9, 3, 64);
+    let mut cache = MixedKvCache::new(s, KvPolicy::mixed(), 8192).unwrap();
+    let mut fp16 = MixedKvCache::new(s, KvPolicy::fp16(), 8192).unwrap();
+    let mut rng = rng(1);
+    // 640 text tokens and 90 frames of 64 tokens: 5760 frame tokens, 10% text.
+    fill(&mut cache, &mut rng, 640, 90, 64, false);
+    fill(&mut fp16, &mut rng, 640, 90, 64, false);
+    let m = cache.memory();
+    let f = fp16.memory();
+    assert_eq!(m.text_tokens, 640);
+    assert_eq!(m.frame_tokens, 5760);
+    assert_eq!(
+        f.total_bytes, f.fp16_equivalent_bytes,
+        "fp16 cache is exactly FP16-sized"
+    );
+    assert_eq!(m.fp16_equivalent_bytes, f.total_bytes);
+    let ratio = m.total_bytes as f64 / f.total_bytes as f64;
+    assert!(ratio <= 0.37, "mixed / fp16 bytes = {ratio}");
+    assert!(m.quant_bytes > 0 && m.fp16_bytes > 0);
+    assert_eq!(m.total_bytes, m.fp16_bytes + m.quant_bytes);
+    // int4-all quantizes text too: smaller still.
+    let mut all = MixedKvCache::new(s, KvPolicy::int4_all(), 8192).unwrap();
+    fill(&mut all, &mut rng, 640, 90, 64, false);
+    assert!(all.memory().total_bytes < m.total_bytes);
+    assert_eq!(all.memory().fp16_bytes, 0);
+}
+
+#[test]
+fn thousand_append_evict_cycles_leave_the_pool_as_it_started() {
+    let s = shape(2, 4, 2, 64);
+    let mut cache = MixedKvCache::new(s, KvPolicy::mixed(), 1024).unwrap();
+    let mut rng = rng(2);
+    fill(&mut cache, &mut rng, 10, 0, 64, false);
+    let start_mem = cache.memory();
+    let start_blocks = cache.allocated_blocks();
+    let start_cells = cache.cells().counts();
+    let (k, v) = (
+        rand_kv(&mut rng, 64, 2, 64, true),
+        rand_kv(&mut rng, 64, 2, 64, false),
+    );
+    let mut high = [0usize; 2];
+    for cycle in 0..1000u64 {
+        let p = cache.next_position();
+        let pos: Vec<u32> = (p..p + 64).collect();
+        let span = cache
+            .append_span(TokenKind::Frame, &pos, Some(cycle))
+            .unwrap();
+        for layer in 0..2 {
+            cache.write(layer, &span, &k, &v).unwrap();
+        }
+        if cycle % 3 == 0 {
+            // Keep up to two frames around sometimes.
+            continue;
+        }
+        for f in cache.frames() {
+            cache.evict_frame(f).unwrap();
+        }
+        let b = cache.allocated_blocks();
+        high = [high[0].max(b[0]), high[1].max(b[1])];
+    }
+    for f in cache.frames() {
+        cache.evict_frame(f).unwrap();
+    }
+    assert_eq!(cache.memory(), start_mem);
+    assert_eq!(cache.cells().counts(), start_cells);
+    assert!(cache.frames().is_empty());
+    // Storage never grew beyond what two frames need (freed blocks are reused).
+    assert!(
+        high[1] <= start_blocks[1] + 2,
+        "quant blocks grew to {}",
+        high[1]
+    );
+    cache.trim();
+    assert_eq!(cache.allocated_blocks(), start_blocks);
+    cache.clear();
+    cache.trim();
+    assert_eq!(cache.allocated_blocks(), [0, 0]);
+    assert_eq!(cache.memory(), Default::default());
+}
+
+#[test]
+fn evicting_frames_returns_memory_and_keeps_positions() {
+    let s = shape(1, 4, 2, 64);
+    let mut cache = MixedKvCache::new(s, KvPolicy::mixed(), 1024).unwrap();
+    let mut rng = rng(3);
+    let spans = fill(&mut cache, &mut rng, 20, 3, 64, false);
+    let before = cache.memory();
+    cache.evict_frame(1).unwrap();
+    let after = cache.memory();
+    assert_eq!(after.frame_tokens, before.frame_tokens - 64);
+    assert!(after.total_bytes < before.total_bytes);
+    assert_eq!(cache.frames(), vec![0, 2]);
+    // Later tokens keep their positions; the evicted frame's span is stale.
+    let last = &spans.last().unwrap().0;
+    let positions: Vec<u32> = cache
+        .cells()
+        .blocks()
+        .flat_map(|b| b.positions.clone())
+        .collect();
+    for p in last.positions() {
+        assert!(positions.contains(p));
+    }
+    assert!(!positions.contains(&spans[2].0.positions()[0]));
+    let q = vec![0.1f32; 4 * 64];
+    let mut out = vec![0f32; 4 * 64];
+    assert_eq!(
+        cache.attend(0, &spans[2].0, &q, &mut out),
+        Err(KvError::StaleSpan { op: "attend" })
+    );
+    assert_eq!(
+        cache.evict_frame(1),
+        Err(KvError::UnknownFrame {
+            op: "evict_frame",
+            frame: 1
+        })
+    );
+    // Attention over what is left still matches the reference.
+    let q = rand_q(&mut rng, last.len(), 4, 64);
+    let mut want = vec![0f32; q.len()];
+    let mut got = vec![0f32; q.len()];
+    cache
+        .attend_with(Kernel::Reference, 0, last, &q, &mut want)
+        .unwrap();
+    cache.attend(0, last, &q, &mut got).unwrap();
+    assert!(rel_err(&got, &want) < 1e-3);
+}
+
+#[test]
+fn full_pool_is_a_typed_error_naming_the_budget() {
+    let s = shape(1, 4, 2, 64);
+    let mut cache = MixedKvCache::new(s, KvPolicy::mixed(), 100).unwrap();
+    let pos: Vec<u32> = (0..64).collect();
+    cache.append_span(TokenKind::Frame, &pos, Some(0)).unwrap();
+    let pos: Vec<u32> = (64..128).collect();
+    let err = cache
+        .append_span(TokenKind::Frame, &pos, Some(1))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        KvError::CapacityExceeded {
+            op: "append_span",
+            capacity_tokens: 100,
+            cached: 64,
+            requested: 64
+        }
+    );
+    assert!(err.to_string().contains("budget of 100 tokens"), "{err}");
+    // After evicting, the frame fits.
+    cache.evict_frame(0).unwrap();
+    cache.append_span(TokenKind::Frame, &pos, Some(1)).unwrap();
+}
+
+#[test]
+fn mismatched_shapes_are_typed_errors() {
+    let bad = |q, kv, d| MixedKvCache::new(shape(1, q, kv, d), KvPolicy::mixed(), 10).err();
+    assert!(matches!(bad(9, 2, 64), Some(KvError::InvalidShape { .. })));
+    assert!(matches!(bad(4, 0, 64), Some(KvError::InvalidShape { .. })));
+    assert!(
+        matches!(bad(4, 2, 80), Some(KvError::InvalidShape { .. })),
+        "80 is not a multiple of group 64"
+    );
+    assert!(MixedKvCache::new(shape(1, 4, 2, 80), KvPolicy::fp16(), 10).is_ok());
+    let mut cache = MixedKvCache::new(shape(2, 4, 2, 64), KvPolicy::mixed(), 100).unwrap();
+    let span = cache.append_span(TokenKind::Text, &[0, 1], None).unwrap();
+    let ok = vec![0f32; 2 * 2 * 64];
+    assert!(matches!(
+        cache.write(0, &span, &ok[..100], &ok),
+        Err(KvError::ShapeMismatch {
+            op: "write",
+            expected: 256,
+            got: 100,
+            ..
+        })
+    ));
+    assert!(matches!(
+        cache.write(2, &span, &ok, &ok),
+        Err(KvError::LayerOutOfRange {
+            layer: 2,
+            layers: 2,
+            ..
+        })
+    ));
+    let mut nan = ok.clone();
+    nan[3] = f32::NAN;
+    assert!(matches!(
+        cache.write(0, &span, &nan, &ok),
+        Err(KvError::NonFinite { index: 3, .. })
+    ));
+    cache.write(0, &span, &ok, &ok).unwrap();
+    let mut out = vec![0f32; 2 * 4 * 64];
+    assert!(matches!(
+        cache.attend(0, &span, &ok, &mut out),
+        Err(KvError::ShapeMismatch {
+            op: "attend",
+            expected: 512,
+            got: 256,
+            ..
+        })
+    ));
+    // Frame spans need a frame id; text spans must not have one; frames are unique.
+    assert!(matches!(
+        cache.append_span(TokenKind::Frame, &[2], None),
+        Err(KvError::BadSpan { .. })
+    ));
+    assert!(matches!(
+        cache.append_span(TokenKind::Text, &[2], Some(3)),
+        Err(KvError::BadSpan { .. })
+    ));
+    cache.append_span(TokenKind::Frame, &[2], Some(3)).unwrap();
+    assert_eq!(
+        cache
+            .append_span(TokenKind::Frame, &[3], Some(3))
+            .unwrap_err(),
+        KvError::DuplicateFrame { frame: 3 }
+    );
+}
+
+/// Attention output error of a quantized cache against f32 attention on the original data.
+fn attention_error_vs_original(policy: &str, outliers: bool) -> f64 {
+    let (qh, kvh, d) = (4, 2, 64);
+    let mut rng = rng(5);
+    let mut cache = MixedKvCache::new(shape(1, qh, kvh, d), policy.parse().unwrap(), 4096).unwrap();
+    let mut exact = MixedKvCache::new(shape(1, qh, kvh, d), KvPolicy::fp16(), 4096).unwrap();
+    let mut total = 0.0;
+    for trial in 0..4u64 {
+        cache.clear();
+        exact.clear();
+        let mut last = None;
+        for f in 0..8u64 {
+            let pos: Vec<u32> = (f as u32 * 64..f as u32 * 64 + 64).collect();
+            let k = rand_kv(&mut rng, 64, kvh, d, outliers);
+            let v = rand_kv(&mut rng, 64, kvh, d, false);
+            let a = cache
+                .append_span(TokenKind::Frame, &pos, Some(f + 100 * trial))
+                .unwrap();
+            cache.write(0, &a, &k, &v).unwrap();
+            let b = exact
+                .append_span(TokenKind::Frame, &pos, Some(f + 100 * trial))
+                .unwrap();
+            exact.write(0, &b, &k, &v).unwrap();
+            last = Some((a, b));
+        }
+        let (a, b) = last.unwrap();
+        // Queries aligned with the outlier channels, as real queries are.
+        let q: Vec<f32> = rand_q(&mut rng, 64, qh, d)
+            .iter()
+            .enumerate()
+            .map(|(i, x)| if i % 16 == 5 { x * 0.3 } else { *x })
+            .collect();
+        let mut got = vec![0f32; q.len()];
+        let mut want = vec![0f32; q.len()];
+        cache
+            .attend_with(Kernel::Reference, 0, &a, &q, &mut got)
+            .unwrap();
+        exact
+            .attend_with(Kernel::Reference, 0, &b, &q, &mut want)
+            .unwrap();
+        total += rel_err(&got, &want);
+    }
+    total / 4.0
+}
+
+#[test]
+fn per_channel_keys_beat_per_token_keys_on_outliers() {
+    let chan = attention_error_vs_original("mixed:keys=channel,budget=0,sinks=0", true);
+    let tok = attention_error_vs_original("mixed:keys=token,budget=0,sinks=0", true);
+    assert!(chan < tok, "per-channel {chan} vs per-token {tok}");
+    // Both are usable on ordinary data, INT8 is much tighter than INT4.
+    let int4 = attention_error_vs_original("mixed:budget=0,sinks=0", false);
+    let int8 = attention_error_vs_original("int8-frames:budget=0,sinks=0", false);
+    assert!(int8 < int4 / 4.0, "int8 {int8} int4 {int4}");
+    assert!(int4 < 0.1, "int4 error {int4}");
+}
+
+#[test]
+fn quantized_keys_and_values_are_within_half_a_step() {
+    use jetvlm_kvcache::attention::reference::dequant_token;
+    for policy in [
+        "mixed",
+        "mixed:keys=token",
+        "int8-frames",
+        "int2-frames:group=32",
+        "int4-all:group=128",
+    ] {
+        for outliers in [false, true] {
+            let p: KvPolicy = policy.parse().unwrap();
+            let (kvh, d) = (2, 128);
+            let mut cache = MixedKvCache::new(shape(1, 4, kvh, d), p.clone(), 1024).unwrap();
+            let mut rng = rng(9);
+            let pos: Vec<u32> = (0..64).collect();
+            let span = cache.append_span(TokenKind::Frame, &pos, Some(0)).unwrap();
+            let k = rand_kv(&mut rng, 64, kvh, d, outliers);
+            let v = rand_kv(&mut rng, 64, kvh, d, outliers);
+            cache.write(0, &span, &k, &v).unwrap();
+            let levels = ((1u32 << p.frame_bits) - 1) as f32;
+            let (mut kb, mut vb) = (vec![0f32; d], vec![0f32; d]);
+            for (i, slot) in span.slots().iter().enumerate() {
+                for h in 0..kvh {
+                    let pool = cache.pool(slot.pool).unwrap();
+                    dequant_token(
+                        pool.layout(),
+                        pool.segment(0, slot.id, h),
+                        slot.slot as usize,
+                        &mut kb,
+                        &mut vb,
+                    );
+                    let row = |x: &[f32]| x[(i * kvh + h) * d..][..d].to_vec();
+                    let (kr, vr) = (row(&k), row(&v));
+                    // Bound: half a step of the widest group the element can be in, plus FP16 rounding.
+                    for (orig, deq, groups) in [(&kr, &kb, true), (&vr, &vb, true)] {
+                        let _ = groups;
+                        let range = |xs: &[f32]| {
+                            xs.iter().cloned().fold(f32::NEG_INFINITY, f32::max)
+                                - xs.iter().cloned().fold(f32::INFINITY, f32::min)
+                        };
+                        for c in 0..d {
+                            let step = if std::ptr::eq(orig, &kr)
+                                && p.key_mode == jetvlm_kvcache::KeyMode::PerChannel
+                            {
+                                let col: Vec<f32> =
+                                    (0..64).map(|t| k[(t * kvh + h) * d + c]).collect();
+                                range(&col) / levels
+                            } else {
+                                let g = p.group;
+                                range(&orig[c / g * g..(c / g + 1) * g]) / levels
+                            };
+                            let bound = 0.5 * step * 1.002 + orig[c].abs() * 1e-3 + 1e-6;
+                            assert!(
+                                (orig[c] - deq[c]).abs() <= bound,
+                                "{policy} outliers={outliers}: {} vs {} bound {bound}",
+                                orig[c],
+                                deq[c]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
