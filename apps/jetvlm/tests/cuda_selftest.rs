@@ -4,14 +4,25 @@
 use std::process::Command;
 
 fn jetvlm(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_jetvlm")).args(args).output().expect("run the jetvlm binary");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_jetvlm"))
+        .args(args)
+        .output()
+        .expect("run the jetvlm binary");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn assert_one_clear_line(stderr: &str, expect: &str) {
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one error line, got:\n{stderr}");
-    assert!(lines[0].starts_with("error: ") && lines[0].contains(expect), "{}", lines[0]);
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(expect),
+        "{}",
+        lines[0]
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
@@ -25,7 +36,10 @@ fn selftest_passes_on_a_gpu_or_fails_with_one_line() {
         assert!(!ok);
         assert_one_clear_line(&stderr, "libcuda");
     } else if ok {
-        let results: Vec<&str> = stdout.lines().filter(|l| l.starts_with("PASS") || l.starts_with("FAIL")).collect();
+        let results: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.starts_with("PASS") || l.starts_with("FAIL"))
+            .collect();
         assert!(results.len() > 40, "{stdout}");
         assert!(results.iter().all(|l| l.starts_with("PASS")), "{stdout}");
     } else {
@@ -46,7 +60,10 @@ fn nvrtc_only_compiles_every_kernel_or_fails_with_one_line() {
         assert_one_clear_line(&stderr, "libnvrtc");
     } else {
         assert!(ok, "{stderr}");
-        let passes = stdout.lines().filter(|l| l.starts_with("PASS nvrtc")).count();
+        let passes = stdout
+            .lines()
+            .filter(|l| l.starts_with("PASS nvrtc"))
+            .count();
         assert_eq!(passes, 3 * jetvlm_cuda::sources::KERNELS.len(), "{stdout}");
     }
 }

@@ -8,8 +8,8 @@ pub enum CudaError {
     #[error("CUDA driver library (libcuda.so) not found: this machine has no usable NVIDIA driver")]
     DriverNotFound,
     #[error(
-        "NVRTC library (libnvrtc.so) not found: install the CUDA toolkit, or the `nvidia-cuda-nvrtc-cu12` \
-         wheel and add its `nvidia/cuda_nvrtc/lib` directory to LD_LIBRARY_PATH"
+        "NVRTC library (libnvrtc.so) not found: install the CUDA toolkit, or run .ci/setup (the \
+         `nvidia-cuda-nvrtc-cu12` wheel in .venv), or set JETVLM_NVRTC_LIB to a libnvrtc.so.12"
     )]
     NvrtcNotFound,
     #[error("no CUDA device {ordinal}: {message}")]

@@ -2,9 +2,9 @@
 //! and outlier-heavy inputs, one PASS/FAIL line per kernel and case. `--nvrtc-only` compiles
 //! every kernel with NVRTC for the given SMs instead (needs libnvrtc, no GPU).
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use jetvlm_core::Device;
-use jetvlm_cuda::{compile_all, nvrtc_version, sources::CHECKED_ARCHS, CudaDevice};
+use jetvlm_cuda::{CudaDevice, compile_all, nvrtc_version, sources::CHECKED_ARCHS};
 
 #[derive(clap::Args, Debug)]
 pub struct SelftestArgs {
@@ -27,7 +27,9 @@ pub struct SelftestArgs {
 
 pub fn run(args: SelftestArgs) -> Result<()> {
     if args.device != Device::Cuda {
-        bail!("selftest checks the CUDA kernels against their CPU twins; run it with --device cuda");
+        bail!(
+            "selftest checks the CUDA kernels against their CPU twins; run it with --device cuda"
+        );
     }
     if args.nvrtc_only {
         return nvrtc_only(&args);
@@ -39,7 +41,11 @@ pub fn run(args: SelftestArgs) -> Result<()> {
         i.ordinal,
         i.name,
         i.sm(),
-        if i.integrated { "integrated, unified memory" } else { "discrete" },
+        if i.integrated {
+            "integrated, unified memory"
+        } else {
+            "discrete"
+        },
         i.multiprocessors,
         i.total_memory as f64 / (1u64 << 30) as f64,
         i.available_memory as f64 / (1u64 << 30) as f64,
@@ -53,7 +59,12 @@ pub fn run(args: SelftestArgs) -> Result<()> {
         println!("{}", c.line());
     }
     let failed = checks.iter().filter(|c| !c.passed()).count();
-    println!("{} of {} checks passed in {:.1} s", checks.len() - failed, checks.len(), t.elapsed().as_secs_f64());
+    println!(
+        "{} of {} checks passed in {:.1} s",
+        checks.len() - failed,
+        checks.len(),
+        t.elapsed().as_secs_f64()
+    );
     if failed > 0 {
         bail!("{failed} kernel check(s) failed");
     }
@@ -61,12 +72,23 @@ pub fn run(args: SelftestArgs) -> Result<()> {
 }
 
 fn nvrtc_only(args: &SelftestArgs) -> Result<()> {
-    let sms = if args.sm.is_empty() { CHECKED_ARCHS.to_vec() } else { args.sm.clone() };
+    let sms = if args.sm.is_empty() {
+        CHECKED_ARCHS.to_vec()
+    } else {
+        args.sm.clone()
+    };
     let (major, minor) = nvrtc_version().map_err(|e| anyhow::anyhow!("--nvrtc-only: {e}"))?;
     let compiled = compile_all(&sms)?;
     for c in &compiled {
-        println!("PASS nvrtc {major}.{minor} sm_{:<4} {:<16} {:>7} bytes {:7.1} ms", c.sm, c.file, c.cubin_bytes, c.millis);
+        println!(
+            "PASS nvrtc {major}.{minor} sm_{:<4} {:<16} {:>7} bytes {:7.1} ms",
+            c.sm, c.file, c.cubin_bytes, c.millis
+        );
     }
-    println!("{} kernel sources compiled for sm {:?}", compiled.len(), sms);
+    println!(
+        "{} kernel sources compiled for sm {:?}",
+        compiled.len(),
+        sms
+    );
     Ok(())
 }

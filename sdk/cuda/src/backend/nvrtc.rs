@@ -2,14 +2,63 @@
 //! Needs only libnvrtc (no driver, no GPU).
 
 use std::ffi::{CStr, CString};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use cudarc::nvrtc::{result, sys};
 
 use crate::error::CudaError;
 use crate::sources::KernelSource;
 
+/// Where a project-local NVRTC may be: `$JETVLM_NVRTC_LIB`, else the `nvidia-cuda-nvrtc-cu12`
+/// wheel in a `.venv` of the working directory or of a directory above the executable.
+fn bundled_nvrtc_candidates() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(p) = std::env::var_os("JETVLM_NVRTC_LIB").filter(|p| !p.is_empty()) {
+        out.push(PathBuf::from(p));
+    }
+    let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    for root in roots {
+        let Ok(libs) = std::fs::read_dir(root.join(".venv").join("lib")) else {
+            continue;
+        };
+        for py in libs.flatten() {
+            let lib = py
+                .path()
+                .join("site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12");
+            if lib.is_file() {
+                out.push(lib);
+            }
+        }
+    }
+    out
+}
+
+/// Loads a project-local NVRTC by path once, when the loader finds none by name. The loaded
+/// library answers later look-ups of its soname (`libnvrtc.so.12`), which is how cudarc asks
+/// for it; its builtins library sits beside it (RUNPATH `$ORIGIN`).
+fn preload_bundled_nvrtc() {
+    static PRELOADED: OnceLock<Option<libloading::Library>> = OnceLock::new();
+    PRELOADED.get_or_init(|| {
+        // SAFETY: only tries to dlopen candidate library names.
+        if unsafe { sys::is_culib_present() } {
+            return None;
+        }
+        bundled_nvrtc_candidates().into_iter().find_map(|path| {
+            // SAFETY: NVRTC's initialisers have no preconditions.
+            let lib = unsafe { libloading::Library::new(&path) }.ok()?;
+            tracing::debug!(path = %path.display(), "loaded NVRTC");
+            Some(lib)
+        })
+    });
+}
+
 /// True when a libnvrtc can be loaded (checked before any NVRTC call: cudarc panics otherwise).
 pub fn nvrtc_available() -> bool {
+    preload_bundled_nvrtc();
     // SAFETY: only tries to dlopen candidate library names.
     unsafe { sys::is_culib_present() }
 }
