@@ -7,9 +7,13 @@ use std::path::PathBuf;
 pub enum CameraError {
     #[error("invalid source URI `{uri}`: {reason}")]
     InvalidUri { uri: String, reason: String },
-    #[error("unsupported source scheme `{scheme}` in `{uri}` (expected synthetic://, file://, dir:// or v4l2://)")]
+    #[error(
+        "unsupported source scheme `{scheme}` in `{uri}` (expected synthetic://, file://, dir:// or v4l2://)"
+    )]
     UnsupportedScheme { uri: String, scheme: String },
-    #[error("`{uri}` needs V4L2 support, but jetvlm was not compiled with it (rebuild with `--features v4l`)")]
+    #[error(
+        "`{uri}` needs V4L2 support, but jetvlm was not compiled with it (rebuild with `--features v4l`)"
+    )]
     NotCompiledWithV4l { uri: String },
     #[error("reading image {path}: {source}")]
     ReadImage {

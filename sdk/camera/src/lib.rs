@@ -12,6 +12,7 @@
 
 pub mod error;
 pub mod frame;
+pub mod pixel;
 pub mod qa;
 pub mod rng;
 pub mod scene;

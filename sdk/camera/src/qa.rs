@@ -34,11 +34,27 @@ impl Kind {
 }
 
 /// Single-frame question categories.
-pub const SINGLE_CATEGORIES: [&str; 8] =
-    ["count", "count_colour", "count_shape", "colour", "shape", "zone", "presence", "zone_count"];
+pub const SINGLE_CATEGORIES: [&str; 8] = [
+    "count",
+    "count_colour",
+    "count_shape",
+    "colour",
+    "shape",
+    "zone",
+    "presence",
+    "zone_count",
+];
 /// Multi-frame question categories.
-pub const MULTI_CATEGORIES: [&str; 8] =
-    ["count_change", "more_fewer", "moved", "moved_count", "did_move", "appeared", "left", "entered_zone"];
+pub const MULTI_CATEGORIES: [&str; 8] = [
+    "count_change",
+    "more_fewer",
+    "moved",
+    "moved_count",
+    "did_move",
+    "appeared",
+    "left",
+    "entered_zone",
+];
 
 /// One question with its answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -74,7 +90,10 @@ fn single(category: &'static str, t: &FrameTruth, rng: &mut Rng) -> Option<(Stri
                 *rng.choose(&Colour::ALL)?
             };
             let n = objs.iter().filter(|o| o.colour == c).count();
-            Some((format!("how many {} objects are there?", c.name()), n.to_string()))
+            Some((
+                format!("how many {} objects are there?", c.name()),
+                n.to_string(),
+            ))
         }
         "count_shape" => {
             let s = *rng.choose(&Shape::ALL)?;
@@ -82,21 +101,34 @@ fn single(category: &'static str, t: &FrameTruth, rng: &mut Rng) -> Option<(Stri
             Some((format!("how many {} are there?", s.plural()), n.to_string()))
         }
         "colour" => {
-            let unique: Vec<&Object> =
-                objs.iter().filter(|o| objs.iter().filter(|p| p.shape == o.shape).count() == 1).collect();
+            let unique: Vec<&Object> = objs
+                .iter()
+                .filter(|o| objs.iter().filter(|p| p.shape == o.shape).count() == 1)
+                .collect();
             let o = rng.choose(&unique)?;
-            Some((format!("what colour is the {}?", o.shape.name()), o.colour.name().into()))
+            Some((
+                format!("what colour is the {}?", o.shape.name()),
+                o.colour.name().into(),
+            ))
         }
         "shape" => {
-            let unique: Vec<&Object> =
-                objs.iter().filter(|o| objs.iter().filter(|p| p.colour == o.colour).count() == 1).collect();
+            let unique: Vec<&Object> = objs
+                .iter()
+                .filter(|o| objs.iter().filter(|p| p.colour == o.colour).count() == 1)
+                .collect();
             let o = rng.choose(&unique)?;
-            Some((format!("what shape is the {} object?", o.colour.name()), o.shape.name().into()))
+            Some((
+                format!("what shape is the {} object?", o.colour.name()),
+                o.shape.name().into(),
+            ))
         }
         "zone" => {
             let clear: Vec<&Object> = objs.iter().filter(|o| zone_clear(o, t)).collect();
             let o = rng.choose(&clear)?;
-            Some((format!("where is the {}?", o.name()), o.zone(t.width).name().into()))
+            Some((
+                format!("where is the {}?", o.name()),
+                o.zone(t.width).name().into(),
+            ))
         }
         "presence" => {
             let (c, s) = if rng.chance(0.5) && !objs.is_empty() {
@@ -107,7 +139,10 @@ fn single(category: &'static str, t: &FrameTruth, rng: &mut Rng) -> Option<(Stri
             };
             let present = objs.iter().any(|o| o.colour == c && o.shape == s);
             let answer = if present { "yes" } else { "no" };
-            Some((format!("is there a {} {}?", c.name(), s.name()), answer.into()))
+            Some((
+                format!("is there a {} {}?", c.name(), s.name()),
+                answer.into(),
+            ))
         }
         "zone_count" => {
             if !objs.iter().all(|o| zone_clear(o, t)) {
@@ -115,7 +150,10 @@ fn single(category: &'static str, t: &FrameTruth, rng: &mut Rng) -> Option<(Stri
             }
             let z = *rng.choose(&Zone::ALL)?;
             let n = objs.iter().filter(|o| o.zone(t.width) == z).count();
-            Some((format!("how many objects are in the {} zone?", z.name()), n.to_string()))
+            Some((
+                format!("how many objects are in the {} zone?", z.name()),
+                n.to_string(),
+            ))
         }
         _ => None,
     }
@@ -123,7 +161,10 @@ fn single(category: &'static str, t: &FrameTruth, rng: &mut Rng) -> Option<(Stri
 
 /// Objects present in both frames, with their displacement; `None` when any displacement is
 /// borderline (neither clearly still nor clearly moved).
-fn displacements<'a>(first: &'a FrameTruth, last: &'a FrameTruth) -> Option<Vec<(&'a Object, bool)>> {
+fn displacements<'a>(
+    first: &'a FrameTruth,
+    last: &'a FrameTruth,
+) -> Option<Vec<(&'a Object, bool)>> {
     let min = MOVE_MIN * side(last);
     let mut out = Vec::new();
     for o in &last.objects {
@@ -146,7 +187,12 @@ fn one_or_nothing(names: Vec<String>) -> Option<String> {
     }
 }
 
-fn multi(category: &'static str, first: &FrameTruth, last: &FrameTruth, rng: &mut Rng) -> Option<(String, String)> {
+fn multi(
+    category: &'static str,
+    first: &FrameTruth,
+    last: &FrameTruth,
+    rng: &mut Rng,
+) -> Option<(String, String)> {
     match category {
         "count_change" => Some((
             "how many objects now vs before?".into(),
@@ -159,11 +205,18 @@ fn multi(category: &'static str, first: &FrameTruth, last: &FrameTruth, rng: &mu
                 std::cmp::Ordering::Less => "fewer",
                 std::cmp::Ordering::Equal => "same",
             };
-            Some(("are there more or fewer objects than before?".into(), a.into()))
+            Some((
+                "are there more or fewer objects than before?".into(),
+                a.into(),
+            ))
         }
         "moved" => {
             let d = displacements(first, last)?;
-            let names = d.iter().filter(|(_, m)| *m).map(|(o, _)| o.name()).collect();
+            let names = d
+                .iter()
+                .filter(|(_, m)| *m)
+                .map(|(o, _)| o.name())
+                .collect();
             Some(("which object moved?".into(), one_or_nothing(names)?))
         }
         "moved_count" => {
@@ -174,18 +227,33 @@ fn multi(category: &'static str, first: &FrameTruth, last: &FrameTruth, rng: &mu
         "did_move" => {
             let d = displacements(first, last)?;
             let (o, m) = rng.choose(&d)?;
-            Some((format!("did the {} move?", o.name()), if *m { "yes" } else { "no" }.into()))
+            Some((
+                format!("did the {} move?", o.name()),
+                if *m { "yes" } else { "no" }.into(),
+            ))
         }
         "appeared" => {
-            let names = last.objects.iter().filter(|o| first.find(o.id).is_none()).map(|o| o.name()).collect();
+            let names = last
+                .objects
+                .iter()
+                .filter(|o| first.find(o.id).is_none())
+                .map(|o| o.name())
+                .collect();
             Some(("what appeared?".into(), one_or_nothing(names)?))
         }
         "left" => {
-            let names = first.objects.iter().filter(|o| last.find(o.id).is_none()).map(|o| o.name()).collect();
+            let names = first
+                .objects
+                .iter()
+                .filter(|o| last.find(o.id).is_none())
+                .map(|o| o.name())
+                .collect();
             Some(("what left?".into(), one_or_nothing(names)?))
         }
         "entered_zone" => {
-            if !first.objects.iter().all(|o| zone_clear(o, first)) || !last.objects.iter().all(|o| zone_clear(o, last)) {
+            if !first.objects.iter().all(|o| zone_clear(o, first))
+                || !last.objects.iter().all(|o| zone_clear(o, last))
+            {
                 return None;
             }
             let z = *rng.choose(&Zone::ALL)?;
@@ -196,7 +264,10 @@ fn multi(category: &'static str, first: &FrameTruth, last: &FrameTruth, rng: &mu
                 .filter(|o| first.find(o.id).is_none_or(|p| p.zone(first.width) != z))
                 .map(|o| o.name())
                 .collect();
-            Some((format!("what entered the {} zone?", z.name()), one_or_nothing(names)?))
+            Some((
+                format!("what entered the {} zone?", z.name()),
+                one_or_nothing(names)?,
+            ))
         }
         _ => None,
     }
@@ -208,8 +279,11 @@ pub fn questions(truths: &[FrameTruth], n: usize, rng: &mut Rng) -> Vec<Question
     let (Some(first), Some(last)) = (truths.first(), truths.last()) else {
         return Vec::new();
     };
-    let (kind, cats): (Kind, &[&'static str]) =
-        if truths.len() == 1 { (Kind::Single, &SINGLE_CATEGORIES) } else { (Kind::Multi, &MULTI_CATEGORIES) };
+    let (kind, cats): (Kind, &[&'static str]) = if truths.len() == 1 {
+        (Kind::Single, &SINGLE_CATEGORIES)
+    } else {
+        (Kind::Multi, &MULTI_CATEGORIES)
+    };
     let mut order: Vec<&'static str> = cats.to_vec();
     for i in (1..order.len()).rev() {
         order.swap(i, rng.below(i + 1));
@@ -224,7 +298,12 @@ pub fn questions(truths: &[FrameTruth], n: usize, rng: &mut Rng) -> Vec<Question
             Kind::Multi => multi(category, first, last, rng),
         };
         if let Some((question, answer)) = qa {
-            out.push(Question { question, answer, kind, category });
+            out.push(Question {
+                question,
+                answer,
+                kind,
+                category,
+            });
         }
     }
     out
@@ -255,8 +334,19 @@ pub struct DatasetConfig {
 impl Default for DatasetConfig {
     fn default() -> Self {
         // More churn than the live stream, so short clips often show entries and exits.
-        let scene = SceneConfig { p_enter: 0.35, p_leave: 0.12, ..SceneConfig::default() };
-        Self { scene, count: 100, seed: 0, multi_fraction: 0.5, frames: (2, 4), questions_per_clip: 3 }
+        let scene = SceneConfig {
+            p_enter: 0.35,
+            p_leave: 0.12,
+            ..SceneConfig::default()
+        };
+        Self {
+            scene,
+            count: 100,
+            seed: 0,
+            multi_fraction: 0.5,
+            frames: (2, 4),
+            questions_per_clip: 3,
+        }
     }
 }
 
@@ -264,12 +354,22 @@ impl Default for DatasetConfig {
 /// held-out set is just another seed.
 pub fn clip(cfg: &DatasetConfig, index: usize) -> Result<(Clip, Vec<Question>)> {
     if cfg.frames.0 < 2 || cfg.frames.0 > cfg.frames.1 || cfg.frames.1 > 16 {
-        return Err(CameraError::InvalidScene(format!("multi-frame range {:?} must satisfy 2 <= lo <= hi <= 16", cfg.frames)));
+        return Err(CameraError::InvalidScene(format!(
+            "multi-frame range {:?} must satisfy 2 <= lo <= hi <= 16",
+            cfg.frames
+        )));
     }
     let mut rng = Rng::derive(cfg.seed, index as u64 + 1);
-    let n_frames = if rng.chance(cfg.multi_fraction) { cfg.frames.0 + rng.below(cfg.frames.1 - cfg.frames.0 + 1) } else { 1 };
+    let n_frames = if rng.chance(cfg.multi_fraction) {
+        cfg.frames.0 + rng.below(cfg.frames.1 - cfg.frames.0 + 1)
+    } else {
+        1
+    };
     let mut scene = Scene::new(cfg.scene.clone(), rng.next_u64())?;
-    let mut clip = Clip { frames: Vec::new(), truths: Vec::new() };
+    let mut clip = Clip {
+        frames: Vec::new(),
+        truths: Vec::new(),
+    };
     for f in 0..n_frames {
         if f > 0 {
             scene.step();
@@ -304,7 +404,10 @@ pub struct DatasetSummary {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CameraError + '_ {
-    move |source| CameraError::Write { path: path.to_path_buf(), source }
+    move |source| CameraError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Writes the dataset to `out`: `images/CLIP_F.png`, `qa.jsonl` (one question per line: id,
@@ -316,12 +419,21 @@ pub fn write_dataset(out: &Path, cfg: &DatasetConfig) -> Result<DatasetSummary> 
     if out.exists() && !replace_allowed(out)? {
         return Err(CameraError::Write {
             path: out.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "output exists and is not empty"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "output exists and is not empty",
+            ),
         });
     }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "dataset".into());
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "dataset".into());
     let tmp: PathBuf = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
@@ -352,8 +464,10 @@ fn write_into(dir: &Path, cfg: &DatasetConfig) -> Result<DatasetSummary> {
     std::fs::create_dir_all(&images).map_err(io_err(&images))?;
     let qa_path = dir.join("qa.jsonl");
     let scenes_path = dir.join("scenes.jsonl");
-    let mut qa = std::io::BufWriter::new(std::fs::File::create(&qa_path).map_err(io_err(&qa_path))?);
-    let mut scenes = std::io::BufWriter::new(std::fs::File::create(&scenes_path).map_err(io_err(&scenes_path))?);
+    let mut qa =
+        std::io::BufWriter::new(std::fs::File::create(&qa_path).map_err(io_err(&qa_path))?);
+    let mut scenes =
+        std::io::BufWriter::new(std::fs::File::create(&scenes_path).map_err(io_err(&scenes_path))?);
     let mut summary = DatasetSummary::default();
     let (w, h) = (cfg.scene.width, cfg.scene.height);
     for i in 0..cfg.count {
@@ -362,8 +476,12 @@ fn write_into(dir: &Path, cfg: &DatasetConfig) -> Result<DatasetSummary> {
         for (f, rgb) in clip.frames.iter().enumerate() {
             let rel = format!("images/{i:06}_{f}.png");
             let path = dir.join(&rel);
-            image::save_buffer(&path, rgb, w, h, image::ExtendedColorType::Rgb8)
-                .map_err(|source| CameraError::WriteImage { path: path.clone(), source })?;
+            image::save_buffer(&path, rgb, w, h, image::ExtendedColorType::Rgb8).map_err(
+                |source| CameraError::WriteImage {
+                    path: path.clone(),
+                    source,
+                },
+            )?;
             paths.push(rel);
         }
         summary.images += paths.len();
@@ -380,7 +498,10 @@ fn write_into(dir: &Path, cfg: &DatasetConfig) -> Result<DatasetSummary> {
                 kind: q.kind,
                 category: q.category,
             };
-            let text = serde_json::to_string(&line).map_err(|e| CameraError::Write { path: qa_path.clone(), source: e.into() })?;
+            let text = serde_json::to_string(&line).map_err(|e| CameraError::Write {
+                path: qa_path.clone(),
+                source: e.into(),
+            })?;
             writeln!(qa, "{text}").map_err(io_err(&qa_path))?;
             summary.questions += 1;
             match q.kind {
@@ -416,7 +537,15 @@ mod tests {
     use super::*;
 
     fn truth(objects: Vec<(u32, Colour, Shape, f32, f32)>) -> FrameTruth {
-        let mut scene = Scene::new(SceneConfig { p_enter: 0.0, p_leave: 0.0, ..SceneConfig::default() }, 1).unwrap();
+        let mut scene = Scene::new(
+            SceneConfig {
+                p_enter: 0.0,
+                p_leave: 0.0,
+                ..SceneConfig::default()
+            },
+            1,
+        )
+        .unwrap();
         let template = scene.truth().objects.first().cloned();
         scene.step();
         let template = template.unwrap_or_else(|| panic!("seed 1 has objects"));
@@ -426,7 +555,14 @@ mod tests {
             height: 128,
             objects: objects
                 .into_iter()
-                .map(|(id, colour, shape, x, y)| Object { id, colour, shape, x, y, ..template.clone() })
+                .map(|(id, colour, shape, x, y)| Object {
+                    id,
+                    colour,
+                    shape,
+                    x,
+                    y,
+                    ..template.clone()
+                })
                 .collect(),
         }
     }
@@ -514,20 +650,32 @@ mod tests {
 
     #[test]
     fn clips_are_deterministic_and_mixed() {
-        let cfg = DatasetConfig { count: 40, seed: 3, ..DatasetConfig::default() };
+        let cfg = DatasetConfig {
+            count: 40,
+            seed: 3,
+            ..DatasetConfig::default()
+        };
         let (a, qa) = clip(&cfg, 5).unwrap();
         let (b, qb) = clip(&cfg, 5).unwrap();
         assert_eq!(a.frames, b.frames);
         assert_eq!(qa, qb);
-        let kinds: Vec<usize> = (0..40).map(|i| clip(&cfg, i).unwrap().0.frames.len()).collect();
-        assert!(kinds.contains(&1) && kinds.iter().any(|&k| k >= 2) && kinds.iter().all(|&k| k <= 4));
+        let kinds: Vec<usize> = (0..40)
+            .map(|i| clip(&cfg, i).unwrap().0.frames.len())
+            .collect();
+        assert!(
+            kinds.contains(&1) && kinds.iter().any(|&k| k >= 2) && kinds.iter().all(|&k| k <= 4)
+        );
     }
 
     #[test]
     fn dataset_is_written_whole_and_refuses_to_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("ds");
-        let cfg = DatasetConfig { count: 6, seed: 2, ..DatasetConfig::default() };
+        let cfg = DatasetConfig {
+            count: 6,
+            seed: 2,
+            ..DatasetConfig::default()
+        };
         let s = write_dataset(&out, &cfg).unwrap();
         assert_eq!(s.clips, 6);
         let qa = std::fs::read_to_string(out.join("qa.jsonl")).unwrap();
@@ -542,6 +690,9 @@ mod tests {
         }
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary directory left behind");
-        assert!(matches!(write_dataset(&out, &cfg), Err(CameraError::Write { .. })));
+        assert!(matches!(
+            write_dataset(&out, &cfg),
+            Err(CameraError::Write { .. })
+        ));
     }
 }

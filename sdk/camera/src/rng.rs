@@ -19,7 +19,14 @@ impl Rng {
     /// A generator seeded from `seed`.
     pub fn new(seed: u64) -> Self {
         let mut st = seed;
-        Self { s: [splitmix(&mut st), splitmix(&mut st), splitmix(&mut st), splitmix(&mut st)] }
+        Self {
+            s: [
+                splitmix(&mut st),
+                splitmix(&mut st),
+                splitmix(&mut st),
+                splitmix(&mut st),
+            ],
+        }
     }
 
     /// A generator for stream `stream` of `seed` (independent sub-streams, e.g. one per clip).
@@ -70,7 +77,11 @@ impl Rng {
 
     /// A uniformly chosen element; `None` when empty.
     pub fn choose<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
-        if items.is_empty() { None } else { items.get(self.below(items.len())) }
+        if items.is_empty() {
+            None
+        } else {
+            items.get(self.below(items.len()))
+        }
     }
 }
 
@@ -80,10 +91,12 @@ mod tests {
 
     #[test]
     fn same_seed_same_sequence_and_streams_differ() {
-        let a: Vec<u64> = (0..8).map({
-            let mut r = Rng::new(7);
-            move |_| r.next_u64()
-        }).collect();
+        let a: Vec<u64> = (0..8)
+            .map({
+                let mut r = Rng::new(7);
+                move |_| r.next_u64()
+            })
+            .collect();
         let mut r = Rng::new(7);
         let b: Vec<u64> = (0..8).map(|_| r.next_u64()).collect();
         assert_eq!(a, b);

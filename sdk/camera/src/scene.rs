@@ -21,7 +21,13 @@ pub enum Colour {
 }
 
 impl Colour {
-    pub const ALL: [Colour; 5] = [Colour::Red, Colour::Green, Colour::Blue, Colour::Yellow, Colour::Purple];
+    pub const ALL: [Colour; 5] = [
+        Colour::Red,
+        Colour::Green,
+        Colour::Blue,
+        Colour::Yellow,
+        Colour::Purple,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -170,21 +176,34 @@ impl SceneConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(CameraError::InvalidScene(m));
         if !(16..=4096).contains(&self.width) || !(16..=4096).contains(&self.height) {
-            return bad(format!("frame size {}x{} outside 16..=4096", self.width, self.height));
+            return bad(format!(
+                "frame size {}x{} outside 16..=4096",
+                self.width, self.height
+            ));
         }
         if self.max_objects == 0 || self.max_objects > 12 {
             return bad(format!("max_objects {} outside 1..=12", self.max_objects));
         }
-        for (name, p) in [("p_enter", self.p_enter), ("p_leave", self.p_leave), ("p_moving", self.p_moving)] {
+        for (name, p) in [
+            ("p_enter", self.p_enter),
+            ("p_leave", self.p_leave),
+            ("p_moving", self.p_moving),
+        ] {
             if !(0.0..=1.0).contains(&p) {
                 return bad(format!("{name} {p} outside [0, 1]"));
             }
         }
         if !(self.size.0 > 0.0 && self.size.0 <= self.size.1 && self.size.1 <= 0.25) {
-            return bad(format!("size range {:?} must satisfy 0 < lo <= hi <= 0.25", self.size));
+            return bad(format!(
+                "size range {:?} must satisfy 0 < lo <= hi <= 0.25",
+                self.size
+            ));
         }
         if !(self.speed.0 >= 0.0 && self.speed.0 <= self.speed.1 && self.speed.1 <= 0.5) {
-            return bad(format!("speed range {:?} must satisfy 0 <= lo <= hi <= 0.5", self.speed));
+            return bad(format!(
+                "speed range {:?} must satisfy 0 <= lo <= hi <= 0.5",
+                self.speed
+            ));
         }
         Ok(())
     }
@@ -342,7 +361,9 @@ impl Scene {
         let index = self.index;
         let taken = |c: Colour, s: Shape, objs: &[Object], left: &[(Colour, Shape, u64)]| {
             objs.iter().any(|o| o.colour == c && o.shape == s)
-                || left.iter().any(|&(lc, ls, at)| lc == c && ls == s && index < at + REUSE_AFTER_FRAMES)
+                || left
+                    .iter()
+                    .any(|&(lc, ls, at)| lc == c && ls == s && index < at + REUSE_AFTER_FRAMES)
         };
         let mut free = Vec::new();
         for c in Colour::ALL {
@@ -376,7 +397,17 @@ impl Scene {
                 self.dynamics.range_f32(-12.0, 12.0),
                 self.dynamics.range_f32(-12.0, 12.0),
             ];
-            self.objects.push(Object { id: self.next_id, colour, shape, x, y, size, vx, vy, tint });
+            self.objects.push(Object {
+                id: self.next_id,
+                colour,
+                shape,
+                x,
+                y,
+                size,
+                vx,
+                vy,
+                tint,
+            });
             self.next_id += 1;
             return true;
         }
@@ -397,7 +428,8 @@ impl Scene {
         }
         self.objects = kept;
         let index = self.index;
-        self.recently_left.retain(|&(_, _, at)| index < at + REUSE_AFTER_FRAMES);
+        self.recently_left
+            .retain(|&(_, _, at)| index < at + REUSE_AFTER_FRAMES);
         for i in 0..self.objects.len() {
             let o = &self.objects[i];
             if o.vx == 0.0 && o.vy == 0.0 {
@@ -460,7 +492,11 @@ impl Scene {
         const SUB: [(f32, f32); 4] = [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)];
         for o in &self.objects {
             let nominal = o.colour.rgb();
-            let rgb = [nominal[0] + o.tint[0], nominal[1] + o.tint[1], nominal[2] + o.tint[2]];
+            let rgb = [
+                nominal[0] + o.tint[0],
+                nominal[1] + o.tint[1],
+                nominal[2] + o.tint[2],
+            ];
             let reach = o.size * 1.25 + 1.0;
             let x0 = (o.x - reach).floor().max(0.0) as usize;
             let x1 = ((o.x + reach).ceil() as usize).min(w);
@@ -471,7 +507,8 @@ impl Scene {
                     let inside = SUB
                         .iter()
                         .filter(|&&(sx, sy)| {
-                            o.shape.contains(x as f32 + sx - o.x, y as f32 + sy - o.y, o.size)
+                            o.shape
+                                .contains(x as f32 + sx - o.x, y as f32 + sy - o.y, o.size)
                         })
                         .count();
                     if inside == 0 {
@@ -534,8 +571,14 @@ mod tests {
                 let t = s.truth();
                 assert!(t.objects.len() <= cfg.max_objects);
                 for (i, o) in t.objects.iter().enumerate() {
-                    assert!(o.x - o.size > 0.0 && o.x + o.size < cfg.width as f32, "{o:?}");
-                    assert!(o.y - o.size > 0.0 && o.y + o.size < cfg.height as f32, "{o:?}");
+                    assert!(
+                        o.x - o.size > 0.0 && o.x + o.size < cfg.width as f32,
+                        "{o:?}"
+                    );
+                    assert!(
+                        o.y - o.size > 0.0 && o.y + o.size < cfg.height as f32,
+                        "{o:?}"
+                    );
                     for p in &t.objects[i + 1..] {
                         assert!((o.colour, o.shape) != (p.colour, p.shape));
                         let d = ((o.x - p.x).powi(2) + (o.y - p.y).powi(2)).sqrt();
@@ -563,15 +606,25 @@ mod tests {
                         None => entered += 1,
                     }
                 }
-                left += before.objects.iter().filter(|o| after.find(o.id).is_none()).count();
+                left += before
+                    .objects
+                    .iter()
+                    .filter(|o| after.find(o.id).is_none())
+                    .count();
             }
         }
-        assert!(moved > 20 && entered > 10 && left > 10, "{moved} {entered} {left}");
+        assert!(
+            moved > 20 && entered > 10 && left > 10,
+            "{moved} {entered} {left}"
+        );
     }
 
     #[test]
     fn rendered_object_has_its_colour() {
-        let cfg = SceneConfig { p_leave: 0.0, ..SceneConfig::default() };
+        let cfg = SceneConfig {
+            p_leave: 0.0,
+            ..SceneConfig::default()
+        };
         let mut s = Scene::new(cfg.clone(), 11).unwrap();
         let rgb = s.render();
         let t = s.truth();
@@ -593,9 +646,19 @@ mod tests {
 
     #[test]
     fn bad_config_is_rejected() {
-        let cfg = SceneConfig { width: 4, ..SceneConfig::default() };
-        assert!(matches!(Scene::new(cfg, 1), Err(CameraError::InvalidScene(m)) if m.contains("4x128")));
-        let cfg = SceneConfig { p_enter: 1.5, ..SceneConfig::default() };
-        assert!(matches!(Scene::new(cfg, 1), Err(CameraError::InvalidScene(m)) if m.contains("p_enter")));
+        let cfg = SceneConfig {
+            width: 4,
+            ..SceneConfig::default()
+        };
+        assert!(
+            matches!(Scene::new(cfg, 1), Err(CameraError::InvalidScene(m)) if m.contains("4x128"))
+        );
+        let cfg = SceneConfig {
+            p_enter: 1.5,
+            ..SceneConfig::default()
+        };
+        assert!(
+            matches!(Scene::new(cfg, 1), Err(CameraError::InvalidScene(m)) if m.contains("p_enter"))
+        );
     }
 }

@@ -17,11 +17,22 @@ fn is_image(path: &Path) -> bool {
 /// Decodes an image file into an RGB8 frame.
 pub fn load_frame(path: &Path, index: u64, timestamp: Duration) -> Result<Frame> {
     if !is_image(path) {
-        return Err(CameraError::UnsupportedImage { path: path.to_path_buf() });
+        return Err(CameraError::UnsupportedImage {
+            path: path.to_path_buf(),
+        });
     }
-    let img = image::open(path).map_err(|source| CameraError::ReadImage { path: path.to_path_buf(), source })?;
+    let img = image::open(path).map_err(|source| CameraError::ReadImage {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let rgb = img.to_rgb8();
-    Ok(Frame { index, timestamp, width: rgb.width(), height: rgb.height(), rgb: rgb.into_raw() })
+    Ok(Frame {
+        index,
+        timestamp,
+        width: rgb.width(),
+        height: rgb.height(),
+        rgb: rgb.into_raw(),
+    })
 }
 
 /// A single image file: one frame, then end of stream.
@@ -38,8 +49,15 @@ impl FileSource {
         if !is_image(&path) {
             return Err(CameraError::UnsupportedImage { path });
         }
-        let size = image::image_dimensions(&path).map_err(|source| CameraError::ReadImage { path: path.clone(), source })?;
-        Ok(Self { path, done: false, size: Some(size) })
+        let size = image::image_dimensions(&path).map_err(|source| CameraError::ReadImage {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self {
+            path,
+            done: false,
+            size: Some(size),
+        })
     }
 }
 
@@ -79,10 +97,16 @@ pub struct DirSource {
 impl DirSource {
     pub fn new(dir: impl Into<PathBuf>, fps: f64, looping: bool) -> Result<Self> {
         let dir = dir.into();
-        let entries = std::fs::read_dir(&dir).map_err(|source| CameraError::ReadDir { path: dir.clone(), source })?;
+        let entries = std::fs::read_dir(&dir).map_err(|source| CameraError::ReadDir {
+            path: dir.clone(),
+            source,
+        })?;
         let mut files = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|source| CameraError::ReadDir { path: dir.clone(), source })?;
+            let entry = entry.map_err(|source| CameraError::ReadDir {
+                path: dir.clone(),
+                source,
+            })?;
             let path = entry.path();
             if path.is_file() && is_image(&path) {
                 files.push(path);
@@ -92,7 +116,13 @@ impl DirSource {
             return Err(CameraError::EmptyDir { path: dir });
         }
         files.sort();
-        Ok(Self { dir, files, next: 0, fps, looping })
+        Ok(Self {
+            dir,
+            files,
+            next: 0,
+            fps,
+            looping,
+        })
     }
 
     /// The images in play order.
@@ -108,7 +138,11 @@ impl FrameSource for DirSource {
             return Ok(Capture::EndOfStream);
         }
         let path = &self.files[(self.next % n) as usize];
-        let frame = load_frame(path, self.next, Duration::from_secs_f64(self.next as f64 / self.fps))?;
+        let frame = load_frame(
+            path,
+            self.next,
+            Duration::from_secs_f64(self.next as f64 / self.fps),
+        )?;
         self.next += 1;
         Ok(Capture::Frame(frame))
     }

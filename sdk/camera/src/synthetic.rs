@@ -21,7 +21,13 @@ pub struct SyntheticOptions {
 
 impl Default for SyntheticOptions {
     fn default() -> Self {
-        Self { scene: SceneConfig::default(), seed: 0, fps: 10.0, frames: None, pace: true }
+        Self {
+            scene: SceneConfig::default(),
+            seed: 0,
+            fps: 10.0,
+            frames: None,
+            pace: true,
+        }
     }
 }
 
@@ -39,7 +45,14 @@ pub struct SyntheticSource {
 impl SyntheticSource {
     pub fn new(opts: SyntheticOptions, uri: impl Into<String>) -> Result<Self> {
         let scene = Scene::new(opts.scene.clone(), opts.seed)?;
-        Ok(Self { opts, scene, next: 0, started: None, last_truth: None, uri: uri.into() })
+        Ok(Self {
+            opts,
+            scene,
+            next: 0,
+            started: None,
+            last_truth: None,
+            uri: uri.into(),
+        })
     }
 
     /// Ground truth of the most recently captured frame.
@@ -106,7 +119,12 @@ mod tests {
 
     #[test]
     fn bounded_stream_ends_and_timestamps_follow_fps() {
-        let opts = SyntheticOptions { frames: Some(3), pace: false, fps: 4.0, ..Default::default() };
+        let opts = SyntheticOptions {
+            frames: Some(3),
+            pace: false,
+            fps: 4.0,
+            ..Default::default()
+        };
         let mut s = SyntheticSource::new(opts, "synthetic://scene").unwrap();
         for i in 0..3u64 {
             match s.capture(Duration::from_secs(1)).unwrap() {
@@ -119,15 +137,27 @@ mod tests {
                 other => panic!("frame {i}: {other:?}"),
             }
         }
-        assert_eq!(s.capture(Duration::from_secs(1)).unwrap(), Capture::EndOfStream);
+        assert_eq!(
+            s.capture(Duration::from_secs(1)).unwrap(),
+            Capture::EndOfStream
+        );
     }
 
     #[test]
     fn paced_source_times_out_before_the_next_frame_is_due() {
-        let opts = SyntheticOptions { fps: 0.5, ..Default::default() };
+        let opts = SyntheticOptions {
+            fps: 0.5,
+            ..Default::default()
+        };
         let mut s = SyntheticSource::new(opts, "synthetic://scene").unwrap();
-        assert!(matches!(s.capture(Duration::from_millis(10)).unwrap(), Capture::Frame(_)));
+        assert!(matches!(
+            s.capture(Duration::from_millis(10)).unwrap(),
+            Capture::Frame(_)
+        ));
         // The next frame is due two seconds after the first.
-        assert_eq!(s.capture(Duration::from_millis(5)).unwrap(), Capture::Timeout);
+        assert_eq!(
+            s.capture(Duration::from_millis(5)).unwrap(),
+            Capture::Timeout
+        );
     }
 }

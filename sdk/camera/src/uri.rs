@@ -37,7 +37,10 @@ pub struct SourceUri {
 
 impl SourceUri {
     pub fn parse(uri: &str) -> Result<Self> {
-        let invalid = |reason: &str| CameraError::InvalidUri { uri: uri.to_string(), reason: reason.to_string() };
+        let invalid = |reason: &str| CameraError::InvalidUri {
+            uri: uri.to_string(),
+            reason: reason.to_string(),
+        };
         let (scheme, rest) = match uri.split_once("://") {
             Some((s, rest)) => {
                 let scheme = match s {
@@ -46,7 +49,10 @@ impl SourceUri {
                     "dir" => Scheme::Dir,
                     "v4l2" => Scheme::V4l2,
                     other => {
-                        return Err(CameraError::UnsupportedScheme { uri: uri.to_string(), scheme: other.to_string() });
+                        return Err(CameraError::UnsupportedScheme {
+                            uri: uri.to_string(),
+                            scheme: other.to_string(),
+                        });
                     }
                 };
                 (scheme, rest)
@@ -60,15 +66,26 @@ impl SourceUri {
         }
         let mut params = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').ok_or_else(|| invalid(&format!("parameter `{pair}` is not key=value")))?;
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| invalid(&format!("parameter `{pair}` is not key=value")))?;
             params.push((k.to_string(), v.to_string()));
         }
-        Ok(Self { scheme, path: path.to_string(), params, raw: uri.to_string() })
+        Ok(Self {
+            scheme,
+            path: path.to_string(),
+            params,
+            raw: uri.to_string(),
+        })
     }
 
     /// The last value of parameter `key`.
     pub fn param(&self, key: &str) -> Option<&str> {
-        self.params.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     fn parsed<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>> {
@@ -76,7 +93,10 @@ impl SourceUri {
             None => Ok(None),
             Some(v) => v.parse().map(Some).map_err(|_| CameraError::InvalidUri {
                 uri: self.raw.clone(),
-                reason: format!("parameter `{key}={v}` is not a valid {}", std::any::type_name::<T>()),
+                reason: format!(
+                    "parameter `{key}={v}` is not a valid {}",
+                    std::any::type_name::<T>()
+                ),
             }),
         }
     }
@@ -86,16 +106,26 @@ impl SourceUri {
             None => Ok(default),
             Some("1" | "true" | "yes" | "on") => Ok(true),
             Some("0" | "false" | "no" | "off") => Ok(false),
-            Some(v) => Err(CameraError::InvalidUri { uri: self.raw.clone(), reason: format!("parameter `{key}={v}` is not a boolean") }),
+            Some(v) => Err(CameraError::InvalidUri {
+                uri: self.raw.clone(),
+                reason: format!("parameter `{key}={v}` is not a boolean"),
+            }),
         }
     }
 
     fn check_keys(&self, allowed: &[&str]) -> Result<()> {
-        match self.params.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+        match self
+            .params
+            .iter()
+            .find(|(k, _)| !allowed.contains(&k.as_str()))
+        {
             None => Ok(()),
             Some((k, _)) => Err(CameraError::InvalidUri {
                 uri: self.raw.clone(),
-                reason: format!("unknown parameter `{k}` (expected one of: {})", allowed.join(", ")),
+                reason: format!(
+                    "unknown parameter `{k}` (expected one of: {})",
+                    allowed.join(", ")
+                ),
             }),
         }
     }
@@ -103,14 +133,19 @@ impl SourceUri {
     fn fps(&self, default: f64) -> Result<f64> {
         let fps = self.parsed::<f64>("fps")?.unwrap_or(default);
         if !(fps.is_finite() && fps > 0.0 && fps <= 1000.0) {
-            return Err(CameraError::InvalidUri { uri: self.raw.clone(), reason: format!("fps {fps} outside (0, 1000]") });
+            return Err(CameraError::InvalidUri {
+                uri: self.raw.clone(),
+                reason: format!("fps {fps} outside (0, 1000]"),
+            });
         }
         Ok(fps)
     }
 
     /// Options of a `synthetic://` URI.
     pub fn synthetic_options(&self) -> Result<SyntheticOptions> {
-        self.check_keys(&["fps", "seed", "width", "height", "frames", "pace", "objects"])?;
+        self.check_keys(&[
+            "fps", "seed", "width", "height", "frames", "pace", "objects",
+        ])?;
         if !matches!(self.path.as_str(), "scene" | "shapes") {
             return Err(CameraError::InvalidUri {
                 uri: self.raw.clone(),
@@ -143,7 +178,11 @@ pub fn open(uri: &str) -> Result<Box<dyn FrameSource>> {
         }
         Scheme::Dir => {
             u.check_keys(&["fps", "loop"])?;
-            Box::new(DirSource::new(&u.path, u.fps(10.0)?, u.flag("loop", false)?)?)
+            Box::new(DirSource::new(
+                &u.path,
+                u.fps(10.0)?,
+                u.flag("loop", false)?,
+            )?)
         }
         Scheme::V4l2 => {
             u.check_keys(&["width", "height", "fps"])?;
@@ -151,7 +190,12 @@ pub fn open(uri: &str) -> Result<Box<dyn FrameSource>> {
                 Some(_) => Some(u.fps(30.0)?),
                 None => None,
             };
-            Box::new(V4l2Source::open(&u.path, u.parsed("width")?, u.parsed("height")?, fps)?)
+            Box::new(V4l2Source::open(
+                &u.path,
+                u.parsed("width")?,
+                u.parsed("height")?,
+                fps,
+            )?)
         }
     })
 }
@@ -162,12 +206,20 @@ mod tests {
 
     #[test]
     fn parses_synthetic_options() {
-        let u = SourceUri::parse("synthetic://scene?fps=5&seed=7&width=64&height=48&frames=3&pace=0").unwrap();
+        let u =
+            SourceUri::parse("synthetic://scene?fps=5&seed=7&width=64&height=48&frames=3&pace=0")
+                .unwrap();
         assert_eq!(u.scheme, Scheme::Synthetic);
         let o = u.synthetic_options().unwrap();
-        assert_eq!((o.scene.width, o.scene.height, o.seed, o.frames, o.pace), (64, 48, 7, Some(3), false));
+        assert_eq!(
+            (o.scene.width, o.scene.height, o.seed, o.frames, o.pace),
+            (64, 48, 7, Some(3), false)
+        );
         assert_eq!(o.fps, 5.0);
-        let d = SourceUri::parse("synthetic://scene").unwrap().synthetic_options().unwrap();
+        let d = SourceUri::parse("synthetic://scene")
+            .unwrap()
+            .synthetic_options()
+            .unwrap();
         assert_eq!((d.fps, d.seed, d.frames, d.pace), (10.0, 0, None, true));
     }
 
@@ -187,6 +239,9 @@ mod tests {
     #[cfg(not(feature = "v4l"))]
     #[test]
     fn v4l2_without_the_feature_is_a_typed_error() {
-        assert!(matches!(open("v4l2:///dev/video0"), Err(CameraError::NotCompiledWithV4l { .. })));
+        assert!(matches!(
+            open("v4l2:///dev/video0"),
+            Err(CameraError::NotCompiledWithV4l { .. })
+        ));
     }
 }

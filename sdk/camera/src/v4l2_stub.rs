@@ -13,8 +13,15 @@ pub struct V4l2Source {
 
 impl V4l2Source {
     /// Always fails with [`CameraError::NotCompiledWithV4l`].
-    pub fn open(device: &str, _width: Option<u32>, _height: Option<u32>, _fps: Option<f64>) -> Result<Self> {
-        Err(CameraError::NotCompiledWithV4l { uri: format!("v4l2://{device}") })
+    pub fn open(
+        device: &str,
+        _width: Option<u32>,
+        _height: Option<u32>,
+        _fps: Option<f64>,
+    ) -> Result<Self> {
+        Err(CameraError::NotCompiledWithV4l {
+            uri: format!("v4l2://{device}"),
+        })
     }
 }
 

@@ -32,7 +32,11 @@ pub struct SynthArgs {
 }
 
 fn parse_pair(s: &str, sep: char, what: &str) -> Result<(u64, u64)> {
-    let parse = |p: &str| p.trim().parse::<u64>().with_context(|| format!("{what} `{s}`: `{p}` is not a number"));
+    let parse = |p: &str| {
+        p.trim()
+            .parse::<u64>()
+            .with_context(|| format!("{what} `{s}`: `{p}` is not a number"))
+    };
     match s.split_once(sep) {
         Some((a, b)) => Ok((parse(a)?, parse(b)?)),
         None => {
@@ -63,7 +67,8 @@ pub fn run(args: SynthArgs) -> Result<()> {
     };
     cfg.scene.validate()?;
     let started = std::time::Instant::now();
-    let s = write_dataset(&args.out, &cfg).with_context(|| format!("writing dataset {}", args.out.display()))?;
+    let s = write_dataset(&args.out, &cfg)
+        .with_context(|| format!("writing dataset {}", args.out.display()))?;
     println!(
         "wrote {}: {} clips, {} images, {} questions ({} single-frame, {} multi-frame) in {:.1}s",
         args.out.display(),

