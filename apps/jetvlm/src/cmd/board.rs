@@ -132,3 +132,25 @@ fn list_table(boards: &[BoardProfile]) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_shows_every_bundled_board_with_its_budget() {
+        let boards = jetvlm_board::BoardRegistry::bundled().all().unwrap();
+        let table = list_table(&boards);
+        assert_eq!(table.lines().count(), boards.len() + 1);
+        let nano = table
+            .lines()
+            .find(|l| l.starts_with("orin-nano-8gb "))
+            .unwrap();
+        for field in ["8192", "4960", "68.0", "sm_87", "6.2"] {
+            assert!(
+                nano.split_whitespace().any(|w| w == field),
+                "{field} missing in `{nano}`"
+            );
+        }
+    }
+}
