@@ -5,7 +5,9 @@ use jetvlm_board::{BoardError, BoardRegistry};
 use std::path::PathBuf;
 
 fn root(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/board/detect").join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/board/detect")
+        .join(case)
 }
 
 #[test]
@@ -13,12 +15,22 @@ fn fixture_trees_map_to_boards() {
     let boards = BoardRegistry::bundled().all().unwrap();
     for (case, board, l4t, jetpack) in [
         ("orin-nano-8gb", "orin-nano-8gb", "36.4.3", Some("6.2")),
-        ("orin-nano-8gb-super", "orin-nano-8gb-super", "36.4.3", Some("6.2")),
+        (
+            "orin-nano-8gb-super",
+            "orin-nano-8gb-super",
+            "36.4.3",
+            Some("6.2"),
+        ),
         ("orin-nano-4gb", "orin-nano-4gb", "36.4.0", Some("6.1")),
         ("agx-orin-64gb", "agx-orin-64gb", "36.4.3", Some("6.2")),
         ("agx-orin-32gb", "agx-orin-32gb", "36.3.0", Some("6.0")),
         ("xavier-nx-16gb", "xavier-nx-16gb", "35.6.0", Some("5.1.4")),
-        ("agx-xavier-32gb", "agx-xavier-32gb", "35.5.0", Some("5.1.3")),
+        (
+            "agx-xavier-32gb",
+            "agx-xavier-32gb",
+            "35.5.0",
+            Some("5.1.3"),
+        ),
         ("thor", "thor-t5000", "38.2.0", Some("7.0")),
     ] {
         let info = SystemInfo::read(&root(case)).unwrap();
@@ -46,7 +58,12 @@ fn non_jetson_is_a_clear_error_listing_boards() {
     let err = info.board(&boards).unwrap_err();
     assert!(matches!(err, BoardError::NotAJetson { .. }));
     let msg = err.to_string();
-    assert!(msg.contains("proc/device-tree/model") && msg.contains("--board") && msg.contains("orin-nano-8gb"), "{msg}");
+    assert!(
+        msg.contains("proc/device-tree/model")
+            && msg.contains("--board")
+            && msg.contains("orin-nano-8gb"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -55,13 +72,21 @@ fn unknown_jetson_names_its_model_string() {
     let info = SystemInfo::read(&root("unknown-jetson")).unwrap();
     let msg = info.board(&boards).unwrap_err().to_string();
     assert!(msg.contains("Jetson TX2"), "{msg}");
-    assert_eq!(info.jetpack, None, "L4T 32.7.4 is not a JetPack this SDK targets");
+    assert_eq!(
+        info.jetpack, None,
+        "L4T 32.7.4 is not a JetPack this SDK targets"
+    );
 }
 
 #[test]
 fn unparsable_meminfo_names_the_file() {
-    let msg = SystemInfo::read(&root("bad-meminfo")).unwrap_err().to_string();
-    assert!(msg.contains("proc/meminfo") && msg.contains("MemTotal"), "{msg}");
+    let msg = SystemInfo::read(&root("bad-meminfo"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("proc/meminfo") && msg.contains("MemTotal"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -69,10 +94,33 @@ fn memory_picks_the_variant() {
     let boards = BoardRegistry::bundled().all().unwrap();
     let gib = |g: f64| (g * (1u64 << 30) as f64) as u64;
     let pick = |model: &str, total: u64| board_for_model(model, total, &boards);
-    assert_eq!(pick("NVIDIA Jetson Orin NX Engineering Reference Developer Kit", gib(7.4)).as_deref(), Some("orin-nx-8gb"));
-    assert_eq!(pick("NVIDIA Jetson Orin NX Engineering Reference Developer Kit", gib(15.3)).as_deref(), Some("orin-nx-16gb"));
-    assert_eq!(pick("NVIDIA Jetson Xavier NX Developer Kit", gib(7.6)).as_deref(), Some("xavier-nx-8gb"));
-    assert_eq!(pick("Jetson AGX Xavier Developer Kit", gib(62.0)).as_deref(), Some("agx-xavier-64gb"));
-    assert_eq!(pick("NVIDIA Jetson Orin Nano Developer Kit Super", gib(3.4)).as_deref(), Some("orin-nano-4gb-super"));
+    assert_eq!(
+        pick(
+            "NVIDIA Jetson Orin NX Engineering Reference Developer Kit",
+            gib(7.4)
+        )
+        .as_deref(),
+        Some("orin-nx-8gb")
+    );
+    assert_eq!(
+        pick(
+            "NVIDIA Jetson Orin NX Engineering Reference Developer Kit",
+            gib(15.3)
+        )
+        .as_deref(),
+        Some("orin-nx-16gb")
+    );
+    assert_eq!(
+        pick("NVIDIA Jetson Xavier NX Developer Kit", gib(7.6)).as_deref(),
+        Some("xavier-nx-8gb")
+    );
+    assert_eq!(
+        pick("Jetson AGX Xavier Developer Kit", gib(62.0)).as_deref(),
+        Some("agx-xavier-64gb")
+    );
+    assert_eq!(
+        pick("NVIDIA Jetson Orin Nano Developer Kit Super", gib(3.4)).as_deref(),
+        Some("orin-nano-4gb-super")
+    );
     assert_eq!(pick("Raspberry Pi 5 Model B", gib(7.6)), None);
 }

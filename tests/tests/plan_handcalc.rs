@@ -10,7 +10,9 @@ use std::path::PathBuf;
 const MIB: u64 = 1 << 20;
 
 fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(rel)
 }
 
 /// Shapes of a Llama/Qwen2 decoder, written by hand.
@@ -28,7 +30,11 @@ struct Lm {
 
 impl Lm {
     fn params(&self) -> u64 {
-        let (h, q, kv) = (self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let (h, q, kv) = (
+            self.hidden,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+        );
         let attn = h * q + 2 * h * kv + q * h + if self.qkv_bias { q + 2 * kv } else { 0 };
         let mlp = 3 * h * self.inter;
         let layer = attn + mlp + 2 * h;
@@ -39,7 +45,11 @@ impl Lm {
     /// A decode step gathers one embedding row, so it reads everything but the embedding
     /// table, plus the LM head (which is that table when tied).
     fn params_read_per_token(&self) -> u64 {
-        if self.tied { self.params() } else { self.params() - self.vocab * self.hidden }
+        if self.tied {
+            self.params()
+        } else {
+            self.params() - self.vocab * self.hidden
+        }
     }
     /// K and V, FP16, all layers, one token.
     fn kv_fp16_per_token(&self) -> u64 {
@@ -51,7 +61,11 @@ impl Lm {
     }
     fn activations(&self, context: u64) -> u64 {
         let chunk = 512u64.min(context);
-        let (h, q, kv) = (self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let (h, q, kv) = (
+            self.hidden,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+        );
         let decoder = chunk * (4 * h + q + 2 * kv + 3 * self.inter) * 4;
         let attention = chunk * self.heads * (self.head_dim + 2 + 256) * 4;
         let logits = 2 * self.vocab * 4;
@@ -59,8 +73,28 @@ impl Lm {
     }
 }
 
-const SMOL_LM: Lm = Lm { hidden: 576, layers: 30, heads: 9, kv_heads: 3, head_dim: 64, inter: 1536, vocab: 49280, qkv_bias: false, tied: false };
-const QWEN_LM: Lm = Lm { hidden: 1536, layers: 28, heads: 12, kv_heads: 2, head_dim: 128, inter: 8960, vocab: 151936, qkv_bias: true, tied: true };
+const SMOL_LM: Lm = Lm {
+    hidden: 576,
+    layers: 30,
+    heads: 9,
+    kv_heads: 3,
+    head_dim: 64,
+    inter: 1536,
+    vocab: 49280,
+    qkv_bias: false,
+    tied: false,
+};
+const QWEN_LM: Lm = Lm {
+    hidden: 1536,
+    layers: 28,
+    heads: 12,
+    kv_heads: 2,
+    head_dim: 128,
+    inter: 8960,
+    vocab: 151936,
+    qkv_bias: true,
+    tied: true,
+};
 
 const CAMERA: u64 = 4 * 1280 * 720 * 3;
 const RUNTIME_ORIN: u64 = 400 * MIB;
@@ -93,11 +127,21 @@ fn qwen_vision_activations() -> u64 {
 }
 
 fn workload(tpf: u64, frames: u64) -> Workload {
-    Workload { frames, tokens_per_frame: tpf, prompt_tokens: 64, answer_tokens: 128 }
+    Workload {
+        frames,
+        tokens_per_frame: tpf,
+        prompt_tokens: 64,
+        answer_tokens: 128,
+    }
 }
 
 /// Largest frame count whose hand-computed total fits, by walking N upwards.
-fn hand_max_frames(fixed: u64, text_tokens: u64, tpf: u64, per_frame_token: impl Fn(u64, u64) -> u64) -> u64 {
+fn hand_max_frames(
+    fixed: u64,
+    text_tokens: u64,
+    tpf: u64,
+    per_frame_token: impl Fn(u64, u64) -> u64,
+) -> u64 {
     let mut n = 0u64;
     loop {
         let next = n + 1;
@@ -120,9 +164,20 @@ fn mixed_frame_bytes(lm: &Lm, frame_tokens: u64, context: u64) -> u64 {
 fn smolvlm_256m_on_orin_nano_8gb_matches_hand_calculation() {
     let board = BoardRegistry::bundled().get("orin-nano-8gb").unwrap();
     let model = ModelSpec::load(&fixture("configs/smolvlm-256m")).unwrap();
-    assert_eq!(model.tokens_per_frame, Some(64), "512 px tile, 16x16 patches, pixel shuffle 4");
+    assert_eq!(
+        model.tokens_per_frame,
+        Some(64),
+        "512 px tile, 16x16 patches, pixel shuffle 4"
+    );
     let w = workload(64, 16);
-    let p = plan::plan(&board, &model, &w, &KvPrecision::mixed(), &PlanOptions::default()).unwrap();
+    let p = plan::plan(
+        &board,
+        &model,
+        &w,
+        &KvPrecision::mixed(),
+        &PlanOptions::default(),
+    )
+    .unwrap();
 
     // bf16 weights: SmolLM2-135M's 134,588,736 parameters with the 49,280-token vocabulary,
     // plus SmolVLM's untied LM head (another 49,280 x 576).
@@ -142,7 +197,13 @@ fn smolvlm_256m_on_orin_nano_8gb_matches_hand_calculation() {
     assert_eq!(p.memory.activation_bytes, acts);
     assert_eq!(p.memory.camera_bytes, CAMERA);
     assert_eq!(p.memory.runtime_bytes, RUNTIME_ORIN);
-    let total = SMOL_LM.params() * 2 + smol_vision_params() * 2 + 192 * 23_040 + 1024 * 6_480 + acts + CAMERA + RUNTIME_ORIN;
+    let total = SMOL_LM.params() * 2
+        + smol_vision_params() * 2
+        + 192 * 23_040
+        + 1024 * 6_480
+        + acts
+        + CAMERA
+        + RUNTIME_ORIN;
     assert_eq!(p.total_bytes, total);
     assert_eq!(p.budget_bytes, BUDGET_ORIN_NANO_8GB);
     assert!(p.fits);
@@ -150,24 +211,44 @@ fn smolvlm_256m_on_orin_nano_8gb_matches_hand_calculation() {
     // Roofline: every weight but the embedding table, plus the KV cache, once per token.
     assert_eq!(p.weight_bytes_read_per_token, 134_588_736 * 2);
     let tpot = (SMOL_LM.params_read_per_token() * 2 + p.kv_bytes) as f64 / BW_ORIN_NANO_8GB * 1e3;
-    assert!((p.tpot_floor_ms - tpot).abs() < 1e-9, "{} vs {tpot}", p.tpot_floor_ms);
+    assert!(
+        (p.tpot_floor_ms - tpot).abs() < 1e-9,
+        "{} vs {tpot}",
+        p.tpot_floor_ms
+    );
 
     // Max frames, by walking N with the hand formulas.
     let fixed = total - p.kv_bytes + 192 * 23_040;
     let fp16 = hand_max_frames(fixed, 192, 64, |ft, _| ft * SMOL_LM.kv_fp16_per_token());
-    let mixed = hand_max_frames(fixed, 192, 64, |ft, ctx| mixed_frame_bytes(&SMOL_LM, ft, ctx));
+    let mixed = hand_max_frames(fixed, 192, 64, |ft, ctx| {
+        mixed_frame_bytes(&SMOL_LM, ft, ctx)
+    });
     assert_eq!(p.max_frames_fp16, fp16);
     assert_eq!(p.max_frames_mixed, mixed);
-    assert!(mixed as f64 >= 2.5 * fp16 as f64, "mixed {mixed} vs fp16 {fp16}");
+    assert!(
+        mixed as f64 >= 2.5 * fp16 as f64,
+        "mixed {mixed} vs fp16 {fp16}"
+    );
 }
 
 #[test]
 fn qwen2_vl_2b_on_orin_nano_8gb_matches_hand_calculation() {
     let board = BoardRegistry::bundled().get("orin-nano-8gb").unwrap();
     let model = ModelSpec::load(&fixture("configs/qwen2-vl-2b/config.json")).unwrap();
-    assert_eq!(model.tokens_per_frame, Some(256), "448x448 frame, 14 px patches, 2x2 merge");
+    assert_eq!(
+        model.tokens_per_frame,
+        Some(256),
+        "448x448 frame, 14 px patches, 2x2 merge"
+    );
     let w = workload(256, 16);
-    let p = plan::plan(&board, &model, &w, &KvPrecision::mixed(), &PlanOptions::default()).unwrap();
+    let p = plan::plan(
+        &board,
+        &model,
+        &w,
+        &KvPrecision::mixed(),
+        &PlanOptions::default(),
+    )
+    .unwrap();
 
     assert_eq!(QWEN_LM.params(), 1_543_714_304);
     assert_eq!(p.memory.weights_bytes, QWEN_LM.params() * 2);
@@ -183,21 +264,35 @@ fn qwen2_vl_2b_on_orin_nano_8gb_matches_hand_calculation() {
     assert_eq!(p.memory.kv_frame_bytes, 237 * 28_672 + 3859 * 8_064);
     let acts = QWEN_LM.activations(4288) + qwen_vision_activations();
     assert_eq!(p.memory.activation_bytes, acts);
-    let total = QWEN_LM.params() * 2 + qwen_vision_params() * 2 + p.kv_bytes + acts + CAMERA + RUNTIME_ORIN;
+    let total =
+        QWEN_LM.params() * 2 + qwen_vision_params() * 2 + p.kv_bytes + acts + CAMERA + RUNTIME_ORIN;
     assert_eq!(p.total_bytes, total);
-    assert!(p.fits, "bf16 Qwen2-VL-2B with 16 frames fits 5.2 GB: {} bytes", p.total_bytes);
+    assert!(
+        p.fits,
+        "bf16 Qwen2-VL-2B with 16 frames fits 5.2 GB: {} bytes",
+        p.total_bytes
+    );
 
-    assert_eq!(QWEN_LM.params_read_per_token(), QWEN_LM.params(), "tied: the LM head is the embedding");
+    assert_eq!(
+        QWEN_LM.params_read_per_token(),
+        QWEN_LM.params(),
+        "tied: the LM head is the embedding"
+    );
     let tpot = (QWEN_LM.params_read_per_token() * 2 + p.kv_bytes) as f64 / BW_ORIN_NANO_8GB * 1e3;
     assert!((p.tpot_floor_ms - tpot).abs() < 1e-9);
 
     let fixed = total - p.kv_bytes + 192 * 28_672;
     let fp16 = hand_max_frames(fixed, 192, 256, |ft, _| ft * QWEN_LM.kv_fp16_per_token());
-    let mixed = hand_max_frames(fixed, 192, 256, |ft, ctx| mixed_frame_bytes(&QWEN_LM, ft, ctx));
+    let mixed = hand_max_frames(fixed, 192, 256, |ft, ctx| {
+        mixed_frame_bytes(&QWEN_LM, ft, ctx)
+    });
     assert_eq!(p.max_frames_fp16, fp16);
     assert_eq!(p.max_frames_mixed, mixed);
     assert!(fp16 > 0);
-    assert!(mixed as f64 >= 2.5 * fp16 as f64, "mixed {mixed} vs fp16 {fp16}");
+    assert!(
+        mixed as f64 >= 2.5 * fp16 as f64,
+        "mixed {mixed} vs fp16 {fp16}"
+    );
 }
 
 #[test]
@@ -205,8 +300,18 @@ fn four_bit_weights_match_hand_calculation_and_leave_room_for_more_frames() {
     let board = BoardRegistry::bundled().get("orin-nano-8gb").unwrap();
     let model = ModelSpec::load(&fixture("configs/qwen2-vl-2b")).unwrap();
     let w = workload(256, 16);
-    let bf16 = plan::plan(&board, &model, &w, &KvPrecision::mixed(), &PlanOptions::default()).unwrap();
-    let opts = PlanOptions { weights: WeightFormat::Bits(4), ..PlanOptions::default() };
+    let bf16 = plan::plan(
+        &board,
+        &model,
+        &w,
+        &KvPrecision::mixed(),
+        &PlanOptions::default(),
+    )
+    .unwrap();
+    let opts = PlanOptions {
+        weights: WeightFormat::Bits(4),
+        ..PlanOptions::default()
+    };
     let q4 = plan::plan(&board, &model, &w, &KvPrecision::mixed(), &opts).unwrap();
     // 4 bits + one FP16 scale per 32 weights = 4.5 bits per weight.
     assert_eq!(q4.memory.weights_bytes, (QWEN_LM.params() * 9).div_ceil(16));
@@ -224,8 +329,22 @@ fn newer_config_keys_plan_the_same() {
     assert_eq!(new.text.rope_theta, 1_000_000.0);
     assert_eq!(new.text.dtype, old.text.dtype);
     let w = workload(256, 16);
-    let a = plan::plan(&board, &old, &w, &KvPrecision::mixed(), &PlanOptions::default()).unwrap();
-    let b = plan::plan(&board, &new, &w, &KvPrecision::mixed(), &PlanOptions::default()).unwrap();
+    let a = plan::plan(
+        &board,
+        &old,
+        &w,
+        &KvPrecision::mixed(),
+        &PlanOptions::default(),
+    )
+    .unwrap();
+    let b = plan::plan(
+        &board,
+        &new,
+        &w,
+        &KvPrecision::mixed(),
+        &PlanOptions::default(),
+    )
+    .unwrap();
     assert_eq!(a.memory, b.memory);
     assert_eq!(a.max_frames_mixed, b.max_frames_mixed);
 }
@@ -235,19 +354,40 @@ fn plan_that_does_not_fit_says_by_how_much_and_what_to_change() {
     let board = BoardRegistry::bundled().get("orin-nano-8gb").unwrap();
     let model = ModelSpec::load(&fixture("configs/qwen2-vl-2b")).unwrap();
     let w = workload(256, 60);
-    let p = plan::plan(&board, &model, &w, &KvPrecision::fp16(), &PlanOptions::default()).unwrap();
+    let p = plan::plan(
+        &board,
+        &model,
+        &w,
+        &KvPrecision::fp16(),
+        &PlanOptions::default(),
+    )
+    .unwrap();
     assert!(!p.fits);
     assert!(p.headroom_bytes < 0);
     let advice = p.advice.clone().unwrap();
-    let over_mib = format!("{:.0} MiB", (p.total_bytes - p.budget_bytes) as f64 / MIB as f64);
+    let over_mib = format!(
+        "{:.0} MiB",
+        (p.total_bytes - p.budget_bytes) as f64 / MIB as f64
+    );
     assert!(advice.contains(&over_mib), "{advice} lacks {over_mib}");
-    assert!(advice.contains(&format!("--frames {}", p.max_frames_fp16)), "{advice}");
+    assert!(
+        advice.contains(&format!("--frames {}", p.max_frames_fp16)),
+        "{advice}"
+    );
     assert!(advice.contains("--kv"), "{advice}");
     assert!(advice.contains("--weight-bits 4"), "{advice}");
     assert!(advice.contains("smaller model"), "{advice}");
     // The suggested frame count does fit, one more does not.
     let fits = |n: u64| {
-        plan::plan(&board, &model, &workload(256, n), &KvPrecision::fp16(), &PlanOptions::default()).unwrap().fits
+        plan::plan(
+            &board,
+            &model,
+            &workload(256, n),
+            &KvPrecision::fp16(),
+            &PlanOptions::default(),
+        )
+        .unwrap()
+        .fits
     };
     assert!(fits(p.max_frames_fp16));
     assert!(!fits(p.max_frames_fp16 + 1));
@@ -272,11 +412,18 @@ fn parameter_counts_agree_with_transformers() {
     // `tests/fixtures/configs/count_params.py` builds both fixtures with transformers on the
     // meta device: SmolVLM-256M has 162,974,016 text + 93,510,912 vision parameters (256.5M,
     // the model's name), Qwen2-VL-2B 1,543,714,304 text + 665,271,296 vision.
-    for (dir, text, vision) in [("smolvlm-256m", 162_974_016u64, 93_510_912u64), ("qwen2-vl-2b", 1_543_714_304, 665_271_296)] {
+    for (dir, text, vision) in [
+        ("smolvlm-256m", 162_974_016u64, 93_510_912u64),
+        ("qwen2-vl-2b", 1_543_714_304, 665_271_296),
+    ] {
         let m = ModelSpec::load(&fixture(&format!("configs/{dir}"))).unwrap();
         assert_eq!(m.text.num_parameters(), text, "{dir}");
         let est = m.vision.unwrap().params.unwrap();
         let err = (est as f64 - vision as f64).abs() / vision as f64;
-        assert!(err < 0.005, "{dir}: vision estimate {est} vs {vision} ({:.3}%)", err * 100.0);
+        assert!(
+            err < 0.005,
+            "{dir}: vision estimate {est} vs {vision} ({:.3}%)",
+            err * 100.0
+        );
     }
 }
