@@ -1,6 +1,8 @@
 //! `jetvlm bench ...`: side-by-side performance measurements (FP16 vs mixed KV), always with
 //! the machine's measured memory bandwidth in the same run.
 
+pub mod kv;
+
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
@@ -11,8 +13,14 @@ pub struct BenchArgs {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum BenchCommand {}
+pub enum BenchCommand {
+    /// One decode step's attention over N cached tokens, FP16 vs mixed KV, against measured
+    /// memory read bandwidth.
+    Kv(kv::KvArgs),
+}
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    match args.which {}
+    match args.which {
+        BenchCommand::Kv(a) => kv::run(a),
+    }
 }
