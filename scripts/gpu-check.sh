@@ -26,6 +26,8 @@ prepare() {
   mkdir -p "$dist"
   cp target/release/jetvlm "$dist/jetvlm"
   [ -n "$exe" ] && cp "$exe" "$dist/cuda-device-test"
+  # Debug info makes the binary several times larger than what can be carried.
+  command -v strip >/dev/null && strip "$dist"/*
   grep -qx "/$dist/" "$(git rev-parse --git-path info/exclude)" 2>/dev/null \
     || echo "/$dist/" >> "$(git rev-parse --git-path info/exclude)"
   ls -la "$dist"
@@ -39,7 +41,7 @@ find_nvrtc() {
   local lib
   lib=$(ldconfig -p 2>/dev/null | sed -n 's/.*libnvrtc\.so\.[0-9]* .*=> \(.*\)$/\1/p' | head -n1)
   [ -z "$lib" ] && lib=$(ls /usr/local/cuda*/lib64/libnvrtc.so* /usr/local/cuda*/targets/*/lib/libnvrtc.so* 2>/dev/null | head -n1)
-  if [ -z "$lib" ]; then echo "gpu-check: no libnvrtc found on this machine" >&2; return 1; fi
+  if [ -z "$lib" ]; then echo "gpu-check: no libnvrtc on the loader path (jetvlm still tries a .venv wheel and \$JETVLM_NVRTC_LIB)" >&2; return 1; fi
   local shim=${TMPDIR:-/tmp}/jetvlm-nvrtc
   mkdir -p "$shim" && ln -sf "$lib" "$shim/libnvrtc.so"
   export LD_LIBRARY_PATH="$shim:$(dirname "$(readlink -f "$lib")")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

@@ -1,7 +1,7 @@
 //! Device KV pools of one layer (layout in [`crate::layout`]), the frame-block quantizer and
 //! the fused mixed-precision attention (flash-decoding split + combine).
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::f16;
 
 use super::device::{CudaDevice, driver_err};

@@ -2,12 +2,14 @@
 
 mod device;
 mod kv;
+mod memory;
 mod nvrtc;
 mod ops;
 mod selftest;
 
 pub use device::{CudaDevice, driver_available};
 pub use kv::{DeviceKvPools, Splits};
+pub use memory::MappedHostBuffer;
 pub use nvrtc::{compile_cubin, nvrtc_available, nvrtc_version};
 pub use ops::DeviceWeights;
 

@@ -1,10 +1,10 @@
 //! Launchers of the decoder kernels. Shapes are checked on the host before any launch; a
 //! mismatch is a [`CudaError::Shape`] naming the operation.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::{bf16, f16};
 
-use super::device::{CudaDevice, driver_err};
+use super::device::CudaDevice;
 use crate::error::CudaError;
 
 /// Weights on the device in their stored precision.
@@ -70,12 +70,13 @@ pub(crate) fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32, Cuda
 
 macro_rules! launch {
     ($dev:expr, $file:expr, $func:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        use cudarc::driver::PushKernelArg as _;
         let f = $dev.function($file, $func)?;
         let mut b = $dev.stream().launch_builder(&f);
         $( b.arg($arg); )+
         // SAFETY: argument types and counts follow the kernel's signature in kernels/$file,
         // and every buffer was checked against the sizes the kernel indexes.
-        unsafe { b.launch($cfg) }.map_err(driver_err("cuLaunchKernel"))?;
+        unsafe { b.launch($cfg) }.map_err($crate::backend::device::driver_err("cuLaunchKernel"))?;
     }};
 }
 pub(crate) use launch;

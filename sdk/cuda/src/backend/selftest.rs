@@ -4,7 +4,7 @@ use half::{bf16, f16};
 
 use super::device::CudaDevice;
 use super::kv::Splits;
-use super::ops::DeviceWeights;
+use super::ops::{DeviceWeights, launch, linear};
 use crate::error::CudaError;
 use crate::inputs::Rng;
 use crate::layout::{BlockEntry, BlockKind, KvLayout, SEES_ALL};
@@ -65,7 +65,49 @@ impl CudaDevice {
             self.check_gemv(&mut rng, outliers, &mut out)?;
         }
         self.check_kv(&mut rng, &mut out)?;
+        self.check_memory(&mut rng, &mut out)?;
         Ok(out)
+    }
+
+    /// Chunked upload (weights loading) and a kernel reading mapped host memory in place.
+    fn check_memory(&self, rng: &mut Rng, out: &mut Vec<KernelCheck>) -> Result<(), CudaError> {
+        let data = rng.normals(100_003);
+        let d = self.upload_chunked::<f32, _>(data.len(), 4096, |off, chunk| {
+            chunk.copy_from_slice(&data[off..off + chunk.len()]);
+            Ok(())
+        })?;
+        out.push(check(
+            "upload_chunked",
+            "100003 f32 in 4096-element chunks",
+            normalized_error(&self.download(&d)?, &data),
+            0.0,
+        ));
+        if self.info().can_map_host_memory {
+            let n = 4099;
+            let (a, b) = (rng.normals(n), rng.normals(n));
+            let mut mapped = self.mapped_host_buffer::<f32>(n)?;
+            mapped.as_mut_slice()?.copy_from_slice(&b);
+            let mut x = self.upload(&a)?;
+            let (ptr, n32) = (mapped.device_ptr(), n as u32);
+            launch!(
+                self,
+                "elementwise.cu",
+                "residual_add_f32",
+                linear(n),
+                &mut x,
+                &ptr,
+                &n32
+            );
+            let mut want = a.clone();
+            cpu::residual_add(&mut want, &b);
+            out.push(check(
+                "mapped host memory",
+                "kernel reads pinned host buffer in place",
+                normalized_error(&self.download(&x)?, &want),
+                0.0,
+            ));
+        }
+        Ok(())
     }
 
     fn check_elementwise(
