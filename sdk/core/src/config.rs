@@ -108,7 +108,7 @@ pub fn yaml_from_str<T: DeserializeOwned>(text: &str, origin: &Path) -> Result<T
                 path: origin.to_path_buf(),
                 line,
                 field: if field == "." { String::new() } else { field },
-                message: first_line(&err.to_string()),
+                message: strip_yaml_position(&first_line(&err.to_string())),
             })
         }
     }
@@ -138,6 +138,23 @@ pub fn json_from_str<T: DeserializeOwned>(text: &str, origin: &Path) -> Result<T
 
 fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").to_string()
+}
+
+/// serde-saphyr prefixes messages with `error: line L column C: `; the line is already part of
+/// [`ConfigError::Parse`], so keep the column and drop the repetition.
+fn strip_yaml_position(s: &str) -> String {
+    let s = s.strip_prefix("error: ").unwrap_or(s);
+    if let Some(rest) = s.strip_prefix("line ") {
+        let mut parts = rest.splitn(2, ": ");
+        if let (Some(pos), Some(msg)) = (parts.next(), parts.next()) {
+            if let Some((_, col)) = pos.split_once(" column ") {
+                if col.chars().all(|c| c.is_ascii_digit()) {
+                    return format!("column {col}: {msg}");
+                }
+            }
+        }
+    }
+    s.to_string()
 }
 
 fn strip_json_position(s: &str) -> String {
@@ -199,7 +216,9 @@ mod tests {
     #[test]
     fn yaml_malformed_is_error_not_panic() {
         let err = yaml_from_str::<Doc>("name: [unclosed\ngpu: {", Path::new("m.yaml")).unwrap_err();
-        assert!(err.to_string().contains("m.yaml"));
+        let msg = err.to_string();
+        assert!(msg.starts_with("m.yaml line "), "{msg}");
+        assert_eq!(msg.matches("line").count(), 1, "{msg}");
     }
 
     #[test]
