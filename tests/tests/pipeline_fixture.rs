@@ -19,7 +19,11 @@ fn expected() -> serde_json::Value {
 }
 
 fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn frame(index: u64) -> Frame {
@@ -51,7 +55,10 @@ fn pipeline(kv: &str) -> Pipeline {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }
 
 #[test]
@@ -59,7 +66,11 @@ fn prompt_ids_match_the_reference_layout() {
     let exp = expected();
     let p = pipeline("fp16");
     let ids = p
-        .prompt_ids(1, exp["question"].as_str().unwrap(), exp["image_token_id"].as_u64().unwrap() as u32)
+        .prompt_ids(
+            1,
+            exp["question"].as_str().unwrap(),
+            exp["image_token_id"].as_u64().unwrap() as u32,
+        )
         .unwrap();
     assert_eq!(ids, u32s(&exp["prompt_ids"]));
 }
@@ -104,7 +115,10 @@ fn greedy_tokens_match_transformers() {
         assert!(s.ttft_ms >= s.prefill_ms && s.prefill_ms > 0.0 && s.encoder_ms > 0.0);
         assert_eq!(s.kv.frame_tokens, 16);
         // Everything cached: the prompt and all generated tokens but the last.
-        assert_eq!(s.kv.text_tokens + s.kv.frame_tokens, s.prompt_tokens + want.len() - 1);
+        assert_eq!(
+            s.kv.text_tokens + s.kv.frame_tokens,
+            s.prompt_tokens + want.len() - 1
+        );
         if kv == "fp16" {
             assert_eq!(s.kv.total_bytes, s.kv.fp16_bytes);
         }
@@ -131,16 +145,27 @@ fn mixed_policy_quantizes_frame_tokens() {
     let exp = expected();
     let q = exp["question"].as_str().unwrap();
     let mut p = pipeline("mixed:group=32");
-    let a = p.ask(&[frame(0), other_frame(1)], q).unwrap().finish().unwrap();
+    let a = p
+        .ask(&[frame(0), other_frame(1)], q)
+        .unwrap()
+        .finish()
+        .unwrap();
     assert_eq!(a.stats.frames, 2);
     assert_eq!(a.stats.kv.frame_tokens, 32);
     assert!(a.stats.kv.quant_bytes > 0);
     // The frame tokens left the FP16 pool: only text remains there.
     let mut f = pipeline("fp16");
-    let b = f.ask(&[frame(0), other_frame(1)], q).unwrap().finish().unwrap();
+    let b = f
+        .ask(&[frame(0), other_frame(1)], q)
+        .unwrap()
+        .finish()
+        .unwrap();
     assert_eq!(b.stats.kv.quant_bytes, 0);
     assert!(a.stats.kv.fp16_bytes < b.stats.kv.fp16_bytes);
-    assert_eq!(a.stats.kv.fp16_equivalent_bytes, b.stats.kv.fp16_equivalent_bytes);
+    assert_eq!(
+        a.stats.kv.fp16_equivalent_bytes,
+        b.stats.kv.fp16_equivalent_bytes
+    );
 }
 
 #[test]
@@ -193,7 +218,10 @@ fn bad_kv_policy_is_reported_with_the_package_problems() {
     match Pipeline::load(&fixture(), cfg) {
         Err(RuntimeError::Vision(e)) => {
             let msg = e.to_string();
-            assert!(msg.contains("jetvlm.yaml") && msg.contains("kv_policy"), "{msg}");
+            assert!(
+                msg.contains("jetvlm.yaml") && msg.contains("kv_policy"),
+                "{msg}"
+            );
         }
         other => panic!("expected a package error, got {other:?}"),
     }

@@ -16,7 +16,11 @@ fn expected() -> serde_json::Value {
 }
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 #[test]
@@ -54,7 +58,12 @@ fn ort_encoder_matches_pytorch_within_1e4() {
     let batch = enc.encode_batch(&[v, v]).unwrap();
     assert_eq!(batch.len(), 2);
     for e in &batch {
-        let d = e.data.iter().zip(&emb.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let d = e
+            .data
+            .iter()
+            .zip(&emb.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(d < 1e-5, "batched vs single {d}");
     }
 }

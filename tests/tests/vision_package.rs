@@ -43,7 +43,10 @@ fn fixture_package_loads() {
     assert_eq!(pkg.tokens_per_frame(), 16);
     assert_eq!(pkg.decoder_config.hidden_size, 64);
     assert_eq!(pkg.encoder_signature.inputs[0].name, "pixel_values");
-    assert_eq!(pkg.encoder_signature.outputs[0].shape, vec![None, Some(16), Some(64)]);
+    assert_eq!(
+        pkg.encoder_signature.outputs[0].shape,
+        vec![None, Some(16), Some(64)]
+    );
 }
 
 #[test]
@@ -53,7 +56,10 @@ fn all_problems_reported_at_once() {
     let text = std::fs::read_to_string(&manifest).unwrap();
     let broken = text
         .replace("tokens_per_frame: 16", "tokens_per_frame: 20")
-        .replace("image_size: {height: 32, width: 32}", "image_size: {height: 32, width: 48}")
+        .replace(
+            "image_size: {height: 32, width: 32}",
+            "image_size: {height: 32, width: 48}",
+        )
         .replace("std: [", "std: [0.5, ")
         .replace("\\n{question} ASSISTANT:", "\\n ASSISTANT:")
         .replace("input_dtype: f32", "input_dtype: f16");
@@ -74,9 +80,15 @@ fn all_problems_reported_at_once() {
         "vision.input_dtype",
         "decoder.dir",
     ] {
-        assert!(fields.contains(&want), "missing issue for {want}: {issues:#?}");
+        assert!(
+            fields.contains(&want),
+            "missing issue for {want}: {issues:#?}"
+        );
     }
-    let tpf = issues.iter().find(|(f, _)| f == "vision.tokens_per_frame").unwrap();
+    let tpf = issues
+        .iter()
+        .find(|(f, _)| f == "vision.tokens_per_frame")
+        .unwrap();
     assert!(tpf.1.contains("20") && tpf.1.contains("16"), "{}", tpf.1);
     assert!(issues.iter().any(|(_, m)| m.contains("tokenizer.json")));
 }
@@ -87,17 +99,31 @@ fn missing_files_and_decoder_mismatch() {
     std::fs::remove_file(dir.path().join("vision.onnx")).unwrap();
     std::fs::remove_file(dir.path().join("decoder/model.safetensors")).unwrap();
     let (_, issues) = issues_of(ModelPackage::load(dir.path()).unwrap_err());
-    assert!(issues.iter().any(|(f, m)| f == "vision.encoder" && m.contains("vision.onnx")));
-    assert!(issues.iter().any(|(f, m)| f == "decoder.dir" && m.contains("model.safetensors")));
+    assert!(
+        issues
+            .iter()
+            .any(|(f, m)| f == "vision.encoder" && m.contains("vision.onnx"))
+    );
+    assert!(
+        issues
+            .iter()
+            .any(|(f, m)| f == "decoder.dir" && m.contains("model.safetensors"))
+    );
 
     // Encoder width differs from the decoder's hidden_size.
     let dir = copy_package();
     let cfg_path = dir.path().join("decoder/config.json");
     let cfg = std::fs::read_to_string(&cfg_path).unwrap();
-    std::fs::write(&cfg_path, cfg.replace("\"hidden_size\": 64", "\"hidden_size\": 96")).unwrap();
+    std::fs::write(
+        &cfg_path,
+        cfg.replace("\"hidden_size\": 64", "\"hidden_size\": 96"),
+    )
+    .unwrap();
     let (_, issues) = issues_of(ModelPackage::load(dir.path()).unwrap_err());
     assert!(
-        issues.iter().any(|(_, m)| m.contains("hidden_size 96") && m.contains("64")),
+        issues
+            .iter()
+            .any(|(_, m)| m.contains("hidden_size 96") && m.contains("64")),
         "{issues:#?}"
     );
 }
@@ -107,7 +133,11 @@ fn unknown_manifest_key_and_missing_manifest() {
     let dir = copy_package();
     let manifest = dir.path().join("jetvlm.yaml");
     let text = std::fs::read_to_string(&manifest).unwrap();
-    std::fs::write(&manifest, text.replace("layout: nchw", "layout: nchw\n  tokens_per_frme: 3")).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace("layout: nchw", "layout: nchw\n  tokens_per_frme: 3"),
+    )
+    .unwrap();
     let err = ModelPackage::load(dir.path()).unwrap_err();
     assert!(err.to_string().contains("tokens_per_frme"), "{err}");
 

@@ -37,16 +37,28 @@ fn ask_json_greedy_tokens_equal_transformers() {
     let exp = expected();
     for kv in ["fp16", "f32"] {
         let out = ask(&["--json", "--kv", kv]);
-        assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["token_ids"], exp["greedy_tokens"], "kv {kv}");
-        assert_eq!(v["prompt_tokens"].as_u64().unwrap() as usize, exp["prompt_ids"].as_array().unwrap().len());
+        assert_eq!(
+            v["prompt_tokens"].as_u64().unwrap() as usize,
+            exp["prompt_ids"].as_array().unwrap().len()
+        );
         assert_eq!(v["frames"], 1);
         assert_eq!(v["execution_provider"], "cpu");
         for key in ["encoder_ms", "prefill_ms", "ttft_ms", "tpot_ms"] {
             assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {}", v[key]);
         }
-        for key in ["fp16_bytes", "quant_bytes", "total_bytes", "fp16_equivalent_bytes"] {
+        for key in [
+            "fp16_bytes",
+            "quant_bytes",
+            "total_bytes",
+            "fp16_equivalent_bytes",
+        ] {
             assert!(v["kv"][key].is_u64(), "kv.{key} missing");
         }
         assert!(v["text"].is_string());
@@ -56,12 +68,22 @@ fn ask_json_greedy_tokens_equal_transformers() {
 #[test]
 fn ask_streams_text_and_reports_errors() {
     let out = ask(&[]);
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("prompt tokens") && err.contains("TTFT") && err.contains("(cpu)"), "{err}");
+    assert!(
+        err.contains("prompt tokens") && err.contains("TTFT") && err.contains("(cpu)"),
+        "{err}"
+    );
 
     let out = ask(&["--kv", "int5-sometimes"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("jetvlm.yaml") && err.contains("kv_policy"), "{err}");
+    assert!(
+        err.contains("jetvlm.yaml") && err.contains("kv_policy"),
+        "{err}"
+    );
 }

@@ -64,7 +64,7 @@ pub struct KvBackend {
 }
 
 enum Inner {
-    Mixed(MixedKvCache),
+    Mixed(Box<MixedKvCache>),
     Exact(F32KvCache),
 }
 
@@ -83,7 +83,11 @@ impl KvBackend {
     ) -> Result<Self, RuntimeError> {
         let inner = match choice {
             KvChoice::Exact => Inner::Exact(F32KvCache::new(shape, capacity_tokens)),
-            KvChoice::Policy(p) => Inner::Mixed(MixedKvCache::new(shape, p.clone(), capacity_tokens)?),
+            KvChoice::Policy(p) => Inner::Mixed(Box::new(MixedKvCache::new(
+                shape,
+                p.clone(),
+                capacity_tokens,
+            )?)),
         };
         let fp16_bytes_per_token = (shape.layers * shape.kv_heads * shape.head_dim * 2 * 2) as u64;
         let mut b = KvBackend {
@@ -194,7 +198,7 @@ impl KvStore for KvBackend {
 
     fn shape(&self) -> jetvlm_kvcache::CacheShape {
         match &self.inner {
-            Inner::Mixed(c) => KvStore::shape(c),
+            Inner::Mixed(c) => KvStore::shape(c.as_ref()),
             Inner::Exact(c) => KvStore::shape(c),
         }
     }
@@ -205,7 +209,7 @@ impl KvStore for KvBackend {
 
     fn len(&self) -> usize {
         match &self.inner {
-            Inner::Mixed(c) => KvStore::len(c),
+            Inner::Mixed(c) => KvStore::len(c.as_ref()),
             Inner::Exact(c) => KvStore::len(c),
         }
     }
@@ -217,7 +221,9 @@ impl KvStore for KvBackend {
         frame: Option<FrameId>,
     ) -> jetvlm_decoder::Result<BackendSpan> {
         let span = match &mut self.inner {
-            Inner::Mixed(c) => BackendSpan::Mixed(KvStore::append_span(c, kind, positions, frame)?),
+            Inner::Mixed(c) => {
+                BackendSpan::Mixed(KvStore::append_span(c.as_mut(), kind, positions, frame)?)
+            }
             Inner::Exact(c) => BackendSpan::Exact(KvStore::append_span(c, kind, positions, frame)?),
         };
         if let Some(&last) = positions.iter().max() {
@@ -227,17 +233,31 @@ impl KvStore for KvBackend {
         Ok(span)
     }
 
-    fn write(&mut self, layer: usize, span: &BackendSpan, k: &[f32], v: &[f32]) -> jetvlm_decoder::Result<()> {
+    fn write(
+        &mut self,
+        layer: usize,
+        span: &BackendSpan,
+        k: &[f32],
+        v: &[f32],
+    ) -> jetvlm_decoder::Result<()> {
         match (&mut self.inner, span) {
-            (Inner::Mixed(c), BackendSpan::Mixed(s)) => KvStore::write(c, layer, s, k, v),
+            (Inner::Mixed(c), BackendSpan::Mixed(s)) => KvStore::write(c.as_mut(), layer, s, k, v),
             (Inner::Exact(c), BackendSpan::Exact(s)) => KvStore::write(c, layer, s, k, v),
             _ => Err(span_mismatch()),
         }
     }
 
-    fn attend(&self, layer: usize, span: &BackendSpan, q: &[f32], out: &mut [f32]) -> jetvlm_decoder::Result<()> {
+    fn attend(
+        &self,
+        layer: usize,
+        span: &BackendSpan,
+        q: &[f32],
+        out: &mut [f32],
+    ) -> jetvlm_decoder::Result<()> {
         match (&self.inner, span) {
-            (Inner::Mixed(c), BackendSpan::Mixed(s)) => KvStore::attend(c, layer, s, q, out),
+            (Inner::Mixed(c), BackendSpan::Mixed(s)) => {
+                KvStore::attend(c.as_ref(), layer, s, q, out)
+            }
             (Inner::Exact(c), BackendSpan::Exact(s)) => KvStore::attend(c, layer, s, q, out),
             _ => Err(span_mismatch()),
         }
@@ -245,7 +265,7 @@ impl KvStore for KvBackend {
 
     fn truncate_last(&mut self, n: usize) -> jetvlm_decoder::Result<()> {
         match &mut self.inner {
-            Inner::Mixed(c) => KvStore::truncate_last(c, n)?,
+            Inner::Mixed(c) => KvStore::truncate_last(c.as_mut(), n)?,
             Inner::Exact(c) => KvStore::truncate_last(c, n)?,
         }
         self.refresh();

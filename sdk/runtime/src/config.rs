@@ -93,7 +93,9 @@ impl RuntimeConfig {
 
     fn validate(&self, path: &Path) -> Result<(), RuntimeError> {
         let bad = |field: &str, msg: &str| {
-            Err(RuntimeError::Config(jetvlm_core::ConfigError::invalid(path, field, msg)))
+            Err(RuntimeError::Config(jetvlm_core::ConfigError::invalid(
+                path, field, msg,
+            )))
         };
         if self.window_frames == 0 {
             return bad("window_frames", "must be at least 1");
@@ -128,13 +130,19 @@ mod tests {
         let cfg = RuntimeConfig::from_yaml(&p).unwrap();
         assert_eq!(cfg.kv_policy.as_deref(), Some("fp16"));
         assert_eq!(cfg.max_new_tokens, 5);
-        assert_eq!(cfg.vision.execution_providers, vec![ExecutionProvider::TensorRt, ExecutionProvider::Cpu]);
+        assert_eq!(
+            cfg.vision.execution_providers,
+            vec![ExecutionProvider::TensorRt, ExecutionProvider::Cpu]
+        );
         assert!(cfg.vision.require);
         assert_eq!(cfg.sampling, Sampling::default());
 
         std::fs::write(&p, "window_frames: 0\n").unwrap();
         let err = RuntimeConfig::from_yaml(&p).unwrap_err().to_string();
-        assert!(err.contains("window_frames") && err.contains("rt.yaml"), "{err}");
+        assert!(
+            err.contains("window_frames") && err.contains("rt.yaml"),
+            "{err}"
+        );
         std::fs::write(&p, "vision:\n  execution_providers: [tpu]\n").unwrap();
         let err = RuntimeConfig::from_yaml(&p).unwrap_err().to_string();
         assert!(err.contains("rt.yaml"), "{err}");

@@ -63,6 +63,15 @@ pub(crate) enum Span {
     Frame(usize),
 }
 
+/// A prompt laid out for the decoder, with its frames encoded.
+struct Prepared {
+    spans: Vec<Span>,
+    embeds: Vec<Embeddings>,
+    ids: Vec<FrameId>,
+    encoder_ms: f64,
+    prompt_tokens: usize,
+}
+
 /// A loaded model package.
 pub struct Pipeline {
     pub(crate) package: ModelPackage,
@@ -102,7 +111,11 @@ impl Pipeline {
                 issues.push(Issue::new(field, e.to_string()));
             }
         })?;
-        let kv = KvChoice::parse(kv_override.as_deref().unwrap_or(&package.manifest.kv.policy))?;
+        let kv = KvChoice::parse(
+            kv_override
+                .as_deref()
+                .unwrap_or(&package.manifest.kv.policy),
+        )?;
         let model = Model::load(&package.decoder_dir, &LoadOptions::default())?;
         let tokenizer = Tokenizer::from_dir(&package.decoder_dir)?;
         let encoder = OrtEncoder::from_package(&package, &cfg.vision)?;
@@ -123,7 +136,10 @@ impl Pipeline {
                 .and_then(|t| tokenizer.token_to_id(t))
                 .or(package.decoder_config.bos_token_id);
             Some(id.ok_or_else(|| {
-                prompt_err("add_bos is set but neither the tokenizer nor config.json names a BOS token".into())
+                prompt_err(
+                    "add_bos is set but neither the tokenizer nor config.json names a BOS token"
+                        .into(),
+                )
             })?)
         } else {
             None
@@ -191,13 +207,18 @@ impl Pipeline {
 
     /// Encodes frames (one batch when the encoder allows) and returns their embeddings and
     /// the time spent.
-    pub fn encode_frames(&mut self, frames: &[Frame]) -> Result<(Vec<Embeddings>, f64), RuntimeError> {
+    pub fn encode_frames(
+        &mut self,
+        frames: &[Frame],
+    ) -> Result<(Vec<Embeddings>, f64), RuntimeError> {
         let t0 = Instant::now();
         let mut views = Vec::with_capacity(frames.len());
         for f in frames {
-            views.push(ImageView::new(f.width, f.height, &f.rgb).map_err(|e| RuntimeError::Frame {
-                index: f.index,
-                message: e.to_string(),
+            views.push(ImageView::new(f.width, f.height, &f.rgb).map_err(|e| {
+                RuntimeError::Frame {
+                    index: f.index,
+                    message: e.to_string(),
+                }
             })?);
         }
         let out = self.encoder.encode_batch(&views)?;
@@ -210,7 +231,11 @@ impl Pipeline {
     }
 
     /// The prompt for `n_frames` frames and a question, as spans.
-    pub(crate) fn prompt_spans(&self, n_frames: usize, question: &str) -> Result<Vec<Span>, RuntimeError> {
+    pub(crate) fn prompt_spans(
+        &self,
+        n_frames: usize,
+        question: &str,
+    ) -> Result<Vec<Span>, RuntimeError> {
         let mut spans = Vec::new();
         let mut pending: Vec<u32> = self.bos.into_iter().collect();
         for part in self.template.layout(n_frames, question) {
@@ -232,7 +257,12 @@ impl Pipeline {
 
     /// The prompt's token ids, with `placeholder` at each frame token (what a reference
     /// implementation that substitutes image features at a placeholder token is fed).
-    pub fn prompt_ids(&self, n_frames: usize, question: &str, placeholder: u32) -> Result<Vec<u32>, RuntimeError> {
+    pub fn prompt_ids(
+        &self,
+        n_frames: usize,
+        question: &str,
+        placeholder: u32,
+    ) -> Result<Vec<u32>, RuntimeError> {
         let tpf = self.package.tokens_per_frame();
         Ok(self
             .prompt_spans(n_frames, question)?
@@ -260,12 +290,8 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Clears the cache and lays out frames + question; returns the spans' inputs data.
-    fn prepare(
-        &mut self,
-        frames: &[Frame],
-        question: &str,
-    ) -> Result<(Vec<Span>, Vec<Embeddings>, Vec<FrameId>, f64, usize), RuntimeError> {
+    /// Encodes the frames, lays out the prompt and clears the cache for it.
+    fn prepare(&mut self, frames: &[Frame], question: &str) -> Result<Prepared, RuntimeError> {
         let (embeds, encoder_ms) = self.encode_frames(frames)?;
         let spans = self.prompt_spans(frames.len(), question)?;
         let tpf = self.package.tokens_per_frame();
@@ -287,24 +313,46 @@ impl Pipeline {
         }
         self.ensure_capacity(prompt_tokens + self.cfg.max_new_tokens)?;
         self.cache.clear();
-        let ids: Vec<FrameId> = (0..frames.len() as u64).map(|i| self.next_frame + i).collect();
+        let ids: Vec<FrameId> = (0..frames.len() as u64)
+            .map(|i| self.next_frame + i)
+            .collect();
         self.next_frame += frames.len() as u64;
-        Ok((spans, embeds, ids, encoder_ms, prompt_tokens))
+        Ok(Prepared {
+            spans,
+            embeds,
+            ids,
+            encoder_ms,
+            prompt_tokens,
+        })
     }
 
     /// The decoder's logits for the token after the prompt (frames + question), on a fresh
     /// cache. For checking against reference implementations.
-    pub fn first_token_logits(&mut self, frames: &[Frame], question: &str) -> Result<Vec<f32>, RuntimeError> {
-        let (spans, embeds, ids, _, _) = self.prepare(frames, question)?;
-        let inputs = inputs(&spans, &embeds, &ids);
+    pub fn first_token_logits(
+        &mut self,
+        frames: &[Frame],
+        question: &str,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let p = self.prepare(frames, question)?;
+        let inputs = inputs(&p.spans, &p.embeds, &p.ids);
         let logits = self.model.forward(&inputs, &mut self.cache)?;
         Ok(logits.last().to_vec())
     }
 
     /// Asks a question about frames (oldest first) on a fresh cache and streams the answer.
-    pub fn ask(&mut self, frames: &[Frame], question: &str) -> Result<TokenStream<'_>, RuntimeError> {
+    pub fn ask(
+        &mut self,
+        frames: &[Frame],
+        question: &str,
+    ) -> Result<TokenStream<'_>, RuntimeError> {
         let started = Instant::now();
-        let (spans, embeds, ids, encoder_ms, prompt_tokens) = self.prepare(frames, question)?;
+        let Prepared {
+            spans,
+            embeds,
+            ids,
+            encoder_ms,
+            prompt_tokens,
+        } = self.prepare(frames, question)?;
         let text_ids: Vec<u32> = spans
             .iter()
             .flat_map(|s| match s {
@@ -333,7 +381,15 @@ impl Pipeline {
             opts,
         )?;
         let prefill_ms = t_prefill.elapsed().as_secs_f64() * 1e3;
-        Ok(TokenStream::new(generation, tap, started, Stats { prefill_ms, ..stats }))
+        Ok(TokenStream::new(
+            generation,
+            tap,
+            started,
+            Stats {
+                prefill_ms,
+                ..stats
+            },
+        ))
     }
 
     pub(crate) fn generate_options(&self) -> GenerateOptions {
@@ -348,7 +404,11 @@ impl Pipeline {
 }
 
 /// Decoder inputs for spans (frames borrow their embeddings).
-pub(crate) fn inputs<'a>(spans: &'a [Span], embeds: &'a [Embeddings], ids: &[FrameId]) -> Vec<Input<'a>> {
+pub(crate) fn inputs<'a>(
+    spans: &'a [Span],
+    embeds: &'a [Embeddings],
+    ids: &[FrameId],
+) -> Vec<Input<'a>> {
     spans
         .iter()
         .map(|s| match s {
@@ -372,7 +432,12 @@ pub struct TokenStream<'a> {
 }
 
 impl<'a> TokenStream<'a> {
-    fn new(generation: Generation<'a, KvBackend>, tap: Arc<Mutex<KvStats>>, started: Instant, stats: Stats) -> Self {
+    fn new(
+        generation: Generation<'a, KvBackend>,
+        tap: Arc<Mutex<KvStats>>,
+        started: Instant,
+        stats: Stats,
+    ) -> Self {
         TokenStream {
             generation,
             tap,

@@ -71,9 +71,15 @@ impl PromptTemplate {
                 Piece::Question => push_text(&mut parts, question),
                 Piece::Frames => {
                     for i in 0..n_frames {
-                        push_text(&mut parts, &self.frame_prefix.replace("{i}", &(i + 1).to_string()));
+                        push_text(
+                            &mut parts,
+                            &self.frame_prefix.replace("{i}", &(i + 1).to_string()),
+                        );
                         parts.push(Part::Frame(i));
-                        push_text(&mut parts, &self.frame_suffix.replace("{i}", &(i + 1).to_string()));
+                        push_text(
+                            &mut parts,
+                            &self.frame_suffix.replace("{i}", &(i + 1).to_string()),
+                        );
                     }
                 }
             }
@@ -141,7 +147,10 @@ mod tests {
 
     #[test]
     fn frames_and_question_expand_in_order() {
-        let t = PromptTemplate::new(&section("<frames>{frames}</frames><q>{question}</q><a>", "<f{i}>"));
+        let t = PromptTemplate::new(&section(
+            "<frames>{frames}</frames><q>{question}</q><a>",
+            "<f{i}>",
+        ));
         assert_eq!(
             t.layout(2, "how many?"),
             vec![
@@ -154,7 +163,10 @@ mod tests {
         );
         assert_eq!(
             t.session_split("why?"),
-            Some(("SYS <frames>".to_string(), "</frames><q>why?</q><a>".to_string()))
+            Some((
+                "SYS <frames>".to_string(),
+                "</frames><q>why?</q><a>".to_string()
+            ))
         );
     }
 

@@ -7,8 +7,8 @@
 //! Frames in a session carry no per-frame prefix text (`frame_prefix`/`frame_suffix`), so an
 //! evicted frame leaves nothing behind in the cache.
 
-use crate::pipeline::{Pipeline, Stats, TokenStream};
 use crate::RuntimeError;
+use crate::pipeline::{Pipeline, Stats, TokenStream};
 use jetvlm_camera::Frame;
 use jetvlm_core::FrameId;
 use jetvlm_decoder::{Generation, Input, KvStore, LogitsMode};
@@ -39,7 +39,9 @@ pub struct StreamSession<'p> {
 
 impl std::fmt::Debug for StreamSession<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamSession").field("window", &self.window).finish()
+        f.debug_struct("StreamSession")
+            .field("window", &self.window)
+            .finish()
     }
 }
 
@@ -54,10 +56,15 @@ impl Pipeline {
                     .into(),
             });
         }
-        let (before, _) = self.template.session_split("").ok_or_else(|| RuntimeError::Prompt {
-            manifest: self.package.manifest_path.clone(),
-            message: "a streaming session needs `{frames}` before `{question}` in prompt.template".into(),
-        })?;
+        let (before, _) = self
+            .template
+            .session_split("")
+            .ok_or_else(|| RuntimeError::Prompt {
+                manifest: self.package.manifest_path.clone(),
+                message:
+                    "a streaming session needs `{frames}` before `{question}` in prompt.template"
+                        .into(),
+            })?;
         let mut ids: Vec<u32> = self.bos.into_iter().collect();
         ids.extend(self.encode_text(&before)?);
         let tpf = self.package.tokens_per_frame();
@@ -71,7 +78,8 @@ impl Pipeline {
                 });
             }
             self.capacity = needed.next_multiple_of(256);
-            self.cache = crate::cache::KvBackend::new(&self.kv, self.model.cache_shape(), self.capacity)?;
+            self.cache =
+                crate::cache::KvBackend::new(&self.kv, self.model.cache_shape(), self.capacity)?;
         }
         self.cache.clear();
         if !ids.is_empty() {
@@ -103,9 +111,11 @@ impl StreamSession<'_> {
     /// window is full. Returns the frame's cache id.
     pub fn push_frame(&mut self, frame: &Frame) -> Result<FrameId, RuntimeError> {
         self.roll_back()?;
-        let view = ImageView::new(frame.width, frame.height, &frame.rgb).map_err(|e| RuntimeError::Frame {
-            index: frame.index,
-            message: e.to_string(),
+        let view = ImageView::new(frame.width, frame.height, &frame.rgb).map_err(|e| {
+            RuntimeError::Frame {
+                index: frame.index,
+                message: e.to_string(),
+            }
         })?;
         let t0 = Instant::now();
         let emb = jetvlm_vision::VisionEncoder::encode(&mut self.pipe.encoder, &view)?;
@@ -156,14 +166,18 @@ impl StreamSession<'_> {
     pub fn ask(&mut self, question: &str) -> Result<TokenStream<'_>, RuntimeError> {
         self.roll_back()?;
         let started = Instant::now();
-        let (_, after) = self
-            .pipe
-            .template
-            .session_split(question)
-            .ok_or_else(|| RuntimeError::Prompt {
+        let (_, after) =
+            self.pipe
+                .template
+                .session_split(question)
+                .ok_or_else(|| {
+                    RuntimeError::Prompt {
                 manifest: self.pipe.package.manifest_path.clone(),
-                message: "a streaming session needs `{frames}` before `{question}` in prompt.template".into(),
-            })?;
+                message:
+                    "a streaming session needs `{frames}` before `{question}` in prompt.template"
+                        .into(),
+            }
+                })?;
         let ids = self.pipe.encode_text(&after)?;
         if ids.is_empty() {
             return Err(RuntimeError::Prompt {
@@ -194,6 +208,14 @@ impl StreamSession<'_> {
             opts,
         )?;
         let prefill_ms = t_prefill.elapsed().as_secs_f64() * 1e3;
-        Ok(TokenStream::from_parts(generation, tap, started, Stats { prefill_ms, ..stats }))
+        Ok(TokenStream::from_parts(
+            generation,
+            tap,
+            started,
+            Stats {
+                prefill_ms,
+                ..stats
+            },
+        ))
     }
 }

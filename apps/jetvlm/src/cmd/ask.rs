@@ -78,7 +78,8 @@ pub fn run(args: AskArgs) -> Result<()> {
 
     let mut frames = Vec::with_capacity(args.images.len());
     for (i, path) in args.images.iter().enumerate() {
-        let img = RgbImage::open(path).with_context(|| format!("reading image {}", path.display()))?;
+        let img =
+            RgbImage::open(path).with_context(|| format!("reading image {}", path.display()))?;
         frames.push(Frame {
             index: i as u64,
             timestamp: Duration::ZERO,
