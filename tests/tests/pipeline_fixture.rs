@@ -75,9 +75,9 @@ fn prompt_ids_match_the_reference_layout() {
     assert_eq!(ids, u32s(&exp["prompt_ids"]));
 }
 
-/// Bounds: with the exact f32 cache only float summation order differs from PyTorch
-/// (|diff| < 1e-3 on logits of magnitude ~10); the FP16 cache adds K/V rounding
-/// (relative 2^-11 per element), bounded here by 5e-2.
+/// Bounds (logits are of magnitude ~1-10): with the exact f32 cache only float summation
+/// order differs from PyTorch, max |diff| < 1e-4 (measured 5.8e-6); the FP16 cache adds K/V
+/// rounding (relative 2^-11 per element), max |diff| < 2e-2 (measured 3.2e-3).
 #[test]
 fn first_token_logits_match_transformers() {
     let exp = expected();
@@ -88,7 +88,7 @@ fn first_token_logits_match_transformers() {
         .map(|x| x.as_f64().unwrap() as f32)
         .collect();
     let q = exp["question"].as_str().unwrap();
-    for (kv, bound) in [("f32", 1e-3f32), ("fp16", 5e-2)] {
+    for (kv, bound) in [("f32", 1e-4f32), ("fp16", 2e-2)] {
         let mut p = pipeline(kv);
         let got = p.first_token_logits(&[frame(0)], q).unwrap();
         let d = max_abs_diff(&got, &want);
@@ -198,14 +198,15 @@ fn session_window_is_bounded_and_questions_reuse_frames() {
         let frames = s.frames();
         assert!(frames.len() <= 2);
         assert_eq!(frames.last().unwrap().index, i);
-        sizes.push((s.cached_tokens(), s.kv_memory().frame_tokens));
+        sizes.push((s.cached_tokens(), s.kv_memory().frame_tokens, s.kv_memory().total_bytes));
         let a = s.ask(q).unwrap().finish().unwrap();
         assert_eq!(a.stats.frames, frames.len());
     }
     let prefix = s.prefix_tokens();
-    for &(tokens, frame_tokens) in &sizes[1..] {
+    for &(tokens, frame_tokens, bytes) in &sizes[1..] {
         assert_eq!(frame_tokens, 32);
         assert_eq!(tokens, prefix + 32);
+        assert_eq!(bytes, sizes[1].2, "KV bytes grow with a full window: {sizes:?}");
     }
 }
 
