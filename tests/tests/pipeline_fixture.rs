@@ -198,7 +198,11 @@ fn session_window_is_bounded_and_questions_reuse_frames() {
         let frames = s.frames();
         assert!(frames.len() <= 2);
         assert_eq!(frames.last().unwrap().index, i);
-        sizes.push((s.cached_tokens(), s.kv_memory().frame_tokens, s.kv_memory().total_bytes));
+        sizes.push((
+            s.cached_tokens(),
+            s.kv_memory().frame_tokens,
+            s.kv_memory().total_bytes,
+        ));
         let a = s.ask(q).unwrap().finish().unwrap();
         assert_eq!(a.stats.frames, frames.len());
     }
@@ -206,7 +210,10 @@ fn session_window_is_bounded_and_questions_reuse_frames() {
     for &(tokens, frame_tokens, bytes) in &sizes[1..] {
         assert_eq!(frame_tokens, 32);
         assert_eq!(tokens, prefix + 32);
-        assert_eq!(bytes, sizes[1].2, "KV bytes grow with a full window: {sizes:?}");
+        assert_eq!(
+            bytes, sizes[1].2,
+            "KV bytes grow with a full window: {sizes:?}"
+        );
     }
 }
 
@@ -226,4 +233,45 @@ fn bad_kv_policy_is_reported_with_the_package_problems() {
         }
         other => panic!("expected a package error, got {other:?}"),
     }
+}
+
+#[test]
+fn session_runs_from_a_camera_source_with_bounded_memory() {
+    let cfg = RuntimeConfig {
+        kv_policy: Some("mixed:group=32".into()),
+        max_new_tokens: 4,
+        window_frames: 3,
+        ..RuntimeConfig::default()
+    };
+    let mut p = Pipeline::load(&fixture(), cfg).unwrap();
+    let mut cam =
+        jetvlm_camera::open("synthetic://scene?fps=10&seed=3&width=64&height=48&frames=12&pace=0")
+            .unwrap();
+    let mut s = p.session().unwrap();
+    let mut pushed = 0;
+    let mut bytes = Vec::new();
+    loop {
+        match s
+            .capture_from(cam.as_mut(), Duration::from_millis(100))
+            .unwrap()
+        {
+            jetvlm_runtime::SessionCapture::Frame(_) => pushed += 1,
+            jetvlm_runtime::SessionCapture::EndOfStream => break,
+            jetvlm_runtime::SessionCapture::Timeout => continue,
+        }
+        assert!(s.frames().len() <= 3);
+        bytes.push(s.kv_memory().total_bytes);
+        if pushed % 4 == 0 {
+            let a = s
+                .ask("how many objects are there?")
+                .unwrap()
+                .finish()
+                .unwrap();
+            assert!(a.stats.tokens >= 1 && a.stats.tokens <= 4);
+            assert_eq!(a.stats.frames, 3);
+        }
+    }
+    assert_eq!(pushed, 12);
+    assert!(bytes[3..].iter().all(|&b| b == bytes[2]), "{bytes:?}");
+    assert_eq!(s.frames().last().unwrap().index, 11);
 }

@@ -28,6 +28,13 @@ pub enum RuntimeError {
     #[error("frame {index}: {message}")]
     Frame { index: u64, message: String },
 
+    /// A camera source failed.
+    #[error("camera {source_name}: {message}")]
+    Camera {
+        source_name: String,
+        message: String,
+    },
+
     /// An operation the chosen KV cache cannot do.
     #[error("{op}: {message}")]
     Unsupported { op: &'static str, message: String },

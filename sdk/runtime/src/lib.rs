@@ -22,4 +22,4 @@ pub use cache::{KvChoice, KvStats};
 pub use config::{RuntimeConfig, Sampling};
 pub use error::RuntimeError;
 pub use pipeline::{Answer, Pipeline, Stats, Token, TokenStream};
-pub use session::{CachedFrame, StreamSession};
+pub use session::{CachedFrame, SessionCapture, StreamSession};

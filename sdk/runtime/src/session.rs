@@ -9,7 +9,7 @@
 
 use crate::RuntimeError;
 use crate::pipeline::{Pipeline, Stats, TokenStream};
-use jetvlm_camera::Frame;
+use jetvlm_camera::{Capture, Frame, FrameSource};
 use jetvlm_core::FrameId;
 use jetvlm_decoder::{Generation, Input, KvStore, LogitsMode};
 use jetvlm_vision::ImageView;
@@ -23,6 +23,15 @@ pub struct CachedFrame {
     /// The frame's index in its stream.
     pub index: u64,
     pub timestamp: Duration,
+}
+
+/// The outcome of [`StreamSession::capture_from`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionCapture {
+    /// A frame was appended under this id.
+    Frame(FrameId),
+    EndOfStream,
+    Timeout,
 }
 
 /// A rolling window of frames in the KV cache; see the module docs.
@@ -140,6 +149,23 @@ impl StreamSession<'_> {
         });
         self.encoder_ms.push_back(enc_ms);
         Ok(id)
+    }
+
+    /// Captures the next frame from a camera source and appends it. End of stream and
+    /// timeout are statuses (`Ok(None)` with the capture), not errors.
+    pub fn capture_from(
+        &mut self,
+        source: &mut dyn FrameSource,
+        timeout: Duration,
+    ) -> Result<SessionCapture, RuntimeError> {
+        match source.capture(timeout).map_err(|e| RuntimeError::Camera {
+            source_name: source.describe(),
+            message: e.to_string(),
+        })? {
+            Capture::Frame(f) => Ok(SessionCapture::Frame(self.push_frame(&f)?)),
+            Capture::EndOfStream => Ok(SessionCapture::EndOfStream),
+            Capture::Timeout => Ok(SessionCapture::Timeout),
+        }
     }
 
     /// Frames in the cache, oldest first.
