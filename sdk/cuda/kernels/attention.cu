@@ -44,9 +44,11 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Code d of a row packed in chunks of 32 (layout in kv_quant.cu).
 __device__ __forceinline__ unsigned int code_at(const unsigned char* row, unsigned int d, unsigned int bits) {
-    unsigned int bit = d * bits;
-    return (row[bit >> 3] >> (bit & 7u)) & ((1u << bits) - 1u);
+    unsigned int chunk_bytes = 4u * bits, j = d & 31u;
+    unsigned int byte = row[(d >> 5) * chunk_bytes + j % chunk_bytes];
+    return (byte >> ((j / chunk_bytes) * bits)) & ((1u << bits) - 1u);
 }
 
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) mixed_attention_partial(

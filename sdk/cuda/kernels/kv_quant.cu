@@ -2,12 +2,15 @@
 //
 // Pool layouts (per layer; D = head_dim, H = kv heads, T = tokens per block, b = bits, g = group):
 //   text (FP16):   half   [block][T][H][D]
-//   frame codes:   u8     [block][T][H][D*b/8]   element d of a row at byte d*b/8, bit (d*b)%8, low bits first
+//   frame codes:   u8     [block][T][H][D*b/8], packed as jetvlm_quant packs a row: in chunks of
+//                  32 codes; with cb = 4*b bytes per chunk, code j of a chunk sits in byte j % cb
+//                  at bit (j / cb) * b (4-bit: codes j and j+16 share byte j)
 //   frame params:  u32 = FP16 pair, scale in the low half, zero in the high half; x ~= zero + scale * code
 //     per token (V always, K in per-token mode): [block][T][H][D/g]
 //     per channel (K in per-channel mode):       [block][H][D], over the block's tokens
-// Asymmetric quantization: zero = min, scale = (max - min) / (2^b - 1), both rounded to FP16 first,
-// then code = clamp(rint((x - zero) / scale), 0, 2^b - 1) (code 0 where the scale is zero).
+// Parameters are jetvlm_quant's `row_params`: zero = min rounded down to FP16, scale =
+// (max - zero) / (2^b - 1) rounded to FP16 and raised until max is within half a step;
+// code = clamp(round_half_away((x - zero) / scale), 0, 2^b - 1), 0 where the scale is zero.
 // FP16 values are carried as their IEEE bits (unsigned short) and converted with PTX cvt, so
 // the kernels need no header: NVRTC compiles them as they are.
 __device__ __forceinline__ float h2f(unsigned short h) {
@@ -37,8 +40,27 @@ extern "C" __global__ void kv_store_f16(unsigned short* __restrict__ pool, const
     }
 }
 
+__device__ __forceinline__ unsigned short f2h_down(float f) {
+    unsigned short h;
+    asm("cvt.rm.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ unsigned short f16_next_up(unsigned short h) {
+    if (h2f(h) == 0.0f) return 1;
+    return (h & 0x8000u) == 0 ? (unsigned short)(h + 1) : (unsigned short)(h - 1);
+}
+
+// Explicitly rounded adds/multiplies: the loop condition must not be fused into an FMA, so it
+// decides exactly as the CPU reference does.
 __device__ __forceinline__ unsigned int make_params(float lo, float hi, float levels) {
-    return (unsigned int)f2h((hi - lo) / levels) | ((unsigned int)f2h(lo) << 16);
+    unsigned short zero = f2h_down(lo);
+    float z = h2f(zero);
+    unsigned short scale = f2h(__fsub_rn(hi, z) / levels);
+    while (__fadd_rn(__fadd_rn(z, __fmul_rn(h2f(scale), levels)), __fmul_rn(0.5f, h2f(scale))) < hi) {
+        scale = f16_next_up(scale);
+    }
+    return (unsigned int)scale | ((unsigned int)zero << 16);
 }
 
 // One thread per (token, head, group): per-token group parameters.
@@ -80,7 +102,7 @@ extern "C" __global__ void kv_quant_params_channel(unsigned int* __restrict__ pa
     }
 }
 
-// One thread per (token, head, code byte): packs 8/bits codes into one byte using the
+// One thread per (token, head, code byte): packs the 8/bits codes of one byte using the
 // parameters written by one of the two kernels above.
 extern "C" __global__ void kv_quant_codes(unsigned char* __restrict__ codes, const unsigned int* __restrict__ params,
                                           const float* __restrict__ src, unsigned int block,
@@ -89,27 +111,29 @@ extern "C" __global__ void kv_quant_codes(unsigned char* __restrict__ codes, con
                                           unsigned int per_channel) {
     unsigned int per_byte = 8u / bits;
     unsigned int row_bytes = D / per_byte;
+    unsigned int chunk_bytes = 4u * bits;  // bytes of 32 codes
     unsigned int groups = D / group;
-    unsigned int qmax = (1u << bits) - 1u;
+    float qmax = (float)((1u << bits) - 1u);
     size_t total = (size_t)len * H * row_bytes;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         size_t th = i / row_bytes;  // t * H + h
         unsigned int j = (unsigned int)(i - th * row_bytes);
         unsigned int h = (unsigned int)(th % H);
+        unsigned int chunk = j / chunk_bytes, jj = j % chunk_bytes;
         unsigned int byte = 0;
-        for (unsigned int e = 0; e < per_byte; ++e) {
-            unsigned int d = j * per_byte + e;
+        for (unsigned int s = 0; s < per_byte; ++s) {
+            unsigned int d = chunk * 32u + jj + s * chunk_bytes;
             unsigned int p = per_channel ? params[((size_t)block * H + h) * D + d]
-                                    : params[(((size_t)block * T + tok_offset) * H) * groups + th * groups + d / group];
+                                         : params[(((size_t)block * T + tok_offset) * H) * groups + th * groups + d / group];
             float scale = h2f((unsigned short)(p & 0xffffu));
             float zero = h2f((unsigned short)(p >> 16));
             unsigned int q = 0;
-            if (scale > 0.0f) {
-                float c = rintf((src[th * D + d] - zero) / scale);
-                c = fminf(fmaxf(c, 0.0f), (float)qmax);
+            if (scale != 0.0f) {
+                float c = roundf((src[th * D + d] - zero) / scale);
+                c = fminf(fmaxf(c, 0.0f), qmax);
                 q = (unsigned int)c;
             }
-            byte |= q << (e * bits);
+            byte |= q << (s * bits);
         }
         codes[((size_t)block * T + tok_offset) * H * row_bytes + i] = (unsigned char)byte;
     }

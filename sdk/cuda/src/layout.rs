@@ -6,13 +6,15 @@
 //! | pool | element | shape |
 //! |---|---|---|
 //! | text K, V | f16 | `[block][T][H][D]` |
-//! | frame K, V codes | u8 | `[block][T][H][D*b/8]`, element `d` at byte `d*b/8`, bit `(d*b)%8`, low bits first |
+//! | frame K, V codes | u8 | `[block][T][H][D*b/8]`, each head row packed as `jetvlm_quant::format::pack_codes` packs it (chunks of 32 codes) |
 //! | frame V params, K params (per-token keys) | (scale, zero) f16 pairs | `[block][T][H][D/g]` |
 //! | frame K params (per-channel keys) | (scale, zero) f16 pairs | `[block][H][D]` over the block's tokens |
 //!
-//! Asymmetric quantization: `zero = min`, `scale = (max - min) / (2^b - 1)`, both rounded to
-//! FP16 first; `code = clamp(round_ties_even((x - zero) / scale), 0, 2^b - 1)`, code 0 where the
-//! scale is zero; `x ~= zero + scale * code`.
+//! Parameters and codes are `jetvlm_quant`'s (`row_params`, `code_of`): zero = min rounded
+//! down to FP16, scale raised until max is within half a step, `x ~= zero + scale * code`.
+//! The device pools keep parameters and codes in separate arrays (coalesced loads); the CPU
+//! pools of `jetvlm_kvcache` interleave them as `#[repr(C)]` group blocks, so moving a block
+//! between the two is a re-arrangement, not a re-quantization.
 
 use crate::error::CudaError;
 

@@ -2,6 +2,7 @@
 //! its twin on the same inputs and compares them; the twins accumulate in f64.
 
 use half::f16;
+use jetvlm_quant::ScaleZero;
 
 use crate::layout::{BlockEntry, BlockKind, KvLayout};
 
@@ -99,33 +100,35 @@ pub fn gemv(w: &[f32], x: &[f32], rows: usize, cols: usize, n_tok: usize) -> Vec
     y
 }
 
-/// FP16 (scale, zero) of a value range, as the kernels round them.
-pub fn range_params(lo: f32, hi: f32, bits: u32) -> [f16; 2] {
-    let levels = ((1u32 << bits) - 1) as f32;
-    [f16::from_f32((hi - lo) / levels), f16::from_f32(lo)]
+/// FP16 (scale, zero) of `values`: `jetvlm_quant`'s `row_params`, which the kernels mirror.
+pub fn range_params(values: &[f32], bits: u32) -> [f16; 2] {
+    let p = jetvlm_quant::reference::row_params(values, bits);
+    [p.scale, p.zero]
 }
 
-/// Code of `x` under FP16 parameters `p`.
+/// Code of `x` under FP16 parameters `p` (`jetvlm_quant`'s `code_of`).
 pub fn quantize_value(x: f32, p: [f16; 2], bits: u32) -> u8 {
-    let scale = p[0].to_f32();
-    let zero = p[1].to_f32();
-    if scale > 0.0 {
-        ((x - zero) / scale)
-            .round_ties_even()
-            .clamp(0.0, ((1u32 << bits) - 1) as f32) as u8
-    } else {
-        0
-    }
+    jetvlm_quant::reference::code_of(
+        x,
+        ScaleZero {
+            scale: p[0],
+            zero: p[1],
+        },
+        bits,
+    )
 }
 
 /// Value of `code` under FP16 parameters `p`.
 pub fn dequantize_value(code: u8, p: [f16; 2]) -> f32 {
-    p[1].to_f32() + p[0].to_f32() * code as f32
+    ScaleZero {
+        scale: p[0],
+        zero: p[1],
+    }
+    .dequant(code)
 }
 
 fn code_at(row: &[u8], d: usize, bits: u32) -> u8 {
-    let bit = d * bits as usize;
-    (row[bit / 8] >> (bit % 8)) & ((1u16 << bits) - 1) as u8
+    jetvlm_quant::format::unpack_code(row, bits, d)
 }
 
 /// Host image of one layer's device KV pools; its writers are the reference twins of
@@ -182,14 +185,10 @@ impl HostPools {
         let (h_n, d_n, g) = (l.kv_heads, l.head_dim, l.group);
         let groups = l.groups();
         let rb = l.code_row_bytes();
-        let per_byte = 8 / l.bits as usize;
         let token_params = |x: &[f32], params: &mut [f16], base_pair: usize| {
             for th in 0..len * h_n {
                 for gi in 0..groups {
-                    let vals = &x[th * d_n + gi * g..th * d_n + (gi + 1) * g];
-                    let lo = vals.iter().copied().fold(vals[0], f32::min);
-                    let hi = vals.iter().copied().fold(vals[0], f32::max);
-                    let p = range_params(lo, hi, l.bits);
+                    let p = range_params(&x[th * d_n + gi * g..th * d_n + (gi + 1) * g], l.bits);
                     let pair = base_pair + th * groups + gi;
                     params[2 * pair] = p[0];
                     params[2 * pair + 1] = p[1];
@@ -197,24 +196,23 @@ impl HostPools {
             }
         };
         let codes_of = |x: &[f32], params: &[f16], codes: &mut [u8], per_channel: bool| {
+            let mut row = vec![0u8; d_n];
             for th in 0..len * h_n {
                 let h = th % h_n;
-                for j in 0..rb {
-                    let mut byte = 0u8;
-                    for e in 0..per_byte {
-                        let d = j * per_byte + e;
-                        let pair = if per_channel {
-                            (block * h_n + h) * d_n + d
-                        } else {
-                            (block * l.block_tokens + tok_offset) * h_n * groups
-                                + th * groups
-                                + d / g
-                        };
-                        let p = [params[2 * pair], params[2 * pair + 1]];
-                        byte |= quantize_value(x[th * d_n + d], p, l.bits) << (e * l.bits as usize);
-                    }
-                    codes[(block * l.block_tokens + tok_offset) * h_n * rb + th * rb + j] = byte;
+                for (d, code) in row.iter_mut().enumerate() {
+                    let pair = if per_channel {
+                        (block * h_n + h) * d_n + d
+                    } else {
+                        (block * l.block_tokens + tok_offset) * h_n * groups + th * groups + d / g
+                    };
+                    *code = quantize_value(
+                        x[th * d_n + d],
+                        [params[2 * pair], params[2 * pair + 1]],
+                        l.bits,
+                    );
                 }
+                let start = (block * l.block_tokens + tok_offset) * h_n * rb + th * rb;
+                jetvlm_quant::format::pack_codes(&row, l.bits, &mut codes[start..start + rb]);
             }
         };
         let token_base = (block * l.block_tokens + tok_offset) * h_n * groups;
@@ -222,9 +220,8 @@ impl HostPools {
         codes_of(v, &self.v_params, &mut self.v_codes, false);
         if l.key_per_channel {
             for i in 0..h_n * d_n {
-                let lo = (0..len).map(|t| k[t * h_n * d_n + i]).fold(k[i], f32::min);
-                let hi = (0..len).map(|t| k[t * h_n * d_n + i]).fold(k[i], f32::max);
-                let p = range_params(lo, hi, l.bits);
+                let channel: Vec<f32> = (0..len).map(|t| k[t * h_n * d_n + i]).collect();
+                let p = range_params(&channel, l.bits);
                 let pair = block * h_n * d_n + i;
                 self.k_params[2 * pair] = p[0];
                 self.k_params[2 * pair + 1] = p[1];
@@ -433,6 +430,37 @@ mod tests {
                         .0
                         .iter()
                         .all(|&x| x == 0.0)
+                );
+            }
+        }
+    }
+
+    /// The byte formulas of kernels/kv_quant.cu (`kv_quant_codes`) and kernels/attention.cu
+    /// (`code_at`), written out in Rust, against jetvlm_quant's packing.
+    #[test]
+    fn kernel_packing_formulas_match_jetvlm_quant() {
+        let mut rng = Rng::new(5);
+        for bits in [2u32, 4, 8] {
+            let d_n = 128;
+            let codes: Vec<u8> = (0..d_n).map(|_| rng.below(1 << bits) as u8).collect();
+            let mut want = vec![0u8; d_n * bits as usize / 8];
+            jetvlm_quant::format::pack_codes(&codes, bits, &mut want);
+            let (per_byte, cb) = (8 / bits as usize, 4 * bits as usize);
+            let got: Vec<u8> = (0..want.len())
+                .map(|j| {
+                    let (chunk, jj) = (j / cb, j % cb);
+                    (0..per_byte).fold(0u8, |b, s| {
+                        b | codes[chunk * 32 + jj + s * cb] << (s * bits as usize)
+                    })
+                })
+                .collect();
+            assert_eq!(got, want, "bits {bits}");
+            for (d, &c) in codes.iter().enumerate() {
+                let j = d & 31;
+                let byte = want[(d >> 5) * cb + j % cb];
+                assert_eq!(
+                    (byte >> ((j / cb) * bits as usize)) & ((1u16 << bits) - 1) as u8,
+                    c
                 );
             }
         }
