@@ -39,6 +39,8 @@ enum Command {
     Board(cmd::board::BoardArgs),
     /// Benchmarks: KV attention and decode, FP16 vs mixed KV, against measured bandwidth.
     Bench(cmd::bench::BenchArgs),
+    /// Generate text with a Hugging Face decoder (Llama/Mistral/Qwen2) on the mixed KV cache.
+    Generate(cmd::generate::GenerateArgs),
     /// Write a synthetic camera-scene question/answer dataset (images + qa.jsonl).
     Synth(cmd::synth::SynthArgs),
     /// Check every CUDA kernel against its CPU reference (PASS/FAIL per kernel).
@@ -60,6 +62,7 @@ fn run(command: Command) -> Result<()> {
         Command::Ask(args) => cmd::ask::run(args),
         Command::Board(args) => cmd::board::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Generate(args) => cmd::generate::run(args),
         Command::Synth(args) => cmd::synth::run(args),
         Command::Selftest(args) => cmd::selftest::run(args),
     }

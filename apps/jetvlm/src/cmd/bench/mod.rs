@@ -1,6 +1,7 @@
 //! `jetvlm bench ...`: side-by-side performance measurements (FP16 vs mixed KV), always with
 //! the machine's measured memory bandwidth in the same run.
 
+pub mod decode;
 pub mod kv;
 
 use anyhow::Result;
@@ -14,6 +15,8 @@ pub struct BenchArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// Decoder TTFT/TPOT at a context length, FP16 vs mixed KV, against measured bandwidth.
+    Decode(decode::DecodeArgs),
     /// One decode step's attention over N cached tokens, FP16 vs mixed KV, against measured
     /// memory read bandwidth.
     Kv(kv::KvArgs),
@@ -21,6 +24,7 @@ pub enum BenchCommand {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.which {
+        BenchCommand::Decode(a) => decode::run(a),
         BenchCommand::Kv(a) => kv::run(a),
     }
 }

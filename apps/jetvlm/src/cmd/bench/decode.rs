@@ -1,0 +1,391 @@
+//! `jetvlm bench decode`: time to first token and time per output token of a decoder at a
+//! given context length, with the FP16 KV policy and with the mixed policy (all but the last
+//! 10% of the context cached as camera-frame tokens), held against the roofline
+//! `TPOT >= (weight bytes + KV bytes read per token) / measured DRAM bandwidth`.
+//!
+//! Between timed decode steps a buffer of twice the last-level cache is read (outside the
+//! timed region), so weights and KV come from DRAM as they must on a Jetson, whose CPU has a
+//! few MB of cache, not from a large server L3. `--no-flush` turns this off.
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use jetvlm_core::{TokenKind, sysinfo};
+use jetvlm_decoder::{Input, LoadOptions, Model, sampler::argmax};
+use jetvlm_kvcache::{KvPolicy, MixedKvCache};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct DecodeArgs {
+    /// Decoder directory in Hugging Face layout (e.g. the one
+    /// `models/scripts/make_random_smollm2.py` writes).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Context lengths (tokens already cached when decoding starts), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1024")]
+    pub context: Vec<usize>,
+    /// Timed decode steps per measurement (after 2 warm-up steps).
+    #[arg(long, default_value_t = 48)]
+    pub steps: usize,
+    /// Tokens per camera frame in the frame part of the context.
+    #[arg(long, default_value_t = 64)]
+    pub frame_tokens: usize,
+    /// Fraction of the context that is text (the rest are frame tokens).
+    #[arg(long, default_value_t = 0.10)]
+    pub text_fraction: f64,
+    /// How the context is filled: `real` runs the prefill through the model (and times it
+    /// as TTFT), `synthetic` writes random K/V straight into the cache and times TTFT on a
+    /// real prefill of `--ttft-tokens`, `auto` is real up to 2048 tokens.
+    #[arg(long, default_value = "auto")]
+    pub prefill: String,
+    /// Prompt length of the TTFT measurement when the context is filled synthetically.
+    #[arg(long, default_value_t = 1024)]
+    pub ttft_tokens: usize,
+    /// KV policies to compare, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "fp16,mixed")]
+    pub kv: Vec<String>,
+    /// Do not evict the last-level cache between decode steps.
+    #[arg(long)]
+    pub no_flush: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Row {
+    context: usize,
+    kv: String,
+    prefill: &'static str,
+    prefill_tokens: usize,
+    ttft_ms: f64,
+    tpot_ms: f64,
+    tpot_p10_ms: f64,
+    tpot_p90_ms: f64,
+    weight_bytes_per_token: u64,
+    kv_bytes_per_token: u64,
+    kv_bytes_total: u64,
+    text_tokens: usize,
+    frame_tokens: usize,
+    achieved_gbs: f64,
+    bandwidth_fraction: f64,
+    roofline_tpot_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    weight_dtype: String,
+    threads: usize,
+    llc_bytes: Option<u64>,
+    bandwidth_gbs: f64,
+    bandwidth_buffer_bytes: usize,
+    llc_flushed_between_steps: bool,
+    rows: Vec<Row>,
+}
+
+/// The context layout: frame spans of `frame_tokens` (the leading part), then text.
+fn layout(context: usize, text_fraction: f64, frame_tokens: usize) -> (usize, usize) {
+    let text = ((context as f64 * text_fraction).round() as usize).clamp(1, context);
+    let frames = (context - text) / frame_tokens.max(1);
+    let frame_total = frames * frame_tokens.max(1);
+    (frame_total, context - frame_total)
+}
+
+pub fn run(args: DecodeArgs) -> Result<()> {
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let model = Model::load(&args.model, &LoadOptions::default())
+        .with_context(|| format!("loading the decoder from {}", args.model.display()))?;
+    let policies: Vec<KvPolicy> = args
+        .kv
+        .iter()
+        .map(|s| s.parse::<KvPolicy>().with_context(|| format!("--kv {s}")))
+        .collect::<Result<_>>()?;
+    let threads = rayon::current_num_threads();
+    eprintln!("measuring memory bandwidth...");
+    let bw = sysinfo::measure_read_bandwidth(0);
+    let llc = sysinfo::last_level_cache_bytes();
+    let flush_bytes = if args.no_flush {
+        0
+    } else {
+        2 * llc.unwrap_or(64 << 20) as usize
+    };
+    let mut flusher = vec![1u64; flush_bytes / 8];
+    let mut rows = Vec::new();
+    let mut rng = StdRng::seed_from_u64(7);
+    for &context in &args.context {
+        let (frame_total, text_total) = layout(context, args.text_fraction, args.frame_tokens);
+        let real = match args.prefill.as_str() {
+            "real" => true,
+            "synthetic" => false,
+            "auto" => context <= 2048,
+            other => bail!("--prefill {other}: expected real, synthetic or auto"),
+        };
+        for policy in &policies {
+            let name = policy.name();
+            eprintln!(
+                "context {context}, KV {name}: filling ({})...",
+                if real { "prefill" } else { "synthetic" }
+            );
+            let mut cache = MixedKvCache::new(
+                model.cache_shape(),
+                policy.clone(),
+                context + args.steps + 8,
+            )?;
+            let (ttft_ms, prefill_tokens, mut next) = if real {
+                let (ms, tok) = prefill(
+                    &model,
+                    &mut cache,
+                    frame_total,
+                    text_total,
+                    args.frame_tokens,
+                    &mut rng,
+                )?;
+                (ms, context, tok)
+            } else {
+                synthetic_fill(
+                    &model,
+                    &mut cache,
+                    frame_total,
+                    text_total,
+                    args.frame_tokens,
+                    &mut rng,
+                )?;
+                // TTFT on a separate real prefill of the same layout, shorter.
+                let n = args.ttft_tokens.min(context).max(1);
+                let (f, t) = layout(n, args.text_fraction, args.frame_tokens);
+                let mut c2 = MixedKvCache::new(model.cache_shape(), policy.clone(), n + 1)?;
+                let (ms, _) = prefill(&model, &mut c2, f, t, args.frame_tokens, &mut rng)?;
+                (ms, n, rng.random_range(0..model.vocab_size() as u32))
+            };
+            // Two warm-up steps, then timed steps (LLC evicted before each).
+            let mut times = Vec::with_capacity(args.steps);
+            let mut kv_read = 0u64;
+            for s in 0..args.steps + 2 {
+                if s == args.steps / 2 + 2 {
+                    kv_read = cache.memory().attention_read_bytes;
+                }
+                flush(&mut flusher);
+                let t = Instant::now();
+                let logits = model.forward(&[Input::text(&[next])], &mut cache)?;
+                next = argmax(logits.last());
+                if s >= 2 {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            let mem = cache.memory();
+            times.sort_by(f64::total_cmp);
+            let mean = times.iter().sum::<f64>() / times.len() as f64;
+            let pct = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize] * 1e3;
+            let wbytes = model.weight_bytes_read_per_token();
+            let bytes = (wbytes + kv_read) as f64;
+            let achieved = bytes / mean / 1e9;
+            rows.push(Row {
+                context,
+                kv: name,
+                prefill: if real { "real" } else { "synthetic" },
+                prefill_tokens,
+                ttft_ms,
+                tpot_ms: mean * 1e3,
+                tpot_p10_ms: pct(0.1),
+                tpot_p90_ms: pct(0.9),
+                weight_bytes_per_token: wbytes,
+                kv_bytes_per_token: kv_read,
+                kv_bytes_total: mem.total_bytes,
+                text_tokens: mem.text_tokens,
+                frame_tokens: mem.frame_tokens,
+                achieved_gbs: achieved,
+                bandwidth_fraction: achieved / bw.gbs,
+                roofline_tpot_ms: bytes / (bw.gbs * 1e9) * 1e3,
+            });
+        }
+    }
+    let report = Report {
+        model: args.model.display().to_string(),
+        weight_dtype: model.weight_dtype().to_string(),
+        threads,
+        llc_bytes: llc,
+        bandwidth_gbs: bw.gbs,
+        bandwidth_buffer_bytes: bw.buffer_bytes,
+        llc_flushed_between_steps: !args.no_flush,
+        rows,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+/// Runs the context through the model: frame spans (random embedding rows, tagged Frame),
+/// then text; returns the TTFT (prefill + first token) and the first token.
+fn prefill(
+    model: &Model,
+    cache: &mut MixedKvCache,
+    frame_total: usize,
+    text_total: usize,
+    frame_tokens: usize,
+    rng: &mut StdRng,
+) -> Result<(f64, u32)> {
+    let vocab = model.vocab_size() as u32;
+    let frames: Vec<Vec<f32>> = (0..frame_total / frame_tokens.max(1))
+        .map(|_| {
+            let ids: Vec<u32> = (0..frame_tokens)
+                .map(|_| rng.random_range(0..vocab))
+                .collect();
+            model.embed(&ids)
+        })
+        .collect::<Result<_, _>>()?;
+    let text: Vec<u32> = (0..text_total)
+        .map(|_| rng.random_range(0..vocab))
+        .collect();
+    let mut inputs: Vec<Input> = frames
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Input::frame(f, frame_tokens, i as u64))
+        .collect();
+    inputs.push(Input::text(&text));
+    let t = Instant::now();
+    let logits = model.forward(&inputs, cache)?;
+    let tok = argmax(logits.last());
+    Ok((t.elapsed().as_secs_f64() * 1e3, tok))
+}
+
+/// Fills the cache with random K/V (unit-scale normal-like values) in the same span layout,
+/// without running the model.
+fn synthetic_fill(
+    model: &Model,
+    cache: &mut MixedKvCache,
+    frame_total: usize,
+    text_total: usize,
+    frame_tokens: usize,
+    rng: &mut StdRng,
+) -> Result<()> {
+    let shape = model.cache_shape();
+    let row = shape.kv_heads * shape.head_dim;
+    let mut spans: Vec<(TokenKind, usize, Option<u64>)> = (0..frame_total / frame_tokens.max(1))
+        .map(|i| (TokenKind::Frame, frame_tokens, Some(i as u64)))
+        .collect();
+    // Text in spans of at most 256 tokens.
+    let mut left = text_total;
+    while left > 0 {
+        let n = left.min(256);
+        spans.push((TokenKind::Text, n, None));
+        left -= n;
+    }
+    let mut k = Vec::new();
+    let mut v = Vec::new();
+    for (kind, n, frame) in spans {
+        let start = cache.next_position();
+        let positions: Vec<u32> = (start..start + n as u32).collect();
+        let span = cache.append_span(kind, &positions, frame)?;
+        for layer in 0..shape.layers {
+            k.clear();
+            v.clear();
+            // Sum of three uniforms: a cheap bell-shaped distribution.
+            k.extend(
+                (0..n * row)
+                    .map(|_| rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>() - 1.5),
+            );
+            v.extend(
+                (0..n * row)
+                    .map(|_| rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>() - 1.5),
+            );
+            cache.write(layer, &span, &k, &v)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads and writes a buffer larger than the last-level cache, evicting it.
+fn flush(buf: &mut [u64]) {
+    let mut acc = 0u64;
+    for w in buf.iter_mut().step_by(8) {
+        acc = acc.wrapping_add(*w);
+        *w = acc;
+    }
+    std::hint::black_box(acc);
+}
+
+fn mb(b: u64) -> f64 {
+    b as f64 / 1e6
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "model {} ({} weights), {} threads",
+        r.model, r.weight_dtype, r.threads
+    );
+    println!(
+        "last-level cache {}, measured read bandwidth {:.2} GB/s (buffer {:.0} MB){}",
+        r.llc_bytes
+            .map_or("unknown".into(), |b| format!("{:.0} MB", mb(b))),
+        r.bandwidth_gbs,
+        mb(r.bandwidth_buffer_bytes as u64),
+        if r.llc_flushed_between_steps {
+            ", LLC evicted between decode steps"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{:>7} {:<28} {:>9} {:>10} {:>9} {:>8} {:>8} {:>9} {:>8} {:>7} {:>9}",
+        "context",
+        "kv",
+        "prefill",
+        "TTFT ms",
+        "TPOT ms",
+        "W MB/t",
+        "KV MB/t",
+        "KV MB",
+        "GB/s",
+        "BW %",
+        "roof ms"
+    );
+    for x in &r.rows {
+        println!(
+            "{:>7} {:<28} {:>9} {:>10.1} {:>9.2} {:>8.1} {:>8.2} {:>9.2} {:>8.2} {:>6.1}% {:>9.2}",
+            x.context,
+            x.kv,
+            format!(
+                "{}{}",
+                x.prefill,
+                if x.prefill == "real" {
+                    String::new()
+                } else {
+                    format!("/{}", x.prefill_tokens)
+                }
+            ),
+            x.ttft_ms,
+            x.tpot_ms,
+            mb(x.weight_bytes_per_token),
+            mb(x.kv_bytes_per_token),
+            mb(x.kv_bytes_total),
+            x.achieved_gbs,
+            100.0 * x.bandwidth_fraction,
+            x.roofline_tpot_ms
+        );
+    }
+    println!(
+        "TTFT of a synthetic row is a real prefill of the shown token count; its context was written as random K/V."
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_keeps_text_fraction_and_whole_frames() {
+        assert_eq!(layout(1024, 0.1, 64), (896, 128));
+        assert_eq!(layout(8192, 0.1, 64), (7360, 832));
+        let (f, t) = layout(100, 0.1, 64);
+        assert_eq!(f + t, 100);
+        assert_eq!(f % 64, 0);
+    }
+}

@@ -1,0 +1,231 @@
+//! `jetvlm generate`: text generation with a Hugging Face decoder directory on the mixed KV
+//! cache, streamed to stdout or reported as one JSON object.
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use jetvlm_decoder::{
+    ChatMessage, F32KvCache, GenerateOptions, Generation, Input, KvStore, LoadOptions, Model,
+    SamplerConfig, Tokenizer,
+};
+use jetvlm_kvcache::{KvPolicy, MixedKvCache};
+use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Decoder directory in Hugging Face layout (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt text (rendered through the chat template when the model has one, unless --raw).
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids (no tokenizer needed).
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Use the prompt text as is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// System message for the chat template.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Maximum tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Greedy decoding (overrides the sampling options).
+    #[arg(long)]
+    pub greedy: bool,
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 50)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when this text appears (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// KV cache policy: fp16, mixed, int4-all, ... (see the kvcache policy forms), or f32
+    /// for the exact reference cache.
+    #[arg(long, default_value = "mixed")]
+    pub kv: String,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    token_ids: Vec<u32>,
+    text: String,
+    prompt_tokens: usize,
+    ttft_ms: f64,
+    tpot_ms: f64,
+    finish_reason: Option<jetvlm_decoder::FinishReason>,
+    kv: String,
+    model: String,
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let model = Model::load(&args.model, &LoadOptions::default())
+        .with_context(|| format!("loading the decoder from {}", args.model.display()))?;
+    let tokenizer = if args.model.join("tokenizer.json").is_file() || args.prompt.is_some() {
+        Some(Tokenizer::from_dir(&args.model)?)
+    } else {
+        None
+    };
+    let prompt_ids: Vec<u32> = match (&args.prompt_ids, &args.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => {
+            let tok = tokenizer
+                .as_ref()
+                .context("a text prompt needs tokenizer.json")?;
+            if !args.raw && tok.has_chat_template() {
+                let mut msgs = Vec::new();
+                if let Some(s) = &args.system {
+                    msgs.push(ChatMessage::new("system", s));
+                }
+                msgs.push(ChatMessage::new("user", text));
+                tok.encode_chat(&msgs, true)?
+            } else {
+                tok.encode(text, true)?
+            }
+        }
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    };
+    if prompt_ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let sampler = if args.greedy {
+        SamplerConfig::greedy()
+    } else {
+        SamplerConfig {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            repetition_penalty: args.repetition_penalty,
+            seed: args.seed,
+        }
+    };
+    let stop_tokens = match (&tokenizer, args.ignore_eos) {
+        (_, true) => Vec::new(),
+        (Some(t), false) => t.stop_token_ids().to_vec(),
+        (None, false) => model.config().model.eos_token_ids.clone(),
+    };
+    let opts = GenerateOptions {
+        max_tokens: args.max_tokens,
+        sampler,
+        stop_tokens,
+        stop_strings: args.stop.clone(),
+        skip_special: true,
+    };
+    let capacity = prompt_ids.len() + args.max_tokens + 1;
+    if args.kv == "f32" {
+        let mut cache = F32KvCache::new(model.cache_shape(), capacity);
+        generate(
+            &model,
+            &mut cache,
+            tokenizer.as_ref(),
+            &prompt_ids,
+            opts,
+            &args,
+            "f32".into(),
+        )
+    } else {
+        let policy: KvPolicy = args
+            .kv
+            .parse()
+            .with_context(|| format!("--kv {}", args.kv))?;
+        let name = policy.name();
+        let mut cache = MixedKvCache::new(model.cache_shape(), policy, capacity)?;
+        generate(
+            &model,
+            &mut cache,
+            tokenizer.as_ref(),
+            &prompt_ids,
+            opts,
+            &args,
+            name,
+        )
+    }
+}
+
+fn generate<C: KvStore>(
+    model: &Model,
+    cache: &mut C,
+    tokenizer: Option<&Tokenizer>,
+    prompt_ids: &[u32],
+    opts: GenerateOptions,
+    args: &GenerateArgs,
+    kv: String,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let mut generation = Generation::start(
+        model,
+        cache,
+        &[Input::text(prompt_ids)],
+        prompt_ids,
+        tokenizer,
+        opts,
+    )?;
+    let mut first: Option<Instant> = None;
+    let mut last = t0;
+    let mut out = std::io::stdout().lock();
+    let mut ids = Vec::new();
+    while let Some(step) = generation.next() {
+        let step = step?;
+        last = Instant::now();
+        first.get_or_insert(last);
+        ids.push(step.token);
+        if !args.json && !step.text.is_empty() {
+            out.write_all(step.text.as_bytes())?;
+            out.flush()?;
+        }
+    }
+    let ttft_ms = first.map_or(0.0, |f| (f - t0).as_secs_f64() * 1e3);
+    let tpot_ms = match first {
+        Some(f) if ids.len() > 1 => (last - f).as_secs_f64() * 1e3 / (ids.len() - 1) as f64,
+        _ => 0.0,
+    };
+    let text = match tokenizer {
+        Some(_) => generation.text().to_string(),
+        None => String::new(),
+    };
+    let report = Report {
+        token_ids: ids,
+        text,
+        prompt_tokens: prompt_ids.len(),
+        ttft_ms,
+        tpot_ms,
+        finish_reason: generation.finish_reason(),
+        kv,
+        model: args.model.display().to_string(),
+    };
+    if args.json {
+        serde_json::to_writer(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out)?;
+        eprintln!(
+            "[{} prompt tokens, {} generated, TTFT {:.1} ms, TPOT {:.2} ms, KV {}, finish {:?}]",
+            report.prompt_tokens,
+            report.token_ids.len(),
+            ttft_ms,
+            tpot_ms,
+            report.kv,
+            report.finish_reason
+        );
+    }
+    Ok(())
+}
