@@ -19,15 +19,22 @@ dist=${JETVLM_GPU_DIST:-gpu-dist}
 
 prepare() {
   set -e
+  # A private target directory: another build of jetvlm without the feature in the shared
+  # target/ must not replace the binary between the build and the copy.
+  export CARGO_TARGET_DIR=${JETVLM_GPU_TARGET:-target/gpu-check}
   cargo build --release -p jetvlm --features cuda
   local exe
   exe=$(cargo test --release -p jetvlm-cuda --features cuda --test device --no-run --message-format=json 2>/dev/null \
     | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
   mkdir -p "$dist"
-  cp target/release/jetvlm "$dist/jetvlm"
+  cp "$CARGO_TARGET_DIR/release/jetvlm" "$dist/jetvlm"
   [ -n "$exe" ] && cp "$exe" "$dist/cuda-device-test"
   # Debug info makes the binary several times larger than what can be carried.
   command -v strip >/dev/null && strip "$dist"/*
+  if "$dist/jetvlm" selftest --device cuda --nvrtc-only --sm 87 2>&1 | grep -q "without CUDA support"; then
+    echo "gpu-check: $dist/jetvlm was built without the cuda feature" >&2
+    exit 1
+  fi
   grep -qx "/$dist/" "$(git rev-parse --git-path info/exclude)" 2>/dev/null \
     || echo "/$dist/" >> "$(git rev-parse --git-path info/exclude)"
   ls -la "$dist"
