@@ -121,7 +121,7 @@ fn mixed_policy_matches_fp16_on_95_percent_of_greedy_tokens() {
         inputs.push(Input::text(&prompt[4..]));
 
         // INT4 groups along head_dim: 64 for llama (head_dim 64), 32 for qwen2 (head_dim 32).
-        let policy: KvPolicy = if model.cache_shape().head_dim % 64 == 0 {
+        let policy: KvPolicy = if model.cache_shape().head_dim.is_multiple_of(64) {
             KvPolicy::mixed()
         } else {
             "mixed:group=32".parse().unwrap()

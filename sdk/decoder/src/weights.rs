@@ -407,7 +407,7 @@ impl Weights {
             });
         }
         let align = e.dtype.size_bytes();
-        let bytes = if (map.as_ptr() as usize + e.start) % align == 0 {
+        let bytes = if (map.as_ptr() as usize + e.start).is_multiple_of(align) {
             Bytes::Mapped {
                 map: map.clone(),
                 start: e.start,
