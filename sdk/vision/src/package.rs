@@ -190,10 +190,12 @@ impl ModelPackage {
             issues,
         };
         if !manifest_path.is_file() {
-            return Err(fail(vec![Issue::new(
-                "",
-                format!("no {MANIFEST} in {}", dir.display()),
-            )]));
+            let message = if dir.is_dir() {
+                format!("no {MANIFEST} in {}", dir.display())
+            } else {
+                format!("package directory {} does not exist", dir.display())
+            };
+            return Err(fail(vec![Issue::new("", message)]));
         }
         let manifest: Manifest = jetvlm_core::config::load_yaml(&manifest_path).map_err(|e| {
             let field = e.field().unwrap_or("").to_string();
