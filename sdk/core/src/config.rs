@@ -146,12 +146,11 @@ fn strip_yaml_position(s: &str) -> String {
     let s = s.strip_prefix("error: ").unwrap_or(s);
     if let Some(rest) = s.strip_prefix("line ") {
         let mut parts = rest.splitn(2, ": ");
-        if let (Some(pos), Some(msg)) = (parts.next(), parts.next()) {
-            if let Some((_, col)) = pos.split_once(" column ") {
-                if col.chars().all(|c| c.is_ascii_digit()) {
-                    return format!("column {col}: {msg}");
-                }
-            }
+        if let (Some(pos), Some(msg)) = (parts.next(), parts.next())
+            && let Some((_, col)) = pos.split_once(" column ")
+            && col.chars().all(|c| c.is_ascii_digit())
+        {
+            return format!("column {col}: {msg}");
         }
     }
     s.to_string()
@@ -223,8 +222,11 @@ mod tests {
 
     #[test]
     fn json_error_has_line_and_field() {
-        let err = json_from_str::<Doc>("{\n \"name\": \"x\",\n \"gpu\": {\"sm\": \"no\"}\n}", Path::new("c.json"))
-            .unwrap_err();
+        let err = json_from_str::<Doc>(
+            "{\n \"name\": \"x\",\n \"gpu\": {\"sm\": \"no\"}\n}",
+            Path::new("c.json"),
+        )
+        .unwrap_err();
         match &err {
             ConfigError::Parse { line, field, .. } => {
                 assert_eq!(*line, Some(3));

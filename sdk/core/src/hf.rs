@@ -108,8 +108,7 @@ impl ModelConfig {
     /// is gathered), but including the LM head (the tied embedding when tied).
     pub fn weight_bytes_read_per_token(&self) -> u64 {
         let emb = self.vocab_size as u64 * self.hidden_size as u64;
-        let params = self.num_parameters() - emb
-            + if self.tie_word_embeddings { emb } else { 0 };
+        let params = self.num_parameters() - emb + if self.tie_word_embeddings { emb } else { 0 };
         params * self.dtype.size_bytes() as u64
     }
 
@@ -141,17 +140,22 @@ impl ModelConfig {
         let usize_field = |key: &str| -> Result<Option<usize>, ConfigError> {
             match get(key) {
                 None => Ok(None),
-                Some(v) => v
-                    .as_u64()
-                    .map(|x| Some(x as usize))
-                    .ok_or_else(|| {
-                        ConfigError::invalid(path, field(key), format!("expected a non-negative integer, got {v}"))
-                    }),
+                Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+                    ConfigError::invalid(
+                        path,
+                        field(key),
+                        format!("expected a non-negative integer, got {v}"),
+                    )
+                }),
             }
         };
         let required = |key: &str| -> Result<usize, ConfigError> {
             match usize_field(key)? {
-                Some(0) => Err(ConfigError::invalid(path, field(key), "must be greater than zero")),
+                Some(0) => Err(ConfigError::invalid(
+                    path,
+                    field(key),
+                    "must be greater than zero",
+                )),
                 Some(x) => Ok(x),
                 None => Err(ConfigError::invalid(path, field(key), "missing (required)")),
             }
@@ -171,11 +175,14 @@ impl ModelConfig {
             .and_then(|a| a.first())
             .and_then(|a| a.as_str())
             .map(str::to_string);
-        let model_type = get("model_type").and_then(|m| m.as_str()).map(str::to_string);
+        let model_type = get("model_type")
+            .and_then(|m| m.as_str())
+            .map(str::to_string);
         let (architecture, architecture_name) = match (&arch_name, &model_type) {
-            (Some(name), _) if Architecture::from_hf(name).is_some() => {
-                (Architecture::from_hf(name).unwrap_or(Architecture::Llama), name.clone())
-            }
+            (Some(name), _) if Architecture::from_hf(name).is_some() => (
+                Architecture::from_hf(name).unwrap_or(Architecture::Llama),
+                name.clone(),
+            ),
             (_, Some(mt)) if Architecture::from_model_type(mt).is_some() => (
                 Architecture::from_model_type(mt).unwrap_or(Architecture::Llama),
                 arch_name.clone().unwrap_or_else(|| mt.clone()),
@@ -235,26 +242,44 @@ impl ModelConfig {
             Some(d) => d,
         };
         if head_dim % 2 != 0 {
-            return Err(ConfigError::invalid(path, field("head_dim"), format!("{head_dim} must be even for RoPE")));
+            return Err(ConfigError::invalid(
+                path,
+                field("head_dim"),
+                format!("{head_dim} must be even for RoPE"),
+            ));
         }
 
         // RoPE: newer `rope_parameters`, older `rope_theta` + `rope_scaling`.
         let rope_params = get("rope_parameters").filter(|v| v.is_object());
-        let rope_scaling_obj = rope_params.or_else(|| get("rope_scaling").filter(|v| v.is_object()));
+        let rope_scaling_obj =
+            rope_params.or_else(|| get("rope_scaling").filter(|v| v.is_object()));
         let rope_theta = match rope_params.and_then(|p| p.get("rope_theta")) {
             Some(v) => v.as_f64().ok_or_else(|| {
-                ConfigError::invalid(path, field("rope_parameters.rope_theta"), format!("expected a number, got {v}"))
+                ConfigError::invalid(
+                    path,
+                    field("rope_parameters.rope_theta"),
+                    format!("expected a number, got {v}"),
+                )
             })?,
             None => f64_field("rope_theta")?.unwrap_or(10_000.0),
         };
         let max_position_embeddings = usize_field("max_position_embeddings")?.unwrap_or(4096);
-        let rope_scaling = parse_rope_scaling(rope_scaling_obj, path, &field("rope_parameters"), max_position_embeddings)?;
+        let rope_scaling = parse_rope_scaling(
+            rope_scaling_obj,
+            path,
+            &field("rope_parameters"),
+            max_position_embeddings,
+        )?;
 
         let rms_norm_eps = f64_field("rms_norm_eps")?.unwrap_or(1e-6);
-        let tie_word_embeddings = get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false);
+        let tie_word_embeddings = get("tie_word_embeddings")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         let attention_bias = match architecture {
             Architecture::Qwen2 => true,
-            _ => get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
+            _ => get("attention_bias")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
         };
         let dtype = match get("dtype").or_else(|| get("torch_dtype")) {
             None => DType::F32,
@@ -265,9 +290,15 @@ impl ModelConfig {
                 })?
             }
         };
-        let bos_token_id = get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32);
+        let bos_token_id = get("bos_token_id")
+            .and_then(Value::as_u64)
+            .map(|x| x as u32);
         let eos_token_ids = match get("eos_token_id") {
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(|x| x as u32)
+                .collect(),
             Some(v) => v.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
             None => Vec::new(),
         };
@@ -322,12 +353,16 @@ fn parse_rope_scaling(
         .unwrap_or_else(|| "default".into());
     match kind.as_str() {
         "default" | "mrope" => Ok(RopeScaling::Default),
-        "linear" => Ok(RopeScaling::Linear { factor: raw.factor.unwrap_or(1.0) }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: raw.factor.unwrap_or(1.0),
+        }),
         "llama3" => Ok(RopeScaling::Llama3 {
             factor: raw.factor.unwrap_or(8.0),
             low_freq_factor: raw.low_freq_factor.unwrap_or(1.0),
             high_freq_factor: raw.high_freq_factor.unwrap_or(4.0),
-            original_max_position_embeddings: raw.original_max_position_embeddings.unwrap_or(max_pos),
+            original_max_position_embeddings: raw
+                .original_max_position_embeddings
+                .unwrap_or(max_pos),
         }),
         other => Err(ConfigError::invalid(
             path,
@@ -407,7 +442,9 @@ mod tests {
     fn unsupported_arch() {
         let mut v = base();
         v["architectures"] = json!(["GPT2LMHeadModel"]);
-        v.as_object_mut().unwrap().insert("model_type".into(), json!("gpt2"));
+        v.as_object_mut()
+            .unwrap()
+            .insert("model_type".into(), json!("gpt2"));
         let e = ModelConfig::from_value(&v, p()).unwrap_err();
         assert!(e.to_string().contains("GPT2LMHeadModel"), "{e}");
     }
