@@ -463,7 +463,7 @@ def evaluate(model, head, data, feats, tok, limit=None, max_new=5):
 
 
 # ----------------------------------------------------------------------------- export
-def export(out, stem, head, model, tok, scores, log_path, args, fh):
+def export(out, stem, head, model, tok, scores, log_path, args, fh, predictions=()):
     tmp = out.rstrip("/") + ".tmp"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -542,6 +542,9 @@ kv:
         json.dump(scores, f, indent=2)
         f.write("\n")
     fh.flush()
+    with open(os.path.join(tmp, "heldout_predictions.jsonl"), "w") as f:
+        for line in predictions:
+            f.write(json.dumps(line) + "\n")
     shutil.copy(log_path, os.path.join(tmp, "train_log.txt"))
     if os.path.exists(out):
         shutil.rmtree(out)
@@ -636,7 +639,9 @@ def main():
         head.load_state_dict(c["head"])
         aux_head.load_state_dict(c["aux_head"])
         opt.load_state_dict(c["opt"])
-        args.steps = c.get("steps_total", args.steps)
+        if args.export_only or args.steps <= step:
+            args.steps = c.get("steps_total", step)
+        # Otherwise training continues to the larger --steps (the cosine schedule stretches).
         step = c["step"]
         torch.set_rng_state(c["rng"])
         log(f"resumed at step {step}", fh)
@@ -730,7 +735,15 @@ def main():
         "policy": "fp16-equivalent (PyTorch float32, no KV quantization)",
         "accuracy": s,
     }
-    export(args.out, stem, head, model, tok, scores, log_path, args, fh)
+    # The PyTorch model's greedy answers on the held-out set, ordered by clip, so the Rust
+    # runtime can be checked against it on the same regenerated frames.
+    preds = sorted(
+        ({"id": r["id"], "clip": r["clip"], "frames": len(r["images"]), "question": r["question"],
+          "answer": r["answer"], "prediction": p, "kind": kind, "category": cat}
+         for kind, cat, ok, r, p in results),
+        key=lambda d: d["id"],
+    )
+    export(args.out, stem, head, model, tok, scores, log_path, args, fh, preds)
 
 
 if __name__ == "__main__":
