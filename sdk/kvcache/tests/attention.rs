@@ -17,7 +17,14 @@ fn kernels() -> Vec<Kernel> {
 #[test]
 fn decode_kernels_match_reference_for_every_policy() {
     for (pi, policy) in policies().into_iter().enumerate() {
-        for &(q, kv, d) in &[(9usize, 3usize, 64usize), (4, 4, 128), (8, 2, 32)] {
+        for &(q, kv, d) in &[
+            (9usize, 3usize, 64usize),
+            (4, 4, 128),
+            (8, 2, 32),
+            (12, 2, 64),
+            (10, 2, 64),
+            (16, 2, 128),
+        ] {
             if d % policy.group != 0 {
                 continue;
             }

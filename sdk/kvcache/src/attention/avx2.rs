@@ -10,33 +10,99 @@ use crate::layout::{Fp16Layout, QuantLayout};
 use crate::policy::KeyMode;
 use std::arch::x86_64::*;
 
+/// Runs `$f::<G>(args)` for the head groups with specialised kernels, else `$fallback`.
+macro_rules! by_g {
+    ($g:expr, $f:ident($($a:expr),*), $fallback:expr) => {
+        match $g {
+            1 => $f::<1>($($a),*),
+            2 => $f::<2>($($a),*),
+            3 => $f::<3>($($a),*),
+            4 => $f::<4>($($a),*),
+            6 => $f::<6>($($a),*),
+            8 => $f::<8>($($a),*),
+            _ => $fallback,
+        }
+    };
+}
+
 pub(crate) fn fns() -> Fns {
     Fns {
-        fp16_scores,
-        fp16_accum,
-        quant_scores: |pr, seg, l, n, s| {
-            if l.bits() == 4 {
-                // SAFETY: these functions are only handed out after runtime detection of
-                // AVX2, FMA and F16C (`Kernel::available`).
-                unsafe { q4_scores(pr, seg, l, n, s) }
+        fp16_scores: |p, seg, l, n, s| {
+            check_fp16(seg, l, p.d, n);
+            // SAFETY: these functions are only handed out after runtime detection of AVX2,
+            // FMA and F16C (`Kernel::available`); `check_fp16` bounds every read.
+            unsafe {
+                by_g!(
+                    p.g,
+                    fp16_scores_g(p, seg, l, n, s),
+                    (portable::fns().fp16_scores)(p, seg, l, n, s)
+                )
+            }
+        },
+        fp16_accum: |st, seg, l, n| {
+            check_fp16(seg, l, st.d, n);
+            // SAFETY: as above.
+            unsafe {
+                by_g!(
+                    st.g,
+                    fp16_accum_g(st, seg, l, n),
+                    (portable::fns().fp16_accum)(st, seg, l, n)
+                )
+            }
+        },
+        quant_scores: |p, seg, l, n, s| {
+            if l.bits() == 4 && check_quant(seg, l, p.d, n) {
+                // SAFETY: as above; `check_quant` bounds every read.
+                unsafe {
+                    by_g!(
+                        p.g,
+                        q4_scores_g(p, seg, l, n, s),
+                        (portable::fns().quant_scores)(p, seg, l, n, s)
+                    )
+                }
             } else {
-                (portable::fns().quant_scores)(pr, seg, l, n, s)
+                (portable::fns().quant_scores)(p, seg, l, n, s)
             }
         },
         quant_accum: |st, seg, l, n| {
-            if l.bits() == 4 {
-                // SAFETY: see above.
-                unsafe { q4_accum(st, seg, l, n) }
+            if l.bits() == 4 && check_quant(seg, l, st.d, n) {
+                // SAFETY: as above.
+                unsafe {
+                    by_g!(
+                        st.g,
+                        q4_accum_g(st, seg, l, n),
+                        (portable::fns().quant_accum)(st, seg, l, n)
+                    )
+                }
             } else {
                 (portable::fns().quant_accum)(st, seg, l, n)
             }
         },
         prefetch,
         softmax: |st, n| {
-            // SAFETY: see above.
+            // SAFETY: as above.
             unsafe { softmax(st, n) }
         },
     }
+}
+
+fn check_fp16(seg: &[u8], l: &Fp16Layout, d: usize, n: usize) {
+    assert!(
+        l.head_dim == d
+            && d.is_multiple_of(8)
+            && l.tokens.is_multiple_of(16)
+            && n <= l.tokens
+            && seg.len() >= 4 * d * l.tokens
+    );
+}
+
+fn check_quant(seg: &[u8], l: &QuantLayout, d: usize, n: usize) -> bool {
+    // Kernels read whole 8-token tiles of rows (always inside the block) and 32-code chunks.
+    l.head_dim == d
+        && d.is_multiple_of(32)
+        && l.tokens.is_multiple_of(8)
+        && n <= l.tokens
+        && seg.len() >= l.v_row_offset(l.tokens)
 }
 
 fn prefetch(seg: &[u8]) {
@@ -48,20 +114,8 @@ fn prefetch(seg: &[u8]) {
     }
 }
 
-fn fp16_scores(p: &Prep, seg: &[u8], l: &Fp16Layout, n: usize, s: &mut [f32]) {
-    // SAFETY: only reachable after runtime detection (see `fns`); all reads stay inside
-    // `seg` (tiles never pass the block's `tokens`, a multiple of 16).
-    unsafe {
-        match p.g {
-            1 => fp16_scores_g::<1>(p, seg, l, n, s),
-            2 => fp16_scores_g::<2>(p, seg, l, n, s),
-            3 => fp16_scores_g::<3>(p, seg, l, n, s),
-            4 => fp16_scores_g::<4>(p, seg, l, n, s),
-            _ => fp16_scores_dyn(p, seg, l, n, s),
-        }
-    }
-}
-
+/// Scores of an FP16 block: keys are channel-major, so each load converts eight tokens of
+/// one channel and the `G` query heads' broadcasts are reused across 32 tokens.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn fp16_scores_g<const G: usize>(
     p: &Prep,
@@ -71,35 +125,53 @@ unsafe fn fp16_scores_g<const G: usize>(
     s: &mut [f32],
 ) {
     let (d, tt) = (p.d, l.tokens);
-    assert!(seg.len() >= 2 * d * tt && n <= tt);
     let k = seg.as_ptr() as *const u16;
     let q = p.q.as_ptr();
+    let sp = s.as_mut_ptr();
     let mut t0 = 0;
     while t0 < n {
-        if t0 + 32 <= tt {
+        if t0 + 32 <= tt && G <= 3 {
             let mut acc = [[_mm256_setzero_ps(); 4]; G];
             for c in 0..d {
-                // SAFETY: c < d, t0 + 32 <= tokens: inside the key region.
+                let mut qb = [_mm256_setzero_ps(); G];
+                for h in 0..G {
+                    qb[h] = _mm256_set1_ps(unsafe { *q.add(h * d + c) });
+                }
                 let base = unsafe { k.add(c * tt + t0) };
-                let mut kv = [_mm256_setzero_ps(); 4];
-                for (j, kj) in kv.iter_mut().enumerate() {
-                    *kj = unsafe {
+                for j in 0..4 {
+                    let kv = unsafe {
                         _mm256_cvtph_ps(_mm_loadu_si128(base.add(8 * j) as *const __m128i))
                     };
-                }
-                for h in 0..G {
-                    let qb = unsafe { _mm256_broadcast_ss(&*q.add(h * d + c)) };
-                    for j in 0..4 {
-                        acc[h][j] = _mm256_fmadd_ps(qb, kv[j], acc[h][j]);
+                    for h in 0..G {
+                        acc[h][j] = _mm256_fmadd_ps(qb[h], kv, acc[h][j]);
                     }
                 }
             }
             for h in 0..G {
                 for j in 0..4 {
-                    unsafe { _mm256_storeu_ps(s.as_mut_ptr().add(sidx(h, t0 + 8 * j)), acc[h][j]) };
+                    unsafe { _mm256_storeu_ps(sp.add(sidx(h, t0 + 8 * j)), acc[h][j]) };
                 }
             }
             t0 += 32;
+        } else if t0 + 16 <= tt {
+            let mut acc = [[_mm256_setzero_ps(); 2]; G];
+            for c in 0..d {
+                let base = unsafe { k.add(c * tt + t0) };
+                let k0 = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(base as *const __m128i)) };
+                let k1 = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(base.add(8) as *const __m128i)) };
+                for h in 0..G {
+                    let qb = _mm256_set1_ps(unsafe { *q.add(h * d + c) });
+                    acc[h][0] = _mm256_fmadd_ps(qb, k0, acc[h][0]);
+                    acc[h][1] = _mm256_fmadd_ps(qb, k1, acc[h][1]);
+                }
+            }
+            for h in 0..G {
+                unsafe {
+                    _mm256_storeu_ps(sp.add(sidx(h, t0)), acc[h][0]);
+                    _mm256_storeu_ps(sp.add(sidx(h, t0 + 8)), acc[h][1]);
+                }
+            }
+            t0 += 16;
         } else {
             let mut acc = [_mm256_setzero_ps(); G];
             for c in 0..d {
@@ -107,99 +179,98 @@ unsafe fn fp16_scores_g<const G: usize>(
                     _mm256_cvtph_ps(_mm_loadu_si128(k.add(c * tt + t0) as *const __m128i))
                 };
                 for h in 0..G {
-                    let qb = unsafe { _mm256_broadcast_ss(&*q.add(h * d + c)) };
-                    acc[h] = _mm256_fmadd_ps(qb, kv, acc[h]);
+                    acc[h] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(unsafe { *q.add(h * d + c) }), kv, acc[h]);
                 }
             }
             for h in 0..G {
-                unsafe { _mm256_storeu_ps(s.as_mut_ptr().add(sidx(h, t0)), acc[h]) };
+                unsafe { _mm256_storeu_ps(sp.add(sidx(h, t0)), acc[h]) };
             }
             t0 += 8;
         }
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn fp16_scores_dyn(p: &Prep, seg: &[u8], l: &Fp16Layout, n: usize, s: &mut [f32]) {
-    let (d, tt) = (p.d, l.tokens);
-    assert!(seg.len() >= 2 * d * tt && n <= tt);
-    let k = seg.as_ptr() as *const u16;
-    for h in 0..p.g {
-        let mut t0 = 0;
-        while t0 < n {
-            let mut acc = _mm256_setzero_ps();
-            for c in 0..d {
-                let kv = unsafe {
-                    _mm256_cvtph_ps(_mm_loadu_si128(k.add(c * tt + t0) as *const __m128i))
-                };
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(p.q[h * d + c]), kv, acc);
-            }
-            unsafe { _mm256_storeu_ps(s.as_mut_ptr().add(sidx(h, t0)), acc) };
-            t0 += 8;
-        }
-    }
-}
-
-fn fp16_accum(st: &mut State, seg: &[u8], l: &Fp16Layout, n: usize) {
-    // SAFETY: runtime-detected (see `fns`); reads stay inside the value region.
-    unsafe {
-        match st.g {
-            1 => fp16_accum_g::<1>(st, seg, l, n),
-            2 => fp16_accum_g::<2>(st, seg, l, n),
-            3 => fp16_accum_g::<3>(st, seg, l, n),
-            4 => fp16_accum_g::<4>(st, seg, l, n),
-            _ => fp16_accum_g::<1>(st, seg, l, n),
-        }
-    }
-}
-
-/// `acc[h][c] += sum_t p[h][t] * v[t][c]`, 32 channels at a time. `G == 1` with more heads
-/// loops over heads one by one.
+/// `acc[h][c] += sum_t p[h][t] * v[t][c]`: 32 channels at a time for up to 3 heads (all
+/// accumulators in registers), 16 for more.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn fp16_accum_g<const G: usize>(st: &mut State, seg: &[u8], l: &Fp16Layout, n: usize) {
     let (d, tt) = (st.d, l.tokens);
-    assert!(seg.len() >= 2 * d * tt && n <= tt);
     let v = unsafe { (seg.as_ptr() as *const u16).add(tt * d) };
-    let mut h0 = 0;
-    while h0 < st.g {
-        let mut c0 = 0;
-        while c0 < d {
-            let nj = ((d - c0) / 8).min(4);
+    let sp = st.s.as_ptr();
+    let ap = st.acc.as_mut_ptr();
+    let mut c0 = 0;
+    while c0 < d {
+        if c0 + 32 <= d && G <= 3 {
             let mut acc = [[_mm256_setzero_ps(); 4]; G];
             for h in 0..G {
-                for j in 0..nj {
-                    acc[h][j] =
-                        unsafe { _mm256_loadu_ps(st.acc.as_ptr().add((h0 + h) * d + c0 + 8 * j)) };
+                for j in 0..4 {
+                    acc[h][j] = unsafe { _mm256_loadu_ps(ap.add(h * d + c0 + 8 * j)) };
                 }
             }
             for t in 0..n {
+                let mut pb = [_mm256_setzero_ps(); G];
+                for h in 0..G {
+                    pb[h] = _mm256_set1_ps(unsafe { *sp.add(sidx(h, t)) });
+                }
                 let row = unsafe { v.add(t * d + c0) };
-                let mut vv = [_mm256_setzero_ps(); 4];
-                for j in 0..nj {
-                    vv[j] = unsafe {
+                for j in 0..4 {
+                    let vv = unsafe {
                         _mm256_cvtph_ps(_mm_loadu_si128(row.add(8 * j) as *const __m128i))
                     };
-                }
-                for h in 0..G {
-                    let pb = _mm256_set1_ps(st.s[sidx(h0 + h, t)]);
-                    for j in 0..nj {
-                        acc[h][j] = _mm256_fmadd_ps(pb, vv[j], acc[h][j]);
+                    for h in 0..G {
+                        acc[h][j] = _mm256_fmadd_ps(pb[h], vv, acc[h][j]);
                     }
                 }
             }
             for h in 0..G {
-                for j in 0..nj {
-                    unsafe {
-                        _mm256_storeu_ps(
-                            st.acc.as_mut_ptr().add((h0 + h) * d + c0 + 8 * j),
-                            acc[h][j],
-                        )
-                    };
+                for j in 0..4 {
+                    unsafe { _mm256_storeu_ps(ap.add(h * d + c0 + 8 * j), acc[h][j]) };
                 }
             }
-            c0 += 8 * nj;
+            c0 += 32;
+        } else if c0 + 16 <= d {
+            let mut acc = [[_mm256_setzero_ps(); 2]; G];
+            for h in 0..G {
+                for j in 0..2 {
+                    acc[h][j] = unsafe { _mm256_loadu_ps(ap.add(h * d + c0 + 8 * j)) };
+                }
+            }
+            for t in 0..n {
+                let row = unsafe { v.add(t * d + c0) };
+                let v0 = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(row as *const __m128i)) };
+                let v1 = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(row.add(8) as *const __m128i)) };
+                for h in 0..G {
+                    let pb = _mm256_set1_ps(unsafe { *sp.add(sidx(h, t)) });
+                    acc[h][0] = _mm256_fmadd_ps(pb, v0, acc[h][0]);
+                    acc[h][1] = _mm256_fmadd_ps(pb, v1, acc[h][1]);
+                }
+            }
+            for h in 0..G {
+                for j in 0..2 {
+                    unsafe { _mm256_storeu_ps(ap.add(h * d + c0 + 8 * j), acc[h][j]) };
+                }
+            }
+            c0 += 16;
+        } else {
+            let mut acc = [_mm256_setzero_ps(); G];
+            for h in 0..G {
+                acc[h] = unsafe { _mm256_loadu_ps(ap.add(h * d + c0)) };
+            }
+            for t in 0..n {
+                let vv = unsafe {
+                    _mm256_cvtph_ps(_mm_loadu_si128(v.add(t * d + c0) as *const __m128i))
+                };
+                for h in 0..G {
+                    acc[h] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(unsafe { *sp.add(sidx(h, t)) }), vv, acc[h]);
+                }
+            }
+            for h in 0..G {
+                unsafe { _mm256_storeu_ps(ap.add(h * d + c0), acc[h]) };
+            }
+            c0 += 8;
         }
-        h0 += G;
     }
 }
 
@@ -326,142 +397,197 @@ unsafe fn q4_chunk_f32(p: *const u8) -> [__m256; 4] {
     ]
 }
 
-/// Loads 8 (scale, zero) pairs as two vectors of 8 scales and 8 zeros.
+/// Loads 8 (scale, zero) pairs stored contiguously as two vectors of 8 scales and 8 zeros.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn load_params8(p: *const u8) -> (__m256, __m256) {
-    let a = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }; // s0 z0 .. s3 z3
-    let b = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i)) }; // s4 z4 .. s7 z7
-    let s = _mm256_shuffle_ps(a, b, 0b10_00_10_00); // s0 s1 s4 s5 | s2 s3 s6 s7
-    let z = _mm256_shuffle_ps(a, b, 0b11_01_11_01);
-    let s = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), 0b11_01_10_00));
-    let z = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(z), 0b11_01_10_00));
-    (s, z)
+    let v = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+    split_params(v)
 }
 
+/// Gathers the (scale, zero) pair at `base + i * stride` for 8 rows.
 #[inline]
-#[target_feature(enable = "f16c")]
-unsafe fn params1(p: *const u8) -> (f32, f32) {
-    let v = unsafe { _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned())) };
-    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn gather_params8(base: *const u8, stride: usize) -> (__m256, __m256) {
+    let mut w = [0u32; 8];
+    for (i, x) in w.iter_mut().enumerate() {
+        *x = unsafe { (base.add(i * stride) as *const u32).read_unaligned() };
+    }
+    split_params(unsafe { _mm256_loadu_si256(w.as_ptr() as *const __m256i) })
 }
 
+/// Eight `u32` lanes `scale | zero << 16` (FP16 bits) to f32 scales and zeros.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn split_params(v: __m256i) -> (__m256, __m256) {
+    let sc = _mm256_and_si256(v, _mm256_set1_epi32(0xffff));
+    let z = _mm256_srli_epi32(v, 16);
+    // [s0..s3 z0..z3 | s4..s7 z4..z7] -> [s0..s7 | z0..z7]
+    let packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(sc, z), 0b11_01_10_00);
+    (
+        _mm256_cvtph_ps(_mm256_castsi256_si128(packed)),
+        _mm256_cvtph_ps(_mm256_extracti128_si256(packed, 1)),
+    )
+}
+
+/// Lane `i` of the result is the sum of all lanes of `v[i]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn reduce8(v: &[__m256; 8]) -> __m256 {
+    let a0 = _mm256_hadd_ps(v[0], v[1]);
+    let a1 = _mm256_hadd_ps(v[2], v[3]);
+    let a2 = _mm256_hadd_ps(v[4], v[5]);
+    let a3 = _mm256_hadd_ps(v[6], v[7]);
+    let b0 = _mm256_hadd_ps(a0, a1);
+    let b1 = _mm256_hadd_ps(a2, a3);
+    _mm256_add_ps(
+        _mm256_permute2f128_ps(b0, b1, 0x20),
+        _mm256_permute2f128_ps(b0, b1, 0x31),
+    )
+}
+
+/// Scores of an INT4 block, eight tokens at a time. Per-channel keys: `q * scale` is
+/// folded once per block, `q . zero` is a constant. Per-token groups:
+/// `scale * (q . codes) + zero * sum(q)` per group.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_scores(p: &mut Prep, seg: &[u8], l: &QuantLayout, n: usize, s: &mut [f32]) {
-    let (d, g) = (p.d, p.g);
-    assert!(seg.len() >= l.v_row_offset(0) && n <= l.tokens && d % 32 == 0);
+unsafe fn q4_scores_g<const G: usize>(
+    p: &mut Prep,
+    seg: &[u8],
+    l: &QuantLayout,
+    n: usize,
+    s: &mut [f32],
+) {
+    let d = p.d;
     let base = seg.as_ptr();
-    let chunks = d / 32;
-    match l.key_mode {
-        KeyMode::PerChannel => {
-            // Fold the per-channel scales into q once per block.
-            let mut konst = [0f32; super::MAX_GQA];
-            let mut c = 0;
-            while c < d {
-                let (sc, z) = unsafe { load_params8(base.add(c * 4)) };
-                for h in 0..g {
-                    let qv = unsafe { _mm256_loadu_ps(p.q.as_ptr().add(h * d + c)) };
-                    unsafe {
-                        _mm256_storeu_ps(
-                            p.scratch.as_mut_ptr().add(h * d + c),
-                            _mm256_mul_ps(qv, sc),
-                        )
-                    };
-                    konst[h] += hsum(_mm256_mul_ps(qv, z));
-                }
-                c += 8;
+    let per_channel = l.key_mode == KeyMode::PerChannel;
+    let mut konst = [_mm256_setzero_ps(); G];
+    if per_channel {
+        let mut kz = [_mm256_setzero_ps(); G];
+        let mut c = 0;
+        while c < d {
+            let (sc, z) = unsafe { load_params8(base.add(c * 4)) };
+            for h in 0..G {
+                let qv = unsafe { _mm256_loadu_ps(p.q.as_ptr().add(h * d + c)) };
+                unsafe {
+                    _mm256_storeu_ps(p.scratch.as_mut_ptr().add(h * d + c), _mm256_mul_ps(qv, sc))
+                };
+                kz[h] = _mm256_fmadd_ps(qv, z, kz[h]);
             }
-            for t in 0..n {
-                let row = unsafe { base.add(l.k_row_offset(t)) };
-                let mut acc = [_mm256_setzero_ps(); super::MAX_GQA];
-                for ch in 0..chunks {
+            c += 8;
+        }
+        for h in 0..G {
+            konst[h] = _mm256_set1_ps(hsum(kz[h]));
+        }
+    }
+    let q = if per_channel {
+        p.scratch.as_ptr()
+    } else {
+        p.q.as_ptr()
+    };
+    let (gsz, groups, gb) = if per_channel {
+        (d, 1, 0)
+    } else {
+        (l.group(), l.groups(), l.format.group_bytes())
+    };
+    let (krow0, kstride) = (l.k_row_offset(0), l.k_row_bytes());
+    let sp = s.as_mut_ptr();
+    let mut t8 = 0;
+    while t8 < n {
+        let mut sv = konst;
+        for gi in 0..groups {
+            let codes_off = if per_channel { 0 } else { gi * gb + 4 };
+            let mut tmp = [[_mm256_setzero_ps(); 8]; G];
+            for tt in 0..8 {
+                let row = unsafe { base.add(krow0 + (t8 + tt) * kstride + codes_off) };
+                let mut acc = [_mm256_setzero_ps(); G];
+                for ch in 0..gsz / 32 {
                     let cv = unsafe { q4_chunk_f32(row.add(16 * ch)) };
-                    for h in 0..g {
-                        let q = unsafe { p.scratch.as_ptr().add(h * d + 32 * ch) };
-                        for j in 0..4 {
-                            acc[h] = _mm256_fmadd_ps(
-                                unsafe { _mm256_loadu_ps(q.add(8 * j)) },
-                                cv[j],
-                                acc[h],
-                            );
+                    for (j, cj) in cv.iter().enumerate() {
+                        for h in 0..G {
+                            let qv = unsafe {
+                                _mm256_loadu_ps(q.add(h * d + gi * gsz + 32 * ch + 8 * j))
+                            };
+                            acc[h] = _mm256_fmadd_ps(qv, *cj, acc[h]);
                         }
                     }
                 }
-                for h in 0..g {
-                    s[sidx(h, t)] = hsum(acc[h]) + konst[h];
+                for h in 0..G {
+                    tmp[h][tt] = acc[h];
+                }
+            }
+            if per_channel {
+                for h in 0..G {
+                    sv[h] = _mm256_add_ps(sv[h], reduce8(&tmp[h]));
+                }
+            } else {
+                let (sc, z) =
+                    unsafe { gather_params8(base.add(krow0 + t8 * kstride + gi * gb), kstride) };
+                for h in 0..G {
+                    let zq = _mm256_mul_ps(z, _mm256_set1_ps(p.qsum[gidx(h, gi)]));
+                    sv[h] = _mm256_add_ps(sv[h], _mm256_fmadd_ps(reduce8(&tmp[h]), sc, zq));
                 }
             }
         }
-        KeyMode::PerToken => {
-            let (gs, gb) = (l.group(), l.format.group_bytes());
-            for t in 0..n {
-                let row = unsafe { base.add(l.k_row_offset(t)) };
-                let mut sc_acc = [0f32; super::MAX_GQA];
-                for gi in 0..l.groups() {
-                    let grp = unsafe { row.add(gi * gb) };
-                    let (sc, z) = unsafe { params1(grp) };
-                    let mut acc = [_mm256_setzero_ps(); super::MAX_GQA];
-                    for ch in 0..gs / 32 {
-                        let cv = unsafe { q4_chunk_f32(grp.add(4 + 16 * ch)) };
-                        for h in 0..g {
-                            let q = unsafe { p.q.as_ptr().add(h * d + gi * gs + 32 * ch) };
-                            for j in 0..4 {
-                                acc[h] = _mm256_fmadd_ps(
-                                    unsafe { _mm256_loadu_ps(q.add(8 * j)) },
-                                    cv[j],
-                                    acc[h],
-                                );
-                            }
-                        }
-                    }
-                    for h in 0..g {
-                        sc_acc[h] += sc * hsum(acc[h]) + z * p.qsum[gidx(h, gi)];
-                    }
-                }
-                for h in 0..g {
-                    s[sidx(h, t)] = sc_acc[h];
-                }
-            }
+        for h in 0..G {
+            unsafe { _mm256_storeu_ps(sp.add(sidx(h, t8)), sv[h]) };
         }
+        t8 += 8;
     }
 }
 
+/// Values of an INT4 block: per group, `w = p * scale` and `sum p * zero` are computed eight
+/// tokens at a time, then `acc += w * codes` 32 channels at a time.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_accum(st: &mut State, seg: &[u8], l: &QuantLayout, n: usize) {
-    let (d, g) = (st.d, st.g);
-    assert!(seg.len() >= l.v_row_offset(n) && d % 32 == 0);
+unsafe fn q4_accum_g<const G: usize>(st: &mut State, seg: &[u8], l: &QuantLayout, n: usize) {
+    let d = st.d;
     let (gs, gb) = (l.group(), l.format.group_bytes());
     let base = seg.as_ptr();
-    // 32 channels (one chunk) at a time, all heads' accumulators in registers.
+    let (vrow0, vstride) = (l.v_row_offset(0), l.v_row_bytes());
     for gi in 0..l.groups() {
+        // Probabilities past `n` are zero (softmax masks the last tile).
+        let mut zs = [_mm256_setzero_ps(); G];
+        let mut t8 = 0;
+        while t8 < n {
+            let (sc, z) =
+                unsafe { gather_params8(base.add(vrow0 + t8 * vstride + gi * gb), vstride) };
+            for h in 0..G {
+                let pv = unsafe { _mm256_loadu_ps(st.s.as_ptr().add(sidx(h, t8))) };
+                unsafe {
+                    _mm256_storeu_ps(st.w.as_mut_ptr().add(sidx(h, t8)), _mm256_mul_ps(pv, sc))
+                };
+                zs[h] = _mm256_fmadd_ps(pv, z, zs[h]);
+            }
+            t8 += 8;
+        }
+        for h in 0..G {
+            st.zacc[gidx(h, gi)] += hsum(zs[h]);
+        }
+        let wp = st.w.as_ptr();
+        let ap = st.acc.as_mut_ptr();
         for ch in 0..gs / 32 {
             let c0 = gi * gs + 32 * ch;
-            let mut acc = [[_mm256_setzero_ps(); 4]; super::MAX_GQA];
-            for h in 0..g {
+            let mut acc = [[_mm256_setzero_ps(); 4]; G];
+            for h in 0..G {
                 for j in 0..4 {
-                    acc[h][j] = unsafe { _mm256_loadu_ps(st.acc.as_ptr().add(h * d + c0 + 8 * j)) };
+                    acc[h][j] = unsafe { _mm256_loadu_ps(ap.add(h * d + c0 + 8 * j)) };
                 }
             }
             for t in 0..n {
-                let grp = unsafe { base.add(l.v_row_offset(t) + gi * gb) };
-                let (sc, z) = unsafe { params1(grp) };
-                let cv = unsafe { q4_chunk_f32(grp.add(4 + 16 * ch)) };
-                for h in 0..g {
-                    let p = st.s[sidx(h, t)];
-                    if ch == 0 {
-                        st.zacc[gidx(h, gi)] += p * z;
-                    }
-                    let w = _mm256_set1_ps(p * sc);
-                    for j in 0..4 {
-                        acc[h][j] = _mm256_fmadd_ps(w, cv[j], acc[h][j]);
+                let mut wb = [_mm256_setzero_ps(); G];
+                for h in 0..G {
+                    wb[h] = _mm256_set1_ps(unsafe { *wp.add(sidx(h, t)) });
+                }
+                let cv =
+                    unsafe { q4_chunk_f32(base.add(vrow0 + t * vstride + gi * gb + 4 + 16 * ch)) };
+                for j in 0..4 {
+                    for h in 0..G {
+                        acc[h][j] = _mm256_fmadd_ps(wb[h], cv[j], acc[h][j]);
                     }
                 }
             }
-            for h in 0..g {
+            for h in 0..G {
                 for j in 0..4 {
-                    unsafe {
-                        _mm256_storeu_ps(st.acc.as_mut_ptr().add(h * d + c0 + 8 * j), acc[h][j])
-                    };
+                    unsafe { _mm256_storeu_ps(ap.add(h * d + c0 + 8 * j), acc[h][j]) };
                 }
             }
         }

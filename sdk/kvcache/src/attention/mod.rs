@@ -103,6 +103,8 @@ pub struct State {
     pub zacc: [f32; MAX_GQA * MAX_GROUPS],
     /// Scores / probabilities of the current block, `[g][MAX_BLOCK_TOKENS]`.
     pub s: [f32; MAX_GQA * MAX_BLOCK_TOKENS],
+    /// Kernel scratch of the same shape (e.g. probabilities times value scales).
+    pub w: [f32; MAX_GQA * MAX_BLOCK_TOKENS],
 }
 
 /// The functions one kernel family provides.
@@ -307,6 +309,7 @@ impl State {
             acc: [0.0; MAX_GQA * MAX_HEAD_DIM],
             zacc: [0.0; MAX_GQA * MAX_GROUPS],
             s: [0.0; MAX_GQA * MAX_BLOCK_TOKENS],
+            w: [0.0; MAX_GQA * MAX_BLOCK_TOKENS],
         }
     }
 }
