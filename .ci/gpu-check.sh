@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # CUDA checks for a machine with an NVIDIA GPU and no Rust toolchain.
 #
-#   scripts/gpu-check.sh prepare   (on the build machine) builds the release jetvlm with
+#   .ci/gpu-check.sh prepare   (on the build machine) builds the release jetvlm with
 #                                  `--features cuda` and the CUDA device test into gpu-dist/
 #                                  (git-ignored through .git/info/exclude), to carry along.
-#   scripts/gpu-check.sh [run]     (on the GPU machine) builds nothing: runs the prebuilt
+#   .ci/gpu-check.sh [run]     (on the GPU machine) builds nothing: runs the prebuilt
 #                                  binaries from gpu-dist/ (or $JETVLM_GPU_DIST) and prints
 #                                  PASS/FAIL lines; results also go to $OUT (or gpu-check-out/).
 #
@@ -59,7 +59,7 @@ run() {
   local out=${OUT:-gpu-check-out} fail=0
   mkdir -p "$out"
   if [ ! -x "$dist/jetvlm" ]; then
-    echo "gpu-check: $dist/jetvlm missing; run 'scripts/gpu-check.sh prepare' on the build machine and carry $dist" >&2
+    echo "gpu-check: $dist/jetvlm missing; run '.ci/gpu-check.sh prepare' on the build machine and carry $dist" >&2
     exit 2
   fi
   find_nvrtc || true
