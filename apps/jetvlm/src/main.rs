@@ -10,7 +10,11 @@ mod cmd;
 mod logging;
 
 #[derive(Parser, Debug)]
-#[command(name = "jetvlm", version, about = "Vision-language models on NVIDIA Jetson boards")]
+#[command(
+    name = "jetvlm",
+    version,
+    about = "Vision-language models on NVIDIA Jetson boards"
+)]
 struct Cli {
     /// Log filter in RUST_LOG syntax (e.g. `info`, `jetvlm_kvcache=debug`); RUST_LOG wins
     /// when set.
@@ -31,6 +35,9 @@ pub enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Watch a camera: answer a standing question per frame over a rolling window of cached
+    /// frames (default: the bundled demo model on a synthetic scene).
+    Watch(cmd::watch::WatchArgs),
     /// Plan memory for a model and workload on a Jetson board.
     Plan(cmd::plan::PlanArgs),
     /// Ask a question about images with a model package (vision encoder + decoder).
@@ -58,6 +65,7 @@ fn main() {
 
 fn run(command: Command) -> Result<()> {
     match command {
+        Command::Watch(args) => cmd::watch::run(args),
         Command::Plan(args) => cmd::plan::run(args),
         Command::Ask(args) => cmd::ask::run(args),
         Command::Board(args) => cmd::board::run(args),

@@ -1,9 +1,45 @@
 //! One module per subcommand.
 
-pub mod plan;
 pub mod ask;
-pub mod board;
 pub mod bench;
+pub mod board;
 pub mod generate;
-pub mod synth;
+pub mod plan;
 pub mod selftest;
+pub mod synth;
+pub mod watch;
+
+use std::path::{Path, PathBuf};
+
+/// The model package a command uses: the one given, else the bundled demo model
+/// (`models/demo`), looked up from the working directory and from the executable's location
+/// upwards (so `cargo run` and an installed tree both find it), or `$JETVLM_MODEL`.
+pub fn model_or_default(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("JETVLM_MODEL") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut starts = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        starts.push(cwd);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            starts.push(dir.to_path_buf());
+        }
+    }
+    for start in &starts {
+        for dir in start.ancestors() {
+            let candidate = dir.join("models").join("demo");
+            if candidate.join("jetvlm.yaml").is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    anyhow::bail!(
+        "no --model given and the bundled demo model (models/demo/jetvlm.yaml) was not found \
+         above the working directory or the executable; pass --model DIR or set JETVLM_MODEL"
+    )
+}

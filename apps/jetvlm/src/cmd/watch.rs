@@ -1,0 +1,195 @@
+//! `jetvlm watch SOURCE`: the camera loop. Frames stream from a source URI into a
+//! [`StreamSession`] that keeps the last frames in the KV cache (oldest evicted), and a
+//! standing question is answered after every frame, with per-frame TTFT, TPOT and KV memory
+//! (actual vs the same tokens all-FP16).
+
+use anyhow::{Context, Result};
+use clap::Args;
+use jetvlm_runtime::{Pipeline, RuntimeConfig, SessionCapture};
+use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    /// Frame source URI: synthetic://scene?fps=10&seed=7, dir://frames/, file://img.png,
+    /// v4l2:///dev/video0 (feature `v4l`).
+    #[arg(default_value = "synthetic://scene")]
+    pub source: String,
+    /// Model package directory (default: the bundled demo model, models/demo).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The standing question asked after each frame (default: the package's
+    /// default_question).
+    #[arg(long, short)]
+    pub question: Option<String>,
+    /// Frames kept in the cache; older ones are evicted.
+    #[arg(long, default_value_t = 4)]
+    pub window: usize,
+    /// Stop after this many frames (0 = until the source ends).
+    #[arg(long, default_value_t = 12)]
+    pub frames: u64,
+    /// KV cache policy (fp16, mixed, int4-all, int8-frames, int2-frames, mixed:..., f32);
+    /// default: the package's kv.policy.
+    #[arg(long)]
+    pub kv: Option<String>,
+    /// Runtime config YAML; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Maximum tokens per answer.
+    #[arg(long, default_value_t = 16)]
+    pub max_tokens: usize,
+    /// Capture timeout per frame, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub timeout_ms: u64,
+    /// One JSON object per frame (JSON lines) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct FrameReport<'a> {
+    frame: u64,
+    timestamp_ms: f64,
+    frames_cached: usize,
+    question: &'a str,
+    answer: String,
+    encoder_ms: f64,
+    ttft_ms: f64,
+    tpot_ms: f64,
+    tokens: usize,
+    kv_bytes: u64,
+    kv_fp16_equivalent_bytes: u64,
+    kv_policy: String,
+}
+
+pub fn run(args: WatchArgs) -> Result<()> {
+    let mut cfg = match &args.config {
+        Some(p) => RuntimeConfig::from_yaml(p)?,
+        None => RuntimeConfig::default(),
+    };
+    if args.kv.is_some() {
+        cfg.kv_policy = args.kv.clone();
+    }
+    anyhow::ensure!(args.window > 0, "--window must be at least 1");
+    cfg.window_frames = args.window;
+    cfg.max_new_tokens = args.max_tokens;
+    let model = super::model_or_default(args.model.as_deref())?;
+    let mut pipeline = Pipeline::load(&model, cfg)
+        .with_context(|| format!("loading model package {}", model.display()))?;
+    let question = match &args.question {
+        Some(q) => q.clone(),
+        None => pipeline
+            .package()
+            .manifest
+            .prompt
+            .default_question
+            .clone()
+            .context("no --question given and the package has no prompt.default_question")?,
+    };
+    let mut source = jetvlm_camera::open(&args.source)
+        .with_context(|| format!("opening frame source {}", args.source))?;
+    let timeout = Duration::from_millis(args.timeout_ms);
+
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if !args.json {
+        writeln!(
+            out,
+            "watching {} with {} (KV {}), window {} frames; question: {question}",
+            args.source,
+            model.display(),
+            pipeline.kv_policy(),
+            args.window
+        )?;
+        writeln!(
+            out,
+            "{:>5} {:>9} {:>6}  {:<24} {:>8} {:>8} {:>8} {:>10} {:>10} {:>6}",
+            "frame",
+            "t ms",
+            "cached",
+            "answer",
+            "enc ms",
+            "TTFT ms",
+            "TPOT ms",
+            "KV KiB",
+            "FP16 KiB",
+            "ratio"
+        )?;
+    }
+
+    let mut session = pipeline.session()?;
+    let mut seen = 0u64;
+    let mut timeouts = 0u32;
+    while args.frames == 0 || seen < args.frames {
+        let id = match session.capture_from(source.as_mut(), timeout)? {
+            SessionCapture::Frame(id) => id,
+            SessionCapture::EndOfStream => break,
+            SessionCapture::Timeout => {
+                timeouts += 1;
+                tracing::warn!(source = %args.source, "capture timed out");
+                anyhow::ensure!(timeouts < 3, "{}: no frame in 3 timeouts", args.source);
+                continue;
+            }
+        };
+        timeouts = 0;
+        seen += 1;
+        let cached = session.frames();
+        let latest = cached.iter().find(|f| f.id == id).copied();
+        let answer = session.ask(&question)?.finish()?;
+        let s = &answer.stats;
+        let report = FrameReport {
+            frame: latest.map(|f| f.index).unwrap_or(seen - 1),
+            timestamp_ms: latest
+                .map(|f| f.timestamp.as_secs_f64() * 1e3)
+                .unwrap_or(0.0),
+            frames_cached: cached.len(),
+            question: &question,
+            answer: answer.text.trim().to_string(),
+            encoder_ms: s.encoder_ms,
+            ttft_ms: s.ttft_ms,
+            tpot_ms: s.tpot_ms,
+            tokens: s.tokens,
+            kv_bytes: s.kv.total_bytes,
+            kv_fp16_equivalent_bytes: s.kv.fp16_equivalent_bytes,
+            kv_policy: s.kv_policy.clone(),
+        };
+        if args.json {
+            writeln!(out, "{}", serde_json::to_string(&report)?)?;
+        } else {
+            let ratio = if report.kv_bytes > 0 {
+                report.kv_fp16_equivalent_bytes as f64 / report.kv_bytes as f64
+            } else {
+                0.0
+            };
+            writeln!(
+                out,
+                "{:>5} {:>9.0} {:>6}  {:<24} {:>8.1} {:>8.1} {:>8.2} {:>10.1} {:>10.1} {:>5.2}x",
+                report.frame,
+                report.timestamp_ms,
+                report.frames_cached,
+                truncate(&report.answer, 24),
+                report.encoder_ms,
+                report.ttft_ms,
+                report.tpot_ms,
+                report.kv_bytes as f64 / 1024.0,
+                report.kv_fp16_equivalent_bytes as f64 / 1024.0,
+                ratio
+            )?;
+        }
+        out.flush()?;
+    }
+    anyhow::ensure!(seen > 0, "{}: the source gave no frames", args.source);
+    Ok(())
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n - 1).collect();
+        t.push('…');
+        t
+    }
+}
