@@ -183,7 +183,7 @@ fn generate<C: KvStore>(
     let mut last = t0;
     let mut out = std::io::stdout().lock();
     let mut ids = Vec::new();
-    while let Some(step) = generation.next() {
+    for step in generation.by_ref() {
         let step = step?;
         last = Instant::now();
         first.get_or_insert(last);
