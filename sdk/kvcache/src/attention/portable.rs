@@ -4,7 +4,8 @@ use super::{Fns, MAX_HEAD_DIM, Prep, State, gidx, sidx};
 use crate::layout::{Fp16Layout, QuantLayout};
 use crate::policy::KeyMode;
 use half::f16;
-use jetvlm_quant::{ScaleZero, unpack_codes};
+use half::slice::HalfFloatSliceExt;
+use jetvlm_quant::ScaleZero;
 
 pub(crate) fn fns() -> Fns {
     Fns {
@@ -25,9 +26,7 @@ fn fp16_scores(p: &Prep, seg: &[u8], l: &Fp16Layout, n: usize, s: &mut [f32]) {
         s[sidx(h, 0)..sidx(h, n)].fill(0.0);
     }
     for c in 0..d {
-        for (t, k) in kcol[..n].iter_mut().enumerate() {
-            *k = h16[c * t_len + t].to_f32();
-        }
+        h16[c * t_len..c * t_len + n].convert_to_f32_slice(&mut kcol[..n]);
         for h in 0..p.g {
             let qc = p.q[h * d + c];
             for (sv, &k) in s[sidx(h, 0)..sidx(h, n)].iter_mut().zip(&kcol[..n]) {
@@ -70,15 +69,38 @@ fn fp16_accum(st: &mut State, seg: &[u8], l: &Fp16Layout, n: usize) {
     let d = st.d;
     let mut row = [0f32; MAX_HEAD_DIM];
     for t in 0..n {
-        for (c, r) in row[..d].iter_mut().enumerate() {
-            *r = h16[l.v_index(t, c)].to_f32();
-        }
+        h16[l.v_index(t, 0)..l.v_index(t, 0) + d].convert_to_f32_slice(&mut row[..d]);
         for h in 0..st.g {
             let p = st.s[sidx(h, t)];
             for (a, &v) in st.acc[h * d..(h + 1) * d].iter_mut().zip(&row[..d]) {
                 *a += p * v;
             }
         }
+    }
+}
+
+/// Unpacks a row of codes (32-code chunks, see `jetvlm_quant`) without per-code branches.
+fn unpack_codes(packed: &[u8], bits: u32, codes: &mut [u8]) {
+    match bits {
+        4 => {
+            for (c, o) in packed.chunks_exact(16).zip(codes.chunks_exact_mut(32)) {
+                for i in 0..16 {
+                    o[i] = c[i] & 0x0f;
+                    o[i + 16] = c[i] >> 4;
+                }
+            }
+        }
+        2 => {
+            for (c, o) in packed.chunks_exact(8).zip(codes.chunks_exact_mut(32)) {
+                for i in 0..8 {
+                    o[i] = c[i] & 3;
+                    o[i + 8] = (c[i] >> 2) & 3;
+                    o[i + 16] = (c[i] >> 4) & 3;
+                    o[i + 24] = c[i] >> 6;
+                }
+            }
+        }
+        _ => codes.copy_from_slice(&packed[..codes.len()]),
     }
 }
 
