@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${1:-.venv/bin/python}"
-STEPS="${STEPS:-1384}"
+STEPS="${STEPS:-1720}"
 cargo build -p jetvlm --release
 JV=target/release/jetvlm
 [ -d models/gen/train ] || "$JV" synth --out models/gen/train --count 16000 --seed 1
