@@ -16,30 +16,55 @@ fn package() -> PathBuf {
 
 fn predictions(n: usize) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(package().join("heldout_predictions.jsonl")).unwrap();
-    text.lines().take(n).map(|l| serde_json::from_str(l).unwrap()).collect()
+    text.lines()
+        .take(n)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// The held-out set the package was scored on: `jetvlm synth --count 1000 --seed 1001`.
 fn heldout_frames(index: usize) -> Vec<Frame> {
-    let cfg = DatasetConfig { count: 1000, seed: 1001, ..DatasetConfig::default() };
+    let cfg = DatasetConfig {
+        count: 1000,
+        seed: 1001,
+        ..DatasetConfig::default()
+    };
     let (c, _) = clip(&cfg, index).unwrap();
     let (w, h) = (cfg.scene.width, cfg.scene.height);
     c.frames
         .into_iter()
         .enumerate()
-        .map(|(i, rgb)| Frame { index: i as u64, timestamp: Duration::from_millis(100 * i as u64), width: w, height: h, rgb })
+        .map(|(i, rgb)| Frame {
+            index: i as u64,
+            timestamp: Duration::from_millis(100 * i as u64),
+            width: w,
+            height: h,
+            rgb,
+        })
         .collect()
 }
 
 fn agreement(kv: &str, n: usize) -> (usize, usize, usize) {
-    let cfg = RuntimeConfig { kv_policy: Some(kv.to_string()), max_new_tokens: 6, ..RuntimeConfig::default() };
+    let cfg = RuntimeConfig {
+        kv_policy: Some(kv.to_string()),
+        max_new_tokens: 6,
+        ..RuntimeConfig::default()
+    };
     let mut p = Pipeline::load(&package(), cfg).unwrap();
     let (mut same, mut correct) = (0, 0);
     let preds = predictions(n);
     for rec in &preds {
         let frames = heldout_frames(rec["clip"].as_u64().unwrap() as usize);
-        assert_eq!(frames.len() as u64, rec["frames"].as_u64().unwrap(), "re-rendered clip differs");
-        let answer = p.ask(&frames, rec["question"].as_str().unwrap()).unwrap().finish().unwrap();
+        assert_eq!(
+            frames.len() as u64,
+            rec["frames"].as_u64().unwrap(),
+            "re-rendered clip differs"
+        );
+        let answer = p
+            .ask(&frames, rec["question"].as_str().unwrap())
+            .unwrap()
+            .finish()
+            .unwrap();
         let text = answer.text.trim().to_string();
         same += usize::from(text == rec["prediction"].as_str().unwrap());
         correct += usize::from(text == rec["answer"].as_str().unwrap());
@@ -51,8 +76,14 @@ fn agreement(kv: &str, n: usize) -> (usize, usize, usize) {
 fn rust_runtime_answers_like_the_exported_pytorch_model() {
     // Exact-precision cache: only float rounding separates the two implementations.
     let (same, _, n) = agreement("f32", 120);
-    assert!(same * 100 >= n * 97, "f32 cache: {same}/{n} answers match PyTorch");
+    assert!(
+        same * 100 >= n * 97,
+        "f32 cache: {same}/{n} answers match PyTorch"
+    );
     // The FP16 policy the accuracy is reported for.
     let (same, _, n) = agreement("fp16", 120);
-    assert!(same * 100 >= n * 95, "fp16 cache: {same}/{n} answers match PyTorch");
+    assert!(
+        same * 100 >= n * 95,
+        "fp16 cache: {same}/{n} answers match PyTorch"
+    );
 }
