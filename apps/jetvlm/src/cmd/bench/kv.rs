@@ -118,7 +118,11 @@ fn build_cache(args: &KvArgs, shape: CacheShape, policy: KvPolicy) -> Result<(Mi
     let text_tail = n - frames * args.frame_tokens - text / 2;
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
     let row = shape.kv_heads * shape.head_dim;
-    let mut write_span = |cache: &mut MixedKvCache, kind: TokenKind, len: usize, frame: Option<u64>| -> Result<Span> {
+    let mut write_span = |cache: &mut MixedKvCache,
+                          kind: TokenKind,
+                          len: usize,
+                          frame: Option<u64>|
+     -> Result<Span> {
         let p0 = cache.next_position();
         let pos: Vec<u32> = (p0..p0 + len as u32).collect();
         let span = cache.append_span(kind, &pos, frame)?;
@@ -134,7 +138,12 @@ fn build_cache(args: &KvArgs, shape: CacheShape, policy: KvPolicy) -> Result<(Mi
         write_span(&mut cache, TokenKind::Text, text / 2, None)?;
     }
     for f in 0..frames {
-        write_span(&mut cache, TokenKind::Frame, args.frame_tokens, Some(f as u64))?;
+        write_span(
+            &mut cache,
+            TokenKind::Frame,
+            args.frame_tokens,
+            Some(f as u64),
+        )?;
     }
     if text_tail > 1 {
         write_span(&mut cache, TokenKind::Text, text_tail - 1, None)?;
@@ -143,7 +152,13 @@ fn build_cache(args: &KvArgs, shape: CacheShape, policy: KvPolicy) -> Result<(Mi
     Ok((cache, span))
 }
 
-fn run_policy(args: &KvArgs, shape: CacheShape, policy: KvPolicy, min_ws: u64, kernel: Kernel) -> Result<PolicyResult> {
+fn run_policy(
+    args: &KvArgs,
+    shape: CacheShape,
+    policy: KvPolicy,
+    min_ws: u64,
+    kernel: Kernel,
+) -> Result<PolicyResult> {
     let name = policy.name();
     let (mut first, span) = build_cache(args, shape, policy)?;
     first.set_kernel(kernel);
@@ -255,7 +270,13 @@ pub fn run(args: KvArgs) -> Result<()> {
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     println!(
         "decode attention, context {} tokens, {} layers x {} q heads / {} kv heads x head_dim {}, kernel {}, {} threads",
-        report.context, report.layers, report.heads, report.kv_heads, report.head_dim, report.kernel, report.threads
+        report.context,
+        report.layers,
+        report.heads,
+        report.kv_heads,
+        report.head_dim,
+        report.kernel,
+        report.threads
     );
     match report.llc_bytes {
         Some(b) => println!("last-level cache: {:.1} MiB", mib(b)),
