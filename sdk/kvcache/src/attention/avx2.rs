@@ -75,6 +75,13 @@ pub(crate) fn fns() -> Fns {
             if l.bits() == 4 && check_quant(seg, l, st.d, n) {
                 // SAFETY: as above.
                 unsafe {
+                    if st.d.is_multiple_of(64) && l.group().is_multiple_of(64) {
+                        return by_g!(
+                            st.g,
+                            q4_accum_pair_g(st, seg, l, n),
+                            (portable::fns().quant_accum)(st, seg, l, n)
+                        );
+                    }
                     by_g!(
                         st.g,
                         q4_accum_g(st, seg, l, n),
@@ -717,5 +724,133 @@ unsafe fn q4_scores_pc_g<const G: usize>(
             };
         }
         t8 += 8;
+    }
+}
+
+/// Channel of 16-bit lane `i`, nibble `k` (`lane >> 4k & 15`) of a 32-byte code piece.
+#[inline]
+fn nibble_channel(i: usize, k: usize) -> usize {
+    let byte = 2 * i + k / 2;
+    32 * (byte / 16) + byte % 16 + 16 * (k % 2)
+}
+
+/// Values of an INT4 block (head dim and group multiples of 64), in integers, two tokens
+/// per instruction.
+///
+/// Per group, `w = p * scale` is quantized to int16 per head (step `max w / 32767`). For a
+/// token pair, the nibbles of both 32-byte code pieces are interleaved into int16 lanes
+/// `(code[t][c], code[t+1][c])` and `pmaddwd` with the broadcast pair `(w[t], w[t+1])`
+/// adds both tokens' products per channel (sums stay below 2^26 for 128-token blocks).
+/// Accumulators are converted to f32 and scaled once per block.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_accum_pair_g<const G: usize>(st: &mut State, seg: &[u8], l: &QuantLayout, n: usize) {
+    let d = st.d;
+    let (gs, gb) = (l.group(), l.format.group_bytes());
+    let base = seg.as_ptr();
+    let (vrow0, vstride) = (l.v_row_offset(0), l.v_row_bytes());
+    let m4 = _mm256_set1_epi16(0x0f);
+    // Pairs cover `n` rounded up to even; probabilities past `n` inside the last 8-token
+    // tile are zero (softmax masks it) and the tile lies inside the block.
+    let pairs = n.div_ceil(2);
+    for gi in 0..l.groups() {
+        let mut zs = [_mm256_setzero_ps(); G];
+        let mut wmax = [_mm256_setzero_ps(); G];
+        let mut t8 = 0;
+        while t8 < n {
+            let (sc, z) =
+                unsafe { gather_params8(base.add(vrow0 + t8 * vstride + gi * gb), vstride) };
+            for h in 0..G {
+                let pv = unsafe { _mm256_loadu_ps(st.s.as_ptr().add(sidx(h, t8))) };
+                let w = _mm256_mul_ps(pv, sc);
+                unsafe { _mm256_storeu_ps(st.w.as_mut_ptr().add(sidx(h, t8)), w) };
+                zs[h] = _mm256_fmadd_ps(pv, z, zs[h]);
+                wmax[h] = _mm256_max_ps(wmax[h], _mm256_andnot_ps(_mm256_set1_ps(-0.0), w));
+            }
+            t8 += 8;
+        }
+        let mut wi = [[0i16; super::MAX_BLOCK_TOKENS]; G];
+        let mut step = [0f32; G];
+        for h in 0..G {
+            st.zacc[gidx(h, gi)] += hsum(zs[h]);
+            let mx = hmax(wmax[h]);
+            if !mx.is_finite() {
+                // Non-finite weights: the f32 kernel propagates them like the reference.
+                return unsafe { q4_accum_g::<G>(st, seg, l, n) };
+            }
+            if mx > 0.0 {
+                let inv = 32767.0 / mx;
+                step[h] = mx / 32767.0;
+                for t in 0..2 * pairs {
+                    wi[h][t] = (st.w[sidx(h, t)] * inv).round() as i16;
+                }
+            }
+        }
+        for pc in 0..gs / 64 {
+            let c0 = gi * gs + 64 * pc;
+            let off = vrow0 + gi * gb + 4 + 32 * pc;
+            let mut out = [[0i32; 64]; G];
+            // Two passes: nibbles 0/1 (low byte of each lane), then 2/3.
+            for pass in 0..2 {
+                let mut acc = [[_mm256_setzero_si256(); 4]; G];
+                for tp in 0..pairs {
+                    let r0 = unsafe {
+                        _mm256_loadu_si256(base.add(off + 2 * tp * vstride) as *const __m256i)
+                    };
+                    let r1 = unsafe {
+                        _mm256_loadu_si256(base.add(off + (2 * tp + 1) * vstride) as *const __m256i)
+                    };
+                    let (a0, a1, b0, b1) = if pass == 0 {
+                        (
+                            _mm256_and_si256(r0, m4),
+                            _mm256_and_si256(r1, m4),
+                            _mm256_and_si256(_mm256_srli_epi16(r0, 4), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(r1, 4), m4),
+                        )
+                    } else {
+                        (
+                            _mm256_and_si256(_mm256_srli_epi16(r0, 8), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(r1, 8), m4),
+                            _mm256_srli_epi16(r0, 12),
+                            _mm256_srli_epi16(r1, 12),
+                        )
+                    };
+                    let x = [
+                        _mm256_unpacklo_epi16(a0, a1),
+                        _mm256_unpackhi_epi16(a0, a1),
+                        _mm256_unpacklo_epi16(b0, b1),
+                        _mm256_unpackhi_epi16(b0, b1),
+                    ];
+                    for h in 0..G {
+                        let wv = _mm256_set1_epi32(unsafe {
+                            (wi[h].as_ptr().add(2 * tp) as *const i32).read_unaligned()
+                        });
+                        for j in 0..4 {
+                            acc[h][j] = _mm256_add_epi32(acc[h][j], _mm256_madd_epi16(x[j], wv));
+                        }
+                    }
+                }
+                for h in 0..G {
+                    for j in 0..4 {
+                        unsafe {
+                            _mm256_storeu_si256(
+                                out[h].as_mut_ptr().add(32 * pass + 8 * j) as *mut __m256i,
+                                acc[h][j],
+                            )
+                        };
+                    }
+                }
+            }
+            // Slot `32 * pass + 8 * j + e`: nibble `k = 2 * pass + j / 2`; unpack lo (j even)
+            // holds lanes 0..3 and 8..11, hi (j odd) lanes 4..7 and 12..15.
+            for h in 0..G {
+                let a = &mut st.acc[h * d + c0..][..64];
+                for (slot, &v) in out[h].iter().enumerate() {
+                    let (pass, j, e) = (slot / 32, (slot / 8) % 4, slot % 8);
+                    let k = 2 * pass + j / 2;
+                    let i = (e % 4) + 4 * (j % 2) + 8 * (e / 4);
+                    a[nibble_channel(i, k)] += v as f32 * step[h];
+                }
+            }
+        }
     }
 }
