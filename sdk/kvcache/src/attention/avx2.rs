@@ -675,13 +675,11 @@ unsafe fn q4_scores_pc_g<const G: usize>(
         if mx > 0.0 {
             let inv = 32767.0 / mx;
             step[h] = _mm256_set1_ps(mx / 32767.0);
+            let mut nat = [0i16; super::MAX_HEAD_DIM];
+            unsafe { quantize_i16(qs.as_ptr(), inv, nat.as_mut_ptr(), d) };
             for pc in 0..pieces {
-                for k in 0..4 {
-                    for i in 0..16 {
-                        let byte = 2 * i + k / 2;
-                        let ch = 64 * pc + 32 * (byte / 16) + byte % 16 + 16 * (k % 2);
-                        qi[h][pc * 64 + k * 16 + i] = (qs[ch] * inv).round() as i16;
-                    }
+                for (slot, &ch) in NIBBLE_ORDER.iter().enumerate() {
+                    qi[h][pc * 64 + slot] = nat[pc * 64 + ch as usize];
                 }
             }
         }
@@ -728,10 +726,53 @@ unsafe fn q4_scores_pc_g<const G: usize>(
 }
 
 /// Channel of 16-bit lane `i`, nibble `k` (`lane >> 4k & 15`) of a 32-byte code piece.
-#[inline]
-fn nibble_channel(i: usize, k: usize) -> usize {
+const fn nibble_channel(i: usize, k: usize) -> usize {
     let byte = 2 * i + k / 2;
     32 * (byte / 16) + byte % 16 + 16 * (k % 2)
+}
+
+/// `NIBBLE_ORDER[16 * k + i]`: channel of lane `i`, nibble `k` (score kernel order).
+const NIBBLE_ORDER: [u8; 64] = {
+    let mut t = [0u8; 64];
+    let mut s = 0;
+    while s < 64 {
+        t[s] = nibble_channel(s % 16, s / 16) as u8;
+        s += 1;
+    }
+    t
+};
+
+/// `PAIR_ORDER[slot]`: channel of accumulator slot `32 * pass + 8 * j + e` of the value
+/// kernel (nibble `2 * pass + j / 2`; unpack lo, `j` even, holds lanes 0..3 and 8..11, hi
+/// lanes 4..7 and 12..15).
+const PAIR_ORDER: [u8; 64] = {
+    let mut t = [0u8; 64];
+    let mut s = 0;
+    while s < 64 {
+        let (pass, j, e) = (s / 32, (s / 8) % 4, s % 8);
+        let i = (e % 4) + 4 * (j % 2) + 8 * (e / 4);
+        t[s] = nibble_channel(i, 2 * pass + j / 2) as u8;
+        s += 1;
+    }
+    t
+};
+
+/// `out[i] = round(x[i] * inv)` as int16 for `len` (a multiple of 16) values with
+/// `|x * inv| <= 32767`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_i16(x: *const f32, inv: f32, out: *mut i16, len: usize) {
+    let iv = _mm256_set1_ps(inv);
+    let mut i = 0;
+    while i < len {
+        unsafe {
+            let a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x.add(i)), iv));
+            let b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x.add(i + 8)), iv));
+            let p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0b11_01_10_00);
+            _mm256_storeu_si256(out.add(i) as *mut __m256i, p);
+        }
+        i += 16;
+    }
 }
 
 /// Values of an INT4 block (head dim and group multiples of 64), in integers, two tokens
@@ -780,9 +821,11 @@ unsafe fn q4_accum_pair_g<const G: usize>(st: &mut State, seg: &[u8], l: &QuantL
             if mx > 0.0 {
                 let inv = 32767.0 / mx;
                 step[h] = mx / 32767.0;
-                for t in 0..2 * pairs {
-                    wi[h][t] = (st.w[sidx(h, t)] * inv).round() as i16;
-                }
+                // Whole 16-token tiles; entries past `2 * pairs` are never read.
+                let len = (2 * pairs).div_ceil(16) * 16;
+                unsafe {
+                    quantize_i16(st.w.as_ptr().add(sidx(h, 0)), inv, wi[h].as_mut_ptr(), len)
+                };
             }
         }
         for pc in 0..gs / 64 {
@@ -843,12 +886,20 @@ unsafe fn q4_accum_pair_g<const G: usize>(st: &mut State, seg: &[u8], l: &QuantL
             // Slot `32 * pass + 8 * j + e`: nibble `k = 2 * pass + j / 2`; unpack lo (j even)
             // holds lanes 0..3 and 8..11, hi (j odd) lanes 4..7 and 12..15.
             for h in 0..G {
+                let mut f = [0f32; 64];
+                let sb = _mm256_set1_ps(step[h]);
+                for q in 0..8 {
+                    unsafe {
+                        let v = _mm256_loadu_si256(out[h].as_ptr().add(8 * q) as *const __m256i);
+                        _mm256_storeu_ps(
+                            f.as_mut_ptr().add(8 * q),
+                            _mm256_mul_ps(_mm256_cvtepi32_ps(v), sb),
+                        );
+                    }
+                }
                 let a = &mut st.acc[h * d + c0..][..64];
-                for (slot, &v) in out[h].iter().enumerate() {
-                    let (pass, j, e) = (slot / 32, (slot / 8) % 4, slot % 8);
-                    let k = 2 * pass + j / 2;
-                    let i = (e % 4) + 4 * (j % 2) + 8 * (e / 4);
-                    a[nibble_channel(i, k)] += v as f32 * step[h];
+                for (&x, &ch) in f.iter().zip(PAIR_ORDER.iter()) {
+                    a[ch as usize] += x;
                 }
             }
         }
