@@ -678,8 +678,29 @@ unsafe fn q4_scores_pc_g<const G: usize>(
             let mut nat = [0i16; super::MAX_HEAD_DIM];
             unsafe { quantize_i16(qs.as_ptr(), inv, nat.as_mut_ptr(), d) };
             for pc in 0..pieces {
-                for (slot, &ch) in NIBBLE_ORDER.iter().enumerate() {
-                    qi[h][pc * 64 + slot] = nat[pc * 64 + ch as usize];
+                // Natural channels 16j..16j+15 as 8 i32 lanes of (even, odd) pairs; nibble
+                // k = 0..3 takes the even (k < 2) or odd channels of pieces (0, 2) or (1, 3).
+                let nv: [__m256i; 4] = std::array::from_fn(|j| unsafe {
+                    _mm256_loadu_si256(nat.as_ptr().add(pc * 64 + 16 * j) as *const __m256i)
+                });
+                let even = |v: __m256i| _mm256_srai_epi32(_mm256_slli_epi32(v, 16), 16);
+                let odd = |v: __m256i| _mm256_srai_epi32(v, 16);
+                let pack = |a: __m256i, b: __m256i| {
+                    _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0b11_01_10_00)
+                };
+                let parts = [
+                    pack(even(nv[0]), even(nv[2])),
+                    pack(even(nv[1]), even(nv[3])),
+                    pack(odd(nv[0]), odd(nv[2])),
+                    pack(odd(nv[1]), odd(nv[3])),
+                ];
+                for (k, v) in parts.iter().enumerate() {
+                    unsafe {
+                        _mm256_storeu_si256(
+                            qi[h].as_mut_ptr().add(pc * 64 + 16 * k) as *mut __m256i,
+                            *v,
+                        )
+                    };
                 }
             }
         }
@@ -731,27 +752,16 @@ const fn nibble_channel(i: usize, k: usize) -> usize {
     32 * (byte / 16) + byte % 16 + 16 * (k % 2)
 }
 
-/// `NIBBLE_ORDER[16 * k + i]`: channel of lane `i`, nibble `k` (score kernel order).
-const NIBBLE_ORDER: [u8; 64] = {
-    let mut t = [0u8; 64];
-    let mut s = 0;
-    while s < 64 {
-        t[s] = nibble_channel(s % 16, s / 16) as u8;
-        s += 1;
-    }
-    t
-};
-
-/// `PAIR_ORDER[slot]`: channel of accumulator slot `32 * pass + 8 * j + e` of the value
-/// kernel (nibble `2 * pass + j / 2`; unpack lo, `j` even, holds lanes 0..3 and 8..11, hi
-/// lanes 4..7 and 12..15).
+/// `PAIR_ORDER[slot]`: channel of accumulator slot `16 * k + 8 * j + e` of the value
+/// kernel (nibble `k`; unpack lo, `j = 0`, holds lanes 0..3 and 8..11, hi lanes 4..7 and
+/// 12..15).
 const PAIR_ORDER: [u8; 64] = {
     let mut t = [0u8; 64];
     let mut s = 0;
     while s < 64 {
-        let (pass, j, e) = (s / 32, (s / 8) % 4, s % 8);
-        let i = (e % 4) + 4 * (j % 2) + 8 * (e / 4);
-        t[s] = nibble_channel(i, 2 * pass + j / 2) as u8;
+        let (k, j, e) = (s / 16, (s / 8) % 2, s % 8);
+        let i = (e % 4) + 4 * j + 8 * (e / 4);
+        t[s] = nibble_channel(i, k) as u8;
         s += 1;
     }
     t
@@ -832,9 +842,9 @@ unsafe fn q4_accum_pair_g<const G: usize>(st: &mut State, seg: &[u8], l: &QuantL
             let c0 = gi * gs + 64 * pc;
             let off = vrow0 + gi * gb + 4 + 32 * pc;
             let mut out = [[0i32; 64]; G];
-            // Two passes: nibbles 0/1 (low byte of each lane), then 2/3.
-            for pass in 0..2 {
-                let mut acc = [[_mm256_setzero_si256(); 4]; G];
+            // One pass per nibble keeps 2 * G accumulators in registers.
+            for k in 0..4 {
+                let mut acc = [[_mm256_setzero_si256(); 2]; G];
                 for tp in 0..pairs {
                     let r0 = unsafe {
                         _mm256_loadu_si256(base.add(off + 2 * tp * vstride) as *const __m256i)
@@ -842,49 +852,39 @@ unsafe fn q4_accum_pair_g<const G: usize>(st: &mut State, seg: &[u8], l: &QuantL
                     let r1 = unsafe {
                         _mm256_loadu_si256(base.add(off + (2 * tp + 1) * vstride) as *const __m256i)
                     };
-                    let (a0, a1, b0, b1) = if pass == 0 {
-                        (
-                            _mm256_and_si256(r0, m4),
-                            _mm256_and_si256(r1, m4),
+                    let (a0, a1) = match k {
+                        0 => (_mm256_and_si256(r0, m4), _mm256_and_si256(r1, m4)),
+                        1 => (
                             _mm256_and_si256(_mm256_srli_epi16(r0, 4), m4),
                             _mm256_and_si256(_mm256_srli_epi16(r1, 4), m4),
-                        )
-                    } else {
-                        (
+                        ),
+                        2 => (
                             _mm256_and_si256(_mm256_srli_epi16(r0, 8), m4),
                             _mm256_and_si256(_mm256_srli_epi16(r1, 8), m4),
-                            _mm256_srli_epi16(r0, 12),
-                            _mm256_srli_epi16(r1, 12),
-                        )
+                        ),
+                        _ => (_mm256_srli_epi16(r0, 12), _mm256_srli_epi16(r1, 12)),
                     };
-                    let x = [
-                        _mm256_unpacklo_epi16(a0, a1),
-                        _mm256_unpackhi_epi16(a0, a1),
-                        _mm256_unpacklo_epi16(b0, b1),
-                        _mm256_unpackhi_epi16(b0, b1),
-                    ];
+                    let x = [_mm256_unpacklo_epi16(a0, a1), _mm256_unpackhi_epi16(a0, a1)];
                     for h in 0..G {
                         let wv = _mm256_set1_epi32(unsafe {
                             (wi[h].as_ptr().add(2 * tp) as *const i32).read_unaligned()
                         });
-                        for j in 0..4 {
+                        for j in 0..2 {
                             acc[h][j] = _mm256_add_epi32(acc[h][j], _mm256_madd_epi16(x[j], wv));
                         }
                     }
                 }
                 for h in 0..G {
-                    for j in 0..4 {
+                    for j in 0..2 {
                         unsafe {
                             _mm256_storeu_si256(
-                                out[h].as_mut_ptr().add(32 * pass + 8 * j) as *mut __m256i,
+                                out[h].as_mut_ptr().add(16 * k + 8 * j) as *mut __m256i,
                                 acc[h][j],
                             )
                         };
                     }
                 }
             }
-            // Slot `32 * pass + 8 * j + e`: nibble `k = 2 * pass + j / 2`; unpack lo (j even)
-            // holds lanes 0..3 and 8..11, hi (j odd) lanes 4..7 and 12..15.
             for h in 0..G {
                 let mut f = [0f32; 64];
                 let sb = _mm256_set1_ps(step[h]);
