@@ -93,6 +93,7 @@ pub(crate) fn fns() -> Fns {
             }
         },
         prefetch,
+        finish,
         softmax: |st, n| {
             // SAFETY: as above.
             unsafe { softmax(st, n) }
@@ -371,6 +372,14 @@ unsafe fn softmax(st: &mut State, n: usize) {
             while c < d {
                 unsafe {
                     let p = st.acc.as_mut_ptr().add(h * d + c);
+                    _mm256_storeu_ps(p, _mm256_mul_ps(a, _mm256_loadu_ps(p)));
+                }
+                c += 8;
+            }
+            let mut c = 0;
+            while c < d {
+                unsafe {
+                    let p = st.qacc.as_mut_ptr().add(h * d + c);
                     _mm256_storeu_ps(p, _mm256_mul_ps(a, _mm256_loadu_ps(p)));
                 }
                 c += 8;
@@ -885,22 +894,37 @@ unsafe fn q4_accum_pair_g<const G: usize>(st: &mut State, seg: &[u8], l: &QuantL
                     }
                 }
             }
+            // Kept in `PAIR_ORDER` within each 64-channel piece; `finish` reorders.
             for h in 0..G {
-                let mut f = [0f32; 64];
                 let sb = _mm256_set1_ps(step[h]);
                 for q in 0..8 {
                     unsafe {
                         let v = _mm256_loadu_si256(out[h].as_ptr().add(8 * q) as *const __m256i);
+                        let p = st.qacc.as_mut_ptr().add(h * d + c0 + 8 * q);
                         _mm256_storeu_ps(
-                            f.as_mut_ptr().add(8 * q),
-                            _mm256_mul_ps(_mm256_cvtepi32_ps(v), sb),
+                            p,
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), sb, _mm256_loadu_ps(p)),
                         );
                     }
                 }
-                let a = &mut st.acc[h * d + c0..][..64];
-                for (&x, &ch) in f.iter().zip(PAIR_ORDER.iter()) {
-                    a[ch as usize] += x;
-                }
+            }
+        }
+    }
+}
+
+/// Folds `qacc` (value sums of [`q4_accum_pair_g`], `PAIR_ORDER` within each 64-channel
+/// piece) into `acc`.
+fn finish(st: &mut State) {
+    let (g, d) = (st.g, st.d);
+    if !d.is_multiple_of(64) {
+        return;
+    }
+    for h in 0..g {
+        for pc in 0..d / 64 {
+            let q = &st.qacc[h * d + 64 * pc..][..64];
+            let a = &mut st.acc[h * d + 64 * pc..][..64];
+            for (&x, &ch) in q.iter().zip(PAIR_ORDER.iter()) {
+                a[ch as usize] += x;
             }
         }
     }

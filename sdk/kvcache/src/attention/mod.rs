@@ -99,6 +99,9 @@ pub struct State {
     pub l: [f32; MAX_GQA],
     /// `[g][d]` weighted sum of values (codes part for quantized blocks).
     pub acc: [f32; MAX_GQA * MAX_HEAD_DIM],
+    /// `[g][d]` weighted sum of value codes in an order private to the kernel family
+    /// (quantized blocks); `Fns::finish` folds it into `acc`.
+    pub qacc: [f32; MAX_GQA * MAX_HEAD_DIM],
     /// `[g][groups]` weighted sum of value zeros (quantized blocks).
     pub zacc: [f32; MAX_GQA * MAX_GROUPS],
     /// Scores / probabilities of the current block, `[g][MAX_BLOCK_TOKENS]`.
@@ -119,6 +122,8 @@ pub(crate) struct Fns {
     /// Hints that a segment is read next (blocks are separate allocations, so hardware
     /// prefetchers, which stop at page boundaries, need help).
     pub prefetch: fn(&[u8]),
+    /// Folds kernel-ordered partial sums (`State::qacc`) into `State::acc` once per task.
+    pub finish: fn(&mut State),
 }
 
 fn fns(kernel: Kernel) -> Fns {
@@ -267,6 +272,7 @@ fn run_task(
             }
         }
     }
+    (f.finish)(&mut st);
     for h in 0..g {
         let b = &mut buf[h * (d + 2)..][..d + 2];
         b[0] = st.m[h];
@@ -307,6 +313,7 @@ impl State {
             m: [f32::NEG_INFINITY; MAX_GQA],
             l: [0.0; MAX_GQA],
             acc: [0.0; MAX_GQA * MAX_HEAD_DIM],
+            qacc: [0.0; MAX_GQA * MAX_HEAD_DIM],
             zacc: [0.0; MAX_GQA * MAX_GROUPS],
             s: [0.0; MAX_GQA * MAX_BLOCK_TOKENS],
             w: [0.0; MAX_GQA * MAX_BLOCK_TOKENS],

@@ -15,6 +15,7 @@ pub(crate) fn fns() -> Fns {
         quant_accum,
         softmax,
         prefetch: |_| {},
+        finish: |_| {},
     }
 }
 
@@ -48,6 +49,9 @@ pub(crate) fn softmax(st: &mut State, n: usize) {
             let alpha = (st.m[h] - m_new).exp();
             st.l[h] *= alpha;
             st.acc[h * d..(h + 1) * d]
+                .iter_mut()
+                .for_each(|a| *a *= alpha);
+            st.qacc[h * d..(h + 1) * d]
                 .iter_mut()
                 .for_each(|a| *a *= alpha);
             st.zacc[gidx(h, 0)..gidx(h, super::MAX_GROUPS)]
