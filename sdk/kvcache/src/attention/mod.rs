@@ -84,11 +84,11 @@ pub struct Prep {
     pub g: usize,
     pub d: usize,
     /// `[g][d]`, already multiplied by `1/sqrt(d)`.
-    pub q: [f32; MAX_GQA * MAX_HEAD_DIM],
+    pub q: Vec<f32>,
     /// `[g][groups]`: sum of `q` over each quantization group.
-    pub qsum: [f32; MAX_GQA * MAX_GROUPS],
+    pub qsum: Vec<f32>,
     /// Scratch for kernels (e.g. `q` with per-channel scales folded in).
-    pub scratch: [f32; MAX_GQA * MAX_HEAD_DIM],
+    pub scratch: Vec<f32>,
 }
 
 /// Running online-softmax state of one task.
@@ -98,16 +98,16 @@ pub struct State {
     pub m: [f32; MAX_GQA],
     pub l: [f32; MAX_GQA],
     /// `[g][d]` weighted sum of values (codes part for quantized blocks).
-    pub acc: [f32; MAX_GQA * MAX_HEAD_DIM],
+    pub acc: Vec<f32>,
     /// `[g][d]` weighted sum of value codes in an order private to the kernel family
     /// (quantized blocks); `Fns::finish` folds it into `acc`.
-    pub qacc: [f32; MAX_GQA * MAX_HEAD_DIM],
+    pub qacc: Vec<f32>,
     /// `[g][groups]` weighted sum of value zeros (quantized blocks).
-    pub zacc: [f32; MAX_GQA * MAX_GROUPS],
+    pub zacc: Vec<f32>,
     /// Scores / probabilities of the current block, `[g][MAX_BLOCK_TOKENS]`.
-    pub s: [f32; MAX_GQA * MAX_BLOCK_TOKENS],
+    pub s: Vec<f32>,
     /// Kernel scratch of the same shape (e.g. probabilities times value scales).
-    pub w: [f32; MAX_GQA * MAX_BLOCK_TOKENS],
+    pub w: Vec<f32>,
 }
 
 /// The functions one kernel family provides.
@@ -288,9 +288,9 @@ impl Prep {
         let mut p = Prep {
             g,
             d,
-            q: [0.0; MAX_GQA * MAX_HEAD_DIM],
-            qsum: [0.0; MAX_GQA * MAX_GROUPS],
-            scratch: [0.0; MAX_GQA * MAX_HEAD_DIM],
+            q: vec![0.0; g * d],
+            qsum: vec![0.0; g * MAX_GROUPS],
+            scratch: vec![0.0; g * d],
         };
         let scale = 1.0 / (d as f32).sqrt();
         for h in 0..g {
@@ -312,11 +312,11 @@ impl State {
             d,
             m: [f32::NEG_INFINITY; MAX_GQA],
             l: [0.0; MAX_GQA],
-            acc: [0.0; MAX_GQA * MAX_HEAD_DIM],
-            qacc: [0.0; MAX_GQA * MAX_HEAD_DIM],
-            zacc: [0.0; MAX_GQA * MAX_GROUPS],
-            s: [0.0; MAX_GQA * MAX_BLOCK_TOKENS],
-            w: [0.0; MAX_GQA * MAX_BLOCK_TOKENS],
+            acc: vec![0.0; g * d],
+            qacc: vec![0.0; g * d],
+            zacc: vec![0.0; g * MAX_GROUPS],
+            s: vec![0.0; g * MAX_BLOCK_TOKENS],
+            w: vec![0.0; g * MAX_BLOCK_TOKENS],
         }
     }
 }
