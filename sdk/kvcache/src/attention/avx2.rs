@@ -432,11 +432,9 @@ unsafe fn load_params8(p: *const u8) -> (__m256, __m256) {
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn gather_params8(base: *const u8, stride: usize) -> (__m256, __m256) {
-    let mut w = [0u32; 8];
-    for (i, x) in w.iter_mut().enumerate() {
-        *x = unsafe { (base.add(i * stride) as *const u32).read_unaligned() };
-    }
-    split_params(unsafe { _mm256_loadu_si256(w.as_ptr() as *const __m256i) })
+    let s = stride as i32;
+    let idx = _mm256_setr_epi32(0, s, 2 * s, 3 * s, 4 * s, 5 * s, 6 * s, 7 * s);
+    split_params(unsafe { _mm256_i32gather_epi32::<1>(base as *const i32, idx) })
 }
 
 /// Eight `u32` lanes `scale | zero << 16` (FP16 bits) to f32 scales and zeros.
