@@ -1,1 +1,0 @@
-//! jetvlm-calibration (being built).
