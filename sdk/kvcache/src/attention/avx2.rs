@@ -848,60 +848,54 @@ unsafe fn q4_accum_pair_g<const G: usize>(st: &mut State, seg: &[u8], l: &QuantL
         for pc in 0..gs / 64 {
             let c0 = gi * gs + 64 * pc;
             let off = vrow0 + gi * gb + 4 + 32 * pc;
-            let mut out = [[0i32; 64]; G];
-            // One pass per nibble keeps 2 * G accumulators in registers.
-            for k in 0..4 {
-                let mut acc = [[_mm256_setzero_si256(); 2]; G];
-                for tp in 0..pairs {
-                    let r0 = unsafe {
-                        _mm256_loadu_si256(base.add(off + 2 * tp * vstride) as *const __m256i)
-                    };
-                    let r1 = unsafe {
-                        _mm256_loadu_si256(base.add(off + (2 * tp + 1) * vstride) as *const __m256i)
-                    };
-                    let (a0, a1) = match k {
-                        0 => (_mm256_and_si256(r0, m4), _mm256_and_si256(r1, m4)),
-                        1 => (
-                            _mm256_and_si256(_mm256_srli_epi16(r0, 4), m4),
-                            _mm256_and_si256(_mm256_srli_epi16(r1, 4), m4),
-                        ),
-                        2 => (
-                            _mm256_and_si256(_mm256_srli_epi16(r0, 8), m4),
-                            _mm256_and_si256(_mm256_srli_epi16(r1, 8), m4),
-                        ),
-                        _ => (_mm256_srli_epi16(r0, 12), _mm256_srli_epi16(r1, 12)),
-                    };
-                    let x = [_mm256_unpacklo_epi16(a0, a1), _mm256_unpackhi_epi16(a0, a1)];
-                    for h in 0..G {
-                        let wv = _mm256_set1_epi32(unsafe {
-                            (wi[h].as_ptr().add(2 * tp) as *const i32).read_unaligned()
-                        });
-                        for j in 0..2 {
-                            acc[h][j] = _mm256_add_epi32(acc[h][j], _mm256_madd_epi16(x[j], wv));
-                        }
-                    }
-                }
-                for h in 0..G {
-                    for j in 0..2 {
-                        unsafe {
-                            _mm256_storeu_si256(
-                                out[h].as_mut_ptr().add(16 * k + 8 * j) as *mut __m256i,
-                                acc[h][j],
-                            )
-                        };
+            // Interleave the pair's 16-bit lanes once (`(lane[t], lane[t+1])` per 32-bit
+            // lane), then nibble `k` of both tokens is one shift and mask: eight int16 pair
+            // vectors per token pair, slot `2 * k + j` (`j`: unpack lo / hi).
+            let mut nb =
+                std::mem::MaybeUninit::<[[__m256i; 8]; super::MAX_BLOCK_TOKENS / 2]>::uninit();
+            let nbp = nb.as_mut_ptr() as *mut __m256i;
+            for tp in 0..pairs {
+                let (r0, r1) = unsafe {
+                    (
+                        _mm256_loadu_si256(base.add(off + 2 * tp * vstride) as *const __m256i),
+                        _mm256_loadu_si256(base.add(off + (2 * tp + 1) * vstride) as *const __m256i),
+                    )
+                };
+                let u = [_mm256_unpacklo_epi16(r0, r1), _mm256_unpackhi_epi16(r0, r1)];
+                for (j, &uj) in u.iter().enumerate() {
+                    let v = [
+                        _mm256_and_si256(uj, m4),
+                        _mm256_and_si256(_mm256_srli_epi16(uj, 4), m4),
+                        _mm256_and_si256(_mm256_srli_epi16(uj, 8), m4),
+                        _mm256_srli_epi16(uj, 12),
+                    ];
+                    for (k, &vk) in v.iter().enumerate() {
+                        unsafe { nbp.add(8 * tp + 2 * k + j).write(vk) };
                     }
                 }
             }
-            // Kept in `PAIR_ORDER` within each 64-channel piece; `finish` reorders.
+            // One pass per head keeps 8 accumulators in registers; sums stay in
+            // `PAIR_ORDER` within each 64-channel piece (`finish` reorders).
             for h in 0..G {
+                let mut acc = [_mm256_setzero_si256(); 8];
+                for tp in 0..pairs {
+                    let wv = _mm256_set1_epi32(unsafe {
+                        (wi[h].as_ptr().add(2 * tp) as *const i32).read_unaligned()
+                    });
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_add_epi32(
+                            *a,
+                            _mm256_madd_epi16(unsafe { nbp.add(8 * tp + j).read() }, wv),
+                        );
+                    }
+                }
                 let sb = _mm256_set1_ps(step[h]);
-                for q in 0..8 {
+                for (q, a) in acc.iter().enumerate() {
                     unsafe {
-                        let v = _mm256_loadu_si256(out[h].as_ptr().add(8 * q) as *const __m256i);
                         let p = st.qacc.as_mut_ptr().add(h * d + c0 + 8 * q);
                         _mm256_storeu_ps(
                             p,
-                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), sb, _mm256_loadu_ps(p)),
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(*a), sb, _mm256_loadu_ps(p)),
                         );
                     }
                 }
