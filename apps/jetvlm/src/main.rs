@@ -38,6 +38,9 @@ enum Command {
     /// Watch a camera: answer a standing question per frame over a rolling window of cached
     /// frames (default: the bundled demo model on a synthetic scene).
     Watch(cmd::watch::WatchArgs),
+    /// Accuracy study: the same held-out synthetic clips under each KV policy (accuracy,
+    /// answers changed and KL vs FP16, KV bytes, TTFT, TPOT).
+    Eval(cmd::eval::EvalArgs),
     /// Plan memory for a model and workload on a Jetson board.
     Plan(cmd::plan::PlanArgs),
     /// Ask a question about images with a model package (vision encoder + decoder).
@@ -66,6 +69,7 @@ fn main() {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Watch(args) => cmd::watch::run(args),
+        Command::Eval(args) => cmd::eval::run(args),
         Command::Plan(args) => cmd::plan::run(args),
         Command::Ask(args) => cmd::ask::run(args),
         Command::Board(args) => cmd::board::run(args),

@@ -1,0 +1,269 @@
+//! `jetvlm eval`: the accuracy study. The same held-out synthetic clips (re-rendered from
+//! their seed) are answered under each KV policy; for each policy: accuracy (single- and
+//! multi-frame), answers changed vs FP16, mean KL divergence of the first answer token's
+//! distribution vs FP16, KV bytes, TTFT and TPOT.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use jetvlm_camera::Frame;
+use jetvlm_camera::qa::{DatasetConfig, Kind, clip};
+use jetvlm_runtime::{Pipeline, RuntimeConfig};
+use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Model package directory (default: the bundled demo model, models/demo).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Held-out clips to evaluate (each has several questions).
+    #[arg(long, default_value_t = 100)]
+    pub count: usize,
+    /// Seed of the held-out set (the demo model trained on seed 1 and was scored on 1001).
+    #[arg(long, default_value_t = 1001)]
+    pub seed: u64,
+    /// KV policies to compare, separated by spaces (a policy's own options use commas, e.g.
+    /// `mixed:bits=4,group=32`); the first is the reference for "changed" and KL (use fp16).
+    #[arg(
+        long,
+        num_args = 1..,
+        default_values_t = ["fp16", "mixed", "int8-frames", "int2-frames", "int4-all"].map(String::from)
+    )]
+    pub policies: Vec<String>,
+    /// Maximum tokens per answer.
+    #[arg(long, default_value_t = 8)]
+    pub max_tokens: usize,
+    /// One JSON object with a row per policy.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+struct PolicyRow {
+    policy: String,
+    questions: usize,
+    accuracy: f64,
+    single_accuracy: f64,
+    multi_accuracy: f64,
+    changed_vs_reference: usize,
+    mean_kl_vs_reference: f64,
+    kv_bytes_mean: f64,
+    kv_fp16_equivalent_bytes_mean: f64,
+    ttft_ms_mean: f64,
+    tpot_ms_mean: f64,
+}
+
+struct Item {
+    frames: Vec<Frame>,
+    question: String,
+    answer: String,
+    multi: bool,
+}
+
+fn held_out(count: usize, seed: u64) -> Result<Vec<Item>> {
+    let cfg = DatasetConfig {
+        count,
+        seed,
+        ..DatasetConfig::default()
+    };
+    let (w, h) = (cfg.scene.width, cfg.scene.height);
+    let mut items = Vec::new();
+    for index in 0..count {
+        let (c, questions) =
+            clip(&cfg, index).with_context(|| format!("rendering clip {index}"))?;
+        let frames: Vec<Frame> = c
+            .frames
+            .into_iter()
+            .enumerate()
+            .map(|(i, rgb)| Frame {
+                index: i as u64,
+                timestamp: Duration::from_millis(100 * i as u64),
+                width: w,
+                height: h,
+                rgb,
+            })
+            .collect();
+        for q in questions {
+            items.push(Item {
+                frames: frames.clone(),
+                question: q.question,
+                answer: q.answer,
+                multi: q.kind == Kind::Multi,
+            });
+        }
+    }
+    Ok(items)
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = logits
+        .iter()
+        .map(|&x| (x as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
+    logits.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// KL(p || q) from log-probabilities.
+fn kl(logp: &[f64], logq: &[f64]) -> f64 {
+    logp.iter()
+        .zip(logq)
+        .map(|(&a, &b)| a.exp() * (a - b))
+        .sum::<f64>()
+        .max(0.0)
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    anyhow::ensure!(!args.policies.is_empty(), "--policies is empty");
+    anyhow::ensure!(args.count > 0, "--count must be at least 1");
+    let model = super::model_or_default(args.model.as_deref())?;
+    let items = held_out(args.count, args.seed)?;
+    let mut reference: Option<(Vec<String>, Vec<Vec<f64>>)> = None;
+    let mut rows = Vec::new();
+    for policy in &args.policies {
+        let cfg = RuntimeConfig {
+            kv_policy: Some(policy.clone()),
+            max_new_tokens: args.max_tokens,
+            ..RuntimeConfig::default()
+        };
+        let mut pipeline = Pipeline::load(&model, cfg)
+            .with_context(|| format!("loading {} with KV policy {policy}", model.display()))?;
+        let mut row = PolicyRow {
+            policy: pipeline.kv_policy(),
+            questions: items.len(),
+            ..PolicyRow::default()
+        };
+        let (mut correct, mut single, mut single_ok, mut multi_ok) =
+            (0usize, 0usize, 0usize, 0usize);
+        let mut answers = Vec::with_capacity(items.len());
+        let mut dists = Vec::with_capacity(items.len());
+        let mut tpot_n = 0usize;
+        for item in &items {
+            let logits = pipeline.first_token_logits(&item.frames, &item.question)?;
+            dists.push(log_softmax(&logits));
+            let answer = pipeline.ask(&item.frames, &item.question)?.finish()?;
+            let text = answer.text.trim().to_string();
+            let ok = text == item.answer;
+            correct += usize::from(ok);
+            if item.multi {
+                multi_ok += usize::from(ok);
+            } else {
+                single += 1;
+                single_ok += usize::from(ok);
+            }
+            let s = &answer.stats;
+            row.kv_bytes_mean += s.kv.total_bytes as f64;
+            row.kv_fp16_equivalent_bytes_mean += s.kv.fp16_equivalent_bytes as f64;
+            row.ttft_ms_mean += s.ttft_ms;
+            if s.tokens > 1 {
+                row.tpot_ms_mean += s.tpot_ms;
+                tpot_n += 1;
+            }
+            answers.push(text);
+        }
+        let n = items.len() as f64;
+        let multi = items.len() - single;
+        row.accuracy = correct as f64 / n;
+        row.single_accuracy = single_ok as f64 / single.max(1) as f64;
+        row.multi_accuracy = multi_ok as f64 / multi.max(1) as f64;
+        row.kv_bytes_mean /= n;
+        row.kv_fp16_equivalent_bytes_mean /= n;
+        row.ttft_ms_mean /= n;
+        row.tpot_ms_mean /= tpot_n.max(1) as f64;
+        match &reference {
+            None => reference = Some((answers, dists)),
+            Some((ref_answers, ref_dists)) => {
+                row.changed_vs_reference = answers
+                    .iter()
+                    .zip(ref_answers)
+                    .filter(|(a, b)| a != b)
+                    .count();
+                row.mean_kl_vs_reference = dists
+                    .iter()
+                    .zip(ref_dists)
+                    .map(|(q, p)| kl(p, q))
+                    .sum::<f64>()
+                    / n;
+            }
+        }
+        rows.push(row);
+    }
+
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if args.json {
+        let doc = serde_json::json!({
+            "model": model.display().to_string(),
+            "clips": args.count,
+            "seed": args.seed,
+            "questions": items.len(),
+            "reference_policy": rows.first().map(|r| r.policy.clone()),
+            "policies": rows,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "jetvlm eval: {} on {} held-out clips (seed {}), {} questions; reference {}",
+        model.display(),
+        args.count,
+        args.seed,
+        items.len(),
+        rows.first().map(|r| r.policy.as_str()).unwrap_or("-")
+    )?;
+    writeln!(
+        out,
+        "{:<28} {:>7} {:>7} {:>7} {:>8} {:>10} {:>9} {:>9} {:>8} {:>8}",
+        "policy",
+        "acc",
+        "single",
+        "multi",
+        "changed",
+        "KL",
+        "KV KiB",
+        "FP16 KiB",
+        "TTFT ms",
+        "TPOT ms"
+    )?;
+    for r in &rows {
+        writeln!(
+            out,
+            "{:<28} {:>6.1}% {:>6.1}% {:>6.1}% {:>8} {:>10.2e} {:>9.1} {:>9.1} {:>8.2} {:>8.2}",
+            r.policy,
+            100.0 * r.accuracy,
+            100.0 * r.single_accuracy,
+            100.0 * r.multi_accuracy,
+            r.changed_vs_reference,
+            r.mean_kl_vs_reference,
+            r.kv_bytes_mean / 1024.0,
+            r.kv_fp16_equivalent_bytes_mean / 1024.0,
+            r.ttft_ms_mean,
+            r.tpot_ms_mean
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kl_is_zero_for_equal_and_positive_otherwise() {
+        let p = log_softmax(&[1.0, 2.0, 3.0]);
+        assert!(kl(&p, &p).abs() < 1e-12);
+        let q = log_softmax(&[3.0, 2.0, 1.0]);
+        assert!(kl(&p, &q) > 0.1);
+    }
+
+    #[test]
+    fn log_softmax_normalises() {
+        let p = log_softmax(&[1000.0, 1000.0]);
+        assert!((p[0] - 0.5f64.ln()).abs() < 1e-12);
+    }
+}
