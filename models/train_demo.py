@@ -534,7 +534,9 @@ prompt:
   stop: ["</a>"]
   default_question: "how many objects are there?"
 kv:
-  policy: mixed
+  # Blocks sized to the 16-token frames: with the default 32/64-token blocks a context this
+  # small would be dominated by half-empty blocks.
+  policy: "mixed:fblock=16,qblock=32"
 """
     with open(os.path.join(tmp, "jetvlm.yaml"), "w") as f:
         f.write(yaml)
