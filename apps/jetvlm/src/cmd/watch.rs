@@ -115,7 +115,7 @@ pub fn run(args: WatchArgs) -> Result<()> {
             "TPOT ms",
             "KV KiB",
             "FP16 KiB",
-            "ratio"
+            "FP16/KV"
         )?;
     }
 
