@@ -12,9 +12,9 @@ use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct AskArgs {
-    /// Model package directory (holding jetvlm.yaml).
+    /// Model package directory (holding jetvlm.yaml); default: the bundled demo model.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Image file (PNG or JPEG); repeat for several frames, oldest first.
     #[arg(long = "image", required = true)]
     pub images: Vec<PathBuf>,
@@ -89,8 +89,9 @@ pub fn run(args: AskArgs) -> Result<()> {
         });
     }
 
-    let mut pipeline = Pipeline::load(&args.model, cfg)
-        .with_context(|| format!("loading model package {}", args.model.display()))?;
+    let model = super::model_or_default(args.model.as_deref())?;
+    let mut pipeline = Pipeline::load(&model, cfg)
+        .with_context(|| format!("loading model package {}", model.display()))?;
     let question = match &args.question {
         Some(q) => q.clone(),
         None => pipeline
