@@ -1,0 +1,119 @@
+//! `jetvlm watch` and `jetvlm eval` on the bundled demo model, through the built binary.
+
+use std::process::Command;
+
+fn jetvlm(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_jetvlm"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run jetvlm")
+}
+
+#[test]
+fn watch_keeps_a_bounded_window_and_reports_every_frame() {
+    let out = jetvlm(&[
+        "watch",
+        "synthetic://scene?seed=3&pace=0",
+        "--frames",
+        "6",
+        "--window",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 6);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(
+            l["frames_cached"].as_u64(),
+            Some((i as u64 + 1).min(2)),
+            "{l}"
+        );
+        assert!(!l["answer"].as_str().unwrap_or("").is_empty(), "{l}");
+        assert!(l["ttft_ms"].as_f64().unwrap_or(-1.0) >= 0.0);
+    }
+    // Once the window is full the cache stops growing: the oldest frame is evicted.
+    let kv: Vec<u64> = lines
+        .iter()
+        .map(|l| l["kv_bytes"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(kv[2..].iter().all(|&b| b == kv[1]), "{kv:?}");
+    // The package's mixed policy stores these tokens in fewer bytes than exact FP16.
+    let last = &lines[5];
+    assert!(
+        last["kv_bytes"].as_u64() < last["kv_fp16_equivalent_bytes"].as_u64(),
+        "{last}"
+    );
+}
+
+#[test]
+fn watch_names_a_bad_source() {
+    let out = jetvlm(&["watch", "rtsp://camera/stream", "--frames", "1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rtsp://camera/stream"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn eval_of_a_policy_against_itself_changes_nothing() {
+    let out = jetvlm(&[
+        "eval",
+        "--count",
+        "3",
+        "--policies",
+        "fp16",
+        "fp16",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let rows = doc["policies"].as_array().expect("policies");
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["changed_vs_reference"].as_u64(), Some(0));
+    assert!(
+        rows[1]["mean_kl_vs_reference"]
+            .as_f64()
+            .unwrap_or(1.0)
+            .abs()
+            < 1e-9
+    );
+    assert_eq!(rows[0]["accuracy"], rows[1]["accuracy"]);
+    let q = doc["questions"].as_u64().unwrap_or(0);
+    assert!(q >= 3, "{doc}");
+}
+
+#[test]
+fn eval_int2_frames_moves_the_answer_distribution() {
+    let out = jetvlm(&[
+        "eval",
+        "--count",
+        "3",
+        "--policies",
+        "fp16",
+        "int2-frames",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let kl = doc["policies"][1]["mean_kl_vs_reference"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(kl > 0.0, "{doc}");
+}
