@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use jetvlm_camera::Frame;
-use jetvlm_runtime::{Pipeline, RuntimeConfig};
+use jetvlm_runtime::RuntimeConfig;
 use jetvlm_vision::{ExecutionProvider, RgbImage};
 use std::io::Write;
 use std::path::PathBuf;
@@ -89,19 +89,8 @@ pub fn run(args: AskArgs) -> Result<()> {
         });
     }
 
-    let model = super::model_or_default(args.model.as_deref())?;
-    let mut pipeline = Pipeline::load(&model, cfg)
-        .with_context(|| format!("loading model package {}", model.display()))?;
-    let question = match &args.question {
-        Some(q) => q.clone(),
-        None => pipeline
-            .package()
-            .manifest
-            .prompt
-            .default_question
-            .clone()
-            .context("no question given and the package has no prompt.default_question")?,
-    };
+    let (_, mut pipeline) = super::load_pipeline(args.model.as_deref(), cfg)?;
+    let question = super::question_or_default(&pipeline, args.question.as_deref())?;
 
     let mut stream = pipeline.ask(&frames, &question)?;
     if args.json {

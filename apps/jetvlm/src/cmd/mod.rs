@@ -44,3 +44,34 @@ pub fn model_or_default(given: Option<&Path>) -> anyhow::Result<PathBuf> {
          above the working directory or the executable; pass --model DIR or set JETVLM_MODEL"
     )
 }
+
+/// Loads the given model package, or the bundled demo model, with a runtime config.
+pub fn load_pipeline(
+    given: Option<&Path>,
+    cfg: jetvlm_runtime::RuntimeConfig,
+) -> anyhow::Result<(PathBuf, jetvlm_runtime::Pipeline)> {
+    use anyhow::Context;
+    let model = model_or_default(given)?;
+    let pipeline = jetvlm_runtime::Pipeline::load(&model, cfg)
+        .with_context(|| format!("loading model package {}", model.display()))?;
+    Ok((model, pipeline))
+}
+
+/// The question given, else the package's `prompt.default_question`.
+pub fn question_or_default(
+    pipeline: &jetvlm_runtime::Pipeline,
+    given: Option<&str>,
+) -> anyhow::Result<String> {
+    match given {
+        Some(q) => Ok(q.to_string()),
+        None => pipeline
+            .package()
+            .manifest
+            .prompt
+            .default_question
+            .clone()
+            .ok_or_else(|| {
+                anyhow::anyhow!("no question given and the package has no prompt.default_question")
+            }),
+    }
+}

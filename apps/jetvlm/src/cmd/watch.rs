@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use jetvlm_runtime::{Pipeline, RuntimeConfig, SessionCapture};
+use jetvlm_runtime::{RuntimeConfig, SessionCapture};
 use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
@@ -75,19 +75,8 @@ pub fn run(args: WatchArgs) -> Result<()> {
     anyhow::ensure!(args.window > 0, "--window must be at least 1");
     cfg.window_frames = args.window;
     cfg.max_new_tokens = args.max_tokens;
-    let model = super::model_or_default(args.model.as_deref())?;
-    let mut pipeline = Pipeline::load(&model, cfg)
-        .with_context(|| format!("loading model package {}", model.display()))?;
-    let question = match &args.question {
-        Some(q) => q.clone(),
-        None => pipeline
-            .package()
-            .manifest
-            .prompt
-            .default_question
-            .clone()
-            .context("no --question given and the package has no prompt.default_question")?,
-    };
+    let (model, mut pipeline) = super::load_pipeline(args.model.as_deref(), cfg)?;
+    let question = super::question_or_default(&pipeline, args.question.as_deref())?;
     let mut source = jetvlm_camera::open(&args.source)
         .with_context(|| format!("opening frame source {}", args.source))?;
     let timeout = Duration::from_millis(args.timeout_ms);
