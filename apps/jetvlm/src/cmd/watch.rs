@@ -154,7 +154,7 @@ pub fn run(args: WatchArgs) -> Result<()> {
             };
             writeln!(
                 out,
-                "{:>5} {:>9.0} {:>6}  {:<24} {:>8.1} {:>8.1} {:>8.2} {:>10.1} {:>10.1} {:>5.2}x",
+                "{:>5} {:>9.0} {:>6}  {:<24} {:>8.1} {:>8.1} {:>8.2} {:>10.1} {:>10.1} {:>6.2}x",
                 report.frame,
                 report.timestamp_ms,
                 report.frames_cached,
