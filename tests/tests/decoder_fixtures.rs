@@ -5,56 +5,12 @@
 //! cache, so any difference is the decoder's.
 
 use jetvlm_decoder::{
-    ChatMessage, F32KvCache, GenerateOptions, Generation, Input, LoadOptions, LogitsMode, Model,
-    SamplerConfig, Tokenizer,
+    ChatMessage, F32KvCache, GenerateOptions, Generation, Input, LogitsMode, Model, SamplerConfig,
+    Tokenizer,
 };
-use serde_json::Value;
-use std::path::PathBuf;
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/decoder")
-        .join(name)
-}
-
-fn expected(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixture(name).join("expected.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn matrix(v: &Value) -> Vec<Vec<f32>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect()
-}
-
-fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    got.iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max)
-}
-
-fn load(name: &str) -> Model {
-    Model::load(&fixture(name), &LoadOptions::default()).unwrap()
-}
+mod common;
+use common::decoder::{expected, fixture, ids, load, matrix, max_abs_diff};
 
 fn cache(model: &Model) -> F32KvCache {
     F32KvCache::new(model.cache_shape(), 256)

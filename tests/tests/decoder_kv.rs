@@ -5,56 +5,11 @@
 //! printed (`cargo test -- --nocapture`).
 
 use jetvlm_decoder::sampler::argmax;
-use jetvlm_decoder::{
-    F32KvCache, GenerateOptions, Generation, Input, KvStore, LoadOptions, LogitsMode, Model,
-};
+use jetvlm_decoder::{F32KvCache, GenerateOptions, Generation, Input, KvStore, LogitsMode, Model};
 use jetvlm_kvcache::{KvPolicy, MixedKvCache};
-use serde_json::Value;
-use std::path::PathBuf;
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/decoder")
-        .join(name)
-}
-
-fn expected(name: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("expected.json")).unwrap())
-        .unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn matrix(v: &Value) -> Vec<Vec<f32>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn load(name: &str) -> Model {
-    Model::load(&fixture(name), &LoadOptions::default()).unwrap()
-}
+mod common;
+use common::decoder::{expected, ids, load, matrix, max_abs_diff};
 
 fn greedy<C: KvStore>(model: &Model, cache: &mut C, prompt: &[Input<'_>], n: usize) -> Vec<u32> {
     let opts = GenerateOptions {
