@@ -4,7 +4,6 @@
 //! (models/demo/heldout_predictions.jsonl).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use jetvlm_camera::Frame;
 use jetvlm_camera::qa::{DatasetConfig, clip};
@@ -31,17 +30,7 @@ fn heldout_frames(index: usize) -> Vec<Frame> {
     };
     let (c, _) = clip(&cfg, index).unwrap();
     let (w, h) = (cfg.scene.width, cfg.scene.height);
-    c.frames
-        .into_iter()
-        .enumerate()
-        .map(|(i, rgb)| Frame {
-            index: i as u64,
-            timestamp: Duration::from_millis(100 * i as u64),
-            width: w,
-            height: h,
-            rgb,
-        })
-        .collect()
+    c.into_frames(w, h)
 }
 
 fn agreement(kv: &str, n: usize) -> (usize, usize, usize) {

@@ -316,6 +316,24 @@ pub struct Clip {
     pub truths: Vec<FrameTruth>,
 }
 
+impl Clip {
+    /// The clip's RGB8 images as camera [`Frame`](crate::Frame)s (`width` x `height`, the
+    /// scene's size), 100 ms apart as the synthetic camera at 10 fps delivers them.
+    pub fn into_frames(self, width: u32, height: u32) -> Vec<crate::Frame> {
+        self.frames
+            .into_iter()
+            .enumerate()
+            .map(|(i, rgb)| crate::Frame {
+                index: i as u64,
+                timestamp: std::time::Duration::from_millis(100 * i as u64),
+                width,
+                height,
+                rgb,
+            })
+            .collect()
+    }
+}
+
 /// Dataset parameters.
 #[derive(Clone, Debug)]
 pub struct DatasetConfig {

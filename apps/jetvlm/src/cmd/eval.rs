@@ -11,7 +11,6 @@ use jetvlm_runtime::{Pipeline, RuntimeConfig};
 use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -73,18 +72,7 @@ fn held_out(count: usize, seed: u64) -> Result<Vec<Item>> {
     for index in 0..count {
         let (c, questions) =
             clip(&cfg, index).with_context(|| format!("rendering clip {index}"))?;
-        let frames: Vec<Frame> = c
-            .frames
-            .into_iter()
-            .enumerate()
-            .map(|(i, rgb)| Frame {
-                index: i as u64,
-                timestamp: Duration::from_millis(100 * i as u64),
-                width: w,
-                height: h,
-                rgb,
-            })
-            .collect();
+        let frames = c.into_frames(w, h);
         for q in questions {
             items.push(Item {
                 frames: frames.clone(),
