@@ -434,12 +434,32 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CameraError + '_ {
 /// to `out` at the end, so `out` is never half-written. `out` must not exist or must be an
 /// empty directory.
 pub fn write_dataset(out: &Path, cfg: &DatasetConfig) -> Result<DatasetSummary> {
-    if out.exists() && !replace_allowed(out)? {
+    write_dataset_replacing(out, cfg, false)
+}
+
+/// [`write_dataset`], and with `replace` an existing non-empty dataset directory at `out` is
+/// replaced too: the old directory stays untouched until the new one is complete, then the
+/// two are swapped and the old one removed. An `out` that is a file is never replaced.
+pub fn write_dataset_replacing(
+    out: &Path,
+    cfg: &DatasetConfig,
+    replace: bool,
+) -> Result<DatasetSummary> {
+    if out.exists() && !out.is_dir() {
         return Err(CameraError::Write {
             path: out.to_path_buf(),
             source: std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
-                "output exists and is not empty",
+                "output exists and is not a directory",
+            ),
+        });
+    }
+    if out.exists() && !replace && !replace_allowed(out)? {
+        return Err(CameraError::Write {
+            path: out.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "output directory exists and is not empty (pass --force to replace it)",
             ),
         });
     }
@@ -460,9 +480,19 @@ pub fn write_dataset(out: &Path, cfg: &DatasetConfig) -> Result<DatasetSummary> 
     match result {
         Ok(summary) => {
             if out.exists() {
-                std::fs::remove_dir(out).map_err(io_err(out))?;
+                // Move the old directory aside first, so that a failure before the rename
+                // below leaves either the old dataset or the new one in place, never neither.
+                let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+                std::fs::rename(out, &old).map_err(io_err(out))?;
+                if let Err(e) = std::fs::rename(&tmp, out) {
+                    let _ = std::fs::rename(&old, out);
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    return Err(io_err(out)(e));
+                }
+                std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+            } else {
+                std::fs::rename(&tmp, out).map_err(io_err(out))?;
             }
-            std::fs::rename(&tmp, out).map_err(io_err(out))?;
             Ok(summary)
         }
         Err(e) => {
@@ -708,9 +738,25 @@ mod tests {
         }
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary directory left behind");
-        assert!(matches!(
-            write_dataset(&out, &cfg),
-            Err(CameraError::Write { .. })
-        ));
+        let err = write_dataset(&out, &cfg).unwrap_err();
+        assert!(err.to_string().contains("--force"), "{err}");
+        // The refused write left the existing dataset as it was.
+        assert_eq!(std::fs::read_to_string(out.join("qa.jsonl")).unwrap(), qa);
+
+        // --force replaces it with a complete new dataset and leaves nothing beside it.
+        let cfg2 = DatasetConfig { seed: 9, count: 4, ..cfg };
+        let s2 = write_dataset_replacing(&out, &cfg2, true).unwrap();
+        assert_eq!(s2.clips, 4);
+        let qa2 = std::fs::read_to_string(out.join("qa.jsonl")).unwrap();
+        assert_eq!(qa2.lines().count(), s2.questions);
+        assert_ne!(qa2, qa);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no old or temporary directory left behind");
+
+        // A file is never replaced, not even with --force.
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        assert!(write_dataset_replacing(&file, &cfg2, true).is_err());
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
     }
 }

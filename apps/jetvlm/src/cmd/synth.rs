@@ -3,14 +3,17 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use jetvlm_camera::qa::{DatasetConfig, write_dataset};
+use jetvlm_camera::qa::{DatasetConfig, write_dataset_replacing};
 use jetvlm_camera::scene::SceneConfig;
 
 #[derive(clap::Args, Debug)]
 pub struct SynthArgs {
-    /// Output directory (must not exist, or be empty); written atomically.
+    /// Output directory (must not exist, or be empty, unless --force); written atomically.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an existing non-empty output directory (only once the new dataset is complete).
+    #[arg(long)]
+    pub force: bool,
     /// Number of clips (each 1 frame or a multi-frame sequence, with several questions).
     #[arg(long, default_value_t = 1000)]
     pub count: usize,
@@ -67,7 +70,7 @@ pub fn run(args: SynthArgs) -> Result<()> {
     };
     cfg.scene.validate()?;
     let started = std::time::Instant::now();
-    let s = write_dataset(&args.out, &cfg)
+    let s = write_dataset_replacing(&args.out, &cfg, args.force)
         .with_context(|| format!("writing dataset {}", args.out.display()))?;
     println!(
         "wrote {}: {} clips, {} images, {} questions ({} single-frame, {} multi-frame) in {:.1}s",
