@@ -382,6 +382,11 @@ impl Rope {
         }
     }
 
+    /// Inverse frequencies `[head_dim / 2]` (scaling applied), for device RoPE kernels.
+    pub fn inv_freq(&self) -> &[f64] {
+        &self.inv_freq
+    }
+
     /// Rotates `x: [n, heads, head_dim]` in place, token `i` at `positions[i]` (the
     /// half-split "rotate_half" layout Llama and Qwen2 checkpoints use).
     pub fn apply(&self, x: &mut [f32], heads: usize, positions: &[u32]) {

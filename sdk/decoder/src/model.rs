@@ -191,8 +191,8 @@ pub struct Model {
 }
 
 /// Prefixes under which checkpoints keep the language model's tensors: plain Llama/Qwen2,
-/// SmolVLM (Idefics3), Qwen2-VL (newer layout), LLaVA.
-const PREFIXES: &[(&str, &str)] = &[
+/// SmolVLM (Idefics3), Qwen2-VL (newer layout), LLaVA; each with its LM head's name.
+pub const PREFIXES: &[(&str, &str)] = &[
     ("model.", "lm_head.weight"),
     ("model.text_model.", "lm_head.weight"),
     ("model.language_model.", "lm_head.weight"),
