@@ -275,3 +275,54 @@ fn session_runs_from_a_camera_source_with_bounded_memory() {
     assert!(bytes[3..].iter().all(|&b| b == bytes[2]), "{bytes:?}");
     assert_eq!(s.frames().last().unwrap().index, 11);
 }
+
+#[test]
+fn session_rebases_positions_and_then_matches_a_fresh_session() {
+    let q = expected()["question"].as_str().unwrap().to_string();
+    let window = 2;
+    let base = RuntimeConfig {
+        kv_policy: Some("fp16".into()),
+        max_new_tokens: 8,
+        window_frames: window,
+        ..RuntimeConfig::default()
+    };
+    let frames: Vec<Frame> = (0..6)
+        .map(|i| if i % 2 == 0 { frame(i) } else { other_frame(i) })
+        .collect();
+
+    // A fresh session that only ever saw the last two frames.
+    let mut fresh_pipe = Pipeline::load(&fixture(), base.clone()).unwrap();
+    let mut fresh = fresh_pipe.session().unwrap();
+    for f in &frames[frames.len() - window..] {
+        fresh.push_frame(f).unwrap();
+    }
+    let want = fresh.ask(&q).unwrap().finish().unwrap().token_ids;
+    assert_eq!(fresh.rebases(), 0);
+    let prefix = fresh.prefix_tokens();
+    drop(fresh);
+
+    // A long-running session whose position limit leaves room for one kept frame, the new
+    // frame and a question: every push after the second one has to re-base.
+    let tpf = 16;
+    let limit = prefix + tpf + tpf + 64 + base.max_new_tokens;
+    let mut p = Pipeline::load(
+        &fixture(),
+        RuntimeConfig {
+            session_max_position: Some(limit),
+            ..base
+        },
+    )
+    .unwrap();
+    let mut s = p.session().unwrap();
+    assert_eq!(s.max_position(), limit);
+    for f in &frames {
+        s.push_frame(f).unwrap();
+        s.ask(&q).unwrap().finish().unwrap();
+    }
+    assert_eq!(s.rebases(), frames.len() as u64 - window as u64);
+    assert_eq!(s.frames().len(), window);
+    // Right after a re-base the cache holds exactly what the fresh session holds, at the
+    // same positions, so the answer is the same.
+    let got = s.ask(&q).unwrap().finish().unwrap().token_ids;
+    assert_eq!(got, want);
+}

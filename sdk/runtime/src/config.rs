@@ -7,6 +7,7 @@
 //! sampling: {temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0}
 //! window_frames: 4            # StreamSession: frames kept in the cache
 //! capacity_tokens: 4096       # KV cache budget (default: what the context needs)
+//! session_max_position: 8192  # StreamSession re-prefills its window past this RoPE position
 //! vision:
 //!   ort_library: /usr/lib/aarch64-linux-gnu/libonnxruntime.so
 //!   execution_providers: [tensorrt, cuda, cpu]
@@ -66,6 +67,11 @@ pub struct RuntimeConfig {
     pub window_frames: usize,
     /// KV cache budget in tokens; `None` sizes it for the context (frames, prompt, answer).
     pub capacity_tokens: Option<usize>,
+    /// Highest RoPE position a [`StreamSession`](crate::StreamSession) lets its frames and
+    /// questions reach; past it the session re-prefills its prefix and kept frames (from their
+    /// stored embeddings) at fresh positions. `None` uses the model's
+    /// `max_position_embeddings`.
+    pub session_max_position: Option<usize>,
     /// ONNX Runtime library and execution providers for the vision encoder.
     pub vision: OrtConfig,
 }
@@ -78,6 +84,7 @@ impl Default for RuntimeConfig {
             sampling: Sampling::default(),
             window_frames: 4,
             capacity_tokens: None,
+            session_max_position: None,
             vision: OrtConfig::default(),
         }
     }
@@ -108,6 +115,9 @@ impl RuntimeConfig {
         }
         if self.capacity_tokens == Some(0) {
             return bad("capacity_tokens", "must be positive");
+        }
+        if self.session_max_position == Some(0) {
+            return bad("session_max_position", "must be positive");
         }
         Ok(())
     }

@@ -6,6 +6,12 @@
 //!
 //! Frames in a session carry no per-frame prefix text (`frame_prefix`/`frame_suffix`), so an
 //! evicted frame leaves nothing behind in the cache.
+//!
+//! Evicting a frame does not move the RoPE positions of the tokens after it, so positions keep
+//! growing while the camera runs. Before they pass the model's trained range
+//! (`max_position_embeddings`, or `session_max_position` in the runtime config) the session
+//! re-bases: it clears the cache and prefills the prefix and the kept frames again, from
+//! their stored embeddings (the vision encoder does not run again), at fresh positions.
 
 use crate::RuntimeError;
 use crate::pipeline::{Pipeline, Stats, TokenStream};
@@ -15,6 +21,9 @@ use jetvlm_decoder::{Generation, Input, KvStore, LogitsMode};
 use jetvlm_vision::ImageView;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+/// Positions kept free after a frame for the question that follows it.
+const QUESTION_RESERVE: usize = 64;
 
 /// A frame held in the session's window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,9 +50,13 @@ pub struct StreamSession<'p> {
     /// Cache length and next position before the last question (rolled back to before the
     /// next step).
     question_mark: Option<(usize, u32)>,
-    prefix_tokens: usize,
+    /// BOS, system prompt and template text before the frames (prefilled again on re-base).
+    prefix_ids: Vec<u32>,
     /// Encoder time of the frames currently cached, by id.
     encoder_ms: VecDeque<f64>,
+    /// Embeddings of the frames currently cached, for re-basing positions.
+    embeddings: VecDeque<Vec<f32>>,
+    rebases: u64,
 }
 
 impl std::fmt::Debug for StreamSession<'_> {
@@ -95,13 +108,14 @@ impl Pipeline {
             self.model
                 .forward_with(&[Input::text(&ids)], &mut self.cache, LogitsMode::Last)?;
         }
-        let prefix_tokens = ids.len();
         Ok(StreamSession {
             pipe: self,
             window: VecDeque::new(),
             question_mark: None,
-            prefix_tokens,
+            prefix_ids: ids,
             encoder_ms: VecDeque::new(),
+            embeddings: VecDeque::new(),
+            rebases: 0,
         })
     }
 }
@@ -133,8 +147,11 @@ impl StreamSession<'_> {
             if let Some(old) = self.window.pop_front() {
                 self.pipe.cache.evict_frame(old.id)?;
                 self.encoder_ms.pop_front();
+                self.embeddings.pop_front();
             }
         }
+        // Room for this frame, a question and its answer.
+        self.rebase_if_needed(emb.tokens + QUESTION_RESERVE + self.pipe.cfg.max_new_tokens)?;
         let id = self.pipe.next_frame;
         self.pipe.next_frame += 1;
         self.pipe.model.forward_with(
@@ -148,7 +165,54 @@ impl StreamSession<'_> {
             timestamp: frame.timestamp,
         });
         self.encoder_ms.push_back(enc_ms);
+        self.embeddings.push_back(emb.data);
         Ok(id)
+    }
+
+    /// The highest RoPE position this session lets its tokens reach.
+    pub fn max_position(&self) -> usize {
+        self.pipe
+            .cfg
+            .session_max_position
+            .unwrap_or(self.pipe.package.decoder_config.max_position_embeddings)
+    }
+
+    /// How many times the session has re-based its positions (see the module docs).
+    pub fn rebases(&self) -> u64 {
+        self.rebases
+    }
+
+    /// Re-bases positions when `upcoming` more tokens would pass [`Self::max_position`].
+    fn rebase_if_needed(&mut self, upcoming: usize) -> Result<(), RuntimeError> {
+        let next = self.pipe.cache.next_position() as usize;
+        if next + upcoming <= self.max_position() {
+            return Ok(());
+        }
+        let fresh =
+            self.prefix_ids.len() + self.window.len() * self.pipe.package.tokens_per_frame();
+        if fresh >= next {
+            // Re-basing would not lower the positions: the window itself is too long.
+            return Ok(());
+        }
+        tracing::debug!(next, fresh, "re-basing stream session positions");
+        self.pipe.cache.clear();
+        if !self.prefix_ids.is_empty() {
+            self.pipe.model.forward_with(
+                &[Input::text(&self.prefix_ids)],
+                &mut self.pipe.cache,
+                LogitsMode::Last,
+            )?;
+        }
+        let tpf = self.pipe.package.tokens_per_frame();
+        for (frame, emb) in self.window.iter().zip(&self.embeddings) {
+            self.pipe.model.forward_with(
+                &[Input::frame(emb, tpf, frame.id)],
+                &mut self.pipe.cache,
+                LogitsMode::Last,
+            )?;
+        }
+        self.rebases += 1;
+        Ok(())
     }
 
     /// Captures the next frame from a camera source and appends it. End of stream and
@@ -175,7 +239,7 @@ impl StreamSession<'_> {
 
     /// Tokens of the kept prefix (BOS, system prompt, template text before the frames).
     pub fn prefix_tokens(&self) -> usize {
-        self.prefix_tokens
+        self.prefix_ids.len()
     }
 
     /// Tokens cached now.
@@ -211,6 +275,7 @@ impl StreamSession<'_> {
                 message: "the question tokenizes to nothing".into(),
             });
         }
+        self.rebase_if_needed(ids.len() + self.pipe.cfg.max_new_tokens)?;
         self.question_mark = Some((self.pipe.cache.len(), self.pipe.cache.next_position()));
         let stats = Stats {
             prompt_tokens: self.pipe.cache.len() + ids.len(),
