@@ -67,3 +67,55 @@ extern "C" __global__ void embedding_gather_bf16(float* out, const bf16_t* table
                                                  unsigned int hidden, unsigned int vocab) {
     embedding_gather(out, table, ids, n_ids, hidden, vocab);
 }
+
+// y[t][r] += b[r] for n_tok rows of `rows` (the q/k/v biases of Qwen2).
+extern "C" __global__ void bias_add_f32(float* __restrict__ y, const float* __restrict__ b, unsigned int rows,
+                                        unsigned int n_tok) {
+    size_t total = (size_t)rows * n_tok;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        y[i] += b[i % rows];
+    }
+}
+
+// Counter-based generator (splitmix64 of seed + index): the same value for (seed, i) on the
+// host twin, whatever the launch shape.
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// out[i] = sum of three uniforms in [-0.5, 0.5) (a bell-shaped value in [-1.5, 1.5)), times
+// `scale`. Synthetic K/V for benchmarks, written on the device.
+extern "C" __global__ void fill_bell_f32(float* __restrict__ out, unsigned long long n, unsigned long long seed,
+                                         float scale) {
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned long long z = mix64(seed * 0x9e3779b97f4a7c15ull + i);
+        float a = (float)(unsigned int)(z & 0x1fffffu) * (1.0f / 2097152.0f);
+        float b = (float)(unsigned int)((z >> 21) & 0x1fffffu) * (1.0f / 2097152.0f);
+        float c = (float)(unsigned int)((z >> 42) & 0x1fffffu) * (1.0f / 2097152.0f);
+        out[i] = (a + b + c - 1.5f) * scale;
+    }
+}
+
+// Streaming read: partial[block] = sum of the block's float4 elements (grid-stride). Measures
+// device memory read bandwidth; the sum keeps the loads from being optimised away.
+extern "C" __global__ void __launch_bounds__(256) read_sum_f32(const float4* __restrict__ x, unsigned long long n4,
+                                                               float* __restrict__ partial) {
+    __shared__ float s[8];
+    float acc = 0.0f;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n4;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        float4 v = x[i];
+        acc += (v.x + v.y) + (v.z + v.w);
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if ((threadIdx.x & 31) == 0) s[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = 0.0f;
+        for (int w = 0; w < 8; ++w) t += s[w];
+        partial[blockIdx.x] = t;
+    }
+}

@@ -39,6 +39,12 @@ pub enum CudaError {
     UnknownKernel(String),
     #[error("{op}: {message}")]
     Shape { op: &'static str, message: String },
+    #[error("decoder {path}: {message}")]
+    Model { path: PathBuf, message: String },
+    #[error("KV policy {policy} on the device: {message}")]
+    Policy { policy: String, message: String },
+    #[error("device KV cache full: {message}")]
+    KvFull { message: String },
 }
 
 impl CudaError {

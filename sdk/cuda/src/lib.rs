@@ -14,6 +14,7 @@
 pub mod cache;
 mod error;
 pub mod inputs;
+pub mod kvtable;
 pub mod layout;
 pub mod meminfo;
 pub mod reference;
@@ -31,6 +32,7 @@ pub use backend::*;
 pub use dummy::*;
 
 pub use error::CudaError;
+pub use kvtable::{DevicePolicy, KvBlockTable, Placement};
 pub use layout::{BlockEntry, BlockKind, KvLayout};
 pub use meminfo::DeviceInfo;
 pub use selftest::{CompiledKernel, KernelCheck};

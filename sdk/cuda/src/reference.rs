@@ -13,6 +13,29 @@ pub fn residual_add(x: &mut [f32], y: &[f32]) {
     }
 }
 
+/// `y[t][r] += b[r]` over rows of `b.len()` (kernel `bias_add_f32`).
+pub fn bias_add(y: &mut [f32], b: &[f32]) {
+    for row in y.chunks_mut(b.len()) {
+        for (o, v) in row.iter_mut().zip(b) {
+            *o += *v;
+        }
+    }
+}
+
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Element `i` of the synthetic bell-shaped values of `seed` (kernel `fill_bell_f32`): the sum
+/// of three 21-bit uniforms in [0, 1) minus 1.5, times `scale`.
+pub fn bell_value(seed: u64, i: u64, scale: f32) -> f32 {
+    let z = mix64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(i));
+    let u = |shift: u32| ((z >> shift) & 0x1f_ffff) as f32 * (1.0 / 2_097_152.0);
+    (u(0) + u(21) + u(42) - 1.5) * scale
+}
+
 /// `silu(gate) * up` (kernel `swiglu_f32`).
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     gate.iter()

@@ -45,6 +45,9 @@ pub const KERNELS: &[KernelSource] = &[
             "embedding_gather_f32",
             "embedding_gather_f16",
             "embedding_gather_bf16",
+            "bias_add_f32",
+            "fill_bell_f32",
+            "read_sum_f32",
         ],
     },
     KernelSource {

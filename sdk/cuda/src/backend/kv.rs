@@ -1,7 +1,7 @@
 //! Device KV pools of one layer (layout in [`crate::layout`]), the frame-block quantizer and
 //! the fused mixed-precision attention (flash-decoding split + combine).
 
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, LaunchConfig};
 use half::f16;
 
 use super::device::{CudaDevice, driver_err};
@@ -13,25 +13,58 @@ use crate::reference::HostPools;
 /// Query heads one attention thread block serves (kernels/attention.cu `ATTN_MAX_G`).
 const MAX_G: usize = 8;
 
-/// One layer's K/V pools on the device.
+/// Where a layer's pools live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolMemory {
+    /// Device memory.
+    Device,
+    /// Page-locked host memory mapped into the device: kernels read K/V over PCIe as they
+    /// attend (the KV cache offloaded to host memory).
+    MappedHost,
+}
+
+/// Backing storage of one pool array.
+#[derive(Debug)]
+enum Store {
+    Device(#[allow(dead_code)] CudaSlice<u8>),
+    Host(#[allow(dead_code)] super::memory::MappedHostBuffer<u8>),
+}
+
+/// One pool array: its owner and the device address kernels use.
+#[derive(Debug)]
+struct PoolBuf {
+    _store: Store,
+    ptr: u64,
+    bytes: usize,
+}
+
+/// One layer's K/V pools (device memory or mapped host memory).
 #[derive(Debug)]
 pub struct DeviceKvPools {
     layout: KvLayout,
     text_blocks: usize,
     frame_blocks: usize,
-    k_text: CudaSlice<f16>,
-    v_text: CudaSlice<f16>,
-    k_codes: CudaSlice<u8>,
-    v_codes: CudaSlice<u8>,
-    k_params: CudaSlice<u32>,
-    v_params: CudaSlice<u32>,
+    memory: PoolMemory,
+    k_text: PoolBuf,
+    v_text: PoolBuf,
+    k_codes: PoolBuf,
+    v_codes: PoolBuf,
+    k_params: PoolBuf,
+    v_params: PoolBuf,
 }
 
 impl DeviceKvPools {
     pub fn layout(&self) -> &KvLayout {
         &self.layout
     }
-    /// Device bytes of the pools.
+    pub fn memory(&self) -> PoolMemory {
+        self.memory
+    }
+    /// (text blocks, frame blocks).
+    pub fn blocks(&self) -> (usize, usize) {
+        (self.text_blocks, self.frame_blocks)
+    }
+    /// Bytes of the pools.
     pub fn bytes(&self) -> usize {
         self.text_blocks * self.layout.text_block_bytes()
             + self.frame_blocks * self.layout.frame_block_bytes()
@@ -46,25 +79,90 @@ pub enum Splits {
     Fixed(usize),
 }
 
+/// An attention context on the device (block list, query orders, partial-result scratch),
+/// prepared once and used for every layer of a forward step.
+#[derive(Debug)]
+pub struct AttentionPlan {
+    layout: KvLayout,
+    text_blocks: usize,
+    frame_blocks: usize,
+    q_heads: usize,
+    n_q: usize,
+    n_entries: usize,
+    per_split: usize,
+    n_splits: usize,
+    chunks: usize,
+    entries: CudaSlice<i32>,
+    order: CudaSlice<i32>,
+    part_acc: CudaSlice<f32>,
+    part_ml: CudaSlice<f32>,
+}
+
+impl AttentionPlan {
+    /// Context splits per (query, head).
+    pub fn splits(&self) -> usize {
+        self.n_splits
+    }
+}
+
 impl CudaDevice {
-    /// Zeroed pools for `text_blocks` FP16 blocks and `frame_blocks` quantized blocks.
+    fn pool_buf(&self, bytes: usize, memory: PoolMemory) -> Result<PoolBuf, CudaError> {
+        match memory {
+            PoolMemory::Device => {
+                let buf = self.zeros::<u8>(bytes)?;
+                let ptr = {
+                    let (ptr, _sync) = buf.device_ptr(self.stream());
+                    ptr
+                };
+                Ok(PoolBuf {
+                    ptr,
+                    _store: Store::Device(buf),
+                    bytes,
+                })
+            }
+            PoolMemory::MappedHost => {
+                let buf = self.mapped_host_buffer::<u8>(bytes)?;
+                Ok(PoolBuf {
+                    ptr: buf.device_ptr(),
+                    _store: Store::Host(buf),
+                    bytes,
+                })
+            }
+        }
+    }
+
+    /// Zeroed device pools for `text_blocks` FP16 blocks and `frame_blocks` quantized blocks.
     pub fn kv_pools(
         &self,
         layout: KvLayout,
         text_blocks: usize,
         frame_blocks: usize,
     ) -> Result<DeviceKvPools, CudaError> {
+        self.kv_pools_in(layout, text_blocks, frame_blocks, PoolMemory::Device)
+    }
+
+    /// Zeroed pools in `memory`.
+    pub fn kv_pools_in(
+        &self,
+        layout: KvLayout,
+        text_blocks: usize,
+        frame_blocks: usize,
+        memory: PoolMemory,
+    ) -> Result<DeviceKvPools, CudaError> {
         layout.validate()?;
+        let text = 2 * text_blocks * layout.text_block_elems();
+        let codes = frame_blocks * layout.frame_block_code_bytes();
         Ok(DeviceKvPools {
             layout,
             text_blocks,
             frame_blocks,
-            k_text: self.zeros(text_blocks * layout.text_block_elems())?,
-            v_text: self.zeros(text_blocks * layout.text_block_elems())?,
-            k_codes: self.zeros(frame_blocks * layout.frame_block_code_bytes())?,
-            v_codes: self.zeros(frame_blocks * layout.frame_block_code_bytes())?,
-            k_params: self.zeros(frame_blocks * layout.k_params_per_block())?,
-            v_params: self.zeros(frame_blocks * layout.v_params_per_block())?,
+            memory,
+            k_text: self.pool_buf(text, memory)?,
+            v_text: self.pool_buf(text, memory)?,
+            k_codes: self.pool_buf(codes, memory)?,
+            v_codes: self.pool_buf(codes, memory)?,
+            k_params: self.pool_buf(4 * frame_blocks * layout.k_params_per_block(), memory)?,
+            v_params: self.pool_buf(4 * frame_blocks * layout.v_params_per_block(), memory)?,
         })
     }
 
@@ -97,8 +195,8 @@ impl CudaDevice {
         block: usize,
         tok_offset: usize,
         len: usize,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
+        k: &CudaView<'_, f32>,
+        v: &CudaView<'_, f32>,
     ) -> Result<(), CudaError> {
         const OP: &str = "kv store text";
         Self::check_span(OP, pools, pools.text_blocks, block, tok_offset, len)?;
@@ -115,34 +213,22 @@ impl CudaDevice {
         ]
         .map(|x| x as u32);
         let cfg = linear(len * l.row_elems());
-        launch!(
-            self,
-            "kv_quant.cu",
-            "kv_store_f16",
-            cfg,
-            &mut pools.k_text,
-            k,
-            &a[0],
-            &a[1],
-            &a[2],
-            &a[3],
-            &a[4],
-            &a[5]
-        );
-        launch!(
-            self,
-            "kv_quant.cu",
-            "kv_store_f16",
-            cfg,
-            &mut pools.v_text,
-            v,
-            &a[0],
-            &a[1],
-            &a[2],
-            &a[3],
-            &a[4],
-            &a[5]
-        );
+        for (pool, src) in [(pools.k_text.ptr, k), (pools.v_text.ptr, v)] {
+            launch!(
+                self,
+                "kv_quant.cu",
+                "kv_store_f16",
+                cfg,
+                &pool,
+                src,
+                &a[0],
+                &a[1],
+                &a[2],
+                &a[3],
+                &a[4],
+                &a[5]
+            );
+        }
         Ok(())
     }
 
@@ -155,8 +241,8 @@ impl CudaDevice {
         block: usize,
         tok_offset: usize,
         len: usize,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
+        k: &CudaView<'_, f32>,
+        v: &CudaView<'_, f32>,
     ) -> Result<(), CudaError> {
         const OP: &str = "kv quantize frame";
         Self::check_span(OP, pools, pools.frame_blocks, block, tok_offset, len)?;
@@ -182,12 +268,18 @@ impl CudaDevice {
         let token_groups = linear(len * l.kv_heads * l.groups());
         let codes = linear(len * l.kv_heads * l.code_row_bytes());
         let (zero, one) = (0u32, 1u32);
+        let (vp, vc, kp, kc) = (
+            pools.v_params.ptr,
+            pools.v_codes.ptr,
+            pools.k_params.ptr,
+            pools.k_codes.ptr,
+        );
         launch!(
             self,
             "kv_quant.cu",
             "kv_quant_params_token",
             token_groups,
-            &mut pools.v_params,
+            &vp,
             v,
             &blk,
             &off,
@@ -203,8 +295,8 @@ impl CudaDevice {
             "kv_quant.cu",
             "kv_quant_codes",
             codes,
-            &mut pools.v_codes,
-            &pools.v_params,
+            &vc,
+            &vp,
             v,
             &blk,
             &off,
@@ -222,31 +314,13 @@ impl CudaDevice {
                 "kv_quant.cu",
                 "kv_quant_params_channel",
                 linear(l.row_elems()),
-                &mut pools.k_params,
+                &kp,
                 k,
                 &blk,
                 &n,
                 &h,
                 &d,
                 &bits
-            );
-            launch!(
-                self,
-                "kv_quant.cu",
-                "kv_quant_codes",
-                codes,
-                &mut pools.k_codes,
-                &pools.k_params,
-                k,
-                &blk,
-                &off,
-                &n,
-                &h,
-                &d,
-                &t,
-                &g,
-                &bits,
-                &one
             );
         } else {
             launch!(
@@ -254,7 +328,7 @@ impl CudaDevice {
                 "kv_quant.cu",
                 "kv_quant_params_token",
                 token_groups,
-                &mut pools.k_params,
+                &kp,
                 k,
                 &blk,
                 &off,
@@ -265,25 +339,199 @@ impl CudaDevice {
                 &g,
                 &bits
             );
-            launch!(
-                self,
-                "kv_quant.cu",
-                "kv_quant_codes",
-                codes,
-                &mut pools.k_codes,
-                &pools.k_params,
-                k,
-                &blk,
-                &off,
-                &n,
-                &h,
-                &d,
-                &t,
-                &g,
-                &bits,
-                &zero
-            );
         }
+        let per_channel = if l.key_per_channel { one } else { zero };
+        launch!(
+            self,
+            "kv_quant.cu",
+            "kv_quant_codes",
+            codes,
+            &kc,
+            &kp,
+            k,
+            &blk,
+            &off,
+            &n,
+            &h,
+            &d,
+            &t,
+            &g,
+            &bits,
+            &per_channel
+        );
+        Ok(())
+    }
+
+    /// Prepares attention of `q_order.len()` queries with `q_heads` heads over the blocks in
+    /// `entries` of pools with `layout` and (`text_blocks`, `frame_blocks`); query `i` sees
+    /// keys with order <= `q_order[i]` ([`crate::layout::SEES_ALL`] for decode).
+    pub fn attention_plan(
+        &self,
+        layout: &KvLayout,
+        blocks: (usize, usize),
+        q_heads: usize,
+        entries: &[BlockEntry],
+        q_order: &[i32],
+        splits: Splits,
+    ) -> Result<AttentionPlan, CudaError> {
+        const OP: &str = "mixed attention";
+        let l = *layout;
+        if q_heads == 0 || !q_heads.is_multiple_of(l.kv_heads) {
+            return Err(shape(
+                OP,
+                format!(
+                    "q_heads {q_heads} is not a multiple of kv_heads {}",
+                    l.kv_heads
+                ),
+            ));
+        }
+        let n_q = q_order.len();
+        if n_q == 0 || n_q > 65_535 {
+            return Err(shape(OP, format!("{n_q} queries in one call (1 to 65535)")));
+        }
+        validate_entries(&l, entries, blocks.0, blocks.1)?;
+        let group = q_heads / l.kv_heads;
+        let chunks = group.div_ceil(MAX_G);
+        let n_entries = entries.len().max(1);
+        let want = match splits {
+            Splits::Fixed(s) => s,
+            Splits::Auto => {
+                (2 * self.info().multiprocessors as usize).div_ceil(n_q * l.kv_heads * chunks)
+            }
+        };
+        let per_split = n_entries.div_ceil(want.clamp(1, n_entries));
+        let n_splits = n_entries.div_ceil(per_split);
+        let flat: Vec<i32> = if entries.is_empty() {
+            vec![0; 4]
+        } else {
+            entries.iter().flat_map(|e| e.to_int4()).collect()
+        };
+        let parts = n_q * q_heads * n_splits;
+        Ok(AttentionPlan {
+            layout: l,
+            text_blocks: blocks.0,
+            frame_blocks: blocks.1,
+            q_heads,
+            n_q,
+            n_entries: entries.len(),
+            per_split,
+            n_splits,
+            chunks,
+            entries: self.upload(&flat)?,
+            order: self.upload(q_order)?,
+            part_acc: self.zeros::<f32>(parts * l.head_dim)?,
+            part_ml: self.zeros::<f32>(parts * 2)?,
+        })
+    }
+
+    /// Runs a prepared attention on one layer's pools: `q[n_q][q_heads][head_dim]` in,
+    /// `out[n_q][q_heads][head_dim]` written. Softmax scale 1/sqrt(head_dim).
+    pub fn attend(
+        &self,
+        pools: &DeviceKvPools,
+        plan: &mut AttentionPlan,
+        q: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "mixed attention";
+        let l = pools.layout;
+        if plan.layout != l
+            || plan.text_blocks > pools.text_blocks
+            || plan.frame_blocks > pools.frame_blocks
+        {
+            return Err(shape(
+                OP,
+                format!(
+                    "plan for {:?} with {}/{} blocks used on pools {:?} with {}/{} blocks",
+                    plan.layout,
+                    plan.text_blocks,
+                    plan.frame_blocks,
+                    l,
+                    pools.text_blocks,
+                    pools.frame_blocks
+                ),
+            ));
+        }
+        let n = plan.n_q * plan.q_heads * l.head_dim;
+        check_len(OP, "q", q.len(), n)?;
+        check_len(OP, "out", out.len(), n)?;
+        let ints = [
+            plan.n_entries as i32,
+            plan.per_split as i32,
+            plan.q_heads as i32,
+            l.kv_heads as i32,
+            l.head_dim as i32,
+            l.block_tokens as i32,
+            l.group as i32,
+            l.bits as i32,
+            l.key_per_channel as i32,
+        ];
+        let scale = 1.0f32 / (l.head_dim as f32).sqrt();
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32_of(OP, "splits", plan.n_splits)?,
+                u32_of(OP, "heads", l.kv_heads * plan.chunks)?,
+                plan.n_q as u32,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let p = [
+            pools.k_text.ptr,
+            pools.v_text.ptr,
+            pools.k_codes.ptr,
+            pools.k_params.ptr,
+            pools.v_codes.ptr,
+            pools.v_params.ptr,
+        ];
+        launch!(
+            self,
+            "attention.cu",
+            "mixed_attention_partial",
+            cfg,
+            q,
+            &plan.order,
+            &plan.entries,
+            &ints[0],
+            &ints[1],
+            &p[0],
+            &p[1],
+            &p[2],
+            &p[3],
+            &p[4],
+            &p[5],
+            &ints[2],
+            &ints[3],
+            &ints[4],
+            &ints[5],
+            &ints[6],
+            &ints[7],
+            &ints[8],
+            &scale,
+            &mut plan.part_acc,
+            &mut plan.part_ml,
+        );
+        let combine = LaunchConfig {
+            grid_dim: (
+                u32_of(OP, "queries x heads", plan.n_q * plan.q_heads)?,
+                1,
+                1,
+            ),
+            block_dim: (l.head_dim as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ns, d) = (plan.n_splits as i32, l.head_dim as i32);
+        launch!(
+            self,
+            "attention.cu",
+            "mixed_attention_combine",
+            combine,
+            &plan.part_acc,
+            &plan.part_ml,
+            out,
+            &ns,
+            &d
+        );
         Ok(())
     }
 
@@ -301,146 +549,52 @@ impl CudaDevice {
         out: &mut CudaSlice<f32>,
         splits: Splits,
     ) -> Result<usize, CudaError> {
-        const OP: &str = "mixed attention";
-        let l = pools.layout;
-        if q_heads == 0 || !q_heads.is_multiple_of(l.kv_heads) {
-            return Err(shape(
-                OP,
-                format!(
-                    "q_heads {q_heads} is not a multiple of kv_heads {}",
-                    l.kv_heads
-                ),
-            ));
-        }
-        let n_q = q_order.len();
-        if n_q == 0 || n_q > 65_535 {
-            return Err(shape(OP, format!("{n_q} queries in one call (1 to 65535)")));
-        }
-        validate_entries(&l, entries, pools.text_blocks, pools.frame_blocks)?;
-        check_len(OP, "q", q.len(), n_q * q_heads * l.head_dim)?;
-        check_len(OP, "out", out.len(), n_q * q_heads * l.head_dim)?;
-        let group = q_heads / l.kv_heads;
-        let chunks = group.div_ceil(MAX_G);
-        let n_entries = entries.len().max(1);
-        let want = match splits {
-            Splits::Fixed(s) => s,
-            Splits::Auto => {
-                (2 * self.info().multiprocessors as usize).div_ceil(n_q * l.kv_heads * chunks)
-            }
-        };
-        let per_split = n_entries.div_ceil(want.clamp(1, n_entries));
-        let n_splits = n_entries.div_ceil(per_split);
+        let mut plan = self.attention_plan(
+            &pools.layout,
+            (pools.text_blocks, pools.frame_blocks),
+            q_heads,
+            entries,
+            q_order,
+            splits,
+        )?;
+        self.attend(pools, &mut plan, q, out)?;
+        Ok(plan.n_splits)
+    }
 
-        let flat: Vec<i32> = if entries.is_empty() {
-            vec![0; 4]
-        } else {
-            entries.iter().flat_map(|e| e.to_int4()).collect()
-        };
-        let d_entries = self.upload(&flat)?;
-        let d_order = self.upload(q_order)?;
-        let parts = n_q * q_heads * n_splits;
-        let mut part_acc = self.zeros::<f32>(parts * l.head_dim)?;
-        let mut part_ml = self.zeros::<f32>(parts * 2)?;
-        let ints = [
-            entries.len() as i32,
-            per_split as i32,
-            q_heads as i32,
-            l.kv_heads as i32,
-            l.head_dim as i32,
-            l.block_tokens as i32,
-            l.group as i32,
-            l.bits as i32,
-            l.key_per_channel as i32,
-        ];
-        let scale = 1.0f32 / (l.head_dim as f32).sqrt();
-        let cfg = LaunchConfig {
-            grid_dim: (
-                u32_of(OP, "splits", n_splits)?,
-                u32_of(OP, "heads", l.kv_heads * chunks)?,
-                n_q as u32,
-            ),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(
-            self,
-            "attention.cu",
-            "mixed_attention_partial",
-            cfg,
-            q,
-            &d_order,
-            &d_entries,
-            &ints[0],
-            &ints[1],
-            &pools.k_text,
-            &pools.v_text,
-            &pools.k_codes,
-            &pools.k_params,
-            &pools.v_codes,
-            &pools.v_params,
-            &ints[2],
-            &ints[3],
-            &ints[4],
-            &ints[5],
-            &ints[6],
-            &ints[7],
-            &ints[8],
-            &scale,
-            &mut part_acc,
-            &mut part_ml,
-        );
-        let combine = LaunchConfig {
-            grid_dim: (u32_of(OP, "queries x heads", n_q * q_heads)?, 1, 1),
-            block_dim: (l.head_dim as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (ns, d) = (n_splits as i32, l.head_dim as i32);
-        launch!(
-            self,
-            "attention.cu",
-            "mixed_attention_combine",
-            combine,
-            &part_acc,
-            &part_ml,
-            out,
-            &ns,
-            &d
-        );
-        Ok(n_splits)
+    fn read_pool(&self, buf: &PoolBuf, dst: &mut [u8]) -> Result<(), CudaError> {
+        self.synchronize()?;
+        let n = dst.len().min(buf.bytes);
+        if n == 0 {
+            return Ok(());
+        }
+        // SAFETY: `buf.ptr` addresses `buf.bytes` bytes of device (or mapped host) memory that
+        // outlive this call; the stream is idle, so nothing writes them meanwhile.
+        unsafe { cudarc::driver::sys::cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), buf.ptr, n) }
+            .result()
+            .map_err(driver_err("cuMemcpyDtoH"))
     }
 
     /// Copies the pools back into their host image (for comparison with the CPU twins).
     pub fn download_pools(&self, pools: &DeviceKvPools) -> Result<HostPools, CudaError> {
         let l = pools.layout;
         let mut host = HostPools::new(l, pools.text_blocks, pools.frame_blocks);
-        let trim = |mut v: Vec<f16>, n: usize| {
-            v.truncate(n);
-            v
+        let bytes = |buf: &PoolBuf, n: usize| -> Result<Vec<u8>, CudaError> {
+            let mut v = vec![0u8; n];
+            self.read_pool(buf, &mut v)?;
+            Ok(v)
         };
-        host.k_text = trim(self.download(&pools.k_text)?, host.k_text.len());
-        host.v_text = trim(self.download(&pools.v_text)?, host.v_text.len());
-        let mut kc = self.download(&pools.k_codes)?;
-        kc.truncate(host.k_codes.len());
-        host.k_codes = kc;
-        let mut vc = self.download(&pools.v_codes)?;
-        vc.truncate(host.v_codes.len());
-        host.v_codes = vc;
-        let unpack = |v: Vec<u32>, n: usize| -> Vec<f16> {
-            v.iter()
-                .take(n / 2)
-                .flat_map(|&p| {
-                    [
-                        f16::from_bits((p & 0xffff) as u16),
-                        f16::from_bits((p >> 16) as u16),
-                    ]
-                })
+        let halves = |b: Vec<u8>| -> Vec<f16> {
+            b.chunks_exact(2)
+                .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
                 .collect()
         };
-        host.k_params = unpack(self.download(&pools.k_params)?, host.k_params.len());
-        host.v_params = unpack(self.download(&pools.v_params)?, host.v_params.len());
-        self.stream()
-            .synchronize()
-            .map_err(driver_err("cuStreamSynchronize"))?;
+        host.k_text = halves(bytes(&pools.k_text, 2 * host.k_text.len())?);
+        host.v_text = halves(bytes(&pools.v_text, 2 * host.v_text.len())?);
+        host.k_codes = bytes(&pools.k_codes, host.k_codes.len())?;
+        host.v_codes = bytes(&pools.v_codes, host.v_codes.len())?;
+        // Parameter pairs are u32 (scale low half, zero high half): little-endian halves.
+        host.k_params = halves(bytes(&pools.k_params, 2 * host.k_params.len())?);
+        host.v_params = halves(bytes(&pools.v_params, 2 * host.v_params.len())?);
         Ok(host)
     }
 }

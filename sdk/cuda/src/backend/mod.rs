@@ -1,5 +1,7 @@
 //! The cudarc backend (feature `cuda`).
 
+mod decoder;
+mod decoder_check;
 mod device;
 mod kv;
 mod memory;
@@ -7,8 +9,10 @@ mod nvrtc;
 mod ops;
 mod selftest;
 
+pub use decoder::{DeviceDecoder, DeviceInput, DeviceKvCache, DeviceSession, PREFILL_CHUNK};
+pub use decoder_check::{DECODER_FIXTURES, DecoderCheck};
 pub use device::{CudaDevice, driver_available};
-pub use kv::{DeviceKvPools, Splits};
+pub use kv::{AttentionPlan, DeviceKvPools, PoolMemory, Splits};
 pub use memory::MappedHostBuffer;
 pub use nvrtc::{compile_cubin, nvrtc_available, nvrtc_version};
 pub use ops::DeviceWeights;

@@ -105,6 +105,90 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// `y[t][r] += b[r]` for `n_tok` rows of `rows`.
+    pub fn bias_add(
+        &self,
+        y: &mut CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        rows: usize,
+        n_tok: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "bias add";
+        check_len(OP, "y", y.len(), rows * n_tok)?;
+        check_len(OP, "b", b.len(), rows)?;
+        if rows == 0 || n_tok == 0 {
+            return Ok(());
+        }
+        let (r, n) = (u32_of(OP, "rows", rows)?, u32_of(OP, "tokens", n_tok)?);
+        launch!(
+            self,
+            "elementwise.cu",
+            "bias_add_f32",
+            linear(rows * n_tok),
+            y,
+            b,
+            &r,
+            &n
+        );
+        Ok(())
+    }
+
+    /// Fills the first `n` elements of `out` with the synthetic bell-shaped values of `seed`
+    /// ([`crate::reference::bell_value`]).
+    pub fn fill_bell(
+        &self,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+        seed: u64,
+        scale: f32,
+    ) -> Result<(), CudaError> {
+        check_len("fill bell", "out", out.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as u64;
+        launch!(
+            self,
+            "elementwise.cu",
+            "fill_bell_f32",
+            linear(n),
+            out,
+            &n64,
+            &seed,
+            &scale
+        );
+        Ok(())
+    }
+
+    /// Reads `x` once with `blocks` thread blocks (`partial[b]` = block sums; `x.len()` must be
+    /// a multiple of 4). The timed half of the device read-bandwidth measurement.
+    pub fn read_sum(
+        &self,
+        x: &CudaSlice<f32>,
+        partial: &mut CudaSlice<f32>,
+        blocks: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "read sum";
+        if !x.len().is_multiple_of(4) || blocks == 0 {
+            return Err(shape(
+                OP,
+                format!(
+                    "{} elements in {blocks} blocks (need a multiple of 4, blocks > 0)",
+                    x.len()
+                ),
+            ));
+        }
+        check_len(OP, "partial", partial.len(), blocks)?;
+        let n4 = (x.len() / 4) as u64;
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(OP, "blocks", blocks)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "elementwise.cu", "read_sum_f32", cfg, x, &n4, partial);
+        Ok(())
+    }
+
     /// `out = silu(gate) * up`.
     pub fn swiglu(
         &self,

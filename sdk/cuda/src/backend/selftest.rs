@@ -130,6 +130,49 @@ impl CudaDevice {
             0.0,
         ));
 
+        let rows = 97;
+        let bias = values(rng, rows, rows, outliers);
+        let ys = values(rng, rows * 5, rows, outliers);
+        let mut y = self.upload(&ys)?;
+        self.bias_add(&mut y, &self.upload(&bias)?, rows, 5)?;
+        let mut want = ys.clone();
+        cpu::bias_add(&mut want, &bias);
+        out.push(check(
+            "bias_add_f32",
+            kind(outliers),
+            normalized_error(&self.download(&y)?, &want),
+            0.0,
+        ));
+
+        if !outliers {
+            let seed = rng.next_u64();
+            let mut f = self.zeros::<f32>(n)?;
+            self.fill_bell(&mut f, n, seed, 0.5)?;
+            let want: Vec<f32> = (0..n as u64)
+                .map(|i| cpu::bell_value(seed, i, 0.5))
+                .collect();
+            out.push(check(
+                "fill_bell_f32",
+                format!("seed {seed:#x}"),
+                normalized_error(&self.download(&f)?, &want),
+                1e-7,
+            ));
+            let m = 1 << 16;
+            let data = rng.normals(m);
+            let blocks = 37;
+            let mut partial = self.zeros::<f32>(blocks)?;
+            self.read_sum(&self.upload(&data)?, &mut partial, blocks)?;
+            let got: f64 = self.download(&partial)?.iter().map(|&v| v as f64).sum();
+            let want: f64 = data.iter().map(|&v| v as f64).sum();
+            let abs: f64 = data.iter().map(|&v| (v as f64).abs()).sum();
+            out.push(check(
+                "read_sum_f32",
+                format!("{m} f32 in {blocks} blocks"),
+                (got - want).abs() / abs,
+                1e-5,
+            ));
+        }
+
         let mut o = self.zeros::<f32>(n)?;
         self.swiglu(&mut o, &self.upload(&a)?, &self.upload(&b)?, n)?;
         out.push(check(
@@ -297,7 +340,14 @@ impl CudaDevice {
                 values(rng, len * row, layout.head_dim, outliers),
                 values(rng, len * row, layout.head_dim, false),
             );
-            self.kv_store_text(&mut pools, t, 0, len, &self.upload(&k)?, &self.upload(&v)?)?;
+            self.kv_store_text(
+                &mut pools,
+                t,
+                0,
+                len,
+                &self.upload(&k)?.slice(..),
+                &self.upload(&v)?.slice(..),
+            )?;
             host.store_text(t, 0, &k, &v);
             push(BlockKind::Text, t, len, &mut entries);
         }
@@ -307,7 +357,14 @@ impl CudaDevice {
                 values(rng, len * row, layout.head_dim, outliers),
                 values(rng, len * row, layout.head_dim, outliers),
             );
-            self.kv_quantize_frame(&mut pools, f, 0, len, &self.upload(&k)?, &self.upload(&v)?)?;
+            self.kv_quantize_frame(
+                &mut pools,
+                f,
+                0,
+                len,
+                &self.upload(&k)?.slice(..),
+                &self.upload(&v)?.slice(..),
+            )?;
             host.quantize_frame(f, 0, len, &k, &v);
             push(BlockKind::Frame, f, len, &mut entries);
         }
@@ -316,7 +373,14 @@ impl CudaDevice {
             values(rng, len * row, layout.head_dim, outliers),
             values(rng, len * row, layout.head_dim, false),
         );
-        self.kv_store_text(&mut pools, 2, 0, len, &self.upload(&k)?, &self.upload(&v)?)?;
+        self.kv_store_text(
+            &mut pools,
+            2,
+            0,
+            len,
+            &self.upload(&k)?.slice(..),
+            &self.upload(&v)?.slice(..),
+        )?;
         host.store_text(2, 0, &k, &v);
         push(BlockKind::Text, 2, len, &mut entries);
 

@@ -1,0 +1,602 @@
+//! The Llama / Mistral / Qwen2 decoder on the GPU: weights read from the Hugging Face files by
+//! `jetvlm_decoder` and uploaded in chunks straight into their final device buffers (stored
+//! precision kept: f32, f16 or bf16), and a forward pass over spans of token ids or
+//! embeddings that writes K/V into the device mixed KV pools (FP16 text blocks, quantized
+//! frame blocks) and attends over them with the fused attention kernel.
+//!
+//! Matrix products are the `gemv` kernel (up to 8 tokens share each weight read), so decode
+//! and prefill run the same code; prefill runs in chunks of [`PREFILL_CHUNK`] tokens.
+
+use std::path::Path;
+
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use half::{bf16, f16};
+use jetvlm_core::{DType, TokenKind};
+use jetvlm_decoder::kernels::Rope;
+use jetvlm_decoder::model::PREFIXES;
+use jetvlm_decoder::{Config, Tensor, TensorData, Weights};
+
+use super::device::{CudaDevice, driver_err};
+use super::kv::{AttentionPlan, DeviceKvPools, PoolMemory, Splits};
+use super::ops::DeviceWeights;
+use crate::error::CudaError;
+use crate::kvtable::{DevicePolicy, KvBlockTable};
+use crate::layout::BlockKind;
+
+/// Tokens per forward chunk (bounds the activation scratch).
+pub const PREFILL_CHUNK: usize = 512;
+/// Elements per host staging chunk when uploading weights.
+const UPLOAD_CHUNK: usize = 1 << 22;
+
+fn model_err(dir: &Path) -> impl Fn(jetvlm_decoder::DecoderError) -> CudaError + '_ {
+    move |e| CudaError::Model {
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// A weight matrix `[rows][cols]` and its optional bias on the device.
+#[derive(Debug)]
+struct DeviceLinear {
+    w: DeviceWeights,
+    rows: usize,
+    cols: usize,
+    bias: Option<CudaSlice<f32>>,
+}
+
+#[derive(Debug)]
+struct DeviceLayer {
+    input_norm: DeviceWeights,
+    q: DeviceLinear,
+    k: DeviceLinear,
+    v: DeviceLinear,
+    o: DeviceLinear,
+    post_norm: DeviceWeights,
+    gate: DeviceLinear,
+    up: DeviceLinear,
+    down: DeviceLinear,
+}
+
+/// A decoder loaded onto the GPU.
+#[derive(Debug)]
+pub struct DeviceDecoder {
+    config: Config,
+    embed: DeviceWeights,
+    layers: Vec<DeviceLayer>,
+    norm: DeviceWeights,
+    lm_head: Option<DeviceWeights>,
+    inv_freq: CudaSlice<f32>,
+    dtype: DType,
+    weight_bytes_per_token: u64,
+}
+
+impl DeviceDecoder {
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    pub fn vocab_size(&self) -> usize {
+        self.config.model.vocab_size
+    }
+    pub fn hidden_size(&self) -> usize {
+        self.config.model.hidden_size
+    }
+    /// Stored type of the weight matrices.
+    pub fn weight_dtype(&self) -> DType {
+        self.dtype
+    }
+    /// Weight bytes one decode step reads (every matrix, norms, LM head).
+    pub fn weight_bytes_read_per_token(&self) -> u64 {
+        self.weight_bytes_per_token
+    }
+}
+
+fn upload_slice<T: DeviceRepr + ValidAsZeroBits + Copy>(
+    dev: &CudaDevice,
+    s: &[T],
+) -> Result<CudaSlice<T>, CudaError> {
+    dev.upload_chunked::<T, _>(s.len(), UPLOAD_CHUNK, |off, chunk| {
+        chunk.copy_from_slice(&s[off..off + chunk.len()]);
+        Ok(())
+    })
+}
+
+/// A tensor in its stored precision, uploaded chunk by chunk from the memory-mapped file.
+fn upload_tensor(dev: &CudaDevice, t: &Tensor) -> Result<DeviceWeights, CudaError> {
+    Ok(match t.data() {
+        TensorData::F32(s) => DeviceWeights::F32(upload_slice::<f32>(dev, s)?),
+        TensorData::F16(s) => DeviceWeights::F16(upload_slice::<f16>(dev, s)?),
+        TensorData::BF16(s) => DeviceWeights::BF16(upload_slice::<bf16>(dev, s)?),
+    })
+}
+
+fn upload_f32(dev: &CudaDevice, t: &Tensor) -> Result<CudaSlice<f32>, CudaError> {
+    dev.upload(&t.to_f32_vec())
+}
+
+impl CudaDevice {
+    /// Loads the decoder in `dir` (config.json + safetensors) onto this device.
+    pub fn load_decoder(&self, dir: &Path) -> Result<DeviceDecoder, CudaError> {
+        let config = Config::from_dir(dir).map_err(model_err(dir))?;
+        let ws = Weights::open(dir).map_err(model_err(dir))?;
+        let c = config.model.clone();
+        let (prefix, head_name) = PREFIXES
+            .iter()
+            .find(|(p, _)| ws.contains(&format!("{p}embed_tokens.weight")))
+            .copied()
+            .unwrap_or(PREFIXES[0]);
+        let get = |name: String, shape: &[usize]| ws.get(&name, shape).map_err(model_err(dir));
+        let h = c.hidden_size;
+        let qd = c.num_attention_heads * c.head_dim;
+        let kvd = c.num_key_value_heads * c.head_dim;
+        let mut bytes = 0u64;
+        let mut linear = |name: String, rows: usize, cols: usize, bias: bool| {
+            let t = get(format!("{name}.weight"), &[rows, cols])?;
+            bytes += t.size_bytes() as u64;
+            let bias = if bias {
+                bytes += 4 * rows as u64;
+                Some(upload_f32(self, &get(format!("{name}.bias"), &[rows])?)?)
+            } else {
+                None
+            };
+            Ok::<_, CudaError>(DeviceLinear {
+                w: upload_tensor(self, &t)?,
+                rows,
+                cols,
+                bias,
+            })
+        };
+        let norm = |name: String| -> Result<DeviceWeights, CudaError> {
+            Ok(DeviceWeights::F32(upload_f32(self, &get(name, &[h])?)?))
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("{prefix}layers.{i}");
+            let b = c.attention_bias;
+            let inter = c.intermediate_size;
+            layers.push(DeviceLayer {
+                input_norm: norm(format!("{p}.input_layernorm.weight"))?,
+                q: linear(format!("{p}.self_attn.q_proj"), qd, h, b)?,
+                k: linear(format!("{p}.self_attn.k_proj"), kvd, h, b)?,
+                v: linear(format!("{p}.self_attn.v_proj"), kvd, h, b)?,
+                o: linear(format!("{p}.self_attn.o_proj"), h, qd, false)?,
+                post_norm: norm(format!("{p}.post_attention_layernorm.weight"))?,
+                gate: linear(format!("{p}.mlp.gate_proj"), inter, h, false)?,
+                up: linear(format!("{p}.mlp.up_proj"), inter, h, false)?,
+                down: linear(format!("{p}.mlp.down_proj"), h, inter, false)?,
+            });
+        }
+        bytes += (c.num_hidden_layers * 2 * 4 * h) as u64;
+        let embed_t = get(format!("{prefix}embed_tokens.weight"), &[c.vocab_size, h])?;
+        let dtype = embed_t.dtype();
+        let embed = upload_tensor(self, &embed_t)?;
+        let lm_head = if c.tie_word_embeddings {
+            bytes += embed_t.size_bytes() as u64;
+            None
+        } else {
+            let t = get(head_name.to_string(), &[c.vocab_size, h])?;
+            bytes += t.size_bytes() as u64;
+            Some(upload_tensor(self, &t)?)
+        };
+        let final_norm = norm(format!("{prefix}norm.weight"))?;
+        bytes += 4 * h as u64;
+        let inv: Vec<f32> = Rope::new(&c).inv_freq().iter().map(|&f| f as f32).collect();
+        let inv_freq = self.upload(&inv)?;
+        self.synchronize()?;
+        Ok(DeviceDecoder {
+            config,
+            embed,
+            layers,
+            norm: final_norm,
+            lm_head,
+            inv_freq,
+            dtype,
+            weight_bytes_per_token: bytes,
+        })
+    }
+
+    fn linear(
+        &self,
+        l: &DeviceLinear,
+        x: &CudaSlice<f32>,
+        n: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        self.gemv(y, &l.w, x, l.rows, l.cols, n)?;
+        if let Some(b) = &l.bias {
+            self.bias_add(y, b, l.rows, n)?;
+        }
+        Ok(())
+    }
+}
+
+/// The device KV cache of one sequence: one [`DeviceKvPools`] per layer and the shared
+/// block table.
+#[derive(Debug)]
+pub struct DeviceKvCache {
+    table: KvBlockTable,
+    layers: Vec<DeviceKvPools>,
+}
+
+impl DeviceKvCache {
+    /// Pools for `layers` layers holding up to `text_tokens` text and `frame_tokens` frame
+    /// tokens appended in at most `spans` spans, in device or mapped host memory.
+    pub fn new(
+        dev: &CudaDevice,
+        policy: DevicePolicy,
+        layers: usize,
+        text_tokens: usize,
+        frame_tokens: usize,
+        spans: usize,
+        memory: PoolMemory,
+    ) -> Result<Self, CudaError> {
+        let (tb, fb) = policy.blocks_for(text_tokens, frame_tokens, spans.max(1));
+        let pools = (0..layers)
+            .map(|_| dev.kv_pools_in(policy.layout, tb, fb, memory))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            table: KvBlockTable::new(policy, tb, fb),
+            layers: pools,
+        })
+    }
+
+    pub fn table(&self) -> &KvBlockTable {
+        &self.table
+    }
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+    /// Bytes of all layers' pools.
+    pub fn pool_bytes(&self) -> u64 {
+        self.layers.iter().map(|p| p.bytes() as u64).sum()
+    }
+    /// Bytes one decode step's attention reads over all layers.
+    pub fn attention_read_bytes(&self) -> u64 {
+        self.table.attention_bytes_per_layer() * self.layers.len() as u64
+    }
+    pub fn layer_pools(&self, layer: usize) -> Option<&DeviceKvPools> {
+        self.layers.get(layer)
+    }
+    /// Forgets every token.
+    pub fn clear(&mut self) {
+        self.table.clear();
+    }
+
+    /// Appends `n` tokens of `kind` and writes their K/V (`[n][kv_heads][head_dim]` f32 per
+    /// layer, produced by `kv(layer, k, v)`) into every layer.
+    pub fn append_with<F>(
+        &mut self,
+        dev: &CudaDevice,
+        kind: TokenKind,
+        n: usize,
+        mut kv: F,
+    ) -> Result<(), CudaError>
+    where
+        F: FnMut(usize, &mut CudaSlice<f32>, &mut CudaSlice<f32>) -> Result<(), CudaError>,
+    {
+        let row = self.table.policy().layout.row_elems();
+        let mut k = dev.zeros::<f32>(n * row)?;
+        let mut v = dev.zeros::<f32>(n * row)?;
+        let placements = self.table.append(kind, n)?;
+        for (li, pools) in self.layers.iter_mut().enumerate() {
+            kv(li, &mut k, &mut v)?;
+            write_placements(dev, pools, &placements, &k, &v, row)?;
+        }
+        Ok(())
+    }
+}
+
+fn write_placements(
+    dev: &CudaDevice,
+    pools: &mut DeviceKvPools,
+    placements: &[crate::kvtable::Placement],
+    k: &CudaSlice<f32>,
+    v: &CudaSlice<f32>,
+    row: usize,
+) -> Result<(), CudaError> {
+    for p in placements {
+        let r = p.src_token * row..(p.src_token + p.len) * row;
+        let (kv, vv) = (k.slice(r.clone()), v.slice(r));
+        match p.kind {
+            BlockKind::Text => dev.kv_store_text(pools, p.block, p.tok_offset, p.len, &kv, &vv)?,
+            BlockKind::Frame => {
+                dev.kv_quantize_frame(pools, p.block, p.tok_offset, p.len, &kv, &vv)?
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One span of forward input.
+#[derive(Clone, Copy, Debug)]
+pub enum DeviceInput<'a> {
+    /// Token ids embedded by the model's table, cached as `kind`.
+    Ids { ids: &'a [u32], kind: TokenKind },
+    /// Embeddings `[n][hidden]` (e.g. a camera frame's projected vision features).
+    Embeddings {
+        data: &'a [f32],
+        n: usize,
+        kind: TokenKind,
+    },
+}
+
+impl DeviceInput<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            DeviceInput::Ids { ids, .. } => ids.len(),
+            DeviceInput::Embeddings { n, .. } => *n,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn kind(&self) -> TokenKind {
+        match self {
+            DeviceInput::Ids { kind, .. } | DeviceInput::Embeddings { kind, .. } => *kind,
+        }
+    }
+}
+
+/// Activation buffers for chunks of up to [`PREFILL_CHUNK`] tokens.
+#[derive(Debug)]
+struct Scratch {
+    x: CudaSlice<f32>,
+    xn: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    att: CudaSlice<f32>,
+    tmp: CudaSlice<f32>,
+    gate: CudaSlice<f32>,
+    up: CudaSlice<f32>,
+    act: CudaSlice<f32>,
+    last: CudaSlice<f32>,
+    last_n: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+}
+
+/// A decoder and its KV cache on one device: the forward pass.
+#[derive(Debug)]
+pub struct DeviceSession<'a> {
+    dev: &'a CudaDevice,
+    model: &'a DeviceDecoder,
+    cache: DeviceKvCache,
+    s: Scratch,
+}
+
+impl<'a> DeviceSession<'a> {
+    /// A session over `cache` (its shape must match the model).
+    pub fn new(
+        dev: &'a CudaDevice,
+        model: &'a DeviceDecoder,
+        cache: DeviceKvCache,
+    ) -> Result<Self, CudaError> {
+        let c = &model.config.model;
+        let l = cache.table.policy().layout;
+        if l.kv_heads != c.num_key_value_heads
+            || l.head_dim != c.head_dim
+            || cache.layers.len() != c.num_hidden_layers
+        {
+            return Err(CudaError::Shape {
+                op: "device session",
+                message: format!(
+                    "KV cache of {} layers x {} kv heads x {} does not match the model's {} x {} x {}",
+                    cache.layers.len(),
+                    l.kv_heads,
+                    l.head_dim,
+                    c.num_hidden_layers,
+                    c.num_key_value_heads,
+                    c.head_dim
+                ),
+            });
+        }
+        let n = PREFILL_CHUNK;
+        let (h, qd) = (c.hidden_size, c.num_attention_heads * c.head_dim);
+        let kvd = c.num_key_value_heads * c.head_dim;
+        let inter = c.intermediate_size;
+        let s = Scratch {
+            x: dev.zeros(n * h)?,
+            xn: dev.zeros(n * h)?,
+            q: dev.zeros(n * qd)?,
+            k: dev.zeros(n * kvd)?,
+            v: dev.zeros(n * kvd)?,
+            att: dev.zeros(n * qd)?,
+            tmp: dev.zeros(n * h)?,
+            gate: dev.zeros(n * inter)?,
+            up: dev.zeros(n * inter)?,
+            act: dev.zeros(n * inter)?,
+            last: dev.zeros(h)?,
+            last_n: dev.zeros(h)?,
+            logits: dev.zeros(c.vocab_size)?,
+        };
+        Ok(Self {
+            dev,
+            model,
+            cache,
+            s,
+        })
+    }
+
+    pub fn cache(&self) -> &DeviceKvCache {
+        &self.cache
+    }
+    pub fn cache_mut(&mut self) -> &mut DeviceKvCache {
+        &mut self.cache
+    }
+    pub fn model(&self) -> &DeviceDecoder {
+        self.model
+    }
+
+    /// Runs the inputs in order after what the cache holds and returns the last token's
+    /// logits. Every span is validated before anything is written.
+    pub fn forward(&mut self, inputs: &[DeviceInput<'_>]) -> Result<Vec<f32>, CudaError> {
+        let c = &self.model.config.model;
+        let (h, vocab) = (c.hidden_size, c.vocab_size);
+        let bad = |message: String| CudaError::Shape {
+            op: "device forward",
+            message,
+        };
+        let total: usize = inputs.iter().map(DeviceInput::len).sum();
+        if total == 0 {
+            return Err(bad("no tokens to run".into()));
+        }
+        for (i, inp) in inputs.iter().enumerate() {
+            match inp {
+                DeviceInput::Ids { ids, .. } => {
+                    if let Some(&id) = ids.iter().find(|&&t| t as usize >= vocab) {
+                        return Err(bad(format!(
+                            "span {i}: token id {id} out of range (vocab {vocab})"
+                        )));
+                    }
+                }
+                DeviceInput::Embeddings { data, n, .. } => {
+                    if data.len() != n * h {
+                        return Err(bad(format!(
+                            "span {i}: {} embedding values for {n} tokens of hidden size {h}",
+                            data.len()
+                        )));
+                    }
+                }
+            }
+        }
+        for inp in inputs.iter().filter(|i| !i.is_empty()) {
+            let mut start = 0;
+            while start < inp.len() {
+                let n = (inp.len() - start).min(PREFILL_CHUNK);
+                match inp {
+                    DeviceInput::Ids { ids, .. } => self.dev.embedding(
+                        &mut self.s.x,
+                        &self.model.embed,
+                        &ids[start..start + n],
+                        h,
+                    )?,
+                    DeviceInput::Embeddings { data, .. } => {
+                        let mut view = self.s.x.slice_mut(0..n * h);
+                        self.dev
+                            .stream()
+                            .memcpy_htod(&data[start * h..(start + n) * h], &mut view)
+                            .map_err(driver_err("cuMemcpyHtoD"))?;
+                    }
+                }
+                self.run_chunk(n, inp.kind())?;
+                start += n;
+            }
+        }
+        // Logits of the last token of the last chunk (its row is still in `x`).
+        let last_row = {
+            let (n_last, _) = last_chunk(inputs);
+            (n_last - 1) * h
+        };
+        self.dev
+            .stream()
+            .memcpy_dtod(&self.s.x.slice(last_row..last_row + h), &mut self.s.last)
+            .map_err(driver_err("cuMemcpyDtoD"))?;
+        self.dev.rmsnorm(
+            &mut self.s.last_n,
+            &self.s.last,
+            &self.model.norm,
+            1,
+            h,
+            c.rms_norm_eps as f32,
+        )?;
+        let head = self.model.lm_head.as_ref().unwrap_or(&self.model.embed);
+        self.dev
+            .gemv(&mut self.s.logits, head, &self.s.last_n, vocab, h, 1)?;
+        self.dev.download(&self.s.logits)
+    }
+
+    /// Runs the `n` tokens in `s.x` through every layer, caching them as `kind`.
+    fn run_chunk(&mut self, n: usize, kind: TokenKind) -> Result<(), CudaError> {
+        let dev = self.dev;
+        let c = &self.model.config.model;
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps as f32);
+        let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let inter = c.intermediate_size;
+        let first = self.cache.table.len();
+        let placements = self.cache.table.append(kind, n)?;
+        let positions: Vec<u32> = (first..first + n).map(|p| p as u32).collect();
+        let d_pos = dev.upload(&positions)?;
+        let q_order: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        let layout = self.cache.table.policy().layout;
+        let mut plan: AttentionPlan = dev.attention_plan(
+            &layout,
+            self.cache.table.pool_blocks(),
+            hq,
+            self.cache.table.entries(),
+            &q_order,
+            Splits::Auto,
+        )?;
+        let s = &mut self.s;
+        for (layer, pools) in self.model.layers.iter().zip(self.cache.layers.iter_mut()) {
+            dev.rmsnorm(&mut s.xn, &s.x, &layer.input_norm, n, h, eps)?;
+            dev.linear(&layer.q, &s.xn, n, &mut s.q)?;
+            dev.linear(&layer.k, &s.xn, n, &mut s.k)?;
+            dev.linear(&layer.v, &s.xn, n, &mut s.v)?;
+            dev.rope(&mut s.q, &d_pos, &self.model.inv_freq, n, hq, d, d)?;
+            dev.rope(&mut s.k, &d_pos, &self.model.inv_freq, n, hkv, d, d)?;
+            write_placements(dev, pools, &placements, &s.k, &s.v, hkv * d)?;
+            dev.attend(pools, &mut plan, &s.q, &mut s.att)?;
+            dev.linear(&layer.o, &s.att, n, &mut s.tmp)?;
+            dev.residual_add(&mut s.x, &s.tmp, n * h)?;
+            dev.rmsnorm(&mut s.xn, &s.x, &layer.post_norm, n, h, eps)?;
+            dev.linear(&layer.gate, &s.xn, n, &mut s.gate)?;
+            dev.linear(&layer.up, &s.xn, n, &mut s.up)?;
+            dev.swiglu(&mut s.act, &s.gate, &s.up, n * inter)?;
+            dev.linear(&layer.down, &s.act, n, &mut s.tmp)?;
+            dev.residual_add(&mut s.x, &s.tmp, n * h)?;
+        }
+        Ok(())
+    }
+}
+
+/// Tokens in the last chunk of the last non-empty input, and that input's index.
+fn last_chunk(inputs: &[DeviceInput<'_>]) -> (usize, usize) {
+    let (i, inp) = inputs
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, i)| !i.is_empty())
+        .map(|(i, x)| (i, *x))
+        .unwrap_or((
+            0,
+            DeviceInput::Ids {
+                ids: &[],
+                kind: TokenKind::Text,
+            },
+        ));
+    let len = inp.len();
+    let rem = len % PREFILL_CHUNK;
+    (
+        if rem == 0 {
+            PREFILL_CHUNK.min(len)
+        } else {
+            rem
+        },
+        i,
+    )
+}
+
+impl DeviceSession<'_> {
+    /// Greedy generation of `n` tokens after `prompt` (no stop tokens).
+    pub fn greedy(&mut self, prompt: &[u32], n: usize) -> Result<Vec<u32>, CudaError> {
+        let mut out = Vec::with_capacity(n);
+        let mut logits = self.forward(&[DeviceInput::Ids {
+            ids: prompt,
+            kind: TokenKind::Text,
+        }])?;
+        while out.len() < n {
+            let t = jetvlm_decoder::sampler::argmax(&logits);
+            out.push(t);
+            if out.len() < n {
+                logits = self.forward(&[DeviceInput::Ids {
+                    ids: &[t],
+                    kind: TokenKind::Text,
+                }])?;
+            }
+        }
+        Ok(out)
+    }
+}

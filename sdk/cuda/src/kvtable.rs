@@ -1,0 +1,452 @@
+//! Block bookkeeping of the device KV cache: which pool block and slot each appended token
+//! goes to, and the attention context list ([`BlockEntry`]) the kernels read. Pure host code,
+//! shared by every layer (all layers place a token in the same block and slot).
+//!
+//! Rules (they keep the attention kernel's assumption that the tokens of one block have
+//! consecutive order indexes):
+//! - FP16 tokens (text, and frames when the policy keeps them FP16) go to text blocks. A span
+//!   continues the last block when that block is the newest entry and not full; otherwise it
+//!   starts a new block.
+//! - Quantized tokens go to frame blocks. With per-channel keys every span starts a new block
+//!   and each block is quantized whole (its key parameters span the block's tokens); with
+//!   per-token keys a span may continue the newest block.
+
+use jetvlm_core::TokenKind;
+use jetvlm_kvcache::{KeyMode, KvPolicy};
+
+use crate::error::CudaError;
+use crate::layout::{BlockEntry, BlockKind, KvLayout};
+
+/// The device form of a KV policy: the pool layout and which token kinds are quantized.
+///
+/// The CPU cache's FP16 budget, attention-sink and salient-token options are not applied on
+/// the device: every token of a quantized kind is quantized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DevicePolicy {
+    pub layout: KvLayout,
+    pub quantize_frames: bool,
+    pub quantize_text: bool,
+}
+
+impl DevicePolicy {
+    /// Maps `policy` onto the device pools for `kv_heads` x `head_dim`.
+    pub fn new(policy: &KvPolicy, kv_heads: usize, head_dim: usize) -> Result<Self, CudaError> {
+        let quantize_frames = policy.quantizes_frames();
+        let quantize_text = policy.quantize_text && quantize_frames;
+        let key_per_channel = policy.key_mode == KeyMode::PerChannel;
+        let err = |message: String| CudaError::Policy {
+            policy: policy.name(),
+            message,
+        };
+        if quantize_text && key_per_channel {
+            return Err(err(
+                "quantized text needs per-token keys (keys=token): text is appended one token at a time".into(),
+            ));
+        }
+        let any_quant = quantize_frames || quantize_text;
+        let mut layout = KvLayout {
+            kv_heads,
+            head_dim,
+            block_tokens: policy.quant_block_tokens,
+            bits: if any_quant { policy.frame_bits } else { 4 },
+            group: policy.group,
+            key_per_channel,
+        };
+        if !any_quant && !head_dim.is_multiple_of(layout.group) {
+            // Nothing is quantized: the group is unused, pick one the layout accepts.
+            layout.group = 32;
+        }
+        layout.validate().map_err(|e| err(e.to_string()))?;
+        Ok(Self {
+            layout,
+            quantize_frames,
+            quantize_text,
+        })
+    }
+
+    /// Whether tokens of `kind` are stored quantized.
+    pub fn quantizes(&self, kind: TokenKind) -> bool {
+        match kind {
+            TokenKind::Text => self.quantize_text,
+            TokenKind::Frame => self.quantize_frames,
+        }
+    }
+
+    /// Pool blocks (text, frame) that hold `text_tokens` and `frame_tokens` in spans of at
+    /// least `min_span` tokens each (every new span may open a partial block).
+    pub fn blocks_for(
+        &self,
+        text_tokens: usize,
+        frame_tokens: usize,
+        spans: usize,
+    ) -> (usize, usize) {
+        let t = self.layout.block_tokens;
+        let (mut fp16, mut quant) = (0, 0);
+        for (kind, n) in [
+            (TokenKind::Text, text_tokens),
+            (TokenKind::Frame, frame_tokens),
+        ] {
+            if n == 0 {
+                continue;
+            }
+            let blocks = n.div_ceil(t) + spans;
+            if self.quantizes(kind) {
+                quant += blocks;
+            } else {
+                fp16 += blocks;
+            }
+        }
+        (fp16, quant)
+    }
+}
+
+/// Where `len` consecutive tokens of a span (starting at token `src_token` of the span) are
+/// written: block `block` of the text or frame pool, slots `tok_offset..tok_offset + len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub kind: BlockKind,
+    pub block: usize,
+    pub tok_offset: usize,
+    pub len: usize,
+    pub src_token: usize,
+}
+
+/// Block assignment of one sequence over pools of `text_blocks` + `frame_blocks`.
+#[derive(Clone, Debug)]
+pub struct KvBlockTable {
+    policy: DevicePolicy,
+    text_blocks: usize,
+    frame_blocks: usize,
+    next_text: usize,
+    next_frame: usize,
+    entries: Vec<BlockEntry>,
+    tokens: usize,
+    text_tokens: usize,
+    frame_tokens: usize,
+}
+
+impl KvBlockTable {
+    pub fn new(policy: DevicePolicy, text_blocks: usize, frame_blocks: usize) -> Self {
+        Self {
+            policy,
+            text_blocks,
+            frame_blocks,
+            next_text: 0,
+            next_frame: 0,
+            entries: Vec::new(),
+            tokens: 0,
+            text_tokens: 0,
+            frame_tokens: 0,
+        }
+    }
+
+    pub fn policy(&self) -> &DevicePolicy {
+        &self.policy
+    }
+    /// Tokens appended so far (the next token's order index and position).
+    pub fn len(&self) -> usize {
+        self.tokens
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tokens == 0
+    }
+    /// The attention context: every block in append order.
+    pub fn entries(&self) -> &[BlockEntry] {
+        &self.entries
+    }
+    /// (text pool blocks, frame pool blocks) the table was sized for.
+    pub fn pool_blocks(&self) -> (usize, usize) {
+        (self.text_blocks, self.frame_blocks)
+    }
+    /// Tokens held FP16 and quantized.
+    pub fn token_counts(&self) -> (usize, usize) {
+        (self.text_tokens, self.frame_tokens)
+    }
+    /// Bytes attention reads per layer: the used slots of every block listed.
+    pub fn attention_bytes_per_layer(&self) -> u64 {
+        let l = &self.policy.layout;
+        let fp16_tok = (2 * 2 * l.row_elems()) as u64;
+        let code_tok = (2 * l.kv_heads * l.code_row_bytes()) as u64;
+        let v_params_tok = (4 * l.kv_heads * l.groups()) as u64;
+        self.entries
+            .iter()
+            .map(|e| {
+                let n = e.len as u64;
+                match e.kind {
+                    BlockKind::Text => n * fp16_tok,
+                    BlockKind::Frame => {
+                        let k_params = if l.key_per_channel {
+                            (4 * l.row_elems()) as u64
+                        } else {
+                            n * v_params_tok
+                        };
+                        n * (code_tok + v_params_tok) + k_params
+                    }
+                }
+            })
+            .sum()
+    }
+
+    /// Appends `n` tokens of `kind`; returns where each run of them goes. Nothing changes when
+    /// the pools are too small (the error says which pool).
+    pub fn append(&mut self, kind: TokenKind, n: usize) -> Result<Vec<Placement>, CudaError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let t = self.policy.layout.block_tokens;
+        let quant = self.policy.quantizes(kind);
+        let bkind = if quant {
+            BlockKind::Frame
+        } else {
+            BlockKind::Text
+        };
+        // Room in the newest block, if this span may continue it.
+        let may_continue = !(quant && self.policy.layout.key_per_channel);
+        let open = match self.entries.last() {
+            Some(e) if may_continue && e.kind == bkind && (e.len as usize) < t => {
+                t - e.len as usize
+            }
+            _ => 0,
+        };
+        let first = open.min(n);
+        let new_blocks = (n - first).div_ceil(t);
+        let (next, cap) = if quant {
+            (self.next_frame, self.frame_blocks)
+        } else {
+            (self.next_text, self.text_blocks)
+        };
+        if next + new_blocks > cap {
+            return Err(CudaError::KvFull {
+                message: format!(
+                    "{n} {} tokens need {new_blocks} more {} blocks; {} of {cap} are in use",
+                    match kind {
+                        TokenKind::Text => "text",
+                        TokenKind::Frame => "frame",
+                    },
+                    if quant { "quantized" } else { "FP16" },
+                    next
+                ),
+            });
+        }
+        let mut out = Vec::with_capacity(new_blocks + 1);
+        let mut done = 0;
+        if first > 0 {
+            let e = self.entries.last_mut().ok_or_else(|| CudaError::KvFull {
+                message: "no open block".into(),
+            })?;
+            out.push(Placement {
+                kind: bkind,
+                block: e.block as usize,
+                tok_offset: e.len as usize,
+                len: first,
+                src_token: 0,
+            });
+            e.len += first as u32;
+            done = first;
+        }
+        while done < n {
+            let len = (n - done).min(t);
+            let block = if quant {
+                self.next_frame += 1;
+                self.next_frame - 1
+            } else {
+                self.next_text += 1;
+                self.next_text - 1
+            };
+            out.push(Placement {
+                kind: bkind,
+                block,
+                tok_offset: 0,
+                len,
+                src_token: done,
+            });
+            self.entries.push(BlockEntry {
+                kind: bkind,
+                block: block as u32,
+                len: len as u32,
+                order: (self.tokens + done) as i32,
+            });
+            done += len;
+        }
+        self.tokens += n;
+        if quant {
+            self.frame_tokens += n;
+        } else {
+            self.text_tokens += n;
+        }
+        Ok(out)
+    }
+
+    /// Forgets every token (the pools' contents become unused).
+    pub fn clear(&mut self) {
+        self.next_text = 0;
+        self.next_frame = 0;
+        self.entries.clear();
+        self.tokens = 0;
+        self.text_tokens = 0;
+        self.frame_tokens = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inputs::Rng;
+    use crate::reference::{self, HostPools};
+
+    fn policy(s: &str, kv_heads: usize, head_dim: usize) -> DevicePolicy {
+        DevicePolicy::new(&s.parse::<KvPolicy>().unwrap(), kv_heads, head_dim).unwrap()
+    }
+
+    /// Writes spans through the table into host pools (the kernels' twins), then checks the
+    /// reference attention over the table's entries against a direct causal attention over
+    /// the stored (dequantized) tokens in append order.
+    fn roundtrip(p: DevicePolicy, spans: &[(TokenKind, usize)]) {
+        let l = p.layout;
+        let total_text: usize = spans
+            .iter()
+            .filter(|s| s.0 == TokenKind::Text)
+            .map(|s| s.1)
+            .sum();
+        let total_frame: usize = spans.iter().map(|s| s.1).sum::<usize>() - total_text;
+        let (tb, fb) = p.blocks_for(total_text, total_frame, spans.len());
+        let mut table = KvBlockTable::new(p, tb, fb);
+        let mut host = HostPools::new(l, tb, fb);
+        let mut rng = Rng::new(3);
+        let row = l.row_elems();
+        // Where each token landed, in append order.
+        let mut slots: Vec<(BlockKind, usize, usize)> = Vec::new();
+        for &(kind, n) in spans {
+            let k = rng.normals(n * row);
+            let v = rng.normals(n * row);
+            for pl in table.append(kind, n).unwrap() {
+                let r = pl.src_token * row..(pl.src_token + pl.len) * row;
+                match pl.kind {
+                    BlockKind::Text => {
+                        host.store_text(pl.block, pl.tok_offset, &k[r.clone()], &v[r])
+                    }
+                    BlockKind::Frame => {
+                        host.quantize_frame(pl.block, pl.tok_offset, pl.len, &k[r.clone()], &v[r])
+                    }
+                }
+                for t in 0..pl.len {
+                    slots.push((pl.kind, pl.block, pl.tok_offset + t));
+                }
+            }
+        }
+        assert_eq!(slots.len(), table.len());
+        // Orders of consecutive tokens inside every entry.
+        for e in table.entries() {
+            for t in 0..e.len as usize {
+                let s = slots[e.order as usize + t];
+                assert_eq!((s.0, s.1, s.2), (e.kind, e.block as usize, t), "{e:?}");
+            }
+        }
+        let q_heads = 2 * l.kv_heads;
+        let n_q = 3;
+        let q = rng.normals(n_q * q_heads * l.head_dim);
+        let q_order: Vec<i32> = (0..n_q)
+            .map(|i| (table.len() - n_q + i) as i32 - 2)
+            .collect();
+        let got = reference::attention(&host, &q, &q_order, q_heads, table.entries());
+        let d = l.head_dim;
+        let g = q_heads / l.kv_heads;
+        let mut want = vec![0f32; got.len()];
+        for (qi, &qo) in q_order.iter().enumerate() {
+            for hq in 0..q_heads {
+                let qv = &q[(qi * q_heads + hq) * d..(qi * q_heads + hq + 1) * d];
+                let seen = &slots[..=qo as usize];
+                let kv: Vec<_> = seen
+                    .iter()
+                    .map(|&(k, b, t)| host.token(k, b, t, hq / g))
+                    .collect();
+                let scores: Vec<f64> = kv
+                    .iter()
+                    .map(|(k, _)| {
+                        k.iter()
+                            .zip(qv)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let sum: f64 = w.iter().sum();
+                for e in 0..d {
+                    let a: f64 = w.iter().zip(&kv).map(|(w, (_, v))| w * v[e] as f64).sum();
+                    want[(qi * q_heads + hq) * d + e] = (a / sum) as f32;
+                }
+            }
+        }
+        let err = reference::normalized_error(&got, &want);
+        assert!(err < 1e-5, "{err}");
+    }
+
+    #[test]
+    fn mixed_spans_keep_orders_consecutive_within_blocks() {
+        use TokenKind::{Frame, Text};
+        let spans = [
+            (Text, 5),
+            (Frame, 64),
+            (Frame, 70),
+            (Text, 3),
+            (Text, 1),
+            (Text, 1),
+            (Frame, 10),
+            (Text, 40),
+        ];
+        roundtrip(policy("mixed", 2, 64), &spans);
+        roundtrip(policy("fp16", 2, 64), &spans);
+        roundtrip(policy("mixed:keys=token,bits=2", 2, 64), &spans);
+        roundtrip(policy("int4-all", 1, 64), &spans);
+    }
+
+    #[test]
+    fn decode_tokens_fill_the_open_block() {
+        let p = policy("mixed", 1, 64);
+        let mut t = KvBlockTable::new(p, 4, 4);
+        t.append(TokenKind::Text, 10).unwrap();
+        t.append(TokenKind::Frame, 64).unwrap();
+        // Text after a frame opens a new FP16 block.
+        let a = t.append(TokenKind::Text, 1).unwrap();
+        assert_eq!((a[0].block, a[0].tok_offset), (1, 0));
+        for i in 1..70 {
+            let pl = t.append(TokenKind::Text, 1).unwrap();
+            assert_eq!(pl.len(), 1);
+            assert_eq!((pl[0].block, pl[0].tok_offset), (1 + i / 64, i % 64));
+        }
+        assert_eq!(t.entries().len(), 4);
+        assert_eq!(t.token_counts(), (80, 64));
+    }
+
+    #[test]
+    fn full_pools_are_an_error_and_change_nothing() {
+        let p = policy("mixed", 1, 64);
+        let mut t = KvBlockTable::new(p, 1, 1);
+        t.append(TokenKind::Text, 60).unwrap();
+        let before = t.entries().to_vec();
+        let e = t.append(TokenKind::Text, 10).unwrap_err();
+        assert!(matches!(e, CudaError::KvFull { .. }), "{e}");
+        assert_eq!(t.entries(), &before[..]);
+        assert_eq!(t.len(), 60);
+        t.append(TokenKind::Frame, 64).unwrap();
+        assert!(t.append(TokenKind::Frame, 1).is_err());
+    }
+
+    #[test]
+    fn policies_map_or_fail_clearly() {
+        let p = policy("fp16", 2, 32);
+        assert!(!p.quantize_frames && !p.quantize_text);
+        let e = DevicePolicy::new(&"mixed".parse().unwrap(), 2, 32).unwrap_err();
+        assert!(e.to_string().contains("group"), "{e}");
+        let per_channel_text = KvPolicy {
+            key_mode: KeyMode::PerChannel,
+            ..KvPolicy::int4_all()
+        };
+        let e = DevicePolicy::new(&per_channel_text, 2, 64).unwrap_err();
+        assert!(e.to_string().contains("keys=token"), "{e}");
+        let p = policy("int4-all", 2, 64);
+        assert!(p.quantize_text && p.quantizes(TokenKind::Text));
+    }
+}
