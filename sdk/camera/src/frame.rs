@@ -47,4 +47,9 @@ pub trait FrameSource: Send {
     fn fps(&self) -> Option<f64>;
     /// A short human-readable description (the URI it was opened from).
     fn describe(&self) -> String;
+    /// Ground truth of the most recently captured frame, for sources that know it (the
+    /// synthetic scene); cameras return `None`.
+    fn ground_truth(&self) -> Option<&crate::scene::FrameTruth> {
+        None
+    }
 }

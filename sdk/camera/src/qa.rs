@@ -159,6 +159,65 @@ fn single(category: &'static str, t: &FrameTruth, rng: &mut Rng) -> Option<(Stri
     }
 }
 
+/// The ground-truth answer to a single-frame question about frame `t`, for the questions the
+/// dataset asks (same wording, case and surrounding spaces ignored). `None` when the question
+/// is not one of them or its answer would be ambiguous in this frame (a name that is not
+/// unique, an object near a zone boundary), exactly as the dataset would not ask it.
+pub fn single_frame_answer(question: &str, t: &FrameTruth) -> Option<String> {
+    let q = question.trim().to_lowercase();
+    let objs = &t.objects;
+    let count = |f: &dyn Fn(&Object) -> bool| objs.iter().filter(|o| f(o)).count().to_string();
+    if q == "how many objects are there?" {
+        return Some(objs.len().to_string());
+    }
+    for c in Colour::ALL {
+        if q == format!("how many {} objects are there?", c.name()) {
+            return Some(count(&|o| o.colour == c));
+        }
+        if q == format!("what shape is the {} object?", c.name()) {
+            let mut it = objs.iter().filter(|o| o.colour == c);
+            return match (it.next(), it.next()) {
+                (Some(o), None) => Some(o.shape.name().into()),
+                _ => None,
+            };
+        }
+        for s in Shape::ALL {
+            if q == format!("is there a {} {}?", c.name(), s.name()) {
+                let present = objs.iter().any(|o| o.colour == c && o.shape == s);
+                return Some(if present { "yes" } else { "no" }.into());
+            }
+            if q == format!("where is the {} {}?", c.name(), s.name()) {
+                let mut it = objs.iter().filter(|o| o.colour == c && o.shape == s);
+                return match (it.next(), it.next()) {
+                    (Some(o), None) if zone_clear(o, t) => Some(o.zone(t.width).name().into()),
+                    _ => None,
+                };
+            }
+        }
+    }
+    for s in Shape::ALL {
+        if q == format!("how many {} are there?", s.plural()) {
+            return Some(count(&|o| o.shape == s));
+        }
+        if q == format!("what colour is the {}?", s.name()) {
+            let mut it = objs.iter().filter(|o| o.shape == s);
+            return match (it.next(), it.next()) {
+                (Some(o), None) => Some(o.colour.name().into()),
+                _ => None,
+            };
+        }
+    }
+    for z in Zone::ALL {
+        if q == format!("how many objects are in the {} zone?", z.name()) {
+            if !objs.iter().all(|o| zone_clear(o, t)) {
+                return None;
+            }
+            return Some(count(&|o| o.zone(t.width) == z));
+        }
+    }
+    None
+}
+
 /// Objects present in both frames, with their displacement; `None` when any displacement is
 /// borderline (neither clearly still nor clearly moved).
 fn displacements<'a>(
@@ -274,7 +333,8 @@ fn multi(
 }
 
 /// Up to `n` questions of distinct categories about a clip (1 frame: single-frame questions
-/// about it; more: multi-frame questions about its first and last frames).
+/// about it; more: multi-frame questions about its first and last frames). [`clip`] adds
+/// single-frame questions about the last frame of a multi-frame clip.
 pub fn questions(truths: &[FrameTruth], n: usize, rng: &mut Rng) -> Vec<Question> {
     let (Some(first), Some(last)) = (truths.first(), truths.last()) else {
         return Vec::new();
@@ -347,6 +407,10 @@ pub struct DatasetConfig {
     pub frames: (usize, usize),
     /// Questions asked per clip (distinct categories).
     pub questions_per_clip: usize,
+    /// Single-frame questions about the latest frame added to each multi-frame clip (after
+    /// its multi-frame questions), so that a model also answers "how many objects are
+    /// there?" with several frames in its context, as a camera session asks it.
+    pub latest_frame_questions: usize,
 }
 
 impl Default for DatasetConfig {
@@ -364,6 +428,7 @@ impl Default for DatasetConfig {
             multi_fraction: 0.5,
             frames: (2, 4),
             questions_per_clip: 3,
+            latest_frame_questions: 1,
         }
     }
 }
@@ -395,7 +460,17 @@ pub fn clip(cfg: &DatasetConfig, index: usize) -> Result<(Clip, Vec<Question>)> 
         clip.truths.push(scene.truth());
         clip.frames.push(scene.render());
     }
-    let qs = questions(&clip.truths, cfg.questions_per_clip, &mut rng);
+    let mut qs = questions(&clip.truths, cfg.questions_per_clip, &mut rng);
+    if n_frames > 1
+        && cfg.latest_frame_questions > 0
+        && let Some(last) = clip.truths.last()
+    {
+        qs.extend(questions(
+            std::slice::from_ref(last),
+            cfg.latest_frame_questions,
+            &mut rng,
+        ));
+    }
     Ok((clip, qs))
 }
 
@@ -570,6 +645,7 @@ fn write_into(dir: &Path, cfg: &DatasetConfig) -> Result<DatasetSummary> {
         "multi_fraction": cfg.multi_fraction,
         "frames": [cfg.frames.0, cfg.frames.1],
         "questions_per_clip": cfg.questions_per_clip,
+        "latest_frame_questions": cfg.latest_frame_questions,
         "images": summary.images,
         "questions": summary.questions,
         "single": summary.single,
@@ -744,19 +820,93 @@ mod tests {
         assert_eq!(std::fs::read_to_string(out.join("qa.jsonl")).unwrap(), qa);
 
         // --force replaces it with a complete new dataset and leaves nothing beside it.
-        let cfg2 = DatasetConfig { seed: 9, count: 4, ..cfg };
+        let cfg2 = DatasetConfig {
+            seed: 9,
+            count: 4,
+            ..cfg
+        };
         let s2 = write_dataset_replacing(&out, &cfg2, true).unwrap();
         assert_eq!(s2.clips, 4);
         let qa2 = std::fs::read_to_string(out.join("qa.jsonl")).unwrap();
         assert_eq!(qa2.lines().count(), s2.questions);
         assert_ne!(qa2, qa);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(leftovers.len(), 1, "no old or temporary directory left behind");
+        assert_eq!(
+            leftovers.len(),
+            1,
+            "no old or temporary directory left behind"
+        );
 
         // A file is never replaced, not even with --force.
         let file = dir.path().join("file");
         std::fs::write(&file, "x").unwrap();
         assert!(write_dataset_replacing(&file, &cfg2, true).is_err());
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+    }
+
+    #[test]
+    fn single_frame_answers_agree_with_every_generated_question() {
+        let cfg = DatasetConfig {
+            count: 300,
+            seed: 11,
+            ..DatasetConfig::default()
+        };
+        let mut checked = 0;
+        for i in 0..cfg.count {
+            let (c, qs) = clip(&cfg, i).unwrap();
+            if c.truths.len() != 1 {
+                continue;
+            }
+            for q in qs {
+                assert_eq!(
+                    single_frame_answer(&q.question, &c.truths[0]).as_deref(),
+                    Some(q.answer.as_str()),
+                    "{}",
+                    q.question
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 300, "only {checked} questions checked");
+        let t = &clip(&cfg, 0).unwrap().0.truths[0];
+        assert_eq!(single_frame_answer("what is the meaning of life?", t), None);
+        assert_eq!(
+            single_frame_answer("  How many objects are there? ", t),
+            Some(t.objects.len().to_string())
+        );
+    }
+
+    #[test]
+    fn multi_frame_clips_also_ask_about_the_latest_frame() {
+        let cfg = DatasetConfig {
+            count: 60,
+            seed: 4,
+            ..DatasetConfig::default()
+        };
+        let without = DatasetConfig {
+            latest_frame_questions: 0,
+            ..cfg.clone()
+        };
+        let mut multi_clips = 0;
+        for i in 0..cfg.count {
+            let (c, qs) = clip(&cfg, i).unwrap();
+            let (_, base) = clip(&without, i).unwrap();
+            // The extra question comes after the clip's own questions, which stay the same.
+            assert_eq!(&qs[..base.len()], &base[..]);
+            if c.truths.len() == 1 {
+                assert_eq!(qs.len(), base.len());
+                continue;
+            }
+            multi_clips += 1;
+            assert_eq!(qs.len(), base.len() + 1);
+            let extra = &qs[base.len()];
+            assert_eq!(extra.kind, Kind::Single);
+            let last = c.truths.last().unwrap();
+            assert_eq!(
+                single_frame_answer(&extra.question, last).as_deref(),
+                Some(extra.answer.as_str())
+            );
+        }
+        assert!(multi_clips > 10);
     }
 }

@@ -108,6 +108,10 @@ impl FrameSource for SyntheticSource {
         Some(self.opts.fps)
     }
 
+    fn ground_truth(&self) -> Option<&FrameTruth> {
+        self.last_truth.as_ref()
+    }
+
     fn describe(&self) -> String {
         self.uri.clone()
     }

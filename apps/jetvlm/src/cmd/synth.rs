@@ -32,6 +32,9 @@ pub struct SynthArgs {
     /// Questions per clip (distinct categories).
     #[arg(long, default_value_t = 3)]
     pub questions_per_clip: usize,
+    /// Single-frame questions about the latest frame added to each multi-frame clip.
+    #[arg(long, default_value_t = 1)]
+    pub latest_frame_questions: usize,
 }
 
 fn parse_pair(s: &str, sep: char, what: &str) -> Result<(u64, u64)> {
@@ -67,6 +70,7 @@ pub fn run(args: SynthArgs) -> Result<()> {
         multi_fraction: args.multi_fraction,
         frames: (lo as usize, hi as usize),
         questions_per_clip: args.questions_per_clip,
+        latest_frame_questions: args.latest_frame_questions,
     };
     cfg.scene.validate()?;
     let started = std::time::Instant::now();

@@ -55,6 +55,10 @@ struct FrameReport<'a> {
     frames_cached: usize,
     question: &'a str,
     answer: String,
+    /// The renderer's answer for the latest frame (synthetic sources, questions the scene
+    /// dataset asks); absent for cameras.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    truth: Option<String>,
     encoder_ms: f64,
     ttft_ms: f64,
     tpot_ms: f64,
@@ -94,11 +98,12 @@ pub fn run(args: WatchArgs) -> Result<()> {
         )?;
         writeln!(
             out,
-            "{:>5} {:>9} {:>6}  {:<24} {:>8} {:>8} {:>8} {:>10} {:>10} {:>7}",
+            "{:>5} {:>9} {:>6}  {:<24} {:<8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>7}",
             "frame",
             "t ms",
             "cached",
             "answer",
+            "truth",
             "enc ms",
             "TTFT ms",
             "TPOT ms",
@@ -111,6 +116,7 @@ pub fn run(args: WatchArgs) -> Result<()> {
     let mut session = pipeline.session()?;
     let mut seen = 0u64;
     let mut timeouts = 0u32;
+    let (mut judged, mut right) = (0u64, 0u64);
     while args.frames == 0 || seen < args.frames {
         let id = match session.capture_from(source.as_mut(), timeout)? {
             SessionCapture::Frame(id) => id,
@@ -126,8 +132,15 @@ pub fn run(args: WatchArgs) -> Result<()> {
         seen += 1;
         let cached = session.frames();
         let latest = cached.iter().find(|f| f.id == id).copied();
+        let truth = source
+            .ground_truth()
+            .and_then(|t| jetvlm_camera::qa::single_frame_answer(&question, t));
         let answer = session.ask(&question)?.finish()?;
         let s = &answer.stats;
+        if let Some(t) = &truth {
+            judged += 1;
+            right += u64::from(answer.text.trim() == t);
+        }
         let report = FrameReport {
             frame: latest.map(|f| f.index).unwrap_or(seen - 1),
             timestamp_ms: latest
@@ -136,6 +149,7 @@ pub fn run(args: WatchArgs) -> Result<()> {
             frames_cached: cached.len(),
             question: &question,
             answer: answer.text.trim().to_string(),
+            truth,
             encoder_ms: s.encoder_ms,
             ttft_ms: s.ttft_ms,
             tpot_ms: s.tpot_ms,
@@ -154,11 +168,12 @@ pub fn run(args: WatchArgs) -> Result<()> {
             };
             writeln!(
                 out,
-                "{:>5} {:>9.0} {:>6}  {:<24} {:>8.1} {:>8.1} {:>8.2} {:>10.1} {:>10.1} {:>6.2}x",
+                "{:>5} {:>9.0} {:>6}  {:<24} {:<8} {:>8.1} {:>8.1} {:>8.2} {:>10.1} {:>10.1} {:>6.2}x",
                 report.frame,
                 report.timestamp_ms,
                 report.frames_cached,
                 truncate(&report.answer, 24),
+                truncate(report.truth.as_deref().unwrap_or("-"), 8),
                 report.encoder_ms,
                 report.ttft_ms,
                 report.tpot_ms,
@@ -170,6 +185,14 @@ pub fn run(args: WatchArgs) -> Result<()> {
         out.flush()?;
     }
     anyhow::ensure!(seen > 0, "{}: the source gave no frames", args.source);
+    if !args.json && judged > 0 {
+        writeln!(
+            out,
+            "{right} of {judged} answers match the scene's ground truth ({:.0}%); {} position re-bases",
+            100.0 * right as f64 / judged as f64,
+            session.rebases()
+        )?;
+    }
     Ok(())
 }
 
