@@ -25,7 +25,7 @@
 # The tar only appears once the package is complete and verified; models/install_demo.sh
 # installs it as models/demo.
 #
-# Settings (environment): PY (python3), DEVICE (cuda), SHARDS (12), COUNT (6000), SEED0 (101),
+# Settings (environment): PY (python3), DEVICE (cuda), SHARDS (14), COUNT (8000), SEED0 (101),
 # MINUTES (4.5), DEADLINE_S (390), WORKERS (16), THREADS (4), BATCH / LR (train_demo.py's
 # defaults for the device), ARCH (decoder size flags, default
 # "--hidden 192 --layers 6 --heads 3 --kv-heads 1 --ffn 512"), EVAL_EVERY (2000),
@@ -57,8 +57,8 @@ fi
 : "${OUT:?set OUT to the directory that receives the package}"
 PY="${PY:-python3}"
 DEVICE="${DEVICE:-cuda}"
-SHARDS="${SHARDS:-12}"
-COUNT="${COUNT:-6000}"
+SHARDS="${SHARDS:-14}"
+COUNT="${COUNT:-8000}"
 SEED0="${SEED0:-101}"
 MINUTES="${MINUTES:-4.5}"
 DEADLINE_S="${DEADLINE_S:-390}"
@@ -130,7 +130,7 @@ say "phase train+export done: $(grep 'final held-out accuracy' "$WORK/demo/train
 # the package is still returned).
 if [ "$RUST_CHECK" -gt 0 ]; then
     ORT_LIB="$("$PY" -c 'import glob, os, onnxruntime; print((sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*"))) or [""])[0])')"
-    if ORT_DYLIB_PATH="$ORT_LIB" timeout 60 "$JV" eval --model "$WORK/demo" --count "$RUST_CHECK" --policies fp16 >"$WORK/rust_eval.txt" 2>&1; then
+    if ORT_DYLIB_PATH="$ORT_LIB" timeout 30 "$JV" eval --model "$WORK/demo" --count "$RUST_CHECK" --policies fp16 >"$WORK/rust_eval.txt" 2>&1; then
         say "rust runtime check (jetvlm eval --count $RUST_CHECK --policies fp16, $ORT_LIB):"
         tee -a "$LOG" <"$WORK/rust_eval.txt"
     else

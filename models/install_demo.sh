@@ -7,7 +7,8 @@
 #
 # The parts are joined in name order, the tar is checked against jetvlm-demo.sha256 when that
 # file lies beside it, unpacked into a temporary directory next to the destination, and
-# checked (every package file present, a Llama decoder config, 3000 held-out predictions);
+# checked (every package file present, a Llama decoder config, predictions for the 1000
+# held-out clips of seed 1001, matching scores.json);
 # only then does it replace the destination (DEST, default models/demo) by renames, keeping
 # the previous package until the new one is in place.
 set -euo pipefail
@@ -48,9 +49,20 @@ for f in jetvlm.yaml vision.onnx scores.json heldout_predictions.jsonl train_log
     [ -s "$pkg/$f" ] || { echo "error: the package lacks $f" >&2; exit 1; }
 done
 grep -q '"model_type": "llama"' "$pkg/decoder/config.json" || { echo "error: decoder/config.json is not a Llama config" >&2; exit 1; }
-n=$(wc -l <"$pkg/heldout_predictions.jsonl")
-[ "$n" -eq 3000 ] || { echo "error: heldout_predictions.jsonl has $n lines, not 3000 (held-out set: 1000 clips, seed 1001)" >&2; exit 1; }
-grep -q '"seed": 1001' "$pkg/scores.json" || { echo "error: scores.json is not scored on the held-out seed 1001" >&2; exit 1; }
+python3 - "$pkg" <<'PYEOF' || exit 1
+import json, sys
+pkg = sys.argv[1]
+scores = json.load(open(f"{pkg}/scores.json"))
+preds = [json.loads(l) for l in open(f"{pkg}/heldout_predictions.jsonl")]
+total = scores["accuracy"]["all"]["total"]
+clips = len({p["clip"] for p in preds})
+if scores["heldout"]["seed"] != 1001 or clips != 1000 or len(preds) != total:
+    sys.exit(f"error: held-out predictions: {len(preds)} answers over {clips} clips, seed "
+             f"{scores['heldout']['seed']}; expected the 1000 clips of seed 1001 and {total} answers")
+acc = scores["accuracy"]
+print(f"held-out accuracy {acc['all']['accuracy']:.4f} (single {acc['single']['accuracy']:.4f}, "
+      f"multi {acc['multi']['accuracy']:.4f}; {total} questions)")
+PYEOF
 
 old="$tmp/old"
 if [ -e "$DEST" ]; then mv "$DEST" "$old"; fi

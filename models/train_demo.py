@@ -215,42 +215,67 @@ def _pool_load(task):
     return end - start
 
 
-def load_images(paths, workers=1, scratch_dir="."):
-    """All frames as one [N,128,128,3] uint8 array. With workers > 1, forked processes decode
-    the PNGs straight into a shared memory-mapped file (in /dev/shm when it has room)."""
-    n = len(paths)
-    if workers <= 1 or n < 2048:
-        arr = np.zeros((n, IMAGE, IMAGE, 3), dtype=np.uint8)
-        _load_range(paths, arr, 0, n)
-        return arr
-    import multiprocessing as mp
-    import tempfile
+class FrameLoader:
+    """Decodes the frames of several path lists into [N,128,128,3] uint8 arrays. With
+    workers > 1 the decoding starts at once in forked processes that write straight into a
+    shared memory-mapped file (in /dev/shm when it has room), so the caller can prepare other
+    data meanwhile; `result()` waits and returns one array per path list."""
 
-    need = n * IMAGE * IMAGE * 3
-    where = scratch_dir
-    try:
-        if shutil.disk_usage("/dev/shm").free > need * 1.5:
-            where = "/dev/shm"
-    except OSError:
-        pass
-    os.makedirs(where, exist_ok=True)
-    fd, file = tempfile.mkstemp(prefix="jetvlm-frames-", suffix=".u8", dir=where)
-    os.close(fd)
-    try:
-        mm = np.memmap(file, dtype=np.uint8, mode="w+", shape=(n, IMAGE, IMAGE, 3))
+    def __init__(self, path_lists, workers=1, scratch_dir="."):
+        self.lists = path_lists
+        self.paths = [p for ps in path_lists for p in ps]
+        self.n = len(self.paths)
+        self.workers = workers
+        self.pool = None
+        if workers <= 1 or self.n < 2048:
+            return
+        import multiprocessing as mp
+        import tempfile
+
+        need = self.n * IMAGE * IMAGE * 3
+        where = scratch_dir
+        try:
+            if shutil.disk_usage("/dev/shm").free > need * 1.5:
+                where = "/dev/shm"
+        except OSError:
+            pass
+        os.makedirs(where, exist_ok=True)
+        fd, self.file = tempfile.mkstemp(prefix="jetvlm-frames-", suffix=".u8", dir=where)
+        os.close(fd)
+        mm = np.memmap(self.file, dtype=np.uint8, mode="w+", shape=(self.n, IMAGE, IMAGE, 3))
         del mm
-        _POOL_STATE.update(file=file, paths=paths)
-        chunk = 512
-        tasks = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
-        with mp.get_context("fork").Pool(workers) as pool:
-            done = sum(pool.imap_unordered(_pool_load, tasks))
-        if done != n:
-            raise SystemExit(f"loaded {done} of {n} frames")
-        arr = np.array(np.memmap(file, dtype=np.uint8, mode="r", shape=(n, IMAGE, IMAGE, 3)))
-    finally:
-        _POOL_STATE.clear()
-        os.unlink(file)
-    return arr
+        _POOL_STATE.update(file=self.file, paths=self.paths)
+        chunk = 256
+        tasks = [(s, min(self.n, s + chunk)) for s in range(0, self.n, chunk)]
+        self.pool = mp.get_context("fork").Pool(workers)
+        self.pending = self.pool.map_async(_pool_load, tasks)
+
+    def result(self):
+        if self.pool is None:
+            arr = np.zeros((self.n, IMAGE, IMAGE, 3), dtype=np.uint8)
+            _load_range(self.paths, arr, 0, self.n)
+        else:
+            try:
+                done = sum(self.pending.get())
+                if done != self.n:
+                    raise SystemExit(f"decoded {done} of {self.n} frames")
+                # Copy-on-write view of the file; the data stays mapped after the unlink.
+                arr = np.memmap(self.file, dtype=np.uint8, mode="c", shape=(self.n, IMAGE, IMAGE, 3))
+            finally:
+                self.pool.close()
+                self.pool.join()
+                _POOL_STATE.clear()
+                os.unlink(self.file)
+        out, o = [], 0
+        for ps in self.lists:
+            out.append(arr[o : o + len(ps)])
+            o += len(ps)
+        return out
+
+
+def load_images(paths, workers=1, scratch_dir="."):
+    """All frames of `paths` as one [N,128,128,3] uint8 array."""
+    return FrameLoader([paths], workers, scratch_dir).result()[0]
 
 
 def normalise(u8):
@@ -306,10 +331,12 @@ def aux_targets(dirs, index, n_images):
     """Per image and 4x4 grid cell: object centre present, its colour, shape and offset in the
     cell, from the renderer's ground truth (scenes.jsonl). Used only as an auxiliary training
     signal for the vision head; it is not part of the exported model."""
-    present = torch.zeros(n_images, GRID * GRID)
-    colour = torch.full((n_images, GRID * GRID), -100, dtype=torch.long)
-    shape = torch.full((n_images, GRID * GRID), -100, dtype=torch.long)
-    offset = torch.zeros(n_images, GRID * GRID, 2)
+    present = np.zeros((n_images, GRID * GRID), dtype=np.float32)
+    colour = np.full((n_images, GRID * GRID), -100, dtype=np.int64)
+    shape = np.full((n_images, GRID * GRID), -100, dtype=np.int64)
+    offset = np.zeros((n_images, GRID * GRID, 2), dtype=np.float32)
+    colour_of = {c: i for i, c in enumerate(COLOURS)}
+    shape_of = {s: i for i, s in enumerate(SHAPES)}
     for s, d in enumerate(dirs):
         for line in open(os.path.join(d, "scenes.jsonl")):
             c = json.loads(line)
@@ -321,11 +348,10 @@ def aux_targets(dirs, index, n_images):
                     gy = min(GRID - 1, int(o["y"] / h * GRID))
                     cell = gy * GRID + gx
                     present[i, cell] = 1.0
-                    colour[i, cell] = COLOURS.index(o["colour"])
-                    shape[i, cell] = SHAPES.index(o["shape"])
-                    offset[i, cell, 0] = o["x"] / w * GRID - gx
-                    offset[i, cell, 1] = o["y"] / h * GRID - gy
-    return present, colour, shape, offset
+                    colour[i, cell] = colour_of[o["colour"]]
+                    shape[i, cell] = shape_of[o["shape"]]
+                    offset[i, cell] = (o["x"] / w * GRID - gx, o["y"] / h * GRID - gy)
+    return tuple(torch.from_numpy(a) for a in (present, colour, shape, offset))
 
 
 def encoder_of(tok):
@@ -756,19 +782,8 @@ def main():
 
     train_rows, train_paths, train_index, train_dir_paths = read_datasets(args.train)
     held_rows, held_paths, held_index = read_dataset(args.heldout)
-    extra = [w for r in train_rows + held_rows for w in words_of(r["question"] + " " + r["answer"])]
-    tok = build_tokenizer(extra)
-    unk = [w for w in set(extra) if tok.token_to_id(w) is None]
-    if unk:
-        raise SystemExit(f"words missing from the vocabulary: {unk}")
-    log(f"vocab {tok.get_vocab_size()}; train {len(train_rows)} questions / {len(train_paths)} images in "
-        f"{len(args.train)} dir(s); held-out {len(held_rows)} / {len(held_paths)}", fh)
-
-    stem, stem_path = load_stem(args.stem_weights)
-    log(f"MobileNetV2 stem from {stem_path}", fh)
-
-    # Frames of every directory: the feature cache, or the decoded PNGs (all decoded before
-    # the first CUDA call, so the decoding processes are forked from a CPU-only process).
+    # Frames of every directory: the feature cache, or the PNGs, decoded by processes forked
+    # now (before any CUDA call) while the token layout is prepared below.
     def cache_file(d):
         key = os.path.abspath(d).replace("/", "_").strip("_")
         return os.path.join(args.work, f"features-{key}.pt")
@@ -782,17 +797,37 @@ def main():
         return None
 
     sets = [(d, p, torch.float16) for d, p in zip(args.train, train_dir_paths)] + [(args.heldout, held_paths, torch.float32)]
-    feats, pixels = {}, {}
-    t0 = time.time()
+    feats = {}
     for d, paths, _ in sets:
         f = from_cache(d, paths)
         if f is not None:
             feats[d] = f
-        else:
-            pixels[d] = load_images(paths, args.workers, args.work)
+    to_decode = [(d, paths) for d, paths, _ in sets if d not in feats]
+    t_decode = time.time()
+    loader = FrameLoader([p for _, p in to_decode], args.workers, args.work)
+
+    texts = {r["question"] + " " + r["answer"] for r in train_rows + held_rows}
+    extra = sorted({w for t in texts for w in words_of(t)})
+    tok = build_tokenizer(extra)
+    unk = [w for w in set(extra) if tok.token_to_id(w) is None]
+    if unk:
+        raise SystemExit(f"words missing from the vocabulary: {unk}")
+    log(f"vocab {tok.get_vocab_size()}; train {len(train_rows)} questions / {len(train_paths)} images in "
+        f"{len(args.train)} dir(s); held-out {len(held_rows)} / {len(held_paths)}", fh)
+
+    stem, stem_path = load_stem(args.stem_weights)
+    log(f"MobileNetV2 stem from {stem_path}", fh)
+
+    pad = tok.token_to_id("<pad>")
+    train = Packed(train_rows, train_index, tok, pad)
+    held = Encoded(held_rows, held_index, tok)
+    aux = aux_targets(args.train, train_index, len(train_paths))
+    log(f"token layout ready in {time.time() - t_start:.1f}s", fh)
+
+    pixels = dict(zip([d for d, _ in to_decode], loader.result()))
     n_px = sum(len(v) for v in pixels.values())
     if n_px:
-        log(f"decoded {n_px} frames in {time.time() - t0:.1f}s ({args.workers} worker(s))", fh)
+        log(f"decoded {n_px} frames in {time.time() - t_decode:.1f}s ({args.workers} worker(s))", fh)
     t0 = time.time()
     gpu = f" ({torch.cuda.get_device_name(device)})" if cuda else ""
     stem = stem.to(device)
@@ -806,6 +841,7 @@ def main():
                 torch.save({"paths": paths, "features": f.cpu()}, cache_file(d))
             feats[d] = f
         feats[d] = feats[d].to(device, dtype)
+    del loader
     if cuda:
         torch.cuda.synchronize()
     if n_px:
@@ -815,11 +851,8 @@ def main():
     del feats
     if len(tr_feats) != len(train_paths):
         raise SystemExit(f"{len(tr_feats)} training features for {len(train_paths)} frames")
-
-    pad = tok.token_to_id("<pad>")
-    train = Packed(train_rows, train_index, tok, pad).to(device)
-    held = Encoded(held_rows, held_index, tok)
-    aux = tuple(t.to(device) for t in aux_targets(args.train, train_index, len(train_paths)))
+    train.to(device)
+    aux = tuple(t.to(device) for t in aux)
     log(f"data ready in {time.time() - t_start:.1f}s: {sum(g['count'] for g in train.groups.values())} clips "
         f"by frame count {[(k, g['count']) for k, g in train.groups.items()]}", fh)
 
