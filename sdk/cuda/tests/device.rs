@@ -38,3 +38,41 @@ fn invalid_ordinal_is_a_typed_error() {
     let err = CudaDevice::open(10_000).unwrap_err();
     assert!(err.is_unavailable(), "{err}");
 }
+
+/// The decoder fixtures: next to this crate in the source tree, else under the working
+/// directory (a test executable carried to another machine runs from the repository root).
+fn decoder_fixtures() -> Option<std::path::PathBuf> {
+    [
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/decoder"),
+        std::path::PathBuf::from("tests/fixtures/decoder"),
+    ]
+    .into_iter()
+    .find(|p| p.join("llama/config.json").is_file())
+}
+
+#[test]
+fn gpu_greedy_generation_equals_the_cpu_path_on_the_decoder_fixtures() {
+    let dev = match CudaDevice::open(0) {
+        Ok(dev) => dev,
+        Err(e) => {
+            assert!(e.is_unavailable(), "unexpected error: {e}");
+            eprintln!("skipped: {e}");
+            return;
+        }
+    };
+    let Some(dir) = decoder_fixtures() else {
+        eprintln!("skipped: tests/fixtures/decoder not found from here");
+        return;
+    };
+    let checks = dev.decoder_check(&dir, 32).unwrap();
+    for c in &checks {
+        eprintln!("{}", c.line());
+    }
+    assert!(checks.len() >= 2, "{checks:?}");
+    let failed: Vec<String> = checks
+        .iter()
+        .filter(|c| !c.passed())
+        .map(|c| c.line())
+        .collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+}

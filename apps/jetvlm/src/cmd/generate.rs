@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use jetvlm_core::Device;
 use jetvlm_decoder::{
     ChatMessage, F32KvCache, GenerateOptions, Generation, Input, KvStore, LoadOptions, Model,
     SamplerConfig, Tokenizer,
@@ -63,6 +64,10 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Where the decoder runs: cpu, or cuda (weights and the mixed KV pools on the GPU; the
+    /// f32 reference cache is CPU only).
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
 }
 
 #[derive(Serialize)]
@@ -78,58 +83,29 @@ struct Report {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    // A GPU run opens the device first: without one it fails before reading anything.
+    #[cfg(feature = "cuda")]
+    let dev = match args.device {
+        Device::Cuda => Some(super::gpu::open(0)?),
+        Device::Cpu => None,
+    };
+    #[cfg(not(feature = "cuda"))]
+    if args.device == Device::Cuda {
+        super::gpu::open(0)?;
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(dev) = &dev {
+        return run_cuda(dev, &args);
+    }
     let model = Model::load(&args.model, &LoadOptions::default())
         .with_context(|| format!("loading the decoder from {}", args.model.display()))?;
-    let tokenizer = if args.model.join("tokenizer.json").is_file() || args.prompt.is_some() {
-        Some(Tokenizer::from_dir(&args.model)?)
-    } else {
-        None
-    };
-    let prompt_ids: Vec<u32> = match (&args.prompt_ids, &args.prompt) {
-        (Some(ids), _) => ids.clone(),
-        (None, Some(text)) => {
-            let tok = tokenizer
-                .as_ref()
-                .context("a text prompt needs tokenizer.json")?;
-            if !args.raw && tok.has_chat_template() {
-                let mut msgs = Vec::new();
-                if let Some(s) = &args.system {
-                    msgs.push(ChatMessage::new("system", s));
-                }
-                msgs.push(ChatMessage::new("user", text));
-                tok.encode_chat(&msgs, true)?
-            } else {
-                tok.encode(text, true)?
-            }
-        }
-        (None, None) => bail!("give --prompt or --prompt-ids"),
-    };
-    if prompt_ids.is_empty() {
-        bail!("the prompt is empty");
-    }
-    let sampler = if args.greedy {
-        SamplerConfig::greedy()
-    } else {
-        SamplerConfig {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            repetition_penalty: args.repetition_penalty,
-            seed: args.seed,
-        }
-    };
-    let stop_tokens = match (&tokenizer, args.ignore_eos) {
-        (_, true) => Vec::new(),
-        (Some(t), false) => t.stop_token_ids().to_vec(),
-        (None, false) => model.config().model.eos_token_ids.clone(),
-    };
-    let opts = GenerateOptions {
-        max_tokens: args.max_tokens,
-        sampler,
-        stop_tokens,
-        stop_strings: args.stop.clone(),
-        skip_special: true,
-    };
+    let tokenizer = tokenizer_for(&args)?;
+    let prompt_ids = prompt_ids(&args, tokenizer.as_ref())?;
+    let opts = options(
+        &args,
+        tokenizer.as_ref(),
+        &model.config().model.eos_token_ids,
+    );
     let capacity = prompt_ids.len() + args.max_tokens + 1;
     if args.kv == "f32" {
         let mut cache = F32KvCache::new(model.cache_shape(), capacity);
@@ -159,6 +135,125 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             name,
         )
     }
+}
+
+fn tokenizer_for(args: &GenerateArgs) -> Result<Option<Tokenizer>> {
+    Ok(
+        if args.model.join("tokenizer.json").is_file() || args.prompt.is_some() {
+            Some(Tokenizer::from_dir(&args.model)?)
+        } else {
+            None
+        },
+    )
+}
+
+fn prompt_ids(args: &GenerateArgs, tokenizer: Option<&Tokenizer>) -> Result<Vec<u32>> {
+    let prompt_ids: Vec<u32> = match (&args.prompt_ids, &args.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => {
+            let tok = tokenizer.context("a text prompt needs tokenizer.json")?;
+            if !args.raw && tok.has_chat_template() {
+                let mut msgs = Vec::new();
+                if let Some(s) = &args.system {
+                    msgs.push(ChatMessage::new("system", s));
+                }
+                msgs.push(ChatMessage::new("user", text));
+                tok.encode_chat(&msgs, true)?
+            } else {
+                tok.encode(text, true)?
+            }
+        }
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    };
+    if prompt_ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    Ok(prompt_ids)
+}
+
+fn options(args: &GenerateArgs, tokenizer: Option<&Tokenizer>, eos: &[u32]) -> GenerateOptions {
+    let sampler = if args.greedy {
+        SamplerConfig::greedy()
+    } else {
+        SamplerConfig {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            repetition_penalty: args.repetition_penalty,
+            seed: args.seed,
+        }
+    };
+    let stop_tokens = match (tokenizer, args.ignore_eos) {
+        (_, true) => Vec::new(),
+        (Some(t), false) => t.stop_token_ids().to_vec(),
+        (None, false) => eos.to_vec(),
+    };
+    GenerateOptions {
+        max_tokens: args.max_tokens,
+        sampler,
+        stop_tokens,
+        stop_strings: args.stop.clone(),
+        skip_special: true,
+    }
+}
+
+/// `--device cuda`: the decoder and its KV cache on the GPU.
+#[cfg(feature = "cuda")]
+fn run_cuda(dev: &jetvlm_cuda::CudaDevice, args: &GenerateArgs) -> Result<()> {
+    if args.kv == "f32" {
+        bail!(
+            "--kv f32 is the CPU reference cache; on --device cuda use fp16, mixed or another policy"
+        );
+    }
+    let config = jetvlm_decoder::Config::from_dir(&args.model)
+        .with_context(|| format!("loading the decoder from {}", args.model.display()))?;
+    let tokenizer = tokenizer_for(args)?;
+    let prompt_ids = prompt_ids(args, tokenizer.as_ref())?;
+    let opts = options(args, tokenizer.as_ref(), &config.model.eos_token_ids);
+    let g = super::gpu::generate(
+        dev,
+        &args.model,
+        &prompt_ids,
+        tokenizer.as_ref(),
+        &opts,
+        &args.kv,
+        args.json,
+    )?;
+    let report = Report {
+        token_ids: g.token_ids,
+        text: if tokenizer.is_some() {
+            g.text
+        } else {
+            String::new()
+        },
+        prompt_tokens: prompt_ids.len(),
+        ttft_ms: g.ttft_ms,
+        tpot_ms: g.tpot_ms,
+        finish_reason: g.finish_reason,
+        kv: g.kv,
+        model: args.model.display().to_string(),
+    };
+    print_report(&report, args.json, "cuda")
+}
+
+fn print_report(report: &Report, json: bool, device: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut out, report)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out)?;
+        eprintln!(
+            "[{} prompt tokens, {} generated, TTFT {:.1} ms, TPOT {:.2} ms, KV {}, device {device}, finish {:?}]",
+            report.prompt_tokens,
+            report.token_ids.len(),
+            report.ttft_ms,
+            report.tpot_ms,
+            report.kv,
+            report.finish_reason
+        );
+    }
+    Ok(())
 }
 
 fn generate<C: KvStore>(
@@ -212,20 +307,6 @@ fn generate<C: KvStore>(
         kv,
         model: args.model.display().to_string(),
     };
-    if args.json {
-        serde_json::to_writer(&mut out, &report)?;
-        writeln!(out)?;
-    } else {
-        writeln!(out)?;
-        eprintln!(
-            "[{} prompt tokens, {} generated, TTFT {:.1} ms, TPOT {:.2} ms, KV {}, finish {:?}]",
-            report.prompt_tokens,
-            report.token_ids.len(),
-            ttft_ms,
-            tpot_ms,
-            report.kv,
-            report.finish_reason
-        );
-    }
-    Ok(())
+    drop(out);
+    print_report(&report, args.json, "cpu")
 }

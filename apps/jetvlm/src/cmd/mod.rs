@@ -5,6 +5,7 @@ pub mod bench;
 pub mod board;
 pub mod eval;
 pub mod generate;
+pub mod gpu;
 pub mod plan;
 pub mod selftest;
 pub mod synth;

@@ -23,6 +23,13 @@ pub struct SelftestArgs {
     /// Seed of the generated inputs.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Also run greedy generation on the decoder fixtures under this directory (e.g.
+    /// tests/fixtures/decoder) on the GPU and compare the tokens with the CPU path.
+    #[arg(long)]
+    decoder_fixtures: Option<std::path::PathBuf>,
+    /// Greedy tokens per decoder fixture.
+    #[arg(long, default_value_t = 32)]
+    decoder_tokens: usize,
 }
 
 pub fn run(args: SelftestArgs) -> Result<()> {
@@ -58,17 +65,50 @@ pub fn run(args: SelftestArgs) -> Result<()> {
     for c in &checks {
         println!("{}", c.line());
     }
-    let failed = checks.iter().filter(|c| !c.passed()).count();
+    let mut failed = checks.iter().filter(|c| !c.passed()).count();
+    let mut total = checks.len();
+    if let Some(dir) = &args.decoder_fixtures {
+        failed += decoder_fixtures(&dev, dir, args.decoder_tokens, &mut total)?;
+    }
     println!(
         "{} of {} checks passed in {:.1} s",
-        checks.len() - failed,
-        checks.len(),
+        total - failed,
+        total,
         t.elapsed().as_secs_f64()
     );
     if failed > 0 {
         bail!("{failed} kernel check(s) failed");
     }
     Ok(())
+}
+
+/// GPU greedy generation against the CPU path on each fixture; returns the failures.
+#[cfg(feature = "cuda")]
+fn decoder_fixtures(
+    dev: &CudaDevice,
+    dir: &std::path::Path,
+    tokens: usize,
+    total: &mut usize,
+) -> Result<usize> {
+    let checks = dev.decoder_check(dir, tokens)?;
+    if checks.is_empty() {
+        bail!("no decoder fixtures under {}", dir.display());
+    }
+    for c in &checks {
+        println!("{}", c.line());
+    }
+    *total += checks.len();
+    Ok(checks.iter().filter(|c| !c.passed()).count())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn decoder_fixtures(
+    _dev: &CudaDevice,
+    _dir: &std::path::Path,
+    _tokens: usize,
+    _total: &mut usize,
+) -> Result<usize> {
+    Err(jetvlm_cuda::CudaError::NotCompiledWithCuda.into())
 }
 
 fn nvrtc_only(args: &SelftestArgs) -> Result<()> {
