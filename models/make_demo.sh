@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuilds the bundled demo model package models/demo from scratch (CPU only, no downloads
-# beyond the PyPI packages listed in models/README.md).
+# beyond the PyPI packages listed in models/README.md; models/gpu_train.sh is the CUDA recipe).
 #
 #   models/make_demo.sh [PYTHON]        (default python: .venv/bin/python)
 #
@@ -16,4 +16,5 @@ JV=target/release/jetvlm
 [ -d models/gen/train ] || "$JV" synth --out models/gen/train --count 16000 --seed 1
 [ -d models/gen/heldout ] || "$JV" synth --out models/gen/heldout --count 1000 --seed 1001
 "$PY" models/train_demo.py --train models/gen/train --heldout models/gen/heldout \
-    --work models/gen/work --steps "$STEPS" --lr 2e-3 --batch 32 --seed 0 --threads 2 --out models/demo
+    --work models/gen/work --steps "$STEPS" --lr 2e-3 --batch 32 --seed 0 --threads 2 --workers 2 \
+    --device cpu --out models/demo
