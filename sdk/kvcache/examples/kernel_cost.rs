@@ -60,7 +60,7 @@ fn main() {
         cache.write(0, &s, &rnd(192), &rnd(192)).expect("write");
         let q = rnd(9 * 64);
         let mut out = vec![0f32; 9 * 64];
-        for kernel in [Kernel::Avx2, Kernel::Portable] {
+        for kernel in [Kernel::Avx512, Kernel::Avx2, Kernel::Portable] {
             if !kernel.available() {
                 continue;
             }

@@ -6,12 +6,13 @@ use common::*;
 use jetvlm_core::TokenKind;
 use jetvlm_kvcache::{Kernel, KvPolicy, MixedKvCache};
 
+/// Every fast kernel this CPU runs (on an AVX-512 machine: portable, AVX2 and AVX-512, so
+/// the fallbacks are tested too).
 fn kernels() -> Vec<Kernel> {
-    let mut k = vec![Kernel::Portable];
-    if Kernel::detect() != Kernel::Portable {
-        k.push(Kernel::detect());
-    }
-    k
+    Kernel::ALL
+        .into_iter()
+        .filter(|k| *k != Kernel::Reference && k.available())
+        .collect()
 }
 
 #[test]

@@ -120,7 +120,7 @@ fn check_quant(seg: &[u8], l: &QuantLayout, d: usize, n: usize) -> bool {
         && seg.len() >= l.v_row_offset(l.tokens)
 }
 
-fn prefetch(seg: &[u8]) {
+pub(super) fn prefetch(seg: &[u8]) {
     let mut off = 0;
     while off < seg.len() {
         // SAFETY: prefetching is a hint and the address is inside `seg`.
@@ -906,7 +906,7 @@ unsafe fn q4_accum_pair_g<const G: usize>(st: &mut State, seg: &[u8], l: &QuantL
 
 /// Folds `qacc` (value sums of [`q4_accum_pair_g`], `PAIR_ORDER` within each 64-channel
 /// piece) into `acc`.
-fn finish(st: &mut State) {
+pub(super) fn finish(st: &mut State) {
     let (g, d) = (st.g, st.d);
     if !d.is_multiple_of(64) {
         return;

@@ -11,11 +11,14 @@
 //! - values: `sum_t p_t (s_t codes_t + z_t) = sum_t (p_t s_t) codes_t + sum_t p_t z_t`.
 //!
 //! Kernels: [`Kernel::Portable`] (plain Rust), [`Kernel::Avx2`] (x86_64 AVX2 + FMA + F16C,
-//! detected at run time), [`Kernel::Neon`] (aarch64). [`Kernel::Reference`] is the slow f32
-//! twin every kernel is tested against.
+//! detected at run time), [`Kernel::Avx512`] (x86_64 AVX-512 with VNNI, detected at run
+//! time). [`Kernel::Reference`] is the slow f32 twin every kernel is tested against.
+//! `JETVLM_KV_KERNEL=portable|avx2|avx512` caps what [`Kernel::detect`] picks.
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 pub mod portable;
 pub mod reference;
 
@@ -41,22 +44,45 @@ pub enum Kernel {
     Portable,
     /// Fused kernels with AVX2, FMA and F16C (x86_64).
     Avx2,
+    /// Fused kernels with AVX-512 F/BW/DQ/VL and VNNI integer dot products (x86_64); shapes
+    /// and formats they do not cover run the AVX2 kernels.
+    Avx512,
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs.
+    /// Every kernel, slowest first.
+    pub const ALL: [Kernel; 4] = [
+        Kernel::Reference,
+        Kernel::Portable,
+        Kernel::Avx2,
+        Kernel::Avx512,
+    ];
+
+    /// The fastest kernel this CPU runs, capped by `JETVLM_KV_KERNEL` when it names a
+    /// kernel (e.g. `avx2` on an AVX-512 machine, to compare).
     pub fn detect() -> Kernel {
-        if Kernel::Avx2.available() {
-            Kernel::Avx2
-        } else {
-            Kernel::Portable
+        let best = Kernel::detect_cpu();
+        match std::env::var("JETVLM_KV_KERNEL")
+            .ok()
+            .and_then(|v| v.parse::<Kernel>().ok())
+        {
+            Some(k) if k.available() => k,
+            _ => best,
         }
+    }
+    /// The fastest kernel this CPU runs, ignoring the environment.
+    pub fn detect_cpu() -> Kernel {
+        [Kernel::Avx512, Kernel::Avx2]
+            .into_iter()
+            .find(|k| k.available())
+            .unwrap_or(Kernel::Portable)
     }
     /// Whether this CPU can run the kernel.
     pub fn available(self) -> bool {
         match self {
             Kernel::Reference | Kernel::Portable => true,
             Kernel::Avx2 => avx2_available(),
+            Kernel::Avx512 => avx512_available(),
         }
     }
     pub fn name(self) -> &'static str {
@@ -64,7 +90,20 @@ impl Kernel {
             Kernel::Reference => "reference",
             Kernel::Portable => "portable",
             Kernel::Avx2 => "avx2",
+            Kernel::Avx512 => "avx512",
         }
+    }
+}
+
+impl std::str::FromStr for Kernel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Kernel::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                format!("unknown kernel `{s}` (expected reference, portable, avx2 or avx512)")
+            })
     }
 }
 
@@ -76,6 +115,20 @@ fn avx2_available() -> bool {
 }
 #[cfg(not(target_arch = "x86_64"))]
 fn avx2_available() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_available() -> bool {
+    avx2_available()
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+}
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_available() -> bool {
     false
 }
 
@@ -130,6 +183,8 @@ fn fns(kernel: Kernel) -> Fns {
     match kernel {
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2 if avx2_available() => avx2::fns(),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 if avx512_available() => avx512::fns(),
         _ => portable::fns(),
     }
 }
