@@ -1,5 +1,6 @@
 //! The cudarc backend (feature `cuda`).
 
+mod bench;
 mod decoder;
 mod decoder_check;
 mod device;
@@ -9,6 +10,7 @@ mod nvrtc;
 mod ops;
 mod selftest;
 
+pub use bench::DeviceBandwidth;
 pub use decoder::{DeviceDecoder, DeviceInput, DeviceKvCache, DeviceSession, PREFILL_CHUNK};
 pub use decoder_check::{DECODER_FIXTURES, DecoderCheck};
 pub use device::{CudaDevice, driver_available};

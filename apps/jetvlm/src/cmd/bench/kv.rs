@@ -52,6 +52,10 @@ pub struct KvArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// cpu, or cuda: the same measurement on the GPU's device KV pools, against the device
+    /// memory bandwidth.
+    #[arg(long, default_value = "cpu")]
+    pub device: jetvlm_core::Device,
 }
 
 #[derive(Serialize, Debug)]
@@ -209,11 +213,20 @@ fn run_policy(
 }
 
 pub fn run(args: KvArgs) -> Result<()> {
+    if args.device == jetvlm_core::Device::Cuda {
+        // Without CUDA this is one clear error line before any work.
+        #[cfg(not(feature = "cuda"))]
+        crate::cmd::gpu::open(0)?;
+    }
     if args.context < 2 || args.frame_tokens == 0 {
         bail!("--context must be at least 2 and --frame-tokens at least 1");
     }
     if !(0.0..=1.0).contains(&args.text_fraction) {
         bail!("--text-fraction must be between 0 and 1");
+    }
+    #[cfg(feature = "cuda")]
+    if args.device == jetvlm_core::Device::Cuda {
+        return super::kv_cuda::run(&args);
     }
     let shape = CacheShape {
         layers: args.layers,

@@ -3,6 +3,8 @@
 
 pub mod decode;
 pub mod kv;
+#[cfg(feature = "cuda")]
+pub mod kv_cuda;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
