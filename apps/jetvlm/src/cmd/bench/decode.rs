@@ -52,6 +52,13 @@ pub struct DecodeArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// cpu, or cuda: the decoder and its KV pools on the GPU, against the device bandwidth.
+    #[arg(long, default_value = "cpu")]
+    pub device: jetvlm_core::Device,
+    /// With --device cuda: `host` keeps the KV pools in pinned host memory that the attention
+    /// kernel reads over PCIe (the offloaded setting); `none` keeps them in device memory.
+    #[arg(long, default_value = "none")]
+    pub kv_offload: String,
 }
 
 #[derive(Serialize)]
@@ -95,8 +102,19 @@ fn layout(context: usize, text_fraction: f64, frame_tokens: usize) -> (usize, us
 }
 
 pub fn run(args: DecodeArgs) -> Result<()> {
+    if args.device == jetvlm_core::Device::Cuda {
+        // Without CUDA this is one clear error line before any work.
+        #[cfg(not(feature = "cuda"))]
+        crate::cmd::gpu::open(0)?;
+    } else if args.kv_offload != "none" {
+        bail!("--kv-offload {} needs --device cuda", args.kv_offload);
+    }
     if args.steps == 0 {
         bail!("--steps must be at least 1");
+    }
+    #[cfg(feature = "cuda")]
+    if args.device == jetvlm_core::Device::Cuda {
+        return super::decode_cuda::run(&args);
     }
     let model = Model::load(&args.model, &LoadOptions::default())
         .with_context(|| format!("loading the decoder from {}", args.model.display()))?;

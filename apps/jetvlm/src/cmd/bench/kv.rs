@@ -46,7 +46,8 @@ pub struct KvArgs {
     /// Minimum working set per policy in MiB (default: max(4 x LLC, 1024)).
     #[arg(long)]
     pub min_working_set_mib: Option<u64>,
-    /// Attention kernel: auto, avx2, portable.
+    /// Attention kernel: auto (the fastest this CPU runs, or `JETVLM_KV_KERNEL`), avx512,
+    /// avx2, portable.
     #[arg(long, default_value = "auto")]
     pub kernel: String,
     /// Print JSON instead of a table.
@@ -237,9 +238,12 @@ pub fn run(args: KvArgs) -> Result<()> {
     let mixed: KvPolicy = args.mixed.parse().context("--mixed")?;
     let kernel = match args.kernel.as_str() {
         "auto" => Kernel::detect(),
-        "avx2" => Kernel::Avx2,
-        "portable" => Kernel::Portable,
-        other => bail!("--kernel {other}: expected auto, avx2 or portable"),
+        "reference" => bail!(
+            "--kernel reference is the slow test twin: expected auto, avx512, avx2 or portable"
+        ),
+        other => other
+            .parse::<Kernel>()
+            .map_err(|e| anyhow::anyhow!("--kernel: {e}"))?,
     };
     if !kernel.available() {
         bail!("kernel {} is not available on this CPU", kernel.name());

@@ -2,6 +2,8 @@
 //! the machine's measured memory bandwidth in the same run.
 
 pub mod decode;
+#[cfg(feature = "cuda")]
+pub mod decode_cuda;
 pub mod kv;
 #[cfg(feature = "cuda")]
 pub mod kv_cuda;
