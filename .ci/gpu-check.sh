@@ -8,10 +8,15 @@
 #                                  binaries from gpu-dist/ (or $JETVLM_GPU_DIST) and prints
 #                                  PASS/FAIL lines; results also go to $OUT (or gpu-check-out/).
 #
-# Run: `jetvlm selftest --device cuda` (every kernel against its CPU twin, cold kernel cache),
-# the same again (warm cache), NVRTC compile of every source for the SMs this NVRTC supports,
-# and the device test executable. Exit status is non-zero when any check fails or no GPU is
-# usable; a machine without a GPU gets one clear line from jetvlm, never a panic.
+# Run, each step with its own time limit and output file in $OUT, one PASS/FAIL line per step
+# (a failing step never stops the rest): `jetvlm selftest --device cuda` (every kernel against
+# its CPU twin, cold kernel cache); the same warm plus GPU greedy generation on the decoder
+# fixtures against the CPU path; NVRTC compile; the device test executable; `generate
+# --device cuda` against the CPU run; `bench kv --device cuda` (32/32/64 at 32k, 9/3/64 at
+# 8k/32k/128k) and PyTorch SDPA on the same GPU; `bench decode --device cuda` with the KV in
+# device memory and offloaded to host memory, on a random SmolLM2-135M-shaped model generated
+# there. Exit status is non-zero when any step fails; a machine without a GPU gets one clear
+# line from jetvlm, never a panic.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
@@ -30,7 +35,7 @@ prepare() {
   cp "$CARGO_TARGET_DIR/release/jetvlm" "$dist/jetvlm"
   [ -n "$exe" ] && cp "$exe" "$dist/cuda-device-test"
   # Debug info makes the binary several times larger than what can be carried.
-  command -v strip >/dev/null && strip "$dist"/*
+  if command -v strip >/dev/null; then strip "$dist/jetvlm"; [ -f "$dist/cuda-device-test" ] && strip "$dist/cuda-device-test"; fi
   if "$dist/jetvlm" selftest --device cuda --nvrtc-only --sm 87 2>&1 | grep -q "without CUDA support"; then
     echo "gpu-check: $dist/jetvlm was built without the cuda feature" >&2
     exit 1
@@ -55,9 +60,52 @@ find_nvrtc() {
   echo "gpu-check: NVRTC $lib"
 }
 
+# One check: `step NAME TIMEOUT OUTFILE CMD...` runs CMD with a time limit, keeps its output in
+# $out/OUTFILE, prints its tail and one PASS/FAIL line, and never stops the script.
+step() {
+  local name=$1 limit=$2 file=$3
+  shift 3
+  echo "== $name"
+  local t0=$(date +%s%N)
+  timeout "$limit" "$@" > "$out/$file" 2>&1
+  local rc=$?
+  local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  tail -n "${TAIL:-25}" "$out/$file"
+  if [ "$rc" -eq 0 ]; then
+    echo "PASS step $name (${ms} ms)"; summary+=("PASS $name (${ms} ms)")
+  else
+    [ "$rc" -eq 124 ] && echo "FAIL step $name: timed out after ${limit} s" || echo "FAIL step $name: exit $rc (${ms} ms)"
+    summary+=("FAIL $name (exit $rc, ${ms} ms)"); fail=1
+  fi
+  return 0
+}
+
+# GPU greedy generation through the CLI against the CPU path on the same fixture.
+generate_matches_cpu() {
+  local out=${OUT:-gpu-check-out}
+  local fx=tests/fixtures/decoder/$1
+  "$dist/jetvlm" generate --model "$fx" --prompt "What color is the car?" --max-tokens 24 --greedy --ignore-eos --json --kv "$2" > "$out/generate-$1-cpu.json" || return 1
+  "$dist/jetvlm" generate --model "$fx" --prompt "What color is the car?" --max-tokens 24 --greedy --ignore-eos --json --kv "$2" --device cuda > "$out/generate-$1-cuda.json" || return 1
+  cat "$out/generate-$1-cpu.json" "$out/generate-$1-cuda.json"
+  python3 - "$out/generate-$1-cpu.json" "$out/generate-$1-cuda.json" <<'PY'
+import json, sys
+cpu, gpu = (json.load(open(p))["token_ids"] for p in sys.argv[1:3])
+bad = next((i for i, (a, b) in enumerate(zip(cpu, gpu)) if a != b), None)
+if bad is None and len(cpu) == len(gpu):
+    print(f"PASS generate --device cuda: {len(gpu)} tokens equal the CPU run")
+else:
+    print(f"FAIL generate --device cuda: first mismatch at token {bad} (cpu {cpu}, gpu {gpu})")
+    sys.exit(1)
+PY
+}
+
 run() {
-  local out=${OUT:-gpu-check-out} fail=0
+  out=${OUT:-gpu-check-out}
+  export OUT="$out"
+  fail=0
+  summary=()
   mkdir -p "$out"
+  local t_start=$(date +%s)
   if [ ! -x "$dist/jetvlm" ]; then
     echo "gpu-check: $dist/jetvlm missing; run '.ci/gpu-check.sh prepare' on the build machine and carry $dist" >&2
     exit 2
@@ -65,30 +113,40 @@ run() {
   find_nvrtc || true
   export JETVLM_KERNEL_CACHE="$out/kernel-cache"
   rm -rf "$JETVLM_KERNEL_CACHE"
-  echo "== selftest (cold kernel cache)"
-  local t0=$(date +%s%N)
-  timeout 300 "$dist/jetvlm" selftest --device cuda 2>&1 | tee "$out/selftest.txt"
-  local rc=${PIPESTATUS[0]}
-  echo "selftest exit $rc, $(( ($(date +%s%N) - t0) / 1000000 )) ms"
-  [ "$rc" -eq 0 ] || fail=1
-  if [ "$rc" -eq 0 ]; then
-    echo "== selftest (warm kernel cache: $(ls "$JETVLM_KERNEL_CACHE" | wc -l) entries)"
-    t0=$(date +%s%N)
-    timeout 300 "$dist/jetvlm" selftest --device cuda --seed 2 > "$out/selftest-warm.txt" 2>&1 || fail=1
-    grep -E "^(FAIL|device)|checks passed" "$out/selftest-warm.txt"
-    echo "warm run $(( ($(date +%s%N) - t0) / 1000000 )) ms"
-  fi
-  echo "== NVRTC compile check"
-  local sms=87,90
-  "$dist/jetvlm" selftest --device cuda --nvrtc-only --sm 72 > /dev/null 2>&1 && sms=72,87,90
-  timeout 120 "$dist/jetvlm" selftest --device cuda --nvrtc-only --sm "$sms" 2>&1 | tee "$out/nvrtc.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
+  TAIL=80 step "selftest (cold kernel cache)" 120 selftest.txt "$dist/jetvlm" selftest --device cuda
+  echo "kernel cache: $(ls "$JETVLM_KERNEL_CACHE" 2>/dev/null | wc -l) entries"
+  TAIL=12 step "selftest (warm cache) + GPU greedy decoder vs CPU on tests/fixtures/decoder" 120 selftest-decoder.txt \
+    "$dist/jetvlm" selftest --device cuda --seed 2 --decoder-fixtures tests/fixtures/decoder
+  step "NVRTC compile sm_87,90" 60 nvrtc.txt "$dist/jetvlm" selftest --device cuda --nvrtc-only --sm 87,90
   if [ -x "$dist/cuda-device-test" ]; then
-    echo "== device test executable"
-    timeout 300 "$dist/cuda-device-test" --nocapture 2>&1 | tail -n 20 | tee "$out/device-test.txt"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
+    step "device test executable" 120 device-test.txt "$dist/cuda-device-test" --nocapture --test-threads 1
   fi
-  echo "== summary: $(grep -c '^PASS' "$out/selftest.txt") PASS, $(grep -c '^FAIL' "$out/selftest.txt") FAIL (selftest)"
+  step "generate --device cuda (qwen2 fixture, fp16 KV) == CPU" 60 generate-qwen2.txt .ci/gpu-check.sh generate-check qwen2 fp16
+  step "generate --device cuda (llama fixture, mixed KV) == CPU" 60 generate-llama.txt .ci/gpu-check.sh generate-check llama mixed
+  # Attention: 32/32/64 (SmolVLM-2.2B, moondream2) at 32k, and 9/3/64 (SmolVLM-256M/SmolLM2) at 8k/32k/128k.
+  step "bench kv --device cuda 32/32/64 ctx 32768" 90 bench-kv-32x32-32k.txt \
+    "$dist/jetvlm" bench kv --device cuda --heads 32 --kv-heads 32 --head-dim 64 --layers 4 --context 32768
+  for ctx in 8192 32768 131072; do
+    step "bench kv --device cuda 9/3/64 ctx $ctx" 90 "bench-kv-9x3-$ctx.txt" \
+      "$dist/jetvlm" bench kv --device cuda --heads 9 --kv-heads 3 --head-dim 64 --layers 30 --context "$ctx"
+  done
+  TAIL=10 step "PyTorch SDPA reference (same GPU)" 120 torch-sdpa.txt \
+    python3 sdk/cuda/scripts/torch_sdpa.py --shape 9/3/64 --shape 32/32/64 --context 8192,32768,131072
+  # Decode on a random SmolLM2-135M-shaped model generated here (269 MB, not carried).
+  local model=${JETVLM_BENCH_MODEL:-$out/smollm2-135m-random}
+  if [ ! -f "$model/config.json" ]; then
+    step "make random SmolLM2-135M model" 120 make-model.txt python3 models/scripts/make_random_smollm2.py --out "$model"
+  fi
+  if [ -f "$model/config.json" ]; then
+    step "bench decode --device cuda (KV in device memory)" 150 bench-decode-device.txt \
+      "$dist/jetvlm" bench decode --device cuda --model "$model" --context 1024,8192,32768 --steps 32
+    step "bench decode --device cuda --kv-offload host" 150 bench-decode-offload.txt \
+      "$dist/jetvlm" bench decode --device cuda --kv-offload host --model "$model" --context 1024,8192,32768 --steps 32
+    rm -rf "$out/smollm2-135m-random"
+  fi
+  echo "== summary ($(( $(date +%s) - t_start )) s)"
+  printf '%s\n' "${summary[@]}"
+  echo "selftest: $(grep -c '^PASS' "$out/selftest.txt") PASS, $(grep -c '^FAIL' "$out/selftest.txt") FAIL; decoder: $(grep -c '^PASS decoder' "$out/selftest-decoder.txt" 2>/dev/null) PASS, $(grep -c '^FAIL decoder' "$out/selftest-decoder.txt" 2>/dev/null) FAIL"
   [ "$fail" -eq 0 ] && echo "gpu-check: all checks passed" || echo "gpu-check: FAILED"
   exit "$fail"
 }
@@ -96,5 +154,6 @@ run() {
 case "$mode" in
   prepare) prepare ;;
   run) run ;;
+  generate-check) shift; generate_matches_cpu "$@" ;;
   *) echo "usage: $0 [prepare|run]" >&2; exit 2 ;;
 esac

@@ -100,6 +100,20 @@ impl DevicePolicy {
     }
 }
 
+impl DevicePolicy {
+    /// Exact pool blocks (text, frame) the spans `(kind, tokens)` occupy when appended in
+    /// order (longer spans may be appended in pieces: the count is the same as long as the
+    /// pieces are whole blocks).
+    pub fn blocks_for_spans(&self, spans: &[(TokenKind, usize)]) -> (usize, usize) {
+        let mut t = KvBlockTable::new(*self, usize::MAX / 2, usize::MAX / 2);
+        for &(kind, n) in spans {
+            // Cannot fail: the capacities are unbounded.
+            let _ = t.append(kind, n);
+        }
+        (t.next_text, t.next_frame)
+    }
+}
+
 /// Where `len` consecutive tokens of a span (starting at token `src_token` of the span) are
 /// written: block `block` of the text or frame pool, slots `tok_offset..tok_offset + len`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -418,6 +432,29 @@ mod tests {
         }
         assert_eq!(t.entries().len(), 4);
         assert_eq!(t.token_counts(), (80, 64));
+    }
+
+    #[test]
+    fn span_sizing_is_exact() {
+        use TokenKind::{Frame, Text};
+        let p = policy("mixed", 1, 64);
+        let spans = [
+            (Text, 10),
+            (Frame, 64),
+            (Frame, 64),
+            (Text, 100),
+            (Text, 1),
+            (Frame, 30),
+        ];
+        let (tb, fb) = p.blocks_for_spans(&spans);
+        assert_eq!((tb, fb), (3, 3));
+        let mut t = KvBlockTable::new(p, tb, fb);
+        for (k, n) in spans {
+            t.append(k, n).unwrap();
+        }
+        assert!(t.append(Text, 64).is_err());
+        let (tb, fb) = policy("fp16", 1, 64).blocks_for_spans(&spans);
+        assert_eq!((tb, fb), (5, 0));
     }
 
     #[test]

@@ -239,6 +239,25 @@ impl DeviceKvCache {
         })
     }
 
+    /// Pools sized exactly for `spans` appended in order (see
+    /// [`DevicePolicy::blocks_for_spans`]).
+    pub fn for_spans(
+        dev: &CudaDevice,
+        policy: DevicePolicy,
+        layers: usize,
+        spans: &[(TokenKind, usize)],
+        memory: PoolMemory,
+    ) -> Result<Self, CudaError> {
+        let (tb, fb) = policy.blocks_for_spans(spans);
+        let pools = (0..layers)
+            .map(|_| dev.kv_pools_in(policy.layout, tb, fb, memory))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            table: KvBlockTable::new(policy, tb, fb),
+            layers: pools,
+        })
+    }
+
     pub fn table(&self) -> &KvBlockTable {
         &self.table
     }

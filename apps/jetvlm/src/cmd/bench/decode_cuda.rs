@@ -75,16 +75,11 @@ fn new_session<'a>(
     memory: PoolMemory,
 ) -> Result<DeviceSession<'a>> {
     let c = &model.config().model;
-    let spans = frame_total / frame_tokens.max(1) + text_total.div_ceil(256) + 2;
-    let cache = DeviceKvCache::new(
-        dev,
-        policy,
-        c.num_hidden_layers,
-        text_total,
-        frame_total,
-        spans,
-        memory,
-    )?;
+    let mut spans: Vec<(TokenKind, usize)> = (0..frame_total / frame_tokens.max(1))
+        .map(|_| (TokenKind::Frame, frame_tokens))
+        .collect();
+    spans.push((TokenKind::Text, text_total));
+    let cache = DeviceKvCache::for_spans(dev, policy, c.num_hidden_layers, &spans, memory)?;
     Ok(DeviceSession::new(dev, model, cache)?)
 }
 

@@ -89,20 +89,7 @@ fn build_cache(
     memory: PoolMemory,
 ) -> Result<DeviceKvCache> {
     let spans = spans(args);
-    let text: usize = spans
-        .iter()
-        .filter(|s| s.0 == TokenKind::Text)
-        .map(|s| s.1)
-        .sum();
-    let mut cache = DeviceKvCache::new(
-        dev,
-        policy,
-        args.layers,
-        text,
-        args.context - text,
-        spans.len(),
-        memory,
-    )?;
+    let mut cache = DeviceKvCache::for_spans(dev, policy, args.layers, &spans, memory)?;
     let row = args.kv_heads * args.head_dim;
     let mut counter = seed.wrapping_mul(1_000_003);
     for (kind, n) in spans {
