@@ -943,12 +943,13 @@ def main():
         ids, pos, mask, labels, feats, fidx = train.batch(k, rows, tr_feats)
         with autocast():
             emb, ftok = embed(model, head, ids, feats, train.img, return_tokens=True)
-            sel = labels >= 0
             hidden = llama_hidden(model, emb, pos, mask)
-            logits = model.lm_head(hidden[sel])
+            # Logits at every position (the vocabulary is tiny), the loss only where a label is:
+            # no boolean indexing, which would make the host wait for the GPU every step.
+            logits = model.lm_head(hidden)
             a = aux_head(ftok)  # [N,16,11]
         logits, a = logits.float(), a.float()
-        qa_loss = F.cross_entropy(logits, labels[sel])
+        qa_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         pres, col, shp, off = (t[fidx] for t in aux)
         aux_loss = (
             F.binary_cross_entropy_with_logits(a[..., 0], pres)
