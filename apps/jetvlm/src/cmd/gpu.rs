@@ -123,7 +123,7 @@ mod imp {
                 {
                     text.truncate(cut);
                     if !quiet && cut > before {
-                        out.write_all(text[before..].as_bytes())?;
+                        out.write_all(&text.as_bytes()[before..])?;
                     }
                     finish = Some(FinishReason::StopString);
                     break;
