@@ -1,0 +1,124 @@
+//! Every `--device cuda` command through the built binary: on a machine without CUDA (or a
+//! build without the feature) one clear error line, a non-zero exit and no panic; on a GPU
+//! the command runs.
+
+use std::process::Command;
+
+fn fixture() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/decoder/llama").to_string()
+}
+
+fn jetvlm(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_jetvlm"))
+        .args(args)
+        .output()
+        .expect("run the jetvlm binary");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn check(args: &[&str]) {
+    let (ok, stdout, stderr) = jetvlm(args);
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    if !jetvlm_cuda::compiled_with_cuda() {
+        assert!(!ok, "{args:?}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: --device cuda: ") && stderr.contains("without CUDA support"),
+            "{stderr}"
+        );
+    } else if !jetvlm_cuda::driver_available() {
+        assert!(!ok, "{args:?}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: --device cuda: ") && stderr.contains("libcuda"),
+            "{stderr}"
+        );
+    } else if lines.iter().any(|l| l.contains("--device cuda: ")) {
+        // A driver without a usable device: still one line.
+        assert!(!ok);
+        assert_eq!(lines.len(), 1, "{stderr}");
+        eprintln!("skipped: {stderr}");
+    } else {
+        assert!(ok, "{args:?}: {stderr}\n{stdout}");
+    }
+}
+
+#[test]
+fn generate_on_cuda_runs_or_fails_with_one_line() {
+    let model = fixture();
+    check(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt-ids",
+        "5,6,7",
+        "--max-tokens",
+        "3",
+        "--greedy",
+        "--json",
+        "--device",
+        "cuda",
+    ]);
+}
+
+#[test]
+fn bench_kv_on_cuda_runs_or_fails_with_one_line() {
+    check(&[
+        "bench",
+        "kv",
+        "--device",
+        "cuda",
+        "--context",
+        "300",
+        "--layers",
+        "2",
+        "--sweeps",
+        "1",
+        "--min-working-set-mib",
+        "1",
+    ]);
+}
+
+#[test]
+fn bench_decode_on_cuda_runs_or_fails_with_one_line() {
+    let model = fixture();
+    for offload in ["none", "host"] {
+        check(&[
+            "bench",
+            "decode",
+            "--model",
+            &model,
+            "--context",
+            "100",
+            "--steps",
+            "2",
+            "--kv",
+            "fp16",
+            "--device",
+            "cuda",
+            "--kv-offload",
+            offload,
+        ]);
+    }
+}
+
+#[test]
+fn kv_offload_without_cuda_is_refused() {
+    let model = fixture();
+    let (ok, _, stderr) = jetvlm(&[
+        "bench",
+        "decode",
+        "--model",
+        &model,
+        "--kv-offload",
+        "host",
+    ]);
+    assert!(!ok);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--kv-offload host needs --device cuda"), "{stderr}");
+}
