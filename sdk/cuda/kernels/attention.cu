@@ -8,8 +8,10 @@
 //
 // Grid: x = split, y = kv_head * head_chunks + chunk, z = query token. 128 threads = 4 warps.
 // Each warp takes tokens of the split's entries in turn and keeps an online softmax for up to
-// ATTN_MAX_G query heads sharing the kv head (grouped-query attention); each lane holds
-// D/32 consecutive elements (D % 32 == 0, D <= 256). Quantized keys and values are dequantized
+// G_T query heads sharing the kv head (grouped-query attention); each lane holds
+// E = D/32 <= E_T consecutive elements (D % 32 == 0, D <= 256). One kernel per (E_T, G_T) in
+// {2, 4, 8} x {1, 4, 8}, named mixed_attention_partial_e<E_T>_g<G_T>: registers and shared
+// memory sized to the shape keep occupancy high (the kernel is bound by memory parallelism). Quantized keys and values are dequantized
 // in registers (x = zero + scale * code); nothing is written back in FP16.
 // Partial results: part_acc[q][hq][split][D] (unnormalised), part_ml[q][hq][split] = {max, sum}.
 // FP16 values are carried as their IEEE bits (unsigned short) and converted with PTX cvt, so
@@ -30,9 +32,6 @@ struct bf16_t { unsigned short bits; };  // bfloat16
 #define NEG_INF __int_as_float(0xff800000)
 
 #define ATTN_WARPS 4
-#define ATTN_MAX_G 8
-#define ATTN_MAX_E 8
-#define ATTN_MAX_D 256
 
 // (scale, zero) of a parameter pair.
 __device__ __forceinline__ float2 unpack_params(unsigned int p) {
@@ -51,16 +50,22 @@ __device__ __forceinline__ unsigned int code_at(const unsigned char* row, unsign
     return (byte >> ((j / chunk_bytes) * bits)) & ((1u << bits) - 1u);
 }
 
-extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) mixed_attention_partial(
-    const float* __restrict__ q, const int* __restrict__ q_order, const int4* __restrict__ entries,
-    int n_entries, int entries_per_split, const unsigned short* __restrict__ k_text, const unsigned short* __restrict__ v_text,
-    const unsigned char* __restrict__ k_codes, const unsigned int* __restrict__ k_params,
-    const unsigned char* __restrict__ v_codes, const unsigned int* __restrict__ v_params, int Hq, int Hkv, int D,
-    int T, int group, int bits, int key_per_channel, float softmax_scale, float* __restrict__ part_acc,
-    float* __restrict__ part_ml) {
+#define ATTN_PARAMS                                                                                        \
+    const float *__restrict__ q, const int *__restrict__ q_order, const int4 *__restrict__ entries,          \
+        int n_entries, int entries_per_split, const unsigned short *__restrict__ k_text,                     \
+        const unsigned short *__restrict__ v_text, const unsigned char *__restrict__ k_codes,                \
+        const unsigned int *__restrict__ k_params, const unsigned char *__restrict__ v_codes,                \
+        const unsigned int *__restrict__ v_params, int Hq, int Hkv, int D, int T, int group, int bits,      \
+        int key_per_channel, float softmax_scale, float *__restrict__ part_acc, float *__restrict__ part_ml
+#define ATTN_ARGS                                                                                          \
+    q, q_order, entries, n_entries, entries_per_split, k_text, v_text, k_codes, k_params, v_codes, v_params, \
+        Hq, Hkv, D, T, group, bits, key_per_channel, softmax_scale, part_acc, part_ml
+
+template <int ATTN_MAX_E, int ATTN_MAX_G>
+__device__ __forceinline__ void mixed_attention_partial_t(ATTN_PARAMS) {
     __shared__ float s_m[ATTN_WARPS][ATTN_MAX_G];
     __shared__ float s_l[ATTN_WARPS][ATTN_MAX_G];
-    __shared__ float s_acc[ATTN_WARPS][ATTN_MAX_G][ATTN_MAX_D];
+    __shared__ float s_acc[ATTN_WARPS][ATTN_MAX_G][32 * ATTN_MAX_E];
 
     const int split = blockIdx.x;
     const int n_splits = gridDim.x;
@@ -195,6 +200,34 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) mixed_attention_pa
             part_ml[part * 2 + 1] = ll;
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) mixed_attention_partial_e2_g1(ATTN_PARAMS) {
+    mixed_attention_partial_t<2, 1>(ATTN_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) mixed_attention_partial_e2_g4(ATTN_PARAMS) {
+    mixed_attention_partial_t<2, 4>(ATTN_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) mixed_attention_partial_e2_g8(ATTN_PARAMS) {
+    mixed_attention_partial_t<2, 8>(ATTN_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) mixed_attention_partial_e4_g1(ATTN_PARAMS) {
+    mixed_attention_partial_t<4, 1>(ATTN_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) mixed_attention_partial_e4_g4(ATTN_PARAMS) {
+    mixed_attention_partial_t<4, 4>(ATTN_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) mixed_attention_partial_e4_g8(ATTN_PARAMS) {
+    mixed_attention_partial_t<4, 8>(ATTN_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) mixed_attention_partial_e8_g1(ATTN_PARAMS) {
+    mixed_attention_partial_t<8, 1>(ATTN_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) mixed_attention_partial_e8_g4(ATTN_PARAMS) {
+    mixed_attention_partial_t<8, 4>(ATTN_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) mixed_attention_partial_e8_g8(ATTN_PARAMS) {
+    mixed_attention_partial_t<8, 8>(ATTN_ARGS);
 }
 
 // out[q][hq][d] = sum_s acc_s[d] * exp(m_s - M) / sum_s l_s * exp(m_s - M). One block per (q, hq),

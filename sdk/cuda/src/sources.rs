@@ -78,7 +78,18 @@ pub const KERNELS: &[KernelSource] = &[
     KernelSource {
         file: "attention.cu",
         source: include_str!("../kernels/attention.cu"),
-        functions: &["mixed_attention_partial", "mixed_attention_combine"],
+        functions: &[
+            "mixed_attention_partial_e2_g1",
+            "mixed_attention_partial_e2_g4",
+            "mixed_attention_partial_e2_g8",
+            "mixed_attention_partial_e4_g1",
+            "mixed_attention_partial_e4_g4",
+            "mixed_attention_partial_e4_g8",
+            "mixed_attention_partial_e8_g1",
+            "mixed_attention_partial_e8_g4",
+            "mixed_attention_partial_e8_g8",
+            "mixed_attention_combine",
+        ],
     },
 ];
 

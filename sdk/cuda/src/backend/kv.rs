@@ -10,8 +10,22 @@ use crate::error::CudaError;
 use crate::layout::{BlockEntry, KvLayout, validate_entries};
 use crate::reference::HostPools;
 
-/// Query heads one attention thread block serves (kernels/attention.cu `ATTN_MAX_G`).
-const MAX_G: usize = 8;
+/// The attention kernel instance for `head_dim` and `group` query heads per kv head:
+/// (function name, query heads per thread block). Instances exist for 2, 4 or 8 elements per
+/// lane (head_dim up to 64, 128, 256) and 1, 4 or 8 query heads per block.
+fn partial_kernel(head_dim: usize, group: usize) -> (String, usize) {
+    let e = match head_dim.div_ceil(32) {
+        0..=2 => 2,
+        3..=4 => 4,
+        _ => 8,
+    };
+    let g = match group {
+        1 => 1,
+        2..=4 => 4,
+        _ => 8,
+    };
+    (format!("mixed_attention_partial_e{e}_g{g}"), g)
+}
 
 /// Where a layer's pools live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +106,7 @@ pub struct AttentionPlan {
     per_split: usize,
     n_splits: usize,
     chunks: usize,
+    kernel: String,
     entries: CudaSlice<i32>,
     order: CudaSlice<i32>,
     part_acc: CudaSlice<f32>,
@@ -391,12 +406,15 @@ impl CudaDevice {
         }
         validate_entries(&l, entries, blocks.0, blocks.1)?;
         let group = q_heads / l.kv_heads;
-        let chunks = group.div_ceil(MAX_G);
+        let (kernel, per_block) = partial_kernel(l.head_dim, group);
+        let chunks = group.div_ceil(per_block);
         let n_entries = entries.len().max(1);
         let want = match splits {
             Splits::Fixed(s) => s,
+            // About eight thread blocks per multiprocessor: decode attention is bound by how
+            // many loads are in flight.
             Splits::Auto => {
-                (2 * self.info().multiprocessors as usize).div_ceil(n_q * l.kv_heads * chunks)
+                (8 * self.info().multiprocessors as usize).div_ceil(n_q * l.kv_heads * chunks)
             }
         };
         let per_split = n_entries.div_ceil(want.clamp(1, n_entries));
@@ -417,6 +435,7 @@ impl CudaDevice {
             per_split,
             n_splits,
             chunks,
+            kernel,
             entries: self.upload(&flat)?,
             order: self.upload(q_order)?,
             part_acc: self.zeros::<f32>(parts * l.head_dim)?,
@@ -487,7 +506,7 @@ impl CudaDevice {
         launch!(
             self,
             "attention.cu",
-            "mixed_attention_partial",
+            &plan.kernel,
             cfg,
             q,
             &plan.order,
