@@ -36,6 +36,9 @@ pub struct CudaDevice {
     info: DeviceInfo,
     cache: Option<KernelCache>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Loaded kernel handles by (file, function): a launch looks its kernel up here instead of
+    /// asking the driver each time.
+    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -107,6 +110,7 @@ impl CudaDevice {
             info,
             cache: default_cache_dir().map(KernelCache::new),
             modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
         })
     }
 
@@ -138,14 +142,31 @@ impl CudaDevice {
     /// Kernel `function` of source `file` (compiled on first use, from the disk cache when
     /// an entry for this source, SM and NVRTC version exists).
     pub fn function(&self, file: &'static str, function: &str) -> Result<CudaFunction, CudaError> {
+        let poisoned = |_| CudaError::Driver {
+            op: "kernel registry",
+            message: "lock poisoned".into(),
+        };
+        if let Some(f) = self
+            .functions
+            .lock()
+            .map_err(poisoned)?
+            .get(&(file, function.to_string()))
+        {
+            return Ok(f.clone());
+        }
         let source = kernel_source(file).ok_or_else(|| CudaError::UnknownKernel(file.into()))?;
         let module = self.module(source)?;
-        module
+        let f = module
             .load_function(function)
             .map_err(|e| CudaError::Driver {
                 op: "cuModuleGetFunction",
                 message: format!("{file}::{function}: {e:?}"),
-            })
+            })?;
+        self.functions
+            .lock()
+            .map_err(poisoned)?
+            .insert((file, function.to_string()), f.clone());
+        Ok(f)
     }
 
     fn module(&self, source: &'static KernelSource) -> Result<Arc<CudaModule>, CudaError> {
