@@ -139,9 +139,9 @@ run() {
   fi
   if [ -f "$model/config.json" ]; then
     step "bench decode --device cuda (KV in device memory)" 150 bench-decode-device.txt \
-      "$dist/jetvlm" bench decode --device cuda --model "$model" --context 1024,8192,32768 --steps 32
+      "$dist/jetvlm" bench decode --device cuda --model "$model" --context 1024,8192,32768,131072 --steps 32
     step "bench decode --device cuda --kv-offload host" 150 bench-decode-offload.txt \
-      "$dist/jetvlm" bench decode --device cuda --kv-offload host --model "$model" --context 1024,8192,32768 --steps 32
+      "$dist/jetvlm" bench decode --device cuda --kv-offload host --model "$model" --context 1024,32768,131072 --steps 16
     rm -rf "$out/smollm2-135m-random"
   fi
   echo "== summary ($(( $(date +%s) - t_start )) s)"

@@ -172,6 +172,10 @@ impl KvBlockTable {
     pub fn pool_blocks(&self) -> (usize, usize) {
         (self.text_blocks, self.frame_blocks)
     }
+    /// Blocks handed out so far (text, frame): the used prefix of each pool.
+    pub fn used_blocks(&self) -> (usize, usize) {
+        (self.next_text, self.next_frame)
+    }
     /// Tokens held FP16 and quantized.
     pub fn token_counts(&self) -> (usize, usize) {
         (self.text_tokens, self.frame_tokens)

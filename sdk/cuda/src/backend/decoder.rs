@@ -211,10 +211,43 @@ impl CudaDevice {
 
 /// The device KV cache of one sequence: one [`DeviceKvPools`] per layer and the shared
 /// block table.
+///
+/// With [`PoolMemory::MappedHost`] the layers' pools live in pinned host memory (the KV cache
+/// offloaded): each forward step streams every layer's used blocks over PCIe into one of two
+/// device staging pools on a copy stream, the copy of layer `l + 1` overlapping the compute
+/// of layer `l`; new K/V are written both to the host pools and to the staging copy.
 #[derive(Debug)]
 pub struct DeviceKvCache {
     table: KvBlockTable,
     layers: Vec<DeviceKvPools>,
+    offload: Option<Offload>,
+}
+
+#[derive(Debug)]
+struct Offload {
+    staging: Vec<DeviceKvPools>,
+    copy: std::sync::Arc<cudarc::driver::CudaStream>,
+    /// Bytes streamed host-to-device by the last forward step (all layers).
+    step_bytes: u64,
+}
+
+impl Offload {
+    fn new(
+        dev: &CudaDevice,
+        policy: &DevicePolicy,
+        blocks: (usize, usize),
+    ) -> Result<Self, CudaError> {
+        Ok(Self {
+            staging: (0..2)
+                .map(|_| dev.kv_pools(policy.layout, blocks.0, blocks.1))
+                .collect::<Result<_, _>>()?,
+            copy: dev
+                .context()
+                .new_stream()
+                .map_err(driver_err("cuStreamCreate"))?,
+            step_bytes: 0,
+        })
+    }
 }
 
 impl DeviceKvCache {
@@ -229,14 +262,8 @@ impl DeviceKvCache {
         spans: usize,
         memory: PoolMemory,
     ) -> Result<Self, CudaError> {
-        let (tb, fb) = policy.blocks_for(text_tokens, frame_tokens, spans.max(1));
-        let pools = (0..layers)
-            .map(|_| dev.kv_pools_in(policy.layout, tb, fb, memory))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self {
-            table: KvBlockTable::new(policy, tb, fb),
-            layers: pools,
-        })
+        let blocks = policy.blocks_for(text_tokens, frame_tokens, spans.max(1));
+        Self::with_blocks(dev, policy, layers, blocks, memory)
     }
 
     /// Pools sized exactly for `spans` appended in order (see
@@ -248,14 +275,33 @@ impl DeviceKvCache {
         spans: &[(TokenKind, usize)],
         memory: PoolMemory,
     ) -> Result<Self, CudaError> {
-        let (tb, fb) = policy.blocks_for_spans(spans);
+        Self::with_blocks(dev, policy, layers, policy.blocks_for_spans(spans), memory)
+    }
+
+    fn with_blocks(
+        dev: &CudaDevice,
+        policy: DevicePolicy,
+        layers: usize,
+        (tb, fb): (usize, usize),
+        memory: PoolMemory,
+    ) -> Result<Self, CudaError> {
         let pools = (0..layers)
             .map(|_| dev.kv_pools_in(policy.layout, tb, fb, memory))
             .collect::<Result<Vec<_>, _>>()?;
+        let offload = match memory {
+            PoolMemory::Device => None,
+            PoolMemory::MappedHost => Some(Offload::new(dev, &policy, (tb, fb))?),
+        };
         Ok(Self {
             table: KvBlockTable::new(policy, tb, fb),
             layers: pools,
+            offload,
         })
+    }
+
+    /// Offloaded: bytes the last forward step streamed from host to device (all layers).
+    pub fn streamed_bytes_last_step(&self) -> Option<u64> {
+        self.offload.as_ref().map(|o| o.step_bytes)
     }
 
     pub fn table(&self) -> &KvBlockTable {
@@ -535,6 +581,8 @@ impl<'a> DeviceSession<'a> {
         let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let inter = c.intermediate_size;
         let first = self.cache.table.len();
+        // Blocks holding earlier tokens: what an offloaded step streams to the device.
+        let before = self.cache.table.used_blocks();
         let placements = self.cache.table.append(kind, n)?;
         let positions: Vec<u32> = (first..first + n).map(|p| p as u32).collect();
         let d_pos = dev.upload(&positions)?;
@@ -549,15 +597,60 @@ impl<'a> DeviceSession<'a> {
             Splits::Auto,
         )?;
         let s = &mut self.s;
-        for (layer, pools) in self.model.layers.iter().zip(self.cache.layers.iter_mut()) {
+        let cache = &mut self.cache;
+        let n_layers = cache.layers.len();
+        let ev = |r: Result<cudarc::driver::CudaEvent, cudarc::driver::DriverError>| {
+            r.map_err(driver_err("cuEventRecord"))
+        };
+        let wait = |stream: &cudarc::driver::CudaStream, e: &cudarc::driver::CudaEvent| {
+            stream.wait(e).map_err(driver_err("cuStreamWaitEvent"))
+        };
+        let mut next_copied = None;
+        if let Some(off) = cache.offload.as_mut() {
+            // Host pools hold every earlier write once the compute stream reaches here.
+            wait(&off.copy, &ev(dev.stream().record_event(None))?)?;
+            off.step_bytes =
+                dev.copy_pool_prefix(&cache.layers[0], &mut off.staging[0], before, &off.copy)?;
+            next_copied = Some(ev(off.copy.record_event(None))?);
+        }
+        let mut attn_done: Option<cudarc::driver::CudaEvent> = None;
+        for li in 0..n_layers {
+            let layer = &self.model.layers[li];
+            let this_copied = next_copied.take();
+            if let Some(off) = cache.offload.as_mut()
+                && li + 1 < n_layers
+            {
+                // The other staging pools are free once layer li - 1 has attended.
+                if let Some(e) = &attn_done {
+                    wait(&off.copy, e)?;
+                }
+                off.step_bytes += dev.copy_pool_prefix(
+                    &cache.layers[li + 1],
+                    &mut off.staging[(li + 1) % 2],
+                    before,
+                    &off.copy,
+                )?;
+                next_copied = Some(ev(off.copy.record_event(None))?);
+            }
             dev.rmsnorm(&mut s.xn, &s.x, &layer.input_norm, n, h, eps)?;
             dev.linear(&layer.q, &s.xn, n, &mut s.q)?;
             dev.linear(&layer.k, &s.xn, n, &mut s.k)?;
             dev.linear(&layer.v, &s.xn, n, &mut s.v)?;
             dev.rope(&mut s.q, &d_pos, &self.model.inv_freq, n, hq, d, d)?;
             dev.rope(&mut s.k, &d_pos, &self.model.inv_freq, n, hkv, d, d)?;
-            write_placements(dev, pools, &placements, &s.k, &s.v, hkv * d)?;
-            dev.attend(pools, &mut plan, &s.q, &mut s.att)?;
+            write_placements(dev, &mut cache.layers[li], &placements, &s.k, &s.v, hkv * d)?;
+            match cache.offload.as_mut() {
+                Some(off) => {
+                    if let Some(e) = &this_copied {
+                        wait(dev.stream(), e)?;
+                    }
+                    let staging = &mut off.staging[li % 2];
+                    write_placements(dev, staging, &placements, &s.k, &s.v, hkv * d)?;
+                    dev.attend(staging, &mut plan, &s.q, &mut s.att)?;
+                    attn_done = Some(ev(dev.stream().record_event(None))?);
+                }
+                None => dev.attend(&cache.layers[li], &mut plan, &s.q, &mut s.att)?,
+            }
             dev.linear(&layer.o, &s.att, n, &mut s.tmp)?;
             dev.residual_add(&mut s.x, &s.tmp, n * h)?;
             dev.rmsnorm(&mut s.xn, &s.x, &layer.post_norm, n, h, eps)?;

@@ -23,6 +23,8 @@ pub struct DecoderCheck {
     pub weights: String,
     pub gpu: Vec<u32>,
     pub cpu: Vec<u32>,
+    /// GPU greedy tokens with the KV pools offloaded to host memory (streamed per layer).
+    pub offload: Vec<u32>,
     /// Normalised error of the GPU prompt logits against the CPU's.
     pub logits_error: f64,
     /// Greedy tokens recorded from transformers, when the fixture has them.
@@ -33,11 +35,27 @@ impl DecoderCheck {
     pub fn first_mismatch(&self) -> Option<usize> {
         (0..self.gpu.len().max(self.cpu.len())).find(|&i| self.gpu.get(i) != self.cpu.get(i))
     }
-    /// Tokens and logits agree (logit error within FP16-K/V rounding, 1e-3).
+    /// First token where the offloaded run differs from the CPU's.
+    pub fn offload_mismatch(&self) -> Option<usize> {
+        (0..self.offload.len().max(self.cpu.len()))
+            .find(|&i| self.offload.get(i) != self.cpu.get(i))
+    }
+    /// Tokens (device and offloaded KV) and logits agree (logit error within FP16-K/V
+    /// rounding, 1e-3).
     pub fn passed(&self) -> bool {
-        self.first_mismatch().is_none() && self.logits_error <= 1e-3
+        self.first_mismatch().is_none()
+            && self.offload_mismatch().is_none()
+            && self.logits_error <= 1e-3
     }
     pub fn line(&self) -> String {
+        let off = match self.offload_mismatch() {
+            None => ", offloaded KV equal".to_string(),
+            Some(i) => format!(
+                ", offloaded KV FIRST MISMATCH at token {i} (GPU {:?}, CPU {:?})",
+                self.offload.get(i),
+                self.cpu.get(i)
+            ),
+        };
         let tf = match &self.transformers {
             Some(t) => format!(
                 ", transformers {}/{}",
@@ -48,7 +66,7 @@ impl DecoderCheck {
         };
         match self.first_mismatch() {
             None => format!(
-                "{} decoder {:<10} ({} weights, fp16 KV): {} greedy tokens equal the CPU path; prompt logits error {:.3e}{tf}",
+                "{} decoder {:<10} ({} weights, fp16 KV): {} greedy tokens equal the CPU path; prompt logits error {:.3e}{off}{tf}",
                 if self.passed() { "PASS" } else { "FAIL" },
                 self.name,
                 self.weights,
@@ -56,7 +74,7 @@ impl DecoderCheck {
                 self.logits_error
             ),
             Some(i) => format!(
-                "FAIL decoder {:<10} ({} weights, fp16 KV): first mismatch at token {i} (GPU {:?}, CPU {:?}); prompt logits error {:.3e}{tf}",
+                "FAIL decoder {:<10} ({} weights, fp16 KV): first mismatch at token {i} (GPU {:?}, CPU {:?}); prompt logits error {:.3e}{off}{tf}",
                 self.name,
                 self.weights,
                 self.gpu.get(i),
@@ -128,28 +146,27 @@ impl CudaDevice {
             let model = self.load_decoder(&fdir)?;
             let c = &model.config().model;
             let policy = DevicePolicy::new(&KvPolicy::fp16(), c.num_key_value_heads, c.head_dim)?;
-            let new_session = || -> Result<DeviceSession<'_>, CudaError> {
-                let cache = DeviceKvCache::new(
-                    self,
-                    policy,
-                    c.num_hidden_layers,
-                    cap,
-                    0,
-                    2,
-                    PoolMemory::Device,
-                )?;
+            let new_session = |memory| -> Result<DeviceSession<'_>, CudaError> {
+                let cache =
+                    DeviceKvCache::new(self, policy, c.num_hidden_layers, cap, 0, 2, memory)?;
                 DeviceSession::new(self, &model, cache)
             };
-            let gpu_logits = new_session()?.forward(&[DeviceInput::Ids {
+            let gpu_logits = new_session(PoolMemory::Device)?.forward(&[DeviceInput::Ids {
                 ids: &prompt,
                 kind: jetvlm_core::TokenKind::Text,
             }])?;
-            let gpu = new_session()?.greedy(&prompt, tokens)?;
+            let gpu = new_session(PoolMemory::Device)?.greedy(&prompt, tokens)?;
+            let offload = if self.info().can_map_host_memory {
+                new_session(PoolMemory::MappedHost)?.greedy(&prompt, tokens)?
+            } else {
+                gpu.clone()
+            };
             out.push(DecoderCheck {
                 name: name.to_string(),
                 weights: model.weight_dtype().to_string(),
                 gpu,
                 cpu,
+                offload,
                 logits_error: normalized_error(&gpu_logits, cpu_logits.last()),
                 transformers,
             });

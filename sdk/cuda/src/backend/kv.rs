@@ -50,6 +50,8 @@ struct PoolBuf {
     _store: Store,
     ptr: u64,
     bytes: usize,
+    /// Host address, for pools in mapped host memory.
+    host: Option<usize>,
 }
 
 /// One layer's K/V pools (device memory or mapped host memory).
@@ -133,12 +135,14 @@ impl CudaDevice {
                     ptr,
                     _store: Store::Device(buf),
                     bytes,
+                    host: None,
                 })
             }
             PoolMemory::MappedHost => {
                 let buf = self.mapped_host_buffer::<u8>(bytes)?;
                 Ok(PoolBuf {
                     ptr: buf.device_ptr(),
+                    host: Some(buf.host_addr()),
                     _store: Store::Host(buf),
                     bytes,
                 })
@@ -578,6 +582,74 @@ impl CudaDevice {
         )?;
         self.attend(pools, &mut plan, q, out)?;
         Ok(plan.n_splits)
+    }
+
+    /// Queues on `stream` the copy of the first `blocks` = (text, frame) blocks of every pool
+    /// array from host pools `src` (mapped host memory) into device pools `dst` of the same
+    /// layout; returns the bytes copied.
+    pub fn copy_pool_prefix(
+        &self,
+        src: &DeviceKvPools,
+        dst: &mut DeviceKvPools,
+        blocks: (usize, usize),
+        stream: &cudarc::driver::CudaStream,
+    ) -> Result<u64, CudaError> {
+        const OP: &str = "kv offload copy";
+        let l = src.layout;
+        if dst.layout != l
+            || blocks.0 > src.text_blocks.min(dst.text_blocks)
+            || blocks.1 > src.frame_blocks.min(dst.frame_blocks)
+        {
+            return Err(shape(
+                OP,
+                format!(
+                    "{blocks:?} blocks from pools of {}/{} into {}/{}",
+                    src.text_blocks, src.frame_blocks, dst.text_blocks, dst.frame_blocks
+                ),
+            ));
+        }
+        let text = blocks.0 * 2 * l.text_block_elems();
+        let codes = blocks.1 * l.frame_block_code_bytes();
+        let arrays = [
+            (&src.k_text, &dst.k_text, text),
+            (&src.v_text, &dst.v_text, text),
+            (&src.k_codes, &dst.k_codes, codes),
+            (&src.v_codes, &dst.v_codes, codes),
+            (
+                &src.k_params,
+                &dst.k_params,
+                blocks.1 * 4 * l.k_params_per_block(),
+            ),
+            (
+                &src.v_params,
+                &dst.v_params,
+                blocks.1 * 4 * l.v_params_per_block(),
+            ),
+        ];
+        let mut total = 0u64;
+        for (s, d, bytes) in arrays {
+            if bytes == 0 {
+                continue;
+            }
+            let host = s
+                .host
+                .ok_or_else(|| shape(OP, "source pools are not in mapped host memory".into()))?;
+            // SAFETY: `host` addresses at least `bytes` bytes of pinned memory owned by `src`
+            // and `d.ptr` at least `bytes` device bytes owned by `dst` (checked above); both
+            // outlive the copy because the caller synchronises before dropping the pools.
+            unsafe {
+                cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
+                    d.ptr,
+                    host as *const std::ffi::c_void,
+                    bytes,
+                    stream.cu_stream(),
+                )
+            }
+            .result()
+            .map_err(driver_err("cuMemcpyHtoDAsync"))?;
+            total += bytes as u64;
+        }
+        Ok(total)
     }
 
     fn read_pool(&self, buf: &PoolBuf, dst: &mut [u8]) -> Result<(), CudaError> {

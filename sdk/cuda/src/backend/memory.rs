@@ -16,6 +16,7 @@ use crate::error::CudaError;
 pub struct MappedHostBuffer<T> {
     host: PinnedHostSlice<T>,
     device_ptr: u64,
+    host_addr: usize,
 }
 
 impl<T: DeviceRepr + ValidAsZeroBits> MappedHostBuffer<T> {
@@ -39,6 +40,10 @@ impl<T: DeviceRepr + ValidAsZeroBits> MappedHostBuffer<T> {
     /// Device address of the same memory, passed to kernels as a pointer argument.
     pub fn device_ptr(&self) -> u64 {
         self.device_ptr
+    }
+    /// Host address of the memory (a source for asynchronous host-to-device copies).
+    pub fn host_addr(&self) -> usize {
+        self.host_addr
     }
 }
 
@@ -71,7 +76,11 @@ impl CudaDevice {
         unsafe { sys::cuMemHostGetDevicePointer_v2(&mut device_ptr, ptr.cast(), 0) }
             .result()
             .map_err(driver_err("cuMemHostGetDevicePointer"))?;
-        Ok(MappedHostBuffer { host, device_ptr })
+        Ok(MappedHostBuffer {
+            host,
+            device_ptr,
+            host_addr: ptr as usize,
+        })
     }
 
     /// A device buffer of `len` elements filled chunk by chunk: `fill(offset, chunk)` writes
