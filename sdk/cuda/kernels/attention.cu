@@ -115,10 +115,9 @@ __device__ __forceinline__ void mixed_attention_partial_t(ATTN_PARAMS) {
                 }
             }
         }
-        for (int t = warp; t < len; t += ATTN_WARPS) {
-            if (order0 + t > qo) break;  // orders grow along the block
+        // K and V of token t of this block, dequantized (or widened) into registers.
+        auto load = [&](int t, float* kf, float* vf) {
             const size_t slot = ((size_t)blk * T + t) * Hkv + kvh;
-            float kf[ATTN_MAX_E], vf[ATTN_MAX_E];
             if (!frame) {
                 const unsigned short* kr = k_text + slot * D + d0;
                 const unsigned short* vr = v_text + slot * D + d0;
@@ -144,6 +143,9 @@ __device__ __forceinline__ void mixed_attention_partial_t(ATTN_PARAMS) {
                     }
                 }
             }
+        };
+        // Online-softmax update of every query head with one token's K and V.
+        auto update = [&](const float* kf, const float* vf) {
 #pragma unroll
             for (int g = 0; g < ATTN_MAX_G; ++g) {
                 if (g < gc) {
@@ -162,6 +164,18 @@ __device__ __forceinline__ void mixed_attention_partial_t(ATTN_PARAMS) {
                     m[g] = m_new;
                 }
             }
+        };
+        // A warp takes tokens warp, warp + 4, warp + 8, ... in that order, two per iteration
+        // with both tokens' loads issued before either is used (twice the loads in flight).
+        for (int t = warp; t < len; t += 2 * ATTN_WARPS) {
+            if (order0 + t > qo) break;  // orders grow along the block
+            const int t1 = t + ATTN_WARPS;
+            const bool has1 = t1 < len && order0 + t1 <= qo;
+            float kf0[ATTN_MAX_E], vf0[ATTN_MAX_E], kf1[ATTN_MAX_E], vf1[ATTN_MAX_E];
+            load(t, kf0, vf0);
+            if (has1) load(t1, kf1, vf1);
+            update(kf0, vf0);
+            if (has1) update(kf1, vf1);
         }
     }
 
