@@ -231,6 +231,13 @@ struct Offload {
     step_bytes: u64,
 }
 
+impl Drop for Offload {
+    fn drop(&mut self) {
+        // Copies into the staging pools must finish before the pools are freed.
+        let _ = self.copy.synchronize();
+    }
+}
+
 impl Offload {
     fn new(
         dev: &CudaDevice,
