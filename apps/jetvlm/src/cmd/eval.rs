@@ -20,7 +20,7 @@ pub struct EvalArgs {
     /// Held-out clips to evaluate (each has several questions).
     #[arg(long, default_value_t = 100)]
     pub count: usize,
-    /// Seed of the held-out set (the demo model trained on seed 1 and was scored on 1001).
+    /// Seed of the held-out set (the demo model trained on seeds 101-114 and was scored on 1001).
     #[arg(long, default_value_t = 1001)]
     pub seed: u64,
     /// KV policies to compare, separated by spaces (a policy's own options use commas, e.g.
