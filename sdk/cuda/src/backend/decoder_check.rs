@@ -29,7 +29,16 @@ pub struct DecoderCheck {
     pub logits_error: f64,
     /// Greedy tokens recorded from transformers, when the fixture has them.
     pub transformers: Option<Vec<u32>>,
+    /// A frame-heavy prompt (text, two 64-token frames, text): of the CPU FP16-KV greedy
+    /// answer's tokens, how many the GPU with the mixed policy (frames INT4) predicts when fed
+    /// the same history (teacher-forced), and the answer length.
+    pub mixed_agreement: (usize, usize),
+    pub mixed_policy: String,
 }
+
+/// Minimum teacher-forced agreement of the GPU mixed policy with the CPU FP16 answer (the CPU
+/// mixed policy reaches 95% on these fixtures).
+pub const MIXED_AGREEMENT: f64 = 0.90;
 
 impl DecoderCheck {
     pub fn first_mismatch(&self) -> Option<usize> {
@@ -46,6 +55,11 @@ impl DecoderCheck {
         self.first_mismatch().is_none()
             && self.offload_mismatch().is_none()
             && self.logits_error <= 1e-3
+            && self.mixed_ok()
+    }
+    pub fn mixed_ok(&self) -> bool {
+        let (same, n) = self.mixed_agreement;
+        n > 0 && same as f64 >= MIXED_AGREEMENT * n as f64
     }
     pub fn line(&self) -> String {
         let off = match self.offload_mismatch() {
@@ -56,6 +70,17 @@ impl DecoderCheck {
                 self.cpu.get(i)
             ),
         };
+        let mixed = format!(
+            ", {} frames {}/{} teacher-forced{}",
+            self.mixed_policy,
+            self.mixed_agreement.0,
+            self.mixed_agreement.1,
+            if self.mixed_ok() {
+                String::new()
+            } else {
+                format!(" BELOW {:.0}%", 100.0 * MIXED_AGREEMENT)
+            }
+        );
         let tf = match &self.transformers {
             Some(t) => format!(
                 ", transformers {}/{}",
@@ -66,7 +91,7 @@ impl DecoderCheck {
         };
         match self.first_mismatch() {
             None => format!(
-                "{} decoder {:<10} ({} weights, fp16 KV): {} greedy tokens equal the CPU path; prompt logits error {:.3e}{off}{tf}",
+                "{} decoder {:<10} ({} weights, fp16 KV): {} greedy tokens equal the CPU path; prompt logits error {:.3e}{off}{mixed}{tf}",
                 if self.passed() { "PASS" } else { "FAIL" },
                 self.name,
                 self.weights,
@@ -74,7 +99,7 @@ impl DecoderCheck {
                 self.logits_error
             ),
             Some(i) => format!(
-                "FAIL decoder {:<10} ({} weights, fp16 KV): first mismatch at token {i} (GPU {:?}, CPU {:?}); prompt logits error {:.3e}{off}{tf}",
+                "FAIL decoder {:<10} ({} weights, fp16 KV): first mismatch at token {i} (GPU {:?}, CPU {:?}); prompt logits error {:.3e}{off}{mixed}{tf}",
                 self.name,
                 self.weights,
                 self.gpu.get(i),
@@ -93,6 +118,100 @@ fn ids(v: &serde_json::Value) -> Option<Vec<u32>> {
 }
 
 impl CudaDevice {
+    /// CPU FP16-KV greedy answer after a frame-heavy prompt, then the GPU with the mixed policy
+    /// teacher-forced along it: (tokens it predicts the same, answer length), policy name.
+    fn mixed_agreement(
+        &self,
+        cpu_model: &Model,
+        model: &super::decoder::DeviceDecoder,
+        prompt: &[u32],
+        tokens: usize,
+    ) -> Result<((usize, usize), String), CudaError> {
+        let path = model.config().path.clone();
+        let model_err = |message: String| CudaError::Model {
+            path: path.clone(),
+            message,
+        };
+        let vocab = cpu_model.vocab_size() as u32;
+        let frame_ids: Vec<Vec<u32>> = (0..2u32)
+            .map(|f| (0..64u32).map(|i| (f * 97 + i * 31 + 5) % vocab).collect())
+            .collect();
+        let frames: Vec<Vec<f32>> = frame_ids
+            .iter()
+            .map(|f| cpu_model.embed(f))
+            .collect::<Result<_, _>>()
+            .map_err(|e| model_err(e.to_string()))?;
+        let split = prompt.len().min(4);
+        let mut inputs = vec![Input::text(&prompt[..split])];
+        for (i, f) in frames.iter().enumerate() {
+            inputs.push(Input::frame(f, 64, i as u64));
+        }
+        inputs.push(Input::text(&prompt[split..]));
+        let cap = prompt.len() + 128 + tokens + 1;
+        let mut cache = MixedKvCache::new(cpu_model.cache_shape(), KvPolicy::fp16(), cap)
+            .map_err(|e| model_err(e.to_string()))?;
+        let opts = GenerateOptions {
+            max_tokens: tokens,
+            ..Default::default()
+        };
+        let answer: Vec<u32> = Generation::start(cpu_model, &mut cache, &inputs, &[], None, opts)
+            .map_err(|e| model_err(e.to_string()))?
+            .map(|s| s.map(|s| s.token))
+            .collect::<Result<_, _>>()
+            .map_err(|e| model_err(e.to_string()))?;
+
+        let c = &model.config().model;
+        let policy: KvPolicy = if c.head_dim.is_multiple_of(64) {
+            KvPolicy::mixed()
+        } else {
+            "mixed:group=32"
+                .parse()
+                .map_err(|e: jetvlm_kvcache::KvError| model_err(e.to_string()))?
+        };
+        let dp = DevicePolicy::new(&policy, c.num_key_value_heads, c.head_dim)?;
+        let cache = DeviceKvCache::new(
+            self,
+            dp,
+            c.num_hidden_layers,
+            prompt.len() + tokens + 1,
+            128,
+            4,
+            PoolMemory::Device,
+        )?;
+        let mut session = DeviceSession::new(self, model, cache)?;
+        let text = jetvlm_core::TokenKind::Text;
+        let frame = jetvlm_core::TokenKind::Frame;
+        let mut logits = session.forward(&[
+            DeviceInput::Ids {
+                ids: &prompt[..split],
+                kind: text,
+            },
+            DeviceInput::Ids {
+                ids: &frame_ids[0],
+                kind: frame,
+            },
+            DeviceInput::Ids {
+                ids: &frame_ids[1],
+                kind: frame,
+            },
+            DeviceInput::Ids {
+                ids: &prompt[split..],
+                kind: text,
+            },
+        ])?;
+        let mut same = 0;
+        for (i, &t) in answer.iter().enumerate() {
+            same += (jetvlm_decoder::sampler::argmax(&logits) == t) as usize;
+            if i + 1 < answer.len() {
+                logits = session.forward(&[DeviceInput::Ids {
+                    ids: &[t],
+                    kind: text,
+                }])?;
+            }
+        }
+        Ok(((same, answer.len()), policy.name()))
+    }
+
     /// Greedy generation of `tokens` tokens on every fixture under `dir` present, GPU against
     /// CPU. A fixture that cannot be read is an error naming it.
     pub fn decoder_check(&self, dir: &Path, tokens: usize) -> Result<Vec<DecoderCheck>, CudaError> {
@@ -161,6 +280,8 @@ impl CudaDevice {
             } else {
                 gpu.clone()
             };
+            let (mixed_agreement, mixed_policy) =
+                self.mixed_agreement(&cpu_model, &model, &prompt, tokens)?;
             out.push(DecoderCheck {
                 name: name.to_string(),
                 weights: model.weight_dtype().to_string(),
@@ -169,6 +290,8 @@ impl CudaDevice {
                 offload,
                 logits_error: normalized_error(&gpu_logits, cpu_logits.last()),
                 transformers,
+                mixed_agreement,
+                mixed_policy,
             });
         }
         Ok(out)
