@@ -142,6 +142,8 @@ run() {
       "$dist/jetvlm" bench decode --device cuda --model "$model" --context 1024,8192,32768,131072 --steps 32
     step "bench decode --device cuda --kv-offload host" 150 bench-decode-offload.txt \
       "$dist/jetvlm" bench decode --device cuda --kv-offload host --model "$model" --context 1024,32768,131072 --steps 16
+    step "bench decode --device cuda --kv-offload host, real 16k prefill (TTFT offloaded)" 120 bench-decode-offload-prefill.txt \
+      "$dist/jetvlm" bench decode --device cuda --kv-offload host --model "$model" --context 16384 --prefill real --steps 8
     rm -rf "$out/smollm2-135m-random"
   fi
   echo "== summary ($(( $(date +%s) - t_start )) s)"
