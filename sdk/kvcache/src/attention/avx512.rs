@@ -17,7 +17,9 @@
 //! Other shapes and formats (2/8-bit codes, per-token keys, value groups of 32, head dims
 //! that are not multiples of 16 or 64) use the AVX2 kernels.
 
-use super::{Fns, MAX_BLOCK_TOKENS, MAX_GQA, Prep, State, avx2, gidx, sidx};
+use super::{
+    Fns, MAX_BLOCK_TOKENS, MAX_GQA, MAX_GROUPS, MAX_HEAD_DIM, Prep, State, avx2, gidx, sidx,
+};
 use crate::layout::{Fp16Layout, QuantLayout};
 use crate::policy::KeyMode;
 use std::arch::x86_64::*;
@@ -40,6 +42,28 @@ macro_rules! head_chunks {
             3 => $f::<3>(h0, $($a),*),
             _ => {}
         }
+    }};
+}
+
+/// `head_chunks!` for the key kernel: `$f::<HC, NV>`, stopping at the first `false`.
+macro_rules! key_chunks {
+    ($g:expr, $nv:literal, $f:ident($($a:expr),*)) => {{
+        let g = $g;
+        let mut h0 = 0;
+        let mut ok = true;
+        while ok && g - h0 >= 4 {
+            ok = $f::<4, $nv>(h0, $($a),*);
+            h0 += 4;
+        }
+        if ok {
+            ok = match g - h0 {
+                1 => $f::<1, $nv>(h0, $($a),*),
+                2 => $f::<2, $nv>(h0, $($a),*),
+                3 => $f::<3, $nv>(h0, $($a),*),
+                _ => true,
+            };
+        }
+        ok
     }};
 }
 
@@ -85,7 +109,7 @@ pub(crate) fn fns() -> Fns {
             unsafe { softmax(st, n) }
         },
         prefetch: avx2::prefetch,
-        finish: avx2::finish,
+        finish,
     }
 }
 
@@ -253,28 +277,25 @@ unsafe fn fp16_accum_hc<const HC: usize, const C: usize>(
     }
 }
 
-/// `exp(x)` for 16 lanes (same range reduction and polynomial as the AVX2 kernel).
+/// `exp(x)` for 16 lanes: `2^n * p(f)` with `x log2(e) = n + f`, `|f| <= 1/2`, and a
+/// degree-5 polynomial for `2^f` (relative error below 3e-6); `vscalefps` applies `2^n`
+/// (underflowing to 0 for very negative `x`). NaN propagates.
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn exp512(x: __m512) -> __m512 {
-    let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
-    let n = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
-    let fx = _mm512_cvtepi32_ps(n);
-    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693_359_4), x);
-    let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.121_944_4e-4), x);
-    let mut y = _mm512_set1_ps(1.987_569_1e-4);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.398_199_9e-3));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.333_452e-3));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.166_579_6e-2));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.666_666_5e-1));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(0.5));
-    y = _mm512_fmadd_ps(
-        y,
-        _mm512_mul_ps(x, x),
-        _mm512_add_ps(x, _mm512_set1_ps(1.0)),
+    let t = _mm512_max_ps(
+        _mm512_set1_ps(-150.0),
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
     );
-    let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(n, _mm512_set1_epi32(127)));
-    _mm512_mul_ps(y, _mm512_castsi512_ps(e))
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+    let f = _mm512_sub_ps(t, n);
+    let mut y = _mm512_set1_ps(1.333_355_8e-3);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.618_129e-3));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550_411e-2));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.240_226_5));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(std::f32::consts::LN_2));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0));
+    _mm512_scalef_ps(y, n)
 }
 
 /// Multiplies `len` floats at `p` by `a` (masked tail).
@@ -292,6 +313,14 @@ unsafe fn scale_row(p: *mut f32, len: usize, a: __m512) {
     }
 }
 
+/// How far (natural log) a block's maximum score may exceed the running maximum before
+/// the running state is rescaled: probabilities stay below `e^8`, far from f32 limits,
+/// and the rescale (every accumulator of the head) runs only a few times per pass.
+const LAZY_MAX: f32 = 8.0;
+
+/// Online softmax with a lazily updated maximum: `p = exp(s - m)` for the running `m`,
+/// which only moves (rescaling the state) when a block's maximum exceeds it by more than
+/// [`LAZY_MAX`]. Sums stay per lane in `State::lv` (folded by [`finish`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn softmax(st: &mut State, n: usize) {
     let d = st.d;
@@ -301,36 +330,51 @@ unsafe fn softmax(st: &mut State, n: usize) {
         let mut mx = neg;
         let mut t0 = 0;
         while t0 < n {
-            let x = unsafe { _mm512_maskz_loadu_ps(mask16(t0, n), s.add(t0)) };
+            let x = unsafe { _mm512_loadu_ps(s.add(t0)) };
             mx = _mm512_mask_max_ps(mx, mask16(t0, n), mx, x);
             t0 += 16;
         }
         let bm = _mm512_reduce_max_ps(mx);
-        let m_new = st.m[h].max(bm);
-        if m_new > st.m[h] {
-            let alpha = (st.m[h] - m_new).exp();
-            st.l[h] *= alpha;
-            let a = _mm512_set1_ps(alpha);
-            unsafe {
-                scale_row(st.acc.as_mut_ptr().add(h * d), d, a);
-                scale_row(st.qacc.as_mut_ptr().add(h * d), d, a);
-                scale_row(st.zacc.as_mut_ptr().add(gidx(h, 0)), super::MAX_GROUPS, a);
+        if bm > st.m[h] + LAZY_MAX {
+            if st.m[h] > f32::NEG_INFINITY {
+                let alpha = (st.m[h] - bm).exp();
+                st.l[h] *= alpha;
+                let a = _mm512_set1_ps(alpha);
+                unsafe {
+                    scale_row(st.acc.as_mut_ptr().add(h * d), d, a);
+                    scale_row(st.qacc.as_mut_ptr().add(h * d), d, a);
+                    scale_row(st.zacc.as_mut_ptr().add(gidx(h, 0)), MAX_GROUPS, a);
+                    scale_row(st.lv.as_mut_ptr().add(16 * h), 16, a);
+                    scale_row(st.zv.as_mut_ptr().add(16 * gidx(h, 0)), 16 * MAX_GROUPS, a);
+                }
             }
-            st.m[h] = m_new;
+            st.m[h] = bm;
         }
-        let mb = _mm512_set1_ps(m_new);
-        let mut sum = _mm512_setzero_ps();
+        let mb = _mm512_set1_ps(st.m[h]);
+        let lp = unsafe { st.lv.as_mut_ptr().add(16 * h) };
+        let mut sum = unsafe { _mm512_loadu_ps(lp) };
         let mut t0 = 0;
         while t0 < n {
-            let m = mask16(t0, n);
-            let x = unsafe { _mm512_maskz_loadu_ps(m, s.add(t0)) };
-            let e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(x, mb)));
+            let x = unsafe { _mm512_loadu_ps(s.add(t0)) };
+            let e = _mm512_maskz_mov_ps(mask16(t0, n), exp512(_mm512_sub_ps(x, mb)));
             unsafe { _mm512_storeu_ps(s.add(t0), e) };
             sum = _mm512_add_ps(sum, e);
             t0 += 16;
         }
-        st.l[h] += _mm512_reduce_add_ps(sum);
+        unsafe { _mm512_storeu_ps(lp, sum) };
     }
+}
+
+/// Folds the per-lane sums (`lv`, `zv`) into `l` and `zacc`, then the AVX2 value order
+/// (`qacc`) into `acc`.
+fn finish(st: &mut State) {
+    for h in 0..st.g {
+        st.l[h] += st.lv[16 * h..][..16].iter().sum::<f32>();
+        for gi in 0..MAX_GROUPS {
+            st.zacc[gidx(h, gi)] += st.zv[16 * gidx(h, gi)..][..16].iter().sum::<f32>();
+        }
+    }
+    avx2::finish(st);
 }
 
 /// Sixteen `u32` lanes `scale | zero << 16` (FP16 bits) to f32 scales and zeros.
@@ -410,93 +454,95 @@ fn transpose16x8(x: &[__m512i; 8]) -> [__m512i; 8] {
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn q4_scores_pc(p: &mut Prep, seg: &[u8], l: &QuantLayout, n: usize, s: &mut [f32]) {
     let (g, d) = (p.g, p.d);
-    let base = seg.as_ptr();
-    // Query bytes in the (f32) scratch: head h low bytes at 2hd, high bytes at (2h+1)d.
-    let qb = p.scratch.as_mut_ptr() as *mut i8;
-    let mut step = [0f32; MAX_GQA];
-    let mut konst = [0f32; MAX_GQA];
-    let inf = _mm512_set1_ps(f32::INFINITY);
-    for h in 0..g {
-        let q = unsafe { p.q.as_ptr().add(h * d) };
-        let mut mx = _mm512_setzero_ps();
-        let mut kz = _mm512_setzero_ps();
-        let mut bad: __mmask16 = 0;
-        let mut c = 0;
-        while c < d {
-            let (sc, z) =
-                split_params16(unsafe { _mm512_loadu_si512(base.add(4 * c) as *const _) });
-            let qv = unsafe { _mm512_loadu_ps(q.add(c)) };
-            let a = _mm512_abs_ps(_mm512_mul_ps(qv, sc));
-            bad |= _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(a, inf);
-            mx = _mm512_max_ps(mx, a);
-            kz = _mm512_fmadd_ps(qv, z, kz);
-            c += 16;
-        }
-        let m = _mm512_reduce_max_ps(mx);
-        konst[h] = _mm512_reduce_add_ps(kz);
-        if bad != 0 || !konst[h].is_finite() {
-            // Non-finite queries or parameters: the f32 kernels propagate them like the
-            // reference does.
-            return (avx2::fns().quant_scores)(p, seg, l, n, s);
-        }
-        let (lo_p, hi_p) = unsafe { (qb.add(2 * h * d), qb.add((2 * h + 1) * d)) };
-        let inv = _mm512_set1_ps(if m > 0.0 { QMAX / m } else { 0.0 });
-        step[h] = m / QMAX;
-        let mut c = 0;
-        while c < d {
-            let (sc, _) =
-                split_params16(unsafe { _mm512_loadu_si512(base.add(4 * c) as *const _) });
-            let qv = unsafe { _mm512_loadu_ps(q.add(c)) };
-            let x = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(qv, sc), inv));
-            let lo = _mm512_sub_epi32(
-                _mm512_and_si512(
-                    _mm512_add_epi32(x, _mm512_set1_epi32(128)),
-                    _mm512_set1_epi32(255),
-                ),
-                _mm512_set1_epi32(128),
-            );
-            let hi = _mm512_srai_epi32::<8>(_mm512_sub_epi32(x, lo));
-            unsafe {
-                _mm_storeu_si128(lo_p.add(c) as *mut __m128i, _mm512_cvtepi32_epi8(lo));
-                _mm_storeu_si128(hi_p.add(c) as *mut __m128i, _mm512_cvtepi32_epi8(hi));
-            }
-            c += 16;
-        }
-    }
-    let qb = qb as *const i8;
-    let sp = s.as_mut_ptr();
+    let (base, sp) = (seg.as_ptr(), s.as_mut_ptr());
+    let pr: &Prep = p;
     // SAFETY: rows of whole 16-token tiles lie inside the block (`quant_ok`).
-    unsafe { head_chunks!(g, q4_scores_heads(d, qb, &step, &konst, base, l, n, sp)) }
+    let ok = unsafe {
+        match d {
+            64 => key_chunks!(g, 4, q4_scores_heads(pr, base, l, n, sp)),
+            128 => key_chunks!(g, 8, q4_scores_heads(pr, base, l, n, sp)),
+            _ => key_chunks!(g, 16, q4_scores_heads(pr, base, l, n, sp)),
+        }
+    };
+    if !ok {
+        // Non-finite queries or parameters: the f32 kernels propagate them like the
+        // reference does.
+        (avx2::fns().quant_scores)(p, seg, l, n, s)
+    }
 }
 
+/// Scores of heads `h0..h0 + HC` (`NV`: 16-channel vectors per head when the head dim is
+/// 64 or 128, else 16 and the head dim decides). Returns false, writing nothing useful,
+/// when queries or parameters are not finite.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn q4_scores_heads<const HC: usize>(
+unsafe fn q4_scores_heads<const HC: usize, const NV: usize>(
     h0: usize,
-    d: usize,
-    qb: *const i8,
-    step: &[f32; MAX_GQA],
-    konst: &[f32; MAX_GQA],
+    p: &Prep,
     base: *const u8,
     l: &QuantLayout,
     n: usize,
     sp: *mut f32,
-) {
+) -> bool {
+    let d = p.d;
+    let nv = if NV < 16 { NV } else { d / 16 };
+    // The block's channel scales and zeros (`q * scale` is folded, `q . zero` is constant).
+    let mut sc = [_mm512_setzero_ps(); NV];
+    let mut zc = [_mm512_setzero_ps(); NV];
+    for c in 0..nv {
+        (sc[c], zc[c]) =
+            split_params16(unsafe { _mm512_loadu_si512(base.add(64 * c) as *const _) });
+    }
+    // Query bytes per head: [low bytes, high bytes] as 32-bit words of 4 channels.
+    // Uninitialised (zeroing it costs more than the rest of the setup): words 0..d / 4 of
+    // every row are written below before any read; rows are `MAX_HEAD_DIM / 4` words.
+    let mut qw_buf = std::mem::MaybeUninit::<[[[i32; MAX_HEAD_DIM / 4]; 2]; HC]>::uninit();
+    let qw = qw_buf.as_mut_ptr() as *mut i32;
+    let row = |hh: usize, half: usize| unsafe { qw.add((2 * hh + half) * (MAX_HEAD_DIM / 4)) };
+    let mut step = [_mm512_setzero_ps(); HC];
+    let mut konst = [_mm512_setzero_ps(); HC];
+    let inf = _mm512_set1_ps(f32::INFINITY);
+    for hh in 0..HC {
+        let q = unsafe { p.q.as_ptr().add((h0 + hh) * d) };
+        let mut qs = [_mm512_setzero_ps(); NV];
+        let mut mx = _mm512_setzero_ps();
+        let mut kz = _mm512_setzero_ps();
+        let mut bad: __mmask16 = 0;
+        for c in 0..nv {
+            let qv = unsafe { _mm512_loadu_ps(q.add(16 * c)) };
+            qs[c] = _mm512_mul_ps(qv, sc[c]);
+            let a = _mm512_abs_ps(qs[c]);
+            bad |= _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(a, inf);
+            mx = _mm512_max_ps(mx, a);
+            kz = _mm512_fmadd_ps(qv, zc[c], kz);
+        }
+        let m = _mm512_reduce_max_ps(mx);
+        let k = _mm512_reduce_add_ps(kz);
+        if bad != 0 || !k.is_finite() {
+            return false;
+        }
+        konst[hh] = _mm512_set1_ps(k);
+        step[hh] = _mm512_set1_ps(m / QMAX);
+        let inv = _mm512_set1_ps(if m > 0.0 { QMAX / m } else { 0.0 });
+        let (lo_p, hi_p) = (row(hh, 0), row(hh, 1));
+        for (c, qc) in qs.iter().enumerate().take(nv) {
+            // x = 256 hi + lo with lo the sign-extended low byte.
+            let x = _mm512_cvtps_epi32(_mm512_mul_ps(*qc, inv));
+            let lo = _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(x));
+            let hi = _mm512_srai_epi32::<8>(_mm512_sub_epi32(x, lo));
+            unsafe {
+                _mm_storeu_si128(lo_p.add(4 * c) as *mut __m128i, _mm512_cvtepi32_epi8(x));
+                _mm_storeu_si128(hi_p.add(4 * c) as *mut __m128i, _mm512_cvtepi32_epi8(hi));
+            }
+        }
+    }
     let (krow0, kstride) = (l.k_row_offset(0), l.k_row_bytes());
     let m4 = _mm512_set1_epi8(0x0f);
-    let qw = |h: usize, hi: usize, dw: usize| -> __m512i {
-        _mm512_set1_epi32(unsafe {
-            (qb.add((2 * h + hi) * d) as *const i32)
-                .add(dw)
-                .read_unaligned()
-        })
-    };
     let mut t0 = 0;
     while t0 < n {
         // Per head: (low query bytes, high query bytes) x (low nibbles, high nibbles).
         let mut acc = [[_mm512_setzero_si512(); 4]; HC];
-        for pc in 0..d / 64 {
+        for pc in 0..nv / 4 {
             let x: [__m512i; 8] = std::array::from_fn(|i| unsafe {
                 let r = base.add(krow0 + (t0 + 2 * i) * kstride + 32 * pc);
                 if kstride == 32 {
@@ -514,29 +560,28 @@ unsafe fn q4_scores_heads<const HC: usize>(
                 let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(*col), m4);
                 let dlo = 16 * pc + 8 * (j / 4) + j % 4;
                 for (hh, a) in acc.iter_mut().enumerate() {
-                    let h = h0 + hh;
-                    a[0] = _mm512_dpbusd_epi32(a[0], lo, qw(h, 0, dlo));
-                    a[1] = _mm512_dpbusd_epi32(a[1], lo, qw(h, 1, dlo));
-                    a[2] = _mm512_dpbusd_epi32(a[2], hi, qw(h, 0, dlo + 4));
-                    a[3] = _mm512_dpbusd_epi32(a[3], hi, qw(h, 1, dlo + 4));
+                    // SAFETY: dlo + 4 < d / 4 (words written by the setup above).
+                    unsafe {
+                        let (wl, wh) = (row(hh, 0).add(dlo), row(hh, 1).add(dlo));
+                        a[0] = dpbusd_bcst(a[0], lo, wl);
+                        a[1] = dpbusd_bcst(a[1], lo, wh);
+                        a[2] = dpbusd_bcst(a[2], hi, wl.add(4));
+                        a[3] = dpbusd_bcst(a[3], hi, wh.add(4));
+                    }
                 }
             }
         }
         for (hh, a) in acc.iter().enumerate() {
-            let h = h0 + hh;
             let tot = _mm512_add_epi32(
                 _mm512_slli_epi32::<8>(_mm512_add_epi32(a[1], a[3])),
                 _mm512_add_epi32(a[0], a[2]),
             );
-            let sv = _mm512_fmadd_ps(
-                _mm512_cvtepi32_ps(tot),
-                _mm512_set1_ps(step[h]),
-                _mm512_set1_ps(konst[h]),
-            );
-            unsafe { _mm512_storeu_ps(sp.add(sidx(h, t0)), sv) };
+            let sv = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot), step[hh], konst[hh]);
+            unsafe { _mm512_storeu_ps(sp.add(sidx(h0 + hh, t0)), sv) };
         }
         t0 += 16;
     }
+    true
 }
 
 /// `vpermt2w` indices interleaving the 16-bit lanes of two 32-byte code rows into the
@@ -580,32 +625,55 @@ unsafe fn q4_accum(st: &mut State, seg: &[u8], l: &QuantLayout, n: usize) {
     let tiles = n.div_ceil(16);
     let mut scales = [0f32; MAX_BLOCK_TOKENS];
     let mut step = [0f32; MAX_GQA];
+    // int16 weights in the (f32) scratch `w`: head h at i16 offset 2 * sidx(h, 0).
+    let wq = st.w.as_mut_ptr() as *mut i16;
     for gi in 0..l.groups() {
-        let mut zs = [_mm512_setzero_ps(); MAX_GQA];
-        let mut wmax = [_mm512_setzero_ps(); MAX_GQA];
-        let mut bad: __mmask16 = 0;
+        // The group's scales and zeros of every row, once for all heads (lanes past `n`
+        // are zero).
+        let mut sc = [_mm512_setzero_ps(); MAX_BLOCK_TOKENS / 16];
+        let mut zc = [_mm512_setzero_ps(); MAX_BLOCK_TOKENS / 16];
         for ti in 0..tiles {
-            let (t0, m) = (16 * ti, mask16(16 * ti, n));
-            // SAFETY (block): rows t0..t0 + 16 lie inside the block; masked lanes load nothing.
-            let (sc, z) = unsafe {
+            let t0 = 16 * ti;
+            // SAFETY: rows t0..t0 + 16 lie inside the block; masked lanes load nothing.
+            (sc[ti], zc[ti]) = unsafe {
                 split_params16(_mm512_mask_i32gather_epi32::<1>(
                     _mm512_setzero_si512(),
-                    m,
+                    mask16(t0, n),
                     rows,
                     base.add(vrow0 + t0 * vstride + gi * gb) as *const _,
                 ))
             };
-            unsafe { _mm512_storeu_ps(scales.as_mut_ptr().add(t0), sc) };
-            for h in 0..g {
-                let pv = unsafe { _mm512_maskz_loadu_ps(m, st.s.as_ptr().add(sidx(h, t0))) };
-                let w = _mm512_abs_ps(_mm512_mul_ps(pv, sc));
-                bad |= _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(w, inf);
-                wmax[h] = _mm512_max_ps(wmax[h], w);
-                zs[h] = _mm512_fmadd_ps(pv, z, zs[h]);
-            }
+            unsafe { _mm512_storeu_ps(scales.as_mut_ptr().add(t0), sc[ti]) };
         }
+        let mut bad: __mmask16 = 0;
         for h in 0..g {
-            st.zacc[gidx(h, gi)] += _mm512_reduce_add_ps(zs[h]);
+            let ps = unsafe { st.s.as_ptr().add(sidx(h, 0)) };
+            let zp = unsafe { st.zv.as_mut_ptr().add(16 * gidx(h, gi)) };
+            let mut zs = unsafe { _mm512_loadu_ps(zp) };
+            let mut w = [_mm512_setzero_ps(); MAX_BLOCK_TOKENS / 16];
+            let mut wm = _mm512_setzero_ps();
+            for ti in 0..tiles {
+                // Probabilities past `n` are zero (softmax masks the last tile).
+                let pv = unsafe { _mm512_loadu_ps(ps.add(16 * ti)) };
+                w[ti] = _mm512_mul_ps(pv, sc[ti]);
+                let a = _mm512_abs_ps(w[ti]);
+                bad |= _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(a, inf);
+                wm = _mm512_max_ps(wm, a);
+                zs = _mm512_fmadd_ps(pv, zc[ti], zs);
+            }
+            unsafe { _mm512_storeu_ps(zp, zs) };
+            let mx = _mm512_reduce_max_ps(wm);
+            step[h] = mx / 32767.0;
+            let inv = _mm512_set1_ps(if mx > 0.0 { 32767.0 / mx } else { 0.0 });
+            for (ti, wt) in w.iter().enumerate().take(tiles) {
+                let x = _mm512_cvtps_epi32(_mm512_mul_ps(*wt, inv));
+                unsafe {
+                    _mm256_storeu_si256(
+                        wq.add(2 * sidx(h, 0) + 16 * ti) as *mut __m256i,
+                        _mm512_cvtepi32_epi16(x),
+                    )
+                };
+            }
         }
         if bad != 0 {
             // Non-finite weights: f32 products propagate them like the reference does.
@@ -621,26 +689,6 @@ unsafe fn q4_accum(st: &mut State, seg: &[u8], l: &QuantLayout, n: usize) {
                 )
             };
             continue;
-        }
-        // int16 weights in the (f32) scratch `w`: head h at i16 offset 2 * sidx(h, 0).
-        let wq = st.w.as_mut_ptr() as *mut i16;
-        for h in 0..g {
-            let mx = _mm512_reduce_max_ps(wmax[h]);
-            step[h] = mx / 32767.0;
-            let inv = _mm512_set1_ps(if mx > 0.0 { 32767.0 / mx } else { 0.0 });
-            for ti in 0..tiles {
-                let t0 = 16 * ti;
-                let pv =
-                    unsafe { _mm512_maskz_loadu_ps(mask16(t0, n), st.s.as_ptr().add(sidx(h, t0))) };
-                let sc = unsafe { _mm512_loadu_ps(scales.as_ptr().add(t0)) };
-                let x = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(pv, sc), inv));
-                unsafe {
-                    _mm256_storeu_si256(
-                        wq.add(2 * sidx(h, 0) + t0) as *mut __m256i,
-                        _mm512_cvtepi32_epi16(x),
-                    )
-                };
-            }
         }
         let wq = wq as *const i16;
         let qacc = st.qacc.as_mut_ptr();
@@ -693,7 +741,7 @@ unsafe fn q4_accum_heads<const HC: usize>(
                 (wq.add(2 * sidx(h0 + hh, 0) + 2 * tp) as *const i32).read_unaligned()
             });
             for (ak, nk) in a.iter_mut().zip(&nib) {
-                *ak = _mm512_dpwssd_epi32(*ak, *nk, wv);
+                *ak = dpwssd(*ak, *nk, wv);
             }
         }
     }
@@ -710,6 +758,47 @@ unsafe fn q4_accum_heads<const HC: usize>(
             }
         }
     }
+}
+
+/// `acc + sum of int16 pair products` per 32-bit lane (`vpdpwssd`). Written as assembly
+/// because the compiler otherwise splits some of them into `vpmaddwd` + `vpaddd`, twice
+/// the instructions on the hottest loop.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut r = acc;
+    // SAFETY: register-only instruction of a feature this function requires.
+    unsafe {
+        std::arch::asm!(
+            "vpdpwssd {r}, {a}, {b}",
+            r = inout(zmm_reg) r,
+            a = in(zmm_reg) a,
+            b = in(zmm_reg) b,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    r
+}
+
+/// `acc + sum of 4 unsigned-times-signed byte products` per 32-bit lane (`vpdpbusd`) with
+/// the 4 signed bytes at `p` broadcast to every lane. Assembly, so the broadcast stays a
+/// 4-byte memory operand: the compiler otherwise hoists every broadcast vector of a block
+/// out of the token loop and reloads them as full 64-byte vectors, which is slower.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn dpbusd_bcst(acc: __m512i, a: __m512i, p: *const i32) -> __m512i {
+    let mut r = acc;
+    // SAFETY: the caller guarantees 4 readable bytes at `p`.
+    unsafe {
+        std::arch::asm!(
+            "vpdpbusd {r}, {a}, dword ptr [{p}]{{1to16}}",
+            r = inout(zmm_reg) r,
+            a = in(zmm_reg) a,
+            p = in(reg) p,
+            options(pure, readonly, nostack, preserves_flags)
+        );
+    }
+    r
 }
 
 /// One value group in f32 (natural channel order into `acc`), for non-finite weights.

@@ -161,6 +161,11 @@ pub struct State {
     pub s: Vec<f32>,
     /// Kernel scratch of the same shape (e.g. probabilities times value scales).
     pub w: Vec<f32>,
+    /// `[g][16]` per-lane partial sums of `l` (kernels that defer the horizontal sum;
+    /// `Fns::finish` folds them into `l`).
+    pub lv: Vec<f32>,
+    /// `[g][MAX_GROUPS][16]` per-lane partial sums of `zacc` (as `lv`).
+    pub zv: Vec<f32>,
 }
 
 /// The functions one kernel family provides.
@@ -332,8 +337,15 @@ fn run_task(
         let b = &mut buf[h * (d + 2)..][..d + 2];
         b[0] = st.m[h];
         b[1] = st.l[h];
-        for c in 0..d {
-            b[2 + c] = st.acc[h * d + c] + st.zacc[h * MAX_GROUPS + c / ctx.vgroup];
+        for (gi, (o, a)) in b[2..]
+            .chunks_mut(ctx.vgroup)
+            .zip(st.acc[h * d..][..d].chunks(ctx.vgroup))
+            .enumerate()
+        {
+            let z = st.zacc[gidx(h, gi)];
+            for (o, a) in o.iter_mut().zip(a) {
+                *o = a + z;
+            }
         }
     }
 }
@@ -372,6 +384,8 @@ impl State {
             zacc: vec![0.0; g * MAX_GROUPS],
             s: vec![0.0; g * MAX_BLOCK_TOKENS],
             w: vec![0.0; g * MAX_BLOCK_TOKENS],
+            lv: vec![0.0; g * 16],
+            zv: vec![0.0; g * MAX_GROUPS * 16],
         }
     }
 }
