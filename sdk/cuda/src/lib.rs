@@ -8,6 +8,14 @@
 //!   `cuda` feature it drives the GPU through cudarc (dynamic loading: no CUDA library is needed
 //!   to build); without it, [`CudaDevice::open`] returns [`CudaError::NotCompiledWithCuda`], so
 //!   callers need no `cfg`.
+//! - [`kvtable`]: block bookkeeping of the device KV cache (which pool block and slot each
+//!   token goes to; the attention context list), host code tested against the CPU twins.
+//! - With the `cuda` feature: `DeviceDecoder` (Llama / Qwen2 weights from the Hugging Face
+//!   files, uploaded chunk by chunk in their stored precision), `DeviceKvCache` (per-layer
+//!   mixed pools in device memory, or offloaded to pinned host memory and streamed per layer
+//!   over PCIe on a copy stream), `DeviceSession::forward` (prefill and decode on the GPU),
+//!   `CudaDevice::decoder_check` (GPU greedy tokens against the CPU path on the fixtures) and
+//!   the benchmark helpers (`time_ms`, `measure_bandwidth`, `measure_pcie`).
 //! - [`selftest`]: every kernel against its CPU twin on random and outlier-heavy inputs.
 //! - [`meminfo`]: MemAvailable (what unified-memory planning uses) and [`DeviceInfo`].
 
