@@ -319,40 +319,58 @@ unsafe fn scale_row(p: *mut f32, len: usize, a: __m512) {
 const LAZY_MAX: f32 = 8.0;
 
 /// Online softmax with a lazily updated maximum: `p = exp(s - m)` for the running `m`,
-/// which only moves (rescaling the state) when a block's maximum exceeds it by more than
-/// [`LAZY_MAX`]. Sums stay per lane in `State::lv` (folded by [`finish`]).
+/// which only moves (rescaling the state) when a score exceeds it by more than
+/// [`LAZY_MAX`]. One pass per head in the common case; sums stay per lane in `State::lv`
+/// (folded by [`finish`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn softmax(st: &mut State, n: usize) {
     let d = st.d;
-    let neg = _mm512_set1_ps(f32::NEG_INFINITY);
     for h in 0..st.g {
         let s = unsafe { st.s.as_mut_ptr().add(sidx(h, 0)) };
-        let mut mx = neg;
+        let lp = unsafe { st.lv.as_mut_ptr().add(16 * h) };
+        let mut sum = unsafe { _mm512_loadu_ps(lp) };
+        let mb = _mm512_set1_ps(st.m[h]);
+        let lim = _mm512_set1_ps(st.m[h] + LAZY_MAX);
+        // Pass 1 (common): exponentials against the running maximum, unless a score
+        // exceeds it by more than LAZY_MAX (or it is -inf: the first block).
+        let mut over: __mmask16 = 0;
         let mut t0 = 0;
         while t0 < n {
+            let m = mask16(t0, n);
             let x = unsafe { _mm512_loadu_ps(s.add(t0)) };
-            mx = _mm512_mask_max_ps(mx, mask16(t0, n), mx, x);
+            over |= _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(m, x, lim);
             t0 += 16;
         }
-        let bm = _mm512_reduce_max_ps(mx);
-        if bm > st.m[h] + LAZY_MAX {
+        if over != 0 || st.m[h] == f32::NEG_INFINITY {
+            let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut t0 = 0;
+            while t0 < n {
+                let x = unsafe { _mm512_loadu_ps(s.add(t0)) };
+                mx = _mm512_mask_max_ps(mx, mask16(t0, n), mx, x);
+                t0 += 16;
+            }
+            let bm = _mm512_reduce_max_ps(mx);
             if st.m[h] > f32::NEG_INFINITY {
                 let alpha = (st.m[h] - bm).exp();
                 st.l[h] *= alpha;
                 let a = _mm512_set1_ps(alpha);
+                sum = _mm512_mul_ps(sum, a);
                 unsafe {
                     scale_row(st.acc.as_mut_ptr().add(h * d), d, a);
                     scale_row(st.qacc.as_mut_ptr().add(h * d), d, a);
                     scale_row(st.zacc.as_mut_ptr().add(gidx(h, 0)), MAX_GROUPS, a);
-                    scale_row(st.lv.as_mut_ptr().add(16 * h), 16, a);
                     scale_row(st.zv.as_mut_ptr().add(16 * gidx(h, 0)), 16 * MAX_GROUPS, a);
                 }
             }
-            st.m[h] = bm;
+            if bm > st.m[h] {
+                st.m[h] = bm;
+            }
         }
-        let mb = _mm512_set1_ps(st.m[h]);
-        let lp = unsafe { st.lv.as_mut_ptr().add(16 * h) };
-        let mut sum = unsafe { _mm512_loadu_ps(lp) };
+        let mb = if st.m[h] == f32::NEG_INFINITY {
+            mb
+        } else {
+            _mm512_set1_ps(st.m[h])
+        };
         let mut t0 = 0;
         while t0 < n {
             let x = unsafe { _mm512_loadu_ps(s.add(t0)) };

@@ -229,13 +229,16 @@ pub(crate) fn attend_fast(ctx: &Ctx<'_>, span: &Span, q: &[f32], out: &mut [f32]
     let nq = span.len();
     let threads = rayon::current_num_threads().max(1);
     let per_q = nq * kvh;
+    // At least 4 tasks per thread and, where the blocks allow, a multiple of the thread
+    // count, so both threads get the same share.
     let chunks = if per_q >= 4 * threads {
         1
     } else {
-        (4 * threads)
-            .div_ceil(per_q)
-            .min(blocks.len().div_ceil(8))
-            .max(1)
+        let mut c = (4 * threads).div_ceil(per_q);
+        while !(per_q * c).is_multiple_of(threads) {
+            c += 1;
+        }
+        c.min(blocks.len().div_ceil(8)).max(1)
     };
     let chunk_len = blocks.len().div_ceil(chunks).max(1);
     let stride = g * (d + 2);
