@@ -165,17 +165,24 @@ __device__ __forceinline__ void mixed_attention_partial_t(ATTN_PARAMS) {
                 }
             }
         };
-        // A warp takes tokens warp, warp + 4, warp + 8, ... in that order, two per iteration
-        // with both tokens' loads issued before either is used (twice the loads in flight).
-        for (int t = warp; t < len; t += 2 * ATTN_WARPS) {
+        // A warp takes tokens warp, warp + 4, warp + 8, ... in that order, U per iteration
+        // with all U tokens' loads issued before any is used (U times the loads in flight),
+        // as many as the registers allow: U * E_T = 8 values of K and of V per lane with one
+        // query head per block, half that with more.
+        constexpr int U = ATTN_MAX_G == 1 ? 8 / ATTN_MAX_E : (ATTN_MAX_E >= 4 ? 1 : 4 / ATTN_MAX_E);
+        for (int t = warp; t < len; t += U * ATTN_WARPS) {
             if (order0 + t > qo) break;  // orders grow along the block
-            const int t1 = t + ATTN_WARPS;
-            const bool has1 = t1 < len && order0 + t1 <= qo;
-            float kf0[ATTN_MAX_E], vf0[ATTN_MAX_E], kf1[ATTN_MAX_E], vf1[ATTN_MAX_E];
-            load(t, kf0, vf0);
-            if (has1) load(t1, kf1, vf1);
-            update(kf0, vf0);
-            if (has1) update(kf1, vf1);
+            float kf[U][ATTN_MAX_E], vf[U][ATTN_MAX_E];
+            bool has[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int tu = t + u * ATTN_WARPS;
+                has[u] = tu < len && order0 + tu <= qo;
+                if (has[u]) load(tu, kf[u], vf[u]);
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+                if (has[u]) update(kf[u], vf[u]);
         }
     }
 
