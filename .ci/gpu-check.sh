@@ -133,7 +133,7 @@ run() {
   TAIL=10 step "PyTorch SDPA reference (same GPU)" 120 torch-sdpa.txt \
     python3 sdk/cuda/scripts/torch_sdpa.py --shape 9/3/64 --shape 32/32/64 --context 8192,32768,131072
   # Decode on a random SmolLM2-135M-shaped model generated here (269 MB, not carried).
-  local model=${JETVLM_BENCH_MODEL:-$out/smollm2-135m-random}
+  local model=${JETVLM_BENCH_MODEL:-${TMPDIR:-/tmp}/jetvlm-smollm2-135m-random}
   if [ ! -f "$model/config.json" ]; then
     step "make random SmolLM2-135M model" 120 make-model.txt python3 models/scripts/make_random_smollm2.py --out "$model"
   fi
@@ -144,7 +144,6 @@ run() {
       "$dist/jetvlm" bench decode --device cuda --kv-offload host --model "$model" --context 1024,32768,131072 --steps 16
     step "bench decode --device cuda --kv-offload host, real 16k prefill (TTFT offloaded)" 120 bench-decode-offload-prefill.txt \
       "$dist/jetvlm" bench decode --device cuda --kv-offload host --model "$model" --context 16384 --prefill real --steps 8
-    rm -rf "$out/smollm2-135m-random"
   fi
   echo "== summary ($(( $(date +%s) - t_start )) s)"
   printf '%s\n' "${summary[@]}"
