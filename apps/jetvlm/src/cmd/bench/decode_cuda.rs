@@ -358,6 +358,22 @@ fn print_table(r: &Report) {
             x.roofline_tpot_ms
         );
     }
+    for fp in r.rows.iter().filter(|x| x.kv == "fp16") {
+        for x in r
+            .rows
+            .iter()
+            .filter(|x| x.context == fp.context && x.kv != "fp16")
+        {
+            println!(
+                "context {}: {} vs fp16: TPOT {:.2}x lower, TTFT {:.2}x lower, KV bytes per token {:.3} of fp16",
+                x.context,
+                x.kv,
+                fp.tpot_ms / x.tpot_ms,
+                fp.ttft_ms / x.ttft_ms,
+                x.kv_bytes_per_token as f64 / fp.kv_bytes_per_token.max(1) as f64
+            );
+        }
+    }
     println!(
         "TTFT of a synthetic row is a real prefill of the shown token count; its context was written as random K/V."
     );
