@@ -297,3 +297,46 @@ impl CudaDevice {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(gpu: Vec<u32>, offload: Vec<u32>, err: f64, mixed: (usize, usize)) -> DecoderCheck {
+        DecoderCheck {
+            name: "llama".into(),
+            weights: "F32".into(),
+            gpu,
+            cpu: vec![1, 2, 3, 4],
+            offload,
+            logits_error: err,
+            transformers: Some(vec![1, 2, 3, 5]),
+            mixed_agreement: mixed,
+            mixed_policy: "mixed".into(),
+        }
+    }
+
+    #[test]
+    fn passes_only_when_every_part_agrees() {
+        let ok = check(vec![1, 2, 3, 4], vec![1, 2, 3, 4], 1e-6, (30, 32));
+        assert!(ok.passed(), "{}", ok.line());
+        assert!(ok.line().starts_with("PASS") && ok.line().contains("transformers 3/4"));
+        let tokens = check(vec![1, 2, 9, 4], vec![1, 2, 3, 4], 1e-6, (30, 32));
+        assert!(!tokens.passed());
+        assert_eq!(tokens.first_mismatch(), Some(2));
+        assert!(tokens.line().starts_with("FAIL") && tokens.line().contains("token 2"));
+        let short = check(vec![1, 2, 3], vec![1, 2, 3, 4], 1e-6, (30, 32));
+        assert_eq!(short.first_mismatch(), Some(3));
+        let off = check(vec![1, 2, 3, 4], vec![1, 7, 3, 4], 1e-6, (30, 32));
+        assert!(
+            !off.passed()
+                && off
+                    .line()
+                    .contains("offloaded KV FIRST MISMATCH at token 1")
+        );
+        assert!(!check(vec![1, 2, 3, 4], vec![1, 2, 3, 4], 2e-3, (30, 32)).passed());
+        let mixed = check(vec![1, 2, 3, 4], vec![1, 2, 3, 4], 1e-6, (28, 32));
+        assert!(!mixed.passed() && mixed.line().contains("BELOW 90%"));
+        assert!(!check(vec![1, 2, 3, 4], vec![1, 2, 3, 4], 1e-6, (0, 0)).passed());
+    }
+}
