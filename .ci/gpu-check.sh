@@ -145,6 +145,13 @@ run() {
     step "bench decode --device cuda --kv-offload host, real 16k prefill (TTFT offloaded)" 120 bench-decode-offload-prefill.txt \
       "$dist/jetvlm" bench decode --device cuda --kv-offload host --model "$model" --context 16384 --prefill real --steps 8
   fi
+  echo "== key numbers"
+  for f in "$out"/bench-kv-*.txt "$out"/bench-decode-*.txt; do
+    [ -f "$f" ] || continue
+    echo "-- $(basename "$f")"
+    grep -hE "^decode attention|bandwidth|^(fp16|mixed)|speedup|vs fp16:|^ *[0-9]+ (fp16|mixed)" "$f"
+  done
+  [ -f "$out/torch-sdpa.txt" ] && { echo "-- torch-sdpa.txt"; cat "$out/torch-sdpa.txt"; }
   echo "== summary ($(( $(date +%s) - t_start )) s)"
   printf '%s\n' "${summary[@]}"
   echo "selftest: $(grep -c '^PASS' "$out/selftest.txt") PASS, $(grep -c '^FAIL' "$out/selftest.txt") FAIL; decoder: $(grep -c '^PASS decoder' "$out/selftest-decoder.txt" 2>/dev/null) PASS, $(grep -c '^FAIL decoder' "$out/selftest-decoder.txt" 2>/dev/null) FAIL"
