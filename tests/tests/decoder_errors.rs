@@ -29,13 +29,18 @@ fn load_err(dir: &Path) -> DecoderError {
 #[test]
 fn missing_shard_names_the_shard() {
     let d = copy_fixture("llama");
-    std::fs::remove_file(d.path().join("model-00002-of-00004.safetensors")).unwrap();
+    // The second of the fixture's shards (`model-00002-of-0000N.safetensors`).
+    let shard = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .find(|n| n.starts_with("model-00002-of-") && n.ends_with(".safetensors"))
+        .unwrap();
+    std::fs::remove_file(d.path().join(&shard)).unwrap();
     let e = load_err(d.path());
     assert!(matches!(e, DecoderError::Index { .. }), "{e:?}");
     let msg = e.to_string();
     assert!(
-        msg.contains("model-00002-of-00004.safetensors")
-            && msg.contains("model.safetensors.index.json"),
+        msg.contains(&shard) && msg.contains("model.safetensors.index.json"),
         "{msg}"
     );
 }
