@@ -130,3 +130,28 @@ fn demo_model_is_accurate_on_held_out_clips_far_above_the_majority_baseline() {
         "mixed changed {changed}/{n} answers"
     );
 }
+
+/// A KV policy chosen at run time keeps the package's block sizes (sized to its 16-token
+/// frames) unless it names its own.
+#[test]
+fn run_time_policy_inherits_the_package_block_sizes() {
+    let load = |kv: &str| {
+        Pipeline::load(
+            &package(),
+            RuntimeConfig {
+                kv_policy: Some(kv.into()),
+                ..RuntimeConfig::default()
+            },
+        )
+        .unwrap()
+        .kv_policy()
+    };
+    let int8 = load("int8-frames");
+    assert!(
+        int8.contains("bits=8") && int8.contains("fblock=16") && int8.contains("qblock=32"),
+        "{int8}"
+    );
+    // qblock=64 is the default block, so the name leaves it out: the package's 32 is gone.
+    assert_eq!(load("mixed:qblock=64"), "mixed:fblock=16");
+    assert_eq!(load("f32"), "f32");
+}

@@ -111,11 +111,25 @@ impl Pipeline {
                 issues.push(Issue::new(field, e.to_string()));
             }
         })?;
-        let kv = KvChoice::parse(
+        let mut kv = KvChoice::parse(
             kv_override
                 .as_deref()
                 .unwrap_or(&package.manifest.kv.policy),
         )?;
+        // Block sizes belong to the model (they follow its tokens per frame): a policy given
+        // at run time without its own `fblock`/`qblock` keeps the package's.
+        if let (Some(name), KvChoice::Policy(p), Ok(KvChoice::Policy(pkg))) = (
+            kv_override.as_deref(),
+            &mut kv,
+            KvChoice::parse(&package.manifest.kv.policy),
+        ) {
+            if !name.contains("fblock=") {
+                p.fp16_block_tokens = pkg.fp16_block_tokens;
+            }
+            if !name.contains("qblock=") {
+                p.quant_block_tokens = pkg.quant_block_tokens;
+            }
+        }
         let model = Model::load(&package.decoder_dir, &LoadOptions::default())?;
         let tokenizer = Tokenizer::from_dir(&package.decoder_dir)?;
         let encoder = OrtEncoder::from_package(&package, &cfg.vision)?;

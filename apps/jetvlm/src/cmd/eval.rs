@@ -41,7 +41,10 @@ pub struct EvalArgs {
 
 #[derive(Clone, Debug, Default, Serialize)]
 struct PolicyRow {
+    /// The policy as given on the command line.
     policy: String,
+    /// Its full form, with the package's block sizes where the policy gave none.
+    policy_resolved: String,
     questions: usize,
     accuracy: f64,
     single_accuracy: f64,
@@ -121,7 +124,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let mut pipeline = Pipeline::load(&model, cfg)
             .with_context(|| format!("loading {} with KV policy {policy}", model.display()))?;
         let mut row = PolicyRow {
-            policy: pipeline.kv_policy(),
+            policy: policy.clone(),
+            policy_resolved: pipeline.kv_policy(),
             questions: items.len(),
             ..PolicyRow::default()
         };
