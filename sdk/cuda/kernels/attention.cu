@@ -50,6 +50,26 @@ __device__ __forceinline__ unsigned int code_at(const unsigned char* row, unsign
     return (byte >> ((j / chunk_bytes) * bits)) & ((1u << bits) - 1u);
 }
 
+// Tokens warp, warp + ATTN_WARPS, ... of a block (those with order <= qo), U at a time: the
+// loads of all U tokens are issued before the first update.
+template <int U, int E_T, typename Load, typename Update>
+__device__ __forceinline__ void attend_tokens(int warp, int len, int order0, int qo, Load& load, Update& update) {
+    for (int t = warp; t < len; t += U * ATTN_WARPS) {
+        if (order0 + t > qo) break;  // orders grow along the block
+        float kf[U][E_T], vf[U][E_T];
+        bool has[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int tu = t + u * ATTN_WARPS;
+            has[u] = tu < len && order0 + tu <= qo;
+            if (has[u]) load(tu, kf[u], vf[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (has[u]) update(kf[u], vf[u]);
+    }
+}
+
 #define ATTN_PARAMS                                                                                        \
     const float *__restrict__ q, const int *__restrict__ q_order, const int4 *__restrict__ entries,          \
         int n_entries, int entries_per_split, const unsigned short *__restrict__ k_text,                     \
@@ -168,21 +188,15 @@ __device__ __forceinline__ void mixed_attention_partial_t(ATTN_PARAMS) {
         // A warp takes tokens warp, warp + 4, warp + 8, ... in that order, U per iteration
         // with all U tokens' loads issued before any is used (U times the loads in flight),
         // as many as the registers allow: U * E_T = 8 values of K and of V per lane with one
-        // query head per block, half that with more.
+        // query head per block, half that with more. Quantized rows are a quarter of the
+        // bytes or less, so with one query head per block and E_T = 2 frame blocks take twice
+        // as many tokens per iteration (the loads in flight bound this kernel).
         constexpr int U = ATTN_MAX_G == 1 ? 8 / ATTN_MAX_E : (ATTN_MAX_E >= 4 ? 1 : 4 / ATTN_MAX_E);
-        for (int t = warp; t < len; t += U * ATTN_WARPS) {
-            if (order0 + t > qo) break;  // orders grow along the block
-            float kf[U][ATTN_MAX_E], vf[U][ATTN_MAX_E];
-            bool has[U];
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int tu = t + u * ATTN_WARPS;
-                has[u] = tu < len && order0 + tu <= qo;
-                if (has[u]) load(tu, kf[u], vf[u]);
-            }
-#pragma unroll
-            for (int u = 0; u < U; ++u)
-                if (has[u]) update(kf[u], vf[u]);
+        constexpr int UF = (ATTN_MAX_G == 1 && ATTN_MAX_E == 2) ? 2 * U : U;
+        if (frame) {
+            attend_tokens<UF, ATTN_MAX_E>(warp, len, order0, qo, load, update);
+        } else {
+            attend_tokens<U, ATTN_MAX_E>(warp, len, order0, qo, load, update);
         }
     }
 

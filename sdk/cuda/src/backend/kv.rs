@@ -415,10 +415,15 @@ impl CudaDevice {
         let n_entries = entries.len().max(1);
         let want = match splits {
             Splits::Fixed(s) => s,
-            // About eight thread blocks per multiprocessor: decode attention is bound by how
-            // many loads are in flight.
+            // As many thread blocks as the multiprocessors hold at once (one wave): decode
+            // attention is bound by how many loads are in flight.
             Splits::Auto => {
-                (8 * self.info().multiprocessors as usize).div_ceil(n_q * l.kv_heads * chunks)
+                let per_sm = self
+                    .function("attention.cu", &kernel)?
+                    .occupancy_max_active_blocks_per_multiprocessor(128, 0, None)
+                    .map_err(driver_err("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?
+                    .clamp(1, 16) as usize;
+                (per_sm * self.info().multiprocessors as usize) / (n_q * l.kv_heads * chunks)
             }
         };
         let per_split = n_entries.div_ceil(want.clamp(1, n_entries));
