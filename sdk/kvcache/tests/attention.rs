@@ -155,3 +155,66 @@ fn fp16_policy_matches_f32_attention_on_original_data() {
         assert!(e < 1e-3, "{kern:?}: rel err {e}");
     }
 }
+
+/// Outlier-heavy keys (a few channels 20-50x larger, as real LLM keys have) over every
+/// policy and head grouping the SIMD kernels split differently (1 to 8 query heads per KV
+/// head, head dims 64 to 256, partial blocks), for every kernel this CPU runs.
+#[test]
+fn decode_kernels_match_reference_on_outlier_keys() {
+    for (pi, policy) in policies().into_iter().enumerate() {
+        for &(q, kv, d) in &[
+            (9usize, 3usize, 64usize),
+            (10, 2, 64),
+            (7, 7, 64),
+            (16, 2, 128),
+            (6, 1, 192),
+            (12, 3, 256),
+        ] {
+            if d % policy.group != 0 {
+                continue;
+            }
+            let mut rng = rng(500 + pi as u64);
+            let mut cache = MixedKvCache::new(shape(1, q, kv, d), policy.clone(), 4096).unwrap();
+            fill(&mut cache, &mut rng, 45, 3, 64, true);
+            let p = cache.next_position();
+            let span = cache.append_span(TokenKind::Text, &[p], None).unwrap();
+            let k = rand_kv(&mut rng, 1, kv, d, true);
+            let v = rand_kv(&mut rng, 1, kv, d, false);
+            cache.write(0, &span, &k, &v).unwrap();
+            // Queries partly aligned with the outlier channels, as real queries are.
+            let qv: Vec<f32> = rand_q(&mut rng, 1, q, d)
+                .into_iter()
+                .enumerate()
+                .map(|(i, x)| if i % d % 16 == 5 { 0.2 * x } else { x })
+                .collect();
+            let mut want = vec![0f32; q * d];
+            cache
+                .attend_with(Kernel::Reference, 0, &span, &qv, &mut want)
+                .unwrap();
+            for kern in kernels() {
+                let mut got = vec![0f32; q * d];
+                cache.attend_with(kern, 0, &span, &qv, &mut got).unwrap();
+                let e = rel_err(&got, &want);
+                assert!(
+                    e < 1e-3,
+                    "{policy} {kern:?} shape ({q},{kv},{d}): rel err {e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn kernel_names_parse_and_detection_picks_an_available_kernel() {
+    for k in Kernel::ALL {
+        assert_eq!(k.name().parse::<Kernel>(), Ok(k));
+    }
+    assert!("avx3".parse::<Kernel>().is_err());
+    assert!(Kernel::detect_cpu().available());
+    assert_ne!(Kernel::detect_cpu(), Kernel::Reference);
+    assert!(Kernel::Portable.available() && Kernel::Reference.available());
+    #[cfg(target_arch = "x86_64")]
+    assert!(!Kernel::Neon.available());
+    #[cfg(target_arch = "aarch64")]
+    assert!(Kernel::Neon.available() && !Kernel::Avx2.available());
+}

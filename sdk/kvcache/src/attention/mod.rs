@@ -12,13 +12,16 @@
 //!
 //! Kernels: [`Kernel::Portable`] (plain Rust), [`Kernel::Avx2`] (x86_64 AVX2 + FMA + F16C,
 //! detected at run time), [`Kernel::Avx512`] (x86_64 AVX-512 with VNNI, detected at run
-//! time). [`Kernel::Reference`] is the slow f32 twin every kernel is tested against.
-//! `JETVLM_KV_KERNEL=portable|avx2|avx512` caps what [`Kernel::detect`] picks.
+//! time), [`Kernel::Neon`] (aarch64: integer INT4 kernels). [`Kernel::Reference`] is the
+//! slow f32 twin every kernel is tested against. `JETVLM_KV_KERNEL=portable|avx2|avx512|neon`
+//! overrides what [`Kernel::detect`] picks (when the CPU runs it).
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 pub mod portable;
 pub mod reference;
 
@@ -47,15 +50,18 @@ pub enum Kernel {
     /// Fused kernels with AVX-512 F/BW/DQ/VL and VNNI integer dot products (x86_64); shapes
     /// and formats they do not cover run the AVX2 kernels.
     Avx512,
+    /// NEON integer kernels for INT4 blocks (aarch64, e.g. Jetson); the rest portable.
+    Neon,
 }
 
 impl Kernel {
     /// Every kernel, slowest first.
-    pub const ALL: [Kernel; 4] = [
+    pub const ALL: [Kernel; 5] = [
         Kernel::Reference,
         Kernel::Portable,
         Kernel::Avx2,
         Kernel::Avx512,
+        Kernel::Neon,
     ];
 
     /// The fastest kernel this CPU runs, capped by `JETVLM_KV_KERNEL` when it names a
@@ -72,7 +78,7 @@ impl Kernel {
     }
     /// The fastest kernel this CPU runs, ignoring the environment.
     pub fn detect_cpu() -> Kernel {
-        [Kernel::Avx512, Kernel::Avx2]
+        [Kernel::Avx512, Kernel::Avx2, Kernel::Neon]
             .into_iter()
             .find(|k| k.available())
             .unwrap_or(Kernel::Portable)
@@ -83,6 +89,7 @@ impl Kernel {
             Kernel::Reference | Kernel::Portable => true,
             Kernel::Avx2 => avx2_available(),
             Kernel::Avx512 => avx512_available(),
+            Kernel::Neon => cfg!(target_arch = "aarch64"),
         }
     }
     pub fn name(self) -> &'static str {
@@ -91,6 +98,7 @@ impl Kernel {
             Kernel::Portable => "portable",
             Kernel::Avx2 => "avx2",
             Kernel::Avx512 => "avx512",
+            Kernel::Neon => "neon",
         }
     }
 }
@@ -102,7 +110,7 @@ impl std::str::FromStr for Kernel {
             .into_iter()
             .find(|k| k.name() == s)
             .ok_or_else(|| {
-                format!("unknown kernel `{s}` (expected reference, portable, avx2 or avx512)")
+                format!("unknown kernel `{s}` (expected reference, portable, avx2, avx512 or neon)")
             })
     }
 }
@@ -190,6 +198,8 @@ fn fns(kernel: Kernel) -> Fns {
         Kernel::Avx2 if avx2_available() => avx2::fns(),
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512 if avx512_available() => avx512::fns(),
+        #[cfg(target_arch = "aarch64")]
+        Kernel::Neon => neon::fns(),
         _ => portable::fns(),
     }
 }

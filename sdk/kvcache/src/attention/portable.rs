@@ -108,7 +108,7 @@ fn unpack_codes(packed: &[u8], bits: u32, codes: &mut [u8]) {
     }
 }
 
-fn params_at(bytes: &[u8], off: usize) -> ScaleZero {
+pub(super) fn params_at(bytes: &[u8], off: usize) -> ScaleZero {
     bytemuck::pod_read_unaligned(&bytes[off..off + 4])
 }
 
