@@ -65,7 +65,7 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(cache.memory().attention_read_bytes));
         let q = vec![0.01f32; 9 * 64];
         let mut out = vec![0f32; 9 * 64];
-        for kernel in [Kernel::Avx2, Kernel::Portable] {
+        for kernel in [Kernel::Avx512, Kernel::Avx2, Kernel::Neon, Kernel::Portable] {
             if !kernel.available() {
                 continue;
             }

@@ -71,7 +71,7 @@ fn run() {
         let q = rnd(9 * 64);
         let mut out = vec![0f32; 9 * 64];
         let only: Option<Kernel> = std::env::var("KERNEL").ok().and_then(|k| k.parse().ok());
-        for kernel in [Kernel::Avx512, Kernel::Avx2, Kernel::Portable] {
+        for kernel in [Kernel::Avx512, Kernel::Avx2, Kernel::Neon, Kernel::Portable] {
             if !kernel.available() || only.is_some_and(|o| o != kernel) {
                 continue;
             }
