@@ -5,7 +5,11 @@
 use std::process::Command;
 
 fn fixture() -> String {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/decoder/llama").to_string()
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/decoder/llama"
+    )
+    .to_string()
 }
 
 fn jetvlm(args: &[&str]) -> (bool, String, String) {
@@ -110,15 +114,11 @@ fn bench_decode_on_cuda_runs_or_fails_with_one_line() {
 #[test]
 fn kv_offload_without_cuda_is_refused() {
     let model = fixture();
-    let (ok, _, stderr) = jetvlm(&[
-        "bench",
-        "decode",
-        "--model",
-        &model,
-        "--kv-offload",
-        "host",
-    ]);
+    let (ok, _, stderr) = jetvlm(&["bench", "decode", "--model", &model, "--kv-offload", "host"]);
     assert!(!ok);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("--kv-offload host needs --device cuda"), "{stderr}");
+    assert!(
+        stderr.contains("--kv-offload host needs --device cuda"),
+        "{stderr}"
+    );
 }
