@@ -40,6 +40,16 @@ fn watch_keeps_a_bounded_window_and_reports_every_frame() {
         assert!(!l["answer"].as_str().unwrap_or("").is_empty(), "{l}");
         assert!(l["ttft_ms"].as_f64().unwrap_or(-1.0) >= 0.0);
     }
+    // The synthetic camera knows the answer to the default question; the bundled model,
+    // with several frames cached, answers about the latest one.
+    let right = lines
+        .iter()
+        .filter(|l| l["truth"].is_string() && l["truth"] == l["answer"])
+        .count();
+    assert!(
+        right >= 5,
+        "{right} of 6 answers match the ground truth: {lines:?}"
+    );
     // Once the window is full the cache stops growing: the oldest frame is evicted.
     let kv: Vec<u64> = lines
         .iter()
@@ -116,4 +126,38 @@ fn eval_int2_frames_moves_the_answer_distribution() {
         .as_f64()
         .unwrap_or(0.0);
     assert!(kl > 0.0, "{doc}");
+}
+
+#[test]
+fn synth_refuses_a_non_empty_directory_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("ds");
+    std::fs::create_dir(&out_dir).unwrap();
+    std::fs::write(out_dir.join("notes.txt"), "mine").unwrap();
+    let out_str = out_dir.to_str().unwrap();
+    let refused = jetvlm(&["synth", "--out", out_str, "--count", "3", "--seed", "5"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("ds") && err.contains("--force"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("notes.txt")).unwrap(),
+        "mine"
+    );
+
+    let forced = jetvlm(&[
+        "synth", "--out", out_str, "--count", "3", "--seed", "5", "--force",
+    ]);
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+    assert!(!out_dir.join("notes.txt").exists());
+    let qa = std::fs::read_to_string(out_dir.join("qa.jsonl")).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(
+        qa.lines().count() as u64,
+        meta["questions"].as_u64().unwrap()
+    );
 }
