@@ -9,10 +9,11 @@ pub use jetvlm_kvcache::CacheShape;
 use jetvlm_kvcache::{MixedKvCache, Span};
 use rayon::prelude::*;
 
-/// What the forward pass needs from a KV cache.
-pub trait KvStore {
+/// What the forward pass needs from a KV cache. `Send` so that a forward pass can run on
+/// a thread of the rayon pool (see [`crate::Model::forward`]).
+pub trait KvStore: Send {
     /// Handle of an appended span.
-    type Span;
+    type Span: Send + Sync;
     fn shape(&self) -> CacheShape;
     /// RoPE position of the next appended token.
     fn next_position(&self) -> u32;

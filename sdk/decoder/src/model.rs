@@ -145,6 +145,35 @@ impl Linear {
     /// `y[n, rows] = x[n, cols] W^T + b`.
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
         kernels::matmul(self.w.data(), self.rows, self.cols, x, n, y);
+        self.add_bias(y);
+    }
+
+    /// [`Linear::forward`] of several linears over the same input (q/k/v, gate/up): for one
+    /// token, one fused matrix-vector product so the threads meet once for all of them.
+    fn forward_fused<const N: usize>(ls: [&Linear; N], x: &[f32], n: usize, ys: [&mut [f32]; N]) {
+        if n != 1 {
+            for (l, y) in ls.iter().zip(ys) {
+                l.forward(x, n, y);
+            }
+            return;
+        }
+        let cols = ls[0].cols;
+        debug_assert!(ls.iter().all(|l| l.cols == cols));
+        let mut i = 0;
+        let mut jobs = ys.map(|y| {
+            i += 1;
+            kernels::GemvJob {
+                w: ls[i - 1].w.data(),
+                y,
+            }
+        });
+        kernels::gemv_many(&mut jobs, cols, x);
+        for (j, l) in jobs.into_iter().zip(ls) {
+            l.add_bias(j.y);
+        }
+    }
+
+    fn add_bias(&self, y: &mut [f32]) {
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(self.rows) {
                 for (o, bv) in row.iter_mut().zip(b) {
@@ -349,7 +378,24 @@ impl Model {
     }
 
     /// [`Model::forward`] returning the logits of every input token or only the last.
+    ///
+    /// The pass runs on a thread of the rayon pool (the calling thread waits once), so the
+    /// parallel kernels inside it, a few hundred per decoded token, share their work with
+    /// the pool's other threads directly instead of each waking the calling thread.
     pub fn forward_with<C: KvStore>(
+        &self,
+        inputs: &[Input<'_>],
+        cache: &mut C,
+        mode: LogitsMode,
+    ) -> Result<Logits> {
+        if rayon::current_thread_index().is_some() {
+            self.forward_on_pool(inputs, cache, mode)
+        } else {
+            rayon::scope(|_| self.forward_on_pool(inputs, cache, mode))
+        }
+    }
+
+    fn forward_on_pool<C: KvStore>(
         &self,
         inputs: &[Input<'_>],
         cache: &mut C,
@@ -464,9 +510,7 @@ impl Model {
         let mut up = vec![0f32; n * inter];
         for (li, l) in self.layers.iter().enumerate() {
             kernels::rms_norm(x, &l.input_norm, eps, &mut xn);
-            l.q.forward(&xn, n, &mut q);
-            l.k.forward(&xn, n, &mut k);
-            l.v.forward(&xn, n, &mut v);
+            Linear::forward_fused([&l.q, &l.k, &l.v], &xn, n, [&mut q, &mut k, &mut v]);
             self.rope.apply(&mut q, c.num_attention_heads, positions);
             self.rope.apply(&mut k, c.num_key_value_heads, positions);
             cache.write(li, span, &k, &v)?;
@@ -474,8 +518,7 @@ impl Model {
             l.o.forward(&att, n, &mut tmp);
             add_in_place(x, &tmp);
             kernels::rms_norm(x, &l.post_norm, eps, &mut xn);
-            l.gate.forward(&xn, n, &mut gate);
-            l.up.forward(&xn, n, &mut up);
+            Linear::forward_fused([&l.gate, &l.up], &xn, n, [&mut gate, &mut up]);
             kernels::swiglu(&mut gate, &up);
             l.down.forward(&gate, n, &mut tmp);
             add_in_place(x, &tmp);
