@@ -30,6 +30,9 @@ use crate::layout::{Fp16Layout, QuantLayout};
 use crate::pool::{Pool, PoolLayout};
 use rayon::prelude::*;
 
+/// How many blocks ahead a task prefetches.
+const PREFETCH_AHEAD: usize = 2;
+
 /// Largest query heads per KV head the fast kernels take.
 pub const MAX_GQA: usize = 16;
 /// Largest head dimension the fast kernels take.
@@ -318,10 +321,13 @@ fn run_task(
         let Some(pool) = &ctx.pools[b.pool as usize] else {
             continue;
         };
-        if let Some(next) = blocks.get(bi + 1)
-            && let Some(np) = &ctx.pools[next.pool as usize]
-        {
-            (f.prefetch)(np.segment(ctx.layer, next.id, kh));
+        // Prefetch PREFETCH_AHEAD blocks ahead (the first block also fetches the ones
+        // before it).
+        let from = if bi == 0 { 1 } else { bi + PREFETCH_AHEAD };
+        for next in blocks.iter().take(bi + PREFETCH_AHEAD + 1).skip(from) {
+            if let Some(np) = &ctx.pools[next.pool as usize] {
+                (f.prefetch)(np.segment(ctx.layer, next.id, kh));
+            }
         }
         let n = if b.seqs.last().is_some_and(|&s| s <= qseq) {
             b.seqs.len()
