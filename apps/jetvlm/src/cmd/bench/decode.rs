@@ -5,7 +5,9 @@
 //!
 //! Between timed decode steps a buffer of twice the last-level cache is read (outside the
 //! timed region), so weights and KV come from DRAM as they must on a Jetson, whose CPU has a
-//! few MB of cache, not from a large server L3. `--no-flush` turns this off.
+//! few MB of cache, not from a large server L3. `--no-flush` turns this off. The policies'
+//! decode steps are timed in turn (one step of each per round), so that other processes
+//! sharing the cores slow all of them alike; the load average is reported with the figures.
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -90,7 +92,33 @@ struct Report {
     bandwidth_gbs: f64,
     bandwidth_buffer_bytes: usize,
     llc_flushed_between_steps: bool,
+    /// 1/5/15-minute load averages at the start and at the end of the run (Linux), to judge
+    /// whether other processes shared the cores.
+    load_average_start: Option<String>,
+    load_average_end: Option<String>,
     rows: Vec<Row>,
+}
+
+/// The 1/5/15-minute load averages (`/proc/loadavg`; `None` elsewhere).
+fn load_average() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(
+        text.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// One policy's filled cache and its decode timings.
+struct PolicyRun {
+    name: String,
+    cache: MixedKvCache,
+    ttft_ms: f64,
+    prefill_tokens: usize,
+    next: u32,
+    times: Vec<f64>,
+    kv_read: u64,
 }
 
 /// The context layout: frame spans of `frame_tokens` (the leading part), then text.
@@ -124,6 +152,7 @@ pub fn run(args: DecodeArgs) -> Result<()> {
         .map(|s| s.parse::<KvPolicy>().with_context(|| format!("--kv {s}")))
         .collect::<Result<_>>()?;
     let threads = rayon::current_num_threads();
+    let load_average_start = load_average();
     eprintln!("measuring memory bandwidth...");
     let bw = sysinfo::measure_read_bandwidth(0);
     let llc = sysinfo::last_level_cache_bytes();
@@ -143,6 +172,10 @@ pub fn run(args: DecodeArgs) -> Result<()> {
             "auto" => context <= 2048,
             other => bail!("--prefill {other}: expected real, synthetic or auto"),
         };
+        // Every policy's cache is filled first; their decode steps are then timed in turn
+        // (one step of each policy per round), so load from other processes during the
+        // run falls on all policies alike.
+        let mut runs = Vec::with_capacity(policies.len());
         for policy in &policies {
             let name = policy.name();
             eprintln!(
@@ -154,7 +187,7 @@ pub fn run(args: DecodeArgs) -> Result<()> {
                 policy.clone(),
                 context + args.steps + 8,
             )?;
-            let (ttft_ms, prefill_tokens, mut next) = if real {
+            let (ttft_ms, prefill_tokens, next) = if real {
                 let (ms, tok) = prefill(
                     &model,
                     &mut cache,
@@ -180,39 +213,55 @@ pub fn run(args: DecodeArgs) -> Result<()> {
                 let (ms, _) = prefill(&model, &mut c2, f, t, args.frame_tokens, &mut rng)?;
                 (ms, n, rng.random_range(0..model.vocab_size() as u32))
             };
-            // Two warm-up steps, then timed steps (LLC evicted before each).
-            let mut times = Vec::with_capacity(args.steps);
-            let mut kv_read = 0u64;
-            for s in 0..args.steps + 2 {
+            runs.push(PolicyRun {
+                name,
+                cache,
+                ttft_ms,
+                prefill_tokens,
+                next,
+                times: Vec::with_capacity(args.steps),
+                kv_read: 0,
+            });
+        }
+        // Two warm-up rounds, then timed rounds (LLC evicted before each step).
+        eprintln!(
+            "context {context}: {} decode steps per policy...",
+            args.steps
+        );
+        for s in 0..args.steps + 2 {
+            for r in runs.iter_mut() {
                 if s == args.steps / 2 + 2 {
-                    kv_read = cache.memory().attention_read_bytes;
+                    r.kv_read = r.cache.memory().attention_read_bytes;
                 }
                 flush(&mut flusher);
                 let t = Instant::now();
-                let logits = model.forward(&[Input::text(&[next])], &mut cache)?;
-                next = argmax(logits.last());
+                let logits = model.forward(&[Input::text(&[r.next])], &mut r.cache)?;
+                r.next = argmax(logits.last());
                 if s >= 2 {
-                    times.push(t.elapsed().as_secs_f64());
+                    r.times.push(t.elapsed().as_secs_f64());
                 }
             }
-            let mem = cache.memory();
+        }
+        for mut r in runs {
+            let mem = r.cache.memory();
+            let times = &mut r.times;
             times.sort_by(f64::total_cmp);
             let mean = times.iter().sum::<f64>() / times.len() as f64;
             let pct = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize] * 1e3;
             let wbytes = model.weight_bytes_read_per_token();
-            let bytes = (wbytes + kv_read) as f64;
+            let bytes = (wbytes + r.kv_read) as f64;
             let achieved = bytes / mean / 1e9;
             rows.push(Row {
                 context,
-                kv: name,
+                kv: r.name,
                 prefill: if real { "real" } else { "synthetic" },
-                prefill_tokens,
-                ttft_ms,
+                prefill_tokens: r.prefill_tokens,
+                ttft_ms: r.ttft_ms,
                 tpot_ms: mean * 1e3,
                 tpot_p10_ms: pct(0.1),
                 tpot_p90_ms: pct(0.9),
                 weight_bytes_per_token: wbytes,
-                kv_bytes_per_token: kv_read,
+                kv_bytes_per_token: r.kv_read,
                 kv_bytes_total: mem.total_bytes,
                 text_tokens: mem.text_tokens,
                 frame_tokens: mem.frame_tokens,
@@ -230,6 +279,8 @@ pub fn run(args: DecodeArgs) -> Result<()> {
         bandwidth_gbs: bw.gbs,
         bandwidth_buffer_bytes: bw.buffer_bytes,
         llc_flushed_between_steps: !args.no_flush,
+        load_average_start,
+        load_average_end: load_average(),
         rows,
     };
     if args.json {
@@ -351,6 +402,9 @@ fn print_table(r: &Report) {
             ""
         }
     );
+    if let (Some(a), Some(b)) = (&r.load_average_start, &r.load_average_end) {
+        println!("load average {a} at the start, {b} at the end");
+    }
     println!(
         "{:>7} {:<28} {:>9} {:>10} {:>9} {:>8} {:>8} {:>9} {:>8} {:>7} {:>9}",
         "context",
