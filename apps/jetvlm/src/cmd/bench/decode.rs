@@ -65,24 +65,25 @@ pub struct DecodeArgs {
     pub kv_offload: String,
 }
 
+/// One context x policy row (shared with the CUDA bench).
 #[derive(Serialize)]
-struct Row {
-    context: usize,
-    kv: String,
-    prefill: &'static str,
-    prefill_tokens: usize,
-    ttft_ms: f64,
-    tpot_ms: f64,
-    tpot_p10_ms: f64,
-    tpot_p90_ms: f64,
-    weight_bytes_per_token: u64,
-    kv_bytes_per_token: u64,
-    kv_bytes_total: u64,
-    text_tokens: usize,
-    frame_tokens: usize,
-    achieved_gbs: f64,
-    bandwidth_fraction: f64,
-    roofline_tpot_ms: f64,
+pub(super) struct Row {
+    pub(super) context: usize,
+    pub(super) kv: String,
+    pub(super) prefill: &'static str,
+    pub(super) prefill_tokens: usize,
+    pub(super) ttft_ms: f64,
+    pub(super) tpot_ms: f64,
+    pub(super) tpot_p10_ms: f64,
+    pub(super) tpot_p90_ms: f64,
+    pub(super) weight_bytes_per_token: u64,
+    pub(super) kv_bytes_per_token: u64,
+    pub(super) kv_bytes_total: u64,
+    pub(super) text_tokens: usize,
+    pub(super) frame_tokens: usize,
+    pub(super) achieved_gbs: f64,
+    pub(super) bandwidth_fraction: f64,
+    pub(super) roofline_tpot_ms: f64,
 }
 
 #[derive(Serialize)]

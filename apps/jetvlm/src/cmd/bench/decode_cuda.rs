@@ -21,27 +21,8 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 use std::time::Instant;
 
-use super::decode::DecodeArgs;
+use super::decode::{DecodeArgs, Row};
 
-#[derive(Serialize)]
-struct Row {
-    context: usize,
-    kv: String,
-    prefill: &'static str,
-    prefill_tokens: usize,
-    ttft_ms: f64,
-    tpot_ms: f64,
-    tpot_p10_ms: f64,
-    tpot_p90_ms: f64,
-    weight_bytes_per_token: u64,
-    kv_bytes_per_token: u64,
-    kv_bytes_total: u64,
-    text_tokens: usize,
-    frame_tokens: usize,
-    achieved_gbs: f64,
-    bandwidth_fraction: f64,
-    roofline_tpot_ms: f64,
-}
 
 #[derive(Serialize)]
 struct Report {
