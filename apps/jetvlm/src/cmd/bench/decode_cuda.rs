@@ -23,7 +23,6 @@ use std::time::Instant;
 
 use super::decode::{DecodeArgs, Row};
 
-
 #[derive(Serialize)]
 struct Report {
     model: String,
