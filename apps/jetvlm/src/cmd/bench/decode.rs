@@ -401,7 +401,7 @@ fn flush(buf: &mut [u64]) {
     std::hint::black_box(acc);
 }
 
-fn mb(b: u64) -> f64 {
+pub(super) fn mb(b: u64) -> f64 {
     b as f64 / 1e6
 }
 
@@ -427,6 +427,15 @@ fn print_table(r: &Report) {
     if let (Some(a), Some(b)) = (&r.load_average_start, &r.load_average_end) {
         println!("load average {a} at the start, {b} at the end");
     }
+    print_rows(&r.rows, 2, 2);
+    println!(
+        "TTFT of a synthetic row is a real prefill of the shown token count; its context was written as random K/V."
+    );
+}
+
+/// The per-row table of both decode benches (`tpot_decimals` for TPOT and the roofline,
+/// `gbs_decimals` for GB/s: a GPU's TPOT needs more digits than a CPU's).
+pub(super) fn print_rows(rows: &[Row], tpot_decimals: usize, gbs_decimals: usize) {
     println!(
         "{:>7} {:<28} {:>9} {:>10} {:>9} {:>8} {:>8} {:>9} {:>8} {:>7} {:>9}",
         "context",
@@ -441,9 +450,9 @@ fn print_table(r: &Report) {
         "BW %",
         "roof ms"
     );
-    for x in &r.rows {
+    for x in rows {
         println!(
-            "{:>7} {:<28} {:>9} {:>10.1} {:>9.2} {:>8.1} {:>8.2} {:>9.2} {:>8.2} {:>6.1}% {:>9.2}",
+            "{:>7} {:<28} {:>9} {:>10.1} {:>9.t$} {:>8.1} {:>8.2} {:>9.2} {:>8.g$} {:>6.1}% {:>9.t$}",
             x.context,
             x.kv,
             format!(
@@ -462,12 +471,11 @@ fn print_table(r: &Report) {
             mb(x.kv_bytes_total),
             x.achieved_gbs,
             100.0 * x.bandwidth_fraction,
-            x.roofline_tpot_ms
+            x.roofline_tpot_ms,
+            t = tpot_decimals,
+            g = gbs_decimals
         );
     }
-    println!(
-        "TTFT of a synthetic row is a real prefill of the shown token count; its context was written as random K/V."
-    );
 }
 
 #[cfg(test)]

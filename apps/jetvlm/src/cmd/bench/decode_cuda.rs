@@ -21,7 +21,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 use std::time::Instant;
 
-use super::decode::{DecodeArgs, Row};
+use super::decode::{DecodeArgs, Row, mb};
 
 #[derive(Serialize)]
 struct Report {
@@ -280,10 +280,6 @@ pub fn run(args: &DecodeArgs) -> Result<()> {
     Ok(())
 }
 
-fn mb(b: u64) -> f64 {
-    b as f64 / 1e6
-}
-
 fn print_table(r: &Report) {
     println!(
         "model {} ({} weights) on {}, KV in {} memory",
@@ -300,44 +296,7 @@ fn print_table(r: &Report) {
             _ => String::new(),
         }
     );
-    println!(
-        "{:>7} {:<28} {:>9} {:>10} {:>9} {:>8} {:>8} {:>9} {:>8} {:>7} {:>9}",
-        "context",
-        "kv",
-        "prefill",
-        "TTFT ms",
-        "TPOT ms",
-        "W MB/t",
-        "KV MB/t",
-        "KV MB",
-        "GB/s",
-        "BW %",
-        "roof ms"
-    );
-    for x in &r.rows {
-        println!(
-            "{:>7} {:<28} {:>9} {:>10.1} {:>9.3} {:>8.1} {:>8.2} {:>9.2} {:>8.1} {:>6.1}% {:>9.3}",
-            x.context,
-            x.kv,
-            format!(
-                "{}{}",
-                x.prefill,
-                if x.prefill == "real" {
-                    String::new()
-                } else {
-                    format!("/{}", x.prefill_tokens)
-                }
-            ),
-            x.ttft_ms,
-            x.tpot_ms,
-            mb(x.weight_bytes_per_token),
-            mb(x.kv_bytes_per_token),
-            mb(x.kv_bytes_total),
-            x.achieved_gbs,
-            100.0 * x.bandwidth_fraction,
-            x.roofline_tpot_ms
-        );
-    }
+    super::decode::print_rows(&r.rows, 3, 1);
     for fp in r.rows.iter().filter(|x| x.kv == "fp16") {
         for x in r
             .rows
