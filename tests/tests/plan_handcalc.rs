@@ -126,6 +126,16 @@ fn qwen_vision_activations() -> u64 {
     seq * (6 * 1280 + 5120) * 4 + 16 * seq * seq * 4 + seq * 3 * 2 * 14 * 14 * 4 + 256 * 1536 * 4
 }
 
+/// The plan with default options (what `jetvlm plan` does without flags).
+fn plan_default(
+    board: &jetvlm_board::BoardProfile,
+    model: &ModelSpec,
+    w: &Workload,
+    kv: KvPrecision,
+) -> plan::Plan {
+    plan::plan(board, model, w, &kv, &PlanOptions::default()).unwrap()
+}
+
 fn workload(tpf: u64, frames: u64) -> Workload {
     Workload {
         frames,
@@ -170,14 +180,7 @@ fn smolvlm_256m_on_orin_nano_8gb_matches_hand_calculation() {
         "512 px tile, 16x16 patches, pixel shuffle 4"
     );
     let w = workload(64, 16);
-    let p = plan::plan(
-        &board,
-        &model,
-        &w,
-        &KvPrecision::mixed(),
-        &PlanOptions::default(),
-    )
-    .unwrap();
+    let p = plan_default(&board, &model, &w, KvPrecision::mixed());
 
     // bf16 weights: SmolLM2-135M's 134,588,736 parameters with the 49,280-token vocabulary,
     // plus SmolVLM's untied LM head (another 49,280 x 576).
@@ -241,14 +244,7 @@ fn qwen2_vl_2b_on_orin_nano_8gb_matches_hand_calculation() {
         "448x448 frame, 14 px patches, 2x2 merge"
     );
     let w = workload(256, 16);
-    let p = plan::plan(
-        &board,
-        &model,
-        &w,
-        &KvPrecision::mixed(),
-        &PlanOptions::default(),
-    )
-    .unwrap();
+    let p = plan_default(&board, &model, &w, KvPrecision::mixed());
 
     assert_eq!(QWEN_LM.params(), 1_543_714_304);
     assert_eq!(p.memory.weights_bytes, QWEN_LM.params() * 2);
@@ -300,14 +296,7 @@ fn four_bit_weights_match_hand_calculation_and_leave_room_for_more_frames() {
     let board = BoardRegistry::bundled().get("orin-nano-8gb").unwrap();
     let model = ModelSpec::load(&fixture("configs/qwen2-vl-2b")).unwrap();
     let w = workload(256, 16);
-    let bf16 = plan::plan(
-        &board,
-        &model,
-        &w,
-        &KvPrecision::mixed(),
-        &PlanOptions::default(),
-    )
-    .unwrap();
+    let bf16 = plan_default(&board, &model, &w, KvPrecision::mixed());
     let opts = PlanOptions {
         weights: WeightFormat::Bits(4),
         ..PlanOptions::default()
@@ -329,22 +318,8 @@ fn newer_config_keys_plan_the_same() {
     assert_eq!(new.text.rope_theta, 1_000_000.0);
     assert_eq!(new.text.dtype, old.text.dtype);
     let w = workload(256, 16);
-    let a = plan::plan(
-        &board,
-        &old,
-        &w,
-        &KvPrecision::mixed(),
-        &PlanOptions::default(),
-    )
-    .unwrap();
-    let b = plan::plan(
-        &board,
-        &new,
-        &w,
-        &KvPrecision::mixed(),
-        &PlanOptions::default(),
-    )
-    .unwrap();
+    let a = plan_default(&board, &old, &w, KvPrecision::mixed());
+    let b = plan_default(&board, &new, &w, KvPrecision::mixed());
     assert_eq!(a.memory, b.memory);
     assert_eq!(a.max_frames_mixed, b.max_frames_mixed);
 }
@@ -354,14 +329,7 @@ fn plan_that_does_not_fit_says_by_how_much_and_what_to_change() {
     let board = BoardRegistry::bundled().get("orin-nano-8gb").unwrap();
     let model = ModelSpec::load(&fixture("configs/qwen2-vl-2b")).unwrap();
     let w = workload(256, 60);
-    let p = plan::plan(
-        &board,
-        &model,
-        &w,
-        &KvPrecision::fp16(),
-        &PlanOptions::default(),
-    )
-    .unwrap();
+    let p = plan_default(&board, &model, &w, KvPrecision::fp16());
     assert!(!p.fits);
     assert!(p.headroom_bytes < 0);
     let advice = p.advice.clone().unwrap();
@@ -378,17 +346,7 @@ fn plan_that_does_not_fit_says_by_how_much_and_what_to_change() {
     assert!(advice.contains("--weight-bits 4"), "{advice}");
     assert!(advice.contains("smaller model"), "{advice}");
     // The suggested frame count does fit, one more does not.
-    let fits = |n: u64| {
-        plan::plan(
-            &board,
-            &model,
-            &workload(256, n),
-            &KvPrecision::fp16(),
-            &PlanOptions::default(),
-        )
-        .unwrap()
-        .fits
-    };
+    let fits = |n: u64| plan_default(&board, &model, &workload(256, n), KvPrecision::fp16()).fits;
     assert!(fits(p.max_frames_fp16));
     assert!(!fits(p.max_frames_fp16 + 1));
 }
