@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod hf;
+pub mod mem;
 pub mod sysinfo;
 mod types;
 

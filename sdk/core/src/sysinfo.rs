@@ -120,8 +120,11 @@ pub fn measure_read_bandwidth_with(bytes: usize, threads: usize, runs: usize) ->
     let threads = threads.max(1);
     let runs = runs.max(1);
     let words = (bytes / 8).max(threads * 64);
-    // Each thread touches (and so places) its own slice first.
-    let mut buf = vec![0u64; words];
+    // Each thread touches (and so places) its own slice first. The buffer is backed like
+    // the KV cache pools (huge pages where the kernel gives them), so attention and this
+    // probe pay the same address translation.
+    let mut pages = crate::mem::PageBuffer::zeroed(words * 8);
+    let buf = pages.words_mut();
     let chunk = words.div_ceil(threads);
     std::thread::scope(|s| {
         for (i, part) in buf.chunks_mut(chunk).enumerate() {

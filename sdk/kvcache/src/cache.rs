@@ -100,6 +100,7 @@ impl MixedKvCache {
             }),
             shape.layers,
             shape.kv_heads,
+            capacity_tokens.div_ceil(policy.fp16_block_tokens),
         );
         let quant = if policy.quantizes_frames() {
             if !shape.head_dim.is_multiple_of(policy.group) {
@@ -114,6 +115,7 @@ impl MixedKvCache {
                 PoolLayout::Quant(layout),
                 shape.layers,
                 shape.kv_heads,
+                capacity_tokens.div_ceil(policy.quant_block_tokens),
             ))
         } else {
             None

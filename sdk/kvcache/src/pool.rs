@@ -1,10 +1,18 @@
 //! Block storage: one pool per precision, blocks allocated on demand and recycled.
 //!
-//! A pool stores, for every block id, one buffer per layer holding that block's segments
-//! for all KV heads (`[kv_heads][segment]`). Which ids are in use is decided by the cell
+//! Storage comes in chunks of consecutive block ids. A chunk is one allocation laid out
+//! `[layer][kv head][block][segment]`, so the segments one attention task reads (one layer,
+//! one KV head, consecutive blocks) sit next to each other in memory: hardware prefetchers
+//! stream through them and a 2 MiB page (on Linux the chunk asks for transparent huge
+//! pages) maps many of them with one TLB entry. Which ids are in use is decided by the cell
 //! bookkeeping ([`crate::cells`]); the pool only owns the bytes.
 
 use crate::layout::{Fp16Layout, QuantLayout};
+use jetvlm_core::mem::PageBuffer;
+
+/// Target bytes of one (layer, KV head) run of a chunk: long enough to stream, short
+/// enough that a partly used last chunk wastes little.
+const RUN_BYTES: usize = 128 << 10;
 
 /// The segment layout a pool stores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,23 +36,67 @@ impl PoolLayout {
     }
 }
 
+/// One allocation holding `blocks` consecutive block ids for every layer and KV head.
+struct Chunk {
+    slab: PageBuffer,
+    blocks: usize,
+}
+
+impl Chunk {
+    fn new(bytes: usize, blocks: usize) -> Self {
+        Chunk {
+            slab: PageBuffer::zeroed(bytes),
+            blocks,
+        }
+    }
+    #[inline]
+    fn bytes(&self) -> &[u8] {
+        self.slab.bytes()
+    }
+    #[inline]
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.slab.bytes_mut()
+    }
+    fn duplicate(&self) -> Self {
+        let mut c = Chunk::new(self.bytes().len(), self.blocks);
+        c.bytes_mut().copy_from_slice(self.bytes());
+        c
+    }
+}
+
 /// Storage of one precision.
-#[derive(Clone)]
 pub struct Pool {
     layout: PoolLayout,
     layers: usize,
     kv_heads: usize,
-    /// `[layer][block id]`, each `kv_heads * seg_bytes` bytes (u64-backed for alignment).
-    blocks: Vec<Vec<Box<[u64]>>>,
+    seg: usize,
+    /// Blocks per chunk.
+    chunk_blocks: usize,
+    chunks: Vec<Chunk>,
+}
+
+impl Clone for Pool {
+    fn clone(&self) -> Self {
+        Pool {
+            chunks: self.chunks.iter().map(Chunk::duplicate).collect(),
+            ..*self
+        }
+    }
 }
 
 impl Pool {
-    pub fn new(layout: PoolLayout, layers: usize, kv_heads: usize) -> Self {
+    /// `max_blocks_hint`: about how many block ids the cache's budget needs (chunks are
+    /// never larger than that).
+    pub fn new(layout: PoolLayout, layers: usize, kv_heads: usize, max_blocks_hint: usize) -> Self {
+        let seg = layout.seg_bytes();
+        let chunk_blocks = (RUN_BYTES / seg).clamp(1, max_blocks_hint.max(1));
         Self {
             layout,
             layers,
             kv_heads,
-            blocks: vec![Vec::new(); layers],
+            seg,
+            chunk_blocks,
+            chunks: Vec::new(),
         }
     }
     pub fn layout(&self) -> &PoolLayout {
@@ -52,42 +104,111 @@ impl Pool {
     }
     /// Bytes of one block in one layer (all KV heads).
     pub fn block_bytes_per_layer(&self) -> usize {
-        self.kv_heads * self.layout.seg_bytes()
+        self.kv_heads * self.seg
     }
     /// Bytes of one block over all layers.
     pub fn block_bytes(&self) -> u64 {
         (self.block_bytes_per_layer() * self.layers) as u64
     }
+    fn chunk_bytes(&self) -> usize {
+        self.chunk_blocks * self.block_bytes_per_layer() * self.layers
+    }
+    /// Block ids per storage chunk (storage grows and shrinks by whole chunks).
+    pub fn chunk_blocks(&self) -> usize {
+        self.chunk_blocks
+    }
     /// Block ids with storage behind them (in use or free).
     pub fn allocated_blocks(&self) -> usize {
-        self.blocks.first().map_or(0, Vec::len)
+        self.chunks.len() * self.chunk_blocks
     }
     /// Makes sure storage exists for ids `0..=id`.
     pub fn ensure(&mut self, id: u32) {
-        let words = self.block_bytes_per_layer() / 8;
-        for layer in &mut self.blocks {
-            while layer.len() <= id as usize {
-                layer.push(vec![0u64; words].into_boxed_slice());
-            }
+        let bytes = self.chunk_bytes();
+        while self.allocated_blocks() <= id as usize {
+            self.chunks.push(Chunk::new(bytes, self.chunk_blocks));
         }
     }
-    /// Drops storage for ids `>= keep`.
+    /// Drops the storage of chunks whose ids are all `>= keep`.
     pub fn truncate_storage(&mut self, keep: usize) {
-        for layer in &mut self.blocks {
-            layer.truncate(keep);
-            layer.shrink_to_fit();
-        }
+        self.chunks.truncate(keep.div_ceil(self.chunk_blocks));
+        self.chunks.shrink_to_fit();
+    }
+    #[inline]
+    fn offset(&self, layer: usize, id: u32, head: usize) -> (usize, usize) {
+        let (c, slot) = (
+            id as usize / self.chunk_blocks,
+            id as usize % self.chunk_blocks,
+        );
+        let run = (layer * self.kv_heads + head) * self.chunks[c].blocks;
+        (c, (run + slot) * self.seg)
     }
     #[inline]
     pub fn segment(&self, layer: usize, id: u32, head: usize) -> &[u8] {
-        let seg = self.layout.seg_bytes();
-        let bytes: &[u8] = bytemuck::cast_slice(&self.blocks[layer][id as usize]);
-        &bytes[head * seg..(head + 1) * seg]
+        let (c, off) = self.offset(layer, id, head);
+        &self.chunks[c].bytes()[off..off + self.seg]
     }
     #[inline]
     pub fn segment_mut(&mut self, layer: usize, id: u32, head: usize) -> &mut [u8] {
-        let seg = self.layout.seg_bytes();
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut self.blocks[layer][id as usize]);
-        &mut bytes[head * seg..(head + 1) * seg]
+        let (c, off) = self.offset(layer, id, head);
+        let seg = self.seg;
+        &mut self.chunks[c].bytes_mut()[off..off + seg]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::KvPolicy;
+
+    fn quant_pool(hint: usize) -> Pool {
+        let l = QuantLayout::new(&KvPolicy::mixed(), 64).unwrap();
+        Pool::new(PoolLayout::Quant(l), 3, 2, hint)
+    }
+
+    #[test]
+    fn segments_are_disjoint_and_runs_contiguous() {
+        let mut p = quant_pool(1000);
+        p.ensure(70);
+        let seg = p.layout().seg_bytes();
+        let mut seen = std::collections::HashSet::new();
+        for layer in 0..3 {
+            for head in 0..2 {
+                for id in 0..=70u32 {
+                    let s = p.segment(layer, id, head);
+                    assert_eq!(s.len(), seg);
+                    assert!(seen.insert(s.as_ptr() as usize), "segment reused");
+                    assert_eq!(s.as_ptr() as usize % 64, 0, "segment not on a cache line");
+                    if !(id as usize + 1).is_multiple_of(p.chunk_blocks) {
+                        let next = p.segment(layer, id + 1, head);
+                        assert_eq!(next.as_ptr() as usize, s.as_ptr() as usize + seg);
+                    }
+                }
+            }
+        }
+        // Writes land where reads look.
+        p.segment_mut(2, 70, 1).fill(7);
+        assert!(p.segment(2, 70, 1).iter().all(|&b| b == 7));
+        assert!(p.segment(2, 70, 0).iter().all(|&b| b == 0));
+        let c = p.clone();
+        assert!(c.segment(2, 70, 1).iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn storage_grows_and_shrinks_by_chunks() {
+        let mut p = quant_pool(1000);
+        let cb = p.chunk_blocks;
+        assert!(cb > 1);
+        p.ensure(0);
+        assert_eq!(p.allocated_blocks(), cb);
+        p.ensure(cb as u32);
+        assert_eq!(p.allocated_blocks(), 2 * cb);
+        p.truncate_storage(cb + 1);
+        assert_eq!(p.allocated_blocks(), 2 * cb);
+        p.truncate_storage(cb);
+        assert_eq!(p.allocated_blocks(), cb);
+        p.truncate_storage(0);
+        assert_eq!(p.allocated_blocks(), 0);
+        // A small budget keeps chunks small.
+        assert_eq!(quant_pool(3).chunk_blocks, 3);
     }
 }

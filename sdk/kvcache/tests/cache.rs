@@ -3,6 +3,7 @@
 mod common;
 use common::*;
 use jetvlm_core::TokenKind;
+use jetvlm_kvcache::cells::PoolKind;
 use jetvlm_kvcache::{Kernel, KvError, KvPolicy, MixedKvCache};
 
 #[test]
@@ -43,12 +44,14 @@ fn thousand_append_evict_cycles_leave_the_pool_as_it_started() {
     fill(&mut cache, &mut rng, 10, 0, 64, false);
     let start_mem = cache.memory();
     let start_blocks = cache.allocated_blocks();
+    let start_ids = cache.cells().id_space(PoolKind::Quant);
     let start_cells = cache.cells().counts();
     let (k, v) = (
         rand_kv(&mut rng, 64, 2, 64, true),
         rand_kv(&mut rng, 64, 2, 64, false),
     );
     let mut high = [0usize; 2];
+    let mut high_ids = 0;
     for cycle in 0..1000u64 {
         let p = cache.next_position();
         let pos: Vec<u32> = (p..p + 64).collect();
@@ -67,6 +70,7 @@ fn thousand_append_evict_cycles_leave_the_pool_as_it_started() {
         }
         let b = cache.allocated_blocks();
         high = [high[0].max(b[0]), high[1].max(b[1])];
+        high_ids = high_ids.max(cache.cells().id_space(PoolKind::Quant));
     }
     for f in cache.frames() {
         cache.evict_frame(f).unwrap();
@@ -74,9 +78,15 @@ fn thousand_append_evict_cycles_leave_the_pool_as_it_started() {
     assert_eq!(cache.memory(), start_mem);
     assert_eq!(cache.cells().counts(), start_cells);
     assert!(cache.frames().is_empty());
-    // Storage never grew beyond what two frames need (freed blocks are reused).
+    // Block ids never grew beyond what two frames need (freed blocks are reused), and
+    // storage (allocated in chunks of ids) stayed within one chunk of them.
     assert!(
-        high[1] <= start_blocks[1] + 2,
+        high_ids <= start_ids + 2,
+        "quant block ids grew to {high_ids}"
+    );
+    let per_chunk = cache.pool(PoolKind::Quant).unwrap().chunk_blocks();
+    assert!(
+        high[1] <= (start_ids + 2).next_multiple_of(per_chunk),
         "quant blocks grew to {}",
         high[1]
     );

@@ -188,8 +188,9 @@ pub(crate) struct Fns {
     pub quant_accum: fn(&mut State, &[u8], &QuantLayout, usize),
     /// Turns the block's scores into probabilities and rescales the running state.
     pub softmax: fn(&mut State, usize),
-    /// Hints that a segment is read next (blocks are separate allocations, so hardware
-    /// prefetchers, which stop at page boundaries, need help).
+    /// Hints that a segment is read next (a task's blocks are contiguous only within a
+    /// pool chunk, and a text block sits in the other pool, so hardware prefetchers need
+    /// help at those jumps).
     pub prefetch: fn(&[u8]),
     /// Folds kernel-ordered partial sums (`State::qacc`) into `State::acc` once per task.
     pub finish: fn(&mut State),
