@@ -692,7 +692,7 @@ prompt:
 kv:
   # Blocks sized to the 16-token frames: with the default 32/64-token blocks a context this
   # small would be dominated by half-empty blocks.
-  policy: "mixed:fblock=16,qblock=32"
+  policy: "mixed:fblock=16,qblock=16"
 """
     with open(os.path.join(tmp, "jetvlm.yaml"), "w") as f:
         f.write(yaml)

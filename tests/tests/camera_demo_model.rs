@@ -148,10 +148,10 @@ fn run_time_policy_inherits_the_package_block_sizes() {
     };
     let int8 = load("int8-frames");
     assert!(
-        int8.contains("bits=8") && int8.contains("fblock=16") && int8.contains("qblock=32"),
+        int8.contains("bits=8") && int8.contains("fblock=16") && int8.contains("qblock=16"),
         "{int8}"
     );
-    // qblock=64 is the default block, so the name leaves it out: the package's 32 is gone.
+    // qblock=64 is the default block, so the name leaves it out: the package's 16 is gone.
     assert_eq!(load("mixed:qblock=64"), "mixed:fblock=16");
     assert_eq!(load("f32"), "f32");
 }

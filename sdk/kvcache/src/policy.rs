@@ -37,14 +37,15 @@ pub struct KvPolicy {
     pub quantize_text: bool,
     /// Tokens per FP16 block: 16, 32 or 64.
     pub fp16_block_tokens: usize,
-    /// Tokens per quantized block (and per-channel key group): 32, 64 or 128.
+    /// Tokens per quantized block (and per-channel key group): 16, 32, 64 or 128 (16 fits
+    /// the 16-token frames of small vision encoders without half-empty blocks).
     pub quant_block_tokens: usize,
 }
 
 pub(crate) const ACCEPTED: &str = "fp16 | mixed | int4-all | int8-frames | int2-frames, \
      optionally followed by `:key=value,...` with keys bits=2|4|8|16, group=32|64|128, \
      keys=channel|token, budget=0..1, sinks=N, salient=on|off, text=fp16|quant, \
-     fblock=16|32|64, qblock=32|64|128 (e.g. `mixed:bits=4,group=64,keys=channel,budget=0.1`)";
+     fblock=16|32|64, qblock=16|32|64|128 (e.g. `mixed:bits=4,group=64,keys=channel,budget=0.1`)";
 
 impl Default for KvPolicy {
     fn default() -> Self {
@@ -198,9 +199,9 @@ impl KvPolicy {
                 self.fp16_block_tokens
             )));
         }
-        if !matches!(self.quant_block_tokens, 32 | 64 | 128) {
+        if !matches!(self.quant_block_tokens, 16 | 32 | 64 | 128) {
             return Err(bad(format!(
-                "qblock={} (expected 32, 64 or 128)",
+                "qblock={} (expected 16, 32, 64 or 128)",
                 self.quant_block_tokens
             )));
         }

@@ -109,6 +109,8 @@ pub fn policies() -> Vec<KvPolicy> {
         "mixed:group=32",
         "mixed:group=128",
         "mixed:qblock=32,fblock=16",
+        "mixed:qblock=16,fblock=16",
+        "mixed:bits=2,qblock=16",
         "int4-all:group=32,qblock=128",
         "mixed:bits=8,keys=token,group=32",
         "mixed:bits=2,keys=channel,qblock=128",
