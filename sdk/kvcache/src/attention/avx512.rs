@@ -544,10 +544,10 @@ unsafe fn q4_scores_heads<const HC: usize, const NV: usize>(
         let inv = _mm512_set1_ps(if m > 0.0 { QMAX / m } else { 0.0 });
         let (lo_p, hi_p) = (row(hh, 0), row(hh, 1));
         for (c, qc) in qs.iter().enumerate().take(nv) {
-            // x = 256 hi + lo with lo the sign-extended low byte.
+            // x = 256 hi + lo with lo the sign-extended low byte (what the truncating
+            // `vpmovdb` below keeps) and hi = (x + 128) >> 8.
             let x = _mm512_cvtps_epi32(_mm512_mul_ps(*qc, inv));
-            let lo = _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(x));
-            let hi = _mm512_srai_epi32::<8>(_mm512_sub_epi32(x, lo));
+            let hi = _mm512_srai_epi32::<8>(_mm512_add_epi32(x, _mm512_set1_epi32(128)));
             unsafe {
                 _mm_storeu_si128(lo_p.add(4 * c) as *mut __m128i, _mm512_cvtepi32_epi8(x));
                 _mm_storeu_si128(hi_p.add(4 * c) as *mut __m128i, _mm512_cvtepi32_epi8(hi));
