@@ -40,8 +40,9 @@ pub struct KvArgs {
     /// Tokens per camera frame.
     #[arg(long, default_value_t = 64)]
     pub frame_tokens: usize,
-    /// Timed sweeps over all layers of all replicas (after one warm-up sweep).
-    #[arg(long, default_value_t = 5)]
+    /// Timed sweeps over all layers of all replicas per policy (after one warm-up sweep);
+    /// the two policies' sweeps alternate.
+    #[arg(long, default_value_t = 15)]
     pub sweeps: usize,
     /// Minimum working set per policy in MiB (default: max(4 x LLC, 1024)).
     #[arg(long)]
@@ -97,6 +98,9 @@ struct Report {
     fp16_attn_gbs: f64,
     mixed_attn_gbs: f64,
     fp16_bandwidth_fraction: f64,
+    /// Median over sweeps of (fp16 sweep time / the adjacent mixed sweep's time).
+    speedup_paired: f64,
+    sweeps: usize,
     mixed_policy: String,
     fp16: PolicyResult,
     mixed: PolicyResult,
@@ -160,13 +164,24 @@ fn build_cache(args: &KvArgs, shape: CacheShape, policy: KvPolicy) -> Result<(Mi
     Ok((cache, span))
 }
 
-fn run_policy(
+/// One policy's model-shaped cache replicas, built once and then timed in sweeps.
+struct Replicas {
+    name: String,
+    caches: Vec<MixedKvCache>,
+    span: Span,
+    /// Bytes one decode step's attention reads in one replica (all layers).
+    per_cache: u64,
+    text_tokens: usize,
+    frame_tokens: usize,
+}
+
+fn build_replicas(
     args: &KvArgs,
     shape: CacheShape,
     policy: KvPolicy,
     min_ws: u64,
     kernel: Kernel,
-) -> Result<PolicyResult> {
+) -> Result<Replicas> {
     let name = policy.name();
     let (mut first, span) = build_cache(args, shape, policy)?;
     first.set_kernel(kernel);
@@ -178,48 +193,66 @@ fn run_policy(
         caches.push(first.clone());
     }
     caches.push(first);
-    let q_len = shape.q_heads * shape.head_dim;
-    let mut rng = XorShift(42);
-    let mut q = vec![0f32; q_len];
-    rng.fill(&mut q);
-    let mut out = vec![0f32; q_len];
-    let calls = replicas * shape.layers;
-    let mut sweep_us = Vec::new();
-    let mut best_us = f64::INFINITY;
-    for sweep in 0..=args.sweeps {
-        let start = Instant::now();
-        for c in &caches {
-            for layer in 0..shape.layers {
-                let t = Instant::now();
-                c.attend(layer, &span, &q, &mut out)?;
-                if sweep > 0 {
-                    best_us = best_us.min(t.elapsed().as_secs_f64() * 1e6);
-                }
-            }
-        }
-        let us = start.elapsed().as_secs_f64() * 1e6 / calls as f64;
-        if sweep > 0 {
-            sweep_us.push(us);
-        }
-        if out.iter().any(|x| !x.is_finite()) {
-            bail!("attention produced a non-finite output with policy {name}");
-        }
-    }
-    sweep_us.sort_by(f64::total_cmp);
-    let median = sweep_us[sweep_us.len() / 2];
-    let bytes_per_call = per_cache / shape.layers as u64;
-    Ok(PolicyResult {
-        policy: name,
-        replicas,
-        working_set_bytes: per_cache * replicas as u64,
-        bytes_per_call,
-        us_per_call: median,
-        us_per_call_min: sweep_us[0],
-        us_per_call_best: best_us,
-        attn_gbs: bytes_per_call as f64 / (median * 1e-6) / 1e9,
+    Ok(Replicas {
+        name,
+        caches,
+        span,
+        per_cache,
         text_tokens: mem.text_tokens,
         frame_tokens: mem.frame_tokens,
     })
+}
+
+/// Timings of one policy over the sweeps.
+struct Timings {
+    /// Mean time per layer call of each timed sweep.
+    sweep_us: Vec<f64>,
+    /// Fastest single layer call.
+    best_us: f64,
+}
+
+/// One sweep: every layer of every replica, in a decode step's order; returns the mean time
+/// per layer call and updates the fastest single call.
+fn sweep(r: &Replicas, layers: usize, q: &[f32], out: &mut [f32], best: &mut f64) -> Result<f64> {
+    let start = Instant::now();
+    for c in &r.caches {
+        for layer in 0..layers {
+            let t = Instant::now();
+            c.attend(layer, &r.span, q, out)?;
+            *best = best.min(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let us = start.elapsed().as_secs_f64() * 1e6 / (r.caches.len() * layers) as f64;
+    if out.iter().any(|x| !x.is_finite()) {
+        bail!(
+            "attention produced a non-finite output with policy {}",
+            r.name
+        );
+    }
+    Ok(us)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn policy_result(shape: CacheShape, r: &Replicas, t: &Timings) -> PolicyResult {
+    let us = median(&t.sweep_us);
+    let bytes_per_call = r.per_cache / shape.layers as u64;
+    PolicyResult {
+        policy: r.name.clone(),
+        replicas: r.caches.len(),
+        working_set_bytes: r.per_cache * r.caches.len() as u64,
+        bytes_per_call,
+        us_per_call: us,
+        us_per_call_min: t.sweep_us.iter().copied().fold(f64::INFINITY, f64::min),
+        us_per_call_best: t.best_us,
+        attn_gbs: bytes_per_call as f64 / (us * 1e-6) / 1e9,
+        text_tokens: r.text_tokens,
+        frame_tokens: r.frame_tokens,
+    }
 }
 
 pub fn run(args: KvArgs) -> Result<()> {
@@ -262,9 +295,50 @@ pub fn run(args: KvArgs) -> Result<()> {
         Some(m) => m << 20,
         None => (4 * llc.unwrap_or(0)).max(1 << 30),
     };
-    let bw = sysinfo::measure_read_bandwidth(0);
-    let fp16 = run_policy(&args, shape, KvPolicy::fp16(), min_ws, kernel)?;
-    let mixed = run_policy(&args, shape, mixed, min_ws, kernel)?;
+    let bw_before = sysinfo::measure_read_bandwidth(0);
+    let sets = [
+        build_replicas(&args, shape, KvPolicy::fp16(), min_ws, kernel)?,
+        build_replicas(&args, shape, mixed, min_ws, kernel)?,
+    ];
+    // Both policies are timed in alternating sweeps (the order flips every sweep), so a
+    // slow moment of this machine falls on both rather than on one.
+    let q_len = shape.q_heads * shape.head_dim;
+    let mut rng = XorShift(42);
+    let mut q = vec![0f32; q_len];
+    rng.fill(&mut q);
+    let mut out = vec![0f32; q_len];
+    let mut timings: [Timings; 2] = std::array::from_fn(|_| Timings {
+        sweep_us: Vec::new(),
+        best_us: f64::INFINITY,
+    });
+    let mut ratios = Vec::new();
+    for i in 0..=args.sweeps {
+        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        let mut us = [0.0; 2];
+        for p in order {
+            let mut best = f64::INFINITY;
+            us[p] = sweep(&sets[p], shape.layers, &q, &mut out, &mut best)?;
+            if i > 0 {
+                timings[p].sweep_us.push(us[p]);
+                timings[p].best_us = timings[p].best_us.min(best);
+            }
+        }
+        if i > 0 {
+            ratios.push(us[0] / us[1]);
+        }
+    }
+    // The probe runs again after the sweeps; the higher reading is the reference, so a
+    // slow moment during the first probe cannot flatter the attention kernels.
+    let bw_after = sysinfo::measure_read_bandwidth(0);
+    let bw = if bw_after.gbs > bw_before.gbs {
+        bw_after
+    } else {
+        bw_before
+    };
+    let fp16 = policy_result(shape, &sets[0], &timings[0]);
+    let mixed = policy_result(shape, &sets[1], &timings[1]);
+    drop(sets);
+    let paired = median(&ratios);
     let report = Report {
         context: args.context,
         layers: args.layers,
@@ -279,6 +353,8 @@ pub fn run(args: KvArgs) -> Result<()> {
         fp16_us: fp16.us_per_call,
         mixed_us: mixed.us_per_call,
         speedup: fp16.us_per_call / mixed.us_per_call,
+        speedup_paired: paired,
+        sweeps: args.sweeps,
         kv_bytes_fp16: fp16.bytes_per_call,
         kv_bytes_mixed: mixed.bytes_per_call,
         bytes_ratio: mixed.bytes_per_call as f64 / fp16.bytes_per_call as f64,
@@ -309,7 +385,7 @@ pub fn run(args: KvArgs) -> Result<()> {
         None => println!("last-level cache: unknown"),
     }
     println!(
-        "memory read bandwidth: {:.1} GB/s (streaming read of {:.0} MiB, {} threads)",
+        "memory read bandwidth: {:.1} GB/s (streaming read of {:.0} MiB, {} threads; the higher of a probe before and after the sweeps)",
         report.mem_read_gbs,
         mib(report.mem_read_buffer_bytes as u64),
         bw.threads
@@ -331,8 +407,8 @@ pub fn run(args: KvArgs) -> Result<()> {
         );
     }
     println!(
-        "speedup (fp16 / mixed time): {:.2}x   bytes ratio (mixed / fp16): {:.3}",
-        report.speedup, report.bytes_ratio
+        "speedup (fp16 / mixed time): {:.2}x (median of {} alternating sweeps each; median of the per-sweep ratios {:.2}x)   bytes ratio (mixed / fp16): {:.3}",
+        report.speedup, report.sweeps, report.speedup_paired, report.bytes_ratio
     );
     println!(
         "fastest single call: fp16 {:.1} us ({:.0}% of BW), mixed {:.1} us, ratio {:.2}x",
