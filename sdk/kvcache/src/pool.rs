@@ -6,6 +6,12 @@
 //! stream through them and a 2 MiB page (on Linux the chunk asks for transparent huge
 //! pages) maps many of them with one TLB entry. Which ids are in use is decided by the cell
 //! bookkeeping ([`crate::cells`]); the pool only owns the bytes.
+//!
+//! Memory: pages are committed when first written, so on huge pages a chunk is committed
+//! almost whole with its first block (every (layer, KV head) run gets a write). A chunk is
+//! at most [`RUN_BYTES`] per run and never holds more blocks than the cache's budget needs,
+//! so the most a pool holds beyond its blocks in use is one chunk: about 12 MiB per pool
+//! for a 30-layer, 3-KV-head model.
 
 use crate::layout::{Fp16Layout, QuantLayout};
 use jetvlm_core::mem::PageBuffer;
