@@ -9,7 +9,7 @@
 //!
 //! Memory: pages are committed when first written, so on huge pages a chunk is committed
 //! almost whole with its first block (every (layer, KV head) run gets a write). A chunk is
-//! at most [`RUN_BYTES`] per run and never holds more blocks than the cache's budget needs,
+//! at most 128 KiB per run and never holds more blocks than the cache's budget needs,
 //! so the most a pool holds beyond its blocks in use is one chunk: about 12 MiB per pool
 //! for a 30-layer, 3-KV-head model.
 
