@@ -94,15 +94,12 @@ fn forced_logits<C: KvStore>(
     rows
 }
 
-/// A KV policy preset, with INT groups of 32 where the head is too narrow for 64.
+/// A KV policy preset (the cache fits its group to narrow heads, e.g. 64 -> 32).
 fn policy_for(model: &Model, preset: &str) -> KvPolicy {
-    let spec = if model.cache_shape().head_dim.is_multiple_of(64) {
-        preset.to_string()
-    } else {
-        let sep = if preset.contains(':') { ',' } else { ':' };
-        format!("{preset}{sep}group=32")
-    };
-    spec.parse().unwrap()
+    let p: KvPolicy = preset.parse().unwrap();
+    let fitted = p.fitted_to(model.cache_shape().head_dim);
+    assert!(model.cache_shape().head_dim.is_multiple_of(fitted.group));
+    p
 }
 
 /// Smallest `logit[t] - max(other logits)` over the steps (negative where another token wins).

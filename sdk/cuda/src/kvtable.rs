@@ -30,7 +30,9 @@ pub struct DevicePolicy {
 
 impl DevicePolicy {
     /// Maps `policy` onto the device pools for `kv_heads` x `head_dim`.
+    /// The group is fitted to `head_dim` as the CPU cache fits it ([`KvPolicy::fitted_to`]).
     pub fn new(policy: &KvPolicy, kv_heads: usize, head_dim: usize) -> Result<Self, CudaError> {
+        let policy = &policy.fitted_to(head_dim);
         let quantize_frames = policy.quantizes_frames();
         let quantize_text = policy.quantize_text && quantize_frames;
         let key_per_channel = policy.key_mode == KeyMode::PerChannel;
@@ -479,8 +481,11 @@ mod tests {
     fn policies_map_or_fail_clearly() {
         let p = policy("fp16", 2, 32);
         assert!(!p.quantize_frames && !p.quantize_text);
-        let e = DevicePolicy::new(&"mixed".parse().unwrap(), 2, 32).unwrap_err();
-        assert!(e.to_string().contains("group"), "{e}");
+        // The default group of 64 is fitted to head dim 32 (and 96); 40 fits no group.
+        assert_eq!(policy("mixed", 2, 32).layout.group, 32);
+        assert_eq!(policy("mixed", 2, 96).layout.group, 32);
+        let e = DevicePolicy::new(&"mixed".parse().unwrap(), 2, 40).unwrap_err();
+        assert!(e.to_string().contains("head_dim 40"), "{e}");
         let per_channel_text = KvPolicy {
             key_mode: KeyMode::PerChannel,
             ..KvPolicy::int4_all()

@@ -65,13 +65,15 @@ pub struct MixedKvCache {
 
 impl MixedKvCache {
     /// `capacity_tokens`: pool budget; appending beyond it without eviction room is a typed
-    /// error naming the budget.
+    /// error naming the budget. The policy's group is fitted to the head dim
+    /// ([`KvPolicy::fitted_to`]); [`MixedKvCache::policy`] returns the policy in effect.
     pub fn new(
         shape: CacheShape,
         policy: KvPolicy,
         capacity_tokens: usize,
     ) -> Result<Self, KvError> {
         policy.validate()?;
+        let policy = policy.fitted_to(shape.head_dim);
         let bad = |reason: String| KvError::InvalidShape {
             shape: shape.to_string(),
             reason,

@@ -172,6 +172,25 @@ impl KvPolicy {
     }
 
     /// Checks every field's range and their combinations.
+    /// The policy with its quantization group lowered, where needed, to the largest
+    /// supported group (128, 64, 32) that divides `head_dim`: the default group of 64 becomes
+    /// 32 for head dim 96 (Phi-3) or 32 (small models). Unchanged when the group already
+    /// divides `head_dim`, when nothing is quantized, or when no supported group does (the
+    /// cache then reports the mismatch as an error).
+    pub fn fitted_to(&self, head_dim: usize) -> KvPolicy {
+        let mut p = self.clone();
+        if p.quantizes_frames()
+            && head_dim > 0
+            && !head_dim.is_multiple_of(p.group)
+            && let Some(g) = [128, 64, 32]
+                .into_iter()
+                .find(|&g| g <= p.group && head_dim.is_multiple_of(g))
+        {
+            p.group = g;
+        }
+        p
+    }
+
     pub fn validate(&self) -> Result<(), KvError> {
         let bad = |reason: String| KvError::InvalidPolicy {
             policy: self.name(),
@@ -322,6 +341,25 @@ impl serde::Serialize for KvPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_is_fitted_to_the_head_dim() {
+        let m = KvPolicy::mixed();
+        assert_eq!(m.fitted_to(64), m);
+        assert_eq!(m.fitted_to(128), m);
+        assert_eq!(m.fitted_to(96).group, 32);
+        assert_eq!(m.fitted_to(32).group, 32);
+        // Nothing supported divides 40: left for the cache to report.
+        assert_eq!(m.fitted_to(40), m);
+        // Only ever lowered.
+        let g32: KvPolicy = "mixed:group=32".parse().unwrap();
+        assert_eq!(g32.fitted_to(128), g32);
+        let g128: KvPolicy = "mixed:group=128".parse().unwrap();
+        assert_eq!(g128.fitted_to(192).group, 64);
+        // FP16 keeps its (unused) group.
+        assert_eq!(KvPolicy::fp16().fitted_to(96), KvPolicy::fp16());
+        assert_eq!(m.fitted_to(96).name(), "mixed:group=32");
+    }
 
     #[test]
     fn presets_round_trip() {

@@ -177,8 +177,11 @@ fn mismatched_shapes_are_typed_errors() {
     assert!(matches!(bad(4, 0, 64), Some(KvError::InvalidShape { .. })));
     assert!(
         matches!(bad(4, 2, 80), Some(KvError::InvalidShape { .. })),
-        "80 is not a multiple of group 64"
+        "80 is not a multiple of any supported group"
     );
+    // Head dim 96 (Phi-3): the default group of 64 is fitted to 32.
+    let c96 = MixedKvCache::new(shape(1, 4, 2, 96), KvPolicy::mixed(), 10).unwrap();
+    assert_eq!(c96.policy().group, 32);
     assert!(MixedKvCache::new(shape(1, 4, 2, 80), KvPolicy::fp16(), 10).is_ok());
     let mut cache = MixedKvCache::new(shape(2, 4, 2, 64), KvPolicy::mixed(), 100).unwrap();
     let span = cache.append_span(TokenKind::Text, &[0, 1], None).unwrap();

@@ -161,13 +161,8 @@ impl CudaDevice {
             .map_err(|e| model_err(e.to_string()))?;
 
         let c = &model.config().model;
-        let policy: KvPolicy = if c.head_dim.is_multiple_of(64) {
-            KvPolicy::mixed()
-        } else {
-            "mixed:group=32"
-                .parse()
-                .map_err(|e: jetvlm_kvcache::KvError| model_err(e.to_string()))?
-        };
+        // `MixedKvCache` and `DevicePolicy` fit the group to the head dim.
+        let policy = KvPolicy::mixed();
         let dp = DevicePolicy::new(&policy, c.num_key_value_heads, c.head_dim)?;
         let cache = DeviceKvCache::new(
             self,
