@@ -7,7 +7,9 @@
 //!   (`head_dim * b / 8` bytes per K or V vector) plus an FP16 scale and an FP16 zero per
 //!   group (4 bytes per group). When the group divides `head_dim` that is `b + 32 / group`
 //!   bits per element: INT4 g32 = 5.0, g64 = 4.5, g128 = 4.25; INT8 g64 = 8.5; INT2 g64 = 2.5.
-//!   A group larger than `head_dim` is clipped to one group per vector.
+//!   A group that does not divide `head_dim` is lowered to the largest of 128/64/32 that
+//!   does, as the KV cache does (INT4 g64 on head dim 96 is charged as g32); with none, the
+//!   vector is charged ceil(head_dim / group) groups.
 //! - Keys quantized per channel over a frame block (`keys=channel`) are charged the same as
 //!   per-token groups: one scale and zero per channel per block of at least `group` tokens
 //!   costs no more.
@@ -51,7 +53,15 @@ impl KvFormat {
         if self.is_fp16() {
             return 2 * head_dim;
         }
-        let group = (self.group as u64).min(head_dim).max(1);
+        let mut group = (self.group as u64).max(1);
+        if !head_dim.is_multiple_of(group)
+            && let Some(g) = [128u64, 64, 32]
+                .into_iter()
+                .find(|&g| g <= group && head_dim.is_multiple_of(g))
+        {
+            group = g;
+        }
+        let group = group.min(head_dim).max(1);
         let codes = (head_dim * self.bits as u64).div_ceil(8);
         let groups = head_dim.div_ceil(group);
         codes + 4 * groups
@@ -311,6 +321,10 @@ mod tests {
         assert_eq!(KvFormat::FP16.bits_per_element(64), 16.0);
         // g128 on head_dim 64 is one group per vector.
         assert_eq!(KvFormat::quantized(4, 128).vector_bytes(64), 32 + 4);
+        // The cache fits g64 to head_dim 96 as g32: three scale/zero pairs.
+        assert_eq!(KvFormat::quantized(4, 64).vector_bytes(96), 48 + 3 * 4);
+        // No supported group divides 80: ceil(80 / 64) = 2 pairs are charged.
+        assert_eq!(KvFormat::quantized(4, 64).vector_bytes(80), 40 + 2 * 4);
     }
 
     #[test]
