@@ -131,6 +131,10 @@ impl Pipeline {
             }
         }
         let model = Model::load(&package.decoder_dir, &LoadOptions::default())?;
+        // The cache fits the quantization group to the head dim; name the policy in effect.
+        if let KvChoice::Policy(p) = &mut kv {
+            *p = p.fitted_to(model.cache_shape().head_dim);
+        }
         let tokenizer = Tokenizer::from_dir(&package.decoder_dir)?;
         let encoder = OrtEncoder::from_package(&package, &cfg.vision)?;
         let prompt_err = |message: String| RuntimeError::Prompt {
