@@ -14,22 +14,8 @@
 // memory sized to the shape keep occupancy high (the kernel is bound by memory parallelism). Quantized keys and values are dequantized
 // in registers (x = zero + scale * code); nothing is written back in FP16.
 // Partial results: part_acc[q][hq][split][D] (unnormalised), part_ml[q][hq][split] = {max, sum}.
-// FP16 values are carried as their IEEE bits (unsigned short) and converted with PTX cvt, so
-// the kernels need no header: NVRTC compiles them as they are.
-__device__ __forceinline__ float h2f(unsigned short h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-__device__ __forceinline__ unsigned short f2h(float f) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-__device__ __forceinline__ float bf2f(unsigned short b) { return __uint_as_float(((unsigned int)b) << 16); }
-struct f16_t { unsigned short bits; };   // IEEE FP16
-struct bf16_t { unsigned short bits; };  // bfloat16
-#define NEG_INF __int_as_float(0xff800000)
+// Helpers (h2f, f2h, bf2f, f16_t, bf16_t, NEG_INF, load_elem): common.cuh, prepended by
+// sources.rs.
 
 #define ATTN_WARPS 4
 

@@ -3,29 +3,11 @@
 // One warp per output row, 8 rows per 256-thread block, up to 8 tokens per block (blockIdx.y
 // selects the token tile) so a weight row read from memory serves every token of the tile.
 // Rows with cols % 8 == 0 (16-bit weights) or cols % 4 == 0 (f32) use 16-byte loads.
-// FP16 values are carried as their IEEE bits (unsigned short) and converted with PTX cvt, so
-// the kernels need no header: NVRTC compiles them as they are.
-__device__ __forceinline__ float h2f(unsigned short h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-__device__ __forceinline__ unsigned short f2h(float f) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-__device__ __forceinline__ float bf2f(unsigned short b) { return __uint_as_float(((unsigned int)b) << 16); }
-struct f16_t { unsigned short bits; };   // IEEE FP16
-struct bf16_t { unsigned short bits; };  // bfloat16
-#define NEG_INF __int_as_float(0xff800000)
+// Helpers (h2f, f2h, bf2f, f16_t, bf16_t, NEG_INF, load_elem): common.cuh, prepended by
+// sources.rs.
 
 #define GEMV_ROWS_PER_BLOCK 8
 #define GEMV_TOKENS 8
-
-__device__ __forceinline__ float load_elem(const float* p, size_t i) { return p[i]; }
-__device__ __forceinline__ float load_elem(const f16_t* p, size_t i) { return h2f(p[i].bits); }
-__device__ __forceinline__ float load_elem(const bf16_t* p, size_t i) { return bf2f(p[i].bits); }
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -11,22 +11,8 @@
 // Parameters are jetvlm_quant's `row_params`: zero = min rounded down to FP16, scale =
 // (max - zero) / (2^b - 1) rounded to FP16 and raised until max is within half a step;
 // code = clamp(round_half_away((x - zero) / scale), 0, 2^b - 1), 0 where the scale is zero.
-// FP16 values are carried as their IEEE bits (unsigned short) and converted with PTX cvt, so
-// the kernels need no header: NVRTC compiles them as they are.
-__device__ __forceinline__ float h2f(unsigned short h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-__device__ __forceinline__ unsigned short f2h(float f) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-__device__ __forceinline__ float bf2f(unsigned short b) { return __uint_as_float(((unsigned int)b) << 16); }
-struct f16_t { unsigned short bits; };   // IEEE FP16
-struct bf16_t { unsigned short bits; };  // bfloat16
-#define NEG_INF __int_as_float(0xff800000)
+// Helpers (h2f, f2h, bf2f, f16_t, bf16_t, NEG_INF, load_elem): common.cuh, prepended by
+// sources.rs.
 
 // src[len][H][D] (f32) -> pool[block][tok_offset + t][H][D] (f16)
 extern "C" __global__ void kv_store_f16(unsigned short* __restrict__ pool, const float* __restrict__ src,

@@ -1,5 +1,19 @@
 //! The `.cu` kernel sources, embedded in the binary. They are compiled at run time with NVRTC
-//! for the device's exact SM; nothing needs nvcc.
+//! for the device's exact SM; nothing needs nvcc. Each source is `kernels/common.cuh` (the
+//! shared FP16/BF16 helpers), a `#line 1` directive naming the file, then the file itself.
+
+/// `common.cuh`, a `#line` directive and the `.cu` file, as one static string.
+macro_rules! kernel_file {
+    ($file:literal) => {
+        concat!(
+            include_str!("../kernels/common.cuh"),
+            "#line 1 \"",
+            $file,
+            "\"\n",
+            include_str!(concat!("../kernels/", $file))
+        )
+    };
+}
 
 /// One kernel source file and the functions it defines.
 #[derive(Clone, Copy, Debug)]
@@ -38,7 +52,7 @@ fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
 pub const KERNELS: &[KernelSource] = &[
     KernelSource {
         file: "elementwise.cu",
-        source: include_str!("../kernels/elementwise.cu"),
+        source: kernel_file!("elementwise.cu"),
         functions: &[
             "residual_add_f32",
             "swiglu_f32",
@@ -52,22 +66,22 @@ pub const KERNELS: &[KernelSource] = &[
     },
     KernelSource {
         file: "rmsnorm.cu",
-        source: include_str!("../kernels/rmsnorm.cu"),
+        source: kernel_file!("rmsnorm.cu"),
         functions: &["rmsnorm_f32", "rmsnorm_f16", "rmsnorm_bf16"],
     },
     KernelSource {
         file: "rope.cu",
-        source: include_str!("../kernels/rope.cu"),
+        source: kernel_file!("rope.cu"),
         functions: &["rope_f32"],
     },
     KernelSource {
         file: "gemv.cu",
-        source: include_str!("../kernels/gemv.cu"),
+        source: kernel_file!("gemv.cu"),
         functions: &["gemv_f32", "gemv_f16", "gemv_bf16"],
     },
     KernelSource {
         file: "kv_quant.cu",
-        source: include_str!("../kernels/kv_quant.cu"),
+        source: kernel_file!("kv_quant.cu"),
         functions: &[
             "kv_store_f16",
             "kv_quant_params_token",
@@ -77,7 +91,7 @@ pub const KERNELS: &[KernelSource] = &[
     },
     KernelSource {
         file: "attention.cu",
-        source: include_str!("../kernels/attention.cu"),
+        source: kernel_file!("attention.cu"),
         functions: &[
             "mixed_attention_partial_e2_g1",
             "mixed_attention_partial_e2_g4",
