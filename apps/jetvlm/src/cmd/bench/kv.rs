@@ -77,6 +77,41 @@ struct PolicyResult {
     frame_tokens: usize,
 }
 
+/// The FP16-vs-mixed fields of every `bench kv` report (CPU and CUDA).
+#[derive(Serialize, Debug)]
+pub(super) struct Comparison {
+    pub fp16_us: f64,
+    pub mixed_us: f64,
+    pub speedup: f64,
+    pub kv_bytes_fp16: u64,
+    pub kv_bytes_mixed: u64,
+    pub bytes_ratio: f64,
+    pub fp16_attn_gbs: f64,
+    pub mixed_attn_gbs: f64,
+    pub fp16_bandwidth_fraction: f64,
+    pub mixed_policy: String,
+}
+
+impl Comparison {
+    /// From each policy's (time per layer call in us, bytes per call) and the measured read
+    /// bandwidth.
+    pub fn new(fp16: (f64, u64), mixed: (f64, u64), mixed_policy: String, read_gbs: f64) -> Self {
+        let gbs = |(us, bytes): (f64, u64)| bytes as f64 / (us * 1e-6) / 1e9;
+        Comparison {
+            fp16_us: fp16.0,
+            mixed_us: mixed.0,
+            speedup: fp16.0 / mixed.0,
+            kv_bytes_fp16: fp16.1,
+            kv_bytes_mixed: mixed.1,
+            bytes_ratio: mixed.1 as f64 / fp16.1 as f64,
+            fp16_attn_gbs: gbs(fp16),
+            mixed_attn_gbs: gbs(mixed),
+            fp16_bandwidth_fraction: gbs(fp16) / read_gbs,
+            mixed_policy,
+        }
+    }
+}
+
 #[derive(Serialize, Debug)]
 struct Report {
     context: usize,
@@ -89,19 +124,11 @@ struct Report {
     llc_bytes: Option<u64>,
     mem_read_gbs: f64,
     mem_read_buffer_bytes: usize,
-    fp16_us: f64,
-    mixed_us: f64,
-    speedup: f64,
-    kv_bytes_fp16: u64,
-    kv_bytes_mixed: u64,
-    bytes_ratio: f64,
-    fp16_attn_gbs: f64,
-    mixed_attn_gbs: f64,
-    fp16_bandwidth_fraction: f64,
+    #[serde(flatten)]
+    cmp: Comparison,
     /// Median over sweeps of (fp16 sweep time / the adjacent mixed sweep's time).
     speedup_paired: f64,
     sweeps: usize,
-    mixed_policy: String,
     fp16: PolicyResult,
     mixed: PolicyResult,
 }
@@ -120,21 +147,39 @@ impl XorShift {
     }
 }
 
-/// Builds one model-shaped cache: text, frames, text, then the decoded token; returns the
-/// cache and the decoded token's span.
-fn build_cache(args: &KvArgs, shape: CacheShape, policy: KvPolicy) -> Result<(MixedKvCache, Span)> {
+/// Spans of the model-shaped context: half the text, the frames, the rest of the text, then
+/// the decoded token (the CPU and the CUDA benchmark fill their caches in this order).
+pub(super) fn context_spans(args: &KvArgs) -> Vec<(TokenKind, usize)> {
     let n = args.context;
-    let mut cache = MixedKvCache::new(shape, policy, n).context("creating the KV cache")?;
     let text = ((n as f64 * args.text_fraction).round() as usize).clamp(1, n);
     let frames = (n - text) / args.frame_tokens;
     let text_tail = n - frames * args.frame_tokens - text / 2;
+    let mut s = Vec::new();
+    if text / 2 > 0 {
+        s.push((TokenKind::Text, text / 2));
+    }
+    s.extend((0..frames).map(|_| (TokenKind::Frame, args.frame_tokens)));
+    if text_tail > 1 {
+        s.push((TokenKind::Text, text_tail - 1));
+    }
+    s.push((TokenKind::Text, 1));
+    s
+}
+
+/// Builds one model-shaped cache ([`context_spans`]) with random K/V; returns the cache and
+/// the decoded token's span.
+fn build_cache(args: &KvArgs, shape: CacheShape, policy: KvPolicy) -> Result<(MixedKvCache, Span)> {
+    let mut cache =
+        MixedKvCache::new(shape, policy, args.context).context("creating the KV cache")?;
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
     let row = shape.kv_heads * shape.head_dim;
-    let mut write_span = |cache: &mut MixedKvCache,
-                          kind: TokenKind,
-                          len: usize,
-                          frame: Option<u64>|
-     -> Result<Span> {
+    let mut frames = 0u64;
+    let mut last = None;
+    for (kind, len) in context_spans(args) {
+        let frame = (kind == TokenKind::Frame).then(|| {
+            frames += 1;
+            frames - 1
+        });
         let p0 = cache.next_position();
         let pos: Vec<u32> = (p0..p0 + len as u32).collect();
         let span = cache.append_span(kind, &pos, frame)?;
@@ -144,23 +189,9 @@ fn build_cache(args: &KvArgs, shape: CacheShape, policy: KvPolicy) -> Result<(Mi
             rng.fill(&mut v);
             cache.write(layer, &span, &k, &v)?;
         }
-        Ok(span)
-    };
-    if text / 2 > 0 {
-        write_span(&mut cache, TokenKind::Text, text / 2, None)?;
+        last = Some(span);
     }
-    for f in 0..frames {
-        write_span(
-            &mut cache,
-            TokenKind::Frame,
-            args.frame_tokens,
-            Some(f as u64),
-        )?;
-    }
-    if text_tail > 1 {
-        write_span(&mut cache, TokenKind::Text, text_tail - 1, None)?;
-    }
-    let span = write_span(&mut cache, TokenKind::Text, 1, None)?;
+    let span = last.context("the context has no spans")?;
     Ok((cache, span))
 }
 
@@ -232,7 +263,7 @@ fn sweep(r: &Replicas, layers: usize, q: &[f32], out: &mut [f32], best: &mut f64
     Ok(us)
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(super) fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -350,18 +381,14 @@ pub fn run(args: KvArgs) -> Result<()> {
         llc_bytes: llc,
         mem_read_gbs: bw.gbs,
         mem_read_buffer_bytes: bw.buffer_bytes,
-        fp16_us: fp16.us_per_call,
-        mixed_us: mixed.us_per_call,
-        speedup: fp16.us_per_call / mixed.us_per_call,
+        cmp: Comparison::new(
+            (fp16.us_per_call, fp16.bytes_per_call),
+            (mixed.us_per_call, mixed.bytes_per_call),
+            mixed.policy.clone(),
+            bw.gbs,
+        ),
         speedup_paired: paired,
         sweeps: args.sweeps,
-        kv_bytes_fp16: fp16.bytes_per_call,
-        kv_bytes_mixed: mixed.bytes_per_call,
-        bytes_ratio: mixed.bytes_per_call as f64 / fp16.bytes_per_call as f64,
-        fp16_attn_gbs: fp16.attn_gbs,
-        mixed_attn_gbs: mixed.attn_gbs,
-        fp16_bandwidth_fraction: fp16.attn_gbs / bw.gbs,
-        mixed_policy: mixed.policy.clone(),
         fp16,
         mixed,
     };
@@ -408,7 +435,7 @@ pub fn run(args: KvArgs) -> Result<()> {
     }
     println!(
         "speedup (fp16 / mixed time): {:.2}x (median of {} alternating sweeps each; median of the per-sweep ratios {:.2}x)   bytes ratio (mixed / fp16): {:.3}",
-        report.speedup, report.sweeps, report.speedup_paired, report.bytes_ratio
+        report.cmp.speedup, report.sweeps, report.speedup_paired, report.cmp.bytes_ratio
     );
     println!(
         "fastest single call: fp16 {:.1} us ({:.0}% of BW), mixed {:.1} us, ratio {:.2}x",

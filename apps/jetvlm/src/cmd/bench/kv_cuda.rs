@@ -9,13 +9,12 @@
 //! (two kernel launches per call: split attention + combine).
 
 use anyhow::{Context, Result, bail};
-use jetvlm_core::TokenKind;
 use jetvlm_cuda::layout::SEES_ALL;
 use jetvlm_cuda::{CudaDevice, DeviceKvCache, DevicePolicy, PoolMemory, Splits};
 use jetvlm_kvcache::KvPolicy;
 use serde::Serialize;
 
-use super::kv::KvArgs;
+use super::kv::{Comparison, KvArgs, context_spans, median};
 
 #[derive(Serialize, Debug)]
 struct PolicyResult {
@@ -46,37 +45,10 @@ struct Report {
     mem_read_gbs: f64,
     mem_copy_gbs: f64,
     mem_read_buffer_bytes: usize,
-    fp16_us: f64,
-    mixed_us: f64,
-    speedup: f64,
-    kv_bytes_fp16: u64,
-    kv_bytes_mixed: u64,
-    bytes_ratio: f64,
-    fp16_attn_gbs: f64,
-    mixed_attn_gbs: f64,
-    fp16_bandwidth_fraction: f64,
-    mixed_policy: String,
+    #[serde(flatten)]
+    cmp: Comparison,
     fp16: PolicyResult,
     mixed: PolicyResult,
-}
-
-/// Spans of the model-shaped context: text, frames, text, then the decoded token (the same
-/// layout as the CPU benchmark).
-fn spans(args: &KvArgs) -> Vec<(TokenKind, usize)> {
-    let n = args.context;
-    let text = ((n as f64 * args.text_fraction).round() as usize).clamp(1, n);
-    let frames = (n - text) / args.frame_tokens;
-    let text_tail = n - frames * args.frame_tokens - text / 2;
-    let mut s = Vec::new();
-    if text / 2 > 0 {
-        s.push((TokenKind::Text, text / 2));
-    }
-    s.extend((0..frames).map(|_| (TokenKind::Frame, args.frame_tokens)));
-    if text_tail > 1 {
-        s.push((TokenKind::Text, text_tail - 1));
-    }
-    s.push((TokenKind::Text, 1));
-    s
 }
 
 /// A filled device cache: random bell-shaped K/V written through the store and quantize
@@ -88,7 +60,7 @@ fn build_cache(
     seed: u64,
     memory: PoolMemory,
 ) -> Result<DeviceKvCache> {
-    let spans = spans(args);
+    let spans = context_spans(args);
     let mut cache = DeviceKvCache::for_spans(dev, policy, args.layers, &spans, memory)?;
     let row = args.kv_heads * args.head_dim;
     let mut counter = seed.wrapping_mul(1_000_003);
@@ -166,8 +138,7 @@ fn run_policy(
     if dev.download(&out)?.iter().any(|x| !x.is_finite()) {
         bail!("attention produced a non-finite output with policy {name}");
     }
-    sweep_us.sort_by(f64::total_cmp);
-    let median = sweep_us[sweep_us.len() / 2];
+    let median = median(&sweep_us);
     let bytes_per_call = per_cache / args.layers as u64;
     let (text_tokens, frame_tokens) = caches[0].table().token_counts();
     Ok(PolicyResult {
@@ -176,7 +147,7 @@ fn run_policy(
         working_set_bytes: per_cache * replicas as u64,
         bytes_per_call,
         us_per_call: median,
-        us_per_call_min: sweep_us[0],
+        us_per_call_min: sweep_us.iter().copied().fold(f64::INFINITY, f64::min),
         attn_gbs: bytes_per_call as f64 / (median * 1e-6) / 1e9,
         text_tokens,
         frame_tokens,
@@ -209,16 +180,12 @@ pub fn run(args: &KvArgs) -> Result<()> {
         mem_read_gbs: bw.read_gbs,
         mem_copy_gbs: bw.copy_gbs,
         mem_read_buffer_bytes: bw.buffer_bytes,
-        fp16_us: fp16.us_per_call,
-        mixed_us: mixed.us_per_call,
-        speedup: fp16.us_per_call / mixed.us_per_call,
-        kv_bytes_fp16: fp16.bytes_per_call,
-        kv_bytes_mixed: mixed.bytes_per_call,
-        bytes_ratio: mixed.bytes_per_call as f64 / fp16.bytes_per_call as f64,
-        fp16_attn_gbs: fp16.attn_gbs,
-        mixed_attn_gbs: mixed.attn_gbs,
-        fp16_bandwidth_fraction: fp16.attn_gbs / bw.read_gbs,
-        mixed_policy: mixed.policy.clone(),
+        cmp: Comparison::new(
+            (fp16.us_per_call, fp16.bytes_per_call),
+            (mixed.us_per_call, mixed.bytes_per_call),
+            mixed.policy.clone(),
+            bw.read_gbs,
+        ),
         fp16,
         mixed,
     };
@@ -270,7 +237,7 @@ pub fn run(args: &KvArgs) -> Result<()> {
     }
     println!(
         "speedup (fp16 / mixed time): {:.2}x   bytes ratio (mixed / fp16): {:.3}",
-        report.speedup, report.bytes_ratio
+        report.cmp.speedup, report.cmp.bytes_ratio
     );
     Ok(())
 }
