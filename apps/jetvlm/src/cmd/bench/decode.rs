@@ -174,12 +174,7 @@ pub fn run(args: DecodeArgs) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(7);
     for &context in &args.context {
         let (frame_total, text_total) = layout(context, args.text_fraction, args.frame_tokens);
-        let real = match args.prefill.as_str() {
-            "real" => true,
-            "synthetic" => false,
-            "auto" => context <= 2048,
-            other => bail!("--prefill {other}: expected real, synthetic or auto"),
-        };
+        let real = real_prefill(&args.prefill, context, 2048)?;
         // Every policy's cache is filled first; their decode steps are then timed in turn
         // (one step of each policy per round), so load from other processes during the
         // run falls on all policies alike.
@@ -399,6 +394,16 @@ fn flush(buf: &mut [u64]) {
         *w = acc;
     }
     std::hint::black_box(acc);
+}
+
+/// Whether `--prefill` runs the real prefill at `context` (`auto`: up to `auto_limit`).
+pub(super) fn real_prefill(prefill: &str, context: usize, auto_limit: usize) -> Result<bool> {
+    Ok(match prefill {
+        "real" => true,
+        "synthetic" => false,
+        "auto" => context <= auto_limit,
+        other => bail!("--prefill {other}: expected real, synthetic or auto"),
+    })
 }
 
 pub(super) fn mb(b: u64) -> f64 {

@@ -21,7 +21,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 use std::time::Instant;
 
-use super::decode::{DecodeArgs, Row, mb};
+use super::decode::{DecodeArgs, Row, mb, real_prefill};
 
 #[derive(Serialize)]
 struct Report {
@@ -163,12 +163,7 @@ pub fn run(args: &DecodeArgs) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(7);
     for &context in &args.context {
         let (frame_total, text_total) = layout(context, args.text_fraction, args.frame_tokens);
-        let real = match args.prefill.as_str() {
-            "real" => true,
-            "synthetic" => false,
-            "auto" => context <= 4096,
-            other => bail!("--prefill {other}: expected real, synthetic or auto"),
-        };
+        let real = real_prefill(&args.prefill, context, 4096)?;
         for policy in &policies {
             let name = policy.name();
             let dp = DevicePolicy::new(policy, c.num_key_value_heads, c.head_dim)
