@@ -1,29 +1,26 @@
 //! `jetvlm bench kv --json` on a small cache: the report carries every field the README
 //! and the issue name, with values consistent with each other (no timing is asserted).
 
-use std::process::Command;
+mod common;
+use common::jetvlm;
 
 #[test]
 fn bench_kv_json_reports_both_policies_side_by_side() {
-    let out = Command::new(env!("CARGO_BIN_EXE_jetvlm"))
-        .args([
-            "bench",
-            "kv",
-            "--context",
-            "1024",
-            "--layers",
-            "2",
-            "--min-working-set-mib",
-            "4",
-            "--sweeps",
-            "3",
-            "--json",
-        ])
-        .output()
-        .expect("run the jetvlm binary");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let (ok, stdout, stderr) = jetvlm(&[
+        "bench",
+        "kv",
+        "--context",
+        "1024",
+        "--layers",
+        "2",
+        "--min-working-set-mib",
+        "4",
+        "--sweeps",
+        "3",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
     let num = |k: &str| {
         r[k].as_f64()
             .unwrap_or_else(|| panic!("field {k} missing in {r}"))

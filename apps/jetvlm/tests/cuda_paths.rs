@@ -2,7 +2,8 @@
 //! build without the feature) one clear error line, a non-zero exit and no panic; on a GPU
 //! the command runs.
 
-use std::process::Command;
+mod common;
+use common::jetvlm;
 
 fn fixture() -> String {
     concat!(
@@ -10,18 +11,6 @@ fn fixture() -> String {
         "/../../tests/fixtures/decoder/llama"
     )
     .to_string()
-}
-
-fn jetvlm(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_jetvlm"))
-        .args(args)
-        .output()
-        .expect("run the jetvlm binary");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn check(args: &[&str]) {

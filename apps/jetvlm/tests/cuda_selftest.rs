@@ -1,19 +1,8 @@
 //! `jetvlm selftest --device cuda` through the built binary: all PASS on a GPU, otherwise one
 //! clear error line, a non-zero exit and no panic.
 
-use std::process::Command;
-
-fn jetvlm(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_jetvlm"))
-        .args(args)
-        .output()
-        .expect("run the jetvlm binary");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::jetvlm;
 
 fn assert_one_clear_line(stderr: &str, expect: &str) {
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
