@@ -53,14 +53,7 @@ impl KvFormat {
         if self.is_fp16() {
             return 2 * head_dim;
         }
-        let mut group = (self.group as u64).max(1);
-        if !head_dim.is_multiple_of(group)
-            && let Some(g) = [128u64, 64, 32]
-                .into_iter()
-                .find(|&g| g <= group && head_dim.is_multiple_of(g))
-        {
-            group = g;
-        }
+        let group = jetvlm_quant::fit_group((self.group as usize).max(1), head_dim as usize) as u64;
         let group = group.min(head_dim).max(1);
         let codes = (head_dim * self.bits as u64).div_ceil(8);
         let groups = head_dim.div_ceil(group);

@@ -179,14 +179,8 @@ impl KvPolicy {
     /// cache then reports the mismatch as an error).
     pub fn fitted_to(&self, head_dim: usize) -> KvPolicy {
         let mut p = self.clone();
-        if p.quantizes_frames()
-            && head_dim > 0
-            && !head_dim.is_multiple_of(p.group)
-            && let Some(g) = [128, 64, 32]
-                .into_iter()
-                .find(|&g| g <= p.group && head_dim.is_multiple_of(g))
-        {
-            p.group = g;
+        if p.quantizes_frames() {
+            p.group = jetvlm_quant::fit_group(p.group, head_dim);
         }
         p
     }

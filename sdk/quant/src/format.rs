@@ -29,11 +29,27 @@ pub struct GroupFormat {
     group: usize,
 }
 
+/// Supported group sizes, largest first.
+pub const GROUPS: [usize; 3] = [128, 64, 32];
+
+/// `group` lowered, where it does not divide `head_dim`, to the largest supported group at
+/// most `group` that does (64 -> 32 for head dim 96 or 32); `group` itself when it divides
+/// `head_dim` or when no supported group does.
+pub fn fit_group(group: usize, head_dim: usize) -> usize {
+    if head_dim == 0 || head_dim.is_multiple_of(group) {
+        return group;
+    }
+    GROUPS
+        .into_iter()
+        .find(|&g| g <= group && head_dim.is_multiple_of(g))
+        .unwrap_or(group)
+}
+
 impl GroupFormat {
     /// Validates `bits` in {2, 4, 8} and `group` in {32, 64, 128}.
     pub fn new(bits: u32, group: usize) -> Result<Self, QuantError> {
         check_bits(bits)?;
-        if !matches!(group, 32 | 64 | 128) {
+        if !GROUPS.contains(&group) {
             return Err(QuantError::UnsupportedGroup { group });
         }
         Ok(Self { bits, group })

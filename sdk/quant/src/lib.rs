@@ -20,8 +20,8 @@ pub mod reference;
 
 pub use format::{
     BlockQ2G32, BlockQ2G64, BlockQ2G128, BlockQ4G32, BlockQ4G64, BlockQ4G128, BlockQ8G32,
-    BlockQ8G64, BlockQ8G128, GroupBlock, GroupFormat, PACK_CHUNK, ScaleZero, check_bits, max_code,
-    pack_codes, packed_len, unpack_code, unpack_codes,
+    BlockQ8G64, BlockQ8G128, GROUPS, GroupBlock, GroupFormat, PACK_CHUNK, ScaleZero, check_bits,
+    fit_group, max_code, pack_codes, packed_len, unpack_code, unpack_codes,
 };
 pub use reference::{
     code_of, dequantize_groups, dequantize_row, element_error_bound, quantize_groups, quantize_row,
