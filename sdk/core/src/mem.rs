@@ -147,6 +147,15 @@ impl PageBuffer {
     }
 }
 
+impl Clone for PageBuffer {
+    /// A fresh buffer (its own mapping, advised the same way) with the same bytes.
+    fn clone(&self) -> Self {
+        let mut d = PageBuffer::zeroed(self.bytes().len());
+        d.bytes_mut().copy_from_slice(self.bytes());
+        d
+    }
+}
+
 impl std::fmt::Debug for PageBuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "PageBuffer({} bytes)", self.bytes().len())
@@ -167,6 +176,9 @@ mod tests {
                 assert_eq!(b.bytes().as_ptr() as usize % 8, 0);
                 b.bytes_mut()[len - 1] = 7;
                 assert_eq!(b.bytes()[len - 1], 7);
+                let c = b.clone();
+                assert_eq!(c.bytes(), b.bytes());
+                assert_ne!(c.bytes().as_ptr(), b.bytes().as_ptr());
             }
             if len >= HUGE_PAGE {
                 assert_eq!(b.bytes().as_ptr() as usize % HUGE_PAGE, 0);

@@ -42,35 +42,8 @@ impl PoolLayout {
     }
 }
 
-/// One allocation holding `blocks` consecutive block ids for every layer and KV head.
-struct Chunk {
-    slab: PageBuffer,
-    blocks: usize,
-}
-
-impl Chunk {
-    fn new(bytes: usize, blocks: usize) -> Self {
-        Chunk {
-            slab: PageBuffer::zeroed(bytes),
-            blocks,
-        }
-    }
-    #[inline]
-    fn bytes(&self) -> &[u8] {
-        self.slab.bytes()
-    }
-    #[inline]
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        self.slab.bytes_mut()
-    }
-    fn duplicate(&self) -> Self {
-        let mut c = Chunk::new(self.bytes().len(), self.blocks);
-        c.bytes_mut().copy_from_slice(self.bytes());
-        c
-    }
-}
-
 /// Storage of one precision.
+#[derive(Clone)]
 pub struct Pool {
     layout: PoolLayout,
     layers: usize,
@@ -78,16 +51,8 @@ pub struct Pool {
     seg: usize,
     /// Blocks per chunk.
     chunk_blocks: usize,
-    chunks: Vec<Chunk>,
-}
-
-impl Clone for Pool {
-    fn clone(&self) -> Self {
-        Pool {
-            chunks: self.chunks.iter().map(Chunk::duplicate).collect(),
-            ..*self
-        }
-    }
+    /// Each holds `chunk_blocks` consecutive block ids for every layer and KV head.
+    chunks: Vec<PageBuffer>,
 }
 
 impl Pool {
@@ -131,7 +96,7 @@ impl Pool {
     pub fn ensure(&mut self, id: u32) {
         let bytes = self.chunk_bytes();
         while self.allocated_blocks() <= id as usize {
-            self.chunks.push(Chunk::new(bytes, self.chunk_blocks));
+            self.chunks.push(PageBuffer::zeroed(bytes));
         }
     }
     /// Drops the storage of chunks whose ids are all `>= keep`.
@@ -145,7 +110,7 @@ impl Pool {
             id as usize / self.chunk_blocks,
             id as usize % self.chunk_blocks,
         );
-        let run = (layer * self.kv_heads + head) * self.chunks[c].blocks;
+        let run = (layer * self.kv_heads + head) * self.chunk_blocks;
         (c, (run + slot) * self.seg)
     }
     #[inline]
