@@ -12,7 +12,8 @@
 # (a failing step never stops the rest): `jetvlm selftest --device cuda` (every kernel against
 # its CPU twin, cold kernel cache); the same warm plus GPU greedy generation on the decoder
 # fixtures against the CPU path; NVRTC compile; the device test executable; `generate
-# --device cuda` against the CPU run; `bench kv --device cuda` (32/32/64 at 32k, 9/3/64 at
+# --device cuda` against the CPU run; `ask --device cuda` on the LLaVA fixture against
+# transformers' tokens; `bench kv --device cuda` (32/32/64 at 32k, 9/3/64 at
 # 8k/32k/128k) and PyTorch SDPA on the same GPU; `bench decode --device cuda` with the KV in
 # device memory and offloaded to host memory, on a random SmolLM2-135M-shaped model generated
 # there. Exit status is non-zero when any step fails; a machine without a GPU gets one clear
@@ -35,6 +36,11 @@ prepare() {
   cp "$CARGO_TARGET_DIR/release/jetvlm" "$dist/jetvlm"
   [ -n "$exe" ] && cp "$exe" "$dist/cuda-device-test"
   # Debug info makes the binary several times larger than what can be carried.
+  # The ONNX Runtime library of the setup's wheel, for `ask --device cuda` (the vision
+  # encoder runs on ONNX Runtime's CPU provider there).
+  local ort
+  ort=$(ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* 2>/dev/null | head -n1)
+  [ -n "$ort" ] && cp "$ort" "$dist/libonnxruntime.so"
   if command -v strip >/dev/null; then strip "$dist/jetvlm"; [ -f "$dist/cuda-device-test" ] && strip "$dist/cuda-device-test"; fi
   if "$dist/jetvlm" selftest --device cuda --nvrtc-only --sm 87 2>&1 | grep -q "without CUDA support"; then
     echo "gpu-check: $dist/jetvlm was built without the cuda feature" >&2
@@ -105,6 +111,26 @@ else:
 PY
 }
 
+# `ask --device cuda` on the LLaVA fixture package: greedy tokens (FP16 KV) equal transformers'.
+ask_matches_transformers() {
+  local out=${OUT:-gpu-check-out} fx=tests/fixtures/vlm
+  local q n
+  q=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["question"])' "$fx/expected.json")
+  n=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["max_new_tokens"])' "$fx/expected.json")
+  "$dist/jetvlm" ask --model "$fx" --image "$fx/image.png" "$q" --max-tokens "$n" --kv fp16 --json \
+    --device cuda --ort-library "$dist/libonnxruntime.so" > "$out/ask-vlm-cuda.json" || return 1
+  cat "$out/ask-vlm-cuda.json"
+  python3 - "$fx/expected.json" "$out/ask-vlm-cuda.json" <<'PY'
+import json, sys
+exp, got = (json.load(open(p)) for p in sys.argv[1:3])
+if got["token_ids"] == exp["greedy_tokens"] and got["decoder_device"].startswith("cuda"):
+    print(f"PASS ask --device cuda: {len(got['token_ids'])} tokens equal transformers' ({got['decoder_device']})")
+else:
+    print(f"FAIL ask --device cuda: {got['token_ids']} vs transformers {exp['greedy_tokens']}")
+    sys.exit(1)
+PY
+}
+
 run() {
   out=${OUT:-gpu-check-out}
   export OUT="$out"
@@ -129,6 +155,7 @@ run() {
   fi
   step "generate --device cuda (qwen2 fixture, fp16 KV) == CPU" 30 generate-qwen2.txt .ci/gpu-check.sh generate-check qwen2 fp16
   step "generate --device cuda (llama fixture, mixed KV) == CPU" 30 generate-llama.txt .ci/gpu-check.sh generate-check llama mixed
+  step "ask --device cuda (LLaVA fixture, fp16 KV) == transformers" 30 ask-vlm.txt .ci/gpu-check.sh ask-check
   # Attention: 32/32/64 (SmolVLM-2.2B, moondream2) at 32k, and 9/3/64 (SmolVLM-256M/SmolLM2) at 8k/32k/128k.
   step "bench kv --device cuda 32/32/64 ctx 32768" 45 bench-kv-32x32-32k.txt \
     "$dist/jetvlm" bench kv --device cuda --heads 32 --kv-heads 32 --head-dim 64 --layers 4 --context 32768
@@ -169,5 +196,6 @@ case "$mode" in
   prepare) prepare ;;
   run) run ;;
   generate-check) shift; generate_matches_cpu "$@" ;;
+  ask-check) ask_matches_transformers ;;
   *) echo "usage: $0 [prepare|run]" >&2; exit 2 ;;
 esac

@@ -50,6 +50,7 @@ fn ask_json_greedy_tokens_equal_transformers() {
         );
         assert_eq!(v["frames"], 1);
         assert_eq!(v["execution_provider"], "cpu");
+        assert_eq!(v["decoder_device"], "cpu");
         for key in ["encoder_ms", "prefill_ms", "ttft_ms", "tpot_ms"] {
             assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {}", v[key]);
         }

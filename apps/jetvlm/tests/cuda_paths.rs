@@ -13,7 +13,8 @@ fn fixture() -> String {
     .to_string()
 }
 
-fn check(args: &[&str]) {
+/// Runs `args`; returns stdout when the command ran on a GPU.
+fn check(args: &[&str]) -> Option<String> {
     let (ok, stdout, stderr) = jetvlm(args);
     assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
@@ -38,7 +39,9 @@ fn check(args: &[&str]) {
         eprintln!("skipped: {stderr}");
     } else {
         assert!(ok, "{args:?}: {stderr}\n{stdout}");
+        return Some(stdout);
     }
+    None
 }
 
 #[test]
@@ -57,6 +60,41 @@ fn generate_on_cuda_runs_or_fails_with_one_line() {
         "--device",
         "cuda",
     ]);
+}
+
+/// `ask --device cuda` on the LLaVA fixture package: on a GPU the greedy tokens equal
+/// transformers' (FP16 KV), as the CPU path's do (`ask_fixture.rs`).
+#[test]
+fn ask_on_cuda_runs_or_fails_with_one_line() {
+    let fx = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/vlm");
+    let exp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{fx}/expected.json")).unwrap())
+            .unwrap();
+    let image = format!("{fx}/image.png");
+    let max = exp["max_new_tokens"].as_u64().unwrap().to_string();
+    let ran = check(&[
+        "ask",
+        "--model",
+        fx,
+        "--image",
+        &image,
+        exp["question"].as_str().unwrap(),
+        "--max-tokens",
+        &max,
+        "--kv",
+        "fp16",
+        "--json",
+        "--device",
+        "cuda",
+    ]);
+    if let Some(stdout) = ran {
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(v["token_ids"], exp["greedy_tokens"], "{stdout}");
+        assert!(
+            v["decoder_device"].as_str().unwrap().starts_with("cuda"),
+            "{stdout}"
+        );
+    }
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The generation loop as an iterator: prefill the prompt, then sample a token, stream its
 //! text, feed it back; stop on a stop token, a stop string or the token limit.
 
-use crate::error::Result;
+use crate::error::{DecoderError, Result};
 use crate::kv::KvStore;
 use crate::model::{Input, Logits, Model};
 use crate::sampler::{Sampler, SamplerConfig};
@@ -50,10 +50,37 @@ pub struct Step {
     pub text: String,
 }
 
-/// A running generation over a model and a cache; iterate it for [`Step`]s.
-pub struct Generation<'a, C: KvStore> {
-    model: &'a Model,
-    cache: &'a mut C,
+/// What a generation runs on: a decoder with its KV cache, on the CPU ([`OnCpu`]) or on a
+/// device (the CUDA backend's session implements it).
+pub trait Decode {
+    type Error: From<DecoderError>;
+    /// Feeds text tokens after what the backend holds and returns the logits of the last one.
+    fn decode(&mut self, ids: &[u32]) -> std::result::Result<Logits, Self::Error>;
+}
+
+impl<D: Decode + ?Sized> Decode for Box<D> {
+    type Error = D::Error;
+    fn decode(&mut self, ids: &[u32]) -> std::result::Result<Logits, Self::Error> {
+        (**self).decode(ids)
+    }
+}
+
+/// The CPU decoder over a KV store.
+pub struct OnCpu<'a, C: KvStore> {
+    pub model: &'a Model,
+    pub cache: &'a mut C,
+}
+
+impl<C: KvStore> Decode for OnCpu<'_, C> {
+    type Error = DecoderError;
+    fn decode(&mut self, ids: &[u32]) -> Result<Logits> {
+        self.model.forward(&[Input::text(ids)], self.cache)
+    }
+}
+
+/// A running generation over a decoder backend; iterate it for [`Step`]s.
+pub struct Generation<'a, D: Decode> {
+    backend: D,
     detok: Option<IncrementalDecoder<'a>>,
     sampler: Sampler,
     opts: GenerateOptions,
@@ -67,9 +94,10 @@ pub struct Generation<'a, C: KvStore> {
     finish: Option<FinishReason>,
 }
 
-impl<'a, C: KvStore> Generation<'a, C> {
-    /// Runs the prompt (prefill) and returns the generation, ready to sample its first
-    /// token. `prompt_ids` feeds the repetition penalty (the prompt's text tokens).
+impl<'a, C: KvStore> Generation<'a, OnCpu<'a, C>> {
+    /// Runs the prompt (prefill) on the CPU decoder and returns the generation, ready to
+    /// sample its first token. `prompt_ids` feeds the repetition penalty (the prompt's text
+    /// tokens).
     pub fn start(
         model: &'a Model,
         cache: &'a mut C,
@@ -79,10 +107,29 @@ impl<'a, C: KvStore> Generation<'a, C> {
         opts: GenerateOptions,
     ) -> Result<Self> {
         let logits = model.forward(prompt, cache)?;
+        Ok(Generation::resume(
+            OnCpu { model, cache },
+            logits,
+            prompt_ids,
+            tokenizer,
+            opts,
+        ))
+    }
+}
+
+impl<'a, D: Decode> Generation<'a, D> {
+    /// A generation on `backend` whose prompt has run already: `logits` are the prompt's
+    /// last logits, `prompt_ids` feed the repetition penalty.
+    pub fn resume(
+        backend: D,
+        logits: Logits,
+        prompt_ids: &[u32],
+        tokenizer: Option<&'a Tokenizer>,
+        opts: GenerateOptions,
+    ) -> Self {
         let detok = tokenizer.map(|t| t.incremental(opts.skip_special));
-        Ok(Generation {
-            model,
-            cache,
+        Generation {
+            backend,
             detok,
             sampler: Sampler::new(opts.sampler.clone()),
             opts,
@@ -93,7 +140,12 @@ impl<'a, C: KvStore> Generation<'a, C> {
             text: String::new(),
             emitted: 0,
             finish: None,
-        })
+        }
+    }
+
+    /// The backend (e.g. to read its cache once the generation is done).
+    pub fn backend(&self) -> &D {
+        &self.backend
     }
 
     /// Ids generated so far (a final stop token included).
@@ -112,14 +164,14 @@ impl<'a, C: KvStore> Generation<'a, C> {
 
     /// Feeds the last sampled token to the model, so the cache holds the whole answer
     /// (useful before asking a follow-up question on the same cache).
-    pub fn feed_last(&mut self) -> Result<()> {
+    pub fn feed_last(&mut self) -> std::result::Result<(), D::Error> {
         if let Some(t) = self.pending.take() {
-            self.logits = Some(self.model.forward(&[Input::text(&[t])], self.cache)?);
+            self.logits = Some(self.backend.decode(&[t])?);
         }
         Ok(())
     }
 
-    fn step(&mut self) -> Result<Option<Step>> {
+    fn step(&mut self) -> std::result::Result<Option<Step>, D::Error> {
         if self.finish.is_some() {
             return Ok(None);
         }
@@ -128,7 +180,7 @@ impl<'a, C: KvStore> Generation<'a, C> {
             return Ok(None);
         }
         if let Some(t) = self.pending.take() {
-            self.logits = Some(self.model.forward(&[Input::text(&[t])], self.cache)?);
+            self.logits = Some(self.backend.decode(&[t])?);
         }
         let Some(logits) = self.logits.take() else {
             return Ok(None);
@@ -198,8 +250,8 @@ impl<'a, C: KvStore> Generation<'a, C> {
     }
 }
 
-impl<C: KvStore> Iterator for Generation<'_, C> {
-    type Item = Result<Step>;
+impl<D: Decode> Iterator for Generation<'_, D> {
+    type Item = std::result::Result<Step, D::Error>;
     fn next(&mut self) -> Option<Self::Item> {
         match self.step() {
             Ok(Some(s)) => Some(Ok(s)),
@@ -209,5 +261,80 @@ impl<C: KvStore> Iterator for Generation<'_, C> {
                 Some(Err(e))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backend whose next token is always the last fed token plus one; records what it
+    /// was fed.
+    struct Counting {
+        fed: Vec<u32>,
+        vocab: usize,
+    }
+
+    impl Counting {
+        fn logits(&self, next: u32) -> Logits {
+            let mut data = vec![0.0; self.vocab];
+            data[next as usize % self.vocab] = 1.0;
+            Logits {
+                data,
+                rows: 1,
+                vocab: self.vocab,
+            }
+        }
+    }
+
+    impl Decode for Counting {
+        type Error = DecoderError;
+        fn decode(&mut self, ids: &[u32]) -> Result<Logits> {
+            self.fed.extend_from_slice(ids);
+            Ok(self.logits(ids[ids.len() - 1] + 1))
+        }
+    }
+
+    #[test]
+    fn resume_decodes_on_any_backend_until_a_stop_token() {
+        let backend = Counting {
+            fed: Vec::new(),
+            vocab: 16,
+        };
+        let first = backend.logits(3);
+        let opts = GenerateOptions {
+            max_tokens: 10,
+            stop_tokens: vec![6],
+            ..GenerateOptions::default()
+        };
+        let mut g = Generation::resume(backend, first, &[1, 2], None, opts);
+        let tokens: Vec<u32> = g.by_ref().map(|s| s.unwrap().token).collect();
+        assert_eq!(tokens, [3, 4, 5, 6]);
+        assert_eq!(g.finish_reason(), Some(FinishReason::StopToken));
+        // The stop token is sampled but not fed until asked.
+        assert_eq!(g.backend().fed, [3, 4, 5]);
+        g.feed_last().unwrap();
+        assert_eq!(g.backend().fed, [3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn boxed_backends_decode_too() {
+        let backend: Box<dyn Decode<Error = DecoderError>> = Box::new(Counting {
+            fed: Vec::new(),
+            vocab: 8,
+        });
+        let first = Logits {
+            data: vec![0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            rows: 1,
+            vocab: 8,
+        };
+        let opts = GenerateOptions {
+            max_tokens: 3,
+            ..GenerateOptions::default()
+        };
+        let tokens: Vec<u32> = Generation::resume(backend, first, &[], None, opts)
+            .map(|s| s.unwrap().token)
+            .collect();
+        assert_eq!(tokens, [2, 3, 4]);
     }
 }

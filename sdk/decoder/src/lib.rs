@@ -26,7 +26,7 @@ pub mod weights;
 
 pub use config::Config;
 pub use error::{DecoderError, Result};
-pub use generate::{FinishReason, GenerateOptions, Generation, Step};
+pub use generate::{Decode, FinishReason, GenerateOptions, Generation, OnCpu, Step};
 pub use kv::{F32KvCache, KvStore};
 pub use model::{Input, LoadOptions, Logits, LogitsMode, Model};
 pub use sampler::{Sampler, SamplerConfig};

@@ -8,6 +8,7 @@
 //! window_frames: 4            # StreamSession: frames kept in the cache
 //! capacity_tokens: 4096       # KV cache budget (default: what the context needs)
 //! session_max_position: 8192  # StreamSession re-prefills its window past this RoPE position
+//! device: cpu                 # or cuda: Pipeline::ask decodes on the GPU (feature `cuda`)
 //! vision:
 //!   ort_library: /usr/lib/aarch64-linux-gnu/libonnxruntime.so
 //!   execution_providers: [tensorrt, cuda, cpu]
@@ -15,6 +16,7 @@
 //! ```
 
 use crate::RuntimeError;
+use jetvlm_core::Device;
 use jetvlm_decoder::SamplerConfig;
 use jetvlm_vision::OrtConfig;
 use serde::{Deserialize, Serialize};
@@ -74,6 +76,9 @@ pub struct RuntimeConfig {
     pub session_max_position: Option<usize>,
     /// ONNX Runtime library and execution providers for the vision encoder.
     pub vision: OrtConfig,
+    /// Where the decoder and its KV cache run: `cpu`, or `cuda` (one-shot questions decode
+    /// on the GPU's mixed KV pools; needs a build with the `cuda` feature).
+    pub device: Device,
 }
 
 impl Default for RuntimeConfig {
@@ -86,6 +91,7 @@ impl Default for RuntimeConfig {
             capacity_tokens: None,
             session_max_position: None,
             vision: OrtConfig::default(),
+            device: Device::Cpu,
         }
     }
 }
@@ -146,6 +152,13 @@ mod tests {
         );
         assert!(cfg.vision.require);
         assert_eq!(cfg.sampling, Sampling::default());
+        assert_eq!(cfg.device, Device::Cpu);
+
+        std::fs::write(&p, "device: cuda\n").unwrap();
+        assert_eq!(RuntimeConfig::from_yaml(&p).unwrap().device, Device::Cuda);
+        std::fs::write(&p, "device: tpu\n").unwrap();
+        let err = RuntimeConfig::from_yaml(&p).unwrap_err().to_string();
+        assert!(err.contains("rt.yaml") && err.contains("device"), "{err}");
 
         std::fs::write(&p, "window_frames: 0\n").unwrap();
         let err = RuntimeConfig::from_yaml(&p).unwrap_err().to_string();

@@ -12,6 +12,10 @@ pub enum RuntimeError {
     #[error("decoder: {0}")]
     Decoder(#[from] jetvlm_decoder::DecoderError),
 
+    /// The CUDA backend (no GPU or driver, a build without `cuda`, a kernel or a transfer).
+    #[error("CUDA: {0}")]
+    Cuda(#[from] jetvlm_cuda::CudaError),
+
     /// The KV cache (capacity, eviction, policy).
     #[error("KV cache: {0}")]
     Kv(#[from] jetvlm_kvcache::KvError),

@@ -13,6 +13,8 @@
 
 pub mod cache;
 mod config;
+#[cfg(feature = "cuda")]
+mod device;
 mod error;
 mod pipeline;
 pub mod prompt;

@@ -5,10 +5,12 @@ use crate::cache::{KvBackend, KvChoice, KvStats};
 use crate::prompt::{Part, PromptTemplate};
 use crate::{RuntimeConfig, RuntimeError};
 use jetvlm_camera::Frame;
-use jetvlm_core::FrameId;
+use jetvlm_core::{Device, FrameId};
 use jetvlm_decoder::{
-    FinishReason, GenerateOptions, Generation, Input, LoadOptions, Model, Tokenizer,
+    Decode, FinishReason, GenerateOptions, Generation, Input, LoadOptions, Logits, Model, OnCpu,
+    Tokenizer,
 };
+use jetvlm_kvcache::CacheShape;
 use jetvlm_vision::package::Issue;
 use jetvlm_vision::{Embeddings, ImageView, ModelPackage, OrtEncoder, VisionEncoder};
 use serde::Serialize;
@@ -37,6 +39,8 @@ pub struct Stats {
     pub kv_policy: String,
     /// The ONNX Runtime execution provider that ran the encoder.
     pub execution_provider: String,
+    /// Where the decoder ran: `cpu`, or `cuda (<GPU name>)`.
+    pub decoder_device: String,
     pub finish_reason: Option<FinishReason>,
 }
 
@@ -72,11 +76,61 @@ struct Prepared {
     prompt_tokens: usize,
 }
 
+/// The decoder a generation runs on: the CPU decoder over the pipeline's KV cache, or a GPU
+/// session (feature `cuda`).
+pub(crate) type Backend<'a> = Box<dyn Decode<Error = RuntimeError> + 'a>;
+
+/// The CPU decoder as a [`Backend`].
+struct CpuBackend<'a>(OnCpu<'a, KvBackend>);
+
+impl Decode for CpuBackend<'_> {
+    type Error = RuntimeError;
+    fn decode(&mut self, ids: &[u32]) -> Result<Logits, RuntimeError> {
+        Ok(self.0.decode(ids)?)
+    }
+}
+
+/// The CPU decoder of a pipeline, or an error naming `op` when its decoder runs on a GPU.
+pub(crate) fn cpu_decoder<'a>(
+    model: &'a Option<Model>,
+    op: &'static str,
+) -> Result<&'a Model, RuntimeError> {
+    model.as_ref().ok_or_else(|| RuntimeError::Unsupported {
+        op,
+        message: "this pipeline runs its decoder on the GPU (device: cuda), which answers \
+                  one-shot questions (ask) only; streaming sessions need device: cpu"
+            .into(),
+    })
+}
+
+/// Prefills `prompt` on the CPU decoder and returns the generation after it.
+pub(crate) fn start_on_cpu<'a>(
+    model: &'a Model,
+    cache: &'a mut KvBackend,
+    prompt: &[Input<'_>],
+    prompt_ids: &[u32],
+    tokenizer: &'a Tokenizer,
+    opts: GenerateOptions,
+) -> Result<Generation<'a, Backend<'a>>, RuntimeError> {
+    let logits = model.forward(prompt, cache)?;
+    let backend: Backend<'a> = Box::new(CpuBackend(OnCpu { model, cache }));
+    Ok(Generation::resume(
+        backend,
+        logits,
+        prompt_ids,
+        Some(tokenizer),
+        opts,
+    ))
+}
+
 /// A loaded model package.
 pub struct Pipeline {
     pub(crate) package: ModelPackage,
     pub(crate) encoder: OrtEncoder,
-    pub(crate) model: Model,
+    /// The CPU decoder (`None` when the decoder runs on a GPU).
+    pub(crate) model: Option<Model>,
+    #[cfg(feature = "cuda")]
+    pub(crate) gpu: Option<crate::device::GpuDecoder>,
     pub(crate) tokenizer: Tokenizer,
     pub(crate) template: PromptTemplate,
     pub(crate) kv: KvChoice,
@@ -102,6 +156,8 @@ impl Pipeline {
     /// and the vision encoder, and sizes the KV cache.
     pub fn load(dir: &Path, cfg: RuntimeConfig) -> Result<Self, RuntimeError> {
         let kv_override = cfg.kv_policy.clone();
+        #[cfg(feature = "cuda")]
+        let mut gpu_slot = None;
         let package = ModelPackage::load_with(dir, |m, issues| {
             let (field, name) = match &kv_override {
                 Some(p) => ("kv_policy (runtime config)", p.as_str()),
@@ -130,22 +186,41 @@ impl Pipeline {
                 p.quant_block_tokens = pkg.quant_block_tokens;
             }
         }
-        let model = Model::load(&package.decoder_dir, &LoadOptions::default())?;
+        let shape = cache_shape(&package);
         // The cache fits the quantization group to the head dim; name the policy in effect.
         if let KvChoice::Policy(p) = &mut kv {
-            *p = p.fitted_to(model.cache_shape().head_dim);
+            *p = p.fitted_to(shape.head_dim);
         }
+        let (model, device_name) = match cfg.device {
+            Device::Cpu => (
+                Some(Model::load(&package.decoder_dir, &LoadOptions::default())?),
+                None::<String>,
+            ),
+            #[cfg(feature = "cuda")]
+            Device::Cuda => {
+                let gpu = crate::device::GpuDecoder::load(&package.decoder_dir, &kv)?;
+                let name = gpu.name();
+                gpu_slot = Some(gpu);
+                (None, Some(name))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => {
+                return Err(RuntimeError::Cuda(
+                    jetvlm_cuda::CudaError::NotCompiledWithCuda,
+                ));
+            }
+        };
         let tokenizer = Tokenizer::from_dir(&package.decoder_dir)?;
         let encoder = OrtEncoder::from_package(&package, &cfg.vision)?;
         let prompt_err = |message: String| RuntimeError::Prompt {
             manifest: package.manifest_path.clone(),
             message,
         };
-        if encoder.hidden_size() != model.hidden_size() {
+        let hidden = package.decoder_config.hidden_size;
+        if encoder.hidden_size() != hidden {
             return Err(prompt_err(format!(
-                "encoder width {} differs from the decoder hidden size {}",
+                "encoder width {} differs from the decoder hidden size {hidden}",
                 encoder.hidden_size(),
-                model.hidden_size()
             )));
         }
         let bos = if package.manifest.prompt.add_bos {
@@ -170,18 +245,21 @@ impl Pipeline {
         let capacity = cfg.capacity_tokens.unwrap_or_else(|| {
             cfg.window_frames * package.tokens_per_frame() + 512 + cfg.max_new_tokens
         });
-        let cache = KvBackend::new(&kv, model.cache_shape(), capacity)?;
+        let cache = KvBackend::new(&kv, shape, capacity)?;
         tracing::info!(
             package = %package.dir.display(),
             kv = %kv.name(),
             capacity,
             provider = %encoder.execution_provider(),
+            decoder = device_name.as_deref().unwrap_or("cpu"),
             "pipeline loaded"
         );
         Ok(Pipeline {
             package,
             encoder,
             model,
+            #[cfg(feature = "cuda")]
+            gpu: gpu_slot,
             tokenizer,
             template,
             kv,
@@ -202,8 +280,31 @@ impl Pipeline {
         &self.cfg
     }
 
-    pub fn model(&self) -> &Model {
-        &self.model
+    /// The CPU decoder; `None` when the decoder runs on a GPU (`device: cuda`).
+    pub fn model(&self) -> Option<&Model> {
+        self.model.as_ref()
+    }
+
+    /// Where the decoder runs, for reports: `cpu`, or `cuda (<GPU name>)`.
+    pub fn decoder_device(&self) -> String {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return format!("cuda ({})", gpu.name());
+        }
+        "cpu".into()
+    }
+
+    /// Where the decoder runs.
+    pub fn device(&self) -> Device {
+        if self.model.is_some() {
+            Device::Cpu
+        } else {
+            Device::Cuda
+        }
+    }
+
+    pub(crate) fn cache_shape(&self) -> CacheShape {
+        cache_shape(&self.package)
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -304,7 +405,7 @@ impl Pipeline {
             });
         }
         self.capacity = needed.next_multiple_of(256);
-        self.cache = KvBackend::new(&self.kv, self.model.cache_shape(), self.capacity)?;
+        self.cache = KvBackend::new(&self.kv, self.cache_shape(), self.capacity)?;
         Ok(())
     }
 
@@ -353,7 +454,8 @@ impl Pipeline {
     ) -> Result<Vec<f32>, RuntimeError> {
         let p = self.prepare(frames, question)?;
         let inputs = inputs(&p.spans, &p.embeds, &p.ids);
-        let logits = self.model.forward(&inputs, &mut self.cache)?;
+        let model = cpu_decoder(&self.model, "first_token_logits")?;
+        let logits = model.forward(&inputs, &mut self.cache)?;
         Ok(logits.last().to_vec())
     }
 
@@ -378,24 +480,44 @@ impl Pipeline {
                 Span::Frame(_) => Vec::new(),
             })
             .collect();
-        let inputs = inputs(&spans, &embeds, &ids);
         let stats = Stats {
             prompt_tokens,
             frames: frames.len(),
             encoder_ms,
             kv_policy: self.kv.name(),
             execution_provider: self.encoder.execution_provider().to_string(),
+            decoder_device: self.decoder_device(),
             ..Stats::default()
         };
         let opts = self.generate_options();
         let tap = self.cache.tap();
         let t_prefill = Instant::now();
-        let generation = Generation::start(
-            &self.model,
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            let (backend, logits) =
+                gpu.prefill(&spans, &embeds, self.cfg.max_new_tokens, tap.clone())?;
+            let backend: Backend<'_> = Box::new(backend);
+            let generation =
+                Generation::resume(backend, logits, &text_ids, Some(&self.tokenizer), opts);
+            let prefill_ms = t_prefill.elapsed().as_secs_f64() * 1e3;
+            return Ok(TokenStream::new(
+                generation,
+                tap,
+                started,
+                Stats {
+                    prefill_ms,
+                    ..stats
+                },
+            ));
+        }
+        let model = cpu_decoder(&self.model, "ask")?;
+        let inputs = inputs(&spans, &embeds, &ids);
+        let generation = start_on_cpu(
+            model,
             &mut self.cache,
             &inputs,
             &text_ids,
-            Some(&self.tokenizer),
+            &self.tokenizer,
             opts,
         )?;
         let prefill_ms = t_prefill.elapsed().as_secs_f64() * 1e3;
@@ -439,7 +561,7 @@ pub(crate) fn inputs<'a>(
 /// A streaming answer: iterate for [`Token`]s, then [`finish`](TokenStream::finish) for the
 /// full [`Answer`] with its [`Stats`].
 pub struct TokenStream<'a> {
-    generation: Generation<'a, KvBackend>,
+    generation: Generation<'a, Backend<'a>>,
     tap: Arc<Mutex<KvStats>>,
     started: Instant,
     first_at: Option<Instant>,
@@ -451,7 +573,7 @@ pub struct TokenStream<'a> {
 
 impl<'a> TokenStream<'a> {
     fn new(
-        generation: Generation<'a, KvBackend>,
+        generation: Generation<'a, Backend<'a>>,
         tap: Arc<Mutex<KvStats>>,
         started: Instant,
         stats: Stats,
@@ -469,7 +591,7 @@ impl<'a> TokenStream<'a> {
     }
 
     pub(crate) fn from_parts(
-        generation: Generation<'a, KvBackend>,
+        generation: Generation<'a, Backend<'a>>,
         tap: Arc<Mutex<KvStats>>,
         started: Instant,
         stats: Stats,
@@ -528,7 +650,18 @@ impl Iterator for TokenStream<'_> {
                     text: s.text,
                 })
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         })
+    }
+}
+
+/// The KV cache shape of the package's decoder.
+fn cache_shape(package: &ModelPackage) -> CacheShape {
+    let c = &package.decoder_config;
+    CacheShape {
+        layers: c.num_hidden_layers,
+        q_heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
     }
 }

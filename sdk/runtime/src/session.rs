@@ -14,10 +14,10 @@
 //! their stored embeddings (the vision encoder does not run again), at fresh positions.
 
 use crate::RuntimeError;
-use crate::pipeline::{Pipeline, Stats, TokenStream};
+use crate::pipeline::{Pipeline, Stats, TokenStream, cpu_decoder, start_on_cpu};
 use jetvlm_camera::{Capture, Frame, FrameSource};
 use jetvlm_core::FrameId;
-use jetvlm_decoder::{Generation, Input, KvStore, LogitsMode};
+use jetvlm_decoder::{Input, KvStore, LogitsMode};
 use jetvlm_vision::ImageView;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -71,6 +71,7 @@ impl Pipeline {
     /// Starts a streaming session on a fresh cache: BOS, the system prompt and the template
     /// text before `{frames}` are prefilled once and kept.
     pub fn session(&mut self) -> Result<StreamSession<'_>, RuntimeError> {
+        cpu_decoder(&self.model, "starting a streaming session")?;
         if !self.cache.supports_eviction() {
             return Err(RuntimeError::Unsupported {
                 op: "starting a streaming session",
@@ -100,13 +101,15 @@ impl Pipeline {
                 });
             }
             self.capacity = needed.next_multiple_of(256);
-            self.cache =
-                crate::cache::KvBackend::new(&self.kv, self.model.cache_shape(), self.capacity)?;
+            self.cache = crate::cache::KvBackend::new(&self.kv, self.cache_shape(), self.capacity)?;
         }
         self.cache.clear();
         if !ids.is_empty() {
-            self.model
-                .forward_with(&[Input::text(&ids)], &mut self.cache, LogitsMode::Last)?;
+            cpu_decoder(&self.model, "starting a streaming session")?.forward_with(
+                &[Input::text(&ids)],
+                &mut self.cache,
+                LogitsMode::Last,
+            )?;
         }
         Ok(StreamSession {
             pipe: self,
@@ -154,7 +157,7 @@ impl StreamSession<'_> {
         self.rebase_if_needed(emb.tokens + QUESTION_RESERVE + self.pipe.cfg.max_new_tokens)?;
         let id = self.pipe.next_frame;
         self.pipe.next_frame += 1;
-        self.pipe.model.forward_with(
+        cpu_decoder(&self.pipe.model, "streaming session")?.forward_with(
             &[Input::frame(&emb.data, emb.tokens, id)],
             &mut self.pipe.cache,
             LogitsMode::Last,
@@ -197,7 +200,7 @@ impl StreamSession<'_> {
         tracing::debug!(next, fresh, "re-basing stream session positions");
         self.pipe.cache.clear();
         if !self.prefix_ids.is_empty() {
-            self.pipe.model.forward_with(
+            cpu_decoder(&self.pipe.model, "streaming session")?.forward_with(
                 &[Input::text(&self.prefix_ids)],
                 &mut self.pipe.cache,
                 LogitsMode::Last,
@@ -205,7 +208,7 @@ impl StreamSession<'_> {
         }
         let tpf = self.pipe.package.tokens_per_frame();
         for (frame, emb) in self.window.iter().zip(&self.embeddings) {
-            self.pipe.model.forward_with(
+            cpu_decoder(&self.pipe.model, "streaming session")?.forward_with(
                 &[Input::frame(emb, tpf, frame.id)],
                 &mut self.pipe.cache,
                 LogitsMode::Last,
@@ -284,18 +287,19 @@ impl StreamSession<'_> {
             encoder_ms: self.encoder_ms.iter().sum(),
             kv_policy: self.pipe.kv.name(),
             execution_provider: self.pipe.encoder.execution_provider().to_string(),
+            decoder_device: self.pipe.decoder_device(),
             ..Stats::default()
         };
         let opts = self.pipe.generate_options();
         let tap = self.pipe.cache.tap();
         let t_prefill = Instant::now();
         let pipe = &mut *self.pipe;
-        let generation = Generation::start(
-            &pipe.model,
+        let generation = start_on_cpu(
+            cpu_decoder(&pipe.model, "streaming session")?,
             &mut pipe.cache,
             &[Input::text(&ids)],
             &ids,
-            Some(&pipe.tokenizer),
+            &pipe.tokenizer,
             opts,
         )?;
         let prefill_ms = t_prefill.elapsed().as_secs_f64() * 1e3;

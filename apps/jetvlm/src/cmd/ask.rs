@@ -47,6 +47,10 @@ pub struct AskArgs {
     /// Print one JSON object (text, token ids, timings, KV bytes, execution provider).
     #[arg(long)]
     pub json: bool,
+    /// Where the decoder runs: cpu, or cuda (prefill and decode on the GPU's KV pools; a
+    /// build with the `cuda` feature). Default: the config's `device`, else cpu.
+    #[arg(long)]
+    pub device: Option<jetvlm_core::Device>,
 }
 
 pub fn run(args: AskArgs) -> Result<()> {
@@ -74,6 +78,13 @@ pub fn run(args: AskArgs) -> Result<()> {
     }
     if args.ort_library.is_some() {
         cfg.vision.ort_library = args.ort_library.clone();
+    }
+    if let Some(d) = args.device {
+        cfg.device = d;
+    }
+    if cfg.device == jetvlm_core::Device::Cuda {
+        // One clear line when no GPU is usable, before the package loads.
+        super::gpu::open(0)?;
     }
 
     let mut frames = Vec::with_capacity(args.images.len());
@@ -108,12 +119,13 @@ pub fn run(args: AskArgs) -> Result<()> {
     writeln!(out)?;
     let s = stream.stats();
     eprintln!(
-        "{} frame(s), {} prompt tokens, {} generated | encoder {:.1} ms ({}) | prefill {:.1} ms | TTFT {:.1} ms | TPOT {:.2} ms | KV {} ({} B: fp16 {} B, quant {} B; all-FP16 {} B)",
+        "{} frame(s), {} prompt tokens, {} generated | encoder {:.1} ms ({}) | decoder on {} | prefill {:.1} ms | TTFT {:.1} ms | TPOT {:.2} ms | KV {} ({} B: fp16 {} B, quant {} B; all-FP16 {} B)",
         s.frames,
         s.prompt_tokens,
         s.tokens,
         s.encoder_ms,
         s.execution_provider,
+        s.decoder_device,
         s.prefill_ms,
         s.ttft_ms,
         s.tpot_ms,
