@@ -45,6 +45,9 @@ pub enum CudaError {
     Policy { policy: String, message: String },
     #[error("device KV cache full: {message}")]
     KvFull { message: String },
+    /// The host side of a generation on the device (tokenizer, stop strings).
+    #[error("decoder: {0}")]
+    Decoder(#[from] jetvlm_decoder::DecoderError),
 }
 
 impl CudaError {

@@ -149,9 +149,9 @@ impl OnDevice<'_> {
 impl Decode for OnDevice<'_> {
     type Error = RuntimeError;
     fn decode(&mut self, ids: &[u32]) -> Result<Logits, RuntimeError> {
-        self.run(&[DeviceInput::Ids {
-            ids,
-            kind: TokenKind::Text,
-        }])
+        let logits = self.session.decode(ids)?;
+        self.text_tokens += ids.len();
+        self.report();
+        Ok(logits)
     }
 }

@@ -5,8 +5,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use jetvlm_core::Device;
 use jetvlm_decoder::{
-    ChatMessage, F32KvCache, GenerateOptions, Generation, Input, KvStore, LoadOptions, Model,
-    SamplerConfig, Tokenizer,
+    ChatMessage, Decode, F32KvCache, GenerateOptions, Generation, Input, KvStore, LoadOptions,
+    Model, SamplerConfig, Tokenizer,
 };
 use jetvlm_kvcache::{KvPolicy, MixedKvCache};
 use serde::Serialize;
@@ -197,43 +197,66 @@ fn options(args: &GenerateArgs, tokenizer: Option<&Tokenizer>, eos: &[u32]) -> G
     }
 }
 
-/// `--device cuda`: the decoder and its KV cache on the GPU.
+/// `--device cuda`: the decoder and its KV cache on the GPU; the host samples.
 #[cfg(feature = "cuda")]
 fn run_cuda(dev: &jetvlm_cuda::CudaDevice, args: &GenerateArgs) -> Result<()> {
+    use jetvlm_core::TokenKind;
+    use jetvlm_cuda::{DeviceInput, DeviceKvCache, DevicePolicy, DeviceSession, PoolMemory};
     if args.kv == "f32" {
         bail!(
             "--kv f32 is the CPU reference cache; on --device cuda use fp16, mixed or another policy"
         );
     }
-    let config = jetvlm_decoder::Config::from_dir(&args.model)
-        .with_context(|| format!("loading the decoder from {}", args.model.display()))?;
+    let policy: KvPolicy = args
+        .kv
+        .parse()
+        .with_context(|| format!("--kv {}", args.kv))?;
     let tokenizer = tokenizer_for(args)?;
     let prompt_ids = prompt_ids(args, tokenizer.as_ref())?;
-    let opts = options(args, tokenizer.as_ref(), &config.model.eos_token_ids);
-    let g = super::gpu::generate(
+    let model = dev
+        .load_decoder(&args.model)
+        .with_context(|| format!("loading the decoder from {}", args.model.display()))?;
+    let c = &model.config().model;
+    let opts = options(args, tokenizer.as_ref(), &c.eos_token_ids);
+    let dp = DevicePolicy::new(&policy, c.num_key_value_heads, c.head_dim)?;
+    let capacity = prompt_ids.len() + args.max_tokens + 1;
+    let cache = DeviceKvCache::new(
         dev,
-        &args.model,
+        dp,
+        c.num_hidden_layers,
+        capacity,
+        0,
+        2,
+        PoolMemory::Device,
+    )?;
+    let mut session = DeviceSession::new(dev, &model, cache)?;
+    let t0 = Instant::now();
+    let data = session.forward(&[DeviceInput::Ids {
+        ids: &prompt_ids,
+        kind: TokenKind::Text,
+    }])?;
+    let vocab = data.len();
+    let prompt_logits = jetvlm_decoder::Logits {
+        data,
+        rows: 1,
+        vocab,
+    };
+    let generation = Generation::resume(
+        session,
+        prompt_logits,
         &prompt_ids,
         tokenizer.as_ref(),
-        &opts,
-        &args.kv,
-        args.json,
-    )?;
-    let report = Report {
-        token_ids: g.token_ids,
-        text: if tokenizer.is_some() {
-            g.text
-        } else {
-            String::new()
-        },
-        prompt_tokens: prompt_ids.len(),
-        ttft_ms: g.ttft_ms,
-        tpot_ms: g.tpot_ms,
-        finish_reason: g.finish_reason,
-        kv: g.kv,
-        model: args.model.display().to_string(),
-    };
-    print_report(&report, args.json, "cuda")
+        opts,
+    );
+    stream(
+        generation,
+        t0,
+        tokenizer.is_some(),
+        prompt_ids.len(),
+        args,
+        policy.name(),
+        "cuda",
+    )
 }
 
 fn print_report(report: &Report, json: bool, device: &str) -> Result<()> {
@@ -266,7 +289,7 @@ fn generate<C: KvStore>(
     kv: String,
 ) -> Result<()> {
     let t0 = Instant::now();
-    let mut generation = Generation::start(
+    let generation = Generation::start(
         model,
         cache,
         &[Input::text(prompt_ids)],
@@ -274,6 +297,31 @@ fn generate<C: KvStore>(
         tokenizer,
         opts,
     )?;
+    stream(
+        generation,
+        t0,
+        tokenizer.is_some(),
+        prompt_ids.len(),
+        args,
+        kv,
+        "cpu",
+    )
+}
+
+/// Runs a started generation to its end (text streamed to stdout unless `--json`) and
+/// prints the report; `t0` is when the prompt's prefill began.
+fn stream<D: Decode>(
+    mut generation: Generation<'_, D>,
+    t0: Instant,
+    has_tokenizer: bool,
+    prompt_tokens: usize,
+    args: &GenerateArgs,
+    kv: String,
+    device: &str,
+) -> Result<()>
+where
+    anyhow::Error: From<D::Error>,
+{
     let mut first: Option<Instant> = None;
     let mut last = t0;
     let mut out = std::io::stdout().lock();
@@ -293,14 +341,15 @@ fn generate<C: KvStore>(
         Some(f) if ids.len() > 1 => (last - f).as_secs_f64() * 1e3 / (ids.len() - 1) as f64,
         _ => 0.0,
     };
-    let text = match tokenizer {
-        Some(_) => generation.text().to_string(),
-        None => String::new(),
+    let text = if has_tokenizer {
+        generation.text().to_string()
+    } else {
+        String::new()
     };
     let report = Report {
         token_ids: ids,
         text,
-        prompt_tokens: prompt_ids.len(),
+        prompt_tokens,
         ttft_ms,
         tpot_ms,
         finish_reason: generation.finish_reason(),
@@ -308,5 +357,5 @@ fn generate<C: KvStore>(
         model: args.model.display().to_string(),
     };
     drop(out);
-    print_report(&report, args.json, "cpu")
+    print_report(&report, args.json, device)
 }

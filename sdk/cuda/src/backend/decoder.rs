@@ -719,3 +719,21 @@ impl DeviceSession<'_> {
         Ok(out)
     }
 }
+
+/// A session is a generation backend: `Generation::resume(session, prompt_logits, ...)`
+/// samples on the host and decodes each token on the GPU.
+impl jetvlm_decoder::Decode for DeviceSession<'_> {
+    type Error = CudaError;
+    fn decode(&mut self, ids: &[u32]) -> Result<jetvlm_decoder::Logits, CudaError> {
+        let data = self.forward(&[DeviceInput::Ids {
+            ids,
+            kind: TokenKind::Text,
+        }])?;
+        let vocab = data.len();
+        Ok(jetvlm_decoder::Logits {
+            data,
+            rows: 1,
+            vocab,
+        })
+    }
+}
