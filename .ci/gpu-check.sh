@@ -13,7 +13,7 @@
 # its CPU twin, cold kernel cache); the same warm plus GPU greedy generation on the decoder
 # fixtures against the CPU path; NVRTC compile; the device test executable; `generate
 # --device cuda` against the CPU run; `ask --device cuda` on the LLaVA fixture against
-# transformers' tokens; `bench kv --device cuda` (32/32/64 at 32k, 9/3/64 at
+# transformers' tokens; `watch --device cuda` on the demo package against the ground truth; `bench kv --device cuda` (32/32/64 at 32k, 9/3/64 at
 # 8k/32k/128k) and PyTorch SDPA on the same GPU; `bench decode --device cuda` with the KV in
 # device memory and offloaded to host memory, on a random SmolLM2-135M-shaped model generated
 # there. Exit status is non-zero when any step fails; a machine without a GPU gets one clear
@@ -131,6 +131,24 @@ else:
 PY
 }
 
+# `watch --device cuda` with the demo package on a synthetic scene: answers vs the renderer's
+# ground truth, and vs the CPU decoder on the same frames.
+watch_on_gpu() {
+  local out=${OUT:-gpu-check-out}
+  export ORT_DYLIB_PATH="$dist/libonnxruntime.so"
+  "$dist/jetvlm" watch "synthetic://scene?seed=3&pace=0" --frames 12 --window 4 --json --device cuda > "$out/watch-cuda.jsonl" || return 1
+  "$dist/jetvlm" watch "synthetic://scene?seed=3&pace=0" --frames 12 --window 4 --json > "$out/watch-cpu.jsonl" || return 1
+  python3 - "$out/watch-cpu.jsonl" "$out/watch-cuda.jsonl" <<'PY'
+import json, sys
+cpu, gpu = ([json.loads(l) for l in open(p)] for p in sys.argv[1:3])
+right = sum(1 for l in gpu if l.get("truth") == l["answer"])
+same = sum(1 for a, b in zip(cpu, gpu) if a["answer"] == b["answer"])
+ttft = sorted(l["ttft_ms"] for l in gpu)[len(gpu) // 2]
+print(f"watch --device cuda: {right}/{len(gpu)} match the ground truth, {same}/{len(gpu)} equal the CPU answers, median TTFT {ttft:.1f} ms")
+sys.exit(0 if len(gpu) == 12 and right >= 10 else 1)
+PY
+}
+
 run() {
   out=${OUT:-gpu-check-out}
   export OUT="$out"
@@ -156,6 +174,7 @@ run() {
   step "generate --device cuda (qwen2 fixture, fp16 KV) == CPU" 30 generate-qwen2.txt .ci/gpu-check.sh generate-check qwen2 fp16
   step "generate --device cuda (llama fixture, mixed KV) == CPU" 30 generate-llama.txt .ci/gpu-check.sh generate-check llama mixed
   step "ask --device cuda (LLaVA fixture, fp16 KV) == transformers" 30 ask-vlm.txt .ci/gpu-check.sh ask-check
+  step "watch --device cuda (demo package, 12 frames)" 60 watch-cuda.txt .ci/gpu-check.sh watch-check
   # Attention: 32/32/64 (SmolVLM-2.2B, moondream2) at 32k, and 9/3/64 (SmolVLM-256M/SmolLM2) at 8k/32k/128k.
   step "bench kv --device cuda 32/32/64 ctx 32768" 45 bench-kv-32x32-32k.txt \
     "$dist/jetvlm" bench kv --device cuda --heads 32 --kv-heads 32 --head-dim 64 --layers 4 --context 32768
@@ -197,5 +216,6 @@ case "$mode" in
   run) run ;;
   generate-check) shift; generate_matches_cpu "$@" ;;
   ask-check) ask_matches_transformers ;;
+  watch-check) watch_on_gpu ;;
   *) echo "usage: $0 [prepare|run]" >&2; exit 2 ;;
 esac

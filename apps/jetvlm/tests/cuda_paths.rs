@@ -97,6 +97,35 @@ fn ask_on_cuda_runs_or_fails_with_one_line() {
     }
 }
 
+/// `watch --device cuda` with the demo package: on a GPU every frame gets an answer and at
+/// least 5 of 6 match the renderer's ground truth, as on the CPU (`watch_eval.rs`).
+#[test]
+fn watch_on_cuda_runs_or_fails_with_one_line() {
+    let ran = check(&[
+        "watch",
+        "synthetic://scene?seed=3&pace=0",
+        "--frames",
+        "6",
+        "--window",
+        "2",
+        "--json",
+        "--device",
+        "cuda",
+    ]);
+    if let Some(stdout) = ran {
+        let lines: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON line"))
+            .collect();
+        assert_eq!(lines.len(), 6, "{stdout}");
+        let right = lines
+            .iter()
+            .filter(|l| l["truth"].is_string() && l["truth"] == l["answer"])
+            .count();
+        assert!(right >= 5, "{right} of 6: {stdout}");
+    }
+}
+
 #[test]
 fn bench_kv_on_cuda_runs_or_fails_with_one_line() {
     check(&[

@@ -5,13 +5,11 @@
 
 use crate::RuntimeError;
 use crate::cache::{KvChoice, KvStats};
-use crate::pipeline::Span;
 use jetvlm_core::TokenKind;
 use jetvlm_cuda::{
     CudaDevice, DeviceDecoder, DeviceInput, DeviceKvCache, DevicePolicy, DeviceSession, PoolMemory,
 };
-use jetvlm_decoder::{Decode, Logits};
-use jetvlm_vision::Embeddings;
+use jetvlm_decoder::{Decode, Input, Logits};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -44,28 +42,25 @@ impl GpuDecoder {
         self.dev.info().name.clone()
     }
 
-    /// Prefills `spans` (text ids and frame embeddings, in order) on a fresh device cache
-    /// sized for them plus `answer_tokens`, and returns the backend positioned after them with
+    /// Prefills `prompt` (text ids and frame embeddings, in order) on a fresh device cache
+    /// sized for it plus `answer_tokens`, and returns the backend positioned after it with
     /// the prompt's last logits.
     pub(crate) fn prefill<'a>(
         &'a self,
-        spans: &[Span],
-        embeds: &[Embeddings],
+        prompt: &[Input<'_>],
         answer_tokens: usize,
         tap: Arc<Mutex<KvStats>>,
     ) -> Result<(OnDevice<'a>, Logits), RuntimeError> {
-        let inputs: Vec<DeviceInput<'_>> = spans
+        let inputs: Vec<DeviceInput<'_>> = prompt
             .iter()
-            .map(|s| match s {
-                Span::Text(ids) => DeviceInput::Ids {
+            .map(|i| match *i {
+                Input::Text { ids } => DeviceInput::Ids {
                     ids,
                     kind: TokenKind::Text,
                 },
-                Span::Frame(i) => DeviceInput::Embeddings {
-                    data: &embeds[*i].data,
-                    n: embeds[*i].tokens,
-                    kind: TokenKind::Frame,
-                },
+                Input::Embeddings { data, n, kind, .. } => {
+                    DeviceInput::Embeddings { data, n, kind }
+                }
             })
             .collect();
         let mut sizes: Vec<(TokenKind, usize)> =

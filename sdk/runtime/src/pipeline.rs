@@ -492,10 +492,10 @@ impl Pipeline {
         let opts = self.generate_options();
         let tap = self.cache.tap();
         let t_prefill = Instant::now();
+        let inputs = inputs(&spans, &embeds, &ids);
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &self.gpu {
-            let (backend, logits) =
-                gpu.prefill(&spans, &embeds, self.cfg.max_new_tokens, tap.clone())?;
+            let (backend, logits) = gpu.prefill(&inputs, self.cfg.max_new_tokens, tap.clone())?;
             let backend: Backend<'_> = Box::new(backend);
             let generation =
                 Generation::resume(backend, logits, &text_ids, Some(&self.tokenizer), opts);
@@ -511,7 +511,6 @@ impl Pipeline {
             ));
         }
         let model = cpu_decoder(&self.model, "ask")?;
-        let inputs = inputs(&spans, &embeds, &ids);
         let generation = start_on_cpu(
             model,
             &mut self.cache,

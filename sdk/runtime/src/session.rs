@@ -70,9 +70,14 @@ impl std::fmt::Debug for StreamSession<'_> {
 impl Pipeline {
     /// Starts a streaming session on a fresh cache: BOS, the system prompt and the template
     /// text before `{frames}` are prefilled once and kept.
+    ///
+    /// With the decoder on a GPU (`device: cuda`) nothing is cached between questions: frames
+    /// are encoded as they arrive and kept as embeddings, and each question prefills the
+    /// prefix, the window's frames and the question into fresh device KV pools (the same
+    /// prompt a CPU session holds right after a re-base).
     pub fn session(&mut self) -> Result<StreamSession<'_>, RuntimeError> {
-        cpu_decoder(&self.model, "starting a streaming session")?;
-        if !self.cache.supports_eviction() {
+        let on_gpu = self.model.is_none();
+        if !on_gpu && !self.cache.supports_eviction() {
             return Err(RuntimeError::Unsupported {
                 op: "starting a streaming session",
                 message: "the f32 reference cache cannot evict frames; choose a KV policy (fp16, mixed, ...)"
@@ -104,7 +109,7 @@ impl Pipeline {
             self.cache = crate::cache::KvBackend::new(&self.kv, self.cache_shape(), self.capacity)?;
         }
         self.cache.clear();
-        if !ids.is_empty() {
+        if !on_gpu && !ids.is_empty() {
             cpu_decoder(&self.model, "starting a streaming session")?.forward_with(
                 &[Input::text(&ids)],
                 &mut self.cache,
@@ -146,17 +151,31 @@ impl StreamSession<'_> {
         let t0 = Instant::now();
         let emb = jetvlm_vision::VisionEncoder::encode(&mut self.pipe.encoder, &view)?;
         let enc_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let on_gpu = self.pipe.model.is_none();
         while self.window.len() >= self.pipe.cfg.window_frames {
             if let Some(old) = self.window.pop_front() {
-                self.pipe.cache.evict_frame(old.id)?;
+                if !on_gpu {
+                    self.pipe.cache.evict_frame(old.id)?;
+                }
                 self.encoder_ms.pop_front();
                 self.embeddings.pop_front();
             }
         }
-        // Room for this frame, a question and its answer.
-        self.rebase_if_needed(emb.tokens + QUESTION_RESERVE + self.pipe.cfg.max_new_tokens)?;
         let id = self.pipe.next_frame;
         self.pipe.next_frame += 1;
+        if on_gpu {
+            // Prefilled with the next question (see `Pipeline::session`).
+            self.window.push_back(CachedFrame {
+                id,
+                index: frame.index,
+                timestamp: frame.timestamp,
+            });
+            self.encoder_ms.push_back(enc_ms);
+            self.embeddings.push_back(emb.data);
+            return Ok(id);
+        }
+        // Room for this frame, a question and its answer.
+        self.rebase_if_needed(emb.tokens + QUESTION_RESERVE + self.pipe.cfg.max_new_tokens)?;
         cpu_decoder(&self.pipe.model, "streaming session")?.forward_with(
             &[Input::frame(&emb.data, emb.tokens, id)],
             &mut self.pipe.cache,
@@ -245,20 +264,88 @@ impl StreamSession<'_> {
         self.prefix_ids.len()
     }
 
-    /// Tokens cached now.
+    /// Tokens cached now (on a GPU session: what the next question prefills before its own
+    /// tokens).
     pub fn cached_tokens(&self) -> usize {
+        if self.pipe.model.is_none() {
+            return self.prefix_ids.len()
+                + self.window.len() * self.pipe.package.tokens_per_frame();
+        }
         self.pipe.cache.len()
     }
 
+    /// KV bytes by precision (on a GPU session: the device pools of the last question).
     pub fn kv_memory(&self) -> crate::KvStats {
+        if self.pipe.model.is_none() {
+            return self.pipe.cache.tap().lock().map(|t| *t).unwrap_or_default();
+        }
         self.pipe.cache.memory()
     }
 
-    /// Asks about the cached frames; the frames are not re-encoded. The question and answer
-    /// are removed from the cache before the next frame or question.
-    pub fn ask(&mut self, question: &str) -> Result<TokenStream<'_>, RuntimeError> {
-        self.roll_back()?;
-        let started = Instant::now();
+    /// [`Self::ask`] with the decoder on a GPU: the whole prompt on fresh device pools.
+    #[cfg(feature = "cuda")]
+    fn ask_on_gpu(
+        &mut self,
+        ids: &[u32],
+        started: Instant,
+    ) -> Result<TokenStream<'_>, RuntimeError> {
+        let Some(gpu) = &self.pipe.gpu else {
+            return Err(RuntimeError::Unsupported {
+                op: "streaming session",
+                message: "the pipeline's decoder is not on a GPU".into(),
+            });
+        };
+        let prompt = self.fresh_prompt(ids);
+        let stats = Stats {
+            prompt_tokens: self.cached_tokens() + ids.len(),
+            frames: self.window.len(),
+            encoder_ms: self.encoder_ms.iter().sum(),
+            kv_policy: self.pipe.kv.name(),
+            execution_provider: self.pipe.encoder.execution_provider().to_string(),
+            decoder_device: self.pipe.decoder_device(),
+            ..Stats::default()
+        };
+        let tap = self.pipe.cache.tap();
+        let t_prefill = Instant::now();
+        let (backend, logits) = gpu.prefill(&prompt, self.pipe.cfg.max_new_tokens, tap.clone())?;
+        let backend: crate::pipeline::Backend<'_> = Box::new(backend);
+        let generation = jetvlm_decoder::Generation::resume(
+            backend,
+            logits,
+            ids,
+            Some(&self.pipe.tokenizer),
+            self.pipe.generate_options(),
+        );
+        let prefill_ms = t_prefill.elapsed().as_secs_f64() * 1e3;
+        Ok(TokenStream::from_parts(
+            generation,
+            tap,
+            started,
+            Stats {
+                prefill_ms,
+                ..stats
+            },
+        ))
+    }
+
+    /// A question's whole prompt on a fresh cache: the kept prefix, the window's frames from
+    /// their stored embeddings, then the question's tokens (what a GPU session prefills).
+    #[cfg(any(feature = "cuda", test))]
+    fn fresh_prompt<'s>(&'s self, question_ids: &'s [u32]) -> Vec<Input<'s>> {
+        let tpf = self.pipe.package.tokens_per_frame();
+        let mut prompt = Vec::with_capacity(self.window.len() + 2);
+        if !self.prefix_ids.is_empty() {
+            prompt.push(Input::text(&self.prefix_ids));
+        }
+        for (frame, emb) in self.window.iter().zip(&self.embeddings) {
+            prompt.push(Input::frame(emb, tpf, frame.id));
+        }
+        prompt.push(Input::text(question_ids));
+        prompt
+    }
+
+    /// The question's tokens (the template text after `{frames}`).
+    fn question_ids(&self, question: &str) -> Result<Vec<u32>, RuntimeError> {
         let (_, after) =
             self.pipe
                 .template
@@ -277,6 +364,19 @@ impl StreamSession<'_> {
                 manifest: self.pipe.package.manifest_path.clone(),
                 message: "the question tokenizes to nothing".into(),
             });
+        }
+        Ok(ids)
+    }
+
+    /// Asks about the cached frames; the frames are not re-encoded. The question and answer
+    /// are removed from the cache before the next frame or question.
+    pub fn ask(&mut self, question: &str) -> Result<TokenStream<'_>, RuntimeError> {
+        self.roll_back()?;
+        let started = Instant::now();
+        let ids = self.question_ids(question)?;
+        #[cfg(feature = "cuda")]
+        if self.pipe.gpu.is_some() {
+            return self.ask_on_gpu(&ids, started);
         }
         self.rebase_if_needed(ids.len() + self.pipe.cfg.max_new_tokens)?;
         self.question_mark = Some((self.pipe.cache.len(), self.pipe.cache.next_position()));
@@ -312,5 +412,78 @@ impl StreamSession<'_> {
                 ..stats
             },
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cache::KvBackend;
+    use crate::pipeline::start_on_cpu;
+    use crate::{Pipeline, RuntimeConfig};
+    use jetvlm_camera::Frame;
+    use jetvlm_vision::RgbImage;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    fn fixture() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/vlm")
+    }
+
+    /// The prompt a GPU session prefills for a question (prefix, the window's frames from
+    /// their stored embeddings, the question) answers, on a fresh CPU cache, exactly like the
+    /// CPU session that holds those frames (same tokens at the same positions).
+    #[test]
+    fn fresh_prompt_answers_like_the_cached_session() {
+        let cfg = RuntimeConfig {
+            kv_policy: Some("fp16".into()),
+            max_new_tokens: 8,
+            window_frames: 2,
+            ..RuntimeConfig::default()
+        };
+        let mut pipe = Pipeline::load(&fixture(), cfg).unwrap();
+        let img = RgbImage::open(&fixture().join("image.png")).unwrap();
+        let frames: Vec<Frame> = (0..2u64)
+            .map(|i| {
+                let mut rgb = img.data.clone();
+                if i == 1 {
+                    rgb.iter_mut().for_each(|v| *v = 255 - *v);
+                }
+                Frame {
+                    index: i,
+                    timestamp: Duration::from_millis(100 * i),
+                    width: img.width,
+                    height: img.height,
+                    rgb,
+                }
+            })
+            .collect();
+        let question = "what is in the picture?";
+        let mut s = pipe.session().unwrap();
+        for f in &frames {
+            s.push_frame(f).unwrap();
+        }
+        let want = s.ask(question).unwrap().finish().unwrap().token_ids;
+        assert!(!want.is_empty());
+
+        let ids = s.question_ids(question).unwrap();
+        let prompt = s.fresh_prompt(&ids);
+        let prompt_tokens: usize = prompt.iter().map(|i| i.len()).sum();
+        let tpf = s.pipe.package.tokens_per_frame();
+        assert_eq!(prompt_tokens, s.prefix_tokens() + 2 * tpf + ids.len());
+        let p = &*s.pipe;
+        let mut cache = KvBackend::new(&p.kv, p.cache_shape(), 1024).unwrap();
+        let model = p.model.as_ref().unwrap();
+        let got: Vec<u32> = start_on_cpu(
+            model,
+            &mut cache,
+            &prompt,
+            &ids,
+            &p.tokenizer,
+            p.generate_options(),
+        )
+        .unwrap()
+        .map(|t| t.unwrap().token)
+        .collect();
+        assert_eq!(got, want);
     }
 }

@@ -79,13 +79,7 @@ pub fn run(args: AskArgs) -> Result<()> {
     if args.ort_library.is_some() {
         cfg.vision.ort_library = args.ort_library.clone();
     }
-    if let Some(d) = args.device {
-        cfg.device = d;
-    }
-    if cfg.device == jetvlm_core::Device::Cuda {
-        // One clear line when no GPU is usable, before the package loads.
-        super::gpu::open(0)?;
-    }
+    super::apply_device(&mut cfg, args.device)?;
 
     let mut frames = Vec::with_capacity(args.images.len());
     for (i, path) in args.images.iter().enumerate() {

@@ -47,6 +47,21 @@ pub fn model_or_default(given: Option<&Path>) -> anyhow::Result<PathBuf> {
 }
 
 /// Loads the given model package, or the bundled demo model, with a runtime config.
+/// Applies `--device` to the runtime config; a GPU run opens the device first, so without
+/// one it fails with one clear line before the package loads.
+pub fn apply_device(
+    cfg: &mut jetvlm_runtime::RuntimeConfig,
+    flag: Option<jetvlm_core::Device>,
+) -> anyhow::Result<()> {
+    if let Some(d) = flag {
+        cfg.device = d;
+    }
+    if cfg.device == jetvlm_core::Device::Cuda {
+        gpu::open(0)?;
+    }
+    Ok(())
+}
+
 pub fn load_pipeline(
     given: Option<&Path>,
     cfg: jetvlm_runtime::RuntimeConfig,

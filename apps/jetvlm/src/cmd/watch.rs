@@ -46,6 +46,10 @@ pub struct WatchArgs {
     /// One JSON object per frame (JSON lines) instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Where the decoder runs: cpu, or cuda (each question prefills the window's frames into
+    /// fresh GPU KV pools; a build with the `cuda` feature). Default: the config's `device`.
+    #[arg(long)]
+    pub device: Option<jetvlm_core::Device>,
 }
 
 #[derive(Serialize)]
@@ -79,6 +83,7 @@ pub fn run(args: WatchArgs) -> Result<()> {
     anyhow::ensure!(args.window > 0, "--window must be at least 1");
     cfg.window_frames = args.window;
     cfg.max_new_tokens = args.max_tokens;
+    super::apply_device(&mut cfg, args.device)?;
     let (model, mut pipeline) = super::load_pipeline(args.model.as_deref(), cfg)?;
     let question = super::question_or_default(&pipeline, args.question.as_deref())?;
     let mut source = jetvlm_camera::open(&args.source)
@@ -90,10 +95,11 @@ pub fn run(args: WatchArgs) -> Result<()> {
     if !args.json {
         writeln!(
             out,
-            "watching {} with {} (KV {}), window {} frames; question: {question}",
+            "watching {} with {} (KV {}, decoder on {}), window {} frames; question: {question}",
             args.source,
             model.display(),
             pipeline.kv_policy(),
+            pipeline.decoder_device(),
             args.window
         )?;
         writeln!(
