@@ -489,46 +489,64 @@ impl Pipeline {
             decoder_device: self.decoder_device(),
             ..Stats::default()
         };
+        let inputs = inputs(&spans, &embeds, &ids);
+        self.answer(&inputs, &text_ids, started, stats)
+    }
+
+    /// Prefills `prompt` after what the cache holds (on a GPU: on fresh device pools) and
+    /// returns the answer's stream; `prompt_ids` feed the repetition penalty, `stats` are
+    /// completed with the prefill time.
+    pub(crate) fn answer(
+        &mut self,
+        prompt: &[Input<'_>],
+        prompt_ids: &[u32],
+        started: Instant,
+        stats: Stats,
+    ) -> Result<TokenStream<'_>, RuntimeError> {
+        #[cfg(feature = "cuda")]
+        if self.gpu.is_some() {
+            return self.answer_on_gpu(prompt, prompt_ids, started, stats);
+        }
         let opts = self.generate_options();
         let tap = self.cache.tap();
         let t_prefill = Instant::now();
-        let inputs = inputs(&spans, &embeds, &ids);
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &self.gpu {
-            let (backend, logits) = gpu.prefill(&inputs, self.cfg.max_new_tokens, tap.clone())?;
-            let backend: Backend<'_> = Box::new(backend);
-            let generation =
-                Generation::resume(backend, logits, &text_ids, Some(&self.tokenizer), opts);
-            let prefill_ms = t_prefill.elapsed().as_secs_f64() * 1e3;
-            return Ok(TokenStream::new(
-                generation,
-                tap,
-                started,
-                Stats {
-                    prefill_ms,
-                    ..stats
-                },
-            ));
-        }
-        let model = cpu_decoder(&self.model, "ask")?;
         let generation = start_on_cpu(
-            model,
+            cpu_decoder(&self.model, "ask")?,
             &mut self.cache,
-            &inputs,
-            &text_ids,
+            prompt,
+            prompt_ids,
             &self.tokenizer,
             opts,
         )?;
-        let prefill_ms = t_prefill.elapsed().as_secs_f64() * 1e3;
-        Ok(TokenStream::new(
-            generation,
-            tap,
-            started,
-            Stats {
-                prefill_ms,
-                ..stats
-            },
-        ))
+        Ok(TokenStream::new(generation, tap, started, t_prefill, stats))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn answer_on_gpu(
+        &self,
+        prompt: &[Input<'_>],
+        prompt_ids: &[u32],
+        started: Instant,
+        stats: Stats,
+    ) -> Result<TokenStream<'_>, RuntimeError> {
+        let Some(gpu) = &self.gpu else {
+            return Err(RuntimeError::Unsupported {
+                op: "ask",
+                message: "the pipeline's decoder is not on a GPU".into(),
+            });
+        };
+        let tap = self.cache.tap();
+        let t_prefill = Instant::now();
+        let (backend, logits) = gpu.prefill(prompt, self.cfg.max_new_tokens, tap.clone())?;
+        let backend: Backend<'_> = Box::new(backend);
+        let generation = Generation::resume(
+            backend,
+            logits,
+            prompt_ids,
+            Some(&self.tokenizer),
+            self.generate_options(),
+        );
+        Ok(TokenStream::new(generation, tap, started, t_prefill, stats))
     }
 
     pub(crate) fn generate_options(&self) -> GenerateOptions {
@@ -571,31 +589,28 @@ pub struct TokenStream<'a> {
 }
 
 impl<'a> TokenStream<'a> {
+    /// A stream over `generation`, whose prompt's prefill ran from `t_prefill` until now.
     fn new(
         generation: Generation<'a, Backend<'a>>,
         tap: Arc<Mutex<KvStats>>,
         started: Instant,
+        t_prefill: Instant,
         stats: Stats,
     ) -> Self {
+        let prefill_ms = t_prefill.elapsed().as_secs_f64() * 1e3;
         TokenStream {
             generation,
             tap,
             started,
             first_at: None,
             last_at: None,
-            stats,
+            stats: Stats {
+                prefill_ms,
+                ..stats
+            },
             ids: Vec::new(),
             text: String::new(),
         }
-    }
-
-    pub(crate) fn from_parts(
-        generation: Generation<'a, Backend<'a>>,
-        tap: Arc<Mutex<KvStats>>,
-        started: Instant,
-        stats: Stats,
-    ) -> Self {
-        Self::new(generation, tap, started, stats)
     }
 
     /// Stats so far (complete once the stream is exhausted).

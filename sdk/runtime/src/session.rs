@@ -14,7 +14,7 @@
 //! their stored embeddings (the vision encoder does not run again), at fresh positions.
 
 use crate::RuntimeError;
-use crate::pipeline::{Pipeline, Stats, TokenStream, cpu_decoder, start_on_cpu};
+use crate::pipeline::{Pipeline, Stats, TokenStream, cpu_decoder};
 use jetvlm_camera::{Capture, Frame, FrameSource};
 use jetvlm_core::FrameId;
 use jetvlm_decoder::{Input, KvStore, LogitsMode};
@@ -163,24 +163,16 @@ impl StreamSession<'_> {
         }
         let id = self.pipe.next_frame;
         self.pipe.next_frame += 1;
-        if on_gpu {
-            // Prefilled with the next question (see `Pipeline::session`).
-            self.window.push_back(CachedFrame {
-                id,
-                index: frame.index,
-                timestamp: frame.timestamp,
-            });
-            self.encoder_ms.push_back(enc_ms);
-            self.embeddings.push_back(emb.data);
-            return Ok(id);
+        // On a GPU the frame is prefilled with the next question (see `Pipeline::session`).
+        if !on_gpu {
+            // Room for this frame, a question and its answer.
+            self.rebase_if_needed(emb.tokens + QUESTION_RESERVE + self.pipe.cfg.max_new_tokens)?;
+            cpu_decoder(&self.pipe.model, "streaming session")?.forward_with(
+                &[Input::frame(&emb.data, emb.tokens, id)],
+                &mut self.pipe.cache,
+                LogitsMode::Last,
+            )?;
         }
-        // Room for this frame, a question and its answer.
-        self.rebase_if_needed(emb.tokens + QUESTION_RESERVE + self.pipe.cfg.max_new_tokens)?;
-        cpu_decoder(&self.pipe.model, "streaming session")?.forward_with(
-            &[Input::frame(&emb.data, emb.tokens, id)],
-            &mut self.pipe.cache,
-            LogitsMode::Last,
-        )?;
         self.window.push_back(CachedFrame {
             id,
             index: frame.index,
@@ -282,68 +274,6 @@ impl StreamSession<'_> {
         self.pipe.cache.memory()
     }
 
-    /// [`Self::ask`] with the decoder on a GPU: the whole prompt on fresh device pools.
-    #[cfg(feature = "cuda")]
-    fn ask_on_gpu(
-        &mut self,
-        ids: &[u32],
-        started: Instant,
-    ) -> Result<TokenStream<'_>, RuntimeError> {
-        let Some(gpu) = &self.pipe.gpu else {
-            return Err(RuntimeError::Unsupported {
-                op: "streaming session",
-                message: "the pipeline's decoder is not on a GPU".into(),
-            });
-        };
-        let prompt = self.fresh_prompt(ids);
-        let stats = Stats {
-            prompt_tokens: self.cached_tokens() + ids.len(),
-            frames: self.window.len(),
-            encoder_ms: self.encoder_ms.iter().sum(),
-            kv_policy: self.pipe.kv.name(),
-            execution_provider: self.pipe.encoder.execution_provider().to_string(),
-            decoder_device: self.pipe.decoder_device(),
-            ..Stats::default()
-        };
-        let tap = self.pipe.cache.tap();
-        let t_prefill = Instant::now();
-        let (backend, logits) = gpu.prefill(&prompt, self.pipe.cfg.max_new_tokens, tap.clone())?;
-        let backend: crate::pipeline::Backend<'_> = Box::new(backend);
-        let generation = jetvlm_decoder::Generation::resume(
-            backend,
-            logits,
-            ids,
-            Some(&self.pipe.tokenizer),
-            self.pipe.generate_options(),
-        );
-        let prefill_ms = t_prefill.elapsed().as_secs_f64() * 1e3;
-        Ok(TokenStream::from_parts(
-            generation,
-            tap,
-            started,
-            Stats {
-                prefill_ms,
-                ..stats
-            },
-        ))
-    }
-
-    /// A question's whole prompt on a fresh cache: the kept prefix, the window's frames from
-    /// their stored embeddings, then the question's tokens (what a GPU session prefills).
-    #[cfg(any(feature = "cuda", test))]
-    fn fresh_prompt<'s>(&'s self, question_ids: &'s [u32]) -> Vec<Input<'s>> {
-        let tpf = self.pipe.package.tokens_per_frame();
-        let mut prompt = Vec::with_capacity(self.window.len() + 2);
-        if !self.prefix_ids.is_empty() {
-            prompt.push(Input::text(&self.prefix_ids));
-        }
-        for (frame, emb) in self.window.iter().zip(&self.embeddings) {
-            prompt.push(Input::frame(emb, tpf, frame.id));
-        }
-        prompt.push(Input::text(question_ids));
-        prompt
-    }
-
     /// The question's tokens (the template text after `{frames}`).
     fn question_ids(&self, question: &str) -> Result<Vec<u32>, RuntimeError> {
         let (_, after) =
@@ -374,45 +304,48 @@ impl StreamSession<'_> {
         self.roll_back()?;
         let started = Instant::now();
         let ids = self.question_ids(question)?;
-        #[cfg(feature = "cuda")]
-        if self.pipe.gpu.is_some() {
-            return self.ask_on_gpu(&ids, started);
+        let stats = |s: &Self, prompt_tokens: usize| Stats {
+            prompt_tokens,
+            frames: s.window.len(),
+            // Frames were encoded as they arrived; report what the cached ones cost.
+            encoder_ms: s.encoder_ms.iter().sum(),
+            kv_policy: s.pipe.kv.name(),
+            execution_provider: s.pipe.encoder.execution_provider().to_string(),
+            decoder_device: s.pipe.decoder_device(),
+            ..Stats::default()
+        };
+        if self.pipe.model.is_none() {
+            // On a GPU: the whole prompt on fresh device pools (see `Pipeline::session`).
+            let stats = stats(self, self.cached_tokens() + ids.len());
+            let tpf = self.pipe.package.tokens_per_frame();
+            let prompt = fresh_prompt(&self.prefix_ids, &self.window, &self.embeddings, tpf, &ids);
+            return self.pipe.answer(&prompt, &ids, started, stats);
         }
         self.rebase_if_needed(ids.len() + self.pipe.cfg.max_new_tokens)?;
         self.question_mark = Some((self.pipe.cache.len(), self.pipe.cache.next_position()));
-        let stats = Stats {
-            prompt_tokens: self.pipe.cache.len() + ids.len(),
-            frames: self.window.len(),
-            // Frames were encoded as they arrived; report what the cached ones cost.
-            encoder_ms: self.encoder_ms.iter().sum(),
-            kv_policy: self.pipe.kv.name(),
-            execution_provider: self.pipe.encoder.execution_provider().to_string(),
-            decoder_device: self.pipe.decoder_device(),
-            ..Stats::default()
-        };
-        let opts = self.pipe.generate_options();
-        let tap = self.pipe.cache.tap();
-        let t_prefill = Instant::now();
-        let pipe = &mut *self.pipe;
-        let generation = start_on_cpu(
-            cpu_decoder(&pipe.model, "streaming session")?,
-            &mut pipe.cache,
-            &[Input::text(&ids)],
-            &ids,
-            &pipe.tokenizer,
-            opts,
-        )?;
-        let prefill_ms = t_prefill.elapsed().as_secs_f64() * 1e3;
-        Ok(TokenStream::from_parts(
-            generation,
-            tap,
-            started,
-            Stats {
-                prefill_ms,
-                ..stats
-            },
-        ))
+        let stats = stats(self, self.pipe.cache.len() + ids.len());
+        self.pipe.answer(&[Input::text(&ids)], &ids, started, stats)
     }
+}
+
+/// A question's whole prompt on a fresh cache: the kept prefix, the window's frames from
+/// their stored embeddings, then the question's tokens (what a GPU session prefills).
+fn fresh_prompt<'s>(
+    prefix_ids: &'s [u32],
+    window: &'s VecDeque<CachedFrame>,
+    embeddings: &'s VecDeque<Vec<f32>>,
+    tokens_per_frame: usize,
+    question_ids: &'s [u32],
+) -> Vec<Input<'s>> {
+    let mut prompt = Vec::with_capacity(window.len() + 2);
+    if !prefix_ids.is_empty() {
+        prompt.push(Input::text(prefix_ids));
+    }
+    for (frame, emb) in window.iter().zip(embeddings) {
+        prompt.push(Input::frame(emb, tokens_per_frame, frame.id));
+    }
+    prompt.push(Input::text(question_ids));
+    prompt
 }
 
 #[cfg(test)]
@@ -466,9 +399,9 @@ mod tests {
         assert!(!want.is_empty());
 
         let ids = s.question_ids(question).unwrap();
-        let prompt = s.fresh_prompt(&ids);
-        let prompt_tokens: usize = prompt.iter().map(|i| i.len()).sum();
         let tpf = s.pipe.package.tokens_per_frame();
+        let prompt = super::fresh_prompt(&s.prefix_ids, &s.window, &s.embeddings, tpf, &ids);
+        let prompt_tokens: usize = prompt.iter().map(|i| i.len()).sum();
         assert_eq!(prompt_tokens, s.prefix_tokens() + 2 * tpf + ids.len());
         let p = &*s.pipe;
         let mut cache = KvBackend::new(&p.kv, p.cache_shape(), 1024).unwrap();
