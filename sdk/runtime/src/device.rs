@@ -1,7 +1,8 @@
-//! The decoder on a CUDA GPU (`device: cuda`, feature `cuda`): a pipeline's one-shot
-//! questions run their prefill and decode on the device's mixed KV pools, with the weights
-//! uploaded once at load (straight into their device buffers; no CPU copy of the decoder is
-//! kept). The vision encoder, tokenizer and sampler stay on the host.
+//! The decoder on a CUDA GPU (`device: cuda`, feature `cuda`): every question (of
+//! `Pipeline::ask` or of a streaming session) prefills its prompt into device KV pools sized
+//! for it and decodes there, with the weights uploaded once at load (straight into their
+//! device buffers; no CPU copy of the decoder is kept). The vision encoder, tokenizer and
+//! sampler stay on the host.
 
 use crate::RuntimeError;
 use crate::cache::{KvChoice, KvStats};
