@@ -4,7 +4,8 @@
 #   .ci/gpu-check.sh prepare   (on the build machine) builds the release jetvlm with
 #                                  `--features cuda` and the CUDA device test into gpu-dist/
 #                                  (git-ignored through .git/info/exclude), to carry along.
-#   .ci/gpu-check.sh [run]     (on the GPU machine) builds nothing: runs the prebuilt
+#   .ci/gpu-check.sh [run [all|check|speed]]
+#                              (on the GPU machine) builds nothing: runs the prebuilt
 #                                  binaries from gpu-dist/ (or $JETVLM_GPU_DIST) and prints
 #                                  PASS/FAIL lines; results also go to $OUT (or gpu-check-out/).
 #
@@ -21,6 +22,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
+# run [all|check|speed]: correctness steps, speed steps, or both (the default). One call may
+# not fit both in a device session's time: `run speed` and `run check` split them.
+part=${2:-all}
 dist=${JETVLM_GPU_DIST:-gpu-dist}
 
 prepare() {
@@ -68,13 +72,13 @@ find_nvrtc() {
 
 # One check: `step NAME TIMEOUT OUTFILE CMD...` runs CMD with a time limit, keeps its output in
 # $out/OUTFILE, prints its tail and one PASS/FAIL line, and never stops the script. A step that
-# would start after $GPU_CHECK_BUDGET_S seconds (default 180) of the run is skipped (SKIP line),
+# would start after $GPU_CHECK_BUDGET_S seconds (default 420) of the run is skipped (SKIP line),
 # so the whole run ends within about that plus one step's limit.
 step() {
   local name=$1 limit=$2 file=$3
   shift 3
   echo "== $name"
-  if [ $(( $(date +%s) - t_start )) -gt "${GPU_CHECK_BUDGET_S:-180}" ]; then
+  if [ $(( $(date +%s) - t_start )) -gt "${GPU_CHECK_BUDGET_S:-420}" ]; then
     echo "SKIP step $name: time budget of the run spent"; summary+=("SKIP $name (time budget)")
     return 0
   fi
@@ -163,39 +167,43 @@ run() {
   find_nvrtc || true
   export JETVLM_KERNEL_CACHE="$out/kernel-cache"
   rm -rf "$JETVLM_KERNEL_CACHE"
-  TAIL=80 step "selftest (cold kernel cache)" 60 selftest.txt "$dist/jetvlm" selftest --device cuda
-  echo "kernel cache: $(ls "$JETVLM_KERNEL_CACHE" 2>/dev/null | wc -l) entries"
-  TAIL=12 step "selftest (warm cache) + GPU greedy decoder vs CPU on tests/fixtures/decoder" 60 selftest-decoder.txt \
-    "$dist/jetvlm" selftest --device cuda --seed 2 --decoder-fixtures tests/fixtures/decoder
-  step "NVRTC compile sm_87,90" 30 nvrtc.txt "$dist/jetvlm" selftest --device cuda --nvrtc-only --sm 87,90
-  if [ -x "$dist/cuda-device-test" ]; then
-    step "device test executable" 60 device-test.txt "$dist/cuda-device-test" --nocapture --test-threads 1
+  if [ "$part" != speed ]; then
+    TAIL=80 step "selftest (cold kernel cache)" 60 selftest.txt "$dist/jetvlm" selftest --device cuda
+    echo "kernel cache: $(ls "$JETVLM_KERNEL_CACHE" 2>/dev/null | wc -l) entries"
+    TAIL=12 step "selftest (warm cache) + GPU greedy decoder vs CPU on tests/fixtures/decoder" 60 selftest-decoder.txt \
+      "$dist/jetvlm" selftest --device cuda --seed 2 --decoder-fixtures tests/fixtures/decoder
+    step "NVRTC compile sm_87,90" 30 nvrtc.txt "$dist/jetvlm" selftest --device cuda --nvrtc-only --sm 87,90
+    if [ -x "$dist/cuda-device-test" ]; then
+      step "device test executable" 60 device-test.txt "$dist/cuda-device-test" --nocapture --test-threads 1
+    fi
+    step "generate --device cuda (qwen2 fixture, fp16 KV) == CPU" 30 generate-qwen2.txt .ci/gpu-check.sh generate-check qwen2 fp16
+    step "generate --device cuda (llama fixture, mixed KV) == CPU" 30 generate-llama.txt .ci/gpu-check.sh generate-check llama mixed
+    step "ask --device cuda (LLaVA fixture, fp16 KV) == transformers" 30 ask-vlm.txt .ci/gpu-check.sh ask-check
+    step "watch --device cuda (demo package, 12 frames)" 60 watch-cuda.txt .ci/gpu-check.sh watch-check
   fi
-  step "generate --device cuda (qwen2 fixture, fp16 KV) == CPU" 30 generate-qwen2.txt .ci/gpu-check.sh generate-check qwen2 fp16
-  step "generate --device cuda (llama fixture, mixed KV) == CPU" 30 generate-llama.txt .ci/gpu-check.sh generate-check llama mixed
-  step "ask --device cuda (LLaVA fixture, fp16 KV) == transformers" 30 ask-vlm.txt .ci/gpu-check.sh ask-check
-  step "watch --device cuda (demo package, 12 frames)" 60 watch-cuda.txt .ci/gpu-check.sh watch-check
-  # Attention: 32/32/64 (SmolVLM-2.2B, moondream2) at 32k, and 9/3/64 (SmolVLM-256M/SmolLM2) at 8k/32k/128k.
-  step "bench kv --device cuda 32/32/64 ctx 32768" 45 bench-kv-32x32-32k.txt \
-    "$dist/jetvlm" bench kv --device cuda --heads 32 --kv-heads 32 --head-dim 64 --layers 4 --context 32768
-  for ctx in 8192 32768 131072; do
-    step "bench kv --device cuda 9/3/64 ctx $ctx" 45 "bench-kv-9x3-$ctx.txt" \
-      "$dist/jetvlm" bench kv --device cuda --heads 9 --kv-heads 3 --head-dim 64 --layers 30 --context "$ctx"
-  done
-  TAIL=10 step "PyTorch SDPA reference (same GPU)" 60 torch-sdpa.txt \
-    python3 sdk/cuda/scripts/torch_sdpa.py --shape 9/3/64 --shape 32/32/64 --context 8192,32768,131072
-  # Decode on a random SmolLM2-135M-shaped model generated here (269 MB, not carried).
-  local model=${JETVLM_BENCH_MODEL:-${TMPDIR:-/tmp}/jetvlm-smollm2-135m-random}
-  if [ ! -f "$model/config.json" ]; then
-    step "make random SmolLM2-135M model" 60 make-model.txt python3 models/scripts/make_random_smollm2.py --out "$model"
-  fi
-  if [ -f "$model/config.json" ]; then
-    step "bench decode --device cuda (KV in device memory)" 70 bench-decode-device.txt \
-      "$dist/jetvlm" bench decode --device cuda --model "$model" --context 1024,8192,32768,131072 --steps 32
-    step "bench decode --device cuda --kv-offload host" 70 bench-decode-offload.txt \
-      "$dist/jetvlm" bench decode --device cuda --kv-offload host --model "$model" --context 1024,32768,131072 --steps 16
-    step "bench decode --device cuda --kv-offload host, real 16k prefill (TTFT offloaded)" 60 bench-decode-offload-prefill.txt \
-      "$dist/jetvlm" bench decode --device cuda --kv-offload host --model "$model" --context 16384 --prefill real --steps 8
+  if [ "$part" != check ]; then
+    # Attention: 32/32/64 (SmolVLM-2.2B, moondream2) at 32k, and 9/3/64 (SmolVLM-256M/SmolLM2) at 8k/32k/128k.
+    step "bench kv --device cuda 32/32/64 ctx 32768" 45 bench-kv-32x32-32k.txt \
+      "$dist/jetvlm" bench kv --device cuda --heads 32 --kv-heads 32 --head-dim 64 --layers 4 --context 32768
+    for ctx in 8192 32768 131072; do
+      step "bench kv --device cuda 9/3/64 ctx $ctx" 45 "bench-kv-9x3-$ctx.txt" \
+        "$dist/jetvlm" bench kv --device cuda --heads 9 --kv-heads 3 --head-dim 64 --layers 30 --context "$ctx"
+    done
+    TAIL=10 step "PyTorch SDPA reference (same GPU)" 60 torch-sdpa.txt \
+      python3 sdk/cuda/scripts/torch_sdpa.py --shape 9/3/64 --shape 32/32/64 --context 8192,32768,131072
+    # Decode on a random SmolLM2-135M-shaped model generated here (269 MB, not carried).
+    local model=${JETVLM_BENCH_MODEL:-${TMPDIR:-/tmp}/jetvlm-smollm2-135m-random}
+    if [ ! -f "$model/config.json" ]; then
+      step "make random SmolLM2-135M model" 60 make-model.txt python3 models/scripts/make_random_smollm2.py --out "$model"
+    fi
+    if [ -f "$model/config.json" ]; then
+      step "bench decode --device cuda (KV in device memory)" 70 bench-decode-device.txt \
+        "$dist/jetvlm" bench decode --device cuda --model "$model" --context 1024,8192,32768,131072 --steps 32
+      step "bench decode --device cuda --kv-offload host" 70 bench-decode-offload.txt \
+        "$dist/jetvlm" bench decode --device cuda --kv-offload host --model "$model" --context 1024,32768,131072 --steps 16
+      step "bench decode --device cuda --kv-offload host, real 16k prefill (TTFT offloaded)" 60 bench-decode-offload-prefill.txt \
+        "$dist/jetvlm" bench decode --device cuda --kv-offload host --model "$model" --context 16384 --prefill real --steps 8
+    fi
   fi
   echo "== key numbers"
   for f in "$out"/bench-kv-*.txt "$out"/bench-decode-*.txt; do
@@ -206,7 +214,7 @@ run() {
   [ -f "$out/torch-sdpa.txt" ] && { echo "-- torch-sdpa.txt"; cat "$out/torch-sdpa.txt"; }
   echo "== summary ($(( $(date +%s) - t_start )) s)"
   printf '%s\n' "${summary[@]}"
-  echo "selftest: $(grep -c '^PASS' "$out/selftest.txt") PASS, $(grep -c '^FAIL' "$out/selftest.txt") FAIL; decoder: $(grep -c '^PASS decoder' "$out/selftest-decoder.txt" 2>/dev/null) PASS, $(grep -c '^FAIL decoder' "$out/selftest-decoder.txt" 2>/dev/null) FAIL"
+  [ -f "$out/selftest.txt" ] && echo "selftest: $(grep -c '^PASS' "$out/selftest.txt") PASS, $(grep -c '^FAIL' "$out/selftest.txt") FAIL; decoder: $(grep -c '^PASS decoder' "$out/selftest-decoder.txt" 2>/dev/null) PASS, $(grep -c '^FAIL decoder' "$out/selftest-decoder.txt" 2>/dev/null) FAIL"
   [ "$fail" -eq 0 ] && echo "gpu-check: all checks passed" || echo "gpu-check: FAILED"
   exit "$fail"
 }
