@@ -10,8 +10,13 @@
 //! - Quantized tokens go to frame blocks. With per-channel keys every span starts a new block
 //!   and each block is quantized whole (its key parameters span the block's tokens); with
 //!   per-token keys a span may continue the newest block.
+//! - A frame appended with its id ([`KvBlockTable::append_frame`]) gets blocks of its own in
+//!   either pool, and no later span continues them, so [`KvBlockTable::evict_frame`] frees
+//!   whole blocks. Freed blocks are reused before new ones; the positions (order indexes) of
+//!   later tokens do not move. [`KvBlockTable::truncate_last`] drops the newest tokens (a
+//!   question and its answer) and rewinds the positions to reuse them.
 
-use jetvlm_core::TokenKind;
+use jetvlm_core::{FrameId, TokenKind};
 use jetvlm_kvcache::{KeyMode, KvPolicy};
 
 use crate::error::CudaError;
@@ -116,6 +121,47 @@ impl DevicePolicy {
     }
 }
 
+impl DevicePolicy {
+    /// Exact pool blocks (text, frame) of spans `(kind, tokens, frame id)` appended in order,
+    /// frames with an id in blocks of their own ([`KvBlockTable::append_frame`]).
+    pub fn blocks_for_inputs(
+        &self,
+        spans: &[(TokenKind, usize, Option<FrameId>)],
+    ) -> (usize, usize) {
+        let mut t = KvBlockTable::new(*self, usize::MAX / 2, usize::MAX / 2);
+        for &(kind, n, frame) in spans {
+            // Cannot fail for distinct frame ids: the capacities are unbounded.
+            let _ = match frame {
+                Some(f) => t.append_frame(f, n),
+                None => t.append(kind, n),
+            };
+        }
+        t.used_blocks()
+    }
+
+    /// Pool blocks (text, frame) a camera session holds at most: `prefix` text tokens,
+    /// `frames` frames of `frame_tokens` each (in blocks of their own, as
+    /// [`KvBlockTable::append_frame`] places them), then `question` text tokens (a question
+    /// and its answer). Evicted frames and dropped questions give their blocks back for the
+    /// next ones.
+    pub fn blocks_for_session(
+        &self,
+        prefix: usize,
+        frames: usize,
+        frame_tokens: usize,
+        question: usize,
+    ) -> (usize, usize) {
+        let mut t = KvBlockTable::new(*self, usize::MAX / 2, usize::MAX / 2);
+        // Cannot fail: the capacities are unbounded and the frame ids distinct.
+        let _ = t.append(TokenKind::Text, prefix);
+        for f in 0..frames {
+            let _ = t.append_frame(f as FrameId, frame_tokens);
+        }
+        let _ = t.append(TokenKind::Text, question);
+        t.used_blocks()
+    }
+}
+
 /// Where `len` consecutive tokens of a span (starting at token `src_token` of the span) are
 /// written: block `block` of the text or frame pool, slots `tok_offset..tok_offset + len`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,10 +179,19 @@ pub struct KvBlockTable {
     policy: DevicePolicy,
     text_blocks: usize,
     frame_blocks: usize,
+    /// High-water marks: blocks `0..next_*` of each pool have been handed out.
     next_text: usize,
     next_frame: usize,
+    /// Blocks below the high-water marks given back by evictions and truncations.
+    free_text: Vec<u32>,
+    free_frame: Vec<u32>,
     entries: Vec<BlockEntry>,
+    /// The frame each entry belongs to (`None`: text, or frames appended without an id).
+    owners: Vec<Option<FrameId>>,
+    /// Tokens held.
     tokens: usize,
+    /// Order index (and RoPE position) of the next token.
+    next_pos: usize,
     text_tokens: usize,
     frame_tokens: usize,
 }
@@ -149,8 +204,12 @@ impl KvBlockTable {
             frame_blocks,
             next_text: 0,
             next_frame: 0,
+            free_text: Vec::new(),
+            free_frame: Vec::new(),
             entries: Vec::new(),
+            owners: Vec::new(),
             tokens: 0,
+            next_pos: 0,
             text_tokens: 0,
             frame_tokens: 0,
         }
@@ -159,9 +218,14 @@ impl KvBlockTable {
     pub fn policy(&self) -> &DevicePolicy {
         &self.policy
     }
-    /// Tokens appended so far (the next token's order index and position).
+    /// Tokens held.
     pub fn len(&self) -> usize {
         self.tokens
+    }
+    /// Order index and RoPE position of the next token: tokens appended so far, less those
+    /// truncated (evicted frames keep their positions taken).
+    pub fn next_position(&self) -> usize {
+        self.next_pos
     }
     pub fn is_empty(&self) -> bool {
         self.tokens == 0
@@ -174,9 +238,17 @@ impl KvBlockTable {
     pub fn pool_blocks(&self) -> (usize, usize) {
         (self.text_blocks, self.frame_blocks)
     }
-    /// Blocks handed out so far (text, frame): the used prefix of each pool.
+    /// Blocks handed out so far (text, frame): the prefix of each pool that holds every
+    /// block in use (freed blocks below it are reused first).
     pub fn used_blocks(&self) -> (usize, usize) {
         (self.next_text, self.next_frame)
+    }
+    /// Blocks holding tokens now (text, frame).
+    pub fn blocks_in_use(&self) -> (usize, usize) {
+        (
+            self.next_text - self.free_text.len(),
+            self.next_frame - self.free_frame.len(),
+        )
     }
     /// Tokens held FP16 and quantized.
     pub fn token_counts(&self) -> (usize, usize) {
@@ -210,6 +282,28 @@ impl KvBlockTable {
     /// Appends `n` tokens of `kind`; returns where each run of them goes. Nothing changes when
     /// the pools are too small (the error says which pool).
     pub fn append(&mut self, kind: TokenKind, n: usize) -> Result<Vec<Placement>, CudaError> {
+        self.append_owned(kind, n, None)
+    }
+
+    /// Appends `n` tokens of frame `frame` in blocks of their own, so that
+    /// [`Self::evict_frame`] can give them back. A frame may come in several pieces as long
+    /// as nothing is appended between them.
+    pub fn append_frame(&mut self, frame: FrameId, n: usize) -> Result<Vec<Placement>, CudaError> {
+        if self.owners.last() != Some(&Some(frame)) && self.owners.contains(&Some(frame)) {
+            return Err(CudaError::Shape {
+                op: "device KV cache",
+                message: format!("frame {frame} is cached already"),
+            });
+        }
+        self.append_owned(TokenKind::Frame, n, Some(frame))
+    }
+
+    fn append_owned(
+        &mut self,
+        kind: TokenKind,
+        n: usize,
+        owner: Option<FrameId>,
+    ) -> Result<Vec<Placement>, CudaError> {
         if n == 0 {
             return Ok(Vec::new());
         }
@@ -220,22 +314,25 @@ impl KvBlockTable {
         } else {
             BlockKind::Text
         };
-        // Room in the newest block, if this span may continue it.
+        // Room in the newest block, if this span may continue it (only a block of the same
+        // owner: text after text, or the next piece of the same frame).
         let may_continue = !(quant && self.policy.layout.key_per_channel);
-        let open = match self.entries.last() {
-            Some(e) if may_continue && e.kind == bkind && (e.len as usize) < t => {
+        let open = match (self.entries.last(), self.owners.last()) {
+            (Some(e), Some(o))
+                if may_continue && *o == owner && e.kind == bkind && (e.len as usize) < t =>
+            {
                 t - e.len as usize
             }
             _ => 0,
         };
         let first = open.min(n);
         let new_blocks = (n - first).div_ceil(t);
-        let (next, cap) = if quant {
-            (self.next_frame, self.frame_blocks)
+        let (next, cap, free) = if quant {
+            (self.next_frame, self.frame_blocks, self.free_frame.len())
         } else {
-            (self.next_text, self.text_blocks)
+            (self.next_text, self.text_blocks, self.free_text.len())
         };
-        if next + new_blocks > cap {
+        if new_blocks > cap - next + free {
             return Err(CudaError::KvFull {
                 message: format!(
                     "{n} {} tokens need {new_blocks} more {} blocks; {} of {cap} are in use",
@@ -244,7 +341,7 @@ impl KvBlockTable {
                         TokenKind::Frame => "frame",
                     },
                     if quant { "quantized" } else { "FP16" },
-                    next
+                    next - free
                 ),
             });
         }
@@ -266,12 +363,18 @@ impl KvBlockTable {
         }
         while done < n {
             let len = (n - done).min(t);
-            let block = if quant {
-                self.next_frame += 1;
-                self.next_frame - 1
+            let (free, next) = if quant {
+                (&mut self.free_frame, &mut self.next_frame)
             } else {
-                self.next_text += 1;
-                self.next_text - 1
+                (&mut self.free_text, &mut self.next_text)
+            };
+            // Freed blocks first, lowest first (they sit below the high-water mark).
+            let block = match free.pop() {
+                Some(b) => b as usize,
+                None => {
+                    *next += 1;
+                    *next - 1
+                }
             };
             out.push(Placement {
                 kind: bkind,
@@ -284,11 +387,13 @@ impl KvBlockTable {
                 kind: bkind,
                 block: block as u32,
                 len: len as u32,
-                order: (self.tokens + done) as i32,
+                order: (self.next_pos + done) as i32,
             });
+            self.owners.push(owner);
             done += len;
         }
         self.tokens += n;
+        self.next_pos += n;
         if quant {
             self.frame_tokens += n;
         } else {
@@ -301,10 +406,107 @@ impl KvBlockTable {
     pub fn clear(&mut self) {
         self.next_text = 0;
         self.next_frame = 0;
+        self.free_text.clear();
+        self.free_frame.clear();
         self.entries.clear();
+        self.owners.clear();
         self.tokens = 0;
+        self.next_pos = 0;
         self.text_tokens = 0;
         self.frame_tokens = 0;
+    }
+
+    /// Gives back frame `frame`'s blocks; later tokens keep their positions. Returns the
+    /// tokens removed.
+    pub fn evict_frame(&mut self, frame: FrameId) -> Result<usize, CudaError> {
+        if !self.owners.contains(&Some(frame)) {
+            return Err(CudaError::Shape {
+                op: "device KV cache",
+                message: format!("frame {frame} is not cached"),
+            });
+        }
+        let mut removed = 0;
+        let mut i = 0;
+        while i < self.entries.len() {
+            if self.owners[i] == Some(frame) {
+                self.owners.remove(i);
+                let e = self.entries.remove(i);
+                removed += e.len as usize;
+                self.release(e);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Drops the newest `n` tokens (none of them a frame's own) and rewinds the positions, so
+    /// the next tokens take the dropped ones' positions. Nothing changes on error.
+    pub fn truncate_last(&mut self, n: usize) -> Result<(), CudaError> {
+        let mut left = n;
+        for (e, o) in self.entries.iter().zip(&self.owners).rev() {
+            if left == 0 {
+                break;
+            }
+            let order_end = e.order as usize + e.len as usize;
+            if o.is_some() || order_end != self.next_pos - (n - left) {
+                return Err(CudaError::Shape {
+                    op: "device KV cache",
+                    message: format!(
+                        "cannot drop the newest {n} tokens: they are not the last ones appended as text"
+                    ),
+                });
+            }
+            left -= left.min(e.len as usize);
+        }
+        if left > 0 {
+            return Err(CudaError::Shape {
+                op: "device KV cache",
+                message: format!("cannot drop {n} tokens: {} are cached", self.tokens),
+            });
+        }
+        let mut left = n;
+        while left > 0 {
+            let Some(e) = self.entries.last_mut() else {
+                break;
+            };
+            let k = left.min(e.len as usize);
+            e.len -= k as u32;
+            left -= k;
+            let kind = e.kind;
+            match kind {
+                BlockKind::Text => self.text_tokens -= k,
+                BlockKind::Frame => self.frame_tokens -= k,
+            }
+            self.tokens -= k;
+            if self.entries.last().is_some_and(|e| e.len == 0) {
+                self.owners.pop();
+                if let Some(e) = self.entries.pop() {
+                    self.release(BlockEntry { len: 0, ..e });
+                }
+            }
+        }
+        self.next_pos -= n;
+        Ok(())
+    }
+
+    /// Puts an entry's block on its pool's free list and drops its tokens from the counts.
+    fn release(&mut self, e: BlockEntry) {
+        let n = e.len as usize;
+        self.tokens -= n;
+        match e.kind {
+            BlockKind::Text => {
+                self.text_tokens -= n;
+                self.free_text.push(e.block);
+                // Lowest last: `pop` hands out the lowest freed block first.
+                self.free_text.sort_unstable_by(|a, b| b.cmp(a));
+            }
+            BlockKind::Frame => {
+                self.frame_tokens -= n;
+                self.free_frame.push(e.block);
+                self.free_frame.sort_unstable_by(|a, b| b.cmp(a));
+            }
+        }
     }
 }
 
@@ -401,6 +603,180 @@ mod tests {
         }
         let err = reference::normalized_error(&got, &want);
         assert!(err < 1e-5, "{err}");
+    }
+
+    enum Op {
+        Text(usize),
+        Frame(FrameId, usize),
+        Evict(FrameId),
+        Truncate(usize),
+    }
+
+    /// Runs `ops` through the table into host pools, tracking every live token by order,
+    /// then checks the reference attention over the table's entries against a direct
+    /// attention over the live tokens (queries that see everything and one causal query).
+    fn live_roundtrip(p: DevicePolicy, pools: (usize, usize), ops: &[Op]) -> KvBlockTable {
+        let l = p.layout;
+        let mut table = KvBlockTable::new(p, pools.0, pools.1);
+        let mut host = HostPools::new(l, pools.0, pools.1);
+        let mut rng = Rng::new(5);
+        let row = l.row_elems();
+        let mut live: std::collections::BTreeMap<usize, (BlockKind, usize, usize)> =
+            Default::default();
+        let mut owner_of: Vec<(usize, FrameId)> = Vec::new();
+        for op in ops {
+            let (n, placements) = match *op {
+                Op::Text(n) => (n, table.append(TokenKind::Text, n).unwrap()),
+                Op::Frame(id, n) => (n, table.append_frame(id, n).unwrap()),
+                Op::Evict(id) => {
+                    let gone = table.evict_frame(id).unwrap();
+                    let orders: Vec<usize> = owner_of
+                        .iter()
+                        .filter(|(_, f)| *f == id)
+                        .map(|(o, _)| *o)
+                        .collect();
+                    assert_eq!(gone, orders.len());
+                    for o in orders {
+                        live.remove(&o);
+                    }
+                    continue;
+                }
+                Op::Truncate(n) => {
+                    table.truncate_last(n).unwrap();
+                    for _ in 0..n {
+                        let last = *live.keys().next_back().unwrap();
+                        live.remove(&last);
+                    }
+                    continue;
+                }
+            };
+            let first = table.next_position() - n;
+            let k = rng.normals(n * row);
+            let v = rng.normals(n * row);
+            for pl in placements {
+                let r = pl.src_token * row..(pl.src_token + pl.len) * row;
+                match pl.kind {
+                    BlockKind::Text => {
+                        host.store_text(pl.block, pl.tok_offset, &k[r.clone()], &v[r])
+                    }
+                    BlockKind::Frame => {
+                        host.quantize_frame(pl.block, pl.tok_offset, pl.len, &k[r.clone()], &v[r])
+                    }
+                }
+                for t in 0..pl.len {
+                    let order = first + pl.src_token + t;
+                    live.insert(order, (pl.kind, pl.block, pl.tok_offset + t));
+                    if let Op::Frame(id, _) = *op {
+                        owner_of.push((order, id));
+                    }
+                }
+            }
+        }
+        assert_eq!(live.len(), table.len());
+        for e in table.entries() {
+            for t in 0..e.len as usize {
+                let s = live[&(e.order as usize + t)];
+                assert_eq!((s.0, s.1, s.2), (e.kind, e.block as usize, t), "{e:?}");
+            }
+        }
+        let q_heads = 2 * l.kv_heads;
+        let mid = *live.keys().nth(live.len() / 2).unwrap() as i32;
+        let q_order = [crate::layout::SEES_ALL, mid];
+        let q = rng.normals(q_order.len() * q_heads * l.head_dim);
+        let got = reference::attention(&host, &q, &q_order, q_heads, table.entries());
+        let d = l.head_dim;
+        let g = q_heads / l.kv_heads;
+        let mut want = vec![0f32; got.len()];
+        for (qi, &qo) in q_order.iter().enumerate() {
+            for hq in 0..q_heads {
+                let qv = &q[(qi * q_heads + hq) * d..(qi * q_heads + hq + 1) * d];
+                let kv: Vec<_> = live
+                    .iter()
+                    .filter(|(o, _)| **o as i64 <= qo as i64)
+                    .map(|(_, &(k, b, t))| host.token(k, b, t, hq / g))
+                    .collect();
+                let scores: Vec<f64> = kv
+                    .iter()
+                    .map(|(k, _)| {
+                        k.iter()
+                            .zip(qv)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let sum: f64 = w.iter().sum();
+                for e in 0..d {
+                    let a: f64 = w.iter().zip(&kv).map(|(w, (_, v))| w * v[e] as f64).sum();
+                    want[(qi * q_heads + hq) * d + e] = (a / sum) as f32;
+                }
+            }
+        }
+        let err = reference::normalized_error(&got, &want);
+        assert!(err < 1e-5, "{err}");
+        table
+    }
+
+    /// A camera session: prefix, frames appended and evicted in a rolling window, questions
+    /// and answers dropped again; freed blocks are reused and positions never move back past
+    /// a kept token.
+    #[test]
+    fn rolling_frames_and_rolled_back_questions_reuse_blocks() {
+        use Op::*;
+        let ops = [
+            Text(10),
+            Frame(1, 64),
+            Frame(2, 64),
+            Text(7),
+            Text(1),
+            Text(1),
+            Truncate(9),
+            Evict(1),
+            Frame(3, 64),
+            Text(5),
+            Truncate(5),
+            Evict(2),
+            Frame(4, 64),
+            Text(6),
+        ];
+        for p in ["mixed", "fp16", "mixed:keys=token", "int4-all"] {
+            let p = policy(p, 2, 64);
+            // Pools for the prefix, two frames and one question at a time.
+            let (tb, fb) = p.blocks_for_session(10, 2, 64, 9);
+            let t = live_roundtrip(p, (tb, fb), &ops);
+            assert_eq!(t.len(), 10 + 64 + 64 + 6, "{p:?}");
+            assert_eq!(t.next_position(), 10 + 4 * 64 + 6, "{p:?}");
+            let (ut, uf) = t.used_blocks();
+            assert!(ut <= tb && uf <= fb, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn eviction_and_truncation_errors_change_nothing() {
+        let p = policy("mixed", 1, 64);
+        let mut t = KvBlockTable::new(p, 4, 4);
+        t.append(TokenKind::Text, 10).unwrap();
+        t.append_frame(7, 40).unwrap();
+        // The next piece of the newest frame is welcome; the same id after other tokens is not.
+        t.append_frame(7, 24).unwrap();
+        t.append(TokenKind::Text, 1).unwrap();
+        assert!(t.append_frame(7, 64).is_err());
+        t.truncate_last(1).unwrap();
+        assert!(t.evict_frame(8).is_err());
+        let before = (t.entries().to_vec(), t.len(), t.next_position());
+        // The newest tokens are a frame's own: not droppable as a question.
+        assert!(t.truncate_last(3).is_err());
+        t.append(TokenKind::Text, 4).unwrap();
+        assert!(t.truncate_last(5).is_err());
+        t.truncate_last(4).unwrap();
+        assert_eq!((t.entries().to_vec(), t.len(), t.next_position()), before);
+        assert_eq!(t.evict_frame(7).unwrap(), 64);
+        assert_eq!(t.blocks_in_use(), (1, 0));
+        assert_eq!(t.token_counts(), (10, 0));
+        // Positions stay past the evicted frame.
+        assert_eq!(t.next_position(), 74);
     }
 
     #[test]

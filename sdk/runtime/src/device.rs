@@ -6,7 +6,7 @@
 
 use crate::RuntimeError;
 use crate::cache::{KvChoice, KvStats};
-use jetvlm_core::TokenKind;
+use jetvlm_core::{FrameId, TokenKind};
 use jetvlm_cuda::{
     CudaDevice, DeviceDecoder, DeviceInput, DeviceKvCache, DevicePolicy, DeviceSession, PoolMemory,
 };
@@ -52,63 +52,172 @@ impl GpuDecoder {
         answer_tokens: usize,
         tap: Arc<Mutex<KvStats>>,
     ) -> Result<(OnDevice<'a>, Logits), RuntimeError> {
-        let inputs: Vec<DeviceInput<'_>> = prompt
+        let mut spans: Vec<(TokenKind, usize, Option<FrameId>)> = prompt
             .iter()
             .map(|i| match *i {
-                Input::Text { ids } => DeviceInput::Ids {
-                    ids,
-                    kind: TokenKind::Text,
-                },
-                Input::Embeddings { data, n, kind, .. } => {
-                    DeviceInput::Embeddings { data, n, kind }
-                }
+                Input::Text { ids } => (TokenKind::Text, ids.len(), None),
+                Input::Embeddings { n, kind, frame, .. } => (kind, n, frame),
             })
             .collect();
-        let mut sizes: Vec<(TokenKind, usize)> =
-            inputs.iter().map(|i| (i.kind(), i.len())).collect();
         // Answer tokens are appended one at a time after the prompt (plus the last one fed).
-        sizes.push((TokenKind::Text, answer_tokens + 1));
+        spans.push((TokenKind::Text, answer_tokens + 1, None));
+        let cache = self.cache(self.policy.blocks_for_inputs(&spans))?;
+        let frame_tokens = frame_tokens(prompt);
+        let mut backend = self.backend(cache, None, frame_tokens, tap)?;
+        let logits = backend.run(prompt)?;
+        Ok((backend, logits))
+    }
+
+    /// An empty device cache of `blocks` (text, frame) pool blocks per layer.
+    pub(crate) fn cache(&self, blocks: (usize, usize)) -> Result<DeviceKvCache, RuntimeError> {
         let c = &self.model.config().model;
-        let cache = DeviceKvCache::for_spans(
+        Ok(DeviceKvCache::with_blocks(
             &self.dev,
             self.policy,
             c.num_hidden_layers,
-            &sizes,
+            blocks,
             PoolMemory::Device,
-        )?;
-        let fp16_bytes_per_token =
-            (2 * 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim) as u64;
-        let mut backend = OnDevice {
-            session: DeviceSession::new(&self.dev, &self.model, cache)?,
-            tap,
-            fp16_bytes_per_token,
-            text_tokens: 0,
-            frame_tokens: 0,
-        };
-        let logits = backend.run(&inputs)?;
+        )?)
+    }
+
+    /// The cache of a camera session: `prefix` text tokens, `frames` frames of
+    /// `frame_tokens`, and `question` tokens for a question and its answer.
+    pub(crate) fn session_cache(
+        &self,
+        prefix: usize,
+        frames: usize,
+        frame_tokens: usize,
+        question: usize,
+    ) -> Result<DeviceKvCache, RuntimeError> {
+        self.cache(
+            self.policy
+                .blocks_for_session(prefix, frames, frame_tokens, question),
+        )
+    }
+
+    /// Appends `inputs` (a session's prefix or a frame) to the cache in `slot`.
+    pub(crate) fn append(
+        &self,
+        slot: &mut Option<Box<DeviceKvCache>>,
+        inputs: &[Input<'_>],
+    ) -> Result<(), RuntimeError> {
+        let cache = slot.take().ok_or_else(lost)?;
+        let mut session = DeviceSession::new(&self.dev, &self.model, *cache)?;
+        let done = session.forward(&device_inputs(inputs));
+        *slot = Some(Box::new(session.into_cache()));
+        done?;
+        Ok(())
+    }
+
+    /// Runs `prompt` after what the cache in `slot` holds and returns the backend positioned
+    /// after it (it puts the cache back into `slot` when dropped) with the last logits.
+    /// `frame_tokens`: frame tokens the cache holds, for the reports.
+    pub(crate) fn continue_on<'a>(
+        &'a self,
+        slot: &'a mut Option<Box<DeviceKvCache>>,
+        prompt: &[Input<'_>],
+        frame_tokens: usize,
+        tap: Arc<Mutex<KvStats>>,
+    ) -> Result<(OnDevice<'a>, Logits), RuntimeError> {
+        let cache = slot.take().ok_or_else(lost)?;
+        let mut backend = self.backend(*cache, Some(slot), frame_tokens, tap)?;
+        let logits = backend.run(prompt)?;
         Ok((backend, logits))
+    }
+
+    fn backend<'a>(
+        &'a self,
+        cache: DeviceKvCache,
+        slot: Option<&'a mut Option<Box<DeviceKvCache>>>,
+        frame_tokens: usize,
+        tap: Arc<Mutex<KvStats>>,
+    ) -> Result<OnDevice<'a>, RuntimeError> {
+        let c = &self.model.config().model;
+        Ok(OnDevice {
+            session: Some(DeviceSession::new(&self.dev, &self.model, cache)?),
+            slot,
+            tap,
+            fp16_bytes_per_token: (2 * 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim)
+                as u64,
+            frame_tokens,
+        })
     }
 }
 
+/// The error of a session whose device cache an earlier failure took down with it.
+pub(crate) fn lost() -> RuntimeError {
+    RuntimeError::Unsupported {
+        op: "streaming session",
+        message: "the device KV cache was lost by an earlier error; start a new session".into(),
+    }
+}
+
+fn frame_tokens(inputs: &[Input<'_>]) -> usize {
+    inputs
+        .iter()
+        .map(|i| match *i {
+            Input::Embeddings {
+                n,
+                kind: TokenKind::Frame,
+                ..
+            } => n,
+            _ => 0,
+        })
+        .sum()
+}
+
+fn device_inputs<'i>(inputs: &[Input<'i>]) -> Vec<DeviceInput<'i>> {
+    inputs
+        .iter()
+        .map(|i| match *i {
+            Input::Text { ids } => DeviceInput::Ids {
+                ids,
+                kind: TokenKind::Text,
+            },
+            Input::Embeddings {
+                data,
+                n,
+                kind,
+                frame,
+            } => DeviceInput::Embeddings {
+                data,
+                n,
+                kind,
+                frame,
+            },
+        })
+        .collect()
+}
+
 /// A device session a [`Generation`](jetvlm_decoder::Generation) decodes on; reports the
-/// device cache's memory to the pipeline's KV tap after every step.
+/// device cache's memory to the pipeline's KV tap after every step. A session's cache goes
+/// back to its slot when the backend is dropped.
 pub(crate) struct OnDevice<'a> {
-    session: DeviceSession<'a>,
+    session: Option<DeviceSession<'a>>,
+    slot: Option<&'a mut Option<Box<DeviceKvCache>>>,
     tap: Arc<Mutex<KvStats>>,
     fp16_bytes_per_token: u64,
-    text_tokens: usize,
+    /// Frame tokens the cache holds (the rest is text).
     frame_tokens: usize,
 }
 
-impl OnDevice<'_> {
-    fn run(&mut self, inputs: &[DeviceInput<'_>]) -> Result<Logits, RuntimeError> {
-        let data = self.session.forward(inputs)?;
-        for i in inputs {
-            match i.kind() {
-                TokenKind::Text => self.text_tokens += i.len(),
-                TokenKind::Frame => self.frame_tokens += i.len(),
-            }
+impl Drop for OnDevice<'_> {
+    fn drop(&mut self) {
+        if let (Some(session), Some(slot)) = (self.session.take(), self.slot.as_mut()) {
+            **slot = Some(Box::new(session.into_cache()));
         }
+    }
+}
+
+impl<'a> OnDevice<'a> {
+    /// The session (present from construction until drop).
+    fn session(&mut self) -> Result<&mut DeviceSession<'a>, RuntimeError> {
+        self.session.as_mut().ok_or_else(lost)
+    }
+
+    fn run(&mut self, prompt: &[Input<'_>]) -> Result<Logits, RuntimeError> {
+        let data = self.session()?.forward(&device_inputs(prompt))?;
+        self.frame_tokens += frame_tokens(prompt);
         self.report();
         let vocab = data.len();
         Ok(Logits {
@@ -118,25 +227,27 @@ impl OnDevice<'_> {
         })
     }
 
-    /// The device cache's bytes in use (blocks handed out, all layers) by precision.
+    /// The device cache's bytes in use (all layers) by precision.
     fn report(&self) {
-        let cache = self.session.cache();
-        let table = cache.table();
+        let Some(session) = &self.session else {
+            return;
+        };
+        let table = session.cache().table();
         let layout = &table.policy().layout;
-        let layers = self.session.model().config().model.num_hidden_layers as u64;
-        let (text_blocks, frame_blocks) = table.used_blocks();
+        let layers = session.model().config().model.num_hidden_layers as u64;
+        let (text_blocks, frame_blocks) = table.blocks_in_use();
         let fp16_bytes = text_blocks as u64 * layout.text_block_bytes() as u64 * layers;
         let quant_bytes = frame_blocks as u64 * layout.frame_block_bytes() as u64 * layers;
-        let tokens = (self.text_tokens + self.frame_tokens) as u64;
+        let tokens = table.len();
         if let Ok(mut t) = self.tap.lock() {
             *t = KvStats {
-                text_tokens: self.text_tokens,
+                text_tokens: tokens.saturating_sub(self.frame_tokens),
                 frame_tokens: self.frame_tokens,
                 fp16_bytes,
                 quant_bytes,
                 f32_bytes: 0,
                 total_bytes: fp16_bytes + quant_bytes,
-                fp16_equivalent_bytes: tokens * self.fp16_bytes_per_token,
+                fp16_equivalent_bytes: tokens as u64 * self.fp16_bytes_per_token,
             };
         }
     }
@@ -145,8 +256,7 @@ impl OnDevice<'_> {
 impl Decode for OnDevice<'_> {
     type Error = RuntimeError;
     fn decode(&mut self, ids: &[u32]) -> Result<Logits, RuntimeError> {
-        let logits = self.session.decode(ids)?;
-        self.text_tokens += ids.len();
+        let logits = self.session()?.decode(ids)?;
         self.report();
         Ok(logits)
     }

@@ -590,7 +590,7 @@ pub struct TokenStream<'a> {
 
 impl<'a> TokenStream<'a> {
     /// A stream over `generation`, whose prompt's prefill ran from `t_prefill` until now.
-    fn new(
+    pub(crate) fn new(
         generation: Generation<'a, Backend<'a>>,
         tap: Arc<Mutex<KvStats>>,
         started: Instant,

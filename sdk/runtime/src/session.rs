@@ -43,9 +43,19 @@ pub enum SessionCapture {
     Timeout,
 }
 
+/// Where a session's tokens are cached: the pipeline's CPU cache, or (decoder on a GPU) a
+/// device cache of the session's own.
+enum Store {
+    Cpu,
+    /// `None` only after an error took the cache down.
+    #[cfg(feature = "cuda")]
+    Gpu(Option<Box<jetvlm_cuda::DeviceKvCache>>),
+}
+
 /// A rolling window of frames in the KV cache; see the module docs.
 pub struct StreamSession<'p> {
     pipe: &'p mut Pipeline,
+    store: Store,
     window: VecDeque<CachedFrame>,
     /// Cache length and next position before the last question (rolled back to before the
     /// next step).
@@ -71,13 +81,10 @@ impl Pipeline {
     /// Starts a streaming session on a fresh cache: BOS, the system prompt and the template
     /// text before `{frames}` are prefilled once and kept.
     ///
-    /// With the decoder on a GPU (`device: cuda`) nothing is cached between questions: frames
-    /// are encoded as they arrive and kept as embeddings, and each question prefills the
-    /// prefix, the window's frames and the question into fresh device KV pools (the same
-    /// prompt a CPU session holds right after a re-base).
+    /// With the decoder on a GPU (`device: cuda`) the session keeps its tokens in device KV
+    /// pools of its own, sized for the window, and evicts and rolls back there.
     pub fn session(&mut self) -> Result<StreamSession<'_>, RuntimeError> {
-        let on_gpu = self.model.is_none();
-        if !on_gpu && !self.cache.supports_eviction() {
+        if self.model.is_some() && !self.cache.supports_eviction() {
             return Err(RuntimeError::Unsupported {
                 op: "starting a streaming session",
                 message: "the f32 reference cache cannot evict frames; choose a KV policy (fp16, mixed, ...)"
@@ -109,15 +116,23 @@ impl Pipeline {
             self.cache = crate::cache::KvBackend::new(&self.kv, self.cache_shape(), self.capacity)?;
         }
         self.cache.clear();
-        if !on_gpu && !ids.is_empty() {
-            cpu_decoder(&self.model, "starting a streaming session")?.forward_with(
-                &[Input::text(&ids)],
-                &mut self.cache,
-                LogitsMode::Last,
-            )?;
+        #[allow(unused_mut)]
+        let mut store = Store::Cpu;
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            store = Store::Gpu(Some(Box::new(gpu.session_cache(
+                ids.len(),
+                self.cfg.window_frames,
+                tpf,
+                QUESTION_RESERVE + 256 + self.cfg.max_new_tokens,
+            )?)));
+        }
+        if !ids.is_empty() {
+            append(self, &mut store, &[Input::text(&ids)])?;
         }
         Ok(StreamSession {
             pipe: self,
+            store,
             window: VecDeque::new(),
             question_mark: None,
             prefix_ids: ids,
@@ -132,10 +147,26 @@ impl StreamSession<'_> {
     /// Drops the last question and answer from the cache.
     fn roll_back(&mut self) -> Result<(), RuntimeError> {
         if let Some((len, position)) = self.question_mark.take() {
-            let extra = self.pipe.cache.len().saturating_sub(len);
-            self.pipe.cache.roll_back(extra, position)?;
+            let extra = self.cached_tokens().saturating_sub(len);
+            match &mut self.store {
+                Store::Cpu => self.pipe.cache.roll_back(extra, position)?,
+                #[cfg(feature = "cuda")]
+                Store::Gpu(cache) => {
+                    let c = cache.as_mut().ok_or_else(crate::device::lost)?;
+                    c.truncate_last(extra)?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// RoPE position of the next token.
+    fn next_position(&self) -> usize {
+        match &self.store {
+            Store::Cpu => self.pipe.cache.next_position() as usize,
+            #[cfg(feature = "cuda")]
+            Store::Gpu(cache) => cache.as_ref().map_or(0, |c| c.next_position()),
+        }
     }
 
     /// Encodes a frame and appends it to the window, evicting the oldest frame when the
@@ -151,11 +182,15 @@ impl StreamSession<'_> {
         let t0 = Instant::now();
         let emb = jetvlm_vision::VisionEncoder::encode(&mut self.pipe.encoder, &view)?;
         let enc_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let on_gpu = self.pipe.model.is_none();
         while self.window.len() >= self.pipe.cfg.window_frames {
             if let Some(old) = self.window.pop_front() {
-                if !on_gpu {
-                    self.pipe.cache.evict_frame(old.id)?;
+                match &mut self.store {
+                    Store::Cpu => self.pipe.cache.evict_frame(old.id)?,
+                    #[cfg(feature = "cuda")]
+                    Store::Gpu(cache) => {
+                        let c = cache.as_mut().ok_or_else(crate::device::lost)?;
+                        c.evict_frame(old.id)?;
+                    }
                 }
                 self.encoder_ms.pop_front();
                 self.embeddings.pop_front();
@@ -163,16 +198,13 @@ impl StreamSession<'_> {
         }
         let id = self.pipe.next_frame;
         self.pipe.next_frame += 1;
-        // On a GPU the frame is prefilled with the next question (see `Pipeline::session`).
-        if !on_gpu {
-            // Room for this frame, a question and its answer.
-            self.rebase_if_needed(emb.tokens + QUESTION_RESERVE + self.pipe.cfg.max_new_tokens)?;
-            cpu_decoder(&self.pipe.model, "streaming session")?.forward_with(
-                &[Input::frame(&emb.data, emb.tokens, id)],
-                &mut self.pipe.cache,
-                LogitsMode::Last,
-            )?;
-        }
+        // Room for this frame, a question and its answer.
+        self.rebase_if_needed(emb.tokens + QUESTION_RESERVE + self.pipe.cfg.max_new_tokens)?;
+        append(
+            self.pipe,
+            &mut self.store,
+            &[Input::frame(&emb.data, emb.tokens, id)],
+        )?;
         self.window.push_back(CachedFrame {
             id,
             index: frame.index,
@@ -198,7 +230,7 @@ impl StreamSession<'_> {
 
     /// Re-bases positions when `upcoming` more tokens would pass [`Self::max_position`].
     fn rebase_if_needed(&mut self, upcoming: usize) -> Result<(), RuntimeError> {
-        let next = self.pipe.cache.next_position() as usize;
+        let next = self.next_position();
         if next + upcoming <= self.max_position() {
             return Ok(());
         }
@@ -209,20 +241,20 @@ impl StreamSession<'_> {
             return Ok(());
         }
         tracing::debug!(next, fresh, "re-basing stream session positions");
-        self.pipe.cache.clear();
+        match &mut self.store {
+            Store::Cpu => self.pipe.cache.clear(),
+            #[cfg(feature = "cuda")]
+            Store::Gpu(cache) => cache.as_mut().ok_or_else(crate::device::lost)?.clear(),
+        }
         if !self.prefix_ids.is_empty() {
-            cpu_decoder(&self.pipe.model, "streaming session")?.forward_with(
-                &[Input::text(&self.prefix_ids)],
-                &mut self.pipe.cache,
-                LogitsMode::Last,
-            )?;
+            append(self.pipe, &mut self.store, &[Input::text(&self.prefix_ids)])?;
         }
         let tpf = self.pipe.package.tokens_per_frame();
         for (frame, emb) in self.window.iter().zip(&self.embeddings) {
-            cpu_decoder(&self.pipe.model, "streaming session")?.forward_with(
+            append(
+                self.pipe,
+                &mut self.store,
                 &[Input::frame(emb, tpf, frame.id)],
-                &mut self.pipe.cache,
-                LogitsMode::Last,
             )?;
         }
         self.rebases += 1;
@@ -256,22 +288,22 @@ impl StreamSession<'_> {
         self.prefix_ids.len()
     }
 
-    /// Tokens cached now (on a GPU session: what the next question prefills before its own
-    /// tokens).
+    /// Tokens cached now.
     pub fn cached_tokens(&self) -> usize {
-        if self.pipe.model.is_none() {
-            return self.prefix_ids.len()
-                + self.window.len() * self.pipe.package.tokens_per_frame();
+        match &self.store {
+            Store::Cpu => self.pipe.cache.len(),
+            #[cfg(feature = "cuda")]
+            Store::Gpu(cache) => cache.as_ref().map_or(0, |c| c.len()),
         }
-        self.pipe.cache.len()
     }
 
-    /// KV bytes by precision (on a GPU session: the device pools of the last question).
+    /// KV bytes by precision (on a GPU session: as of its last question).
     pub fn kv_memory(&self) -> crate::KvStats {
-        if self.pipe.model.is_none() {
-            return self.pipe.cache.tap().lock().map(|t| *t).unwrap_or_default();
+        match &self.store {
+            Store::Cpu => self.pipe.cache.memory(),
+            #[cfg(feature = "cuda")]
+            Store::Gpu(_) => self.pipe.cache.tap().lock().map(|t| *t).unwrap_or_default(),
         }
-        self.pipe.cache.memory()
     }
 
     /// The question's tokens (the template text after `{frames}`).
@@ -314,109 +346,52 @@ impl StreamSession<'_> {
             decoder_device: s.pipe.decoder_device(),
             ..Stats::default()
         };
-        if self.pipe.model.is_none() {
-            // On a GPU: the whole prompt on fresh device pools (see `Pipeline::session`).
-            let stats = stats(self, self.cached_tokens() + ids.len());
-            let tpf = self.pipe.package.tokens_per_frame();
-            let prompt = fresh_prompt(&self.prefix_ids, &self.window, &self.embeddings, tpf, &ids);
-            return self.pipe.answer(&prompt, &ids, started, stats);
-        }
         self.rebase_if_needed(ids.len() + self.pipe.cfg.max_new_tokens)?;
-        self.question_mark = Some((self.pipe.cache.len(), self.pipe.cache.next_position()));
-        let stats = stats(self, self.pipe.cache.len() + ids.len());
-        self.pipe.answer(&[Input::text(&ids)], &ids, started, stats)
-    }
-}
-
-/// A question's whole prompt on a fresh cache: the kept prefix, the window's frames from
-/// their stored embeddings, then the question's tokens (what a GPU session prefills).
-fn fresh_prompt<'s>(
-    prefix_ids: &'s [u32],
-    window: &'s VecDeque<CachedFrame>,
-    embeddings: &'s VecDeque<Vec<f32>>,
-    tokens_per_frame: usize,
-    question_ids: &'s [u32],
-) -> Vec<Input<'s>> {
-    let mut prompt = Vec::with_capacity(window.len() + 2);
-    if !prefix_ids.is_empty() {
-        prompt.push(Input::text(prefix_ids));
-    }
-    for (frame, emb) in window.iter().zip(embeddings) {
-        prompt.push(Input::frame(emb, tokens_per_frame, frame.id));
-    }
-    prompt.push(Input::text(question_ids));
-    prompt
-}
-
-#[cfg(test)]
-mod tests {
-    use crate::cache::KvBackend;
-    use crate::pipeline::start_on_cpu;
-    use crate::{Pipeline, RuntimeConfig};
-    use jetvlm_camera::Frame;
-    use jetvlm_vision::RgbImage;
-    use std::path::PathBuf;
-    use std::time::Duration;
-
-    fn fixture() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/vlm")
-    }
-
-    /// The prompt a GPU session prefills for a question (prefix, the window's frames from
-    /// their stored embeddings, the question) answers, on a fresh CPU cache, exactly like the
-    /// CPU session that holds those frames (same tokens at the same positions).
-    #[test]
-    fn fresh_prompt_answers_like_the_cached_session() {
-        let cfg = RuntimeConfig {
-            kv_policy: Some("fp16".into()),
-            max_new_tokens: 8,
-            window_frames: 2,
-            ..RuntimeConfig::default()
-        };
-        let mut pipe = Pipeline::load(&fixture(), cfg).unwrap();
-        let img = RgbImage::open(&fixture().join("image.png")).unwrap();
-        let frames: Vec<Frame> = (0..2u64)
-            .map(|i| {
-                let mut rgb = img.data.clone();
-                if i == 1 {
-                    rgb.iter_mut().for_each(|v| *v = 255 - *v);
-                }
-                Frame {
-                    index: i,
-                    timestamp: Duration::from_millis(100 * i),
-                    width: img.width,
-                    height: img.height,
-                    rgb,
-                }
-            })
-            .collect();
-        let question = "what is in the picture?";
-        let mut s = pipe.session().unwrap();
-        for f in &frames {
-            s.push_frame(f).unwrap();
+        self.question_mark = Some((self.cached_tokens(), self.next_position() as u32));
+        let stats = stats(self, self.cached_tokens() + ids.len());
+        match &mut self.store {
+            Store::Cpu => self.pipe.answer(&[Input::text(&ids)], &ids, started, stats),
+            #[cfg(feature = "cuda")]
+            Store::Gpu(slot) => {
+                let gpu = self.pipe.gpu.as_ref().ok_or_else(crate::device::lost)?;
+                let frame_tokens = self.window.len() * self.pipe.package.tokens_per_frame();
+                let tap = self.pipe.cache.tap();
+                let t_prefill = Instant::now();
+                let (backend, logits) =
+                    gpu.continue_on(slot, &[Input::text(&ids)], frame_tokens, tap.clone())?;
+                let backend: crate::pipeline::Backend<'_> = Box::new(backend);
+                let generation = jetvlm_decoder::Generation::resume(
+                    backend,
+                    logits,
+                    &ids,
+                    Some(&self.pipe.tokenizer),
+                    self.pipe.generate_options(),
+                );
+                Ok(TokenStream::new(generation, tap, started, t_prefill, stats))
+            }
         }
-        let want = s.ask(question).unwrap().finish().unwrap().token_ids;
-        assert!(!want.is_empty());
-
-        let ids = s.question_ids(question).unwrap();
-        let tpf = s.pipe.package.tokens_per_frame();
-        let prompt = super::fresh_prompt(&s.prefix_ids, &s.window, &s.embeddings, tpf, &ids);
-        let prompt_tokens: usize = prompt.iter().map(|i| i.len()).sum();
-        assert_eq!(prompt_tokens, s.prefix_tokens() + 2 * tpf + ids.len());
-        let p = &*s.pipe;
-        let mut cache = KvBackend::new(&p.kv, p.cache_shape(), 1024).unwrap();
-        let model = p.model.as_ref().unwrap();
-        let got: Vec<u32> = start_on_cpu(
-            model,
-            &mut cache,
-            &prompt,
-            &ids,
-            &p.tokenizer,
-            p.generate_options(),
-        )
-        .unwrap()
-        .map(|t| t.unwrap().token)
-        .collect();
-        assert_eq!(got, want);
     }
+}
+
+/// Appends `inputs` (a session's prefix or a frame) to the session's cache.
+fn append(
+    pipe: &mut Pipeline,
+    store: &mut Store,
+    inputs: &[Input<'_>],
+) -> Result<(), RuntimeError> {
+    match store {
+        Store::Cpu => {
+            cpu_decoder(&pipe.model, "streaming session")?.forward_with(
+                inputs,
+                &mut pipe.cache,
+                LogitsMode::Last,
+            )?;
+        }
+        #[cfg(feature = "cuda")]
+        Store::Gpu(slot) => {
+            let gpu = pipe.gpu.as_ref().ok_or_else(crate::device::lost)?;
+            gpu.append(slot, inputs)?;
+        }
+    }
+    Ok(())
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
-use jetvlm_core::{DType, TokenKind};
+use jetvlm_core::{DType, FrameId, TokenKind};
 use jetvlm_decoder::kernels::Rope;
 use jetvlm_decoder::model::PREFIXES;
 use jetvlm_decoder::{Config, Tensor, TensorData, Weights};
@@ -285,7 +285,9 @@ impl DeviceKvCache {
         Self::with_blocks(dev, policy, layers, policy.blocks_for_spans(spans), memory)
     }
 
-    fn with_blocks(
+    /// Pools of exactly `(text blocks, frame blocks)` per layer (see
+    /// [`DevicePolicy::blocks_for_session`]).
+    pub fn with_blocks(
         dev: &CudaDevice,
         policy: DevicePolicy,
         layers: usize,
@@ -335,6 +337,20 @@ impl DeviceKvCache {
     /// Forgets every token.
     pub fn clear(&mut self) {
         self.table.clear();
+    }
+    /// Gives back the blocks of camera frame `frame` (appended with its id); later tokens
+    /// keep their positions. Returns the tokens removed.
+    pub fn evict_frame(&mut self, frame: FrameId) -> Result<usize, CudaError> {
+        self.table.evict_frame(frame)
+    }
+    /// Drops the newest `n` text tokens (a question and its answer) and rewinds the
+    /// positions to reuse theirs.
+    pub fn truncate_last(&mut self, n: usize) -> Result<(), CudaError> {
+        self.table.truncate_last(n)
+    }
+    /// RoPE position of the next token.
+    pub fn next_position(&self) -> usize {
+        self.table.next_position()
     }
 
     /// Appends `n` tokens of `kind` and writes their K/V (`[n][kv_heads][head_dim]` f32 per
@@ -387,11 +403,14 @@ fn write_placements(
 pub enum DeviceInput<'a> {
     /// Token ids embedded by the model's table, cached as `kind`.
     Ids { ids: &'a [u32], kind: TokenKind },
-    /// Embeddings `[n][hidden]` (e.g. a camera frame's projected vision features).
+    /// Embeddings `[n][hidden]` (e.g. a camera frame's projected vision features). With a
+    /// `frame` id (frame tokens only) the tokens get blocks of their own, which
+    /// [`DeviceKvCache::evict_frame`] gives back.
     Embeddings {
         data: &'a [f32],
         n: usize,
         kind: TokenKind,
+        frame: Option<FrameId>,
     },
 }
 
@@ -408,6 +427,13 @@ impl DeviceInput<'_> {
     pub fn kind(&self) -> TokenKind {
         match self {
             DeviceInput::Ids { kind, .. } | DeviceInput::Embeddings { kind, .. } => *kind,
+        }
+    }
+    /// The camera frame these tokens belong to, if any.
+    pub fn frame(&self) -> Option<FrameId> {
+        match self {
+            DeviceInput::Ids { .. } => None,
+            DeviceInput::Embeddings { frame, .. } => *frame,
         }
     }
 }
@@ -495,6 +521,10 @@ impl<'a> DeviceSession<'a> {
     pub fn cache(&self) -> &DeviceKvCache {
         &self.cache
     }
+    /// Ends the session and hands its cache back (for the next session over it).
+    pub fn into_cache(self) -> DeviceKvCache {
+        self.cache
+    }
     pub fn cache_mut(&mut self) -> &mut DeviceKvCache {
         &mut self.cache
     }
@@ -524,12 +554,20 @@ impl<'a> DeviceSession<'a> {
                         )));
                     }
                 }
-                DeviceInput::Embeddings { data, n, .. } => {
+                DeviceInput::Embeddings {
+                    data,
+                    n,
+                    kind,
+                    frame,
+                } => {
                     if data.len() != n * h {
                         return Err(bad(format!(
                             "span {i}: {} embedding values for {n} tokens of hidden size {h}",
                             data.len()
                         )));
+                    }
+                    if frame.is_some() && *kind != TokenKind::Frame {
+                        return Err(bad(format!("span {i}: a frame id on {kind:?} tokens")));
                     }
                 }
             }
@@ -553,7 +591,7 @@ impl<'a> DeviceSession<'a> {
                             .map_err(driver_err("cuMemcpyHtoD"))?;
                     }
                 }
-                self.run_chunk(n, inp.kind())?;
+                self.run_chunk(n, inp.kind(), inp.frame())?;
                 start += n;
             }
         }
@@ -580,17 +618,26 @@ impl<'a> DeviceSession<'a> {
         self.dev.download(&self.s.logits)
     }
 
-    /// Runs the `n` tokens in `s.x` through every layer, caching them as `kind`.
-    fn run_chunk(&mut self, n: usize, kind: TokenKind) -> Result<(), CudaError> {
+    /// Runs the `n` tokens in `s.x` through every layer, caching them as `kind` (as part of
+    /// camera frame `frame`, if given).
+    fn run_chunk(
+        &mut self,
+        n: usize,
+        kind: TokenKind,
+        frame: Option<FrameId>,
+    ) -> Result<(), CudaError> {
         let dev = self.dev;
         let c = &self.model.config.model;
         let (h, eps) = (c.hidden_size, c.rms_norm_eps as f32);
         let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let inter = c.intermediate_size;
-        let first = self.cache.table.len();
+        let first = self.cache.table.next_position();
         // Blocks holding earlier tokens: what an offloaded step streams to the device.
         let before = self.cache.table.used_blocks();
-        let placements = self.cache.table.append(kind, n)?;
+        let placements = match frame {
+            Some(f) => self.cache.table.append_frame(f, n)?,
+            None => self.cache.table.append(kind, n)?,
+        };
         let positions: Vec<u32> = (first..first + n).map(|p| p as u32).collect();
         let d_pos = dev.upload(&positions)?;
         let q_order: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
