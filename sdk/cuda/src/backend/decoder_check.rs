@@ -34,6 +34,11 @@ pub struct DecoderCheck {
     /// the same history (teacher-forced), and the answer length.
     pub mixed_agreement: (usize, usize),
     pub mixed_policy: String,
+    /// A camera session (FP16 KV): prefix, frames A and B, a question and 3 answer tokens
+    /// dropped again, A evicted, frame C, then the prompt's question: the GPU's greedy tokens
+    /// (device pools evicting and truncating) and the CPU's (the same session without the
+    /// dropped question, which must leave nothing behind).
+    pub rolling: (Vec<u32>, Vec<u32>),
 }
 
 /// Minimum teacher-forced agreement of the GPU mixed policy with the CPU FP16 answer (the CPU
@@ -49,13 +54,17 @@ impl DecoderCheck {
         (0..self.offload.len().max(self.cpu.len()))
             .find(|&i| self.offload.get(i) != self.cpu.get(i))
     }
-    /// Tokens (device and offloaded KV) and logits agree (logit error within FP16-K/V
-    /// rounding, 1e-3).
+    /// Tokens (device and offloaded KV, and the camera session) and logits agree (logit
+    /// error within FP16-K/V rounding, 1e-3).
     pub fn passed(&self) -> bool {
         self.first_mismatch().is_none()
             && self.offload_mismatch().is_none()
             && self.logits_error <= 1e-3
             && self.mixed_ok()
+            && self.rolling_ok()
+    }
+    pub fn rolling_ok(&self) -> bool {
+        !self.rolling.1.is_empty() && self.rolling.0 == self.rolling.1
     }
     pub fn mixed_ok(&self) -> bool {
         let (same, n) = self.mixed_agreement;
@@ -81,6 +90,17 @@ impl DecoderCheck {
                 format!(" BELOW {:.0}%", 100.0 * MIXED_AGREEMENT)
             }
         );
+        let rolling = if self.rolling_ok() {
+            format!(
+                ", camera session (evict, roll back) {} tokens equal",
+                self.rolling.1.len()
+            )
+        } else {
+            format!(
+                ", camera session (evict, roll back) DIFFERS: GPU {:?}, CPU {:?}",
+                self.rolling.0, self.rolling.1
+            )
+        };
         let tf = match &self.transformers {
             Some(t) => format!(
                 ", transformers {}/{}",
@@ -91,7 +111,7 @@ impl DecoderCheck {
         };
         match self.first_mismatch() {
             None => format!(
-                "{} decoder {:<10} ({} weights, fp16 KV): {} greedy tokens equal the CPU path; prompt logits error {:.3e}{off}{mixed}{tf}",
+                "{} decoder {:<10} ({} weights, fp16 KV): {} greedy tokens equal the CPU path; prompt logits error {:.3e}{off}{mixed}{rolling}{tf}",
                 if self.passed() { "PASS" } else { "FAIL" },
                 self.name,
                 self.weights,
@@ -99,7 +119,7 @@ impl DecoderCheck {
                 self.logits_error
             ),
             Some(i) => format!(
-                "FAIL decoder {:<10} ({} weights, fp16 KV): first mismatch at token {i} (GPU {:?}, CPU {:?}); prompt logits error {:.3e}{off}{mixed}{tf}",
+                "FAIL decoder {:<10} ({} weights, fp16 KV): first mismatch at token {i} (GPU {:?}, CPU {:?}); prompt logits error {:.3e}{off}{mixed}{rolling}{tf}",
                 self.name,
                 self.weights,
                 self.gpu.get(i),
@@ -207,6 +227,107 @@ impl CudaDevice {
         Ok(((same, answer.len()), policy.name()))
     }
 
+    /// The camera session of [`DecoderCheck::rolling`]: (GPU tokens, CPU tokens).
+    fn rolling_session(
+        &self,
+        cpu_model: &Model,
+        model: &super::decoder::DeviceDecoder,
+        prompt: &[u32],
+        tokens: usize,
+    ) -> Result<(Vec<u32>, Vec<u32>), CudaError> {
+        let path = model.config().path.clone();
+        let model_err = |message: String| CudaError::Model {
+            path: path.clone(),
+            message,
+        };
+        let vocab = cpu_model.vocab_size() as u32;
+        let frames: Vec<Vec<f32>> = (0..3u32)
+            .map(|f| {
+                let ids: Vec<u32> = (0..64u32).map(|i| (f * 131 + i * 17 + 3) % vocab).collect();
+                cpu_model.embed(&ids)
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| model_err(e.to_string()))?;
+        let split = prompt.len().min(4);
+        let (prefix, question) = (&prompt[..split], &prompt[split..]);
+        let dropped: Vec<u32> = prompt.iter().rev().take(5).copied().collect();
+
+        // CPU: prefix, A, B, evict A, C, question (the dropped question never happens).
+        let shape = cpu_model.cache_shape();
+        let cap = prompt.len() + 3 * 64 + tokens + 8;
+        let mut cache = MixedKvCache::new(shape, KvPolicy::fp16(), cap)
+            .map_err(|e| model_err(e.to_string()))?;
+        let cpu_err = |e: jetvlm_decoder::DecoderError| model_err(e.to_string());
+        cpu_model
+            .forward(&[Input::text(prefix)], &mut cache)
+            .map_err(cpu_err)?;
+        for (i, f) in frames[..2].iter().enumerate() {
+            cpu_model
+                .forward(&[Input::frame(f, 64, i as u64)], &mut cache)
+                .map_err(cpu_err)?;
+        }
+        cache.evict_frame(0).map_err(|e| model_err(e.to_string()))?;
+        cpu_model
+            .forward(&[Input::frame(&frames[2], 64, 2)], &mut cache)
+            .map_err(cpu_err)?;
+        let opts = GenerateOptions {
+            max_tokens: tokens,
+            ..Default::default()
+        };
+        let cpu: Vec<u32> = Generation::start(
+            cpu_model,
+            &mut cache,
+            &[Input::text(question)],
+            &[],
+            None,
+            opts,
+        )
+        .map_err(cpu_err)?
+        .map(|s| s.map(|s| s.token))
+        .collect::<Result<_, _>>()
+        .map_err(cpu_err)?;
+
+        // GPU: the same with a question and 3 answer tokens dropped after B.
+        let c = &model.config().model;
+        let policy = DevicePolicy::new(&KvPolicy::fp16(), c.num_key_value_heads, c.head_dim)?;
+        let blocks = policy.blocks_for_session(
+            prefix.len(),
+            2,
+            64,
+            question.len().max(dropped.len() + 3) + tokens + 1,
+        );
+        let cache = DeviceKvCache::with_blocks(
+            self,
+            policy,
+            c.num_hidden_layers,
+            blocks,
+            PoolMemory::Device,
+        )?;
+        let mut session = DeviceSession::new(self, model, cache)?;
+        let text = jetvlm_core::TokenKind::Text;
+        let frame = |i: usize| DeviceInput::Embeddings {
+            data: &frames[i],
+            n: 64,
+            kind: jetvlm_core::TokenKind::Frame,
+            frame: Some(i as u64),
+        };
+        session.forward(&[DeviceInput::Ids {
+            ids: prefix,
+            kind: text,
+        }])?;
+        session.forward(&[frame(0)])?;
+        session.forward(&[frame(1)])?;
+        let answer = session.greedy(&dropped, 3)?;
+        // The dropped question, its 3 answer tokens less the last (never fed).
+        session
+            .cache_mut()
+            .truncate_last(dropped.len() + answer.len() - 1)?;
+        session.cache_mut().evict_frame(0)?;
+        session.forward(&[frame(2)])?;
+        let gpu = session.greedy(question, tokens)?;
+        Ok((gpu, cpu))
+    }
+
     /// Greedy generation of `tokens` tokens on every fixture under `dir` present, GPU against
     /// CPU. A fixture that cannot be read is an error naming it.
     pub fn decoder_check(&self, dir: &Path, tokens: usize) -> Result<Vec<DecoderCheck>, CudaError> {
@@ -277,6 +398,7 @@ impl CudaDevice {
             };
             let (mixed_agreement, mixed_policy) =
                 self.mixed_agreement(&cpu_model, &model, &prompt, tokens)?;
+            let rolling = self.rolling_session(&cpu_model, &model, &prompt, tokens)?;
             out.push(DecoderCheck {
                 name: name.to_string(),
                 weights: model.weight_dtype().to_string(),
@@ -287,6 +409,7 @@ impl CudaDevice {
                 transformers,
                 mixed_agreement,
                 mixed_policy,
+                rolling,
             });
         }
         Ok(out)
@@ -308,6 +431,7 @@ mod tests {
             transformers: Some(vec![1, 2, 3, 5]),
             mixed_agreement: mixed,
             mixed_policy: "mixed".into(),
+            rolling: (vec![5, 6], vec![5, 6]),
         }
     }
 
@@ -333,5 +457,13 @@ mod tests {
         let mixed = check(vec![1, 2, 3, 4], vec![1, 2, 3, 4], 1e-6, (28, 32));
         assert!(!mixed.passed() && mixed.line().contains("BELOW 90%"));
         assert!(!check(vec![1, 2, 3, 4], vec![1, 2, 3, 4], 1e-6, (0, 0)).passed());
+        let mut rolling = check(vec![1, 2, 3, 4], vec![1, 2, 3, 4], 1e-6, (30, 32));
+        assert!(
+            rolling
+                .line()
+                .contains("camera session (evict, roll back) 2 tokens equal")
+        );
+        rolling.rolling.0[1] = 7;
+        assert!(!rolling.passed() && rolling.line().contains("DIFFERS"));
     }
 }
