@@ -542,15 +542,7 @@ mod tests {
             let k = rng.normals(n * row);
             let v = rng.normals(n * row);
             for pl in table.append(kind, n).unwrap() {
-                let r = pl.src_token * row..(pl.src_token + pl.len) * row;
-                match pl.kind {
-                    BlockKind::Text => {
-                        host.store_text(pl.block, pl.tok_offset, &k[r.clone()], &v[r])
-                    }
-                    BlockKind::Frame => {
-                        host.quantize_frame(pl.block, pl.tok_offset, pl.len, &k[r.clone()], &v[r])
-                    }
-                }
+                store(&mut host, &pl, &k, &v, row);
                 for t in 0..pl.len {
                     slots.push((pl.kind, pl.block, pl.tok_offset + t));
                 }
@@ -570,17 +562,44 @@ mod tests {
         let q_order: Vec<i32> = (0..n_q)
             .map(|i| (table.len() - n_q + i) as i32 - 2)
             .collect();
-        let got = reference::attention(&host, &q, &q_order, q_heads, table.entries());
+        let tokens: Vec<(usize, (BlockKind, usize, usize))> =
+            slots.iter().copied().enumerate().collect();
+        check_attention(&host, &table, &tokens, &q, &q_order, q_heads);
+    }
+
+    /// Writes a placement's tokens (rows of `k`, `v`) into the host pools.
+    fn store(host: &mut HostPools, pl: &Placement, k: &[f32], v: &[f32], row: usize) {
+        let r = pl.src_token * row..(pl.src_token + pl.len) * row;
+        match pl.kind {
+            BlockKind::Text => host.store_text(pl.block, pl.tok_offset, &k[r.clone()], &v[r]),
+            BlockKind::Frame => {
+                host.quantize_frame(pl.block, pl.tok_offset, pl.len, &k[r.clone()], &v[r])
+            }
+        }
+    }
+
+    /// The reference attention over the table's entries against a direct causal attention
+    /// over `tokens` (order, where the token is stored), in order.
+    fn check_attention(
+        host: &HostPools,
+        table: &KvBlockTable,
+        tokens: &[(usize, (BlockKind, usize, usize))],
+        q: &[f32],
+        q_order: &[i32],
+        q_heads: usize,
+    ) {
+        let l = table.policy().layout;
+        let got = reference::attention(host, q, q_order, q_heads, table.entries());
         let d = l.head_dim;
         let g = q_heads / l.kv_heads;
         let mut want = vec![0f32; got.len()];
         for (qi, &qo) in q_order.iter().enumerate() {
             for hq in 0..q_heads {
                 let qv = &q[(qi * q_heads + hq) * d..(qi * q_heads + hq + 1) * d];
-                let seen = &slots[..=qo as usize];
-                let kv: Vec<_> = seen
+                let kv: Vec<_> = tokens
                     .iter()
-                    .map(|&(k, b, t)| host.token(k, b, t, hq / g))
+                    .filter(|(o, _)| *o as i64 <= qo as i64)
+                    .map(|&(_, (k, b, t))| host.token(k, b, t, hq / g))
                     .collect();
                 let scores: Vec<f64> = kv
                     .iter()
@@ -654,15 +673,7 @@ mod tests {
             let k = rng.normals(n * row);
             let v = rng.normals(n * row);
             for pl in placements {
-                let r = pl.src_token * row..(pl.src_token + pl.len) * row;
-                match pl.kind {
-                    BlockKind::Text => {
-                        host.store_text(pl.block, pl.tok_offset, &k[r.clone()], &v[r])
-                    }
-                    BlockKind::Frame => {
-                        host.quantize_frame(pl.block, pl.tok_offset, pl.len, &k[r.clone()], &v[r])
-                    }
-                }
+                store(&mut host, &pl, &k, &v, row);
                 for t in 0..pl.len {
                     let order = first + pl.src_token + t;
                     live.insert(order, (pl.kind, pl.block, pl.tok_offset + t));
@@ -683,39 +694,9 @@ mod tests {
         let mid = *live.keys().nth(live.len() / 2).unwrap() as i32;
         let q_order = [crate::layout::SEES_ALL, mid];
         let q = rng.normals(q_order.len() * q_heads * l.head_dim);
-        let got = reference::attention(&host, &q, &q_order, q_heads, table.entries());
-        let d = l.head_dim;
-        let g = q_heads / l.kv_heads;
-        let mut want = vec![0f32; got.len()];
-        for (qi, &qo) in q_order.iter().enumerate() {
-            for hq in 0..q_heads {
-                let qv = &q[(qi * q_heads + hq) * d..(qi * q_heads + hq + 1) * d];
-                let kv: Vec<_> = live
-                    .iter()
-                    .filter(|(o, _)| **o as i64 <= qo as i64)
-                    .map(|(_, &(k, b, t))| host.token(k, b, t, hq / g))
-                    .collect();
-                let scores: Vec<f64> = kv
-                    .iter()
-                    .map(|(k, _)| {
-                        k.iter()
-                            .zip(qv)
-                            .map(|(a, b)| *a as f64 * *b as f64)
-                            .sum::<f64>()
-                            / (d as f64).sqrt()
-                    })
-                    .collect();
-                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
-                let sum: f64 = w.iter().sum();
-                for e in 0..d {
-                    let a: f64 = w.iter().zip(&kv).map(|(w, (_, v))| w * v[e] as f64).sum();
-                    want[(qi * q_heads + hq) * d + e] = (a / sum) as f32;
-                }
-            }
-        }
-        let err = reference::normalized_error(&got, &want);
-        assert!(err < 1e-5, "{err}");
+        let tokens: Vec<(usize, (BlockKind, usize, usize))> =
+            live.iter().map(|(&o, &t)| (o, t)).collect();
+        check_attention(&host, &table, &tokens, &q, &q_order, q_heads);
         table
     }
 
