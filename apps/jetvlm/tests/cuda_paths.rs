@@ -123,6 +123,11 @@ fn watch_on_cuda_runs_or_fails_with_one_line() {
             .filter(|l| l["truth"].is_string() && l["truth"] == l["answer"])
             .count();
         assert!(right >= 5, "{right} of 6: {stdout}");
+        assert!(lines.iter().all(|l| {
+            l["decoder_device"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("cuda"))
+        }));
     }
 }
 

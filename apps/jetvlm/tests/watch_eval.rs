@@ -38,6 +38,7 @@ fn watch_keeps_a_bounded_window_and_reports_every_frame() {
             "{l}"
         );
         assert!(!l["answer"].as_str().unwrap_or("").is_empty(), "{l}");
+        assert_eq!(l["decoder_device"], "cpu", "{l}");
         assert!(l["ttft_ms"].as_f64().unwrap_or(-1.0) >= 0.0);
     }
     // The synthetic camera knows the answer to the default question; the bundled model,

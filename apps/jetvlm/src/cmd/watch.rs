@@ -70,6 +70,8 @@ struct FrameReport<'a> {
     kv_bytes: u64,
     kv_fp16_equivalent_bytes: u64,
     kv_policy: String,
+    /// Where the decoder ran: `cpu`, or `cuda (<GPU name>)`.
+    decoder_device: String,
 }
 
 pub fn run(args: WatchArgs) -> Result<()> {
@@ -163,6 +165,7 @@ pub fn run(args: WatchArgs) -> Result<()> {
             kv_bytes: s.kv.total_bytes,
             kv_fp16_equivalent_bytes: s.kv.fp16_equivalent_bytes,
             kv_policy: s.kv_policy.clone(),
+            decoder_device: s.decoder_device.clone(),
         };
         if args.json {
             writeln!(out, "{}", serde_json::to_string(&report)?)?;
