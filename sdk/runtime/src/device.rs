@@ -132,15 +132,35 @@ impl GpuDecoder {
         frame_tokens: usize,
         tap: Arc<Mutex<KvStats>>,
     ) -> Result<OnDevice<'a>, RuntimeError> {
-        let c = &self.model.config().model;
         Ok(OnDevice {
             session: Some(DeviceSession::new(&self.dev, &self.model, cache)?),
             slot,
             tap,
-            fp16_bytes_per_token: (2 * 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim)
-                as u64,
             frame_tokens,
         })
+    }
+}
+
+/// A device cache's bytes in use (blocks holding tokens, all layers) by precision;
+/// `frame_tokens` of its tokens are frame tokens.
+pub(crate) fn kv_stats(cache: &DeviceKvCache, frame_tokens: usize) -> KvStats {
+    let table = cache.table();
+    let l = &table.policy().layout;
+    let layers = cache.layers() as u64;
+    let (text_blocks, frame_blocks) = table.blocks_in_use();
+    let fp16_bytes = text_blocks as u64 * l.text_block_bytes() as u64 * layers;
+    let quant_bytes = frame_blocks as u64 * l.frame_block_bytes() as u64 * layers;
+    let tokens = table.len();
+    // K and V in FP16 for every layer and KV head.
+    let fp16_per_token = (2 * 2 * l.row_elems()) as u64 * layers;
+    KvStats {
+        text_tokens: tokens.saturating_sub(frame_tokens),
+        frame_tokens,
+        fp16_bytes,
+        quant_bytes,
+        f32_bytes: 0,
+        total_bytes: fp16_bytes + quant_bytes,
+        fp16_equivalent_bytes: tokens as u64 * fp16_per_token,
     }
 }
 
@@ -196,7 +216,6 @@ pub(crate) struct OnDevice<'a> {
     session: Option<DeviceSession<'a>>,
     slot: Option<&'a mut Option<Box<DeviceKvCache>>>,
     tap: Arc<Mutex<KvStats>>,
-    fp16_bytes_per_token: u64,
     /// Frame tokens the cache holds (the rest is text).
     frame_tokens: usize,
 }
@@ -227,28 +246,13 @@ impl<'a> OnDevice<'a> {
         })
     }
 
-    /// The device cache's bytes in use (all layers) by precision.
+    /// Reports the device cache's memory to the tap.
     fn report(&self) {
         let Some(session) = &self.session else {
             return;
         };
-        let table = session.cache().table();
-        let layout = &table.policy().layout;
-        let layers = session.model().config().model.num_hidden_layers as u64;
-        let (text_blocks, frame_blocks) = table.blocks_in_use();
-        let fp16_bytes = text_blocks as u64 * layout.text_block_bytes() as u64 * layers;
-        let quant_bytes = frame_blocks as u64 * layout.frame_block_bytes() as u64 * layers;
-        let tokens = table.len();
         if let Ok(mut t) = self.tap.lock() {
-            *t = KvStats {
-                text_tokens: tokens.saturating_sub(self.frame_tokens),
-                frame_tokens: self.frame_tokens,
-                fp16_bytes,
-                quant_bytes,
-                f32_bytes: 0,
-                total_bytes: fp16_bytes + quant_bytes,
-                fp16_equivalent_bytes: tokens as u64 * self.fp16_bytes_per_token,
-            };
+            *t = kv_stats(session.cache(), self.frame_tokens);
         }
     }
 }

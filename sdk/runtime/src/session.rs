@@ -297,12 +297,14 @@ impl StreamSession<'_> {
         }
     }
 
-    /// KV bytes by precision (on a GPU session: as of its last question).
+    /// KV bytes by precision.
     pub fn kv_memory(&self) -> crate::KvStats {
         match &self.store {
             Store::Cpu => self.pipe.cache.memory(),
             #[cfg(feature = "cuda")]
-            Store::Gpu(_) => self.pipe.cache.tap().lock().map(|t| *t).unwrap_or_default(),
+            Store::Gpu(cache) => cache.as_deref().map_or_else(crate::KvStats::default, |c| {
+                crate::device::kv_stats(c, self.window.len() * self.pipe.package.tokens_per_frame())
+            }),
         }
     }
 

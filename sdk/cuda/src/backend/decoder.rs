@@ -323,6 +323,10 @@ impl DeviceKvCache {
     pub fn is_empty(&self) -> bool {
         self.table.is_empty()
     }
+    /// Layers the cache holds pools for.
+    pub fn layers(&self) -> usize {
+        self.layers.len()
+    }
     /// Bytes of all layers' pools.
     pub fn pool_bytes(&self) -> u64 {
         self.layers.iter().map(|p| p.bytes() as u64).sum()
