@@ -112,12 +112,8 @@ impl DevicePolicy {
     /// order (longer spans may be appended in pieces: the count is the same as long as the
     /// pieces are whole blocks).
     pub fn blocks_for_spans(&self, spans: &[(TokenKind, usize)]) -> (usize, usize) {
-        let mut t = KvBlockTable::new(*self, usize::MAX / 2, usize::MAX / 2);
-        for &(kind, n) in spans {
-            // Cannot fail: the capacities are unbounded.
-            let _ = t.append(kind, n);
-        }
-        (t.next_text, t.next_frame)
+        let spans: Vec<_> = spans.iter().map(|&(kind, n)| (kind, n, None)).collect();
+        self.blocks_for_inputs(&spans)
     }
 }
 
@@ -151,14 +147,10 @@ impl DevicePolicy {
         frame_tokens: usize,
         question: usize,
     ) -> (usize, usize) {
-        let mut t = KvBlockTable::new(*self, usize::MAX / 2, usize::MAX / 2);
-        // Cannot fail: the capacities are unbounded and the frame ids distinct.
-        let _ = t.append(TokenKind::Text, prefix);
-        for f in 0..frames {
-            let _ = t.append_frame(f as FrameId, frame_tokens);
-        }
-        let _ = t.append(TokenKind::Text, question);
-        t.used_blocks()
+        let mut spans = vec![(TokenKind::Text, prefix, None)];
+        spans.extend((0..frames).map(|f| (TokenKind::Frame, frame_tokens, Some(f as FrameId))));
+        spans.push((TokenKind::Text, question, None));
+        self.blocks_for_inputs(&spans)
     }
 }
 
@@ -188,8 +180,6 @@ pub struct KvBlockTable {
     entries: Vec<BlockEntry>,
     /// The frame each entry belongs to (`None`: text, or frames appended without an id).
     owners: Vec<Option<FrameId>>,
-    /// Tokens held.
-    tokens: usize,
     /// Order index (and RoPE position) of the next token.
     next_pos: usize,
     text_tokens: usize,
@@ -208,7 +198,6 @@ impl KvBlockTable {
             free_frame: Vec::new(),
             entries: Vec::new(),
             owners: Vec::new(),
-            tokens: 0,
             next_pos: 0,
             text_tokens: 0,
             frame_tokens: 0,
@@ -220,7 +209,7 @@ impl KvBlockTable {
     }
     /// Tokens held.
     pub fn len(&self) -> usize {
-        self.tokens
+        self.text_tokens + self.frame_tokens
     }
     /// Order index and RoPE position of the next token: tokens appended so far, less those
     /// truncated (evicted frames keep their positions taken).
@@ -228,7 +217,7 @@ impl KvBlockTable {
         self.next_pos
     }
     pub fn is_empty(&self) -> bool {
-        self.tokens == 0
+        self.len() == 0
     }
     /// The attention context: every block in append order.
     pub fn entries(&self) -> &[BlockEntry] {
@@ -392,7 +381,6 @@ impl KvBlockTable {
             self.owners.push(owner);
             done += len;
         }
-        self.tokens += n;
         self.next_pos += n;
         if quant {
             self.frame_tokens += n;
@@ -410,7 +398,6 @@ impl KvBlockTable {
         self.free_frame.clear();
         self.entries.clear();
         self.owners.clear();
-        self.tokens = 0;
         self.next_pos = 0;
         self.text_tokens = 0;
         self.frame_tokens = 0;
@@ -462,7 +449,7 @@ impl KvBlockTable {
         if left > 0 {
             return Err(CudaError::Shape {
                 op: "device KV cache",
-                message: format!("cannot drop {n} tokens: {} are cached", self.tokens),
+                message: format!("cannot drop {n} tokens: {} are cached", self.len()),
             });
         }
         let mut left = n;
@@ -470,20 +457,17 @@ impl KvBlockTable {
             let Some(e) = self.entries.last_mut() else {
                 break;
             };
-            let k = left.min(e.len as usize);
-            e.len -= k as u32;
-            left -= k;
-            let kind = e.kind;
-            match kind {
-                BlockKind::Text => self.text_tokens -= k,
-                BlockKind::Frame => self.frame_tokens -= k,
+            if e.len as usize > left {
+                // Part of the newest block: it stays, shorter.
+                e.len -= left as u32;
+                let kind = e.kind;
+                self.uncount(kind, left);
+                break;
             }
-            self.tokens -= k;
-            if self.entries.last().is_some_and(|e| e.len == 0) {
-                self.owners.pop();
-                if let Some(e) = self.entries.pop() {
-                    self.release(BlockEntry { len: 0, ..e });
-                }
+            left -= e.len as usize;
+            self.owners.pop();
+            if let Some(e) = self.entries.pop() {
+                self.release(e);
             }
         }
         self.next_pos -= n;
@@ -492,20 +476,21 @@ impl KvBlockTable {
 
     /// Puts an entry's block on its pool's free list and drops its tokens from the counts.
     fn release(&mut self, e: BlockEntry) {
-        let n = e.len as usize;
-        self.tokens -= n;
-        match e.kind {
-            BlockKind::Text => {
-                self.text_tokens -= n;
-                self.free_text.push(e.block);
-                // Lowest last: `pop` hands out the lowest freed block first.
-                self.free_text.sort_unstable_by(|a, b| b.cmp(a));
-            }
-            BlockKind::Frame => {
-                self.frame_tokens -= n;
-                self.free_frame.push(e.block);
-                self.free_frame.sort_unstable_by(|a, b| b.cmp(a));
-            }
+        self.uncount(e.kind, e.len as usize);
+        let free = match e.kind {
+            BlockKind::Text => &mut self.free_text,
+            BlockKind::Frame => &mut self.free_frame,
+        };
+        free.push(e.block);
+        // Lowest last: `pop` hands out the lowest freed block first.
+        free.sort_unstable_by(|a, b| b.cmp(a));
+    }
+
+    /// Drops `n` tokens held in blocks of `kind` from the counts.
+    fn uncount(&mut self, kind: BlockKind, n: usize) {
+        match kind {
+            BlockKind::Text => self.text_tokens -= n,
+            BlockKind::Frame => self.frame_tokens -= n,
         }
     }
 }

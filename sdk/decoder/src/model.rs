@@ -318,13 +318,7 @@ impl Model {
 
     /// The KV cache shape this model needs.
     pub fn cache_shape(&self) -> CacheShape {
-        let c = &self.config.model;
-        CacheShape {
-            layers: c.num_hidden_layers,
-            q_heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
-        }
+        CacheShape::of(&self.config.model)
     }
 
     pub fn vocab_size(&self) -> usize {

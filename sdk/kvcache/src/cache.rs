@@ -31,6 +31,16 @@ impl std::fmt::Display for CacheShape {
 }
 
 impl CacheShape {
+    /// The cache shape of a decoder with this `config.json`.
+    pub fn of(c: &jetvlm_core::hf::ModelConfig) -> Self {
+        CacheShape {
+            layers: c.num_hidden_layers,
+            q_heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        }
+    }
+
     /// FP16 bytes of one token's K and V in all layers.
     pub fn fp16_bytes_per_token(&self) -> u64 {
         (self.layers * self.kv_heads * self.head_dim * 2 * 2) as u64

@@ -1,7 +1,7 @@
-//! The decoder on a CUDA GPU (`device: cuda`, feature `cuda`): every question (of
-//! `Pipeline::ask` or of a streaming session) prefills its prompt into device KV pools sized
-//! for it and decodes there, with the weights uploaded once at load (straight into their
-//! device buffers; no CPU copy of the decoder is kept). The vision encoder, tokenizer and
+//! The decoder on a CUDA GPU (`device: cuda`, feature `cuda`), with the weights uploaded once
+//! at load (straight into their device buffers; no CPU copy of the decoder is kept).
+//! `Pipeline::ask` prefills each prompt into device KV pools sized for it; a streaming
+//! session keeps device pools of its own for its window. The vision encoder, tokenizer and
 //! sampler stay on the host.
 
 use crate::RuntimeError;
@@ -62,8 +62,8 @@ impl GpuDecoder {
         // Answer tokens are appended one at a time after the prompt (plus the last one fed).
         spans.push((TokenKind::Text, answer_tokens + 1, None));
         let cache = self.cache(self.policy.blocks_for_inputs(&spans))?;
-        let frame_tokens = frame_tokens(prompt);
-        let mut backend = self.backend(cache, None, frame_tokens, tap)?;
+        // The cache starts empty: `run` counts the prompt's frame tokens.
+        let mut backend = self.backend(cache, None, 0, tap)?;
         let logits = backend.run(prompt)?;
         Ok((backend, logits))
     }

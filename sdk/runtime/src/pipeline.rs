@@ -97,8 +97,7 @@ pub(crate) fn cpu_decoder<'a>(
 ) -> Result<&'a Model, RuntimeError> {
     model.as_ref().ok_or_else(|| RuntimeError::Unsupported {
         op,
-        message: "this pipeline runs its decoder on the GPU (device: cuda), which answers \
-                  one-shot questions (ask) only; streaming sessions need device: cpu"
+        message: "needs the CPU decoder; this pipeline runs its decoder on the GPU (device: cuda)"
             .into(),
     })
 }
@@ -186,7 +185,7 @@ impl Pipeline {
                 p.quant_block_tokens = pkg.quant_block_tokens;
             }
         }
-        let shape = cache_shape(&package);
+        let shape = CacheShape::of(&package.decoder_config);
         // The cache fits the quantization group to the head dim; name the policy in effect.
         if let KvChoice::Policy(p) = &mut kv {
             *p = p.fitted_to(shape.head_dim);
@@ -294,17 +293,8 @@ impl Pipeline {
         "cpu".into()
     }
 
-    /// Where the decoder runs.
-    pub fn device(&self) -> Device {
-        if self.model.is_some() {
-            Device::Cpu
-        } else {
-            Device::Cuda
-        }
-    }
-
     pub(crate) fn cache_shape(&self) -> CacheShape {
-        cache_shape(&self.package)
+        CacheShape::of(&self.package.decoder_config)
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -538,7 +528,29 @@ impl Pipeline {
         let tap = self.cache.tap();
         let t_prefill = Instant::now();
         let (backend, logits) = gpu.prefill(prompt, self.cfg.max_new_tokens, tap.clone())?;
-        let backend: Backend<'_> = Box::new(backend);
+        Ok(self.stream_on_gpu(
+            backend,
+            logits,
+            prompt_ids,
+            (started, t_prefill),
+            tap,
+            stats,
+        ))
+    }
+
+    /// The answer's stream on a GPU backend whose prompt has run (from `times.1`; the
+    /// question came at `times.0`).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn stream_on_gpu<'a>(
+        &'a self,
+        backend: crate::device::OnDevice<'a>,
+        logits: Logits,
+        prompt_ids: &[u32],
+        (started, t_prefill): (Instant, Instant),
+        tap: Arc<Mutex<KvStats>>,
+        stats: Stats,
+    ) -> TokenStream<'a> {
+        let backend: Backend<'a> = Box::new(backend);
         let generation = Generation::resume(
             backend,
             logits,
@@ -546,7 +558,7 @@ impl Pipeline {
             Some(&self.tokenizer),
             self.generate_options(),
         );
-        Ok(TokenStream::new(generation, tap, started, t_prefill, stats))
+        TokenStream::new(generation, tap, started, t_prefill, stats)
     }
 
     pub(crate) fn generate_options(&self) -> GenerateOptions {
@@ -666,16 +678,5 @@ impl Iterator for TokenStream<'_> {
             }
             Err(e) => Err(e),
         })
-    }
-}
-
-/// The KV cache shape of the package's decoder.
-fn cache_shape(package: &ModelPackage) -> CacheShape {
-    let c = &package.decoder_config;
-    CacheShape {
-        layers: c.num_hidden_layers,
-        q_heads: c.num_attention_heads,
-        kv_heads: c.num_key_value_heads,
-        head_dim: c.head_dim,
     }
 }

@@ -124,7 +124,7 @@ impl Pipeline {
                 ids.len(),
                 self.cfg.window_frames,
                 tpf,
-                QUESTION_RESERVE + 256 + self.cfg.max_new_tokens,
+                256 + self.cfg.max_new_tokens,
             )?)));
         }
         if !ids.is_empty() {
@@ -361,15 +361,9 @@ impl StreamSession<'_> {
                 let t_prefill = Instant::now();
                 let (backend, logits) =
                     gpu.continue_on(slot, &[Input::text(&ids)], frame_tokens, tap.clone())?;
-                let backend: crate::pipeline::Backend<'_> = Box::new(backend);
-                let generation = jetvlm_decoder::Generation::resume(
-                    backend,
-                    logits,
-                    &ids,
-                    Some(&self.pipe.tokenizer),
-                    self.pipe.generate_options(),
-                );
-                Ok(TokenStream::new(generation, tap, started, t_prefill, stats))
+                Ok(self
+                    .pipe
+                    .stream_on_gpu(backend, logits, &ids, (started, t_prefill), tap, stats))
             }
         }
     }
