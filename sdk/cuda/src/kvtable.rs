@@ -45,6 +45,13 @@ impl DevicePolicy {
             policy: policy.name(),
             message,
         };
+        if policy.is_per_layer() {
+            return Err(err(
+                "per-layer frame formats (a calibrated policy) run on the CPU decoder; the GPU \
+                 pools use one format for every layer"
+                    .into(),
+            ));
+        }
         if quantize_text && key_per_channel {
             return Err(err(
                 "quantized text needs per-token keys (keys=token): text is appended one token at a time".into(),
@@ -836,5 +843,8 @@ mod tests {
         assert!(e.to_string().contains("keys=token"), "{e}");
         let p = policy("int4-all", 2, 64);
         assert!(p.quantize_text && p.quantizes(TokenKind::Text));
+        let calibrated: KvPolicy = "mixed:layers=4c64/8c64".parse().unwrap();
+        let e = DevicePolicy::new(&calibrated, 2, 64).unwrap_err();
+        assert!(e.to_string().contains("CPU decoder"), "{e}");
     }
 }

@@ -69,7 +69,9 @@ pub struct MixedKvCache {
     shape: CacheShape,
     policy: KvPolicy,
     cells: Cells,
-    pools: [Option<Pool>; 2],
+    /// `[fp16, quant]` pools: one pair holding every layer, or (a calibrated policy with a
+    /// frame format per layer) one pair per layer. Block ids are the same in every layer.
+    pools: Vec<[Option<Pool>; 2]>,
     kernel: Kernel,
 }
 
@@ -105,33 +107,51 @@ impl MixedKvCache {
                 "head_dim must be a multiple of 8 up to {MAX_HEAD_DIM}"
             )));
         }
-        let fp16 = Pool::new(
-            PoolLayout::Fp16(Fp16Layout {
-                tokens: policy.fp16_block_tokens,
-                head_dim: shape.head_dim,
-            }),
-            shape.layers,
-            shape.kv_heads,
-            capacity_tokens.div_ceil(policy.fp16_block_tokens),
-        );
-        let quant = if policy.quantizes_frames() {
-            if !shape.head_dim.is_multiple_of(policy.group) {
-                return Err(bad(format!(
-                    "head_dim {} is not a multiple of the quantization group {}",
-                    shape.head_dim, policy.group
-                )));
-            }
-            let layout = QuantLayout::new(&policy, shape.head_dim)
-                .ok_or_else(|| bad(format!("no quantized layout for policy {policy}")))?;
-            Some(Pool::new(
-                PoolLayout::Quant(layout),
-                shape.layers,
-                shape.kv_heads,
-                capacity_tokens.div_ceil(policy.quant_block_tokens),
-            ))
+        if policy.is_per_layer() && policy.layers.len() != shape.layers {
+            return Err(bad(format!(
+                "the policy has formats for {} layers, the model has {}",
+                policy.layers.len(),
+                shape.layers
+            )));
+        }
+        // One pool pair for all layers, or one per layer when the layers' formats differ.
+        let (sets, layers_per_set) = if policy.is_per_layer() {
+            (shape.layers, 1)
         } else {
-            None
+            (1, shape.layers)
         };
+        let mut pools = Vec::with_capacity(sets);
+        for set in 0..sets {
+            let fp16 = Pool::new(
+                PoolLayout::Fp16(Fp16Layout {
+                    tokens: policy.fp16_block_tokens,
+                    head_dim: shape.head_dim,
+                }),
+                layers_per_set,
+                shape.kv_heads,
+                capacity_tokens.div_ceil(policy.fp16_block_tokens),
+            );
+            let quant = if policy.quantizes_frames() {
+                let group = policy.layer_format(set).group;
+                if !shape.head_dim.is_multiple_of(group) {
+                    return Err(bad(format!(
+                        "head_dim {} is not a multiple of the quantization group {group}",
+                        shape.head_dim
+                    )));
+                }
+                let layout = QuantLayout::of_layer(&policy, set, shape.head_dim)
+                    .ok_or_else(|| bad(format!("no quantized layout for policy {policy}")))?;
+                Some(Pool::new(
+                    PoolLayout::Quant(layout),
+                    layers_per_set,
+                    shape.kv_heads,
+                    capacity_tokens.div_ceil(policy.quant_block_tokens),
+                ))
+            } else {
+                None
+            };
+            pools.push([Some(fp16), quant]);
+        }
         Ok(Self {
             shape,
             cells: Cells::new(
@@ -140,7 +160,7 @@ impl MixedKvCache {
                 capacity_tokens,
             ),
             policy,
-            pools: [Some(fp16), quant],
+            pools,
             kernel: Kernel::detect(),
         })
     }
@@ -207,11 +227,22 @@ impl MixedKvCache {
             .append(&self.policy, kind, positions, frame, salience)?;
         for pool in [PoolKind::Fp16, PoolKind::Quant] {
             let ids = self.cells.id_space(pool);
-            if let (Some(p), true) = (&mut self.pools[pool as usize], ids > 0) {
-                p.ensure(ids as u32 - 1);
+            for set in &mut self.pools {
+                if let (Some(p), true) = (&mut set[pool as usize], ids > 0) {
+                    p.ensure(ids as u32 - 1);
+                }
             }
         }
         Ok(span)
+    }
+
+    /// The pool pair holding `layer`, and the layer's index inside it.
+    fn pools_of(&self, layer: usize) -> (&[Option<Pool>; 2], usize) {
+        if self.pools.len() == 1 {
+            (&self.pools[0], layer)
+        } else {
+            (&self.pools[layer], 0)
+        }
     }
 
     fn check_layer(&self, op: &'static str, layer: usize) -> Result<(), KvError> {
@@ -260,6 +291,11 @@ impl MixedKvCache {
             }
         }
         let slots = span.slots();
+        let (set, layer) = if self.pools.len() == 1 {
+            (&mut self.pools[0], layer)
+        } else {
+            (&mut self.pools[layer], 0)
+        };
         let mut i = 0;
         while i < slots.len() {
             // A run of consecutive tokens in one block.
@@ -268,7 +304,7 @@ impl MixedKvCache {
             while j < slots.len() && slots[j].pool == s0.pool && slots[j].id == s0.id {
                 j += 1;
             }
-            let Some(pool) = self.pools[s0.pool as usize].as_mut() else {
+            let Some(pool) = set[s0.pool as usize].as_mut() else {
                 return Err(KvError::BadSpan {
                     op,
                     reason: "span refers to a pool this policy lacks".into(),
@@ -346,10 +382,11 @@ impl MixedKvCache {
             });
         }
         let s = self.shape;
+        let (pools, layer) = self.pools_of(layer);
         if kernel == Kernel::Reference {
             attention::reference::attend(
                 &self.cells,
-                &self.pools,
+                pools,
                 layer,
                 s.q_heads,
                 s.kv_heads,
@@ -360,13 +397,13 @@ impl MixedKvCache {
             );
             return Ok(());
         }
-        let vgroup = match self.pools[1].as_ref().map(|p| *p.layout()) {
+        let vgroup = match pools[1].as_ref().map(|p| *p.layout()) {
             Some(PoolLayout::Quant(l)) => l.group(),
             _ => s.head_dim,
         };
         let ctx = Ctx {
             cells: &self.cells,
-            pools: &self.pools,
+            pools,
             layer,
             q_heads: s.q_heads,
             kv_heads: s.kv_heads,
@@ -391,19 +428,24 @@ impl MixedKvCache {
     /// Releases the storage of free blocks at the top of each pool back to the allocator.
     pub fn trim(&mut self) {
         let keep = self.cells.trim();
-        for (p, k) in self.pools.iter_mut().zip(keep) {
-            if let Some(p) = p {
-                p.truncate_storage(k);
+        for set in &mut self.pools {
+            for (p, k) in set.iter_mut().zip(keep) {
+                if let Some(p) = p {
+                    p.truncate_storage(k);
+                }
             }
         }
     }
-    /// The pool of one precision (`None` for the quantized pool of an all-FP16 policy).
-    pub fn pool(&self, kind: PoolKind) -> Option<&Pool> {
-        self.pools[kind as usize].as_ref()
+    /// The pool of one precision that holds `layer`, and the layer's index inside it
+    /// (`None` for the quantized pool of an all-FP16 policy).
+    pub fn pool(&self, layer: usize, kind: PoolKind) -> Option<(&Pool, usize)> {
+        let (set, l) = self.pools_of(layer.min(self.shape.layers - 1));
+        set[kind as usize].as_ref().map(|p| (p, l))
     }
-    /// Block storage held by each pool (in use or free), in blocks: `[fp16, quant]`.
+    /// Block storage held by each pool (in use or free), in block ids: `[fp16, quant]`
+    /// (the same in every layer).
     pub fn allocated_blocks(&self) -> [usize; 2] {
-        [0, 1].map(|i| self.pools[i].as_ref().map_or(0, Pool::allocated_blocks))
+        [0, 1].map(|i| self.pools[0][i].as_ref().map_or(0, Pool::allocated_blocks))
     }
     pub fn len(&self) -> usize {
         self.cells.len()
@@ -422,7 +464,12 @@ impl MixedKvCache {
     /// Bytes by precision.
     pub fn memory(&self) -> KvMemory {
         let c = self.cells.counts();
-        let bb = |i: usize| self.pools[i].as_ref().map_or(0, Pool::block_bytes);
+        let bb = |i: usize| -> u64 {
+            self.pools
+                .iter()
+                .map(|set| set[i].as_ref().map_or(0, Pool::block_bytes))
+                .sum()
+        };
         let fp16_bytes = c.fp16_blocks as u64 * bb(0);
         let quant_bytes = c.quant_blocks as u64 * bb(1);
         KvMemory {

@@ -46,12 +46,17 @@ pub struct QuantLayout {
 
 impl QuantLayout {
     pub fn new(policy: &KvPolicy, head_dim: usize) -> Option<Self> {
-        let format = GroupFormat::new(policy.frame_bits, policy.group).ok()?;
+        Self::of_layer(policy, 0, head_dim)
+    }
+    /// The layout of `layer`'s frame blocks (a calibrated policy gives each layer its own).
+    pub fn of_layer(policy: &KvPolicy, layer: usize, head_dim: usize) -> Option<Self> {
+        let f = policy.layer_format(layer);
+        let format = GroupFormat::new(f.bits, f.group).ok()?;
         Some(Self {
             tokens: policy.quant_block_tokens,
             head_dim,
             format,
-            key_mode: policy.key_mode,
+            key_mode: f.key_mode,
         })
     }
     pub fn bits(&self) -> u32 {

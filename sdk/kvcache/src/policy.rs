@@ -14,6 +14,69 @@ pub enum KeyMode {
     PerChannel,
 }
 
+/// One layer's frame format: bits, key grouping and group size. A calibrated policy
+/// ([`KvPolicy::layers`]) gives every layer its own; spelled `<bits><c|t><group>`, e.g.
+/// `4c64` (INT4, per-channel keys, group 64) or `8t32`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LayerFormat {
+    /// 8, 4 or 2.
+    pub bits: u32,
+    pub key_mode: KeyMode,
+    /// 32, 64 or 128.
+    pub group: usize,
+}
+
+impl std::fmt::Display for LayerFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let k = match self.key_mode {
+            KeyMode::PerChannel => 'c',
+            KeyMode::PerToken => 't',
+        };
+        write!(f, "{}{k}{}", self.bits, self.group)
+    }
+}
+
+impl FromStr for LayerFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let bad = || format!("layer format `{s}` (expected <bits><c|t><group>, e.g. 4c64)");
+        let i = s.find(['c', 't']).ok_or_else(bad)?;
+        let key_mode = if s.as_bytes()[i] == b'c' {
+            KeyMode::PerChannel
+        } else {
+            KeyMode::PerToken
+        };
+        let bits = s[..i].parse().map_err(|_| bad())?;
+        let group = s[i + 1..].parse().map_err(|_| bad())?;
+        let f = LayerFormat {
+            bits,
+            key_mode,
+            group,
+        };
+        f.check()?;
+        Ok(f)
+    }
+}
+
+impl LayerFormat {
+    fn check(&self) -> Result<(), String> {
+        if !matches!(self.bits, 2 | 4 | 8) {
+            return Err(format!(
+                "layer format {self}: bits {} (expected 2, 4 or 8)",
+                self.bits
+            ));
+        }
+        if !matches!(self.group, 32 | 64 | 128) {
+            return Err(format!(
+                "layer format {self}: group {} (expected 32, 64 or 128)",
+                self.group
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// KV precision policy (the runtime's `--kv` and the config's `kv.policy`).
 ///
 /// Text tokens are FP16 (unless `quantize_text`); frame tokens are quantized to
@@ -40,12 +103,16 @@ pub struct KvPolicy {
     /// Tokens per quantized block (and per-channel key group): 16, 32, 64 or 128 (16 fits
     /// the 16-token frames of small vision encoders without half-empty blocks).
     pub quant_block_tokens: usize,
+    /// Per-layer frame formats (from `jetvlm calibrate`), one per decoder layer; empty: every
+    /// layer uses `frame_bits`, `key_mode` and `group`. Spelled `layers=4c64/8t64/...`.
+    pub layers: Vec<LayerFormat>,
 }
 
 pub(crate) const ACCEPTED: &str = "fp16 | mixed | int4-all | int8-frames | int2-frames, \
      optionally followed by `:key=value,...` with keys bits=2|4|8|16, group=32|64|128, \
      keys=channel|token, budget=0..1, sinks=N, salient=on|off, text=fp16|quant, \
-     fblock=16|32|64, qblock=16|32|64|128 (e.g. `mixed:bits=4,group=64,keys=channel,budget=0.1`)";
+     fblock=16|32|64, qblock=16|32|64|128, layers=<bits><c|t><group>/... (one per layer, \
+     from `jetvlm calibrate`) (e.g. `mixed:bits=4,group=64,keys=channel,budget=0.1`)";
 
 impl Default for KvPolicy {
     fn default() -> Self {
@@ -73,6 +140,7 @@ impl KvPolicy {
             quantize_text: false,
             fp16_block_tokens: 32,
             quant_block_tokens: 64,
+            layers: Vec::new(),
         }
     }
     /// Everything INT4 g64 with per-token keys, text too, no FP16 budget.
@@ -102,6 +170,20 @@ impl KvPolicy {
     /// Whether frame tokens (outside the FP16 budget) are quantized.
     pub fn quantizes_frames(&self) -> bool {
         self.frame_bits != 16
+    }
+
+    /// The frame format of `layer`: its own for a calibrated policy, else the policy's.
+    pub fn layer_format(&self, layer: usize) -> LayerFormat {
+        self.layers.get(layer).copied().unwrap_or(LayerFormat {
+            bits: self.frame_bits,
+            key_mode: self.key_mode,
+            group: self.group,
+        })
+    }
+
+    /// Whether the layers have formats of their own (a calibrated policy).
+    pub fn is_per_layer(&self) -> bool {
+        !self.layers.is_empty()
     }
 
     fn presets() -> [(&'static str, KvPolicy); 5] {
@@ -168,6 +250,10 @@ impl KvPolicy {
         if self.quant_block_tokens != base.quant_block_tokens {
             field(&mut s, "qblock", self.quant_block_tokens.to_string());
         }
+        if !self.layers.is_empty() {
+            let list: Vec<String> = self.layers.iter().map(|f| f.to_string()).collect();
+            field(&mut s, "layers", list.join("/"));
+        }
         s
     }
 
@@ -181,6 +267,9 @@ impl KvPolicy {
         let mut p = self.clone();
         if p.quantizes_frames() {
             p.group = jetvlm_quant::fit_group(p.group, head_dim);
+            for f in &mut p.layers {
+                f.group = jetvlm_quant::fit_group(f.group, head_dim);
+            }
         }
         p
     }
@@ -227,6 +316,19 @@ impl KvPolicy {
         }
         if self.quantize_text && !self.quantizes_frames() {
             return Err(bad("text=quant needs bits below 16".into()));
+        }
+        if !self.layers.is_empty() && !self.quantizes_frames() {
+            return Err(bad(
+                "layers=... needs quantized frames (bits below 16)".into()
+            ));
+        }
+        for f in &self.layers {
+            f.check().map_err(bad)?;
+            if self.quantize_text && f.key_mode == KeyMode::PerChannel {
+                return Err(bad(format!(
+                    "text=quant needs per-token keys in every layer (layer format {f})"
+                )));
+            }
         }
         Ok(())
     }
@@ -308,6 +410,13 @@ impl FromStr for KvPolicy {
                 }
                 "fblock" => p.fp16_block_tokens = num(v)?,
                 "qblock" => p.quant_block_tokens = num(v)?,
+                "layers" => {
+                    p.layers = v
+                        .split('/')
+                        .map(str::parse::<LayerFormat>)
+                        .collect::<Result<_, _>>()
+                        .map_err(bad)?
+                }
                 _ => return Err(bad(format!("unknown key `{k}`"))),
             }
         }
@@ -401,6 +510,42 @@ mod tests {
                 }
                 other => panic!("{bad}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn per_layer_formats_round_trip_and_are_checked() {
+        let p: KvPolicy = "mixed:layers=4c64/8t32/2c128".parse().unwrap();
+        assert_eq!(p.layers.len(), 3);
+        assert_eq!(
+            p.layer_format(1),
+            LayerFormat {
+                bits: 8,
+                key_mode: KeyMode::PerToken,
+                group: 32
+            }
+        );
+        // Past the list (never for a cache of the right depth): the policy's own format.
+        assert_eq!(p.layer_format(7), KvPolicy::mixed().layer_format(0));
+        assert_eq!(p.name(), "mixed:layers=4c64/8t32/2c128");
+        assert_eq!(p.name().parse::<KvPolicy>().unwrap(), p);
+        // Groups are fitted per layer.
+        assert_eq!(
+            p.fitted_to(96).name(),
+            "mixed:group=32,layers=4c32/8t32/2c32"
+        );
+        for bad in [
+            "mixed:layers=3c64",
+            "mixed:layers=4c48",
+            "mixed:layers=4x64",
+            "mixed:layers=",
+            "fp16:layers=4c64",
+            "int4-all:layers=4t64/4c64",
+        ] {
+            assert!(
+                matches!(bad.parse::<KvPolicy>(), Err(KvError::InvalidPolicy { .. })),
+                "{bad}"
+            );
         }
     }
 

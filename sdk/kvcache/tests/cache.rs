@@ -84,7 +84,7 @@ fn thousand_append_evict_cycles_leave_the_pool_as_it_started() {
         high_ids <= start_ids + 2,
         "quant block ids grew to {high_ids}"
     );
-    let per_chunk = cache.pool(PoolKind::Quant).unwrap().chunk_blocks();
+    let per_chunk = cache.pool(0, PoolKind::Quant).unwrap().0.chunk_blocks();
     assert!(
         high[1] <= (start_ids + 2).next_multiple_of(per_chunk),
         "quant blocks grew to {}",
@@ -319,10 +319,10 @@ fn quantized_keys_and_values_are_within_half_a_step() {
             let (mut kb, mut vb) = (vec![0f32; d], vec![0f32; d]);
             for (i, slot) in span.slots().iter().enumerate() {
                 for h in 0..kvh {
-                    let pool = cache.pool(slot.pool).unwrap();
+                    let (pool, layer) = cache.pool(0, slot.pool).unwrap();
                     dequant_token(
                         pool.layout(),
-                        pool.segment(0, slot.id, h),
+                        pool.segment(layer, slot.id, h),
                         slot.slot as usize,
                         &mut kb,
                         &mut vb,
@@ -360,4 +360,94 @@ fn quantized_keys_and_values_are_within_half_a_step() {
             }
         }
     }
+}
+
+/// A calibrated policy (a frame format per layer) stores and attends each layer exactly as
+/// a cache with that layer's format for every layer does, with every kernel; its memory is
+/// the sum of its layers'.
+#[test]
+fn per_layer_formats_match_uniform_caches_layer_by_layer() {
+    let (qh, kvh, d) = (4, 2, 64);
+    let formats = ["8c64", "2t32", "4c64"];
+    let calibrated: KvPolicy = format!("mixed:qblock=32,layers={}", formats.join("/"))
+        .parse()
+        .unwrap();
+    let s = shape(formats.len(), qh, kvh, d);
+    let mut mixed = MixedKvCache::new(s, calibrated.clone(), 1024).unwrap();
+    let mut uniform: Vec<MixedKvCache> = formats
+        .iter()
+        .map(|f| {
+            let (bits, rest) = f.split_at(1);
+            let keys = if rest.starts_with('c') {
+                "channel"
+            } else {
+                "token"
+            };
+            let p = format!(
+                "mixed:qblock=32,bits={bits},keys={keys},group={}",
+                &rest[1..]
+            );
+            MixedKvCache::new(s, p.parse().unwrap(), 1024).unwrap()
+        })
+        .collect();
+    let mut rng = rng(21);
+    let mut spans = Vec::new();
+    for (i, (kind, n)) in [
+        (TokenKind::Text, 7),
+        (TokenKind::Frame, 32),
+        (TokenKind::Frame, 32),
+        (TokenKind::Text, 5),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let start = mixed.next_position();
+        let pos: Vec<u32> = (start..start + n as u32).collect();
+        let frame = (kind == TokenKind::Frame).then_some(i as u64);
+        let a = mixed.append_span(kind, &pos, frame).unwrap();
+        let bs: Vec<_> = uniform
+            .iter_mut()
+            .map(|u| u.append_span(kind, &pos, frame).unwrap())
+            .collect();
+        for layer in 0..formats.len() {
+            let k = rand_kv(&mut rng, n, kvh, d, true);
+            let v = rand_kv(&mut rng, n, kvh, d, false);
+            mixed.write(layer, &a, &k, &v).unwrap();
+            for (u, b) in uniform.iter_mut().zip(&bs) {
+                u.write(layer, b, &k, &v).unwrap();
+            }
+        }
+        spans.push((a, bs));
+    }
+    let (a, bs) = spans.last().unwrap();
+    let q = rand_q(&mut rng, 5, qh, d);
+    for kernel in Kernel::ALL.into_iter().filter(|k| k.available()) {
+        for (layer, (u, b)) in uniform.iter().zip(bs).enumerate() {
+            let mut got = vec![0f32; q.len()];
+            let mut want = vec![0f32; q.len()];
+            mixed.attend_with(kernel, layer, a, &q, &mut got).unwrap();
+            u.attend_with(kernel, layer, b, &q, &mut want).unwrap();
+            assert_eq!(
+                got, want,
+                "layer {layer} ({}) with {kernel:?}",
+                formats[layer]
+            );
+        }
+    }
+    // Memory: each layer's share of its uniform twin.
+    let per_layer: u64 = uniform
+        .iter()
+        .map(|u| u.memory().quant_bytes / formats.len() as u64)
+        .sum();
+    assert_eq!(mixed.memory().quant_bytes, per_layer);
+    assert_eq!(mixed.memory().fp16_bytes, uniform[0].memory().fp16_bytes);
+    // The wrong number of layers is a typed error naming the shape.
+    let err = MixedKvCache::new(shape(2, qh, kvh, d), calibrated, 1024)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("formats for 3 layers, the model has 2"),
+        "{err}"
+    );
 }
