@@ -196,12 +196,13 @@ pub fn bytes_per_frame_token(
 }
 
 /// Measures every candidate format on `trace` and picks each layer's cheapest format with
-/// an error at most `target`. `base` gives the text precision, FP16 budget and block sizes
+/// an error at most `target` (`None`: the base policy's worst layer error, so no layer
+/// ends up worse than the base policy's worst one). `base` gives the text precision, FP16 budget and block sizes
 /// (a base that keeps frames FP16 starts from `mixed` with its block sizes).
 pub fn calibrate(
     trace: &Trace,
     base: &KvPolicy,
-    target: f64,
+    target: Option<f64>,
     model: &str,
     source: &str,
 ) -> Result<Calibration, CalibrationError> {
@@ -215,6 +216,8 @@ pub fn calibrate(
             ..KvPolicy::mixed()
         };
     }
+    let base_m = replay(trace, &base)?;
+    let target = target.unwrap_or_else(|| base_m.max_error());
     if !(target > 0.0 && target.is_finite()) {
         return Err(CalibrationError::Trace {
             message: format!("target error {target} must be a positive number"),
@@ -270,7 +273,6 @@ pub fn calibrate(
                 .then(a.2.max_error().total_cmp(&b.2.max_error()))
         });
     let calibrated = replay(trace, &policy)?;
-    let base_m = replay(trace, &base)?;
     let layers = choices
         .iter()
         .enumerate()

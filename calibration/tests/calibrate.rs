@@ -70,7 +70,14 @@ fn each_layer_gets_the_cheapest_format_within_the_target() {
     assert_eq!(t.prompts.len(), 3);
     // INT4 g64 gives 7-8% error on the benign layers and 10% on the outlier layer (25%
     // with per-token keys); INT8 gives 0.5%.
-    let c = calibrate(&t, &KvPolicy::mixed(), 0.09, "synthetic", "test traffic").unwrap();
+    let c = calibrate(
+        &t,
+        &KvPolicy::mixed(),
+        Some(0.09),
+        "synthetic",
+        "test traffic",
+    )
+    .unwrap();
     assert_eq!(c.samples.prompts, 3);
     assert_eq!(c.samples.text_queries, 3 * 9);
     assert_eq!(c.samples.frame_tokens, 3 * 64);
@@ -126,7 +133,14 @@ fn each_layer_gets_the_cheapest_format_within_the_target() {
 #[test]
 fn a_loose_target_gives_the_cheapest_bits_everywhere() {
     let t = trace(1);
-    let c = calibrate(&t, &KvPolicy::mixed(), 10.0, "synthetic", "test traffic").unwrap();
+    let c = calibrate(
+        &t,
+        &KvPolicy::mixed(),
+        Some(10.0),
+        "synthetic",
+        "test traffic",
+    )
+    .unwrap();
     let p = c.kv_policy().unwrap();
     assert!(
         (0..SHAPE.layers).all(|l| p.layer_format(l).bits == 2),
@@ -139,6 +153,19 @@ fn a_loose_target_gives_the_cheapest_bits_everywhere() {
 }
 
 #[test]
+fn the_default_target_is_the_base_policys_worst_layer() {
+    let t = trace(2);
+    let base = KvPolicy::mixed();
+    let c = calibrate(&t, &base, None, "synthetic", "test traffic").unwrap();
+    let base_errors = replay(&t, &base).unwrap().layer_errors;
+    let worst = base_errors.iter().copied().fold(0.0, f64::max);
+    assert_eq!(c.target_error, worst);
+    assert!(c.layers.iter().all(|l| l.meets_target && l.error <= worst));
+    // Never more bytes than the base policy.
+    assert!(c.kv_bytes.calibrated <= c.kv_bytes.base, "{:?}", c.kv_bytes);
+}
+
+#[test]
 fn prompts_without_frames_before_text_are_an_error() {
     let mut rec = Recorder::new(SHAPE, 64);
     let span = rec.append_span(TokenKind::Text, &[0, 1], None).unwrap();
@@ -147,14 +174,21 @@ fn prompts_without_frames_before_text_are_an_error() {
     let q = vec![0.1f32; 2 * 4 * 64];
     let mut out = vec![0f32; q.len()];
     rec.attend(0, &span, &q, &mut out).unwrap();
-    let e = calibrate(&rec.finish(), &KvPolicy::mixed(), 0.05, "m", "s").unwrap_err();
+    let e = calibrate(&rec.finish(), &KvPolicy::mixed(), Some(0.05), "m", "s").unwrap_err();
     assert!(e.to_string().contains("no text query saw a frame"), "{e}");
 }
 
 #[test]
 fn files_round_trip_and_bad_files_name_the_problem() {
     let dir = tempfile::tempdir().unwrap();
-    let c = calibrate(&trace(1), &KvPolicy::mixed(), 0.03, "synthetic", "test").unwrap();
+    let c = calibrate(
+        &trace(1),
+        &KvPolicy::mixed(),
+        Some(0.03),
+        "synthetic",
+        "test",
+    )
+    .unwrap();
     let path = dir.path().join("calib.yaml");
     c.save(&path).unwrap();
     let back = Calibration::load(&path).unwrap();

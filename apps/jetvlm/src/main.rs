@@ -43,6 +43,9 @@ enum Command {
     Eval(cmd::eval::EvalArgs),
     /// Plan memory for a model and workload on a Jetson board.
     Plan(cmd::plan::PlanArgs),
+    /// Calibrate the KV cache: a frame format per decoder layer, from the model's own keys,
+    /// values and queries on sample frames (writes a file for --kv-calibration).
+    Calibrate(cmd::calibrate::CalibrateArgs),
     /// Ask a question about images with a model package (vision encoder + decoder).
     Ask(cmd::ask::AskArgs),
     /// Board profiles: list, show, detect the board this runs on.
@@ -71,6 +74,7 @@ fn run(command: Command) -> Result<()> {
         Command::Watch(args) => cmd::watch::run(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Plan(args) => cmd::plan::run(args),
+        Command::Calibrate(args) => cmd::calibrate::run(args),
         Command::Ask(args) => cmd::ask::run(args),
         Command::Board(args) => cmd::board::run(args),
         Command::Bench(args) => cmd::bench::run(args),

@@ -3,6 +3,7 @@
 //!
 //! ```yaml
 //! kv_policy: mixed            # overrides the package's kv.policy; `f32` = exact reference cache
+//! kv_calibration: calib.yaml  # or: the policy of `jetvlm calibrate` (path relative to this file)
 //! max_new_tokens: 128
 //! sampling: {temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0}
 //! window_frames: 4            # StreamSession: frames kept in the cache
@@ -20,7 +21,7 @@ use jetvlm_core::Device;
 use jetvlm_decoder::SamplerConfig;
 use jetvlm_vision::OrtConfig;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Sampling settings; temperature 0 is greedy (the default).
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -63,6 +64,10 @@ pub struct RuntimeConfig {
     /// KV policy (`fp16`, `mixed`, `int4-all`, `mixed:bits=4,group=64,...`, or `f32` for the
     /// exact reference cache); `None` uses the package's `kv.policy`.
     pub kv_policy: Option<String>,
+    /// A calibration file written by `jetvlm calibrate`: its policy (a frame format per
+    /// layer) is used, after checking that it was measured on this model's shape. Relative
+    /// paths in a YAML config are relative to the config file. Not together with `kv_policy`.
+    pub kv_calibration: Option<PathBuf>,
     pub max_new_tokens: usize,
     pub sampling: Sampling,
     /// Frames a [`StreamSession`](crate::StreamSession) keeps cached (oldest evicted first).
@@ -85,6 +90,7 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             kv_policy: None,
+            kv_calibration: None,
             max_new_tokens: 128,
             sampling: Sampling::default(),
             window_frames: 4,
@@ -99,8 +105,13 @@ impl Default for RuntimeConfig {
 impl RuntimeConfig {
     /// Reads a YAML runtime config (errors name the file, line and field).
     pub fn from_yaml(path: &Path) -> Result<Self, RuntimeError> {
-        let cfg: RuntimeConfig = jetvlm_core::config::load_yaml(path)?;
+        let mut cfg: RuntimeConfig = jetvlm_core::config::load_yaml(path)?;
         cfg.validate(path)?;
+        if let (Some(c), Some(dir)) = (&mut cfg.kv_calibration, path.parent())
+            && c.is_relative()
+        {
+            *c = dir.join(&*c);
+        }
         Ok(cfg)
     }
 
@@ -112,6 +123,12 @@ impl RuntimeConfig {
         };
         if self.window_frames == 0 {
             return bad("window_frames", "must be at least 1");
+        }
+        if self.kv_policy.is_some() && self.kv_calibration.is_some() {
+            return bad(
+                "kv_calibration",
+                "set kv_policy or kv_calibration, not both (the calibration file holds a policy)",
+            );
         }
         if self.max_new_tokens == 0 {
             return bad("max_new_tokens", "must be at least 1");

@@ -16,6 +16,10 @@ pub enum RuntimeError {
     #[error("CUDA: {0}")]
     Cuda(#[from] jetvlm_cuda::CudaError),
 
+    /// A KV calibration file (unreadable, invalid, or measured on another model).
+    #[error("KV calibration: {0}")]
+    Calibration(#[from] jetvlm_calibration::CalibrationError),
+
     /// The KV cache (capacity, eviction, policy).
     #[error("KV cache: {0}")]
     Kv(#[from] jetvlm_kvcache::KvError),

@@ -154,7 +154,14 @@ impl Pipeline {
     /// Validates the package (all problems at once), then loads the decoder, the tokenizer
     /// and the vision encoder, and sizes the KV cache.
     pub fn load(dir: &Path, cfg: RuntimeConfig) -> Result<Self, RuntimeError> {
-        let kv_override = cfg.kv_policy.clone();
+        let calibration = match &cfg.kv_calibration {
+            Some(path) => Some((path, jetvlm_calibration::Calibration::load(path)?)),
+            None => None,
+        };
+        let kv_override = match &calibration {
+            Some((_, c)) => Some(c.policy.clone()),
+            None => cfg.kv_policy.clone(),
+        };
         #[cfg(feature = "cuda")]
         let mut gpu_slot = None;
         let package = ModelPackage::load_with(dir, |m, issues| {
@@ -186,6 +193,9 @@ impl Pipeline {
             }
         }
         let shape = CacheShape::of(&package.decoder_config);
+        if let Some((path, c)) = &calibration {
+            c.policy_for(path, shape)?;
+        }
         // The cache fits the quantization group to the head dim; name the policy in effect.
         if let KvChoice::Policy(p) = &mut kv {
             *p = p.fitted_to(shape.head_dim);
@@ -446,6 +456,21 @@ impl Pipeline {
         let inputs = inputs(&p.spans, &p.embeds, &p.ids);
         let model = cpu_decoder(&self.model, "first_token_logits")?;
         let logits = model.forward(&inputs, &mut self.cache)?;
+        Ok(logits.last().to_vec())
+    }
+
+    /// Runs the prompt for `frames` and `question` through the CPU decoder into `store` (any
+    /// KV store, e.g. the calibration recorder) and returns the logits of the token after it.
+    pub fn forward_prompt<C: jetvlm_decoder::KvStore>(
+        &mut self,
+        frames: &[Frame],
+        question: &str,
+        store: &mut C,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let p = self.prepare(frames, question)?;
+        let inputs = inputs(&p.spans, &p.embeds, &p.ids);
+        let model = cpu_decoder(&self.model, "forward_prompt")?;
+        let logits = model.forward(&inputs, store)?;
         Ok(logits.last().to_vec())
     }
 
