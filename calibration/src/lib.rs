@@ -57,6 +57,16 @@ pub struct ShapeRecord {
     pub head_dim: usize,
 }
 
+impl std::fmt::Display for ShapeRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "layers={} q_heads={} kv_heads={} head_dim={}",
+            self.layers, self.q_heads, self.kv_heads, self.head_dim
+        )
+    }
+}
+
 impl From<CacheShape> for ShapeRecord {
     fn from(s: CacheShape) -> Self {
         ShapeRecord {
@@ -357,7 +367,7 @@ impl Calibration {
             return Err(CalibrationError::Invalid {
                 path: path.to_path_buf(),
                 message: format!(
-                    "calibrated for a model with {:?}, this model has {shape}",
+                    "calibrated for a model with {}, this model has {shape}",
                     self.shape
                 ),
             });

@@ -186,5 +186,19 @@ mod tests {
         std::fs::write(&p, "vision:\n  execution_providers: [tpu]\n").unwrap();
         let err = RuntimeConfig::from_yaml(&p).unwrap_err().to_string();
         assert!(err.contains("rt.yaml"), "{err}");
+
+        // A calibration file is found next to the config; not together with kv_policy.
+        std::fs::write(&p, "kv_calibration: calib.yaml\n").unwrap();
+        let cfg = RuntimeConfig::from_yaml(&p).unwrap();
+        assert_eq!(cfg.kv_calibration, Some(dir.path().join("calib.yaml")));
+        std::fs::write(&p, "kv_calibration: /abs/calib.yaml\n").unwrap();
+        let cfg = RuntimeConfig::from_yaml(&p).unwrap();
+        assert_eq!(cfg.kv_calibration, Some(PathBuf::from("/abs/calib.yaml")));
+        std::fs::write(&p, "kv_policy: mixed\nkv_calibration: c.yaml\n").unwrap();
+        let err = RuntimeConfig::from_yaml(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("kv_calibration") && err.contains("not both"),
+            "{err}"
+        );
     }
 }

@@ -24,6 +24,10 @@ pub struct AskArgs {
     /// (exact reference cache). Default: the package's kv.policy.
     #[arg(long)]
     pub kv: Option<String>,
+    /// A KV calibration file from `jetvlm calibrate` (a frame format per layer) instead of
+    /// --kv.
+    #[arg(long, conflicts_with = "kv")]
+    pub kv_calibration: Option<PathBuf>,
     /// Runtime config YAML (KV policy, sampling, execution providers, ...); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -58,9 +62,7 @@ pub fn run(args: AskArgs) -> Result<()> {
         Some(p) => RuntimeConfig::from_yaml(p)?,
         None => RuntimeConfig::default(),
     };
-    if args.kv.is_some() {
-        cfg.kv_policy = args.kv.clone();
-    }
+    super::apply_kv(&mut cfg, args.kv.clone(), args.kv_calibration.clone());
     if let Some(n) = args.max_tokens {
         cfg.max_new_tokens = n;
     }

@@ -63,6 +63,19 @@ pub fn apply_device(
     Ok(())
 }
 
+/// Applies `--kv` or `--kv-calibration` to the runtime config: either replaces both of the
+/// config's keys.
+pub fn apply_kv(
+    cfg: &mut jetvlm_runtime::RuntimeConfig,
+    kv: Option<String>,
+    calibration: Option<PathBuf>,
+) {
+    if kv.is_some() || calibration.is_some() {
+        cfg.kv_policy = kv;
+        cfg.kv_calibration = calibration;
+    }
+}
+
 pub fn load_pipeline(
     given: Option<&Path>,
     cfg: jetvlm_runtime::RuntimeConfig,

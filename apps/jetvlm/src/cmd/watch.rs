@@ -34,6 +34,10 @@ pub struct WatchArgs {
     /// default: the package's kv.policy.
     #[arg(long)]
     pub kv: Option<String>,
+    /// A KV calibration file from `jetvlm calibrate` (a frame format per layer) instead of
+    /// --kv.
+    #[arg(long, conflicts_with = "kv")]
+    pub kv_calibration: Option<PathBuf>,
     /// Runtime config YAML; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -79,9 +83,7 @@ pub fn run(args: WatchArgs) -> Result<()> {
         Some(p) => RuntimeConfig::from_yaml(p)?,
         None => RuntimeConfig::default(),
     };
-    if args.kv.is_some() {
-        cfg.kv_policy = args.kv.clone();
-    }
+    super::apply_kv(&mut cfg, args.kv.clone(), args.kv_calibration.clone());
     anyhow::ensure!(args.window > 0, "--window must be at least 1");
     cfg.window_frames = args.window;
     cfg.max_new_tokens = args.max_tokens;

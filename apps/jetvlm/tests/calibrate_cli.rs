@@ -1,0 +1,73 @@
+//! `jetvlm calibrate` on the bundled demo model, and its file used by `watch`.
+
+mod common;
+use common::jetvlm;
+
+#[test]
+fn calibrate_writes_a_file_that_watch_runs_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("calib.yaml");
+    let f = file.to_str().unwrap();
+    let (ok, out, err) = jetvlm(&[
+        "calibrate",
+        "--out",
+        f,
+        "--source",
+        "synthetic://scene?seed=5&pace=0",
+        "--frames",
+        "8",
+        "--window",
+        "4",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    let c = &r["calibration"];
+    assert_eq!(c["shape"]["layers"], 6);
+    assert_eq!(c["samples"]["prompts"], 2);
+    let target = c["target_error"].as_f64().unwrap();
+    // Default target: the base policy's worst layer; every layer stays within it and the
+    // calibrated cache is no larger than the base policy's.
+    let layers = c["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 6);
+    for l in layers {
+        assert!(l["meets_target"].as_bool().unwrap(), "{l}");
+        assert!(l["error"].as_f64().unwrap() <= target, "{l}");
+    }
+    assert!(c["kv_bytes"]["calibrated"].as_u64() <= c["kv_bytes"]["base"].as_u64());
+    // The check answered both prompts under the base and the calibrated policy.
+    let check = r["check"].as_array().unwrap();
+    assert_eq!(check.len(), 2);
+    assert!(check.iter().all(|k| k["answers"] == 2), "{check:?}");
+    let policy = c["policy"].as_str().unwrap().to_string();
+
+    // The file drives watch; the report names the calibrated policy.
+    let (ok, out, err) = jetvlm(&[
+        "watch",
+        "synthetic://scene?seed=3&pace=0",
+        "--frames",
+        "2",
+        "--json",
+        "--kv-calibration",
+        f,
+    ]);
+    assert!(ok, "{err}");
+    let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(first["kv_policy"].as_str(), Some(policy.as_str()));
+
+    // A damaged file: one line naming the file and the field, non-zero exit, no panic.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, text.replace("policy: mixed", "policy: mixd")).unwrap();
+    let (ok, _, err) = jetvlm(&[
+        "watch",
+        "--frames",
+        "1",
+        "--kv-calibration",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("bad.yaml") && err.contains("policy"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
