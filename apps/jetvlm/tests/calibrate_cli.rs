@@ -71,3 +71,27 @@ fn calibrate_writes_a_file_that_watch_runs_with() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// The committed calibration of the demo model still fits it (README's Numbers use it).
+#[test]
+fn the_demo_models_committed_calibration_loads() {
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../models/demo/kv-calibration.yaml"
+    );
+    let (ok, out, err) = jetvlm(&[
+        "watch",
+        "synthetic://scene?seed=3&pace=0",
+        "--frames",
+        "1",
+        "--json",
+        "--kv-calibration",
+        file,
+    ]);
+    assert!(ok, "{err}");
+    let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert!(
+        first["kv_policy"].as_str().unwrap().contains(",layers="),
+        "{first}"
+    );
+}

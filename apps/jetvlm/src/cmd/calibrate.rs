@@ -228,7 +228,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "calibrated {} on {}: {} prompts, {} text queries, target error {}",
+        "calibrated {} on {}: {} prompts, {} text queries, target error {:.4}",
         model_dir.display(),
         cal.samples.source,
         cal.samples.prompts,
