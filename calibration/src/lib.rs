@@ -4,7 +4,7 @@
 //!    answers with the exact f32 cache and records every layer's keys, values and queries.
 //! 2. [`replay`] feeds that traffic through the mixed cache under a candidate frame format
 //!    and measures each layer's attention-output error against the exact outputs.
-//! 3. [`calibrate`] tries every format (INT8/INT4/INT2, per-channel or per-token keys, group
+//! 3. [`Calibrator`] (or [`calibrate`] over a whole trace) tries every format (INT8/INT4/INT2, per-channel or per-token keys, group
 //!    128/64/32 where the head dim allows), picks per layer the cheapest one whose error stays
 //!    under the target, and returns a [`Calibration`]: the calibrated policy
 //!    (`mixed:...,layers=4c64/8t64/...`), the cheapest single format that meets the target
@@ -205,10 +205,171 @@ pub fn bytes_per_frame_token(
     Ok((layout.seg_bytes() * shape.kv_heads) as f64 / p.quant_block_tokens as f64)
 }
 
-/// Measures every candidate format on `trace` and picks each layer's cheapest format with
-/// an error at most `target` (`None`: the base policy's worst layer error, so no layer
-/// ends up worse than the base policy's worst one). `base` gives the text precision, FP16 budget and block sizes
-/// (a base that keeps frames FP16 starts from `mixed` with its block sizes).
+/// Streams prompts through every candidate format and the base policy, then chooses.
+/// Memory: the error sums only; each prompt's traffic can be dropped once added, so a
+/// calibration over many prompts needs one prompt's recording at a time.
+#[derive(Clone, Debug)]
+pub struct Calibrator {
+    shape: CacheShape,
+    base: KvPolicy,
+    formats: Vec<LayerFormat>,
+    /// One per format, then the base policy.
+    accs: Vec<replay::Accumulator>,
+    prompts: usize,
+}
+
+impl Calibrator {
+    /// `base` gives the text precision, FP16 budget and block sizes (a base that keeps
+    /// frames FP16 starts from `mixed` with its block sizes).
+    pub fn new(shape: CacheShape, base: &KvPolicy) -> Self {
+        let mut base = base.fitted_to(shape.head_dim);
+        base.layers.clear();
+        if !base.quantizes_frames() {
+            base = KvPolicy {
+                fp16_block_tokens: base.fp16_block_tokens,
+                quant_block_tokens: base.quant_block_tokens,
+                ..KvPolicy::mixed()
+            };
+        }
+        let formats = candidate_formats(&base, shape.head_dim);
+        let mut accs: Vec<replay::Accumulator> = formats
+            .iter()
+            .map(|&f| replay::Accumulator::new(with_format(&base, f), shape))
+            .collect();
+        accs.push(replay::Accumulator::new(base.clone(), shape));
+        Calibrator {
+            shape,
+            base,
+            formats,
+            accs,
+            prompts: 0,
+        }
+    }
+
+    /// Replays one recorded prompt under every candidate and the base policy.
+    pub fn add(&mut self, prompt: &record::Prompt) -> Result<(), CalibrationError> {
+        for acc in &mut self.accs {
+            acc.add(self.shape, prompt)?;
+        }
+        self.prompts += 1;
+        Ok(())
+    }
+
+    /// Picks each layer's cheapest format with an error at most `target` (`None`: the base
+    /// policy's worst layer error, so no layer ends up worse than the base policy's worst
+    /// one).
+    pub fn finish(
+        &self,
+        target: Option<f64>,
+        model: &str,
+        source: &str,
+    ) -> Result<Calibration, CalibrationError> {
+        let (shape, base) = (self.shape, &self.base);
+        let base_m = self.accs[self.formats.len()].measurement();
+        let target = target.unwrap_or_else(|| base_m.max_error());
+        if !(target > 0.0 && target.is_finite()) {
+            return Err(CalibrationError::Trace {
+                message: format!("target error {target} must be a positive number"),
+            });
+        }
+        if base_m.text_queries == 0 {
+            return Err(CalibrationError::Trace {
+                message: "no text query saw a frame token: the prompts need frames before text"
+                    .into(),
+            });
+        }
+        let mut measured = Vec::with_capacity(self.formats.len());
+        for (&f, acc) in self.formats.iter().zip(&self.accs) {
+            measured.push((f, bytes_per_frame_token(base, f, shape)?, acc.measurement()));
+        }
+        // Per layer: the cheapest format within the target (ties: the smaller error); else
+        // the most accurate one.
+        let err = |i: usize, layer: usize| measured[i].2.layer_errors[layer];
+        let pick = |layer: usize| -> (usize, bool) {
+            let by_error = |a: &usize, b: &usize| err(*a, layer).total_cmp(&err(*b, layer));
+            let within = (0..measured.len())
+                .filter(|&i| err(i, layer) <= target)
+                .min_by(|a, b| {
+                    measured[*a]
+                        .1
+                        .total_cmp(&measured[*b].1)
+                        .then(by_error(a, b))
+                });
+            match within {
+                Some(i) => (i, true),
+                None => ((0..measured.len()).min_by(by_error).unwrap_or(0), false),
+            }
+        };
+        let choices: Vec<(usize, bool)> = (0..shape.layers).map(pick).collect();
+        let chosen: Vec<LayerFormat> = choices.iter().map(|c| measured[c.0].0).collect();
+        let policy = if chosen.iter().all(|f| *f == chosen[0]) {
+            with_format(base, chosen[0])
+        } else {
+            KvPolicy {
+                layers: chosen.clone(),
+                ..base.clone()
+            }
+        };
+        // A layer's traffic in a per-layer cache is exactly its format's in a uniform one:
+        // errors are the chosen candidates', quantized bytes their per-layer shares.
+        let quant: u64 = choices
+            .iter()
+            .map(|c| measured[c.0].2.quant_bytes / shape.layers as u64)
+            .sum();
+        let calibrated_bytes = base_m.fp16_block_bytes + quant;
+        let uniform = measured
+            .iter()
+            .filter(|(_, _, m)| m.max_error() <= target)
+            .min_by(|a, b| {
+                a.1.total_cmp(&b.1)
+                    .then(a.2.max_error().total_cmp(&b.2.max_error()))
+            });
+        let layers = choices
+            .iter()
+            .enumerate()
+            .map(|(layer, &(i, ok))| LayerChoice {
+                layer,
+                format: measured[i].0.to_string(),
+                error: err(i, layer),
+                meets_target: ok,
+            })
+            .collect();
+        Ok(Calibration {
+            format_version: FORMAT_VERSION,
+            model: model.to_string(),
+            shape: shape.into(),
+            target_error: target,
+            policy: policy.name(),
+            uniform_policy: uniform.map(|(f, ..)| with_format(base, *f).name()),
+            base_policy: base.name(),
+            samples: Samples {
+                prompts: self.prompts,
+                text_queries: base_m.text_queries,
+                frame_tokens: base_m.frame_tokens,
+                source: source.to_string(),
+            },
+            kv_bytes: Bytes {
+                calibrated: calibrated_bytes,
+                uniform: uniform.map(|(_, _, m)| m.kv_bytes()),
+                base: base_m.kv_bytes(),
+                fp16: base_m.fp16_bytes,
+            },
+            layers,
+            candidates: measured
+                .iter()
+                .map(|(f, cost, m)| Candidate {
+                    format: f.to_string(),
+                    bytes_per_frame_token: *cost,
+                    max_error: m.max_error(),
+                    mean_error: m.mean_error(),
+                    errors: m.layer_errors.clone(),
+                })
+                .collect(),
+        })
+    }
+}
+
+/// [`Calibrator`] over a whole recorded trace.
 pub fn calibrate(
     trace: &Trace,
     base: &KvPolicy,
@@ -216,115 +377,11 @@ pub fn calibrate(
     model: &str,
     source: &str,
 ) -> Result<Calibration, CalibrationError> {
-    let shape = trace.shape;
-    let mut base = base.fitted_to(shape.head_dim);
-    base.layers.clear();
-    if !base.quantizes_frames() {
-        base = KvPolicy {
-            fp16_block_tokens: base.fp16_block_tokens,
-            quant_block_tokens: base.quant_block_tokens,
-            ..KvPolicy::mixed()
-        };
+    let mut c = Calibrator::new(trace.shape, base);
+    for prompt in &trace.prompts {
+        c.add(prompt)?;
     }
-    let base_m = replay(trace, &base)?;
-    let target = target.unwrap_or_else(|| base_m.max_error());
-    if !(target > 0.0 && target.is_finite()) {
-        return Err(CalibrationError::Trace {
-            message: format!("target error {target} must be a positive number"),
-        });
-    }
-    let formats = candidate_formats(&base, shape.head_dim);
-    let mut measured = Vec::with_capacity(formats.len());
-    for &f in &formats {
-        let m = replay(trace, &with_format(&base, f))?;
-        let cost = bytes_per_frame_token(&base, f, shape)?;
-        measured.push((f, cost, m));
-    }
-    if measured.first().is_none_or(|(_, _, m)| m.text_queries == 0) {
-        return Err(CalibrationError::Trace {
-            message: "no text query saw a frame token: the prompts need frames before text".into(),
-        });
-    }
-    // Per layer: the cheapest format within the target (ties: the smaller error); else the
-    // most accurate one.
-    let pick = |layer: usize| -> (LayerFormat, bool) {
-        let within = measured
-            .iter()
-            .filter(|(_, _, m)| m.layer_errors[layer] <= target)
-            .min_by(|a, b| {
-                a.1.total_cmp(&b.1)
-                    .then(a.2.layer_errors[layer].total_cmp(&b.2.layer_errors[layer]))
-            });
-        match within {
-            Some((f, ..)) => (*f, true),
-            None => {
-                let best = measured
-                    .iter()
-                    .min_by(|a, b| a.2.layer_errors[layer].total_cmp(&b.2.layer_errors[layer]));
-                (best.map(|b| b.0).unwrap_or(formats[0]), false)
-            }
-        }
-    };
-    let choices: Vec<(LayerFormat, bool)> = (0..shape.layers).map(pick).collect();
-    let formats_chosen: Vec<LayerFormat> = choices.iter().map(|c| c.0).collect();
-    let policy = if formats_chosen.iter().all(|f| *f == formats_chosen[0]) {
-        with_format(&base, formats_chosen[0])
-    } else {
-        KvPolicy {
-            layers: formats_chosen.clone(),
-            ..base.clone()
-        }
-    };
-    let uniform = measured
-        .iter()
-        .filter(|(_, _, m)| m.max_error() <= target)
-        .min_by(|a, b| {
-            a.1.total_cmp(&b.1)
-                .then(a.2.max_error().total_cmp(&b.2.max_error()))
-        });
-    let calibrated = replay(trace, &policy)?;
-    let layers = choices
-        .iter()
-        .enumerate()
-        .map(|(layer, (f, ok))| LayerChoice {
-            layer,
-            format: f.to_string(),
-            error: calibrated.layer_errors[layer],
-            meets_target: *ok,
-        })
-        .collect();
-    Ok(Calibration {
-        format_version: FORMAT_VERSION,
-        model: model.to_string(),
-        shape: shape.into(),
-        target_error: target,
-        policy: policy.name(),
-        uniform_policy: uniform.map(|(f, ..)| with_format(&base, *f).name()),
-        base_policy: base.name(),
-        samples: Samples {
-            prompts: trace.prompts.len(),
-            text_queries: calibrated.text_queries,
-            frame_tokens: calibrated.frame_tokens,
-            source: source.to_string(),
-        },
-        kv_bytes: Bytes {
-            calibrated: calibrated.kv_bytes,
-            uniform: uniform.map(|(_, _, m)| m.kv_bytes),
-            base: base_m.kv_bytes,
-            fp16: calibrated.fp16_bytes,
-        },
-        layers,
-        candidates: measured
-            .iter()
-            .map(|(f, cost, m)| Candidate {
-                format: f.to_string(),
-                bytes_per_frame_token: *cost,
-                max_error: m.max_error(),
-                mean_error: m.mean_error(),
-                errors: m.layer_errors.clone(),
-            })
-            .collect(),
-    })
+    c.finish(target, model, source)
 }
 
 impl Calibration {

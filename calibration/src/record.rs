@@ -24,7 +24,8 @@ pub enum Event {
         k: Vec<f32>,
         v: Vec<f32>,
     },
-    /// Queries of span `span` in `layer`, and the exact attention output.
+    /// Queries of text span `span` in `layer` (recorded only for text that comes after a
+    /// frame: the queries the calibration error is measured on), and the exact output.
     Attend {
         layer: usize,
         span: usize,
@@ -68,6 +69,8 @@ pub struct Trace {
 pub struct RecordedSpan {
     inner: F32Span,
     index: usize,
+    /// A text span appended after a frame: its attention is recorded.
+    measured: bool,
 }
 
 /// A [`KvStore`] that answers with the exact f32 cache and records the traffic.
@@ -77,6 +80,7 @@ pub struct Recorder {
     /// The current prompt's events (attention records through `&self`).
     current: Mutex<Vec<Event>>,
     spans: usize,
+    frame_seen: bool,
     done: Vec<Prompt>,
 }
 
@@ -88,18 +92,27 @@ impl Recorder {
             cache: F32KvCache::new(shape, capacity_tokens),
             current: Mutex::new(Vec::new()),
             spans: 0,
+            frame_seen: false,
             done: Vec::new(),
         }
     }
 
-    /// Ends the current prompt; the next appends start a new one on an empty cache.
-    pub fn next_prompt(&mut self) {
+    /// Ends the current prompt and returns it (`None` when nothing was recorded); the next
+    /// appends start a new prompt on an empty cache. Taking each prompt as it ends keeps the
+    /// recorder's memory to one prompt's traffic (see [`crate::Calibrator`]).
+    pub fn take_prompt(&mut self) -> Option<Prompt> {
         let events = std::mem::take(self.events());
-        if !events.is_empty() {
-            self.done.push(Prompt { events });
-        }
         self.spans = 0;
+        self.frame_seen = false;
         self.cache.clear();
+        (!events.is_empty()).then_some(Prompt { events })
+    }
+
+    /// Ends the current prompt and keeps it for [`Self::finish`].
+    pub fn next_prompt(&mut self) {
+        if let Some(p) = self.take_prompt() {
+            self.done.push(p);
+        }
     }
 
     fn events(&mut self) -> &mut Vec<Event> {
@@ -140,9 +153,12 @@ impl KvStore for Recorder {
             frame,
         });
         self.spans += 1;
+        let measured = kind == TokenKind::Text && self.frame_seen;
+        self.frame_seen |= kind == TokenKind::Frame;
         Ok(RecordedSpan {
             inner,
             index: self.spans - 1,
+            measured,
         })
     }
     fn write(&mut self, layer: usize, span: &RecordedSpan, k: &[f32], v: &[f32]) -> Result<()> {
@@ -157,6 +173,9 @@ impl KvStore for Recorder {
     }
     fn attend(&self, layer: usize, span: &RecordedSpan, q: &[f32], out: &mut [f32]) -> Result<()> {
         self.cache.attend(layer, &span.inner, q, out)?;
+        if !span.measured {
+            return Ok(());
+        }
         let event = Event::Attend {
             layer,
             span: span.index,

@@ -68,6 +68,14 @@ fn trace(prompts: usize) -> jetvlm_calibration::Trace {
 fn each_layer_gets_the_cheapest_format_within_the_target() {
     let t = trace(3);
     assert_eq!(t.prompts.len(), 3);
+    // Only the question's attention (text after frames) is recorded: one per layer.
+    let attends = |p: &jetvlm_calibration::record::Prompt| {
+        p.events
+            .iter()
+            .filter(|e| matches!(e, jetvlm_calibration::record::Event::Attend { .. }))
+            .count()
+    };
+    assert!(t.prompts.iter().all(|p| attends(p) == SHAPE.layers));
     // INT4 g64 gives 7-8% error on the benign layers and 10% on the outlier layer (25%
     // with per-token keys); INT8 gives 0.5%.
     let c = calibrate(
@@ -128,6 +136,7 @@ fn each_layer_gets_the_cheapest_format_within_the_target() {
     let again = replay(&t, &policy).unwrap();
     let errs: Vec<f64> = c.layers.iter().map(|l| l.error).collect();
     assert_eq!(again.layer_errors, errs);
+    assert_eq!(again.kv_bytes(), c.kv_bytes.calibrated);
 }
 
 #[test]

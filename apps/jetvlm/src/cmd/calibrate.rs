@@ -11,7 +11,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use jetvlm_calibration::{Calibration, Recorder, calibrate};
+use jetvlm_calibration::{Calibration, Calibrator, Recorder};
 use jetvlm_camera::{Capture, Frame};
 use jetvlm_decoder::Input;
 use jetvlm_kvcache::{CacheShape, KvPolicy};
@@ -138,11 +138,12 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     let windows: Vec<&[Frame]> = frames.chunks(args.window).collect();
     let capacity = config.max_position_embeddings.max(1);
 
-    // 1. Record the exact run.
+    // 1. Record the exact run, prompt by prompt; 2. replay each prompt under every frame
+    // format as it ends (only one prompt's traffic is held at a time).
     let mut recorder = Recorder::new(shape, capacity);
+    let mut calibrator = Calibrator::new(shape, &base);
     for window in &windows {
         for q in &questions {
-            recorder.next_prompt();
             let mut logits = pipeline.forward_prompt(window, q, &mut recorder)?;
             let model = pipeline.model().context("the CPU decoder")?;
             for _ in 0..args.answer_tokens {
@@ -152,11 +153,13 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
                     .last()
                     .to_vec();
             }
+            if let Some(prompt) = recorder.take_prompt() {
+                calibrator.add(&prompt)?;
+            }
         }
     }
-    let trace = recorder.finish();
 
-    // 2. Measure every format, choose per layer, write the file.
+    // 3. Choose per layer, write the file.
     let source = format!(
         "{} ({} frames, {} per prompt; questions: {})",
         args.source,
@@ -164,16 +167,10 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         args.window,
         questions.join(" | ")
     );
-    let cal = calibrate(
-        &trace,
-        &base,
-        args.target,
-        &model_dir.display().to_string(),
-        &source,
-    )?;
+    let cal = calibrator.finish(args.target, &model_dir.display().to_string(), &source)?;
     cal.save(&args.out)?;
 
-    // 3. Answer again under the base and the calibrated policy.
+    // 4. Answer again under the base and the calibrated policy.
     let mut check = Vec::new();
     if !args.no_check {
         let mut exact_answers = Vec::new();
