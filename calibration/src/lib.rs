@@ -221,8 +221,8 @@ pub struct Calibrator {
 impl Calibrator {
     /// `base` gives the text precision, FP16 budget and block sizes (a base that keeps
     /// frames FP16 starts from `mixed` with its block sizes).
-    pub fn new(shape: CacheShape, base: &KvPolicy) -> Self {
-        let mut base = base.fitted_to(shape.head_dim);
+    pub fn new(shape: CacheShape, base: &KvPolicy) -> Result<Self, CalibrationError> {
+        let mut base = base.clone();
         base.layers.clear();
         if !base.quantizes_frames() {
             base = KvPolicy {
@@ -231,19 +231,30 @@ impl Calibrator {
                 ..KvPolicy::mixed()
             };
         }
+        let base = base.fitted_to(shape.head_dim);
         let formats = candidate_formats(&base, shape.head_dim);
+        if formats.is_empty() {
+            return Err(CalibrationError::Kv(KvError::InvalidShape {
+                shape: shape.to_string(),
+                reason: format!(
+                    "no quantized frame format fits head_dim {} (a group of 32, 64 or 128 must \
+                     divide it)",
+                    shape.head_dim
+                ),
+            }));
+        }
         let mut accs: Vec<replay::Accumulator> = formats
             .iter()
             .map(|&f| replay::Accumulator::new(with_format(&base, f), shape))
             .collect();
         accs.push(replay::Accumulator::new(base.clone(), shape));
-        Calibrator {
+        Ok(Calibrator {
             shape,
             base,
             formats,
             accs,
             prompts: 0,
-        }
+        })
     }
 
     /// Replays one recorded prompt under every candidate and the base policy.
@@ -377,7 +388,7 @@ pub fn calibrate(
     model: &str,
     source: &str,
 ) -> Result<Calibration, CalibrationError> {
-    let mut c = Calibrator::new(trace.shape, base);
+    let mut c = Calibrator::new(trace.shape, base)?;
     for prompt in &trace.prompts {
         c.add(prompt)?;
     }

@@ -175,6 +175,18 @@ fn the_default_target_is_the_base_policys_worst_layer() {
 }
 
 #[test]
+fn an_fp16_base_starts_from_mixed_and_odd_head_dims_are_an_error() {
+    let c = calibrate(&trace(1), &KvPolicy::fp16(), None, "m", "s").unwrap();
+    assert_eq!(c.base_policy, "mixed");
+    let odd = CacheShape {
+        head_dim: 40,
+        ..SHAPE
+    };
+    let e = jetvlm_calibration::Calibrator::new(odd, &KvPolicy::mixed()).unwrap_err();
+    assert!(e.to_string().contains("head_dim 40"), "{e}");
+}
+
+#[test]
 fn prompts_without_frames_before_text_are_an_error() {
     let mut rec = Recorder::new(SHAPE, 64);
     let span = rec.append_span(TokenKind::Text, &[0, 1], None).unwrap();

@@ -95,3 +95,36 @@ fn the_demo_models_committed_calibration_loads() {
         "{first}"
     );
 }
+
+/// A second model (the LLaVA-family fixture: head dim 32, an FP16 package policy):
+/// candidates are fitted to the head dim and the base starts from `mixed`.
+#[test]
+fn calibrate_fits_formats_to_another_models_head_dim() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/vlm");
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("vlm.yaml");
+    let (ok, out, err) = jetvlm(&[
+        "calibrate",
+        "--model",
+        root,
+        "--source",
+        &format!("file://{root}/image.png"),
+        "--frames",
+        "1",
+        "--window",
+        "1",
+        "-q",
+        "what is in the picture?",
+        "--json",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let c = &r["calibration"];
+    assert_eq!(c["shape"]["head_dim"], 32);
+    assert_eq!(c["base_policy"], "mixed:group=32");
+    for k in c["candidates"].as_array().unwrap() {
+        assert!(k["format"].as_str().unwrap().ends_with("32"), "{k}");
+    }
+}

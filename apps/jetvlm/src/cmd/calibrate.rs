@@ -141,7 +141,7 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     // 1. Record the exact run, prompt by prompt; 2. replay each prompt under every frame
     // format as it ends (only one prompt's traffic is held at a time).
     let mut recorder = Recorder::new(shape, capacity);
-    let mut calibrator = Calibrator::new(shape, &base);
+    let mut calibrator = Calibrator::new(shape, &base)?;
     for window in &windows {
         for q in &questions {
             let mut logits = pipeline.forward_prompt(window, q, &mut recorder)?;
