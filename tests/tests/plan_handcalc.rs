@@ -385,3 +385,36 @@ fn parameter_counts_agree_with_transformers() {
         );
     }
 }
+
+#[test]
+fn per_layer_frame_formats_are_charged_layer_by_layer() {
+    // SmolVLM-256M: 30 layers, 3 KV heads, head dim 64. Half the layers INT8 g64 (64 code
+    // bytes + one group's FP16 scale and zero = 68 per vector), half INT2 g64 (16 + 4 = 20):
+    // 15 * 2 * 3 * 68 + 15 * 2 * 3 * 20 = 6120 + 1800 = 7920 bytes per frame token.
+    let model = ModelSpec::load(&fixture("configs/smolvlm-256m")).unwrap();
+    let layers = vec!["8c64"; 15]
+        .into_iter()
+        .chain(vec!["2t64"; 15])
+        .collect::<Vec<_>>()
+        .join("/");
+    let kv: KvPrecision = format!("mixed:fblock=16,qblock=16,layers={layers}")
+        .parse()
+        .unwrap();
+    assert_eq!(plan::frame_kv_bytes_per_token(&model.text, &kv), 7920);
+    assert_eq!(
+        plan::frame_kv_bytes_per_token(&model.text, &KvPrecision::mixed()),
+        30 * 2 * 3 * (32 + 4)
+    );
+    // Average bits per element: (8.5 + 2.5) / 2.
+    assert_eq!(kv.frame_bits_per_element(64, 30), 5.5);
+    // The name keeps every layer's format and key mode, and parses back.
+    assert!(
+        kv.name().ends_with(&format!(",layers={layers}")),
+        "{}",
+        kv.name()
+    );
+    assert_eq!(kv.name().parse::<KvPrecision>().unwrap(), kv);
+    assert!("mixed:layers=3c64".parse::<KvPrecision>().is_err());
+    assert!("fp16:layers=4c64".parse::<KvPrecision>().is_err());
+    assert!("mixed:bits=16,layers=4c64".parse::<KvPrecision>().is_err());
+}

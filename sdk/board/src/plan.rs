@@ -189,6 +189,17 @@ pub fn kv_bytes_per_token(text: &ModelConfig, format: KvFormat) -> u64 {
     vectors * format.vector_bytes(text.head_dim as u64)
 }
 
+/// Bytes of one frame token's K and V across all layers, each layer in its own format.
+pub fn frame_kv_bytes_per_token(text: &ModelConfig, kv: &KvPrecision) -> u64 {
+    if kv.frame_layers.is_empty() {
+        return kv_bytes_per_token(text, kv.frames);
+    }
+    let per_layer = 2 * text.num_key_value_heads as u64;
+    (0..text.num_hidden_layers)
+        .map(|l| per_layer * kv.frame_format(l).vector_bytes(text.head_dim as u64))
+        .sum()
+}
+
 /// KV cache of `workload` under `kv` (pure arithmetic, see [`crate::policy`]).
 pub fn kv_usage(text: &ModelConfig, workload: &Workload, kv: &KvPrecision) -> KvUsage {
     let text_tokens = workload.text_tokens();
@@ -203,7 +214,7 @@ pub fn kv_usage(text: &ModelConfig, workload: &Workload, kv: &KvPrecision) -> Kv
     };
     let text_bytes = text_tokens * kv_bytes_per_token(text, kv.text);
     let frame_bytes = fp16_frame_tokens * fp16
-        + (frame_tokens - fp16_frame_tokens) * kv_bytes_per_token(text, kv.frames);
+        + (frame_tokens - fp16_frame_tokens) * frame_kv_bytes_per_token(text, kv);
     KvUsage {
         text_tokens,
         frame_tokens,
@@ -472,7 +483,7 @@ pub fn plan(
     let total = mem.total();
     let fits = total <= budget;
     let mixed = if kv.quantizes_frames() {
-        *kv
+        kv.clone()
     } else {
         KvPrecision::mixed()
     };
@@ -487,12 +498,13 @@ pub fn plan(
         KvPrecision::frames_at(2),
     ];
     if !policies.contains(kv) {
-        policies.push(*kv);
+        policies.push(kv.clone());
     }
     for p in &policies {
         by_policy.push(PolicyFrames {
             policy: p.name(),
-            frame_bits_per_element: p.frames.bits_per_element(model.text.head_dim as u64),
+            frame_bits_per_element: p
+                .frame_bits_per_element(model.text.head_dim as u64, model.text.num_hidden_layers),
             max_frames: max_frames(board, model, workload, p, opts)?,
             kv_bytes: kv_usage(&model.text, workload, p).total_bytes,
             tpot_floor_ms: tpot_floor_ms(board, model, workload, p, opts),

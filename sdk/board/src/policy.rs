@@ -18,9 +18,14 @@
 //!   the budget, salient frame tokens (attention sinks, most-attended tokens) fill the rest
 //!   at FP16, and the planner charges them so.
 //!
+//! - Per-layer frame formats (`layers=4c64/8t64/...`, from `jetvlm calibrate`): each layer's
+//!   frame tokens are charged at that layer's bits and group.
+//!
 //! Accepted spellings: `fp16`, `mixed` (frames INT4 g64, budget 0.10), `int4-all` (text and
 //! frames INT4 g64, no FP16 budget), `int8-frames`, `int2-frames` (frames INT8 / INT2 g64,
-//! budget 0.10), and `mixed:bits=4,group=64,budget=0.1,keys=channel` with any subset of keys.
+//! budget 0.10), and `mixed:bits=4,group=64,budget=0.1,keys=channel,layers=...` with any
+//! subset of keys (the cache's `sinks`, `salient`, `fblock` and `qblock` are accepted and do
+//! not change the bytes charged).
 
 use crate::BoardError;
 use serde::Serialize;
@@ -86,13 +91,16 @@ pub enum KeyMode {
 }
 
 /// What the planner needs to know about a KV policy.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct KvPrecision {
     pub text: KvFormat,
     pub frames: KvFormat,
     /// Fraction of the context that may stay FP16 (text first, then salient frame tokens).
     pub fp16_budget: f64,
     pub keys: KeyMode,
+    /// Per-layer frame formats and key modes (a calibrated policy); empty: `frames` in
+    /// every layer.
+    pub frame_layers: Vec<(KvFormat, KeyMode)>,
 }
 
 const DEFAULT_GROUP: u32 = 64;
@@ -106,6 +114,7 @@ impl KvPrecision {
             frames: KvFormat::FP16,
             fp16_budget: 1.0,
             keys: KeyMode::Token,
+            frame_layers: Vec::new(),
         }
     }
 
@@ -121,6 +130,7 @@ impl KvPrecision {
             frames: KvFormat::quantized(bits, DEFAULT_GROUP),
             fp16_budget: DEFAULT_BUDGET,
             keys: KeyMode::Channel,
+            frame_layers: Vec::new(),
         }
     }
 
@@ -131,7 +141,25 @@ impl KvPrecision {
             frames: KvFormat::quantized(4, DEFAULT_GROUP),
             fp16_budget: 0.0,
             keys: KeyMode::Token,
+            frame_layers: Vec::new(),
         }
+    }
+
+    /// The frame format of `layer`.
+    pub fn frame_format(&self, layer: usize) -> KvFormat {
+        self.frame_layers.get(layer).map_or(self.frames, |l| l.0)
+    }
+
+    /// Stored bits per frame element, scales and zeros included, averaged over `layers`
+    /// layers.
+    pub fn frame_bits_per_element(&self, head_dim: u64, layers: usize) -> f64 {
+        if self.frame_layers.is_empty() || layers == 0 {
+            return self.frames.bits_per_element(head_dim);
+        }
+        (0..layers)
+            .map(|l| self.frame_format(l).bits_per_element(head_dim))
+            .sum::<f64>()
+            / layers as f64
     }
 
     /// True when frame tokens are stored below FP16.
@@ -148,7 +176,16 @@ impl KvPrecision {
                 format!("{f} ({:.2} bits/element)", f.bits_per_element(head_dim))
             }
         };
-        let mut s = format!("text {}, frames {}", fmt(self.text), fmt(self.frames));
+        let mut s = if self.frame_layers.is_empty() {
+            format!("text {}, frames {}", fmt(self.text), fmt(self.frames))
+        } else {
+            let n = self.frame_layers.len();
+            let bits = self.frame_bits_per_element(head_dim, n);
+            format!(
+                "text {}, frames per layer ({n} layers, {bits:.2} bits/element on average)",
+                fmt(self.text)
+            )
+        };
         if self.quantizes_frames() && self.fp16_budget > 0.0 && self.fp16_budget < 1.0 {
             s.push_str(&format!(
                 ", FP16 budget {:.0}% of the context",
@@ -189,8 +226,24 @@ impl KvPrecision {
         } else {
             self.frames.group
         };
+        let layers = if self.frame_layers.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = self
+                .frame_layers
+                .iter()
+                .map(|(f, k)| {
+                    let k = match k {
+                        KeyMode::Token => 't',
+                        KeyMode::Channel => 'c',
+                    };
+                    format!("{}{k}{}", f.bits, f.group)
+                })
+                .collect();
+            format!(",layers={}", list.join("/"))
+        };
         format!(
-            "mixed:bits={},group={},budget={},keys={keys}{text}",
+            "mixed:bits={},group={},budget={},keys={keys}{text}{layers}",
             self.frames.bits, group, self.fp16_budget
         )
     }
@@ -280,12 +333,23 @@ impl FromStr for KvPrecision {
                         }
                     }
                 }
+                "layers" => {
+                    p.frame_layers = value
+                        .split('/')
+                        .map(|f| parse_layer_format(f.trim()).map_err(&err))
+                        .collect::<Result<_, _>>()?;
+                }
                 // The KV cache's own options that do not change the byte count.
-                "sinks" | "salient" => {}
+                "sinks" | "salient" | "fblock" | "qblock" => {}
                 other => return Err(err(format!("unknown key `{other}`"))),
             }
         }
         if p.frames.bits == 16 {
+            if !p.frame_layers.is_empty() {
+                return Err(err(
+                    "layers=... needs quantized frames (bits below 16)".into()
+                ));
+            }
             p.frames = KvFormat::FP16;
         }
         if text_quant {
@@ -293,6 +357,24 @@ impl FromStr for KvPrecision {
         }
         Ok(p)
     }
+}
+
+/// One layer's frame format, `<bits><c|t><group>` (e.g. `4c64`); the key mode does not
+/// change the bytes charged.
+fn parse_layer_format(s: &str) -> Result<(KvFormat, KeyMode), String> {
+    let bad = || format!("layer format `{s}` (expected <bits><c|t><group>, e.g. 4c64)");
+    let i = s.find(['c', 't']).ok_or_else(bad)?;
+    let bits: u8 = s[..i].parse().map_err(|_| bad())?;
+    let group: u32 = s[i + 1..].parse().map_err(|_| bad())?;
+    if ![2, 4, 8].contains(&bits) || ![32, 64, 128].contains(&group) {
+        return Err(bad());
+    }
+    let keys = if s.as_bytes()[i] == b'c' {
+        KeyMode::Channel
+    } else {
+        KeyMode::Token
+    };
+    Ok((KvFormat::quantized(bits, group), keys))
 }
 
 #[cfg(test)]

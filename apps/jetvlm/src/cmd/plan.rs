@@ -39,6 +39,10 @@ pub struct PlanArgs {
     /// mixed:bits=4,group=64,budget=0.1 (default: the package's policy, else mixed).
     #[arg(long)]
     pub kv: Option<String>,
+    /// A KV calibration file from `jetvlm calibrate` (a frame format per layer) instead of
+    /// --kv; it must have been measured on this model's shape.
+    #[arg(long, conflicts_with = "kv")]
+    pub kv_calibration: Option<PathBuf>,
     /// Bits per language-model weight (32, 16, 8, 4); default: the config's dtype.
     #[arg(long)]
     pub weight_bits: Option<u8>,
@@ -133,12 +137,25 @@ pub fn build(args: &PlanArgs) -> Result<Plan> {
             model.config_path.display()
         ),
     };
-    let kv_name = args
-        .kv
-        .clone()
+    let calibrated = match &args.kv_calibration {
+        Some(path) => {
+            let c = jetvlm_calibration::Calibration::load(path)?;
+            c.policy_for(path, jetvlm_kvcache::CacheShape::of(&model.text))?;
+            Some(c.policy)
+        }
+        None => None,
+    };
+    let kv_name = calibrated
+        .or_else(|| args.kv.clone())
         .or_else(|| model.default_kv.clone())
         .unwrap_or_else(|| "mixed".into());
     let kv: KvPrecision = kv_name.parse()?;
+    let layers = model.text.num_hidden_layers;
+    anyhow::ensure!(
+        kv.frame_layers.is_empty() || kv.frame_layers.len() == layers,
+        "--kv {kv_name}: formats for {} layers, the model has {layers}",
+        kv.frame_layers.len()
+    );
     if let Some(bits) = args.weight_bits {
         opts.weights = WeightFormat::from_bits(bits)?;
     }
