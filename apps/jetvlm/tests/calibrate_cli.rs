@@ -128,3 +128,53 @@ fn calibrate_fits_formats_to_another_models_head_dim() {
         assert!(k["format"].as_str().unwrap().ends_with("32"), "{k}");
     }
 }
+
+/// A package that names its calibration (`kv.calibration`) runs with it by default; a
+/// flag still overrides it; a missing file is a package error naming the key.
+#[test]
+fn a_package_can_ship_its_calibration() {
+    let demo = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/demo"));
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("pkg");
+    std::fs::create_dir(&pkg).unwrap();
+    for f in ["vision.onnx", "decoder", "kv-calibration.yaml"] {
+        std::os::unix::fs::symlink(demo.join(f).canonicalize().unwrap(), pkg.join(f)).unwrap();
+    }
+    let manifest = std::fs::read_to_string(demo.join("jetvlm.yaml")).unwrap();
+    let with_cal = manifest.replace("kv:\n", "kv:\n  calibration: kv-calibration.yaml\n");
+    assert_ne!(with_cal, manifest);
+    std::fs::write(pkg.join("jetvlm.yaml"), &with_cal).unwrap();
+    let policy = |extra: &[&str]| -> Result<String, String> {
+        let mut args = vec![
+            "watch",
+            "synthetic://scene?seed=3&pace=0",
+            "--frames",
+            "1",
+            "--json",
+            "--model",
+            pkg.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = jetvlm(&args);
+        if !ok {
+            return Err(err);
+        }
+        let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        Ok(v["kv_policy"].as_str().unwrap().to_string())
+    };
+    assert!(policy(&[]).unwrap().contains(",layers="));
+    assert_eq!(
+        policy(&["--kv", "fp16"]).unwrap(),
+        "mixed:bits=16,fblock=16,qblock=16"
+    );
+    std::fs::write(
+        pkg.join("jetvlm.yaml"),
+        with_cal.replace("calibration: kv-calibration.yaml", "calibration: nope.yaml"),
+    )
+    .unwrap();
+    let err = policy(&[]).unwrap_err();
+    assert!(
+        err.contains("kv.calibration") && err.contains("nope.yaml"),
+        "{err}"
+    );
+}

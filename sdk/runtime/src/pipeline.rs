@@ -173,6 +173,19 @@ impl Pipeline {
                 issues.push(Issue::new(field, e.to_string()));
             }
         })?;
+        // The package's own calibration, when neither the config nor a flag chose.
+        let package_calibration = match (&kv_override, &package.manifest.kv.calibration) {
+            (None, Some(rel)) => {
+                let path = package.dir.join(rel);
+                let c = jetvlm_calibration::Calibration::load(&path)?;
+                Some((path, c))
+            }
+            _ => None,
+        };
+        let kv_override = match &package_calibration {
+            Some((_, c)) => Some(c.policy.clone()),
+            None => kv_override,
+        };
         let mut kv = KvChoice::parse(
             kv_override
                 .as_deref()
@@ -194,6 +207,9 @@ impl Pipeline {
         }
         let shape = CacheShape::of(&package.decoder_config);
         if let Some((path, c)) = &calibration {
+            c.policy_for(path, shape)?;
+        }
+        if let Some((path, c)) = &package_calibration {
             c.policy_for(path, shape)?;
         }
         // The cache fits the quantization group to the head dim; name the policy in effect.

@@ -144,12 +144,18 @@ pub struct PromptSection {
 #[serde(deny_unknown_fields)]
 pub struct KvSection {
     pub policy: String,
+    /// A calibration file of `jetvlm calibrate` (relative to the package): when set, the
+    /// runtime uses its policy (a frame format per layer) unless a runtime config or flag
+    /// names a policy or another calibration.
+    #[serde(default)]
+    pub calibration: Option<PathBuf>,
 }
 
 impl Default for KvSection {
     fn default() -> Self {
         KvSection {
             policy: "mixed".into(),
+            calibration: None,
         }
     }
 }
@@ -203,6 +209,14 @@ impl ModelPackage {
         })?;
 
         let mut issues = Vec::new();
+        if let Some(c) = &manifest.kv.calibration
+            && !dir.join(c).is_file()
+        {
+            issues.push(Issue::new(
+                "kv.calibration",
+                format!("{} is not a file in the package", c.display()),
+            ));
+        }
         if manifest.format != 1 {
             issues.push(Issue::new(
                 "format",
