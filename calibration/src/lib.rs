@@ -47,37 +47,6 @@ pub enum CalibrationError {
 /// The version of the calibration file format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// A model's cache shape, as stored in a calibration file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ShapeRecord {
-    pub layers: usize,
-    pub q_heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-}
-
-impl std::fmt::Display for ShapeRecord {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "layers={} q_heads={} kv_heads={} head_dim={}",
-            self.layers, self.q_heads, self.kv_heads, self.head_dim
-        )
-    }
-}
-
-impl From<CacheShape> for ShapeRecord {
-    fn from(s: CacheShape) -> Self {
-        ShapeRecord {
-            layers: s.layers,
-            q_heads: s.q_heads,
-            kv_heads: s.kv_heads,
-            head_dim: s.head_dim,
-        }
-    }
-}
-
 /// One candidate frame format, measured.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,7 +103,7 @@ pub struct Calibration {
     pub format_version: u32,
     /// The model package or decoder it was measured on.
     pub model: String,
-    pub shape: ShapeRecord,
+    pub shape: CacheShape,
     pub target_error: f64,
     /// The calibrated policy: the base policy with a frame format per layer (or one format
     /// for all when every layer chose the same).
@@ -348,7 +317,7 @@ impl Calibrator {
         Ok(Calibration {
             format_version: FORMAT_VERSION,
             model: model.to_string(),
-            shape: shape.into(),
+            shape,
             target_error: target,
             policy: policy.name(),
             uniform_policy: uniform.map(|(f, ..)| with_format(base, *f).name()),
@@ -431,7 +400,7 @@ impl Calibration {
     /// The policy for a model with cache shape `shape`: an error naming the file when the
     /// calibration was measured on another shape.
     pub fn policy_for(&self, path: &Path, shape: CacheShape) -> Result<KvPolicy, CalibrationError> {
-        if ShapeRecord::from(shape) != self.shape {
+        if shape != self.shape {
             return Err(CalibrationError::Invalid {
                 path: path.to_path_buf(),
                 message: format!(

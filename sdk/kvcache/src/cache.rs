@@ -12,7 +12,8 @@ use jetvlm_core::{FrameId, TokenKind};
 use jetvlm_quant::{ScaleZero, code_of, pack_codes, packed_len, quantize_row, row_params};
 
 /// Model-side shape of the cache.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CacheShape {
     pub layers: usize,
     pub q_heads: usize,
