@@ -107,7 +107,7 @@ fn eval_of_a_policy_against_itself_changes_nothing() {
 }
 
 #[test]
-fn eval_int2_frames_moves_the_answer_distribution() {
+fn eval_int2_frames_moves_the_answer_distribution_and_runs_a_calibration() {
     let out = jetvlm(&[
         "eval",
         "--count",
@@ -115,6 +115,8 @@ fn eval_int2_frames_moves_the_answer_distribution() {
         "--policies",
         "fp16",
         "int2-frames",
+        "--kv-calibration",
+        "../../models/demo/kv-calibration.yaml",
         "--json",
     ]);
     assert!(
@@ -127,6 +129,15 @@ fn eval_int2_frames_moves_the_answer_distribution() {
         .as_f64()
         .unwrap_or(0.0);
     assert!(kl > 0.0, "{doc}");
+    // The calibration file's row runs its per-layer policy.
+    let cal = &doc["policies"][2];
+    assert!(
+        cal["policy_resolved"]
+            .as_str()
+            .unwrap_or("")
+            .contains(",layers="),
+        "{doc}"
+    );
 }
 
 #[test]

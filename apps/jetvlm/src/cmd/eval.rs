@@ -31,6 +31,10 @@ pub struct EvalArgs {
         default_values_t = ["fp16", "mixed", "int8-frames", "int2-frames", "int4-all"].map(String::from)
     )]
     pub policies: Vec<String>,
+    /// KV calibration files (from `jetvlm calibrate`) to compare too, one row each after
+    /// the policies.
+    #[arg(long)]
+    pub kv_calibration: Vec<PathBuf>,
     /// Maximum tokens per answer.
     #[arg(long, default_value_t = 8)]
     pub max_tokens: usize,
@@ -115,9 +119,21 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let items = held_out(args.count, args.seed)?;
     let mut reference: Option<(Vec<String>, Vec<Vec<f64>>)> = None;
     let mut rows = Vec::new();
-    for policy in &args.policies {
+    let runs = args
+        .policies
+        .iter()
+        .map(|p| (p.clone(), Some(p.clone()), None))
+        .chain(args.kv_calibration.iter().map(|f| {
+            (
+                format!("calibration {}", f.display()),
+                None,
+                Some(f.clone()),
+            )
+        }));
+    for (policy, kv_policy, kv_calibration) in runs {
         let cfg = RuntimeConfig {
-            kv_policy: Some(policy.clone()),
+            kv_policy,
+            kv_calibration,
             max_new_tokens: args.max_tokens,
             ..RuntimeConfig::default()
         };
