@@ -35,6 +35,8 @@ pub enum CalibrationError {
     Config(#[from] ConfigError),
     #[error("calibration trace: {message}")]
     Trace { message: String },
+    #[error("target error {target}: must be a positive number")]
+    Target { target: f64 },
     #[error("{}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
     #[error("writing {}: {source}", path.display())]
@@ -248,9 +250,7 @@ impl Calibrator {
         let base_m = self.accs[self.formats.len()].measurement();
         let target = target.unwrap_or_else(|| base_m.max_error());
         if !(target > 0.0 && target.is_finite()) {
-            return Err(CalibrationError::Trace {
-                message: format!("target error {target} must be a positive number"),
-            });
+            return Err(CalibrationError::Target { target });
         }
         if base_m.text_queries == 0 {
             return Err(CalibrationError::Trace {

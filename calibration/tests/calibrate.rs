@@ -197,6 +197,8 @@ fn prompts_without_frames_before_text_are_an_error() {
     rec.attend(0, &span, &q, &mut out).unwrap();
     let e = calibrate(&rec.finish(), &KvPolicy::mixed(), Some(0.05), "m", "s").unwrap_err();
     assert!(e.to_string().contains("no text query saw a frame"), "{e}");
+    let e = calibrate(&trace(1), &KvPolicy::mixed(), Some(-1.0), "m", "s").unwrap_err();
+    assert!(matches!(e, CalibrationError::Target { .. }), "{e}");
 }
 
 #[test]
