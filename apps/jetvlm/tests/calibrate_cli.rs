@@ -25,6 +25,8 @@ fn calibrate_writes_a_file_that_watch_runs_with() {
     let c = &r["calibration"];
     assert_eq!(c["shape"]["layers"], 6);
     assert_eq!(c["samples"]["prompts"], 2);
+    // The package's policy, block sizes included, is the base.
+    assert_eq!(c["base_policy"], "mixed:fblock=16,qblock=16");
     let target = c["target_error"].as_f64().unwrap();
     // Default target: the base policy's worst layer; every layer stays within it and the
     // calibrated cache is no larger than the base policy's.

@@ -122,15 +122,27 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     } else {
         args.question.clone()
     };
-    let base: KvPolicy = match &args.kv {
-        Some(p) => p.parse().with_context(|| format!("--kv {p}"))?,
-        None => pipeline
-            .package()
-            .manifest
-            .kv
-            .policy
-            .parse()
-            .context("the package's kv.policy")?,
+    let package_policy: KvPolicy = pipeline
+        .package()
+        .manifest
+        .kv
+        .policy
+        .parse()
+        .context("the package's kv.policy")?;
+    let base = match &args.kv {
+        // Block sizes belong to the package (as at run time): a --kv without its own keeps
+        // the package's, so the calibration measures the blocks the runtime will use.
+        Some(p) => {
+            let mut b: KvPolicy = p.parse().with_context(|| format!("--kv {p}"))?;
+            if !p.contains("fblock=") {
+                b.fp16_block_tokens = package_policy.fp16_block_tokens;
+            }
+            if !p.contains("qblock=") {
+                b.quant_block_tokens = package_policy.quant_block_tokens;
+            }
+            b
+        }
+        None => package_policy,
     };
     let config = &pipeline.package().decoder_config;
     let shape = CacheShape::of(config);
