@@ -71,6 +71,8 @@ pub struct LayerChoice {
     pub layer: usize,
     pub format: String,
     pub error: f64,
+    /// The base policy's error in this layer.
+    pub base_error: f64,
     /// False when no format met the target (the layer gets the most accurate one).
     pub meets_target: bool,
 }
@@ -311,6 +313,7 @@ impl Calibrator {
                 layer,
                 format: measured[i].0.to_string(),
                 error: err(i, layer),
+                base_error: base_m.layer_errors[layer],
                 meets_target: ok,
             })
             .collect();

@@ -1,15 +1,14 @@
 //! Replaying recorded KV traffic through the mixed cache under a policy, and measuring each
 //! layer's attention-output error against the exact outputs.
 //!
-//! The error of a layer is the relative RMS error of the attention outputs of text queries
-//! (prompt and answer tokens) that see at least one frame token:
+//! The error of a layer is the relative RMS error of the attention outputs of the recorded
+//! queries (text after a frame: the [`crate::Recorder`] keeps only those):
 //! `sqrt(sum |o - o_exact|^2 / sum |o_exact|^2)` over those queries and heads. Every layer
 //! gets the exact keys, values and queries of the recorded run (teacher forcing), so a
 //! layer's error depends on its own format only: that is what lets each layer pick its own.
 
 use crate::CalibrationError;
 use crate::record::{Event, Prompt, Trace};
-use jetvlm_core::TokenKind;
 use jetvlm_kvcache::{CacheShape, KvPolicy, MixedKvCache, Span};
 
 /// What one policy did to the recorded traffic.
@@ -90,8 +89,7 @@ impl Accumulator {
             });
         }
         let mut cache = MixedKvCache::new(shape, self.policy.clone(), prompt.tokens().max(1))?;
-        // Per appended span: its handle, kind, and whether a frame was cached when it came.
-        let mut spans: Vec<(Span, TokenKind, bool)> = Vec::new();
+        let mut spans: Vec<Span> = Vec::new();
         let mut out = Vec::new();
         for event in &prompt.events {
             match event {
@@ -100,12 +98,10 @@ impl Accumulator {
                     positions,
                     frame,
                 } => {
-                    let saw_frame = cache.memory().frame_tokens > 0 || *kind == TokenKind::Frame;
-                    let span = cache.append_span(*kind, positions, *frame)?;
-                    spans.push((span, *kind, saw_frame));
+                    spans.push(cache.append_span(*kind, positions, *frame)?);
                 }
                 Event::Write { layer, span, k, v } => {
-                    let (s, ..) = spans.get(*span).ok_or(CalibrationError::Trace {
+                    let s = spans.get(*span).ok_or(CalibrationError::Trace {
                         message: format!("write to span {span} before it was appended"),
                     })?;
                     cache.write(*layer, s, k, v)?;
@@ -116,12 +112,9 @@ impl Accumulator {
                     q,
                     exact,
                 } => {
-                    let (s, kind, saw_frame) = spans.get(*span).ok_or(CalibrationError::Trace {
+                    let s = spans.get(*span).ok_or(CalibrationError::Trace {
                         message: format!("attention of span {span} before it was appended"),
                     })?;
-                    if *kind != TokenKind::Text || !saw_frame {
-                        continue;
-                    }
                     out.resize(q.len(), 0.0);
                     cache.attend(*layer, s, q, &mut out)?;
                     for (o, x) in out.chunks_exact(d).zip(exact.chunks_exact(d)) {

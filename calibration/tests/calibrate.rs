@@ -170,6 +170,9 @@ fn the_default_target_is_the_base_policys_worst_layer() {
     let worst = base_errors.iter().copied().fold(0.0, f64::max);
     assert_eq!(c.target_error, worst);
     assert!(c.layers.iter().all(|l| l.meets_target && l.error <= worst));
+    // Each layer records the base policy's own error.
+    let recorded: Vec<f64> = c.layers.iter().map(|l| l.base_error).collect();
+    assert_eq!(recorded, base_errors);
     // Never more bytes than the base policy.
     assert!(c.kv_bytes.calibrated <= c.kv_bytes.base, "{:?}", c.kv_bytes);
 }

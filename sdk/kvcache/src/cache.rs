@@ -237,13 +237,19 @@ impl MixedKvCache {
         Ok(span)
     }
 
+    /// Which pool pair holds `layer`, and the layer's index inside it.
+    fn set_of(&self, layer: usize) -> (usize, usize) {
+        if self.pools.len() == 1 {
+            (0, layer)
+        } else {
+            (layer, 0)
+        }
+    }
+
     /// The pool pair holding `layer`, and the layer's index inside it.
     fn pools_of(&self, layer: usize) -> (&[Option<Pool>; 2], usize) {
-        if self.pools.len() == 1 {
-            (&self.pools[0], layer)
-        } else {
-            (&self.pools[layer], 0)
-        }
+        let (set, layer) = self.set_of(layer);
+        (&self.pools[set], layer)
     }
 
     fn check_layer(&self, op: &'static str, layer: usize) -> Result<(), KvError> {
@@ -292,11 +298,8 @@ impl MixedKvCache {
             }
         }
         let slots = span.slots();
-        let (set, layer) = if self.pools.len() == 1 {
-            (&mut self.pools[0], layer)
-        } else {
-            (&mut self.pools[layer], 0)
-        };
+        let (set, layer) = self.set_of(layer);
+        let set = &mut self.pools[set];
         let mut i = 0;
         while i < slots.len() {
             // A run of consecutive tokens in one block.

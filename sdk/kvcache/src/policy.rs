@@ -181,6 +181,19 @@ impl KvPolicy {
         })
     }
 
+    /// `self`, spelled `spelled` at run time, with the block sizes of `package` where the
+    /// spelling names none (`fblock=`, `qblock=`): block sizes belong to the model package
+    /// (they follow its tokens per frame).
+    pub fn keeping_blocks_of(mut self, spelled: &str, package: &KvPolicy) -> KvPolicy {
+        if !spelled.contains("fblock=") {
+            self.fp16_block_tokens = package.fp16_block_tokens;
+        }
+        if !spelled.contains("qblock=") {
+            self.quant_block_tokens = package.quant_block_tokens;
+        }
+        self
+    }
+
     /// Whether the layers have formats of their own (a calibrated policy).
     pub fn is_per_layer(&self) -> bool {
         !self.layers.is_empty()

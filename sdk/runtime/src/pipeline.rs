@@ -154,18 +154,11 @@ impl Pipeline {
     /// Validates the package (all problems at once), then loads the decoder, the tokenizer
     /// and the vision encoder, and sizes the KV cache.
     pub fn load(dir: &Path, cfg: RuntimeConfig) -> Result<Self, RuntimeError> {
-        let calibration = match &cfg.kv_calibration {
-            Some(path) => Some((path, jetvlm_calibration::Calibration::load(path)?)),
-            None => None,
-        };
-        let kv_override = match &calibration {
-            Some((_, c)) => Some(c.policy.clone()),
-            None => cfg.kv_policy.clone(),
-        };
         #[cfg(feature = "cuda")]
         let mut gpu_slot = None;
+        // A calibration's policy is checked when its file loads (below).
         let package = ModelPackage::load_with(dir, |m, issues| {
-            let (field, name) = match &kv_override {
+            let (field, name) = match &cfg.kv_policy {
                 Some(p) => ("kv_policy (runtime config)", p.as_str()),
                 None => ("kv.policy", m.kv.policy.as_str()),
             };
@@ -173,44 +166,38 @@ impl Pipeline {
                 issues.push(Issue::new(field, e.to_string()));
             }
         })?;
-        // The package's own calibration, when neither the config nor a flag chose.
-        let package_calibration = match (&kv_override, &package.manifest.kv.calibration) {
-            (None, Some(rel)) => {
-                let path = package.dir.join(rel);
-                let c = jetvlm_calibration::Calibration::load(&path)?;
-                Some((path, c))
-            }
+        let shape = CacheShape::of(&package.decoder_config);
+        // A calibration file: the config's (or a flag's), else the package's own when no
+        // policy was named. It must have been measured on this model's shape.
+        let calibration = match (
+            &cfg.kv_calibration,
+            &cfg.kv_policy,
+            &package.manifest.kv.calibration,
+        ) {
+            (Some(path), ..) => Some(path.clone()),
+            (None, None, Some(rel)) => Some(package.dir.join(rel)),
             _ => None,
         };
-        let kv_override = match &package_calibration {
-            Some((_, c)) => Some(c.policy.clone()),
-            None => kv_override,
+        let kv_override = match calibration {
+            Some(path) => {
+                let c = jetvlm_calibration::Calibration::load(&path)?;
+                c.policy_for(&path, shape)?;
+                Some(c.policy)
+            }
+            None => cfg.kv_policy.clone(),
         };
         let mut kv = KvChoice::parse(
             kv_override
                 .as_deref()
                 .unwrap_or(&package.manifest.kv.policy),
         )?;
-        // Block sizes belong to the model (they follow its tokens per frame): a policy given
-        // at run time without its own `fblock`/`qblock` keeps the package's.
+        // A policy given at run time keeps the package's block sizes where it names none.
         if let (Some(name), KvChoice::Policy(p), Ok(KvChoice::Policy(pkg))) = (
             kv_override.as_deref(),
             &mut kv,
             KvChoice::parse(&package.manifest.kv.policy),
         ) {
-            if !name.contains("fblock=") {
-                p.fp16_block_tokens = pkg.fp16_block_tokens;
-            }
-            if !name.contains("qblock=") {
-                p.quant_block_tokens = pkg.quant_block_tokens;
-            }
-        }
-        let shape = CacheShape::of(&package.decoder_config);
-        if let Some((path, c)) = &calibration {
-            c.policy_for(path, shape)?;
-        }
-        if let Some((path, c)) = &package_calibration {
-            c.policy_for(path, shape)?;
+            *p = p.clone().keeping_blocks_of(name, &pkg);
         }
         // The cache fits the quantization group to the head dim; name the policy in effect.
         if let KvChoice::Policy(p) = &mut kv {

@@ -14,6 +14,7 @@ use clap::Args;
 use jetvlm_calibration::{Calibration, Calibrator, Recorder};
 use jetvlm_camera::{Capture, Frame};
 use jetvlm_decoder::Input;
+use jetvlm_decoder::sampler::argmax;
 use jetvlm_kvcache::{CacheShape, KvPolicy};
 use jetvlm_runtime::{Pipeline, RuntimeConfig};
 use serde::Serialize;
@@ -98,16 +99,6 @@ fn capture(uri: &str, count: usize) -> Result<Vec<Frame>> {
     Ok(frames)
 }
 
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in logits.iter().enumerate() {
-        if x > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 pub fn run(args: CalibrateArgs) -> Result<()> {
     anyhow::ensure!(args.window > 0, "--window must be at least 1");
     anyhow::ensure!(args.frames > 0, "--frames must be at least 1");
@@ -130,18 +121,11 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         .parse()
         .context("the package's kv.policy")?;
     let base = match &args.kv {
-        // Block sizes belong to the package (as at run time): a --kv without its own keeps
-        // the package's, so the calibration measures the blocks the runtime will use.
-        Some(p) => {
-            let mut b: KvPolicy = p.parse().with_context(|| format!("--kv {p}"))?;
-            if !p.contains("fblock=") {
-                b.fp16_block_tokens = package_policy.fp16_block_tokens;
-            }
-            if !p.contains("qblock=") {
-                b.quant_block_tokens = package_policy.quant_block_tokens;
-            }
-            b
-        }
+        // As at run time, so the calibration measures the blocks the runtime will use.
+        Some(p) => p
+            .parse::<KvPolicy>()
+            .with_context(|| format!("--kv {p}"))?
+            .keeping_blocks_of(p, &package_policy),
         None => package_policy,
     };
     let config = &pipeline.package().decoder_config;
@@ -244,20 +228,12 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         cal.samples.text_queries,
         cal.target_error
     )?;
-    let base_errors = cal
-        .candidates
-        .iter()
-        .find(|c| with_name(&cal.base_policy, &c.format, shape.head_dim))
-        .map(|c| c.errors.clone());
     writeln!(
         out,
         "{:>5}  {:<7} {:>10} {:>10}",
         "layer", "format", "error", "base error"
     )?;
     for l in &cal.layers {
-        let be = base_errors
-            .as_ref()
-            .map_or("-".into(), |e| format!("{:.4}", e[l.layer]));
         let mark = if l.meets_target {
             ""
         } else {
@@ -265,8 +241,8 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         };
         writeln!(
             out,
-            "{:>5}  {:<7} {:>10.4} {:>10}{mark}",
-            l.layer, l.format, l.error, be
+            "{:>5}  {:<7} {:>10.4} {:>10.4}{mark}",
+            l.layer, l.format, l.error, l.base_error
         )?;
     }
     let b = &cal.kv_bytes;
@@ -296,11 +272,4 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     }
     writeln!(out, "wrote {}", args.out.display())?;
     Ok(())
-}
-
-/// Whether the candidate format `format` is the base policy's own (uniform) format.
-fn with_name(base: &str, format: &str, head_dim: usize) -> bool {
-    base.parse::<KvPolicy>()
-        .map(|p| p.fitted_to(head_dim).layer_format(0).to_string() == format)
-        .unwrap_or(false)
 }
