@@ -35,6 +35,23 @@ pub trait KvStore: Send {
     fn attend(&self, layer: usize, span: &Self::Span, q: &[f32], out: &mut [f32]) -> Result<()>;
     /// Drops the most recent `n` tokens.
     fn truncate_last(&mut self, n: usize) -> Result<()>;
+    /// Whether the span's precision waits for its tokens' salience: the forward pass then
+    /// measures the attention each token receives ([`crate::salience`]) in every layer and
+    /// calls [`KvStore::settle`] after the last one.
+    fn wants_salience(&self, _span: &Self::Span) -> bool {
+        false
+    }
+    /// Places a span that [`KvStore::wants_salience`] by one score per token, after every
+    /// layer has been written; `kv` holds each layer's keys and values as written. The span
+    /// handle is not used again.
+    fn settle(
+        &mut self,
+        _span: &Self::Span,
+        _salience: &[f32],
+        _kv: &[(Vec<f32>, Vec<f32>)],
+    ) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl KvStore for MixedKvCache {
@@ -54,6 +71,13 @@ impl KvStore for MixedKvCache {
         positions: &[u32],
         frame: Option<FrameId>,
     ) -> Result<Span> {
+        // A frame whose most salient tokens may stay FP16 waits for the forward pass to
+        // measure salience; everything else gets its final precision now.
+        if let (TokenKind::Frame, Some(f)) = (kind, frame)
+            && self.wants_salience(positions.len())
+        {
+            return Ok(self.append_pending_frame(positions, f)?);
+        }
         Ok(MixedKvCache::append_span(self, kind, positions, frame)?)
     }
     fn write(&mut self, layer: usize, span: &Span, k: &[f32], v: &[f32]) -> Result<()> {
@@ -64,6 +88,13 @@ impl KvStore for MixedKvCache {
     }
     fn truncate_last(&mut self, n: usize) -> Result<()> {
         Ok(MixedKvCache::truncate_last(self, n)?)
+    }
+    fn wants_salience(&self, span: &Span) -> bool {
+        span.is_pending()
+    }
+    fn settle(&mut self, span: &Span, salience: &[f32], kv: &[(Vec<f32>, Vec<f32>)]) -> Result<()> {
+        self.settle_frame(span, salience, kv)?;
+        Ok(())
     }
 }
 

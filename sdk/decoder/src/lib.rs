@@ -11,6 +11,8 @@
 //! - [`model`]: [`Model::load`] and [`Model::forward`] over spans of text ids and injected
 //!   embeddings (camera frames), each span tagged Text or Frame for the cache.
 //! - [`tokenizer`]: `tokenizer.json`, chat template, stop tokens, incremental detokenizer.
+//! - [`salience`]: how much prefill attention each frame token receives, which picks the
+//!   frame tokens the mixed cache keeps FP16 within its budget.
 //! - [`sampler`]: greedy / temperature / top-k / top-p / repetition penalty, seeded.
 //! - [`generate`]: the streaming generation iterator.
 
@@ -20,6 +22,7 @@ pub mod generate;
 pub mod kernels;
 pub mod kv;
 pub mod model;
+pub mod salience;
 pub mod sampler;
 pub mod tokenizer;
 pub mod weights;

@@ -7,6 +7,7 @@ use crate::error::{DecoderError, Result};
 use crate::kernels::{self, Rope};
 use crate::kv::CacheShape;
 use crate::kv::KvStore;
+use crate::salience::Salience;
 use crate::weights::{Tensor, Weights};
 use jetvlm_core::{DType, FrameId, TokenKind};
 use std::path::Path;
@@ -502,11 +503,24 @@ impl Model {
         let mut tmp = vec![0f32; n * h];
         let mut gate = vec![0f32; n * inter];
         let mut up = vec![0f32; n * inter];
+        let mut salience = cache
+            .wants_salience(span)
+            .then(|| (Salience::new(n), Vec::with_capacity(self.layers.len())));
         for (li, l) in self.layers.iter().enumerate() {
             kernels::rms_norm(x, &l.input_norm, eps, &mut xn);
             Linear::forward_fused([&l.q, &l.k, &l.v], &xn, n, [&mut q, &mut k, &mut v]);
             self.rope.apply(&mut q, c.num_attention_heads, positions);
             self.rope.apply(&mut k, c.num_key_value_heads, positions);
+            if let Some((s, kv)) = salience.as_mut() {
+                s.add_layer(
+                    &q,
+                    &k,
+                    c.num_attention_heads,
+                    c.num_key_value_heads,
+                    c.head_dim,
+                );
+                kv.push((k.clone(), v.clone()));
+            }
             cache.write(li, span, &k, &v)?;
             cache.attend(li, span, &q, &mut att)?;
             l.o.forward(&att, n, &mut tmp);
@@ -516,6 +530,9 @@ impl Model {
             kernels::swiglu(&mut gate, &up);
             l.down.forward(&gate, n, &mut tmp);
             add_in_place(x, &tmp);
+        }
+        if let Some((s, kv)) = salience {
+            cache.settle(span, &s.scores(), &kv)?;
         }
         Ok(())
     }

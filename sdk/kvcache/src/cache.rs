@@ -48,6 +48,9 @@ impl CacheShape {
     }
 }
 
+/// A block of one pool: (pool, block id).
+type BlockKey = (PoolKind, u32);
+
 /// Bytes held by the cache, by precision.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct KvMemory {
@@ -216,6 +219,69 @@ impl MixedKvCache {
         self.append_inner(TokenKind::Frame, positions, Some(frame), Some(salience))
     }
 
+    /// Whether a frame of `n` tokens appended now could keep salient tokens FP16: the
+    /// policy picks salient frame tokens and its FP16 budget has room beyond the sinks.
+    /// A caller that can measure salience then appends with
+    /// [`MixedKvCache::append_pending_frame`] and settles with
+    /// [`MixedKvCache::settle_frame`].
+    pub fn wants_salience(&self, n: usize) -> bool {
+        self.cells.salient_room(&self.policy, n) > 0
+    }
+
+    /// Appends a frame's tokens as [`MixedKvCache::append_span`] does (sinks FP16, the rest
+    /// quantized), pending their salience: the forward pass writes and attends the span as
+    /// usual while it measures each token's attention and keeps the exact keys and values,
+    /// then [`MixedKvCache::settle_frame`] re-stores the frame with its most salient tokens
+    /// FP16 within the budget. Nothing may be appended in between.
+    pub fn append_pending_frame(
+        &mut self,
+        positions: &[u32],
+        frame: FrameId,
+    ) -> Result<Span, KvError> {
+        let span = self
+            .cells
+            .append_pending_frame(&self.policy, positions, frame)?;
+        self.grow_pools();
+        Ok(span)
+    }
+
+    /// Re-stores the pending frame `span`: its most salient tokens (one score per token,
+    /// e.g. the attention they received during prefill) FP16 within the budget, the rest
+    /// quantized, from `kv`, each layer's keys and values as [`MixedKvCache::write`] takes
+    /// them (the exact values the span was written with). Returns the span at its new place;
+    /// the old handle is stale afterwards.
+    pub fn settle_frame(
+        &mut self,
+        span: &Span,
+        salience: &[f32],
+        kv: &[(Vec<f32>, Vec<f32>)],
+    ) -> Result<Span, KvError> {
+        let op = "settle_frame";
+        if let Some(i) = salience.iter().position(|s| !s.is_finite()) {
+            return Err(KvError::NonFinite {
+                op,
+                index: i,
+                value: salience[i],
+            });
+        }
+        if kv.len() != self.shape.layers {
+            return Err(KvError::ShapeMismatch {
+                op,
+                what: "layers of keys and values",
+                expected: self.shape.layers,
+                got: kv.len(),
+            });
+        }
+        let (settled, old) = self.cells.settle_frame(&self.policy, span, salience)?;
+        self.grow_pools();
+        let moved = kv
+            .iter()
+            .enumerate()
+            .try_for_each(|(layer, (k, v))| self.write(layer, &settled, k, v));
+        self.cells.release_blocks(&old);
+        moved.map(|()| settled)
+    }
+
     fn append_inner(
         &mut self,
         kind: TokenKind,
@@ -226,6 +292,12 @@ impl MixedKvCache {
         let span = self
             .cells
             .append(&self.policy, kind, positions, frame, salience)?;
+        self.grow_pools();
+        Ok(span)
+    }
+
+    /// Gives every pool storage for the block ids the cells have handed out.
+    fn grow_pools(&mut self) {
         for pool in [PoolKind::Fp16, PoolKind::Quant] {
             let ids = self.cells.id_space(pool);
             for set in &mut self.pools {
@@ -234,7 +306,6 @@ impl MixedKvCache {
                 }
             }
         }
-        Ok(span)
     }
 
     /// Which pool pair holds `layer`, and the layer's index inside it.
@@ -297,18 +368,20 @@ impl MixedKvCache {
                 });
             }
         }
-        let slots = span.slots();
+        // The span's rows grouped by block, in span order. A frame's FP16 (salient) and
+        // quantized tokens interleave, so one block's rows need not be consecutive.
+        let mut blocks: Vec<(BlockKey, Vec<(usize, u32)>)> = Vec::new();
+        for (r, sl) in span.slots().iter().enumerate() {
+            let key = (sl.pool, sl.id);
+            match blocks.iter_mut().rev().find(|(b, _)| *b == key) {
+                Some((_, rows)) => rows.push((r, sl.slot)),
+                None => blocks.push((key, vec![(r, sl.slot)])),
+            }
+        }
         let (set, layer) = self.set_of(layer);
         let set = &mut self.pools[set];
-        let mut i = 0;
-        while i < slots.len() {
-            // A run of consecutive tokens in one block.
-            let s0 = slots[i];
-            let mut j = i + 1;
-            while j < slots.len() && slots[j].pool == s0.pool && slots[j].id == s0.id {
-                j += 1;
-            }
-            let Some(pool) = set[s0.pool as usize].as_mut() else {
+        for ((kind, id), rows) in &blocks {
+            let Some(pool) = set[*kind as usize].as_mut() else {
                 return Err(KvError::BadSpan {
                     op,
                     reason: "span refers to a pool this policy lacks".into(),
@@ -316,12 +389,12 @@ impl MixedKvCache {
             };
             let layout = *pool.layout();
             for h in 0..kvh {
-                let seg = pool.segment_mut(layer, s0.id, h);
+                let seg = pool.segment_mut(layer, *id, h);
                 match &layout {
                     PoolLayout::Fp16(l) => {
                         let dst: &mut [f16] = bytemuck::cast_slice_mut(seg);
-                        for (r, s) in (i..j).zip(&slots[i..j]) {
-                            let t = s.slot as usize;
+                        for &(r, slot) in rows {
+                            let t = slot as usize;
                             let (kr, vr) =
                                 (&k[(r * kvh + h) * d..][..d], &v[(r * kvh + h) * d..][..d]);
                             for c in 0..d {
@@ -331,12 +404,11 @@ impl MixedKvCache {
                         }
                     }
                     PoolLayout::Quant(l) => {
-                        write_quant_run(l, seg, &slots[i..j], i, h, kvh, d, k, v)
+                        write_quant_rows(l, seg, rows, h, kvh, d, k, v)
                             .map_err(|reason| KvError::BadSpan { op, reason })?;
                     }
                 }
             }
-            i = j;
         }
         Ok(())
     }
@@ -488,12 +560,12 @@ impl MixedKvCache {
     }
 }
 
-/// Quantizes a run of span rows `r0..` stored in one quantized block segment.
-fn write_quant_run(
+/// Quantizes span rows `(row, slot)` stored in one quantized block segment.
+#[allow(clippy::too_many_arguments)]
+fn write_quant_rows(
     l: &QuantLayout,
     seg: &mut [u8],
-    slots: &[crate::cells::SlotRef],
-    r0: usize,
+    rows: &[(usize, u32)],
     h: usize,
     kvh: usize,
     d: usize,
@@ -510,27 +582,31 @@ fn write_quant_run(
             head.copy_from_slice(bytemuck::bytes_of(&p));
         }
     };
-    for (n, s) in slots.iter().enumerate() {
-        let t = s.slot as usize;
-        let vr = &v[row_of(r0 + n)];
+    for &(r, slot) in rows {
+        let t = slot as usize;
+        let vr = &v[row_of(r)];
         let off = l.v_row_offset(t);
         quant_groups(vr, &mut seg[off..off + l.v_row_bytes()]);
         if l.key_mode == KeyMode::PerToken {
-            let kr = &k[row_of(r0 + n)];
+            let kr = &k[row_of(r)];
             let off = l.k_row_offset(t);
             quant_groups(kr, &mut seg[off..off + l.k_row_bytes()]);
         }
     }
     if l.key_mode == KeyMode::PerChannel {
-        if slots.first().is_some_and(|s| s.slot != 0) {
+        if rows
+            .iter()
+            .enumerate()
+            .any(|(n, &(_, slot))| slot as usize != n)
+        {
             return Err("per-channel keys need a block's tokens written together".into());
         }
-        let m = slots.len();
+        let m = rows.len();
         let mut col = vec![0f32; m];
         let mut codes = vec![0u8; m * d];
         for c in 0..d {
-            for (n, x) in col.iter_mut().enumerate() {
-                *x = k[(r0 + n) * kvh * d + h * d + c];
+            for (x, &(r, _)) in col.iter_mut().zip(rows) {
+                *x = k[r * kvh * d + h * d + c];
             }
             let p: ScaleZero = row_params(&col, bits);
             seg[c * 4..c * 4 + 4].copy_from_slice(bytemuck::bytes_of(&p));

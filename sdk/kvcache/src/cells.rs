@@ -53,6 +53,8 @@ pub struct Span {
     pub(crate) frame: Option<FrameId>,
     pub(crate) slots: Vec<SlotRef>,
     pub(crate) positions: Vec<u32>,
+    /// A frame span held all-FP16 until its salience is known ([`Cells::settle_frame`]).
+    pub(crate) pending: bool,
 }
 
 impl Span {
@@ -80,6 +82,21 @@ impl Span {
     pub fn seq(&self, i: usize) -> u32 {
         self.first_seq + i as u32
     }
+    /// A frame span appended all-FP16 whose final precision waits for salience scores
+    /// ([`Cells::append_pending_frame`]).
+    pub fn is_pending(&self) -> bool {
+        self.pending
+    }
+}
+
+/// How `append` chooses each token's pool.
+#[derive(Clone, Copy)]
+enum Choice<'a> {
+    /// The policy: text by `quantize_text`; frames quantized except sinks and, with scores,
+    /// the most salient tokens within the FP16 budget.
+    Policy(Option<&'a [f32]>),
+    /// As `Policy(None)`, pending salience.
+    Pending,
 }
 
 /// Token-to-block bookkeeping for both pools.
@@ -208,6 +225,149 @@ impl Cells {
         frame: Option<FrameId>,
         salience: Option<&[f32]>,
     ) -> Result<Span, KvError> {
+        self.append_with(policy, kind, positions, frame, Choice::Policy(salience))
+    }
+
+    /// FP16 slots a frame span of `n` tokens appended now could give its most salient tokens:
+    /// the policy's budget over everything cached plus the span, less the FP16 tokens held
+    /// and the span's sink tokens. Zero when the policy keeps frames FP16 anyway or does not
+    /// pick salient tokens.
+    pub fn salient_room(&self, policy: &KvPolicy, n: usize) -> usize {
+        if !policy.quantizes_frames() || !policy.salient_frame_tokens {
+            return 0;
+        }
+        let extra = self.fp16_room(policy, n);
+        let sinks = policy
+            .sink_tokens
+            .saturating_sub(self.next_seq as usize)
+            .min(n);
+        extra.saturating_sub(sinks)
+    }
+
+    /// FP16 tokens the budget allows beyond those held, for `n` more tokens.
+    fn fp16_room(&self, policy: &KvPolicy, n: usize) -> usize {
+        let allowed = (policy.fp16_budget as f64 * (self.len + n) as f64).floor() as usize;
+        allowed.saturating_sub(self.fp16_tokens)
+    }
+
+    /// Appends a whole frame's tokens as [`Cells::append`] does without scores (sinks FP16,
+    /// the rest quantized), pending: once the forward pass has measured how much attention
+    /// each token receives, [`Cells::settle_frame`] moves the frame to its final blocks (the
+    /// most salient tokens FP16 within the budget too). Nothing may be appended between the
+    /// two.
+    pub fn append_pending_frame(
+        &mut self,
+        policy: &KvPolicy,
+        positions: &[u32],
+        frame: FrameId,
+    ) -> Result<Span, KvError> {
+        self.append_with(
+            policy,
+            TokenKind::Frame,
+            positions,
+            Some(frame),
+            Choice::Pending,
+        )
+    }
+
+    /// Places the pending frame span `span` by its tokens' `salience` (one score per token,
+    /// higher = more attended). The tokens keep their sequence numbers and positions; the
+    /// returned span holds them in new blocks. The span's old blocks stay allocated, so the
+    /// caller can copy their contents to the new slots, until [`Cells::release_blocks`]
+    /// frees the returned list.
+    pub fn settle_frame(
+        &mut self,
+        policy: &KvPolicy,
+        span: &Span,
+        salience: &[f32],
+    ) -> Result<(Span, Vec<(PoolKind, u32)>), KvError> {
+        let op = "settle_frame";
+        self.check_span(op, span)?;
+        let n = span.len();
+        let frame = match (span.pending, span.frame) {
+            (true, Some(f)) => f,
+            _ => {
+                return Err(KvError::BadSpan {
+                    op,
+                    reason: "only a pending frame span can be settled".into(),
+                });
+            }
+        };
+        let last_seq = span.first_seq + n as u32 - 1;
+        if self
+            .blocks()
+            .any(|m| m.seqs.last().is_some_and(|&q| q > last_seq))
+        {
+            return Err(KvError::BadSpan {
+                op,
+                reason: "tokens were appended after the pending frame".into(),
+            });
+        }
+        if salience.len() != n {
+            return Err(KvError::ShapeMismatch {
+                op,
+                what: "salience scores",
+                expected: n,
+                got: salience.len(),
+            });
+        }
+        let old: Vec<(PoolKind, u32)> = self
+            .blocks()
+            .filter(|m| m.owner == Owner::Frame(frame))
+            .map(|m| (m.pool, m.id))
+            .collect();
+        // Take the span out of the counters (its blocks stay allocated), then append it again
+        // under the same sequence numbers.
+        let fp16 = span
+            .slots
+            .iter()
+            .filter(|s| s.pool == PoolKind::Fp16)
+            .count();
+        self.len -= n;
+        self.frame_tokens -= n;
+        self.fp16_tokens -= fp16;
+        self.frames.retain(|&f| f != frame);
+        let next_seq = self.next_seq;
+        self.next_seq = span.first_seq;
+        let settled = self.append_with(
+            policy,
+            TokenKind::Frame,
+            &span.positions,
+            Some(frame),
+            Choice::Policy(Some(salience)),
+        );
+        self.next_seq = next_seq;
+        if settled.is_err() {
+            // Nothing was allocated: put the pending span back in the counters.
+            self.len += n;
+            self.frame_tokens += n;
+            self.fp16_tokens += fp16;
+            self.frames.push(frame);
+        }
+        Ok((settled?, old))
+    }
+
+    /// Frees blocks [`Cells::settle_frame`] left allocated.
+    pub fn release_blocks(&mut self, blocks: &[(PoolKind, u32)]) {
+        for &(pool, id) in blocks {
+            if self.block(pool, id).is_some() {
+                self.release(pool, id);
+            }
+        }
+    }
+
+    fn append_with(
+        &mut self,
+        policy: &KvPolicy,
+        kind: TokenKind,
+        positions: &[u32],
+        frame: Option<FrameId>,
+        choice: Choice<'_>,
+    ) -> Result<Span, KvError> {
+        let salience = match choice {
+            Choice::Policy(s) => s,
+            Choice::Pending => None,
+        };
         let n = positions.len();
         let op = "append_span";
         if n == 0 {
@@ -265,8 +425,7 @@ impl Cells {
             }
             TokenKind::Frame if !policy.quantizes_frames() => pools.fill(PoolKind::Fp16),
             TokenKind::Frame => {
-                let allowed = (policy.fp16_budget as f64 * (self.len + n) as f64).floor() as usize;
-                let mut extra = allowed.saturating_sub(self.fp16_tokens);
+                let mut extra = self.fp16_room(policy, n);
                 for (i, p) in pools.iter_mut().enumerate() {
                     if extra > 0 && ((self.next_seq as usize + i) < policy.sink_tokens) {
                         *p = PoolKind::Fp16;
@@ -335,6 +494,7 @@ impl Cells {
             frame,
             slots,
             positions: positions.to_vec(),
+            pending: matches!(choice, Choice::Pending),
         })
     }
 

@@ -81,8 +81,9 @@ impl LayerFormat {
 ///
 /// Text tokens are FP16 (unless `quantize_text`); frame tokens are quantized to
 /// `frame_bits` (16 = FP16). Inside the FP16 budget (a fraction of all cached tokens, filled
-/// first by text), the first `sink_tokens` tokens of the sequence and, when the caller
-/// provides salience scores, the most-attended frame tokens stay FP16 as well.
+/// first by text), the first `sink_tokens` tokens of the sequence and, with
+/// `salient_frame_tokens` (`salient=on`), the frame tokens that receive the most attention
+/// during their prefill stay FP16 as well.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KvPolicy {
     /// 16 (FP16), 8, 4 or 2.
@@ -94,7 +95,13 @@ pub struct KvPolicy {
     pub fp16_budget: f32,
     /// Attention-sink tokens (the first tokens of the sequence) kept FP16 within the budget.
     pub sink_tokens: usize,
-    /// Keep the most salient frame tokens FP16 within the budget (when scores are given).
+    /// Keep the most salient frame tokens FP16 within the budget (`salient=on`; off in the
+    /// presets). The decoder measures how much attention each frame token receives during
+    /// the frame's prefill and keeps the frame's exact keys and values until its last layer,
+    /// then the cache re-stores the frame with the most attended tokens FP16. A frame's
+    /// salient tokens take FP16 blocks of their own (a frame's blocks are evicted together),
+    /// so with small frames the partly filled blocks can cost more than they save (see the
+    /// README's measurements).
     pub salient_frame_tokens: bool,
     /// Quantize text too (the `int4-all` baseline).
     pub quantize_text: bool,
@@ -136,7 +143,7 @@ impl KvPolicy {
             key_mode: KeyMode::PerChannel,
             fp16_budget: 0.10,
             sink_tokens: 4,
-            salient_frame_tokens: true,
+            salient_frame_tokens: false,
             quantize_text: false,
             fp16_block_tokens: 32,
             quant_block_tokens: 64,

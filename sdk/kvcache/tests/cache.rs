@@ -451,3 +451,189 @@ fn per_layer_formats_match_uniform_caches_layer_by_layer() {
         "{err}"
     );
 }
+
+/// A pending frame settled by salience stores exactly what a frame appended with the same
+/// scores stores: same blocks, same bytes, bit-identical attention with every kernel. The
+/// most salient tokens take the budget's room.
+#[test]
+fn settled_pending_frame_equals_a_frame_appended_with_its_salience() {
+    let (layers, qh, kvh, d, n) = (2, 4, 2, 64, 32);
+    let policy: KvPolicy = "mixed:fblock=16,qblock=16,budget=0.3,salient=on"
+        .parse()
+        .unwrap();
+    let s = shape(layers, qh, kvh, d);
+    let mut pending = MixedKvCache::new(s, policy.clone(), 256).unwrap();
+    let mut direct = MixedKvCache::new(s, policy, 256).unwrap();
+    let mut rng = rng(5);
+    // Four text tokens (the sinks), then a frame: budget floor(0.3 * 36) = 10, 4 held.
+    let text: Vec<u32> = (0..4).collect();
+    let (tp, td) = (
+        pending.append_span(TokenKind::Text, &text, None).unwrap(),
+        direct.append_span(TokenKind::Text, &text, None).unwrap(),
+    );
+    for layer in 0..layers {
+        let (k, v) = (
+            rand_kv(&mut rng, 4, kvh, d, false),
+            rand_kv(&mut rng, 4, kvh, d, false),
+        );
+        pending.write(layer, &tp, &k, &v).unwrap();
+        direct.write(layer, &td, &k, &v).unwrap();
+    }
+    assert!(pending.wants_salience(n));
+    let pos: Vec<u32> = (4..4 + n as u32).collect();
+    let frame = pending.append_pending_frame(&pos, 7).unwrap();
+    assert!(frame.is_pending());
+    // Until it settles, the frame is stored as without scores: all quantized (the text
+    // holds the sinks).
+    assert!(frame.slots().iter().all(|s| s.pool == PoolKind::Quant));
+    let mut kvs = Vec::new();
+    for layer in 0..layers {
+        let (k, v) = (
+            rand_kv(&mut rng, n, kvh, d, true),
+            rand_kv(&mut rng, n, kvh, d, false),
+        );
+        pending.write(layer, &frame, &k, &v).unwrap();
+        // The frame's own prefill attends the pending blocks.
+        let q = rand_q(&mut rng, n, qh, d);
+        let mut out = vec![0f32; q.len()];
+        pending.attend(layer, &frame, &q, &mut out).unwrap();
+        kvs.push((k, v));
+    }
+    let salience: Vec<f32> = (0..n).map(|i| ((i * 13) % n) as f32).collect();
+    let settled = pending.settle_frame(&frame, &salience, &kvs).unwrap();
+    assert!(!settled.is_pending());
+    assert!(matches!(
+        pending.settle_frame(&frame, &salience, &kvs),
+        Err(KvError::StaleSpan { .. })
+    ));
+    let fd = direct
+        .append_frame_with_salience(&pos, 7, &salience)
+        .unwrap();
+    for (layer, (k, v)) in kvs.iter().enumerate() {
+        direct.write(layer, &fd, k, v).unwrap();
+    }
+    let kinds = |sp: &jetvlm_kvcache::Span| sp.slots().iter().map(|s| s.pool).collect::<Vec<_>>();
+    assert_eq!(kinds(&settled), kinds(&fd));
+    let mut top: Vec<usize> = (0..n).collect();
+    top.sort_by(|&a, &b| salience[b].total_cmp(&salience[a]));
+    let mut want_fp16 = top[..6].to_vec();
+    want_fp16.sort_unstable();
+    let got_fp16: Vec<usize> = (0..n)
+        .filter(|&i| settled.slots()[i].pool == PoolKind::Fp16)
+        .collect();
+    assert_eq!(got_fp16, want_fp16);
+    assert_eq!(pending.memory(), direct.memory());
+    assert_eq!(pending.cells().counts(), direct.cells().counts());
+    // Each token holds its own row: FP16 tokens their FP16 values, quantized ones values
+    // within half a step of INT4 over the frame's range (salient and quantized tokens
+    // interleave in the span, so a misplaced row would be off by the data's spread).
+    let (mut kb, mut vb) = (vec![0f32; d], vec![0f32; d]);
+    for (layer, (k, v)) in kvs.iter().enumerate() {
+        for (i, slot) in settled.slots().iter().enumerate() {
+            for h in 0..kvh {
+                let (pool, l) = pending.pool(layer, slot.pool).unwrap();
+                jetvlm_kvcache::attention::reference::dequant_token(
+                    pool.layout(),
+                    pool.segment(l, slot.id, h),
+                    slot.slot as usize,
+                    &mut kb,
+                    &mut vb,
+                );
+                for (x, deq) in [(k, &kb), (v, &vb)] {
+                    let spread = x.iter().fold(0f32, |m, a| m.max(a.abs())) * 2.0;
+                    for c in 0..d {
+                        let want = x[(i * kvh + h) * d + c];
+                        let bound = match slot.pool {
+                            PoolKind::Fp16 => want.abs() * 1e-3,
+                            PoolKind::Quant => 0.5 * spread / 15.0,
+                        };
+                        assert!((deq[c] - want).abs() <= bound, "token {i} layer {layer}");
+                    }
+                }
+            }
+        }
+    }
+    // A question after the frame reads the same cache either way.
+    let qpos: Vec<u32> = (4 + n as u32..4 + n as u32 + 5).collect();
+    let (ap, ad) = (
+        pending.append_span(TokenKind::Text, &qpos, None).unwrap(),
+        direct.append_span(TokenKind::Text, &qpos, None).unwrap(),
+    );
+    let q = rand_q(&mut rng, 5, qh, d);
+    for layer in 0..layers {
+        let (k, v) = (
+            rand_kv(&mut rng, 5, kvh, d, false),
+            rand_kv(&mut rng, 5, kvh, d, false),
+        );
+        pending.write(layer, &ap, &k, &v).unwrap();
+        direct.write(layer, &ad, &k, &v).unwrap();
+        for kernel in Kernel::ALL.into_iter().filter(|k| k.available()) {
+            let mut got = vec![0f32; q.len()];
+            let mut want = vec![0f32; q.len()];
+            pending
+                .attend_with(kernel, layer, &ap, &q, &mut got)
+                .unwrap();
+            direct
+                .attend_with(kernel, layer, &ad, &q, &mut want)
+                .unwrap();
+            assert_eq!(got, want, "layer {layer} with {kernel:?}");
+        }
+    }
+    // The settled frame rolls back and evicts like any frame.
+    pending.truncate_last(5).unwrap();
+    pending.evict_frame(7).unwrap();
+    assert_eq!(pending.len(), 4);
+    assert_eq!(pending.cells().counts().fp16_tokens, 4);
+}
+
+#[test]
+fn pending_frames_are_only_made_where_the_budget_has_room_and_settle_in_order() {
+    let s = shape(1, 2, 1, 64);
+    let salient: KvPolicy = "mixed:salient=on".parse().unwrap();
+    // The presets do not pick salient tokens.
+    assert!(
+        !MixedKvCache::new(s, KvPolicy::mixed(), 512)
+            .unwrap()
+            .wants_salience(64)
+    );
+    let mut c = MixedKvCache::new(s, salient.clone(), 512).unwrap();
+    // Empty cache, 64-token frame: budget 6, the first 4 are sinks: room for 2.
+    assert!(c.wants_salience(64));
+    // Lots of text first: the budget is spent on text.
+    let text: Vec<u32> = (0..100).collect();
+    c.append_span(TokenKind::Text, &text, None).unwrap();
+    assert!(!c.wants_salience(64));
+    let fp16: KvPolicy = "fp16:salient=on".parse().unwrap();
+    assert!(!MixedKvCache::new(s, fp16, 512).unwrap().wants_salience(64));
+
+    let mut c = MixedKvCache::new(s, salient, 512).unwrap();
+    let pos: Vec<u32> = (0..64).collect();
+    let f = c.append_pending_frame(&pos, 1).unwrap();
+    let kv = vec![(vec![0.5f32; 64 * 64], vec![0.25f32; 64 * 64])];
+    // Tokens appended after a pending frame make it unsettleable (the caller's bug).
+    let t = c.append_span(TokenKind::Text, &[64], None).unwrap();
+    let e = c.settle_frame(&f, &[1.0; 64], &kv).unwrap_err();
+    assert!(e.to_string().contains("appended after"), "{e}");
+    c.truncate_last(1).unwrap();
+    drop(t);
+    let e = c.settle_frame(&f, &[1.0; 3], &kv).unwrap_err();
+    assert!(matches!(e, KvError::ShapeMismatch { .. }), "{e}");
+    let e = c.settle_frame(&f, &[f32::NAN; 64], &kv).unwrap_err();
+    assert!(matches!(e, KvError::NonFinite { .. }), "{e}");
+    let e = c.settle_frame(&f, &[1.0; 64], &[]).unwrap_err();
+    assert!(matches!(e, KvError::ShapeMismatch { .. }), "{e}");
+    // A span that is not pending cannot be settled.
+    let mut scores = vec![0f32; 64];
+    scores[40] = 5.0;
+    scores[50] = 4.0;
+    let settled = c.settle_frame(&f, &scores, &kv).unwrap();
+    let e = c.settle_frame(&settled, &scores, &kv).unwrap_err();
+    assert!(e.to_string().contains("pending"), "{e}");
+    let fp16: Vec<usize> = (0..64)
+        .filter(|&i| settled.slots()[i].pool == PoolKind::Fp16)
+        .collect();
+    assert_eq!(fp16, vec![0, 1, 2, 3, 40, 50]);
+    // The pending blocks went back to the pool: one FP16 block holds sinks and salient tokens.
+    assert_eq!(c.cells().counts().fp16_blocks, 1);
+    assert_eq!(c.memory().frame_tokens, 64);
+}

@@ -271,6 +271,30 @@ impl KvStore for KvBackend {
         self.refresh();
         Ok(())
     }
+
+    fn wants_salience(&self, span: &BackendSpan) -> bool {
+        match (&self.inner, span) {
+            (Inner::Mixed(c), BackendSpan::Mixed(s)) => KvStore::wants_salience(c.as_ref(), s),
+            _ => false,
+        }
+    }
+
+    fn settle(
+        &mut self,
+        span: &BackendSpan,
+        salience: &[f32],
+        kv: &[(Vec<f32>, Vec<f32>)],
+    ) -> jetvlm_decoder::Result<()> {
+        match (&mut self.inner, span) {
+            (Inner::Mixed(c), BackendSpan::Mixed(s)) => {
+                KvStore::settle(c.as_mut(), s, salience, kv)?;
+            }
+            (Inner::Exact(_), BackendSpan::Exact(_)) => {}
+            _ => return Err(span_mismatch()),
+        }
+        self.refresh();
+        Ok(())
+    }
 }
 
 fn span_mismatch() -> jetvlm_decoder::DecoderError {
