@@ -117,6 +117,31 @@ fn min_margin(rows: &[Vec<f32>], answer: &[u32]) -> f32 {
         .fold(f32::INFINITY, f32::min)
 }
 
+/// The recorded scene's frames as embedding rows (`exp` is the fixture's `frames` case).
+fn scene_frames(model: &Model, exp: &serde_json::Value) -> Vec<Vec<f32>> {
+    exp["frame_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| model.embed(&ids(f)).unwrap())
+        .collect()
+}
+
+/// Prefix text, one Frame span per frame (ids 0, 1, ...), suffix text.
+fn scene_inputs<'a>(
+    prefix: &'a [u32],
+    frames: &'a [Vec<f32>],
+    suffix: &'a [u32],
+    hidden: usize,
+) -> Vec<Input<'a>> {
+    let mut inputs = vec![Input::text(prefix)];
+    for (i, f) in frames.iter().enumerate() {
+        inputs.push(Input::frame(f, f.len() / hidden, i as u64));
+    }
+    inputs.push(Input::text(suffix));
+    inputs
+}
+
 struct PolicyRun {
     name: String,
     /// Free-running greedy tokens equal to the FP16 policy's, position by position.
@@ -149,20 +174,10 @@ fn mixed_policy_matches_fp16_on_95_percent_of_greedy_tokens() {
     for name in ["llama", "qwen2"] {
         let exp = &expected(name)["frames"];
         let model = load(name);
-        let prefix = ids(&exp["prefix_ids"]);
-        let suffix = ids(&exp["suffix_ids"]);
-        let frames: Vec<Vec<f32>> = exp["frame_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| model.embed(&ids(f)).unwrap())
-            .collect();
+        let (prefix, suffix) = (ids(&exp["prefix_ids"]), ids(&exp["suffix_ids"]));
+        let frames = scene_frames(&model, exp);
         let h = model.hidden_size();
-        let mut inputs = vec![Input::text(&prefix)];
-        for (i, f) in frames.iter().enumerate() {
-            inputs.push(Input::frame(f, f.len() / h, i as u64));
-        }
-        inputs.push(Input::text(&suffix));
+        let inputs = scene_inputs(&prefix, &frames, &suffix, h);
         let frame_tokens: usize = frames.iter().map(|f| f.len() / h).sum();
         let prompt_tokens = prefix.len() + frame_tokens + suffix.len();
         let cap = prompt_tokens + N + 8;
@@ -215,11 +230,7 @@ fn mixed_policy_matches_fp16_on_95_percent_of_greedy_tokens() {
                 model.embed(&f).unwrap()
             })
             .collect();
-        let mut other = vec![Input::text(&prefix)];
-        for (i, f) in other_frames.iter().enumerate() {
-            other.push(Input::frame(f, f.len() / h, i as u64));
-        }
-        other.push(Input::text(&suffix));
+        let other = scene_inputs(&prefix, &other_frames, &suffix, h);
         let mut c = MixedKvCache::new(model.cache_shape(), KvPolicy::fp16(), cap).unwrap();
         let (control, _) = greedy_with_logits(&model, &mut c, &other, N);
         let control_same = control.iter().zip(&answer).filter(|(a, b)| a == b).count();
@@ -409,20 +420,10 @@ fn salient_frame_tokens_fill_the_fp16_budget() {
     for name in ["llama", "qwen2"] {
         let exp = &expected(name)["frames"];
         let model = load(name);
-        let prefix = ids(&exp["prefix_ids"]);
-        let suffix = ids(&exp["suffix_ids"]);
-        let frames: Vec<Vec<f32>> = exp["frame_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| model.embed(&ids(f)).unwrap())
-            .collect();
+        let (prefix, suffix) = (ids(&exp["prefix_ids"]), ids(&exp["suffix_ids"]));
+        let frames = scene_frames(&model, exp);
         let h = model.hidden_size();
-        let mut inputs = vec![Input::text(&prefix)];
-        for (i, f) in frames.iter().enumerate() {
-            inputs.push(Input::frame(f, f.len() / h, i as u64));
-        }
-        inputs.push(Input::text(&suffix));
+        let inputs = scene_inputs(&prefix, &frames, &suffix, h);
         let frame_tokens: usize = frames.iter().map(|f| f.len() / h).sum();
         let cap = prefix.len() + frame_tokens + suffix.len() + N + 8;
         let mut fp16 = MixedKvCache::new(model.cache_shape(), KvPolicy::fp16(), cap).unwrap();
