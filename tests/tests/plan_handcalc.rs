@@ -163,11 +163,12 @@ fn hand_max_frames(
     }
 }
 
-/// Frame-token KV bytes under `mixed` (INT4 g64, 10% FP16 budget filled by text first).
-fn mixed_frame_bytes(lm: &Lm, frame_tokens: u64, context: u64) -> u64 {
-    let fp16_cap = context.div_ceil(10);
-    let salient = fp16_cap.saturating_sub(192).min(frame_tokens);
-    salient * lm.kv_fp16_per_token() + (frame_tokens - salient) * lm.kv_int4_g64_per_token()
+/// Frame-token KV bytes under `mixed` (INT4 g64, 10% FP16 budget filled by text first,
+/// then by the 4 sink tokens, or with `salient=on` by as many frame tokens as it holds).
+fn mixed_frame_bytes(lm: &Lm, frame_tokens: u64, context: u64, salient: bool) -> u64 {
+    let room = context.div_ceil(10).saturating_sub(192);
+    let fp16 = if salient { room } else { room.min(4) }.min(frame_tokens);
+    fp16 * lm.kv_fp16_per_token() + (frame_tokens - fp16) * lm.kv_int4_g64_per_token()
 }
 
 #[test]
@@ -224,7 +225,7 @@ fn smolvlm_256m_on_orin_nano_8gb_matches_hand_calculation() {
     let fixed = total - p.kv_bytes + 192 * 23_040;
     let fp16 = hand_max_frames(fixed, 192, 64, |ft, _| ft * SMOL_LM.kv_fp16_per_token());
     let mixed = hand_max_frames(fixed, 192, 64, |ft, ctx| {
-        mixed_frame_bytes(&SMOL_LM, ft, ctx)
+        mixed_frame_bytes(&SMOL_LM, ft, ctx, false)
     });
     assert_eq!(p.max_frames_fp16, fp16);
     assert_eq!(p.max_frames_mixed, mixed);
@@ -253,11 +254,20 @@ fn qwen2_vl_2b_on_orin_nano_8gb_matches_hand_calculation() {
     // KV: 28,672 B/token FP16, 8,064 B/token INT4 g64 (head_dim 128: 64 B codes + 8 B scales).
     assert_eq!(QWEN_LM.kv_fp16_per_token(), 28_672);
     assert_eq!(QWEN_LM.kv_int4_g64_per_token(), 8_064);
-    // Context 4288: the 10% FP16 budget is 429 tokens, 192 of them text, so 237 frame tokens
-    // stay FP16 and 3859 are INT4.
-    assert_eq!(p.kv.fp16_frame_tokens, 237);
+    // Context 4288: the 10% FP16 budget is 429 tokens, 192 of them text; the 4 sinks are
+    // charged FP16 (as if frame tokens) and 4092 frame tokens are INT4.
+    assert_eq!(p.kv.fp16_frame_tokens, 4);
     assert_eq!(p.memory.kv_text_bytes, 192 * 28_672);
-    assert_eq!(p.memory.kv_frame_bytes, 237 * 28_672 + 3859 * 8_064);
+    assert_eq!(p.memory.kv_frame_bytes, 4 * 28_672 + 4092 * 8_064);
+    // With salient frame tokens the budget's other 237 - 4 frame tokens are FP16 too.
+    let salient: KvPrecision = "mixed:salient=on".parse().unwrap();
+    let ps = plan_default(&board, &model, &w, salient);
+    assert_eq!(ps.kv.fp16_frame_tokens, 237);
+    assert_eq!(ps.memory.kv_frame_bytes, 237 * 28_672 + 3859 * 8_064);
+    assert_eq!(
+        ps.memory.kv_frame_bytes,
+        mixed_frame_bytes(&QWEN_LM, 4096, 4288, true)
+    );
     let acts = QWEN_LM.activations(4288) + qwen_vision_activations();
     assert_eq!(p.memory.activation_bytes, acts);
     let total =
@@ -280,7 +290,7 @@ fn qwen2_vl_2b_on_orin_nano_8gb_matches_hand_calculation() {
     let fixed = total - p.kv_bytes + 192 * 28_672;
     let fp16 = hand_max_frames(fixed, 192, 256, |ft, _| ft * QWEN_LM.kv_fp16_per_token());
     let mixed = hand_max_frames(fixed, 192, 256, |ft, ctx| {
-        mixed_frame_bytes(&QWEN_LM, ft, ctx)
+        mixed_frame_bytes(&QWEN_LM, ft, ctx, false)
     });
     assert_eq!(p.max_frames_fp16, fp16);
     assert_eq!(p.max_frames_mixed, mixed);
@@ -353,16 +363,23 @@ fn plan_that_does_not_fit_says_by_how_much_and_what_to_change() {
 
 #[test]
 fn fp16_budget_is_spent_on_text_first() {
-    // A workload where the frames dominate: mixed stores far fewer bytes per frame than FP16,
-    // and the saving approaches 16 / (0.1 * 16 + 0.9 * 4.5) = 2.83x.
+    // A workload where the frames dominate: mixed stores far fewer bytes per frame than FP16.
+    // Text and the 4 sinks are FP16, every other frame token INT4: the saving approaches
+    // 16 / 4.5 = 3.56x. With salient frame tokens filling the 10% budget it approaches
+    // 16 / (0.1 * 16 + 0.9 * 4.5) = 2.83x.
     let model = ModelSpec::load(&fixture("configs/smolvlm-256m")).unwrap();
     let w = workload(64, 1000);
     let fp16 = plan::kv_usage(&model.text, &w, &KvPrecision::fp16());
     let mixed = plan::kv_usage(&model.text, &w, &KvPrecision::mixed());
     assert_eq!(fp16.total_bytes, 64_192 * 23_040);
+    assert_eq!(mixed.fp16_frame_tokens, 4);
     let ratio = fp16.total_bytes as f64 / mixed.total_bytes as f64;
+    assert!((3.5..3.56).contains(&ratio), "{ratio}");
+    let salient: KvPrecision = "mixed:salient=on".parse().unwrap();
+    let salient = plan::kv_usage(&model.text, &w, &salient);
+    let ratio = fp16.total_bytes as f64 / salient.total_bytes as f64;
     assert!((2.75..2.84).contains(&ratio), "{ratio}");
-    assert_eq!(mixed.fp16_frame_tokens, 64_192u64.div_ceil(10) - 192);
+    assert_eq!(salient.fp16_frame_tokens, 64_192u64.div_ceil(10) - 192);
 }
 
 #[test]

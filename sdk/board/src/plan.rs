@@ -206,9 +206,13 @@ pub fn kv_usage(text: &ModelConfig, workload: &Workload, kv: &KvPrecision) -> Kv
     let frame_tokens = workload.frame_tokens();
     let context = text_tokens + frame_tokens;
     let fp16 = kv_bytes_per_token(text, KvFormat::FP16);
+    // Frame tokens the budget may keep FP16 once text has taken its share: every one with
+    // `salient=on`, else the sinks (the sequence's first tokens; charged as frame tokens).
     let fp16_frame_tokens = if kv.quantizes_frames() && kv.fp16_budget > 0.0 {
         let cap = ((context as f64) * kv.fp16_budget - 1e-9).ceil().max(0.0) as u64;
-        cap.saturating_sub(text_tokens).min(frame_tokens)
+        let room = cap.saturating_sub(text_tokens);
+        let room = if kv.salient { room } else { room.min(kv.sinks) };
+        room.min(frame_tokens)
     } else {
         0
     };

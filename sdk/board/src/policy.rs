@@ -14,9 +14,11 @@
 //!   per-token groups: one scale and zero per channel per block of at least `group` tokens
 //!   costs no more.
 //! - The FP16 budget (`budget`, default 0.10 for the text-centric policies): up to that
-//!   fraction of the whole context may stay FP16. Text always does; when text is shorter than
-//!   the budget, salient frame tokens (attention sinks, most-attended tokens) fill the rest
-//!   at FP16, and the planner charges them so.
+//!   fraction of the whole context may stay FP16. Text always does. When text is shorter than
+//!   the budget, the cache keeps the sequence's first `sinks` tokens (default 4) FP16, and
+//!   with `salient=on` (off by default) also the most attended frame tokens up to the
+//!   budget; the planner charges the frame tokens that may take the rest at FP16 (the sinks
+//!   as if they were frame tokens: an upper bound).
 //!
 //! - Per-layer frame formats (`layers=4c64/8t64/...`, from `jetvlm calibrate`): each layer's
 //!   frame tokens are charged at that layer's bits and group.
@@ -24,8 +26,8 @@
 //! Accepted spellings: `fp16`, `mixed` (frames INT4 g64, budget 0.10), `int4-all` (text and
 //! frames INT4 g64, no FP16 budget), `int8-frames`, `int2-frames` (frames INT8 / INT2 g64,
 //! budget 0.10), and `mixed:bits=4,group=64,budget=0.1,keys=channel,layers=...` with any
-//! subset of keys (the cache's `sinks`, `salient`, `fblock` and `qblock` are accepted and do
-//! not change the bytes charged).
+//! subset of keys, `sinks=N` and `salient=on|off` included (the cache's `fblock` and
+//! `qblock` are accepted and do not change the bytes charged).
 
 use crate::BoardError;
 use serde::Serialize;
@@ -95,8 +97,13 @@ pub enum KeyMode {
 pub struct KvPrecision {
     pub text: KvFormat,
     pub frames: KvFormat,
-    /// Fraction of the context that may stay FP16 (text first, then salient frame tokens).
+    /// Fraction of the context that may stay FP16 (text first, then sinks and, with
+    /// `salient`, the most attended frame tokens).
     pub fp16_budget: f64,
+    /// Attention-sink tokens (the sequence's first) kept FP16 within the budget.
+    pub sinks: u64,
+    /// The most attended frame tokens fill the rest of the budget at FP16 (`salient=on`).
+    pub salient: bool,
     pub keys: KeyMode,
     /// Per-layer frame formats and key modes (a calibrated policy); empty: `frames` in
     /// every layer.
@@ -105,6 +112,7 @@ pub struct KvPrecision {
 
 const DEFAULT_GROUP: u32 = 64;
 const DEFAULT_BUDGET: f64 = 0.10;
+const DEFAULT_SINKS: u64 = 4;
 
 impl KvPrecision {
     /// Every token FP16.
@@ -113,6 +121,8 @@ impl KvPrecision {
             text: KvFormat::FP16,
             frames: KvFormat::FP16,
             fp16_budget: 1.0,
+            sinks: DEFAULT_SINKS,
+            salient: false,
             keys: KeyMode::Token,
             frame_layers: Vec::new(),
         }
@@ -129,6 +139,8 @@ impl KvPrecision {
             text: KvFormat::FP16,
             frames: KvFormat::quantized(bits, DEFAULT_GROUP),
             fp16_budget: DEFAULT_BUDGET,
+            sinks: DEFAULT_SINKS,
+            salient: false,
             keys: KeyMode::Channel,
             frame_layers: Vec::new(),
         }
@@ -140,6 +152,8 @@ impl KvPrecision {
             text: KvFormat::quantized(4, DEFAULT_GROUP),
             frames: KvFormat::quantized(4, DEFAULT_GROUP),
             fp16_budget: 0.0,
+            sinks: 0,
+            salient: false,
             keys: KeyMode::Token,
             frame_layers: Vec::new(),
         }
@@ -191,6 +205,9 @@ impl KvPrecision {
                 ", FP16 budget {:.0}% of the context",
                 self.fp16_budget * 100.0
             ));
+            if self.salient {
+                s.push_str(" (salient frame tokens fill it)");
+            }
         }
         s
     }
@@ -242,8 +259,14 @@ impl KvPrecision {
                 .collect();
             format!(",layers={}", list.join("/"))
         };
+        let sinks = if self.sinks == DEFAULT_SINKS {
+            String::new()
+        } else {
+            format!(",sinks={}", self.sinks)
+        };
+        let salient = if self.salient { ",salient=on" } else { "" };
         format!(
-            "mixed:bits={},group={},budget={},keys={keys}{text}{layers}",
+            "mixed:bits={},group={},budget={},keys={keys}{text}{sinks}{salient}{layers}",
             self.frames.bits, group, self.fp16_budget
         )
     }
@@ -339,8 +362,23 @@ impl FromStr for KvPrecision {
                         .map(|f| parse_layer_format(f.trim()).map_err(&err))
                         .collect::<Result<_, _>>()?;
                 }
+                "sinks" => {
+                    p.sinks = value
+                        .trim()
+                        .parse()
+                        .map_err(|_| err(format!("sinks `{value}` is not a number")))?;
+                }
+                "salient" => {
+                    p.salient = match value.trim() {
+                        "on" | "true" | "yes" => true,
+                        "off" | "false" | "no" => false,
+                        other => {
+                            return Err(err(format!("salient must be on or off, got `{other}`")));
+                        }
+                    }
+                }
                 // The KV cache's own options that do not change the byte count.
-                "sinks" | "salient" | "fblock" | "qblock" => {}
+                "fblock" | "qblock" => {}
                 other => return Err(err(format!("unknown key `{other}`"))),
             }
         }
@@ -416,6 +454,12 @@ mod tests {
         assert_eq!(p.name().parse::<KvPrecision>().unwrap(), p);
         let q: KvPrecision = "mixed:bits=4,group=64".parse().unwrap();
         assert_eq!(q, KvPrecision::mixed());
+        let r: KvPrecision = "mixed:sinks=0,salient=on,fblock=16".parse().unwrap();
+        assert_eq!((r.sinks, r.salient), (0, true));
+        assert_eq!(r.name().parse::<KvPrecision>().unwrap(), r);
+        assert!(r.describe(64).contains("salient frame tokens"));
+        let off: KvPrecision = "mixed:salient=off,sinks=4".parse().unwrap();
+        assert_eq!(off, KvPrecision::mixed());
     }
 
     #[test]
@@ -426,6 +470,8 @@ mod tests {
             "mixed:group=48",
             "mixed:budget=2",
             "mixed:foo=1",
+            "mixed:salient=maybe",
+            "mixed:sinks=-1",
             "mixed:bits",
         ] {
             let e = bad.parse::<KvPrecision>().unwrap_err().to_string();
