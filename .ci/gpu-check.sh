@@ -136,13 +136,15 @@ PY
 }
 
 # `watch --device cuda` with the demo package on a synthetic scene: answers vs the renderer's
-# ground truth, and vs the CPU decoder on the same frames.
+# ground truth, and vs the CPU decoder on the same frames. `watch-check TAG [ARGS...]` passes
+# ARGS to both runs (e.g. the demo's KV calibration) and names the output files after TAG.
 watch_on_gpu() {
-  local out=${OUT:-gpu-check-out}
+  local out=${OUT:-gpu-check-out} tag=${1:-default}
+  shift || true
   export ORT_DYLIB_PATH="$dist/libonnxruntime.so"
-  "$dist/jetvlm" watch "synthetic://scene?seed=3&pace=0" --frames 12 --window 4 --json --device cuda > "$out/watch-cuda.jsonl" || return 1
-  "$dist/jetvlm" watch "synthetic://scene?seed=3&pace=0" --frames 12 --window 4 --json > "$out/watch-cpu.jsonl" || return 1
-  python3 - "$out/watch-cpu.jsonl" "$out/watch-cuda.jsonl" <<'PY'
+  "$dist/jetvlm" watch "synthetic://scene?seed=3&pace=0" --frames 12 --window 4 --json --device cuda "$@" > "$out/watch-cuda-$tag.jsonl" || return 1
+  "$dist/jetvlm" watch "synthetic://scene?seed=3&pace=0" --frames 12 --window 4 --json "$@" > "$out/watch-cpu-$tag.jsonl" || return 1
+  python3 - "$out/watch-cpu-$tag.jsonl" "$out/watch-cuda-$tag.jsonl" <<'PY'
 import json, sys
 cpu, gpu = ([json.loads(l) for l in open(p)] for p in sys.argv[1:3])
 right = sum(1 for l in gpu if l.get("truth") == l["answer"])
@@ -179,7 +181,9 @@ run() {
     step "generate --device cuda (qwen2 fixture, fp16 KV) == CPU" 30 generate-qwen2.txt .ci/gpu-check.sh generate-check qwen2 fp16
     step "generate --device cuda (llama fixture, mixed KV) == CPU" 30 generate-llama.txt .ci/gpu-check.sh generate-check llama mixed
     step "ask --device cuda (LLaVA fixture, fp16 KV) == transformers" 30 ask-vlm.txt .ci/gpu-check.sh ask-check
-    step "watch --device cuda (demo package, 12 frames)" 60 watch-cuda.txt .ci/gpu-check.sh watch-check
+    step "watch --device cuda (demo package, 12 frames)" 60 watch-cuda.txt .ci/gpu-check.sh watch-check default
+    step "watch --device cuda --kv-calibration (a frame format per layer)" 60 watch-cuda-calibrated.txt \
+      .ci/gpu-check.sh watch-check calibrated --kv-calibration models/demo/kv-calibration.yaml
   fi
   if [ "$part" != check ]; then
     # Attention: 32/32/64 (SmolVLM-2.2B, moondream2) at 32k, and 9/3/64 (SmolVLM-256M/SmolLM2) at 8k/32k/128k.
@@ -224,6 +228,6 @@ case "$mode" in
   run) run ;;
   generate-check) shift; generate_matches_cpu "$@" ;;
   ask-check) ask_matches_transformers ;;
-  watch-check) watch_on_gpu ;;
+  watch-check) shift; watch_on_gpu "$@" ;;
   *) echo "usage: $0 [prepare|run]" >&2; exit 2 ;;
 esac

@@ -26,9 +26,13 @@ use crate::layout::{BlockEntry, BlockKind, KvLayout};
 ///
 /// The CPU cache's FP16 budget, attention-sink and salient-token options are not applied on
 /// the device: every token of a quantized kind is quantized.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DevicePolicy {
+    /// The layout of every layer, or (a calibrated policy) of layer 0.
     pub layout: KvLayout,
+    /// A calibrated policy: each layer's layout (frame bits, group and key mode differ;
+    /// heads, head dim and block size are `layout`'s). Empty: `layout` in every layer.
+    pub layers: Vec<KvLayout>,
     pub quantize_frames: bool,
     pub quantize_text: bool,
 }
@@ -45,13 +49,6 @@ impl DevicePolicy {
             policy: policy.name(),
             message,
         };
-        if policy.is_per_layer() {
-            return Err(err(
-                "per-layer frame formats (a calibrated policy) run on the CPU decoder; the GPU \
-                 pools use one format for every layer"
-                    .into(),
-            ));
-        }
         if quantize_text && key_per_channel {
             return Err(err(
                 "quantized text needs per-token keys (keys=token): text is appended one token at a time".into(),
@@ -71,11 +68,51 @@ impl DevicePolicy {
             layout.group = 32;
         }
         layout.validate().map_err(|e| err(e.to_string()))?;
+        let layers = if policy.is_per_layer() && quantize_frames {
+            policy
+                .layers
+                .iter()
+                .map(|f| {
+                    let l = KvLayout {
+                        bits: f.bits,
+                        group: f.group,
+                        key_per_channel: f.key_mode == KeyMode::PerChannel,
+                        ..layout
+                    };
+                    l.validate().map(|()| l)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| err(e.to_string()))?
+        } else {
+            Vec::new()
+        };
+        if quantize_text && layers.iter().any(|l| l.key_per_channel) {
+            return Err(err(
+                "quantized text needs per-token keys in every layer (keys=token)".into(),
+            ));
+        }
         Ok(Self {
-            layout,
+            layout: layers.first().copied().unwrap_or(layout),
+            layers,
             quantize_frames,
             quantize_text,
         })
+    }
+
+    /// The pool layout of `layer`.
+    pub fn layout_of(&self, layer: usize) -> KvLayout {
+        self.layers.get(layer).copied().unwrap_or(self.layout)
+    }
+
+    /// Whether the layers' layouts differ (a calibrated policy).
+    pub fn is_per_layer(&self) -> bool {
+        self.layers.iter().any(|l| *l != self.layout)
+    }
+
+    /// Whether some layer quantizes frame keys per channel over a block: such blocks are
+    /// written whole, so no span continues one.
+    fn any_key_per_channel(&self) -> bool {
+        self.layout.key_per_channel || self.layers.iter().any(|l| l.key_per_channel)
     }
 
     /// Whether tokens of `kind` are stored quantized.
@@ -131,7 +168,7 @@ impl DevicePolicy {
         &self,
         spans: &[(TokenKind, usize, Option<FrameId>)],
     ) -> (usize, usize) {
-        let mut t = KvBlockTable::new(*self, usize::MAX / 2, usize::MAX / 2);
+        let mut t = KvBlockTable::new(self.clone(), usize::MAX / 2, usize::MAX / 2);
         for &(kind, n, frame) in spans {
             // Cannot fail for distinct frame ids: the capacities are unbounded.
             let _ = match frame {
@@ -250,9 +287,16 @@ impl KvBlockTable {
     pub fn token_counts(&self) -> (usize, usize) {
         (self.text_tokens, self.frame_tokens)
     }
-    /// Bytes attention reads per layer: the used slots of every block listed.
-    pub fn attention_bytes_per_layer(&self) -> u64 {
-        let l = &self.policy.layout;
+    /// Bytes attention reads in `layers` layers: the used slots of every block listed, in
+    /// each layer's layout.
+    pub fn attention_bytes(&self, layers: usize) -> u64 {
+        (0..layers)
+            .map(|layer| self.attention_bytes_in(&self.policy.layout_of(layer)))
+            .sum()
+    }
+
+    /// Bytes attention reads in one layer of layout `l`.
+    fn attention_bytes_in(&self, l: &KvLayout) -> u64 {
         let fp16_tok = (2 * 2 * l.row_elems()) as u64;
         let code_tok = (2 * l.kv_heads * l.code_row_bytes()) as u64;
         let v_params_tok = (4 * l.kv_heads * l.groups()) as u64;
@@ -312,7 +356,7 @@ impl KvBlockTable {
         };
         // Room in the newest block, if this span may continue it (only a block of the same
         // owner: text after text, or the next piece of the same frame).
-        let may_continue = !(quant && self.policy.layout.key_per_channel);
+        let may_continue = !(quant && self.policy.any_key_per_channel());
         let open = match (self.entries.last(), self.owners.last()) {
             (Some(e), Some(o))
                 if may_continue && *o == owner && e.kind == bkind && (e.len as usize) < t =>
@@ -516,7 +560,15 @@ mod tests {
     /// reference attention over the table's entries against a direct causal attention over
     /// the stored (dequantized) tokens in append order.
     fn roundtrip(p: DevicePolicy, spans: &[(TokenKind, usize)]) {
-        let l = p.layout;
+        for layer in 0..p.layers.len().max(1) {
+            roundtrip_layer(&p, layer, spans);
+        }
+    }
+
+    /// [`roundtrip`] of one layer: the table's placements (shared by every layer) written in
+    /// that layer's layout.
+    fn roundtrip_layer(p: &DevicePolicy, layer: usize, spans: &[(TokenKind, usize)]) {
+        let l = p.layout_of(layer);
         let total_text: usize = spans
             .iter()
             .filter(|s| s.0 == TokenKind::Text)
@@ -524,7 +576,7 @@ mod tests {
             .sum();
         let total_frame: usize = spans.iter().map(|s| s.1).sum::<usize>() - total_text;
         let (tb, fb) = p.blocks_for(total_text, total_frame, spans.len());
-        let mut table = KvBlockTable::new(p, tb, fb);
+        let mut table = KvBlockTable::new(p.clone(), tb, fb);
         let mut host = HostPools::new(l, tb, fb);
         let mut rng = Rng::new(3);
         let row = l.row_elems();
@@ -718,7 +770,7 @@ mod tests {
             let p = policy(p, 2, 64);
             // Pools for the prefix, two frames and one question at a time.
             let (tb, fb) = p.blocks_for_session(10, 2, 64, 9);
-            let t = live_roundtrip(p, (tb, fb), &ops);
+            let t = live_roundtrip(p.clone(), (tb, fb), &ops);
             assert_eq!(t.len(), 10 + 64 + 64 + 6, "{p:?}");
             assert_eq!(t.next_position(), 10 + 4 * 64 + 6, "{p:?}");
             let (ut, uf) = t.used_blocks();
@@ -843,8 +895,71 @@ mod tests {
         assert!(e.to_string().contains("keys=token"), "{e}");
         let p = policy("int4-all", 2, 64);
         assert!(p.quantize_text && p.quantizes(TokenKind::Text));
-        let calibrated: KvPolicy = "mixed:layers=4c64/8c64".parse().unwrap();
-        let e = DevicePolicy::new(&calibrated, 2, 64).unwrap_err();
-        assert!(e.to_string().contains("CPU decoder"), "{e}");
+    }
+
+    /// A calibrated policy (a frame format per layer): each layer gets its own pool layout
+    /// (groups fitted to the head dim), blocks are shared, and every layer's pools hold the
+    /// table's placements correctly (the CPU twins' attention over the shared entries).
+    #[test]
+    fn per_layer_policies_give_each_layer_its_layout() {
+        let calibrated: KvPolicy = "mixed:qblock=32,layers=2t32/4c64/8t128".parse().unwrap();
+        let p = DevicePolicy::new(&calibrated, 2, 64).unwrap();
+        assert!(p.is_per_layer());
+        let formats: Vec<_> = (0..3)
+            .map(|l| {
+                let x = p.layout_of(l);
+                (x.bits, x.group, x.key_per_channel, x.block_tokens)
+            })
+            .collect();
+        assert_eq!(
+            formats,
+            vec![(2, 32, false, 32), (4, 64, true, 32), (8, 64, false, 32)]
+        );
+        // A per-channel layer anywhere: no span continues a frame block.
+        let mut t = KvBlockTable::new(p.clone(), 4, 8);
+        t.append(TokenKind::Frame, 5).unwrap();
+        t.append(TokenKind::Frame, 5).unwrap();
+        assert_eq!(t.blocks_in_use(), (0, 2));
+        // Attention reads each layer's bytes: between all-INT2 and all-INT8 layers.
+        let bytes = |policy: &str| {
+            let q = DevicePolicy::new(&policy.parse().unwrap(), 2, 64).unwrap();
+            let mut t = KvBlockTable::new(q, 4, 8);
+            t.append(TokenKind::Text, 7).unwrap();
+            t.append_frame(1, 32).unwrap();
+            t.attention_bytes(3)
+        };
+        let mixed = bytes("mixed:qblock=32,layers=2t32/4c64/8t128");
+        assert!(bytes("mixed:qblock=32,bits=2") < mixed && mixed < bytes("mixed:qblock=32,bits=8"));
+        for spans in [
+            &[
+                (TokenKind::Text, 7),
+                (TokenKind::Frame, 32),
+                (TokenKind::Text, 40),
+            ][..],
+            &[
+                (TokenKind::Frame, 5),
+                (TokenKind::Frame, 64),
+                (TokenKind::Text, 3),
+            ][..],
+        ] {
+            roundtrip(p.clone(), spans);
+        }
+        // Head dim 32: every group is fitted to 32. A layer count the model lacks is the
+        // device cache's error (checked where the pools are made).
+        let narrow = DevicePolicy::new(&calibrated, 2, 32).unwrap();
+        assert!((0..3).all(|l| narrow.layout_of(l).group == 32));
+        // Quantized text needs per-token keys in every layer (the parser refuses the
+        // spelling; a policy built in code is refused here).
+        let layer = |key_mode| jetvlm_kvcache::LayerFormat {
+            bits: 4,
+            key_mode,
+            group: 64,
+        };
+        let text_channel = KvPolicy {
+            layers: vec![layer(KeyMode::PerToken), layer(KeyMode::PerChannel)],
+            ..KvPolicy::int4_all()
+        };
+        let e = DevicePolicy::new(&text_channel, 2, 64).unwrap_err();
+        assert!(e.to_string().contains("keys=token"), "{e}");
     }
 }

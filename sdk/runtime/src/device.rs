@@ -73,7 +73,7 @@ impl GpuDecoder {
         let c = &self.model.config().model;
         Ok(DeviceKvCache::with_blocks(
             &self.dev,
-            self.policy,
+            self.policy.clone(),
             c.num_hidden_layers,
             blocks,
             PoolMemory::Device,
@@ -145,11 +145,16 @@ impl GpuDecoder {
 /// `frame_tokens` of its tokens are frame tokens.
 pub(crate) fn kv_stats(cache: &DeviceKvCache, frame_tokens: usize) -> KvStats {
     let table = cache.table();
-    let l = &table.policy().layout;
+    let policy = table.policy();
+    let l = &policy.layout;
     let layers = cache.layers() as u64;
     let (text_blocks, frame_blocks) = table.blocks_in_use();
     let fp16_bytes = text_blocks as u64 * l.text_block_bytes() as u64 * layers;
-    let quant_bytes = frame_blocks as u64 * l.frame_block_bytes() as u64 * layers;
+    // Each layer's frame blocks in its own format (a calibrated policy's differ).
+    let frame_block_bytes: u64 = (0..cache.layers())
+        .map(|li| policy.layout_of(li).frame_block_bytes() as u64)
+        .sum();
+    let quant_bytes = frame_blocks as u64 * frame_block_bytes;
     let tokens = table.len();
     // K and V in FP16 for every layer and KV head.
     let fp16_per_token = (2 * 2 * l.row_elems()) as u64 * layers;

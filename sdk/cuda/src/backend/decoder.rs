@@ -282,7 +282,8 @@ impl DeviceKvCache {
         spans: &[(TokenKind, usize)],
         memory: PoolMemory,
     ) -> Result<Self, CudaError> {
-        Self::with_blocks(dev, policy, layers, policy.blocks_for_spans(spans), memory)
+        let blocks = policy.blocks_for_spans(spans);
+        Self::with_blocks(dev, policy, layers, blocks, memory)
     }
 
     /// Pools of exactly `(text blocks, frame blocks)` per layer (see
@@ -294,8 +295,26 @@ impl DeviceKvCache {
         (tb, fb): (usize, usize),
         memory: PoolMemory,
     ) -> Result<Self, CudaError> {
+        if !policy.layers.is_empty() && policy.layers.len() != layers {
+            return Err(CudaError::Shape {
+                op: "device KV cache",
+                message: format!(
+                    "the KV policy has formats for {} layers, the model has {layers}",
+                    policy.layers.len()
+                ),
+            });
+        }
+        if memory == PoolMemory::MappedHost && policy.is_per_layer() {
+            return Err(CudaError::Shape {
+                op: "device KV cache",
+                message: "offloading to host memory (--kv-offload host) streams every layer \
+                          through staging pools of one format: use a policy with one frame \
+                          format for every layer, not a calibration with several"
+                    .into(),
+            });
+        }
         let pools = (0..layers)
-            .map(|_| dev.kv_pools_in(policy.layout, tb, fb, memory))
+            .map(|li| dev.kv_pools_in(policy.layout_of(li), tb, fb, memory))
             .collect::<Result<Vec<_>, _>>()?;
         let offload = match memory {
             PoolMemory::Device => None,
@@ -333,7 +352,7 @@ impl DeviceKvCache {
     }
     /// Bytes one decode step's attention reads over all layers.
     pub fn attention_read_bytes(&self) -> u64 {
-        self.table.attention_bytes_per_layer() * self.layers.len() as u64
+        self.table.attention_bytes(self.layers.len())
     }
     pub fn layer_pools(&self, layer: usize) -> Option<&DeviceKvPools> {
         self.layers.get(layer)
@@ -645,15 +664,28 @@ impl<'a> DeviceSession<'a> {
         let positions: Vec<u32> = (first..first + n).map(|p| p as u32).collect();
         let d_pos = dev.upload(&positions)?;
         let q_order: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-        let layout = self.cache.table.policy().layout;
-        let mut plan: AttentionPlan = dev.attention_plan(
-            &layout,
-            self.cache.table.pool_blocks(),
-            hq,
-            self.cache.table.entries(),
-            &q_order,
-            Splits::Auto,
-        )?;
+        // One attention plan per distinct layer layout (one, unless the policy is calibrated
+        // with a frame format per layer); `plan_of[layer]` picks it.
+        let mut plans: Vec<AttentionPlan> = Vec::new();
+        let mut plan_of = Vec::with_capacity(self.cache.layers.len());
+        for li in 0..self.cache.layers.len() {
+            let layout = self.cache.table.policy().layout_of(li);
+            let i = match plans.iter().position(|p| *p.layout() == layout) {
+                Some(i) => i,
+                None => {
+                    plans.push(dev.attention_plan(
+                        &layout,
+                        self.cache.table.pool_blocks(),
+                        hq,
+                        self.cache.table.entries(),
+                        &q_order,
+                        Splits::Auto,
+                    )?);
+                    plans.len() - 1
+                }
+            };
+            plan_of.push(i);
+        }
         let s = &mut self.s;
         let cache = &mut self.cache;
         let n_layers = cache.layers.len();
@@ -704,10 +736,10 @@ impl<'a> DeviceSession<'a> {
                     }
                     let staging = &mut off.staging[li % 2];
                     write_placements(dev, staging, &placements, &s.k, &s.v, hkv * d)?;
-                    dev.attend(staging, &mut plan, &s.q, &mut s.att)?;
+                    dev.attend(staging, &mut plans[plan_of[li]], &s.q, &mut s.att)?;
                     attn_done = Some(ev(dev.stream().record_event(None))?);
                 }
-                None => dev.attend(&cache.layers[li], &mut plan, &s.q, &mut s.att)?,
+                None => dev.attend(&cache.layers[li], &mut plans[plan_of[li]], &s.q, &mut s.att)?,
             }
             dev.linear(&layer.o, &s.att, n, &mut s.tmp)?;
             dev.residual_add(&mut s.x, &s.tmp, n * h)?;

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use jetvlm_decoder::{GenerateOptions, Generation, Input, LoadOptions, Model};
-use jetvlm_kvcache::{KvPolicy, MixedKvCache};
+use jetvlm_kvcache::{KeyMode, KvPolicy, LayerFormat, MixedKvCache};
 
 use super::decoder::{DeviceInput, DeviceKvCache, DeviceSession};
 use super::device::CudaDevice;
@@ -34,6 +34,11 @@ pub struct DecoderCheck {
     /// the same history (teacher-forced), and the answer length.
     pub mixed_agreement: (usize, usize),
     pub mixed_policy: String,
+    /// The same with a calibrated-style policy (a frame format per layer, cycling INT4
+    /// per-channel, INT8 and INT4 per-token g32), the GPU pools of each layer in its own
+    /// layout.
+    pub per_layer_agreement: (usize, usize),
+    pub per_layer_policy: String,
     /// A camera session (FP16 KV): prefix, frames A and B, a question and 3 answer tokens
     /// dropped again, A evicted, frame C, then the prompt's question: the GPU's greedy tokens
     /// (device pools evicting and truncating) and the CPU's (the same session without the
@@ -67,8 +72,7 @@ impl DecoderCheck {
         !self.rolling.1.is_empty() && self.rolling.0 == self.rolling.1
     }
     pub fn mixed_ok(&self) -> bool {
-        let (same, n) = self.mixed_agreement;
-        n > 0 && same as f64 >= MIXED_AGREEMENT * n as f64
+        agrees(self.mixed_agreement) && agrees(self.per_layer_agreement)
     }
     pub fn line(&self) -> String {
         let off = match self.offload_mismatch() {
@@ -79,17 +83,22 @@ impl DecoderCheck {
                 self.cpu.get(i)
             ),
         };
-        let mixed = format!(
-            ", {} frames {}/{} teacher-forced{}",
-            self.mixed_policy,
-            self.mixed_agreement.0,
-            self.mixed_agreement.1,
-            if self.mixed_ok() {
-                String::new()
-            } else {
-                format!(" BELOW {:.0}%", 100.0 * MIXED_AGREEMENT)
-            }
-        );
+        let mixed: String = [
+            (&self.mixed_policy, self.mixed_agreement),
+            (&self.per_layer_policy, self.per_layer_agreement),
+        ]
+        .iter()
+        .map(|(policy, (same, n))| {
+            format!(
+                ", {policy} frames {same}/{n} teacher-forced{}",
+                if agrees((*same, *n)) {
+                    String::new()
+                } else {
+                    format!(" BELOW {:.0}%", 100.0 * MIXED_AGREEMENT)
+                }
+            )
+        })
+        .collect();
         let rolling = if self.rolling_ok() {
             format!(
                 ", camera session (evict, roll back) {} tokens equal",
@@ -130,6 +139,11 @@ impl DecoderCheck {
     }
 }
 
+/// `same` of `n` teacher-forced tokens reach [`MIXED_AGREEMENT`].
+fn agrees((same, n): (usize, usize)) -> bool {
+    n > 0 && same as f64 >= MIXED_AGREEMENT * n as f64
+}
+
 fn ids(v: &serde_json::Value) -> Option<Vec<u32>> {
     v.as_array()?
         .iter()
@@ -138,15 +152,16 @@ fn ids(v: &serde_json::Value) -> Option<Vec<u32>> {
 }
 
 impl CudaDevice {
-    /// CPU FP16-KV greedy answer after a frame-heavy prompt, then the GPU with the mixed policy
-    /// teacher-forced along it: (tokens it predicts the same, answer length), policy name.
+    /// CPU FP16-KV greedy answer after a frame-heavy prompt, then the GPU with `policy`
+    /// teacher-forced along it: (tokens it predicts the same, answer length).
     fn mixed_agreement(
         &self,
         cpu_model: &Model,
         model: &super::decoder::DeviceDecoder,
         prompt: &[u32],
         tokens: usize,
-    ) -> Result<((usize, usize), String), CudaError> {
+        policy: &KvPolicy,
+    ) -> Result<(usize, usize), CudaError> {
         let path = model.config().path.clone();
         let model_err = |message: String| CudaError::Model {
             path: path.clone(),
@@ -182,8 +197,7 @@ impl CudaDevice {
 
         let c = &model.config().model;
         // `MixedKvCache` and `DevicePolicy` fit the group to the head dim.
-        let policy = KvPolicy::mixed();
-        let dp = DevicePolicy::new(&policy, c.num_key_value_heads, c.head_dim)?;
+        let dp = DevicePolicy::new(policy, c.num_key_value_heads, c.head_dim)?;
         let cache = DeviceKvCache::new(
             self,
             dp,
@@ -224,7 +238,7 @@ impl CudaDevice {
                 }])?;
             }
         }
-        Ok(((same, answer.len()), policy.name()))
+        Ok((same, answer.len()))
     }
 
     /// The camera session of [`DecoderCheck::rolling`]: (GPU tokens, CPU tokens).
@@ -382,8 +396,15 @@ impl CudaDevice {
             let c = &model.config().model;
             let policy = DevicePolicy::new(&KvPolicy::fp16(), c.num_key_value_heads, c.head_dim)?;
             let new_session = |memory| -> Result<DeviceSession<'_>, CudaError> {
-                let cache =
-                    DeviceKvCache::new(self, policy, c.num_hidden_layers, cap, 0, 2, memory)?;
+                let cache = DeviceKvCache::new(
+                    self,
+                    policy.clone(),
+                    c.num_hidden_layers,
+                    cap,
+                    0,
+                    2,
+                    memory,
+                )?;
                 DeviceSession::new(self, &model, cache)
             };
             let gpu_logits = new_session(PoolMemory::Device)?.forward(&[DeviceInput::Ids {
@@ -396,8 +417,12 @@ impl CudaDevice {
             } else {
                 gpu.clone()
             };
-            let (mixed_agreement, mixed_policy) =
-                self.mixed_agreement(&cpu_model, &model, &prompt, tokens)?;
+            let mixed = KvPolicy::mixed();
+            let mixed_agreement =
+                self.mixed_agreement(&cpu_model, &model, &prompt, tokens, &mixed)?;
+            let per_layer = per_layer_policy(model.config().model.num_hidden_layers);
+            let per_layer_agreement =
+                self.mixed_agreement(&cpu_model, &model, &prompt, tokens, &per_layer)?;
             let rolling = self.rolling_session(&cpu_model, &model, &prompt, tokens)?;
             out.push(DecoderCheck {
                 name: name.to_string(),
@@ -408,11 +433,36 @@ impl CudaDevice {
                 logits_error: normalized_error(&gpu_logits, cpu_logits.last()),
                 transformers,
                 mixed_agreement,
-                mixed_policy,
+                mixed_policy: mixed.name(),
+                per_layer_agreement,
+                per_layer_policy: per_layer.name(),
                 rolling,
             });
         }
         Ok(out)
+    }
+}
+
+/// A calibrated-style policy for `layers` layers: frame formats cycling INT4 per-channel
+/// g64, INT8 per-token g64 and INT4 per-token g32.
+fn per_layer_policy(layers: usize) -> KvPolicy {
+    let cycle = [
+        (4, KeyMode::PerChannel, 64),
+        (8, KeyMode::PerToken, 64),
+        (4, KeyMode::PerToken, 32),
+    ];
+    KvPolicy {
+        layers: (0..layers)
+            .map(|l| {
+                let (bits, key_mode, group) = cycle[l % cycle.len()];
+                LayerFormat {
+                    bits,
+                    key_mode,
+                    group,
+                }
+            })
+            .collect(),
+        ..KvPolicy::mixed()
     }
 }
 
@@ -431,6 +481,8 @@ mod tests {
             transformers: Some(vec![1, 2, 3, 5]),
             mixed_agreement: mixed,
             mixed_policy: "mixed".into(),
+            per_layer_agreement: (31, 32),
+            per_layer_policy: "mixed:layers=4c64/8t64".into(),
             rolling: (vec![5, 6], vec![5, 6]),
         }
     }
@@ -457,6 +509,18 @@ mod tests {
         let mixed = check(vec![1, 2, 3, 4], vec![1, 2, 3, 4], 1e-6, (28, 32));
         assert!(!mixed.passed() && mixed.line().contains("BELOW 90%"));
         assert!(!check(vec![1, 2, 3, 4], vec![1, 2, 3, 4], 1e-6, (0, 0)).passed());
+        let mut per_layer = check(vec![1, 2, 3, 4], vec![1, 2, 3, 4], 1e-6, (30, 32));
+        assert!(
+            per_layer
+                .line()
+                .contains("mixed:layers=4c64/8t64 frames 31/32")
+        );
+        per_layer.per_layer_agreement = (20, 32);
+        assert!(!per_layer.passed() && per_layer.line().contains("BELOW 90%"));
+        assert_eq!(
+            per_layer_policy(4).name(),
+            "mixed:layers=4c64/8t64/4t32/4c64"
+        );
         let mut rolling = check(vec![1, 2, 3, 4], vec![1, 2, 3, 4], 1e-6, (30, 32));
         assert!(
             rolling

@@ -116,6 +116,10 @@ pub struct AttentionPlan {
 }
 
 impl AttentionPlan {
+    /// The pool layout the plan attends.
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
     /// Context splits per (query, head).
     pub fn splits(&self) -> usize {
         self.n_splits

@@ -175,7 +175,7 @@ pub fn run(args: &DecodeArgs) -> Result<()> {
             let mut session = new_session(
                 &dev,
                 &model,
-                dp,
+                dp.clone(),
                 frame_total,
                 text_total + args.steps + 8,
                 args.frame_tokens,

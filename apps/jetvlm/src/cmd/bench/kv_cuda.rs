@@ -83,7 +83,7 @@ fn run_policy(
     let name = policy.name();
     let dp = DevicePolicy::new(policy, args.kv_heads, args.head_dim)
         .with_context(|| format!("policy {name}"))?;
-    let first = build_cache(dev, args, dp, 1, PoolMemory::Device)?;
+    let first = build_cache(dev, args, dp.clone(), 1, PoolMemory::Device)?;
     let per_cache = first.attention_read_bytes();
     let replicas = min_ws.div_ceil(per_cache.max(1)).max(1) as usize;
     let mut caches = vec![first];
@@ -91,7 +91,7 @@ fn run_policy(
         caches.push(build_cache(
             dev,
             args,
-            dp,
+            dp.clone(),
             1 + r as u64,
             PoolMemory::Device,
         )?);
