@@ -230,8 +230,8 @@ impl Cells {
 
     /// FP16 slots a frame span of `n` tokens appended now could give its most salient tokens:
     /// the policy's budget over everything cached plus the span, less the FP16 tokens held
-    /// and the span's sink tokens. Zero when the policy keeps frames FP16 anyway or does not
-    /// pick salient tokens.
+    /// and the span's sink tokens, rounded down so that they fill whole FP16 blocks. Zero
+    /// when the policy keeps frames FP16 anyway or does not pick salient tokens.
     pub fn salient_room(&self, policy: &KvPolicy, n: usize) -> usize {
         if !policy.quantizes_frames() || !policy.salient_frame_tokens {
             return 0;
@@ -240,8 +240,17 @@ impl Cells {
         let sinks = policy
             .sink_tokens
             .saturating_sub(self.next_seq as usize)
-            .min(n);
-        extra.saturating_sub(sinks)
+            .min(n)
+            .min(extra);
+        self.salient_count(sinks, extra - sinks)
+    }
+
+    /// Salient tokens a frame with `sinks` FP16 sink tokens keeps FP16 when the budget has
+    /// `room` more: as many as fill whole FP16 blocks together with the sinks (a frame's
+    /// blocks are its own, so a partly filled FP16 block would hold memory it does not use).
+    fn salient_count(&self, sinks: usize, room: usize) -> usize {
+        let b = self.block_tokens[PoolKind::Fp16 as usize];
+        ((sinks + room) / b * b).saturating_sub(sinks)
     }
 
     /// FP16 tokens the budget allows beyond those held, for `n` more tokens.
@@ -426,17 +435,19 @@ impl Cells {
             TokenKind::Frame if !policy.quantizes_frames() => pools.fill(PoolKind::Fp16),
             TokenKind::Frame => {
                 let mut extra = self.fp16_room(policy, n);
+                let mut sinks = 0;
                 for (i, p) in pools.iter_mut().enumerate() {
                     if extra > 0 && ((self.next_seq as usize + i) < policy.sink_tokens) {
                         *p = PoolKind::Fp16;
                         extra -= 1;
+                        sinks += 1;
                     }
                 }
                 if let (Some(scores), true) = (salience, policy.salient_frame_tokens) {
                     let mut idx: Vec<usize> =
                         (0..n).filter(|&i| pools[i] == PoolKind::Quant).collect();
                     idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-                    for &i in idx.iter().take(extra) {
+                    for &i in idx.iter().take(self.salient_count(sinks, extra)) {
                         pools[i] = PoolKind::Fp16;
                     }
                 }

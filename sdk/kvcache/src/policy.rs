@@ -99,9 +99,8 @@ pub struct KvPolicy {
     /// presets). The decoder measures how much attention each frame token receives during
     /// the frame's prefill and keeps the frame's exact keys and values until its last layer,
     /// then the cache re-stores the frame with the most attended tokens FP16. A frame's
-    /// salient tokens take FP16 blocks of their own (a frame's blocks are evicted together),
-    /// so with small frames the partly filled blocks can cost more than they save (see the
-    /// README's measurements).
+    /// blocks are its own (evicted together), so salient tokens fill whole FP16 blocks only
+    /// (see the README's measurements).
     pub salient_frame_tokens: bool,
     /// Quantize text too (the `int4-all` baseline).
     pub quantize_text: bool,

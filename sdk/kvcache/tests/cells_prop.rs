@@ -147,8 +147,9 @@ proptest! {
 
 #[test]
 fn fp16_budget_takes_sinks_then_salient_frame_tokens() {
-    let policy: KvPolicy = "mixed:salient=on".parse().unwrap(); // budget 0.10, 4 sinks
-    let mut cells = Cells::new(32, 64, 10_000);
+    // Budget 0.10, 4 sinks; salient tokens fill whole 8-token FP16 blocks.
+    let policy: KvPolicy = "mixed:salient=on".parse().unwrap();
+    let mut cells = Cells::new(8, 64, 10_000);
     // A frame first: its first 4 tokens are the sequence's sinks.
     let pos: Vec<u32> = (0..64).collect();
     let span = cells
