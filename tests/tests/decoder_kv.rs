@@ -117,6 +117,36 @@ fn min_margin(rows: &[Vec<f32>], answer: &[u32]) -> f32 {
         .fold(f32::INFINITY, f32::min)
 }
 
+/// The fixture's recorded scene case: prefix text, frames (embedding rows), suffix text.
+struct Scene {
+    model: Model,
+    prefix: Vec<u32>,
+    suffix: Vec<u32>,
+    frames: Vec<Vec<f32>>,
+    h: usize,
+}
+
+impl Scene {
+    fn load(name: &str) -> Self {
+        let exp = &expected(name)["frames"];
+        let model = load(name);
+        let frames = scene_frames(&model, exp);
+        Scene {
+            h: model.hidden_size(),
+            prefix: ids(&exp["prefix_ids"]),
+            suffix: ids(&exp["suffix_ids"]),
+            frames,
+            model,
+        }
+    }
+    fn inputs(&self) -> Vec<Input<'_>> {
+        scene_inputs(&self.prefix, &self.frames, &self.suffix, self.h)
+    }
+    fn frame_tokens(&self) -> usize {
+        self.frames.iter().map(|f| f.len() / self.h).sum()
+    }
+}
+
 /// The recorded scene's frames as embedding rows (`exp` is the fixture's `frames` case).
 fn scene_frames(model: &Model, exp: &serde_json::Value) -> Vec<Vec<f32>> {
     exp["frame_ids"]
@@ -173,22 +203,20 @@ fn mixed_policy_matches_fp16_on_95_percent_of_greedy_tokens() {
     const PRESETS: [&str; 4] = ["int8-frames", "mixed", "int4-all", "int2-frames"];
     for name in ["llama", "qwen2"] {
         let exp = &expected(name)["frames"];
-        let model = load(name);
-        let (prefix, suffix) = (ids(&exp["prefix_ids"]), ids(&exp["suffix_ids"]));
-        let frames = scene_frames(&model, exp);
-        let h = model.hidden_size();
-        let inputs = scene_inputs(&prefix, &frames, &suffix, h);
-        let frame_tokens: usize = frames.iter().map(|f| f.len() / h).sum();
+        let scene = Scene::load(name);
+        let (model, prefix, suffix, h) = (&scene.model, &scene.prefix, &scene.suffix, scene.h);
+        let inputs = scene.inputs();
+        let frame_tokens = scene.frame_tokens();
         let prompt_tokens = prefix.len() + frame_tokens + suffix.len();
         let cap = prompt_tokens + N + 8;
 
         // The exact f32 cache answers as transformers did: the frame path is the model's.
         let mut exact = F32KvCache::new(model.cache_shape(), cap);
-        let (exact_answer, exact_rows) = greedy_with_logits(&model, &mut exact, &inputs, N);
+        let (exact_answer, exact_rows) = greedy_with_logits(model, &mut exact, &inputs, N);
         assert_eq!(exact_answer, ids(&exp["greedy_ids"]), "{name}");
 
         let mut fp16 = MixedKvCache::new(model.cache_shape(), KvPolicy::fp16(), cap).unwrap();
-        let (answer, fp16_rows) = greedy_with_logits(&model, &mut fp16, &inputs, N);
+        let (answer, fp16_rows) = greedy_with_logits(model, &mut fp16, &inputs, N);
         let fp16_err = exact_rows
             .iter()
             .zip(&fp16_rows)
@@ -230,9 +258,9 @@ fn mixed_policy_matches_fp16_on_95_percent_of_greedy_tokens() {
                 model.embed(&f).unwrap()
             })
             .collect();
-        let other = scene_inputs(&prefix, &other_frames, &suffix, h);
+        let other = scene_inputs(prefix, &other_frames, suffix, h);
         let mut c = MixedKvCache::new(model.cache_shape(), KvPolicy::fp16(), cap).unwrap();
-        let (control, _) = greedy_with_logits(&model, &mut c, &other, N);
+        let (control, _) = greedy_with_logits(model, &mut c, &other, N);
         let control_same = control.iter().zip(&answer).filter(|(a, b)| a == b).count();
         println!(
             "{name}: control (frames of a red car, FP16): {control_same}/{N} tokens as the answer \
@@ -246,13 +274,13 @@ fn mixed_policy_matches_fp16_on_95_percent_of_greedy_tokens() {
 
         let mut runs = Vec::new();
         for preset in PRESETS {
-            let policy = policy_for(&model, preset);
+            let policy = policy_for(model, preset);
             let mut c = MixedKvCache::new(model.cache_shape(), policy.clone(), cap).unwrap();
             let opts = GenerateOptions {
                 max_tokens: N,
                 ..Default::default()
             };
-            let free: Vec<u32> = Generation::start(&model, &mut c, &inputs, &[], None, opts)
+            let free: Vec<u32> = Generation::start(model, &mut c, &inputs, &[], None, opts)
                 .unwrap()
                 .map(|s| s.unwrap().token)
                 .collect();
@@ -260,7 +288,7 @@ fn mixed_policy_matches_fp16_on_95_percent_of_greedy_tokens() {
             assert_eq!(mem.frame_tokens, frame_tokens, "{name} {preset}: {mem:?}");
             assert!(mem.quant_bytes > 0, "{name} {preset}: nothing quantized");
             let mut c = MixedKvCache::new(model.cache_shape(), policy.clone(), cap).unwrap();
-            let rows = forced_logits(&model, &mut c, &inputs, &answer);
+            let rows = forced_logits(model, &mut c, &inputs, &answer);
             let errs: Vec<f32> = rows
                 .iter()
                 .zip(&fp16_rows)
@@ -418,16 +446,13 @@ impl KvStore for LeastSalient {
 fn salient_frame_tokens_fill_the_fp16_budget() {
     const N: usize = 32;
     for name in ["llama", "qwen2"] {
-        let exp = &expected(name)["frames"];
-        let model = load(name);
-        let (prefix, suffix) = (ids(&exp["prefix_ids"]), ids(&exp["suffix_ids"]));
-        let frames = scene_frames(&model, exp);
-        let h = model.hidden_size();
-        let inputs = scene_inputs(&prefix, &frames, &suffix, h);
-        let frame_tokens: usize = frames.iter().map(|f| f.len() / h).sum();
+        let scene = Scene::load(name);
+        let (model, prefix, suffix) = (&scene.model, &scene.prefix, &scene.suffix);
+        let inputs = scene.inputs();
+        let frame_tokens = scene.frame_tokens();
         let cap = prefix.len() + frame_tokens + suffix.len() + N + 8;
         let mut fp16 = MixedKvCache::new(model.cache_shape(), KvPolicy::fp16(), cap).unwrap();
-        let (answer, fp16_rows) = greedy_with_logits(&model, &mut fp16, &inputs, N);
+        let (answer, fp16_rows) = greedy_with_logits(model, &mut fp16, &inputs, N);
         let err = |rows: &[Vec<f32>]| -> f32 {
             rows.iter()
                 .zip(&fp16_rows)
@@ -436,15 +461,15 @@ fn salient_frame_tokens_fill_the_fp16_budget() {
                 / rows.len() as f32
         };
         for base in ["mixed:bits=2,budget=0.3", "mixed:budget=0.3"] {
-            let on = policy_for(&model, &format!("{base},salient=on"));
-            let off = policy_for(&model, base);
+            let on = policy_for(model, &format!("{base},salient=on"));
+            let off = policy_for(model, base);
             let mut c_on = MixedKvCache::new(model.cache_shape(), on.clone(), cap).unwrap();
-            let rows_on = forced_logits(&model, &mut c_on, &inputs, &answer);
+            let rows_on = forced_logits(model, &mut c_on, &inputs, &answer);
             let mut c_off = MixedKvCache::new(model.cache_shape(), off, cap).unwrap();
-            let rows_off = forced_logits(&model, &mut c_off, &inputs, &answer);
+            let rows_off = forced_logits(model, &mut c_off, &inputs, &answer);
             let mut c_least =
                 LeastSalient(MixedKvCache::new(model.cache_shape(), on, cap).unwrap());
-            let rows_least = forced_logits(&model, &mut c_least, &inputs, &answer);
+            let rows_least = forced_logits(model, &mut c_least, &inputs, &answer);
             let fp16_frame = |c: &MixedKvCache| {
                 let m = c.cells().counts();
                 m.fp16_tokens - m.text_tokens
