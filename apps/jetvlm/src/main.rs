@@ -64,26 +64,9 @@ fn main() {
     let cli = Cli::parse();
     logging::init(&cli.log, cli.log_format);
     if let Err(err) = run(cli.command) {
-        eprintln!("error: {}", one_line(&err));
+        eprintln!("error: {}", jetvlm_core::error_line(err.as_ref()));
         std::process::exit(1);
     }
-}
-
-/// The error and its causes on one line, leaving out a cause whose text the line already
-/// holds (library errors often embed their source's message).
-fn one_line(err: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
 }
 
 fn run(command: Command) -> Result<()> {

@@ -16,3 +16,62 @@ mod types;
 
 pub use config::ConfigError;
 pub use types::{DType, Device, FrameId, TokenKind};
+
+/// An error and its causes as one line for a terminal: causes joined with `: `, a cause whose
+/// text the line already holds left out (errors often embed their source's message), and
+/// line breaks inside a message (lists of problems) folded into `; `.
+pub fn error_line(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = String::new();
+    for cause in std::iter::successors(Some(err), |e| e.source()) {
+        let message = cause.to_string();
+        let text = message
+            .lines()
+            .map(|l| l.trim().trim_start_matches("- ").trim_end_matches(':'))
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug)]
+    struct E(&'static str, Option<Box<E>>);
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for E {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn errors_fold_into_one_line_without_repeats() {
+        let inner = E("No such file", None);
+        let mid = E("cannot read a.yaml: No such file", Some(Box::new(inner)));
+        let top = E("loading pkg", Some(Box::new(mid)));
+        assert_eq!(
+            super::error_line(&top),
+            "loading pkg: cannot read a.yaml: No such file"
+        );
+        let list = E(
+            "pkg/jetvlm.yaml: 2 problem(s):\n  - no weights\n  - bad prompt\n",
+            None,
+        );
+        assert_eq!(
+            super::error_line(&list),
+            "pkg/jetvlm.yaml: 2 problem(s); no weights; bad prompt"
+        );
+    }
+}

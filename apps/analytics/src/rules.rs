@@ -1,0 +1,321 @@
+//! The rules file and what a rule does with each answer.
+//!
+//! ```yaml
+//! model: ../../../models/demo        # relative to this file
+//! source: synthetic://scene?seed=3&pace=0
+//! window: 4                          # frames kept in the KV cache
+//! every: 1                           # ask the rules after every Nth frame
+//! frames: 24                         # stop after this many frames (0: until the source ends)
+//! max_tokens: 8
+//! kv: mixed                          # optional KV policy; default: the package's
+//! config: runtime.yaml               # optional runtime config, relative to this file
+//! rules:
+//!   - name: circle-colour
+//!     question: what colour is the circle?
+//!     when: changes                  # an event whenever the answer changes
+//!   - name: red-square-left
+//!     question: where is the red square?
+//!     when: { equals: left }         # alert when the answer is `left`, clear when not
+//!   - name: crowd
+//!     question: how many objects are there?
+//!     when: { at_least: 3 }          # numeric answers: at_least / at_most
+//! ```
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A rules file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesFile {
+    /// Model package directory, relative to the rules file.
+    pub model: Option<PathBuf>,
+    /// Frame source URI (see `jetvlm watch --help`).
+    pub source: String,
+    #[serde(default = "default_window")]
+    pub window: usize,
+    #[serde(default = "default_every")]
+    pub every: u64,
+    /// Frames to process; 0: until the source ends.
+    #[serde(default)]
+    pub frames: u64,
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+    /// KV cache policy (`fp16`, `mixed`, ...); default: the package's.
+    pub kv: Option<String>,
+    /// Runtime config YAML, relative to the rules file.
+    pub config: Option<PathBuf>,
+    pub rules: Vec<Rule>,
+}
+
+fn default_window() -> usize {
+    4
+}
+fn default_every() -> u64 {
+    1
+}
+fn default_max_tokens() -> usize {
+    8
+}
+
+/// A standing question and when its answers make an event.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    pub question: String,
+    pub when: Condition,
+}
+
+/// When a rule's answers make events.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Condition {
+    /// Every change of the answer (the first answer is reported as `initial`).
+    Changes,
+    /// The answer equals the text (case and surrounding spaces ignored).
+    Equals(String),
+    /// The answer differs from the text.
+    NotEquals(String),
+    /// The answer contains the text (case ignored).
+    Contains(String),
+    /// The answer is a number at least this large.
+    AtLeast(f64),
+    /// The answer is a number at most this large.
+    AtMost(f64),
+}
+
+impl Condition {
+    /// Whether `answer` meets a predicate condition (`None` for [`Condition::Changes`]).
+    pub fn holds(&self, answer: &str) -> Option<bool> {
+        let a = answer.trim().to_lowercase();
+        let number = || a.parse::<f64>().ok();
+        Some(match self {
+            Condition::Changes => return None,
+            Condition::Equals(t) => a == t.trim().to_lowercase(),
+            Condition::NotEquals(t) => a != t.trim().to_lowercase(),
+            Condition::Contains(t) => a.contains(&t.trim().to_lowercase()),
+            Condition::AtLeast(x) => number().is_some_and(|n| n >= *x),
+            Condition::AtMost(x) => number().is_some_and(|n| n <= *x),
+        })
+    }
+}
+
+impl RulesFile {
+    /// Reads and checks a rules file; paths in it become relative to its directory.
+    pub fn load(path: &Path) -> Result<Self> {
+        let mut f: RulesFile = jetvlm_core::config::load_yaml(path)?;
+        let bad = |msg: String| anyhow::anyhow!("{}: {msg}", path.display());
+        if f.rules.is_empty() {
+            return Err(bad("`rules` is empty: give at least one rule".into()));
+        }
+        if f.window == 0 {
+            return Err(bad("`window` must be at least 1".into()));
+        }
+        if f.every == 0 {
+            return Err(bad("`every` must be at least 1".into()));
+        }
+        if f.max_tokens == 0 {
+            return Err(bad("`max_tokens` must be at least 1".into()));
+        }
+        for (i, r) in f.rules.iter().enumerate() {
+            if r.name.trim().is_empty() || r.question.trim().is_empty() {
+                return Err(bad(format!(
+                    "rules[{i}]: `name` and `question` must not be empty"
+                )));
+            }
+            if f.rules[..i].iter().any(|o| o.name == r.name) {
+                return Err(bad(format!(
+                    "rules[{i}]: the name `{}` is used twice",
+                    r.name
+                )));
+            }
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut f.model, &mut f.config].into_iter().flatten() {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+        Ok(f)
+    }
+
+    /// The model package: `--model`, else the file's `model`, else `$JETVLM_MODEL`.
+    pub fn model_dir(&self, flag: Option<&Path>) -> Result<PathBuf> {
+        if let Some(p) = flag {
+            return Ok(p.to_path_buf());
+        }
+        if let Some(p) = &self.model {
+            return Ok(p.clone());
+        }
+        match std::env::var_os("JETVLM_MODEL") {
+            Some(p) => Ok(PathBuf::from(p)),
+            None => {
+                bail!("no model: set `model:` in the rules file, pass --model or set JETVLM_MODEL")
+            }
+        }
+    }
+
+    /// The runtime config: the file's `config` (if any) with its `kv`, `window` and
+    /// `max_tokens` applied.
+    pub fn runtime_config(&self) -> Result<jetvlm_runtime::RuntimeConfig> {
+        let mut cfg = match &self.config {
+            Some(p) => jetvlm_runtime::RuntimeConfig::from_yaml(p)
+                .with_context(|| format!("runtime config {}", p.display()))?,
+            None => jetvlm_runtime::RuntimeConfig::default(),
+        };
+        if self.kv.is_some() {
+            cfg.kv_policy = self.kv.clone();
+            cfg.kv_calibration = None;
+        }
+        cfg.window_frames = self.window;
+        cfg.max_new_tokens = self.max_tokens;
+        Ok(cfg)
+    }
+}
+
+/// What a rule reports about one answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// `changes`: the first answer.
+    Initial,
+    /// `changes`: the answer differs from the previous one.
+    Change,
+    /// A predicate became true (or is true on the first answer).
+    Alert,
+    /// A predicate became false.
+    Clear,
+}
+
+/// A rule's state over the stream of its answers.
+#[derive(Clone, Debug)]
+pub struct Monitor {
+    pub condition: Condition,
+    last: Option<String>,
+    active: bool,
+}
+
+impl Monitor {
+    pub fn new(condition: Condition) -> Self {
+        Monitor {
+            condition,
+            last: None,
+            active: false,
+        }
+    }
+
+    /// The previous answer, if any.
+    pub fn last(&self) -> Option<&str> {
+        self.last.as_deref()
+    }
+
+    /// Takes the next answer; returns the event it makes, if any.
+    pub fn observe(&mut self, answer: &str) -> Option<EventKind> {
+        let answer = answer.trim().to_string();
+        let event = match self.condition.holds(&answer) {
+            None => match &self.last {
+                None => Some(EventKind::Initial),
+                Some(prev) if *prev != answer => Some(EventKind::Change),
+                Some(_) => None,
+            },
+            Some(now) => {
+                let was = std::mem::replace(&mut self.active, now);
+                match (was, now) {
+                    (false, true) => Some(EventKind::Alert),
+                    (true, false) => Some(EventKind::Clear),
+                    _ => None,
+                }
+            }
+        };
+        self.last = Some(answer);
+        event
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_reports_the_first_answer_and_every_change() {
+        let mut m = Monitor::new(Condition::Changes);
+        let got: Vec<_> = ["red", "red", " blue", "blue", "red"]
+            .iter()
+            .map(|a| m.observe(a))
+            .collect();
+        use EventKind::*;
+        assert_eq!(
+            got,
+            vec![Some(Initial), None, Some(Change), None, Some(Change)]
+        );
+        assert_eq!(m.last(), Some("red"));
+    }
+
+    #[test]
+    fn predicates_alert_on_rising_and_clear_on_falling() {
+        use EventKind::*;
+        let mut m = Monitor::new(Condition::Equals("Left".into()));
+        let got: Vec<_> = ["left", "left", "right", "LEFT "]
+            .iter()
+            .map(|a| m.observe(a))
+            .collect();
+        assert_eq!(got, vec![Some(Alert), None, Some(Clear), Some(Alert)]);
+        let mut m = Monitor::new(Condition::AtLeast(3.0));
+        let got: Vec<_> = ["2", "3", "4", "many", "1"]
+            .iter()
+            .map(|a| m.observe(a))
+            .collect();
+        // A non-numeric answer does not meet a numeric condition.
+        assert_eq!(got, vec![None, Some(Alert), None, Some(Clear), None]);
+        assert_eq!(Condition::AtMost(1.0).holds("1"), Some(true));
+        assert_eq!(
+            Condition::Contains("RED".into()).holds("a red car"),
+            Some(true)
+        );
+        assert_eq!(Condition::NotEquals("0".into()).holds(" 0"), Some(false));
+        assert_eq!(Condition::Changes.holds("x"), None);
+    }
+
+    #[test]
+    fn rules_files_parse_and_bad_ones_name_the_file_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rules.yaml");
+        std::fs::write(
+            &path,
+            "model: pkg\nsource: synthetic://scene\nrules:\n  - name: a\n    question: q?\n    when: changes\n  - name: b\n    question: n?\n    when: { at_least: 2 }\n",
+        )
+        .unwrap();
+        let f = RulesFile::load(&path).unwrap();
+        assert_eq!(f.model.as_deref(), Some(dir.path().join("pkg").as_path()));
+        assert_eq!((f.window, f.every, f.frames, f.max_tokens), (4, 1, 0, 8));
+        assert_eq!(f.rules[1].when, Condition::AtLeast(2.0));
+        for (text, want) in [
+            ("source: s\nrules: []\n", "`rules` is empty"),
+            (
+                "source: s\nwindow: 0\nrules: [{name: a, question: q, when: changes}]\n",
+                "`window`",
+            ),
+            (
+                "source: s\nrules: [{name: a, question: q, when: changes}, {name: a, question: r, when: changes}]\n",
+                "used twice",
+            ),
+            (
+                "source: s\nrules: [{name: a, question: q, when: sometimes}]\n",
+                "rules[0].when",
+            ),
+            (
+                "source: s\nrules: [{name: a, question: q, when: changes}]\nextra: 1\n",
+                "extra",
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = format!("{:#}", RulesFile::load(&path).unwrap_err());
+            assert!(
+                e.contains("rules.yaml") && e.contains(want),
+                "{text:?}: {e}"
+            );
+        }
+    }
+}
