@@ -75,17 +75,8 @@ struct Tally {
 
 fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-    if let Err(e) = run(&cli) {
-        eprintln!("error: {}", jetvlm_core::error_line(e.as_ref()));
-        std::process::exit(1);
-    }
+    jetvlm_app::init_logging(&cli.log, false);
+    jetvlm_app::exit_on_error(run(&cli));
 }
 
 fn run(cli: &Cli) -> Result<()> {

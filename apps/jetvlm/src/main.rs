@@ -7,7 +7,6 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod cmd;
-mod logging;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -27,7 +26,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -62,11 +61,8 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    logging::init(&cli.log, cli.log_format);
-    if let Err(err) = run(cli.command) {
-        eprintln!("error: {}", jetvlm_core::error_line(err.as_ref()));
-        std::process::exit(1);
-    }
+    jetvlm_app::init_logging(&cli.log, cli.log_format == LogFormat::Json);
+    jetvlm_app::exit_on_error(run(cli.command));
 }
 
 fn run(command: Command) -> Result<()> {

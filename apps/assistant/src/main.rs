@@ -1,0 +1,226 @@
+//! `jetvlm-assistant [SOURCE] --model DIR`: an on-device assistant for a robot or an operator.
+//!
+//! Questions arrive one per line on stdin (from a planner, a speech front end or a person).
+//! For each question the assistant first takes `--fresh` new frames from the camera into a
+//! [`jetvlm_runtime::StreamSession`] (the last `--window` frames stay in the
+//! mixed-precision KV cache, the oldest evicted), then answers about the frames in the window.
+//! Questions about motion ("did the red circle move?") see every frame in the window.
+//!
+//! Lines starting with `:` are commands: `:frames` lists the cached frames, `:quit` stops.
+//! Answers go to stdout as text or, with `--json`, one JSON object per line. A question that
+//! fails (too long for the model, say) is reported and the assistant goes on; a camera that
+//! fails ends it with one error line and a non-zero exit.
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use jetvlm_runtime::{Pipeline, RuntimeConfig, SessionCapture, StreamSession};
+use serde::Serialize;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "jetvlm-assistant", version, about)]
+struct Cli {
+    /// Frame source URI: v4l2:///dev/video0 (feature `v4l`), synthetic://scene?seed=7,
+    /// dir://frames/, file://img.png.
+    #[arg(default_value = "synthetic://scene")]
+    source: String,
+    /// Model package directory (default: $JETVLM_MODEL).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Frames kept in the KV cache; older ones are evicted.
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+    /// New frames taken from the camera before each question.
+    #[arg(long, default_value_t = 1)]
+    fresh: usize,
+    /// KV cache policy (fp16, mixed, ...); default: the package's.
+    #[arg(long)]
+    kv: Option<String>,
+    /// Runtime config YAML (device, KV policy, sampling); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Maximum tokens per answer.
+    #[arg(long, default_value_t = 16)]
+    max_tokens: usize,
+    /// Capture timeout per frame, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+    /// One JSON object per answer instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Log filter in RUST_LOG syntax; RUST_LOG wins when set.
+    #[arg(long, default_value = "warn")]
+    log: String,
+}
+
+/// One answer.
+#[derive(Serialize)]
+struct Reply<'a> {
+    question: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    answer: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    /// Index of the newest frame in the window.
+    frame: Option<u64>,
+    frames_cached: usize,
+    /// The renderer's answer for the newest frame (synthetic sources, questions its
+    /// dataset asks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    truth: Option<String>,
+    ttft_ms: f64,
+    tpot_ms: f64,
+    tokens: usize,
+    kv_bytes: u64,
+    kv_fp16_equivalent_bytes: u64,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    jetvlm_app::init_logging(&cli.log, false);
+    jetvlm_app::exit_on_error(run(&cli));
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    anyhow::ensure!(cli.window > 0, "--window must be at least 1");
+    let model = match (&cli.model, std::env::var_os("JETVLM_MODEL")) {
+        (Some(m), _) => m.clone(),
+        (None, Some(m)) => PathBuf::from(m),
+        (None, None) => anyhow::bail!("no model: pass --model DIR or set JETVLM_MODEL"),
+    };
+    let mut cfg = match &cli.config {
+        Some(p) => RuntimeConfig::from_yaml(p)?,
+        None => RuntimeConfig::default(),
+    };
+    if cli.kv.is_some() {
+        cfg.kv_policy = cli.kv.clone();
+        cfg.kv_calibration = None;
+    }
+    cfg.window_frames = cli.window;
+    cfg.max_new_tokens = cli.max_tokens;
+    let mut pipeline = Pipeline::load(&model, cfg)
+        .with_context(|| format!("loading model package {}", model.display()))?;
+    let mut source = jetvlm_camera::open(&cli.source)
+        .with_context(|| format!("opening frame source {}", cli.source))?;
+    eprintln!(
+        "jetvlm-assistant: {} on {} (KV {}, decoder on {}), window {} frames; one question per line, :frames, :quit",
+        model.display(),
+        cli.source,
+        pipeline.kv_policy(),
+        pipeline.decoder_device(),
+        cli.window
+    );
+    let timeout = Duration::from_millis(cli.timeout_ms);
+    let mut session = pipeline.session()?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut ended = false;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.context("reading questions from stdin")?;
+        let question = line.trim();
+        match question {
+            "" => continue,
+            ":quit" => break,
+            ":frames" => {
+                let frames: Vec<u64> = session.frames().iter().map(|f| f.index).collect();
+                if cli.json {
+                    writeln!(out, "{}", serde_json::json!({ "frames": frames }))?;
+                } else {
+                    writeln!(out, "frames in the window: {frames:?}")?;
+                }
+                out.flush()?;
+                continue;
+            }
+            _ => {}
+        }
+        if !ended {
+            ended = take_frames(
+                &mut session,
+                source.as_mut(),
+                cli.fresh,
+                timeout,
+                &cli.source,
+            )?;
+        }
+        let frames = session.frames();
+        anyhow::ensure!(
+            !frames.is_empty(),
+            "{}: the source gave no frames",
+            cli.source
+        );
+        let newest = frames.iter().map(|f| f.index).max();
+        let truth = source
+            .ground_truth()
+            .and_then(|t| jetvlm_camera::qa::single_frame_answer(question, t));
+        let result = session.ask(question).and_then(|s| s.finish());
+        let mut reply = Reply {
+            question,
+            answer: None,
+            error: None,
+            frame: newest,
+            frames_cached: frames.len(),
+            truth,
+            ttft_ms: 0.0,
+            tpot_ms: 0.0,
+            tokens: 0,
+            kv_bytes: 0,
+            kv_fp16_equivalent_bytes: 0,
+        };
+        let text;
+        match &result {
+            Ok(a) => {
+                text = a.text.trim().to_string();
+                reply.answer = Some(&text);
+                reply.ttft_ms = a.stats.ttft_ms;
+                reply.tpot_ms = a.stats.tpot_ms;
+                reply.tokens = a.stats.tokens;
+                reply.kv_bytes = a.stats.kv.total_bytes;
+                reply.kv_fp16_equivalent_bytes = a.stats.kv.fp16_equivalent_bytes;
+            }
+            Err(e) => reply.error = Some(jetvlm_core::error_line(e)),
+        }
+        if cli.json {
+            writeln!(out, "{}", serde_json::to_string(&reply)?)?;
+        } else {
+            match (&reply.answer, &reply.error) {
+                (Some(a), _) => writeln!(
+                    out,
+                    "{a}    [frame {}, {} cached, TTFT {:.1} ms]",
+                    newest.unwrap_or(0),
+                    reply.frames_cached,
+                    reply.ttft_ms
+                )?,
+                (None, Some(e)) => writeln!(out, "(no answer: {e})")?,
+                (None, None) => {}
+            }
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// Takes `n` new frames into the session; returns true when the source has ended (the
+/// window keeps what it has).
+fn take_frames(
+    session: &mut StreamSession<'_>,
+    source: &mut dyn jetvlm_camera::FrameSource,
+    n: usize,
+    timeout: Duration,
+    uri: &str,
+) -> Result<bool> {
+    let (mut taken, mut timeouts) = (0, 0);
+    while taken < n {
+        match session.capture_from(source, timeout)? {
+            SessionCapture::Frame(_) => taken += 1,
+            SessionCapture::EndOfStream => return Ok(true),
+            SessionCapture::Timeout => {
+                timeouts += 1;
+                tracing::warn!(source = %uri, "capture timed out");
+                anyhow::ensure!(timeouts < 3, "{uri}: no frame in 3 timeouts");
+            }
+        }
+    }
+    Ok(false)
+}
