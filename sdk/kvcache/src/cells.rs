@@ -53,7 +53,8 @@ pub struct Span {
     pub(crate) frame: Option<FrameId>,
     pub(crate) slots: Vec<SlotRef>,
     pub(crate) positions: Vec<u32>,
-    /// A frame span held all-FP16 until its salience is known ([`Cells::settle_frame`]).
+    /// A frame span whose salient tokens are chosen once its salience is known
+    /// ([`Cells::settle_frame`]).
     pub(crate) pending: bool,
 }
 
@@ -82,21 +83,11 @@ impl Span {
     pub fn seq(&self, i: usize) -> u32 {
         self.first_seq + i as u32
     }
-    /// A frame span appended all-FP16 whose final precision waits for salience scores
+    /// A frame span whose salient tokens wait for salience scores
     /// ([`Cells::append_pending_frame`]).
     pub fn is_pending(&self) -> bool {
         self.pending
     }
-}
-
-/// How `append` chooses each token's pool.
-#[derive(Clone, Copy)]
-enum Choice<'a> {
-    /// The policy: text by `quantize_text`; frames quantized except sinks and, with scores,
-    /// the most salient tokens within the FP16 budget.
-    Policy(Option<&'a [f32]>),
-    /// As `Policy(None)`, pending salience.
-    Pending,
 }
 
 /// Token-to-block bookkeeping for both pools.
@@ -225,7 +216,7 @@ impl Cells {
         frame: Option<FrameId>,
         salience: Option<&[f32]>,
     ) -> Result<Span, KvError> {
-        self.append_with(policy, kind, positions, frame, Choice::Policy(salience))
+        self.append_with(policy, kind, positions, frame, salience, false)
     }
 
     /// FP16 slots a frame span of `n` tokens appended now could give its most salient tokens:
@@ -270,13 +261,7 @@ impl Cells {
         positions: &[u32],
         frame: FrameId,
     ) -> Result<Span, KvError> {
-        self.append_with(
-            policy,
-            TokenKind::Frame,
-            positions,
-            Some(frame),
-            Choice::Pending,
-        )
+        self.append_with(policy, TokenKind::Frame, positions, Some(frame), None, true)
     }
 
     /// Places the pending frame span `span` by its tokens' `salience` (one score per token,
@@ -343,7 +328,8 @@ impl Cells {
             TokenKind::Frame,
             &span.positions,
             Some(frame),
-            Choice::Policy(Some(salience)),
+            Some(salience),
+            false,
         );
         self.next_seq = next_seq;
         if settled.is_err() {
@@ -365,18 +351,16 @@ impl Cells {
         }
     }
 
+    /// [`Cells::append`]; `pending` marks a frame span for [`Cells::settle_frame`].
     fn append_with(
         &mut self,
         policy: &KvPolicy,
         kind: TokenKind,
         positions: &[u32],
         frame: Option<FrameId>,
-        choice: Choice<'_>,
+        salience: Option<&[f32]>,
+        pending: bool,
     ) -> Result<Span, KvError> {
-        let salience = match choice {
-            Choice::Policy(s) => s,
-            Choice::Pending => None,
-        };
         let n = positions.len();
         let op = "append_span";
         if n == 0 {
@@ -505,7 +489,7 @@ impl Cells {
             frame,
             slots,
             positions: positions.to_vec(),
-            pending: matches!(choice, Choice::Pending),
+            pending,
         })
     }
 
