@@ -12,7 +12,7 @@ mod rules;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use jetvlm_runtime::{Pipeline, SessionCapture};
+use jetvlm_runtime::Pipeline;
 use rules::{EventKind, Monitor, RulesFile};
 use serde::Serialize;
 use std::io::Write;
@@ -107,19 +107,12 @@ fn run(cli: &Cli) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut session = pipeline.session()?;
-    let (mut seen, mut timeouts) = (0u64, 0u32);
+    let mut seen = 0u64;
     while frames == 0 || seen < frames {
-        let id = match session.capture_from(source.as_mut(), timeout)? {
-            SessionCapture::Frame(id) => id,
-            SessionCapture::EndOfStream => break,
-            SessionCapture::Timeout => {
-                timeouts += 1;
-                tracing::warn!(source = %source_uri, "capture timed out");
-                anyhow::ensure!(timeouts < 3, "{source_uri}: no frame in 3 timeouts");
-                continue;
-            }
+        let Some(id) = jetvlm_app::next_frame(&mut session, source.as_mut(), timeout, &source_uri)?
+        else {
+            break;
         };
-        timeouts = 0;
         seen += 1;
         if !(seen - 1).is_multiple_of(file.every) {
             continue;

@@ -165,10 +165,7 @@ impl RulesFile {
                 .with_context(|| format!("runtime config {}", p.display()))?,
             None => jetvlm_runtime::RuntimeConfig::default(),
         };
-        if self.kv.is_some() {
-            cfg.kv_policy = self.kv.clone();
-            cfg.kv_calibration = None;
-        }
+        jetvlm_app::apply_kv(&mut cfg, self.kv.clone(), None);
         cfg.window_frames = self.window;
         cfg.max_new_tokens = self.max_tokens;
         Ok(cfg)

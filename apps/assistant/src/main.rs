@@ -13,7 +13,7 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use jetvlm_runtime::{Pipeline, RuntimeConfig, SessionCapture, StreamSession};
+use jetvlm_runtime::{Pipeline, RuntimeConfig, StreamSession};
 use serde::Serialize;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -94,10 +94,7 @@ fn run(cli: &Cli) -> Result<()> {
         Some(p) => RuntimeConfig::from_yaml(p)?,
         None => RuntimeConfig::default(),
     };
-    if cli.kv.is_some() {
-        cfg.kv_policy = cli.kv.clone();
-        cfg.kv_calibration = None;
-    }
+    jetvlm_app::apply_kv(&mut cfg, cli.kv.clone(), None);
     cfg.window_frames = cli.window;
     cfg.max_new_tokens = cli.max_tokens;
     let mut pipeline = Pipeline::load(&model, cfg)
@@ -210,16 +207,9 @@ fn take_frames(
     timeout: Duration,
     uri: &str,
 ) -> Result<bool> {
-    let (mut taken, mut timeouts) = (0, 0);
-    while taken < n {
-        match session.capture_from(source, timeout)? {
-            SessionCapture::Frame(_) => taken += 1,
-            SessionCapture::EndOfStream => return Ok(true),
-            SessionCapture::Timeout => {
-                timeouts += 1;
-                tracing::warn!(source = %uri, "capture timed out");
-                anyhow::ensure!(timeouts < 3, "{uri}: no frame in 3 timeouts");
-            }
+    for _ in 0..n {
+        if jetvlm_app::next_frame(session, source, timeout, uri)?.is_none() {
+            return Ok(true);
         }
     }
     Ok(false)

@@ -1,6 +1,42 @@
 //! What the jetvlm binaries (`jetvlm`, `jetvlm-analytics`, `jetvlm-assistant`) share.
 
+use jetvlm_camera::FrameSource;
+use jetvlm_core::FrameId;
+use jetvlm_runtime::{RuntimeConfig, SessionCapture, StreamSession};
+use std::path::PathBuf;
+use std::time::Duration;
 use tracing_subscriber::EnvFilter;
+
+/// Capture timeouts in a row after which a source counts as dead.
+pub const MAX_TIMEOUTS: u32 = 3;
+
+/// Takes the next frame from `source` into `session`: `Some(id)`, or `None` at the end of
+/// the stream. A capture timeout is logged and retried; [`MAX_TIMEOUTS`] in a row are an
+/// error naming `uri`.
+pub fn next_frame(
+    session: &mut StreamSession<'_>,
+    source: &mut dyn FrameSource,
+    timeout: Duration,
+    uri: &str,
+) -> anyhow::Result<Option<FrameId>> {
+    for _ in 0..MAX_TIMEOUTS {
+        match session.capture_from(source, timeout)? {
+            SessionCapture::Frame(id) => return Ok(Some(id)),
+            SessionCapture::EndOfStream => return Ok(None),
+            SessionCapture::Timeout => tracing::warn!(source = %uri, "capture timed out"),
+        }
+    }
+    anyhow::bail!("{uri}: no frame in {MAX_TIMEOUTS} timeouts")
+}
+
+/// Applies `--kv` or `--kv-calibration` to a runtime config: either replaces both of the
+/// config's keys.
+pub fn apply_kv(cfg: &mut RuntimeConfig, kv: Option<String>, calibration: Option<PathBuf>) {
+    if kv.is_some() || calibration.is_some() {
+        cfg.kv_policy = kv;
+        cfg.kv_calibration = calibration;
+    }
+}
 
 /// tracing on stderr: `RUST_LOG` if set, else `filter` (RUST_LOG syntax), else `warn`; text,
 /// or JSON lines with `json`. A second call is a no-op.

@@ -290,6 +290,9 @@ impl KvBlockTable {
     /// Bytes attention reads in `layers` layers: the used slots of every block listed, in
     /// each layer's layout.
     pub fn attention_bytes(&self, layers: usize) -> u64 {
+        if !self.policy.is_per_layer() {
+            return self.attention_bytes_in(&self.policy.layout) * layers as u64;
+        }
         (0..layers)
             .map(|layer| self.attention_bytes_in(&self.policy.layout_of(layer)))
             .sum()

@@ -63,18 +63,7 @@ pub fn apply_device(
     Ok(())
 }
 
-/// Applies `--kv` or `--kv-calibration` to the runtime config: either replaces both of the
-/// config's keys.
-pub fn apply_kv(
-    cfg: &mut jetvlm_runtime::RuntimeConfig,
-    kv: Option<String>,
-    calibration: Option<PathBuf>,
-) {
-    if kv.is_some() || calibration.is_some() {
-        cfg.kv_policy = kv;
-        cfg.kv_calibration = calibration;
-    }
-}
+pub use jetvlm_app::apply_kv;
 
 pub fn load_pipeline(
     given: Option<&Path>,

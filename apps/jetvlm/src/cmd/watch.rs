@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use jetvlm_runtime::{RuntimeConfig, SessionCapture};
+use jetvlm_runtime::RuntimeConfig;
 use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
@@ -125,20 +125,13 @@ pub fn run(args: WatchArgs) -> Result<()> {
 
     let mut session = pipeline.session()?;
     let mut seen = 0u64;
-    let mut timeouts = 0u32;
     let (mut judged, mut right) = (0u64, 0u64);
     while args.frames == 0 || seen < args.frames {
-        let id = match session.capture_from(source.as_mut(), timeout)? {
-            SessionCapture::Frame(id) => id,
-            SessionCapture::EndOfStream => break,
-            SessionCapture::Timeout => {
-                timeouts += 1;
-                tracing::warn!(source = %args.source, "capture timed out");
-                anyhow::ensure!(timeouts < 3, "{}: no frame in 3 timeouts", args.source);
-                continue;
-            }
+        let Some(id) =
+            jetvlm_app::next_frame(&mut session, source.as_mut(), timeout, &args.source)?
+        else {
+            break;
         };
-        timeouts = 0;
         seen += 1;
         let cached = session.frames();
         let latest = cached.iter().find(|f| f.id == id).copied();
