@@ -22,11 +22,14 @@ use jetvlm_kvcache::{KeyMode, KvPolicy};
 use crate::error::CudaError;
 use crate::layout::{BlockEntry, BlockKind, KvLayout};
 
-/// The device form of a KV policy: the pool layout and which token kinds are quantized.
+/// The device form of a KV policy: the pool layout, which token kinds are quantized and how
+/// many attention-sink tokens stay FP16.
 ///
-/// The CPU cache's FP16 budget, attention-sink and salient-token options are not applied on
-/// the device: every token of a quantized kind is quantized.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Attention sinks follow the CPU cache's rule: when a quantized frame starts the sequence,
+/// its tokens among the first `sinks` stay FP16 as far as the FP16 budget allows. The CPU
+/// cache's salient-token option is not applied on the device: every other token of a
+/// quantized kind is quantized.
+#[derive(Clone, Debug, PartialEq)]
 pub struct DevicePolicy {
     /// The layout of every layer, or (a calibrated policy) of layer 0.
     pub layout: KvLayout,
@@ -35,6 +38,11 @@ pub struct DevicePolicy {
     pub layers: Vec<KvLayout>,
     pub quantize_frames: bool,
     pub quantize_text: bool,
+    /// The sequence's first `sinks` tokens stay FP16 when they are frame tokens (0 when
+    /// frames are not quantized).
+    pub sinks: usize,
+    /// The FP16 share of all tokens that sink tokens may fill up to (text counts first).
+    pub fp16_budget: f32,
 }
 
 impl DevicePolicy {
@@ -96,6 +104,12 @@ impl DevicePolicy {
             layers,
             quantize_frames,
             quantize_text,
+            sinks: if quantize_frames {
+                policy.sink_tokens
+            } else {
+                0
+            },
+            fp16_budget: policy.fp16_budget,
         })
     }
 
@@ -133,6 +147,10 @@ impl DevicePolicy {
     ) -> (usize, usize) {
         let t = self.layout.block_tokens;
         let (mut fp16, mut quant) = (0, 0);
+        if frame_tokens > 0 && self.sinks > 0 {
+            // Sink tokens of a frame that starts the sequence, in an FP16 block of its own.
+            fp16 += self.sinks.min(frame_tokens).div_ceil(t) + 1;
+        }
         for (kind, n) in [
             (TokenKind::Text, text_tokens),
             (TokenKind::Frame, frame_tokens),
@@ -226,6 +244,10 @@ pub struct KvBlockTable {
     owners: Vec<Option<FrameId>>,
     /// Order index (and RoPE position) of the next token.
     next_pos: usize,
+    /// Tokens appended since the last clear (truncation does not rewind it): sink tokens
+    /// are the first `policy.sinks` of them, as in the CPU cache.
+    next_seq: usize,
+    /// Tokens held in FP16 blocks and in quantized blocks.
     text_tokens: usize,
     frame_tokens: usize,
 }
@@ -243,6 +265,7 @@ impl KvBlockTable {
             entries: Vec::new(),
             owners: Vec::new(),
             next_pos: 0,
+            next_seq: 0,
             text_tokens: 0,
             frame_tokens: 0,
         }
@@ -350,66 +373,116 @@ impl KvBlockTable {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let t = self.policy.layout.block_tokens;
         let quant = self.policy.quantizes(kind);
+        let sinks = if quant && kind == TokenKind::Frame {
+            self.sink_count(n)
+        } else {
+            0
+        };
         let bkind = if quant {
             BlockKind::Frame
         } else {
             BlockKind::Text
         };
-        // Room in the newest block, if this span may continue it (only a block of the same
-        // owner: text after text, or the next piece of the same frame).
-        let may_continue = !(quant && self.policy.any_key_per_channel());
-        let open = match (self.entries.last(), self.owners.last()) {
+        // New blocks each pool needs, checked before anything changes. Sink tokens come
+        // first, in FP16 blocks; the rest of the span cannot continue a sink block.
+        let t = self.policy.layout.block_tokens;
+        let mut need = [0usize; 2];
+        if sinks > 0 {
+            need[0] = (sinks - self.open_room(BlockKind::Text, owner).min(sinks)).div_ceil(t);
+            need[1] = (n - sinks).div_ceil(t);
+        } else {
+            need[quant as usize] = (n - self.open_room(bkind, owner).min(n)).div_ceil(t);
+        }
+        for (pool, &blocks) in need.iter().enumerate() {
+            let (next, cap, free) = if pool == 1 {
+                (self.next_frame, self.frame_blocks, self.free_frame.len())
+            } else {
+                (self.next_text, self.text_blocks, self.free_text.len())
+            };
+            if blocks > cap - next + free {
+                return Err(CudaError::KvFull {
+                    message: format!(
+                        "{n} {} tokens need {blocks} more {} blocks; {} of {cap} are in use",
+                        match kind {
+                            TokenKind::Text => "text",
+                            TokenKind::Frame => "frame",
+                        },
+                        if pool == 1 { "quantized" } else { "FP16" },
+                        next - free
+                    ),
+                });
+            }
+        }
+        let mut out = Vec::with_capacity(need[0] + need[1] + 1);
+        if sinks > 0 {
+            self.place(BlockKind::Text, owner, 0, sinks, &mut out);
+        }
+        self.place(bkind, owner, sinks, n - sinks, &mut out);
+        self.next_seq += n;
+        Ok(out)
+    }
+
+    /// FP16 sink tokens among the first of `n` frame tokens appended now: those among the
+    /// sequence's first `policy.sinks`, as many as the FP16 budget over everything cached
+    /// plus the span has room for beyond the FP16 tokens held (the CPU cache's rule).
+    fn sink_count(&self, n: usize) -> usize {
+        let allowed = (self.policy.fp16_budget as f64 * (self.len() + n) as f64).floor() as usize;
+        self.policy
+            .sinks
+            .saturating_sub(self.next_seq)
+            .min(n)
+            .min(allowed.saturating_sub(self.text_tokens))
+    }
+
+    /// Free slots in the newest block when a span of `bkind` tokens owned by `owner` may
+    /// continue it (only a block of the same owner: text after text, or the next piece of
+    /// the same frame; never a block whose keys are quantized per channel).
+    fn open_room(&self, bkind: BlockKind, owner: Option<FrameId>) -> usize {
+        let t = self.policy.layout.block_tokens;
+        let may_continue = !(bkind == BlockKind::Frame && self.policy.any_key_per_channel());
+        match (self.entries.last(), self.owners.last()) {
             (Some(e), Some(o))
                 if may_continue && *o == owner && e.kind == bkind && (e.len as usize) < t =>
             {
                 t - e.len as usize
             }
             _ => 0,
-        };
-        let first = open.min(n);
-        let new_blocks = (n - first).div_ceil(t);
-        let (next, cap, free) = if quant {
-            (self.next_frame, self.frame_blocks, self.free_frame.len())
-        } else {
-            (self.next_text, self.text_blocks, self.free_text.len())
-        };
-        if new_blocks > cap - next + free {
-            return Err(CudaError::KvFull {
-                message: format!(
-                    "{n} {} tokens need {new_blocks} more {} blocks; {} of {cap} are in use",
-                    match kind {
-                        TokenKind::Text => "text",
-                        TokenKind::Frame => "frame",
-                    },
-                    if quant { "quantized" } else { "FP16" },
-                    next - free
-                ),
-            });
         }
-        let mut out = Vec::with_capacity(new_blocks + 1);
+    }
+
+    /// Places `n` tokens (from token `src` of the span) in blocks of `bkind`: the rest of the
+    /// newest block when it may be continued, then new blocks (freed ones first). The pools
+    /// must have room (checked by the caller).
+    fn place(
+        &mut self,
+        bkind: BlockKind,
+        owner: Option<FrameId>,
+        src: usize,
+        n: usize,
+        out: &mut Vec<Placement>,
+    ) {
+        let t = self.policy.layout.block_tokens;
+        let first = self.open_room(bkind, owner).min(n);
         let mut done = 0;
-        if first > 0 {
-            let e = self.entries.last_mut().ok_or_else(|| CudaError::KvFull {
-                message: "no open block".into(),
-            })?;
+        if first > 0
+            && let Some(e) = self.entries.last_mut()
+        {
             out.push(Placement {
                 kind: bkind,
                 block: e.block as usize,
                 tok_offset: e.len as usize,
                 len: first,
-                src_token: 0,
+                src_token: src,
             });
             e.len += first as u32;
             done = first;
         }
         while done < n {
             let len = (n - done).min(t);
-            let (free, next) = if quant {
-                (&mut self.free_frame, &mut self.next_frame)
-            } else {
-                (&mut self.free_text, &mut self.next_text)
+            let (free, next) = match bkind {
+                BlockKind::Frame => (&mut self.free_frame, &mut self.next_frame),
+                BlockKind::Text => (&mut self.free_text, &mut self.next_text),
             };
             // Freed blocks first, lowest first (they sit below the high-water mark).
             let block = match free.pop() {
@@ -424,7 +497,7 @@ impl KvBlockTable {
                 block,
                 tok_offset: 0,
                 len,
-                src_token: done,
+                src_token: src + done,
             });
             self.entries.push(BlockEntry {
                 kind: bkind,
@@ -436,12 +509,10 @@ impl KvBlockTable {
             done += len;
         }
         self.next_pos += n;
-        if quant {
-            self.frame_tokens += n;
-        } else {
-            self.text_tokens += n;
+        match bkind {
+            BlockKind::Frame => self.frame_tokens += n,
+            BlockKind::Text => self.text_tokens += n,
         }
-        Ok(out)
     }
 
     /// Forgets every token (the pools' contents become unused).
@@ -453,6 +524,7 @@ impl KvBlockTable {
         self.entries.clear();
         self.owners.clear();
         self.next_pos = 0;
+        self.next_seq = 0;
         self.text_tokens = 0;
         self.frame_tokens = 0;
     }
@@ -779,6 +851,104 @@ mod tests {
             let (ut, uf) = t.used_blocks();
             assert!(ut <= tb && uf <= fb, "{p:?}");
         }
+    }
+
+    /// Attention sinks: a frame that starts the sequence keeps its first tokens FP16 within
+    /// the FP16 budget, token for token as the CPU cache's bookkeeping does, through
+    /// evictions, dropped questions and clears; attention over the split spans is exact.
+    #[test]
+    fn sinks_follow_the_cpu_cache() {
+        use Op::*;
+        use jetvlm_kvcache::cells::Cells;
+        let sessions: [&[Op]; 4] = [
+            &[Frame(1, 64), Text(5), Frame(2, 64), Text(3)],
+            &[Text(2), Frame(1, 64), Text(4), Truncate(4), Frame(2, 40)],
+            &[Frame(1, 3), Frame(2, 64), Text(10), Truncate(10), Evict(1), Frame(3, 64)],
+            &[Text(1), Truncate(1), Frame(1, 64), Evict(1), Frame(2, 64), Text(2)],
+        ];
+        let policies = [
+            "mixed",
+            "mixed:sinks=8",
+            "mixed:sinks=40,budget=0.5",
+            "mixed:budget=0.01",
+            "mixed:keys=token,sinks=20",
+            "mixed:sinks=0",
+            "int4-all",
+            "fp16",
+        ];
+        for name in policies {
+            let cpu_policy: KvPolicy = name.parse().unwrap();
+            let p = DevicePolicy::new(&cpu_policy, 1, 64).unwrap();
+            for ops in sessions {
+                let mut t = KvBlockTable::new(p.clone(), 64, 64);
+                let mut cells = Cells::new(
+                    cpu_policy.fp16_block_tokens,
+                    cpu_policy.quant_block_tokens,
+                    1 << 20,
+                );
+                let mut pos = 0u32;
+                for (i, op) in ops.iter().enumerate() {
+                    let mut cpu_append = |kind, n: usize, frame| {
+                        let positions: Vec<u32> = (pos..pos + n as u32).collect();
+                        pos += n as u32;
+                        cells.append(&cpu_policy, kind, &positions, frame, None).unwrap();
+                    };
+                    match *op {
+                        Text(n) => {
+                            t.append(TokenKind::Text, n).unwrap();
+                            cpu_append(TokenKind::Text, n, None);
+                        }
+                        Frame(id, n) => {
+                            let placed = t.append_frame(id, n).unwrap();
+                            assert_eq!(placed.iter().map(|p| p.len).sum::<usize>(), n);
+                            cpu_append(TokenKind::Frame, n, Some(id));
+                        }
+                        Evict(id) => {
+                            t.evict_frame(id).unwrap();
+                            cells.evict_frame(id).unwrap();
+                        }
+                        Truncate(n) => {
+                            t.truncate_last(n).unwrap();
+                            cells.truncate_last(n).unwrap();
+                            pos -= n as u32;
+                        }
+                    }
+                    let c = cells.counts();
+                    assert_eq!(
+                        t.token_counts(),
+                        (c.fp16_tokens, c.tokens - c.fp16_tokens),
+                        "{name}, step {i} of {}",
+                        ops.len()
+                    );
+                }
+                // The upper-bound sizing holds the session's spans.
+                let frames: usize = ops
+                    .iter()
+                    .map(|o| if let Frame(_, n) = o { *n } else { 0 })
+                    .sum();
+                let text: usize = ops.iter().map(|o| if let Text(n) = o { *n } else { 0 }).sum();
+                let (tb, fb) = p.blocks_for(text, frames, ops.len());
+                let (ut, uf) = t.used_blocks();
+                assert!(ut <= tb && uf <= fb, "{name}: used {ut}/{uf}, sized {tb}/{fb}");
+                live_roundtrip(p.clone(), (tb, fb), ops);
+            }
+        }
+        // The default policy: a frame-first span puts its 4 sinks in an FP16 block of the
+        // frame's own, the rest in a quantized block; a clear starts the sinks again.
+        let mut t = KvBlockTable::new(policy("mixed", 1, 64), 4, 4);
+        let placed = t.append_frame(1, 64).unwrap();
+        let runs: Vec<_> = placed.iter().map(|p| (p.kind, p.len, p.src_token)).collect();
+        assert_eq!(
+            runs,
+            vec![(BlockKind::Text, 4, 0), (BlockKind::Frame, 60, 4)]
+        );
+        t.append(TokenKind::Text, 3).unwrap();
+        assert_eq!(t.blocks_in_use(), (2, 1));
+        assert_eq!(t.evict_frame(1).unwrap(), 64);
+        assert_eq!(t.token_counts(), (3, 0));
+        t.clear();
+        t.append_frame(2, 64).unwrap();
+        assert_eq!(t.token_counts(), (4, 60));
     }
 
     #[test]
