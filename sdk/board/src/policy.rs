@@ -30,6 +30,7 @@
 //! `qblock` are accepted and do not change the bytes charged).
 
 use crate::BoardError;
+use jetvlm_quant::LayerFormat;
 use serde::Serialize;
 use std::fmt;
 use std::str::FromStr;
@@ -250,11 +251,15 @@ impl KvPrecision {
                 .frame_layers
                 .iter()
                 .map(|(f, k)| {
-                    let k = match k {
-                        KeyMode::Token => 't',
-                        KeyMode::Channel => 'c',
-                    };
-                    format!("{}{k}{}", f.bits, f.group)
+                    LayerFormat {
+                        bits: f.bits.into(),
+                        key_mode: match k {
+                            KeyMode::Token => jetvlm_quant::KeyMode::PerToken,
+                            KeyMode::Channel => jetvlm_quant::KeyMode::PerChannel,
+                        },
+                        group: f.group as usize,
+                    }
+                    .to_string()
                 })
                 .collect();
             format!(",layers={}", list.join("/"))
@@ -397,22 +402,15 @@ impl FromStr for KvPrecision {
     }
 }
 
-/// One layer's frame format, `<bits><c|t><group>` (e.g. `4c64`); the key mode does not
-/// change the bytes charged.
+/// One layer's frame format, `<bits><c|t><group>` (e.g. `4c64`, parsed as the KV cache
+/// parses it); the key mode does not change the bytes charged.
 fn parse_layer_format(s: &str) -> Result<(KvFormat, KeyMode), String> {
-    let bad = || format!("layer format `{s}` (expected <bits><c|t><group>, e.g. 4c64)");
-    let i = s.find(['c', 't']).ok_or_else(bad)?;
-    let bits: u8 = s[..i].parse().map_err(|_| bad())?;
-    let group: u32 = s[i + 1..].parse().map_err(|_| bad())?;
-    if ![2, 4, 8].contains(&bits) || ![32, 64, 128].contains(&group) {
-        return Err(bad());
-    }
-    let keys = if s.as_bytes()[i] == b'c' {
-        KeyMode::Channel
-    } else {
-        KeyMode::Token
+    let f: LayerFormat = s.parse()?;
+    let keys = match f.key_mode {
+        jetvlm_quant::KeyMode::PerChannel => KeyMode::Channel,
+        jetvlm_quant::KeyMode::PerToken => KeyMode::Token,
     };
-    Ok((KvFormat::quantized(bits, group), keys))
+    Ok((KvFormat::quantized(f.bits as u8, f.group as u32), keys))
 }
 
 #[cfg(test)]

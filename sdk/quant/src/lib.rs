@@ -16,6 +16,7 @@
 //! codes in order with one mask and one shift.
 
 pub mod format;
+pub mod layer;
 pub mod reference;
 
 pub use format::{
@@ -23,6 +24,7 @@ pub use format::{
     BlockQ8G64, BlockQ8G128, GROUPS, GroupBlock, GroupFormat, PACK_CHUNK, ScaleZero, check_bits,
     fit_group, max_code, pack_codes, packed_len, unpack_code, unpack_codes,
 };
+pub use layer::{KeyMode, LayerFormat};
 pub use reference::{
     code_of, dequantize_groups, dequantize_row, element_error_bound, quantize_groups, quantize_row,
     row_params,
