@@ -22,6 +22,10 @@ use jetvlm_kvcache::{KeyMode, KvPolicy};
 use crate::error::CudaError;
 use crate::layout::{BlockEntry, BlockKind, KvLayout};
 
+/// Tokens per forward chunk on the device (bounds the activation scratch). A span is
+/// appended to the cache in pieces of this many tokens, which the pool sizing follows.
+pub const PREFILL_CHUNK: usize = 512;
+
 /// The device form of a KV policy: the pool layout, which token kinds are quantized and how
 /// many attention-sink tokens stay FP16.
 ///
@@ -171,8 +175,7 @@ impl DevicePolicy {
 
 impl DevicePolicy {
     /// Exact pool blocks (text, frame) the spans `(kind, tokens)` occupy when appended in
-    /// order (longer spans may be appended in pieces: the count is the same as long as the
-    /// pieces are whole blocks).
+    /// order, each in pieces of [`PREFILL_CHUNK`] tokens.
     pub fn blocks_for_spans(&self, spans: &[(TokenKind, usize)]) -> (usize, usize) {
         let spans: Vec<_> = spans.iter().map(|&(kind, n)| (kind, n, None)).collect();
         self.blocks_for_inputs(&spans)
@@ -181,18 +184,24 @@ impl DevicePolicy {
 
 impl DevicePolicy {
     /// Exact pool blocks (text, frame) of spans `(kind, tokens, frame id)` appended in order,
-    /// frames with an id in blocks of their own ([`KvBlockTable::append_frame`]).
+    /// frames with an id in blocks of their own ([`KvBlockTable::append_frame`]), each span
+    /// in pieces of [`PREFILL_CHUNK`] tokens as the device forward pass appends it.
     pub fn blocks_for_inputs(
         &self,
         spans: &[(TokenKind, usize, Option<FrameId>)],
     ) -> (usize, usize) {
         let mut t = KvBlockTable::new(self.clone(), usize::MAX / 2, usize::MAX / 2);
         for &(kind, n, frame) in spans {
-            // Cannot fail for distinct frame ids: the capacities are unbounded.
-            let _ = match frame {
-                Some(f) => t.append_frame(f, n),
-                None => t.append(kind, n),
-            };
+            let mut start = 0;
+            while start < n {
+                let piece = (n - start).min(PREFILL_CHUNK);
+                // Cannot fail for distinct frame ids: the capacities are unbounded.
+                let _ = match frame {
+                    Some(f) => t.append_frame(f, piece),
+                    None => t.append(kind, piece),
+                };
+                start += piece;
+            }
         }
         t.used_blocks()
     }
@@ -949,6 +958,19 @@ mod tests {
         t.clear();
         t.append_frame(2, 64).unwrap();
         assert_eq!(t.token_counts(), (4, 60));
+        // A frame longer than a forward chunk arrives in pieces; with sinks in the first
+        // piece and per-channel keys the pieces leave one more partial block than the whole
+        // span would, and the sizing counts the pieces.
+        let p = policy("mixed", 1, 64);
+        let n = PREFILL_CHUNK + 2;
+        let sized = p.blocks_for_inputs(&[(TokenKind::Frame, n, Some(1))]);
+        let mut t = KvBlockTable::new(p.clone(), sized.0, sized.1);
+        t.append_frame(1, PREFILL_CHUNK).unwrap();
+        t.append_frame(1, 2).unwrap();
+        assert_eq!(t.used_blocks(), sized);
+        let mut whole = KvBlockTable::new(p, usize::MAX / 2, usize::MAX / 2);
+        whole.append_frame(1, n).unwrap();
+        assert_eq!(whole.used_blocks().1 + 1, sized.1);
     }
 
     #[test]

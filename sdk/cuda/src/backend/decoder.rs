@@ -23,8 +23,7 @@ use crate::error::CudaError;
 use crate::kvtable::{DevicePolicy, KvBlockTable};
 use crate::layout::BlockKind;
 
-/// Tokens per forward chunk (bounds the activation scratch).
-pub const PREFILL_CHUNK: usize = 512;
+pub use crate::kvtable::PREFILL_CHUNK;
 /// Elements per host staging chunk when uploading weights.
 const UPLOAD_CHUNK: usize = 1 << 22;
 
