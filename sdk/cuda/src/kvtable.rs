@@ -192,16 +192,7 @@ impl DevicePolicy {
     ) -> (usize, usize) {
         let mut t = KvBlockTable::new(self.clone(), usize::MAX / 2, usize::MAX / 2);
         for &(kind, n, frame) in spans {
-            let mut start = 0;
-            while start < n {
-                let piece = (n - start).min(PREFILL_CHUNK);
-                // Cannot fail for distinct frame ids: the capacities are unbounded.
-                let _ = match frame {
-                    Some(f) => t.append_frame(f, piece),
-                    None => t.append(kind, piece),
-                };
-                start += piece;
-            }
+            t.append_in_chunks(kind, n, frame);
         }
         t.used_blocks()
     }
@@ -210,7 +201,8 @@ impl DevicePolicy {
     /// `frames` frames of `frame_tokens` each (in blocks of their own, as
     /// [`KvBlockTable::append_frame`] places them), then `question` text tokens (a question
     /// and its answer). Evicted frames and dropped questions give their blocks back for the
-    /// next ones.
+    /// next ones. One turn of the window is counted too: a first frame that holds sink
+    /// tokens FP16 frees fewer quantized blocks than the frame after it takes.
     pub fn blocks_for_session(
         &self,
         prefix: usize,
@@ -218,10 +210,37 @@ impl DevicePolicy {
         frame_tokens: usize,
         question: usize,
     ) -> (usize, usize) {
-        let mut spans = vec![(TokenKind::Text, prefix, None)];
-        spans.extend((0..frames).map(|f| (TokenKind::Frame, frame_tokens, Some(f as FrameId))));
-        spans.push((TokenKind::Text, question, None));
-        self.blocks_for_inputs(&spans)
+        let mut t = KvBlockTable::new(self.clone(), usize::MAX / 2, usize::MAX / 2);
+        t.append_in_chunks(TokenKind::Text, prefix, None);
+        for f in 0..frames {
+            t.append_in_chunks(TokenKind::Frame, frame_tokens, Some(f as FrameId));
+        }
+        t.append_in_chunks(TokenKind::Text, question, None);
+        if frames > 0 && frame_tokens > 0 {
+            // Cannot fail: the question is the newest text, frame 0 is cached.
+            let _ = t.truncate_last(question);
+            let _ = t.evict_frame(0);
+            t.append_in_chunks(TokenKind::Frame, frame_tokens, Some(frames as FrameId));
+            t.append_in_chunks(TokenKind::Text, question, None);
+        }
+        t.used_blocks()
+    }
+}
+
+impl KvBlockTable {
+    /// Appends a span in pieces of [`PREFILL_CHUNK`] tokens, as the device forward pass
+    /// does (sizing only: the table's capacities must be unbounded).
+    fn append_in_chunks(&mut self, kind: TokenKind, n: usize, frame: Option<FrameId>) {
+        let mut start = 0;
+        while start < n {
+            let piece = (n - start).min(PREFILL_CHUNK);
+            // Cannot fail with unbounded capacities and distinct frame ids.
+            let _ = match frame {
+                Some(f) => self.append_frame(f, piece),
+                None => self.append(kind, piece),
+            };
+            start += piece;
+        }
     }
 }
 
@@ -445,14 +464,20 @@ impl KvBlockTable {
     }
 
     /// Free slots in the newest block when a span of `bkind` tokens owned by `owner` may
-    /// continue it (only a block of the same owner: text after text, or the next piece of
-    /// the same frame; never a block whose keys are quantized per channel).
+    /// continue it: only a block of the same owner (text after text, or the next piece of
+    /// the same frame) whose tokens end at the next position (not when an evicted frame
+    /// came after it: a block's tokens have consecutive orders), and never a block whose
+    /// keys are quantized per channel.
     fn open_room(&self, bkind: BlockKind, owner: Option<FrameId>) -> usize {
         let t = self.policy.layout.block_tokens;
         let may_continue = !(bkind == BlockKind::Frame && self.policy.any_key_per_channel());
         match (self.entries.last(), self.owners.last()) {
             (Some(e), Some(o))
-                if may_continue && *o == owner && e.kind == bkind && (e.len as usize) < t =>
+                if may_continue
+                    && *o == owner
+                    && e.kind == bkind
+                    && (e.len as usize) < t
+                    && e.order as usize + e.len as usize == self.next_pos =>
             {
                 t - e.len as usize
             }
@@ -971,6 +996,63 @@ mod tests {
         let mut whole = KvBlockTable::new(p, usize::MAX / 2, usize::MAX / 2);
         whole.append_frame(1, n).unwrap();
         assert_eq!(whole.used_blocks().1 + 1, sized.1);
+    }
+
+    /// A camera session whose prefix is shorter than the sinks: the first frame holds sink
+    /// tokens FP16 and fewer quantized blocks than the frames after it; the session sizing
+    /// holds the window turning over for good.
+    #[test]
+    fn session_sizing_holds_a_window_after_a_sink_frame() {
+        for (name, prefix, frame_tokens) in [
+            ("mixed", 2, 65),
+            ("mixed", 0, 64 + 3),
+            ("mixed:keys=token", 1, 130),
+            ("mixed", 10, 600),
+            ("fp16", 2, 65),
+        ] {
+            let p = policy(name, 1, 64);
+            let (window, question) = (2, 9);
+            let sized = p.blocks_for_session(prefix, window, frame_tokens, question);
+            let mut t = KvBlockTable::new(p.clone(), sized.0, sized.1);
+            let put = |t: &mut KvBlockTable, kind, n: usize, frame: Option<FrameId>| {
+                let mut start = 0;
+                while start < n {
+                    let piece = (n - start).min(PREFILL_CHUNK);
+                    match frame {
+                        Some(f) => t.append_frame(f, piece),
+                        None => t.append(kind, piece),
+                    }
+                    .unwrap_or_else(|e| panic!("{name} prefix {prefix} frame {frame_tokens}: {e}"));
+                    start += piece;
+                }
+            };
+            put(&mut t, TokenKind::Text, prefix, None);
+            for f in 0..8u64 {
+                if f >= window as u64 {
+                    t.evict_frame(f - window as u64).unwrap();
+                }
+                put(&mut t, TokenKind::Frame, frame_tokens, Some(f));
+                put(&mut t, TokenKind::Text, question, None);
+                t.truncate_last(question).unwrap();
+            }
+        }
+    }
+
+    /// Text appended right after the newest frame was evicted opens a block of its own: the
+    /// open text block before the frame ends at an earlier position, and a block's tokens
+    /// must have consecutive orders. The question can then still be dropped.
+    #[test]
+    fn text_after_evicting_the_newest_frame_starts_a_block() {
+        use Op::*;
+        for name in ["mixed", "fp16", "mixed:keys=token"] {
+            let p = policy(name, 2, 64);
+            let t = live_roundtrip(
+                p.clone(),
+                (8, 8),
+                &[Text(10), Frame(1, 64), Evict(1), Text(5), Truncate(5), Text(3)],
+            );
+            assert_eq!((t.len(), t.next_position()), (13, 77), "{name}");
+        }
     }
 
     #[test]
