@@ -218,22 +218,29 @@ impl CudaDevice {
 #[derive(Debug)]
 pub struct DeviceKvCache {
     table: KvBlockTable,
-    layers: Vec<DeviceKvPools>,
+    // Before `layers`: fields drop in order, and the offload's drop waits for the work that
+    // reads or writes the host pools in `layers`.
     offload: Option<Offload>,
+    layers: Vec<DeviceKvPools>,
 }
 
 #[derive(Debug)]
 struct Offload {
     staging: Vec<DeviceKvPools>,
     copy: std::sync::Arc<cudarc::driver::CudaStream>,
+    /// The compute stream, whose kernels write the mapped host pools.
+    compute: std::sync::Arc<cudarc::driver::CudaStream>,
     /// Bytes streamed host-to-device by the last forward step (all layers).
     step_bytes: u64,
 }
 
 impl Drop for Offload {
     fn drop(&mut self) {
-        // Copies into the staging pools must finish before the pools are freed.
+        // Copies out of the host pools and into the staging pools, and kernels writing the
+        // host pools (a step that failed midway leaves work queued), must finish before the
+        // pools are freed.
         let _ = self.copy.synchronize();
+        let _ = self.compute.synchronize();
     }
 }
 
@@ -251,6 +258,7 @@ impl Offload {
                 .context()
                 .new_stream()
                 .map_err(driver_err("cuStreamCreate"))?,
+            compute: dev.stream().clone(),
             step_bytes: 0,
         })
     }
@@ -594,6 +602,25 @@ impl<'a> DeviceSession<'a> {
                 }
             }
         }
+        // On any failure below the table goes back to what it was, so the cache lists no
+        // token whose K/V were written in only some layers (the pools' stale contents are
+        // unused once no entry lists them).
+        let saved = self.cache.table.clone();
+        if let Some(off) = self.cache.offload.as_mut() {
+            off.step_bytes = 0;
+        }
+        let result = self.run_inputs(inputs);
+        if result.is_err() {
+            self.cache.table = saved;
+        }
+        result
+    }
+
+    /// [`Self::forward`] after validation: every chunk through the layers, then the last
+    /// token's logits.
+    fn run_inputs(&mut self, inputs: &[DeviceInput<'_>]) -> Result<Vec<f32>, CudaError> {
+        let c = &self.model.config.model;
+        let (h, vocab) = (c.hidden_size, c.vocab_size);
         for inp in inputs.iter().filter(|i| !i.is_empty()) {
             let mut start = 0;
             while start < inp.len() {
@@ -698,7 +725,7 @@ impl<'a> DeviceSession<'a> {
         if let Some(off) = cache.offload.as_mut() {
             // Host pools hold every earlier write once the compute stream reaches here.
             wait(&off.copy, &ev(dev.stream().record_event(None))?)?;
-            off.step_bytes =
+            off.step_bytes +=
                 dev.copy_pool_prefix(&cache.layers[0], &mut off.staging[0], before, &off.copy)?;
             next_copied = Some(ev(off.copy.record_event(None))?);
         }
