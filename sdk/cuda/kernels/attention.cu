@@ -137,12 +137,24 @@ __device__ __forceinline__ void mixed_attention_partial_t(ATTN_PARAMS) {
             } else {
                 const unsigned char* kr = k_codes + slot * row_bytes;
                 const unsigned char* vr = v_codes + slot * row_bytes;
-                const float2 vp = unpack_params(v_params[slot * groups + d0 / group]);
-                float2 kp = make_float2(0.0f, 0.0f);
-                if (!key_per_channel) kp = unpack_params(k_params[slot * groups + d0 / group]);
+                // A lane's E elements lie in one group, or (E = 3, 5, 6 or 7: head dims 96, 160,
+                // 192, 224) in two: elements from `e_next` on take the next group's parameters.
+                const int g0 = d0 / group;
+                const int g1 = (d0 + E - 1) / group;
+                const int e_next = (g0 + 1) * group - d0;
+                const float2 vp0 = unpack_params(v_params[slot * groups + g0]);
+                const float2 vp1 = g1 != g0 ? unpack_params(v_params[slot * groups + g1]) : vp0;
+                float2 kp0 = make_float2(0.0f, 0.0f), kp1 = kp0;
+                if (!key_per_channel) {
+                    kp0 = unpack_params(k_params[slot * groups + g0]);
+                    kp1 = g1 != g0 ? unpack_params(k_params[slot * groups + g1]) : kp0;
+                }
 #pragma unroll
                 for (int e = 0; e < ATTN_MAX_E; ++e) {
                     if (e < E) {
+                        const bool next = e >= e_next;
+                        const float2 kp = next ? kp1 : kp0;
+                        const float2 vp = next ? vp1 : vp0;
                         float kcode = (float)code_at(kr, d0 + e, bits);
                         kf[e] = key_per_channel ? kc_z[e] + kc_s[e] * kcode : kp.y + kp.x * kcode;
                         vf[e] = vp.y + vp.x * (float)code_at(vr, d0 + e, bits);

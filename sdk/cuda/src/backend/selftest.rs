@@ -288,6 +288,10 @@ impl CudaDevice {
             (32, 2, 128, 8, 128, false, true),
             (9, 3, 64, 2, 32, false, false),
             (16, 16, 256, 4, 128, true, false),
+            // Head dims whose lanes hold 3 or 6 elements: a lane's elements span two groups.
+            (24, 8, 96, 4, 32, false, true),
+            (6, 2, 192, 8, 64, false, false),
+            (10, 2, 160, 2, 32, true, true),
         ];
         for (q_heads, kv_heads, head_dim, bits, group, per_channel, outliers) in cases {
             let layout = KvLayout {
