@@ -151,7 +151,9 @@ right = sum(1 for l in gpu if l.get("truth") == l["answer"])
 same = sum(1 for a, b in zip(cpu, gpu) if a["answer"] == b["answer"])
 ttft = sorted(l["ttft_ms"] for l in gpu)[len(gpu) // 2]
 print(f"watch --device cuda: {right}/{len(gpu)} match the ground truth, {same}/{len(gpu)} equal the CPU answers, median TTFT {ttft:.1f} ms")
-sys.exit(0 if len(gpu) == 12 and right >= 10 else 1)
+# The GPU session must also agree with the CPU one: roll-back or eviction bugs could still
+# get an easy scene right.
+sys.exit(0 if len(gpu) == 12 and right >= 10 and same >= 10 else 1)
 PY
 }
 
@@ -167,8 +169,10 @@ run() {
     exit 2
   fi
   find_nvrtc || true
-  export JETVLM_KERNEL_CACHE="$out/kernel-cache"
-  rm -rf "$JETVLM_KERNEL_CACHE"
+  # Outside $OUT: only a few files come back from a device run (see the end of this function).
+  export JETVLM_KERNEL_CACHE=${JETVLM_KERNEL_CACHE:-${TMPDIR:-/tmp}/jetvlm-gpu-check-kernels}
+  # The first selftest runs on a cold cache; the speed steps keep whatever is compiled.
+  [ "$part" != speed ] && rm -rf "$JETVLM_KERNEL_CACHE"
   if [ "$part" != speed ]; then
     TAIL=80 step "selftest (cold kernel cache)" 60 selftest.txt "$dist/jetvlm" selftest --device cuda
     echo "kernel cache: $(ls "$JETVLM_KERNEL_CACHE" 2>/dev/null | wc -l) entries"
@@ -220,6 +224,14 @@ run() {
   printf '%s\n' "${summary[@]}"
   [ -f "$out/selftest.txt" ] && echo "selftest: $(grep -c '^PASS' "$out/selftest.txt") PASS, $(grep -c '^FAIL' "$out/selftest.txt") FAIL; decoder: $(grep -c '^PASS decoder' "$out/selftest-decoder.txt" 2>/dev/null) PASS, $(grep -c '^FAIL decoder' "$out/selftest-decoder.txt" 2>/dev/null) FAIL"
   [ "$fail" -eq 0 ] && echo "gpu-check: all checks passed" || echo "gpu-check: FAILED"
+  # A device run brings back at most 8 files from $OUT: every step's output goes into one
+  # archive beside a copy of the summary.
+  printf '%s\n' "${summary[@]}" > "$out/summary.txt"
+  if (cd "$out" && find . -maxdepth 1 -type f ! -name summary.txt ! -name gpu-check.tgz -printf '%f\n' \
+        | tar czf gpu-check.tgz -T - 2>/dev/null); then
+    find "$out" -maxdepth 1 -type f ! -name summary.txt ! -name gpu-check.tgz -delete
+    echo "gpu-check: step outputs in $out/gpu-check.tgz"
+  fi
   exit "$fail"
 }
 

@@ -8,7 +8,8 @@ use crate::RuntimeError;
 use crate::cache::{KvChoice, KvStats};
 use jetvlm_core::{FrameId, TokenKind};
 use jetvlm_cuda::{
-    CudaDevice, DeviceDecoder, DeviceInput, DeviceKvCache, DevicePolicy, DeviceSession, PoolMemory,
+    CudaDevice, DeviceDecoder, DeviceInput, DeviceKvCache, DevicePolicy, DeviceScratch,
+    DeviceSession, PoolMemory,
 };
 use jetvlm_decoder::{Decode, Input, Logits};
 use std::path::Path;
@@ -19,6 +20,8 @@ pub(crate) struct GpuDecoder {
     dev: CudaDevice,
     model: DeviceDecoder,
     policy: DevicePolicy,
+    /// The forward pass's activation buffers, made once and lent to each session in turn.
+    scratch: Mutex<Option<DeviceScratch>>,
 }
 
 impl GpuDecoder {
@@ -36,7 +39,12 @@ impl GpuDecoder {
         let model = dev.load_decoder(dir)?;
         let c = &model.config().model;
         let policy = DevicePolicy::new(policy, c.num_key_value_heads, c.head_dim)?;
-        Ok(Self { dev, model, policy })
+        Ok(Self {
+            dev,
+            model,
+            policy,
+            scratch: Mutex::new(None),
+        })
     }
 
     pub(crate) fn name(&self) -> String {
@@ -63,7 +71,8 @@ impl GpuDecoder {
         spans.push((TokenKind::Text, answer_tokens + 1, None));
         let cache = self.cache(self.policy.blocks_for_inputs(&spans))?;
         // The cache starts empty: `run` counts the prompt's frame tokens.
-        let mut backend = self.backend(cache, None, 0, tap)?;
+        let session = self.open_session(cache, None)?;
+        let mut backend = self.backend(session, None, 0, tap);
         let logits = backend.run(prompt)?;
         Ok((backend, logits))
     }
@@ -102,11 +111,51 @@ impl GpuDecoder {
         inputs: &[Input<'_>],
     ) -> Result<(), RuntimeError> {
         let cache = slot.take().ok_or_else(lost)?;
-        let mut session = DeviceSession::new(&self.dev, &self.model, *cache)?;
+        let mut session = self.open_session(*cache, Some(slot))?;
         let done = session.forward(&device_inputs(inputs));
-        *slot = Some(Box::new(session.into_cache()));
+        *slot = Some(Box::new(self.close_session(session)));
         done?;
         Ok(())
+    }
+
+    /// A session over `cache` with the decoder's activation buffers. If it cannot be made,
+    /// the cache goes back into `slot` (when given) before the error returns.
+    fn open_session(
+        &self,
+        cache: DeviceKvCache,
+        slot: Option<&mut Option<Box<DeviceKvCache>>>,
+    ) -> Result<DeviceSession<'_>, RuntimeError> {
+        let lent = self.scratch.lock().ok().and_then(|mut s| s.take());
+        let scratch = match lent.map_or_else(|| DeviceScratch::new(&self.dev, &self.model), Ok) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(slot) = slot {
+                    *slot = Some(Box::new(cache));
+                }
+                return Err(e.into());
+            }
+        };
+        DeviceSession::with_scratch(&self.dev, &self.model, cache, scratch).map_err(|parts| {
+            let parts = *parts;
+            self.return_scratch(parts.scratch);
+            if let Some(slot) = slot {
+                *slot = Some(Box::new(parts.cache));
+            }
+            parts.error.into()
+        })
+    }
+
+    /// Ends a session: its buffers go back for the next one; returns its cache.
+    fn close_session(&self, session: DeviceSession<'_>) -> DeviceKvCache {
+        let (cache, scratch) = session.into_parts();
+        self.return_scratch(scratch);
+        cache
+    }
+
+    fn return_scratch(&self, scratch: DeviceScratch) {
+        if let Ok(mut s) = self.scratch.lock() {
+            *s = Some(scratch);
+        }
     }
 
     /// Runs `prompt` after what the cache in `slot` holds and returns the backend positioned
@@ -120,24 +169,26 @@ impl GpuDecoder {
         tap: Arc<Mutex<KvStats>>,
     ) -> Result<(OnDevice<'a>, Logits), RuntimeError> {
         let cache = slot.take().ok_or_else(lost)?;
-        let mut backend = self.backend(*cache, Some(slot), frame_tokens, tap)?;
+        let session = self.open_session(*cache, Some(&mut *slot))?;
+        let mut backend = self.backend(session, Some(slot), frame_tokens, tap);
         let logits = backend.run(prompt)?;
         Ok((backend, logits))
     }
 
     fn backend<'a>(
         &'a self,
-        cache: DeviceKvCache,
+        session: DeviceSession<'a>,
         slot: Option<&'a mut Option<Box<DeviceKvCache>>>,
         frame_tokens: usize,
         tap: Arc<Mutex<KvStats>>,
-    ) -> Result<OnDevice<'a>, RuntimeError> {
-        Ok(OnDevice {
-            session: Some(DeviceSession::new(&self.dev, &self.model, cache)?),
+    ) -> OnDevice<'a> {
+        OnDevice {
+            gpu: self,
+            session: Some(session),
             slot,
             tap,
             frame_tokens,
-        })
+        }
     }
 }
 
@@ -218,6 +269,7 @@ fn device_inputs<'i>(inputs: &[Input<'i>]) -> Vec<DeviceInput<'i>> {
 /// device cache's memory to the pipeline's KV tap after every step. A session's cache goes
 /// back to its slot when the backend is dropped.
 pub(crate) struct OnDevice<'a> {
+    gpu: &'a GpuDecoder,
     session: Option<DeviceSession<'a>>,
     slot: Option<&'a mut Option<Box<DeviceKvCache>>>,
     tap: Arc<Mutex<KvStats>>,
@@ -227,8 +279,11 @@ pub(crate) struct OnDevice<'a> {
 
 impl Drop for OnDevice<'_> {
     fn drop(&mut self) {
-        if let (Some(session), Some(slot)) = (self.session.take(), self.slot.as_mut()) {
-            **slot = Some(Box::new(session.into_cache()));
+        if let Some(session) = self.session.take() {
+            let cache = self.gpu.close_session(session);
+            if let Some(slot) = self.slot.as_mut() {
+                **slot = Some(Box::new(cache));
+            }
         }
     }
 }

@@ -120,11 +120,13 @@ impl Pipeline {
         let mut store = Store::Cpu;
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &self.gpu {
+            // A question and its answer get the room the CPU cache leaves them.
+            let question = self.capacity - ids.len() - self.cfg.window_frames * tpf;
             store = Store::Gpu(Some(Box::new(gpu.session_cache(
                 ids.len(),
                 self.cfg.window_frames,
                 tpf,
-                256 + self.cfg.max_new_tokens,
+                question,
             )?)));
         }
         if !ids.is_empty() {
@@ -246,18 +248,35 @@ impl StreamSession<'_> {
             #[cfg(feature = "cuda")]
             Store::Gpu(cache) => cache.as_mut().ok_or_else(crate::device::lost)?.clear(),
         }
+        if let Err((kept, e)) = self.reappend() {
+            // The cache was cleared and holds only the first `kept` frames again: forget the
+            // others, so the window and the cache agree (later frames and questions then work
+            // on what is cached).
+            self.window.truncate(kept);
+            self.embeddings.truncate(kept);
+            self.encoder_ms.truncate(kept);
+            return Err(e);
+        }
+        self.rebases += 1;
+        Ok(())
+    }
+
+    /// Appends the prefix and the window's frames again after the cache was cleared. On
+    /// failure, says how many of the window's first frames are cached.
+    fn reappend(&mut self) -> Result<(), (usize, RuntimeError)> {
         if !self.prefix_ids.is_empty() {
-            append(self.pipe, &mut self.store, &[Input::text(&self.prefix_ids)])?;
+            append(self.pipe, &mut self.store, &[Input::text(&self.prefix_ids)])
+                .map_err(|e| (0, e))?;
         }
         let tpf = self.pipe.package.tokens_per_frame();
-        for (frame, emb) in self.window.iter().zip(&self.embeddings) {
+        for (i, (frame, emb)) in self.window.iter().zip(&self.embeddings).enumerate() {
             append(
                 self.pipe,
                 &mut self.store,
                 &[Input::frame(emb, tpf, frame.id)],
-            )?;
+            )
+            .map_err(|e| (i, e))?;
         }
-        self.rebases += 1;
         Ok(())
     }
 

@@ -468,9 +468,15 @@ impl DeviceInput<'_> {
     }
 }
 
-/// Activation buffers for chunks of up to [`PREFILL_CHUNK`] tokens.
+/// Activation buffers of a model's forward pass, for chunks of up to [`PREFILL_CHUNK`]
+/// tokens. One set serves every session of that model in turn
+/// ([`DeviceSession::with_scratch`], [`DeviceSession::into_parts`]), so a camera app does not
+/// allocate them again for every frame and question.
 #[derive(Debug)]
-struct Scratch {
+pub struct DeviceScratch {
+    /// The model dimensions the buffers are sized for: hidden, q heads x head dim, kv heads x
+    /// head dim, intermediate, vocab.
+    dims: [usize; 5],
     x: CudaSlice<f32>,
     xn: CudaSlice<f32>,
     q: CudaSlice<f32>,
@@ -486,46 +492,14 @@ struct Scratch {
     logits: CudaSlice<f32>,
 }
 
-/// A decoder and its KV cache on one device: the forward pass.
-#[derive(Debug)]
-pub struct DeviceSession<'a> {
-    dev: &'a CudaDevice,
-    model: &'a DeviceDecoder,
-    cache: DeviceKvCache,
-    s: Scratch,
-}
-
-impl<'a> DeviceSession<'a> {
-    /// A session over `cache` (its shape must match the model).
-    pub fn new(
-        dev: &'a CudaDevice,
-        model: &'a DeviceDecoder,
-        cache: DeviceKvCache,
-    ) -> Result<Self, CudaError> {
-        let c = &model.config.model;
-        let l = cache.table.policy().layout;
-        if l.kv_heads != c.num_key_value_heads
-            || l.head_dim != c.head_dim
-            || cache.layers.len() != c.num_hidden_layers
-        {
-            return Err(CudaError::Shape {
-                op: "device session",
-                message: format!(
-                    "KV cache of {} layers x {} kv heads x {} does not match the model's {} x {} x {}",
-                    cache.layers.len(),
-                    l.kv_heads,
-                    l.head_dim,
-                    c.num_hidden_layers,
-                    c.num_key_value_heads,
-                    c.head_dim
-                ),
-            });
-        }
+impl DeviceScratch {
+    /// Buffers for `model`'s forward pass.
+    pub fn new(dev: &CudaDevice, model: &DeviceDecoder) -> Result<Self, CudaError> {
+        let dims = scratch_dims(model);
+        let [h, qd, kvd, inter, vocab] = dims;
         let n = PREFILL_CHUNK;
-        let (h, qd) = (c.hidden_size, c.num_attention_heads * c.head_dim);
-        let kvd = c.num_key_value_heads * c.head_dim;
-        let inter = c.intermediate_size;
-        let s = Scratch {
+        Ok(Self {
+            dims,
             x: dev.zeros(n * h)?,
             xn: dev.zeros(n * h)?,
             q: dev.zeros(n * qd)?,
@@ -538,14 +512,104 @@ impl<'a> DeviceSession<'a> {
             act: dev.zeros(n * inter)?,
             last: dev.zeros(h)?,
             last_n: dev.zeros(h)?,
-            logits: dev.zeros(c.vocab_size)?,
+            logits: dev.zeros(vocab)?,
+        })
+    }
+}
+
+fn scratch_dims(model: &DeviceDecoder) -> [usize; 5] {
+    let c = &model.config.model;
+    [
+        c.hidden_size,
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+        c.intermediate_size,
+        c.vocab_size,
+    ]
+}
+
+/// What [`DeviceSession::with_scratch`] gives back when the parts do not fit the model.
+#[derive(Debug)]
+pub struct SessionParts {
+    pub error: CudaError,
+    pub cache: DeviceKvCache,
+    pub scratch: DeviceScratch,
+}
+
+/// A decoder and its KV cache on one device: the forward pass.
+#[derive(Debug)]
+pub struct DeviceSession<'a> {
+    dev: &'a CudaDevice,
+    model: &'a DeviceDecoder,
+    cache: DeviceKvCache,
+    s: DeviceScratch,
+}
+
+impl<'a> DeviceSession<'a> {
+    /// A session over `cache` (its shape must match the model), with buffers of its own.
+    pub fn new(
+        dev: &'a CudaDevice,
+        model: &'a DeviceDecoder,
+        cache: DeviceKvCache,
+    ) -> Result<Self, CudaError> {
+        let scratch = DeviceScratch::new(dev, model)?;
+        Self::with_scratch(dev, model, cache, scratch).map_err(|p| p.error)
+    }
+
+    /// A session over `cache` with `scratch` (made for this model, e.g. by an earlier
+    /// session: [`Self::into_parts`]). Parts that do not fit the model come back with the
+    /// error.
+    pub fn with_scratch(
+        dev: &'a CudaDevice,
+        model: &'a DeviceDecoder,
+        cache: DeviceKvCache,
+        scratch: DeviceScratch,
+    ) -> Result<Self, Box<SessionParts>> {
+        let c = &model.config.model;
+        let l = cache.table.policy().layout;
+        let error = if l.kv_heads != c.num_key_value_heads
+            || l.head_dim != c.head_dim
+            || cache.layers.len() != c.num_hidden_layers
+        {
+            Some(format!(
+                "KV cache of {} layers x {} kv heads x {} does not match the model's {} x {} x {}",
+                cache.layers.len(),
+                l.kv_heads,
+                l.head_dim,
+                c.num_hidden_layers,
+                c.num_key_value_heads,
+                c.head_dim
+            ))
+        } else if scratch.dims != scratch_dims(model) {
+            Some(format!(
+                "activation buffers for dimensions {:?} do not match the model's {:?}",
+                scratch.dims,
+                scratch_dims(model)
+            ))
+        } else {
+            None
         };
+        if let Some(message) = error {
+            return Err(Box::new(SessionParts {
+                error: CudaError::Shape {
+                    op: "device session",
+                    message,
+                },
+                cache,
+                scratch,
+            }));
+        }
         Ok(Self {
             dev,
             model,
             cache,
-            s,
+            s: scratch,
         })
+    }
+
+    /// Ends the session and hands its cache and buffers back (for the next session).
+    pub fn into_parts(self) -> (DeviceKvCache, DeviceScratch) {
+        (self.cache, self.s)
     }
 
     pub fn cache(&self) -> &DeviceKvCache {

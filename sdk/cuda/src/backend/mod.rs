@@ -11,7 +11,10 @@ mod ops;
 mod selftest;
 
 pub use bench::DeviceBandwidth;
-pub use decoder::{DeviceDecoder, DeviceInput, DeviceKvCache, DeviceSession, PREFILL_CHUNK};
+pub use decoder::{
+    DeviceDecoder, DeviceInput, DeviceKvCache, DeviceScratch, DeviceSession, PREFILL_CHUNK,
+    SessionParts,
+};
 pub use decoder_check::{DECODER_FIXTURES, DecoderCheck};
 pub use device::{CudaDevice, driver_available};
 pub use kv::{AttentionPlan, DeviceKvPools, PoolMemory, Splits};
