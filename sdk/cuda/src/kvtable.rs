@@ -55,6 +55,12 @@ impl DevicePolicy {
     pub fn new(policy: &KvPolicy, kv_heads: usize, head_dim: usize) -> Result<Self, CudaError> {
         let policy = &policy.fitted_to(head_dim);
         let quantize_frames = policy.quantizes_frames();
+        if quantize_frames && policy.salient_frame_tokens {
+            tracing::warn!(
+                policy = %policy.name(),
+                "salient=on is not applied on the GPU: frame tokens other than the attention sinks are quantized"
+            );
+        }
         let quantize_text = policy.quantize_text && quantize_frames;
         let key_per_channel = policy.key_mode == KeyMode::PerChannel;
         let err = |message: String| CudaError::Policy {
