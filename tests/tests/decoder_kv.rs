@@ -496,3 +496,47 @@ fn salient_frame_tokens_fill_the_fp16_budget() {
         }
     }
 }
+
+/// The GPU decoder check (`jetvlm selftest --device cuda --decoder-fixtures`) requires the
+/// GPU with the mixed policy and with a calibrated-style per-layer policy to predict at least
+/// `MIXED_AGREEMENT` of the CPU FP16 answer's tokens on its frame-heavy prompt (teacher
+/// forced). The CPU cache with the same policies, on the same prompt, must reach it too, or
+/// the GPU check would fail on a correct GPU.
+#[test]
+fn gpu_check_agreement_threshold_holds_on_the_cpu() {
+    const N: usize = 32;
+    for name in ["llama", "llama_bf16", "llama_f16", "qwen2"] {
+        let model = load(name);
+        let prompt = ids(&expected(name)["prompt_ids"]);
+        let (split, frame_ids) =
+            jetvlm_cuda::agreement_frames(prompt.len(), model.vocab_size() as u32);
+        let frames: Vec<Vec<f32>> = frame_ids.iter().map(|f| model.embed(f).unwrap()).collect();
+        let mut inputs = vec![Input::text(&prompt[..split])];
+        for (i, f) in frames.iter().enumerate() {
+            inputs.push(Input::frame(f, 64, i as u64));
+        }
+        inputs.push(Input::text(&prompt[split..]));
+        let cap = prompt.len() + 128 + N + 1;
+        let mut fp16 = MixedKvCache::new(model.cache_shape(), KvPolicy::fp16(), cap).unwrap();
+        let answer = greedy(&model, &mut fp16, &inputs, N);
+        let layers = model.cache_shape().layers;
+        for policy in [
+            KvPolicy::mixed(),
+            jetvlm_cuda::per_layer_check_policy(layers),
+        ] {
+            let mut cache = MixedKvCache::new(model.cache_shape(), policy.clone(), cap).unwrap();
+            let rows = forced_logits(&model, &mut cache, &inputs, &answer);
+            let same = rows
+                .iter()
+                .zip(&answer)
+                .filter(|(r, t)| argmax(r) == **t)
+                .count();
+            println!("{name} {}: {same}/{N} teacher-forced tokens", policy.name());
+            assert!(
+                same as f64 >= jetvlm_cuda::MIXED_AGREEMENT * N as f64,
+                "{name} {}: {same}/{N}",
+                policy.name()
+            );
+        }
+    }
+}

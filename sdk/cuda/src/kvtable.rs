@@ -903,8 +903,22 @@ mod tests {
         let sessions: [&[Op]; 4] = [
             &[Frame(1, 64), Text(5), Frame(2, 64), Text(3)],
             &[Text(2), Frame(1, 64), Text(4), Truncate(4), Frame(2, 40)],
-            &[Frame(1, 3), Frame(2, 64), Text(10), Truncate(10), Evict(1), Frame(3, 64)],
-            &[Text(1), Truncate(1), Frame(1, 64), Evict(1), Frame(2, 64), Text(2)],
+            &[
+                Frame(1, 3),
+                Frame(2, 64),
+                Text(10),
+                Truncate(10),
+                Evict(1),
+                Frame(3, 64),
+            ],
+            &[
+                Text(1),
+                Truncate(1),
+                Frame(1, 64),
+                Evict(1),
+                Frame(2, 64),
+                Text(2),
+            ],
         ];
         let policies = [
             "mixed",
@@ -931,7 +945,9 @@ mod tests {
                     let mut cpu_append = |kind, n: usize, frame| {
                         let positions: Vec<u32> = (pos..pos + n as u32).collect();
                         pos += n as u32;
-                        cells.append(&cpu_policy, kind, &positions, frame, None).unwrap();
+                        cells
+                            .append(&cpu_policy, kind, &positions, frame, None)
+                            .unwrap();
                     };
                     match *op {
                         Text(n) => {
@@ -966,10 +982,16 @@ mod tests {
                     .iter()
                     .map(|o| if let Frame(_, n) = o { *n } else { 0 })
                     .sum();
-                let text: usize = ops.iter().map(|o| if let Text(n) = o { *n } else { 0 }).sum();
+                let text: usize = ops
+                    .iter()
+                    .map(|o| if let Text(n) = o { *n } else { 0 })
+                    .sum();
                 let (tb, fb) = p.blocks_for(text, frames, ops.len());
                 let (ut, uf) = t.used_blocks();
-                assert!(ut <= tb && uf <= fb, "{name}: used {ut}/{uf}, sized {tb}/{fb}");
+                assert!(
+                    ut <= tb && uf <= fb,
+                    "{name}: used {ut}/{uf}, sized {tb}/{fb}"
+                );
                 live_roundtrip(p.clone(), (tb, fb), ops);
             }
         }
@@ -977,7 +999,10 @@ mod tests {
         // frame's own, the rest in a quantized block; a clear starts the sinks again.
         let mut t = KvBlockTable::new(policy("mixed", 1, 64), 4, 4);
         let placed = t.append_frame(1, 64).unwrap();
-        let runs: Vec<_> = placed.iter().map(|p| (p.kind, p.len, p.src_token)).collect();
+        let runs: Vec<_> = placed
+            .iter()
+            .map(|p| (p.kind, p.len, p.src_token))
+            .collect();
         assert_eq!(
             runs,
             vec![(BlockKind::Text, 4, 0), (BlockKind::Frame, 60, 4)]
@@ -1055,7 +1080,14 @@ mod tests {
             let t = live_roundtrip(
                 p.clone(),
                 (8, 8),
-                &[Text(10), Frame(1, 64), Evict(1), Text(5), Truncate(5), Text(3)],
+                &[
+                    Text(10),
+                    Frame(1, 64),
+                    Evict(1),
+                    Text(5),
+                    Truncate(5),
+                    Text(3),
+                ],
             );
             assert_eq!((t.len(), t.next_position()), (13, 77), "{name}");
         }

@@ -43,7 +43,9 @@ pub use error::CudaError;
 pub use kvtable::{DevicePolicy, KvBlockTable, Placement};
 pub use layout::{BlockEntry, BlockKind, KvLayout};
 pub use meminfo::DeviceInfo;
-pub use selftest::{CompiledKernel, KernelCheck};
+pub use selftest::{
+    CompiledKernel, KernelCheck, MIXED_AGREEMENT, agreement_frames, per_layer_check_policy,
+};
 
 /// True when this build contains the CUDA backend.
 pub const fn compiled_with_cuda() -> bool {

@@ -78,7 +78,6 @@ impl LayerFormat {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,10 +89,7 @@ mod tests {
             assert_eq!(f.to_string(), s);
         }
         let f: LayerFormat = " 4c64 ".parse().unwrap();
-        assert_eq!(
-            (f.bits, f.key_mode, f.group),
-            (4, KeyMode::PerChannel, 64)
-        );
+        assert_eq!((f.bits, f.key_mode, f.group), (4, KeyMode::PerChannel, 64));
         for (s, says) in [
             ("4x64", "expected <bits><c|t><group>"),
             ("c64", "expected <bits><c|t><group>"),

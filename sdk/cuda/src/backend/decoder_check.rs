@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use jetvlm_decoder::{GenerateOptions, Generation, Input, LoadOptions, Model};
-use jetvlm_kvcache::{KeyMode, KvPolicy, LayerFormat, MixedKvCache};
+use jetvlm_kvcache::{KvPolicy, MixedKvCache};
 
 use super::decoder::{DeviceInput, DeviceKvCache, DeviceSession};
 use super::device::CudaDevice;
@@ -46,9 +46,8 @@ pub struct DecoderCheck {
     pub rolling: (Vec<u32>, Vec<u32>),
 }
 
-/// Minimum teacher-forced agreement of the GPU mixed policy with the CPU FP16 answer (the CPU
-/// mixed policy reaches 95% on these fixtures).
-pub const MIXED_AGREEMENT: f64 = 0.90;
+pub use crate::selftest::MIXED_AGREEMENT;
+use crate::selftest::{agreement_frames, per_layer_check_policy};
 
 impl DecoderCheck {
     pub fn first_mismatch(&self) -> Option<usize> {
@@ -167,16 +166,12 @@ impl CudaDevice {
             path: path.clone(),
             message,
         };
-        let vocab = cpu_model.vocab_size() as u32;
-        let frame_ids: Vec<Vec<u32>> = (0..2u32)
-            .map(|f| (0..64u32).map(|i| (f * 97 + i * 31 + 5) % vocab).collect())
-            .collect();
+        let (split, frame_ids) = agreement_frames(prompt.len(), cpu_model.vocab_size() as u32);
         let frames: Vec<Vec<f32>> = frame_ids
             .iter()
             .map(|f| cpu_model.embed(f))
             .collect::<Result<_, _>>()
             .map_err(|e| model_err(e.to_string()))?;
-        let split = prompt.len().min(4);
         let mut inputs = vec![Input::text(&prompt[..split])];
         for (i, f) in frames.iter().enumerate() {
             inputs.push(Input::frame(f, 64, i as u64));
@@ -420,7 +415,7 @@ impl CudaDevice {
             let mixed = KvPolicy::mixed();
             let mixed_agreement =
                 self.mixed_agreement(&cpu_model, &model, &prompt, tokens, &mixed)?;
-            let per_layer = per_layer_policy(model.config().model.num_hidden_layers);
+            let per_layer = per_layer_check_policy(model.config().model.num_hidden_layers);
             let per_layer_agreement =
                 self.mixed_agreement(&cpu_model, &model, &prompt, tokens, &per_layer)?;
             let rolling = self.rolling_session(&cpu_model, &model, &prompt, tokens)?;
@@ -440,29 +435,6 @@ impl CudaDevice {
             });
         }
         Ok(out)
-    }
-}
-
-/// A calibrated-style policy for `layers` layers: frame formats cycling INT4 per-channel
-/// g64, INT8 per-token g64 and INT4 per-token g32.
-fn per_layer_policy(layers: usize) -> KvPolicy {
-    let cycle = [
-        (4, KeyMode::PerChannel, 64),
-        (8, KeyMode::PerToken, 64),
-        (4, KeyMode::PerToken, 32),
-    ];
-    KvPolicy {
-        layers: (0..layers)
-            .map(|l| {
-                let (bits, key_mode, group) = cycle[l % cycle.len()];
-                LayerFormat {
-                    bits,
-                    key_mode,
-                    group,
-                }
-            })
-            .collect(),
-        ..KvPolicy::mixed()
     }
 }
 
@@ -518,7 +490,7 @@ mod tests {
         per_layer.per_layer_agreement = (20, 32);
         assert!(!per_layer.passed() && per_layer.line().contains("BELOW 90%"));
         assert_eq!(
-            per_layer_policy(4).name(),
+            per_layer_check_policy(4).name(),
             "mixed:layers=4c64/8t64/4t32/4c64"
         );
         let mut rolling = check(vec![1, 2, 3, 4], vec![1, 2, 3, 4], 1e-6, (30, 32));
