@@ -9,9 +9,15 @@ pub enum CudaError {
     DriverNotFound,
     #[error(
         "NVRTC library (libnvrtc.so) not found: install the CUDA toolkit, or run .ci/setup (the \
-         `nvidia-cuda-nvrtc-cu12` wheel in .venv), or set JETVLM_NVRTC_LIB to a libnvrtc.so.12"
+         `nvidia-cuda-nvrtc-cu12` wheel in .venv), or set JETVLM_NVRTC_LIB to a libnvrtc.so.12 \
+         (tried when none is on the loader path, after /usr/local/cuda/lib64)"
     )]
     NvrtcNotFound,
+    #[error(
+        "NVRTC {nvrtc} is newer than the driver's CUDA {driver}: the kernels it compiles would not \
+         load; use the NVRTC of the installed CUDA (on the loader path, or JETVLM_NVRTC_LIB)"
+    )]
+    NvrtcNewerThanDriver { nvrtc: String, driver: String },
     #[error("no CUDA device {ordinal}: {message}")]
     NoDevice { ordinal: usize, message: String },
     #[error("CUDA driver call `{op}` failed: {message}")]
@@ -59,6 +65,7 @@ impl CudaError {
             CudaError::NotCompiledWithCuda
                 | CudaError::DriverNotFound
                 | CudaError::NvrtcNotFound
+                | CudaError::NvrtcNewerThanDriver { .. }
                 | CudaError::NoDevice { .. }
         )
     }

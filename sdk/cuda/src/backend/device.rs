@@ -109,6 +109,7 @@ impl CudaDevice {
             driver_version,
             nvrtc_version: nvrtc_version()?,
         };
+        check_nvrtc_for_driver(info.nvrtc_version, info.driver_version)?;
         tracing::info!(?info, "opened CUDA device");
         Ok(Self {
             ctx,
@@ -254,5 +255,34 @@ impl CudaDevice {
             .map_err(driver_err("cuMemcpyDtoH"))?;
         self.synchronize()?;
         Ok(v)
+    }
+}
+
+/// An NVRTC of a newer CUDA major version than the driver's compiles kernels the driver
+/// cannot load (e.g. the CUDA 12 wheel on a JetPack 5 board, whose driver is CUDA 11.4).
+/// Within one major version newer minors are fine (CUDA minor-version compatibility).
+fn check_nvrtc_for_driver(nvrtc: (i32, i32), driver_version: i32) -> Result<(), CudaError> {
+    let (major, minor) = (driver_version / 1000, driver_version % 1000 / 10);
+    if nvrtc.0 > major {
+        return Err(CudaError::NvrtcNewerThanDriver {
+            nvrtc: format!("{}.{}", nvrtc.0, nvrtc.1),
+            driver: format!("{major}.{minor}"),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    #[test]
+    fn nvrtc_of_a_newer_cuda_major_than_the_driver_is_refused() {
+        // CUDA 12.6 NVRTC: fine with a 12.2 (JetPack 6.0) or 13.0 driver, not with 11.4.
+        assert!(check_nvrtc_for_driver((12, 6), 12020).is_ok());
+        assert!(check_nvrtc_for_driver((12, 6), 13000).is_ok());
+        let e = check_nvrtc_for_driver((12, 6), 11040).unwrap_err();
+        assert!(e.is_unavailable());
+        assert!(e.to_string().contains("NVRTC 12.6 is newer than the driver's CUDA 11.4"), "{e}");
     }
 }

@@ -10,12 +10,41 @@ use cudarc::nvrtc::{result, sys};
 use crate::error::CudaError;
 use crate::sources::KernelSource;
 
-/// Where a project-local NVRTC may be: `$JETVLM_NVRTC_LIB`, else the `nvidia-cuda-nvrtc-cu12`
-/// wheel in a `.venv` of the working directory or of a directory above the executable.
+/// Where an NVRTC off the loader path may be: `$JETVLM_NVRTC_LIB`, the CUDA toolkit's own
+/// directories (`$CUDA_HOME`, `/usr/local/cuda`: a JetPack or toolkit install whose library
+/// directory is not in the loader's configuration), else the `nvidia-cuda-nvrtc-cu12` wheel
+/// in a `.venv` of the working directory or of a directory above the executable.
 fn bundled_nvrtc_candidates() -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Some(p) = std::env::var_os("JETVLM_NVRTC_LIB").filter(|p| !p.is_empty()) {
         out.push(PathBuf::from(p));
+    }
+    let homes = std::env::var_os("CUDA_HOME")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from("/usr/local/cuda")]);
+    for home in homes {
+        let mut dirs = vec![home.join("lib64")];
+        if let Ok(targets) = std::fs::read_dir(home.join("targets")) {
+            dirs.extend(targets.flatten().map(|t| t.path().join("lib")));
+        }
+        for dir in dirs {
+            // The newest versioned library first (e.g. libnvrtc.so.12 before .so.11.2).
+            let mut libs: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("libnvrtc.so."))
+                })
+                .collect();
+            libs.sort();
+            out.extend(libs.into_iter().rev());
+        }
     }
     let mut roots: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
     if let Ok(exe) = std::env::current_exe() {
