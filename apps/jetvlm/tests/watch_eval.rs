@@ -39,6 +39,7 @@ fn watch_keeps_a_bounded_window_and_reports_every_frame() {
         );
         assert!(!l["answer"].as_str().unwrap_or("").is_empty(), "{l}");
         assert_eq!(l["decoder_device"], "cpu", "{l}");
+        assert_eq!(l["execution_provider"], "cpu", "{l}");
         assert!(l["ttft_ms"].as_f64().unwrap_or(-1.0) >= 0.0);
     }
     // The synthetic camera knows the answer to the default question; the bundled model,
@@ -172,4 +173,24 @@ fn synth_refuses_a_non_empty_directory_unless_forced() {
         qa.lines().count() as u64,
         meta["questions"].as_u64().unwrap()
     );
+}
+
+/// `--ep tensorrt --require-ep`: a build (or an ONNX Runtime) without TensorRT fails with one
+/// line naming the provider instead of running the encoder on the CPU.
+#[test]
+fn watch_refuses_a_required_provider_it_lacks() {
+    let out = jetvlm(&[
+        "watch",
+        "synthetic://scene?pace=0",
+        "--frames",
+        "1",
+        "--ep",
+        "tensorrt",
+        "--require-ep",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tensorrt"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }

@@ -67,23 +67,30 @@ impl V4l2Source {
         if let Some(h) = height {
             fmt.height = h;
         }
+        let offered = fmt.fourcc;
         let mut chosen = None;
+        let mut refused = None;
         for (code, pixel) in [
             (b"YUYV", Pixel::Yuyv),
             (b"MJPG", Pixel::Mjpg),
             (b"RGB3", Pixel::Rgb3),
         ] {
             fmt.fourcc = FourCC::new(code);
-            let got = dev.set_format(&fmt).map_err(dev_err("VIDIOC_S_FMT"))?;
-            if got.fourcc == FourCC::new(code) {
-                chosen = Some((got, pixel));
-                break;
+            // A driver may refuse a format outright (EINVAL, or EBUSY while another process
+            // streams): try the next one.
+            match dev.set_format(&fmt) {
+                Ok(got) if got.fourcc == FourCC::new(code) => {
+                    chosen = Some((got, pixel));
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => refused = Some(e),
             }
         }
         let Some((fmt, pixel)) = chosen else {
             return Err(CameraError::DeviceFormat {
                 device: device.to_string(),
-                reason: "supports none of YUYV, MJPG, RGB3".into(),
+                reason: unsupported_format(&offered, refused.as_ref()),
             });
         };
         let fps = match fps {
@@ -178,5 +185,36 @@ impl FrameSource for V4l2Source {
 
     fn describe(&self) -> String {
         format!("v4l2://{}", self.device)
+    }
+}
+
+/// Why no capture format fits: what the device offers, the last refusal, and the usual cause
+/// on a Jetson (a CSI sensor's raw Bayer node, read through Argus rather than V4L2).
+fn unsupported_format(offered: &FourCC, refused: Option<&std::io::Error>) -> String {
+    let name = offered
+        .str()
+        .map_or_else(|_| format!("{:?}", offered.repr), str::to_string);
+    let mut reason = format!("supports none of YUYV, MJPG, RGB3 (it offers {name})");
+    if let Some(e) = refused {
+        reason.push_str(&format!("; setting a format failed: {e}"));
+    }
+    reason.push_str(
+        "; USB (UVC) cameras offer YUYV or MJPG. A Jetson CSI sensor gives raw Bayer frames: \
+         read it with nvarguscamerasrc into a v4l2loopback device and open that one",
+    );
+    reason
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsupported_formats_name_the_offer_and_the_csi_route() {
+        let refused = std::io::Error::from_raw_os_error(16);
+        let r = unsupported_format(&FourCC::new(b"RG10"), Some(&refused));
+        assert!(r.contains("it offers RG10"), "{r}");
+        assert!(r.contains("setting a format failed"), "{r}");
+        assert!(r.contains("nvarguscamerasrc"), "{r}");
     }
 }

@@ -3,8 +3,10 @@
 //! Resolution order: an explicit path (config `vision.ort_library`) > `ORT_DYLIB_PATH` >
 //! the project venv next to the executable or the workspace
 //! (`<repo>/.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*`) > the
-//! system (JetPack's onnxruntime-gpu, `/usr/lib`, `LD_LIBRARY_PATH`). The library is loaded
-//! once per process; one ONNX Runtime environment serves every encoder.
+//! system (an `onnxruntime-gpu` installed for the system Python, `/usr/lib`,
+//! `LD_LIBRARY_PATH`). The venv's PyPI wheel has no GPU provider: on a Jetson, name a
+//! TensorRT-enabled build explicitly. The library is loaded once per process; one ONNX
+//! Runtime environment serves every encoder.
 
 use crate::VisionError;
 use std::path::{Path, PathBuf};

@@ -105,8 +105,9 @@ impl Default for TensorRtSettings {
     }
 }
 
-/// Registers the first provider of `order` that works on this machine; logs (or, with
-/// `require`, returns as an error) every one skipped. Returns the provider that runs.
+/// Registers the first provider of `order` that works on this machine, and CUDA after it
+/// when listed later (for the nodes TensorRT leaves); logs (or, with `require`, returns as an
+/// error) every one skipped. Returns the provider that runs the model.
 pub(crate) fn register(
     builder: &mut SessionBuilder,
     order: &[ExecutionProvider],
@@ -125,7 +126,20 @@ pub(crate) fn register(
             ExecutionProvider::Cpu => Ok(()),
         };
         match result {
-            Ok(()) => return Ok(ep),
+            Ok(()) => {
+                // The GPU providers after it take the nodes it rejects (TensorRT leaves some
+                // operators to CUDA), ahead of ONNX Runtime's CPU fallback.
+                for &next in &order[rank + 1..] {
+                    let extra = match next {
+                        ExecutionProvider::Cuda => cuda::register(builder),
+                        _ => continue,
+                    };
+                    if let Err(reason) = extra {
+                        tracing::debug!(provider = %next, %reason, "secondary execution provider not registered");
+                    }
+                }
+                return Ok(ep);
+            }
             Err(reason) => {
                 if require && rank == 0 {
                     return Err(VisionError::ProviderUnavailable {

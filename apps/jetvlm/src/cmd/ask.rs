@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use jetvlm_camera::Frame;
 use jetvlm_runtime::RuntimeConfig;
-use jetvlm_vision::{ExecutionProvider, RgbImage};
+use jetvlm_vision::RgbImage;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -39,15 +39,8 @@ pub struct AskArgs {
     pub temperature: Option<f32>,
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Execution providers for the vision encoder in priority order (tensorrt,cuda,cpu).
-    #[arg(long = "ep", value_delimiter = ',')]
-    pub execution_providers: Option<Vec<ExecutionProvider>>,
-    /// Fail instead of falling back when the first execution provider is unavailable.
-    #[arg(long)]
-    pub require_ep: bool,
-    /// Path of libonnxruntime.so (overrides ORT_DYLIB_PATH and the search).
-    #[arg(long)]
-    pub ort_library: Option<PathBuf>,
+    #[command(flatten)]
+    pub encoder: super::EncoderArgs,
     /// Print one JSON object (text, token ids, timings, KV bytes, execution provider).
     #[arg(long)]
     pub json: bool,
@@ -72,15 +65,7 @@ pub fn run(args: AskArgs) -> Result<()> {
     if let Some(s) = args.seed {
         cfg.sampling.seed = s;
     }
-    if let Some(eps) = &args.execution_providers {
-        cfg.vision.execution_providers = eps.clone();
-    }
-    if args.require_ep {
-        cfg.vision.require = true;
-    }
-    if args.ort_library.is_some() {
-        cfg.vision.ort_library = args.ort_library.clone();
-    }
+    args.encoder.apply(&mut cfg);
     super::apply_device(&mut cfg, args.device)?;
 
     let mut frames = Vec::with_capacity(args.images.len());

@@ -14,6 +14,38 @@ pub mod watch;
 
 use std::path::{Path, PathBuf};
 
+use jetvlm_vision::ExecutionProvider;
+
+/// The vision encoder's ONNX Runtime options shared by `ask` and `watch`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct EncoderArgs {
+    /// Execution providers for the vision encoder in priority order (tensorrt,cuda,cpu).
+    #[arg(long = "ep", value_delimiter = ',')]
+    pub execution_providers: Option<Vec<ExecutionProvider>>,
+    /// Fail instead of falling back when the first execution provider is unavailable.
+    #[arg(long)]
+    pub require_ep: bool,
+    /// Path of libonnxruntime.so (overrides ORT_DYLIB_PATH and the search), e.g. an ONNX
+    /// Runtime built with the TensorRT provider on a Jetson.
+    #[arg(long)]
+    pub ort_library: Option<PathBuf>,
+}
+
+impl EncoderArgs {
+    /// Applies the flags given over the runtime config.
+    pub fn apply(&self, cfg: &mut jetvlm_runtime::RuntimeConfig) {
+        if let Some(eps) = &self.execution_providers {
+            cfg.vision.execution_providers = eps.clone();
+        }
+        if self.require_ep {
+            cfg.vision.require = true;
+        }
+        if self.ort_library.is_some() {
+            cfg.vision.ort_library = self.ort_library.clone();
+        }
+    }
+}
+
 /// The model package a command uses: the one given, else the bundled demo model
 /// (`models/demo`), looked up from the working directory and from the executable's location
 /// upwards (so `cargo run` and an installed tree both find it), or `$JETVLM_MODEL`.

@@ -38,6 +38,8 @@ pub struct WatchArgs {
     /// --kv.
     #[arg(long, conflicts_with = "kv")]
     pub kv_calibration: Option<PathBuf>,
+    #[command(flatten)]
+    pub encoder: super::EncoderArgs,
     /// Runtime config YAML; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -76,6 +78,8 @@ struct FrameReport<'a> {
     kv_policy: String,
     /// Where the decoder ran: `cpu`, or `cuda (<GPU name>)`.
     decoder_device: String,
+    /// The vision encoder's ONNX Runtime execution provider: `tensorrt`, `cuda` or `cpu`.
+    execution_provider: String,
 }
 
 pub fn run(args: WatchArgs) -> Result<()> {
@@ -87,6 +91,7 @@ pub fn run(args: WatchArgs) -> Result<()> {
     anyhow::ensure!(args.window > 0, "--window must be at least 1");
     cfg.window_frames = args.window;
     cfg.max_new_tokens = args.max_tokens;
+    args.encoder.apply(&mut cfg);
     super::apply_device(&mut cfg, args.device)?;
     let (model, mut pipeline) = super::load_pipeline(args.model.as_deref(), cfg)?;
     let question = super::question_or_default(&pipeline, args.question.as_deref())?;
@@ -99,9 +104,10 @@ pub fn run(args: WatchArgs) -> Result<()> {
     if !args.json {
         writeln!(
             out,
-            "watching {} with {} (KV {}, decoder on {}), window {} frames; question: {question}",
+            "watching {} with {} (encoder on {}, KV {}, decoder on {}), window {} frames; question: {question}",
             args.source,
             model.display(),
+            pipeline.execution_provider(),
             pipeline.kv_policy(),
             pipeline.decoder_device(),
             args.window
@@ -161,6 +167,7 @@ pub fn run(args: WatchArgs) -> Result<()> {
             kv_fp16_equivalent_bytes: s.kv.fp16_equivalent_bytes,
             kv_policy: s.kv_policy.clone(),
             decoder_device: s.decoder_device.clone(),
+            execution_provider: s.execution_provider.clone(),
         };
         if args.json {
             writeln!(out, "{}", serde_json::to_string(&report)?)?;

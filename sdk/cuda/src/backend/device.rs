@@ -283,6 +283,10 @@ mod version_tests {
         assert!(check_nvrtc_for_driver((12, 6), 13000).is_ok());
         let e = check_nvrtc_for_driver((12, 6), 11040).unwrap_err();
         assert!(e.is_unavailable());
-        assert!(e.to_string().contains("NVRTC 12.6 is newer than the driver's CUDA 11.4"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("NVRTC 12.6 is newer than the driver's CUDA 11.4"),
+            "{e}"
+        );
     }
 }
