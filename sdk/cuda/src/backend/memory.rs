@@ -4,7 +4,9 @@
 //!   staging buffer, so loading weights never holds a whole host copy next to the device copy
 //!   (on Jetson both live in the same DRAM, so a full host copy would double the peak).
 //! - [`MappedHostBuffer`]: page-locked host memory mapped into the device address space;
-//!   kernels read it in place (camera frames on Jetson, where this is the same DRAM).
+//!   kernels read it in place. It holds the KV pools of `--kv-offload host` (and the
+//!   selftest's zero-copy check); frame embeddings are copied to the device, as they are
+//!   small next to the KV cache.
 
 use cudarc::driver::{DeviceRepr, PinnedHostSlice, ValidAsZeroBits, sys};
 
