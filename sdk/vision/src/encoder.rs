@@ -149,7 +149,18 @@ impl OrtEncoder {
             let base = spec.model.parent().unwrap_or(Path::new(".")).to_path_buf();
             spec.tensorrt = trt_settings(t, &base);
         }
-        let (env, library) = library::environment(cfg.ort_library.as_deref())?;
+        let order = if cfg.execution_providers.is_empty() {
+            ExecutionProvider::default_order()
+        } else {
+            cfg.execution_providers.clone()
+        };
+        // GPU providers this build can register: prefer an ONNX Runtime that has them.
+        let gpu: Vec<ExecutionProvider> = order
+            .iter()
+            .copied()
+            .filter(|&ep| ep != ExecutionProvider::Cpu && ep.compiled())
+            .collect();
+        let (env, library) = library::environment(cfg.ort_library.as_deref(), &gpu)?;
         let model = spec.model.clone();
         let ort_err = |op: &'static str| {
             let model = model.clone();
@@ -169,11 +180,6 @@ impl OrtEncoder {
                 .with_intra_threads(n)
                 .map_err(ort_err("setting intra-op threads"))?;
         }
-        let order = if cfg.execution_providers.is_empty() {
-            ExecutionProvider::default_order()
-        } else {
-            cfg.execution_providers.clone()
-        };
         let provider = providers::register(&mut builder, &order, cfg.require, &spec.tensorrt)?;
         let session = builder
             .commit_from_file(&spec.model)

@@ -4,16 +4,29 @@
 //! the project venv next to the executable or the workspace
 //! (`<repo>/.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*`) > the
 //! system (an `onnxruntime-gpu` installed for the system Python, `/usr/lib`,
-//! `LD_LIBRARY_PATH`). The venv's PyPI wheel has no GPU provider: on a Jetson, name a
-//! TensorRT-enabled build explicitly. The library is loaded once per process; one ONNX
-//! Runtime environment serves every encoder.
+//! `LD_LIBRARY_PATH`). The venv's PyPI wheel has no GPU provider: when the encoder asks for
+//! TensorRT or CUDA (and this build has them), a library found later that ships that
+//! provider (`libonnxruntime_providers_tensorrt.so` beside it) is taken instead. The library
+//! is loaded once per process; one ONNX Runtime environment serves every encoder.
 
-use crate::VisionError;
+use crate::{ExecutionProvider, VisionError};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-/// Finds the library without loading it.
+/// Finds the library without loading it (see [`resolve_ort_library_for`]).
 pub fn resolve_ort_library(explicit: Option<&Path>) -> Result<PathBuf, VisionError> {
+    resolve_ort_library_for(explicit, &[])
+}
+
+/// Finds the library without loading it. An explicit path or `ORT_DYLIB_PATH` is taken as
+/// given; otherwise the first library found in the search order, except that when `gpu`
+/// names providers (e.g. the encoder asks for TensorRT) a library shipping one of them
+/// (`libonnxruntime_providers_<name>.so` beside it) is preferred: the project venv's PyPI
+/// wheel has none, while an ONNX Runtime built for a Jetson does.
+pub fn resolve_ort_library_for(
+    explicit: Option<&Path>,
+    gpu: &[ExecutionProvider],
+) -> Result<PathBuf, VisionError> {
     if let Some(p) = explicit {
         return existing(p, "vision.ort_library");
     }
@@ -21,30 +34,57 @@ pub fn resolve_ort_library(explicit: Option<&Path>) -> Result<PathBuf, VisionErr
         return existing(Path::new(&p), "ORT_DYLIB_PATH");
     }
     let mut looked = Vec::new();
+    let mut found = Vec::new();
     for root in venv_roots() {
         let lib = root.join(".venv/lib");
         looked.push(lib.join("python3*/site-packages/onnxruntime/capi/libonnxruntime.so*"));
-        if let Some(found) = find_in_python_lib(&lib, "site-packages") {
-            return Ok(found);
-        }
+        found.extend(find_in_python_lib(&lib, "site-packages"));
     }
     for dir in system_dirs() {
         looked.push(dir.join("libonnxruntime.so*"));
-        if let Some(found) = find_lib_in(&dir) {
-            return Ok(found);
-        }
+        found.extend(find_lib_in(&dir));
     }
     for lib in [Path::new("/usr/local/lib"), Path::new("/usr/lib")] {
         for pkgs in ["dist-packages", "site-packages"] {
             looked.push(lib.join(format!(
                 "python3*/{pkgs}/onnxruntime/capi/libonnxruntime.so*"
             )));
-            if let Some(found) = find_in_python_lib(lib, pkgs) {
-                return Ok(found);
-            }
+            found.extend(find_in_python_lib(lib, pkgs));
         }
     }
-    Err(VisionError::OrtLibraryNotFound { looked_in: looked })
+    pick(found, gpu).ok_or(VisionError::OrtLibraryNotFound { looked_in: looked })
+}
+
+/// The first of `found` that ships one of the `gpu` providers, else the first.
+fn pick(found: Vec<PathBuf>, gpu: &[ExecutionProvider]) -> Option<PathBuf> {
+    let with_gpu = found
+        .iter()
+        .find(|lib| gpu.iter().any(|&ep| ships_provider(lib, ep)));
+    match with_gpu {
+        Some(lib) => {
+            if found.first() != Some(lib) {
+                tracing::info!(
+                    library = %lib.display(),
+                    "preferring an ONNX Runtime that ships the requested GPU execution provider"
+                );
+            }
+            Some(lib.clone())
+        }
+        None => found.into_iter().next(),
+    }
+}
+
+/// Whether the ONNX Runtime at `lib` ships `ep`'s provider library beside it.
+fn ships_provider(lib: &Path, ep: ExecutionProvider) -> bool {
+    let name = match ep {
+        ExecutionProvider::TensorRt => "tensorrt",
+        ExecutionProvider::Cuda => "cuda",
+        ExecutionProvider::Cpu => return false,
+    };
+    lib.parent().is_some_and(|d| {
+        d.join(format!("libonnxruntime_providers_{name}.so"))
+            .is_file()
+    })
 }
 
 fn existing(p: &Path, origin: &str) -> Result<PathBuf, VisionError> {
@@ -146,6 +186,7 @@ static INIT: Mutex<()> = Mutex::new(());
 /// actually in use. A later call naming another library gets the first one, with a warning.
 pub fn environment(
     explicit: Option<&Path>,
+    gpu: &[ExecutionProvider],
 ) -> Result<(ort::environment::Environment, PathBuf), VisionError> {
     if let Some(l) = ENV.get() {
         warn_if_other(explicit, &l.path);
@@ -155,7 +196,7 @@ pub fn environment(
     if let Some(l) = ENV.get() {
         return Ok((l.env.clone(), l.path.clone()));
     }
-    let path = resolve_ort_library(explicit)?;
+    let path = resolve_ort_library_for(explicit, gpu)?;
     let load_err = |message: String| VisionError::OrtLibraryLoad {
         path: path.clone(),
         message,
@@ -206,6 +247,38 @@ mod tests {
         let found = find_in_python_lib(dir.path(), "site-packages").unwrap();
         assert_eq!(found, capi.join("libonnxruntime.so.1.24.4"));
         assert!(find_in_python_lib(dir.path(), "dist-packages").is_none());
+    }
+
+    /// With a GPU provider asked for, a library shipping it wins over an earlier one without
+    /// (the venv's CPU wheel before a Jetson build); without, the search order stands.
+    #[test]
+    fn a_library_with_the_requested_gpu_provider_is_preferred() {
+        let dir = tempfile::tempdir().unwrap();
+        let cpu = dir.path().join("venv/onnxruntime/capi");
+        let gpu = dir.path().join("system/onnxruntime/capi");
+        for d in [&cpu, &gpu] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("libonnxruntime.so.1.23.2"), b"").unwrap();
+            std::fs::write(d.join("libonnxruntime_providers_shared.so"), b"").unwrap();
+        }
+        std::fs::write(gpu.join("libonnxruntime_providers_tensorrt.so"), b"").unwrap();
+        std::fs::write(gpu.join("libonnxruntime_providers_cuda.so"), b"").unwrap();
+        let found = vec![
+            cpu.join("libonnxruntime.so.1.23.2"),
+            gpu.join("libonnxruntime.so.1.23.2"),
+        ];
+        let trt = [ExecutionProvider::TensorRt, ExecutionProvider::Cpu];
+        assert_eq!(pick(found.clone(), &trt), Some(found[1].clone()));
+        assert_eq!(
+            pick(found.clone(), &[ExecutionProvider::Cuda]),
+            Some(found[1].clone())
+        );
+        assert_eq!(
+            pick(found.clone(), &[ExecutionProvider::Cpu]),
+            Some(found[0].clone())
+        );
+        assert_eq!(pick(found[..1].to_vec(), &trt), Some(found[0].clone()));
+        assert_eq!(pick(Vec::new(), &trt), None);
     }
 
     #[test]
