@@ -223,6 +223,22 @@ fn gemv_rows(w: TensorData<'_>, r0: usize, cols: usize, x: &[f32], ys: &mut [f32
         }
         return;
     }
+    #[cfg(target_arch = "aarch64")]
+    {
+        let end = (r0 + ys.len()) * cols;
+        // SAFETY: NEON is part of every aarch64 CPU; rows r0.. r0 + ys.len() lie inside `w`
+        // (sliced here, so an out-of-range call panics instead).
+        unsafe {
+            match w {
+                TensorData::F32(s) => neon::rows_f32(&s[r0 * cols..end], cols, x, ys),
+                TensorData::F16(s) => neon::rows_f16(&s[r0 * cols..end], cols, x, ys),
+                TensorData::BF16(s) => neon::rows_bf16(&s[r0 * cols..end], cols, x, ys),
+            }
+        }
+        #[allow(clippy::needless_return)]
+        return;
+    }
+    #[allow(unreachable_code)]
     for (j, out) in ys.iter_mut().enumerate() {
         *out = dot(w, (r0 + j) * cols, x);
     }
@@ -387,6 +403,152 @@ mod avx512 {
     /// # Safety
     /// Requires AVX-512F.
     #[target_feature(enable = "avx512f")]
+    pub unsafe fn rows_bf16(w: &[bf16], cols: usize, x: &[f32], ys: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { rows(w, cols, x, ys) }
+    }
+}
+
+/// NEON matrix-vector rows (Jetson CPUs): 8 weights per pair of vectors, converted from F16
+/// (`fcvtl`) or BF16 (widen by a 16-bit shift) in registers, f32 accumulation in four
+/// independent registers.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use half::{bf16, f16};
+    use std::arch::aarch64::*;
+
+    /// Loads 8 weights at `p` as two f32 vectors.
+    trait Load8: Copy {
+        /// # Safety
+        /// 8 elements readable at `p`.
+        unsafe fn load8(p: *const Self) -> (float32x4_t, float32x4_t);
+        fn to_f32(self) -> f32;
+    }
+
+    impl Load8 for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> (float32x4_t, float32x4_t) {
+            // SAFETY: caller guarantees 8 readable f32.
+            unsafe { (vld1q_f32(p), vld1q_f32(p.add(4))) }
+        }
+        fn to_f32(self) -> f32 {
+            self
+        }
+    }
+
+    /// Four halves (one per 32-bit lane) to f32 with integer operations (the half-precision
+    /// conversion intrinsics need a newer Rust than this crate's minimum): exponent and
+    /// mantissa moved into f32 position and scaled by 2^112, which is exact for normal and
+    /// subnormal halves; infinities and NaNs get the all-ones exponent; then the sign.
+    #[inline(always)]
+    pub(super) unsafe fn f16x4_to_f32(h: uint32x4_t) -> float32x4_t {
+        // SAFETY: register-only NEON operations (baseline on aarch64).
+        unsafe {
+            let sign = vshlq_n_u32::<16>(vandq_u32(h, vdupq_n_u32(0x8000)));
+            let em = vshlq_n_u32::<13>(vandq_u32(h, vdupq_n_u32(0x7fff)));
+            let scaled = vmulq_f32(
+                vreinterpretq_f32_u32(em),
+                vdupq_n_f32(f32::from_bits(0x7780_0000)),
+            );
+            let special = vcgeq_u32(em, vdupq_n_u32(0x0f80_0000));
+            let bits = vbslq_u32(
+                special,
+                vorrq_u32(em, vdupq_n_u32(0x7f80_0000)),
+                vreinterpretq_u32_f32(scaled),
+            );
+            vreinterpretq_f32_u32(vorrq_u32(bits, sign))
+        }
+    }
+
+    impl Load8 for f16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f16) -> (float32x4_t, float32x4_t) {
+            // SAFETY: caller guarantees 8 readable halves.
+            unsafe {
+                let h = vld1q_u16(p as *const u16);
+                (
+                    f16x4_to_f32(vmovl_u16(vget_low_u16(h))),
+                    f16x4_to_f32(vmovl_u16(vget_high_u16(h))),
+                )
+            }
+        }
+        fn to_f32(self) -> f32 {
+            f16::to_f32(self)
+        }
+    }
+
+    impl Load8 for bf16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const bf16) -> (float32x4_t, float32x4_t) {
+            // SAFETY: caller guarantees 8 readable bf16.
+            unsafe {
+                let h = vld1q_u16(p as *const u16);
+                (
+                    vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(h))),
+                    vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_high_u16(h))),
+                )
+            }
+        }
+        fn to_f32(self) -> f32 {
+            bf16::to_f32(self)
+        }
+    }
+
+    /// `ys[j] = w[j * cols..(j + 1) * cols] . x`, row after row (one contiguous stream).
+    #[inline(always)]
+    unsafe fn rows<T: Load8>(w: &[T], cols: usize, x: &[f32], ys: &mut [f32]) {
+        assert!(w.len() >= ys.len() * cols && x.len() >= cols);
+        let full = cols / 8 * 8;
+        let xp = x.as_ptr();
+        for (r, out) in ys.iter_mut().enumerate() {
+            let row = &w[r * cols..(r + 1) * cols];
+            let p = row.as_ptr();
+            // SAFETY: vector loads read row[i..i + 8] with i + 8 <= full <= cols, and
+            // x[i..i + 8] with x.len() >= cols.
+            unsafe {
+                let z = vdupq_n_f32(0.0);
+                let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+                let mut i = 0;
+                while i + 16 <= full {
+                    let (w0, w1) = T::load8(p.add(i));
+                    let (w2, w3) = T::load8(p.add(i + 8));
+                    a0 = vfmaq_f32(a0, w0, vld1q_f32(xp.add(i)));
+                    a1 = vfmaq_f32(a1, w1, vld1q_f32(xp.add(i + 4)));
+                    a2 = vfmaq_f32(a2, w2, vld1q_f32(xp.add(i + 8)));
+                    a3 = vfmaq_f32(a3, w3, vld1q_f32(xp.add(i + 12)));
+                    i += 16;
+                }
+                if i < full {
+                    let (w0, w1) = T::load8(p.add(i));
+                    a0 = vfmaq_f32(a0, w0, vld1q_f32(xp.add(i)));
+                    a1 = vfmaq_f32(a1, w1, vld1q_f32(xp.add(i + 4)));
+                }
+                let tail: f32 = row[full..]
+                    .iter()
+                    .zip(&x[full..cols])
+                    .map(|(a, b)| a.to_f32() * b)
+                    .sum();
+                *out = vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3))) + tail;
+            }
+        }
+    }
+
+    /// # Safety
+    /// `w` holds `ys.len()` rows of `cols`; `x` at least `cols` (asserted).
+    pub unsafe fn rows_f32(w: &[f32], cols: usize, x: &[f32], ys: &mut [f32]) {
+        // SAFETY: NEON is baseline on aarch64; bounds asserted inside.
+        unsafe { rows(w, cols, x, ys) }
+    }
+
+    /// # Safety
+    /// As [`rows_f32`].
+    pub unsafe fn rows_f16(w: &[f16], cols: usize, x: &[f32], ys: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { rows(w, cols, x, ys) }
+    }
+
+    /// # Safety
+    /// As [`rows_f32`].
     pub unsafe fn rows_bf16(w: &[bf16], cols: usize, x: &[f32], ys: &mut [f32]) {
         // SAFETY: as above.
         unsafe { rows(w, cols, x, ys) }
@@ -587,6 +749,30 @@ mod tests {
             .zip(b)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max)
+    }
+
+    /// The NEON F16 widening (integer operations) equals `half`'s conversion on every one of
+    /// the 65536 halves: normals, subnormals, zeros, infinities and NaNs.
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_f16_widening_is_exact_for_every_half() {
+        use std::arch::aarch64::*;
+        for base in (0..=u16::MAX as u32).step_by(4) {
+            let lanes = [base, base + 1, base + 2, base + 3];
+            let mut got = [0f32; 4];
+            // SAFETY: NEON is baseline on aarch64; the arrays hold 4 lanes.
+            unsafe {
+                let f = super::neon::f16x4_to_f32(vld1q_u32(lanes.as_ptr()));
+                vst1q_f32(got.as_mut_ptr(), f);
+            }
+            for (l, g) in lanes.iter().zip(got) {
+                let want = half::f16::from_bits(*l as u16).to_f32();
+                assert!(
+                    g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                    "{l:#06x}: {g} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]
