@@ -53,6 +53,12 @@ prepare() {
   grep -qx "/$dist/" "$(git rev-parse --git-path info/exclude)" 2>/dev/null \
     || echo "/$dist/" >> "$(git rev-parse --git-path info/exclude)"
   ls -la "$dist"
+  # A device run carries the working tree plus $dist: 64 MiB at most.
+  local tree carried
+  tree=$(git ls-files -z | du -cb --files0-from=- 2>/dev/null | tail -n1 | cut -f1)
+  carried=$(( tree + $(du -sb "$dist" | cut -f1) ))
+  echo "gpu-check: tree + $dist = $(( carried / 1048576 )) MiB of the 64 MiB a device run carries"
+  [ "$carried" -le $(( 62 * 1048576 )) ] || echo "gpu-check: warning: close to or over 64 MiB; carry less" >&2
 }
 
 # cudarc (CUDA 12 bindings) asks the loader for libnvrtc.so, libnvrtc.so.12, .11, ...; a CUDA 13
