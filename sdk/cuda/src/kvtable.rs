@@ -261,6 +261,18 @@ pub struct Placement {
     pub src_token: usize,
 }
 
+/// A [`KvBlockTable`]'s state before appends ([`KvBlockTable::mark`]).
+#[derive(Clone, Copy, Debug)]
+pub struct TableMark {
+    entries: usize,
+    last_len: u32,
+    next_text: usize,
+    next_frame: usize,
+    next_pos: usize,
+    next_seq: usize,
+    tokens: (usize, usize),
+}
+
 /// Block assignment of one sequence over pools of `text_blocks` + `frame_blocks`.
 #[derive(Clone, Debug)]
 pub struct KvBlockTable {
@@ -553,6 +565,46 @@ impl KvBlockTable {
             BlockKind::Frame => self.frame_tokens += n,
             BlockKind::Text => self.text_tokens += n,
         }
+    }
+
+    /// The table's state now, for [`Self::rollback`].
+    pub fn mark(&self) -> TableMark {
+        TableMark {
+            entries: self.entries.len(),
+            last_len: self.entries.last().map_or(0, |e| e.len),
+            next_text: self.next_text,
+            next_frame: self.next_frame,
+            next_pos: self.next_pos,
+            next_seq: self.next_seq,
+            tokens: (self.text_tokens, self.frame_tokens),
+        }
+    }
+
+    /// Undoes every append since `mark` (only appends may come between the two): blocks
+    /// opened since go back to their free lists, the block that was newest gets its old
+    /// length back, and positions and counts return to what they were.
+    pub fn rollback(&mut self, mark: TableMark) {
+        for e in self.entries.drain(mark.entries.min(self.entries.len())..) {
+            let (free, next) = match e.kind {
+                BlockKind::Text => (&mut self.free_text, mark.next_text),
+                BlockKind::Frame => (&mut self.free_frame, mark.next_frame),
+            };
+            // Blocks below the old high-water mark came from the free list.
+            if (e.block as usize) < next {
+                free.push(e.block);
+            }
+        }
+        self.owners.truncate(self.entries.len());
+        if let Some(e) = self.entries.last_mut() {
+            e.len = mark.last_len;
+        }
+        self.free_text.sort_unstable_by(|a, b| b.cmp(a));
+        self.free_frame.sort_unstable_by(|a, b| b.cmp(a));
+        self.next_text = mark.next_text;
+        self.next_frame = mark.next_frame;
+        self.next_pos = mark.next_pos;
+        self.next_seq = mark.next_seq;
+        (self.text_tokens, self.frame_tokens) = mark.tokens;
     }
 
     /// Forgets every token (the pools' contents become unused).
@@ -1090,6 +1142,48 @@ mod tests {
                 ],
             );
             assert_eq!((t.len(), t.next_position()), (13, 77), "{name}");
+        }
+    }
+
+    /// Appends rolled back to a mark leave the table as it was at the mark: entries,
+    /// positions, counts, and the free blocks (reused ones given back), so the same appends
+    /// made again land in the same places.
+    #[test]
+    fn rollback_undoes_appends_since_the_mark() {
+        for name in ["mixed", "mixed:keys=token", "fp16"] {
+            let mut t = KvBlockTable::new(policy(name, 1, 64), 8, 8);
+            t.append(TokenKind::Text, 10).unwrap();
+            t.append_frame(1, 64).unwrap();
+            t.append_frame(2, 64).unwrap();
+            t.append(TokenKind::Text, 5).unwrap();
+            t.evict_frame(1).unwrap();
+            let state = |t: &KvBlockTable| {
+                (
+                    t.entries().to_vec(),
+                    t.len(),
+                    t.next_position(),
+                    t.used_blocks(),
+                    t.blocks_in_use(),
+                    t.token_counts(),
+                )
+            };
+            let before = state(&t);
+            let mark = t.mark();
+            let first: Vec<_> = [
+                t.append(TokenKind::Text, 3).unwrap(),
+                t.append_frame(3, 100).unwrap(),
+                t.append(TokenKind::Text, 70).unwrap(),
+            ]
+            .concat();
+            t.rollback(mark);
+            assert_eq!(state(&t), before, "{name}");
+            let again: Vec<_> = [
+                t.append(TokenKind::Text, 3).unwrap(),
+                t.append_frame(3, 100).unwrap(),
+                t.append(TokenKind::Text, 70).unwrap(),
+            ]
+            .concat();
+            assert_eq!(again, first, "{name}");
         }
     }
 

@@ -40,7 +40,7 @@ pub use backend::*;
 pub use dummy::*;
 
 pub use error::CudaError;
-pub use kvtable::{DevicePolicy, KvBlockTable, Placement};
+pub use kvtable::{DevicePolicy, KvBlockTable, Placement, TableMark};
 pub use layout::{BlockEntry, BlockKind, KvLayout};
 pub use meminfo::DeviceInfo;
 pub use selftest::{

@@ -615,10 +615,6 @@ impl<'a> DeviceSession<'a> {
     pub fn cache(&self) -> &DeviceKvCache {
         &self.cache
     }
-    /// Ends the session and hands its cache back (for the next session over it).
-    pub fn into_cache(self) -> DeviceKvCache {
-        self.cache
-    }
     pub fn cache_mut(&mut self) -> &mut DeviceKvCache {
         &mut self.cache
     }
@@ -669,13 +665,13 @@ impl<'a> DeviceSession<'a> {
         // On any failure below the table goes back to what it was, so the cache lists no
         // token whose K/V were written in only some layers (the pools' stale contents are
         // unused once no entry lists them).
-        let saved = self.cache.table.clone();
+        let mark = self.cache.table.mark();
         if let Some(off) = self.cache.offload.as_mut() {
             off.step_bytes = 0;
         }
         let result = self.run_inputs(inputs);
         if result.is_err() {
-            self.cache.table = saved;
+            self.cache.table.rollback(mark);
         }
         result
     }

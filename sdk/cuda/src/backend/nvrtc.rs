@@ -42,7 +42,18 @@ fn bundled_nvrtc_candidates() -> Vec<PathBuf> {
                         .is_some_and(|n| n.starts_with("libnvrtc.so."))
                 })
                 .collect();
-            libs.sort();
+            // Numerically by the version after `.so.` (`.so.12` after `.so.9`).
+            libs.sort_by_key(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix("libnvrtc.so."))
+                    .map(|v| {
+                        v.split('.')
+                            .map(|x| x.parse::<u32>().unwrap_or(0))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default()
+            });
             out.extend(libs.into_iter().rev());
         }
     }
