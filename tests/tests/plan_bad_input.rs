@@ -132,7 +132,7 @@ fn config_missing_kv_heads_defaults_like_transformers() {
         prompt_tokens: 64,
         answer_tokens: 128,
     };
-    let kv = plan::kv_usage(&m.text, &w, &KvPrecision::fp16());
+    let kv = plan::kv_usage(&m.text, &w, &KvPrecision::fp16()).unwrap();
     assert_eq!(kv.total_bytes, (4 * 64 + 192) * 2 * 30 * 9 * 64 * 2);
 }
 

@@ -369,14 +369,14 @@ fn fp16_budget_is_spent_on_text_first() {
     // 16 / (0.1 * 16 + 0.9 * 4.5) = 2.83x.
     let model = ModelSpec::load(&fixture("configs/smolvlm-256m")).unwrap();
     let w = workload(64, 1000);
-    let fp16 = plan::kv_usage(&model.text, &w, &KvPrecision::fp16());
-    let mixed = plan::kv_usage(&model.text, &w, &KvPrecision::mixed());
+    let fp16 = plan::kv_usage(&model.text, &w, &KvPrecision::fp16()).unwrap();
+    let mixed = plan::kv_usage(&model.text, &w, &KvPrecision::mixed()).unwrap();
     assert_eq!(fp16.total_bytes, 64_192 * 23_040);
     assert_eq!(mixed.fp16_frame_tokens, 4);
     let ratio = fp16.total_bytes as f64 / mixed.total_bytes as f64;
     assert!((3.5..3.56).contains(&ratio), "{ratio}");
     let salient: KvPrecision = "mixed:salient=on".parse().unwrap();
-    let salient = plan::kv_usage(&model.text, &w, &salient);
+    let salient = plan::kv_usage(&model.text, &w, &salient).unwrap();
     let ratio = fp16.total_bytes as f64 / salient.total_bytes as f64;
     assert!((2.75..2.84).contains(&ratio), "{ratio}");
     assert_eq!(salient.fp16_frame_tokens, 64_192u64.div_ceil(10) - 192);

@@ -56,3 +56,25 @@ fn a_stop_string_cuts_the_text_before_it() {
         "{cut:?} vs {text:?}"
     );
 }
+
+#[test]
+fn a_max_tokens_that_overflows_the_cache_is_an_error_naming_the_flag() {
+    let max = u64::MAX.to_string();
+    let (ok, _, stderr) = jetvlm(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--prompt-ids",
+        "1,2,3",
+        "--max-tokens",
+        &max,
+        "--greedy",
+        "--json",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--max-tokens") && stderr.contains("overflow"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -23,6 +23,16 @@ pub enum BoardError {
     #[error("invalid workload: {0}")]
     InvalidWorkload(String),
 
+    /// A workload, option or model size so large that the planner's token or byte
+    /// arithmetic would overflow 64 bits; names the input at fault and the quantity it
+    /// made overflow.
+    #[error("cannot plan: {quantity} overflows 64 bits; {input} = {value} is too large")]
+    Overflow {
+        quantity: String,
+        input: String,
+        value: u64,
+    },
+
     /// A KV policy string the planner does not understand.
     #[error(
         "invalid KV policy `{given}`: {reason}. Accepted: fp16, mixed, int4-all, int8-frames, int2-frames, or mixed:bits=2|4|8|16,group=32|64|128[,budget=0.1][,keys=token|channel]"

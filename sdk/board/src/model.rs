@@ -29,6 +29,7 @@
 //! - LLaVA: `(image_size / patch_size)^2`.
 
 use crate::BoardError;
+use crate::plan::{product, sum};
 use jetvlm_core::ConfigError;
 use jetvlm_core::hf::ModelConfig;
 use serde::{Deserialize, Serialize};
@@ -220,15 +221,27 @@ impl ModelSpec {
     }
 
     /// Replaces the vision encoder's size with a user-given parameter count (stored at
-    /// `bytes_per_param`).
-    pub fn set_vision_params(&mut self, params: u64, bytes_per_param: u64) {
+    /// `bytes_per_param`); an overflow error names `--vision-params`.
+    pub fn set_vision_params(
+        &mut self,
+        params: u64,
+        bytes_per_param: u64,
+    ) -> Result<(), BoardError> {
+        let bytes = product(
+            "the vision encoder bytes",
+            &[
+                ("--vision-params", params),
+                ("bytes per parameter", bytes_per_param),
+            ],
+        )?;
         let shape = self.vision.as_ref().and_then(|v| v.shape.clone());
         self.vision = Some(VisionEncoder {
             params: Some(params),
-            bytes: params * bytes_per_param,
+            bytes,
             source: VisionSource::UserParams,
             shape,
         });
+        Ok(())
     }
 
     /// Replaces the vision encoder's size with a user-given byte count.
@@ -307,12 +320,106 @@ fn estimate_vision(
         let temporal = num("temporal_patch_size")?.unwrap_or(2);
         let merge = num("spatial_merge_size")?.unwrap_or(2);
         let out = num("hidden_size")?.unwrap_or(text_hidden);
-        let merged = e * merge * merge;
-        let params = depth * (4 * e * e + 2 * e * m)
-            + channels * temporal * patch * patch * e
-            + merged * merged
-            + merged * out;
-        let side = QWEN2_VL_FRAME_PIXELS / (patch * merge);
+        let q = "the vision encoder estimate (vision_config)";
+        let merged = product(
+            q,
+            &[
+                ("vision_config.embed_dim", e),
+                ("vision_config.spatial_merge_size", merge),
+                ("vision_config.spatial_merge_size", merge),
+            ],
+        )?;
+        let layer = sum(
+            q,
+            &[
+                (
+                    "vision_config.embed_dim",
+                    product(
+                        q,
+                        &[
+                            ("", 4),
+                            ("vision_config.embed_dim", e),
+                            ("vision_config.embed_dim", e),
+                        ],
+                    )?,
+                ),
+                (
+                    "vision_config.mlp_ratio",
+                    product(
+                        q,
+                        &[
+                            ("", 2),
+                            ("vision_config.embed_dim", e),
+                            ("vision_config.mlp_ratio", m),
+                        ],
+                    )?,
+                ),
+            ],
+        )?;
+        let params = sum(
+            q,
+            &[
+                (
+                    "vision_config.depth",
+                    product(
+                        q,
+                        &[
+                            ("vision_config.depth", depth),
+                            ("vision_config.embed_dim", layer),
+                        ],
+                    )?,
+                ),
+                (
+                    "vision_config.patch_size",
+                    product(
+                        q,
+                        &[
+                            ("vision_config.in_chans", channels),
+                            ("vision_config.temporal_patch_size", temporal),
+                            ("vision_config.patch_size", patch),
+                            ("vision_config.patch_size", patch),
+                            ("vision_config.embed_dim", e),
+                        ],
+                    )?,
+                ),
+                (
+                    "vision_config.spatial_merge_size",
+                    product(
+                        q,
+                        &[
+                            ("vision_config.spatial_merge_size", merged),
+                            ("vision_config.spatial_merge_size", merged),
+                        ],
+                    )?,
+                ),
+                (
+                    "vision_config.hidden_size",
+                    product(
+                        q,
+                        &[
+                            ("vision_config.spatial_merge_size", merged),
+                            ("vision_config.hidden_size", out),
+                        ],
+                    )?,
+                ),
+            ],
+        )?;
+        let bytes = product(
+            q,
+            &[
+                ("vision_config.embed_dim", params),
+                ("dtype bytes", dtype_bytes),
+            ],
+        )?;
+        let side = QWEN2_VL_FRAME_PIXELS
+            / product(
+                q,
+                &[
+                    ("vision_config.patch_size", patch),
+                    ("vision_config.spatial_merge_size", merge),
+                ],
+            )?
+            .max(1);
         let tokens = side * side;
         let shape = VisionShape {
             hidden: e,
@@ -321,12 +428,18 @@ fn estimate_vision(
             patch_size: patch,
             channels,
             temporal_patch: temporal,
-            patches_per_token: merge * merge,
+            patches_per_token: product(
+                q,
+                &[
+                    ("vision_config.spatial_merge_size", merge),
+                    ("vision_config.spatial_merge_size", merge),
+                ],
+            )?,
         };
         return Ok((
             VisionEncoder {
                 params: Some(params),
-                bytes: params * dtype_bytes,
+                bytes,
                 source: VisionSource::Estimated {
                     family: "qwen2-vl".into(),
                 },
@@ -347,17 +460,96 @@ fn estimate_vision(
     let patch = need("patch_size")?;
     let image = need("image_size")?;
     let channels = num("num_channels")?.unwrap_or(3);
-    let patches = (image / patch) * (image / patch);
+    let q = "the vision encoder estimate (vision_config)";
+    let patches = product(
+        q,
+        &[
+            ("vision_config.image_size", image / patch),
+            ("vision_config.image_size", image / patch),
+        ],
+    )?;
     let scale = raw.get("scale_factor").and_then(Value::as_u64);
+    let hh = "vision_config.hidden_size";
     let (family, connector, patches_per_token) = match scale {
-        Some(s) if s > 0 => ("idefics3", h * s * s * text_hidden, s * s),
-        _ if model_type.starts_with("llava") => {
-            ("llava", h * text_hidden + text_hidden * text_hidden, 1)
-        }
-        _ => ("vit", h * text_hidden, 1),
+        Some(s) if s > 0 => (
+            "idefics3",
+            product(
+                q,
+                &[
+                    (hh, h),
+                    ("scale_factor", s),
+                    ("scale_factor", s),
+                    ("hidden_size", text_hidden),
+                ],
+            )?,
+            product(q, &[("scale_factor", s), ("scale_factor", s)])?,
+        ),
+        _ if model_type.starts_with("llava") => (
+            "llava",
+            sum(
+                q,
+                &[
+                    (hh, product(q, &[(hh, h), ("hidden_size", text_hidden)])?),
+                    (
+                        "hidden_size",
+                        product(
+                            q,
+                            &[("hidden_size", text_hidden), ("hidden_size", text_hidden)],
+                        )?,
+                    ),
+                ],
+            )?,
+            1,
+        ),
+        _ => (
+            "vit",
+            product(q, &[(hh, h), ("hidden_size", text_hidden)])?,
+            1,
+        ),
     };
-    let params =
-        layers * (4 * h * h + 2 * h * i) + channels * patch * patch * h + patches * h + connector;
+    let layer = sum(
+        q,
+        &[
+            (hh, product(q, &[("", 4), (hh, h), (hh, h)])?),
+            (
+                "vision_config.intermediate_size",
+                product(
+                    q,
+                    &[("", 2), (hh, h), ("vision_config.intermediate_size", i)],
+                )?,
+            ),
+        ],
+    )?;
+    let params = sum(
+        q,
+        &[
+            (
+                "vision_config.num_hidden_layers",
+                product(
+                    q,
+                    &[("vision_config.num_hidden_layers", layers), (hh, layer)],
+                )?,
+            ),
+            (
+                "vision_config.patch_size",
+                product(
+                    q,
+                    &[
+                        ("vision_config.num_channels", channels),
+                        ("vision_config.patch_size", patch),
+                        ("vision_config.patch_size", patch),
+                        (hh, h),
+                    ],
+                )?,
+            ),
+            (
+                "vision_config.image_size",
+                product(q, &[("vision_config.image_size", patches), (hh, h)])?,
+            ),
+            (hh, connector),
+        ],
+    )?;
+    let bytes = product(q, &[(hh, params), ("dtype bytes", dtype_bytes)])?;
     let tokens = patches / patches_per_token;
     let shape = VisionShape {
         hidden: h,
@@ -371,7 +563,7 @@ fn estimate_vision(
     Ok((
         VisionEncoder {
             params: Some(params),
-            bytes: params * dtype_bytes,
+            bytes,
             source: VisionSource::Estimated {
                 family: family.into(),
             },

@@ -39,6 +39,41 @@ const MIB: u64 = 1 << 20;
 /// Tokens of attention scores the decoder keeps per query head (one KV block).
 pub const ATTENTION_BLOCK_TOKENS: u64 = 256;
 
+/// Frame tokens, named by the flags they come from (for overflow errors).
+const FRAME_TOKENS: &str = "frame tokens (--frames x --tokens-per-frame)";
+/// Text tokens, named by the flags they come from (for overflow errors).
+const TEXT_TOKENS: &str = "text tokens (--prompt-tokens + --answer-tokens)";
+
+/// `terms` multiplied; on overflow, an error naming `quantity` and the largest term (the
+/// input at fault).
+pub(crate) fn product(quantity: &str, terms: &[(&str, u64)]) -> Result<u64, BoardError> {
+    terms
+        .iter()
+        .try_fold(1u64, |acc, &(_, v)| acc.checked_mul(v))
+        .ok_or_else(|| overflow(quantity, terms))
+}
+
+/// `terms` added; on overflow, an error naming `quantity` and the largest term.
+pub(crate) fn sum(quantity: &str, terms: &[(&str, u64)]) -> Result<u64, BoardError> {
+    terms
+        .iter()
+        .try_fold(0u64, |acc, &(_, v)| acc.checked_add(v))
+        .ok_or_else(|| overflow(quantity, terms))
+}
+
+fn overflow(quantity: &str, terms: &[(&str, u64)]) -> BoardError {
+    let (input, value) = terms
+        .iter()
+        .copied()
+        .max_by_key(|t| t.1)
+        .unwrap_or(("an input", 0));
+    BoardError::Overflow {
+        quantity: quantity.into(),
+        input: input.into(),
+        value,
+    }
+}
+
 /// What the model is asked to hold and produce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Workload {
@@ -52,14 +87,35 @@ pub struct Workload {
 }
 
 impl Workload {
-    pub fn frame_tokens(&self) -> u64 {
-        self.frames * self.tokens_per_frame
+    /// `frames * tokens_per_frame`, or an overflow error naming the flag at fault.
+    pub fn frame_tokens(&self) -> Result<u64, BoardError> {
+        product(
+            "the frame token count",
+            &[
+                ("--frames", self.frames),
+                ("--tokens-per-frame", self.tokens_per_frame),
+            ],
+        )
     }
-    pub fn text_tokens(&self) -> u64 {
-        self.prompt_tokens + self.answer_tokens
+    /// `prompt_tokens + answer_tokens`, or an overflow error naming the flag at fault.
+    pub fn text_tokens(&self) -> Result<u64, BoardError> {
+        sum(
+            "the text token count",
+            &[
+                ("--prompt-tokens", self.prompt_tokens),
+                ("--answer-tokens", self.answer_tokens),
+            ],
+        )
     }
-    pub fn context_tokens(&self) -> u64 {
-        self.frame_tokens() + self.text_tokens()
+    /// Frame tokens plus text tokens, or an overflow error naming the flags at fault.
+    pub fn context_tokens(&self) -> Result<u64, BoardError> {
+        sum(
+            "the context length",
+            &[
+                (FRAME_TOKENS, self.frame_tokens()?),
+                (TEXT_TOKENS, self.text_tokens()?),
+            ],
+        )
     }
     fn with_frames(&self, frames: u64) -> Self {
         Workload { frames, ..*self }
@@ -88,14 +144,17 @@ impl WeightFormat {
         }
     }
 
-    /// Bytes of `params` weights.
-    pub fn bytes(&self, params: u64, native: DType) -> u64 {
-        match self {
-            WeightFormat::Native => params * native.size_bytes() as u64,
-            WeightFormat::Bits(b) if *b >= 16 => params * (*b as u64 / 8),
+    /// Bytes of `params` weights, or an overflow error.
+    pub fn bytes(&self, params: u64, native: DType) -> Result<u64, BoardError> {
+        let bytes = match self {
+            WeightFormat::Native => params.checked_mul(native.size_bytes() as u64),
+            WeightFormat::Bits(b) if *b >= 16 => params.checked_mul(*b as u64 / 8),
             // Blocks of 32 weights: 32 * b bits of codes + a 16-bit scale.
-            WeightFormat::Bits(b) => (params * (32 * *b as u64 + 16)).div_ceil(32 * 8),
-        }
+            WeightFormat::Bits(b) => {
+                u64::try_from((params as u128 * (32 * *b as u128 + 16)).div_ceil(32 * 8)).ok()
+            }
+        };
+        bytes.ok_or_else(|| overflow("the weight bytes", &[("the parameter count", params)]))
     }
 
     /// Bits per weight, scales included.
@@ -139,8 +198,17 @@ impl Default for CameraBuffers {
 }
 
 impl CameraBuffers {
-    pub fn bytes(&self) -> u64 {
-        self.width * self.height * self.channels * self.count
+    /// Bytes of the ring, or an overflow error naming the flag at fault.
+    pub fn bytes(&self) -> Result<u64, BoardError> {
+        product(
+            "the camera buffer bytes",
+            &[
+                ("--camera width", self.width),
+                ("--camera height", self.height),
+                ("camera channels", self.channels),
+                ("--camera-buffers", self.count),
+            ],
+        )
     }
 }
 
@@ -200,11 +268,16 @@ pub fn frame_kv_bytes_per_token(text: &ModelConfig, kv: &KvPrecision) -> u64 {
         .sum()
 }
 
-/// KV cache of `workload` under `kv` (pure arithmetic, see [`crate::policy`]).
-pub fn kv_usage(text: &ModelConfig, workload: &Workload, kv: &KvPrecision) -> KvUsage {
-    let text_tokens = workload.text_tokens();
-    let frame_tokens = workload.frame_tokens();
-    let context = text_tokens + frame_tokens;
+/// KV cache of `workload` under `kv` (pure arithmetic, see [`crate::policy`]); an overflow
+/// error names the flags at fault.
+pub fn kv_usage(
+    text: &ModelConfig,
+    workload: &Workload,
+    kv: &KvPrecision,
+) -> Result<KvUsage, BoardError> {
+    let text_tokens = workload.text_tokens()?;
+    let frame_tokens = workload.frame_tokens()?;
+    let context = workload.context_tokens()?;
     let fp16 = kv_bytes_per_token(text, KvFormat::FP16);
     // Frame tokens the budget may keep FP16 once text has taken its share: every one with
     // `salient=on`, else the sinks (the sequence's first tokens; charged as frame tokens).
@@ -216,18 +289,57 @@ pub fn kv_usage(text: &ModelConfig, workload: &Workload, kv: &KvPrecision) -> Kv
     } else {
         0
     };
-    let text_bytes = text_tokens * kv_bytes_per_token(text, kv.text);
-    let frame_bytes = fp16_frame_tokens * fp16
-        + (frame_tokens - fp16_frame_tokens) * frame_kv_bytes_per_token(text, kv);
-    KvUsage {
+    let per_token = "KV bytes per token";
+    let text_bytes = product(
+        "the text KV bytes",
+        &[
+            (TEXT_TOKENS, text_tokens),
+            (per_token, kv_bytes_per_token(text, kv.text)),
+        ],
+    )?;
+    let frame_bytes = sum(
+        "the frame KV bytes",
+        &[
+            (
+                FRAME_TOKENS,
+                product(
+                    "the frame KV bytes",
+                    &[(FRAME_TOKENS, fp16_frame_tokens), (per_token, fp16)],
+                )?,
+            ),
+            (
+                FRAME_TOKENS,
+                product(
+                    "the frame KV bytes",
+                    &[
+                        (FRAME_TOKENS, frame_tokens - fp16_frame_tokens),
+                        (per_token, frame_kv_bytes_per_token(text, kv)),
+                    ],
+                )?,
+            ),
+        ],
+    )?;
+    Ok(KvUsage {
         text_tokens,
         frame_tokens,
         fp16_frame_tokens,
         text_bytes,
         frame_bytes,
-        total_bytes: text_bytes + frame_bytes,
-        fp16_equivalent_bytes: context * fp16,
-    }
+        total_bytes: sum(
+            "the KV cache bytes",
+            &[(TEXT_TOKENS, text_bytes), (FRAME_TOKENS, frame_bytes)],
+        )?,
+        fp16_equivalent_bytes: product(
+            "the FP16 KV cache bytes",
+            &[
+                (
+                    "the context length (frame tokens + text tokens, from --frames, --tokens-per-frame, --prompt-tokens, --answer-tokens)",
+                    context,
+                ),
+                (per_token, fp16),
+            ],
+        )?,
+    })
 }
 
 /// The activation / workspace estimate, by part.
@@ -240,48 +352,172 @@ pub struct Activations {
 }
 
 impl Activations {
-    pub fn total(&self) -> u64 {
-        self.decoder_bytes + self.attention_bytes + self.logits_bytes + self.vision_bytes
+    /// The sum of the parts, or an overflow error.
+    pub fn total(&self) -> Result<u64, BoardError> {
+        sum(
+            "the activation bytes",
+            &[
+                (
+                    "the decoder activations (--prefill-chunk)",
+                    self.decoder_bytes,
+                ),
+                (
+                    "the attention scratch (--prefill-chunk)",
+                    self.attention_bytes,
+                ),
+                ("the logits (vocab_size)", self.logits_bytes),
+                (
+                    "the vision activations (--tokens-per-frame)",
+                    self.vision_bytes,
+                ),
+            ],
+        )
     }
 }
 
-/// Estimates activations and workspace (formulas in the module docs).
-pub fn activations(model: &ModelSpec, workload: &Workload, opts: &PlanOptions) -> Activations {
+/// Estimates activations and workspace (formulas in the module docs); an overflow error
+/// names the input at fault.
+pub fn activations(
+    model: &ModelSpec,
+    workload: &Workload,
+    opts: &PlanOptions,
+) -> Result<Activations, BoardError> {
     let t = &model.text;
     let h = t.hidden_size as u64;
-    let q_dim = (t.num_attention_heads * t.head_dim) as u64;
-    let kv_dim = (t.num_key_value_heads * t.head_dim) as u64;
+    let heads = t.num_attention_heads as u64;
+    let head_dim = t.head_dim as u64;
+    let kv_heads = t.num_key_value_heads as u64;
     let i = t.intermediate_size as u64;
-    let chunk = opts.prefill_chunk.min(workload.context_tokens()).max(1);
-    let decoder_bytes = chunk * (4 * h + q_dim + 2 * kv_dim + 3 * i) * 4;
-    let attention_bytes =
-        chunk * t.num_attention_heads as u64 * (t.head_dim as u64 + 2 + ATTENTION_BLOCK_TOKENS) * 4;
-    let logits_bytes = 2 * t.vocab_size as u64 * 4;
+    let chunk = opts.prefill_chunk.min(workload.context_tokens()?).max(1);
+    let q_dim = product(
+        "the query width",
+        &[("num_attention_heads", heads), ("head_dim", head_dim)],
+    )?;
+    let kv_dim = product(
+        "the KV width",
+        &[("num_key_value_heads", kv_heads), ("head_dim", head_dim)],
+    )?;
+    let width = sum(
+        "the decoder activation width",
+        &[
+            (
+                "hidden_size",
+                product(
+                    "the decoder activation width",
+                    &[("hidden_size", h), ("", 4)],
+                )?,
+            ),
+            ("the query width", q_dim),
+            (
+                "the KV width",
+                product(
+                    "the decoder activation width",
+                    &[("the KV width", kv_dim), ("", 2)],
+                )?,
+            ),
+            (
+                "intermediate_size",
+                product(
+                    "the decoder activation width",
+                    &[("intermediate_size", i), ("", 3)],
+                )?,
+            ),
+        ],
+    )?;
+    let decoder_bytes = product(
+        "the decoder activation bytes",
+        &[
+            ("--prefill-chunk", chunk),
+            ("the decoder activation width", width),
+            ("", 4),
+        ],
+    )?;
+    let attention_bytes = product(
+        "the attention scratch bytes",
+        &[
+            ("--prefill-chunk", chunk),
+            ("num_attention_heads", heads),
+            (
+                "head_dim",
+                head_dim.saturating_add(2 + ATTENTION_BLOCK_TOKENS),
+            ),
+            ("", 4),
+        ],
+    )?;
+    let logits_bytes = product(
+        "the logits bytes",
+        &[("vocab_size", t.vocab_size as u64), ("", 8)],
+    )?;
     let vision_bytes = match &model.vision {
-        Some(v) if workload.frames > 0 => vision_activation_bytes(v, workload.tokens_per_frame, h),
+        Some(v) if workload.frames > 0 => vision_activation_bytes(v, workload.tokens_per_frame, h)?,
         _ => 0,
     };
-    Activations {
+    Ok(Activations {
         decoder_bytes,
         attention_bytes,
         logits_bytes,
         vision_bytes,
-    }
+    })
 }
 
-fn vision_activation_bytes(v: &VisionEncoder, tokens_per_frame: u64, text_hidden: u64) -> u64 {
-    let output = tokens_per_frame * text_hidden * 4;
+fn vision_activation_bytes(
+    v: &VisionEncoder,
+    tokens_per_frame: u64,
+    text_hidden: u64,
+) -> Result<u64, BoardError> {
+    let q = "the vision activation bytes";
+    let tpf = "--tokens-per-frame";
+    let output = product(
+        q,
+        &[
+            (tpf, tokens_per_frame),
+            ("hidden_size", text_hidden),
+            ("", 4),
+        ],
+    )?;
     match &v.shape {
         Some(s) => {
-            let seq = tokens_per_frame * s.patches_per_token;
-            let hidden = seq * (6 * s.hidden + s.intermediate) * 4;
-            let scores = s.heads * seq * seq * 4;
-            let input = seq * s.channels * s.temporal_patch * s.patch_size * s.patch_size * 4;
-            hidden + scores + input + output
+            let seq = product(
+                q,
+                &[
+                    (tpf, tokens_per_frame),
+                    ("vision patches per token", s.patches_per_token),
+                ],
+            )?;
+            let width = sum(
+                q,
+                &[
+                    (
+                        "vision_config.hidden_size",
+                        product(q, &[("vision_config.hidden_size", s.hidden), ("", 6)])?,
+                    ),
+                    ("vision_config.intermediate_size", s.intermediate),
+                ],
+            )?;
+            let hidden = product(q, &[(tpf, seq), ("vision width", width), ("", 4)])?;
+            let scores = product(
+                q,
+                &[("vision heads", s.heads), (tpf, seq), (tpf, seq), ("", 4)],
+            )?;
+            let input = product(
+                q,
+                &[
+                    (tpf, seq),
+                    ("vision channels", s.channels),
+                    ("vision temporal patch", s.temporal_patch),
+                    ("vision patch size", s.patch_size),
+                    ("vision patch size", s.patch_size),
+                    ("", 4),
+                ],
+            )?;
+            sum(
+                q,
+                &[(tpf, hidden), (tpf, scores), (tpf, input), (tpf, output)],
+            )
         }
         // Shapes unknown (an .onnx encoder): at least its output, twice (output + copy into
         // the decoder's input).
-        None => 2 * output,
+        None => product(q, &[(tpf, output), ("", 2)]),
     }
 }
 
@@ -298,16 +534,36 @@ pub struct MemoryBreakdown {
 }
 
 impl MemoryBreakdown {
-    pub fn kv_bytes(&self) -> u64 {
-        self.kv_text_bytes + self.kv_frame_bytes
+    /// Text plus frame KV bytes, or an overflow error.
+    pub fn kv_bytes(&self) -> Result<u64, BoardError> {
+        sum(
+            "the KV cache bytes",
+            &[
+                (TEXT_TOKENS, self.kv_text_bytes),
+                (FRAME_TOKENS, self.kv_frame_bytes),
+            ],
+        )
     }
-    pub fn total(&self) -> u64 {
-        self.weights_bytes
-            + self.vision_encoder_bytes
-            + self.kv_bytes()
-            + self.activation_bytes
-            + self.camera_bytes
-            + self.runtime_bytes
+    /// Every component added, or an overflow error naming the largest component's input.
+    pub fn total(&self) -> Result<u64, BoardError> {
+        sum(
+            "the total memory",
+            &[
+                ("the weights", self.weights_bytes),
+                (
+                    "the vision encoder (--vision-bytes or --vision-params)",
+                    self.vision_encoder_bytes,
+                ),
+                (TEXT_TOKENS, self.kv_text_bytes),
+                (FRAME_TOKENS, self.kv_frame_bytes),
+                ("the activations (--prefill-chunk)", self.activation_bytes),
+                (
+                    "the camera buffers (--camera, --camera-buffers)",
+                    self.camera_bytes,
+                ),
+                ("the runtime", self.runtime_bytes),
+            ],
+        )
     }
 }
 
@@ -325,7 +581,8 @@ fn check(workload: &Workload, opts: &PlanOptions) -> Result<(), BoardError> {
     Ok(())
 }
 
-/// The memory the workload needs on `board`.
+/// The memory the workload needs on `board`; an overflow anywhere is an error naming the
+/// input at fault, so a breakdown returned always has a total.
 pub fn memory(
     board: &BoardProfile,
     model: &ModelSpec,
@@ -334,22 +591,24 @@ pub fn memory(
     opts: &PlanOptions,
 ) -> Result<MemoryBreakdown, BoardError> {
     check(workload, opts)?;
-    let usage = kv_usage(&model.text, workload, kv);
-    Ok(MemoryBreakdown {
+    let usage = kv_usage(&model.text, workload, kv)?;
+    let mem = MemoryBreakdown {
         weights_bytes: opts
             .weights
-            .bytes(model.text.num_parameters(), model.text.dtype),
+            .bytes(model.text.num_parameters(), model.text.dtype)?,
         vision_encoder_bytes: model.vision.as_ref().map_or(0, |v| v.bytes),
         kv_text_bytes: usage.text_bytes,
         kv_frame_bytes: usage.frame_bytes,
-        activation_bytes: activations(model, workload, opts).total(),
+        activation_bytes: activations(model, workload, opts)?.total()?,
         camera_bytes: if workload.frames > 0 {
-            opts.camera.bytes()
+            opts.camera.bytes()?
         } else {
             0
         },
         runtime_bytes: board.runtime_overhead_bytes(),
-    })
+    };
+    mem.total()?;
+    Ok(mem)
 }
 
 /// The memory budget: the override, else the board's usable memory.
@@ -366,8 +625,13 @@ pub fn max_frames(
     opts: &PlanOptions,
 ) -> Result<u64, BoardError> {
     let budget = budget_bytes(board, opts);
+    // A frame count whose bytes overflow 64 bits needs more than any budget.
     let fits = |n: u64| -> Result<bool, BoardError> {
-        Ok(memory(board, model, &workload.with_frames(n), kv, opts)?.total() <= budget)
+        match memory(board, model, &workload.with_frames(n), kv, opts) {
+            Ok(m) => Ok(m.total()? <= budget),
+            Err(BoardError::Overflow { .. }) if n > 0 => Ok(false),
+            Err(e) => Err(e),
+        }
     };
     if !fits(0)? {
         return Ok(0);
@@ -407,12 +671,12 @@ pub fn tpot_floor_ms(
     workload: &Workload,
     kv: &KvPrecision,
     opts: &PlanOptions,
-) -> f64 {
+) -> Result<f64, BoardError> {
     let weights = opts
         .weights
-        .bytes(params_read_per_token(&model.text), model.text.dtype);
-    let kv_bytes = kv_usage(&model.text, workload, kv).total_bytes;
-    (weights + kv_bytes) as f64 / board.bandwidth_bytes_per_s() * 1e3
+        .bytes(params_read_per_token(&model.text), model.text.dtype)?;
+    let kv_bytes = kv_usage(&model.text, workload, kv)?.total_bytes;
+    Ok((weights as f64 + kv_bytes as f64) / board.bandwidth_bytes_per_s() * 1e3)
 }
 
 /// Maximum frames under one policy, for the comparison table.
@@ -481,10 +745,11 @@ pub fn plan(
     opts: &PlanOptions,
 ) -> Result<Plan, BoardError> {
     let mem = memory(board, model, workload, kv, opts)?;
-    let acts = activations(model, workload, opts);
-    let usage = kv_usage(&model.text, workload, kv);
+    let acts = activations(model, workload, opts)?;
+    let usage = kv_usage(&model.text, workload, kv)?;
     let budget = budget_bytes(board, opts);
-    let total = mem.total();
+    let total = mem.total()?;
+    let context_tokens = workload.context_tokens()?;
     let fits = total <= budget;
     let mixed = if kv.quantizes_frames() {
         kv.clone()
@@ -510,17 +775,16 @@ pub fn plan(
             frame_bits_per_element: p
                 .frame_bits_per_element(model.text.head_dim as u64, model.text.num_hidden_layers),
             max_frames: max_frames(board, model, workload, p, opts)?,
-            kv_bytes: kv_usage(&model.text, workload, p).total_bytes,
-            tpot_floor_ms: tpot_floor_ms(board, model, workload, p, opts),
+            kv_bytes: kv_usage(&model.text, workload, p)?.total_bytes,
+            tpot_floor_ms: tpot_floor_ms(board, model, workload, p, opts)?,
         });
     }
 
     let max_pos = model.text.max_position_embeddings as u64;
-    let max_frames_context =
-        max_pos.saturating_sub(workload.text_tokens()) / workload.tokens_per_frame;
+    let max_frames_context = max_pos.saturating_sub(usage.text_tokens) / workload.tokens_per_frame;
     let weight_read = opts
         .weights
-        .bytes(params_read_per_token(&model.text), model.text.dtype);
+        .bytes(params_read_per_token(&model.text), model.text.dtype)?;
 
     let mut notes = Vec::new();
     if let Some(v) = &model.vision {
@@ -541,10 +805,9 @@ pub fn plan(
         opts.prefill_chunk,
         mib(board.runtime_overhead_bytes())
     ));
-    if workload.context_tokens() > max_pos {
+    if context_tokens > max_pos {
         notes.push(format!(
-            "context of {} tokens exceeds the model's max_position_embeddings {max_pos}: at most {max_frames_context} frames fit its positions",
-            workload.context_tokens()
+            "context of {context_tokens} tokens exceeds the model's max_position_embeddings {max_pos}: at most {max_frames_context} frames fit its positions"
         ));
     }
 
@@ -563,7 +826,7 @@ pub fn plan(
         kv_policy_description: kv.describe(model.text.head_dim as u64),
         weights_format: opts.weights.describe(model.text.dtype),
         workload: *workload,
-        context_tokens: workload.context_tokens(),
+        context_tokens,
         memory: mem,
         activations: acts,
         kv: usage,
@@ -573,7 +836,8 @@ pub fn plan(
         budget_bytes: budget,
         budget_source,
         fits,
-        headroom_bytes: budget as i64 - total as i64,
+        headroom_bytes: (budget as i128 - total as i128).clamp(i64::MIN as i128, i64::MAX as i128)
+            as i64,
         kv_bytes: usage.total_bytes,
         max_frames_fp16,
         max_frames_mixed,
@@ -584,8 +848,8 @@ pub fn plan(
         bandwidth_gb_s: board.memory.bandwidth_gb_s,
         weight_bytes_read_per_token: weight_read,
         kv_bytes_read_per_token: usage.total_bytes,
-        tpot_floor_ms: tpot_floor_ms(board, model, workload, kv, opts),
-        tpot_floor_fp16_ms: tpot_floor_ms(board, model, workload, &KvPrecision::fp16(), opts),
+        tpot_floor_ms: tpot_floor_ms(board, model, workload, kv, opts)?,
+        tpot_floor_fp16_ms: tpot_floor_ms(board, model, workload, &KvPrecision::fp16(), opts)?,
         advice: None,
         notes,
     };
@@ -614,7 +878,7 @@ fn advice(
     );
     let mut fixes = Vec::new();
     let fixed = memory(board, model, &workload.with_frames(0), kv, opts)?;
-    let model_alone_fits = fixed.total() <= p.budget_bytes;
+    let model_alone_fits = fixed.total()? <= p.budget_bytes;
     if !model_alone_fits {
         msg.push_str(&format!(
             " The model alone (weights {}, vision encoder {}, runtime {}) exceeds the budget with no frames.",
@@ -664,7 +928,7 @@ fn advice(
             weights: WeightFormat::Bits(4),
             ..opts.clone()
         };
-        let total4 = memory(board, model, workload, kv, &o4)?.total();
+        let total4 = memory(board, model, workload, kv, &o4)?.total()?;
         if total4 <= p.budget_bytes {
             fixes.push(format!(
                 "4-bit weights (--weight-bits 4) fit this workload ({} total)",

@@ -128,6 +128,16 @@ impl BoardProfile {
                 "must be greater than zero",
             ));
         }
+        if self.memory.dram_mib.checked_mul(MIB).is_none() {
+            return Err(ConfigError::invalid(
+                path,
+                "memory.dram_mib",
+                format!(
+                    "{} MiB is more bytes than 64 bits can count",
+                    self.memory.dram_mib
+                ),
+            ));
+        }
         if self.memory.os_reserved_mib >= self.memory.dram_mib {
             return Err(ConfigError::invalid(
                 path,
@@ -163,9 +173,10 @@ impl BoardProfile {
         Ok(())
     }
 
-    /// Physical DRAM in bytes.
+    /// Physical DRAM in bytes (a validated profile's always fits; an unvalidated one
+    /// saturates rather than wraps).
     pub fn dram_bytes(&self) -> u64 {
-        self.memory.dram_mib * MIB
+        self.memory.dram_mib.saturating_mul(MIB)
     }
 
     /// Memory an application may plan to use: DRAM minus the OS/desktop reservation.
@@ -173,7 +184,7 @@ impl BoardProfile {
         self.memory
             .dram_mib
             .saturating_sub(self.memory.os_reserved_mib)
-            * MIB
+            .saturating_mul(MIB)
     }
 
     /// Peak DRAM bandwidth in bytes per second.

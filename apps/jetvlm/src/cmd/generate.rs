@@ -106,7 +106,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         tokenizer.as_ref(),
         &model.config().model.eos_token_ids,
     );
-    let capacity = prompt_ids.len() + args.max_tokens + 1;
+    let capacity = cache_capacity(prompt_ids.len(), args.max_tokens)?;
     if args.kv == "f32" {
         let mut cache = F32KvCache::new(model.cache_shape(), capacity);
         generate(
@@ -135,6 +135,20 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             name,
         )
     }
+}
+
+/// Tokens the KV cache must hold: the prompt, `--max-tokens` answer tokens and one spare.
+/// A `--max-tokens` whose sum overflows is an error naming the flag.
+fn cache_capacity(prompt_tokens: usize, max_tokens: usize) -> Result<usize> {
+    prompt_tokens
+        .checked_add(max_tokens)
+        .and_then(|n| n.checked_add(1))
+        .with_context(|| {
+            format!(
+                "--max-tokens {max_tokens}: the prompt's {prompt_tokens} tokens plus this many \
+                 overflow the KV cache's token count; use a smaller --max-tokens"
+            )
+        })
 }
 
 fn tokenizer_for(args: &GenerateArgs) -> Result<Option<Tokenizer>> {
@@ -219,7 +233,7 @@ fn run_cuda(dev: &jetvlm_cuda::CudaDevice, args: &GenerateArgs) -> Result<()> {
     let c = &model.config().model;
     let opts = options(args, tokenizer.as_ref(), &c.eos_token_ids);
     let dp = DevicePolicy::new(&policy, c.num_key_value_heads, c.head_dim)?;
-    let capacity = prompt_ids.len() + args.max_tokens + 1;
+    let capacity = cache_capacity(prompt_ids.len(), args.max_tokens)?;
     let cache = DeviceKvCache::new(
         dev,
         dp,

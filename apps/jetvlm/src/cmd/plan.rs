@@ -124,7 +124,7 @@ pub fn build(args: &PlanArgs) -> Result<Plan> {
     let mut model = ModelSpec::load(&args.model)?;
     let vision_bytes_per_param = model.text.dtype.size_bytes() as u64;
     if let Some(p) = args.vision_params {
-        model.set_vision_params(p, vision_bytes_per_param);
+        model.set_vision_params(p, vision_bytes_per_param)?;
     }
     if let Some(b) = args.vision_bytes {
         model.set_vision_bytes(b);
@@ -168,7 +168,10 @@ pub fn build(args: &PlanArgs) -> Result<Plan> {
     };
     opts.prefill_chunk = args.prefill_chunk;
     if let Some(mib) = args.budget_mib {
-        opts.budget_bytes = Some(mib << 20);
+        opts.budget_bytes =
+            Some(mib.checked_mul(1 << 20).with_context(|| {
+                format!("--budget-mib {mib} is more bytes than 64 bits can count")
+            })?);
         opts.budget_source = Some(format!("--budget-mib {mib}"));
     }
     let workload = Workload {
@@ -240,7 +243,7 @@ pub fn render(p: &Plan) -> String {
         w.prompt_tokens,
         w.answer_tokens,
         p.context_tokens,
-        pct(w.frame_tokens(), p.context_tokens)
+        pct(p.kv.frame_tokens, p.context_tokens)
     );
     let _ = writeln!(
         s,
@@ -489,6 +492,34 @@ mod tests {
         assert_eq!(p.board, "orin-nano-8gb");
         assert_eq!(p.budget_bytes, 5_123_456 * 1024);
         assert!(p.budget_source.contains("MemAvailable"));
+    }
+
+    #[test]
+    fn huge_workloads_are_overflow_errors_naming_the_flag() {
+        let model = fixture("configs/smolvlm-256m");
+        let max = u64::MAX.to_string();
+        for (flag, value) in [
+            ("--frames", max.as_str()),
+            ("--frames", "1000000000000000000"),
+            ("--tokens-per-frame", max.as_str()),
+            ("--prompt-tokens", max.as_str()),
+            ("--answer-tokens", max.as_str()),
+            ("--camera-buffers", max.as_str()),
+            ("--vision-bytes", max.as_str()),
+            ("--vision-params", max.as_str()),
+            ("--budget-mib", max.as_str()),
+        ] {
+            let a = args(&["--board", "agx-orin-64gb", "--model", &model, flag, value]);
+            let err = match build(&a) {
+                Ok(p) => panic!("{flag} {value}: planned (fits: {})", p.fits),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(err.contains(flag), "{flag} {value}: {err}");
+            assert!(
+                err.contains("overflows 64 bits") || err.contains("more bytes than 64 bits"),
+                "{flag} {value}: {err}"
+            );
+        }
     }
 
     #[test]
