@@ -226,7 +226,14 @@ impl ModelConfig {
             ));
         }
         let head_dim = match usize_field("head_dim")? {
-            Some(0) | None => {
+            Some(0) => {
+                return Err(ConfigError::invalid(
+                    path,
+                    field("head_dim"),
+                    "must be greater than zero (leave it out to derive it from hidden_size / num_attention_heads)",
+                ));
+            }
+            None => {
                 if hidden_size % num_attention_heads != 0 {
                     return Err(ConfigError::invalid(
                         path,
@@ -253,6 +260,11 @@ impl ModelConfig {
         let rope_params = get("rope_parameters").filter(|v| v.is_object());
         let rope_scaling_obj =
             rope_params.or_else(|| get("rope_scaling").filter(|v| v.is_object()));
+        let rope_field = if rope_params.is_some() {
+            field("rope_parameters")
+        } else {
+            field("rope_scaling")
+        };
         let rope_theta = match rope_params.and_then(|p| p.get("rope_theta")) {
             Some(v) => v.as_f64().ok_or_else(|| {
                 ConfigError::invalid(
@@ -264,12 +276,8 @@ impl ModelConfig {
             None => f64_field("rope_theta")?.unwrap_or(10_000.0),
         };
         let max_position_embeddings = usize_field("max_position_embeddings")?.unwrap_or(4096);
-        let rope_scaling = parse_rope_scaling(
-            rope_scaling_obj,
-            path,
-            &field("rope_parameters"),
-            max_position_embeddings,
-        )?;
+        let rope_scaling =
+            parse_rope_scaling(rope_scaling_obj, path, &rope_field, max_position_embeddings)?;
 
         let rms_norm_eps = f64_field("rms_norm_eps")?.unwrap_or(1e-6);
         let tie_word_embeddings = get("tie_word_embeddings")
@@ -290,20 +298,30 @@ impl ModelConfig {
                 })?
             }
         };
+        let token_id = |key: &str, v: &Value| -> Result<u32, ConfigError> {
+            v.as_u64()
+                .and_then(|x| u32::try_from(x).ok())
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        path,
+                        field(key),
+                        format!("expected a token id (a non-negative integer), got {v}"),
+                    )
+                })
+        };
         let bos_token_id = get("bos_token_id")
-            .and_then(Value::as_u64)
-            .map(|x| x as u32);
+            .map(|v| token_id("bos_token_id", v))
+            .transpose()?;
         let eos_token_ids = match get("eos_token_id") {
             Some(Value::Array(a)) => a
                 .iter()
-                .filter_map(Value::as_u64)
-                .map(|x| x as u32)
-                .collect(),
-            Some(v) => v.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+                .map(|v| token_id("eos_token_id", v))
+                .collect::<Result<Vec<_>, _>>()?,
+            Some(v) => vec![token_id("eos_token_id", v)?],
             None => Vec::new(),
         };
 
-        Ok(ModelConfig {
+        let config = ModelConfig {
             architecture,
             architecture_name,
             hidden_size,
@@ -322,7 +340,145 @@ impl ModelConfig {
             dtype,
             bos_token_id,
             eos_token_ids,
-        })
+        };
+        config.check(path, prefix, &rope_field)?;
+        Ok(config)
+    }
+
+    /// Checks every numeric field against its domain: positive finite `rms_norm_eps`,
+    /// `rope_theta` and RoPE scaling factors, non-zero shapes, special token ids inside the
+    /// vocabulary, and sizes whose parameter and KV arithmetic fits 64 bits.
+    /// [`ModelConfig::from_value`] runs it on every config it returns; call it on a config
+    /// built by hand. `path` names the file in the error.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        self.check(path, "", "rope_scaling")
+    }
+
+    fn check(&self, path: &Path, prefix: &str, rope_field: &str) -> Result<(), ConfigError> {
+        let bad =
+            |key: &str, msg: String| ConfigError::invalid(path, format!("{prefix}{key}"), msg);
+        let positive = |key: &str, x: f64| -> Result<(), ConfigError> {
+            if x.is_finite() && x > 0.0 {
+                Ok(())
+            } else {
+                Err(bad(
+                    key,
+                    format!("must be a positive finite number, got {x}"),
+                ))
+            }
+        };
+        for (key, x) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if x == 0 {
+                return Err(bad(key, "must be greater than zero".into()));
+            }
+        }
+        positive("rms_norm_eps", self.rms_norm_eps)?;
+        let rope = rope_field.strip_prefix(prefix).unwrap_or(rope_field);
+        if rope == "rope_parameters" {
+            positive("rope_parameters.rope_theta", self.rope_theta)?;
+        } else {
+            positive("rope_theta", self.rope_theta)?;
+        }
+        match &self.rope_scaling {
+            RopeScaling::Default => {}
+            RopeScaling::Linear { factor } => positive(&format!("{rope}.factor"), *factor)?,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                positive(&format!("{rope}.factor"), *factor)?;
+                positive(&format!("{rope}.low_freq_factor"), *low_freq_factor)?;
+                positive(&format!("{rope}.high_freq_factor"), *high_freq_factor)?;
+                if high_freq_factor <= low_freq_factor {
+                    return Err(bad(
+                        &format!("{rope}.high_freq_factor"),
+                        format!(
+                            "{high_freq_factor} must be greater than low_freq_factor {low_freq_factor}"
+                        ),
+                    ));
+                }
+                if *original_max_position_embeddings == 0 {
+                    return Err(bad(
+                        &format!("{rope}.original_max_position_embeddings"),
+                        "must be greater than zero".into(),
+                    ));
+                }
+            }
+        }
+        let vocab = self.vocab_size;
+        let outside = |id: u32| id as usize >= vocab;
+        if let Some(id) = self.bos_token_id.filter(|id| outside(*id)) {
+            return Err(bad(
+                "bos_token_id",
+                format!("{id} is outside the vocabulary (vocab_size {vocab})"),
+            ));
+        }
+        if let Some(id) = self.eos_token_ids.iter().copied().find(|id| outside(*id)) {
+            return Err(bad(
+                "eos_token_id",
+                format!("{id} is outside the vocabulary (vocab_size {vocab})"),
+            ));
+        }
+        // Every size derived from the shapes (parameters, weight bytes at 4 bytes, KV bytes
+        // per token at 4 bytes per element) must fit 64 bits.
+        if self.checked_sizes().is_none() {
+            let (key, x) = [
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("head_dim", self.head_dim),
+                ("vocab_size", self.vocab_size),
+            ]
+            .into_iter()
+            .max_by_key(|t| t.1)
+            .unwrap_or(("hidden_size", self.hidden_size));
+            return Err(bad(
+                key,
+                format!(
+                    "{x} is too large: the model's parameter or KV byte count overflows 64 bits"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Parameters and KV elements per token, both times 4 bytes, when none of the
+    /// arithmetic overflows 64 bits.
+    fn checked_sizes(&self) -> Option<(u64, u64)> {
+        let n = |x: usize| x as u64;
+        let h = n(self.hidden_size);
+        let q = n(self.num_attention_heads).checked_mul(n(self.head_dim))?;
+        let kv = n(self.num_key_value_heads).checked_mul(n(self.head_dim))?;
+        let i = n(self.intermediate_size);
+        let bias = q.checked_add(kv.checked_mul(2)?)?;
+        let attn = h
+            .checked_mul(q)?
+            .checked_add(h.checked_mul(kv)?.checked_mul(2)?)?
+            .checked_add(q.checked_mul(h)?)?
+            .checked_add(bias)?;
+        let layer = attn
+            .checked_add(h.checked_mul(i)?.checked_mul(3)?)?
+            .checked_add(h.checked_mul(2)?)?;
+        let emb = n(self.vocab_size).checked_mul(h)?;
+        let params = emb
+            .checked_mul(2)?
+            .checked_add(n(self.num_hidden_layers).checked_mul(layer)?)?
+            .checked_add(h)?;
+        let kv_elements = n(self.num_hidden_layers).checked_mul(kv)?.checked_mul(2)?;
+        // Every per-token and per-chunk size the planner derives stays far below this.
+        Some((params.checked_mul(16)?, kv_elements.checked_mul(16)?))
     }
 }
 
@@ -462,6 +618,103 @@ mod tests {
         assert_eq!(c.architecture, Architecture::Llama);
         assert_eq!(c.dtype, DType::BF16);
         assert_eq!(c.vocab_size, 49280);
+    }
+
+    /// Sets `key` (a `/`-separated path) in the base config and returns the error's field and
+    /// message.
+    fn rejected(edit: impl FnOnce(&mut Value)) -> (String, String) {
+        let mut v = base();
+        edit(&mut v);
+        let e = ModelConfig::from_value(&v, p()).expect_err("the config must be refused");
+        (e.field().unwrap_or("").to_string(), e.to_string())
+    }
+
+    #[test]
+    fn numeric_fields_outside_their_domain_name_the_field() {
+        let cases: Vec<(&str, Box<dyn FnOnce(&mut Value)>)> = vec![
+            (
+                "rms_norm_eps",
+                Box::new(|v| v["rms_norm_eps"] = json!(-1e-5)),
+            ),
+            ("rms_norm_eps", Box::new(|v| v["rms_norm_eps"] = json!(0.0))),
+            ("rope_theta", Box::new(|v| v["rope_theta"] = json!(0.0))),
+            (
+                "rope_theta",
+                Box::new(|v| v["rope_theta"] = json!(-10000.0)),
+            ),
+            ("head_dim", Box::new(|v| v["head_dim"] = json!(0))),
+            (
+                "max_position_embeddings",
+                Box::new(|v| v["max_position_embeddings"] = json!(0)),
+            ),
+            (
+                "eos_token_id",
+                Box::new(|v| v["eos_token_id"] = json!(49152)),
+            ),
+            (
+                "eos_token_id",
+                Box::new(|v| v["eos_token_id"] = json!([2, 4_000_000])),
+            ),
+            (
+                "eos_token_id",
+                Box::new(|v| v["eos_token_id"] = json!("</s>")),
+            ),
+            (
+                "bos_token_id",
+                Box::new(|v| v["bos_token_id"] = json!(1_000_000)),
+            ),
+            (
+                "rope_scaling.factor",
+                Box::new(|v| v["rope_scaling"] = json!({"rope_type": "linear", "factor": 0.0})),
+            ),
+            (
+                "rope_scaling.factor",
+                Box::new(|v| v["rope_scaling"] = json!({"rope_type": "llama3", "factor": -8.0})),
+            ),
+            (
+                "rope_parameters.high_freq_factor",
+                Box::new(|v| {
+                    v["rope_parameters"] = json!({"rope_type": "llama3", "rope_theta": 500000.0,
+                        "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0})
+                }),
+            ),
+            (
+                "rope_parameters.rope_theta",
+                Box::new(|v| {
+                    v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 0.0})
+                }),
+            ),
+            (
+                "vocab_size",
+                Box::new(|v| v["vocab_size"] = json!(u64::MAX)),
+            ),
+        ];
+        for (field, edit) in cases {
+            let (got, msg) = rejected(edit);
+            assert_eq!(got, field, "{msg}");
+            assert!(msg.contains("config.json"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn special_token_ids_inside_the_vocabulary_are_kept() {
+        let mut v = base();
+        v["eos_token_id"] = json!([0, 49151]);
+        v["bos_token_id"] = json!(1);
+        let c = ModelConfig::from_value(&v, p()).unwrap();
+        assert_eq!(c.eos_token_ids, vec![0, 49151]);
+        assert_eq!(c.bos_token_id, Some(1));
+        c.validate(p()).unwrap();
+        let nan = ModelConfig {
+            rms_norm_eps: f64::NAN,
+            ..c
+        };
+        assert!(
+            nan.validate(p())
+                .unwrap_err()
+                .to_string()
+                .contains("rms_norm_eps")
+        );
     }
 
     #[test]
