@@ -370,7 +370,7 @@ pub fn calibrate(
 impl Calibration {
     /// The calibrated policy, parsed.
     pub fn kv_policy(&self) -> Result<KvPolicy, KvError> {
-        self.policy.parse()
+        Ok(self.policy.parse()?)
     }
 
     /// Reads a calibration file; errors name the file (and the line and field for YAML

@@ -33,11 +33,9 @@ pub enum BoardError {
         value: u64,
     },
 
-    /// A KV policy string the planner does not understand.
-    #[error(
-        "invalid KV policy `{given}`: {reason}. Accepted: fp16, mixed, int4-all, int8-frames, int2-frames, or mixed:bits=2|4|8|16,group=32|64|128[,budget=0.1][,keys=token|channel]"
-    )]
-    InvalidPolicy { given: String, reason: String },
+    /// A KV policy string that does not parse (the KV cache's grammar and message).
+    #[error(transparent)]
+    InvalidPolicy(#[from] jetvlm_quant::PolicyError),
 
     /// Detection found no Jetson device-tree model under the given root.
     #[error("not a Jetson: {} is missing, so the board cannot be detected; pass --board with one of: {}", path.display(), known.join(", "))]

@@ -898,11 +898,7 @@ fn advice(
             .collect();
         let mut found = false;
         for bits in &lower {
-            let mut q = KvPrecision::frames_at(*bits);
-            if !kv.frames.is_fp16() {
-                q.frames.group = kv.frames.group;
-                q.fp16_budget = kv.fp16_budget;
-            }
+            let q = kv.frames_lowered_to(*bits);
             let m = max_frames(board, model, workload, &q, opts)?;
             if m >= workload.frames {
                 fixes.push(format!(

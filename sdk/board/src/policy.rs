@@ -23,14 +23,13 @@
 //! - Per-layer frame formats (`layers=4c64/8t64/...`, from `jetvlm calibrate`): each layer's
 //!   frame tokens are charged at that layer's bits and group.
 //!
-//! Accepted spellings: `fp16`, `mixed` (frames INT4 g64, budget 0.10), `int4-all` (text and
-//! frames INT4 g64, no FP16 budget), `int8-frames`, `int2-frames` (frames INT8 / INT2 g64,
-//! budget 0.10), and `mixed:bits=4,group=64,budget=0.1,keys=channel,layers=...` with any
-//! subset of keys, `sinks=N` and `salient=on|off` included (the cache's `fblock` and
-//! `qblock` are accepted and do not change the bytes charged).
+//! Spellings: the KV cache's, parsed by [`jetvlm_quant::policy`] (`fp16`, `mixed`,
+//! `int4-all`, `int8-frames`, `int2-frames`, `mixed:bits=4,group=64,keys=channel,...`);
+//! [`KvPrecision`] is derived from the parsed [`KvPolicy`]. The cache's `fblock` and `qblock`
+//! do not change the bytes charged.
 
 use crate::BoardError;
-use jetvlm_quant::LayerFormat;
+use jetvlm_quant::KvPolicy;
 use serde::Serialize;
 use std::fmt;
 use std::str::FromStr;
@@ -84,18 +83,13 @@ impl fmt::Display for KvFormat {
     }
 }
 
-/// How frame keys are grouped (kept so the policy string round-trips; both are charged the
-/// same, see the module docs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KeyMode {
-    Token,
-    Channel,
-}
-
-/// What the planner needs to know about a KV policy.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// What the planner charges for a KV policy: the formats of text and frame tokens and the
+/// FP16 budget, derived from a [`KvPolicy`] (the one policy type and grammar, shared with the
+/// KV cache and the CLI) by [`KvPrecision::from`]. The fields are the derived view; the
+/// policy itself, and so the name, is [`KvPrecision::policy`].
+#[derive(Clone, Debug, PartialEq)]
 pub struct KvPrecision {
+    policy: KvPolicy,
     pub text: KvFormat,
     pub frames: KvFormat,
     /// Fraction of the context that may stay FP16 (text first, then sinks and, with
@@ -105,64 +99,94 @@ pub struct KvPrecision {
     pub sinks: u64,
     /// The most attended frame tokens fill the rest of the budget at FP16 (`salient=on`).
     pub salient: bool,
-    pub keys: KeyMode,
-    /// Per-layer frame formats and key modes (a calibrated policy); empty: `frames` in
-    /// every layer.
-    pub frame_layers: Vec<(KvFormat, KeyMode)>,
+    /// Per-layer frame formats (a calibrated policy); empty: `frames` in every layer.
+    pub frame_layers: Vec<KvFormat>,
 }
 
-const DEFAULT_GROUP: u32 = 64;
-const DEFAULT_BUDGET: f64 = 0.10;
-const DEFAULT_SINKS: u64 = 4;
+impl From<KvPolicy> for KvPrecision {
+    fn from(policy: KvPolicy) -> Self {
+        let quantized = KvFormat::quantized(policy.frame_bits as u8, policy.group as u32);
+        let frames = if policy.quantizes_frames() {
+            quantized
+        } else {
+            KvFormat::FP16
+        };
+        let text = if policy.quantize_text {
+            quantized
+        } else {
+            KvFormat::FP16
+        };
+        let frame_layers = policy
+            .layers
+            .iter()
+            .map(|f| KvFormat::quantized(f.bits as u8, f.group as u32))
+            .collect();
+        KvPrecision {
+            text,
+            frames,
+            fp16_budget: decimal(policy.fp16_budget),
+            sinks: policy.sink_tokens as u64,
+            salient: policy.salient_frame_tokens,
+            frame_layers,
+            policy,
+        }
+    }
+}
+
+/// The f64 of the decimal an f32 prints as (`0.1f32` -> `0.1`, not 0.10000000149...), so
+/// the budget charged is the one the policy spells.
+fn decimal(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
 
 impl KvPrecision {
     /// Every token FP16.
     pub fn fp16() -> Self {
-        KvPrecision {
-            text: KvFormat::FP16,
-            frames: KvFormat::FP16,
-            fp16_budget: 1.0,
-            sinks: DEFAULT_SINKS,
-            salient: false,
-            keys: KeyMode::Token,
-            frame_layers: Vec::new(),
-        }
+        KvPolicy::fp16().into()
     }
 
     /// Text FP16, frames INT4 g64, FP16 budget 10%, per-channel frame keys.
     pub fn mixed() -> Self {
-        Self::frames_at(4)
+        KvPolicy::mixed().into()
     }
 
-    /// Text FP16, frames at `bits` with group 64, FP16 budget 10%.
+    /// Text FP16, frames at `bits` with group 64, FP16 budget 10% (the `mixed` preset with
+    /// other frame bits).
     pub fn frames_at(bits: u8) -> Self {
-        KvPrecision {
-            text: KvFormat::FP16,
-            frames: KvFormat::quantized(bits, DEFAULT_GROUP),
-            fp16_budget: DEFAULT_BUDGET,
-            sinks: DEFAULT_SINKS,
-            salient: false,
-            keys: KeyMode::Channel,
-            frame_layers: Vec::new(),
+        KvPolicy {
+            frame_bits: bits.into(),
+            ..KvPolicy::mixed()
         }
+        .into()
     }
 
     /// Text and frames INT4 g64 (per-token keys, no FP16 budget).
     pub fn int4_all() -> Self {
-        KvPrecision {
-            text: KvFormat::quantized(4, DEFAULT_GROUP),
-            frames: KvFormat::quantized(4, DEFAULT_GROUP),
-            fp16_budget: 0.0,
-            sinks: 0,
-            salient: false,
-            keys: KeyMode::Token,
-            frame_layers: Vec::new(),
+        KvPolicy::int4_all().into()
+    }
+
+    /// This policy with frames at `bits`: its own group and FP16 budget when it quantizes
+    /// frames, else those of `mixed` (what the planner's advice proposes).
+    pub fn frames_lowered_to(&self, bits: u8) -> Self {
+        let mut p = KvPolicy {
+            frame_bits: bits.into(),
+            ..KvPolicy::mixed()
+        };
+        if self.policy.quantizes_frames() {
+            p.group = self.policy.group;
+            p.fp16_budget = self.policy.fp16_budget;
         }
+        p.into()
+    }
+
+    /// The policy this was derived from.
+    pub fn policy(&self) -> &KvPolicy {
+        &self.policy
     }
 
     /// The frame format of `layer`.
     pub fn frame_format(&self, layer: usize) -> KvFormat {
-        self.frame_layers.get(layer).map_or(self.frames, |l| l.0)
+        self.frame_layers.get(layer).copied().unwrap_or(self.frames)
     }
 
     /// Stored bits per frame element, scales and zeros included, averaged over `layers`
@@ -213,67 +237,9 @@ impl KvPrecision {
         s
     }
 
-    /// Canonical spelling; parses back to the same policy.
+    /// The policy's canonical spelling ([`KvPolicy::name`]); parses back to the same policy.
     pub fn name(&self) -> String {
-        if *self == Self::fp16() {
-            return "fp16".into();
-        }
-        if *self == Self::mixed() {
-            return "mixed".into();
-        }
-        if *self == Self::int4_all() {
-            return "int4-all".into();
-        }
-        if *self == Self::frames_at(8) {
-            return "int8-frames".into();
-        }
-        if *self == Self::frames_at(2) {
-            return "int2-frames".into();
-        }
-        let keys = match self.keys {
-            KeyMode::Token => "token",
-            KeyMode::Channel => "channel",
-        };
-        let text = if self.text.is_fp16() {
-            String::new()
-        } else {
-            ",text=quant".into()
-        };
-        let group = if self.frames.is_fp16() {
-            self.text.group
-        } else {
-            self.frames.group
-        };
-        let layers = if self.frame_layers.is_empty() {
-            String::new()
-        } else {
-            let list: Vec<String> = self
-                .frame_layers
-                .iter()
-                .map(|(f, k)| {
-                    LayerFormat {
-                        bits: f.bits.into(),
-                        key_mode: match k {
-                            KeyMode::Token => jetvlm_quant::KeyMode::PerToken,
-                            KeyMode::Channel => jetvlm_quant::KeyMode::PerChannel,
-                        },
-                        group: f.group as usize,
-                    }
-                    .to_string()
-                })
-                .collect();
-            format!(",layers={}", list.join("/"))
-        };
-        let sinks = if self.sinks == DEFAULT_SINKS {
-            String::new()
-        } else {
-            format!(",sinks={}", self.sinks)
-        };
-        let salient = if self.salient { ",salient=on" } else { "" };
-        format!(
-            "mixed:bits={},group={},budget={},keys={keys}{text}{sinks}{salient}{layers}",
-            self.frames.bits, group, self.fp16_budget
-        )
+        self.policy.name()
     }
 }
 
@@ -283,134 +249,13 @@ impl fmt::Display for KvPrecision {
     }
 }
 
+/// Parses with [`KvPolicy`]'s grammar (the cache's), then derives the planner's view.
 impl FromStr for KvPrecision {
     type Err = BoardError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason: String| BoardError::InvalidPolicy {
-            given: s.to_string(),
-            reason,
-        };
-        let lower = s.trim().to_ascii_lowercase();
-        match lower.as_str() {
-            "fp16" => return Ok(Self::fp16()),
-            "mixed" => return Ok(Self::mixed()),
-            "int4-all" => return Ok(Self::int4_all()),
-            "int8-frames" => return Ok(Self::frames_at(8)),
-            "int4-frames" => return Ok(Self::frames_at(4)),
-            "int2-frames" => return Ok(Self::frames_at(2)),
-            _ => {}
-        }
-        let Some(params) = lower.strip_prefix("mixed:") else {
-            return Err(err("unknown policy name".into()));
-        };
-        let mut p = Self::mixed();
-        let mut text_quant = false;
-        for kv in params.split(',').map(str::trim).filter(|x| !x.is_empty()) {
-            let (key, value) = kv
-                .split_once('=')
-                .ok_or_else(|| err(format!("`{kv}` is not key=value")))?;
-            match key.trim() {
-                "bits" => {
-                    let bits: u8 = value
-                        .trim()
-                        .parse()
-                        .map_err(|_| err(format!("bits `{value}` is not a number")))?;
-                    if ![2, 4, 8, 16].contains(&bits) {
-                        return Err(err(format!("bits must be 2, 4, 8 or 16, got {bits}")));
-                    }
-                    p.frames.bits = bits;
-                }
-                "group" => {
-                    let group: u32 = value
-                        .trim()
-                        .parse()
-                        .map_err(|_| err(format!("group `{value}` is not a number")))?;
-                    if ![32, 64, 128].contains(&group) {
-                        return Err(err(format!("group must be 32, 64 or 128, got {group}")));
-                    }
-                    p.frames.group = group;
-                }
-                "budget" => {
-                    let b: f64 = value
-                        .trim()
-                        .parse()
-                        .map_err(|_| err(format!("budget `{value}` is not a number")))?;
-                    if !(0.0..=1.0).contains(&b) {
-                        return Err(err(format!("budget must be a fraction in [0, 1], got {b}")));
-                    }
-                    p.fp16_budget = b;
-                }
-                "keys" => {
-                    p.keys = match value.trim() {
-                        "token" => KeyMode::Token,
-                        "channel" => KeyMode::Channel,
-                        other => {
-                            return Err(err(format!(
-                                "keys must be token or channel, got `{other}`"
-                            )));
-                        }
-                    }
-                }
-                "text" => {
-                    text_quant = match value.trim() {
-                        "fp16" => false,
-                        "quant" => true,
-                        other => {
-                            return Err(err(format!("text must be fp16 or quant, got `{other}`")));
-                        }
-                    }
-                }
-                "layers" => {
-                    p.frame_layers = value
-                        .split('/')
-                        .map(|f| parse_layer_format(f.trim()).map_err(&err))
-                        .collect::<Result<_, _>>()?;
-                }
-                "sinks" => {
-                    p.sinks = value
-                        .trim()
-                        .parse()
-                        .map_err(|_| err(format!("sinks `{value}` is not a number")))?;
-                }
-                "salient" => {
-                    p.salient = match value.trim() {
-                        "on" | "true" | "yes" => true,
-                        "off" | "false" | "no" => false,
-                        other => {
-                            return Err(err(format!("salient must be on or off, got `{other}`")));
-                        }
-                    }
-                }
-                // The KV cache's own options that do not change the byte count.
-                "fblock" | "qblock" => {}
-                other => return Err(err(format!("unknown key `{other}`"))),
-            }
-        }
-        if p.frames.bits == 16 {
-            if !p.frame_layers.is_empty() {
-                return Err(err(
-                    "layers=... needs quantized frames (bits below 16)".into()
-                ));
-            }
-            p.frames = KvFormat::FP16;
-        }
-        if text_quant {
-            p.text = p.frames;
-        }
-        Ok(p)
+        Ok(s.parse::<KvPolicy>()?.into())
     }
-}
-
-/// One layer's frame format, `<bits><c|t><group>` (e.g. `4c64`, parsed as the KV cache
-/// parses it); the key mode does not change the bytes charged.
-fn parse_layer_format(s: &str) -> Result<(KvFormat, KeyMode), String> {
-    let f: LayerFormat = s.parse()?;
-    let keys = match f.key_mode {
-        jetvlm_quant::KeyMode::PerChannel => KeyMode::Channel,
-        jetvlm_quant::KeyMode::PerToken => KeyMode::Token,
-    };
-    Ok((KvFormat::quantized(f.bits as u8, f.group as u32), keys))
 }
 
 #[cfg(test)]
@@ -473,7 +318,58 @@ mod tests {
             "mixed:bits",
         ] {
             let e = bad.parse::<KvPrecision>().unwrap_err().to_string();
-            assert!(e.contains("Accepted: fp16, mixed"), "{bad}: {e}");
+            let cache = bad.parse::<KvPolicy>().unwrap_err().to_string();
+            assert_eq!(e, cache, "{bad}: the planner and the cache say the same");
+            assert!(e.contains("accepted forms: fp16 | mixed"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_planner_reads_what_the_cache_reads() {
+        for spelled in [
+            "fp16",
+            "mixed",
+            "int4-all",
+            "int8-frames",
+            "int2-frames",
+            "mixed:keys=per-channel",
+            "mixed:keys=token,group=32",
+            "mixed:fblock=16,qblock=16,layers=2t64/4c64",
+            "int4-all:group=128",
+            "MIXED:Bits=8,budget=0.2",
+        ] {
+            let cache: KvPolicy = spelled.parse().unwrap();
+            let plan: KvPrecision = spelled.parse().unwrap();
+            assert_eq!(plan.policy(), &cache, "{spelled}");
+            assert_eq!(plan.name(), cache.name(), "{spelled}");
+            assert_eq!(plan, KvPrecision::from(cache), "{spelled}");
+        }
+        let i4: KvPrecision = "int4-all".parse().unwrap();
+        assert_eq!(i4.text, KvFormat::quantized(4, 64));
+        assert_eq!((i4.fp16_budget, i4.sinks), (0.0, 0));
+        let fp16 = KvPrecision::fp16();
+        assert!(fp16.text.is_fp16() && fp16.frames.is_fp16() && !fp16.quantizes_frames());
+        // The budget charged is the decimal spelled, not its f32 neighbour.
+        assert_eq!(KvPrecision::mixed().fp16_budget, 0.1);
+        let cal: KvPrecision = "mixed:layers=2t64/8c32".parse().unwrap();
+        assert_eq!(
+            cal.frame_layers,
+            [KvFormat::quantized(2, 64), KvFormat::quantized(8, 32)]
+        );
+        assert_eq!(cal.frame_format(5), KvFormat::quantized(4, 64));
+    }
+
+    #[test]
+    fn lowered_frames_keep_the_group_and_budget_of_a_quantized_policy() {
+        let g32: KvPrecision = "mixed:group=32,budget=0.2".parse().unwrap();
+        assert_eq!(
+            g32.frames_lowered_to(2).name(),
+            "mixed:bits=2,group=32,budget=0.2"
+        );
+        assert_eq!(
+            KvPrecision::fp16().frames_lowered_to(8).name(),
+            "int8-frames"
+        );
+        assert_eq!(KvPrecision::frames_at(2).name(), "int2-frames");
     }
 }

@@ -25,12 +25,9 @@ pub enum KvError {
     },
     #[error("invalid cache shape {shape}: {reason}")]
     InvalidShape { shape: String, reason: String },
-    #[error("invalid KV policy `{policy}`: {reason}; accepted forms: {accepted}")]
-    InvalidPolicy {
-        policy: String,
-        reason: String,
-        accepted: &'static str,
-    },
+    /// A policy string that does not parse, or fields that do not go together.
+    #[error(transparent)]
+    InvalidPolicy(#[from] jetvlm_quant::PolicyError),
     #[error("{op}: layer {layer} out of range (cache has {layers} layers)")]
     LayerOutOfRange {
         op: &'static str,

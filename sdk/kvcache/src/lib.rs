@@ -22,4 +22,4 @@ pub use attention::Kernel;
 pub use cache::{CacheShape, KvMemory, MixedKvCache};
 pub use cells::Span;
 pub use error::KvError;
-pub use policy::{KeyMode, KvPolicy, LayerFormat};
+pub use policy::{KeyMode, KvPolicy, LayerFormat, PolicyError};

@@ -6,6 +6,9 @@
 //! - [`format`]: [`GroupFormat`] (bits x group size), the packing of codes into bytes, and
 //!   the `#[repr(C)]` group blocks ([`BlockQ4G64`] and friends) with compile-time size
 //!   assertions.
+//! - [`layer`]: one layer's frame format as users spell it (`4c64`).
+//! - [`policy`]: [`KvPolicy`], the KV precision policy, and its one grammar (`fp16`,
+//!   `mixed`, `mixed:bits=4,group=32,...`), shared by the KV cache, the planner and the CLI.
 //! - [`reference`]: the plain, obviously-correct quantize / dequantize every fast kernel is
 //!   compared with, and the error bound each element must meet.
 //!
@@ -17,6 +20,7 @@
 
 pub mod format;
 pub mod layer;
+pub mod policy;
 pub mod reference;
 
 pub use format::{
@@ -25,6 +29,7 @@ pub use format::{
     fit_group, max_code, pack_codes, packed_len, unpack_code, unpack_codes,
 };
 pub use layer::{KeyMode, LayerFormat};
+pub use policy::{KvPolicy, PolicyError, split_policies};
 pub use reference::{
     code_of, dequantize_groups, dequantize_row, element_error_bound, quantize_groups, quantize_row,
     row_params,

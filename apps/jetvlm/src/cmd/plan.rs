@@ -6,6 +6,7 @@ use clap::Args;
 use jetvlm_board::detect::SystemInfo;
 use jetvlm_board::plan::{self, CameraBuffers, Plan, PlanOptions, WeightFormat, Workload};
 use jetvlm_board::{BoardProfile, BoardRegistry, KvPrecision, ModelSpec, VisionSource};
+use jetvlm_kvcache::KvPolicy;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -149,7 +150,16 @@ pub fn build(args: &PlanArgs) -> Result<Plan> {
         .or_else(|| args.kv.clone())
         .or_else(|| model.default_kv.clone())
         .unwrap_or_else(|| "mixed".into());
-    let kv: KvPrecision = kv_name.parse()?;
+    // The policy in effect, as the runtime resolves it: the package's block sizes where the
+    // spelling names none, the group fitted to the head dim.
+    let package_policy = model
+        .default_kv
+        .as_deref()
+        .and_then(|p| p.parse::<KvPolicy>().ok());
+    let kv: KvPrecision = kv_name
+        .parse::<KvPolicy>()?
+        .in_effect(&kv_name, package_policy.as_ref(), model.text.head_dim)
+        .into();
     let layers = model.text.num_hidden_layers;
     anyhow::ensure!(
         kv.frame_layers.is_empty() || kv.frame_layers.len() == layers,

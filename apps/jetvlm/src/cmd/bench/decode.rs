@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use jetvlm_core::{TokenKind, sysinfo};
 use jetvlm_decoder::{Input, LoadOptions, Model, sampler::argmax};
+use jetvlm_kvcache::policy::split_policies;
 use jetvlm_kvcache::{KvPolicy, MixedKvCache};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
@@ -47,8 +48,9 @@ pub struct DecodeArgs {
     /// Prompt length of the TTFT measurement when the context is filled synthetically.
     #[arg(long, default_value_t = 1024)]
     pub ttft_tokens: usize,
-    /// KV policies to compare, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "fp16,mixed")]
+    /// KV policies to compare, comma-separated (`fp16,mixed:bits=2,group=32`: a policy's
+    /// own `key=value` pieces stay with it); repeatable.
+    #[arg(long, default_value = "fp16,mixed")]
     pub kv: Vec<String>,
     /// Do not evict the last-level cache between decode steps.
     #[arg(long)]
@@ -63,6 +65,17 @@ pub struct DecodeArgs {
     /// kernel reads over PCIe (the offloaded setting); `none` keeps them in device memory.
     #[arg(long, default_value = "none")]
     pub kv_offload: String,
+}
+
+impl DecodeArgs {
+    /// The policies of every `--kv`, in order.
+    pub(super) fn policies(&self) -> Result<Vec<KvPolicy>> {
+        self.kv
+            .iter()
+            .flat_map(|list| split_policies(list))
+            .map(|s| s.parse::<KvPolicy>().with_context(|| format!("--kv {s}")))
+            .collect()
+    }
 }
 
 /// One context x policy row (shared with the CUDA bench).
@@ -154,11 +167,13 @@ pub fn run(args: DecodeArgs) -> Result<()> {
     }
     let model = Model::load(&args.model, &LoadOptions::default())
         .with_context(|| format!("loading the decoder from {}", args.model.display()))?;
+    // Named as the cache runs them (the group fitted to the head dim).
+    let head_dim = model.cache_shape().head_dim;
     let policies: Vec<KvPolicy> = args
-        .kv
-        .iter()
-        .map(|s| s.parse::<KvPolicy>().with_context(|| format!("--kv {s}")))
-        .collect::<Result<_>>()?;
+        .policies()?
+        .into_iter()
+        .map(|p| p.fitted_to(head_dim))
+        .collect();
     let threads = rayon::current_num_threads();
     let load_average_start = load_average();
     eprintln!("measuring memory bandwidth...");

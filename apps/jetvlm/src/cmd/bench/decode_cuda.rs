@@ -147,10 +147,10 @@ pub fn run(args: &DecodeArgs) -> Result<()> {
         .with_context(|| format!("loading the decoder from {}", args.model.display()))?;
     let c = model.config().model.clone();
     let policies: Vec<KvPolicy> = args
-        .kv
-        .iter()
-        .map(|s| s.parse::<KvPolicy>().with_context(|| format!("--kv {s}")))
-        .collect::<Result<_>>()?;
+        .policies()?
+        .into_iter()
+        .map(|p| p.fitted_to(c.head_dim))
+        .collect();
     eprintln!("measuring device memory bandwidth...");
     let bw = dev.measure_bandwidth(1 << 30, 5)?;
     let pcie = if memory == PoolMemory::MappedHost {
