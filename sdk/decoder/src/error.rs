@@ -53,6 +53,18 @@ pub enum DecoderError {
         actual: Vec<usize>,
     },
 
+    /// `config.json` declares a dtype the weights are not stored in.
+    #[error(
+        "{config}: field `{field}` declares {declared}, but the weights store tensor `{tensor}` as {actual}; fix the config's dtype or convert the weights"
+    )]
+    DTypeMismatch {
+        config: PathBuf,
+        field: String,
+        declared: jetvlm_core::DType,
+        tensor: String,
+        actual: jetvlm_core::DType,
+    },
+
     /// A tensor has a dtype the decoder does not read.
     #[error("tensor `{name}` in {path}: dtype {dtype} not supported (F32, F16, BF16)")]
     DType {
@@ -72,6 +84,15 @@ pub enum DecoderError {
     /// The chat template does not compile or fails to render.
     #[error("chat template from {path}: {msg}")]
     ChatTemplate { path: PathBuf, msg: String },
+
+    /// A sampling parameter outside its domain (NaN, infinite, negative temperature or
+    /// penalty, `top_p` outside (0, 1]); names the field and the accepted range.
+    #[error("sampling parameter `{field}` = {value}: {expected}")]
+    Sampling {
+        field: &'static str,
+        value: f32,
+        expected: &'static str,
+    },
 
     /// A forward input is malformed (token id out of range, embedding length, ...).
     #[error("forward input: {0}")]

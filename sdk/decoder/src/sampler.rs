@@ -5,16 +5,18 @@
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 
-/// Sampling settings.
+/// Sampling settings. [`SamplerConfig::validate`] checks every field's domain; every path
+/// that builds one from user input (flags, runtime config) runs it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SamplerConfig {
-    /// 0 (or below) picks the most likely token (greedy).
+    /// 0 picks the most likely token (greedy); otherwise a finite positive number.
     pub temperature: f32,
     /// Keep the k most likely tokens (0: no limit).
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches p (1: no limit).
     pub top_p: f32,
-    /// Divides positive and multiplies negative logits of already-seen tokens (1: off).
+    /// Divides positive and multiplies negative logits of already-seen tokens (1: off); a
+    /// finite positive number.
     pub repetition_penalty: f32,
     pub seed: u64,
 }
@@ -32,6 +34,41 @@ impl SamplerConfig {
 
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
+    }
+
+    /// Checks each parameter against its domain: `temperature` finite and >= 0,
+    /// `top_p` in (0, 1], `repetition_penalty` finite and > 0. NaN and infinities are
+    /// refused (a NaN temperature turns every probability into NaN and the draw into
+    /// garbage). The error names the field.
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |field, value, expected| {
+            Err(crate::DecoderError::Sampling {
+                field,
+                value,
+                expected,
+            })
+        };
+        let t = self.temperature;
+        if !(t.is_finite() && t >= 0.0) {
+            return bad(
+                "temperature",
+                t,
+                "must be a finite number >= 0 (0 is greedy)",
+            );
+        }
+        let p = self.top_p;
+        if !(p > 0.0 && p <= 1.0) {
+            return bad("top_p", p, "must lie in (0, 1] (1 keeps every token)");
+        }
+        let r = self.repetition_penalty;
+        if !(r.is_finite() && r > 0.0) {
+            return bad(
+                "repetition_penalty",
+                r,
+                "must be a finite number > 0 (1 is off)",
+            );
+        }
+        Ok(())
     }
 }
 
@@ -247,6 +284,83 @@ mod tests {
             let p = l[t as usize].exp() / z;
             // 20000 draws: standard error < 0.0036; allow 5 sigma.
             assert!((freq - p).abs() < 0.018, "token {t}: {freq} vs {p}");
+        }
+    }
+
+    #[test]
+    fn parameters_outside_their_domain_are_refused_naming_the_field() {
+        let base = SamplerConfig::default();
+        base.validate().unwrap();
+        SamplerConfig::greedy().validate().unwrap();
+        for (field, cfg) in [
+            (
+                "temperature",
+                SamplerConfig {
+                    temperature: f32::NAN,
+                    ..base.clone()
+                },
+            ),
+            (
+                "temperature",
+                SamplerConfig {
+                    temperature: f32::INFINITY,
+                    ..base.clone()
+                },
+            ),
+            (
+                "temperature",
+                SamplerConfig {
+                    temperature: -0.5,
+                    ..base.clone()
+                },
+            ),
+            (
+                "top_p",
+                SamplerConfig {
+                    top_p: f32::NAN,
+                    ..base.clone()
+                },
+            ),
+            (
+                "top_p",
+                SamplerConfig {
+                    top_p: 0.0,
+                    ..base.clone()
+                },
+            ),
+            (
+                "top_p",
+                SamplerConfig {
+                    top_p: 1.5,
+                    ..base.clone()
+                },
+            ),
+            (
+                "repetition_penalty",
+                SamplerConfig {
+                    repetition_penalty: f32::NAN,
+                    ..base.clone()
+                },
+            ),
+            (
+                "repetition_penalty",
+                SamplerConfig {
+                    repetition_penalty: 0.0,
+                    ..base.clone()
+                },
+            ),
+            (
+                "repetition_penalty",
+                SamplerConfig {
+                    repetition_penalty: -1.0,
+                    ..base.clone()
+                },
+            ),
+        ] {
+            match cfg.validate() {
+                Err(crate::DecoderError::Sampling { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{cfg:?}: {other:?}"),
+            }
         }
     }
 }

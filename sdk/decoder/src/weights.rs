@@ -306,7 +306,7 @@ impl Weights {
             })?;
             let st = SafeTensors::deserialize(&map).map_err(|e| DecoderError::Safetensors {
                 path: path.clone(),
-                msg: describe(&e),
+                msg: diagnose_header(&map).unwrap_or_else(|| describe(&e)),
             })?;
             let base = map.as_ptr() as usize;
             for (name, view) in st.tensors() {
@@ -361,10 +361,59 @@ impl Weights {
                 });
             }
         }
-        Ok(Weights {
+        let weights = Weights {
             dir: dir.to_path_buf(),
             files,
             table,
+        };
+        weights.check_declared_dtype(&dir.join("config.json"))?;
+        Ok(weights)
+    }
+
+    /// When `config` (the directory's `config.json`) declares a dtype (`dtype` or
+    /// `torch_dtype`, top level or under `text_config`), the embedding table must be stored
+    /// in it: the decoder runs in the embedding's type and the memory planner charges the
+    /// declared one, so a contradiction would make every plan wrong. A config without a
+    /// dtype, one that does not parse (reported by [`crate::Config`]), or weights without an
+    /// embedding table are not checked here.
+    pub fn check_declared_dtype(&self, config: &Path) -> Result<()> {
+        let Ok(text) = std::fs::read_to_string(config) else {
+            return Ok(());
+        };
+        let Ok(raw) = serde_json::from_str::<serde_json::Value>(&text) else {
+            return Ok(());
+        };
+        let nested = raw.get("text_config").filter(|t| t.is_object());
+        let declared = ["dtype", "torch_dtype"].iter().find_map(|key| {
+            let (prefix, v) = match nested.and_then(|t| t.get(*key)).filter(|v| v.is_string()) {
+                Some(v) => ("text_config.", v),
+                None => ("", raw.get(*key).filter(|v| v.is_string())?),
+            };
+            let name = v.as_str()?;
+            Some((format!("{prefix}{key}"), DType::from_hf_name(name)?))
+        });
+        let Some((field, dtype)) = declared else {
+            return Ok(());
+        };
+        let mut names: Vec<&String> = self
+            .table
+            .keys()
+            .filter(|n| n.ends_with("embed_tokens.weight"))
+            .collect();
+        names.sort();
+        let Some(tensor) = names.first() else {
+            return Ok(());
+        };
+        let e = &self.table[*tensor];
+        if e.dtype == DType::U8 || e.dtype == dtype {
+            return Ok(());
+        }
+        Err(DecoderError::DTypeMismatch {
+            config: config.to_path_buf(),
+            field,
+            declared: dtype,
+            tensor: tensor.to_string(),
+            actual: e.dtype,
         })
     }
 
@@ -426,9 +475,113 @@ impl Weights {
     }
 }
 
+/// Names the tensor at fault in a safetensors header the library refused: a header that
+/// is not UTF-8 or not JSON, a tensor whose offsets do not span its dtype and shape, a gap or
+/// overlap between neighbouring tensors (both named), or a tensor past the end of the data.
+/// `None` when the header looks consistent (the library's own message is used).
+fn diagnose_header(file: &[u8]) -> Option<String> {
+    let len = u64::from_le_bytes(file.get(..8)?.try_into().ok()?);
+    let end = 8usize.checked_add(usize::try_from(len).ok()?)?;
+    let header = file.get(8..end)?;
+    let text = match std::str::from_utf8(header) {
+        Ok(t) => t,
+        Err(e) => {
+            return Some(format!(
+                "the header is not UTF-8 text (invalid byte at header offset {}): not a safetensors file, or a damaged one",
+                e.valid_up_to()
+            ));
+        }
+    };
+    let map: serde_json::Map<String, serde_json::Value> = match serde_json::from_str(text) {
+        Ok(m) => m,
+        Err(e) => return Some(format!("the header is not a JSON object: {e}")),
+    };
+    let data_len = (file.len() - end) as u64;
+    // (name, start, end) of every tensor whose entry is readable.
+    let mut spans: Vec<(&str, u64, u64)> = Vec::new();
+    for (name, info) in &map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let offsets = info.get("data_offsets").and_then(|o| o.as_array());
+        let (s, e) = match offsets.map(|o| o.as_slice()) {
+            Some([s, e]) => match (s.as_u64(), e.as_u64()) {
+                (Some(s), Some(e)) => (s, e),
+                _ => {
+                    return Some(format!(
+                        "tensor `{name}`: data_offsets {offsets:?} are not two byte offsets"
+                    ));
+                }
+            },
+            _ => return Some(format!("tensor `{name}`: no data_offsets [start, end]")),
+        };
+        if e < s {
+            return Some(format!(
+                "tensor `{name}`: data_offsets [{s}, {e}] end before they start"
+            ));
+        }
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+        let bits: Option<u64> = match dtype {
+            "F64" | "I64" | "U64" => Some(64),
+            "F32" | "I32" | "U32" => Some(32),
+            "F16" | "BF16" | "I16" | "U16" => Some(16),
+            "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => Some(8),
+            _ => None,
+        };
+        let shape: Option<Vec<u64>> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|s| s.iter().map(|d| d.as_u64()).collect());
+        if let (Some(bits), Some(shape)) = (bits, &shape) {
+            let need = shape
+                .iter()
+                .try_fold(bits / 8, |acc, &d| acc.checked_mul(d));
+            if need != Some(e - s) {
+                let need = need.map_or("more than 2^64".to_string(), |n| n.to_string());
+                return Some(format!(
+                    "tensor `{name}`: data_offsets [{s}, {e}] span {} bytes, but {dtype} {shape:?} needs {need}",
+                    e - s
+                ));
+            }
+        }
+        if e > data_len {
+            return Some(format!(
+                "tensor `{name}`: data_offsets [{s}, {e}] reach past the {data_len} bytes of data (truncated file?)"
+            ));
+        }
+        spans.push((name, s, e));
+    }
+    spans.sort_by_key(|t| (t.1, t.2));
+    let mut prev: Option<(&str, u64)> = None;
+    for &(name, s, e) in &spans {
+        let prev_end = prev.map_or(0, |p| p.1);
+        if s != prev_end {
+            let what = if s > prev_end { "a gap" } else { "an overlap" };
+            return Some(match prev {
+                Some((p, pe)) => format!(
+                    "{what} between tensor `{p}` (ends at byte {pe}) and tensor `{name}` (starts at byte {s}): the data_offsets of one of them are damaged"
+                ),
+                None => format!(
+                    "tensor `{name}`: the first tensor starts at byte {s}, not 0: its data_offsets are damaged"
+                ),
+            });
+        }
+        prev = Some((name, e));
+    }
+    let covered = prev.map_or(0, |p| p.1);
+    if covered != data_len {
+        return Some(format!(
+            "the tensors cover {covered} bytes but the file holds {data_len} bytes of data (truncated or trailing data)"
+        ));
+    }
+    None
+}
+
 fn describe(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
     match e {
+        E::InvalidHeader(u) => format!("the header is not UTF-8 text: {u}"),
+        E::InvalidHeaderDeserialization(j) => format!("the header is not valid JSON: {j}"),
         E::MetadataIncompleteBuffer => {
             "truncated: the header's tensors do not fit the file's data".into()
         }
@@ -441,7 +594,7 @@ fn describe(e: &safetensors::SafeTensorError) -> String {
         E::InvalidTensorView(d, s, n) => {
             format!("tensor data of {n} bytes does not match {d:?} {s:?}")
         }
-        other => format!("{other:?}"),
+        other => other.to_string(),
     }
 }
 
@@ -467,5 +620,88 @@ mod tests {
             Weights::open(d.path()),
             Err(DecoderError::NoWeights { .. })
         ));
+    }
+
+    /// A model directory with `model.safetensors` made of `header` (JSON text or raw bytes)
+    /// and `data_len` zero bytes, and optionally a `config.json`.
+    fn dir_with(header: &[u8], data_len: usize, config: Option<&str>) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        bytes.resize(bytes.len() + data_len, 0);
+        std::fs::write(d.path().join("model.safetensors"), bytes).unwrap();
+        if let Some(c) = config {
+            std::fs::write(d.path().join("config.json"), c).unwrap();
+        }
+        d
+    }
+
+    fn safetensors_error(d: &tempfile::TempDir) -> String {
+        match Weights::open(d.path()) {
+            Err(e @ DecoderError::Safetensors { .. }) => e.to_string(),
+            Err(e) => panic!("expected a safetensors error, got {e}"),
+            Ok(_) => panic!("a damaged file opened"),
+        }
+    }
+
+    #[test]
+    fn a_damaged_tensor_is_named_not_its_neighbour() {
+        // `a` needs 16 bytes but its offsets span 20; `b` is intact.
+        let h = br#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,20]},"b":{"dtype":"F32","shape":[4],"data_offsets":[16,32]}}"#;
+        let msg = safetensors_error(&dir_with(h, 32, None));
+        assert!(msg.contains("tensor `a`") && !msg.contains("`b`"), "{msg}");
+        assert!(msg.contains("needs 16"), "{msg}");
+        // A gap between two self-consistent tensors: both are named.
+        let h = br#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[4],"data_offsets":[16,32]}}"#;
+        let msg = safetensors_error(&dir_with(h, 32, None));
+        assert!(
+            msg.contains("gap") && msg.contains("`a`") && msg.contains("`b`"),
+            "{msg}"
+        );
+        // A tensor past the end of the data.
+        let h = br#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#;
+        let msg = safetensors_error(&dir_with(h, 8, None));
+        assert!(
+            msg.contains("tensor `a`") && msg.contains("truncated"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_non_utf8_header_is_a_plain_sentence() {
+        let mut h = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#.to_vec();
+        h[2] = 0xff;
+        let msg = safetensors_error(&dir_with(&h, 4, None));
+        assert!(msg.contains("not UTF-8"), "{msg}");
+        assert!(!msg.contains('{') && !msg.contains("Utf8Error"), "{msg}");
+    }
+
+    #[test]
+    fn a_config_dtype_contradicting_the_weights_is_an_error() {
+        let h =
+            br#"{"model.embed_tokens.weight":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#;
+        let d = dir_with(h, 16, Some(r#"{"torch_dtype": "bfloat16"}"#));
+        match Weights::open(d.path()) {
+            Err(e @ DecoderError::DTypeMismatch { .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("torch_dtype")
+                        && msg.contains("bf16")
+                        && msg.contains("model.embed_tokens.weight")
+                        && msg.contains("config.json"),
+                    "{msg}"
+                );
+            }
+            other => panic!("expected a dtype mismatch, got {:?}", other.err()),
+        }
+        // Agreeing, nested, or undeclared dtypes open.
+        for config in [
+            r#"{"torch_dtype": "float32"}"#,
+            r#"{"text_config": {"dtype": "float32"}, "torch_dtype": "bfloat16"}"#,
+            r#"{}"#,
+        ] {
+            let d = dir_with(h, 16, Some(config));
+            Weights::open(d.path()).unwrap_or_else(|e| panic!("{config}: {e}"));
+        }
     }
 }
