@@ -111,6 +111,9 @@ impl MixedKvCache {
                 "head_dim must be a multiple of 8 up to {MAX_HEAD_DIM}"
             )));
         }
+        if let Some(why) = policy.head_dim_problem(shape.head_dim) {
+            return Err(bad(why));
+        }
         if policy.is_per_layer() && policy.layers.len() != shape.layers {
             return Err(bad(format!(
                 "the policy has formats for {} layers, the model has {}",
@@ -136,13 +139,6 @@ impl MixedKvCache {
                 capacity_tokens.div_ceil(policy.fp16_block_tokens),
             );
             let quant = if policy.quantizes_frames() {
-                let group = policy.layer_format(set).group;
-                if !shape.head_dim.is_multiple_of(group) {
-                    return Err(bad(format!(
-                        "head_dim {} is not a multiple of the quantization group {group}",
-                        shape.head_dim
-                    )));
-                }
                 let layout = QuantLayout::of_layer(&policy, set, shape.head_dim)
                     .ok_or_else(|| bad(format!("no quantized layout for policy {policy}")))?;
                 Some(Pool::new(

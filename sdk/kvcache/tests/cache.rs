@@ -175,10 +175,18 @@ fn mismatched_shapes_are_typed_errors() {
     let bad = |q, kv, d| MixedKvCache::new(shape(1, q, kv, d), KvPolicy::mixed(), 10).err();
     assert!(matches!(bad(9, 2, 64), Some(KvError::InvalidShape { .. })));
     assert!(matches!(bad(4, 0, 64), Some(KvError::InvalidShape { .. })));
-    assert!(
-        matches!(bad(4, 2, 80), Some(KvError::InvalidShape { .. })),
-        "80 is not a multiple of any supported group"
-    );
+    // No supported group divides 80, 48 or 16: the error names the head dim and the policy
+    // that runs the model.
+    for d in [80, 48, 16] {
+        let e = bad(4, 2, d).expect("refused");
+        assert!(matches!(e, KvError::InvalidShape { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("head_dim {d} ")) && msg.contains("`fp16`"),
+            "{msg}"
+        );
+        assert!(MixedKvCache::new(shape(1, 4, 2, d), KvPolicy::fp16(), 10).is_ok());
+    }
     // Head dim 96 (Phi-3): the default group of 64 is fitted to 32.
     let c96 = MixedKvCache::new(shape(1, 4, 2, 96), KvPolicy::mixed(), 10).unwrap();
     assert_eq!(c96.policy().group, 32);

@@ -233,6 +233,25 @@ impl KvPolicy {
         p
     }
 
+    /// Why this policy cannot run a model of head dim `head_dim` once its groups are fitted
+    /// ([`KvPolicy::fitted_to`]): a quantized group that no supported group size can divide
+    /// into (a head dim that is not a multiple of 32). The reason names the head dim and the
+    /// policy that runs the model; `None` when this one can.
+    pub fn head_dim_problem(&self, head_dim: usize) -> Option<String> {
+        let fitted = self.fitted_to(head_dim);
+        if !fitted.quantizes_frames() || head_dim == 0 {
+            return None;
+        }
+        let mut groups = (0..fitted.layers.len().max(1)).map(|l| fitted.layer_format(l).group);
+        let group = groups.find(|g| !head_dim.is_multiple_of(*g))?;
+        Some(format!(
+            "head_dim {head_dim} is not a multiple of any quantization group (32, 64 or 128; \
+             the policy's {group} cannot be fitted), so `{}` cannot quantize this model's \
+             frame tokens; the policy `fp16` (every token FP16) runs it",
+            self.name()
+        ))
+    }
+
     /// The policy in effect when `spelled` (this policy's spelling, as the user gave it) runs
     /// a model whose package policy is `package` (none for a bare decoder directory) and
     /// whose head dim is `head_dim`: the package's block sizes where the spelling names none
@@ -629,6 +648,37 @@ mod tests {
         // FP16 keeps its (unused) group.
         assert_eq!(KvPolicy::fp16().fitted_to(96), KvPolicy::fp16());
         assert_eq!(m.fitted_to(96).name(), "mixed:group=32");
+    }
+
+    #[test]
+    fn a_head_dim_no_group_divides_is_named_with_the_policy_that_runs_it() {
+        for h in [8, 16, 24, 40, 48, 80, 200] {
+            for spelled in ["mixed", "int8-frames", "int4-all", "mixed:layers=4c64/8t32"] {
+                let p: KvPolicy = spelled.parse().unwrap();
+                let why = p
+                    .head_dim_problem(h)
+                    .unwrap_or_else(|| panic!("{spelled} on head_dim {h}"));
+                assert!(why.contains(&format!("head_dim {h} ")), "{why}");
+                assert!(why.contains("`fp16`"), "{why}");
+                assert!(why.contains(&format!("`{}`", p.name())), "{why}");
+            }
+            assert_eq!(KvPolicy::fp16().head_dim_problem(h), None);
+            assert_eq!(
+                "fp16:budget=0.3"
+                    .parse::<KvPolicy>()
+                    .unwrap()
+                    .head_dim_problem(h),
+                None
+            );
+        }
+        // Every head dim that is a multiple of 32 runs every quantized policy once fitted.
+        for h in (32..=512).step_by(32) {
+            for (name, p) in KvPolicy::presets() {
+                assert_eq!(p.head_dim_problem(h), None, "{name} on {h}");
+            }
+            let g128: KvPolicy = "mixed:group=128,layers=2t128/4c64".parse().unwrap();
+            assert_eq!(g128.head_dim_problem(h), None, "{h}");
+        }
     }
 
     #[test]

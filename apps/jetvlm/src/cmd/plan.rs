@@ -156,10 +156,16 @@ pub fn build(args: &PlanArgs) -> Result<Plan> {
         .default_kv
         .as_deref()
         .and_then(|p| p.parse::<KvPolicy>().ok());
-    let kv: KvPrecision = kv_name
-        .parse::<KvPolicy>()?
-        .in_effect(&kv_name, package_policy.as_ref(), model.text.head_dim)
-        .into();
+    let policy = kv_name.parse::<KvPolicy>()?.in_effect(
+        &kv_name,
+        package_policy.as_ref(),
+        model.text.head_dim,
+    );
+    // Refused as the KV cache refuses it, rather than planned with groups no block has.
+    if let Some(why) = policy.head_dim_problem(model.text.head_dim) {
+        anyhow::bail!("--kv {kv_name} on {}: {why}", model.config_path.display());
+    }
+    let kv = KvPrecision::from(policy);
     let layers = model.text.num_hidden_layers;
     anyhow::ensure!(
         kv.frame_layers.is_empty() || kv.frame_layers.len() == layers,
@@ -530,6 +536,34 @@ mod tests {
                 "{flag} {value}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn a_head_dim_no_group_divides_names_the_policy_that_runs_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let src =
+            std::fs::read_to_string(format!("{}/config.json", fixture("configs/smolvlm-256m")))
+                .unwrap();
+        let mut cfg: serde_json::Value = serde_json::from_str(&src).unwrap();
+        // 576 hidden / 12 heads = 48 per head.
+        cfg["text_config"]["num_attention_heads"] = 12.into();
+        cfg["text_config"]["num_key_value_heads"] = 4.into();
+        cfg["text_config"]["head_dim"] = 48.into();
+        std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+        let model = dir.path().to_string_lossy().into_owned();
+        let base = ["--board", "orin-nano-8gb", "--model", model.as_str()];
+        for kv in ["mixed", "int8-frames", "int4-all"] {
+            let err = match build(&args(&[&base[..], &["--kv", kv]].concat())) {
+                Ok(p) => panic!("--kv {kv}: planned {}", p.kv_policy),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(
+                err.contains("head_dim 48 ") && err.contains("`fp16`"),
+                "{kv}: {err}"
+            );
+        }
+        let p = build(&args(&[&base[..], &["--kv", "fp16"]].concat())).unwrap();
+        assert_eq!(p.kv_policy, "fp16");
     }
 
     #[test]
