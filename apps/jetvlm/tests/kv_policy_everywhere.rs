@@ -337,6 +337,17 @@ fn every_documented_policy_reads_the_same_in_every_command() {
                     "{at}"
                 );
                 assert_eq!(plan_pkg["kv"], plan_dec["kv"], "{at}");
+                // The comparison table has the policy in effect as one of its rows.
+                for plan in [&plan_pkg, &plan_dec] {
+                    let rows = plan["max_frames_by_policy"].as_array().unwrap();
+                    assert_eq!(
+                        rows.iter()
+                            .filter(|row| row["policy"] == plan["kv_policy"])
+                            .count(),
+                        1,
+                        "{at}: {rows:?}"
+                    );
+                }
             }
             Err(e) => {
                 let message = e.to_string();

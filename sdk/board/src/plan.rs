@@ -766,8 +766,12 @@ pub fn plan(
         KvPrecision::mixed(),
         KvPrecision::frames_at(2),
     ];
-    if !policies.contains(kv) {
-        policies.push(kv.clone());
+    // The requested policy takes the place of the preset it charges like (under its own
+    // name: the policy in effect), else gets a row of its own.
+    let head_dim = model.text.head_dim as u64;
+    match policies.iter_mut().find(|p| p.charges_like(kv, head_dim)) {
+        Some(p) => *p = kv.clone(),
+        None => policies.push(kv.clone()),
     }
     for p in &policies {
         by_policy.push(PolicyFrames {

@@ -67,6 +67,19 @@ impl KvFormat {
         codes + 4 * groups
     }
 
+    /// The format as the cache stores it on head dim `head_dim`: the group lowered as
+    /// [`jetvlm_quant::fit_group`] lowers it (FP16 unchanged).
+    pub fn fitted(&self, head_dim: u64) -> KvFormat {
+        if self.is_fp16() {
+            return *self;
+        }
+        let group = jetvlm_quant::fit_group((self.group as usize).max(1), head_dim as usize);
+        KvFormat {
+            group: group as u32,
+            ..*self
+        }
+    }
+
     /// Bits stored per element, scales and zeros included.
     pub fn bits_per_element(&self, head_dim: u64) -> f64 {
         self.vector_bytes(head_dim) as f64 * 8.0 / head_dim as f64
@@ -177,6 +190,22 @@ impl KvPrecision {
             p.fp16_budget = self.policy.fp16_budget;
         }
         p.into()
+    }
+
+    /// Whether the planner charges `self` and `other` the same on a model of head dim
+    /// `head_dim`: the same formats once their groups are fitted, budget, sinks and
+    /// salience (block sizes are not charged). `mixed` and the demo package's
+    /// `mixed:fblock=16,qblock=16` do; so do `mixed` and `mixed:group=32` on head dim 96.
+    pub fn charges_like(&self, other: &KvPrecision, head_dim: u64) -> bool {
+        let fit = |f: KvFormat| f.fitted(head_dim);
+        let layers =
+            |p: &KvPrecision| -> Vec<KvFormat> { p.frame_layers.iter().map(|f| fit(*f)).collect() };
+        fit(self.text) == fit(other.text)
+            && fit(self.frames) == fit(other.frames)
+            && layers(self) == layers(other)
+            && self.fp16_budget == other.fp16_budget
+            && self.sinks == other.sinks
+            && self.salient == other.salient
     }
 
     /// The policy this was derived from.
@@ -357,6 +386,21 @@ mod tests {
             [KvFormat::quantized(2, 64), KvFormat::quantized(8, 32)]
         );
         assert_eq!(cal.frame_format(5), KvFormat::quantized(4, 64));
+    }
+
+    #[test]
+    fn policies_that_differ_in_what_is_not_charged_charge_alike() {
+        let p = |s: &str| s.parse::<KvPrecision>().unwrap();
+        let mixed = KvPrecision::mixed();
+        assert!(p("mixed:fblock=16,qblock=16").charges_like(&mixed, 64));
+        assert!(p("mixed:group=32").charges_like(&mixed, 96));
+        assert!(!p("mixed:group=32").charges_like(&mixed, 64));
+        assert!(!p("mixed:salient=on").charges_like(&mixed, 64));
+        assert!(!p("mixed:budget=0.2").charges_like(&mixed, 64));
+        assert!(!p("int8-frames").charges_like(&mixed, 64));
+        assert!(!p("int4-all").charges_like(&mixed, 64));
+        assert!(!p("mixed:layers=4c64/4c64").charges_like(&mixed, 64));
+        assert!(p("fp16:fblock=16").charges_like(&KvPrecision::fp16(), 80));
     }
 
     #[test]

@@ -321,16 +321,24 @@ pub fn render(p: &Plan) -> String {
     );
     let _ = writeln!(s);
 
+    // As wide as the longest policy name (a custom policy's can be long).
+    let width = p
+        .max_frames_by_policy
+        .iter()
+        .map(|r| r.policy.len())
+        .max()
+        .unwrap_or(0)
+        .max(18);
     let _ = writeln!(
         s,
-        "  {:<18} {:>10} {:>11} {:>13} {:>16}",
+        "  {:<width$} {:>10} {:>11} {:>13} {:>16}",
         "KV policy", "frame bits", "max frames", "KV MiB now", "TPOT floor ms"
     );
     for r in &p.max_frames_by_policy {
         let mark = if r.policy == p.kv_policy { " <" } else { "" };
         let _ = writeln!(
             s,
-            "  {:<18} {:>10.2} {:>11} {:>13} {:>16.2}{mark}",
+            "  {:<width$} {:>10.2} {:>11} {:>13} {:>16.2}{mark}",
             r.policy,
             r.frame_bits_per_element,
             r.max_frames,
