@@ -21,6 +21,17 @@ pub enum CameraError {
         #[source]
         source: image::ImageError,
     },
+    /// An image refused before decoding: its header declares more pixels than the
+    /// [`jetvlm_core::ImageLimits`] allow.
+    #[error("refusing to decode image {path}: {reason}")]
+    ImageTooLarge { path: PathBuf, reason: String },
+    /// Every image of a `dir://` source failed to decode (each was reported and skipped).
+    #[error("none of the {count} images in {path} could be decoded (first failure: {first})")]
+    NoReadableImage {
+        path: PathBuf,
+        count: usize,
+        first: String,
+    },
     #[error("unsupported image file {path}: expected .png, .jpg or .jpeg")]
     UnsupportedImage { path: PathBuf },
     #[error("listing directory {path}: {source}")]

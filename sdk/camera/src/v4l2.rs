@@ -153,11 +153,27 @@ impl FrameSource for V4l2Source {
                     .collect()
             }
             Pixel::Mjpg => {
-                let img = image::load_from_memory_with_format(data, image::ImageFormat::Jpeg)
-                    .map_err(|e| CameraError::DeviceFormat {
-                        device: self.device.clone(),
-                        reason: format!("MJPG frame: {e}"),
-                    })?;
+                let bad = |reason: String| CameraError::DeviceFormat {
+                    device: self.device.clone(),
+                    reason: format!("MJPG frame: {reason}"),
+                };
+                let reader = || {
+                    image::ImageReader::with_format(
+                        std::io::Cursor::new(data),
+                        image::ImageFormat::Jpeg,
+                    )
+                };
+                // The frame's own header is checked before decoding: a corrupt frame that
+                // declares a huge image is refused, not decoded.
+                let (w, h) = reader().into_dimensions().map_err(|e| bad(e.to_string()))?;
+                if let Some(reason) = jetvlm_core::ImageLimits::default().refusal(w, h) {
+                    return Err(bad(reason));
+                }
+                let mut r = reader();
+                r.limits(crate::still::decoder_limits(
+                    &jetvlm_core::ImageLimits::default(),
+                ));
+                let img = r.decode().map_err(|e| bad(e.to_string()))?;
                 img.to_rgb8().into_raw()
             }
         };

@@ -620,8 +620,7 @@ mod tests {
         assert_eq!(c.vocab_size, 49280);
     }
 
-    /// Sets `key` (a `/`-separated path) in the base config and returns the error's field and
-    /// message.
+    /// Applies `edit` to the base config and returns the error's field and message.
     fn rejected(edit: impl FnOnce(&mut Value)) -> (String, String) {
         let mut v = base();
         edit(&mut v);
@@ -631,7 +630,8 @@ mod tests {
 
     #[test]
     fn numeric_fields_outside_their_domain_name_the_field() {
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut Value)>)> = vec![
+        type Edit = Box<dyn FnOnce(&mut Value)>;
+        let cases: Vec<(&str, Edit)> = vec![
             (
                 "rms_norm_eps",
                 Box::new(|v| v["rms_norm_eps"] = json!(-1e-5)),

@@ -4,17 +4,20 @@
 //!   cache picks its precision from this tag.
 //! - [`DType`], [`Device`]: storage types and where computation runs.
 //! - [`hf`]: Hugging Face `config.json` schema -> validated [`hf::ModelConfig`].
+//! - [`image_limits`]: how large an image file a decoder accepts (checked from the header).
 //! - [`sysinfo`]: last-level cache size and measured memory read bandwidth.
 //! - [`config`]: YAML (serde-saphyr) and JSON loading with errors that name the file, the
 //!   line and the field.
 
 pub mod config;
 pub mod hf;
+pub mod image_limits;
 pub mod mem;
 pub mod sysinfo;
 mod types;
 
 pub use config::ConfigError;
+pub use image_limits::ImageLimits;
 pub use types::{DType, Device, FrameId, TokenKind};
 
 /// An error and its causes as one line for a terminal: causes joined with `: `, a cause whose

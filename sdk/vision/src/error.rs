@@ -73,6 +73,11 @@ pub enum VisionError {
     #[error("decoding image {}: {message}", path.display())]
     Decode { path: PathBuf, message: String },
 
+    /// An image file refused before decoding: its header declares more pixels than the
+    /// [`jetvlm_core::ImageLimits`] allow.
+    #[error("refusing to decode {}: {reason}", path.display())]
+    ImageTooLarge { path: PathBuf, reason: String },
+
     #[error("reading {}: {source}", path.display())]
     Io {
         path: PathBuf,

@@ -10,6 +10,7 @@
 use crate::VisionError;
 use fast_image_resize as fr;
 use half::f16;
+use jetvlm_core::ImageLimits;
 use serde::{Deserialize, Serialize};
 
 /// How a frame of another aspect ratio is fitted to the encoder's input size.
@@ -108,24 +109,43 @@ pub struct RgbImage {
 }
 
 impl RgbImage {
-    /// Decodes a PNG or JPEG file to RGB8.
+    /// Decodes a PNG or JPEG file to RGB8 under the default [`ImageLimits`].
     pub fn open(path: &std::path::Path) -> Result<Self, VisionError> {
-        let img = image::ImageReader::open(path)
-            .map_err(|source| VisionError::Io {
+        Self::open_with_limits(path, &ImageLimits::default())
+    }
+
+    /// Decodes a PNG or JPEG file to RGB8; a file whose header declares more pixels than
+    /// `limits` allow is refused before any pixel is decoded.
+    pub fn open_with_limits(
+        path: &std::path::Path,
+        limits: &ImageLimits,
+    ) -> Result<Self, VisionError> {
+        let io = |source| VisionError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let decode = |e: image::ImageError| VisionError::Decode {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let reader = || -> Result<_, VisionError> {
+            image::ImageReader::open(path)
+                .map_err(io)?
+                .with_guessed_format()
+                .map_err(io)
+        };
+        let (width, height) = reader()?.into_dimensions().map_err(decode)?;
+        if let Some(reason) = limits.refusal(width, height) {
+            return Err(VisionError::ImageTooLarge {
                 path: path.to_path_buf(),
-                source,
-            })?
-            .with_guessed_format()
-            .map_err(|source| VisionError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .decode()
-            .map_err(|e| VisionError::Decode {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?
-            .to_rgb8();
+                reason,
+            });
+        }
+        let mut r = reader()?;
+        let mut l = image::Limits::default();
+        l.max_alloc = Some(limits.max_alloc_bytes);
+        r.limits(l);
+        let img = r.decode().map_err(decode)?.to_rgb8();
         Ok(RgbImage {
             width: img.width(),
             height: img.height(),
@@ -661,5 +681,63 @@ mod tests {
     fn bad_image_is_an_error() {
         assert!(ImageView::new(2, 2, &[0u8; 11]).is_err());
         assert!(ImageView::new(0, 2, &[]).is_err());
+    }
+
+    /// A valid 1x1 PNG whose IHDR is rewritten to declare `width x height` (CRC fixed): a
+    /// file of a few dozen bytes that claims a huge image.
+    fn png_declaring(width: u32, height: u32) -> Vec<u8> {
+        let mut png = Vec::new();
+        image::RgbImage::new(1, 1)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        // Signature (8), IHDR length (4), "IHDR" (4), width, height, ..., CRC over type+data.
+        png[16..20].copy_from_slice(&width.to_be_bytes());
+        png[20..24].copy_from_slice(&height.to_be_bytes());
+        let crc = crc32(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        png
+    }
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in bytes {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xedb8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+
+    #[test]
+    fn an_image_declaring_huge_dimensions_is_refused_before_decoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bomb.png");
+        let png = png_declaring(12000, 12000);
+        assert!(png.len() < 100);
+        std::fs::write(&path, &png).unwrap();
+        match RgbImage::open(&path) {
+            Err(e @ VisionError::ImageTooLarge { .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("12000x12000") && msg.contains("bomb.png"),
+                    "{msg}"
+                );
+            }
+            other => panic!("expected ImageTooLarge, got {other:?}"),
+        }
+        // The limit is configurable: a 2x2 image passes 4 pixels and is refused at 3.
+        let small = dir.path().join("small.png");
+        image::RgbImage::new(2, 2).save(&small).unwrap();
+        let ok = RgbImage::open_with_limits(&small, &ImageLimits::with_max_pixels(4)).unwrap();
+        assert_eq!((ok.width, ok.height, ok.data.len()), (2, 2, 12));
+        assert!(matches!(
+            RgbImage::open_with_limits(&small, &ImageLimits::with_max_pixels(3)),
+            Err(VisionError::ImageTooLarge { .. })
+        ));
     }
 }
