@@ -90,7 +90,8 @@ impl Condition {
     /// Whether `answer` meets a predicate condition (`None` for [`Condition::Changes`]).
     pub fn holds(&self, answer: &str) -> Option<bool> {
         let a = answer.trim().to_lowercase();
-        let number = || a.parse::<f64>().ok();
+        // "nan" and "inf" parse as floats but are not numbers an answer can compare as.
+        let number = || a.parse::<f64>().ok().filter(|n| n.is_finite());
         Some(match self {
             Condition::Changes => return None,
             Condition::Equals(t) => a == t.trim().to_lowercase(),
@@ -99,6 +100,21 @@ impl Condition {
             Condition::AtLeast(x) => number().is_some_and(|n| n >= *x),
             Condition::AtMost(x) => number().is_some_and(|n| n <= *x),
         })
+    }
+
+    /// Checks the condition's threshold: `at_least` and `at_most` need a finite number (a
+    /// NaN threshold would never alert, an infinite one always or never). Returns the
+    /// field and the reason.
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        match self {
+            Condition::AtLeast(x) if !x.is_finite() => {
+                Err(("at_least", format!("must be a finite number, got {x}")))
+            }
+            Condition::AtMost(x) if !x.is_finite() => {
+                Err(("at_most", format!("must be a finite number, got {x}")))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -124,6 +140,9 @@ impl RulesFile {
                 return Err(bad(format!(
                     "rules[{i}]: `name` and `question` must not be empty"
                 )));
+            }
+            if let Err((field, msg)) = r.when.validate() {
+                return Err(bad(format!("rules[{i}].when.{field}: {msg}")));
             }
             if f.rules[..i].iter().any(|o| o.name == r.name) {
                 return Err(bad(format!(
@@ -267,6 +286,10 @@ mod tests {
         // A non-numeric answer does not meet a numeric condition.
         assert_eq!(got, vec![None, Some(Alert), None, Some(Clear), None]);
         assert_eq!(Condition::AtMost(1.0).holds("1"), Some(true));
+        // "inf" and "nan" parse as floats but are no numeric answer.
+        assert_eq!(Condition::AtLeast(3.0).holds("inf"), Some(false));
+        assert_eq!(Condition::AtMost(3.0).holds("-inf"), Some(false));
+        assert_eq!(Condition::AtMost(3.0).holds("NaN"), Some(false));
         assert_eq!(
             Condition::Contains("RED".into()).holds("a red car"),
             Some(true)
@@ -305,6 +328,14 @@ mod tests {
             (
                 "source: s\nrules: [{name: a, question: q, when: changes}]\nextra: 1\n",
                 "extra",
+            ),
+            (
+                "source: s\nrules: [{name: a, question: q, when: {at_least: .nan}}]\n",
+                "rules[0].when.at_least",
+            ),
+            (
+                "source: s\nrules: [{name: a, question: q, when: {at_most: -.inf}}]\n",
+                "rules[0].when.at_most",
             ),
         ] {
             std::fs::write(&path, text).unwrap();

@@ -78,3 +78,30 @@ fn a_max_tokens_that_overflows_the_cache_is_an_error_naming_the_flag() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn sampling_flags_outside_their_domain_are_errors_naming_the_flag() {
+    for (flag, value) in [
+        ("--temperature", "NaN"),
+        ("--temperature", "inf"),
+        ("--temperature", "-1"),
+        ("--top-p", "NaN"),
+        ("--top-p", "1.5"),
+        ("--repetition-penalty", "NaN"),
+        ("--repetition-penalty", "0"),
+    ] {
+        let (ok, stdout, stderr) = jetvlm(&[
+            "generate",
+            "--model",
+            MODEL,
+            "--prompt-ids",
+            "1,2,3",
+            "--max-tokens",
+            "4",
+            "--json",
+            &format!("{flag}={value}"),
+        ]);
+        assert!(!ok, "{flag} {value}: generated {stdout}");
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+    }
+}

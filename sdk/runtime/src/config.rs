@@ -133,8 +133,16 @@ impl RuntimeConfig {
         if self.max_new_tokens == 0 {
             return bad("max_new_tokens", "must be at least 1");
         }
-        if !(self.sampling.top_p > 0.0 && self.sampling.top_p <= 1.0) {
-            return bad("sampling.top_p", "must lie in (0, 1]");
+        if let Err(jetvlm_decoder::DecoderError::Sampling {
+            field,
+            value,
+            expected,
+        }) = self.sampling.to_sampler().validate()
+        {
+            return bad(
+                &format!("sampling.{field}"),
+                &format!("{value} is out of range: {expected}"),
+            );
         }
         if self.capacity_tokens == Some(0) {
             return bad("capacity_tokens", "must be positive");
@@ -150,6 +158,31 @@ impl RuntimeConfig {
 mod tests {
     use super::*;
     use jetvlm_vision::ExecutionProvider;
+
+    #[test]
+    fn sampling_outside_its_domain_is_refused_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rt.yaml");
+        for (yaml, field) in [
+            ("sampling:\n  temperature: .nan\n", "sampling.temperature"),
+            ("sampling:\n  temperature: -1.0\n", "sampling.temperature"),
+            ("sampling:\n  temperature: .inf\n", "sampling.temperature"),
+            ("sampling:\n  top_p: .nan\n", "sampling.top_p"),
+            (
+                "sampling:\n  repetition_penalty: 0.0\n",
+                "sampling.repetition_penalty",
+            ),
+        ] {
+            std::fs::write(&p, yaml).unwrap();
+            let err = RuntimeConfig::from_yaml(&p).unwrap_err().to_string();
+            assert!(
+                err.contains(field) && err.contains("rt.yaml"),
+                "{yaml}: {err}"
+            );
+        }
+        std::fs::write(&p, "sampling:\n  temperature: 0.7\n  top_p: 0.9\n").unwrap();
+        RuntimeConfig::from_yaml(&p).unwrap();
+    }
 
     #[test]
     fn yaml_round_trip_and_errors() {

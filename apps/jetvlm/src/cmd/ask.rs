@@ -65,6 +65,7 @@ pub fn run(args: AskArgs) -> Result<()> {
     if let Some(s) = args.seed {
         cfg.sampling.seed = s;
     }
+    super::generate::check_sampling(&cfg.sampling.to_sampler())?;
     args.encoder.apply(&mut cfg);
     super::apply_device(&mut cfg, args.device)?;
 

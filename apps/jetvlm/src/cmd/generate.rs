@@ -105,7 +105,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         &args,
         tokenizer.as_ref(),
         &model.config().model.eos_token_ids,
-    );
+    )?;
     let capacity = cache_capacity(prompt_ids.len(), args.max_tokens)?;
     if args.kv == "f32" {
         let mut cache = F32KvCache::new(model.cache_shape(), capacity);
@@ -185,7 +185,24 @@ fn prompt_ids(args: &GenerateArgs, tokenizer: Option<&Tokenizer>) -> Result<Vec<
     Ok(prompt_ids)
 }
 
-fn options(args: &GenerateArgs, tokenizer: Option<&Tokenizer>, eos: &[u32]) -> GenerateOptions {
+/// Checks sampling parameters that came from flags; the error names the flag
+/// (`--temperature`, `--top-p`, `--repetition-penalty`).
+pub(crate) fn check_sampling(s: &SamplerConfig) -> Result<()> {
+    match s.validate() {
+        Err(jetvlm_decoder::DecoderError::Sampling {
+            field,
+            value,
+            expected,
+        }) => bail!("--{} {value}: {expected}", field.replace('_', "-")),
+        other => Ok(other?),
+    }
+}
+
+fn options(
+    args: &GenerateArgs,
+    tokenizer: Option<&Tokenizer>,
+    eos: &[u32],
+) -> Result<GenerateOptions> {
     let sampler = if args.greedy {
         SamplerConfig::greedy()
     } else {
@@ -202,13 +219,14 @@ fn options(args: &GenerateArgs, tokenizer: Option<&Tokenizer>, eos: &[u32]) -> G
         (Some(t), false) => t.stop_token_ids().to_vec(),
         (None, false) => eos.to_vec(),
     };
-    GenerateOptions {
+    check_sampling(&sampler)?;
+    Ok(GenerateOptions {
         max_tokens: args.max_tokens,
         sampler,
         stop_tokens,
         stop_strings: args.stop.clone(),
         skip_special: true,
-    }
+    })
 }
 
 /// `--device cuda`: the decoder and its KV cache on the GPU; the host samples.
@@ -231,7 +249,7 @@ fn run_cuda(dev: &jetvlm_cuda::CudaDevice, args: &GenerateArgs) -> Result<()> {
         .load_decoder(&args.model)
         .with_context(|| format!("loading the decoder from {}", args.model.display()))?;
     let c = &model.config().model;
-    let opts = options(args, tokenizer.as_ref(), &c.eos_token_ids);
+    let opts = options(args, tokenizer.as_ref(), &c.eos_token_ids)?;
     let dp = DevicePolicy::new(&policy, c.num_key_value_heads, c.head_dim)?;
     let capacity = cache_capacity(prompt_ids.len(), args.max_tokens)?;
     let cache = DeviceKvCache::new(
