@@ -525,6 +525,59 @@ mod tests {
         }
     }
 
+    /// Random policies built field by field (every combination `validate` accepts, budgets
+    /// of any f32 in 0..1, per-layer lists of any length): the printed name parses back to
+    /// the same policy, and prints the same again.
+    #[test]
+    fn random_policies_round_trip() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let mut rng = StdRng::seed_from_u64(15);
+        let pick = |rng: &mut StdRng, xs: &[usize]| xs[rng.random_range(0..xs.len())];
+        let mut checked = 0;
+        for _ in 0..5000 {
+            let key = |rng: &mut StdRng| {
+                if rng.random_bool(0.5) {
+                    KeyMode::PerToken
+                } else {
+                    KeyMode::PerChannel
+                }
+            };
+            let layers = if rng.random_bool(0.3) {
+                (0..rng.random_range(1..40))
+                    .map(|_| LayerFormat {
+                        bits: pick(&mut rng, &[2, 4, 8]) as u32,
+                        key_mode: key(&mut rng),
+                        group: pick(&mut rng, &[32, 64, 128]),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let p = KvPolicy {
+                frame_bits: pick(&mut rng, &[2, 4, 8, 16]) as u32,
+                group: pick(&mut rng, &[32, 64, 128]),
+                key_mode: key(&mut rng),
+                fp16_budget: if rng.random_bool(0.2) {
+                    pick(&mut rng, &[0, 1]) as f32
+                } else {
+                    rng.random_range(0.0f32..=1.0)
+                },
+                sink_tokens: rng.random_range(0..100),
+                salient_frame_tokens: rng.random_bool(0.5),
+                quantize_text: rng.random_bool(0.2),
+                fp16_block_tokens: pick(&mut rng, &[16, 32, 64]),
+                quant_block_tokens: pick(&mut rng, &[16, 32, 64, 128]),
+                layers,
+            };
+            if p.validate().is_err() {
+                continue;
+            }
+            round_trips(&p);
+            checked += 1;
+        }
+        assert!(checked > 1000, "{checked}");
+    }
+
     #[test]
     fn spellings_that_mean_the_same_policy_print_the_same() {
         for (a, b) in [
