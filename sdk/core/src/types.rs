@@ -76,6 +76,9 @@ pub enum Device {
     #[default]
     Cpu,
     Cuda,
+    /// The CUDA backend on a simulated device: its host logic with each kernel's CPU twin
+    /// (for testing the GPU path without a GPU; slow).
+    Sim,
 }
 
 impl fmt::Display for Device {
@@ -83,6 +86,7 @@ impl fmt::Display for Device {
         f.write_str(match self {
             Device::Cpu => "cpu",
             Device::Cuda => "cuda",
+            Device::Sim => "sim",
         })
     }
 }
@@ -93,7 +97,10 @@ impl std::str::FromStr for Device {
         match s.to_ascii_lowercase().as_str() {
             "cpu" => Ok(Device::Cpu),
             "cuda" | "gpu" => Ok(Device::Cuda),
-            other => Err(format!("unknown device `{other}` (expected cpu or cuda)")),
+            "sim" => Ok(Device::Sim),
+            other => Err(format!(
+                "unknown device `{other}` (expected cpu, cuda or sim)"
+            )),
         }
     }
 }

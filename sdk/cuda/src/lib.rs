@@ -20,13 +20,17 @@
 //! - [`meminfo`]: MemAvailable (what unified-memory planning uses) and [`DeviceInfo`].
 
 pub mod cache;
+pub mod decoder;
+pub mod decoder_check;
 mod error;
+pub mod gpu;
 pub mod inputs;
 pub mod kvtable;
 pub mod layout;
 pub mod meminfo;
 pub mod reference;
 pub mod selftest;
+mod sim;
 pub mod sources;
 
 #[cfg(feature = "cuda")]
@@ -39,13 +43,20 @@ pub use backend::*;
 #[cfg(not(feature = "cuda"))]
 pub use dummy::*;
 
+pub use decoder::{
+    DeviceDecoder, DeviceInput, DeviceKvCache, DeviceScratch, DeviceSession, PREFILL_CHUNK,
+    SessionParts,
+};
+pub use decoder_check::{DECODER_FIXTURES, DecoderCheck, decoder_check};
 pub use error::CudaError;
+pub use gpu::{Gpu, PlanInfo, PoolMemory, PoolsInfo, Splits};
 pub use kvtable::{DevicePolicy, KvBlockTable, Placement, TableMark};
 pub use layout::{BlockEntry, BlockKind, KvLayout};
 pub use meminfo::DeviceInfo;
 pub use selftest::{
     CompiledKernel, KernelCheck, MIXED_AGREEMENT, agreement_frames, per_layer_check_policy,
 };
+pub use sim::{SimDevice, SimPools, SimWeights};
 
 /// True when this build contains the CUDA backend.
 pub const fn compiled_with_cuda() -> bool {

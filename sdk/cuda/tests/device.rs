@@ -64,7 +64,7 @@ fn gpu_greedy_generation_equals_the_cpu_path_on_the_decoder_fixtures() {
         eprintln!("skipped: tests/fixtures/decoder not found from here");
         return;
     };
-    let checks = dev.decoder_check(&dir, 32).unwrap();
+    let checks = jetvlm_cuda::decoder_check(&dev, &dir, 32).unwrap();
     for c in &checks {
         eprintln!("{}", c.line());
     }

@@ -1,5 +1,7 @@
 //! jetvlm-decoder: the language half of a VLM, read from the Hugging Face files users have.
 //!
+//! - [`arch`]: the architecture written once for every backend: tensor names
+//!   ([`arch::load`]), the layer recipe ([`arch::run_layers`]) over [`arch::LayerOps`].
 //! - [`config`]: `config.json` -> validated [`Config`] (Llama, Mistral, Qwen2; GQA, RoPE
 //!   default / linear / llama3, tied embeddings, Qwen2 q/k/v biases).
 //! - [`weights`]: memory-mapped safetensors (single file or sharded), F32 / F16 / BF16 kept
@@ -16,6 +18,7 @@
 //! - [`sampler`]: greedy / temperature / top-k / top-p / repetition penalty, seeded.
 //! - [`generate`]: the streaming generation iterator.
 
+pub mod arch;
 pub mod config;
 pub mod error;
 pub mod generate;

@@ -2,6 +2,7 @@
 //! over spans of text tokens and injected embeddings that writes and attends through a
 //! [`KvStore`] (the mixed KV cache in production).
 
+use crate::arch::{self, Activations, DecoderWeights, LayerOps, Linear, TensorOps, WeightSink};
 use crate::config::Config;
 use crate::error::{DecoderError, Result};
 use crate::kernels::{self, Rope};
@@ -109,125 +110,30 @@ impl Logits {
     }
 }
 
-/// A weight matrix `[rows, cols]` in its stored type.
-struct Linear {
-    w: Tensor,
-    rows: usize,
-    cols: usize,
-    bias: Option<Vec<f32>>,
-}
-
-impl Linear {
-    fn load(
-        ws: &Weights,
-        name: &str,
-        rows: usize,
-        cols: usize,
-        bias: bool,
-        opts: &LoadOptions,
-    ) -> Result<Self> {
-        let mut w = ws.get(&format!("{name}.weight"), &[rows, cols])?;
-        if let Some(dt) = opts.dtype {
-            w = w.converted(dt)?;
-        }
-        let bias = if bias {
-            Some(ws.get(&format!("{name}.bias"), &[rows])?.to_f32_vec())
-        } else {
-            None
-        };
-        Ok(Linear {
-            w,
-            rows,
-            cols,
-            bias,
-        })
-    }
-
-    /// `y[n, rows] = x[n, cols] W^T + b`.
-    fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
-        kernels::matmul(self.w.data(), self.rows, self.cols, x, n, y);
-        self.add_bias(y);
-    }
-
-    /// [`Linear::forward`] of several linears over the same input (q/k/v, gate/up): for one
-    /// token, one fused matrix-vector product so the threads meet once for all of them.
-    fn forward_fused<const N: usize>(ls: [&Linear; N], x: &[f32], n: usize, ys: [&mut [f32]; N]) {
-        if n != 1 {
-            for (l, y) in ls.iter().zip(ys) {
-                l.forward(x, n, y);
-            }
-            return;
-        }
-        let cols = ls[0].cols;
-        debug_assert!(ls.iter().all(|l| l.cols == cols));
-        let mut i = 0;
-        let mut jobs = ys.map(|y| {
-            i += 1;
-            kernels::GemvJob {
-                w: ls[i - 1].w.data(),
-                y,
-            }
-        });
-        kernels::gemv_many(&mut jobs, cols, x);
-        for (j, l) in jobs.into_iter().zip(ls) {
-            l.add_bias(j.y);
-        }
-    }
-
-    fn add_bias(&self, y: &mut [f32]) {
-        if let Some(b) = &self.bias {
-            for row in y.chunks_exact_mut(self.rows) {
-                for (o, bv) in row.iter_mut().zip(b) {
-                    *o += bv;
-                }
-            }
-        }
-    }
-
-    fn bytes(&self) -> u64 {
-        (self.w.size_bytes() + self.bias.as_ref().map_or(0, |b| b.len() * 4)) as u64
-    }
-}
-
-struct Layer {
-    input_norm: Vec<f32>,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    post_norm: Vec<f32>,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-}
-
-impl Layer {
-    fn linears(&self) -> [&Linear; 7] {
-        [
-            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
-        ]
-    }
-}
-
-/// A loaded decoder.
+/// A loaded decoder: the architecture's weights ([`crate::arch`]) as CPU tensors.
 pub struct Model {
     config: Config,
-    embed: Tensor,
-    layers: Vec<Layer>,
-    norm: Vec<f32>,
-    /// `None` when the LM head is tied to the embedding table.
-    lm_head: Option<Tensor>,
+    weights: DecoderWeights<Tensor, Vec<f32>>,
     rope: Rope,
 }
 
-/// Prefixes under which checkpoints keep the language model's tensors: plain Llama/Qwen2,
-/// SmolVLM (Idefics3), Qwen2-VL (newer layout), LLaVA; each with its LM head's name.
-pub const PREFIXES: &[(&str, &str)] = &[
-    ("model.", "lm_head.weight"),
-    ("model.text_model.", "lm_head.weight"),
-    ("model.language_model.", "lm_head.weight"),
-    ("language_model.model.", "language_model.lm_head.weight"),
-];
+pub use crate::arch::PREFIXES;
+
+/// The CPU's weights: matrices stay in their stored type (memory-mapped unless converted),
+/// vectors become f32.
+struct CpuSink;
+
+impl WeightSink for CpuSink {
+    type W = Tensor;
+    type V = Vec<f32>;
+    type Error = DecoderError;
+    fn matrix(&mut self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+    fn vector(&mut self, t: &Tensor) -> Result<Vec<f32>> {
+        Ok(t.to_f32_vec())
+    }
+}
 
 impl Model {
     /// Loads `dir/config.json` and the safetensors weights in `dir`.
@@ -237,78 +143,14 @@ impl Model {
         Self::from_weights(config, &weights, opts)
     }
 
-    /// Builds the model from opened weights, layer by layer; every missing or misshapen
-    /// tensor is an error naming it and its file.
+    /// Builds the model from opened weights, layer by layer ([`crate::arch::load`]); every
+    /// missing or misshapen tensor is an error naming it and its file.
     pub fn from_weights(config: Config, ws: &Weights, opts: &LoadOptions) -> Result<Self> {
-        let c = &config.model;
-        let (prefix, head_name) = PREFIXES
-            .iter()
-            .find(|(p, _)| ws.contains(&format!("{p}embed_tokens.weight")))
-            .copied()
-            .unwrap_or(PREFIXES[0]);
-        let h = c.hidden_size;
-        let qd = c.num_attention_heads * c.head_dim;
-        let kvd = c.num_key_value_heads * c.head_dim;
-        let mut embed = ws.get(&format!("{prefix}embed_tokens.weight"), &[c.vocab_size, h])?;
-        if let Some(dt) = opts.dtype {
-            embed = embed.converted(dt)?;
-        }
-        let norm_vec = |name: String| -> Result<Vec<f32>> { Ok(ws.get(&name, &[h])?.to_f32_vec()) };
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for i in 0..c.num_hidden_layers {
-            let p = format!("{prefix}layers.{i}");
-            let b = c.attention_bias;
-            layers.push(Layer {
-                input_norm: norm_vec(format!("{p}.input_layernorm.weight"))?,
-                q: Linear::load(ws, &format!("{p}.self_attn.q_proj"), qd, h, b, opts)?,
-                k: Linear::load(ws, &format!("{p}.self_attn.k_proj"), kvd, h, b, opts)?,
-                v: Linear::load(ws, &format!("{p}.self_attn.v_proj"), kvd, h, b, opts)?,
-                o: Linear::load(ws, &format!("{p}.self_attn.o_proj"), h, qd, false, opts)?,
-                post_norm: norm_vec(format!("{p}.post_attention_layernorm.weight"))?,
-                gate: Linear::load(
-                    ws,
-                    &format!("{p}.mlp.gate_proj"),
-                    c.intermediate_size,
-                    h,
-                    false,
-                    opts,
-                )?,
-                up: Linear::load(
-                    ws,
-                    &format!("{p}.mlp.up_proj"),
-                    c.intermediate_size,
-                    h,
-                    false,
-                    opts,
-                )?,
-                down: Linear::load(
-                    ws,
-                    &format!("{p}.mlp.down_proj"),
-                    h,
-                    c.intermediate_size,
-                    false,
-                    opts,
-                )?,
-            });
-        }
-        let norm = norm_vec(format!("{prefix}norm.weight"))?;
-        let lm_head = if c.tie_word_embeddings {
-            None
-        } else {
-            let mut t = ws.get(head_name, &[c.vocab_size, h])?;
-            if let Some(dt) = opts.dtype {
-                t = t.converted(dt)?;
-            }
-            Some(t)
-        };
-        let rope = Rope::new(c);
-        tracing::debug!(layers = layers.len(), prefix, dtype = %embed.dtype(), "decoder loaded");
+        let weights = arch::load(&config.model, ws, opts.dtype, &mut CpuSink)?;
+        let rope = Rope::new(&config.model);
         Ok(Model {
             config,
-            embed,
-            layers,
-            norm,
-            lm_head,
+            weights,
             rope,
         })
     }
@@ -332,20 +174,13 @@ impl Model {
 
     /// Type the weight matrices are held in.
     pub fn weight_dtype(&self) -> DType {
-        self.embed.dtype()
+        self.weights.dtype
     }
 
     /// Weight bytes one decode step reads: every layer matrix, norms, and the LM head (the
     /// embedding table when tied); one embedding row is negligible and not counted.
     pub fn weight_bytes_read_per_token(&self) -> u64 {
-        let h = self.config.model.hidden_size as u64;
-        let layers: u64 = self
-            .layers
-            .iter()
-            .map(|l| l.linears().iter().map(|x| x.bytes()).sum::<u64>() + 2 * h * 4)
-            .sum();
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed).size_bytes() as u64;
-        layers + head + h * 4
+        self.weights.bytes_per_token
     }
 
     /// Embeddings of `ids` as f32 `[ids.len(), hidden]` (what the vision path splices text
@@ -354,7 +189,7 @@ impl Model {
         let h = self.hidden_size();
         let v = self.vocab_size();
         let mut out = vec![0f32; ids.len() * h];
-        let data = self.embed.data();
+        let data = self.weights.embed.data();
         for (i, &id) in ids.iter().enumerate() {
             if id as usize >= v {
                 return Err(DecoderError::Input(format!(
@@ -440,11 +275,12 @@ impl Model {
             }
         }
 
+        let c = &self.config.model;
         let mut hidden_rows: Vec<f32> = Vec::new();
         let mut last_hidden = vec![0f32; h];
         for inp in inputs.iter().filter(|i| !i.is_empty()) {
             let n = inp.len();
-            let (mut x, kind, frame) = match inp {
+            let (x, kind, frame) = match inp {
                 Input::Text { ids } => (self.embed(ids)?, TokenKind::Text, None),
                 Input::Embeddings {
                     data, kind, frame, ..
@@ -453,93 +289,223 @@ impl Model {
             let start = cache.next_position();
             let positions: Vec<u32> = (0..n as u32).map(|i| start + i).collect();
             let span = cache.append_span(kind, &positions, frame)?;
-            if let Err(e) = self.run_layers(&mut x, n, &positions, &span, cache) {
+            let mut acts = Activations::new(c, n, |len| Ok::<_, DecoderError>(vec![0f32; len]))?;
+            acts.x = x;
+            let salience = cache
+                .wants_salience(&span)
+                .then(|| (Salience::new(n), Vec::with_capacity(c.num_hidden_layers)));
+            let mut ops = CpuOps {
+                c,
+                rope: &self.rope,
+                positions: &positions,
+                span: &span,
+                cache,
+                salience,
+            };
+            let run = arch::run_layers(&mut ops, c, &self.weights.layers, &mut acts, n)
+                .and_then(|()| ops.settle());
+            if let Err(e) = run {
                 // Leave the cache as it was before this span.
                 let _ = cache.truncate_last(n);
                 return Err(e);
             }
             if mode == LogitsMode::All {
-                hidden_rows.extend_from_slice(&x);
+                hidden_rows.extend_from_slice(&acts.x);
             }
-            last_hidden.copy_from_slice(&x[(n - 1) * h..]);
+            last_hidden.copy_from_slice(&acts.x[(n - 1) * h..]);
         }
         let (rows, hidden) = match mode {
             LogitsMode::All => (total, hidden_rows),
             LogitsMode::Last => (1, last_hidden),
         };
-        let mut normed = vec![0f32; hidden.len()];
-        kernels::rms_norm(
-            &hidden,
-            &self.norm,
-            self.config.model.rms_norm_eps as f32,
-            &mut normed,
-        );
         let vocab = self.vocab_size();
+        let mut normed = vec![0f32; hidden.len()];
         let mut data = vec![0f32; rows * vocab];
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        kernels::matmul(head.data(), vocab, h, &normed, rows, &mut data);
+        arch::final_logits(
+            &mut HeadOps,
+            c,
+            &self.weights,
+            &hidden,
+            rows,
+            &mut normed,
+            &mut data,
+        )?;
         Ok(Logits { data, rows, vocab })
     }
+}
 
-    fn run_layers<C: KvStore>(
-        &self,
-        x: &mut [f32],
-        n: usize,
-        positions: &[u32],
-        span: &C::Span,
-        cache: &mut C,
-    ) -> Result<()> {
-        let c = &self.config.model;
-        let h = c.hidden_size;
-        let eps = c.rms_norm_eps as f32;
-        let qd = c.num_attention_heads * c.head_dim;
-        let kvd = c.num_key_value_heads * c.head_dim;
-        let inter = c.intermediate_size;
-        let mut xn = vec![0f32; n * h];
-        let mut q = vec![0f32; n * qd];
-        let mut k = vec![0f32; n * kvd];
-        let mut v = vec![0f32; n * kvd];
-        let mut att = vec![0f32; n * qd];
-        let mut tmp = vec![0f32; n * h];
-        let mut gate = vec![0f32; n * inter];
-        let mut up = vec![0f32; n * inter];
-        let mut salience = cache
-            .wants_salience(span)
-            .then(|| (Salience::new(n), Vec::with_capacity(self.layers.len())));
-        for (li, l) in self.layers.iter().enumerate() {
-            kernels::rms_norm(x, &l.input_norm, eps, &mut xn);
-            Linear::forward_fused([&l.q, &l.k, &l.v], &xn, n, [&mut q, &mut k, &mut v]);
-            self.rope.apply(&mut q, c.num_attention_heads, positions);
-            self.rope.apply(&mut k, c.num_key_value_heads, positions);
-            if let Some((s, kv)) = salience.as_mut() {
-                s.add_layer(
-                    &q,
-                    &k,
-                    c.num_attention_heads,
-                    c.num_key_value_heads,
-                    c.head_dim,
-                );
-                kv.push((k.clone(), v.clone()));
-            }
-            cache.write(li, span, &k, &v)?;
-            cache.attend(li, span, &q, &mut att)?;
-            l.o.forward(&att, n, &mut tmp);
-            add_in_place(x, &tmp);
-            kernels::rms_norm(x, &l.post_norm, eps, &mut xn);
-            Linear::forward_fused([&l.gate, &l.up], &xn, n, [&mut gate, &mut up]);
-            kernels::swiglu(&mut gate, &up);
-            l.down.forward(&gate, n, &mut tmp);
-            add_in_place(x, &tmp);
-        }
-        if let Some((s, kv)) = salience {
-            cache.settle(span, &s.scores(), &kv)?;
+/// The CPU operations of a forward step over a [`KvStore`]: the kernels of
+/// [`crate::kernels`] on `Vec<f32>` activations.
+struct CpuOps<'s, C: KvStore> {
+    c: &'s jetvlm_core::hf::ModelConfig,
+    rope: &'s Rope,
+    positions: &'s [u32],
+    span: &'s C::Span,
+    cache: &'s mut C,
+    /// Salience of a frame whose precision waits for it, and each layer's K/V as written.
+    salience: Option<(Salience, Vec<LayerKv>)>,
+}
+
+/// One layer's keys and values of a step, as written.
+type LayerKv = (Vec<f32>, Vec<f32>);
+
+impl<C: KvStore> CpuOps<'_, C> {
+    /// Places a span that waited for its salience.
+    fn settle(&mut self) -> Result<()> {
+        if let Some((s, kv)) = self.salience.take() {
+            self.cache.settle(self.span, &s.scores(), &kv)?;
         }
         Ok(())
     }
 }
 
-fn add_in_place(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
+/// The CPU's [`TensorOps`]: the kernels of [`crate::kernels`] on `Vec<f32>` activations
+/// (one definition for [`CpuOps`] and [`HeadOps`]).
+macro_rules! cpu_kernels {
+    () => {
+        fn rms_norm(
+            &mut self,
+            out: &mut Vec<f32>,
+            x: &Vec<f32>,
+            w: &Vec<f32>,
+            n: usize,
+            eps: f32,
+        ) -> Result<()> {
+            let d = w.len();
+            kernels::rms_norm(&x[..n * d], w, eps, &mut out[..n * d]);
+            Ok(())
+        }
+        fn matmul(
+            &mut self,
+            w: &Tensor,
+            rows: usize,
+            cols: usize,
+            x: &Vec<f32>,
+            n: usize,
+            y: &mut Vec<f32>,
+        ) -> Result<()> {
+            kernels::matmul(w.data(), rows, cols, &x[..n * cols], n, &mut y[..n * rows]);
+            Ok(())
+        }
+        fn bias_add(
+            &mut self,
+            y: &mut Vec<f32>,
+            b: &Vec<f32>,
+            rows: usize,
+            n: usize,
+        ) -> Result<()> {
+            for row in y[..n * rows].chunks_exact_mut(rows) {
+                for (o, bv) in row.iter_mut().zip(b) {
+                    *o += bv;
+                }
+            }
+            Ok(())
+        }
+        fn add(&mut self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) -> Result<()> {
+            for (a, b) in x[..len].iter_mut().zip(&y[..len]) {
+                *a += b;
+            }
+            Ok(())
+        }
+        fn swiglu(
+            &mut self,
+            out: &mut Vec<f32>,
+            gate: &Vec<f32>,
+            up: &Vec<f32>,
+            len: usize,
+        ) -> Result<()> {
+            out[..len].copy_from_slice(&gate[..len]);
+            kernels::swiglu(&mut out[..len], &up[..len]);
+            Ok(())
+        }
+    };
+}
+
+impl<C: KvStore> TensorOps for CpuOps<'_, C> {
+    type W = Tensor;
+    type V = Vec<f32>;
+    type Act = Vec<f32>;
+    type Error = DecoderError;
+
+    cpu_kernels!();
+
+    /// One token: one fused matrix-vector product over all the linears, so the threads meet
+    /// once for all of them.
+    fn linears<const N: usize>(
+        &mut self,
+        ls: [&Linear<Tensor, Vec<f32>>; N],
+        x: &Vec<f32>,
+        n: usize,
+        ys: [&mut Vec<f32>; N],
+    ) -> Result<()> {
+        if n != 1 {
+            for (l, y) in ls.into_iter().zip(ys) {
+                self.linear(l, x, n, y)?;
+            }
+            return Ok(());
+        }
+        let cols = ls[0].cols;
+        let mut i = 0;
+        let mut jobs = ys.map(|y| {
+            i += 1;
+            kernels::GemvJob {
+                w: ls[i - 1].w.data(),
+                y: &mut y[..ls[i - 1].rows],
+            }
+        });
+        kernels::gemv_many(&mut jobs, cols, &x[..cols]);
+        for (j, l) in jobs.into_iter().zip(ls) {
+            if let Some(b) = &l.bias {
+                for (o, bv) in j.y.iter_mut().zip(b) {
+                    *o += bv;
+                }
+            }
+        }
+        Ok(())
     }
+}
+
+impl<C: KvStore> LayerOps for CpuOps<'_, C> {
+    fn rope(&mut self, x: &mut Vec<f32>, heads: usize, n: usize) -> Result<()> {
+        let d = self.c.head_dim;
+        self.rope
+            .apply(&mut x[..n * heads * d], heads, self.positions);
+        Ok(())
+    }
+
+    fn attention(
+        &mut self,
+        layer: usize,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &mut Vec<f32>,
+        _n: usize,
+    ) -> Result<()> {
+        let c = self.c;
+        if let Some((s, kv)) = self.salience.as_mut() {
+            s.add_layer(
+                q,
+                k,
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                c.head_dim,
+            );
+            kv.push((k.clone(), v.clone()));
+        }
+        self.cache.write(layer, self.span, k, v)?;
+        self.cache.attend(layer, self.span, q, out)
+    }
+}
+
+/// The CPU kernels without a KV cache: the final norm and LM head.
+struct HeadOps;
+
+impl TensorOps for HeadOps {
+    type W = Tensor;
+    type V = Vec<f32>;
+    type Act = Vec<f32>;
+    type Error = DecoderError;
+
+    cpu_kernels!();
 }

@@ -1,42 +1,123 @@
-//! The decoder on a CUDA GPU (`device: cuda`, feature `cuda`), with the weights uploaded once
-//! at load (straight into their device buffers; no CPU copy of the decoder is kept).
-//! `Pipeline::ask` prefills each prompt into device KV pools sized for it; a streaming
-//! session keeps device pools of its own for its window. The vision encoder, tokenizer and
-//! sampler stay on the host.
+//! The decoder on a device (`device: cuda`, or `device: sim` for the simulated device that
+//! runs the CUDA kernels' CPU twins), with the weights uploaded once at load (straight into
+//! their device buffers; no CPU copy of the decoder is kept). `Pipeline::ask` prefills each
+//! prompt into device KV pools sized for it; a streaming session keeps device pools of its
+//! own for its window. The vision encoder, tokenizer and sampler stay on the host.
+//!
+//! The pipeline holds the device decoder as a [`DeviceDecoding`] and a session's pools as a
+//! [`DeviceCache`], whatever the device, so neither names CUDA.
 
 use crate::RuntimeError;
 use crate::cache::{KvChoice, KvStats};
 use jetvlm_core::{FrameId, TokenKind};
 use jetvlm_cuda::{
-    CudaDevice, DeviceDecoder, DeviceInput, DeviceKvCache, DevicePolicy, DeviceScratch,
-    DeviceSession, PoolMemory,
+    DeviceDecoder, DeviceInput, DeviceKvCache, DevicePolicy, DeviceScratch, DeviceSession, Gpu,
+    PoolMemory,
 };
 use jetvlm_decoder::{Decode, Input, Logits};
+use std::any::Any;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-/// A CUDA device with the package's decoder loaded on it.
-pub(crate) struct GpuDecoder {
-    dev: CudaDevice,
-    model: DeviceDecoder,
-    policy: DevicePolicy,
-    /// The forward pass's activation buffers, made once and lent to each session in turn.
-    scratch: Mutex<Option<DeviceScratch>>,
+/// A generation backend on a device.
+pub(crate) type DeviceBackend<'a> = Box<dyn Decode<Error = RuntimeError> + 'a>;
+
+/// A camera session's device KV pools.
+pub(crate) trait DeviceCache: Send {
+    fn len(&self) -> usize;
+    fn next_position(&self) -> usize;
+    fn clear(&mut self);
+    fn evict_frame(&mut self, frame: FrameId) -> Result<usize, RuntimeError>;
+    fn truncate_last(&mut self, n: usize) -> Result<(), RuntimeError>;
+    /// Bytes in use by precision; `frame_tokens` of the tokens are frame tokens.
+    fn kv_stats(&self, frame_tokens: usize) -> KvStats;
+    fn into_any(self: Box<Self>) -> Box<dyn Any>;
 }
 
-impl GpuDecoder {
-    /// Opens GPU 0 and uploads the decoder in `dir`; `kv` is the pipeline's KV choice.
-    pub(crate) fn load(dir: &Path, kv: &KvChoice) -> Result<Self, RuntimeError> {
+impl<G: Gpu + 'static> DeviceCache for DeviceKvCache<G> {
+    fn len(&self) -> usize {
+        DeviceKvCache::len(self)
+    }
+    fn next_position(&self) -> usize {
+        DeviceKvCache::next_position(self)
+    }
+    fn clear(&mut self) {
+        DeviceKvCache::clear(self)
+    }
+    fn evict_frame(&mut self, frame: FrameId) -> Result<usize, RuntimeError> {
+        Ok(DeviceKvCache::evict_frame(self, frame)?)
+    }
+    fn truncate_last(&mut self, n: usize) -> Result<(), RuntimeError> {
+        Ok(DeviceKvCache::truncate_last(self, n)?)
+    }
+    fn kv_stats(&self, frame_tokens: usize) -> KvStats {
+        kv_stats(self, frame_tokens)
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
+
+/// A slot holding a session's device cache (`None` only after an error took it down).
+pub(crate) type CacheSlot = Option<Box<dyn DeviceCache>>;
+
+/// The decoder loaded on a device, whatever the device.
+pub(crate) trait DeviceDecoding: Send + Sync {
+    /// The device's name, for reports.
+    fn name(&self) -> String;
+    /// Prefills `prompt` (text ids and frame embeddings, in order) on a fresh device cache
+    /// sized for it plus `answer_tokens`, and returns the backend positioned after it with
+    /// the prompt's last logits.
+    fn prefill<'a>(
+        &'a self,
+        prompt: &[Input<'_>],
+        answer_tokens: usize,
+        tap: Arc<Mutex<KvStats>>,
+    ) -> Result<(DeviceBackend<'a>, Logits), RuntimeError>;
+    /// The cache of a camera session: `prefix` text tokens, `frames` frames of
+    /// `frame_tokens`, and `question` tokens for a question and its answer.
+    fn session_cache(
+        &self,
+        prefix: usize,
+        frames: usize,
+        frame_tokens: usize,
+        question: usize,
+    ) -> Result<Box<dyn DeviceCache>, RuntimeError>;
+    /// Appends `inputs` (a session's prefix or a frame) to the cache in `slot`.
+    fn append(&self, slot: &mut CacheSlot, inputs: &[Input<'_>]) -> Result<(), RuntimeError>;
+    /// Runs `prompt` after what the cache in `slot` holds and returns the backend positioned
+    /// after it (it puts the cache back into `slot` when dropped) with the last logits.
+    /// `frame_tokens`: frame tokens the cache holds, for the reports.
+    fn continue_on<'a>(
+        &'a self,
+        slot: &'a mut CacheSlot,
+        prompt: &[Input<'_>],
+        frame_tokens: usize,
+        tap: Arc<Mutex<KvStats>>,
+    ) -> Result<(DeviceBackend<'a>, Logits), RuntimeError>;
+}
+
+/// A device with the package's decoder loaded on it.
+pub(crate) struct GpuDecoder<G: Gpu> {
+    dev: G,
+    model: DeviceDecoder<G>,
+    policy: DevicePolicy,
+    /// The forward pass's activation buffers, made once and lent to each session in turn.
+    scratch: Mutex<Option<DeviceScratch<G>>>,
+}
+
+impl<G: Gpu> GpuDecoder<G> {
+    /// Uploads the decoder in `dir` to `dev`; `kv` is the pipeline's KV choice.
+    pub(crate) fn load(dev: G, dir: &Path, kv: &KvChoice) -> Result<Self, RuntimeError> {
         let KvChoice::Policy(policy) = kv else {
             return Err(RuntimeError::Unsupported {
-                op: "device: cuda",
+                op: "a device decoder",
                 message:
                     "the f32 reference cache runs on the CPU only; choose a KV policy (fp16, mixed, ...)"
                         .into(),
             });
         };
-        let dev = CudaDevice::open(0)?;
-        let model = dev.load_decoder(dir)?;
+        let model = DeviceDecoder::load(&dev, dir)?;
         let c = &model.config().model;
         let policy = DevicePolicy::new(policy, c.num_key_value_heads, c.head_dim)?;
         Ok(Self {
@@ -47,38 +128,8 @@ impl GpuDecoder {
         })
     }
 
-    pub(crate) fn name(&self) -> String {
-        self.dev.info().name.clone()
-    }
-
-    /// Prefills `prompt` (text ids and frame embeddings, in order) on a fresh device cache
-    /// sized for it plus `answer_tokens`, and returns the backend positioned after it with
-    /// the prompt's last logits.
-    pub(crate) fn prefill<'a>(
-        &'a self,
-        prompt: &[Input<'_>],
-        answer_tokens: usize,
-        tap: Arc<Mutex<KvStats>>,
-    ) -> Result<(OnDevice<'a>, Logits), RuntimeError> {
-        let mut spans: Vec<(TokenKind, usize, Option<FrameId>)> = prompt
-            .iter()
-            .map(|i| match *i {
-                Input::Text { ids } => (TokenKind::Text, ids.len(), None),
-                Input::Embeddings { n, kind, frame, .. } => (kind, n, frame),
-            })
-            .collect();
-        // Answer tokens are appended one at a time after the prompt (plus the last one fed).
-        spans.push((TokenKind::Text, answer_tokens + 1, None));
-        let cache = self.cache(self.policy.blocks_for_inputs(&spans))?;
-        // The cache starts empty: `run` counts the prompt's frame tokens.
-        let session = self.open_session(cache, None)?;
-        let mut backend = self.backend(session, None, 0, tap);
-        let logits = backend.run(prompt)?;
-        Ok((backend, logits))
-    }
-
     /// An empty device cache of `blocks` (text, frame) pool blocks per layer.
-    pub(crate) fn cache(&self, blocks: (usize, usize)) -> Result<DeviceKvCache, RuntimeError> {
+    fn cache(&self, blocks: (usize, usize)) -> Result<DeviceKvCache<G>, RuntimeError> {
         let c = &self.model.config().model;
         Ok(DeviceKvCache::with_blocks(
             &self.dev,
@@ -89,42 +140,16 @@ impl GpuDecoder {
         )?)
     }
 
-    /// The cache of a camera session: `prefix` text tokens, `frames` frames of
-    /// `frame_tokens`, and `question` tokens for a question and its answer.
-    pub(crate) fn session_cache(
-        &self,
-        prefix: usize,
-        frames: usize,
-        frame_tokens: usize,
-        question: usize,
-    ) -> Result<DeviceKvCache, RuntimeError> {
-        self.cache(
-            self.policy
-                .blocks_for_session(prefix, frames, frame_tokens, question),
-        )
-    }
-
-    /// Appends `inputs` (a session's prefix or a frame) to the cache in `slot`.
-    pub(crate) fn append(
-        &self,
-        slot: &mut Option<Box<DeviceKvCache>>,
-        inputs: &[Input<'_>],
-    ) -> Result<(), RuntimeError> {
-        let cache = slot.take().ok_or_else(lost)?;
-        let mut session = self.open_session(*cache, Some(slot))?;
-        let done = session.forward(&device_inputs(inputs));
-        *slot = Some(Box::new(self.close_session(session)));
-        done?;
-        Ok(())
-    }
-
     /// A session over `cache` with the decoder's activation buffers. If it cannot be made,
     /// the cache goes back into `slot` (when given) before the error returns.
     fn open_session(
         &self,
-        cache: DeviceKvCache,
-        slot: Option<&mut Option<Box<DeviceKvCache>>>,
-    ) -> Result<DeviceSession<'_>, RuntimeError> {
+        cache: DeviceKvCache<G>,
+        slot: Option<&mut CacheSlot>,
+    ) -> Result<DeviceSession<'_, G>, RuntimeError>
+    where
+        G: 'static,
+    {
         let lent = self.scratch.lock().ok().and_then(|mut s| s.take());
         let scratch = match lent.map_or_else(|| DeviceScratch::new(&self.dev, &self.model), Ok) {
             Ok(s) => s,
@@ -146,55 +171,119 @@ impl GpuDecoder {
     }
 
     /// Ends a session: its buffers go back for the next one; returns its cache.
-    fn close_session(&self, session: DeviceSession<'_>) -> DeviceKvCache {
+    fn close_session(&self, session: DeviceSession<'_, G>) -> DeviceKvCache<G> {
         let (cache, scratch) = session.into_parts();
         self.return_scratch(scratch);
         cache
     }
 
-    fn return_scratch(&self, scratch: DeviceScratch) {
+    fn return_scratch(&self, scratch: DeviceScratch<G>) {
         if let Ok(mut s) = self.scratch.lock() {
             *s = Some(scratch);
         }
     }
+}
 
-    /// Runs `prompt` after what the cache in `slot` holds and returns the backend positioned
-    /// after it (it puts the cache back into `slot` when dropped) with the last logits.
-    /// `frame_tokens`: frame tokens the cache holds, for the reports.
-    pub(crate) fn continue_on<'a>(
+/// The session cache in `slot`, taken out (it is this device's: the slot was filled by it).
+fn take_cache<G: Gpu + 'static>(slot: &mut CacheSlot) -> Result<DeviceKvCache<G>, RuntimeError> {
+    let cache = slot.take().ok_or_else(lost)?;
+    cache
+        .into_any()
+        .downcast::<DeviceKvCache<G>>()
+        .map(|c| *c)
+        .map_err(|_| RuntimeError::Unsupported {
+            op: "streaming session",
+            message: "the session's KV cache belongs to another device".into(),
+        })
+}
+
+impl<G: Gpu + Send + Sync + 'static> DeviceDecoding for GpuDecoder<G>
+where
+    G::Weights: Send + Sync,
+    G::Buf: Send + Sync,
+    DeviceKvCache<G>: Send,
+{
+    fn name(&self) -> String {
+        self.dev.name()
+    }
+
+    fn prefill<'a>(
         &'a self,
-        slot: &'a mut Option<Box<DeviceKvCache>>,
+        prompt: &[Input<'_>],
+        answer_tokens: usize,
+        tap: Arc<Mutex<KvStats>>,
+    ) -> Result<(DeviceBackend<'a>, Logits), RuntimeError> {
+        let mut spans: Vec<(TokenKind, usize, Option<FrameId>)> = prompt
+            .iter()
+            .map(|i| match *i {
+                Input::Text { ids } => (TokenKind::Text, ids.len(), None),
+                Input::Embeddings { n, kind, frame, .. } => (kind, n, frame),
+            })
+            .collect();
+        // Answer tokens are appended one at a time after the prompt (plus the last one fed).
+        spans.push((TokenKind::Text, answer_tokens + 1, None));
+        let cache = self.cache(self.policy.blocks_for_inputs(&spans))?;
+        // The cache starts empty: `run` counts the prompt's frame tokens.
+        let session = self.open_session(cache, None)?;
+        let mut backend = OnDevice {
+            gpu: self,
+            session: Some(session),
+            slot: None,
+            tap,
+            frame_tokens: 0,
+        };
+        let logits = backend.run(prompt)?;
+        Ok((Box::new(backend), logits))
+    }
+
+    fn session_cache(
+        &self,
+        prefix: usize,
+        frames: usize,
+        frame_tokens: usize,
+        question: usize,
+    ) -> Result<Box<dyn DeviceCache>, RuntimeError> {
+        Ok(Box::new(self.cache(self.policy.blocks_for_session(
+            prefix,
+            frames,
+            frame_tokens,
+            question,
+        ))?))
+    }
+
+    fn append(&self, slot: &mut CacheSlot, inputs: &[Input<'_>]) -> Result<(), RuntimeError> {
+        let cache = take_cache::<G>(slot)?;
+        let mut session = self.open_session(cache, Some(slot))?;
+        let done = session.forward(&device_inputs(inputs));
+        *slot = Some(Box::new(self.close_session(session)));
+        done?;
+        Ok(())
+    }
+
+    fn continue_on<'a>(
+        &'a self,
+        slot: &'a mut CacheSlot,
         prompt: &[Input<'_>],
         frame_tokens: usize,
         tap: Arc<Mutex<KvStats>>,
-    ) -> Result<(OnDevice<'a>, Logits), RuntimeError> {
-        let cache = slot.take().ok_or_else(lost)?;
-        let session = self.open_session(*cache, Some(&mut *slot))?;
-        let mut backend = self.backend(session, Some(slot), frame_tokens, tap);
-        let logits = backend.run(prompt)?;
-        Ok((backend, logits))
-    }
-
-    fn backend<'a>(
-        &'a self,
-        session: DeviceSession<'a>,
-        slot: Option<&'a mut Option<Box<DeviceKvCache>>>,
-        frame_tokens: usize,
-        tap: Arc<Mutex<KvStats>>,
-    ) -> OnDevice<'a> {
-        OnDevice {
+    ) -> Result<(DeviceBackend<'a>, Logits), RuntimeError> {
+        let cache = take_cache::<G>(slot)?;
+        let session = self.open_session(cache, Some(&mut *slot))?;
+        let mut backend = OnDevice {
             gpu: self,
             session: Some(session),
-            slot,
+            slot: Some(slot),
             tap,
             frame_tokens,
-        }
+        };
+        let logits = backend.run(prompt)?;
+        Ok((Box::new(backend), logits))
     }
 }
 
 /// A device cache's bytes in use (blocks holding tokens, all layers) by precision;
 /// `frame_tokens` of its tokens are frame tokens.
-pub(crate) fn kv_stats(cache: &DeviceKvCache, frame_tokens: usize) -> KvStats {
+pub(crate) fn kv_stats<G: Gpu>(cache: &DeviceKvCache<G>, frame_tokens: usize) -> KvStats {
     let table = cache.table();
     let policy = table.policy();
     let l = &policy.layout;
@@ -268,16 +357,19 @@ fn device_inputs<'i>(inputs: &[Input<'i>]) -> Vec<DeviceInput<'i>> {
 /// A device session a [`Generation`](jetvlm_decoder::Generation) decodes on; reports the
 /// device cache's memory to the pipeline's KV tap after every step. A session's cache goes
 /// back to its slot when the backend is dropped.
-pub(crate) struct OnDevice<'a> {
-    gpu: &'a GpuDecoder,
-    session: Option<DeviceSession<'a>>,
-    slot: Option<&'a mut Option<Box<DeviceKvCache>>>,
+struct OnDevice<'a, G: Gpu + 'static> {
+    gpu: &'a GpuDecoder<G>,
+    session: Option<DeviceSession<'a, G>>,
+    slot: Option<&'a mut CacheSlot>,
     tap: Arc<Mutex<KvStats>>,
     /// Frame tokens the cache holds (the rest is text).
     frame_tokens: usize,
 }
 
-impl Drop for OnDevice<'_> {
+impl<G: Gpu + 'static> Drop for OnDevice<'_, G>
+where
+    DeviceKvCache<G>: DeviceCache,
+{
     fn drop(&mut self) {
         if let Some(session) = self.session.take() {
             let cache = self.gpu.close_session(session);
@@ -288,9 +380,12 @@ impl Drop for OnDevice<'_> {
     }
 }
 
-impl<'a> OnDevice<'a> {
+impl<'a, G: Gpu + 'static> OnDevice<'a, G>
+where
+    DeviceKvCache<G>: DeviceCache,
+{
     /// The session (present from construction until drop).
-    fn session(&mut self) -> Result<&mut DeviceSession<'a>, RuntimeError> {
+    fn session(&mut self) -> Result<&mut DeviceSession<'a, G>, RuntimeError> {
         self.session.as_mut().ok_or_else(lost)
     }
 
@@ -317,7 +412,10 @@ impl<'a> OnDevice<'a> {
     }
 }
 
-impl Decode for OnDevice<'_> {
+impl<G: Gpu + 'static> Decode for OnDevice<'_, G>
+where
+    DeviceKvCache<G>: DeviceCache,
+{
     type Error = RuntimeError;
     fn decode(&mut self, ids: &[u32]) -> Result<Logits, RuntimeError> {
         let logits = self.session()?.decode(ids)?;

@@ -13,7 +13,6 @@
 
 pub mod cache;
 mod config;
-#[cfg(feature = "cuda")]
 mod device;
 mod error;
 mod pipeline;

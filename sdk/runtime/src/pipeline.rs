@@ -2,6 +2,7 @@
 //! one-shot questions over frames, streamed token by token with final [`Stats`].
 
 use crate::cache::{KvBackend, KvChoice, KvStats};
+use crate::device::{DeviceBackend, DeviceDecoding, GpuDecoder};
 use crate::prompt::{Part, PromptTemplate};
 use crate::{RuntimeConfig, RuntimeError};
 use jetvlm_camera::Frame;
@@ -76,8 +77,8 @@ struct Prepared {
     prompt_tokens: usize,
 }
 
-/// The decoder a generation runs on: the CPU decoder over the pipeline's KV cache, or a GPU
-/// session (feature `cuda`).
+/// The decoder a generation runs on: the CPU decoder over the pipeline's KV cache, or a
+/// device session.
 pub(crate) type Backend<'a> = Box<dyn Decode<Error = RuntimeError> + 'a>;
 
 /// The CPU decoder as a [`Backend`].
@@ -90,16 +91,52 @@ impl Decode for CpuBackend<'_> {
     }
 }
 
-/// The CPU decoder of a pipeline, or an error naming `op` when its decoder runs on a GPU.
-pub(crate) fn cpu_decoder<'a>(
-    model: &'a Option<Model>,
-    op: &'static str,
-) -> Result<&'a Model, RuntimeError> {
-    model.as_ref().ok_or_else(|| RuntimeError::Unsupported {
-        op,
-        message: "needs the CPU decoder; this pipeline runs its decoder on the GPU (device: cuda)"
-            .into(),
-    })
+/// Where a pipeline's decoder runs: the CPU decoder over the pipeline's KV cache, or a
+/// decoder on a device (a CUDA GPU, or the simulated device) with KV pools of its own.
+pub(crate) enum DecoderOn {
+    Cpu(Box<Model>),
+    Device(Box<dyn DeviceDecoding>),
+}
+
+impl DecoderOn {
+    /// Loads the decoder in `dir` on `device`; `kv` is the pipeline's KV choice.
+    fn load(device: Device, dir: &Path, kv: &KvChoice) -> Result<Self, RuntimeError> {
+        Ok(match device {
+            Device::Cpu => DecoderOn::Cpu(Box::new(Model::load(dir, &LoadOptions::default())?)),
+            Device::Cuda => DecoderOn::Device(Box::new(GpuDecoder::load(
+                jetvlm_cuda::CudaDevice::open(0)?,
+                dir,
+                kv,
+            )?)),
+            Device::Sim => DecoderOn::Device(Box::new(GpuDecoder::load(
+                jetvlm_cuda::SimDevice::new(),
+                dir,
+                kv,
+            )?)),
+        })
+    }
+
+    /// The CPU decoder, or an error naming `op` when the decoder runs on a device.
+    pub(crate) fn cpu(&self, op: &'static str) -> Result<&Model, RuntimeError> {
+        match self {
+            DecoderOn::Cpu(m) => Ok(m.as_ref()),
+            DecoderOn::Device(d) => Err(RuntimeError::Unsupported {
+                op,
+                message: format!(
+                    "needs the CPU decoder; this pipeline runs its decoder on {}",
+                    d.name()
+                ),
+            }),
+        }
+    }
+
+    /// Where the decoder runs, for reports.
+    fn describe(&self) -> String {
+        match self {
+            DecoderOn::Cpu(_) => "cpu".into(),
+            DecoderOn::Device(d) => d.name(),
+        }
+    }
 }
 
 /// Prefills `prompt` on the CPU decoder and returns the generation after it.
@@ -126,10 +163,7 @@ pub(crate) fn start_on_cpu<'a>(
 pub struct Pipeline {
     pub(crate) package: ModelPackage,
     pub(crate) encoder: OrtEncoder,
-    /// The CPU decoder (`None` when the decoder runs on a GPU).
-    pub(crate) model: Option<Model>,
-    #[cfg(feature = "cuda")]
-    pub(crate) gpu: Option<crate::device::GpuDecoder>,
+    pub(crate) decoder: DecoderOn,
     pub(crate) tokenizer: Tokenizer,
     pub(crate) template: PromptTemplate,
     pub(crate) kv: KvChoice,
@@ -154,8 +188,6 @@ impl Pipeline {
     /// Validates the package (all problems at once), then loads the decoder, the tokenizer
     /// and the vision encoder, and sizes the KV cache.
     pub fn load(dir: &Path, cfg: RuntimeConfig) -> Result<Self, RuntimeError> {
-        #[cfg(feature = "cuda")]
-        let mut gpu_slot = None;
         // A calibration's policy is checked when its file loads (below).
         let package = ModelPackage::load_with(dir, |m, issues| {
             let (field, name) = match &cfg.kv_policy {
@@ -203,25 +235,7 @@ impl Pipeline {
         if let KvChoice::Policy(p) = &mut kv {
             *p = p.fitted_to(shape.head_dim);
         }
-        let (model, device_name) = match cfg.device {
-            Device::Cpu => (
-                Some(Model::load(&package.decoder_dir, &LoadOptions::default())?),
-                None::<String>,
-            ),
-            #[cfg(feature = "cuda")]
-            Device::Cuda => {
-                let gpu = crate::device::GpuDecoder::load(&package.decoder_dir, &kv)?;
-                let name = gpu.name();
-                gpu_slot = Some(gpu);
-                (None, Some(name))
-            }
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda => {
-                return Err(RuntimeError::Cuda(
-                    jetvlm_cuda::CudaError::NotCompiledWithCuda,
-                ));
-            }
-        };
+        let decoder = DecoderOn::load(cfg.device, &package.decoder_dir, &kv)?;
         let tokenizer = Tokenizer::from_dir(&package.decoder_dir)?;
         let encoder = OrtEncoder::from_package(&package, &cfg.vision)?;
         let prompt_err = |message: String| RuntimeError::Prompt {
@@ -263,15 +277,13 @@ impl Pipeline {
             kv = %kv.name(),
             capacity,
             provider = %encoder.execution_provider(),
-            decoder = device_name.as_deref().unwrap_or("cpu"),
+            decoder = %decoder.describe(),
             "pipeline loaded"
         );
         Ok(Pipeline {
             package,
             encoder,
-            model,
-            #[cfg(feature = "cuda")]
-            gpu: gpu_slot,
+            decoder,
             tokenizer,
             template,
             kv,
@@ -292,18 +304,20 @@ impl Pipeline {
         &self.cfg
     }
 
-    /// The CPU decoder; `None` when the decoder runs on a GPU (`device: cuda`).
+    /// The CPU decoder; `None` when the decoder runs on a device (`device: cuda` or `sim`).
     pub fn model(&self) -> Option<&Model> {
-        self.model.as_ref()
+        match &self.decoder {
+            DecoderOn::Cpu(m) => Some(m.as_ref()),
+            DecoderOn::Device(_) => None,
+        }
     }
 
-    /// Where the decoder runs, for reports: `cpu`, or `cuda (<GPU name>)`.
+    /// Where the decoder runs, for reports: `cpu`, `cuda (<GPU name>)`, or `sim (...)`.
     pub fn decoder_device(&self) -> String {
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &self.gpu {
-            return format!("cuda ({})", gpu.name());
+        match &self.decoder {
+            DecoderOn::Cpu(_) => "cpu".into(),
+            DecoderOn::Device(_) => format!("{} ({})", self.cfg.device, self.decoder.describe()),
         }
-        "cpu".into()
     }
 
     pub(crate) fn cache_shape(&self) -> CacheShape {
@@ -457,7 +471,7 @@ impl Pipeline {
     ) -> Result<Vec<f32>, RuntimeError> {
         let p = self.prepare(frames, question)?;
         let inputs = inputs(&p.spans, &p.embeds, &p.ids);
-        let model = cpu_decoder(&self.model, "first_token_logits")?;
+        let model = self.decoder.cpu("first_token_logits")?;
         let logits = model.forward(&inputs, &mut self.cache)?;
         Ok(logits.last().to_vec())
     }
@@ -472,7 +486,7 @@ impl Pipeline {
     ) -> Result<Vec<f32>, RuntimeError> {
         let p = self.prepare(frames, question)?;
         let inputs = inputs(&p.spans, &p.embeds, &p.ids);
-        let model = cpu_decoder(&self.model, "forward_prompt")?;
+        let model = self.decoder.cpu("forward_prompt")?;
         let logits = model.forward(&inputs, store)?;
         Ok(logits.last().to_vec())
     }
@@ -521,15 +535,24 @@ impl Pipeline {
         started: Instant,
         stats: Stats,
     ) -> Result<TokenStream<'_>, RuntimeError> {
-        #[cfg(feature = "cuda")]
-        if self.gpu.is_some() {
-            return self.answer_on_gpu(prompt, prompt_ids, started, stats);
+        if let DecoderOn::Device(gpu) = &self.decoder {
+            let tap = self.cache.tap();
+            let t_prefill = Instant::now();
+            let (backend, logits) = gpu.prefill(prompt, self.cfg.max_new_tokens, tap.clone())?;
+            return Ok(self.stream_on_device(
+                backend,
+                logits,
+                prompt_ids,
+                (started, t_prefill),
+                tap,
+                stats,
+            ));
         }
         let opts = self.generate_options();
         let tap = self.cache.tap();
         let t_prefill = Instant::now();
         let generation = start_on_cpu(
-            cpu_decoder(&self.model, "ask")?,
+            self.decoder.cpu("ask")?,
             &mut self.cache,
             prompt,
             prompt_ids,
@@ -539,46 +562,17 @@ impl Pipeline {
         Ok(TokenStream::new(generation, tap, started, t_prefill, stats))
     }
 
-    #[cfg(feature = "cuda")]
-    fn answer_on_gpu(
-        &self,
-        prompt: &[Input<'_>],
-        prompt_ids: &[u32],
-        started: Instant,
-        stats: Stats,
-    ) -> Result<TokenStream<'_>, RuntimeError> {
-        let Some(gpu) = &self.gpu else {
-            return Err(RuntimeError::Unsupported {
-                op: "ask",
-                message: "the pipeline's decoder is not on a GPU".into(),
-            });
-        };
-        let tap = self.cache.tap();
-        let t_prefill = Instant::now();
-        let (backend, logits) = gpu.prefill(prompt, self.cfg.max_new_tokens, tap.clone())?;
-        Ok(self.stream_on_gpu(
-            backend,
-            logits,
-            prompt_ids,
-            (started, t_prefill),
-            tap,
-            stats,
-        ))
-    }
-
-    /// The answer's stream on a GPU backend whose prompt has run (from `times.1`; the
+    /// The answer's stream on a device backend whose prompt has run (from `times.1`; the
     /// question came at `times.0`).
-    #[cfg(feature = "cuda")]
-    pub(crate) fn stream_on_gpu<'a>(
+    pub(crate) fn stream_on_device<'a>(
         &'a self,
-        backend: crate::device::OnDevice<'a>,
+        backend: DeviceBackend<'a>,
         logits: Logits,
         prompt_ids: &[u32],
         (started, t_prefill): (Instant, Instant),
         tap: Arc<Mutex<KvStats>>,
         stats: Stats,
     ) -> TokenStream<'a> {
-        let backend: Backend<'a> = Box::new(backend);
         let generation = Generation::resume(
             backend,
             logits,

@@ -14,7 +14,8 @@
 //! their stored embeddings (the vision encoder does not run again), at fresh positions.
 
 use crate::RuntimeError;
-use crate::pipeline::{Pipeline, Stats, TokenStream, cpu_decoder};
+use crate::device::{CacheSlot, lost};
+use crate::pipeline::{DecoderOn, Pipeline, Stats, TokenStream};
 use jetvlm_camera::{Capture, Frame, FrameSource};
 use jetvlm_core::FrameId;
 use jetvlm_decoder::{Input, KvStore, LogitsMode};
@@ -43,13 +44,12 @@ pub enum SessionCapture {
     Timeout,
 }
 
-/// Where a session's tokens are cached: the pipeline's CPU cache, or (decoder on a GPU) a
+/// Where a session's tokens are cached: the pipeline's CPU cache, or (decoder on a device) a
 /// device cache of the session's own.
 enum Store {
     Cpu,
     /// `None` only after an error took the cache down.
-    #[cfg(feature = "cuda")]
-    Gpu(Option<Box<jetvlm_cuda::DeviceKvCache>>),
+    Device(CacheSlot),
 }
 
 /// A rolling window of frames in the KV cache; see the module docs.
@@ -84,7 +84,7 @@ impl Pipeline {
     /// With the decoder on a GPU (`device: cuda`) the session keeps its tokens in device KV
     /// pools of its own, sized for the window, and evicts and rolls back there.
     pub fn session(&mut self) -> Result<StreamSession<'_>, RuntimeError> {
-        if self.model.is_some() && !self.cache.supports_eviction() {
+        if self.model().is_some() && !self.cache.supports_eviction() {
             return Err(RuntimeError::Unsupported {
                 op: "starting a streaming session",
                 message: "the f32 reference cache cannot evict frames; choose a KV policy (fp16, mixed, ...)"
@@ -116,19 +116,19 @@ impl Pipeline {
             self.cache = crate::cache::KvBackend::new(&self.kv, self.cache_shape(), self.capacity)?;
         }
         self.cache.clear();
-        #[allow(unused_mut)]
-        let mut store = Store::Cpu;
-        #[cfg(feature = "cuda")]
-        if let Some(gpu) = &self.gpu {
-            // A question and its answer get the room the CPU cache leaves them.
-            let question = self.capacity - ids.len() - self.cfg.window_frames * tpf;
-            store = Store::Gpu(Some(Box::new(gpu.session_cache(
-                ids.len(),
-                self.cfg.window_frames,
-                tpf,
-                question,
-            )?)));
-        }
+        let mut store = match &self.decoder {
+            DecoderOn::Cpu(_) => Store::Cpu,
+            DecoderOn::Device(gpu) => {
+                // A question and its answer get the room the CPU cache leaves them.
+                let question = self.capacity - ids.len() - self.cfg.window_frames * tpf;
+                Store::Device(Some(gpu.session_cache(
+                    ids.len(),
+                    self.cfg.window_frames,
+                    tpf,
+                    question,
+                )?))
+            }
+        };
         if !ids.is_empty() {
             append(self, &mut store, &[Input::text(&ids)])?;
         }
@@ -152,10 +152,8 @@ impl StreamSession<'_> {
             let extra = self.cached_tokens().saturating_sub(len);
             match &mut self.store {
                 Store::Cpu => self.pipe.cache.roll_back(extra, position)?,
-                #[cfg(feature = "cuda")]
-                Store::Gpu(cache) => {
-                    let c = cache.as_mut().ok_or_else(crate::device::lost)?;
-                    c.truncate_last(extra)?;
+                Store::Device(cache) => {
+                    cache.as_mut().ok_or_else(lost)?.truncate_last(extra)?;
                 }
             }
         }
@@ -166,8 +164,7 @@ impl StreamSession<'_> {
     fn next_position(&self) -> usize {
         match &self.store {
             Store::Cpu => self.pipe.cache.next_position() as usize,
-            #[cfg(feature = "cuda")]
-            Store::Gpu(cache) => cache.as_ref().map_or(0, |c| c.next_position()),
+            Store::Device(cache) => cache.as_ref().map_or(0, |c| c.next_position()),
         }
     }
 
@@ -188,10 +185,8 @@ impl StreamSession<'_> {
             if let Some(old) = self.window.pop_front() {
                 match &mut self.store {
                     Store::Cpu => self.pipe.cache.evict_frame(old.id)?,
-                    #[cfg(feature = "cuda")]
-                    Store::Gpu(cache) => {
-                        let c = cache.as_mut().ok_or_else(crate::device::lost)?;
-                        c.evict_frame(old.id)?;
+                    Store::Device(cache) => {
+                        cache.as_mut().ok_or_else(lost)?.evict_frame(old.id)?;
                     }
                 }
                 self.encoder_ms.pop_front();
@@ -245,8 +240,7 @@ impl StreamSession<'_> {
         tracing::debug!(next, fresh, "re-basing stream session positions");
         match &mut self.store {
             Store::Cpu => self.pipe.cache.clear(),
-            #[cfg(feature = "cuda")]
-            Store::Gpu(cache) => cache.as_mut().ok_or_else(crate::device::lost)?.clear(),
+            Store::Device(cache) => cache.as_mut().ok_or_else(lost)?.clear(),
         }
         if let Err((kept, e)) = self.reappend() {
             // The cache was cleared and holds only the first `kept` frames again: forget the
@@ -311,8 +305,7 @@ impl StreamSession<'_> {
     pub fn cached_tokens(&self) -> usize {
         match &self.store {
             Store::Cpu => self.pipe.cache.len(),
-            #[cfg(feature = "cuda")]
-            Store::Gpu(cache) => cache.as_ref().map_or(0, |c| c.len()),
+            Store::Device(cache) => cache.as_ref().map_or(0, |c| c.len()),
         }
     }
 
@@ -320,9 +313,8 @@ impl StreamSession<'_> {
     pub fn kv_memory(&self) -> crate::KvStats {
         match &self.store {
             Store::Cpu => self.pipe.cache.memory(),
-            #[cfg(feature = "cuda")]
-            Store::Gpu(cache) => cache.as_deref().map_or_else(crate::KvStats::default, |c| {
-                crate::device::kv_stats(c, self.window.len() * self.pipe.package.tokens_per_frame())
+            Store::Device(cache) => cache.as_deref().map_or_else(crate::KvStats::default, |c| {
+                c.kv_stats(self.window.len() * self.pipe.package.tokens_per_frame())
             }),
         }
     }
@@ -372,17 +364,23 @@ impl StreamSession<'_> {
         let stats = stats(self, self.cached_tokens() + ids.len());
         match &mut self.store {
             Store::Cpu => self.pipe.answer(&[Input::text(&ids)], &ids, started, stats),
-            #[cfg(feature = "cuda")]
-            Store::Gpu(slot) => {
-                let gpu = self.pipe.gpu.as_ref().ok_or_else(crate::device::lost)?;
+            Store::Device(slot) => {
+                let DecoderOn::Device(gpu) = &self.pipe.decoder else {
+                    return Err(lost());
+                };
                 let frame_tokens = self.window.len() * self.pipe.package.tokens_per_frame();
                 let tap = self.pipe.cache.tap();
                 let t_prefill = Instant::now();
                 let (backend, logits) =
                     gpu.continue_on(slot, &[Input::text(&ids)], frame_tokens, tap.clone())?;
-                Ok(self
-                    .pipe
-                    .stream_on_gpu(backend, logits, &ids, (started, t_prefill), tap, stats))
+                Ok(self.pipe.stream_on_device(
+                    backend,
+                    logits,
+                    &ids,
+                    (started, t_prefill),
+                    tap,
+                    stats,
+                ))
             }
         }
     }
@@ -394,19 +392,12 @@ fn append(
     store: &mut Store,
     inputs: &[Input<'_>],
 ) -> Result<(), RuntimeError> {
-    match store {
-        Store::Cpu => {
-            cpu_decoder(&pipe.model, "streaming session")?.forward_with(
-                inputs,
-                &mut pipe.cache,
-                LogitsMode::Last,
-            )?;
+    match (store, &pipe.decoder) {
+        (Store::Cpu, DecoderOn::Cpu(model)) => {
+            model.forward_with(inputs, &mut pipe.cache, LogitsMode::Last)?;
         }
-        #[cfg(feature = "cuda")]
-        Store::Gpu(slot) => {
-            let gpu = pipe.gpu.as_ref().ok_or_else(crate::device::lost)?;
-            gpu.append(slot, inputs)?;
-        }
+        (Store::Device(slot), DecoderOn::Device(gpu)) => gpu.append(slot, inputs)?,
+        _ => return Err(lost()),
     }
     Ok(())
 }

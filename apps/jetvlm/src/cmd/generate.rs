@@ -84,18 +84,10 @@ struct Report {
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     // A GPU run opens the device first: without one it fails before reading anything.
-    #[cfg(feature = "cuda")]
-    let dev = match args.device {
-        Device::Cuda => Some(super::gpu::open(0)?),
-        Device::Cpu => None,
-    };
-    #[cfg(not(feature = "cuda"))]
-    if args.device == Device::Cuda {
-        super::gpu::open(0)?;
-    }
-    #[cfg(feature = "cuda")]
-    if let Some(dev) = &dev {
-        return run_cuda(dev, &args);
+    match args.device {
+        Device::Cuda => return run_device(&super::gpu::open(0)?, &args),
+        Device::Sim => return run_device(&jetvlm_cuda::SimDevice::new(), &args),
+        Device::Cpu => {}
     }
     let model = Model::load(&args.model, &LoadOptions::default())
         .with_context(|| format!("loading the decoder from {}", args.model.display()))?;
@@ -229,14 +221,14 @@ fn options(
     })
 }
 
-/// `--device cuda`: the decoder and its KV cache on the GPU; the host samples.
-#[cfg(feature = "cuda")]
-fn run_cuda(dev: &jetvlm_cuda::CudaDevice, args: &GenerateArgs) -> Result<()> {
+/// `--device cuda` (or `sim`): the decoder and its KV cache on the device; the host samples.
+fn run_device<G: jetvlm_cuda::Gpu>(dev: &G, args: &GenerateArgs) -> Result<()> {
     use jetvlm_core::TokenKind;
     use jetvlm_cuda::{DeviceInput, DeviceKvCache, DevicePolicy, DeviceSession, PoolMemory};
     if args.kv == "f32" {
         bail!(
-            "--kv f32 is the CPU reference cache; on --device cuda use fp16, mixed or another policy"
+            "--kv f32 is the CPU reference cache; on --device {} use fp16, mixed or another policy",
+            args.device
         );
     }
     let policy: KvPolicy = args
@@ -245,8 +237,7 @@ fn run_cuda(dev: &jetvlm_cuda::CudaDevice, args: &GenerateArgs) -> Result<()> {
         .with_context(|| format!("--kv {}", args.kv))?;
     let tokenizer = tokenizer_for(args)?;
     let prompt_ids = prompt_ids(args, tokenizer.as_ref())?;
-    let model = dev
-        .load_decoder(&args.model)
+    let model = jetvlm_cuda::DeviceDecoder::load(dev, &args.model)
         .with_context(|| format!("loading the decoder from {}", args.model.display()))?;
     let c = &model.config().model;
     let opts = options(args, tokenizer.as_ref(), &c.eos_token_ids)?;
@@ -287,7 +278,7 @@ fn run_cuda(dev: &jetvlm_cuda::CudaDevice, args: &GenerateArgs) -> Result<()> {
         prompt_ids.len(),
         args,
         policy.name(),
-        "cuda",
+        &args.device.to_string(),
     )
 }
 

@@ -33,10 +33,13 @@ pub struct SelftestArgs {
 }
 
 pub fn run(args: SelftestArgs) -> Result<()> {
-    if args.device != Device::Cuda {
-        bail!(
-            "selftest checks the CUDA kernels against their CPU twins; run it with --device cuda"
-        );
+    match args.device {
+        Device::Cuda => {}
+        Device::Sim => return simulated(&args),
+        Device::Cpu => bail!(
+            "selftest checks the CUDA kernels against their CPU twins; run it with --device cuda \
+             (or --device sim: the device decoder on the twins, against the CPU decoder)"
+        ),
     }
     if args.nvrtc_only {
         return nvrtc_only(&args);
@@ -82,15 +85,15 @@ pub fn run(args: SelftestArgs) -> Result<()> {
     Ok(())
 }
 
-/// GPU greedy generation against the CPU path on each fixture; returns the failures.
-#[cfg(feature = "cuda")]
-fn decoder_fixtures(
-    dev: &CudaDevice,
+/// The device decoder's greedy generation against the CPU path on each fixture; returns the
+/// failures.
+fn decoder_fixtures<G: jetvlm_cuda::Gpu>(
+    dev: &G,
     dir: &std::path::Path,
     tokens: usize,
     total: &mut usize,
 ) -> Result<usize> {
-    let checks = dev.decoder_check(dir, tokens)?;
+    let checks = jetvlm_cuda::decoder_check(dev, dir, tokens)?;
     if checks.is_empty() {
         bail!("no decoder fixtures under {}", dir.display());
     }
@@ -101,14 +104,31 @@ fn decoder_fixtures(
     Ok(checks.iter().filter(|c| !c.passed()).count())
 }
 
-#[cfg(not(feature = "cuda"))]
-fn decoder_fixtures(
-    _dev: &CudaDevice,
-    _dir: &std::path::Path,
-    _tokens: usize,
-    _total: &mut usize,
-) -> Result<usize> {
-    Err(jetvlm_cuda::CudaError::NotCompiledWithCuda.into())
+/// `--device sim`: the decoder fixtures on the simulated device (the device decoder's host
+/// logic with each kernel's CPU twin), against the CPU decoder.
+fn simulated(args: &SelftestArgs) -> Result<()> {
+    let dir = args
+        .decoder_fixtures
+        .clone()
+        .unwrap_or_else(|| "tests/fixtures/decoder".into());
+    let t = std::time::Instant::now();
+    let mut total = 0;
+    let failed = decoder_fixtures(
+        &jetvlm_cuda::SimDevice::new(),
+        &dir,
+        args.decoder_tokens,
+        &mut total,
+    )?;
+    println!(
+        "{} of {} checks passed on the simulated device in {:.1} s",
+        total - failed,
+        total,
+        t.elapsed().as_secs_f64()
+    );
+    if failed > 0 {
+        bail!("{failed} decoder check(s) failed");
+    }
+    Ok(())
 }
 
 fn nvrtc_only(args: &SelftestArgs) -> Result<()> {

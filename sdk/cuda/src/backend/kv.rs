@@ -7,6 +7,7 @@ use half::f16;
 use super::device::{CudaDevice, driver_err};
 use super::ops::{check_len, launch, linear, shape, u32_of};
 use crate::error::CudaError;
+use crate::gpu::{PoolMemory, Splits};
 use crate::layout::{BlockEntry, KvLayout, validate_entries};
 use crate::reference::HostPools;
 
@@ -25,16 +26,6 @@ fn partial_kernel(head_dim: usize, group: usize) -> (String, usize) {
         _ => 8,
     };
     (format!("mixed_attention_partial_e{e}_g{g}"), g)
-}
-
-/// Where a layer's pools live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PoolMemory {
-    /// Device memory.
-    Device,
-    /// Page-locked host memory mapped into the device: kernels read K/V over PCIe as they
-    /// attend (the KV cache offloaded to host memory).
-    MappedHost,
 }
 
 /// Backing storage of one pool array.
@@ -85,14 +76,6 @@ impl DeviceKvPools {
         self.text_blocks * self.layout.text_block_bytes()
             + self.frame_blocks * self.layout.frame_block_bytes()
     }
-}
-
-/// How the context is split across thread blocks (flash-decoding).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Splits {
-    /// Enough splits to give every multiprocessor about two thread blocks.
-    Auto,
-    Fixed(usize),
 }
 
 /// An attention context on the device (block list, query orders, partial-result scratch),

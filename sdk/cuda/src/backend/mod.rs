@@ -1,9 +1,8 @@
 //! The cudarc backend (feature `cuda`).
 
 mod bench;
-mod decoder;
-mod decoder_check;
 mod device;
+mod gpu_impl;
 mod kv;
 mod memory;
 mod nvrtc;
@@ -11,13 +10,9 @@ mod ops;
 mod selftest;
 
 pub use bench::DeviceBandwidth;
-pub use decoder::{
-    DeviceDecoder, DeviceInput, DeviceKvCache, DeviceScratch, DeviceSession, PREFILL_CHUNK,
-    SessionParts,
-};
-pub use decoder_check::{DECODER_FIXTURES, DecoderCheck};
 pub use device::{CudaDevice, driver_available};
-pub use kv::{AttentionPlan, DeviceKvPools, PoolMemory, Splits};
+pub use gpu_impl::CudaQueue;
+pub use kv::{AttentionPlan, DeviceKvPools};
 pub use memory::MappedHostBuffer;
 pub use nvrtc::{compile_cubin, nvrtc_available, nvrtc_version};
 pub use ops::DeviceWeights;

@@ -3,9 +3,9 @@
 use half::{bf16, f16};
 
 use super::device::CudaDevice;
-use super::kv::Splits;
 use super::ops::{DeviceWeights, launch, linear};
 use crate::error::CudaError;
+use crate::gpu::Splits;
 use crate::inputs::Rng;
 use crate::layout::{BlockEntry, BlockKind, KvLayout, SEES_ALL};
 use crate::reference::{self as cpu, HostPools, normalized_error};

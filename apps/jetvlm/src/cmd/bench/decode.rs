@@ -151,6 +151,12 @@ fn layout(context: usize, text_fraction: f64, frame_tokens: usize) -> (usize, us
 }
 
 pub fn run(args: DecodeArgs) -> Result<()> {
+    if args.device == jetvlm_core::Device::Sim {
+        bail!(
+            "--device sim runs the CUDA kernels' CPU twins to check the GPU path; it is not a \
+             benchmark (use --device cpu or cuda)"
+        );
+    }
     if args.device == jetvlm_core::Device::Cuda {
         // Without CUDA this is one clear error line before any work.
         #[cfg(not(feature = "cuda"))]

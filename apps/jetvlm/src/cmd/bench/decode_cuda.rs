@@ -47,13 +47,13 @@ fn layout(context: usize, text_fraction: f64, frame_tokens: usize) -> (usize, us
 
 fn new_session<'a>(
     dev: &'a CudaDevice,
-    model: &'a DeviceDecoder,
+    model: &'a DeviceDecoder<CudaDevice>,
     policy: DevicePolicy,
     frame_total: usize,
     text_total: usize,
     frame_tokens: usize,
     memory: PoolMemory,
-) -> Result<DeviceSession<'a>> {
+) -> Result<DeviceSession<'a, CudaDevice>> {
     let c = &model.config().model;
     let mut spans: Vec<(TokenKind, usize)> = (0..frame_total / frame_tokens.max(1))
         .map(|_| (TokenKind::Frame, frame_tokens))
@@ -66,7 +66,7 @@ fn new_session<'a>(
 /// Runs the context through the model (frame spans of random ids tagged Frame, then text);
 /// returns the TTFT (prefill + first token) and the first token.
 fn prefill(
-    session: &mut DeviceSession<'_>,
+    session: &mut DeviceSession<'_, CudaDevice>,
     frame_total: usize,
     text_total: usize,
     frame_tokens: usize,
@@ -104,7 +104,7 @@ fn prefill(
 /// running the model.
 fn synthetic_fill(
     dev: &CudaDevice,
-    session: &mut DeviceSession<'_>,
+    session: &mut DeviceSession<'_, CudaDevice>,
     frame_total: usize,
     text_total: usize,
     frame_tokens: usize,
@@ -142,8 +142,7 @@ pub fn run(args: &DecodeArgs) -> Result<()> {
         bail!("--kv-offload host: this device cannot map host memory");
     }
     eprintln!("{}", crate::cmd::gpu::describe(&dev));
-    let model = dev
-        .load_decoder(&args.model)
+    let model = DeviceDecoder::load(&dev, &args.model)
         .with_context(|| format!("loading the decoder from {}", args.model.display()))?;
     let c = model.config().model.clone();
     let policies: Vec<KvPolicy> = args

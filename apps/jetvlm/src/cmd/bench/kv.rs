@@ -287,6 +287,12 @@ fn policy_result(shape: CacheShape, r: &Replicas, t: &Timings) -> PolicyResult {
 }
 
 pub fn run(args: KvArgs) -> Result<()> {
+    if args.device == jetvlm_core::Device::Sim {
+        bail!(
+            "--device sim runs the CUDA kernels' CPU twins to check the GPU path; it is not a \
+             benchmark (use --device cpu or cuda)"
+        );
+    }
     if args.device == jetvlm_core::Device::Cuda {
         // Without CUDA this is one clear error line before any work.
         #[cfg(not(feature = "cuda"))]

@@ -1,0 +1,881 @@
+//! The decoder on a device: the architecture of [`jetvlm_decoder::arch`] (tensor names,
+//! layer recipe) over a [`Gpu`]'s operations. Weights are read from the Hugging Face files and
+//! uploaded in their stored precision (f32, f16 or bf16); the forward pass runs spans of token
+//! ids or embeddings, writes K/V into the device mixed KV pools (FP16 text blocks, quantized
+//! frame blocks, placed by [`KvBlockTable`]) and attends over them with the fused attention
+//! kernel.
+//!
+//! Written once for every [`Gpu`]: on [`crate::CudaDevice`] the operations are CUDA kernels,
+//! on [`crate::SimDevice`] their CPU twins, so everything here runs in the tests of a machine
+//! without a GPU.
+//!
+//! Matrix products are the `gemv` kernel (up to 8 tokens share each weight read), so decode
+//! and prefill run the same code; prefill runs in chunks of [`PREFILL_CHUNK`] tokens.
+
+use std::path::Path;
+
+use jetvlm_core::{FrameId, TokenKind};
+use jetvlm_decoder::arch::{self, Activations, DecoderWeights, LayerOps, TensorOps, WeightSink};
+use jetvlm_decoder::kernels::Rope;
+use jetvlm_decoder::{Config, Tensor, Weights};
+
+use crate::error::CudaError;
+use crate::gpu::{Gpu, PlanInfo, PoolMemory, PoolsInfo, Splits};
+use crate::kvtable::{DevicePolicy, KvBlockTable, Placement};
+use crate::layout::BlockKind;
+
+pub use crate::kvtable::PREFILL_CHUNK;
+
+fn model_err(dir: &Path) -> impl Fn(jetvlm_decoder::DecoderError) -> CudaError + '_ {
+    move |e| CudaError::Model {
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// A decoder loaded onto a device.
+pub struct DeviceDecoder<G: Gpu> {
+    config: Config,
+    weights: DecoderWeights<G::Weights, G::Weights>,
+    inv_freq: G::Buf,
+}
+
+impl<G: Gpu> std::fmt::Debug for DeviceDecoder<G> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceDecoder")
+            .field("config", &self.config.path)
+            .field("dtype", &self.weights.dtype)
+            .finish()
+    }
+}
+
+/// Uploads a checkpoint's tensors: matrices in their stored precision, vectors as f32.
+struct Upload<'d, G: Gpu>(&'d G);
+
+impl<G: Gpu> WeightSink for Upload<'_, G> {
+    type W = G::Weights;
+    type V = G::Weights;
+    type Error = CudaError;
+    fn matrix(&mut self, t: &Tensor) -> Result<G::Weights, CudaError> {
+        self.0.upload_tensor(t)
+    }
+    fn vector(&mut self, t: &Tensor) -> Result<G::Weights, CudaError> {
+        self.0.upload_vector(&t.to_f32_vec())
+    }
+}
+
+impl<G: Gpu> DeviceDecoder<G> {
+    /// Loads the decoder in `dir` (config.json + safetensors) onto `dev`.
+    pub fn load(dev: &G, dir: &Path) -> Result<Self, CudaError> {
+        let config = Config::from_dir(dir).map_err(model_err(dir))?;
+        let ws = Weights::open(dir).map_err(model_err(dir))?;
+        let weights =
+            arch::load(&config.model, &ws, None, &mut Upload(dev)).map_err(|e| match e {
+                CudaError::Decoder(d) => model_err(dir)(d),
+                e => e,
+            })?;
+        let inv: Vec<f32> = Rope::new(&config.model)
+            .inv_freq()
+            .iter()
+            .map(|&f| f as f32)
+            .collect();
+        let inv_freq = dev.upload(&inv)?;
+        dev.synchronize()?;
+        Ok(Self {
+            config,
+            weights,
+            inv_freq,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    pub fn vocab_size(&self) -> usize {
+        self.config.model.vocab_size
+    }
+    pub fn hidden_size(&self) -> usize {
+        self.config.model.hidden_size
+    }
+    /// Stored type of the weight matrices.
+    pub fn weight_dtype(&self) -> jetvlm_core::DType {
+        self.weights.dtype
+    }
+    /// Weight bytes one decode step reads (every matrix, norms, LM head).
+    pub fn weight_bytes_read_per_token(&self) -> u64 {
+        self.weights.bytes_per_token
+    }
+}
+
+/// The device KV cache of one sequence: one pool set per layer and the shared block table.
+///
+/// With [`PoolMemory::MappedHost`] the layers' pools live in pinned host memory (the KV cache
+/// offloaded): each forward step streams every layer's used blocks over PCIe into one of two
+/// device staging pools on a copy queue, the copy of layer `l + 1` overlapping the compute
+/// of layer `l`; new K/V are written both to the host pools and to the staging copy.
+pub struct DeviceKvCache<G: Gpu> {
+    table: KvBlockTable,
+    // Before `layers`: fields drop in order, and the offload's queue waits, when dropped, for
+    // the work that reads or writes the host pools in `layers`.
+    offload: Option<Offload<G>>,
+    layers: Vec<G::Pools>,
+}
+
+impl<G: Gpu> std::fmt::Debug for DeviceKvCache<G> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceKvCache")
+            .field("table", &self.table)
+            .field("layers", &self.layers.len())
+            .field("offload", &self.offload.is_some())
+            .finish()
+    }
+}
+
+struct Offload<G: Gpu> {
+    staging: Vec<G::Pools>,
+    queue: G::Queue,
+    /// Bytes streamed host-to-device by the last forward step (all layers).
+    step_bytes: u64,
+}
+
+impl<G: Gpu> DeviceKvCache<G> {
+    /// Pools for `layers` layers holding up to `text_tokens` text and `frame_tokens` frame
+    /// tokens appended in at most `spans` spans, in device or mapped host memory.
+    pub fn new(
+        dev: &G,
+        policy: DevicePolicy,
+        layers: usize,
+        text_tokens: usize,
+        frame_tokens: usize,
+        spans: usize,
+        memory: PoolMemory,
+    ) -> Result<Self, CudaError> {
+        let blocks = policy.blocks_for(text_tokens, frame_tokens, spans.max(1));
+        Self::with_blocks(dev, policy, layers, blocks, memory)
+    }
+
+    /// Pools sized exactly for `spans` appended in order (see
+    /// [`DevicePolicy::blocks_for_spans`]).
+    pub fn for_spans(
+        dev: &G,
+        policy: DevicePolicy,
+        layers: usize,
+        spans: &[(TokenKind, usize)],
+        memory: PoolMemory,
+    ) -> Result<Self, CudaError> {
+        let blocks = policy.blocks_for_spans(spans);
+        Self::with_blocks(dev, policy, layers, blocks, memory)
+    }
+
+    /// Pools of exactly `(text blocks, frame blocks)` per layer (see
+    /// [`DevicePolicy::blocks_for_session`]).
+    pub fn with_blocks(
+        dev: &G,
+        policy: DevicePolicy,
+        layers: usize,
+        (tb, fb): (usize, usize),
+        memory: PoolMemory,
+    ) -> Result<Self, CudaError> {
+        if !policy.layers.is_empty() && policy.layers.len() != layers {
+            return Err(CudaError::Shape {
+                op: "device KV cache",
+                message: format!(
+                    "the KV policy has formats for {} layers, the model has {layers}",
+                    policy.layers.len()
+                ),
+            });
+        }
+        if memory == PoolMemory::MappedHost && policy.is_per_layer() {
+            return Err(CudaError::Shape {
+                op: "device KV cache",
+                message: "offloading to host memory (--kv-offload host) streams every layer \
+                          through staging pools of one format: use a policy with one frame \
+                          format for every layer, not a calibration with several"
+                    .into(),
+            });
+        }
+        let pools = (0..layers)
+            .map(|li| dev.kv_pools(policy.layout_of(li), tb, fb, memory))
+            .collect::<Result<Vec<_>, _>>()?;
+        let offload = match memory {
+            PoolMemory::Device => None,
+            PoolMemory::MappedHost => Some(Offload {
+                staging: (0..2)
+                    .map(|_| dev.kv_pools(policy.layout, tb, fb, PoolMemory::Device))
+                    .collect::<Result<_, _>>()?,
+                queue: dev.copy_queue()?,
+                step_bytes: 0,
+            }),
+        };
+        Ok(Self {
+            table: KvBlockTable::new(policy, tb, fb),
+            layers: pools,
+            offload,
+        })
+    }
+
+    /// Offloaded: bytes the last forward step streamed from host to device (all layers).
+    pub fn streamed_bytes_last_step(&self) -> Option<u64> {
+        self.offload.as_ref().map(|o| o.step_bytes)
+    }
+
+    pub fn table(&self) -> &KvBlockTable {
+        &self.table
+    }
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+    /// Layers the cache holds pools for.
+    pub fn layers(&self) -> usize {
+        self.layers.len()
+    }
+    /// Bytes of all layers' pools.
+    pub fn pool_bytes(&self) -> u64 {
+        self.layers.iter().map(|p| p.bytes() as u64).sum()
+    }
+    /// Bytes one decode step's attention reads over all layers.
+    pub fn attention_read_bytes(&self) -> u64 {
+        self.table.attention_bytes(self.layers.len())
+    }
+    pub fn layer_pools(&self, layer: usize) -> Option<&G::Pools> {
+        self.layers.get(layer)
+    }
+    /// Forgets every token.
+    pub fn clear(&mut self) {
+        self.table.clear();
+    }
+    /// Gives back the blocks of camera frame `frame` (appended with its id); later tokens
+    /// keep their positions. Returns the tokens removed.
+    pub fn evict_frame(&mut self, frame: FrameId) -> Result<usize, CudaError> {
+        self.table.evict_frame(frame)
+    }
+    /// Drops the newest `n` text tokens (a question and its answer) and rewinds the
+    /// positions to reuse theirs.
+    pub fn truncate_last(&mut self, n: usize) -> Result<(), CudaError> {
+        self.table.truncate_last(n)
+    }
+    /// RoPE position of the next token.
+    pub fn next_position(&self) -> usize {
+        self.table.next_position()
+    }
+
+    /// Appends `n` tokens of `kind` and writes their K/V (`[n][kv_heads][head_dim]` f32 per
+    /// layer, produced by `kv(layer, k, v)`) into every layer.
+    pub fn append_with<F>(
+        &mut self,
+        dev: &G,
+        kind: TokenKind,
+        n: usize,
+        mut kv: F,
+    ) -> Result<(), CudaError>
+    where
+        F: FnMut(usize, &mut G::Buf, &mut G::Buf) -> Result<(), CudaError>,
+    {
+        let row = self.table.policy().layout.row_elems();
+        let mut k = dev.zeros(n * row)?;
+        let mut v = dev.zeros(n * row)?;
+        let placements = self.table.append(kind, n)?;
+        for (li, pools) in self.layers.iter_mut().enumerate() {
+            kv(li, &mut k, &mut v)?;
+            write_placements(dev, pools, &placements, &k, &v)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes the K/V rows of each placement into its block and slots.
+fn write_placements<G: Gpu>(
+    dev: &G,
+    pools: &mut G::Pools,
+    placements: &[Placement],
+    k: &G::Buf,
+    v: &G::Buf,
+) -> Result<(), CudaError> {
+    for p in placements {
+        match p.kind {
+            BlockKind::Text => {
+                dev.kv_store_text(pools, p.block, p.tok_offset, p.len, k, v, p.src_token)?
+            }
+            BlockKind::Frame => {
+                dev.kv_quantize_frame(pools, p.block, p.tok_offset, p.len, k, v, p.src_token)?
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One span of forward input.
+#[derive(Clone, Copy, Debug)]
+pub enum DeviceInput<'a> {
+    /// Token ids embedded by the model's table, cached as `kind`.
+    Ids { ids: &'a [u32], kind: TokenKind },
+    /// Embeddings `[n][hidden]` (e.g. a camera frame's projected vision features). With a
+    /// `frame` id (frame tokens only) the tokens get blocks of their own, which
+    /// [`DeviceKvCache::evict_frame`] gives back.
+    Embeddings {
+        data: &'a [f32],
+        n: usize,
+        kind: TokenKind,
+        frame: Option<FrameId>,
+    },
+}
+
+impl DeviceInput<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            DeviceInput::Ids { ids, .. } => ids.len(),
+            DeviceInput::Embeddings { n, .. } => *n,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn kind(&self) -> TokenKind {
+        match self {
+            DeviceInput::Ids { kind, .. } | DeviceInput::Embeddings { kind, .. } => *kind,
+        }
+    }
+    /// The camera frame these tokens belong to, if any.
+    pub fn frame(&self) -> Option<FrameId> {
+        match self {
+            DeviceInput::Ids { .. } => None,
+            DeviceInput::Embeddings { frame, .. } => *frame,
+        }
+    }
+}
+
+/// Activation buffers of a model's forward pass, for chunks of up to [`PREFILL_CHUNK`]
+/// tokens. One set serves every session of that model in turn
+/// ([`DeviceSession::with_scratch`], [`DeviceSession::into_parts`]), so a camera app does not
+/// allocate them again for every frame and question.
+pub struct DeviceScratch<G: Gpu> {
+    /// The model dimensions the buffers are sized for: hidden, q heads x head dim, kv heads x
+    /// head dim, intermediate, vocab.
+    dims: [usize; 5],
+    acts: Activations<G::Buf>,
+    last: G::Buf,
+    last_n: G::Buf,
+    logits: G::Buf,
+}
+
+impl<G: Gpu> std::fmt::Debug for DeviceScratch<G> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceScratch")
+            .field("dims", &self.dims)
+            .finish()
+    }
+}
+
+impl<G: Gpu> DeviceScratch<G> {
+    /// Buffers for `model`'s forward pass.
+    pub fn new(dev: &G, model: &DeviceDecoder<G>) -> Result<Self, CudaError> {
+        let dims = scratch_dims(model);
+        let [h, _, _, _, vocab] = dims;
+        Ok(Self {
+            dims,
+            acts: Activations::new(&model.config.model, PREFILL_CHUNK, |len| dev.zeros(len))?,
+            last: dev.zeros(h)?,
+            last_n: dev.zeros(h)?,
+            logits: dev.zeros(vocab)?,
+        })
+    }
+}
+
+fn scratch_dims<G: Gpu>(model: &DeviceDecoder<G>) -> [usize; 5] {
+    let c = &model.config.model;
+    [
+        c.hidden_size,
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+        c.intermediate_size,
+        c.vocab_size,
+    ]
+}
+
+/// What [`DeviceSession::with_scratch`] gives back when the parts do not fit the model.
+pub struct SessionParts<G: Gpu> {
+    pub error: CudaError,
+    pub cache: DeviceKvCache<G>,
+    pub scratch: DeviceScratch<G>,
+}
+
+impl<G: Gpu> std::fmt::Debug for SessionParts<G> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionParts")
+            .field("error", &self.error)
+            .finish()
+    }
+}
+
+/// A decoder and its KV cache on one device: the forward pass.
+pub struct DeviceSession<'a, G: Gpu> {
+    dev: &'a G,
+    model: &'a DeviceDecoder<G>,
+    cache: DeviceKvCache<G>,
+    s: DeviceScratch<G>,
+}
+
+impl<G: Gpu> std::fmt::Debug for DeviceSession<'_, G> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceSession")
+            .field("cache", &self.cache)
+            .finish()
+    }
+}
+
+impl<'a, G: Gpu> DeviceSession<'a, G> {
+    /// A session over `cache` (its shape must match the model), with buffers of its own.
+    pub fn new(
+        dev: &'a G,
+        model: &'a DeviceDecoder<G>,
+        cache: DeviceKvCache<G>,
+    ) -> Result<Self, CudaError> {
+        let scratch = DeviceScratch::new(dev, model)?;
+        Self::with_scratch(dev, model, cache, scratch).map_err(|p| p.error)
+    }
+
+    /// A session over `cache` with `scratch` (made for this model, e.g. by an earlier
+    /// session: [`Self::into_parts`]). Parts that do not fit the model come back with the
+    /// error.
+    pub fn with_scratch(
+        dev: &'a G,
+        model: &'a DeviceDecoder<G>,
+        cache: DeviceKvCache<G>,
+        scratch: DeviceScratch<G>,
+    ) -> Result<Self, Box<SessionParts<G>>> {
+        let c = &model.config.model;
+        let l = cache.table.policy().layout;
+        let error = if l.kv_heads != c.num_key_value_heads
+            || l.head_dim != c.head_dim
+            || cache.layers.len() != c.num_hidden_layers
+        {
+            Some(format!(
+                "KV cache of {} layers x {} kv heads x {} does not match the model's {} x {} x {}",
+                cache.layers.len(),
+                l.kv_heads,
+                l.head_dim,
+                c.num_hidden_layers,
+                c.num_key_value_heads,
+                c.head_dim
+            ))
+        } else if scratch.dims != scratch_dims(model) {
+            Some(format!(
+                "activation buffers for dimensions {:?} do not match the model's {:?}",
+                scratch.dims,
+                scratch_dims(model)
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = error {
+            return Err(Box::new(SessionParts {
+                error: CudaError::Shape {
+                    op: "device session",
+                    message,
+                },
+                cache,
+                scratch,
+            }));
+        }
+        Ok(Self {
+            dev,
+            model,
+            cache,
+            s: scratch,
+        })
+    }
+
+    /// Ends the session and hands its cache and buffers back (for the next session).
+    pub fn into_parts(self) -> (DeviceKvCache<G>, DeviceScratch<G>) {
+        (self.cache, self.s)
+    }
+
+    pub fn cache(&self) -> &DeviceKvCache<G> {
+        &self.cache
+    }
+    pub fn cache_mut(&mut self) -> &mut DeviceKvCache<G> {
+        &mut self.cache
+    }
+    pub fn model(&self) -> &DeviceDecoder<G> {
+        self.model
+    }
+
+    /// Runs the inputs in order after what the cache holds and returns the last token's
+    /// logits. Every span is validated before anything is written.
+    pub fn forward(&mut self, inputs: &[DeviceInput<'_>]) -> Result<Vec<f32>, CudaError> {
+        let c = &self.model.config.model;
+        let (h, vocab) = (c.hidden_size, c.vocab_size);
+        let bad = |message: String| CudaError::Shape {
+            op: "device forward",
+            message,
+        };
+        let total: usize = inputs.iter().map(DeviceInput::len).sum();
+        if total == 0 {
+            return Err(bad("no tokens to run".into()));
+        }
+        for (i, inp) in inputs.iter().enumerate() {
+            match inp {
+                DeviceInput::Ids { ids, .. } => {
+                    if let Some(&id) = ids.iter().find(|&&t| t as usize >= vocab) {
+                        return Err(bad(format!(
+                            "span {i}: token id {id} out of range (vocab {vocab})"
+                        )));
+                    }
+                }
+                DeviceInput::Embeddings {
+                    data,
+                    n,
+                    kind,
+                    frame,
+                } => {
+                    if data.len() != n * h {
+                        return Err(bad(format!(
+                            "span {i}: {} embedding values for {n} tokens of hidden size {h}",
+                            data.len()
+                        )));
+                    }
+                    if frame.is_some() && *kind != TokenKind::Frame {
+                        return Err(bad(format!("span {i}: a frame id on {kind:?} tokens")));
+                    }
+                }
+            }
+        }
+        // On any failure below the table goes back to what it was, so the cache lists no
+        // token whose K/V were written in only some layers (the pools' stale contents are
+        // unused once no entry lists them).
+        let mark = self.cache.table.mark();
+        if let Some(off) = self.cache.offload.as_mut() {
+            off.step_bytes = 0;
+        }
+        let result = self.run_inputs(inputs);
+        if result.is_err() {
+            self.cache.table.rollback(mark);
+        }
+        result
+    }
+
+    /// [`Self::forward`] after validation: every chunk through the layers, then the last
+    /// token's logits.
+    fn run_inputs(&mut self, inputs: &[DeviceInput<'_>]) -> Result<Vec<f32>, CudaError> {
+        let c = &self.model.config.model;
+        let h = c.hidden_size;
+        let mut last_n = 0;
+        for inp in inputs.iter().filter(|i| !i.is_empty()) {
+            let mut start = 0;
+            while start < inp.len() {
+                let n = (inp.len() - start).min(PREFILL_CHUNK);
+                match inp {
+                    DeviceInput::Ids { ids, .. } => self.dev.embedding(
+                        &mut self.s.acts.x,
+                        &self.model.weights.embed,
+                        &ids[start..start + n],
+                        h,
+                    )?,
+                    DeviceInput::Embeddings { data, .. } => self
+                        .dev
+                        .write(&mut self.s.acts.x, &data[start * h..(start + n) * h])?,
+                }
+                self.run_chunk(n, inp.kind(), inp.frame())?;
+                start += n;
+                last_n = n;
+            }
+        }
+        // Logits of the last token of the last chunk (its row is still in `x`).
+        let s = &mut self.s;
+        self.dev.copy(&s.acts.x, (last_n - 1) * h, h, &mut s.last)?;
+        arch::final_logits(
+            &mut Kernels(self.dev),
+            c,
+            &self.model.weights,
+            &s.last,
+            1,
+            &mut s.last_n,
+            &mut s.logits,
+        )?;
+        self.dev.download(&s.logits)
+    }
+
+    /// Runs the `n` tokens in `s.acts.x` through every layer, caching them as `kind` (as part
+    /// of camera frame `frame`, if given).
+    fn run_chunk(
+        &mut self,
+        n: usize,
+        kind: TokenKind,
+        frame: Option<FrameId>,
+    ) -> Result<(), CudaError> {
+        let dev = self.dev;
+        let c = &self.model.config.model;
+        let first = self.cache.table.next_position();
+        // Blocks holding earlier tokens: what an offloaded step streams to the device.
+        let before = self.cache.table.used_blocks();
+        let placements = match frame {
+            Some(f) => self.cache.table.append_frame(f, n)?,
+            None => self.cache.table.append(kind, n)?,
+        };
+        let positions: Vec<u32> = (first..first + n).map(|p| p as u32).collect();
+        let q_order: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        // One attention plan per distinct layer layout (one, unless the policy is calibrated
+        // with a frame format per layer); `plan_of[layer]` picks it.
+        let mut plans: Vec<G::Plan> = Vec::new();
+        let mut plan_of = Vec::with_capacity(self.cache.layers.len());
+        for li in 0..self.cache.layers.len() {
+            let layout = self.cache.table.policy().layout_of(li);
+            let i = match plans.iter().position(|p| *p.layout() == layout) {
+                Some(i) => i,
+                None => {
+                    plans.push(dev.attention_plan(
+                        &layout,
+                        self.cache.table.pool_blocks(),
+                        c.num_attention_heads,
+                        self.cache.table.entries(),
+                        &q_order,
+                        Splits::Auto,
+                    )?);
+                    plans.len() - 1
+                }
+            };
+            plan_of.push(i);
+        }
+        let mut ops = StepOps {
+            dev,
+            positions: dev.upload_ids(&positions)?,
+            inv_freq: &self.model.inv_freq,
+            head_dim: c.head_dim,
+            cache: &mut self.cache,
+            placements: &placements,
+            plans,
+            plan_of,
+            before,
+            next_copied: None,
+            this_copied: None,
+            attn_done: None,
+        };
+        ops.start()?;
+        arch::run_layers(&mut ops, c, &self.model.weights.layers, &mut self.s.acts, n)
+    }
+}
+
+/// The device's [`TensorOps`]: one kernel each.
+struct Kernels<'d, G: Gpu>(&'d G);
+
+/// The element-wise and matrix operations of a [`Gpu`] as [`TensorOps`] (one definition for
+/// [`Kernels`] and [`StepOps`]).
+macro_rules! device_tensor_ops {
+    ($dev:ident) => {
+        type W = G::Weights;
+        type V = G::Weights;
+        type Act = G::Buf;
+        type Error = CudaError;
+        fn rms_norm(
+            &mut self,
+            out: &mut G::Buf,
+            x: &G::Buf,
+            w: &G::Weights,
+            n: usize,
+            eps: f32,
+        ) -> Result<(), CudaError> {
+            let dim = self.hidden(w);
+            self.$dev().rmsnorm(out, x, w, n, dim, eps)
+        }
+        fn matmul(
+            &mut self,
+            w: &G::Weights,
+            rows: usize,
+            cols: usize,
+            x: &G::Buf,
+            n: usize,
+            y: &mut G::Buf,
+        ) -> Result<(), CudaError> {
+            self.$dev().gemv(y, w, x, rows, cols, n)
+        }
+        fn bias_add(
+            &mut self,
+            y: &mut G::Buf,
+            b: &G::Weights,
+            rows: usize,
+            n: usize,
+        ) -> Result<(), CudaError> {
+            self.$dev().bias_add(y, b, rows, n)
+        }
+        fn add(&mut self, x: &mut G::Buf, y: &G::Buf, len: usize) -> Result<(), CudaError> {
+            self.$dev().residual_add(x, y, len)
+        }
+        fn swiglu(
+            &mut self,
+            out: &mut G::Buf,
+            gate: &G::Buf,
+            up: &G::Buf,
+            len: usize,
+        ) -> Result<(), CudaError> {
+            self.$dev().swiglu(out, gate, up, len)
+        }
+    };
+}
+
+impl<G: Gpu> Kernels<'_, G> {
+    fn dev(&self) -> &G {
+        self.0
+    }
+    /// Width of a norm weight (the recipe's norms are all `hidden` wide).
+    fn hidden(&self, w: &G::Weights) -> usize {
+        G::weights_len(w)
+    }
+}
+
+impl<G: Gpu> TensorOps for Kernels<'_, G> {
+    device_tensor_ops!(dev);
+}
+
+/// The operations of one forward step of `placements`' tokens over the device KV cache.
+struct StepOps<'s, G: Gpu> {
+    dev: &'s G,
+    positions: G::Ids,
+    inv_freq: &'s G::Buf,
+    head_dim: usize,
+    cache: &'s mut DeviceKvCache<G>,
+    placements: &'s [Placement],
+    plans: Vec<G::Plan>,
+    plan_of: Vec<usize>,
+    /// Blocks holding the tokens before this step (what an offloaded step streams).
+    before: (usize, usize),
+    /// Offloaded: the copy of the next layer's K/V into its staging pools.
+    next_copied: Option<G::Event>,
+    /// Offloaded: the copy of this layer's K/V.
+    this_copied: Option<G::Event>,
+    /// Offloaded: the previous layer's attention (its staging pools are free after it).
+    attn_done: Option<G::Event>,
+}
+
+impl<G: Gpu> StepOps<'_, G> {
+    fn dev(&self) -> &G {
+        self.dev
+    }
+    fn hidden(&self, w: &G::Weights) -> usize {
+        G::weights_len(w)
+    }
+
+    /// Offloaded: queues the copy of layer 0's K/V once the host pools hold every earlier
+    /// write.
+    fn start(&mut self) -> Result<(), CudaError> {
+        let dev = self.dev;
+        if let Some(off) = self.cache.offload.as_mut() {
+            dev.wait(Some(&off.queue), &dev.record(None)?)?;
+            off.step_bytes += dev.copy_pool_prefix(
+                &self.cache.layers[0],
+                &mut off.staging[0],
+                self.before,
+                &off.queue,
+            )?;
+            self.next_copied = Some(dev.record(Some(&off.queue))?);
+        }
+        Ok(())
+    }
+}
+
+impl<G: Gpu> TensorOps for StepOps<'_, G> {
+    device_tensor_ops!(dev);
+}
+
+impl<G: Gpu> LayerOps for StepOps<'_, G> {
+    /// Offloaded: queues the copy of layer `layer + 1`'s K/V into the other staging pools,
+    /// once layer `layer - 1`'s attention is done with them.
+    fn begin_layer(&mut self, layer: usize) -> Result<(), CudaError> {
+        let dev = self.dev;
+        let n_layers = self.cache.layers.len();
+        self.this_copied = self.next_copied.take();
+        if let Some(off) = self.cache.offload.as_mut()
+            && layer + 1 < n_layers
+        {
+            if let Some(e) = &self.attn_done {
+                dev.wait(Some(&off.queue), e)?;
+            }
+            off.step_bytes += dev.copy_pool_prefix(
+                &self.cache.layers[layer + 1],
+                &mut off.staging[(layer + 1) % 2],
+                self.before,
+                &off.queue,
+            )?;
+            self.next_copied = Some(dev.record(Some(&off.queue))?);
+        }
+        Ok(())
+    }
+
+    fn rope(&mut self, x: &mut G::Buf, heads: usize, n: usize) -> Result<(), CudaError> {
+        let d = self.head_dim;
+        self.dev
+            .rope(x, &self.positions, self.inv_freq, n, heads, d, d)
+    }
+
+    /// Writes the step's K/V into the layer's pools and attends; offloaded, also into the
+    /// staging copy (once its copy is done), and attends there.
+    fn attention(
+        &mut self,
+        layer: usize,
+        q: &G::Buf,
+        k: &G::Buf,
+        v: &G::Buf,
+        out: &mut G::Buf,
+        _n: usize,
+    ) -> Result<(), CudaError> {
+        let dev = self.dev;
+        let plan = &mut self.plans[self.plan_of[layer]];
+        write_placements(dev, &mut self.cache.layers[layer], self.placements, k, v)?;
+        match self.cache.offload.as_mut() {
+            Some(off) => {
+                if let Some(e) = &self.this_copied {
+                    dev.wait(None, e)?;
+                }
+                let staging = &mut off.staging[layer % 2];
+                write_placements(dev, staging, self.placements, k, v)?;
+                dev.attend(staging, plan, q, out)?;
+                self.attn_done = Some(dev.record(None)?);
+                Ok(())
+            }
+            None => dev.attend(&self.cache.layers[layer], plan, q, out),
+        }
+    }
+}
+
+impl<G: Gpu> DeviceSession<'_, G> {
+    /// Greedy generation of `n` tokens after `prompt` (no stop tokens).
+    pub fn greedy(&mut self, prompt: &[u32], n: usize) -> Result<Vec<u32>, CudaError> {
+        let mut out = Vec::with_capacity(n);
+        let mut logits = self.forward(&[DeviceInput::Ids {
+            ids: prompt,
+            kind: TokenKind::Text,
+        }])?;
+        while out.len() < n {
+            let t = jetvlm_decoder::sampler::argmax(&logits);
+            out.push(t);
+            if out.len() < n {
+                logits = self.forward(&[DeviceInput::Ids {
+                    ids: &[t],
+                    kind: TokenKind::Text,
+                }])?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A session is a generation backend: `Generation::resume(session, prompt_logits, ...)`
+/// samples on the host and decodes each token on the device.
+impl<G: Gpu> jetvlm_decoder::Decode for DeviceSession<'_, G> {
+    type Error = CudaError;
+    fn decode(&mut self, ids: &[u32]) -> Result<jetvlm_decoder::Logits, CudaError> {
+        let data = self.forward(&[DeviceInput::Ids {
+            ids,
+            kind: TokenKind::Text,
+        }])?;
+        let vocab = data.len();
+        Ok(jetvlm_decoder::Logits {
+            data,
+            rows: 1,
+            vocab,
+        })
+    }
+}

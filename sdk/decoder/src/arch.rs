@@ -1,0 +1,364 @@
+//! The decoder architecture, written once for every backend: which tensors a checkpoint
+//! holds and under which names ([`load`]), and the layer recipe ([`run_layers`],
+//! [`final_logits`]) over a small set of operations ([`LayerOps`]). The CPU decoder
+//! ([`crate::Model`]) and the device decoder (`jetvlm_cuda::DeviceDecoder`, on a GPU or on the
+//! simulated device) implement those operations; they hold no tensor name and no layer order
+//! of their own.
+//!
+//! Llama, Mistral and Qwen2 share this recipe: pre-norm (RMSNorm) attention with grouped
+//! query heads, RoPE on q and k, optional q/k/v biases (Qwen2), a SwiGLU MLP, a final RMSNorm
+//! and an LM head that may be tied to the embedding table. A new family adds its options to
+//! `ModelConfig`, its tensor names to [`load`] and its steps to [`run_layers`]; a weight
+//! format plugs in at [`LayerOps::matmul`].
+
+use crate::error::{DecoderError, Result};
+use crate::weights::{Tensor, Weights};
+use jetvlm_core::DType;
+use jetvlm_core::hf::ModelConfig;
+
+/// Prefixes under which checkpoints keep the language model's tensors: plain Llama/Qwen2,
+/// SmolVLM (Idefics3), Qwen2-VL (newer layout), LLaVA; each with its LM head's name.
+pub const PREFIXES: &[(&str, &str)] = &[
+    ("model.", "lm_head.weight"),
+    ("model.text_model.", "lm_head.weight"),
+    ("model.language_model.", "lm_head.weight"),
+    ("language_model.model.", "language_model.lm_head.weight"),
+];
+
+/// A weight matrix `[rows, cols]` (`y = x W^T + b`) in a backend's types: `W` the matrix,
+/// `V` an f32 vector.
+#[derive(Debug)]
+pub struct Linear<W, V> {
+    pub w: W,
+    pub rows: usize,
+    pub cols: usize,
+    pub bias: Option<V>,
+}
+
+/// One decoder layer's weights.
+#[derive(Debug)]
+pub struct Layer<W, V> {
+    pub input_norm: V,
+    pub q: Linear<W, V>,
+    pub k: Linear<W, V>,
+    pub v: Linear<W, V>,
+    pub o: Linear<W, V>,
+    pub post_norm: V,
+    pub gate: Linear<W, V>,
+    pub up: Linear<W, V>,
+    pub down: Linear<W, V>,
+}
+
+/// Every weight of a decoder, in a backend's types.
+#[derive(Debug)]
+pub struct DecoderWeights<W, V> {
+    pub embed: W,
+    pub layers: Vec<Layer<W, V>>,
+    pub norm: V,
+    /// `None` when the LM head is tied to the embedding table.
+    pub lm_head: Option<W>,
+    /// Type the matrices are held in.
+    pub dtype: DType,
+    /// Weight bytes one decode step reads: every layer matrix and bias, the norms and the LM
+    /// head (the embedding table when tied); one embedding row is negligible.
+    pub bytes_per_token: u64,
+}
+
+impl<W, V> DecoderWeights<W, V> {
+    /// The LM head's matrix `[vocab, hidden]`.
+    pub fn head(&self) -> &W {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+}
+
+/// How a backend takes a checkpoint's tensors: matrices in their stored (or converted)
+/// precision, vectors (norms, biases) as f32.
+pub trait WeightSink {
+    type W;
+    type V;
+    type Error: From<DecoderError>;
+    fn matrix(&mut self, t: &Tensor) -> std::result::Result<Self::W, Self::Error>;
+    fn vector(&mut self, t: &Tensor) -> std::result::Result<Self::V, Self::Error>;
+}
+
+/// Reads a decoder's weights from `ws` into `sink`, layer by layer; every missing or
+/// misshapen tensor is an error naming it and its file. `convert` turns the matrices into
+/// that type first (an owned copy).
+pub fn load<S: WeightSink>(
+    c: &ModelConfig,
+    ws: &Weights,
+    convert: Option<DType>,
+    sink: &mut S,
+) -> std::result::Result<DecoderWeights<S::W, S::V>, S::Error> {
+    let (prefix, head_name) = PREFIXES
+        .iter()
+        .find(|(p, _)| ws.contains(&format!("{p}embed_tokens.weight")))
+        .copied()
+        .unwrap_or(PREFIXES[0]);
+    let h = c.hidden_size;
+    let qd = c.num_attention_heads * c.head_dim;
+    let kvd = c.num_key_value_heads * c.head_dim;
+    let inter = c.intermediate_size;
+    let matrix_tensor = |name: &str, shape: &[usize]| -> Result<Tensor> {
+        let t = ws.get(name, shape)?;
+        match convert {
+            Some(dt) if dt != t.dtype() => t.converted(dt),
+            _ => Ok(t),
+        }
+    };
+    let mut bytes = 0u64;
+    let mut linear = |sink: &mut S,
+                      name: String,
+                      rows: usize,
+                      cols: usize,
+                      bias: bool|
+     -> std::result::Result<Linear<S::W, S::V>, S::Error> {
+        let t = matrix_tensor(&format!("{name}.weight"), &[rows, cols])?;
+        bytes += t.size_bytes() as u64;
+        let bias = if bias {
+            bytes += 4 * rows as u64;
+            Some(sink.vector(&ws.get(&format!("{name}.bias"), &[rows])?)?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            w: sink.matrix(&t)?,
+            rows,
+            cols,
+            bias,
+        })
+    };
+    let norm = |sink: &mut S, name: String| -> std::result::Result<S::V, S::Error> {
+        sink.vector(&ws.get(&name, &[h])?)
+    };
+    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    for i in 0..c.num_hidden_layers {
+        let p = format!("{prefix}layers.{i}");
+        let b = c.attention_bias;
+        layers.push(Layer {
+            input_norm: norm(sink, format!("{p}.input_layernorm.weight"))?,
+            q: linear(sink, format!("{p}.self_attn.q_proj"), qd, h, b)?,
+            k: linear(sink, format!("{p}.self_attn.k_proj"), kvd, h, b)?,
+            v: linear(sink, format!("{p}.self_attn.v_proj"), kvd, h, b)?,
+            o: linear(sink, format!("{p}.self_attn.o_proj"), h, qd, false)?,
+            post_norm: norm(sink, format!("{p}.post_attention_layernorm.weight"))?,
+            gate: linear(sink, format!("{p}.mlp.gate_proj"), inter, h, false)?,
+            up: linear(sink, format!("{p}.mlp.up_proj"), inter, h, false)?,
+            down: linear(sink, format!("{p}.mlp.down_proj"), h, inter, false)?,
+        });
+    }
+    // Two norms per layer and the final one.
+    bytes += (2 * c.num_hidden_layers as u64 + 1) * 4 * h as u64;
+    let embed_t = matrix_tensor(&format!("{prefix}embed_tokens.weight"), &[c.vocab_size, h])?;
+    let dtype = embed_t.dtype();
+    let embed = sink.matrix(&embed_t)?;
+    let lm_head = if c.tie_word_embeddings {
+        bytes += embed_t.size_bytes() as u64;
+        None
+    } else {
+        let t = matrix_tensor(head_name, &[c.vocab_size, h])?;
+        bytes += t.size_bytes() as u64;
+        Some(sink.matrix(&t)?)
+    };
+    let norm = norm(sink, format!("{prefix}norm.weight"))?;
+    tracing::debug!(layers = layers.len(), prefix, %dtype, "decoder weights read");
+    Ok(DecoderWeights {
+        embed,
+        layers,
+        norm,
+        lm_head,
+        dtype,
+        bytes_per_token: bytes,
+    })
+}
+
+/// The tensor operations of a decoder, on one backend's activations `Act` (row-major
+/// `[tokens, width]` buffers at least as long as the widths the recipe passes).
+pub trait TensorOps {
+    type W;
+    type V;
+    type Act;
+    type Error;
+    /// RMSNorm of `n` rows of `w`'s width.
+    fn rms_norm(
+        &mut self,
+        out: &mut Self::Act,
+        x: &Self::Act,
+        w: &Self::V,
+        n: usize,
+        eps: f32,
+    ) -> std::result::Result<(), Self::Error>;
+    /// `y[n, rows] = x[n, cols] W^T` (where weight formats plug in).
+    fn matmul(
+        &mut self,
+        w: &Self::W,
+        rows: usize,
+        cols: usize,
+        x: &Self::Act,
+        n: usize,
+        y: &mut Self::Act,
+    ) -> std::result::Result<(), Self::Error>;
+    /// `y[t][r] += b[r]` for `n` rows of `rows`.
+    fn bias_add(
+        &mut self,
+        y: &mut Self::Act,
+        b: &Self::V,
+        rows: usize,
+        n: usize,
+    ) -> std::result::Result<(), Self::Error>;
+    /// `y = x W^T + b`.
+    fn linear(
+        &mut self,
+        l: &Linear<Self::W, Self::V>,
+        x: &Self::Act,
+        n: usize,
+        y: &mut Self::Act,
+    ) -> std::result::Result<(), Self::Error> {
+        self.matmul(&l.w, l.rows, l.cols, x, n, y)?;
+        if let Some(b) = &l.bias {
+            self.bias_add(y, b, l.rows, n)?;
+        }
+        Ok(())
+    }
+    /// Several linears over the same input (q/k/v, gate/up); a backend may fuse them.
+    fn linears<const N: usize>(
+        &mut self,
+        ls: [&Linear<Self::W, Self::V>; N],
+        x: &Self::Act,
+        n: usize,
+        ys: [&mut Self::Act; N],
+    ) -> std::result::Result<(), Self::Error> {
+        for (l, y) in ls.into_iter().zip(ys) {
+            self.linear(l, x, n, y)?;
+        }
+        Ok(())
+    }
+    /// `x[..len] += y[..len]`.
+    fn add(
+        &mut self,
+        x: &mut Self::Act,
+        y: &Self::Act,
+        len: usize,
+    ) -> std::result::Result<(), Self::Error>;
+    /// `out[..len] = silu(gate) * up`.
+    fn swiglu(
+        &mut self,
+        out: &mut Self::Act,
+        gate: &Self::Act,
+        up: &Self::Act,
+        len: usize,
+    ) -> std::result::Result<(), Self::Error>;
+}
+
+/// What a decoder layer needs beyond [`TensorOps`]: positions and the KV cache of the step.
+pub trait LayerOps: TensorOps {
+    /// Called before each layer's first operation (the offloaded device cache starts copying
+    /// the next layer's K/V here).
+    fn begin_layer(&mut self, _layer: usize) -> std::result::Result<(), Self::Error> {
+        Ok(())
+    }
+    /// RoPE in place on `x[n][heads][head_dim]` at the step's positions.
+    fn rope(
+        &mut self,
+        x: &mut Self::Act,
+        heads: usize,
+        n: usize,
+    ) -> std::result::Result<(), Self::Error>;
+    /// Stores layer `layer`'s K/V of the step's tokens in the KV cache and attends their
+    /// queries over it (causal, grouped-query) into `out`.
+    fn attention(
+        &mut self,
+        layer: usize,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        out: &mut Self::Act,
+        n: usize,
+    ) -> std::result::Result<(), Self::Error>;
+}
+
+/// The activations of one forward step (`n` tokens).
+#[derive(Debug)]
+pub struct Activations<A> {
+    /// The residual stream `[n, hidden]`: the step's input embeddings in, hidden states out.
+    pub x: A,
+    pub xn: A,
+    pub q: A,
+    pub k: A,
+    pub v: A,
+    pub att: A,
+    pub tmp: A,
+    pub gate: A,
+    pub up: A,
+    pub act: A,
+}
+
+impl<A> Activations<A> {
+    /// Buffers for `n` tokens of a model, from `alloc(len)`.
+    pub fn new<E>(
+        c: &ModelConfig,
+        n: usize,
+        mut alloc: impl FnMut(usize) -> std::result::Result<A, E>,
+    ) -> std::result::Result<Self, E> {
+        let h = n * c.hidden_size;
+        let qd = n * c.num_attention_heads * c.head_dim;
+        let kvd = n * c.num_key_value_heads * c.head_dim;
+        let inter = n * c.intermediate_size;
+        Ok(Self {
+            x: alloc(h)?,
+            xn: alloc(h)?,
+            q: alloc(qd)?,
+            k: alloc(kvd)?,
+            v: alloc(kvd)?,
+            att: alloc(qd)?,
+            tmp: alloc(h)?,
+            gate: alloc(inter)?,
+            up: alloc(inter)?,
+            act: alloc(inter)?,
+        })
+    }
+}
+
+/// Runs the `n` tokens in `a.x` through every layer.
+pub fn run_layers<O: LayerOps>(
+    ops: &mut O,
+    c: &ModelConfig,
+    layers: &[Layer<O::W, O::V>],
+    a: &mut Activations<O::Act>,
+    n: usize,
+) -> std::result::Result<(), O::Error> {
+    let eps = c.rms_norm_eps as f32;
+    let h = c.hidden_size;
+    let inter = c.intermediate_size;
+    for (li, l) in layers.iter().enumerate() {
+        ops.begin_layer(li)?;
+        ops.rms_norm(&mut a.xn, &a.x, &l.input_norm, n, eps)?;
+        ops.linears([&l.q, &l.k, &l.v], &a.xn, n, [&mut a.q, &mut a.k, &mut a.v])?;
+        ops.rope(&mut a.q, c.num_attention_heads, n)?;
+        ops.rope(&mut a.k, c.num_key_value_heads, n)?;
+        ops.attention(li, &a.q, &a.k, &a.v, &mut a.att, n)?;
+        ops.linear(&l.o, &a.att, n, &mut a.tmp)?;
+        ops.add(&mut a.x, &a.tmp, n * h)?;
+        ops.rms_norm(&mut a.xn, &a.x, &l.post_norm, n, eps)?;
+        ops.linears([&l.gate, &l.up], &a.xn, n, [&mut a.gate, &mut a.up])?;
+        ops.swiglu(&mut a.act, &a.gate, &a.up, n * inter)?;
+        ops.linear(&l.down, &a.act, n, &mut a.tmp)?;
+        ops.add(&mut a.x, &a.tmp, n * h)?;
+    }
+    Ok(())
+}
+
+/// Logits `[rows, vocab]` of `rows` hidden states: the final RMSNorm into `normed`, then the
+/// LM head into `logits`.
+pub fn final_logits<O: TensorOps>(
+    ops: &mut O,
+    c: &ModelConfig,
+    w: &DecoderWeights<O::W, O::V>,
+    hidden: &O::Act,
+    rows: usize,
+    normed: &mut O::Act,
+    logits: &mut O::Act,
+) -> std::result::Result<(), O::Error> {
+    ops.rms_norm(normed, hidden, &w.norm, rows, c.rms_norm_eps as f32)?;
+    ops.matmul(w.head(), c.vocab_size, c.hidden_size, normed, rows, logits)
+}
