@@ -71,6 +71,19 @@ struct Tally {
     events: u64,
     judged: u64,
     right: u64,
+    /// Questions that failed (a question too long for the context, ...): reported on
+    /// stderr the first time, counted, and the run goes on with the other rules.
+    errors: u64,
+}
+
+/// A rule's question that could not be answered on one frame: one JSON line on stdout (so
+/// a consumer of the event stream sees it), the reason on stderr the first time.
+#[derive(Serialize)]
+struct ErrorRecord<'a> {
+    frame: u64,
+    timestamp_ms: f64,
+    rule: &'a str,
+    error: &'a str,
 }
 
 fn main() {
@@ -127,10 +140,28 @@ fn run(cli: &Cli) -> Result<()> {
                 .and_then(|t| jetvlm_camera::qa::single_frame_answer(q, t))
         };
         for ((rule, monitor), tally) in file.rules.iter().zip(&mut monitors).zip(&mut tallies) {
-            let answer = session
-                .ask(&rule.question)
-                .and_then(|s| s.finish())
-                .with_context(|| format!("rule {}: asking {:?}", rule.name, rule.question))?;
+            let answer = match session.ask(&rule.question).and_then(|s| s.finish()) {
+                Ok(a) => a,
+                Err(e) => {
+                    let error = jetvlm_core::error_line(&e);
+                    if tally.errors == 0 {
+                        eprintln!(
+                            "jetvlm-analytics: rule {}: cannot ask its question: {error} (the other rules go on)",
+                            rule.name
+                        );
+                    }
+                    tally.errors += 1;
+                    let record = ErrorRecord {
+                        frame,
+                        timestamp_ms,
+                        rule: &rule.name,
+                        error: &error,
+                    };
+                    writeln!(out, "{}", serde_json::to_string(&record)?)?;
+                    out.flush()?;
+                    continue;
+                }
+            };
             let text = answer.text.trim().to_string();
             let previous = monitor.last().map(str::to_string);
             let event = monitor.observe(&text);
@@ -160,6 +191,12 @@ fn run(cli: &Cli) -> Result<()> {
         }
     }
     anyhow::ensure!(seen > 0, "{source_uri}: the source gave no frames");
+    let asked: u64 = tallies.iter().map(|t| t.answers + t.errors).sum();
+    let failed: u64 = tallies.iter().map(|t| t.errors).sum();
+    anyhow::ensure!(
+        asked == 0 || failed < asked,
+        "every question failed on every frame ({failed} errors; each rule's first is above)"
+    );
     eprintln!("jetvlm-analytics: {seen} frames");
     for (rule, t) in file.rules.iter().zip(&tallies) {
         let truth = if t.judged > 0 {
@@ -167,8 +204,13 @@ fn run(cli: &Cli) -> Result<()> {
         } else {
             String::new()
         };
+        let errors = if t.errors > 0 {
+            format!(", {} errors", t.errors)
+        } else {
+            String::new()
+        };
         eprintln!(
-            "  {:<20} {} answers, {} events{truth}",
+            "  {:<20} {} answers, {} events{truth}{errors}",
             rule.name, t.answers, t.events
         );
     }

@@ -167,3 +167,50 @@ fn bad_input_is_one_line_naming_the_file() {
     assert!(!ok && err.contains(dir.path().to_str().unwrap()), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn a_rule_that_cannot_be_asked_is_reported_and_the_others_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yaml");
+    // A question far longer than the demo model's context.
+    let long = "is there a red square? ".repeat(4000);
+    std::fs::write(
+        &rules,
+        format!(
+            "source: synthetic://scene?seed=3&pace=0
+frames: 3
+rules:
+  - {{name: too-long, question: \"{long}\", when: changes}}
+  - {{name: left, question: \"how many objects are in the left zone?\", when: changes}}
+"
+        ),
+    )
+    .unwrap();
+    let model = demo_model();
+    let (ok, out, err) = run(&[
+        rules.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--all",
+    ]);
+    assert!(ok, "{err}");
+    let records: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |name: &str| -> Vec<&serde_json::Value> {
+        records.iter().filter(|r| r["rule"] == name).collect()
+    };
+    // The good rule answered every frame; the long one has an error line per frame.
+    assert_eq!(of("left").len(), 3, "{out}");
+    assert!(of("left").iter().all(|r| r["answer"].is_string()));
+    let bad = of("too-long");
+    assert_eq!(bad.len(), 3, "{out}");
+    assert!(
+        bad.iter()
+            .all(|r| r["error"].is_string() && r.get("answer").is_none())
+    );
+    // Reported on stderr once, naming the rule, and counted in the summary.
+    assert_eq!(err.matches("rule too-long: cannot ask").count(), 1, "{err}");
+    assert!(err.contains("3 errors"), "{err}");
+}
