@@ -6,10 +6,12 @@
 //! mixed-precision KV cache, the oldest evicted), then answers about the frames in the window.
 //! Questions about motion ("did the red circle move?") see every frame in the window.
 //!
-//! Lines starting with `:` are commands: `:frames` lists the cached frames, `:quit` stops.
+//! Lines starting with `:` are commands: `:frames` lists the cached frames, `:quit` stops;
+//! any other `:` line is an error listing them (never sent to the model as a question).
 //! Answers go to stdout as text or, with `--json`, one JSON object per line. A question that
-//! fails (too long for the model, say) is reported and the assistant goes on; a camera that
-//! fails ends it with one error line and a non-zero exit.
+//! fails (too long for the model, say), an unknown command or a line that is not UTF-8 text
+//! is reported and the assistant goes on; a camera that fails ends it with one error line and
+//! a non-zero exit.
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -53,6 +55,25 @@ struct Cli {
     /// Log filter in RUST_LOG syntax; RUST_LOG wins when set.
     #[arg(long, default_value = "warn")]
     log: String,
+}
+
+/// The `:` commands, for the error an unknown one gets.
+const COMMANDS: &str = ":frames (list the cached frames), :quit (stop)";
+
+/// A line that is neither a question nor a known command: one JSON object with `--json`,
+/// else one text line; the session goes on.
+fn reject_line(out: &mut impl Write, json: bool, line: &str, error: &str) -> Result<()> {
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({ "line": line, "error": error })
+        )?;
+    } else {
+        writeln!(out, "(error: {error})")?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// One answer.
@@ -114,8 +135,33 @@ fn run(cli: &Cli) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut ended = false;
-    for line in std::io::stdin().lock().lines() {
-        let line = line.context("reading questions from stdin")?;
+    let mut stdin = std::io::stdin().lock();
+    let mut raw = Vec::new();
+    loop {
+        raw.clear();
+        let n = stdin
+            .read_until(b'\n', &mut raw)
+            .context("reading questions from stdin")?;
+        if n == 0 {
+            break;
+        }
+        // A line that is not UTF-8 (binary input) is reported; the next line is read.
+        let line = match std::str::from_utf8(&raw) {
+            Ok(l) => l,
+            Err(e) => {
+                let shown = String::from_utf8_lossy(&raw).trim().to_string();
+                reject_line(
+                    &mut out,
+                    cli.json,
+                    &shown,
+                    &format!(
+                        "the line is not UTF-8 text (invalid byte at offset {}); send questions as UTF-8",
+                        e.valid_up_to()
+                    ),
+                )?;
+                continue;
+            }
+        };
         let question = line.trim();
         match question {
             "" => continue,
@@ -128,6 +174,15 @@ fn run(cli: &Cli) -> Result<()> {
                     writeln!(out, "frames in the window: {frames:?}")?;
                 }
                 out.flush()?;
+                continue;
+            }
+            command if command.starts_with(':') => {
+                reject_line(
+                    &mut out,
+                    cli.json,
+                    command,
+                    &format!("unknown command `{command}`; the commands are {COMMANDS}"),
+                )?;
                 continue;
             }
             _ => {}

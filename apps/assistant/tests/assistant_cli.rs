@@ -133,3 +133,56 @@ fn text_output_and_one_line_errors() {
         "{err}"
     );
 }
+
+/// Runs the assistant with raw bytes on stdin; (success, stdout, stderr).
+fn run_bytes(args: &[&str], stdin: &[u8]) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_jetvlm-assistant"))
+        .args(args)
+        .env_remove("JETVLM_MODEL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = child.stdin.take().unwrap().write_all(stdin);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn binary_lines_and_unknown_commands_are_reported_and_the_session_goes_on() {
+    let model = demo_model();
+    let mut stdin = b"\xff\xfe\x00binary\x80\n:frmaes\n".to_vec();
+    stdin.extend_from_slice(b"is there a red square?\n:frames\n");
+    let (ok, out, err) = run_bytes(
+        &[
+            "synthetic://scene?seed=5&pace=0",
+            "--model",
+            model.to_str().unwrap(),
+            "--json",
+        ],
+        &stdin,
+    );
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    let e0 = lines[0]["error"].as_str().unwrap();
+    assert!(e0.contains("not UTF-8"), "{e0}");
+    let e1 = lines[1]["error"].as_str().unwrap();
+    assert!(
+        e1.contains("unknown command `:frmaes`") && e1.contains(":frames") && e1.contains(":quit"),
+        "{e1}"
+    );
+    // Neither went to the model: the question after them is the first to take a frame.
+    assert_eq!(lines[2]["question"], "is there a red square?");
+    assert_eq!(lines[2]["frame"], 0, "{}", lines[2]);
+    assert!(lines[2]["answer"].is_string(), "{}", lines[2]);
+    assert_eq!(lines[3]["frames"], serde_json::json!([0]));
+}
