@@ -1,11 +1,11 @@
-//! Every KV policy the README and docs/ show, through every command that takes `--kv`:
-//! `plan`, `watch`, `ask`, `generate` and `bench decode` read it with one grammar, so they
-//! report the same policy in effect (or refuse it with the same message).
+//! Every KV policy the README and docs/ show, through every command that takes one: `plan`,
+//! `watch`, `ask`, `generate`, `bench decode` (`--kv`) and `bench kv` (`--mixed`) read it with
+//! one grammar, so they report the same policy in effect (or refuse it with the same message).
 //!
 //! The commands on the demo package (`plan --model models/demo`, `watch`, `ask`) report the
 //! policy with the package's block sizes where the spelling names none; the commands on its
-//! bare decoder directory (`plan --model models/demo/decoder`, `generate`, `bench decode`)
-//! report the policy as spelled. Both are fitted to the head dim.
+//! bare decoder (`plan --model models/demo/decoder`, `generate`, `bench`) report the policy
+//! as spelled. Both are fitted to the head dim.
 
 use jetvlm_kvcache::KvPolicy;
 use std::path::{Path, PathBuf};
@@ -118,21 +118,23 @@ struct Readings {
     plan_decoder: Result<serde_json::Value, String>,
     generate: Result<String, String>,
     bench: Result<String, String>,
+    /// `bench kv` takes its policy as `--mixed` (compared with FP16).
+    bench_kv: Result<String, String>,
 }
 
 fn read_everywhere(policy: &str) -> Readings {
     let model = path(&demo());
     let decoder = path(&demo().join("decoder"));
     let image = path(&root().join("tests/fixtures/vlm/image.png"));
-    let kv = ["--kv", policy];
-    let run = |args: &[&str]| -> Result<String, String> {
-        let (ok, stdout, stderr) = jetvlm(&[args, &kv[..]].concat());
+    let run_with = |flag: &str, args: &[&str]| -> Result<String, String> {
+        let (ok, stdout, stderr) = jetvlm(&[args, &[flag, policy][..]].concat());
         assert!(
             !stderr.contains("panicked"),
             "{args:?} --kv {policy}: {stderr}"
         );
         if ok { Ok(stdout) } else { Err(stderr) }
     };
+    let run = |args: &[&str]| run_with("--kv", args);
     let plan = |model: &str, extra: &[&str]| {
         let base = [
             "plan",
@@ -227,6 +229,34 @@ fn read_everywhere(policy: &str) -> Readings {
             ]),
             "bench decode",
             &|v| &v["rows"][0]["kv"],
+        ),
+        bench_kv: field(
+            run_with(
+                "--mixed",
+                &[
+                    "bench",
+                    "kv",
+                    "--context",
+                    "64",
+                    "--layers",
+                    "6",
+                    "--heads",
+                    "3",
+                    "--kv-heads",
+                    "1",
+                    "--head-dim",
+                    "64",
+                    "--frame-tokens",
+                    "16",
+                    "--sweeps",
+                    "1",
+                    "--min-working-set-mib",
+                    "1",
+                    "--json",
+                ],
+            ),
+            "bench kv",
+            &|v| &v["mixed"]["policy"],
         ),
     }
 }
@@ -331,6 +361,7 @@ fn every_documented_policy_reads_the_same_in_every_command() {
                 assert_eq!(plan_dec["kv_policy"], bare.as_str(), "{at}: plan (decoder)");
                 assert_eq!(ok("generate", &r.generate), bare, "{at}: generate");
                 assert_eq!(ok("bench decode", &r.bench), bare, "{at}: bench decode");
+                assert_eq!(ok("bench kv", &r.bench_kv), bare, "{at}: bench kv");
                 // Block sizes do not change what the planner charges.
                 assert_eq!(
                     plan_pkg["kv_policy_description"], plan_dec["kv_policy_description"],
@@ -359,6 +390,7 @@ fn every_documented_policy_reads_the_same_in_every_command() {
                     ("plan (decoder)", r.plan_decoder.as_ref().map(|_| ())),
                     ("generate", r.generate.as_ref().map(|_| ())),
                     ("bench decode", r.bench.as_ref().map(|_| ())),
+                    ("bench kv", r.bench_kv.as_ref().map(|_| ())),
                 ];
                 for (what, res) in all {
                     match res {

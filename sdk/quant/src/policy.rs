@@ -346,14 +346,14 @@ impl FromStr for KvPolicy {
             reason,
         };
         // Case does not matter (`MIXED:Bits=4` is `mixed:bits=4`); errors quote the input.
-        let lower = text.trim().to_ascii_lowercase();
-        let (base, rest) = match lower.split_once(':') {
+        let trimmed = text.trim();
+        let (base, rest) = match trimmed.split_once(':') {
             Some((b, r)) => (b.trim(), Some(r)),
-            None => (lower.as_str(), None),
+            None => (trimmed, None),
         };
         let mut p = Self::presets()
             .into_iter()
-            .find(|(n, _)| *n == base)
+            .find(|(n, _)| n.eq_ignore_ascii_case(base))
             .map(|(_, p)| p)
             .ok_or_else(|| bad(format!("unknown policy `{base}`")))?;
         for kv in rest
@@ -366,6 +366,8 @@ impl FromStr for KvPolicy {
                 .split_once('=')
                 .ok_or_else(|| bad(format!("`{kv}` is not key=value")))?;
             let (k, v) = (k.trim(), v.trim());
+            let (key, value) = (k.to_ascii_lowercase(), v.to_ascii_lowercase());
+            let v = value.as_str();
             let num = |v: &str| {
                 v.parse::<usize>()
                     .map_err(|_| bad(format!("{k}={v} is not a number")))
@@ -375,7 +377,7 @@ impl FromStr for KvPolicy {
                 "off" | "false" | "no" => Ok(false),
                 _ => Err(bad(format!("{k}={v} (expected on or off)"))),
             };
-            match k {
+            match key.as_str() {
                 "bits" => {
                     p.frame_bits = v
                         .parse::<u32>()
@@ -618,6 +620,8 @@ mod tests {
     fn bad_forms_name_the_reason_and_the_accepted_ones() {
         for (bad, says) in [
             ("int3", "unknown policy `int3`"),
+            ("INT3:bits=4", "unknown policy `INT3`"),
+            ("mixed:Foo=1", "unknown key `Foo`"),
             ("int4-frames", "unknown policy"),
             ("mixed:bits=3", "bits=3"),
             ("mixed:bits=4294967300", "bits=4294967300 is not a number"),
