@@ -184,93 +184,39 @@ impl std::fmt::Debug for Pipeline {
     }
 }
 
+/// Tokens of prompt text (BOS, system prompt, the template's text and the question) the
+/// default KV capacity of [`Pipeline::load`] leaves room for beside the frames and the answer;
+/// a longer prompt grows the cache (unless `capacity_tokens` caps it).
+pub(crate) const PROMPT_TEXT_TOKENS: usize = 512;
+
 impl Pipeline {
     /// Validates the package (all problems at once), then loads the decoder, the tokenizer
     /// and the vision encoder, and sizes the KV cache.
     pub fn load(dir: &Path, cfg: RuntimeConfig) -> Result<Self, RuntimeError> {
-        // A calibration's policy is checked when its file loads (below).
-        let package = ModelPackage::load_with(dir, |m, issues| {
-            let (field, name) = match &cfg.kv_policy {
-                Some(p) => ("kv_policy (runtime config)", p.as_str()),
-                None => ("kv.policy", m.kv.policy.as_str()),
-            };
-            if let Err(e) = KvChoice::parse(name) {
-                issues.push(Issue::new(field, e.to_string()));
-            }
-        })?;
+        let package = load_package(dir, &cfg)?;
         let shape = CacheShape::of(&package.decoder_config);
-        // A calibration file: the config's (or a flag's), else the package's own when no
-        // policy was named. It must have been measured on this model's shape.
-        let calibration = match (
-            &cfg.kv_calibration,
-            &cfg.kv_policy,
-            &package.manifest.kv.calibration,
-        ) {
-            (Some(path), ..) => Some(path.clone()),
-            (None, None, Some(rel)) => Some(package.dir.join(rel)),
-            _ => None,
-        };
-        let kv_override = match calibration {
-            Some(path) => {
-                let c = jetvlm_calibration::Calibration::load(&path)?;
-                c.policy_for(&path, shape)?;
-                Some(c.policy)
-            }
-            None => cfg.kv_policy.clone(),
-        };
-        let mut kv = KvChoice::parse(
-            kv_override
-                .as_deref()
-                .unwrap_or(&package.manifest.kv.policy),
-        )?;
-        // A policy given at run time keeps the package's block sizes where it names none.
-        if let (Some(name), KvChoice::Policy(p), Ok(KvChoice::Policy(pkg))) = (
-            kv_override.as_deref(),
-            &mut kv,
-            KvChoice::parse(&package.manifest.kv.policy),
-        ) {
-            *p = p.clone().keeping_blocks_of(name, &pkg);
-        }
-        // The cache fits the quantization group to the head dim; name the policy in effect.
-        if let KvChoice::Policy(p) = &mut kv {
-            *p = p.fitted_to(shape.head_dim);
-        }
+        let kv = resolve_kv(&package, &cfg, shape)?;
         let decoder = DecoderOn::load(cfg.device, &package.decoder_dir, &kv)?;
         let tokenizer = Tokenizer::from_dir(&package.decoder_dir)?;
         let encoder = OrtEncoder::from_package(&package, &cfg.vision)?;
-        let prompt_err = |message: String| RuntimeError::Prompt {
-            manifest: package.manifest_path.clone(),
-            message,
-        };
         let hidden = package.decoder_config.hidden_size;
         if encoder.hidden_size() != hidden {
-            return Err(prompt_err(format!(
-                "encoder width {} differs from the decoder hidden size {hidden}",
-                encoder.hidden_size(),
-            )));
+            return Err(prompt_error(
+                &package,
+                format!(
+                    "encoder width {} differs from the decoder hidden size {hidden}",
+                    encoder.hidden_size(),
+                ),
+            ));
         }
-        let bos = if package.manifest.prompt.add_bos {
-            let id = tokenizer
-                .bos_token()
-                .and_then(|t| tokenizer.token_to_id(t))
-                .or(package.decoder_config.bos_token_id);
-            Some(id.ok_or_else(|| {
-                prompt_err(
-                    "add_bos is set but neither the tokenizer nor config.json names a BOS token"
-                        .into(),
-                )
-            })?)
-        } else {
-            None
-        };
-        let mut stop_tokens: Vec<u32> = tokenizer.stop_token_ids().to_vec();
-        stop_tokens.extend(&package.decoder_config.eos_token_ids);
-        stop_tokens.sort_unstable();
-        stop_tokens.dedup();
+        let (bos, stop_tokens) = special_tokens(&package, &tokenizer)?;
         let template = PromptTemplate::new(&package.manifest.prompt);
-        let capacity = cfg.capacity_tokens.unwrap_or_else(|| {
-            cfg.window_frames * package.tokens_per_frame() + 512 + cfg.max_new_tokens
-        });
+        // The window's frames, the prompt's text and the answer.
+        let capacity = cfg.capacity_tokens.unwrap_or(
+            cfg.window_frames * package.tokens_per_frame()
+                + PROMPT_TEXT_TOKENS
+                + cfg.max_new_tokens,
+        );
         let cache = KvBackend::new(&kv, shape, capacity)?;
         tracing::info!(
             package = %package.dir.display(),
@@ -421,7 +367,7 @@ impl Pipeline {
                 what: "capacity_tokens of the runtime config",
             });
         }
-        self.capacity = needed.next_multiple_of(256);
+        self.capacity = needed.next_multiple_of(crate::session::CAPACITY_STEP);
         self.cache = KvBackend::new(&self.kv, self.cache_shape(), self.capacity)?;
         Ok(())
     }
@@ -592,6 +538,100 @@ impl Pipeline {
             skip_special: true,
         }
     }
+}
+
+/// The package in `dir`, validated; a KV policy the runtime config names that does not
+/// parse is reported with the package's own problems. (A calibration's policy is checked when
+/// its file loads: [`resolve_kv`].)
+fn load_package(dir: &Path, cfg: &RuntimeConfig) -> Result<ModelPackage, RuntimeError> {
+    Ok(ModelPackage::load_with(dir, |m, issues| {
+        let (field, name) = match &cfg.kv_policy {
+            Some(p) => ("kv_policy (runtime config)", p.as_str()),
+            None => ("kv.policy", m.kv.policy.as_str()),
+        };
+        if let Err(e) = KvChoice::parse(name) {
+            issues.push(Issue::new(field, e.to_string()));
+        }
+    })?)
+}
+
+/// The KV policy in effect: a calibration file's (the config's or a flag's, else the
+/// package's own when no policy is named; it must have been measured on this model's shape),
+/// else the config's policy, else the package's; a policy given at run time keeps the
+/// package's block sizes where it names none; the group is fitted to the head dim as the
+/// cache fits it, so the name reported is the policy that runs.
+fn resolve_kv(
+    package: &ModelPackage,
+    cfg: &RuntimeConfig,
+    shape: CacheShape,
+) -> Result<KvChoice, RuntimeError> {
+    let calibration = match (
+        &cfg.kv_calibration,
+        &cfg.kv_policy,
+        &package.manifest.kv.calibration,
+    ) {
+        (Some(path), ..) => Some(path.clone()),
+        (None, None, Some(rel)) => Some(package.dir.join(rel)),
+        _ => None,
+    };
+    let kv_override = match calibration {
+        Some(path) => {
+            let c = jetvlm_calibration::Calibration::load(&path)?;
+            c.policy_for(&path, shape)?;
+            Some(c.policy)
+        }
+        None => cfg.kv_policy.clone(),
+    };
+    let mut kv = KvChoice::parse(
+        kv_override
+            .as_deref()
+            .unwrap_or(&package.manifest.kv.policy),
+    )?;
+    if let (Some(name), KvChoice::Policy(p), Ok(KvChoice::Policy(pkg))) = (
+        kv_override.as_deref(),
+        &mut kv,
+        KvChoice::parse(&package.manifest.kv.policy),
+    ) {
+        *p = p.clone().keeping_blocks_of(name, &pkg);
+    }
+    if let KvChoice::Policy(p) = &mut kv {
+        *p = p.fitted_to(shape.head_dim);
+    }
+    Ok(kv)
+}
+
+fn prompt_error(package: &ModelPackage, message: String) -> RuntimeError {
+    RuntimeError::Prompt {
+        manifest: package.manifest_path.clone(),
+        message,
+    }
+}
+
+/// The BOS token the prompt starts with (when the manifest asks for one) and the tokens that
+/// end an answer (the tokenizer's and config.json's).
+fn special_tokens(
+    package: &ModelPackage,
+    tokenizer: &Tokenizer,
+) -> Result<(Option<u32>, Vec<u32>), RuntimeError> {
+    let bos = if package.manifest.prompt.add_bos {
+        let id = tokenizer
+            .bos_token()
+            .and_then(|t| tokenizer.token_to_id(t))
+            .or(package.decoder_config.bos_token_id);
+        Some(id.ok_or_else(|| {
+            prompt_error(
+                package,
+                "add_bos is set but neither the tokenizer nor config.json names a BOS token".into(),
+            )
+        })?)
+    } else {
+        None
+    };
+    let mut stop_tokens: Vec<u32> = tokenizer.stop_token_ids().to_vec();
+    stop_tokens.extend(&package.decoder_config.eos_token_ids);
+    stop_tokens.sort_unstable();
+    stop_tokens.dedup();
+    Ok((bos, stop_tokens))
 }
 
 /// Decoder inputs for spans (frames borrow their embeddings).

@@ -23,8 +23,18 @@ use jetvlm_vision::ImageView;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// Positions kept free after a frame for the question that follows it.
+/// Positions kept free after a frame for the question that follows it (its answer is
+/// counted apart: `max_new_tokens`).
 const QUESTION_RESERVE: usize = 64;
+
+/// Tokens of question text a session's cache has room for beside its prefix, its window and
+/// an answer; a longer question is refused with [`RuntimeError::ContextTooLong`] when the
+/// runtime config caps the capacity, and grows the cache otherwise.
+const SESSION_QUESTION_TOKENS: usize = 256;
+
+/// The cache grows in steps of this many tokens, so a session or a prompt slightly longer
+/// than the last does not reallocate every time.
+pub(crate) const CAPACITY_STEP: usize = 256;
 
 /// A frame held in the session's window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,7 +113,10 @@ impl Pipeline {
         let mut ids: Vec<u32> = self.bos.into_iter().collect();
         ids.extend(self.encode_text(&before)?);
         let tpf = self.package.tokens_per_frame();
-        let needed = ids.len() + self.cfg.window_frames * tpf + 256 + self.cfg.max_new_tokens;
+        let needed = ids.len()
+            + self.cfg.window_frames * tpf
+            + SESSION_QUESTION_TOKENS
+            + self.cfg.max_new_tokens;
         if needed > self.capacity {
             if let Some(limit) = self.cfg.capacity_tokens {
                 return Err(RuntimeError::ContextTooLong {
@@ -112,7 +125,7 @@ impl Pipeline {
                     what: "capacity_tokens for window_frames frames plus prompt and answer",
                 });
             }
-            self.capacity = needed.next_multiple_of(256);
+            self.capacity = needed.next_multiple_of(CAPACITY_STEP);
             self.cache = crate::cache::KvBackend::new(&self.kv, self.cache_shape(), self.capacity)?;
         }
         self.cache.clear();
