@@ -5,6 +5,8 @@ BPE tokenizer) for benchmarks, into the git-ignored models/gen/ (nothing is down
     .venv/bin/python models/scripts/make_random_smollm2.py [--out models/gen/smollm2-135m-random]
         [--dtype bfloat16|float16|float32] [--seed 0]
 
+Needs only numpy and tokenizers (installed by `.ci/setup`), not torch.
+
 Shape: hidden 576, intermediate 1536, 30 layers, 9 query / 3 KV heads (head_dim 64), vocab
 49152, tied embeddings, RoPE theta 100000: 134.5M parameters, 269 MB in BF16.
 """
@@ -12,10 +14,10 @@ Shape: hidden 576, intermediate 1536, 30 layers, 9 query / 3 KV heads (head_dim 
 import argparse
 import json
 import os
+import struct
 import tempfile
 
-import torch
-from safetensors.torch import save_file
+import numpy as np
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -66,29 +68,58 @@ def tokenizer_files(out):
         json.dump(cfg, f, indent=2)
 
 
+def to_bytes(x, dtype):
+    """float32 array -> little-endian bytes of `dtype` (bfloat16 rounded to nearest even)."""
+    if dtype == "float32":
+        return x.astype("<f4").tobytes()
+    if dtype == "float16":
+        return x.astype("<f2").tobytes()
+    bits = x.astype("<f4").view("<u4").astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype("<u2").tobytes()
+
+
+def save_safetensors(tensors, path, dtype):
+    """The safetensors format: an 8-byte header length, a JSON header, the raw data."""
+    name = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[dtype]
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for key, x in tensors.items():
+        b = to_bytes(x, dtype)
+        header[key] = {"dtype": name, "shape": list(x.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "gen", "smollm2-135m-random"))
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    dtype = getattr(torch, args.dtype)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    g = torch.Generator().manual_seed(args.seed)
+    g = np.random.default_rng(args.seed)
     c = CONFIG
     h, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     hd = c["head_dim"]
     q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
 
     def rand(*shape, std=0.02):
-        return (torch.randn(*shape, generator=g) * std).to(dtype)
+        return (g.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)
 
-    t = {"model.embed_tokens.weight": rand(v, h), "model.norm.weight": torch.ones(h, dtype=dtype)}
+    ones = lambda n: np.ones(n, dtype=np.float32)  # noqa: E731
+    t = {"model.embed_tokens.weight": rand(v, h), "model.norm.weight": ones(h)}
     for layer in range(c["num_hidden_layers"]):
         p = f"model.layers.{layer}"
-        t[f"{p}.input_layernorm.weight"] = torch.ones(h, dtype=dtype)
-        t[f"{p}.post_attention_layernorm.weight"] = torch.ones(h, dtype=dtype)
+        t[f"{p}.input_layernorm.weight"] = ones(h)
+        t[f"{p}.post_attention_layernorm.weight"] = ones(h)
         t[f"{p}.self_attn.q_proj.weight"] = rand(q, h)
         t[f"{p}.self_attn.k_proj.weight"] = rand(kv, h)
         t[f"{p}.self_attn.v_proj.weight"] = rand(kv, h)
@@ -99,7 +130,7 @@ def main():
     # Write to a temporary name, then rename: never a half-written model.
     fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
     os.close(fd)
-    save_file(t, tmp, metadata={"format": "pt"})
+    save_safetensors(t, tmp, args.dtype)
     os.replace(tmp, os.path.join(out, "model.safetensors"))
     cfg = dict(c, torch_dtype=args.dtype)
     with open(os.path.join(out, "config.json"), "w") as f:
@@ -107,7 +138,7 @@ def main():
     with open(os.path.join(out, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": 1, "eos_token_id": 2}, f, indent=2)
     tokenizer_files(out)
-    n = sum(x.numel() for x in t.values())
+    n = sum(x.size for x in t.values())
     print(f"wrote {out}: {n / 1e6:.1f}M parameters, {args.dtype}")
 
 
