@@ -440,7 +440,7 @@ impl KvStore for LeastSalient {
 /// keeps the most attended ones FP16, as many as the budget allows. Along the FP16 answer
 /// the logits are closer to FP16 than with `salient=off` (the frames fully quantized).
 /// Printed beside it, a control that keeps the same number of the *least* attended tokens
-/// FP16: on these fixtures it is about as close (the README has the figures), so the test
+/// FP16: on these fixtures it is about as close (docs/salience.md has the figures), so the test
 /// asserts nothing about the choice itself.
 #[test]
 fn salient_frame_tokens_fill_the_fp16_budget() {

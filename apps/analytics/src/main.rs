@@ -22,7 +22,7 @@ use std::time::Duration;
 #[derive(Parser, Debug)]
 #[command(name = "jetvlm-analytics", version, about)]
 struct Cli {
-    /// The rules file (YAML): source, model, window and the rules; see the README.
+    /// The rules file (YAML): source, model, window and the rules; see docs/apps.md.
     rules: PathBuf,
     /// Model package directory (overrides the rules file's `model`).
     #[arg(long)]

@@ -74,7 +74,7 @@ fn calibrate_writes_a_file_that_watch_runs_with() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-/// The committed calibration of the demo model still fits it (README's Numbers use it).
+/// The committed calibration of the demo model still fits it (docs/calibration.md uses it).
 #[test]
 fn the_demo_models_committed_calibration_loads() {
     let file = concat!(

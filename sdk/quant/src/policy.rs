@@ -30,7 +30,7 @@ pub struct KvPolicy {
     /// the frame's prefill and keeps the frame's exact keys and values until its last layer,
     /// then the cache re-stores the frame with the most attended tokens FP16. A frame's
     /// blocks are its own (evicted together), so salient tokens fill whole FP16 blocks only
-    /// (see the README's measurements).
+    /// (see docs/salience.md for the measurements).
     pub salient_frame_tokens: bool,
     /// Quantize text too (the `int4-all` baseline).
     pub quantize_text: bool,
