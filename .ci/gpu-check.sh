@@ -36,16 +36,25 @@ prepare() {
   local exe
   exe=$(cargo test --release -p jetvlm-cuda --features cuda --test device --no-run --message-format=json 2>/dev/null \
     | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
+  # The runtime's device path against its CPU path (demo package: ask, camera sessions,
+  # per-layer formats, sinks), on the simulated device and, there, on the GPU.
+  local paths
+  paths=$(cargo test --release -p jetvlm-tests --features jetvlm-runtime/cuda --test device_paths --no-run \
+    --message-format=json 2>/dev/null | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
   mkdir -p "$dist"
   cp "$CARGO_TARGET_DIR/release/jetvlm" "$dist/jetvlm"
   [ -n "$exe" ] && cp "$exe" "$dist/cuda-device-test"
+  [ -n "$paths" ] && cp "$paths" "$dist/device-paths-test"
   # Debug info makes the binary several times larger than what can be carried.
   # The ONNX Runtime library of the setup's wheel, for `ask --device cuda` (the vision
   # encoder runs on ONNX Runtime's CPU provider there).
   local ort
   ort=$(ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* 2>/dev/null | head -n1)
   [ -n "$ort" ] && cp "$ort" "$dist/libonnxruntime.so"
-  if command -v strip >/dev/null; then strip "$dist/jetvlm"; [ -f "$dist/cuda-device-test" ] && strip "$dist/cuda-device-test"; fi
+  if command -v strip >/dev/null; then
+    strip "$dist/jetvlm"
+    for t in cuda-device-test device-paths-test; do [ -f "$dist/$t" ] && strip "$dist/$t"; done
+  fi
   if "$dist/jetvlm" selftest --device cuda --nvrtc-only --sm 87 2>&1 | grep -q "without CUDA support"; then
     echo "gpu-check: $dist/jetvlm was built without the cuda feature" >&2
     exit 1
@@ -187,6 +196,10 @@ run() {
     step "NVRTC compile sm_87,90" 30 nvrtc.txt "$dist/jetvlm" selftest --device cuda --nvrtc-only --sm 87,90
     if [ -x "$dist/cuda-device-test" ]; then
       step "device test executable" 60 device-test.txt "$dist/cuda-device-test" --nocapture --test-threads 1
+    fi
+    if [ -x "$dist/device-paths-test" ]; then
+      step "runtime device paths (ask, sessions, sinks, per-layer) GPU == CPU" 120 device-paths.txt \
+        env ORT_DYLIB_PATH="$dist/libonnxruntime.so" "$dist/device-paths-test" --nocapture --test-threads 1
     fi
     step "generate --device cuda (qwen2 fixture, fp16 KV) == CPU" 30 generate-qwen2.txt .ci/gpu-check.sh generate-check qwen2 fp16
     step "generate --device cuda (llama fixture, mixed KV) == CPU" 30 generate-llama.txt .ci/gpu-check.sh generate-check llama mixed

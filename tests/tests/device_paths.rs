@@ -12,8 +12,15 @@ use jetvlm_camera::{Capture, Frame};
 use jetvlm_core::Device;
 use jetvlm_runtime::{Pipeline, RuntimeConfig};
 
+/// The demo package: beside this crate in the source tree, else under the working directory
+/// (the test executable carried to a GPU machine runs from the repository root).
 fn package() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/demo")
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/demo");
+    if here.join("jetvlm.yaml").is_file() {
+        here
+    } else {
+        PathBuf::from("models/demo")
+    }
 }
 
 fn frames(n: usize, seed: u64) -> Vec<Frame> {
