@@ -191,6 +191,22 @@ impl ModelSpec {
                 format!("cannot read {}: {e}", encoder.display()),
             )
         })?;
+        if !meta.is_file() {
+            return Err(ConfigError::invalid(
+                manifest_path,
+                "vision.encoder",
+                format!(
+                    "{} is {}, not an .onnx file",
+                    encoder.display(),
+                    if meta.is_dir() {
+                        "a directory"
+                    } else {
+                        "not a regular file"
+                    }
+                ),
+            )
+            .into());
+        }
         // ONNX files over 2 GB keep their tensors in an external data file beside them.
         let mut bytes = meta.len();
         for suffix in [".data", "_data"] {

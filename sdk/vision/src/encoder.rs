@@ -145,6 +145,7 @@ impl OrtEncoder {
     /// Loads ONNX Runtime (once per process), creates the session on the best available
     /// provider and checks the model's inputs and outputs against `spec`.
     pub fn load(mut spec: EncoderSpec, cfg: &OrtConfig) -> Result<Self, VisionError> {
+        crate::onnx::check_model_file(&spec.model)?;
         if let Some(t) = &cfg.tensorrt {
             let base = spec.model.parent().unwrap_or(Path::new(".")).to_path_buf();
             spec.tensorrt = trt_settings(t, &base);

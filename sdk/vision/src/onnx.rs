@@ -61,8 +61,31 @@ pub struct OnnxSignature {
     pub outputs: Vec<TensorSig>,
 }
 
+/// Checks that `path` is a regular file before it is read as an ONNX model: a directory is
+/// said to be one (opening it would succeed and fail later as "no such device" or a parse
+/// error), a missing path is an I/O error naming it.
+pub fn check_model_file(path: &Path) -> Result<(), VisionError> {
+    let meta = std::fs::metadata(path).map_err(|source| VisionError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.is_file() {
+        return Ok(());
+    }
+    let what = if meta.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    };
+    Err(VisionError::OnnxFormat {
+        path: path.to_path_buf(),
+        message: format!("{what}, not an .onnx model file"),
+    })
+}
+
 /// Reads the signature of the ONNX model at `path`.
 pub fn read_signature(path: &Path) -> Result<OnnxSignature, VisionError> {
+    check_model_file(path)?;
     let file = std::fs::File::open(path).map_err(|source| VisionError::Io {
         path: path.to_path_buf(),
         source,

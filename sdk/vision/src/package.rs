@@ -214,7 +214,7 @@ impl ModelPackage {
         {
             issues.push(Issue::new(
                 "kv.calibration",
-                format!("{} is not a file in the package", c.display()),
+                not_a_file(&dir.join(c), "a calibration file"),
             ));
         }
         if manifest.format != 1 {
@@ -262,7 +262,7 @@ impl ModelPackage {
         if !encoder_path.is_file() {
             issues.push(Issue::new(
                 "vision.encoder",
-                format!("{} does not exist", encoder_path.display()),
+                not_a_file(&encoder_path, "an .onnx file"),
             ));
         } else {
             match onnx::read_signature(&encoder_path) {
@@ -274,10 +274,15 @@ impl ModelPackage {
         let decoder_dir = dir.join(&manifest.decoder.dir);
         let mut decoder_config = None;
         if !decoder_dir.is_dir() {
-            issues.push(Issue::new(
-                "decoder.dir",
-                format!("{} is not a directory", decoder_dir.display()),
-            ));
+            let message = if decoder_dir.exists() {
+                format!(
+                    "{} is a file, not a directory of decoder files",
+                    decoder_dir.display()
+                )
+            } else {
+                format!("{} does not exist", decoder_dir.display())
+            };
+            issues.push(Issue::new("decoder.dir", message));
         } else {
             let config = decoder_dir.join("config.json");
             if config.is_file() {
@@ -406,6 +411,19 @@ impl ModelPackage {
     pub fn tensorrt_cache_dir(&self) -> Option<PathBuf> {
         let trt = self.manifest.vision.tensorrt.as_ref()?;
         trt.engine_cache.as_ref().map(|p| self.dir.join(p))
+    }
+}
+
+/// Why `path`, which should be `what` (a file), is not one: missing, a directory, or another
+/// kind of entry.
+fn not_a_file(path: &Path, what: &str) -> String {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            format!("{} does not exist", path.display())
+        }
+        Err(e) => format!("cannot read {}: {e}", path.display()),
+        Ok(m) if m.is_dir() => format!("{} is a directory, not {what}", path.display()),
+        Ok(_) => format!("{} is not a regular file, not {what}", path.display()),
     }
 }
 
@@ -569,4 +587,84 @@ fn fmt_shape(shape: &[Option<i64>]) -> String {
         .map(|d| d.map_or("?".to_string(), |v| v.to_string()))
         .collect();
     format!("[{}]", dims.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The test fixture package copied into a temp dir (files only one level deep, plus
+    /// the decoder directory).
+    fn copy_fixture() -> tempfile::TempDir {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/vlm");
+        let dir = tempfile::tempdir().unwrap();
+        fn copy(src: &Path, dst: &Path) {
+            std::fs::create_dir_all(dst).unwrap();
+            for e in std::fs::read_dir(src).unwrap() {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    copy(&e.path(), &dst.join(e.file_name()));
+                } else {
+                    std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+                }
+            }
+        }
+        copy(&src, dir.path());
+        dir
+    }
+
+    fn issues(dir: &Path) -> Vec<(String, String)> {
+        match ModelPackage::load(dir) {
+            Err(VisionError::Package { issues, .. }) => {
+                issues.into_iter().map(|i| (i.field, i.message)).collect()
+            }
+            Err(e) => panic!("expected package issues, got {e}"),
+            Ok(_) => panic!("a broken package loaded"),
+        }
+    }
+
+    #[test]
+    fn an_encoder_path_that_is_a_directory_is_said_to_be_one() {
+        let dir = copy_fixture();
+        let encoder = dir.path().join("vision.onnx");
+        std::fs::remove_file(&encoder).unwrap();
+        std::fs::create_dir(&encoder).unwrap();
+        let got = issues(dir.path());
+        let (_, msg) = got
+            .iter()
+            .find(|(f, _)| f == "vision.encoder")
+            .unwrap_or_else(|| panic!("{got:?}"));
+        assert!(
+            msg.contains("is a directory") && !msg.contains("does not exist"),
+            "{msg}"
+        );
+        // Read directly, the ONNX reader says the same.
+        let e = onnx::read_signature(&encoder).unwrap_err().to_string();
+        assert!(
+            e.contains("a directory") && e.contains("vision.onnx"),
+            "{e}"
+        );
+        // A missing encoder is still reported as missing.
+        std::fs::remove_dir(&encoder).unwrap();
+        let got = issues(dir.path());
+        assert!(
+            got.iter()
+                .any(|(f, m)| f == "vision.encoder" && m.contains("does not exist")),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn a_decoder_dir_that_is_a_file_is_said_to_be_one() {
+        let dir = copy_fixture();
+        let decoder = dir.path().join("decoder");
+        std::fs::remove_dir_all(&decoder).unwrap();
+        std::fs::write(&decoder, b"").unwrap();
+        let got = issues(dir.path());
+        assert!(
+            got.iter()
+                .any(|(f, m)| f == "decoder.dir" && m.contains("is a file")),
+            "{got:?}"
+        );
+    }
 }
