@@ -82,6 +82,20 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The one position policy of every command and session: a context whose RoPE positions
+    /// pass the trained range (`max_position_embeddings`) runs, with this warning naming
+    /// `what` needs them and the limit (RoPE past its trained range gives unreliable answers).
+    /// `None` when `positions` fit.
+    pub fn positions_warning(&self, positions: usize, what: &str) -> Option<String> {
+        let max = self.max_position_embeddings;
+        (positions > max).then(|| {
+            format!(
+                "{what} needs {positions} positions, past the model's trained range of {max} \
+                 (max_position_embeddings): answers there are unreliable"
+            )
+        })
+    }
+
     /// Parameters of the language model (embeddings, layers, final norm, LM head unless
     /// tied).
     pub fn num_parameters(&self) -> u64 {

@@ -384,14 +384,15 @@ impl Pipeline {
                 Span::Frame(_) => tpf,
             })
             .sum();
-        let max_pos = self.package.decoder_config.max_position_embeddings;
-        if prompt_tokens + self.cfg.max_new_tokens > max_pos {
-            tracing::warn!(
-                prompt_tokens,
-                max_new_tokens = self.cfg.max_new_tokens,
-                max_position_embeddings = max_pos,
-                "context exceeds the model's trained positions"
-            );
+        warn_past_trained_frames(&self.package, frames.len(), "a question");
+        if let Some(w) = self.package.decoder_config.positions_warning(
+            prompt_tokens + self.cfg.max_new_tokens,
+            &format!(
+                "the prompt ({prompt_tokens} tokens) with max_new_tokens {}",
+                self.cfg.max_new_tokens
+            ),
+        ) {
+            tracing::warn!("{w}");
         }
         self.ensure_capacity(prompt_tokens + self.cfg.max_new_tokens)?;
         self.cache.clear();
@@ -598,6 +599,22 @@ fn resolve_kv(
         *p = p.fitted_to(shape.head_dim);
     }
     Ok(kv)
+}
+
+/// Warns when `frames` frames in one context (`what`: a question, a session window) pass the
+/// frames per prompt the package says its model was trained with (`prompt.max_frames`).
+pub(crate) fn warn_past_trained_frames(package: &ModelPackage, frames: usize, what: &str) {
+    if let Some(max) = package.manifest.prompt.max_frames
+        && frames > max
+    {
+        tracing::warn!(
+            frames,
+            max_frames = max,
+            "{what} with {frames} frames: the model was trained with at most {max} per prompt \
+             (prompt.max_frames in {}); answers can get worse past it",
+            package.manifest_path.display()
+        );
+    }
 }
 
 fn prompt_error(package: &ModelPackage, message: String) -> RuntimeError {

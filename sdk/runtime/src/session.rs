@@ -142,6 +142,31 @@ impl Pipeline {
                 )?))
             }
         };
+        crate::pipeline::warn_past_trained_frames(
+            &self.package,
+            self.cfg.window_frames,
+            "a session window",
+        );
+        // The kept prefix, a full window and a question with its answer must fit the
+        // positions the session allows; re-basing cannot lower them below that.
+        let steady =
+            ids.len() + self.cfg.window_frames * tpf + QUESTION_RESERVE + self.cfg.max_new_tokens;
+        let max_position = self
+            .cfg
+            .session_max_position
+            .unwrap_or(self.package.decoder_config.max_position_embeddings);
+        if steady > max_position {
+            tracing::warn!(
+                steady,
+                max_position,
+                window_frames = self.cfg.window_frames,
+                "a window of {} frames ({tpf} tokens each) with the prompt and an answer needs \
+                 {steady} positions, past the {max_position} the session allows \
+                 (session_max_position, else max_position_embeddings): answers will be unreliable; \
+                 use a smaller window",
+                self.cfg.window_frames
+            );
+        }
         if !ids.is_empty() {
             append(self, &mut store, &[Input::text(&ids)])?;
         }
@@ -247,7 +272,8 @@ impl StreamSession<'_> {
         let fresh =
             self.prefix_ids.len() + self.window.len() * self.pipe.package.tokens_per_frame();
         if fresh >= next {
-            // Re-basing would not lower the positions: the window itself is too long.
+            // Re-basing would not lower the positions: the window itself is too long (said
+            // once, when the session started).
             return Ok(());
         }
         tracing::debug!(next, fresh, "re-basing stream session positions");

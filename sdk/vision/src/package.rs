@@ -138,6 +138,10 @@ pub struct PromptSection {
     /// System prompt kept at the start of a streaming session's cache.
     #[serde(default)]
     pub system: Option<String>,
+    /// Frames per prompt the model was trained with: a question or a session window with
+    /// more runs, with a warning naming this limit (answers can get worse past it).
+    #[serde(default)]
+    pub max_frames: Option<usize>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -353,6 +357,12 @@ impl ModelPackage {
         }
         if p.stop.iter().any(|s| s.is_empty()) {
             issues.push(Issue::new("prompt.stop", "stop strings must not be empty"));
+        }
+        if p.max_frames == Some(0) {
+            issues.push(Issue::new(
+                "prompt.max_frames",
+                "must be at least 1 (the frames per prompt the model was trained with)",
+            ));
         }
         if manifest.kv.policy.trim().is_empty() {
             issues.push(Issue::new(

@@ -31,8 +31,8 @@ pub struct AskArgs {
     /// Runtime config YAML (KV policy, sampling, execution providers, ...); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Maximum tokens to generate.
-    #[arg(long)]
+    /// Maximum tokens to generate (at least 1).
+    #[arg(long, value_parser = super::at_least_one)]
     pub max_tokens: Option<usize>,
     /// Sampling temperature (0 = greedy, the default).
     #[arg(long)]

@@ -35,8 +35,8 @@ pub struct GenerateArgs {
     /// System message for the chat template.
     #[arg(long)]
     pub system: Option<String>,
-    /// Maximum tokens to generate.
-    #[arg(long, default_value_t = 128)]
+    /// Maximum tokens to generate (at least 1).
+    #[arg(long, default_value_t = 128, value_parser = super::at_least_one)]
     pub max_tokens: usize,
     /// Greedy decoding (overrides the sampling options).
     #[arg(long)]
@@ -99,6 +99,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         &model.config().model.eos_token_ids,
     )?;
     let capacity = cache_capacity(prompt_ids.len(), args.max_tokens)?;
+    warn_past_positions(&model.config().model, prompt_ids.len(), args.max_tokens);
     if args.kv == "f32" {
         let mut cache = F32KvCache::new(model.cache_shape(), capacity);
         generate(
@@ -141,6 +142,16 @@ fn cache_capacity(prompt_tokens: usize, max_tokens: usize) -> Result<usize> {
                  overflow the KV cache's token count; use a smaller --max-tokens"
             )
         })
+}
+
+/// Warns when the prompt and `--max-tokens` pass the model's trained positions.
+fn warn_past_positions(c: &jetvlm_core::hf::ModelConfig, prompt_tokens: usize, max_tokens: usize) {
+    if let Some(w) = c.positions_warning(
+        prompt_tokens.saturating_add(max_tokens),
+        &format!("the prompt ({prompt_tokens} tokens) with --max-tokens {max_tokens}"),
+    ) {
+        tracing::warn!("{w}");
+    }
 }
 
 fn tokenizer_for(args: &GenerateArgs) -> Result<Option<Tokenizer>> {
@@ -243,6 +254,7 @@ fn run_device<G: jetvlm_cuda::Gpu>(dev: &G, args: &GenerateArgs) -> Result<()> {
     let opts = options(args, tokenizer.as_ref(), &c.eos_token_ids)?;
     let dp = DevicePolicy::new(&policy, c.num_key_value_heads, c.head_dim)?;
     let capacity = cache_capacity(prompt_ids.len(), args.max_tokens)?;
+    warn_past_positions(c, prompt_ids.len(), args.max_tokens);
     let cache = DeviceKvCache::new(
         dev,
         dp,

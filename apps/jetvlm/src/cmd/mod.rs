@@ -49,6 +49,15 @@ impl EncoderArgs {
 /// The model package a command uses: the one given, else the bundled demo model
 /// (`models/demo`), looked up from the working directory and from the executable's location
 /// upwards (so `cargo run` and an installed tree both find it), or `$JETVLM_MODEL`.
+/// A count flag that must be at least 1 (`--max-tokens`): 0 would give empty answers.
+pub fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 pub fn model_or_default(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = given {
         return Ok(p.to_path_buf());

@@ -1,7 +1,7 @@
 //! `jetvlm watch SOURCE`: the camera loop. Frames stream from a source URI into a
-//! [`StreamSession`] that keeps the last frames in the KV cache (oldest evicted), and a
-//! standing question is answered after every frame, with per-frame TTFT, TPOT and KV memory
-//! (actual vs the same tokens all-FP16).
+//! [`StreamSession`](jetvlm_runtime::StreamSession) that keeps the last frames in the KV
+//! cache (oldest evicted), and a standing question is answered after every frame, with
+//! per-frame TTFT, TPOT and KV memory (actual vs the same tokens all-FP16).
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -43,8 +43,8 @@ pub struct WatchArgs {
     /// Runtime config YAML; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Maximum tokens per answer.
-    #[arg(long, default_value_t = 16)]
+    /// Maximum tokens per answer (at least 1).
+    #[arg(long, default_value_t = 16, value_parser = super::at_least_one)]
     pub max_tokens: usize,
     /// Capture timeout per frame, in milliseconds.
     #[arg(long, default_value_t = 5000)]
