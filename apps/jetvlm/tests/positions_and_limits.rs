@@ -65,8 +65,23 @@ fn generate_warns_past_the_trained_positions() {
 fn max_tokens_zero_is_refused_naming_the_flag() {
     let llama = fixture("llama");
     for args in [
-        vec!["generate", "--model", &llama, "--prompt-ids", "1,2", "--max-tokens", "0"],
-        vec!["watch", "synthetic://scene?pace=0", "--frames", "1", "--max-tokens", "0"],
+        vec![
+            "generate",
+            "--model",
+            &llama,
+            "--prompt-ids",
+            "1,2",
+            "--max-tokens",
+            "0",
+        ],
+        vec![
+            "watch",
+            "synthetic://scene?pace=0",
+            "--frames",
+            "1",
+            "--max-tokens",
+            "0",
+        ],
         vec!["ask", "--max-tokens", "0", "what is there?"],
     ] {
         let (ok, _, err) = jetvlm(&args);
