@@ -161,7 +161,8 @@ watch_on_gpu() {
   "$dist/jetvlm" watch "synthetic://scene?seed=3&pace=0" --frames 12 --window 4 --json "$@" > "$out/watch-cpu-$tag.jsonl" || return 1
   python3 - "$out/watch-cpu-$tag.jsonl" "$out/watch-cuda-$tag.jsonl" <<'PY'
 import json, sys
-cpu, gpu = ([json.loads(l) for l in open(p)] for p in sys.argv[1:3])
+# Frame lines only (the last line is the run's summary).
+cpu, gpu = ([r for r in map(json.loads, open(p)) if not r.get("summary")] for p in sys.argv[1:3])
 right = sum(1 for l in gpu if l.get("truth") == l["answer"])
 same = sum(1 for a, b in zip(cpu, gpu) if a["answer"] == b["answer"])
 ttft = sorted(l["ttft_ms"] for l in gpu)[len(gpu) // 2]

@@ -26,11 +26,25 @@ fn watch_keeps_a_bounded_window_and_reports_every_frame() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+    let mut lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
+    // The last line sums the run up.
+    let summary = lines.pop().expect("a summary line");
+    assert_eq!(summary["summary"], true, "{summary}");
+    assert_eq!(summary["frames"].as_u64(), Some(6), "{summary}");
+    assert_eq!(summary["answers_judged"].as_u64(), Some(6), "{summary}");
+    assert_eq!(summary["position_rebases"].as_u64(), Some(0), "{summary}");
     assert_eq!(lines.len(), 6);
+    // `encoder_ms` is this frame's; `window_encoder_ms` adds up the cached frames'.
+    for l in &lines[1..] {
+        let (frame, window) = (
+            l["encoder_ms"].as_f64().unwrap_or(-1.0),
+            l["window_encoder_ms"].as_f64().unwrap_or(-1.0),
+        );
+        assert!(frame > 0.0 && window > frame, "{l}");
+    }
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(
             l["frames_cached"].as_u64(),
@@ -51,6 +65,11 @@ fn watch_keeps_a_bounded_window_and_reports_every_frame() {
     assert!(
         right >= 5,
         "{right} of 6 answers match the ground truth: {lines:?}"
+    );
+    assert_eq!(
+        summary["answers_right"].as_u64(),
+        Some(right as u64),
+        "{summary}"
     );
     // Once the window is full the cache stops growing: the oldest frame is evicted.
     let kv: Vec<u64> = lines

@@ -37,12 +37,14 @@ const SESSION_QUESTION_TOKENS: usize = 256;
 pub(crate) const CAPACITY_STEP: usize = 256;
 
 /// A frame held in the session's window.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CachedFrame {
     pub id: FrameId,
     /// The frame's index in its stream.
     pub index: u64,
     pub timestamp: Duration,
+    /// Preprocessing + vision encoder time of this frame.
+    pub encoder_ms: f64,
 }
 
 /// The outcome of [`StreamSession::capture_from`].
@@ -244,6 +246,7 @@ impl StreamSession<'_> {
             id,
             index: frame.index,
             timestamp: frame.timestamp,
+            encoder_ms: enc_ms,
         });
         self.encoder_ms.push_back(enc_ms);
         self.embeddings.push_back(emb.data);

@@ -69,7 +69,10 @@ struct FrameReport<'a> {
     /// dataset asks); absent for cameras.
     #[serde(skip_serializing_if = "Option::is_none")]
     truth: Option<String>,
+    /// Preprocessing + vision encoder time of this frame.
     encoder_ms: f64,
+    /// The same for every frame of the window (what the question's context cost to encode).
+    window_encoder_ms: f64,
     ttft_ms: f64,
     tpot_ms: f64,
     tokens: usize,
@@ -80,6 +83,20 @@ struct FrameReport<'a> {
     decoder_device: String,
     /// The vision encoder's ONNX Runtime execution provider: `tensorrt`, `cuda` or `cpu`.
     execution_provider: String,
+}
+
+/// The last JSON line of `watch --json`: the run's totals.
+#[derive(Serialize)]
+struct Summary {
+    /// Always true: tells this line from the frame lines.
+    summary: bool,
+    frames: u64,
+    /// Answers with a ground truth to compare with (synthetic sources).
+    answers_judged: u64,
+    answers_right: u64,
+    position_rebases: u64,
+    /// KV bytes cached at the end.
+    kv_bytes: u64,
 }
 
 pub fn run(args: WatchArgs) -> Result<()> {
@@ -159,7 +176,8 @@ pub fn run(args: WatchArgs) -> Result<()> {
             question: &question,
             answer: answer.text.trim().to_string(),
             truth,
-            encoder_ms: s.encoder_ms,
+            encoder_ms: latest.map_or(0.0, |f| f.encoder_ms),
+            window_encoder_ms: s.encoder_ms,
             ttft_ms: s.ttft_ms,
             tpot_ms: s.tpot_ms,
             tokens: s.tokens,
@@ -196,6 +214,17 @@ pub fn run(args: WatchArgs) -> Result<()> {
         out.flush()?;
     }
     anyhow::ensure!(seen > 0, "{}: the source gave no frames", args.source);
+    if args.json {
+        let summary = Summary {
+            summary: true,
+            frames: seen,
+            answers_judged: judged,
+            answers_right: right,
+            position_rebases: session.rebases(),
+            kv_bytes: session.kv_memory().total_bytes,
+        };
+        writeln!(out, "{}", serde_json::to_string(&summary)?)?;
+    }
     if !args.json && judged > 0 {
         writeln!(
             out,
