@@ -329,6 +329,16 @@ fn estimate_vision(
         let e = need("embed_dim")?;
         let depth = need("depth")?;
         let mlp_ratio = vc.get("mlp_ratio").and_then(Value::as_f64).unwrap_or(4.0);
+        if !(mlp_ratio.is_finite() && mlp_ratio > 0.0 && e as f64 * mlp_ratio < u64::MAX as f64) {
+            return Err(ConfigError::invalid(
+                path,
+                "vision_config.mlp_ratio",
+                format!(
+                    "must be a positive number with embed_dim x mlp_ratio below 2^64, got {mlp_ratio}"
+                ),
+            )
+            .into());
+        }
         let m = (e as f64 * mlp_ratio).round() as u64;
         let heads = num("num_heads")?.unwrap_or((e / 64).max(1));
         let patch = num("patch_size")?.unwrap_or(14);
