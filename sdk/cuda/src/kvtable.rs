@@ -336,6 +336,11 @@ impl KvBlockTable {
     pub fn entries(&self) -> &[BlockEntry] {
         &self.entries
     }
+    /// The frame each entry of [`Self::entries`] belongs to (`None`: text, or a frame
+    /// appended without id).
+    pub fn owners(&self) -> &[Option<FrameId>] {
+        &self.owners
+    }
     /// (text pool blocks, frame pool blocks) the table was sized for.
     pub fn pool_blocks(&self) -> (usize, usize) {
         (self.text_blocks, self.frame_blocks)

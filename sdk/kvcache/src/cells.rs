@@ -603,6 +603,11 @@ impl Cells {
             }
             if empty {
                 self.release(pool, id);
+                if owner == Owner::Text {
+                    // The text block before it (full when this one was opened) is the open
+                    // one again, as it was before the dropped tokens came.
+                    self.open_text[pool as usize] = self.newest_text_block(pool);
+                }
                 if let Owner::Frame(f) = owner
                     && !self.blocks().any(|m| m.owner == owner)
                 {
@@ -611,6 +616,17 @@ impl Cells {
             }
         }
         Ok(())
+    }
+
+    /// The text block of `pool` opened last (it holds the pool's newest text tokens).
+    fn newest_text_block(&self, pool: PoolKind) -> Option<u32> {
+        self.order
+            .iter()
+            .rev()
+            .find(|&&(p, id)| {
+                p == pool && self.block(p, id).is_some_and(|m| m.owner == Owner::Text)
+            })
+            .map(|&(_, id)| id)
     }
 
     /// Drops everything; every block goes back to its free list.

@@ -7,6 +7,8 @@
 //! - [`policy`]: [`KvPolicy`], which tokens stay FP16 and how the rest are quantized.
 //! - [`cells`]: cell bookkeeping (position, kind, frame, block tables), plain CPU code.
 //! - [`layout`], [`pool`]: block segment layouts and the two block pools (FP16, quantized).
+//! - [`placement`]: the placement rules (precision, position, frame of every token) as a
+//!   model both the CPU cache and the device block table are tested against.
 //! - [`cache`]: [`MixedKvCache`], composing the two pools behind one interface.
 //! - [`attention`]: fused CPU attention kernels and their f32 reference.
 
@@ -15,6 +17,7 @@ pub mod cache;
 pub mod cells;
 mod error;
 pub mod layout;
+pub mod placement;
 pub mod policy;
 pub mod pool;
 

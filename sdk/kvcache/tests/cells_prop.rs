@@ -56,6 +56,19 @@ fn check(cells: &Cells, model: &[Tok], policy: &KvPolicy) {
             seen.push((*s, *p, frame));
         }
     }
+    // Text fills its blocks in order: only a pool's newest text block is partly filled.
+    for (pool, cap) in [
+        (PoolKind::Fp16, policy.fp16_block_tokens),
+        (PoolKind::Quant, policy.quant_block_tokens),
+    ] {
+        let text: Vec<_> = cells
+            .blocks()
+            .filter(|b| b.pool == pool && b.owner == Owner::Text)
+            .collect();
+        for b in text.iter().rev().skip(1) {
+            assert_eq!(b.seqs.len(), cap, "an older text block is full: {b:?}");
+        }
+    }
     seen.sort();
     let mut want = model.to_vec();
     want.sort();
@@ -143,6 +156,39 @@ proptest! {
             check(&cells, &model, &policy);
         }
     }
+}
+
+/// Dropping text that had opened a new block makes the block before it the open one again:
+/// the next text fills it instead of opening another, as before the dropped text came.
+#[test]
+fn truncated_text_reopens_the_block_before() {
+    let policy = KvPolicy::mixed();
+    let mut cells = Cells::new(32, 64, 1000);
+    let pos: Vec<u32> = (0..40).collect();
+    cells
+        .append(&policy, TokenKind::Text, &pos, None, None)
+        .unwrap();
+    let before: Vec<_> = cells
+        .blocks()
+        .map(|b| (b.pool, b.id, b.positions.clone()))
+        .collect();
+    let pos: Vec<u32> = (40..70).collect();
+    cells
+        .append(&policy, TokenKind::Text, &pos, None, None)
+        .unwrap();
+    cells.truncate_last(30 + 10).unwrap();
+    assert_eq!(cells.counts().fp16_blocks, 1);
+    let pos: Vec<u32> = (30..40).collect();
+    cells
+        .append(&policy, TokenKind::Text, &pos, None, None)
+        .unwrap();
+    // The same blocks hold the same positions (sequence numbers go on counting).
+    let layout = |c: &Cells| -> Vec<_> {
+        c.blocks()
+            .map(|b| (b.pool, b.id, b.positions.clone()))
+            .collect()
+    };
+    assert_eq!(layout(&cells), before);
 }
 
 #[test]
