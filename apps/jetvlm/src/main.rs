@@ -55,6 +55,9 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Write a synthetic camera-scene question/answer dataset (images + qa.jsonl).
     Synth(cmd::synth::SynthArgs),
+    /// Export a Hugging Face vision-language checkpoint (LLaVA-1.5, Idefics3/SmolVLM) to a
+    /// model package (vision.onnx, decoder/, jetvlm.yaml); needs .ci/setup --dev.
+    Export(cmd::export::ExportArgs),
     /// Check every CUDA kernel against its CPU reference (PASS/FAIL per kernel).
     Selftest(cmd::selftest::SelftestArgs),
 }
@@ -76,6 +79,7 @@ fn run(command: Command) -> Result<()> {
         Command::Bench(args) => cmd::bench::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Synth(args) => cmd::synth::run(args),
+        Command::Export(args) => cmd::export::run(args),
         Command::Selftest(args) => cmd::selftest::run(args),
     }
 }

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod board;
 pub mod calibrate;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod gpu;
 pub mod plan;

@@ -1,0 +1,148 @@
+//! `jetvlm export`: a Hugging Face vision-language checkpoint to a jetvlm model package.
+//!
+//! The work is done by the Python exporter `models/jetvlm_export` (PyTorch traces the vision
+//! tower to ONNX and checks it against ONNX Runtime), run with the project venv, found the way
+//! the ONNX Runtime library is: `.venv` in an ancestor of the executable, of the working
+//! directory, or of the workspace this was built in. The exporter prints what it does and,
+//! on failure, one line; its exit status is passed on (2: the checkpoint or an option is
+//! refused, 1: a check failed).
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    jetvlm export ~/hf/llava-1.5-7b-hf --out models/llava-1.5-7b\n  \
+    jetvlm export ~/hf/SmolVLM-256M-Instruct --out models/smolvlm-256m --dtype fp16\n\n\
+    Families: LLaVA-1.5 (model_type llava), Idefics3 / SmolVLM (idefics3, smolvlm; one frame\n\
+    at the vision tower's size, no tiling). Needs torch and transformers in .venv\n\
+    (.ci/setup --dev).")]
+pub struct ExportArgs {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer, processor config).
+    pub hf_dir: PathBuf,
+    /// Package directory to write (written beside it, renamed into place when complete).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Encoder input side in pixels (default: the vision tower's native size).
+    #[arg(long)]
+    pub frame_size: Option<u32>,
+    /// Precision inside the ONNX encoder (its input and output stay f32).
+    #[arg(long, value_enum, default_value_t = ExportDType::Fp32)]
+    pub dtype: ExportDType,
+    /// Package name (default: the checkpoint directory's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// kv.policy written to the manifest.
+    #[arg(long, default_value = "mixed")]
+    pub kv_policy: String,
+    /// Prompt template with {frames} and {question} (default: from the chat template).
+    #[arg(long)]
+    pub template: Option<String>,
+    /// prompt.default_question written to the manifest.
+    #[arg(long)]
+    pub question: Option<String>,
+    /// Replace an existing non-empty --out.
+    #[arg(long)]
+    pub force: bool,
+    /// Python interpreter with torch and transformers (default: the project's .venv).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExportDType {
+    Fp32,
+    Fp16,
+}
+
+/// The directory holding `models/jetvlm_export` and, when `need_venv`, `.venv/bin/python`:
+/// ancestors of the executable, the working directory, then this source tree.
+fn project_root(need_venv: bool) -> Option<PathBuf> {
+    let mut starts = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        starts.push(exe);
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        starts.push(cwd);
+    }
+    starts.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    starts.iter().find_map(|s| {
+        s.ancestors()
+            .find(|a| {
+                a.join("models/jetvlm_export/__main__.py").is_file()
+                    && (!need_venv || a.join(".venv/bin/python").is_file())
+            })
+            .map(Path::to_path_buf)
+    })
+}
+
+pub fn run(args: ExportArgs) -> Result<()> {
+    let root = project_root(args.python.is_none()).context(
+        "the exporter (models/jetvlm_export) and the project venv (.venv) were not found above \
+         the executable or the working directory; run from the jetvlm checkout after \
+         .ci/setup --dev, or pass --python",
+    )?;
+    let python = args
+        .python
+        .clone()
+        .unwrap_or_else(|| root.join(".venv/bin/python"));
+    let probe = Command::new(&python)
+        .args(["-c", "import torch, transformers"])
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    if !probe.status.success() {
+        bail!(
+            "{} lacks torch/transformers, which the exporter needs: run .ci/setup --dev",
+            python.display()
+        );
+    }
+    let mut cmd = Command::new(&python);
+    cmd.arg("-m")
+        .arg("jetvlm_export")
+        .arg(&args.hf_dir)
+        .arg("--out")
+        .arg(&args.out)
+        .arg("--dtype")
+        .arg(match args.dtype {
+            ExportDType::Fp32 => "fp32",
+            ExportDType::Fp16 => "fp16",
+        })
+        .arg("--kv-policy")
+        .arg(&args.kv_policy)
+        .env("PYTHONPATH", prepend_path(&root.join("models")));
+    if let Some(n) = args.frame_size {
+        cmd.arg("--frame-size").arg(n.to_string());
+    }
+    for (flag, value) in [
+        ("--name", &args.name),
+        ("--template", &args.template),
+        ("--question", &args.question),
+    ] {
+        if let Some(v) = value {
+            cmd.arg(flag).arg(v);
+        }
+    }
+    if args.force {
+        cmd.arg("--force");
+    }
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {} -m jetvlm_export", python.display()))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        // The exporter has printed its one-line reason.
+        Some(code) => std::process::exit(code),
+        None => bail!("the exporter was killed by a signal ({status})"),
+    }
+}
+
+/// `dir` in front of an existing PYTHONPATH.
+fn prepend_path(dir: &Path) -> std::ffi::OsString {
+    let mut paths = vec![dir.to_path_buf()];
+    if let Some(old) = std::env::var_os("PYTHONPATH") {
+        paths.extend(std::env::split_paths(&old));
+    }
+    std::env::join_paths(paths).unwrap_or_else(|_| dir.as_os_str().to_owned())
+}

@@ -1,0 +1,277 @@
+//! `jetvlm export` and the packages it writes, on tiny random Hugging Face checkpoints
+//! (tests/fixtures/hf_vlms, built with transformers by tests/fixtures/make_hf_vlms.py): LLaVA-1.5
+//! and Idefics3/SmolVLM. `jetvlm ask` on the committed exported package gives, token for token,
+//! transformers' `generate` on the same image and question. The tests that export again need
+//! torch and transformers in .venv (`.ci/setup --dev`) and skip with a printed reason without
+//! them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const FAMILIES: [&str; 2] = ["llava", "idefics3"];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fixture(family: &str) -> PathBuf {
+    root().join("tests/fixtures/hf_vlms").join(family)
+}
+
+fn expected(family: &str) -> serde_json::Value {
+    let path = fixture(family).join("expected.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn jetvlm() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_jetvlm"));
+    cmd.env_remove("ORT_DYLIB_PATH");
+    cmd
+}
+
+fn ask(family: &str, pkg: &Path, kv: &str) -> serde_json::Value {
+    let exp = expected(family);
+    let out = jetvlm()
+        .arg("ask")
+        .arg("--model")
+        .arg(pkg)
+        .arg("--image")
+        .arg(fixture(family).join("probe.png"))
+        .arg(exp["question"].as_str().unwrap())
+        .args(["--max-tokens", &exp["max_new_tokens"].to_string()])
+        .args(["--json", "--kv", kv])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{family}: ask failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The greedy answer of `pkg` equals transformers' for `family`, and the prompt has as many
+/// tokens as the processor's input ids (the manifest's template and image token layout
+/// reproduce the chat template and the processor's expansion).
+fn assert_matches_transformers(family: &str, pkg: &Path) {
+    let exp = expected(family);
+    for kv in ["fp16", "f32"] {
+        let v = ask(family, pkg, kv);
+        assert_eq!(v["token_ids"], exp["greedy_tokens"], "{family}, kv {kv}");
+        assert_eq!(
+            v["prompt_tokens"].as_u64().unwrap() as usize,
+            exp["input_ids"].as_array().unwrap().len(),
+            "{family}: prompt length vs the processor's input ids"
+        );
+        assert_eq!(v["frames"], 1);
+    }
+}
+
+#[test]
+fn exported_packages_answer_like_transformers() {
+    for family in FAMILIES {
+        assert_matches_transformers(family, &fixture(family).join("pkg"));
+    }
+}
+
+/// Whether the project venv can run the exporter; prints why not.
+fn exporter_available(test: &str) -> bool {
+    let python = root().join(".venv/bin/python");
+    let ok = Command::new(&python)
+        .args(["-c", "import torch, transformers"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!(
+            "skipping {test}: {} lacks torch/transformers (.ci/setup --dev installs them)",
+            python.display()
+        );
+    }
+    ok
+}
+
+fn export(hf: &Path, out: &Path, extra: &[&str]) -> Output {
+    jetvlm()
+        .arg("export")
+        .arg(hf)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// Manifest lines without comments (the comment records the measured ONNX difference).
+fn manifest_body(pkg: &Path) -> Vec<String> {
+    std::fs::read_to_string(pkg.join("jetvlm.yaml"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn export_again_gives_the_committed_package_and_answer() {
+    if !exporter_available("export_again_gives_the_committed_package_and_answer") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for family in FAMILIES {
+        let out = tmp.path().join(family);
+        let exp = expected(family);
+        let name = format!("tiny-random-{family}");
+        let question = exp["question"].as_str().unwrap();
+        let res = export(
+            &fixture(family).join("hf"),
+            &out,
+            &["--name", &name, "--question", question],
+        );
+        let stdout = String::from_utf8_lossy(&res.stdout);
+        assert!(
+            res.status.success(),
+            "{family}: {stdout}\n{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        // It reports the encoder check with its difference, under the fp32 bound.
+        let line = stdout
+            .lines()
+            .find(|l| l.contains("vision.onnx (ONNX Runtime) vs PyTorch"))
+            .unwrap_or_else(|| panic!("{family}: no encoder check in {stdout}"));
+        let diff: f64 = line
+            .split("max abs diff ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| panic!("{line}"));
+        assert!(diff < 1e-4, "{family}: {line}");
+        assert_eq!(
+            manifest_body(&out),
+            manifest_body(&fixture(family).join("pkg")),
+            "{family}: the manifest differs from the committed one"
+        );
+        assert_matches_transformers(family, &out);
+    }
+}
+
+#[test]
+fn export_fp16_encoder_stays_close() {
+    if !exporter_available("export_fp16_encoder_stays_close") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pkg");
+    let res = export(
+        &fixture("llava").join("hf"),
+        &out,
+        &["--dtype", "fp16", "--question", "q"],
+    );
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        res.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(
+        stdout.contains("exporting the vision encoder (fp16"),
+        "{stdout}"
+    );
+    // The package loads and answers (fp16 rounding may change a token of a random model).
+    let v = ask("llava", &out, "fp16");
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 8);
+}
+
+/// A copy of the llava checkpoint with config.json edited by `edit`.
+fn edited_checkpoint(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let src = fixture("llava").join("hf");
+    let dst = dir.join("hf");
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dst.join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dst.join("config.json"), cfg.to_string()).unwrap();
+    dst
+}
+
+/// The one error line, the exit status 2, and nothing left beside --out.
+fn assert_refused(res: &Output, dir: &Path, out: &Path, needle: &str) {
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(2), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains(needle), "{err}");
+    assert!(!out.exists(), "a refused export left {}", out.display());
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("export"))
+        .collect();
+    assert!(left.is_empty(), "temporary output left behind: {left:?}");
+}
+
+#[test]
+fn export_refuses_unsupported_families_and_options() {
+    if !exporter_available("export_refuses_unsupported_families_and_options") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = edited_checkpoint(tmp.path(), |c| c["model_type"] = "qwen2_vl".into());
+    let out = tmp.path().join("pkg");
+    let res = export(&hf, &out, &[]);
+    assert_refused(
+        &res,
+        tmp.path(),
+        &out,
+        "model_type `qwen2_vl` is not supported",
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = edited_checkpoint(tmp.path(), |_| {});
+    let out = tmp.path().join("pkg");
+    let res = export(&hf, &out, &["--frame-size", "30"]);
+    assert_refused(&res, tmp.path(), &out, "not a multiple of the patch size 8");
+
+    // An existing non-empty --out is kept unless --force.
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep"), b"x").unwrap();
+    let res = export(&hf, &out, &[]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(2), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    assert!(out.join("keep").is_file());
+}
+
+#[test]
+fn export_without_torch_says_how_to_install_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A Python that cannot import torch.
+    let python = tmp.path().join("python");
+    std::fs::write(&python, "#!/bin/sh\nexit 1\n").unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let out = tmp.path().join("pkg");
+    let res = jetvlm()
+        .arg("export")
+        .arg(fixture("llava").join("hf"))
+        .arg("--out")
+        .arg(&out)
+        .arg("--python")
+        .arg(&python)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success());
+    assert!(
+        err.contains("lacks torch/transformers") && err.contains(".ci/setup --dev"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

@@ -1,0 +1,160 @@
+"""`python -m jetvlm_export HF_DIR --out PKG`: see the package docstring."""
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+from .common import ExportError, log
+
+TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}  # ONNX vs PyTorch, times the output's scale
+NEEDS = ("torch", "transformers", "onnx", "onnxruntime", "safetensors", "numpy", "PIL")
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(
+        prog="jetvlm export",
+        description="Export a Hugging Face vision-language checkpoint (LLaVA-1.5, "
+        "Idefics3/SmolVLM) to a jetvlm model package.",
+        epilog="example: jetvlm export ~/hf/llava-1.5-7b-hf --out models/llava-1.5-7b",
+    )
+    ap.add_argument("hf_dir", type=Path, help="Hugging Face model directory (config.json, safetensors, tokenizer, processor)")
+    ap.add_argument("--out", type=Path, required=True, help="package directory to write")
+    ap.add_argument("--frame-size", type=int, default=None, help="encoder input side in pixels (default: the vision tower's native size)")
+    ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="precision inside the ONNX encoder (its input and output stay f32)")
+    ap.add_argument("--name", default=None, help="package name (default: the checkpoint directory's name)")
+    ap.add_argument("--kv-policy", default="mixed", help="kv.policy written to the manifest (default: mixed)")
+    ap.add_argument("--template", default=None, help="prompt template with {frames} and {question} (default: from the chat template)")
+    ap.add_argument("--question", default="Describe the image.", help="prompt.default_question")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out")
+    return ap.parse_args(argv)
+
+
+def check_dependencies():
+    missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(
+            f"the Python environment lacks {', '.join(missing)}; run .ci/setup --dev "
+            "(installs torch and transformers into .venv)"
+        )
+
+
+def export(args) -> None:
+    check_dependencies()
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+    from . import common
+    from .families import family_for
+
+    started = time.time()
+    hf = args.hf_dir
+    if not hf.is_dir():
+        raise ExportError(f"{hf} is not a directory")
+    raw = common.read_json(hf / "config.json")
+    family = family_for(raw.get("model_type", "<none>"))
+    try:
+        cfg = AutoConfig.from_pretrained(str(hf))
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"transformers cannot read {hf / 'config.json'}: {e}") from None
+    native = family.native_size(cfg)
+    frame = args.frame_size or native
+    if frame <= 0:
+        raise ExportError(f"--frame-size {frame} must be positive")
+    family.check(cfg, frame)
+    log(f"{hf}: {family.name} ({raw['model_type']}), vision tower {cfg.vision_config.model_type}, "
+        f"language model {cfg.text_config.model_type}")
+    if frame != native:
+        log(f"warning: frame {frame}x{frame} differs from the trained {native}x{native} "
+            "(the vision tower's position embeddings are resampled; answers may degrade)")
+    try:
+        processor = AutoProcessor.from_pretrained(str(hf))
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"cannot load the processor of {hf}: {e}") from None
+    ip = processor.image_processor
+    pre = family.preprocessing(ip, frame)
+    text_type = cfg.text_config.model_type
+    archs = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    if text_type not in archs:
+        raise ExportError(f"language model `{text_type}` is not supported (llama, mistral, qwen2)")
+
+    files = common.load_state(hf)
+    module = family.encoder(cfg, files, frame)
+    tokens = family.tokens_per_frame(cfg, frame)
+    hidden = int(cfg.text_config.hidden_size)
+
+    img = common.probe_image(frame, frame)
+    pv = common.normalise(img, pre["mean"], pre["std"])
+    if frame == native:
+        kwargs = {"do_image_splitting": False} if family.name == "idefics3" else {}
+        got = ip(images=[Image.fromarray(img)], return_tensors="np", **kwargs)["pixel_values"]
+        got = np.asarray(got, dtype=np.float32).reshape(-1, 3, frame, frame)[-1:]
+        common.check_close("manifest preprocessing vs the processor (probe image)", pv, got, 2e-2)
+    with torch.no_grad():
+        ref = module(torch.from_numpy(pv)).numpy()
+    if ref.shape != (1, tokens, hidden):
+        raise ExportError(f"image path gives {list(ref.shape)}, expected [1, {tokens}, {hidden}]", 1)
+
+    with common.staged_output(args.out, args.force) as tmp:
+        onnx_path = tmp / "vision.onnx"
+        log(f"exporting the vision encoder ({args.dtype}, {frame}x{frame} -> {tokens}x{hidden})")
+        common.export_onnx(module, torch.from_numpy(pv), onnx_path, args.dtype, tokens, hidden)
+        out = common.run_onnx(onnx_path, pv)
+        diff = common.check_close("vision.onnx (ONNX Runtime) vs PyTorch (probe image)", out, ref, TOLERANCE[args.dtype])
+
+        dec = tmp / "decoder"
+        dec.mkdir()
+        text = common.text_config(raw, family.lm_key, archs[text_type], text_type)
+        (dec / "config.json").write_text(json.dumps(text, indent=2) + "\n")
+        n, nbytes = common.write_language_model(files, family.lm_prefixes, family.lm_heads, dec)
+        log(f"language model: {n} tensors, {nbytes / 2**20:.1f} MiB -> decoder/ ({archs[text_type]})")
+        common.save_tokenizer(hf, dec)
+
+        tok = processor.tokenizer
+        image_token = family.image_token(processor)
+        prompt = common.derive_prompt(processor, tok, image_token, args.template)
+        fam_prefix, fam_suffix = family.frame_text(processor)
+        prompt["frame_prefix"] = prompt["frame_prefix"] + fam_prefix
+        prompt["frame_suffix"] = fam_suffix + prompt["frame_suffix"]
+        prompt["default_question"] = args.question
+        prompt["image_token"] = image_token
+        name = args.name or hf.resolve().name
+        common.write_manifest(
+            tmp / "jetvlm.yaml",
+            {
+                "name": name,
+                "comment": [
+                    f"Exported by `jetvlm export` from {hf.resolve().name} ({raw['model_type']}).",
+                    f"vision.onnx: {args.dtype}, ONNX Runtime vs PyTorch max abs diff {diff:.2e} on a probe image.",
+                ],
+                "vision": {"height": frame, "width": frame, "tokens_per_frame": tokens, **pre},
+                "prompt": prompt,
+                "kv_policy": args.kv_policy,
+            },
+        )
+    log(f"prompt: {json.dumps(prompt['template'])}, frame {json.dumps(prompt['frame_prefix'])}"
+        f" + {tokens} embeddings + {json.dumps(prompt['frame_suffix'])}, bos {prompt['add_bos']}")
+    for note in pre["notes"]:
+        log(f"note: {note}")
+    log(f"wrote {args.out} in {time.time() - started:.1f}s")
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    try:
+        export(args)
+    except ExportError as e:
+        print(f"jetvlm export: error: {e}", file=sys.stderr)
+        return e.code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The model families the exporter knows: how each builds its image path (vision tower +
+projector/connector) from the checkpoint, what its processor does to a frame, and how its
+image tokens sit in the prompt.
+
+A family provides:
+    model_types          config.json `model_type` values it reads
+    lm_key               the nested text config in config.json
+    lm_prefixes          checkpoint prefixes of the language model's body (old and new layouts)
+    lm_heads             checkpoint names of the LM head
+    native_size(cfg)     the frame size the vision tower was trained at
+    encoder(...)         a torch module [1,3,F,F] -> [1,T,hidden] with the checkpoint's weights
+    preprocessing(...)   the manifest's vision fields + notes on what jetvlm does differently
+    frame_text(proc)     text before and after a frame's embeddings (the expanded image tokens)
+"""
+
+import torch
+
+from .common import ExportError, load_tensors, strip_prefix
+
+
+def _load(module, files, prefixes, what):
+    """Loads `module`'s parameters from the checkpoint tensors under `prefixes`."""
+    rename = strip_prefix(files, [(p, "") for p in prefixes])
+    if not rename:
+        raise ExportError(f"no {what} weights in the checkpoint (looked under {', '.join(prefixes)})")
+    wanted = module.state_dict()
+    missing = [k for k in wanted if k not in rename]
+    if missing:
+        raise ExportError(f"{what} weights missing from the checkpoint: {', '.join(missing[:4])}")
+    tensors = load_tensors(files, [rename[k] for k in wanted])
+    state = {k: tensors[rename[k]].to(torch.float32) for k in wanted}
+    module.load_state_dict(state, strict=True)
+    return module.eval().float()
+
+
+def _resample_name(resample) -> str:
+    names = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+    if resample is None:
+        return "unknown"
+    value = getattr(resample, "value", resample)
+    if isinstance(value, int):
+        return names.get(value, str(value))
+    return str(value).lower()
+
+
+def _size(d, *keys):
+    if d is None:
+        return None
+    get = d.get if isinstance(d, dict) else (lambda k: getattr(d, k, None))
+    for k in keys:
+        if get(k) is not None:
+            return get(k)
+    return None
+
+
+def _normalisation(ip) -> tuple:
+    if getattr(ip, "do_rescale", True) and abs(float(getattr(ip, "rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+        raise ExportError(
+            f"the image processor rescales by {ip.rescale_factor}; jetvlm rescales RGB by 1/255 only"
+        )
+    if not getattr(ip, "do_rescale", True):
+        raise ExportError("the image processor does not rescale pixels to [0, 1]; jetvlm always does")
+    if getattr(ip, "do_normalize", True):
+        mean = [float(x) for x in ip.image_mean]
+        std = [float(x) for x in ip.image_std]
+    else:
+        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    if len(mean) != 3 or len(std) != 3:
+        raise ExportError(f"image mean/std must have 3 values, got {mean} / {std}")
+    return mean, std
+
+
+class Llava:
+    """LLaVA-1.5: CLIP vision tower, hidden states of `vision_feature_layer` (CLS dropped with
+    the "default" strategy), 2-layer MLP projector; a Llama/Mistral/Qwen2 language model."""
+
+    name = "llava"
+    model_types = ("llava",)
+    lm_key = "text_config"
+    lm_prefixes = ("model.language_model.", "language_model.model.")
+    lm_heads = ("lm_head.weight", "language_model.lm_head.weight")
+    vision_prefixes = ("model.vision_tower.", "vision_tower.")
+    projector_prefixes = ("model.multi_modal_projector.", "multi_modal_projector.")
+
+    def native_size(self, cfg) -> int:
+        return int(cfg.vision_config.image_size)
+
+    def check(self, cfg, frame_size: int) -> None:
+        vt = cfg.vision_config.model_type
+        if vt not in ("clip_vision_model", "siglip_vision_model"):
+            raise ExportError(f"LLaVA with a `{vt}` vision tower is not supported (CLIP or SigLIP)")
+        strategy = cfg.vision_feature_select_strategy
+        if strategy not in ("default", "full"):
+            raise ExportError(f"vision_feature_select_strategy `{strategy}` is not supported (default, full)")
+        p = int(cfg.vision_config.patch_size)
+        if frame_size % p:
+            raise ExportError(f"--frame-size {frame_size} is not a multiple of the patch size {p}")
+
+    def tokens_per_frame(self, cfg, frame_size: int) -> int:
+        n = (frame_size // int(cfg.vision_config.patch_size)) ** 2
+        cls = 1 if cfg.vision_config.model_type == "clip_vision_model" else 0
+        return n + cls if cfg.vision_feature_select_strategy == "full" else n
+
+    def encoder(self, cfg, files, frame_size: int):
+        from transformers import AutoModel
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+        tower = _load(AutoModel.from_config(cfg.vision_config), files, self.vision_prefixes, "vision tower")
+        projector = _load(LlavaMultiModalProjector(cfg), files, self.projector_prefixes, "projector")
+        layers = cfg.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        has_cls = cfg.vision_config.model_type == "clip_vision_model"
+        drop_cls = has_cls and cfg.vision_feature_select_strategy == "default"
+        interpolate = frame_size != self.native_size(cfg)
+
+        class LlavaImagePath(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.tower, self.projector = tower, projector
+
+            def forward(self, pixel_values):
+                kwargs = {"interpolate_pos_encoding": True} if interpolate else {}
+                out = self.tower(pixel_values, output_hidden_states=True, **kwargs)
+                hs = [out.hidden_states[i] for i in layers]
+                if drop_cls:
+                    hs = [h[:, 1:] for h in hs]
+                return self.projector(torch.cat(hs, dim=-1))
+
+        return LlavaImagePath().eval()
+
+    def preprocessing(self, ip, frame_size: int) -> dict:
+        mean, std = _normalisation(ip)
+        notes = []
+        crop = _size(getattr(ip, "crop_size", None), "height")
+        shortest = _size(getattr(ip, "size", None), "shortest_edge")
+        if getattr(ip, "do_pad", False):
+            resize = "letterbox"
+            what = "pads the frame to a square with the mean colour, then resizes"
+        elif getattr(ip, "do_center_crop", False) and shortest is not None:
+            resize = "center-crop"
+            what = f"resizes the shortest edge to {shortest} and cuts the centre {crop}x{crop}"
+        else:
+            resize = "stretch"
+            what = "resizes both axes to the encoder size"
+        interp = _resample_name(getattr(ip, "resample", None))
+        notes.append(f"processor: {what} ({interp}), rescales by 1/255, normalises with mean/std")
+        if interp != "bilinear":
+            notes.append(
+                f"jetvlm resizes bilinear where the processor uses {interp}; frames already at "
+                f"{frame_size}x{frame_size} are identical"
+            )
+        return {"resize": resize, "mean": mean, "std": std, "notes": notes}
+
+    def frame_text(self, processor) -> tuple:
+        return "", ""
+
+    def image_token(self, processor) -> str:
+        return processor.image_token
+
+
+class Idefics3:
+    """Idefics3 / SmolVLM: SigLIP-style vision transformer, pixel-shuffle connector, a Llama
+    language model. One frame at the vision tower's size (the processor's global image); the
+    processor's tiling of large images into sub-images is not reproduced."""
+
+    name = "idefics3"
+    model_types = ("idefics3", "smolvlm")
+    lm_key = "text_config"
+    lm_prefixes = ("model.text_model.", "text_model.model.", "model.language_model.")
+    lm_heads = ("lm_head.weight", "text_model.lm_head.weight")
+    vision_prefixes = ("model.vision_model.", "vision_model.")
+    connector_prefixes = ("model.connector.", "connector.")
+
+    def native_size(self, cfg) -> int:
+        return int(cfg.vision_config.image_size)
+
+    def check(self, cfg, frame_size: int) -> None:
+        step = int(cfg.vision_config.patch_size) * int(cfg.scale_factor)
+        if frame_size % step:
+            raise ExportError(
+                f"--frame-size {frame_size} is not a multiple of patch size x scale factor ({step})"
+            )
+        if frame_size > self.native_size(cfg):
+            raise ExportError(
+                f"--frame-size {frame_size} is above the vision tower's {self.native_size(cfg)} "
+                "(larger images are tiled by the processor, which jetvlm does not do)"
+            )
+
+    def tokens_per_frame(self, cfg, frame_size: int) -> int:
+        n = (frame_size // int(cfg.vision_config.patch_size)) ** 2
+        return n // int(cfg.scale_factor) ** 2
+
+    def encoder(self, cfg, files, frame_size: int):
+        if cfg.model_type == "smolvlm":
+            from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector as Connector
+            from transformers.models.smolvlm.modeling_smolvlm import SmolVLMVisionTransformer as Vit
+        else:
+            from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector as Connector
+            from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer as Vit
+
+        vit = _load(Vit(cfg.vision_config), files, self.vision_prefixes, "vision model")
+        connector = _load(Connector(cfg), files, self.connector_prefixes, "connector")
+        # Position ids of a full frame of `frame_size` (the model buckets a frame's patch grid
+        # onto its trained grid); constant, so the graph needs no bucketize.
+        p = int(cfg.vision_config.patch_size)
+        per_side = self.native_size(cfg) // p
+        n = frame_size // p
+        boundaries = torch.arange(1 / per_side, 1.0, 1 / per_side)
+        frac = torch.clamp(torch.arange(n, dtype=torch.float32) / n, max=1.0 - 1e-6)
+        b = torch.bucketize(frac, boundaries, right=True)
+        position_ids = (b[:, None] * per_side + b[None, :]).reshape(1, -1)
+
+        class Idefics3ImagePath(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.vit, self.connector = vit, connector
+                self.register_buffer("position_ids", position_ids, persistent=False)
+
+            def forward(self, pixel_values):
+                emb = self.vit.embeddings
+                x = emb.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+                x = x + emb.position_embedding(self.position_ids)
+                x = self.vit.encoder(inputs_embeds=x, attention_mask=None).last_hidden_state
+                x = self.vit.post_layernorm(x)
+                return self.connector(x)
+
+        return Idefics3ImagePath().eval()
+
+    def preprocessing(self, ip, frame_size: int) -> dict:
+        mean, std = _normalisation(ip)
+        interp = _resample_name(getattr(ip, "resample", None))
+        square = _size(getattr(ip, "max_image_size", None), "longest_edge")
+        notes = [
+            f"processor: without image splitting it resizes the frame to {square}x{square} "
+            f"({interp}), rescales by 1/255, normalises with mean/std"
+        ]
+        if getattr(ip, "do_image_splitting", False):
+            notes.append(
+                "the processor also tiles large images into sub-images plus this global image; "
+                "jetvlm feeds the global image only (one frame, no tiling)"
+            )
+        if interp != "bilinear":
+            notes.append(
+                f"jetvlm resizes bilinear where the processor uses {interp}; frames already at "
+                f"{frame_size}x{frame_size} are identical"
+            )
+        return {"resize": "stretch", "mean": mean, "std": std, "notes": notes}
+
+    def frame_text(self, processor) -> tuple:
+        fake = processor.fake_image_token
+        glob = getattr(processor, "global_image_token", None) or getattr(processor, "global_image_tag", "<global-img>")
+        return fake + glob, fake
+
+    def image_token(self, processor) -> str:
+        return processor.image_token
+
+
+FAMILIES = [Llava(), Idefics3()]
+
+
+def family_for(model_type: str):
+    for f in FAMILIES:
+        if model_type in f.model_types:
+            return f
+    known = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise ExportError(f"model_type `{model_type}` is not supported (supported: {known})")
