@@ -144,3 +144,27 @@ fn a_session_window_past_the_allowed_positions_is_warned_about() {
         "{err}"
     );
 }
+
+#[test]
+fn generate_takes_a_model_package_for_its_decoder() {
+    let demo = root().join("models/demo");
+    let package = demo.display().to_string();
+    let decoder = demo.join("decoder").display().to_string();
+    let run = |model: &str| {
+        let (ok, out, err) = jetvlm(&[
+            "generate",
+            "--model",
+            model,
+            "--prompt-ids",
+            "3,4,5",
+            "--max-tokens",
+            "3",
+            "--greedy",
+            "--json",
+        ]);
+        assert!(ok, "{model}: {err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        v["token_ids"].clone()
+    };
+    assert_eq!(run(&package), run(&decoder));
+}

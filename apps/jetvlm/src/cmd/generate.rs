@@ -16,7 +16,8 @@ use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Decoder directory in Hugging Face layout (config.json, *.safetensors, tokenizer.json).
+    /// Decoder directory in Hugging Face layout (config.json, *.safetensors, tokenizer.json),
+    /// or a jetvlm model package (its decoder is used).
     #[arg(long)]
     pub model: PathBuf,
     /// Prompt text (rendered through the chat template when the model has one, unless --raw).
@@ -82,7 +83,8 @@ struct Report {
     model: String,
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
+pub fn run(mut args: GenerateArgs) -> Result<()> {
+    args.model = super::decoder_dir(&args.model)?;
     // A GPU run opens the device first: without one it fails before reading anything.
     match args.device {
         Device::Cuda => return run_device(&super::gpu::open(0)?, &args),

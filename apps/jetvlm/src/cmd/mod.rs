@@ -50,6 +50,18 @@ impl EncoderArgs {
 /// The model package a command uses: the one given, else the bundled demo model
 /// (`models/demo`), looked up from the working directory and from the executable's location
 /// upwards (so `cargo run` and an installed tree both find it), or `$JETVLM_MODEL`.
+/// The decoder directory of `--model`: a Hugging Face model directory as given, or a jetvlm
+/// model package (a directory with `jetvlm.yaml`), whose manifest names its decoder.
+pub fn decoder_dir(model: &Path) -> anyhow::Result<PathBuf> {
+    let manifest = model.join("jetvlm.yaml");
+    if !manifest.is_file() {
+        return Ok(model.to_path_buf());
+    }
+    let m: jetvlm_vision::package::Manifest = jetvlm_core::config::load_yaml(&manifest)
+        .map_err(|e| anyhow::anyhow!("--model {}: {e}", model.display()))?;
+    Ok(model.join(m.decoder.dir))
+}
+
 /// A count flag that must be at least 1 (`--max-tokens`): 0 would give empty answers.
 pub fn at_least_one(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {

@@ -150,7 +150,8 @@ fn layout(context: usize, text_fraction: f64, frame_tokens: usize) -> (usize, us
     (frame_total, context - frame_total)
 }
 
-pub fn run(args: DecodeArgs) -> Result<()> {
+pub fn run(mut args: DecodeArgs) -> Result<()> {
+    args.model = crate::cmd::decoder_dir(&args.model)?;
     if args.device == jetvlm_core::Device::Sim {
         bail!(
             "--device sim runs the CUDA kernels' CPU twins to check the GPU path; it is not a \
