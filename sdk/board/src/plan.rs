@@ -259,8 +259,8 @@ pub fn kv_bytes_per_token(text: &ModelConfig, format: KvFormat) -> u64 {
 
 /// Bytes of one frame token's K and V across all layers, each layer in its own format.
 pub fn frame_kv_bytes_per_token(text: &ModelConfig, kv: &KvPrecision) -> u64 {
-    if kv.frame_layers.is_empty() {
-        return kv_bytes_per_token(text, kv.frames);
+    if kv.frame_layers().is_empty() {
+        return kv_bytes_per_token(text, kv.frames());
     }
     let per_layer = 2 * text.num_key_value_heads as u64;
     (0..text.num_hidden_layers)
@@ -281,10 +281,14 @@ pub fn kv_usage(
     let fp16 = kv_bytes_per_token(text, KvFormat::FP16);
     // Frame tokens the budget may keep FP16 once text has taken its share: every one with
     // `salient=on`, else the sinks (the sequence's first tokens; charged as frame tokens).
-    let fp16_frame_tokens = if kv.quantizes_frames() && kv.fp16_budget > 0.0 {
-        let cap = ((context as f64) * kv.fp16_budget - 1e-9).ceil().max(0.0) as u64;
+    let fp16_frame_tokens = if kv.quantizes_frames() && kv.fp16_budget() > 0.0 {
+        let cap = ((context as f64) * kv.fp16_budget() - 1e-9).ceil().max(0.0) as u64;
         let room = cap.saturating_sub(text_tokens);
-        let room = if kv.salient { room } else { room.min(kv.sinks) };
+        let room = if kv.salient() {
+            room
+        } else {
+            room.min(kv.sinks())
+        };
         room.min(frame_tokens)
     } else {
         0
@@ -294,7 +298,7 @@ pub fn kv_usage(
         "the text KV bytes",
         &[
             (TEXT_TOKENS, text_tokens),
-            (per_token, kv_bytes_per_token(text, kv.text)),
+            (per_token, kv_bytes_per_token(text, kv.text())),
         ],
     )?;
     let frame_bytes = sum(
@@ -898,7 +902,7 @@ fn advice(
         }
         let lower: Vec<u8> = [8u8, 4, 2]
             .into_iter()
-            .filter(|b| *b < kv.frames.bits)
+            .filter(|b| *b < kv.frames().bits)
             .collect();
         let mut found = false;
         for bits in &lower {

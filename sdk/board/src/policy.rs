@@ -98,22 +98,17 @@ impl fmt::Display for KvFormat {
 
 /// What the planner charges for a KV policy: the formats of text and frame tokens and the
 /// FP16 budget, derived from a [`KvPolicy`] (the one policy type and grammar, shared with the
-/// KV cache and the CLI) by [`KvPrecision::from`]. The fields are the derived view; the
-/// policy itself, and so the name, is [`KvPrecision::policy`].
+/// KV cache and the CLI) by [`KvPrecision::from`]. A read-only view: a different policy is
+/// a different [`KvPolicy`] converted again.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KvPrecision {
     policy: KvPolicy,
-    pub text: KvFormat,
-    pub frames: KvFormat,
-    /// Fraction of the context that may stay FP16 (text first, then sinks and, with
-    /// `salient`, the most attended frame tokens).
-    pub fp16_budget: f64,
-    /// Attention-sink tokens (the sequence's first) kept FP16 within the budget.
-    pub sinks: u64,
-    /// The most attended frame tokens fill the rest of the budget at FP16 (`salient=on`).
-    pub salient: bool,
-    /// Per-layer frame formats (a calibrated policy); empty: `frames` in every layer.
-    pub frame_layers: Vec<KvFormat>,
+    text: KvFormat,
+    frames: KvFormat,
+    fp16_budget: f64,
+    sinks: u64,
+    salient: bool,
+    frame_layers: Vec<KvFormat>,
 }
 
 impl From<KvPolicy> for KvPrecision {
@@ -211,6 +206,39 @@ impl KvPrecision {
     /// The policy this was derived from.
     pub fn policy(&self) -> &KvPolicy {
         &self.policy
+    }
+
+    /// The format of text tokens.
+    pub fn text(&self) -> KvFormat {
+        self.text
+    }
+
+    /// The format of frame tokens outside the FP16 budget (every layer's, unless
+    /// [`KvPrecision::frame_layers`] gives one per layer).
+    pub fn frames(&self) -> KvFormat {
+        self.frames
+    }
+
+    /// Fraction of the context that may stay FP16 (text first, then sinks and, with
+    /// `salient`, the most attended frame tokens).
+    pub fn fp16_budget(&self) -> f64 {
+        self.fp16_budget
+    }
+
+    /// Attention-sink tokens (the sequence's first) kept FP16 within the budget.
+    pub fn sinks(&self) -> u64 {
+        self.sinks
+    }
+
+    /// The most attended frame tokens fill the rest of the budget at FP16 (`salient=on`).
+    pub fn salient(&self) -> bool {
+        self.salient
+    }
+
+    /// Per-layer frame formats (a calibrated policy); empty: [`KvPrecision::frames`] in
+    /// every layer.
+    pub fn frame_layers(&self) -> &[KvFormat] {
+        &self.frame_layers
     }
 
     /// The frame format of `layer`.

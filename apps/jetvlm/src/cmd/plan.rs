@@ -168,9 +168,9 @@ pub fn build(args: &PlanArgs) -> Result<Plan> {
     let kv = KvPrecision::from(policy);
     let layers = model.text.num_hidden_layers;
     anyhow::ensure!(
-        kv.frame_layers.is_empty() || kv.frame_layers.len() == layers,
+        kv.frame_layers().is_empty() || kv.frame_layers().len() == layers,
         "--kv {kv_name}: formats for {} layers, the model has {layers}",
-        kv.frame_layers.len()
+        kv.frame_layers().len()
     );
     if let Some(bits) = args.weight_bits {
         opts.weights = WeightFormat::from_bits(bits)?;
