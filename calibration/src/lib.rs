@@ -2,7 +2,7 @@
 //!
 //! 1. [`Recorder`] runs as the model's KV store on sample prompts (frames and questions): it
 //!    answers with the exact f32 cache and records every layer's keys, values and queries.
-//! 2. [`replay`] feeds that traffic through the mixed cache under a candidate frame format
+//! 2. [`replay()`] feeds that traffic through the mixed cache under a candidate frame format
 //!    and measures each layer's attention-output error against the exact outputs.
 //! 3. [`Calibrator`] (or [`calibrate`] over a whole trace) tries every format (INT8/INT4/INT2, per-channel or per-token keys, group
 //!    128/64/32 where the head dim allows), picks per layer the cheapest one whose error stays
@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 
 /// Errors of calibration and of calibration files.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CalibrationError {
     #[error("KV cache: {0}")]
     Kv(#[from] KvError),

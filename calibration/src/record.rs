@@ -1,7 +1,7 @@
 //! Recording a model's KV traffic: [`Recorder`] is a [`KvStore`] over the exact f32 cache
 //! that keeps every span appended, every layer's keys and values written and every
 //! attention's queries with the exact output, so that the same traffic can be replayed
-//! through the mixed cache under any frame format ([`crate::replay`]).
+//! through the mixed cache under any frame format ([`crate::replay()`]).
 
 use jetvlm_core::{FrameId, TokenKind};
 use jetvlm_decoder::kv::CacheShape;

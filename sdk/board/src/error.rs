@@ -4,6 +4,7 @@ use std::path::PathBuf;
 /// Everything that can go wrong while loading a board or a model description, planning, or
 /// detecting the board.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BoardError {
     /// A board YAML, `config.json` or `jetvlm.yaml` that could not be read or understood
     /// (names the file, line and field).

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 /// Errors of camera sources and the synthetic dataset generator.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CameraError {
     #[error("invalid source URI `{uri}`: {reason}")]
     InvalidUri { uri: String, reason: String },

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// A configuration file that could not be read or understood.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     #[error("cannot read {}: {source}", path.display())]
     Io {

@@ -26,10 +26,14 @@ use crate::layout::BlockKind;
 
 pub use crate::kvtable::PREFILL_CHUNK;
 
-fn model_err(dir: &Path) -> impl Fn(jetvlm_decoder::DecoderError) -> CudaError + '_ {
-    move |e| CudaError::Model {
+/// Wraps an error of the decoder crate (or one it converts from) on the model in `dir`,
+/// keeping it as the source.
+pub(crate) fn model_err<E: Into<jetvlm_decoder::DecoderError>>(
+    dir: &Path,
+) -> impl Fn(E) -> CudaError + '_ {
+    move |e| CudaError::DecoderModel {
         path: dir.to_path_buf(),
-        message: e.to_string(),
+        source: Box::new(e.into()),
     }
 }
 

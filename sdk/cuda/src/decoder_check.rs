@@ -9,7 +9,7 @@ use std::path::Path;
 use jetvlm_decoder::{GenerateOptions, Generation, Input, LoadOptions, Model};
 use jetvlm_kvcache::{KvPolicy, MixedKvCache};
 
-use crate::decoder::{DeviceDecoder, DeviceInput, DeviceKvCache, DeviceSession};
+use crate::decoder::{DeviceDecoder, DeviceInput, DeviceKvCache, DeviceSession, model_err};
 use crate::error::CudaError;
 use crate::gpu::{Gpu, PoolMemory};
 use crate::kvtable::DevicePolicy;
@@ -163,16 +163,12 @@ fn teacher_forced_agreement<G: Gpu>(
     policy: &KvPolicy,
 ) -> Result<(usize, usize), CudaError> {
     let path = model.config().path.clone();
-    let model_err = |message: String| CudaError::Model {
-        path: path.clone(),
-        message,
-    };
     let (split, frame_ids) = agreement_frames(prompt.len(), cpu_model.vocab_size() as u32);
     let frames: Vec<Vec<f32>> = frame_ids
         .iter()
         .map(|f| cpu_model.embed(f))
         .collect::<Result<_, _>>()
-        .map_err(|e| model_err(e.to_string()))?;
+        .map_err(model_err(&path))?;
     let mut inputs = vec![Input::text(&prompt[..split])];
     for (i, f) in frames.iter().enumerate() {
         inputs.push(Input::frame(f, 64, i as u64));
@@ -180,16 +176,16 @@ fn teacher_forced_agreement<G: Gpu>(
     inputs.push(Input::text(&prompt[split..]));
     let cap = prompt.len() + 128 + tokens + 1;
     let mut cache = MixedKvCache::new(cpu_model.cache_shape(), KvPolicy::fp16(), cap)
-        .map_err(|e| model_err(e.to_string()))?;
+        .map_err(model_err(&path))?;
     let opts = GenerateOptions {
         max_tokens: tokens,
         ..Default::default()
     };
     let answer: Vec<u32> = Generation::start(cpu_model, &mut cache, &inputs, &[], None, opts)
-        .map_err(|e| model_err(e.to_string()))?
+        .map_err(model_err(&path))?
         .map(|s| s.map(|s| s.token))
         .collect::<Result<_, _>>()
-        .map_err(|e| model_err(e.to_string()))?;
+        .map_err(model_err(&path))?;
 
     let c = &model.config().model;
     // `MixedKvCache` and `DevicePolicy` fit the group to the head dim.
@@ -246,10 +242,6 @@ fn rolling_session<G: Gpu>(
     tokens: usize,
 ) -> Result<(Vec<u32>, Vec<u32>), CudaError> {
     let path = model.config().path.clone();
-    let model_err = |message: String| CudaError::Model {
-        path: path.clone(),
-        message,
-    };
     let vocab = cpu_model.vocab_size() as u32;
     let frames: Vec<Vec<f32>> = (0..3u32)
         .map(|f| {
@@ -257,7 +249,7 @@ fn rolling_session<G: Gpu>(
             cpu_model.embed(&ids)
         })
         .collect::<Result<_, _>>()
-        .map_err(|e| model_err(e.to_string()))?;
+        .map_err(model_err(&path))?;
     let split = prompt.len().min(4);
     let (prefix, question) = (&prompt[..split], &prompt[split..]);
     let dropped: Vec<u32> = prompt.iter().rev().take(5).copied().collect();
@@ -265,21 +257,20 @@ fn rolling_session<G: Gpu>(
     // CPU: prefix, A, B, evict A, C, question (the dropped question never happens).
     let shape = cpu_model.cache_shape();
     let cap = prompt.len() + 3 * 64 + tokens + 8;
-    let mut cache =
-        MixedKvCache::new(shape, KvPolicy::fp16(), cap).map_err(|e| model_err(e.to_string()))?;
-    let cpu_err = |e: jetvlm_decoder::DecoderError| model_err(e.to_string());
+    let mut cache = MixedKvCache::new(shape, KvPolicy::fp16(), cap).map_err(model_err(&path))?;
+    let cpu_err = model_err(&path);
     cpu_model
         .forward(&[Input::text(prefix)], &mut cache)
-        .map_err(cpu_err)?;
+        .map_err(&cpu_err)?;
     for (i, f) in frames[..2].iter().enumerate() {
         cpu_model
             .forward(&[Input::frame(f, 64, i as u64)], &mut cache)
-            .map_err(cpu_err)?;
+            .map_err(&cpu_err)?;
     }
-    cache.evict_frame(0).map_err(|e| model_err(e.to_string()))?;
+    cache.evict_frame(0).map_err(model_err(&path))?;
     cpu_model
         .forward(&[Input::frame(&frames[2], 64, 2)], &mut cache)
-        .map_err(cpu_err)?;
+        .map_err(&cpu_err)?;
     let opts = GenerateOptions {
         max_tokens: tokens,
         ..Default::default()
@@ -292,10 +283,10 @@ fn rolling_session<G: Gpu>(
         None,
         opts,
     )
-    .map_err(cpu_err)?
+    .map_err(&cpu_err)?
     .map(|s| s.map(|s| s.token))
     .collect::<Result<_, _>>()
-    .map_err(cpu_err)?;
+    .map_err(&cpu_err)?;
 
     // GPU: the same with a question and 3 answer tokens dropped after B.
     let c = &model.config().model;
@@ -346,29 +337,26 @@ pub fn decoder_check<G: Gpu>(
         if !fdir.join("config.json").is_file() {
             continue;
         }
-        let model_err = |message: String| CudaError::Model {
-            path: fdir.clone(),
-            message,
-        };
         let exp: serde_json::Value = jetvlm_core::config::load_json(&fdir.join("expected.json"))
-            .map_err(|e| model_err(e.to_string()))?;
-        let prompt = ids(&exp["prompt_ids"])
-            .ok_or_else(|| model_err("expected.json has no prompt_ids".into()))?;
+            .map_err(model_err(&fdir))?;
+        let prompt = ids(&exp["prompt_ids"]).ok_or_else(|| CudaError::Model {
+            path: fdir.clone(),
+            message: "expected.json has no prompt_ids".into(),
+        })?;
         let transformers = ids(&exp["greedy_ids"]).map(|mut v| {
             v.truncate(tokens);
             v
         });
 
-        let cpu_model =
-            Model::load(&fdir, &LoadOptions::default()).map_err(|e| model_err(e.to_string()))?;
+        let cpu_model = Model::load(&fdir, &LoadOptions::default()).map_err(model_err(&fdir))?;
         let cap = prompt.len() + tokens + 1;
         let mut cache = MixedKvCache::new(cpu_model.cache_shape(), KvPolicy::fp16(), cap)
-            .map_err(|e| model_err(e.to_string()))?;
+            .map_err(model_err(&fdir))?;
         let cpu_logits = cpu_model
             .forward(&[Input::text(&prompt)], &mut cache)
-            .map_err(|e| model_err(e.to_string()))?;
+            .map_err(model_err(&fdir))?;
         let mut cache = MixedKvCache::new(cpu_model.cache_shape(), KvPolicy::fp16(), cap)
-            .map_err(|e| model_err(e.to_string()))?;
+            .map_err(model_err(&fdir))?;
         let opts = GenerateOptions {
             max_tokens: tokens,
             ..Default::default()
@@ -381,10 +369,10 @@ pub fn decoder_check<G: Gpu>(
             None,
             opts,
         )
-        .map_err(|e| model_err(e.to_string()))?
+        .map_err(model_err(&fdir))?
         .map(|s| s.map(|s| s.token))
         .collect::<Result<_, _>>()
-        .map_err(|e| model_err(e.to_string()))?;
+        .map_err(model_err(&fdir))?;
 
         let model = DeviceDecoder::load(dev, &fdir)?;
         let c = &model.config().model;

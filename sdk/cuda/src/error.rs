@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 /// Errors of the CUDA backend; each names the operation and the shape, kernel or file at fault.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CudaError {
     #[error("this jetvlm was built without CUDA support (rebuild with `--features cuda`)")]
     NotCompiledWithCuda,
@@ -47,6 +48,14 @@ pub enum CudaError {
     Shape { op: &'static str, message: String },
     #[error("decoder {path}: {message}")]
     Model { path: PathBuf, message: String },
+    /// The decoder crate failed on the model in `path`: its config or weights, or the CPU
+    /// reference a device check runs beside the device.
+    #[error("decoder {path}: {source}")]
+    DecoderModel {
+        path: PathBuf,
+        #[source]
+        source: Box<jetvlm_decoder::DecoderError>,
+    },
     #[error("KV policy {policy} on the device: {message}")]
     Policy { policy: String, message: String },
     #[error("device KV cache full: {message}")]

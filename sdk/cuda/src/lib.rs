@@ -3,7 +3,7 @@
 //! - [`sources`]: the `.cu` kernel sources (embedded), compiled at run time with NVRTC for the
 //!   device's exact SM; [`cache`]: the on-disk cache of compiled kernels.
 //! - [`layout`]: the device KV pool layout (FP16 text blocks, INT2/4/8 frame blocks) shared by
-//!   the kernels and their CPU twins in [`reference`].
+//!   the kernels and their CPU twins in [`reference`](mod@reference).
 //! - [`CudaDevice`]: context, stream, kernel registry and the kernels' launchers. Built with the
 //!   `cuda` feature it drives the GPU through cudarc (dynamic loading: no CUDA library is needed
 //!   to build); without it, [`CudaDevice::open`] returns [`CudaError::NotCompiledWithCuda`], so

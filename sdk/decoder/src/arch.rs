@@ -9,7 +9,7 @@
 //! query heads, RoPE on q and k, optional q/k/v biases (Qwen2), a SwiGLU MLP, a final RMSNorm
 //! and an LM head that may be tied to the embedding table. A new family adds its options to
 //! `ModelConfig`, its tensor names to [`load`] and its steps to [`run_layers`]; a weight
-//! format plugs in at [`LayerOps::matmul`].
+//! format plugs in at [`TensorOps::matmul`].
 
 use crate::error::{DecoderError, Result};
 use crate::weights::{Tensor, Weights};

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 /// Errors of `jetvlm-decoder`.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DecoderError {
     /// `config.json` is missing, does not parse, or describes something unsupported.
     #[error("model config: {0}")]
@@ -74,12 +75,20 @@ pub enum DecoderError {
     },
 
     /// `tokenizer.json` (or another tokenizer file) does not parse.
-    #[error("tokenizer {path}: {msg}")]
-    Tokenizer { path: PathBuf, msg: String },
+    #[error("tokenizer {path}: {source}")]
+    Tokenizer {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 
     /// Encoding or decoding text failed.
-    #[error("tokenizer {op}: {msg}")]
-    Tokenize { op: &'static str, msg: String },
+    #[error("tokenizer {op}: {source}")]
+    Tokenize {
+        op: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 
     /// The chat template does not compile or fails to render.
     #[error("chat template from {path}: {msg}")]

@@ -58,7 +58,7 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
         .map(Some)
         .map_err(|e| DecoderError::Tokenizer {
             path: path.into(),
-            msg: e.to_string(),
+            source: e.into(),
         })
 }
 
@@ -93,11 +93,12 @@ impl Tokenizer {
             path: path.clone(),
             source,
         })?;
-        let inner =
-            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| DecoderError::Tokenizer {
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|source| {
+            DecoderError::Tokenizer {
                 path: path.clone(),
-                msg: e.to_string(),
-            })?;
+                source,
+            }
+        })?;
 
         let tc_path = dir.join("tokenizer_config.json");
         let tc = read_json(&tc_path)?;
@@ -167,22 +168,22 @@ impl Tokenizer {
 
     /// Token ids of `text`; `add_special` applies the tokenizer's post-processor (BOS etc.).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special)
-            .map_err(|e| DecoderError::Tokenize {
-                op: "encode",
-                msg: e.to_string(),
-            })?;
+        let enc =
+            self.inner
+                .encode(text, add_special)
+                .map_err(|source| DecoderError::Tokenize {
+                    op: "encode",
+                    source,
+                })?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special)
-            .map_err(|e| DecoderError::Tokenize {
+            .map_err(|source| DecoderError::Tokenize {
                 op: "decode",
-                msg: e.to_string(),
+                source,
             })
     }
 

@@ -5,6 +5,7 @@ use jetvlm_core::FrameId;
 /// Errors of the KV cache. Each variant names the operation and the shape or budget at
 /// fault.
 #[derive(Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
 pub enum KvError {
     #[error(
         "{op}: cache full: {cached} tokens cached + {requested} requested exceeds the budget of \

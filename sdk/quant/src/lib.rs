@@ -3,14 +3,14 @@
 //! Asymmetric integer quantization with an FP16 scale and zero per group:
 //! `x ~= zero + scale * code`, `code` in `0..2^bits`, for 8, 4 and 2 bits.
 //!
-//! - [`format`]: [`GroupFormat`] (bits x group size), the packing of codes into bytes, and
-//!   the `#[repr(C)]` group blocks ([`BlockQ4G64`] and friends) with compile-time size
-//!   assertions.
+//! - [`format`](mod@format): [`GroupFormat`] (bits x group size), the packing of codes into
+//!   bytes, and the `#[repr(C)]` group blocks ([`BlockQ4G64`] and friends) with compile-time
+//!   size assertions.
 //! - [`layer`]: one layer's frame format as users spell it (`4c64`).
 //! - [`policy`]: [`KvPolicy`], the KV precision policy, and its one grammar (`fp16`,
 //!   `mixed`, `mixed:bits=4,group=32,...`), shared by the KV cache, the planner and the CLI.
-//! - [`reference`]: the plain, obviously-correct quantize / dequantize every fast kernel is
-//!   compared with, and the error bound each element must meet.
+//! - [`reference`](mod@reference): the plain, obviously-correct quantize / dequantize every
+//!   fast kernel is compared with, and the error bound each element must meet.
 //!
 //! Packing (SIMD friendly): codes are packed in chunks of 32. For 4 bits, byte `i` (0..16)
 //! of a chunk holds code `i` in its low nibble and code `i + 16` in its high nibble; for 2
@@ -37,6 +37,7 @@ pub use reference::{
 
 /// Errors of the quantization formats.
 #[derive(Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
 pub enum QuantError {
     #[error("unsupported bit width {bits} (expected 2, 4 or 8)")]
     UnsupportedBits { bits: u32 },

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 /// Everything that can go wrong between a frame and its image embeddings.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum VisionError {
     /// The ONNX Runtime shared library could not be found or loaded.
     #[error(
