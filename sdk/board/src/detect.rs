@@ -29,7 +29,7 @@ impl fmt::Display for L4tVersion {
 }
 
 /// The device-tree model string without its trailing NUL and whitespace.
-pub fn parse_device_tree_model(bytes: &[u8]) -> String {
+pub(crate) fn parse_device_tree_model(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes)
         .trim_end_matches(['\0', '\n', ' '])
         .trim()
@@ -38,7 +38,7 @@ pub fn parse_device_tree_model(bytes: &[u8]) -> String {
 
 /// Parses the first line of `/etc/nv_tegra_release`:
 /// `# R36 (release), REVISION: 4.3, GCID: ..., BOARD: generic, EABI: aarch64, DATE: ...`.
-pub fn parse_nv_tegra_release(text: &str) -> Option<L4tVersion> {
+pub(crate) fn parse_nv_tegra_release(text: &str) -> Option<L4tVersion> {
     let line = text.lines().find(|l| l.contains("REVISION"))?;
     let r = line.find('R')?;
     let major: u32 = line[r + 1..]
@@ -64,7 +64,7 @@ pub fn parse_nv_tegra_release(text: &str) -> Option<L4tVersion> {
 }
 
 /// The JetPack release an L4T version belongs to (NVIDIA's JetPack archive).
-pub fn jetpack_for_l4t(v: L4tVersion) -> Option<&'static str> {
+pub(crate) fn jetpack_for_l4t(v: L4tVersion) -> Option<&'static str> {
     Some(match (v.major, v.minor, v.patch) {
         (38, 2, _) => "7.0",
         (36, 4, 4) => "6.2.1",

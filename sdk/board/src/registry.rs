@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The board profiles shipped in `boards/`, as `(name, yaml)`; the name is the file stem.
-pub const BUNDLED: &[(&str, &str)] = &[
+pub(crate) const BUNDLED: &[(&str, &str)] = &[
     (
         "agx-orin-32gb",
         include_str!("../../../boards/agx-orin-32gb.yaml"),

@@ -245,15 +245,15 @@ fn gemv_rows(w: TensorData<'_>, r0: usize, cols: usize, x: &[f32], ys: &mut [f32
 }
 
 /// One weight of a fused matrix-vector product: `y = W x` for `W: [y.len(), cols]`.
-pub struct GemvJob<'w, 'y> {
-    pub w: TensorData<'w>,
-    pub y: &'y mut [f32],
+pub(crate) struct GemvJob<'w, 'y> {
+    pub(crate) w: TensorData<'w>,
+    pub(crate) y: &'y mut [f32],
 }
 
 /// Several matrix-vector products over the same input `x` (a layer's q/k/v, or gate/up) in
 /// one parallel region: the rows of all weights are split into tasks together, so the
 /// threads meet once instead of once per weight.
-pub fn gemv_many(jobs: &mut [GemvJob<'_, '_>], cols: usize, x: &[f32]) {
+pub(crate) fn gemv_many(jobs: &mut [GemvJob<'_, '_>], cols: usize, x: &[f32]) {
     debug_assert_eq!(x.len(), cols);
     let total_rows: usize = jobs.iter().map(|j| j.y.len()).sum();
     let chunk = gemv_chunk(total_rows, cols);
@@ -284,7 +284,7 @@ pub fn gemv(w: TensorData<'_>, rows: usize, cols: usize, x: &[f32], y: &mut [f32
     gemv_many(&mut [GemvJob { w, y }], cols, x);
 }
 
-/// Reference twin of [`gemv`] and [`gemv_many`].
+/// Reference twin of [`gemv`] (and of the batched products the decoder runs per layer).
 pub fn gemv_ref(w: TensorData<'_>, rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
     for r in 0..rows {
         y[r] = dot_ref(w, r * cols, x);

@@ -180,14 +180,6 @@ impl KvBackend {
         Ok(())
     }
 
-    /// Cached frames, oldest first (mixed cache only; empty for the reference cache).
-    pub fn frames(&self) -> Vec<FrameId> {
-        match &self.inner {
-            Inner::Mixed(c) => c.frames(),
-            Inner::Exact(_) => Vec::new(),
-        }
-    }
-
     pub fn supports_eviction(&self) -> bool {
         matches!(self.inner, Inner::Mixed(_))
     }

@@ -111,10 +111,6 @@ impl PromptTemplate {
         }
         Some((before, after))
     }
-
-    pub fn system(&self) -> Option<&str> {
-        self.system.as_deref()
-    }
 }
 
 fn push_text(parts: &mut Vec<Part>, text: &str) {

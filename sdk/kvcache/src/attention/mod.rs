@@ -17,12 +17,12 @@
 //! overrides what [`Kernel::detect`] picks (when the CPU runs it).
 
 #[cfg(target_arch = "x86_64")]
-pub mod avx2;
+mod avx2;
 #[cfg(target_arch = "x86_64")]
-pub mod avx512;
+mod avx512;
 #[cfg(target_arch = "aarch64")]
-pub mod neon;
-pub mod portable;
+mod neon;
+mod portable;
 pub mod reference;
 
 use crate::cells::{Cells, PoolKind, Span};
@@ -39,7 +39,7 @@ pub const MAX_GQA: usize = 16;
 pub const MAX_HEAD_DIM: usize = 256;
 /// Largest block (tokens) of either pool.
 pub const MAX_BLOCK_TOKENS: usize = 128;
-pub const MAX_GROUPS: usize = MAX_HEAD_DIM / 32;
+pub(crate) const MAX_GROUPS: usize = MAX_HEAD_DIM / 32;
 
 /// Which attention implementation runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -144,7 +144,7 @@ fn avx512_available() -> bool {
 }
 
 /// The scaled queries of one KV head's query heads, and per-group sums of them.
-pub struct Prep {
+pub(crate) struct Prep {
     pub g: usize,
     pub d: usize,
     /// `[g][d]`, already multiplied by `1/sqrt(d)`.
@@ -156,7 +156,7 @@ pub struct Prep {
 }
 
 /// Running online-softmax state of one task.
-pub struct State {
+pub(crate) struct State {
     pub g: usize,
     pub d: usize,
     pub m: [f32; MAX_GQA],
@@ -428,11 +428,11 @@ impl State {
 
 /// Index of head `h`, group `g` in [`Prep::qsum`] / [`State::zacc`].
 #[inline]
-pub fn gidx(h: usize, g: usize) -> usize {
+pub(crate) fn gidx(h: usize, g: usize) -> usize {
     h * MAX_GROUPS + g
 }
 /// Index of head `h`, token `t` in [`State::s`].
 #[inline]
-pub fn sidx(h: usize, t: usize) -> usize {
+pub(crate) fn sidx(h: usize, t: usize) -> usize {
     h * MAX_BLOCK_TOKENS + t
 }
