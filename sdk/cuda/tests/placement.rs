@@ -44,6 +44,17 @@ fn precision(pool: PoolKind) -> Precision {
     }
 }
 
+/// Asserts `got == want`, naming the first token that differs (the lists are long).
+fn assert_same<T: PartialEq + std::fmt::Debug>(got: &[T], want: &[T], what: &str) {
+    if let Some(i) = (0..got.len().min(want.len())).find(|&i| got[i] != want[i]) {
+        panic!(
+            "{what}: token {i} is {:?}, the rules say {:?}",
+            got[i], want[i]
+        );
+    }
+    assert_eq!(got.len(), want.len(), "{what}: tokens held");
+}
+
 /// Positions of `n` tokens appended after `rules`' next position.
 fn positions(rules: &Rules, n: usize) -> Vec<u32> {
     let p = rules.next_position();
@@ -66,6 +77,8 @@ struct Cpu {
     /// Rules state (tokens, next position) and engine state after each step since a clear.
     history: Vec<(Vec<Token>, u32, CpuState)>,
     mark: Option<CpuState>,
+    /// Truncations that came back to an earlier state (and restored it).
+    restored: usize,
 }
 
 impl Cpu {
@@ -76,6 +89,7 @@ impl Cpu {
             rules: Rules::new(policy, Engine::Cpu),
             history: Vec::new(),
             mark: None,
+            restored: 0,
         };
         s.remember();
         s
@@ -184,6 +198,7 @@ impl Cpu {
                 .find(|(t, p, _)| (&t[..], *p) == now)
             {
                 assert_eq!(&self.state(), earlier, "truncation restores the state");
+                self.restored += 1;
             }
         }
         if let Op::Evict(_) | Op::Truncate(_) = op {
@@ -222,7 +237,7 @@ impl Cpu {
         }
         // Attention reads in sequence order.
         seen.sort_by_key(|t| t.seq);
-        assert_eq!(seen, rules.tokens(), "CPU tokens");
+        assert_same(&seen, rules.tokens(), "CPU tokens");
         // Text fills its blocks in order: only a pool's newest text block is partly filled.
         for (pool, cap) in [
             (PoolKind::Fp16, self.policy.fp16_block_tokens),
@@ -264,6 +279,7 @@ struct Dev {
     rules: Rules,
     history: Vec<(Vec<Token>, u32, DevState)>,
     mark: Option<(TableMark, DevState, (usize, usize))>,
+    restored: usize,
 }
 
 impl Dev {
@@ -279,6 +295,7 @@ impl Dev {
             ),
             history: Vec::new(),
             mark: None,
+            restored: 0,
         };
         s.remember();
         s
@@ -392,6 +409,7 @@ impl Dev {
                 .find(|(t, p, _)| (&t[..], *p) == now)
             {
                 assert_eq!(&self.state(), earlier, "truncation restores the state");
+                self.restored += 1;
             }
         }
         if let Op::Evict(_) | Op::Truncate(_) | Op::Clear = op {
@@ -428,7 +446,7 @@ impl Dev {
             .iter()
             .map(|t| (t.position, t.precision, t.frame))
             .collect();
-        assert_eq!(seen, want, "device tokens in attention order");
+        assert_same(&seen, &want, "device tokens in attention order");
         let fp16 = rules.fp16_tokens();
         assert_eq!(t.token_counts(), (fp16, rules.len() - fp16));
         assert_eq!(t.len(), rules.len());
@@ -450,6 +468,22 @@ struct Both {
     /// one engine only, no documented difference exercised.
     in_sync: bool,
     next_frame: FrameId,
+    stats: Stats,
+}
+
+/// What a run of operations exercised.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stats {
+    /// Operations accepted by the CPU only, by the device only.
+    cpu_only: usize,
+    device_only: usize,
+    /// Accepted by both.
+    evicted: usize,
+    rolled_back: usize,
+    /// Frames appended in more than one prefill chunk (device).
+    chunked: usize,
+    /// Steps where both models held tokens and had to agree.
+    agreed: usize,
 }
 
 impl Both {
@@ -461,12 +495,22 @@ impl Both {
             policy,
             in_sync: true,
             next_frame: 0,
+            stats: Stats::default(),
         }
     }
 
     /// Applies `op` to both engines; returns (CPU accepted, device accepted).
     fn step(&mut self, op: &Op) -> (bool, bool) {
         let accepted = (self.cpu.step(op), self.dev.step(op));
+        let st = &mut self.stats;
+        match (accepted, op) {
+            ((true, false), _) => st.cpu_only += 1,
+            ((false, true), _) => st.device_only += 1,
+            ((true, true), Op::Evict(_)) => st.evicted += 1,
+            ((true, true), Op::RollBack) => st.rolled_back += 1,
+            ((_, true), Op::Frame { n, .. }) if *n > PREFILL_CHUNK => st.chunked += 1,
+            _ => {}
+        }
         let differs = match op {
             Op::RollBack => accepted.0 && self.policy.sink_tokens > 0,
             Op::Frame { n, salience, .. } => {
@@ -490,6 +534,9 @@ impl Both {
                     .collect()
             };
             assert_eq!(placed(&self.cpu.rules), placed(&self.dev.rules), "{op:?}");
+            if !self.cpu.rules.is_empty() {
+                self.stats.agreed += 1;
+            }
         }
         accepted
     }
@@ -573,44 +620,98 @@ const POLICIES: [&str; 9] = [
     "mixed:bits=2,qblock=128,fblock=64,budget=0.5,sinks=8",
 ];
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
-    #[test]
-    fn both_caches_follow_the_placement_rules(
-        policy in 0..POLICIES.len(),
-        ops in proptest::collection::vec(gen_op(), 1..40),
-    ) {
+/// Random sessions under every policy: after every step both engines hold what their rules
+/// say (see the module doc). The sessions must have exercised each kind of step.
+#[test]
+fn both_caches_follow_the_placement_rules() {
+    use proptest::test_runner::{Config, TestRunner};
+    use std::sync::Mutex;
+    let total = Mutex::new((Stats::default(), 0usize));
+    let strategy = (
+        0..POLICIES.len(),
+        proptest::collection::vec(gen_op(), 1..40),
+    );
+    let mut runner = TestRunner::new(Config {
+        cases: 256,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let run = runner.run(&strategy, |(policy, ops)| {
         let mut both = Both::new(POLICIES[policy]);
         let mut last_span = 0;
         for g in ops {
-            let op = match g {
-                Gen::Text(n) => Op::Text(n),
-                Gen::Frame { id, n, salience, pending } => {
-                    let cached = both.cached_frames();
-                    let id = match id {
-                        Id::Cached(i) if !cached.is_empty() => Some(cached[i % cached.len()]),
-                        Id::Without => None,
-                        _ => Some(both.fresh_frame()),
-                    };
-                    Op::Frame { id, n, salience: salience.map(|s| scores(s, n)), pending }
-                }
-                Gen::Evict(i) => {
-                    let cached = both.cached_frames();
-                    // One choice past the cached frames: a frame that is not cached.
-                    Op::Evict(cached.get(i % (cached.len() + 1)).copied().unwrap_or(1 << 40))
-                }
-                Gen::Truncate(n) => Op::Truncate(n),
-                Gen::TruncateSpan => Op::Truncate(last_span),
-                Gen::Clear => Op::Clear,
-                Gen::Mark => Op::Mark,
-                Gen::RollBack => Op::RollBack,
-            };
+            let op = resolve(&mut both, g, last_span);
             both.step(&op);
             last_span = match op {
                 Op::Text(n) | Op::Frame { n, .. } => n,
                 _ => 0,
             };
         }
+        let mut t = total.lock().unwrap();
+        let (s, b) = (&mut t.0, &both.stats);
+        s.cpu_only += b.cpu_only;
+        s.device_only += b.device_only;
+        s.evicted += b.evicted;
+        s.rolled_back += b.rolled_back;
+        s.chunked += b.chunked;
+        s.agreed += b.agreed;
+        t.1 += both.cpu.restored.min(both.dev.restored);
+        Ok(())
+    });
+    if let Err(e) = run {
+        panic!("{e}");
+    }
+    let (s, restored) = *total.lock().unwrap();
+    let all = [
+        s.cpu_only,
+        s.device_only,
+        s.evicted,
+        s.rolled_back,
+        s.chunked,
+        s.agreed,
+        restored,
+    ];
+    assert!(all.iter().all(|&n| n > 0), "{s:?}, restored {restored}");
+}
+
+/// `g` with its frame ids picked among those cached now.
+fn resolve(both: &mut Both, g: Gen, last_span: usize) -> Op {
+    match g {
+        Gen::Text(n) => Op::Text(n),
+        Gen::Frame {
+            id,
+            n,
+            salience,
+            pending,
+        } => {
+            let cached = both.cached_frames();
+            let id = match id {
+                Id::Cached(i) if !cached.is_empty() => Some(cached[i % cached.len()]),
+                Id::Without => None,
+                _ => Some(both.fresh_frame()),
+            };
+            Op::Frame {
+                id,
+                n,
+                salience: salience.map(|s| scores(s, n)),
+                pending,
+            }
+        }
+        Gen::Evict(i) => {
+            let cached = both.cached_frames();
+            // One choice past the cached frames: a frame that is not cached.
+            Op::Evict(
+                cached
+                    .get(i % (cached.len() + 1))
+                    .copied()
+                    .unwrap_or(1 << 40),
+            )
+        }
+        Gen::Truncate(n) => Op::Truncate(n),
+        Gen::TruncateSpan => Op::Truncate(last_span),
+        Gen::Clear => Op::Clear,
+        Gen::Mark => Op::Mark,
+        Gen::RollBack => Op::RollBack,
     }
 }
 
