@@ -135,6 +135,16 @@ impl RulesFile {
         if f.max_tokens == 0 {
             return Err(bad("`max_tokens` must be at least 1".into()));
         }
+        let (max_tokens, max_window) = (
+            jetvlm_runtime::RuntimeConfig::MAX_NEW_TOKENS,
+            jetvlm_runtime::RuntimeConfig::MAX_WINDOW_FRAMES,
+        );
+        if f.max_tokens > max_tokens {
+            return Err(bad(format!("`max_tokens` must be at most {max_tokens}")));
+        }
+        if f.window > max_window {
+            return Err(bad(format!("`window` must be at most {max_window}")));
+        }
         for (i, r) in f.rules.iter().enumerate() {
             if r.name.trim().is_empty() || r.question.trim().is_empty() {
                 return Err(bad(format!(
@@ -332,6 +342,14 @@ mod tests {
             (
                 "source: s\nrules: [{name: a, question: q, when: {at_least: .nan}}]\n",
                 "rules[0].when.at_least",
+            ),
+            (
+                "source: s\nmax_tokens: 18446744073709551615\nrules: [{name: a, question: q, when: changes}]\n",
+                "`max_tokens` must be at most",
+            ),
+            (
+                "source: s\nwindow: 18446744073709551615\nrules: [{name: a, question: q, when: changes}]\n",
+                "`window` must be at most",
             ),
             (
                 "source: s\nrules: [{name: a, question: q, when: {at_most: -.inf}}]\n",

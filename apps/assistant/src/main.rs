@@ -105,7 +105,18 @@ fn main() {
 }
 
 fn run(cli: &Cli) -> Result<()> {
-    anyhow::ensure!(cli.window > 0, "--window must be at least 1");
+    anyhow::ensure!(
+        (1..=RuntimeConfig::MAX_WINDOW_FRAMES).contains(&cli.window),
+        "--window {}: must lie in 1..={}",
+        cli.window,
+        RuntimeConfig::MAX_WINDOW_FRAMES
+    );
+    anyhow::ensure!(
+        (1..=RuntimeConfig::MAX_NEW_TOKENS).contains(&cli.max_tokens),
+        "--max-tokens {}: must lie in 1..={}",
+        cli.max_tokens,
+        RuntimeConfig::MAX_NEW_TOKENS
+    );
     let model = match (&cli.model, std::env::var_os("JETVLM_MODEL")) {
         (Some(m), _) => m.clone(),
         (None, Some(m)) => PathBuf::from(m),

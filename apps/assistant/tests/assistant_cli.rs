@@ -186,3 +186,26 @@ fn binary_lines_and_unknown_commands_are_reported_and_the_session_goes_on() {
     assert!(lines[2]["answer"].is_string(), "{}", lines[2]);
     assert_eq!(lines[3]["frames"], serde_json::json!([0]));
 }
+
+#[test]
+fn sizes_that_would_overflow_the_cache_are_one_line_errors_naming_the_flag() {
+    let model = demo_model();
+    let max = u64::MAX.to_string();
+    for flag in ["--max-tokens", "--window"] {
+        let (ok, out, err) = run(
+            &[
+                "synthetic://scene",
+                "--model",
+                model.to_str().unwrap(),
+                flag,
+                &max,
+            ],
+            "hello?\n",
+        );
+        assert!(!ok && out.is_empty(), "{flag}: {out}");
+        assert!(
+            err.contains(flag) && err.lines().count() == 1 && !err.contains("panicked"),
+            "{flag}: {err}"
+        );
+    }
+}

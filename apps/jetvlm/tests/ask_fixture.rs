@@ -88,3 +88,32 @@ fn ask_streams_text_and_reports_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn out_of_domain_flags_are_errors_naming_the_flag() {
+    let fx = fixture();
+    let max = u64::MAX.to_string();
+    for (flag, value) in [
+        ("--temperature", "NaN"),
+        ("--temperature", "-1"),
+        ("--max-tokens", max.as_str()),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_jetvlm"))
+            .arg("ask")
+            .arg("--model")
+            .arg(&fx)
+            .arg("--image")
+            .arg(fx.join("image.png"))
+            .arg("what is this?")
+            .arg(format!("{flag}={value}"))
+            .env_remove("ORT_DYLIB_PATH")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value}: answered");
+        assert!(
+            err.contains(flag) && !err.contains("panicked"),
+            "{flag} {value}: {err}"
+        );
+    }
+}

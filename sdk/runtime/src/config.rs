@@ -103,6 +103,14 @@ impl Default for RuntimeConfig {
 }
 
 impl RuntimeConfig {
+    /// Largest `max_new_tokens` accepted (16M tokens, past any model's context): the KV
+    /// capacity adds it to the prompt and the window's frames, which must not overflow.
+    pub const MAX_NEW_TOKENS: usize = 1 << 24;
+    /// Largest `window_frames` accepted (it is multiplied by the tokens per frame).
+    pub const MAX_WINDOW_FRAMES: usize = 1 << 16;
+    /// Largest `capacity_tokens` and `session_max_position` accepted (positions are 32-bit).
+    pub const MAX_TOKENS: usize = u32::MAX as usize;
+
     /// Reads a YAML runtime config (errors name the file, line and field).
     pub fn from_yaml(path: &Path) -> Result<Self, RuntimeError> {
         let mut cfg: RuntimeConfig = jetvlm_core::config::load_yaml(path)?;
@@ -133,6 +141,40 @@ impl RuntimeConfig {
         if self.max_new_tokens == 0 {
             return bad("max_new_tokens", "must be at least 1");
         }
+        if self.max_new_tokens > Self::MAX_NEW_TOKENS {
+            return bad(
+                "max_new_tokens",
+                &format!(
+                    "{} is more than the {} this runtime accepts",
+                    self.max_new_tokens,
+                    Self::MAX_NEW_TOKENS
+                ),
+            );
+        }
+        if self.window_frames > Self::MAX_WINDOW_FRAMES {
+            return bad(
+                "window_frames",
+                &format!(
+                    "{} is more than the {} this runtime accepts",
+                    self.window_frames,
+                    Self::MAX_WINDOW_FRAMES
+                ),
+            );
+        }
+        for (field, v) in [
+            ("capacity_tokens", self.capacity_tokens),
+            ("session_max_position", self.session_max_position),
+        ] {
+            if let Some(v) = v.filter(|v| *v > Self::MAX_TOKENS) {
+                return bad(
+                    field,
+                    &format!(
+                        "{v} is more than the {} positions a cache holds",
+                        Self::MAX_TOKENS
+                    ),
+                );
+            }
+        }
         if let Err(jetvlm_decoder::DecoderError::Sampling {
             field,
             value,
@@ -158,6 +200,27 @@ impl RuntimeConfig {
 mod tests {
     use super::*;
     use jetvlm_vision::ExecutionProvider;
+
+    #[test]
+    fn sizes_whose_capacity_arithmetic_would_overflow_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rt.yaml");
+        for (yaml, field) in [
+            ("max_new_tokens: 18446744073709551615\n", "max_new_tokens"),
+            ("window_frames: 18446744073709551615\n", "window_frames"),
+            ("capacity_tokens: 18446744073709551615\n", "capacity_tokens"),
+            ("session_max_position: 4294967296\n", "session_max_position"),
+        ] {
+            std::fs::write(&p, yaml).unwrap();
+            let err = RuntimeConfig::from_yaml(&p).unwrap_err().to_string();
+            assert!(
+                err.contains(field) && err.contains("rt.yaml"),
+                "{yaml}: {err}"
+            );
+        }
+        std::fs::write(&p, "max_new_tokens: 16777216\nwindow_frames: 65536\n").unwrap();
+        RuntimeConfig::from_yaml(&p).unwrap();
+    }
 
     #[test]
     fn sampling_outside_its_domain_is_refused_naming_the_field() {

@@ -57,6 +57,11 @@ pub fn run(args: AskArgs) -> Result<()> {
     };
     super::apply_kv(&mut cfg, args.kv.clone(), args.kv_calibration.clone());
     if let Some(n) = args.max_tokens {
+        anyhow::ensure!(
+            (1..=RuntimeConfig::MAX_NEW_TOKENS).contains(&n),
+            "--max-tokens {n}: must lie in 1..={}",
+            RuntimeConfig::MAX_NEW_TOKENS
+        );
         cfg.max_new_tokens = n;
     }
     if let Some(t) = args.temperature {
