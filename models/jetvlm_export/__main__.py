@@ -111,9 +111,11 @@ def export(args) -> None:
 
         dec = tmp / "decoder"
         dec.mkdir()
-        text = common.text_config(raw, family.lm_key, archs[text_type], text_type)
+        text = common.text_config(raw, cfg.text_config, family.lm_key, archs[text_type], text_type)
+        n, nbytes, has_head = common.write_language_model(files, family.lm_prefixes, family.lm_heads, dec)
+        # The weights decide: without an LM head tensor the head is the embedding table.
+        text["tie_word_embeddings"] = not has_head
         (dec / "config.json").write_text(json.dumps(text, indent=2) + "\n")
-        n, nbytes = common.write_language_model(files, family.lm_prefixes, family.lm_heads, dec)
         log(f"language model: {n} tensors, {nbytes / 2**20:.1f} MiB -> decoder/ ({archs[text_type]})")
         common.save_tokenizer(hf, dec)
 

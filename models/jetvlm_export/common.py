@@ -110,7 +110,8 @@ def strip_prefix(files: dict, prefixes) -> dict:
 
 def write_language_model(files: dict, body_prefixes, head_names, dst: Path) -> tuple:
     """Copies the language model's tensors into `dst` as a plain causal LM (`model.*`,
-    `lm_head.weight`), one output shard per input shard. Returns (tensor count, bytes)."""
+    `lm_head.weight`), one output shard per input shard. Returns (tensor count, bytes,
+    whether the checkpoint has its own LM head: without one the head is the embedding)."""
     from safetensors.torch import save_file
 
     rename = strip_prefix(files, [(p, "model.") for p in body_prefixes])
@@ -120,9 +121,11 @@ def write_language_model(files: dict, body_prefixes, head_names, dst: Path) -> t
             + ", ".join(f"`{p}`" for p in body_prefixes)
             + ")"
         )
+    has_head = False
     for head in head_names:
         if head in files:
             rename["lm_head.weight"] = head
+            has_head = True
             break
     shards: dict = {}
     for new, old in sorted(rename.items()):
@@ -141,15 +144,23 @@ def write_language_model(files: dict, body_prefixes, head_names, dst: Path) -> t
         (dst / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
         )
-    return len(rename), total
+    return len(rename), total, has_head
 
 
-def text_config(config: dict, key: str, architecture: str, model_type: str) -> dict:
-    """The language model's config.json: the nested text config, with the fields a VLM keeps
-    at its top level (token ids, tying, dtype) filled in where the text config lacks them."""
-    text = dict(config.get(key) or {})
-    if not text:
+def text_config(config: dict, parsed, key: str, architecture: str, model_type: str) -> dict:
+    """The language model's config.json: the nested text config as transformers reads it
+    (hub configs leave out every field at its default), with the fields a VLM keeps at its
+    top level (token ids, tying, dtype) filled in where the text config lacks them."""
+    if not isinstance(config.get(key), dict):
         raise ExportError(f"config.json has no `{key}` (the language model's config)")
+    text = json.loads(parsed.to_json_string(use_diff=False))
+    generic = (
+        "_name_or_path", "transformers_version", "output_hidden_states", "output_attentions",
+        "return_dict", "id2label", "label2id", "chunk_size_feed_forward", "is_encoder_decoder",
+        "problem_type",
+    )  # PretrainedConfig bookkeeping, not the model
+    for k in generic:
+        text.pop(k, None)
     for k in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype"):
         if text.get(k) is None and config.get(k) is not None:
             text[k] = config[k]

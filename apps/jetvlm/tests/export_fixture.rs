@@ -198,6 +198,45 @@ fn edited_checkpoint(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> P
     dst
 }
 
+#[test]
+fn export_reads_a_hub_style_config_with_defaults_left_out() {
+    if !exporter_available("export_reads_a_hub_style_config_with_defaults_left_out") {
+        return;
+    }
+    // Hub configs (e.g. llava-1.5-7b-hf) keep only the text config fields that differ from
+    // the defaults; the decoder's config.json must still be complete.
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = edited_checkpoint(tmp.path(), |c| {
+        let text = c["text_config"].as_object_mut().unwrap();
+        for key in [
+            "head_dim",
+            "hidden_act",
+            "rope_parameters",
+            "attention_bias",
+            "mlp_bias",
+            "tie_word_embeddings",
+            "use_cache",
+        ] {
+            assert!(text.remove(key).is_some(), "{key}");
+        }
+    });
+    let out = tmp.path().join("pkg");
+    let question = expected("llava")["question"].as_str().unwrap().to_string();
+    let res = export(&hf, &out, &["--question", &question]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("decoder/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["head_dim"], 32);
+    assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(cfg["tie_word_embeddings"], false);
+    assert_matches_transformers("llava", &out);
+}
+
 /// The one error line, the exit status 2, and nothing left beside --out.
 fn assert_refused(res: &Output, dir: &Path, out: &Path, needle: &str) {
     let err = String::from_utf8_lossy(&res.stderr);
