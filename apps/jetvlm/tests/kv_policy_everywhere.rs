@@ -118,6 +118,8 @@ struct Readings {
     plan_decoder: Result<serde_json::Value, String>,
     generate: Result<String, String>,
     bench: Result<String, String>,
+    /// `bench decode --model models/demo` (the package).
+    bench_package: Result<String, String>,
     /// `bench kv` takes its policy as `--mixed` (compared with FP16).
     bench_kv: Result<String, String>,
 }
@@ -216,6 +218,26 @@ fn read_everywhere(policy: &str) -> Readings {
                 "decode",
                 "--model",
                 &decoder,
+                "--context",
+                "48",
+                "--frame-tokens",
+                "16",
+                "--steps",
+                "1",
+                "--prefill",
+                "real",
+                "--no-flush",
+                "--json",
+            ]),
+            "bench decode",
+            &|v| &v["rows"][0]["kv"],
+        ),
+        bench_package: field(
+            run(&[
+                "bench",
+                "decode",
+                "--model",
+                &model,
                 "--context",
                 "48",
                 "--frame-tokens",
@@ -357,6 +379,11 @@ fn every_documented_policy_reads_the_same_in_every_command() {
                 assert_eq!(plan_pkg["kv_policy"], packaged.as_str(), "{at}: plan");
                 assert_eq!(ok("watch", &r.watch), packaged, "{at}: watch");
                 assert_eq!(ok("ask", &r.ask), packaged, "{at}: ask");
+                assert_eq!(
+                    ok("bench decode (package)", &r.bench_package),
+                    packaged,
+                    "{at}: bench decode on the package"
+                );
                 // The bare decoder's commands.
                 assert_eq!(plan_dec["kv_policy"], bare.as_str(), "{at}: plan (decoder)");
                 assert_eq!(ok("generate", &r.generate), bare, "{at}: generate");
@@ -391,6 +418,10 @@ fn every_documented_policy_reads_the_same_in_every_command() {
                     ("generate", r.generate.as_ref().map(|_| ())),
                     ("bench decode", r.bench.as_ref().map(|_| ())),
                     ("bench kv", r.bench_kv.as_ref().map(|_| ())),
+                    (
+                        "bench decode (package)",
+                        r.bench_package.as_ref().map(|_| ()),
+                    ),
                 ];
                 for (what, res) in all {
                     match res {

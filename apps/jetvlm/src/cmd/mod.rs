@@ -62,6 +62,20 @@ pub fn decoder_dir(model: &Path) -> anyhow::Result<PathBuf> {
     Ok(model.join(m.decoder.dir))
 }
 
+/// The KV policy of `--model` when it is a model package (its manifest's `kv.policy`), whose
+/// block sizes a `--kv` policy that names none runs with, as `ask` and `watch` run it
+/// ([`jetvlm_kvcache::KvPolicy::in_effect`]); `None` for a bare decoder directory, or when
+/// the package's own policy does not parse (the runtime then ignores it too).
+pub fn package_kv_policy(model: &Path) -> anyhow::Result<Option<jetvlm_kvcache::KvPolicy>> {
+    let manifest = model.join("jetvlm.yaml");
+    if !manifest.is_file() {
+        return Ok(None);
+    }
+    let m: jetvlm_vision::package::Manifest = jetvlm_core::config::load_yaml(&manifest)
+        .map_err(|e| anyhow::anyhow!("--model {}: {e}", model.display()))?;
+    Ok(m.kv.policy.parse().ok())
+}
+
 /// A count flag that must be at least 1 (`--max-tokens`): 0 would give empty answers.
 pub fn at_least_one(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {

@@ -68,13 +68,31 @@ pub struct DecodeArgs {
 }
 
 impl DecodeArgs {
-    /// The policies of every `--kv`, in order.
-    pub(super) fn policies(&self) -> Result<Vec<KvPolicy>> {
+    /// The policies of every `--kv`, in order, each with its spelling.
+    fn spelled_policies(&self) -> Result<Vec<(String, KvPolicy)>> {
         self.kv
             .iter()
             .flat_map(|list| split_policies(list))
-            .map(|s| s.parse::<KvPolicy>().with_context(|| format!("--kv {s}")))
+            .map(|s| {
+                let p = s.parse::<KvPolicy>().with_context(|| format!("--kv {s}"))?;
+                Ok((s, p))
+            })
             .collect()
+    }
+
+    /// The policies of every `--kv` as they run on a model of head dim `head_dim` whose
+    /// package policy is `package` ([`KvPolicy::in_effect`]: the package's block sizes where
+    /// the spelling names none, the group fitted to the head dim).
+    pub(super) fn policies_in_effect(
+        &self,
+        package: Option<&KvPolicy>,
+        head_dim: usize,
+    ) -> Result<Vec<KvPolicy>> {
+        Ok(self
+            .spelled_policies()?
+            .into_iter()
+            .map(|(s, p)| p.in_effect(&s, package, head_dim))
+            .collect())
     }
 }
 
@@ -151,6 +169,7 @@ fn layout(context: usize, text_fraction: f64, frame_tokens: usize) -> (usize, us
 }
 
 pub fn run(mut args: DecodeArgs) -> Result<()> {
+    let package_policy = crate::cmd::package_kv_policy(&args.model)?;
     args.model = crate::cmd::decoder_dir(&args.model)?;
     if args.device == jetvlm_core::Device::Sim {
         bail!(
@@ -170,17 +189,14 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
     }
     #[cfg(feature = "cuda")]
     if args.device == jetvlm_core::Device::Cuda {
-        return super::decode_cuda::run(&args);
+        return super::decode_cuda::run(&args, package_policy.as_ref());
     }
     let model = Model::load(&args.model, &LoadOptions::default())
         .with_context(|| format!("loading the decoder from {}", args.model.display()))?;
-    // Named as the cache runs them (the group fitted to the head dim).
-    let head_dim = model.cache_shape().head_dim;
-    let policies: Vec<KvPolicy> = args
-        .policies()?
-        .into_iter()
-        .map(|p| p.fitted_to(head_dim))
-        .collect();
+    // As `ask` and `watch` run them on the same --model (a package's block sizes, the group
+    // fitted to the head dim), and so named.
+    let policies =
+        args.policies_in_effect(package_policy.as_ref(), model.cache_shape().head_dim)?;
     let threads = rayon::current_num_threads();
     let load_average_start = load_average();
     eprintln!("measuring memory bandwidth...");

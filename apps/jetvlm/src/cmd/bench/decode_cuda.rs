@@ -131,7 +131,9 @@ fn synthetic_fill(
     Ok(())
 }
 
-pub fn run(args: &DecodeArgs) -> Result<()> {
+/// `package`: the KV policy of the model package `--model` named, if any (its block sizes
+/// go to the `--kv` policies that name none).
+pub fn run(args: &DecodeArgs, package: Option<&KvPolicy>) -> Result<()> {
     let dev = crate::cmd::gpu::open(0)?;
     let memory = match args.kv_offload.as_str() {
         "none" | "device" => PoolMemory::Device,
@@ -145,11 +147,7 @@ pub fn run(args: &DecodeArgs) -> Result<()> {
     let model = DeviceDecoder::load(&dev, &args.model)
         .with_context(|| format!("loading the decoder from {}", args.model.display()))?;
     let c = model.config().model.clone();
-    let policies: Vec<KvPolicy> = args
-        .policies()?
-        .into_iter()
-        .map(|p| p.fitted_to(c.head_dim))
-        .collect();
+    let policies = args.policies_in_effect(package, c.head_dim)?;
     eprintln!("measuring device memory bandwidth...");
     let bw = dev.measure_bandwidth(1 << 30, 5)?;
     let pcie = if memory == PoolMemory::MappedHost {
