@@ -34,14 +34,19 @@ pub enum RuntimeError {
     Prompt { manifest: PathBuf, message: String },
 
     /// A frame that cannot be used (size, format).
-    #[error("frame {index}: {message}")]
-    Frame { index: u64, message: String },
+    #[error("frame {index}: {source}")]
+    Frame {
+        index: u64,
+        #[source]
+        source: Box<jetvlm_vision::VisionError>,
+    },
 
     /// A camera source failed.
-    #[error("camera {source_name}: {message}")]
+    #[error("camera {source_name}: {source}")]
     Camera {
         source_name: String,
-        message: String,
+        #[source]
+        source: Box<jetvlm_camera::CameraError>,
     },
 
     /// An operation the chosen KV cache cannot do.

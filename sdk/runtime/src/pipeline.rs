@@ -296,10 +296,10 @@ impl Pipeline {
         let t0 = Instant::now();
         let mut views = Vec::with_capacity(frames.len());
         for f in frames {
-            views.push(ImageView::new(f.width, f.height, &f.rgb).map_err(|e| {
+            views.push(ImageView::new(f.width, f.height, &f.rgb).map_err(|source| {
                 RuntimeError::Frame {
                     index: f.index,
-                    message: e.to_string(),
+                    source: Box::new(source),
                 }
             })?);
         }

@@ -138,6 +138,7 @@ mod tests {
             default_question: None,
             image_token: None,
             system: Some("SYS ".into()),
+            max_frames: None,
         }
     }
 

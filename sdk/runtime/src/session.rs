@@ -212,10 +212,10 @@ impl StreamSession<'_> {
     /// window is full. Returns the frame's cache id.
     pub fn push_frame(&mut self, frame: &Frame) -> Result<FrameId, RuntimeError> {
         self.roll_back()?;
-        let view = ImageView::new(frame.width, frame.height, &frame.rgb).map_err(|e| {
+        let view = ImageView::new(frame.width, frame.height, &frame.rgb).map_err(|source| {
             RuntimeError::Frame {
                 index: frame.index,
-                message: e.to_string(),
+                source: Box::new(source),
             }
         })?;
         let t0 = Instant::now();
@@ -325,7 +325,7 @@ impl StreamSession<'_> {
     ) -> Result<SessionCapture, RuntimeError> {
         match source.capture(timeout).map_err(|e| RuntimeError::Camera {
             source_name: source.describe(),
-            message: e.to_string(),
+            source: Box::new(e),
         })? {
             Capture::Frame(f) => Ok(SessionCapture::Frame(self.push_frame(&f)?)),
             Capture::EndOfStream => Ok(SessionCapture::EndOfStream),
