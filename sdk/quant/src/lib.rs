@@ -9,6 +9,8 @@
 //! - [`layer`]: one layer's frame format as users spell it (`4c64`).
 //! - [`policy`]: [`KvPolicy`], the KV precision policy, and its one grammar (`fp16`,
 //!   `mixed`, `mixed:bits=4,group=32,...`), shared by the KV cache, the planner and the CLI.
+//! - [`weight`]: weight-only INT8 (symmetric) and INT4 (asymmetric) formats of linear layers,
+//!   with their reference quantize / dequantize ([`WeightFormat`]).
 //! - [`reference`](mod@reference): the plain, obviously-correct quantize / dequantize every
 //!   fast kernel is compared with, and the error bound each element must meet.
 //!
@@ -22,6 +24,7 @@ pub mod format;
 pub mod layer;
 pub mod policy;
 pub mod reference;
+pub mod weight;
 
 pub use format::{
     BlockQ2G32, BlockQ2G64, BlockQ2G128, BlockQ4G32, BlockQ4G64, BlockQ4G128, BlockQ8G32,
@@ -34,6 +37,7 @@ pub use reference::{
     code_of, dequantize_groups, dequantize_row, element_error_bound, quantize_groups, quantize_row,
     row_params,
 };
+pub use weight::{Q4Params, QuantRow, WeightCodes, WeightFormat};
 
 /// Errors of the quantization formats.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -41,6 +45,8 @@ pub use reference::{
 pub enum QuantError {
     #[error("unsupported bit width {bits} (expected 2, 4 or 8)")]
     UnsupportedBits { bits: u32 },
+    #[error("unsupported weight bit width {bits} (expected 4 or 8)")]
+    UnsupportedWeightBits { bits: u32 },
     #[error("unsupported group size {group} (expected 32, 64 or 128)")]
     UnsupportedGroup { group: usize },
     #[error("{op}: length {len} is not a multiple of the {what} {multiple}")]
