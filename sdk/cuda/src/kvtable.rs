@@ -404,9 +404,15 @@ impl KvBlockTable {
 
     /// Appends `n` tokens of frame `frame` in blocks of their own, so that
     /// [`Self::evict_frame`] can give them back. A frame may come in several pieces as long
-    /// as nothing is appended between them.
+    /// as nothing is appended between them (nor evicted: the next piece follows the newest
+    /// token, which is the frame's).
     pub fn append_frame(&mut self, frame: FrameId, n: usize) -> Result<Vec<Placement>, CudaError> {
-        if self.owners.last() != Some(&Some(frame)) && self.owners.contains(&Some(frame)) {
+        let next_piece = self.owners.last() == Some(&Some(frame))
+            && self
+                .entries
+                .last()
+                .is_some_and(|e| e.order as usize + e.len as usize == self.next_pos);
+        if !next_piece && self.owners.contains(&Some(frame)) {
             return Err(CudaError::Shape {
                 op: "device KV cache",
                 message: format!("frame {frame} is cached already"),

@@ -779,7 +779,17 @@ fn the_documented_differences() {
     b.step(&Op::Clear);
     assert_eq!(b.step(&frame(1, 30)), (true, true));
     assert_eq!(b.step(&frame(1, 30)), (false, true));
+    // Text dropped again leaves the frame the newest: its next piece is welcome.
     b.step(&Op::Text(3));
+    b.step(&Op::Truncate(3));
+    assert_eq!(b.step(&frame(1, 30)), (false, true));
+    b.step(&Op::Text(3));
+    assert_eq!(b.step(&frame(1, 30)), (false, false));
+    // Not after a frame appended and evicted in between either.
+    b.step(&Op::Clear);
+    b.step(&frame(1, 30));
+    b.step(&frame(2, 30));
+    b.step(&Op::Evict(2));
     assert_eq!(b.step(&frame(1, 30)), (false, false));
 
     // Truncation: the CPU drops a frame's tokens, the device refuses; the device does not

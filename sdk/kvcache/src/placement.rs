@@ -32,7 +32,8 @@
 //! - Frames without an id are device only (the CPU needs every frame's id); they belong to
 //!   no frame and cannot be evicted.
 //! - A frame id already cached is refused by the CPU. The device accepts it when the newest
-//!   cached token is that frame's: the next piece of a frame arriving in chunks.
+//!   cached token is that frame's and right before the next position (nothing appended or
+//!   evicted since): the next piece of a frame arriving in chunks.
 //! - Truncation: the CPU drops any `n` newest tokens. The device drops only tokens that no
 //!   frame id owns, at the `n` positions right before the next one (not across an evicted
 //!   frame).
@@ -172,8 +173,11 @@ impl Rules {
         if let Some(f) = frame
             && self.state.tokens.iter().any(|t| t.frame == Some(f))
         {
-            let newest = self.state.tokens.last().and_then(|t| t.frame);
-            if cpu || newest != Some(f) {
+            let next_piece =
+                self.state.tokens.last().is_some_and(|t| {
+                    t.frame == Some(f) && t.position + 1 == self.state.next_position
+                });
+            if cpu || !next_piece {
                 return Err(Refused::DuplicateFrame(f));
             }
         }
