@@ -168,13 +168,13 @@ impl OrtEncoder {
             move |e: ort::Error<ort::session::builder::SessionBuilder>| VisionError::Ort {
                 op,
                 model: model.clone(),
-                message: e.to_string(),
+                source: Box::new(ort::Error::<()>::from(e)),
             }
         };
         let mut builder = Session::builder(&env).map_err(|e| VisionError::Ort {
             op: "creating a session builder",
             model: model.clone(),
-            message: e.to_string(),
+            source: Box::new(e),
         })?;
         if let Some(n) = cfg.intra_threads {
             builder = builder
@@ -187,7 +187,7 @@ impl OrtEncoder {
             .map_err(|e| VisionError::Ort {
                 op: "loading the encoder",
                 model: model.clone(),
-                message: e.to_string(),
+                source: Box::new(e),
             })?;
         tracing::info!(
             model = %spec.model.display(),
@@ -254,7 +254,7 @@ impl OrtEncoder {
             move |e: ort::Error| VisionError::Ort {
                 op,
                 model: model.clone(),
-                message: e.to_string(),
+                source: Box::new(e),
             }
         };
         let shape: Vec<i64> = input.shape.iter().map(|&d| d as i64).collect();

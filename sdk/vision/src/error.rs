@@ -19,11 +19,13 @@ pub enum VisionError {
     OrtLibraryLoad { path: PathBuf, message: String },
 
     /// An ONNX Runtime call failed; `op` names what was being done.
-    #[error("ONNX Runtime: {op} ({}): {message}", model.display())]
+    #[error("ONNX Runtime: {op} ({}): {source}", model.display())]
     Ort {
         op: &'static str,
         model: PathBuf,
-        message: String,
+        /// The ONNX Runtime error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 
     /// The encoder model's inputs/outputs disagree with what the manifest declares.
