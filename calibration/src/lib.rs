@@ -426,8 +426,7 @@ impl Calibration {
             path: path.to_path_buf(),
             source,
         };
-        let text = serde_saphyr::to_string(self)
-            .map_err(|e| werr(std::io::Error::other(e.to_string())))?;
+        let text = serde_saphyr::to_string(self).map_err(|e| werr(std::io::Error::other(e)))?;
         let header = "# jetvlm KV calibration (written by `jetvlm calibrate`). Use it with \
                       `--kv-calibration FILE` or `kv_calibration: FILE` in a runtime config.\n";
         let tmp = path.with_extension("yaml.partial");
