@@ -15,8 +15,14 @@ pub enum VisionError {
     )]
     OrtLibraryNotFound { looked_in: Vec<PathBuf> },
 
-    #[error("loading ONNX Runtime from {}: {message}", path.display())]
-    OrtLibraryLoad { path: PathBuf, message: String },
+    /// The library exists but does not load (or is not there); the source is ONNX Runtime's
+    /// error, or what is wrong with the path.
+    #[error("loading ONNX Runtime from {}: {source}", path.display())]
+    OrtLibraryLoad {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 
     /// An ONNX Runtime call failed; `op` names what was being done.
     #[error("ONNX Runtime: {op} ({}): {source}", model.display())]

@@ -93,7 +93,7 @@ fn existing(p: &Path, origin: &str) -> Result<PathBuf, VisionError> {
     } else {
         Err(VisionError::OrtLibraryLoad {
             path: p.to_path_buf(),
-            message: format!("{origin} names a file that does not exist"),
+            source: format!("{origin} names a file that does not exist").into(),
         })
     }
 }
@@ -197,16 +197,16 @@ pub fn environment(
         return Ok((l.env.clone(), l.path.clone()));
     }
     let path = resolve_ort_library_for(explicit, gpu)?;
-    let load_err = |message: String| VisionError::OrtLibraryLoad {
+    let load_err = |source: Box<dyn std::error::Error + Send + Sync>| VisionError::OrtLibraryLoad {
         path: path.clone(),
-        message,
+        source,
     };
-    let builder = ort::init_from(&path).map_err(|e| load_err(e.to_string()))?;
+    let builder = ort::init_from(&path).map_err(|e| load_err(Box::new(e)))?;
     let env = builder
         .with_name("jetvlm")
         .with_telemetry(false)
         .build()
-        .map_err(|e| load_err(e.to_string()))?;
+        .map_err(|e| load_err(Box::new(e)))?;
     tracing::info!(library = %path.display(), "loaded ONNX Runtime");
     let loaded = ENV.get_or_init(|| Loaded { path, env });
     Ok((loaded.env.clone(), loaded.path.clone()))
