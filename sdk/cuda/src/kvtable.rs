@@ -15,6 +15,11 @@
 //!   whole blocks. Freed blocks are reused before new ones; the positions (order indexes) of
 //!   later tokens do not move. [`KvBlockTable::truncate_last`] drops the newest tokens (a
 //!   question and its answer) and rewinds the positions to reuse them.
+//!
+//! Which tokens are FP16, their positions and frames follow the placement rules written once
+//! in [`jetvlm_kvcache::placement`] (with the device's differences from the CPU cache:
+//! prefill chunks, no salient tokens, frames in pieces or without id, stricter truncation);
+//! `tests/placement.rs` checks this table and the CPU cache against them.
 
 use jetvlm_core::{FrameId, TokenKind};
 use jetvlm_kvcache::{KeyMode, KvPolicy};

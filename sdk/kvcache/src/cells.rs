@@ -5,7 +5,8 @@
 //! besides its RoPE position. Within a block, slots hold increasing sequence numbers, so
 //! causal masking inside a span is "the first `k` slots of the block". Text tokens fill the
 //! open text block of their pool; a frame's tokens get blocks of their own, so evicting a
-//! frame frees whole blocks.
+//! frame frees whole blocks. Which tokens are FP16, and their positions and frames, follow
+//! the rules in [`crate::placement`].
 
 use crate::KvError;
 use crate::policy::KvPolicy;
