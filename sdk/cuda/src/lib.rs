@@ -10,13 +10,20 @@
 //!   callers need no `cfg`.
 //! - [`kvtable`]: block bookkeeping of the device KV cache (which pool block and slot each
 //!   token goes to; the attention context list), host code tested against the CPU twins.
-//! - With the `cuda` feature: `DeviceDecoder` (Llama / Qwen2 weights from the Hugging Face
-//!   files, uploaded chunk by chunk in their stored precision), `DeviceKvCache` (per-layer
-//!   mixed pools in device memory, or offloaded to pinned host memory and streamed per layer
-//!   over PCIe on a copy stream), `DeviceSession::forward` (prefill and decode on the GPU),
-//!   `CudaDevice::decoder_check` (GPU greedy tokens against the CPU path on the fixtures) and
-//!   the benchmark helpers (`time_ms`, `measure_bandwidth`, `measure_pcie`).
-//! - [`selftest`]: every kernel against its CPU twin on random and outlier-heavy inputs.
+//! - [`gpu`]: [`Gpu`], the operations the device decoder launches, as one trait.
+//!   [`CudaDevice`] runs them as CUDA kernels; [`SimDevice`] (the simulated device) runs each
+//!   kernel's CPU twin on host buffers, so the device path runs and is tested without a GPU.
+//! - [`decoder`]: written once over [`Gpu`]: [`DeviceDecoder`] (Llama / Qwen2 weights from
+//!   the Hugging Face files, uploaded chunk by chunk in their stored precision),
+//!   [`DeviceKvCache`] (per-layer mixed pools in device memory, or offloaded to pinned host
+//!   memory and streamed per layer over PCIe on a copy stream), [`DeviceSession::forward`]
+//!   (prefill and decode).
+//! - [`decoder_check`](mod@decoder_check): the device decoder's greedy tokens and logits
+//!   against the CPU path on the decoder fixtures (on the GPU, or on [`SimDevice`] in tests).
+//! - With the `cuda` feature, [`CudaDevice`] also has the benchmark helpers (`time_ms`,
+//!   `measure_bandwidth`, `measure_pcie`).
+//! - [`selftest`]: every kernel against its CPU twin on random and outlier-heavy inputs
+//!   ([`inputs`]).
 //! - [`meminfo`]: MemAvailable (what unified-memory planning uses) and [`DeviceInfo`].
 
 pub mod cache;
