@@ -6,6 +6,8 @@
 //! - [`hf`]: Hugging Face `config.json` schema -> validated [`hf::ModelConfig`].
 //! - [`image_limits`]: how large an image file a decoder accepts (checked from the header).
 //! - [`sysinfo`]: last-level cache size and measured memory read bandwidth.
+//! - [`mem`]: [`mem::PageBuffer`], zeroed page-backed memory (2 MiB huge pages when large)
+//!   for the KV cache pools and bandwidth probes.
 //! - [`config`]: YAML (serde-saphyr) and JSON loading with errors that name the file, the
 //!   line and the field.
 
