@@ -326,3 +326,29 @@ fn session_rebases_positions_and_then_matches_a_fresh_session() {
     let got = s.ask(&q).unwrap().finish().unwrap().token_ids;
     assert_eq!(got, want);
 }
+
+#[test]
+fn a_config_built_in_code_is_validated_like_a_file() {
+    for (cfg, field) in [
+        (
+            RuntimeConfig {
+                max_new_tokens: 0,
+                ..RuntimeConfig::default()
+            },
+            "max_new_tokens",
+        ),
+        (
+            RuntimeConfig {
+                window_frames: 0,
+                ..RuntimeConfig::default()
+            },
+            "window_frames",
+        ),
+    ] {
+        let err = Pipeline::load(&fixture(), cfg).unwrap_err().to_string();
+        assert!(
+            err.contains(field) && err.contains("<runtime config>"),
+            "{err}"
+        );
+    }
+}

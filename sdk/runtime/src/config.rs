@@ -123,7 +123,9 @@ impl RuntimeConfig {
         Ok(cfg)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), RuntimeError> {
+    /// Checks every field against its domain; errors name `path` (the YAML file, or
+    /// `<runtime config>` for a config built in code) and the field.
+    pub fn validate(&self, path: &Path) -> Result<(), RuntimeError> {
         let bad = |field: &str, msg: &str| {
             Err(RuntimeError::Config(jetvlm_core::ConfigError::invalid(
                 path, field, msg,

@@ -193,6 +193,8 @@ impl Pipeline {
     /// Validates the package (all problems at once), then loads the decoder, the tokenizer
     /// and the vision encoder, and sizes the KV cache.
     pub fn load(dir: &Path, cfg: RuntimeConfig) -> Result<Self, RuntimeError> {
+        // A config built or changed in code gets the checks a YAML file gets.
+        cfg.validate(Path::new("<runtime config>"))?;
         let package = load_package(dir, &cfg)?;
         let shape = CacheShape::of(&package.decoder_config);
         let kv = resolve_kv(&package, &cfg, shape)?;

@@ -84,11 +84,15 @@ struct Report {
 }
 
 pub fn run(mut args: GenerateArgs) -> Result<()> {
+    // A package's block sizes hold where --kv names none, as in `ask` and `watch`.
+    let package = super::package_kv_policy(&args.model)?;
     args.model = super::decoder_dir(&args.model)?;
     // A GPU run opens the device first: without one it fails before reading anything.
     match args.device {
-        Device::Cuda => return run_device(&super::gpu::open(0)?, &args),
-        Device::Sim => return run_device(&jetvlm_cuda::SimDevice::new(), &args),
+        Device::Cuda => return run_device(&super::gpu::open(0)?, &args, package.as_ref()),
+        Device::Sim => {
+            return run_device(&jetvlm_cuda::SimDevice::new(), &args, package.as_ref());
+        }
         Device::Cpu => {}
     }
     let model = Model::load(&args.model, &LoadOptions::default())
@@ -114,10 +118,7 @@ pub fn run(mut args: GenerateArgs) -> Result<()> {
             "f32".into(),
         )
     } else {
-        let policy: KvPolicy = args
-            .kv
-            .parse()
-            .with_context(|| format!("--kv {}", args.kv))?;
+        let policy = policy_in_effect(&args.kv, package.as_ref(), model.cache_shape().head_dim)?;
         let name = policy.name();
         let mut cache = MixedKvCache::new(model.cache_shape(), policy, capacity)?;
         generate(
@@ -144,6 +145,13 @@ fn cache_capacity(prompt_tokens: usize, max_tokens: usize) -> Result<usize> {
                  overflow the KV cache's token count; use a smaller --max-tokens"
             )
         })
+}
+
+/// The `--kv` policy as the cache runs it: a package's block sizes where it names none, the
+/// group fitted to the head dim (the name reported is this policy's).
+fn policy_in_effect(kv: &str, package: Option<&KvPolicy>, head_dim: usize) -> Result<KvPolicy> {
+    let spelled: KvPolicy = kv.parse().with_context(|| format!("--kv {kv}"))?;
+    Ok(spelled.in_effect(kv, package, head_dim))
 }
 
 /// Warns when the prompt and `--max-tokens` pass the model's trained positions.
@@ -235,7 +243,11 @@ fn options(
 }
 
 /// `--device cuda` (or `sim`): the decoder and its KV cache on the device; the host samples.
-fn run_device<G: jetvlm_cuda::Gpu>(dev: &G, args: &GenerateArgs) -> Result<()> {
+fn run_device<G: jetvlm_cuda::Gpu>(
+    dev: &G,
+    args: &GenerateArgs,
+    package: Option<&KvPolicy>,
+) -> Result<()> {
     use jetvlm_core::TokenKind;
     use jetvlm_cuda::{DeviceInput, DeviceKvCache, DevicePolicy, DeviceSession, PoolMemory};
     if args.kv == "f32" {
@@ -244,7 +256,8 @@ fn run_device<G: jetvlm_cuda::Gpu>(dev: &G, args: &GenerateArgs) -> Result<()> {
             args.device
         );
     }
-    let policy: KvPolicy = args
+    // Parsed before the model loads: a bad --kv fails first.
+    let spelled: KvPolicy = args
         .kv
         .parse()
         .with_context(|| format!("--kv {}", args.kv))?;
@@ -253,6 +266,7 @@ fn run_device<G: jetvlm_cuda::Gpu>(dev: &G, args: &GenerateArgs) -> Result<()> {
     let model = jetvlm_cuda::DeviceDecoder::load(dev, &args.model)
         .with_context(|| format!("loading the decoder from {}", args.model.display()))?;
     let c = &model.config().model;
+    let policy = spelled.in_effect(&args.kv, package, c.head_dim);
     let opts = options(args, tokenizer.as_ref(), &c.eos_token_ids)?;
     let dp = DevicePolicy::new(&policy, c.num_key_value_heads, c.head_dim)?;
     let capacity = cache_capacity(prompt_ids.len(), args.max_tokens)?;

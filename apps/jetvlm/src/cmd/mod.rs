@@ -50,30 +50,32 @@ impl EncoderArgs {
 /// The model package a command uses: the one given, else the bundled demo model
 /// (`models/demo`), looked up from the working directory and from the executable's location
 /// upwards (so `cargo run` and an installed tree both find it), or `$JETVLM_MODEL`.
-/// The decoder directory of `--model`: a Hugging Face model directory as given, or a jetvlm
-/// model package (a directory with `jetvlm.yaml`), whose manifest names its decoder.
-pub fn decoder_dir(model: &Path) -> anyhow::Result<PathBuf> {
-    let manifest = model.join("jetvlm.yaml");
-    if !manifest.is_file() {
-        return Ok(model.to_path_buf());
-    }
-    let m: jetvlm_vision::package::Manifest = jetvlm_core::config::load_yaml(&manifest)
-        .map_err(|e| anyhow::anyhow!("--model {}: {e}", model.display()))?;
-    Ok(model.join(m.decoder.dir))
-}
-
 /// The KV policy of `--model` when it is a model package (its manifest's `kv.policy`), whose
 /// block sizes a `--kv` policy that names none runs with, as `ask` and `watch` run it
 /// ([`jetvlm_kvcache::KvPolicy::in_effect`]); `None` for a bare decoder directory, or when
 /// the package's own policy does not parse (the runtime then ignores it too).
 pub fn package_kv_policy(model: &Path) -> anyhow::Result<Option<jetvlm_kvcache::KvPolicy>> {
+    Ok(package_manifest(model)?.and_then(|m| m.kv.policy.parse().ok()))
+}
+
+/// The decoder directory of `--model`: a Hugging Face model directory as given, or a jetvlm
+/// model package (a directory with `jetvlm.yaml`), whose manifest names its decoder.
+pub fn decoder_dir(model: &Path) -> anyhow::Result<PathBuf> {
+    Ok(match package_manifest(model)? {
+        Some(m) => model.join(m.decoder.dir),
+        None => model.to_path_buf(),
+    })
+}
+
+/// The manifest of `--model` when it is a model package (a directory with `jetvlm.yaml`).
+fn package_manifest(model: &Path) -> anyhow::Result<Option<jetvlm_vision::package::Manifest>> {
     let manifest = model.join("jetvlm.yaml");
     if !manifest.is_file() {
         return Ok(None);
     }
-    let m: jetvlm_vision::package::Manifest = jetvlm_core::config::load_yaml(&manifest)
+    let m = jetvlm_core::config::load_yaml(&manifest)
         .map_err(|e| anyhow::anyhow!("--model {}: {e}", model.display()))?;
-    Ok(m.kv.policy.parse().ok())
+    Ok(Some(m))
 }
 
 /// A count flag that must be at least 1 (`--max-tokens`): 0 would give empty answers.

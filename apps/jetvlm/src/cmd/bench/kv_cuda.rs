@@ -59,7 +59,7 @@ fn build_cache(
     policy: DevicePolicy,
     seed: u64,
     memory: PoolMemory,
-) -> Result<DeviceKvCache> {
+) -> Result<DeviceKvCache<CudaDevice>> {
     let spans = context_spans(args);
     let mut cache = DeviceKvCache::for_spans(dev, policy, args.layers, &spans, memory)?;
     let row = args.kv_heads * args.head_dim;
