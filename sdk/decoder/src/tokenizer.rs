@@ -93,6 +93,14 @@ impl Tokenizer {
             path: path.clone(),
             source,
         })?;
+        // The JSON syntax is checked first: `tokenizers` panics (an `expect` in its decoder
+        // section's deserializer) on some damaged files, e.g. one cut off inside `decoder`.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).map_err(|e| {
+            DecoderError::Tokenizer {
+                path: path.clone(),
+                source: Box::new(e),
+            }
+        })?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|source| {
             DecoderError::Tokenizer {
                 path: path.clone(),
@@ -335,5 +343,28 @@ impl IncrementalDecoder<'_> {
     /// All ids pushed so far.
     pub fn ids(&self) -> &[u32] {
         &self.ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `tokenizer` fuzz target: a file damaged inside its `decoder` section
+    /// made `tokenizers` panic instead of returning an error.
+    #[test]
+    fn damaged_decoder_section_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        for text in [
+            &b"{\"decoder\": [1,}"[..],
+            b"{\"decoder\": {\"type\": \"a\x01b\"}}",
+        ] {
+            std::fs::write(dir.path().join("tokenizer.json"), text).unwrap();
+            let err = Tokenizer::from_dir(dir.path()).unwrap_err().to_string();
+            assert!(
+                err.contains("tokenizer.json") && err.contains("line 1"),
+                "{err}"
+            );
+        }
     }
 }
