@@ -58,6 +58,9 @@ enum Command {
     /// Export a Hugging Face vision-language checkpoint (LLaVA-1.5, Idefics3/SmolVLM) to a
     /// model package (vision.onnx, decoder/, jetvlm.yaml); needs .ci/setup --dev.
     Export(cmd::export::ExportArgs),
+    /// Write a decoder's layer matrices weight-only INT8 or INT4 (round-to-nearest, FP16
+    /// scales per group), for the CPU decoder.
+    Quantize(cmd::quantize::QuantizeArgs),
     /// Check every CUDA kernel against its CPU reference (PASS/FAIL per kernel).
     Selftest(cmd::selftest::SelftestArgs),
 }
@@ -80,6 +83,7 @@ fn run(command: Command) -> Result<()> {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Synth(args) => cmd::synth::run(args),
         Command::Export(args) => cmd::export::run(args),
+        Command::Quantize(args) => cmd::quantize::run(args),
         Command::Selftest(args) => cmd::selftest::run(args),
     }
 }

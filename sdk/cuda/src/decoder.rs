@@ -61,6 +61,12 @@ impl<G: Gpu> WeightSink for Upload<'_, G> {
     type V = G::Weights;
     type Error = CudaError;
     fn matrix(&mut self, t: &Tensor) -> Result<G::Weights, CudaError> {
+        if t.quant_format().is_some() {
+            return Err(CudaError::QuantizedWeights {
+                name: t.name().to_string(),
+                path: t.path().to_path_buf(),
+            });
+        }
         self.0.upload_tensor(t)
     }
     fn vector(&mut self, t: &Tensor) -> Result<G::Weights, CudaError> {

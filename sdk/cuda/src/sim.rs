@@ -185,6 +185,12 @@ impl Gpu for SimDevice {
             TensorData::F32(_) => DType::F32,
             TensorData::F16(_) => DType::F16,
             TensorData::BF16(_) => DType::BF16,
+            TensorData::Quant(_) => {
+                return Err(CudaError::QuantizedWeights {
+                    name: t.name().to_string(),
+                    path: t.path().to_path_buf(),
+                });
+            }
         };
         Ok(SimWeights {
             data: t.to_f32_vec(),

@@ -74,6 +74,14 @@ pub enum DecoderError {
         dtype: String,
     },
 
+    /// A quantized matrix's codes, scales or zeros are inconsistent (dtype, shape, group).
+    #[error("quantized tensor `{name}` in {path}: {msg}")]
+    Quantized {
+        name: String,
+        path: PathBuf,
+        msg: String,
+    },
+
     /// `tokenizer.json` (or another tokenizer file) does not parse.
     #[error("tokenizer {path}: {source}")]
     Tokenizer {

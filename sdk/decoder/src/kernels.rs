@@ -17,6 +17,11 @@ pub fn dot(w: TensorData<'_>, start: usize, x: &[f32]) -> f32 {
         TensorData::F32(s) => dot_f32(&s[start..start + n], x),
         TensorData::F16(s) => dot_f16(&s[start..start + n], x),
         TensorData::BF16(s) => dot_bf16(&s[start..start + n], x),
+        TensorData::Quant(q) => {
+            let mut y = [0f32];
+            crate::qkernels::gemv_rows(&q, start / q.cols, x, &mut y);
+            y[0]
+        }
     }
 }
 
@@ -209,6 +214,10 @@ fn gemv_chunk(rows: usize, cols: usize) -> usize {
 
 /// `ys[j] = W[r0 + j, :] . x`: a run of consecutive rows (AVX-512 where the CPU has it).
 fn gemv_rows(w: TensorData<'_>, r0: usize, cols: usize, x: &[f32], ys: &mut [f32]) {
+    if let TensorData::Quant(q) = w {
+        crate::qkernels::gemv_rows(&q, r0, x, ys);
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if avx512::available() {
         let end = (r0 + ys.len()) * cols;
@@ -219,6 +228,7 @@ fn gemv_rows(w: TensorData<'_>, r0: usize, cols: usize, x: &[f32], ys: &mut [f32
                 TensorData::F32(s) => avx512::rows_f32(&s[r0 * cols..end], cols, x, ys),
                 TensorData::F16(s) => avx512::rows_f16(&s[r0 * cols..end], cols, x, ys),
                 TensorData::BF16(s) => avx512::rows_bf16(&s[r0 * cols..end], cols, x, ys),
+                TensorData::Quant(_) => unreachable!("quantized rows dispatched above"),
             }
         }
         return;
@@ -233,6 +243,7 @@ fn gemv_rows(w: TensorData<'_>, r0: usize, cols: usize, x: &[f32], ys: &mut [f32
                 TensorData::F32(s) => neon::rows_f32(&s[r0 * cols..end], cols, x, ys),
                 TensorData::F16(s) => neon::rows_f16(&s[r0 * cols..end], cols, x, ys),
                 TensorData::BF16(s) => neon::rows_bf16(&s[r0 * cols..end], cols, x, ys),
+                TensorData::Quant(_) => unreachable!("quantized rows dispatched above"),
             }
         }
         #[allow(clippy::needless_return)]

@@ -8,6 +8,9 @@
 //!   in their stored type.
 //! - [`kernels`]: matrix-vector (decode) and matrix-matrix (prefill) products that convert
 //!   F16/BF16 in the kernel, RMSNorm, SwiGLU, RoPE; each with a reference twin.
+//!   Weight-only INT8/INT4 matrices (`jetvlm quantize`) run their own matrix-vector rows,
+//!   dequantizing in registers.
+//! - [`quantize`]: a decoder's layer matrices written INT8/INT4 (`jetvlm quantize`).
 //! - [`kv`]: the KV cache calls the forward pass makes ([`KvStore`], implemented by
 //!   `jetvlm_kvcache::MixedKvCache`) and the exact [`F32KvCache`] reference.
 //! - [`model`]: [`Model::load`] and [`Model::forward`] over spans of text ids and injected
@@ -25,6 +28,8 @@ pub mod generate;
 pub mod kernels;
 pub mod kv;
 pub mod model;
+mod qkernels;
+pub mod quantize;
 pub mod salience;
 pub mod sampler;
 pub mod tokenizer;
@@ -37,4 +42,4 @@ pub use kv::{F32KvCache, KvStore};
 pub use model::{Input, LoadOptions, Logits, LogitsMode, Model};
 pub use sampler::{Sampler, SamplerConfig};
 pub use tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
-pub use weights::{Tensor, TensorData, Weights};
+pub use weights::{QuantData, Tensor, TensorData, Weights};

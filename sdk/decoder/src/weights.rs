@@ -3,10 +3,17 @@
 //!
 //! Tensors stay in their stored type (F32, F16, BF16) inside the mapping; nothing is copied
 //! unless a tensor's data is misaligned for its type or a conversion is requested.
+//!
+//! A weight matrix `<stem>.weight` may instead be stored quantized by `jetvlm quantize`
+//! (formats of [`jetvlm_quant::weight`]): `<stem>.qweight` (INT8: I8 `[rows, cols]`; INT4:
+//! U8 `[rows, cols / 2]`, two codes per byte), `<stem>.scales` (F16 `[rows, cols / group]`)
+//! and, for INT4, `<stem>.zeros` (F16, same shape). [`Weights::get`] of `<stem>.weight`
+//! then returns the quantized matrix (its [`TensorData::Quant`] view), still memory-mapped.
 
 use crate::error::{DecoderError, Result};
 use half::{bf16, f16};
 use jetvlm_core::DType;
+use jetvlm_quant::WeightFormat;
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 use std::collections::HashMap;
@@ -54,6 +61,16 @@ pub struct Tensor {
     dtype: DType,
     shape: Vec<usize>,
     bytes: Bytes,
+    /// Scales and zeros of a quantized matrix (`bytes` then holds its codes).
+    quant: Option<QuantParts>,
+}
+
+/// The group parameters of a quantized matrix.
+#[derive(Clone)]
+struct QuantParts {
+    format: WeightFormat,
+    scales: Bytes,
+    zeros: Option<Bytes>,
 }
 
 /// A typed view of a tensor's elements.
@@ -62,6 +79,59 @@ pub enum TensorData<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
+    /// A weight-only quantized matrix (INT8 or INT4 groups along each row).
+    Quant(QuantData<'a>),
+}
+
+/// A quantized `[rows, cols]` matrix: row `r`'s codes are
+/// `codes[r * code_bytes_per_row(cols)..]`, its group parameters `scales[r * groups..]` and
+/// (INT4) `zeros[r * groups..]`, `groups = cols / group`.
+#[derive(Clone, Copy, Debug)]
+pub struct QuantData<'a> {
+    pub format: WeightFormat,
+    pub cols: usize,
+    pub codes: &'a [u8],
+    pub scales: &'a [f16],
+    /// Empty for INT8 (symmetric).
+    pub zeros: &'a [f16],
+}
+
+impl QuantData<'_> {
+    /// Rows of the matrix.
+    pub fn rows(&self) -> usize {
+        self.scales.len() / self.format.groups_per_row(self.cols)
+    }
+
+    /// Codes, scales and zeros of row `r`.
+    #[inline]
+    pub fn row(&self, r: usize) -> (&[u8], &[f16], &[f16]) {
+        let cb = self.format.code_bytes_per_row(self.cols);
+        let g = self.format.groups_per_row(self.cols);
+        let zeros = if self.zeros.is_empty() {
+            &[][..]
+        } else {
+            &self.zeros[r * g..(r + 1) * g]
+        };
+        (
+            &self.codes[r * cb..(r + 1) * cb],
+            &self.scales[r * g..(r + 1) * g],
+            zeros,
+        )
+    }
+
+    /// Element `i` (row-major) dequantized.
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        let (r, c) = (i / self.cols, i % self.cols);
+        let (codes, scales, zeros) = self.row(r);
+        let g = c / self.format.group();
+        let s = scales[g].to_f32();
+        if self.format.bits() == 8 {
+            s * codes[c] as i8 as f32
+        } else {
+            zeros[g].to_f32() + s * jetvlm_quant::unpack_code(codes, 4, c) as f32
+        }
+    }
 }
 
 impl TensorData<'_> {
@@ -70,6 +140,7 @@ impl TensorData<'_> {
             TensorData::F32(s) => s.len(),
             TensorData::F16(s) => s.len(),
             TensorData::BF16(s) => s.len(),
+            TensorData::Quant(q) => q.rows() * q.cols,
         }
     }
 
@@ -84,6 +155,7 @@ impl TensorData<'_> {
             TensorData::F32(s) => s[i],
             TensorData::F16(s) => s[i].to_f32(),
             TensorData::BF16(s) => s[i].to_f32(),
+            TensorData::Quant(q) => q.get(i),
         }
     }
 
@@ -102,6 +174,18 @@ impl TensorData<'_> {
                     *o = v.to_f32();
                 }
             }
+            TensorData::Quant(q) => {
+                let cols = q.cols;
+                if start.is_multiple_of(cols) && n.is_multiple_of(cols) {
+                    for (j, o) in out.chunks_exact_mut(cols).enumerate() {
+                        crate::qkernels::dequantize_row(q, start / cols + j, o);
+                    }
+                } else {
+                    for (j, o) in out.iter_mut().enumerate() {
+                        *o = q.get(start + j);
+                    }
+                }
+            }
         }
     }
 
@@ -110,6 +194,8 @@ impl TensorData<'_> {
             TensorData::F32(_) => DType::F32,
             TensorData::F16(_) => DType::F16,
             TensorData::BF16(_) => DType::BF16,
+            TensorData::Quant(q) if q.format.bits() == 8 => DType::I8,
+            TensorData::Quant(_) => DType::U8,
         }
     }
 }
@@ -136,15 +222,35 @@ impl Tensor {
         self.shape.iter().product()
     }
 
-    /// Bytes of the stored elements.
+    /// Bytes of the stored elements (a quantized matrix: codes, scales and zeros).
     pub fn size_bytes(&self) -> usize {
-        self.numel() * self.dtype.size_bytes()
+        match &self.quant {
+            Some(q) => q.format.matrix_bytes(self.shape[0], self.shape[1]),
+            None => self.numel() * self.dtype.size_bytes(),
+        }
+    }
+
+    /// The weight format of a quantized matrix; `None` for a float tensor.
+    pub fn quant_format(&self) -> Option<WeightFormat> {
+        self.quant.as_ref().map(|q| q.format)
     }
 
     /// The elements in their stored type. Alignment was checked (or fixed by a copy) when
     /// the tensor was opened.
     pub fn data(&self) -> TensorData<'_> {
         let b = self.bytes.as_slice();
+        if let Some(q) = &self.quant {
+            return TensorData::Quant(QuantData {
+                format: q.format,
+                cols: self.shape[1],
+                codes: b,
+                scales: bytemuck::cast_slice(q.scales.as_slice()),
+                zeros: q
+                    .zeros
+                    .as_ref()
+                    .map_or(&[][..], |z| bytemuck::cast_slice(z.as_slice())),
+            });
+        }
         match self.dtype {
             DType::F16 => TensorData::F16(bytemuck::cast_slice(b)),
             DType::BF16 => TensorData::BF16(bytemuck::cast_slice(b)),
@@ -159,9 +265,10 @@ impl Tensor {
         out
     }
 
-    /// The same tensor converted to `dtype` (an owned copy; no-op when already `dtype`).
+    /// The same tensor converted to `dtype` (an owned copy; no-op when already `dtype`). A
+    /// quantized matrix is dequantized.
     pub fn converted(&self, dtype: DType) -> Result<Tensor> {
-        if dtype == self.dtype {
+        if dtype == self.dtype && self.quant.is_none() {
             return Ok(self.clone());
         }
         let vals = self.to_f32_vec();
@@ -186,6 +293,7 @@ impl Tensor {
         Ok(Tensor {
             dtype,
             bytes,
+            quant: None,
             ..self.clone()
         })
     }
@@ -198,12 +306,64 @@ impl Tensor {
             dtype: DType::F32,
             shape,
             bytes: Bytes::owned(bytemuck::cast_slice(values)),
+            quant: None,
         }
+    }
+
+    /// Builds an owned quantized matrix `[rows, cols]` from its codes and group parameters
+    /// (tests, the quantizer). The lengths must match the format (checked).
+    pub fn quantized(
+        name: &str,
+        format: WeightFormat,
+        shape: [usize; 2],
+        codes: &[u8],
+        scales: &[f16],
+        zeros: &[f16],
+    ) -> Result<Tensor> {
+        let [rows, cols] = shape;
+        let groups = rows * (cols / format.group());
+        let ok = format.check_cols(cols).is_ok()
+            && codes.len() == rows * format.code_bytes_per_row(cols)
+            && scales.len() == groups
+            && zeros.len() == if format.has_zeros() { groups } else { 0 };
+        if !ok {
+            return Err(DecoderError::Quantized {
+                name: name.to_string(),
+                path: PathBuf::from("<memory>"),
+                msg: format!(
+                    "{} code bytes, {} scales, {} zeros do not make a {rows}x{cols} matrix of {format:?}",
+                    codes.len(),
+                    scales.len(),
+                    zeros.len()
+                ),
+            });
+        }
+        Ok(Tensor {
+            name: name.to_string(),
+            path: PathBuf::from("<memory>"),
+            dtype: if format.bits() == 8 {
+                DType::I8
+            } else {
+                DType::U8
+            },
+            shape: shape.to_vec(),
+            bytes: Bytes::owned(codes),
+            quant: Some(QuantParts {
+                format,
+                scales: Bytes::owned(bytemuck::cast_slice(scales)),
+                zeros: format
+                    .has_zeros()
+                    .then(|| Bytes::owned(bytemuck::cast_slice(zeros))),
+            }),
+        })
     }
 }
 
 struct Entry {
     file: usize,
+    /// `false` for a dtype the decoder never reads (recorded so that reading it is an error
+    /// naming the tensor).
+    known: bool,
     dtype: DType,
     shape: Vec<usize>,
     start: usize,
@@ -314,6 +474,9 @@ impl Weights {
                     safetensors::Dtype::F32 => DType::F32,
                     safetensors::Dtype::F16 => DType::F16,
                     safetensors::Dtype::BF16 => DType::BF16,
+                    // Codes of quantized matrices.
+                    safetensors::Dtype::I8 => DType::I8,
+                    safetensors::Dtype::U8 => DType::U8,
                     other => {
                         // Recorded as unsupported; an error only if the model reads it.
                         tracing::debug!(
@@ -325,6 +488,7 @@ impl Weights {
                             name,
                             Entry {
                                 file: fi,
+                                known: false,
                                 dtype: DType::U8,
                                 shape: view.shape().to_vec(),
                                 start: 0,
@@ -340,6 +504,7 @@ impl Weights {
                     name,
                     Entry {
                         file: fi,
+                        known: true,
                         dtype,
                         shape: view.shape().to_vec(),
                         start,
@@ -405,7 +570,7 @@ impl Weights {
             return Ok(());
         };
         let e = &self.table[*tensor];
-        if e.dtype == DType::U8 || e.dtype == dtype {
+        if !e.known || matches!(e.dtype, DType::U8 | DType::I8) || e.dtype == dtype {
             return Ok(());
         }
         Err(DecoderError::DTypeMismatch {
@@ -430,8 +595,29 @@ impl Weights {
         self.files.iter().map(|(_, m)| m.len() as u64).sum()
     }
 
-    /// The tensor `name`, checked against `shape`.
+    /// The weight files, in the order they were opened.
+    pub fn files(&self) -> Vec<&Path> {
+        self.files.iter().map(|(p, _)| p.as_path()).collect()
+    }
+
+    /// Names of every tensor in the weight files, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.table.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The tensor `name`, checked against `shape`. A matrix `<stem>.weight` stored quantized
+    /// (`<stem>.qweight`, `.scales`, `.zeros`; see the module documentation) is returned as
+    /// a quantized tensor, each of its parts checked against `shape` and the format.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if !self.table.contains_key(name)
+            && let Some(stem) = name.strip_suffix(".weight")
+            && self.table.contains_key(&format!("{stem}.qweight"))
+            && let [rows, cols] = *shape
+        {
+            return self.get_quantized(stem, rows, cols);
+        }
         let e = self
             .table
             .get(name)
@@ -440,7 +626,7 @@ impl Weights {
                 dir: self.dir.clone(),
             })?;
         let (path, map) = &self.files[e.file];
-        if e.dtype == DType::U8 {
+        if !e.known || matches!(e.dtype, DType::U8 | DType::I8) {
             return Err(DecoderError::DType {
                 name: name.to_string(),
                 path: path.clone(),
@@ -471,6 +657,125 @@ impl Weights {
             dtype: e.dtype,
             shape: e.shape.clone(),
             bytes,
+            quant: None,
+        })
+    }
+
+    /// The bytes of tensor `name` if it is stored as `dtype` with `shape`; otherwise an
+    /// error naming it (missing, another dtype, another shape).
+    fn raw(&self, name: &str, dtype: DType, shape: &[usize]) -> Result<(PathBuf, Bytes)> {
+        let e = self
+            .table
+            .get(name)
+            .ok_or_else(|| DecoderError::MissingTensor {
+                name: name.to_string(),
+                dir: self.dir.clone(),
+            })?;
+        let (path, map) = &self.files[e.file];
+        if !e.known || e.dtype != dtype {
+            return Err(DecoderError::Quantized {
+                name: name.to_string(),
+                path: path.clone(),
+                msg: format!(
+                    "stored as {}, a quantized matrix needs {dtype}",
+                    if e.known {
+                        e.dtype.to_string()
+                    } else {
+                        "an unsupported dtype".into()
+                    }
+                ),
+            });
+        }
+        if e.shape != shape {
+            return Err(DecoderError::Shape {
+                name: name.to_string(),
+                path: path.clone(),
+                expected: shape.to_vec(),
+                actual: e.shape.clone(),
+            });
+        }
+        let bytes = if (map.as_ptr() as usize + e.start).is_multiple_of(dtype.size_bytes()) {
+            Bytes::Mapped {
+                map: map.clone(),
+                start: e.start,
+                len: e.len,
+            }
+        } else {
+            Bytes::owned(&map[e.start..e.start + e.len])
+        };
+        Ok((path.clone(), bytes))
+    }
+
+    /// The quantized matrix `<stem>.qweight` (+ `.scales`, `.zeros`) of shape `[rows, cols]`:
+    /// the bit width from the codes' dtype (I8: 8, U8: 4), the group size from the scales'
+    /// width.
+    fn get_quantized(&self, stem: &str, rows: usize, cols: usize) -> Result<Tensor> {
+        let qname = format!("{stem}.qweight");
+        let sname = format!("{stem}.scales");
+        let e = &self.table[&qname];
+        let (qpath, _) = &self.files[e.file];
+        let bad = |name: &str, path: &Path, msg: String| DecoderError::Quantized {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            msg,
+        };
+        let bits = match (e.known, e.dtype) {
+            (true, DType::I8) => 8,
+            (true, DType::U8) => 4,
+            _ => {
+                return Err(bad(
+                    &qname,
+                    qpath,
+                    "codes must be I8 (8-bit) or U8 (4-bit, two codes per byte)".into(),
+                ));
+            }
+        };
+        let se = self
+            .table
+            .get(&sname)
+            .ok_or_else(|| DecoderError::MissingTensor {
+                name: sname.clone(),
+                dir: self.dir.clone(),
+            })?;
+        let (spath, _) = &self.files[se.file];
+        let groups = match se.shape.as_slice() {
+            [r, g] if *r == rows && *g > 0 && cols.is_multiple_of(*g) => *g,
+            s => {
+                return Err(bad(
+                    &sname,
+                    spath,
+                    format!("shape {s:?} is not [{rows}, groups] with groups dividing {cols}"),
+                ));
+            }
+        };
+        let format = WeightFormat::new(bits, cols / groups).map_err(|e| {
+            bad(
+                &sname,
+                spath,
+                format!("{e} ({groups} groups of {cols} columns)"),
+            )
+        })?;
+        let (_, codes) = self.raw(&qname, e.dtype, &[rows, format.code_bytes_per_row(cols)])?;
+        let (_, scales) = self.raw(&sname, DType::F16, &[rows, groups])?;
+        let zeros = if format.has_zeros() {
+            Some(
+                self.raw(&format!("{stem}.zeros"), DType::F16, &[rows, groups])?
+                    .1,
+            )
+        } else {
+            None
+        };
+        Ok(Tensor {
+            name: format!("{stem}.weight"),
+            path: qpath.clone(),
+            dtype: e.dtype,
+            shape: vec![rows, cols],
+            bytes: codes,
+            quant: Some(QuantParts {
+                format,
+                scales,
+                zeros,
+            }),
         })
     }
 }

@@ -9,6 +9,7 @@ pub mod export;
 pub mod generate;
 pub mod gpu;
 pub mod plan;
+pub mod quantize;
 pub mod selftest;
 pub mod synth;
 pub mod watch;

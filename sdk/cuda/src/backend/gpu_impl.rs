@@ -93,6 +93,12 @@ impl Gpu for CudaDevice {
             TensorData::F32(s) => DeviceWeights::F32(upload_slice::<f32>(self, s)?),
             TensorData::F16(s) => DeviceWeights::F16(upload_slice::<f16>(self, s)?),
             TensorData::BF16(s) => DeviceWeights::BF16(upload_slice::<bf16>(self, s)?),
+            TensorData::Quant(_) => {
+                return Err(CudaError::QuantizedWeights {
+                    name: t.name().to_string(),
+                    path: t.path().to_path_buf(),
+                });
+            }
         })
     }
     fn weights_len(w: &DeviceWeights) -> usize {

@@ -1,0 +1,292 @@
+//! CPU kernels of weight-only quantized matrices ([`QuantData`]): the matrix-vector rows of
+//! decode, dequantizing in registers, and the row dequantization prefill tiles and
+//! embedding lookups use (prefill then runs the f32 `gemm` path of [`crate::kernels`]).
+//!
+//! Per row, each group contributes `scale * sum(code * x)` (+ `zero * sum(x)` for INT4,
+//! with the group sums of `x` computed once per call). The AVX2 path is picked at run time;
+//! the portable path runs everywhere else; [`gemv_rows_ref`] is the reference twin (the
+//! format crate's reference dequantization and an f64 dot product).
+
+use crate::weights::QuantData;
+
+/// `ys[j] = W[r0 + j, :] . x` for a quantized `W`.
+pub(crate) fn gemv_rows(q: &QuantData<'_>, r0: usize, x: &[f32], ys: &mut [f32]) {
+    assert!(
+        x.len() >= q.cols && r0 + ys.len() <= q.rows(),
+        "quantized gemv bounds"
+    );
+    let xsum = group_sums(q, x);
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        // SAFETY: AVX2 and FMA are present (checked at run time); bounds asserted above.
+        unsafe { avx2::rows(q, r0, x, &xsum, ys) };
+        return;
+    }
+    gemv_rows_portable(q, r0, x, &xsum, ys);
+}
+
+/// Sums of `x` over each group of a row (INT4's zeros multiply them); empty for INT8.
+fn group_sums(q: &QuantData<'_>, x: &[f32]) -> Vec<f32> {
+    if !q.format.has_zeros() {
+        return Vec::new();
+    }
+    x[..q.cols]
+        .chunks_exact(q.format.group())
+        .map(|g| g.iter().sum())
+        .collect()
+}
+
+/// Portable rows: group by group, 32 codes at a time, 8 independent accumulators.
+fn gemv_rows_portable(q: &QuantData<'_>, r0: usize, x: &[f32], xsum: &[f32], ys: &mut [f32]) {
+    let g = q.format.group();
+    for (j, y) in ys.iter_mut().enumerate() {
+        let (codes, scales, zeros) = q.row(r0 + j);
+        let mut total = 0f32;
+        for (gi, &s) in scales.iter().enumerate() {
+            let xs = &x[gi * g..(gi + 1) * g];
+            let mut acc = [0f32; 8];
+            if q.format.bits() == 8 {
+                let cs = &codes[gi * g..(gi + 1) * g];
+                for (i, (&c, &xv)) in cs.iter().zip(xs).enumerate() {
+                    acc[i & 7] += (c as i8) as f32 * xv;
+                }
+            } else {
+                let cs = &codes[gi * g / 2..(gi + 1) * g / 2];
+                for (chunk, xc) in cs.chunks_exact(16).zip(xs.chunks_exact(32)) {
+                    for i in 0..16 {
+                        acc[i & 7] +=
+                            (chunk[i] & 0x0f) as f32 * xc[i] + (chunk[i] >> 4) as f32 * xc[i + 16];
+                    }
+                }
+            }
+            total += s.to_f32() * acc.iter().sum::<f32>();
+            if let Some(z) = zeros.get(gi) {
+                total += z.to_f32() * xsum[gi];
+            }
+        }
+        *y = total;
+    }
+}
+
+/// Reference twin of [`gemv_rows`]: each row dequantized by the format crate's reference,
+/// then an f64 dot product.
+#[cfg(test)]
+pub(crate) fn gemv_rows_ref(q: &QuantData<'_>, r0: usize, x: &[f32], ys: &mut [f32]) {
+    let mut row = vec![0f32; q.cols];
+    for (j, y) in ys.iter_mut().enumerate() {
+        let (codes, scales, zeros) = q.row(r0 + j);
+        jetvlm_quant::weight::dequantize_row(q.format, codes, scales, zeros, &mut row);
+        *y = row
+            .iter()
+            .zip(x)
+            .map(|(&w, &xv)| w as f64 * xv as f64)
+            .sum::<f64>() as f32;
+    }
+}
+
+/// Row `r` of `q` dequantized into `out` (`q.cols` values): prefill tiles and embedding
+/// rows. Exactly the values of the format's reference dequantization.
+pub(crate) fn dequantize_row(q: &QuantData<'_>, r: usize, out: &mut [f32]) {
+    let g = q.format.group();
+    let (codes, scales, zeros) = q.row(r);
+    for (gi, (o, &s)) in out.chunks_exact_mut(g).zip(scales).enumerate() {
+        let s = s.to_f32();
+        if q.format.bits() == 8 {
+            for (v, &c) in o.iter_mut().zip(&codes[gi * g..(gi + 1) * g]) {
+                *v = s * (c as i8) as f32;
+            }
+        } else {
+            let z = zeros[gi].to_f32();
+            let cs = &codes[gi * g / 2..(gi + 1) * g / 2];
+            for (oc, chunk) in o.chunks_exact_mut(32).zip(cs.chunks_exact(16)) {
+                for i in 0..16 {
+                    oc[i] = z + s * (chunk[i] & 0x0f) as f32;
+                    oc[i + 16] = z + s * (chunk[i] >> 4) as f32;
+                }
+            }
+        }
+    }
+}
+
+/// AVX2 rows: 8 codes widened to i32 and converted to f32 per vector, FMA with `x`, one
+/// group accumulator scaled by the group's scale.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use crate::weights::QuantData;
+    use std::arch::x86_64::*;
+
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps::<1>(v);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// # Safety
+    /// Requires AVX2 and FMA; `x.len() >= q.cols`, rows `r0..r0 + ys.len()` inside `q`,
+    /// `xsum` the group sums of `x` for INT4.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows(q: &QuantData<'_>, r0: usize, x: &[f32], xsum: &[f32], ys: &mut [f32]) {
+        let g = q.format.group();
+        let xp = x.as_ptr();
+        let int8 = q.format.bits() == 8;
+        for (j, y) in ys.iter_mut().enumerate() {
+            let (codes, scales, zeros) = q.row(r0 + j);
+            let cp = codes.as_ptr();
+            let mut total = _mm256_setzero_ps();
+            let mut zterm = 0f32;
+            for (gi, s) in scales.iter().enumerate() {
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let x0 = gi * g;
+                // SAFETY: the group's codes (g bytes for INT8, g / 2 for INT4) lie inside
+                // `codes` (one row), and x[x0..x0 + g] inside `x` (x.len() >= cols).
+                unsafe {
+                    if int8 {
+                        let mut i = 0;
+                        while i < g {
+                            let v = _mm_loadu_si128(cp.add(x0 + i) as *const __m128i);
+                            let c0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                            let c1 =
+                                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(v)));
+                            a0 = _mm256_fmadd_ps(c0, _mm256_loadu_ps(xp.add(x0 + i)), a0);
+                            a1 = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xp.add(x0 + i + 8)), a1);
+                            i += 16;
+                        }
+                    } else {
+                        let mask = _mm_set1_epi8(0x0f);
+                        let mut i = 0;
+                        while i < g {
+                            let v = _mm_loadu_si128(cp.add((x0 + i) / 2) as *const __m128i);
+                            let lo = _mm_and_si128(v, mask);
+                            let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
+                            let c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+                            let c1 =
+                                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(lo)));
+                            let c2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+                            let c3 =
+                                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(hi)));
+                            let xb = xp.add(x0 + i);
+                            a0 = _mm256_fmadd_ps(c0, _mm256_loadu_ps(xb), a0);
+                            a1 = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xb.add(8)), a1);
+                            a0 = _mm256_fmadd_ps(c2, _mm256_loadu_ps(xb.add(16)), a0);
+                            a1 = _mm256_fmadd_ps(c3, _mm256_loadu_ps(xb.add(24)), a1);
+                            i += 32;
+                        }
+                    }
+                }
+                total = _mm256_fmadd_ps(_mm256_set1_ps(s.to_f32()), _mm256_add_ps(a0, a1), total);
+                if let Some(z) = zeros.get(gi) {
+                    zterm += z.to_f32() * xsum[gi];
+                }
+            }
+            *y = hsum(total) + zterm;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::{Tensor, TensorData};
+    use jetvlm_quant::WeightFormat;
+    use rand::{Rng, SeedableRng};
+
+    /// A random `[rows, cols]` matrix quantized by the reference, and its values.
+    fn random_matrix(rng: &mut impl Rng, fmt: WeightFormat, rows: usize, cols: usize) -> Tensor {
+        let (mut codes, mut scales, mut zeros) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rows {
+            let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-0.3f32..0.5)).collect();
+            let q = jetvlm_quant::weight::quantize_row(&x, fmt).unwrap();
+            codes.extend(q.codes);
+            scales.extend(q.scales);
+            zeros.extend(q.zeros);
+        }
+        Tensor::quantized("w", fmt, [rows, cols], &codes, &scales, &zeros).unwrap()
+    }
+
+    fn quant(t: &Tensor) -> QuantData<'_> {
+        match t.data() {
+            TensorData::Quant(q) => q,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Fast and portable rows against the reference twin. Both compute the same products
+    /// of exactly representable values (`scale * code` is exact in f32), so they differ
+    /// only by f32 summation order: within `cols * eps * sum |w x|` of the reference.
+    #[test]
+    fn quantized_rows_match_the_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for bits in [4u32, 8] {
+            for group in [32usize, 64, 128] {
+                let fmt = WeightFormat::new(bits, group).unwrap();
+                let (rows, cols) = (13, 384);
+                let t = random_matrix(&mut rng, fmt, rows, cols);
+                let q = quant(&t);
+                let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+                let mut want = vec![0f32; rows];
+                gemv_rows_ref(&q, 0, &x, &mut want);
+                let mut fast = vec![0f32; rows - 2];
+                gemv_rows(&q, 2, &x, &mut fast);
+                let mut port = vec![0f32; rows];
+                gemv_rows_portable(&q, 0, &x, &group_sums(&q, &x), &mut port);
+                let mut deq = vec![0f32; cols];
+                for r in 0..rows {
+                    dequantize_row(&q, r, &mut deq);
+                    let mag: f32 = deq.iter().zip(&x).map(|(w, v)| (w * v).abs()).sum();
+                    let bound = cols as f32 * f32::EPSILON * mag;
+                    assert!(
+                        (port[r] - want[r]).abs() <= bound,
+                        "portable {bits}b g{group} row {r}"
+                    );
+                    if r >= 2 {
+                        let d = (fast[r - 2] - want[r]).abs();
+                        assert!(d <= bound, "fast {bits}b g{group} row {r}: {d} > {bound}");
+                    }
+                    // The row dequantization is the reference's, value for value.
+                    let (c, s, z) = q.row(r);
+                    let mut refrow = vec![0f32; cols];
+                    jetvlm_quant::weight::dequantize_row(fmt, c, s, z, &mut refrow);
+                    assert_eq!(deq, refrow);
+                    assert_eq!(TensorData::Quant(q).get(r * cols + 37), refrow[37]);
+                }
+            }
+        }
+    }
+
+    /// The prefill path (tiles dequantized, then gemm) and the fused decode path agree with
+    /// the reference on a whole quantized matrix.
+    #[test]
+    fn quantized_matmul_matches_the_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        for bits in [4u32, 8] {
+            let fmt = WeightFormat::new(bits, 64).unwrap();
+            let (rows, cols, n) = (150, 256, 5);
+            let t = random_matrix(&mut rng, fmt, rows, cols);
+            let x: Vec<f32> = (0..n * cols)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            let mut want = vec![0f32; n * rows];
+            crate::kernels::matmul_ref(t.data(), rows, cols, &x, n, &mut want);
+            let mut got = vec![0f32; n * rows];
+            crate::kernels::matmul(t.data(), rows, cols, &x, n, &mut got);
+            let mut one = vec![0f32; rows];
+            crate::kernels::matmul(t.data(), rows, cols, &x[..cols], 1, &mut one);
+            let scale: f32 = want.iter().map(|v| v.abs()).fold(0.0, f32::max);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-4 * scale, "{bits}b prefill: {a} vs {b}");
+            }
+            for (a, b) in one.iter().zip(&want[..rows]) {
+                assert!((a - b).abs() <= 1e-4 * scale, "{bits}b decode: {a} vs {b}");
+            }
+        }
+    }
+}

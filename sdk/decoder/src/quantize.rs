@@ -1,0 +1,374 @@
+//! Writes a decoder's weights quantized (what `jetvlm quantize` runs): every layer matrix
+//! round-to-nearest in a [`WeightFormat`], the LM head optionally INT8, everything else
+//! (embeddings, norms, biases, tensors the decoder does not read) copied as stored.
+//!
+//! Output layout (read back by [`crate::Weights::get`]): one `model.safetensors` where each
+//! quantized `<stem>.weight` `[rows, cols]` becomes
+//!
+//! | tensor            | dtype | shape                  | meaning                          |
+//! |-------------------|-------|------------------------|----------------------------------|
+//! | `<stem>.qweight`  | I8    | `[rows, cols]`         | INT8 codes, `w = scale * code`   |
+//! | `<stem>.qweight`  | U8    | `[rows, cols / 2]`     | INT4 codes, two per byte         |
+//! | `<stem>.scales`   | F16   | `[rows, cols / group]` | one scale per group              |
+//! | `<stem>.zeros`    | F16   | `[rows, cols / group]` | INT4 only, `w = zero + scale * code` |
+//!
+//! INT4 bytes hold codes in chunks of 32 (byte `i` of a chunk: code `i` in the low nibble,
+//! code `i + 16` in the high one). `config.json` gains
+//! `"quantization_config": {"quant_method": "jetvlm", "bits": B, "group_size": G,
+//! "lm_head_bits": 8 | null}`; a tied LM head quantized to INT8 is written as its own
+//! `lm_head` tensors and `tie_word_embeddings` becomes `false` (the embedding table stays as
+//! stored). The other files of the directory (tokenizer, chat template, generation config)
+//! are copied. Everything is written into a temporary directory beside the output and
+//! renamed into place at the end, so the output is never half written.
+
+use crate::arch::{self, PREFIXES, WeightSink};
+use crate::config::Config;
+use crate::error::{DecoderError, Result};
+use crate::weights::{Tensor, Weights};
+use jetvlm_quant::{QuantRow, WeightFormat};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// What to quantize.
+#[derive(Clone, Copy, Debug)]
+pub struct QuantizeOptions {
+    /// Format of the layer matrices.
+    pub format: WeightFormat,
+    /// Quantize the LM head to INT8 (same group size); `false` keeps it as stored.
+    pub head_int8: bool,
+}
+
+/// What [`quantize_dir`] wrote.
+#[derive(Clone, Debug)]
+pub struct QuantizeReport {
+    /// Matrices quantized (the LM head included when it was).
+    pub matrices: usize,
+    /// Tensors copied as stored.
+    pub copied: usize,
+    /// Bytes of the source and output weight files.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Other files copied (tokenizer, ...).
+    pub files: Vec<String>,
+}
+
+/// Records the name of every matrix the architecture reads.
+struct Names;
+
+impl WeightSink for Names {
+    type W = String;
+    type V = ();
+    type Error = DecoderError;
+    fn matrix(&mut self, t: &Tensor) -> Result<String> {
+        if t.quant_format().is_some() {
+            return Err(DecoderError::Quantized {
+                name: t.name().to_string(),
+                path: t.path().to_path_buf(),
+                msg: "already quantized; quantize the unquantized model".into(),
+            });
+        }
+        Ok(t.name().to_string())
+    }
+    fn vector(&mut self, _: &Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// An output tensor: safetensors dtype, shape and bytes.
+struct Out {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> DecoderError + '_ {
+    move |source| DecoderError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Quantizes the decoder in `src` into the new directory `dst` (which must not exist).
+pub fn quantize_dir(src: &Path, dst: &Path, opts: &QuantizeOptions) -> Result<QuantizeReport> {
+    if dst.exists() {
+        return Err(DecoderError::Input(format!(
+            "output {} already exists; remove it or choose another --out",
+            dst.display()
+        )));
+    }
+    let config_path = src.join("config.json");
+    let config = Config::from_dir(src)?;
+    let mut raw: serde_json::Value = jetvlm_core::config::load_json(&config_path)?;
+    if raw.get("quantization_config").is_some() {
+        return Err(DecoderError::Unsupported {
+            path: config_path,
+            field: "quantization_config".into(),
+            msg: "the model is already quantized; quantize the unquantized model".into(),
+        });
+    }
+    let ws = Weights::open(src)?;
+    let names = arch::load(&config.model, &ws, None, &mut Names)?;
+    let c = &config.model;
+
+    // (tensor name, rows, cols, format) of every matrix to quantize.
+    let mut jobs: Vec<(String, usize, usize, WeightFormat)> = Vec::new();
+    for l in &names.layers {
+        for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+            jobs.push((lin.w.clone(), lin.rows, lin.cols, opts.format));
+        }
+    }
+    let prefix = names
+        .embed
+        .strip_suffix("embed_tokens.weight")
+        .unwrap_or_default()
+        .to_string();
+    let head_name = PREFIXES
+        .iter()
+        .find(|(p, _)| *p == prefix)
+        .map_or(PREFIXES[0].1, |(_, h)| *h)
+        .to_string();
+    let int8 = WeightFormat::new(8, opts.format.group()).map_err(quant_err(&head_name, src))?;
+    // Quantizing a tied head reads the embedding table under the head's name.
+    let mut head_source: Option<String> = None;
+    if opts.head_int8 {
+        let from = names.lm_head.clone().unwrap_or_else(|| names.embed.clone());
+        if names.lm_head.is_none() {
+            head_source = Some(from.clone());
+        }
+        jobs.push((from, c.vocab_size, c.hidden_size, int8));
+    }
+    for (name, _, cols, fmt) in &jobs {
+        if !cols.is_multiple_of(fmt.group()) {
+            return Err(DecoderError::Quantized {
+                name: name.clone(),
+                path: src.to_path_buf(),
+                msg: format!(
+                    "--group {} does not divide its {cols} columns (use a group size that divides {cols})",
+                    fmt.group()
+                ),
+            });
+        }
+    }
+
+    let mut out: Vec<(String, Out)> = Vec::new();
+    let quantized: HashMap<&str, ()> = jobs
+        .iter()
+        .filter(|(n, ..)| Some(n) != head_source.as_ref())
+        .map(|(n, ..)| (n.as_str(), ()))
+        .collect();
+    for (name, rows, cols, fmt) in &jobs {
+        let t = ws.get(name, &[*rows, *cols])?;
+        let stem_name = if Some(name) == head_source.as_ref() {
+            head_name.clone()
+        } else {
+            name.clone()
+        };
+        let stem = stem_name.strip_suffix(".weight").unwrap_or(&stem_name);
+        let (codes, scales, zeros) = quantize_matrix(&t, *rows, *cols, *fmt)?;
+        let groups = fmt.groups_per_row(*cols);
+        let (code_dtype, code_cols) = if fmt.bits() == 8 {
+            (safetensors::Dtype::I8, *cols)
+        } else {
+            (safetensors::Dtype::U8, cols / 2)
+        };
+        out.push((
+            format!("{stem}.qweight"),
+            Out {
+                dtype: code_dtype,
+                shape: vec![*rows, code_cols],
+                data: codes,
+            },
+        ));
+        out.push((
+            format!("{stem}.scales"),
+            Out {
+                dtype: safetensors::Dtype::F16,
+                shape: vec![*rows, groups],
+                data: bytemuck::cast_slice(&scales).to_vec(),
+            },
+        ));
+        if fmt.has_zeros() {
+            out.push((
+                format!("{stem}.zeros"),
+                Out {
+                    dtype: safetensors::Dtype::F16,
+                    shape: vec![*rows, groups],
+                    data: bytemuck::cast_slice(&zeros).to_vec(),
+                },
+            ));
+        }
+    }
+    let matrices = jobs.len();
+
+    // Everything else, as stored.
+    let maps = ws
+        .files()
+        .iter()
+        .map(|p| {
+            let f = std::fs::File::open(p).map_err(io(p))?;
+            // SAFETY: read-only mapping of a weight file (as Weights::open).
+            let m = unsafe { memmap2::Mmap::map(&f) }.map_err(io(p))?;
+            Ok((p.to_path_buf(), m))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut copied = 0;
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
+    for (path, map) in &maps {
+        let st =
+            safetensors::SafeTensors::deserialize(map).map_err(|e| DecoderError::Safetensors {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?;
+        for (name, view) in st.tensors() {
+            if quantized.contains_key(name.as_str()) {
+                continue;
+            }
+            views.push((name, view));
+            copied += 1;
+        }
+    }
+    for (name, o) in &out {
+        let v = safetensors::tensor::TensorView::new(o.dtype, o.shape.clone(), &o.data).map_err(
+            |e| DecoderError::Quantized {
+                name: name.clone(),
+                path: dst.to_path_buf(),
+                msg: e.to_string(),
+            },
+        )?;
+        views.push((name.clone(), v));
+    }
+
+    // Config: the format, and an untied head when a tied one was quantized.
+    let obj = raw
+        .as_object_mut()
+        .ok_or_else(|| DecoderError::Unsupported {
+            path: config_path.clone(),
+            field: "(top level)".into(),
+            msg: "not a JSON object".into(),
+        })?;
+    obj.insert(
+        "quantization_config".into(),
+        serde_json::json!({
+            "quant_method": "jetvlm",
+            "bits": opts.format.bits(),
+            "group_size": opts.format.group(),
+            "lm_head_bits": if opts.head_int8 { Some(8) } else { None },
+        }),
+    );
+    if head_source.is_some() {
+        obj.insert("tie_word_embeddings".into(), false.into());
+        if let Some(t) = obj.get_mut("text_config").and_then(|t| t.as_object_mut()) {
+            t.insert("tie_word_embeddings".into(), false.into());
+        }
+    }
+
+    // Write into a temporary directory beside `dst`, then rename.
+    let parent = dst
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let leaf = dst
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "quantized".into());
+    let tmp = parent.join(format!(".{leaf}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = (|| -> Result<Vec<String>> {
+        std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+        let st_path = tmp.join("model.safetensors");
+        let meta: HashMap<String, String> = [
+            ("format".to_string(), "pt".to_string()),
+            (
+                "jetvlm_quantization".to_string(),
+                format!("int{} g{}", opts.format.bits(), opts.format.group()),
+            ),
+        ]
+        .into();
+        safetensors::serialize_to_file(views, Some(meta), &st_path).map_err(|e| {
+            DecoderError::Safetensors {
+                path: st_path.clone(),
+                msg: e.to_string(),
+            }
+        })?;
+        let cfg_out = tmp.join("config.json");
+        let text =
+            serde_json::to_string_pretty(&raw).map_err(|e| DecoderError::Input(e.to_string()))?;
+        std::fs::write(&cfg_out, text + "\n").map_err(io(&cfg_out))?;
+        let mut files = Vec::new();
+        for e in std::fs::read_dir(src).map_err(io(src))?.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let skip = name == "config.json"
+                || name == "model.safetensors.index.json"
+                || p.extension().is_some_and(|x| x == "safetensors")
+                || !p.is_file();
+            if !skip {
+                std::fs::copy(&p, tmp.join(&name)).map_err(io(&p))?;
+                files.push(name);
+            }
+        }
+        files.sort();
+        Ok(files)
+    })();
+    let files = match result.and_then(|f| std::fs::rename(&tmp, dst).map_err(io(dst)).map(|()| f)) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    let bytes_out = std::fs::metadata(dst.join("model.safetensors"))
+        .map_err(io(dst))?
+        .len();
+    Ok(QuantizeReport {
+        matrices,
+        copied,
+        bytes_in: ws.file_bytes(),
+        bytes_out,
+        files,
+    })
+}
+
+fn quant_err(name: &str, path: &Path) -> impl Fn(jetvlm_quant::QuantError) -> DecoderError {
+    let (name, path) = (name.to_string(), path.to_path_buf());
+    move |e| DecoderError::Quantized {
+        name: name.clone(),
+        path: path.clone(),
+        msg: e.to_string(),
+    }
+}
+
+/// Round-to-nearest quantization of every row of `t` (rows in parallel): codes, scales,
+/// zeros, row after row.
+pub fn quantize_matrix(
+    t: &Tensor,
+    rows: usize,
+    cols: usize,
+    fmt: WeightFormat,
+) -> Result<(Vec<u8>, Vec<half::f16>, Vec<half::f16>)> {
+    let data = t.data();
+    let qrows: Vec<QuantRow> = (0..rows)
+        .into_par_iter()
+        .map_init(
+            || vec![0f32; cols],
+            |buf, r| {
+                data.to_f32_into(r * cols, buf);
+                jetvlm_quant::weight::quantize_row(buf, fmt).map_err(|e| DecoderError::Quantized {
+                    name: t.name().to_string(),
+                    path: t.path().to_path_buf(),
+                    msg: format!("row {r}: {e}"),
+                })
+            },
+        )
+        .collect::<Result<_>>()?;
+    let mut codes = Vec::with_capacity(rows * fmt.code_bytes_per_row(cols));
+    let (mut scales, mut zeros) = (Vec::new(), Vec::new());
+    for q in qrows {
+        codes.extend(q.codes);
+        scales.extend(q.scales);
+        zeros.extend(q.zeros);
+    }
+    Ok((codes, scales, zeros))
+}
