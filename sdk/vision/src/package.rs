@@ -350,7 +350,7 @@ impl ModelPackage {
                     field,
                     format!(
                         "unknown placeholder near `{}` (known: {{frames}}, {{question}}, {{i}})",
-                        &stripped[at..(at + 12).min(stripped.len())]
+                        stripped[at..].chars().take(12).collect::<String>()
                     ),
                 ));
             }
@@ -631,6 +631,27 @@ mod tests {
             Err(e) => panic!("expected package issues, got {e}"),
             Ok(_) => panic!("a broken package loaded"),
         }
+    }
+
+    /// The text quoted after an unknown placeholder was cut at byte 12, inside a multi-byte
+    /// character here, and panicked (reproduced by the `package_manifest` fuzz target).
+    #[test]
+    fn unknown_placeholder_before_multibyte_text_is_an_issue_not_a_panic() {
+        let dir = copy_fixture();
+        let manifest = dir.path().join(MANIFEST);
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("template:"))
+            .unwrap();
+        let bad = "  template: \"{frames}{question}{aaaaaaaaaaéé\"";
+        std::fs::write(&manifest, text.replace(line, bad)).unwrap();
+        let got = issues(dir.path());
+        assert!(
+            got.iter().any(|(f, m)| f == "prompt.template"
+                && m.contains("unknown placeholder near `{aaaaaaaaaaé`")),
+            "{got:?}"
+        );
     }
 
     #[test]
