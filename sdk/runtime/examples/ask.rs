@@ -27,6 +27,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         Some(dir) => PathBuf::from(dir),
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/demo"),
     };
+    let dir = dir.canonicalize().unwrap_or(dir);
 
     plan(&dir)?;
 
@@ -43,6 +44,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     // Frames from a camera source, addressed by URI (`pace=0`: no waiting between frames).
     let mut camera = jetvlm_camera::open("synthetic://scene?seed=3&pace=0")?;
     let frame = next_frame(camera.as_mut())?;
+    let truth = camera
+        .ground_truth()
+        .and_then(|t| jetvlm_camera::qa::single_frame_answer(QUESTION, t));
 
     // One question about one frame: the answer streams token by token, then its stats.
     print!("\nQ: {QUESTION}\nA: ");
@@ -53,22 +57,28 @@ fn main() -> Result<(), Box<dyn Error>> {
     }
     let stats = stream.stats();
     drop(stream);
-    println!();
+    println!("  (the scene's truth: {})", truth.as_deref().unwrap_or("-"));
     print_stats(&stats);
 
     // A streaming session: the last `window_frames` frames stay in the KV cache (oldest
-    // evicted) and each question is asked against them without re-encoding.
+    // evicted) and each question is asked against them without re-encoding. The synthetic
+    // camera knows the true answer for its latest frame.
     let mut session = pipeline.session()?;
     for _ in 0..6 {
         let frame = next_frame(camera.as_mut())?;
         session.push_frame(&frame)?;
         let answer = session.ask(QUESTION)?.finish()?;
+        let truth = camera
+            .ground_truth()
+            .and_then(|t| jetvlm_camera::qa::single_frame_answer(QUESTION, t))
+            .unwrap_or_else(|| "-".into());
         println!(
-            "frame {:>2}: cached {} frames ({:>2} tokens), answer {:<4} TTFT {:.1} ms, KV {} B",
+            "frame {:>2}: cached {} frames ({:>2} tokens), answer {} (truth {}), TTFT {:.1} ms, KV {} B",
             frame.index,
             session.frames().len(),
             session.cached_tokens(),
             answer.text.trim(),
+            truth,
             answer.stats.ttft_ms,
             answer.stats.kv.total_bytes
         );
