@@ -360,6 +360,7 @@ def write_manifest(path: Path, m: dict) -> None:
     lines += [f"  # {n}" for n in v.get("notes", [])]
     lines += [
         f"  resize: {v['resize']}",
+        f"  interpolation: {v['interpolation']}",
         f"  mean: {json.dumps(v['mean'])}",
         f"  std: {json.dumps(v['std'])}",
         "  layout: nchw",

@@ -53,6 +53,15 @@ def _size(d, *keys):
     return None
 
 
+def _interpolation(ip, notes) -> str:
+    """The manifest's `vision.interpolation` for the processor's resample filter."""
+    name = _resample_name(getattr(ip, "resample", None))
+    if name in ("bilinear", "bicubic", "lanczos"):
+        return name
+    notes.append(f"the processor resamples with {name}, which jetvlm lacks; bilinear instead")
+    return "bilinear"
+
+
 def _normalisation(ip) -> tuple:
     if getattr(ip, "do_rescale", True) and abs(float(getattr(ip, "rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
         raise ExportError(
@@ -142,14 +151,9 @@ class Llava:
         else:
             resize = "stretch"
             what = "resizes both axes to the encoder size"
-        interp = _resample_name(getattr(ip, "resample", None))
-        notes.append(f"processor: {what} ({interp}), rescales by 1/255, normalises with mean/std")
-        if interp != "bilinear":
-            notes.append(
-                f"jetvlm resizes bilinear where the processor uses {interp}; frames already at "
-                f"{frame_size}x{frame_size} are identical"
-            )
-        return {"resize": resize, "mean": mean, "std": std, "notes": notes}
+        interp = _interpolation(ip, notes)
+        notes.insert(0, f"processor: {what} ({interp}), rescales by 1/255, normalises with mean/std")
+        return {"resize": resize, "interpolation": interp, "mean": mean, "std": std, "notes": notes}
 
     def frame_text(self, processor) -> tuple:
         return "", ""
@@ -228,23 +232,20 @@ class Idefics3:
 
     def preprocessing(self, ip, frame_size: int) -> dict:
         mean, std = _normalisation(ip)
-        interp = _resample_name(getattr(ip, "resample", None))
+        notes = []
+        interp = _interpolation(ip, notes)
         square = _size(getattr(ip, "max_image_size", None), "longest_edge")
-        notes = [
+        notes.insert(
+            0,
             f"processor: without image splitting it resizes the frame to {square}x{square} "
-            f"({interp}), rescales by 1/255, normalises with mean/std"
-        ]
+            f"({interp}), rescales by 1/255, normalises with mean/std",
+        )
         if getattr(ip, "do_image_splitting", False):
             notes.append(
                 "the processor also tiles large images into sub-images plus this global image; "
                 "jetvlm feeds the global image only (one frame, no tiling)"
             )
-        if interp != "bilinear":
-            notes.append(
-                f"jetvlm resizes bilinear where the processor uses {interp}; frames already at "
-                f"{frame_size}x{frame_size} are identical"
-            )
-        return {"resize": "stretch", "mean": mean, "std": std, "notes": notes}
+        return {"resize": "stretch", "interpolation": interp, "mean": mean, "std": std, "notes": notes}
 
     def frame_text(self, processor) -> tuple:
         fake = processor.fake_image_token

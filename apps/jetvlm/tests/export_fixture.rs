@@ -30,14 +30,14 @@ fn jetvlm() -> Command {
     cmd
 }
 
-fn ask(family: &str, pkg: &Path, kv: &str) -> serde_json::Value {
+fn ask(family: &str, pkg: &Path, image: &str, kv: &str) -> serde_json::Value {
     let exp = expected(family);
     let out = jetvlm()
         .arg("ask")
         .arg("--model")
         .arg(pkg)
         .arg("--image")
-        .arg(fixture(family).join("probe.png"))
+        .arg(fixture(family).join(image))
         .arg(exp["question"].as_str().unwrap())
         .args(["--max-tokens", &exp["max_new_tokens"].to_string()])
         .args(["--json", "--kv", kv])
@@ -53,11 +53,19 @@ fn ask(family: &str, pkg: &Path, kv: &str) -> serde_json::Value {
 
 /// The greedy answer of `pkg` equals transformers' for `family`, and the prompt has as many
 /// tokens as the processor's input ids (the manifest's template and image token layout
-/// reproduce the chat template and the processor's expansion).
+/// reproduce the chat template and the processor's expansion). On the probe at twice the
+/// encoder's size the resize runs too: the manifest's resize mode and filter reproduce the
+/// processor's.
 fn assert_matches_transformers(family: &str, pkg: &Path) {
     let exp = expected(family);
+    let large = ask(family, pkg, exp["large_image"].as_str().unwrap(), "fp16");
+    assert_eq!(
+        large["token_ids"], exp["large_greedy_tokens"],
+        "{family}, {}",
+        exp["large_image"]
+    );
     for kv in ["fp16", "f32"] {
-        let v = ask(family, pkg, kv);
+        let v = ask(family, pkg, exp["image"].as_str().unwrap(), kv);
         assert_eq!(v["token_ids"], exp["greedy_tokens"], "{family}, kv {kv}");
         assert_eq!(
             v["prompt_tokens"].as_u64().unwrap() as usize,
@@ -178,7 +186,7 @@ fn export_fp16_encoder_stays_close() {
         "{stdout}"
     );
     // The package loads and answers (fp16 rounding may change a token of a random model).
-    let v = ask("llava", &out, "fp16");
+    let v = ask("llava", &out, "probe.png", "fp16");
     assert_eq!(v["token_ids"].as_array().unwrap().len(), 8);
 }
 

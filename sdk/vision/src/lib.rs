@@ -21,7 +21,7 @@ pub use encoder::{Embeddings, EncoderSpec, EncoderStats, OrtConfig, OrtEncoder, 
 pub use error::VisionError;
 pub use package::{Issue, Manifest, ModelPackage};
 pub use preprocess::{
-    ImageView, InputDType, Layout, PreprocessConfig, Preprocessed, Preprocessor, ResizeMode,
-    RgbImage,
+    ImageView, InputDType, Interpolation, Layout, PreprocessConfig, Preprocessed, Preprocessor,
+    ResizeMode, RgbImage,
 };
 pub use providers::{ExecutionProvider, TensorRtSettings};

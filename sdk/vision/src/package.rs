@@ -8,7 +8,7 @@
 
 use crate::VisionError;
 use crate::onnx::{self, ElemType, OnnxSignature};
-use crate::preprocess::{InputDType, Layout, PreprocessConfig, ResizeMode};
+use crate::preprocess::{InputDType, Interpolation, Layout, PreprocessConfig, ResizeMode};
 use jetvlm_core::hf::ModelConfig;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -71,6 +71,10 @@ pub struct VisionSection {
     pub image_size: ImageSize,
     #[serde(default)]
     pub resize: ResizeMode,
+    /// The resize's resampling filter (bilinear, bicubic, lanczos): the one the model's
+    /// processor uses.
+    #[serde(default)]
+    pub interpolation: Interpolation,
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
     #[serde(default)]
@@ -406,6 +410,7 @@ impl ModelPackage {
             width: v.image_size.width,
             height: v.image_size.height,
             resize: v.resize,
+            interpolation: v.interpolation,
             mean: [v.mean[0], v.mean[1], v.mean[2]],
             std: [v.std[0], v.std[1], v.std[2]],
             layout: v.layout,
@@ -681,6 +686,40 @@ mod tests {
         assert!(
             got.iter()
                 .any(|(f, m)| f == "vision.encoder" && m.contains("does not exist")),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn interpolation_is_read_and_checked() {
+        let dir = copy_fixture();
+        let manifest = dir.path().join(MANIFEST);
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        assert!(text.contains("  resize: stretch\n"));
+        // Default: bilinear.
+        let pkg = ModelPackage::load(dir.path()).unwrap();
+        assert_eq!(
+            pkg.preprocess_config().interpolation,
+            Interpolation::Bilinear
+        );
+        let with = |value: &str| {
+            text.replace(
+                "  resize: stretch\n",
+                &format!("  resize: stretch\n  interpolation: {value}\n"),
+            )
+        };
+        std::fs::write(&manifest, with("bicubic")).unwrap();
+        let pkg = ModelPackage::load(dir.path()).unwrap();
+        assert_eq!(
+            pkg.preprocess_config().interpolation,
+            Interpolation::Bicubic
+        );
+        std::fs::write(&manifest, with("cubic")).unwrap();
+        let got = issues(dir.path());
+        assert!(
+            got.iter().any(|(f, m)| f.contains("interpolation")
+                && m.contains("bilinear")
+                && m.contains("lanczos")),
             "{got:?}"
         );
     }

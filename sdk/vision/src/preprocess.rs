@@ -27,6 +27,83 @@ pub enum ResizeMode {
     Letterbox,
 }
 
+/// The resampling filter of the resize, defined as PIL defines it (the model's processor
+/// names one: CLIP's bicubic, Idefics3's Lanczos); the filter widens by the scale factor when
+/// shrinking.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    /// Triangle filter, support 1.
+    #[default]
+    Bilinear,
+    /// Keys cubic with a = -0.5 (Catmull-Rom), support 2.
+    Bicubic,
+    /// Lanczos, 3 lobes, support 3.
+    Lanczos,
+}
+
+impl Interpolation {
+    fn filter(self) -> fr::FilterType {
+        match self {
+            Interpolation::Bilinear => fr::FilterType::Bilinear,
+            Interpolation::Bicubic => fr::FilterType::CatmullRom,
+            Interpolation::Lanczos => fr::FilterType::Lanczos3,
+        }
+    }
+
+    /// The kernel's support radius at scale 1.
+    fn support(self) -> f64 {
+        match self {
+            Interpolation::Bilinear => 1.0,
+            Interpolation::Bicubic => 2.0,
+            Interpolation::Lanczos => 3.0,
+        }
+    }
+
+    /// The kernel at distance `x` (in source pixels at scale 1).
+    fn kernel(self, x: f64) -> f64 {
+        let x = x.abs();
+        match self {
+            Interpolation::Bilinear => (1.0 - x).max(0.0),
+            Interpolation::Bicubic => {
+                let a = -0.5;
+                if x < 1.0 {
+                    ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * a
+                } else {
+                    0.0
+                }
+            }
+            Interpolation::Lanczos => {
+                let sinc = |t: f64| {
+                    if t == 0.0 {
+                        1.0
+                    } else {
+                        let p = std::f64::consts::PI * t;
+                        p.sin() / p
+                    }
+                };
+                if x < 3.0 {
+                    sinc(x) * sinc(x / 3.0)
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Interpolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Interpolation::Bilinear => "bilinear",
+            Interpolation::Bicubic => "bicubic",
+            Interpolation::Lanczos => "lanczos",
+        })
+    }
+}
+
 /// Memory layout of the encoder input.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -164,6 +241,8 @@ pub struct PreprocessConfig {
     pub width: u32,
     pub height: u32,
     pub resize: ResizeMode,
+    /// The resampling filter of the resize.
+    pub interpolation: Interpolation,
     /// Per-channel mean of RGB in [0, 1].
     pub mean: [f32; 3],
     /// Per-channel standard deviation of RGB in [0, 1].
@@ -339,13 +418,45 @@ impl Preprocessor {
                 let src =
                     fr::images::ImageRef::new(img.width, img.height, img.data, fr::PixelType::U8x3)
                         .map_err(|e| resize_err(&e))?;
-                let mut dst = fr::images::Image::new(pw, ph, fr::PixelType::U8x3);
-                let options = fr::ResizeOptions::new()
-                    .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear))
+                let alg = fr::ResizeAlg::Convolution(self.cfg.interpolation.filter());
+                let crop = fr::ResizeOptions::new()
+                    .resize_alg(alg)
                     .crop(cx as f64, cy as f64, cw as f64, ch as f64);
-                self.resizer
-                    .resize(&src, &mut dst, &options)
-                    .map_err(|e| resize_err(&e))?;
+                let mut dst = fr::images::Image::new(pw, ph, fr::PixelType::U8x3);
+                if cw != pw && ch != ph {
+                    // Both axes resample: one axis per resize, in PIL's order (the axis that
+                    // shrinks more first; fast_image_resize would always go vertical first),
+                    // so the 8-bit rounding and clamping between the passes is PIL's. The
+                    // first pass keeps the whole source extent of the other axis, so the
+                    // second samples past the crop edges as a single resize does.
+                    let vertical_first = ch as u64 * pw as u64 > cw as u64 * ph as u64;
+                    let (mw, mh, first, second) = if vertical_first {
+                        let first = (0.0, cy as f64, img.width as f64, ch as f64);
+                        (img.width, ph, first, (cx as f64, 0.0, cw as f64, ph as f64))
+                    } else {
+                        let first = (cx as f64, 0.0, cw as f64, img.height as f64);
+                        (
+                            pw,
+                            img.height,
+                            first,
+                            (0.0, cy as f64, pw as f64, ch as f64),
+                        )
+                    };
+                    let pass = |(x, y, w, h): (f64, f64, f64, f64)| {
+                        fr::ResizeOptions::new().resize_alg(alg).crop(x, y, w, h)
+                    };
+                    let mut mid = fr::images::Image::new(mw, mh, fr::PixelType::U8x3);
+                    self.resizer
+                        .resize(&src, &mut mid, &pass(first))
+                        .map_err(|e| resize_err(&e))?;
+                    self.resizer
+                        .resize(&mid, &mut dst, &pass(second))
+                        .map_err(|e| resize_err(&e))?;
+                } else {
+                    self.resizer
+                        .resize(&src, &mut dst, &crop)
+                        .map_err(|e| resize_err(&e))?;
+                }
                 dst.into_vec()
             };
         if (pw, ph) == (self.cfg.width, self.cfg.height) {
@@ -433,41 +544,89 @@ fn to_tensor(
     Preprocessed { shape, data }
 }
 
-/// Reference bilinear resampling of the `crop` region of `img` to `dst_w x dst_h`: the
-/// separable triangle filter with support widened by the scale factor when shrinking (as
-/// PIL and `fast_image_resize` define it), computed in f64 and rounded once.
+/// Reference bilinear resampling of the `crop` region of `img` to `dst_w x dst_h` (see
+/// [`resize_reference_with`]).
 pub fn resize_reference(
     img: &ImageView,
     crop: (u32, u32, u32, u32),
     dst_w: u32,
     dst_h: u32,
 ) -> Vec<u8> {
+    resize_reference_with(img, crop, dst_w, dst_h, Interpolation::Bilinear)
+}
+
+/// Reference resampling of the `crop` region of `img` to `dst_w x dst_h`: the separable
+/// filter `interp` with support widened by the scale factor when shrinking (as PIL and
+/// `fast_image_resize` define it): two separable passes, each computed in f64 and rounded
+/// to 8 bits, in PIL's order.
+pub fn resize_reference_with(
+    img: &ImageView,
+    crop: (u32, u32, u32, u32),
+    dst_w: u32,
+    dst_h: u32,
+    interp: Interpolation,
+) -> Vec<u8> {
     let (cx, cy, cw, ch) = crop;
-    let wx = filter_weights(img.width as usize, cx as f64, cw as f64, dst_w as usize);
-    let wy = filter_weights(img.height as usize, cy as f64, ch as f64, dst_h as usize);
-    let sw = img.width as usize;
-    // Horizontal pass into f64 rows.
-    let mut horiz = vec![0f64; img.height as usize * dst_w as usize * 3];
-    for y in 0..img.height as usize {
-        for (x, (start, weights)) in wx.iter().enumerate() {
+    let wx = filter_weights(
+        img.width as usize,
+        cx as f64,
+        cw as f64,
+        dst_w as usize,
+        interp,
+    );
+    let wy = filter_weights(
+        img.height as usize,
+        cy as f64,
+        ch as f64,
+        dst_h as usize,
+        interp,
+    );
+    let (w, h) = (img.width as usize, img.height as usize);
+    let src: Vec<f64> = img.data.iter().map(|&v| v as f64).collect();
+    // Each pass's values are rounded and clamped to 8 bits, as PIL stores its intermediate
+    // image (with the negative lobes of bicubic and Lanczos, the clamp between passes shows),
+    // and the axis that shrinks more goes first, as PIL orders the passes.
+    let vertical_first = ch as u64 * dst_w as u64 > cw as u64 * dst_h as u64;
+    let out = if vertical_first {
+        let t = resample_axis(&src, w, h, &wy, false);
+        resample_axis(&t, w, dst_h as usize, &wx, true)
+    } else {
+        let t = resample_axis(&src, w, h, &wx, true);
+        resample_axis(&t, dst_w as usize, h, &wy, false)
+    };
+    out.into_iter().map(|v| v as u8).collect()
+}
+
+/// One separable pass over a `w x h` RGB image (f64 values in [0, 255]) along x
+/// (`horizontal`) or y, with per-output `(first source index, weights)`; values rounded to
+/// 8 bits.
+fn resample_axis(
+    src: &[f64],
+    w: usize,
+    h: usize,
+    weights: &[(usize, Vec<f64>)],
+    horizontal: bool,
+) -> Vec<f64> {
+    let (ow, oh) = if horizontal {
+        (weights.len(), h)
+    } else {
+        (w, weights.len())
+    };
+    let mut out = vec![0f64; ow * oh * 3];
+    for y in 0..oh {
+        for x in 0..ow {
+            let (start, ws) = &weights[if horizontal { x } else { y }];
             for c in 0..3 {
                 let mut acc = 0.0;
-                for (k, w) in weights.iter().enumerate() {
-                    acc += w * img.data[(y * sw + start + k) * 3 + c] as f64;
+                for (k, wt) in ws.iter().enumerate() {
+                    let (sx, sy) = if horizontal {
+                        (start + k, y)
+                    } else {
+                        (x, start + k)
+                    };
+                    acc += wt * src[(sy * w + sx) * 3 + c];
                 }
-                horiz[(y * dst_w as usize + x) * 3 + c] = acc;
-            }
-        }
-    }
-    let mut out = vec![0u8; dst_w as usize * dst_h as usize * 3];
-    for (y, (start, weights)) in wy.iter().enumerate() {
-        for x in 0..dst_w as usize {
-            for c in 0..3 {
-                let mut acc = 0.0;
-                for (k, w) in weights.iter().enumerate() {
-                    acc += w * horiz[((start + k) * dst_w as usize + x) * 3 + c];
-                }
-                out[(y * dst_w as usize + x) * 3 + c] = acc.round().clamp(0.0, 255.0) as u8;
+                out[(y * ow + x) * 3 + c] = acc.round().clamp(0.0, 255.0);
             }
         }
     }
@@ -475,20 +634,23 @@ pub fn resize_reference(
 }
 
 /// For each output index: the first source index and the normalised filter weights.
-fn filter_weights(in_size: usize, start: f64, len: f64, out_size: usize) -> Vec<(usize, Vec<f64>)> {
+fn filter_weights(
+    in_size: usize,
+    start: f64,
+    len: f64,
+    out_size: usize,
+    interp: Interpolation,
+) -> Vec<(usize, Vec<f64>)> {
     let scale = len / out_size as f64;
     let filter_scale = scale.max(1.0);
-    let support = filter_scale; // bilinear support is 1.0
+    let support = interp.support() * filter_scale;
     (0..out_size)
         .map(|i| {
             let center = start + (i as f64 + 0.5) * scale;
             let lo = ((center - support).floor().max(0.0)) as usize;
             let hi = ((center + support).ceil() as usize).min(in_size);
             let mut weights: Vec<f64> = (lo..hi)
-                .map(|s| {
-                    let d = ((s as f64 + 0.5 - center) / filter_scale).abs();
-                    if d < 1.0 { 1.0 - d } else { 0.0 }
-                })
+                .map(|s| interp.kernel((s as f64 + 0.5 - center) / filter_scale))
                 .collect();
             let sum: f64 = weights.iter().sum();
             if sum > 0.0 {
@@ -503,7 +665,7 @@ fn filter_weights(in_size: usize, start: f64, len: f64, out_size: usize) -> Vec<
 /// normalisation formula per element.
 pub fn preprocess_reference(cfg: &PreprocessConfig, img: &ImageView) -> Preprocessed {
     let g = geometry(cfg, img.width, img.height);
-    let resized = resize_reference(img, g.crop, g.place.2, g.place.3);
+    let resized = resize_reference_with(img, g.crop, g.place.2, g.place.3, cfg.interpolation);
     let canvas = if (g.place.2, g.place.3) == (cfg.width, cfg.height) {
         resized
     } else {
@@ -527,6 +689,7 @@ mod tests {
             width: w,
             height: h,
             resize,
+            interpolation: Interpolation::Bilinear,
             mean: [0.485, 0.456, 0.406],
             std: [0.229, 0.224, 0.225],
             layout,
@@ -643,20 +806,31 @@ mod tests {
         for &(sw, sh) in &[(64u32, 48u32), (200, 120), (31, 77), (16, 16), (10, 6)] {
             let data = test_image(sw, sh);
             let img = ImageView::new(sw, sh, &data).unwrap();
-            for mode in [
+            for (mode, interp) in [
                 ResizeMode::Stretch,
                 ResizeMode::CenterCrop,
                 ResizeMode::Letterbox,
-            ] {
-                let c = cfg(32, 24, mode, Layout::Nchw, InputDType::U8);
+            ]
+            .into_iter()
+            .flat_map(|m| {
+                [
+                    Interpolation::Bilinear,
+                    Interpolation::Bicubic,
+                    Interpolation::Lanczos,
+                ]
+                .map(|i| (m, i))
+            }) {
+                let mut c = cfg(32, 24, mode, Layout::Nchw, InputDType::U8);
+                c.interpolation = interp;
                 let fast = Preprocessor::new(c.clone()).run(&img).unwrap();
                 let slow = preprocess_reference(&c, &img);
                 let (InputData::U8(a), InputData::U8(b)) = (&fast.data, &slow.data) else {
                     panic!("u8 expected");
                 };
                 let max = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
-                assert!(max <= 2, "{sw}x{sh} {mode:?}: max diff {max}");
-                let c = cfg(32, 24, mode, Layout::Nhwc, InputDType::F32);
+                assert!(max <= 2, "{sw}x{sh} {mode:?} {interp}: max diff {max}");
+                let mut c = cfg(32, 24, mode, Layout::Nhwc, InputDType::F32);
+                c.interpolation = interp;
                 let fast = Preprocessor::new(c.clone())
                     .run(&img)
                     .unwrap()
@@ -671,9 +845,47 @@ mod tests {
                 // Two 8-bit levels divided by the smallest std.
                 assert!(
                     max <= 2.0 / 255.0 / 0.224 + 1e-5,
-                    "{sw}x{sh} {mode:?}: {max}"
+                    "{sw}x{sh} {mode:?} {interp}: {max}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn reference_filters_are_pils() {
+        // PIL 13's `Image.resize((4, 3), f)` of test_image(10, 6), for each filter.
+        let pil: [(Interpolation, [u8; 36]); 3] = [
+            (
+                Interpolation::Bilinear,
+                [
+                    25, 30, 230, 82, 30, 205, 147, 30, 45, 204, 30, 20, 25, 106, 125, 82, 106, 125,
+                    147, 106, 125, 204, 106, 125, 25, 182, 20, 82, 182, 45, 147, 182, 205, 204,
+                    182, 230,
+                ],
+            ),
+            (
+                Interpolation::Bicubic,
+                [
+                    20, 23, 244, 82, 23, 224, 147, 23, 26, 209, 23, 6, 20, 106, 125, 82, 106, 125,
+                    147, 106, 125, 209, 106, 125, 20, 189, 6, 82, 189, 26, 147, 189, 224, 209, 189,
+                    244,
+                ],
+            ),
+            (
+                Interpolation::Lanczos,
+                [
+                    19, 20, 254, 81, 20, 236, 148, 20, 14, 210, 20, 0, 19, 106, 125, 81, 106, 125,
+                    148, 106, 125, 210, 106, 125, 19, 192, 0, 81, 192, 14, 148, 192, 236, 210, 192,
+                    254,
+                ],
+            ),
+        ];
+        let data = test_image(10, 6);
+        let img = ImageView::new(10, 6, &data).unwrap();
+        for (interp, want) in pil {
+            let got = resize_reference_with(&img, (0, 0, 10, 6), 4, 3, interp);
+            let max = got.iter().zip(want).map(|(a, b)| a.abs_diff(b)).max();
+            assert!(max <= Some(1), "{interp}: {got:?} vs PIL {want:?}");
         }
     }
 
