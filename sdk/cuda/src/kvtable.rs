@@ -58,6 +58,23 @@ impl DevicePolicy {
     /// Maps `policy` onto the device pools for `kv_heads` x `head_dim`.
     /// The group is fitted to `head_dim` as the CPU cache fits it ([`KvPolicy::fitted_to`]).
     pub fn new(policy: &KvPolicy, kv_heads: usize, head_dim: usize) -> Result<Self, CudaError> {
+        // The device attention kernel gives each of a warp's 32 lanes head_dim / 32 elements:
+        // other head dims (16, 24, 48, 80, ...) run on the CPU decoder, whatever the policy.
+        if head_dim == 0 || !head_dim.is_multiple_of(32) || head_dim > crate::layout::MAX_HEAD_DIM {
+            return Err(CudaError::Policy {
+                policy: policy.name(),
+                message: format!(
+                    "the device decoder needs a head_dim that is a multiple of 32 (at most {}); \
+                     this model's {head_dim} runs on the CPU decoder (device: cpu){}",
+                    crate::layout::MAX_HEAD_DIM,
+                    if policy.head_dim_problem(head_dim).is_some() {
+                        " with the policy fp16"
+                    } else {
+                        ""
+                    }
+                ),
+            });
+        }
         let policy = &policy.fitted_to(head_dim);
         let quantize_frames = policy.quantizes_frames();
         if quantize_frames && policy.salient_frame_tokens {
@@ -931,6 +948,27 @@ mod tests {
     /// and answers dropped again; freed blocks are reused and positions never move back past
     /// a kept token.
     #[test]
+    fn a_head_dim_the_device_cannot_run_names_the_cpu_decoder() {
+        for head_dim in [16, 24, 48, 80] {
+            for (p, fp16_hint) in [(KvPolicy::mixed(), true), (KvPolicy::fp16(), false)] {
+                match DevicePolicy::new(&p, 2, head_dim) {
+                    Err(CudaError::Policy { message, .. }) => {
+                        assert!(
+                            message.contains("multiple of 32")
+                                && message.contains(&format!("this model's {head_dim}"))
+                                && message.contains("device: cpu")
+                                && message.contains("policy fp16") == fp16_hint,
+                            "{message}"
+                        );
+                    }
+                    other => panic!("head_dim {head_dim}: {other:?}"),
+                }
+            }
+        }
+        assert!(DevicePolicy::new(&KvPolicy::mixed(), 2, 96).is_ok());
+    }
+
+    #[test]
     fn rolling_frames_and_rolled_back_questions_reuse_blocks() {
         use Op::*;
         let ops = [
@@ -1311,7 +1349,7 @@ mod tests {
         assert_eq!(policy("mixed", 2, 32).layout.group, 32);
         assert_eq!(policy("mixed", 2, 96).layout.group, 32);
         let e = DevicePolicy::new(&"mixed".parse().unwrap(), 2, 40).unwrap_err();
-        assert!(e.to_string().contains("head_dim 40"), "{e}");
+        assert!(e.to_string().contains("this model's 40"), "{e}");
         let per_channel_text = KvPolicy {
             key_mode: KeyMode::PerChannel,
             ..KvPolicy::int4_all()
