@@ -40,12 +40,17 @@ impl KvChoice {
 /// KV cache bytes by precision (all layers).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct KvStats {
+    /// Cached text tokens (system prompt, question, answer).
     pub text_tokens: usize,
+    /// Cached frame tokens.
     pub frame_tokens: usize,
+    /// Bytes of FP16 blocks (text, and frame tokens the policy keeps FP16).
     pub fp16_bytes: u64,
+    /// Bytes of quantized frame blocks, scales and zeros included.
     pub quant_bytes: u64,
     /// Bytes of the exact f32 reference cache (0 under a KV policy).
     pub f32_bytes: u64,
+    /// All KV bytes: FP16 + quantized + f32.
     pub total_bytes: u64,
     /// Bytes the same tokens would take all-FP16.
     pub fp16_equivalent_bytes: u64,

@@ -27,10 +27,15 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Sampling {
+    /// Softmax temperature; 0 picks the most likely token.
     pub temperature: f32,
+    /// Keep the `top_k` most likely tokens (0: all).
     pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p`, in (0, 1].
     pub top_p: f32,
+    /// Divides positive and multiplies negative logits of tokens already seen (1: off).
     pub repetition_penalty: f32,
+    /// Seed of the sampler's random numbers.
     pub seed: u64,
 }
 
@@ -47,6 +52,7 @@ impl Default for Sampling {
 }
 
 impl Sampling {
+    /// The decoder's sampler settings.
     pub fn to_sampler(&self) -> SamplerConfig {
         SamplerConfig {
             temperature: self.temperature,
@@ -58,6 +64,8 @@ impl Sampling {
     }
 }
 
+/// How a [`Pipeline`](crate::Pipeline) runs: KV policy, generation, session window, device,
+/// ONNX Runtime. Loadable from YAML ([`RuntimeConfig::from_yaml`]); every field has a default.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
@@ -68,7 +76,9 @@ pub struct RuntimeConfig {
     /// layer) is used, after checking that it was measured on this model's shape. Relative
     /// paths in a YAML config are relative to the config file. Not together with `kv_policy`.
     pub kv_calibration: Option<PathBuf>,
+    /// Most tokens generated per answer.
     pub max_new_tokens: usize,
+    /// How the next token is picked.
     pub sampling: Sampling,
     /// Frames a [`StreamSession`](crate::StreamSession) keeps cached (oldest evicted first).
     pub window_frames: usize,

@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 
+/// Everything that can go wrong in the runtime. Errors of the crates it drives (vision,
+/// decoder, CUDA, KV cache, calibration, configuration, camera) are kept whole, as the
+/// variant's value or its [`source`](std::error::Error::source).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RuntimeError {
@@ -31,12 +34,19 @@ pub enum RuntimeError {
 
     /// The prompt could not be built (template, tokenizer, special tokens).
     #[error("prompt ({}): {message}", manifest.display())]
-    Prompt { manifest: PathBuf, message: String },
+    Prompt {
+        /// The package manifest (`jetvlm.yaml`) whose prompt section is at fault.
+        manifest: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
 
     /// A frame that cannot be used (size, format).
     #[error("frame {index}: {source}")]
     Frame {
+        /// The frame's index in its stream.
         index: u64,
+        /// Why the frame cannot be used.
         #[source]
         source: Box<jetvlm_vision::VisionError>,
     },
@@ -44,20 +54,30 @@ pub enum RuntimeError {
     /// A camera source failed.
     #[error("camera {source_name}: {source}")]
     Camera {
+        /// The source as it describes itself (its URI).
         source_name: String,
+        /// The camera's error.
         #[source]
         source: Box<jetvlm_camera::CameraError>,
     },
 
     /// An operation the chosen KV cache cannot do.
     #[error("{op}: {message}")]
-    Unsupported { op: &'static str, message: String },
+    Unsupported {
+        /// The operation asked for (`evicting a frame`, `streaming session`, ...).
+        op: &'static str,
+        /// Why the cache cannot do it.
+        message: String,
+    },
 
     /// The context does not fit in the cache or the model's positions.
     #[error("context of {needed} tokens exceeds {limit} ({what})")]
     ContextTooLong {
+        /// Tokens (or positions) the context needs.
         needed: usize,
+        /// What is available.
         limit: usize,
+        /// Which limit (e.g. `capacity_tokens of the runtime config`).
         what: &'static str,
     },
 }

@@ -36,20 +36,26 @@ pub struct Stats {
     pub tpot_ms: f64,
     /// Generated tokens.
     pub tokens: usize,
+    /// KV cache tokens and bytes by precision at the end of the answer.
     pub kv: KvStats,
+    /// The KV policy in effect (its canonical name, or `f32` for the reference cache).
     pub kv_policy: String,
     /// The ONNX Runtime execution provider that ran the encoder.
     pub execution_provider: String,
     /// Where the decoder ran: `cpu`, or `cuda (<GPU name>)`.
     pub decoder_device: String,
+    /// Why generation stopped (`None` while the stream runs).
     pub finish_reason: Option<FinishReason>,
 }
 
 /// A finished answer.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Answer {
+    /// The generated text.
     pub text: String,
+    /// The generated token ids.
     pub token_ids: Vec<u32>,
+    /// Timings and sizes (flattened into the answer's JSON).
     #[serde(flatten)]
     pub stats: Stats,
 }
@@ -57,7 +63,9 @@ pub struct Answer {
 /// One streamed token and the text it completes (may be empty).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Token {
+    /// The token id.
     pub id: u32,
+    /// The text this token completes (may be empty).
     pub text: String,
 }
 
@@ -244,10 +252,12 @@ impl Pipeline {
         })
     }
 
+    /// The loaded model package (manifest, encoder spec, decoder config).
     pub fn package(&self) -> &ModelPackage {
         &self.package
     }
 
+    /// The runtime configuration it was loaded with.
     pub fn config(&self) -> &RuntimeConfig {
         &self.cfg
     }
@@ -272,10 +282,12 @@ impl Pipeline {
         CacheShape::of(&self.package.decoder_config)
     }
 
+    /// The decoder's tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
 
+    /// The KV policy in effect (its canonical name, or `f32` for the reference cache).
     pub fn kv_policy(&self) -> String {
         self.kv.name()
     }
@@ -285,6 +297,7 @@ impl Pipeline {
         self.encoder.execution_provider().to_string()
     }
 
+    /// KV bytes by precision of the pipeline's cache now.
     pub fn kv_memory(&self) -> KvStats {
         self.cache.memory()
     }

@@ -39,9 +39,11 @@ pub(crate) const CAPACITY_STEP: usize = 256;
 /// A frame held in the session's window.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CachedFrame {
+    /// The frame's id in the KV cache.
     pub id: FrameId,
     /// The frame's index in its stream.
     pub index: u64,
+    /// The frame's capture time, from the start of its stream.
     pub timestamp: Duration,
     /// Preprocessing + vision encoder time of this frame.
     pub encoder_ms: f64,
@@ -52,7 +54,9 @@ pub struct CachedFrame {
 pub enum SessionCapture {
     /// A frame was appended under this id.
     Frame(FrameId),
+    /// The source has no more frames.
     EndOfStream,
+    /// No frame arrived within the timeout; capture again.
     Timeout,
 }
 
