@@ -20,11 +20,29 @@ pub enum CudaError {
     )]
     NvrtcNewerThanDriver { nvrtc: String, driver: String },
     #[error("no CUDA device {ordinal}: {message}")]
-    NoDevice { ordinal: usize, message: String },
+    NoDevice {
+        ordinal: usize,
+        message: String,
+        /// The driver's error, when a driver call failed.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     #[error("CUDA driver call `{op}` failed: {message}")]
-    Driver { op: &'static str, message: String },
+    Driver {
+        op: &'static str,
+        message: String,
+        /// The driver's error (`None` for a failure found on the host side).
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     #[error("NVRTC call `{op}` failed: {message}")]
-    Nvrtc { op: &'static str, message: String },
+    Nvrtc {
+        op: &'static str,
+        message: String,
+        /// NVRTC's error.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     #[error("NVRTC could not compile kernels/{file} for {arch}:\n{log}")]
     Compile {
         file: &'static str,

@@ -19,6 +19,7 @@ pub(crate) fn driver_err(op: &'static str) -> impl Fn(cudarc::driver::DriverErro
     move |e| CudaError::Driver {
         op,
         message: format!("{e:?}"),
+        source: Some(Box::new(e)),
     }
 }
 
@@ -62,11 +63,13 @@ impl CudaDevice {
         let count = CudaContext::device_count().map_err(|e| CudaError::NoDevice {
             ordinal,
             message: format!("driver reports {e:?}"),
+            source: Some(Box::new(e)),
         })?;
         if ordinal >= count.max(0) as usize {
             return Err(CudaError::NoDevice {
                 ordinal,
                 message: format!("the driver sees {count} device(s)"),
+                source: None,
             });
         }
         let ctx = CudaContext::new(ordinal).map_err(driver_err("cuDevicePrimaryCtxRetain"))?;
@@ -152,6 +155,7 @@ impl CudaDevice {
         let poisoned = |_| CudaError::Driver {
             op: "kernel registry",
             message: "lock poisoned".into(),
+            source: None,
         };
         if let Some(f) = self
             .functions
@@ -168,6 +172,7 @@ impl CudaDevice {
             .map_err(|e| CudaError::Driver {
                 op: "cuModuleGetFunction",
                 message: format!("{file}::{function}: {e:?}"),
+                source: Some(Box::new(e)),
             })?;
         self.functions
             .lock()
@@ -180,6 +185,7 @@ impl CudaDevice {
         let mut modules = self.modules.lock().map_err(|_| CudaError::Driver {
             op: "kernel registry",
             message: "lock poisoned".into(),
+            source: None,
         })?;
         if let Some(m) = modules.get(source.file) {
             return Ok(m.clone());
@@ -214,6 +220,7 @@ impl CudaDevice {
                         CudaError::Driver {
                             op: "cuModuleLoadData",
                             message: format!("kernels/{} for sm_{sm}: {e:?}", source.file),
+                            source: Some(Box::new(e)),
                         }
                     })?
                 }

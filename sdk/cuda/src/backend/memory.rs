@@ -59,6 +59,7 @@ impl CudaDevice {
             return Err(CudaError::Driver {
                 op: "cuMemHostAlloc",
                 message: "device cannot map host memory".into(),
+                source: None,
             });
         }
         let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;

@@ -115,6 +115,7 @@ pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
         .map_err(|e| CudaError::Nvrtc {
             op: "nvrtcVersion",
             message: format!("{e:?}"),
+            source: Some(Box::new(e)),
         })?;
     Ok((major, minor))
 }
@@ -156,6 +157,7 @@ pub fn compile_cubin(source: &KernelSource, sm: u32) -> Result<Vec<u8>, CudaErro
         move |e: result::NvrtcError| CudaError::Nvrtc {
             op,
             message: format!("{e:?}"),
+            source: Some(Box::new(e)),
         }
     };
     let src = CString::new(source.source).map_err(|_| CudaError::Compile {
