@@ -46,7 +46,7 @@ def export(args) -> None:
     import numpy as np
     import torch
     from PIL import Image
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -76,8 +76,12 @@ def export(args) -> None:
             "(the vision tower's position embeddings are resampled; answers may degrade)")
     try:
         processor = AutoProcessor.from_pretrained(str(hf))
+        # The image processor's PIL backend: the filters jetvlm's preprocessing reproduces
+        # (with torchvision installed, transformers would resize with torch's kernels).
+        processor.image_processor = AutoImageProcessor.from_pretrained(str(hf), backend="pil")
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"cannot load the processor of {hf}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"cannot load the processor of {hf}: {first}") from None
     ip = processor.image_processor
     pre = family.preprocessing(ip, frame)
     text_type = cfg.text_config.model_type

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const FAMILIES: [&str; 2] = ["llava", "idefics3"];
+const FAMILIES: [&str; 3] = ["llava", "idefics3", "smolvlm"];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
