@@ -3,8 +3,8 @@
 //! embedding lookups use (prefill then runs the f32 `gemm` path of [`crate::kernels`]).
 //!
 //! Per row, each group contributes `scale * sum(code * x)` (+ `zero * sum(x)` for INT4,
-//! with the group sums of `x` computed once per call). The AVX2 path is picked at run time;
-//! the portable path runs everywhere else; [`gemv_rows_ref`] is the reference twin (the
+//! with the group sums of `x` computed once per call). The AVX-512 path, else the AVX2 path,
+//! is picked at run time; the portable path runs everywhere else; [`gemv_rows_ref`] is the reference twin (the
 //! format crate's reference dequantization and an f64 dot product).
 
 use crate::weights::QuantData;
@@ -16,6 +16,12 @@ pub(crate) fn gemv_rows(q: &QuantData<'_>, r0: usize, x: &[f32], ys: &mut [f32])
         "quantized gemv bounds"
     );
     let xsum = group_sums(q, x);
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        // SAFETY: AVX-512F is present (checked at run time); bounds asserted above.
+        unsafe { avx512::rows(q, r0, x, &xsum, ys) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2::available() {
         // SAFETY: AVX2 and FMA are present (checked at run time); bounds asserted above.
@@ -192,6 +198,72 @@ mod avx2 {
     }
 }
 
+/// AVX-512 rows: 16 codes widened to i32 and converted to f32 per vector (one 16-byte load
+/// for INT8, one nibble half of a 32-code chunk for INT4), FMA with `x`.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use crate::weights::QuantData;
+    use std::arch::x86_64::*;
+
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx512f")
+    }
+
+    /// # Safety
+    /// Requires AVX-512F; as [`super::avx2::rows`].
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn rows(q: &QuantData<'_>, r0: usize, x: &[f32], xsum: &[f32], ys: &mut [f32]) {
+        let g = q.format.group();
+        let xp = x.as_ptr();
+        let int8 = q.format.bits() == 8;
+        for (j, y) in ys.iter_mut().enumerate() {
+            let (codes, scales, zeros) = q.row(r0 + j);
+            let cp = codes.as_ptr();
+            let mut total = _mm512_setzero_ps();
+            let mut zterm = 0f32;
+            for (gi, s) in scales.iter().enumerate() {
+                let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                let x0 = gi * g;
+                // SAFETY: the group's codes lie inside `codes` (one row), and
+                // x[x0..x0 + g] inside `x` (x.len() >= cols); g is a multiple of 32.
+                unsafe {
+                    if int8 {
+                        let mut i = 0;
+                        while i < g {
+                            let v0 = _mm_loadu_si128(cp.add(x0 + i) as *const __m128i);
+                            let v1 = _mm_loadu_si128(cp.add(x0 + i + 16) as *const __m128i);
+                            let c0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v0));
+                            let c1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v1));
+                            a0 = _mm512_fmadd_ps(c0, _mm512_loadu_ps(xp.add(x0 + i)), a0);
+                            a1 = _mm512_fmadd_ps(c1, _mm512_loadu_ps(xp.add(x0 + i + 16)), a1);
+                            i += 32;
+                        }
+                    } else {
+                        let mask = _mm_set1_epi8(0x0f);
+                        let mut i = 0;
+                        while i < g {
+                            let v = _mm_loadu_si128(cp.add((x0 + i) / 2) as *const __m128i);
+                            let lo = _mm_and_si128(v, mask);
+                            let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), mask);
+                            let c0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
+                            let c1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
+                            let xb = xp.add(x0 + i);
+                            a0 = _mm512_fmadd_ps(c0, _mm512_loadu_ps(xb), a0);
+                            a1 = _mm512_fmadd_ps(c1, _mm512_loadu_ps(xb.add(16)), a1);
+                            i += 32;
+                        }
+                    }
+                }
+                total = _mm512_fmadd_ps(_mm512_set1_ps(s.to_f32()), _mm512_add_ps(a0, a1), total);
+                if let Some(z) = zeros.get(gi) {
+                    zterm += z.to_f32() * xsum[gi];
+                }
+            }
+            *y = _mm512_reduce_add_ps(total) + zterm;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +310,25 @@ mod tests {
                 gemv_rows(&q, 2, &x, &mut fast);
                 let mut port = vec![0f32; rows];
                 gemv_rows_portable(&q, 0, &x, &group_sums(&q, &x), &mut port);
+                // Every SIMD path this CPU has, not only the one picked.
+                #[allow(unused_mut)]
+                let mut simd: Vec<(&str, Vec<f32>)> = Vec::new();
+                #[cfg(target_arch = "x86_64")]
+                {
+                    let xs = group_sums(&q, &x);
+                    if avx2::available() {
+                        let mut y = vec![0f32; rows];
+                        // SAFETY: AVX2 and FMA present; bounds as in gemv_rows.
+                        unsafe { avx2::rows(&q, 0, &x, &xs, &mut y) };
+                        simd.push(("avx2", y));
+                    }
+                    if avx512::available() {
+                        let mut y = vec![0f32; rows];
+                        // SAFETY: AVX-512F present; bounds as in gemv_rows.
+                        unsafe { avx512::rows(&q, 0, &x, &xs, &mut y) };
+                        simd.push(("avx512", y));
+                    }
+                }
                 let mut deq = vec![0f32; cols];
                 for r in 0..rows {
                     dequantize_row(&q, r, &mut deq);
@@ -247,6 +338,10 @@ mod tests {
                         (port[r] - want[r]).abs() <= bound,
                         "portable {bits}b g{group} row {r}"
                     );
+                    for (name, y) in &simd {
+                        let d = (y[r] - want[r]).abs();
+                        assert!(d <= bound, "{name} {bits}b g{group} row {r}: {d} > {bound}");
+                    }
                     if r >= 2 {
                         let d = (fast[r - 2] - want[r]).abs();
                         assert!(d <= bound, "fast {bits}b g{group} row {r}: {d} > {bound}");
