@@ -93,13 +93,12 @@ impl Tokenizer {
             path: path.clone(),
             source,
         })?;
-        // The JSON syntax is checked first: `tokenizers` panics (an `expect` in its decoder
-        // section's deserializer) on some damaged files, e.g. one cut off inside `decoder`.
-        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).map_err(|e| {
-            DecoderError::Tokenizer {
-                path: path.clone(),
-                source: Box::new(e),
-            }
+        // The JSON is parsed in full first (syntax, UTF-8, escapes): `tokenizers` panics (an
+        // `expect` in its decoder section's deserializer) on some damaged files, e.g. one cut
+        // off inside `decoder` or with a byte that is not UTF-8 there.
+        serde_json::from_slice::<Value>(&bytes).map_err(|e| DecoderError::Tokenizer {
+            path: path.clone(),
+            source: Box::new(e),
         })?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|source| {
             DecoderError::Tokenizer {
@@ -358,6 +357,8 @@ mod tests {
         for text in [
             &b"{\"decoder\": [1,}"[..],
             b"{\"decoder\": {\"type\": \"a\x01b\"}}",
+            b"{\"decoder\": {\"add_p\xfeefix_space\": true}}",
+            b"{\"decoder\": {\"type\": \"\\udc00\"}}",
         ] {
             std::fs::write(dir.path().join("tokenizer.json"), text).unwrap();
             let err = Tokenizer::from_dir(dir.path()).unwrap_err().to_string();
