@@ -27,6 +27,7 @@
 //! - [`meminfo`]: MemAvailable (what unified-memory planning uses) and [`DeviceInfo`].
 
 pub mod cache;
+mod checks;
 pub mod decoder;
 pub mod decoder_check;
 mod error;

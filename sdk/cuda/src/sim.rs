@@ -17,7 +17,7 @@ use jetvlm_decoder::{Tensor, TensorData};
 
 use crate::error::CudaError;
 use crate::gpu::{Gpu, PlanInfo, PoolMemory, PoolsInfo, Splits};
-use crate::layout::{BlockEntry, KvLayout, validate_entries};
+use crate::layout::{BlockEntry, KvLayout};
 use crate::reference::{self, HostPools};
 
 /// A simulated GPU: host buffers and the kernels' CPU twins.
@@ -36,19 +36,7 @@ impl SimDevice {
     }
 }
 
-fn shape(op: &'static str, message: String) -> CudaError {
-    CudaError::Shape { op, message }
-}
-
-fn check_len(op: &'static str, what: &str, have: usize, need: usize) -> Result<(), CudaError> {
-    if have < need {
-        return Err(shape(
-            op,
-            format!("{what} has {have} elements, needs {need}"),
-        ));
-    }
-    Ok(())
-}
+use crate::checks::{check_len, shape};
 
 /// A weight tensor: its values widened to f32 (the kernels widen as they read) and the type
 /// it is stored in.
@@ -238,21 +226,7 @@ impl Gpu for SimDevice {
         ids: &[u32],
         hidden: usize,
     ) -> Result<(), CudaError> {
-        const OP: &str = "embedding gather";
-        if hidden == 0 || !table.data.len().is_multiple_of(hidden) {
-            return Err(shape(
-                OP,
-                format!(
-                    "table of {} elements is not rows of hidden {hidden}",
-                    table.data.len()
-                ),
-            ));
-        }
-        let vocab = table.data.len() / hidden;
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(shape(OP, format!("token id {id} >= vocab {vocab}")));
-        }
-        check_len(OP, "out", out.len(), ids.len() * hidden)?;
+        crate::checks::check_embedding(table.data.len(), hidden, ids, out.len())?;
         let rows = reference::embedding_gather(&table.data, hidden, ids);
         out[..rows.len()].copy_from_slice(&rows);
         Ok(())
@@ -316,16 +290,13 @@ impl Gpu for SimDevice {
         head_dim: usize,
         rotary_dim: usize,
     ) -> Result<(), CudaError> {
-        const OP: &str = "rope";
-        if rotary_dim > head_dim || !rotary_dim.is_multiple_of(2) {
-            return Err(shape(
-                OP,
-                format!("rotary dim {rotary_dim} with head dim {head_dim}"),
-            ));
-        }
-        check_len(OP, "x", x.len(), n_tokens * n_heads * head_dim)?;
-        check_len(OP, "positions", positions.len(), n_tokens)?;
-        check_len(OP, "inv_freq", inv_freq.len(), rotary_dim / 2)?;
+        crate::checks::check_rope(
+            [x.len(), positions.len(), inv_freq.len()],
+            n_tokens,
+            n_heads,
+            head_dim,
+            rotary_dim,
+        )?;
         reference::rope(
             &mut x[..n_tokens * n_heads * head_dim],
             &positions[..n_tokens],
@@ -386,7 +357,7 @@ impl Gpu for SimDevice {
     ) -> Result<(), CudaError> {
         const OP: &str = "kv store text";
         let l = pools.host.layout;
-        check_span(OP, &l, pools.host.text_blocks, block, tok_offset, len)?;
+        crate::checks::check_span(OP, &l, pools.host.text_blocks, block, tok_offset, len)?;
         let (a, b) = (
             (src_token) * l.row_elems(),
             (src_token + len) * l.row_elems(),
@@ -409,13 +380,8 @@ impl Gpu for SimDevice {
     ) -> Result<(), CudaError> {
         const OP: &str = "kv quantize frame";
         let l = pools.host.layout;
-        check_span(OP, &l, pools.host.frame_blocks, block, tok_offset, len)?;
-        if l.key_per_channel && tok_offset != 0 {
-            return Err(shape(
-                OP,
-                format!("per-channel keys quantize whole blocks; got slot offset {tok_offset}"),
-            ));
-        }
+        crate::checks::check_span(OP, &l, pools.host.frame_blocks, block, tok_offset, len)?;
+        crate::checks::check_frame_offset(OP, &l, tok_offset)?;
         let (a, b) = (
             (src_token) * l.row_elems(),
             (src_token + len) * l.row_elems(),
@@ -437,21 +403,7 @@ impl Gpu for SimDevice {
         q_order: &[i32],
         _splits: Splits,
     ) -> Result<SimPlan, CudaError> {
-        const OP: &str = "mixed attention";
-        if q_heads == 0 || !q_heads.is_multiple_of(layout.kv_heads) {
-            return Err(shape(
-                OP,
-                format!(
-                    "q_heads {q_heads} is not a multiple of kv_heads {}",
-                    layout.kv_heads
-                ),
-            ));
-        }
-        let n_q = q_order.len();
-        if n_q == 0 || n_q > 65_535 {
-            return Err(shape(OP, format!("{n_q} queries in one call (1 to 65535)")));
-        }
-        validate_entries(layout, entries, blocks.0, blocks.1)?;
+        crate::checks::check_attention(layout, blocks, q_heads, entries, q_order.len())?;
         Ok(SimPlan {
             layout: *layout,
             blocks,
@@ -469,23 +421,10 @@ impl Gpu for SimDevice {
     ) -> Result<(), CudaError> {
         const OP: &str = "mixed attention";
         let l = pools.host.layout;
-        if plan.layout != l
-            || plan.blocks.0 > pools.host.text_blocks
-            || plan.blocks.1 > pools.host.frame_blocks
-        {
-            return Err(shape(
-                OP,
-                format!(
-                    "plan for {:?} with {}/{} blocks used on pools {:?} with {}/{} blocks",
-                    plan.layout,
-                    plan.blocks.0,
-                    plan.blocks.1,
-                    l,
-                    pools.host.text_blocks,
-                    pools.host.frame_blocks
-                ),
-            ));
-        }
+        crate::checks::check_plan_on_pools(
+            (&plan.layout, plan.blocks),
+            (&l, (pools.host.text_blocks, pools.host.frame_blocks)),
+        )?;
         let n = plan.q_order.len() * plan.q_heads * l.head_dim;
         check_len(OP, "q", q.len(), n)?;
         check_len(OP, "out", out.len(), n)?;
@@ -535,21 +474,14 @@ impl Gpu for SimDevice {
     ) -> Result<u64, CudaError> {
         const OP: &str = "kv offload copy";
         let l = src.host.layout;
-        if dst.host.layout != l
-            || blocks.0 > src.host.text_blocks.min(dst.host.text_blocks)
-            || blocks.1 > src.host.frame_blocks.min(dst.host.frame_blocks)
-        {
-            return Err(shape(
-                OP,
-                format!(
-                    "{blocks:?} blocks from pools of {}/{} into {}/{}",
-                    src.host.text_blocks,
-                    src.host.frame_blocks,
-                    dst.host.text_blocks,
-                    dst.host.frame_blocks
-                ),
-            ));
-        }
+        crate::checks::check_pool_copy(
+            (&l, (src.host.text_blocks, src.host.frame_blocks)),
+            (
+                &dst.host.layout,
+                (dst.host.text_blocks, dst.host.frame_blocks),
+            ),
+            blocks,
+        )?;
         if src.memory != PoolMemory::MappedHost {
             return Err(shape(
                 OP,
@@ -585,25 +517,4 @@ impl Gpu for SimDevice {
         // FP16 text and parameter halves: 2 bytes each.
         Ok((2 * 2 * text + 2 * codes + 2 * (kp + vp)) as u64)
     }
-}
-
-fn check_span(
-    op: &'static str,
-    l: &KvLayout,
-    blocks: usize,
-    block: usize,
-    tok_offset: usize,
-    len: usize,
-) -> Result<(), CudaError> {
-    if block >= blocks || len == 0 || tok_offset + len > l.block_tokens {
-        return Err(shape(
-            op,
-            format!(
-                "block {block} slots {tok_offset}..{} (pool has {blocks} blocks of {} tokens)",
-                tok_offset + len,
-                l.block_tokens
-            ),
-        ));
-    }
-    Ok(())
 }

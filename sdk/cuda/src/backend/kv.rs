@@ -8,7 +8,7 @@ use super::device::{CudaDevice, driver_err};
 use super::ops::{check_len, launch, linear, shape, u32_of};
 use crate::error::CudaError;
 use crate::gpu::{PoolMemory, Splits};
-use crate::layout::{BlockEntry, KvLayout, validate_entries};
+use crate::layout::{BlockEntry, KvLayout};
 use crate::reference::HostPools;
 
 /// The attention kernel instance for `head_dim` and `group` query heads per kv head:
@@ -172,27 +172,6 @@ impl CudaDevice {
         })
     }
 
-    fn check_span(
-        op: &'static str,
-        p: &DeviceKvPools,
-        blocks: usize,
-        block: usize,
-        tok_offset: usize,
-        len: usize,
-    ) -> Result<(), CudaError> {
-        if block >= blocks || len == 0 || tok_offset + len > p.layout.block_tokens {
-            return Err(shape(
-                op,
-                format!(
-                    "block {block} slots {tok_offset}..{} (pool has {blocks} blocks of {} tokens)",
-                    tok_offset + len,
-                    p.layout.block_tokens
-                ),
-            ));
-        }
-        Ok(())
-    }
-
     /// Stores `len` tokens of K and V (`[len][kv_heads][head_dim]` f32) as FP16 into text
     /// block `block` from slot `tok_offset`.
     pub fn kv_store_text(
@@ -205,7 +184,7 @@ impl CudaDevice {
         v: &CudaView<'_, f32>,
     ) -> Result<(), CudaError> {
         const OP: &str = "kv store text";
-        Self::check_span(OP, pools, pools.text_blocks, block, tok_offset, len)?;
+        crate::checks::check_span(OP, &pools.layout, pools.text_blocks, block, tok_offset, len)?;
         let l = pools.layout;
         check_len(OP, "k", k.len(), len * l.row_elems())?;
         check_len(OP, "v", v.len(), len * l.row_elems())?;
@@ -251,14 +230,16 @@ impl CudaDevice {
         v: &CudaView<'_, f32>,
     ) -> Result<(), CudaError> {
         const OP: &str = "kv quantize frame";
-        Self::check_span(OP, pools, pools.frame_blocks, block, tok_offset, len)?;
+        crate::checks::check_span(
+            OP,
+            &pools.layout,
+            pools.frame_blocks,
+            block,
+            tok_offset,
+            len,
+        )?;
         let l = pools.layout;
-        if l.key_per_channel && tok_offset != 0 {
-            return Err(shape(
-                OP,
-                format!("per-channel keys quantize whole blocks; got slot offset {tok_offset}"),
-            ));
-        }
+        crate::checks::check_frame_offset(OP, &l, tok_offset)?;
         check_len(OP, "k", k.len(), len * l.row_elems())?;
         check_len(OP, "v", v.len(), len * l.row_elems())?;
         let (blk, off, n, h, d, t, g, bits) = (
@@ -380,22 +361,9 @@ impl CudaDevice {
         q_order: &[i32],
         splits: Splits,
     ) -> Result<AttentionPlan, CudaError> {
-        const OP: &str = "mixed attention";
         let l = *layout;
-        if q_heads == 0 || !q_heads.is_multiple_of(l.kv_heads) {
-            return Err(shape(
-                OP,
-                format!(
-                    "q_heads {q_heads} is not a multiple of kv_heads {}",
-                    l.kv_heads
-                ),
-            ));
-        }
         let n_q = q_order.len();
-        if n_q == 0 || n_q > 65_535 {
-            return Err(shape(OP, format!("{n_q} queries in one call (1 to 65535)")));
-        }
-        validate_entries(&l, entries, blocks.0, blocks.1)?;
+        crate::checks::check_attention(&l, blocks, q_heads, entries, n_q)?;
         let group = q_heads / l.kv_heads;
         let (kernel, per_block) = partial_kernel(l.head_dim, group);
         let chunks = group.div_ceil(per_block);
@@ -450,23 +418,10 @@ impl CudaDevice {
     ) -> Result<(), CudaError> {
         const OP: &str = "mixed attention";
         let l = pools.layout;
-        if plan.layout != l
-            || plan.text_blocks > pools.text_blocks
-            || plan.frame_blocks > pools.frame_blocks
-        {
-            return Err(shape(
-                OP,
-                format!(
-                    "plan for {:?} with {}/{} blocks used on pools {:?} with {}/{} blocks",
-                    plan.layout,
-                    plan.text_blocks,
-                    plan.frame_blocks,
-                    l,
-                    pools.text_blocks,
-                    pools.frame_blocks
-                ),
-            ));
-        }
+        crate::checks::check_plan_on_pools(
+            (&plan.layout, (plan.text_blocks, plan.frame_blocks)),
+            (&l, (pools.text_blocks, pools.frame_blocks)),
+        )?;
         let n = plan.n_q * plan.q_heads * l.head_dim;
         check_len(OP, "q", q.len(), n)?;
         check_len(OP, "out", out.len(), n)?;
@@ -588,18 +543,11 @@ impl CudaDevice {
     ) -> Result<u64, CudaError> {
         const OP: &str = "kv offload copy";
         let l = src.layout;
-        if dst.layout != l
-            || blocks.0 > src.text_blocks.min(dst.text_blocks)
-            || blocks.1 > src.frame_blocks.min(dst.frame_blocks)
-        {
-            return Err(shape(
-                OP,
-                format!(
-                    "{blocks:?} blocks from pools of {}/{} into {}/{}",
-                    src.text_blocks, src.frame_blocks, dst.text_blocks, dst.frame_blocks
-                ),
-            ));
-        }
+        crate::checks::check_pool_copy(
+            (&l, (src.text_blocks, src.frame_blocks)),
+            (&dst.layout, (dst.text_blocks, dst.frame_blocks)),
+            blocks,
+        )?;
         let text = blocks.0 * 2 * l.text_block_elems();
         let codes = blocks.1 * l.frame_block_code_bytes();
         let arrays = [

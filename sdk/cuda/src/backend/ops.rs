@@ -35,24 +35,7 @@ impl DeviceWeights {
     }
 }
 
-pub(crate) fn shape(op: &'static str, message: String) -> CudaError {
-    CudaError::Shape { op, message }
-}
-
-pub(crate) fn check_len(
-    op: &'static str,
-    what: &str,
-    have: usize,
-    need: usize,
-) -> Result<(), CudaError> {
-    if have < need {
-        return Err(shape(
-            op,
-            format!("{what} has {have} elements, needs {need}"),
-        ));
-    }
-    Ok(())
-}
+pub(crate) use crate::checks::{check_len, shape};
 
 /// Grid-stride launch over `n` items, 256 threads a block.
 pub(crate) fn linear(n: usize) -> LaunchConfig {
@@ -225,23 +208,7 @@ impl CudaDevice {
         hidden: usize,
     ) -> Result<(), CudaError> {
         const OP: &str = "embedding gather";
-        if hidden == 0 || !table.len().is_multiple_of(hidden) {
-            return Err(shape(
-                OP,
-                format!(
-                    "table of {} elements is not rows of hidden {hidden}",
-                    table.len()
-                ),
-            ));
-        }
-        let vocab = table.len() / hidden;
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(shape(
-                OP,
-                format!("token id {bad} outside the vocabulary of {vocab}"),
-            ));
-        }
-        check_len(OP, "out", out.len(), ids.len() * hidden)?;
+        let vocab = crate::checks::check_embedding(table.len(), hidden, ids, out.len())?;
         if ids.is_empty() {
             return Ok(());
         }
@@ -339,15 +306,13 @@ impl CudaDevice {
         rotary_dim: usize,
     ) -> Result<(), CudaError> {
         const OP: &str = "rope";
-        if rotary_dim > head_dim || !rotary_dim.is_multiple_of(2) {
-            return Err(shape(
-                OP,
-                format!("rotary_dim {rotary_dim} must be even and at most head_dim {head_dim}"),
-            ));
-        }
-        check_len(OP, "x", x.len(), n_tokens * n_heads * head_dim)?;
-        check_len(OP, "positions", positions.len(), n_tokens)?;
-        check_len(OP, "inv_freq", inv_freq.len(), rotary_dim / 2)?;
+        crate::checks::check_rope(
+            [x.len(), positions.len(), inv_freq.len()],
+            n_tokens,
+            n_heads,
+            head_dim,
+            rotary_dim,
+        )?;
         let (t, h, d, r) = (
             u32_of(OP, "tokens", n_tokens)?,
             u32_of(OP, "heads", n_heads)?,

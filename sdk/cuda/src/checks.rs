@@ -1,0 +1,173 @@
+//! The host-side checks every device operation makes before it runs, written once for
+//! [`crate::CudaDevice`] (before a kernel launch) and [`crate::SimDevice`] (before the CPU
+//! twin): a mismatch is a [`CudaError::Shape`] naming the operation.
+
+use crate::error::CudaError;
+use crate::layout::{BlockEntry, KvLayout, validate_entries};
+
+pub(crate) fn shape(op: &'static str, message: String) -> CudaError {
+    CudaError::Shape { op, message }
+}
+
+/// A buffer of `have` elements where `need` are read or written.
+pub(crate) fn check_len(
+    op: &'static str,
+    what: &str,
+    have: usize,
+    need: usize,
+) -> Result<(), CudaError> {
+    if have < need {
+        return Err(shape(
+            op,
+            format!("{what} has {have} elements, needs {need}"),
+        ));
+    }
+    Ok(())
+}
+
+/// An embedding gather of `ids` from a table of `table_len` elements in rows of `hidden`
+/// into `out_len` elements; returns the vocabulary size.
+pub(crate) fn check_embedding(
+    table_len: usize,
+    hidden: usize,
+    ids: &[u32],
+    out_len: usize,
+) -> Result<usize, CudaError> {
+    const OP: &str = "embedding gather";
+    if hidden == 0 || !table_len.is_multiple_of(hidden) {
+        return Err(shape(
+            OP,
+            format!("table of {table_len} elements is not rows of hidden {hidden}"),
+        ));
+    }
+    let vocab = table_len / hidden;
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(shape(
+            OP,
+            format!("token id {bad} outside the vocabulary of {vocab}"),
+        ));
+    }
+    check_len(OP, "out", out_len, ids.len() * hidden)?;
+    Ok(vocab)
+}
+
+/// RoPE over `n_tokens` x `n_heads` heads of `head_dim`, rotating `rotary_dim` of them.
+pub(crate) fn check_rope(
+    lens: [usize; 3],
+    n_tokens: usize,
+    n_heads: usize,
+    head_dim: usize,
+    rotary_dim: usize,
+) -> Result<(), CudaError> {
+    const OP: &str = "rope";
+    if rotary_dim > head_dim || !rotary_dim.is_multiple_of(2) {
+        return Err(shape(
+            OP,
+            format!("rotary_dim {rotary_dim} must be even and at most head_dim {head_dim}"),
+        ));
+    }
+    let [x, positions, inv_freq] = lens;
+    check_len(OP, "x", x, n_tokens * n_heads * head_dim)?;
+    check_len(OP, "positions", positions, n_tokens)?;
+    check_len(OP, "inv_freq", inv_freq, rotary_dim / 2)
+}
+
+/// `len` tokens written into block `block` of a pool of `blocks` blocks from slot
+/// `tok_offset`.
+pub(crate) fn check_span(
+    op: &'static str,
+    layout: &KvLayout,
+    blocks: usize,
+    block: usize,
+    tok_offset: usize,
+    len: usize,
+) -> Result<(), CudaError> {
+    if block >= blocks || len == 0 || tok_offset + len > layout.block_tokens {
+        return Err(shape(
+            op,
+            format!(
+                "block {block} slots {tok_offset}..{} (pool has {blocks} blocks of {} tokens)",
+                tok_offset + len,
+                layout.block_tokens
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Per-channel keys quantize a whole block at once.
+pub(crate) fn check_frame_offset(
+    op: &'static str,
+    layout: &KvLayout,
+    tok_offset: usize,
+) -> Result<(), CudaError> {
+    if layout.key_per_channel && tok_offset != 0 {
+        return Err(shape(
+            op,
+            format!("per-channel keys quantize whole blocks; got slot offset {tok_offset}"),
+        ));
+    }
+    Ok(())
+}
+
+/// An attention of `n_q` queries with `q_heads` heads over `entries` of pools with `layout`
+/// and (`text`, `frame`) blocks.
+pub(crate) fn check_attention(
+    layout: &KvLayout,
+    blocks: (usize, usize),
+    q_heads: usize,
+    entries: &[BlockEntry],
+    n_q: usize,
+) -> Result<(), CudaError> {
+    const OP: &str = "mixed attention";
+    if q_heads == 0 || !q_heads.is_multiple_of(layout.kv_heads) {
+        return Err(shape(
+            OP,
+            format!(
+                "q_heads {q_heads} is not a multiple of kv_heads {}",
+                layout.kv_heads
+            ),
+        ));
+    }
+    if n_q == 0 || n_q > 65_535 {
+        return Err(shape(OP, format!("{n_q} queries in one call (1 to 65535)")));
+    }
+    validate_entries(layout, entries, blocks.0, blocks.1)
+}
+
+/// A plan made for `plan` (layout, blocks) run on pools of `pools` (layout, blocks).
+pub(crate) fn check_plan_on_pools(
+    plan: (&KvLayout, (usize, usize)),
+    pools: (&KvLayout, (usize, usize)),
+) -> Result<(), CudaError> {
+    let ((pl, pb), (l, b)) = (plan, pools);
+    if pl != l || pb.0 > b.0 || pb.1 > b.1 {
+        return Err(shape(
+            "mixed attention",
+            format!(
+                "plan for {pl:?} with {}/{} blocks used on pools {l:?} with {}/{} blocks",
+                pb.0, pb.1, b.0, b.1
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A copy of the first `blocks` of pools `src` (layout, blocks) into `dst`.
+pub(crate) fn check_pool_copy(
+    src: (&KvLayout, (usize, usize)),
+    dst: (&KvLayout, (usize, usize)),
+    blocks: (usize, usize),
+) -> Result<(), CudaError> {
+    let ((sl, sb), (dl, db)) = (src, dst);
+    if dl != sl || blocks.0 > sb.0.min(db.0) || blocks.1 > sb.1.min(db.1) {
+        return Err(shape(
+            "kv offload copy",
+            format!(
+                "{blocks:?} blocks from pools of {}/{} into {}/{}",
+                sb.0, sb.1, db.0, db.1
+            ),
+        ));
+    }
+    Ok(())
+}
