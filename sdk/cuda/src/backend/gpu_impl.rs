@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 use jetvlm_decoder::{Tensor, TensorData};
 
@@ -40,6 +40,21 @@ fn upload_slice<T: DeviceRepr + ValidAsZeroBits + Copy>(
         chunk.copy_from_slice(&s[off..off + chunk.len()]);
         Ok(())
     })
+}
+
+/// Tokens `src_token..src_token + len` of K and V (rows of `row` values).
+fn token_rows<'a>(
+    op: &'static str,
+    k: &'a CudaSlice<f32>,
+    v: &'a CudaSlice<f32>,
+    src_token: usize,
+    len: usize,
+    row: usize,
+) -> Result<(CudaView<'a, f32>, CudaView<'a, f32>), CudaError> {
+    let r = src_token * row..(src_token + len) * row;
+    check_len(op, "k", k.len(), r.end)?;
+    check_len(op, "v", v.len(), r.end)?;
+    Ok((k.slice(r.clone()), v.slice(r)))
 }
 
 impl PoolsInfo for DeviceKvPools {
@@ -231,18 +246,8 @@ impl Gpu for CudaDevice {
         src_token: usize,
     ) -> Result<(), CudaError> {
         let row = PoolsInfo::layout(pools).row_elems();
-        let r = src_token * row..(src_token + len) * row;
-        check_len("kv store text", "k", k.len(), r.end)?;
-        check_len("kv store text", "v", v.len(), r.end)?;
-        CudaDevice::kv_store_text(
-            self,
-            pools,
-            block,
-            tok_offset,
-            len,
-            &k.slice(r.clone()),
-            &v.slice(r),
-        )
+        let (k, v) = token_rows("kv store text", k, v, src_token, len, row)?;
+        CudaDevice::kv_store_text(self, pools, block, tok_offset, len, &k, &v)
     }
     fn kv_quantize_frame(
         &self,
@@ -255,18 +260,8 @@ impl Gpu for CudaDevice {
         src_token: usize,
     ) -> Result<(), CudaError> {
         let row = PoolsInfo::layout(pools).row_elems();
-        let r = src_token * row..(src_token + len) * row;
-        check_len("kv quantize frame", "k", k.len(), r.end)?;
-        check_len("kv quantize frame", "v", v.len(), r.end)?;
-        CudaDevice::kv_quantize_frame(
-            self,
-            pools,
-            block,
-            tok_offset,
-            len,
-            &k.slice(r.clone()),
-            &v.slice(r),
-        )
+        let (k, v) = token_rows("kv quantize frame", k, v, src_token, len, row)?;
+        CudaDevice::kv_quantize_frame(self, pools, block, tok_offset, len, &k, &v)
     }
     fn attention_plan(
         &self,
