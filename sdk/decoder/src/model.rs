@@ -177,6 +177,27 @@ impl Model {
         self.weights.dtype
     }
 
+    /// The weights in a few words: the stored type (`bf16`), or for a quantized decoder
+    /// (`jetvlm quantize`) the layers' format, the LM head's and the embeddings' type
+    /// (`int4 g64, LM head int8 g64, embeddings bf16`).
+    pub fn weight_description(&self) -> String {
+        let w = &self.weights;
+        let Some(f) = w.layers.first().and_then(|l| l.q.w.quant_format()) else {
+            return w.dtype.to_string();
+        };
+        let head = match w.lm_head.as_ref().map(|h| (h.quant_format(), h.dtype())) {
+            Some((Some(h), _)) => format!("int{} g{}", h.bits(), h.group()),
+            Some((None, dt)) => dt.to_string(),
+            None => "tied".into(),
+        };
+        format!(
+            "int{} g{}, LM head {head}, embeddings {}",
+            f.bits(),
+            f.group(),
+            w.dtype
+        )
+    }
+
     /// Weight bytes one decode step reads: every layer matrix, norms, and the LM head (the
     /// embedding table when tied); one embedding row is negligible and not counted.
     pub fn weight_bytes_read_per_token(&self) -> u64 {

@@ -132,6 +132,18 @@ fn quantized_fixtures_follow_the_f32_model() {
             f32_model.weight_bytes_read_per_token()
         );
         assert!(err <= bound, "{name} int{bits} g{group}: {err} > {bound}");
+        let head_desc = if head {
+            format!("int8 g{group}")
+        } else if name == "qwen2" {
+            "tied".into()
+        } else {
+            "f32".into()
+        };
+        assert_eq!(
+            q.weight_description(),
+            format!("int{bits} g{group}, LM head {head_desc}, embeddings f32")
+        );
+        assert_eq!(f32_model.weight_description(), "f32");
         assert!(
             same >= agree,
             "{name} int{bits} g{group}: {same} tokens agree, want {agree}"

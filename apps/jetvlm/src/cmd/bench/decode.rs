@@ -324,7 +324,7 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
     }
     let report = Report {
         model: args.model.display().to_string(),
-        weight_dtype: model.weight_dtype().to_string(),
+        weight_dtype: model.weight_description(),
         threads,
         llc_bytes: llc,
         bandwidth_gbs: best_gbs,
