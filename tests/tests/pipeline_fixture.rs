@@ -217,21 +217,25 @@ fn session_window_is_bounded_and_questions_reuse_frames() {
     }
 }
 
+/// A bad policy in the runtime config (what `--kv` sets) is the config's error, naming its
+/// field, not a problem of the package's jetvlm.yaml.
 #[test]
-fn bad_kv_policy_is_reported_with_the_package_problems() {
+fn a_bad_config_kv_policy_names_the_config_field_not_the_package() {
     let cfg = RuntimeConfig {
         kv_policy: Some("int5-sometimes".into()),
         ..RuntimeConfig::default()
     };
     match Pipeline::load(&fixture(), cfg) {
-        Err(RuntimeError::Vision(e)) => {
+        Err(RuntimeError::Config(e)) => {
             let msg = e.to_string();
             assert!(
-                msg.contains("jetvlm.yaml") && msg.contains("kv_policy"),
+                msg.contains("kv_policy")
+                    && msg.contains("int5-sometimes")
+                    && !msg.contains("jetvlm.yaml"),
                 "{msg}"
             );
         }
-        other => panic!("expected a package error, got {other:?}"),
+        other => panic!("expected a runtime config error, got {other:?}"),
     }
 }
 

@@ -150,6 +150,12 @@ impl RuntimeConfig {
                 "set kv_policy or kv_calibration, not both (the calibration file holds a policy)",
             );
         }
+        // The flag `--kv` sets this field: its errors name the field, not the package.
+        if let Some(p) = &self.kv_policy
+            && let Err(e) = crate::cache::KvChoice::parse(p)
+        {
+            return bad("kv_policy", &e.to_string());
+        }
         if self.max_new_tokens == 0 {
             return bad("max_new_tokens", "must be at least 1");
         }

@@ -556,17 +556,15 @@ impl Pipeline {
     }
 }
 
-/// The package in `dir`, validated; a KV policy the runtime config names that does not
-/// parse is reported with the package's own problems. (A calibration's policy is checked when
-/// its file loads: [`resolve_kv`].)
+/// The package in `dir`, validated; its own KV policy is checked with its other problems
+/// when no runtime config policy replaces it (a config's policy was checked with the config:
+/// [`RuntimeConfig::validate`]; a calibration's when its file loads: [`resolve_kv`]).
 fn load_package(dir: &Path, cfg: &RuntimeConfig) -> Result<ModelPackage, RuntimeError> {
     Ok(ModelPackage::load_with(dir, |m, issues| {
-        let (field, name) = match &cfg.kv_policy {
-            Some(p) => ("kv_policy (runtime config)", p.as_str()),
-            None => ("kv.policy", m.kv.policy.as_str()),
-        };
-        if let Err(e) = KvChoice::parse(name) {
-            issues.push(Issue::new(field, e.to_string()));
+        if cfg.kv_policy.is_none()
+            && let Err(e) = KvChoice::parse(&m.kv.policy)
+        {
+            issues.push(Issue::new("kv.policy", e.to_string()));
         }
     })?)
 }
