@@ -6,7 +6,8 @@
 //! with the group sums of `x` computed once per call). Picked at run time: INT4 with groups
 //! of 64 or 128 on a CPU with AVX-512 VNNI takes integer dot products with `x` quantized
 //! to INT8 per group (as llama.cpp's Q8 activations); otherwise the AVX-512 path, else the
-//! AVX2 path, dequantizes in f32 registers; the portable path runs everywhere else; [`gemv_rows_ref`] is the reference twin (the
+//! AVX2 path, dequantizes in f32 registers; the portable path runs everywhere else. Row
+//! dequantization (prefill tiles) has an AVX-512 path giving the reference's values exactly; [`gemv_rows_ref`] is the reference twin (the
 //! format crate's reference dequantization and an f64 dot product).
 
 use crate::weights::QuantData;
@@ -103,6 +104,18 @@ pub(crate) fn gemv_rows_ref(q: &QuantData<'_>, r0: usize, x: &[f32], ys: &mut [f
 /// Row `r` of `q` dequantized into `out` (`q.cols` values): prefill tiles and embedding
 /// rows. Exactly the values of the format's reference dequantization.
 pub(crate) fn dequantize_row(q: &QuantData<'_>, r: usize, out: &mut [f32]) {
+    assert!(out.len() >= q.cols && r < q.rows(), "quantized row bounds");
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        // SAFETY: AVX-512F is present (checked at run time); bounds asserted above.
+        unsafe { avx512::dequantize_row(q, r, out) };
+        return;
+    }
+    dequantize_row_portable(q, r, out);
+}
+
+/// Portable [`dequantize_row`].
+fn dequantize_row_portable(q: &QuantData<'_>, r: usize, out: &mut [f32]) {
     let g = q.format.group();
     let (codes, scales, zeros) = q.row(r);
     for (gi, (o, &s)) in out.chunks_exact_mut(g).zip(scales).enumerate() {
@@ -270,6 +283,54 @@ mod avx512 {
                 }
             }
             *y = _mm512_reduce_add_ps(total) + zterm;
+        }
+    }
+
+    /// Row `r` dequantized, 16 values per vector; `zero + scale * code` rounded as the
+    /// scalar reference rounds it (a product, then a sum: no fused multiply-add), so the
+    /// values are the reference's exactly.
+    ///
+    /// # Safety
+    /// Requires AVX-512F; `r < q.rows()`, `out.len() >= q.cols`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dequantize_row(q: &QuantData<'_>, r: usize, out: &mut [f32]) {
+        let g = q.format.group();
+        let (codes, scales, zeros) = q.row(r);
+        let (cp, op) = (codes.as_ptr(), out.as_mut_ptr());
+        let mask = _mm_set1_epi8(0x0f);
+        for (gi, s) in scales.iter().enumerate() {
+            let sv = _mm512_set1_ps(s.to_f32());
+            let x0 = gi * g;
+            let mut i = 0;
+            // SAFETY: codes of the group lie inside the row's codes, out[x0..x0 + g] inside
+            // `out` (len >= cols); g is a multiple of 32.
+            unsafe {
+                if q.format.bits() == 8 {
+                    while i < g {
+                        let c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                            cp.add(x0 + i) as *const __m128i,
+                        )));
+                        _mm512_storeu_ps(op.add(x0 + i), _mm512_mul_ps(sv, c));
+                        i += 16;
+                    }
+                } else {
+                    let zv = _mm512_set1_ps(zeros[gi].to_f32());
+                    while i < g {
+                        let v = _mm_loadu_si128(cp.add((x0 + i) / 2) as *const __m128i);
+                        let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, mask)));
+                        let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
+                            _mm_srli_epi16::<4>(v),
+                            mask,
+                        )));
+                        _mm512_storeu_ps(op.add(x0 + i), _mm512_add_ps(zv, _mm512_mul_ps(sv, lo)));
+                        _mm512_storeu_ps(
+                            op.add(x0 + i + 16),
+                            _mm512_add_ps(zv, _mm512_mul_ps(sv, hi)),
+                        );
+                        i += 32;
+                    }
+                }
+            }
         }
     }
 }
@@ -451,7 +512,11 @@ mod tests {
                         let d = (fast[r - 2] - want[r]).abs();
                         assert!(d <= bound, "fast {bits}b g{group} row {r}: {d} > {bound}");
                     }
-                    // The row dequantization is the reference's, value for value.
+                    // The row dequantization (picked path and portable) is the reference's,
+                    // value for value.
+                    let mut port_row = vec![0f32; cols];
+                    dequantize_row_portable(&q, r, &mut port_row);
+                    assert_eq!(deq, port_row);
                     let (c, s, z) = q.row(r);
                     let mut refrow = vec![0f32; cols];
                     jetvlm_quant::weight::dequantize_row(fmt, c, s, z, &mut refrow);
