@@ -6,9 +6,10 @@
 //! with the group sums of `x` computed once per call). Picked at run time: INT4 with groups
 //! of 64 or 128 on a CPU with AVX-512 VNNI takes integer dot products with `x` quantized
 //! to INT8 per group (as llama.cpp's Q8 activations); otherwise the AVX-512 path, else the
-//! AVX2 path, dequantizes in f32 registers; the portable path runs everywhere else. Row
-//! dequantization (prefill tiles) has an AVX-512 path giving the reference's values exactly; [`gemv_rows_ref`] is the reference twin (the
-//! format crate's reference dequantization and an f64 dot product).
+//! AVX2 path, dequantizes in f32 registers; the portable path runs everywhere else.
+//! [`gemv_rows_ref`] is the reference twin (the format crate's reference dequantization and
+//! an f64 dot product). Row dequantization (prefill tiles) has an AVX-512 path giving the
+//! reference's values exactly.
 
 use crate::weights::QuantData;
 
