@@ -80,11 +80,14 @@ fn ask_streams_text_and_reports_errors() {
         "{err}"
     );
 
+    // A bad --kv is the runtime config's kv_policy, not a problem of the package's manifest.
     let out = ask(&["--kv", "int5-sometimes"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("jetvlm.yaml") && err.contains("kv_policy"),
+        err.contains("kv_policy")
+            && err.contains("int5-sometimes")
+            && !err.contains("jetvlm.yaml:"),
         "{err}"
     );
 }
