@@ -170,12 +170,16 @@ pub(crate) struct State {
     pub zacc: Vec<f32>,
     /// Scores / probabilities of the current block, `[g][MAX_BLOCK_TOKENS]`.
     pub s: Vec<f32>,
-    /// Kernel scratch of the same shape (e.g. probabilities times value scales).
+    /// Kernel scratch of the same shape (e.g. probabilities times value scales). Used by
+    /// the x86 kernels only (as `lv` and `zv`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub w: Vec<f32>,
     /// `[g][16]` per-lane partial sums of `l` (kernels that defer the horizontal sum;
     /// `Fns::finish` folds them into `l`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub lv: Vec<f32>,
     /// `[g][MAX_GROUPS][16]` per-lane partial sums of `zacc` (as `lv`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub zv: Vec<f32>,
 }
 
