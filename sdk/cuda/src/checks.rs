@@ -171,3 +171,69 @@ pub(crate) fn check_pool_copy(
     }
     Ok(())
 }
+
+/// RMSNorm of `rows` rows of `dim`.
+pub(crate) fn check_rmsnorm(
+    [x, out, weight]: [usize; 3],
+    rows: usize,
+    dim: usize,
+) -> Result<(), CudaError> {
+    const OP: &str = "rmsnorm";
+    check_len(OP, "x", x, rows * dim)?;
+    check_len(OP, "out", out, rows * dim)?;
+    check_len(OP, "weight", weight, dim)
+}
+
+/// `y[n_tok][rows] = x[n_tok][cols] W^T`.
+pub(crate) fn check_gemv(
+    [w, x, y]: [usize; 3],
+    rows: usize,
+    cols: usize,
+    n_tok: usize,
+) -> Result<(), CudaError> {
+    const OP: &str = "gemv";
+    check_len(OP, "w", w, rows * cols)?;
+    check_len(OP, "x", x, n_tok * cols)?;
+    check_len(OP, "y", y, n_tok * rows)
+}
+
+/// `y[t][r] += b[r]` over `n_tok` rows of `rows`.
+pub(crate) fn check_bias_add(
+    [y, b]: [usize; 2],
+    rows: usize,
+    n_tok: usize,
+) -> Result<(), CudaError> {
+    const OP: &str = "bias add";
+    check_len(OP, "y", y, rows * n_tok)?;
+    check_len(OP, "b", b, rows)
+}
+
+/// `x[..n] += y[..n]`.
+pub(crate) fn check_residual_add([x, y]: [usize; 2], n: usize) -> Result<(), CudaError> {
+    const OP: &str = "residual add";
+    check_len(OP, "x", x, n)?;
+    check_len(OP, "y", y, n)
+}
+
+/// `out[..n] = silu(gate) * up`.
+pub(crate) fn check_swiglu([out, gate, up]: [usize; 3], n: usize) -> Result<(), CudaError> {
+    const OP: &str = "swiglu";
+    check_len(OP, "out", out, n)?;
+    check_len(OP, "gate", gate, n)?;
+    check_len(OP, "up", up, n)
+}
+
+/// The element range of tokens `src_token..src_token + len` of K and V buffers of
+/// `[k_len, v_len]` elements in rows of `row`.
+pub(crate) fn token_rows(
+    op: &'static str,
+    [k_len, v_len]: [usize; 2],
+    src_token: usize,
+    len: usize,
+    row: usize,
+) -> Result<std::ops::Range<usize>, CudaError> {
+    let r = src_token * row..(src_token + len) * row;
+    check_len(op, "k", k_len, r.end)?;
+    check_len(op, "v", v_len, r.end)?;
+    Ok(r)
+}

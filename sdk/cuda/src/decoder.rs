@@ -387,7 +387,12 @@ impl<G: Gpu> DeviceScratch<G> {
         let [h, _, _, _, vocab] = dims;
         Ok(Self {
             dims,
-            acts: Activations::new(&model.config.model, PREFILL_CHUNK, |len| dev.zeros(len))?,
+            acts: Activations::new(
+                &model.config.model,
+                PREFILL_CHUNK,
+                dev.zeros(PREFILL_CHUNK * h)?,
+                |len| dev.zeros(len),
+            )?,
             last: dev.zeros(h)?,
             last_n: dev.zeros(h)?,
             logits: dev.zeros(vocab)?,

@@ -240,10 +240,7 @@ impl Gpu for SimDevice {
         dim: usize,
         eps: f32,
     ) -> Result<(), CudaError> {
-        const OP: &str = "rmsnorm";
-        check_len(OP, "x", x.len(), rows * dim)?;
-        check_len(OP, "out", out.len(), rows * dim)?;
-        check_len(OP, "weight", weight.data.len(), dim)?;
+        crate::checks::check_rmsnorm([x.len(), out.len(), weight.data.len()], rows, dim)?;
         let y = reference::rmsnorm(&x[..rows * dim], &weight.data[..dim], dim, eps);
         out[..y.len()].copy_from_slice(&y);
         Ok(())
@@ -257,10 +254,7 @@ impl Gpu for SimDevice {
         cols: usize,
         n_tok: usize,
     ) -> Result<(), CudaError> {
-        const OP: &str = "gemv";
-        check_len(OP, "w", w.data.len(), rows * cols)?;
-        check_len(OP, "x", x.len(), n_tok * cols)?;
-        check_len(OP, "y", y.len(), n_tok * rows)?;
+        crate::checks::check_gemv([w.data.len(), x.len(), y.len()], rows, cols, n_tok)?;
         let out = reference::gemv(&w.data, &x[..n_tok * cols], rows, cols, n_tok);
         y[..out.len()].copy_from_slice(&out);
         Ok(())
@@ -272,9 +266,7 @@ impl Gpu for SimDevice {
         rows: usize,
         n_tok: usize,
     ) -> Result<(), CudaError> {
-        const OP: &str = "bias add";
-        check_len(OP, "y", y.len(), rows * n_tok)?;
-        check_len(OP, "b", b.data.len(), rows)?;
+        crate::checks::check_bias_add([y.len(), b.data.len()], rows, n_tok)?;
         if rows > 0 {
             reference::bias_add(&mut y[..rows * n_tok], &b.data[..rows]);
         }
@@ -308,9 +300,7 @@ impl Gpu for SimDevice {
         Ok(())
     }
     fn residual_add(&self, x: &mut Vec<f32>, y: &Vec<f32>, n: usize) -> Result<(), CudaError> {
-        const OP: &str = "residual add";
-        check_len(OP, "x", x.len(), n)?;
-        check_len(OP, "y", y.len(), n)?;
+        crate::checks::check_residual_add([x.len(), y.len()], n)?;
         reference::residual_add(&mut x[..n], &y[..n]);
         Ok(())
     }
@@ -321,10 +311,7 @@ impl Gpu for SimDevice {
         up: &Vec<f32>,
         n: usize,
     ) -> Result<(), CudaError> {
-        const OP: &str = "swiglu";
-        check_len(OP, "out", out.len(), n)?;
-        check_len(OP, "gate", gate.len(), n)?;
-        check_len(OP, "up", up.len(), n)?;
+        crate::checks::check_swiglu([out.len(), gate.len(), up.len()], n)?;
         let y = reference::swiglu(&gate[..n], &up[..n]);
         out[..n].copy_from_slice(&y);
         Ok(())
@@ -358,14 +345,11 @@ impl Gpu for SimDevice {
         const OP: &str = "kv store text";
         let l = pools.host.layout;
         crate::checks::check_span(OP, &l, pools.host.text_blocks, block, tok_offset, len)?;
-        let (a, b) = (
-            (src_token) * l.row_elems(),
-            (src_token + len) * l.row_elems(),
-        );
-        check_len(OP, "k", k.len(), b)?;
-        check_len(OP, "v", v.len(), b)?;
+        let r = crate::checks::token_rows(OP, [k.len(), v.len()], src_token, len, l.row_elems())?;
         pools.compute(self, OP)?;
-        pools.host.store_text(block, tok_offset, &k[a..b], &v[a..b]);
+        pools
+            .host
+            .store_text(block, tok_offset, &k[r.clone()], &v[r]);
         Ok(())
     }
     fn kv_quantize_frame(
@@ -382,16 +366,11 @@ impl Gpu for SimDevice {
         let l = pools.host.layout;
         crate::checks::check_span(OP, &l, pools.host.frame_blocks, block, tok_offset, len)?;
         crate::checks::check_frame_offset(OP, &l, tok_offset)?;
-        let (a, b) = (
-            (src_token) * l.row_elems(),
-            (src_token + len) * l.row_elems(),
-        );
-        check_len(OP, "k", k.len(), b)?;
-        check_len(OP, "v", v.len(), b)?;
+        let r = crate::checks::token_rows(OP, [k.len(), v.len()], src_token, len, l.row_elems())?;
         pools.compute(self, OP)?;
         pools
             .host
-            .quantize_frame(block, tok_offset, len, &k[a..b], &v[a..b]);
+            .quantize_frame(block, tok_offset, len, &k[r.clone()], &v[r]);
         Ok(())
     }
     fn attention_plan(

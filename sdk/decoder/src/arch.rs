@@ -294,10 +294,12 @@ pub struct Activations<A> {
 }
 
 impl<A> Activations<A> {
-    /// Buffers for `n` tokens of a model, from `alloc(len)`.
+    /// Buffers for `n` tokens of a model around the residual stream `x` (`[n, hidden]`), the
+    /// others from `alloc(len)`.
     pub fn new<E>(
         c: &ModelConfig,
         n: usize,
+        x: A,
         mut alloc: impl FnMut(usize) -> std::result::Result<A, E>,
     ) -> std::result::Result<Self, E> {
         let h = n * c.hidden_size;
@@ -305,7 +307,7 @@ impl<A> Activations<A> {
         let kvd = n * c.num_key_value_heads * c.head_dim;
         let inter = n * c.intermediate_size;
         Ok(Self {
-            x: alloc(h)?,
+            x,
             xn: alloc(h)?,
             q: alloc(qd)?,
             k: alloc(kvd)?,

@@ -310,8 +310,7 @@ impl Model {
             let start = cache.next_position();
             let positions: Vec<u32> = (0..n as u32).map(|i| start + i).collect();
             let span = cache.append_span(kind, &positions, frame)?;
-            let mut acts = Activations::new(c, n, |len| Ok::<_, DecoderError>(vec![0f32; len]))?;
-            acts.x = x;
+            let mut acts = Activations::new(c, n, x, |len| Ok::<_, DecoderError>(vec![0f32; len]))?;
             let salience = cache
                 .wants_salience(&span)
                 .then(|| (Salience::new(n), Vec::with_capacity(c.num_hidden_layers)));
@@ -435,8 +434,7 @@ macro_rules! cpu_kernels {
             up: &Vec<f32>,
             len: usize,
         ) -> Result<()> {
-            out[..len].copy_from_slice(&gate[..len]);
-            kernels::swiglu(&mut out[..len], &up[..len]);
+            kernels::swiglu(&gate[..len], &up[..len], &mut out[..len]);
             Ok(())
         }
     };

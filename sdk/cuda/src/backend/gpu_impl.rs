@@ -51,9 +51,7 @@ fn token_rows<'a>(
     len: usize,
     row: usize,
 ) -> Result<(CudaView<'a, f32>, CudaView<'a, f32>), CudaError> {
-    let r = src_token * row..(src_token + len) * row;
-    check_len(op, "k", k.len(), r.end)?;
-    check_len(op, "v", v.len(), r.end)?;
+    let r = crate::checks::token_rows(op, [k.len(), v.len()], src_token, len, row)?;
     Ok((k.slice(r.clone()), v.slice(r)))
 }
 

@@ -73,8 +73,7 @@ impl CudaDevice {
         n: usize,
     ) -> Result<(), CudaError> {
         const OP: &str = "residual add";
-        check_len(OP, "x", x.len(), n)?;
-        check_len(OP, "y", y.len(), n)?;
+        crate::checks::check_residual_add([x.len(), y.len()], n)?;
         let n32 = u32_of(OP, "n", n)?;
         launch!(
             self,
@@ -97,8 +96,7 @@ impl CudaDevice {
         n_tok: usize,
     ) -> Result<(), CudaError> {
         const OP: &str = "bias add";
-        check_len(OP, "y", y.len(), rows * n_tok)?;
-        check_len(OP, "b", b.len(), rows)?;
+        crate::checks::check_bias_add([y.len(), b.len()], rows, n_tok)?;
         if rows == 0 || n_tok == 0 {
             return Ok(());
         }
@@ -181,9 +179,7 @@ impl CudaDevice {
         n: usize,
     ) -> Result<(), CudaError> {
         const OP: &str = "swiglu";
-        check_len(OP, "out", out.len(), n)?;
-        check_len(OP, "gate", gate.len(), n)?;
-        check_len(OP, "up", up.len(), n)?;
+        crate::checks::check_swiglu([out.len(), gate.len(), up.len()], n)?;
         let n32 = u32_of(OP, "n", n)?;
         launch!(
             self,
@@ -272,9 +268,7 @@ impl CudaDevice {
         eps: f32,
     ) -> Result<(), CudaError> {
         const OP: &str = "rmsnorm";
-        check_len(OP, "x", x.len(), rows * dim)?;
-        check_len(OP, "out", out.len(), rows * dim)?;
-        check_len(OP, "weight", weight.len(), dim)?;
+        crate::checks::check_rmsnorm([x.len(), out.len(), weight.len()], rows, dim)?;
         if rows == 0 {
             return Ok(());
         }
@@ -346,9 +340,7 @@ impl CudaDevice {
         n_tok: usize,
     ) -> Result<(), CudaError> {
         const OP: &str = "gemv";
-        check_len(OP, "w", w.len(), rows * cols)?;
-        check_len(OP, "x", x.len(), n_tok * cols)?;
-        check_len(OP, "y", y.len(), n_tok * rows)?;
+        crate::checks::check_gemv([w.len(), x.len(), y.len()], rows, cols, n_tok)?;
         if rows == 0 || n_tok == 0 {
             return Ok(());
         }
