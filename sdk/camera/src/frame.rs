@@ -52,4 +52,22 @@ pub trait FrameSource: Send {
     fn ground_truth(&self) -> Option<&crate::scene::FrameTruth> {
         None
     }
+    /// Connection events since the last call (a live source that lost its stream and
+    /// reconnects, with backoff, inside [`FrameSource::capture`]). Sources that cannot lose
+    /// their stream return none.
+    fn take_events(&mut self) -> Vec<SourceEvent> {
+        Vec::new()
+    }
+}
+
+/// A change in a live source's connection, reported by [`FrameSource::take_events`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum SourceEvent {
+    /// The stream stopped (stall, disconnect, server gone); the source retries with backoff.
+    Lost {
+        /// Why, in one line (credentials never included).
+        reason: String,
+    },
+    /// The stream is back after `attempts` reconnection attempts.
+    Restored { attempts: u32, outage: Duration },
 }

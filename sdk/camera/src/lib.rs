@@ -27,5 +27,5 @@ pub mod v4l2;
 pub mod v4l2;
 
 pub use error::CameraError;
-pub use frame::{Capture, Frame, FrameSource};
+pub use frame::{Capture, Frame, FrameSource, SourceEvent};
 pub use uri::{SourceUri, open};
