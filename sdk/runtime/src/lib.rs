@@ -8,7 +8,9 @@
 //! - [`StreamSession`]: `pipeline.session()`: the system prompt and a rolling window of the
 //!   last N frames kept in the cache, oldest frame evicted as new ones arrive
 //!   ([`StreamSession::push_frame`], [`StreamSession::capture_from`]); many questions per
-//!   window ([`StreamSession::ask`]).
+//!   window ([`StreamSession::ask`]). [`StreamSession::park`] sets a session aside with its
+//!   own cache ([`ParkedSession`]) and [`Pipeline::resume`] takes it up again, so one loaded
+//!   model serves several cameras.
 //! - [`RuntimeConfig`]: KV policy, generation ([`Sampling`]), window, device, ONNX Runtime
 //!   (YAML-loadable).
 //! - [`RuntimeError`]: the one error type; the crate it came from is kept as its source.
@@ -49,4 +51,4 @@ pub use cache::KvStats;
 pub use config::{RuntimeConfig, Sampling};
 pub use error::RuntimeError;
 pub use pipeline::{Answer, Pipeline, Stats, Token, TokenStream};
-pub use session::{CachedFrame, SessionCapture, StreamSession};
+pub use session::{CachedFrame, ParkedSession, SessionCapture, StreamSession};

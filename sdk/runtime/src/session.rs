@@ -14,6 +14,7 @@
 //! their stored embeddings (the vision encoder does not run again), at fresh positions.
 
 use crate::RuntimeError;
+use crate::cache::KvBackend;
 use crate::device::{CacheSlot, lost};
 use crate::pipeline::{DecoderOn, Pipeline, Stats, TokenStream};
 use jetvlm_camera::{Capture, Frame, FrameSource};
@@ -83,6 +84,9 @@ pub struct StreamSession<'p> {
     /// Embeddings of the frames currently cached, for re-basing positions.
     embeddings: VecDeque<Vec<f32>>,
     rebases: u64,
+    /// The pipeline's own CPU cache while a resumed session's cache is in its place
+    /// ([`Pipeline::resume`]); put back by [`StreamSession::park`].
+    spare: Option<KvBackend>,
 }
 
 impl std::fmt::Debug for StreamSession<'_> {
@@ -185,7 +189,67 @@ impl Pipeline {
             encoder_ms: VecDeque::new(),
             embeddings: VecDeque::new(),
             rebases: 0,
+            spare: None,
         })
+    }
+
+    /// Resumes a parked session: its cache takes the place of the pipeline's (which is kept
+    /// aside and put back by [`StreamSession::park`]), its window and positions are as they
+    /// were when it was parked.
+    pub fn resume(&mut self, parked: ParkedSession) -> StreamSession<'_> {
+        let ParkedSession {
+            cache,
+            store,
+            window,
+            question_mark,
+            prefix_ids,
+            encoder_ms,
+            embeddings,
+            rebases,
+        } = parked;
+        let spare = cache.map(|c| std::mem::replace(&mut self.cache, c));
+        StreamSession {
+            pipe: self,
+            store,
+            window,
+            question_mark,
+            prefix_ids,
+            encoder_ms,
+            embeddings,
+            rebases,
+            spare,
+        }
+    }
+}
+
+/// A [`StreamSession`] set aside while its pipeline serves others: its window, its own KV
+/// cache (CPU or device) and its positions. One loaded model serves several cameras by
+/// keeping one parked session per camera and resuming each in turn
+/// ([`Pipeline::resume`]); nothing is encoded or prefilled again on resume.
+pub struct ParkedSession {
+    /// The session's CPU cache (`None` when its tokens live in a device cache).
+    cache: Option<KvBackend>,
+    store: Store,
+    window: VecDeque<CachedFrame>,
+    question_mark: Option<(usize, u32)>,
+    prefix_ids: Vec<u32>,
+    encoder_ms: VecDeque<f64>,
+    embeddings: VecDeque<Vec<f32>>,
+    rebases: u64,
+}
+
+impl std::fmt::Debug for ParkedSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParkedSession")
+            .field("window", &self.window)
+            .finish()
+    }
+}
+
+impl ParkedSession {
+    /// Frames in the session's window, oldest first.
+    pub fn frames(&self) -> Vec<CachedFrame> {
+        self.window.iter().copied().collect()
     }
 }
 
@@ -342,6 +406,44 @@ impl StreamSession<'_> {
         self.window.iter().copied().collect()
     }
 
+    /// Sets the session aside with its window and its cache, so the pipeline can serve
+    /// another session; [`Pipeline::resume`] takes it up again. The pipeline gets its own
+    /// CPU cache back (a fresh one, the first time a session from [`Pipeline::session`] is
+    /// parked).
+    pub fn park(self) -> Result<ParkedSession, RuntimeError> {
+        let StreamSession {
+            pipe,
+            store,
+            window,
+            question_mark,
+            prefix_ids,
+            encoder_ms,
+            embeddings,
+            rebases,
+            spare,
+        } = self;
+        let cache = match store {
+            Store::Cpu => {
+                let own = match spare {
+                    Some(c) => c,
+                    None => KvBackend::new(&pipe.kv, pipe.cache_shape(), pipe.capacity)?,
+                };
+                Some(std::mem::replace(&mut pipe.cache, own))
+            }
+            Store::Device(_) => None,
+        };
+        Ok(ParkedSession {
+            cache,
+            store,
+            window,
+            question_mark,
+            prefix_ids,
+            encoder_ms,
+            embeddings,
+            rebases,
+        })
+    }
+
     /// Tokens of the kept prefix (BOS, system prompt, template text before the frames).
     pub fn prefix_tokens(&self) -> usize {
         self.prefix_ids.len()
@@ -387,6 +489,21 @@ impl StreamSession<'_> {
             });
         }
         Ok(ids)
+    }
+
+    /// The decoder's logits for the first answer token of `question` asked about the cached
+    /// frames (what [`Self::ask`] samples its first token from). The question is removed from
+    /// the cache before the next frame or question. CPU decoder only; for checking a session
+    /// against a fresh prefill of what it keeps.
+    pub fn next_token_logits(&mut self, question: &str) -> Result<Vec<f32>, RuntimeError> {
+        self.pipe.decoder.cpu("next_token_logits")?;
+        self.roll_back()?;
+        let ids = self.question_ids(question)?;
+        self.rebase_if_needed(ids.len() + self.pipe.cfg.max_new_tokens)?;
+        self.question_mark = Some((self.cached_tokens(), self.next_position() as u32));
+        let model = self.pipe.decoder.cpu("next_token_logits")?;
+        let logits = model.forward(&[Input::text(&ids)], &mut self.pipe.cache)?;
+        Ok(logits.last().to_vec())
     }
 
     /// Asks about the cached frames; the frames are not re-encoded. The question and answer
