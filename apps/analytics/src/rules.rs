@@ -2,7 +2,13 @@
 //!
 //! ```yaml
 //! model: ../../../models/demo        # relative to this file
-//! source: synthetic://scene?seed=3&pace=0
+//! source: synthetic://scene?seed=3&pace=0   # one camera (named `camera`), or:
+//! # sources:                          # several cameras, one loaded model
+//! #   - { name: gate, uri: "rtsp://10.0.0.5/stream" }
+//! #   - { name: dock, uri: "synthetic://scene?seed=4" }
+//! # schedule: round_robin             # or oldest_first
+//! # kv_budget: { per_source_mib: 8, total_mib: 32 }
+//! # sinks: { mqtt: { url: "mqtt://127.0.0.1:1883" } }   # see sinks.rs
 //! window: 4                          # frames kept in the KV cache
 //! every: 1                           # ask the rules after every Nth frame
 //! frames: 24                         # stop after this many frames (0: until the source ends)
@@ -31,8 +37,19 @@ use std::path::{Path, PathBuf};
 pub struct RulesFile {
     /// Model package directory, relative to the rules file.
     pub model: Option<PathBuf>,
-    /// Frame source URI (see `jetvlm watch --help`).
-    pub source: String,
+    /// One frame source URI (see `jetvlm watch --help`), named [`DEFAULT_SOURCE_NAME`].
+    pub source: Option<String>,
+    /// Several named frame sources, each with its own window (instead of `source`).
+    #[serde(default)]
+    pub sources: Vec<SourceSpec>,
+    /// The order in which sources with a frame waiting are served.
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// KV cache bounds, checked at start with the planner's arithmetic.
+    pub kv_budget: Option<KvBudget>,
+    /// Where events go besides stdout.
+    #[serde(default)]
+    pub sinks: crate::sinks::SinksConfig,
     #[serde(default = "default_window")]
     pub window: usize,
     #[serde(default = "default_every")]
@@ -47,6 +64,50 @@ pub struct RulesFile {
     /// Runtime config YAML, relative to the rules file.
     pub config: Option<PathBuf>,
     pub rules: Vec<Rule>,
+}
+
+/// The name of the one source of a rules file's `source`.
+pub const DEFAULT_SOURCE_NAME: &str = "camera";
+
+/// Sources a rules file may name (each keeps a window of frames in its own KV cache).
+pub const MAX_SOURCES: usize = 64;
+
+/// A named frame source.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// Carried by every event and used in MQTT topics: letters, digits, `-`, `_`, `.`.
+    pub name: String,
+    /// The frame source URI (see `jetvlm watch --help`).
+    pub uri: String,
+}
+
+/// How the one model is shared between sources that have a frame waiting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// Each source in turn (the next one after the last served that has a frame).
+    #[default]
+    RoundRobin,
+    /// The source whose waiting frame was captured first.
+    OldestFirst,
+}
+
+/// KV cache bounds in MiB: each source's window and the sum over all sources.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvBudget {
+    pub per_source_mib: Option<f64>,
+    pub total_mib: Option<f64>,
+}
+
+/// Whether `name` may name a source (it goes into MQTT topics and file names).
+pub fn valid_source_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn default_window() -> usize {
@@ -123,6 +184,57 @@ impl RulesFile {
     pub fn load(path: &Path) -> Result<Self> {
         let mut f: RulesFile = jetvlm_core::config::load_yaml(path)?;
         let bad = |msg: String| anyhow::anyhow!("{}: {msg}", path.display());
+        match (&f.source, f.sources.is_empty()) {
+            (Some(_), false) => {
+                return Err(bad("give either `source` or `sources`, not both".into()));
+            }
+            (None, true) => {
+                return Err(bad(
+                    "no frame source: give `source: URI` or `sources: [{name, uri}, ...]`".into(),
+                ));
+            }
+            _ => {}
+        }
+        if f.sources.len() > MAX_SOURCES {
+            return Err(bad(format!(
+                "`sources` names {} sources, at most {MAX_SOURCES}",
+                f.sources.len()
+            )));
+        }
+        for (i, s) in f.sources.iter().enumerate() {
+            if !valid_source_name(&s.name) {
+                return Err(bad(format!(
+                    "sources[{i}].name: `{}` must be 1-64 letters, digits, `-`, `_` or `.`",
+                    s.name
+                )));
+            }
+            if s.uri.trim().is_empty() {
+                return Err(bad(format!("sources[{i}].uri must not be empty")));
+            }
+            if f.sources[..i].iter().any(|o| o.name == s.name) {
+                return Err(bad(format!(
+                    "sources[{i}].name: `{}` is used twice",
+                    s.name
+                )));
+            }
+        }
+        if let Some(b) = &f.kv_budget {
+            for (field, v) in [
+                ("per_source_mib", b.per_source_mib),
+                ("total_mib", b.total_mib),
+            ] {
+                if let Some(v) = v
+                    && !(v.is_finite() && v > 0.0 && v < 1e12)
+                {
+                    return Err(bad(format!(
+                        "kv_budget.{field}: must be a positive number of MiB, got {v}"
+                    )));
+                }
+            }
+        }
+        f.sinks
+            .validate()
+            .map_err(|(field, msg)| bad(format!("sinks.{field}: {msg}")))?;
         if f.rules.is_empty() {
             return Err(bad("`rules` is empty: give at least one rule".into()));
         }
@@ -167,7 +279,22 @@ impl RulesFile {
                 *p = dir.join(&*p);
             }
         }
+        f.sinks.resolve_paths(dir);
         Ok(f)
+    }
+
+    /// The sources to run: `override_uri` (`--source`) as the one source, else the file's.
+    pub fn source_specs(&self, override_uri: Option<&str>) -> Vec<SourceSpec> {
+        let one = |uri: &str| {
+            vec![SourceSpec {
+                name: DEFAULT_SOURCE_NAME.into(),
+                uri: uri.into(),
+            }]
+        };
+        match (override_uri, self.source.as_deref()) {
+            (Some(uri), _) | (None, Some(uri)) => one(uri),
+            (None, None) => self.sources.clone(),
+        }
     }
 
     /// The model package: `--model`, else the file's `model`, else `$JETVLM_MODEL`.
