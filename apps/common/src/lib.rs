@@ -2,31 +2,44 @@
 
 use jetvlm_camera::FrameSource;
 use jetvlm_core::FrameId;
-use jetvlm_runtime::{RuntimeConfig, SessionCapture, StreamSession};
+use jetvlm_runtime::{RuntimeConfig, RuntimeError, SessionCapture, StreamSession};
 use std::path::PathBuf;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
-/// Capture timeouts in a row after which a source counts as dead.
+/// Failed captures (timeouts or camera errors) in a row after which a source counts as dead.
 pub const MAX_TIMEOUTS: u32 = 3;
 
 /// Takes the next frame from `source` into `session`: `Some(id)`, or `None` at the end of
-/// the stream. A capture timeout is logged and retried; [`MAX_TIMEOUTS`] in a row are an
-/// error naming `uri`.
+/// the stream. A capture timeout or a camera error (the source failed to deliver this
+/// frame) is logged and the capture retried; [`MAX_TIMEOUTS`] failures in a row are an
+/// error naming `uri` (and the last camera error). An error past the capture (the frame
+/// cannot be encoded or cached) ends the run at once.
 pub fn next_frame(
     session: &mut StreamSession<'_>,
     source: &mut dyn FrameSource,
     timeout: Duration,
     uri: &str,
 ) -> anyhow::Result<Option<FrameId>> {
+    let mut last_error = None;
     for _ in 0..MAX_TIMEOUTS {
-        match session.capture_from(source, timeout)? {
-            SessionCapture::Frame(id) => return Ok(Some(id)),
-            SessionCapture::EndOfStream => return Ok(None),
-            SessionCapture::Timeout => tracing::warn!(source = %uri, "capture timed out"),
+        match session.capture_from(source, timeout) {
+            Ok(SessionCapture::Frame(id)) => return Ok(Some(id)),
+            Ok(SessionCapture::EndOfStream) => return Ok(None),
+            Ok(SessionCapture::Timeout) => tracing::warn!(source = %uri, "capture timed out"),
+            Err(e @ RuntimeError::Camera { .. }) => {
+                tracing::warn!(source = %uri, error = %jetvlm_core::error_line(&e), "capture failed; retrying");
+                last_error = Some(e);
+            }
+            Err(e) => return Err(e.into()),
         }
     }
-    anyhow::bail!("{uri}: no frame in {MAX_TIMEOUTS} timeouts")
+    match last_error {
+        Some(e) => Err(anyhow::Error::new(e).context(format!(
+            "{uri}: no frame in {MAX_TIMEOUTS} captures in a row"
+        ))),
+        None => anyhow::bail!("{uri}: no frame in {MAX_TIMEOUTS} timeouts"),
+    }
 }
 
 /// Applies `--kv` or `--kv-calibration` to a runtime config: either replaces both of the

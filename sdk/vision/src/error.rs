@@ -17,7 +17,10 @@ pub enum VisionError {
 
     /// The library exists but does not load (or is not there); the source is ONNX Runtime's
     /// error, or what is wrong with the path.
-    #[error("loading ONNX Runtime from {}: {source}", path.display())]
+    #[error(
+        "loading ONNX Runtime from {}: {source} (point ORT_DYLIB_PATH or the runtime config's vision.ort_library at a working libonnxruntime.so, or run .ci/setup to install the project's)",
+        path.display()
+    )]
     OrtLibraryLoad {
         path: PathBuf,
         #[source]

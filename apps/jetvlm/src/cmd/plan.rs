@@ -44,9 +44,17 @@ pub struct PlanArgs {
     /// --kv; it must have been measured on this model's shape.
     #[arg(long, conflicts_with = "kv")]
     pub kv_calibration: Option<PathBuf>,
-    /// Bits per language-model weight (32, 16, 8, 4); default: the config's dtype.
+    /// Bits per language-model weight (32, 16, 8, 4); 8 and 4 are charged as `jetvlm
+    /// quantize --bits` writes them (layer matrices quantized, embeddings as stored). Default:
+    /// the model's quantization_config if it has one, else the config's dtype.
     #[arg(long)]
     pub weight_bits: Option<u8>,
+    /// Group size of 8- and 4-bit layer matrices (as `jetvlm quantize --group`).
+    #[arg(long, requires = "weight_bits", value_parser = ["32", "64", "128"])]
+    pub weight_group: Option<String>,
+    /// The LM head at 8 bits (as `jetvlm quantize --head-bits 8`).
+    #[arg(long, requires = "weight_bits", value_parser = ["8"])]
+    pub head_bits: Option<String>,
     /// Vision encoder parameter count, replacing the estimate from vision_config.
     #[arg(long, conflicts_with = "vision_bytes")]
     pub vision_params: Option<u64>,
@@ -99,6 +107,54 @@ fn parse_camera(s: &str) -> Result<(u64, u64)> {
         "--camera `{s}`: width and height must be positive"
     );
     Ok((w, h))
+}
+
+/// The weight format to charge: `--weight-bits` (with `--weight-group`, `--head-bits`), else
+/// the `quantization_config` of a decoder `jetvlm quantize` wrote, else the config's dtype.
+fn weight_format(args: &PlanArgs, config_path: &Path) -> Result<WeightFormat> {
+    let group = |g: Option<&str>| -> u16 {
+        g.and_then(|g| g.parse().ok())
+            .unwrap_or(plan::DEFAULT_WEIGHT_GROUP)
+    };
+    if let Some(bits) = args.weight_bits {
+        let f = WeightFormat::from_bits(bits)?;
+        return Ok(match (f, bits) {
+            (_, 4 | 8) => WeightFormat::Quantized {
+                bits,
+                group: group(args.weight_group.as_deref()),
+                head_int8: args.head_bits.is_some(),
+            },
+            (f, _) => {
+                anyhow::ensure!(
+                    args.weight_group.is_none() && args.head_bits.is_none(),
+                    "--weight-group and --head-bits apply to --weight-bits 8 or 4, not {bits}"
+                );
+                f
+            }
+        });
+    }
+    let raw: serde_json::Value = jetvlm_core::config::load_json(config_path)?;
+    let Some(q) = raw.get("quantization_config") else {
+        return Ok(WeightFormat::Native);
+    };
+    let field = |k: &str| q.get(k).and_then(|v| v.as_u64());
+    match (
+        q.get("quant_method").and_then(|m| m.as_str()),
+        field("bits"),
+        field("group_size"),
+    ) {
+        (Some("jetvlm"), Some(bits @ (4 | 8)), Some(g @ (32 | 64 | 128))) => {
+            Ok(WeightFormat::Quantized {
+                bits: bits as u8,
+                group: g as u16,
+                head_int8: field("lm_head_bits") == Some(8),
+            })
+        }
+        _ => anyhow::bail!(
+            "{}: quantization_config {q} is not a format this planner charges (jetvlm, 4 or 8 bits, group 32/64/128); pass --weight-bits",
+            config_path.display()
+        ),
+    }
 }
 
 /// Builds the plan the arguments describe.
@@ -172,9 +228,7 @@ pub fn build(args: &PlanArgs) -> Result<Plan> {
         "--kv {kv_name}: formats for {} layers, the model has {layers}",
         kv.frame_layers().len()
     );
-    if let Some(bits) = args.weight_bits {
-        opts.weights = WeightFormat::from_bits(bits)?;
-    }
+    opts.weights = weight_format(args, &model.config_path)?;
     let (width, height) = parse_camera(&args.camera)?;
     opts.camera = CameraBuffers {
         width,
