@@ -312,11 +312,18 @@ fn four_bit_weights_match_hand_calculation_and_leave_room_for_more_frames() {
         ..PlanOptions::default()
     };
     let q4 = plan::plan(&board, &model, &w, &KvPrecision::mixed(), &opts).unwrap();
-    // 4 bits + one FP16 scale per 32 weights = 4.5 bits per weight.
-    assert_eq!(q4.memory.weights_bytes, (QWEN_LM.params() * 9).div_ceil(16));
+    // `jetvlm quantize --bits 4` layout: layer matrices 4 bits + an FP16 scale and zero per
+    // 64 weights (4.5 bits per weight); the tied embedding table (the LM head), norms and
+    // q/k/v biases stay BF16.
+    let (h, q, kv, i) = (1536u64, 12 * 128, 2 * 128, 8960);
+    let matrices = 28 * (h * q + 2 * h * kv + q * h + 3 * h * i);
+    let rest = QWEN_LM.params() - matrices;
+    let hand = matrices * 9 / 16 + rest * 2;
+    assert_eq!(q4.memory.weights_bytes, hand);
     assert!(q4.max_frames_mixed > bf16.max_frames_mixed);
     assert!(q4.max_frames_mixed as f64 >= 2.5 * q4.max_frames_fp16 as f64);
-    let tpot = ((QWEN_LM.params() * 9).div_ceil(16) + q4.kv_bytes) as f64 / BW_ORIN_NANO_8GB * 1e3;
+    // A decode step reads all of it (the tied head is the embedding table).
+    let tpot = (hand + q4.kv_bytes) as f64 / BW_ORIN_NANO_8GB * 1e3;
     assert!((q4.tpot_floor_ms - tpot).abs() < 1e-9);
 }
 

@@ -89,3 +89,90 @@ fn quantize_refusals_name_the_flag_and_write_nothing() {
         "nothing written"
     );
 }
+
+/// `jetvlm plan --weight-bits B [--weight-group G] [--head-bits 8]` charges the bytes the
+/// decoder holds once `jetvlm quantize` wrote it and the runtime loaded it (measured on the
+/// loaded model's buffers), within 2%; `plan` on the quantized directory itself charges the
+/// same (its quantization_config).
+#[test]
+fn plan_weight_bits_agrees_with_the_loaded_quantized_decoder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/decoder/llama_bf16"
+    );
+    let plan_bytes = |dir: &str, extra: &[&str]| -> u64 {
+        let mut args = vec![
+            "plan",
+            "--model",
+            dir,
+            "--board",
+            "orin-nano-8gb",
+            "--tokens-per-frame",
+            "1",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = jetvlm(&args);
+        assert!(ok, "{stderr}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        v["memory"]["weights_bytes"].as_u64().unwrap()
+    };
+    let native = plan_bytes(model, &[]);
+    let bf16 = jetvlm_decoder::Model::load(
+        std::path::Path::new(model),
+        &jetvlm_decoder::LoadOptions::default(),
+    )
+    .unwrap()
+    .weight_bytes_held();
+    for (bits, group, head) in [
+        ("4", "32", true),
+        ("4", "64", false),
+        ("8", "64", true),
+        ("8", "32", false),
+    ] {
+        let out = tmp.path().join(format!("q{bits}g{group}{head}"));
+        let out_s = out.to_str().unwrap();
+        let mut q = vec![
+            "quantize", "--model", model, "--bits", bits, "--group", group, "--out", out_s,
+        ];
+        let mut p = vec!["--weight-bits", bits, "--weight-group", group];
+        if head {
+            q.extend(["--head-bits", "8"]);
+            p.extend(["--head-bits", "8"]);
+        }
+        let (ok, _, stderr) = jetvlm(&q);
+        assert!(ok, "{stderr}");
+        let held = jetvlm_decoder::Model::load(&out, &jetvlm_decoder::LoadOptions::default())
+            .unwrap()
+            .weight_bytes_held();
+        let planned = plan_bytes(model, &p);
+        let err = (planned as f64 - held as f64).abs() / held as f64;
+        assert!(
+            err <= 0.02,
+            "int{bits} g{group} head8 {head}: plan {planned} vs runtime {held} ({:.2}%)",
+            100.0 * err
+        );
+        assert_eq!(plan_bytes(out_s, &[]), planned, "plan of the quantized dir");
+        // Not vacuous: the quantized decoder is much smaller than the BF16 one.
+        assert!(held < bf16 * 7 / 10, "{held} vs {bf16}");
+    }
+    let err = (native as f64 - bf16 as f64).abs() / bf16 as f64;
+    assert!(err <= 0.02, "bf16: plan {native} vs runtime {bf16}");
+    // A group that does not divide the rows is one line naming the flag.
+    let (ok, _, stderr) = jetvlm(&[
+        "plan",
+        "--model",
+        model,
+        "--board",
+        "orin-nano-8gb",
+        "--tokens-per-frame",
+        "1",
+        "--weight-bits",
+        "4",
+        "--weight-group",
+        "128",
+    ]);
+    assert!(!ok && stderr.contains("--weight-group 128"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}

@@ -3,9 +3,12 @@
 //!
 //! What a plan charges, in bytes:
 //!
-//! - **weights**: language-model parameters at the config's dtype, or at `--weight-bits`
-//!   (8 / 4 bits are charged as blocks of 32 weights with one FP16 scale, the q8_0 / q4_0
-//!   layout: 8.5 / 4.5 bits per weight).
+//! - **weights**: language-model parameters at the config's dtype, or at `--weight-bits`.
+//!   8 / 4 bits are charged as `jetvlm quantize` writes them and the decoder holds them
+//!   ([`weight_bytes`]): every layer matrix in its `jetvlm_quant::WeightFormat` (codes, an
+//!   FP16 scale per group and, for 4 bits, an FP16 zero; group 64 unless `--weight-group`),
+//!   the embedding table, norms and biases at the config's dtype, the LM head at the
+//!   config's dtype or INT8 (`--head-bits 8`, a tied head then an INT8 copy).
 //! - **vision encoder**: its parameters at its dtype (see [`crate::model`]; the vision
 //!   encoder is not affected by `--weight-bits`).
 //! - **KV cache**, text and frame parts: `layers * kv_heads * 2 (K and V)` vectors of
@@ -129,12 +132,33 @@ pub enum WeightFormat {
     /// The dtype `config.json` declares.
     #[default]
     Native,
-    /// 32, 16, 8 or 4 bits per weight (8 and 4 with an FP16 scale per 32 weights).
+    /// 32 or 16 bits per weight, every parameter; 8 and 4 bits mean
+    /// `WeightFormat::Quantized { bits, group: 64, head_int8: false }` (what
+    /// `jetvlm quantize --bits B` writes by default).
     Bits(u8),
+    /// The layout of `jetvlm quantize --bits B --group G [--head-bits 8]`: layer matrices
+    /// weight-only INT8/INT4 in groups of `group`, the rest as stored.
+    Quantized {
+        bits: u8,
+        group: u16,
+        head_int8: bool,
+    },
 }
 
+/// Bytes of a decoder's weights in one [`WeightFormat`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct WeightBytes {
+    /// Everything the decoder holds.
+    pub total: u64,
+    /// What one decode step reads: all but the embedding table, plus the LM head.
+    pub read_per_token: u64,
+}
+
+/// Group size `jetvlm quantize` uses unless told otherwise.
+pub const DEFAULT_WEIGHT_GROUP: u16 = 64;
+
 impl WeightFormat {
-    /// Parses `--weight-bits`.
+    /// Parses `--weight-bits` (8 and 4 with the default group and the LM head as stored).
     pub fn from_bits(bits: u8) -> Result<Self, BoardError> {
         match bits {
             32 | 16 | 8 | 4 => Ok(WeightFormat::Bits(bits)),
@@ -144,37 +168,138 @@ impl WeightFormat {
         }
     }
 
-    /// Bytes of `params` weights, or an overflow error.
+    /// The quantized layout, when the format is one: layer format and INT8 head.
+    pub fn quantized(&self) -> Result<Option<(jetvlm_quant::WeightFormat, bool)>, BoardError> {
+        let (bits, group, head) = match *self {
+            WeightFormat::Bits(b @ (4 | 8)) => (b, DEFAULT_WEIGHT_GROUP, false),
+            WeightFormat::Quantized {
+                bits,
+                group,
+                head_int8,
+            } => (bits, group, head_int8),
+            _ => return Ok(None),
+        };
+        jetvlm_quant::WeightFormat::new(bits as u32, group as usize)
+            .map(|f| Some((f, head)))
+            .map_err(|e| {
+                BoardError::InvalidWorkload(format!("--weight-bits / --weight-group: {e}"))
+            })
+    }
+
+    /// Bytes of `params` weights, or an overflow error (every parameter at this format's
+    /// bits; see [`weight_bytes`] for a whole decoder).
     pub fn bytes(&self, params: u64, native: DType) -> Result<u64, BoardError> {
-        let bytes = match self {
-            WeightFormat::Native => params.checked_mul(native.size_bytes() as u64),
-            WeightFormat::Bits(b) if *b >= 16 => params.checked_mul(*b as u64 / 8),
-            // Blocks of 32 weights: 32 * b bits of codes + a 16-bit scale.
-            WeightFormat::Bits(b) => {
-                u64::try_from((params as u128 * (32 * *b as u128 + 16)).div_ceil(32 * 8)).ok()
-            }
+        let bytes = match (self.quantized()?, self) {
+            (Some((f, _)), _) => u64::try_from(
+                (params as u128
+                    * (f.bits() as u128 * f.group() as u128 + 16 * (1 + f.has_zeros() as u128)))
+                    .div_ceil(8 * f.group() as u128),
+            )
+            .ok(),
+            (None, WeightFormat::Bits(b)) => params.checked_mul(*b as u64 / 8),
+            (None, _) => params.checked_mul(native.size_bytes() as u64),
         };
         bytes.ok_or_else(|| overflow("the weight bytes", &[("the parameter count", params)]))
     }
 
-    /// Bits per weight, scales included.
+    /// Bits per weight of the layer matrices, scales and zeros included.
     pub fn bits_per_weight(&self, native: DType) -> f64 {
-        match self {
-            WeightFormat::Native => 8.0 * native.size_bytes() as f64,
-            WeightFormat::Bits(b) if *b >= 16 => *b as f64,
-            WeightFormat::Bits(b) => *b as f64 + 0.5,
+        match (self.quantized(), self) {
+            (Ok(Some((f, _))), _) => f.bits_per_weight(),
+            (_, WeightFormat::Bits(b)) => *b as f64,
+            _ => 8.0 * native.size_bytes() as f64,
         }
     }
 
     pub fn describe(&self, native: DType) -> String {
-        match self {
-            WeightFormat::Native => format!("{native} (from config)"),
-            WeightFormat::Bits(b) if *b >= 16 => format!("{b}-bit"),
-            WeightFormat::Bits(b) => {
-                format!("{b}-bit, g32 FP16 scales ({} bits/weight)", *b as f64 + 0.5)
-            }
+        match (self.quantized(), self) {
+            (Ok(Some((f, head))), _) => format!(
+                "layer matrices int{} g{} ({} bits/weight), embeddings {native}, LM head {}",
+                f.bits(),
+                f.group(),
+                f.bits_per_weight(),
+                if head {
+                    format!("int8 g{}", f.group())
+                } else {
+                    native.to_string()
+                }
+            ),
+            (_, WeightFormat::Native) => format!("{native} (from config)"),
+            (_, WeightFormat::Bits(b)) => format!("{b}-bit"),
+            _ => "invalid".into(),
         }
     }
+}
+
+/// Bytes of a decoder's weights in `format`, as the CPU decoder holds them. Quantized:
+/// every layer matrix in its format (`jetvlm_quant::WeightFormat::matrix_bytes`), the
+/// embedding table, norms and biases at the config's dtype, the LM head at the config's dtype
+/// (tied: none) or INT8. An overflow is an error; a group that does not divide a matrix's
+/// columns is an error naming `--weight-group`.
+pub fn weight_bytes(text: &ModelConfig, format: WeightFormat) -> Result<WeightBytes, BoardError> {
+    let native = text.dtype.size_bytes() as u128;
+    let emb = text.vocab_size as u128 * text.hidden_size as u128;
+    let Some((f, head_int8)) = format.quantized()? else {
+        return Ok(WeightBytes {
+            total: format.bytes(text.num_parameters(), text.dtype)?,
+            read_per_token: format.bytes(params_read_per_token(text), text.dtype)?,
+        });
+    };
+    let too_big = || {
+        overflow(
+            "the weight bytes",
+            &[("the parameter count", text.num_parameters())],
+        )
+    };
+    let h = text.hidden_size as u128;
+    let q = (text.num_attention_heads * text.head_dim) as u128;
+    let kv = (text.num_key_value_heads * text.head_dim) as u128;
+    let i = text.intermediate_size as u128;
+    let group = f.group() as u128;
+    let params = if f.has_zeros() { 4 } else { 2 };
+    let matrix = |rows: u128, cols: u128| -> Result<u128, BoardError> {
+        if cols == 0 || !cols.is_multiple_of(group) {
+            return Err(BoardError::InvalidWorkload(format!(
+                "--weight-group {group} does not divide a {cols}-column layer matrix of this model (use a group that divides {cols})"
+            )));
+        }
+        Ok(rows * (cols * f.bits() as u128 / 8 + cols / group * params))
+    };
+    let shapes = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)];
+    let mut layer = 0u128;
+    let mut layer_params = 0u128;
+    for (r, c) in shapes {
+        layer += matrix(r, c)?;
+        layer_params += r * c;
+    }
+    let layers = text.num_hidden_layers as u128;
+    let untied = if text.tie_word_embeddings { 0 } else { emb };
+    // Norms, biases and whatever else the family holds, as stored.
+    let rest = (text.num_parameters() as u128)
+        .checked_sub(layers * layer_params + emb + untied)
+        .ok_or_else(too_big)?;
+    let head = if head_int8 {
+        if !h.is_multiple_of(group) {
+            return Err(BoardError::InvalidWorkload(format!(
+                "--weight-group {group} does not divide the LM head's {h} columns"
+            )));
+        }
+        text.vocab_size as u128 * (h + h / group * 2)
+    } else {
+        untied * native
+    };
+    let layers_bytes = layers * layer + rest * native;
+    let total = layers_bytes + emb * native + head;
+    let read = layers_bytes
+        + if head_int8 || !text.tie_word_embeddings {
+            head
+        } else {
+            emb * native
+        };
+    Ok(WeightBytes {
+        total: u64::try_from(total).map_err(|_| too_big())?,
+        read_per_token: u64::try_from(read).map_err(|_| too_big())?,
+    })
 }
 
 /// The camera's frame ring.
@@ -597,9 +722,7 @@ pub fn memory(
     check(workload, opts)?;
     let usage = kv_usage(&model.text, workload, kv)?;
     let mem = MemoryBreakdown {
-        weights_bytes: opts
-            .weights
-            .bytes(model.text.num_parameters(), model.text.dtype)?,
+        weights_bytes: weight_bytes(&model.text, opts.weights)?.total,
         vision_encoder_bytes: model.vision.as_ref().map_or(0, |v| v.bytes),
         kv_text_bytes: usage.text_bytes,
         kv_frame_bytes: usage.frame_bytes,
@@ -676,9 +799,7 @@ pub fn tpot_floor_ms(
     kv: &KvPrecision,
     opts: &PlanOptions,
 ) -> Result<f64, BoardError> {
-    let weights = opts
-        .weights
-        .bytes(params_read_per_token(&model.text), model.text.dtype)?;
+    let weights = weight_bytes(&model.text, opts.weights)?.read_per_token;
     let kv_bytes = kv_usage(&model.text, workload, kv)?.total_bytes;
     Ok((weights as f64 + kv_bytes as f64) / board.bandwidth_bytes_per_s() * 1e3)
 }
@@ -790,9 +911,7 @@ pub fn plan(
 
     let max_pos = model.text.max_position_embeddings as u64;
     let max_frames_context = max_pos.saturating_sub(usage.text_tokens) / workload.tokens_per_frame;
-    let weight_read = opts
-        .weights
-        .bytes(params_read_per_token(&model.text), model.text.dtype)?;
+    let weight_read = weight_bytes(&model.text, opts.weights)?.read_per_token;
 
     let mut notes = Vec::new();
     if let Some(v) = &model.vision {

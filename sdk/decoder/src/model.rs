@@ -204,6 +204,23 @@ impl Model {
         self.weights.bytes_per_token
     }
 
+    /// Bytes of every weight buffer the model holds, measured on the buffers: matrices as
+    /// stored (quantized: codes, scales, zeros), the embedding table, the LM head, and the
+    /// f32 norms and biases. What `jetvlm plan` charges for the weights.
+    pub fn weight_bytes_held(&self) -> u64 {
+        let w = &self.weights;
+        let vec = |v: &Vec<f32>| 4 * v.len();
+        let mut n = w.embed.held_bytes() + w.lm_head.as_ref().map_or(0, Tensor::held_bytes);
+        n += vec(&w.norm);
+        for l in &w.layers {
+            n += vec(&l.input_norm) + vec(&l.post_norm);
+            for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+                n += lin.w.held_bytes() + lin.bias.as_ref().map_or(0, vec);
+            }
+        }
+        n as u64
+    }
+
     /// Embeddings of `ids` as f32 `[ids.len(), hidden]` (what the vision path splices text
     /// around).
     pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {

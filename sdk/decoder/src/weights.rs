@@ -230,6 +230,15 @@ impl Tensor {
         }
     }
 
+    /// Bytes of the buffers holding the tensor, measured on them (the mapped ranges or owned
+    /// copies of its elements, or of a quantized matrix's codes, scales and zeros).
+    pub fn held_bytes(&self) -> usize {
+        self.bytes.as_slice().len()
+            + self.quant.as_ref().map_or(0, |q| {
+                q.scales.as_slice().len() + q.zeros.as_ref().map_or(0, |z| z.as_slice().len())
+            })
+    }
+
     /// The weight format of a quantized matrix; `None` for a float tensor.
     pub fn quant_format(&self) -> Option<WeightFormat> {
         self.quant.as_ref().map(|q| q.format)
