@@ -1,4 +1,10 @@
-//! What the jetvlm binaries (`jetvlm`, `jetvlm-analytics`, `jetvlm-assistant`) share.
+//! What the jetvlm binaries (`jetvlm`, `jetvlm-analytics`, `jetvlm-assistant`) share: the
+//! exit statuses ([`exit`]), logging on stderr, one-line error exits, frame capture with
+//! retries, the KV flags.
+
+pub mod exit;
+
+pub use exit::{Exit, ExitCode, bad_input, check_failed, classify, does_not_fit};
 
 use jetvlm_camera::FrameSource;
 use jetvlm_core::FrameId;
@@ -68,10 +74,13 @@ pub fn init_logging(filter: &str, json: bool) {
 }
 
 /// Ends the process on an error: `error: ` and the error's causes on one line
-/// ([`jetvlm_core::error_line`]) on stderr, exit status 1.
+/// ([`jetvlm_core::error_line`]) on stderr, and the exit status [`classify`] gives the error
+/// (`warning: ` and status 6 for doctor's "ready with warnings").
 pub fn exit_on_error(result: anyhow::Result<()>) {
     if let Err(e) = result {
-        eprintln!("error: {}", jetvlm_core::error_line(e.as_ref()));
-        std::process::exit(1);
+        let code = classify(&e);
+        let prefix = if code.is_error() { "error" } else { "warning" };
+        eprintln!("{prefix}: {}", jetvlm_core::error_line(e.as_ref()));
+        std::process::exit(code.code());
     }
 }

@@ -12,7 +12,8 @@ mod cmd;
 #[command(
     name = "jetvlm",
     version,
-    about = "Vision-language models on NVIDIA Jetson boards"
+    about = "Vision-language models on NVIDIA Jetson boards",
+    after_help = jetvlm_app::ExitCode::help_table()
 )]
 struct Cli {
     /// Log filter in RUST_LOG syntax (e.g. `info`, `jetvlm_kvcache=debug`); RUST_LOG wins
@@ -63,6 +64,10 @@ enum Command {
     Quantize(cmd::quantize::QuantizeArgs),
     /// Check every CUDA kernel against its CPU reference (PASS/FAIL per kernel).
     Selftest(cmd::selftest::SelftestArgs),
+    /// Can this board (or a root file system) run the model package with the config? Board,
+    /// JetPack, memory plan, CUDA, NVRTC, ONNX Runtime providers, caches, cameras, disk; the
+    /// exit status is the verdict.
+    Doctor(cmd::doctor::DoctorArgs),
 }
 
 fn main() {
@@ -85,5 +90,16 @@ fn run(command: Command) -> Result<()> {
         Command::Export(args) => cmd::export::run(args),
         Command::Quantize(args) => cmd::quantize::run(args),
         Command::Selftest(args) => cmd::selftest::run(args),
+        Command::Doctor(args) => cmd::doctor::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own consistency checks on every subcommand (names, conflicts, defaults).
+    #[test]
+    fn the_command_line_passes_clap_debug_asserts() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -75,7 +75,7 @@ fn pick(found: Vec<PathBuf>, gpu: &[ExecutionProvider]) -> Option<PathBuf> {
 }
 
 /// Whether the ONNX Runtime at `lib` ships `ep`'s provider library beside it.
-fn ships_provider(lib: &Path, ep: ExecutionProvider) -> bool {
+pub fn ships_provider(lib: &Path, ep: ExecutionProvider) -> bool {
     let name = match ep {
         ExecutionProvider::TensorRt => "tensorrt",
         ExecutionProvider::Cuda => "cuda",

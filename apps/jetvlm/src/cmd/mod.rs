@@ -4,6 +4,7 @@ pub mod ask;
 pub mod bench;
 pub mod board;
 pub mod calibrate;
+pub mod doctor;
 pub mod eval;
 pub mod export;
 pub mod generate;

@@ -73,8 +73,9 @@ pub struct PlanArgs {
     /// Memory budget in MiB, replacing the board's usable memory.
     #[arg(long)]
     pub budget_mib: Option<u64>,
-    /// Root of the file system read for board detection.
-    #[arg(long, default_value = "/", hide = true)]
+    /// Root of the file system to read (/proc, /etc) when detecting the board: a copied or
+    /// mounted Jetson root file system.
+    #[arg(long = "root", alias = "sys-root", value_name = "DIR", default_value = "/")]
     pub sys_root: PathBuf,
     /// Print the plan as JSON.
     #[arg(long)]
@@ -261,7 +262,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         print!("{}", render(&plan));
     }
     match &plan.advice {
-        Some(advice) => anyhow::bail!("does not fit: {advice}"),
+        Some(advice) => Err(jetvlm_app::does_not_fit(format!("does not fit: {advice}"))),
         None => Ok(()),
     }
 }
@@ -546,7 +547,7 @@ mod tests {
         let a = args(&[
             "--model",
             &fixture("configs/smolvlm-256m"),
-            "--sys-root",
+            "--root",
             &fixture("board/detect/x86-workstation"),
         ]);
         let err = build(&a).unwrap_err().to_string();
@@ -563,7 +564,7 @@ mod tests {
         let a = args(&[
             "--model",
             &fixture("configs/smolvlm-256m"),
-            "--sys-root",
+            "--root",
             &root,
         ]);
         let p = build(&a).unwrap();

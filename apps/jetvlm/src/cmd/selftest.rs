@@ -80,7 +80,9 @@ pub fn run(args: SelftestArgs) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     if failed > 0 {
-        bail!("{failed} kernel check(s) failed");
+        return Err(jetvlm_app::check_failed(format!(
+            "{failed} kernel check(s) failed"
+        )));
     }
     Ok(())
 }
@@ -126,7 +128,9 @@ fn simulated(args: &SelftestArgs) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     if failed > 0 {
-        bail!("{failed} decoder check(s) failed");
+        return Err(jetvlm_app::check_failed(format!(
+            "{failed} decoder check(s) failed"
+        )));
     }
     Ok(())
 }
