@@ -59,8 +59,8 @@ impl KvPlan {
     /// One line: the charge per source and in total.
     pub fn describe(&self) -> String {
         format!(
-            "KV {:.2} MiB per source ({} frames x {} tokens + {} text tokens, {}) x {} = {:.2} MiB",
-            self.per_source.total_bytes as f64 / MIB,
+            "KV {} B per source ({} frames x {} tokens + {} text tokens, {}) x {} = {:.2} MiB",
+            self.per_source.total_bytes,
             self.workload.frames,
             self.workload.tokens_per_frame,
             self.per_source.text_tokens,
@@ -79,7 +79,7 @@ impl KvPlan {
             && per > limit
         {
             anyhow::bail!(
-                "kv_budget.per_source_mib: a source's window needs {per:.2} MiB of KV ({} frames x {} tokens + {} text tokens under {}), over the {limit} MiB budget: lower `window`, or choose a KV policy that quantizes frames (`kv`)",
+                "kv_budget.per_source_mib: a source's window needs {per:.3} MiB of KV ({} frames x {} tokens + {} text tokens under {}), over the {limit} MiB budget: lower `window`, or choose a KV policy that quantizes frames (`kv`)",
                 self.workload.frames,
                 self.workload.tokens_per_frame,
                 self.per_source.text_tokens,
@@ -90,7 +90,7 @@ impl KvPlan {
             && total > limit
         {
             anyhow::bail!(
-                "kv_budget.total_mib: {} sources x {per:.2} MiB of KV = {total:.2} MiB, over the {limit} MiB budget: fewer sources, a smaller `window`, or a KV policy that quantizes frames (`kv`)",
+                "kv_budget.total_mib: {} sources x {per:.3} MiB of KV = {total:.3} MiB, over the {limit} MiB budget: fewer sources, a smaller `window`, or a KV policy that quantizes frames (`kv`)",
                 self.sources
             );
         }

@@ -241,23 +241,6 @@ fn run(cli: &Cli) -> Result<()> {
     for _ in 1..specs.len() {
         parked.push(pipeline.session()?.park()?);
     }
-    let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-    eprintln!(
-        "jetvlm-analytics: {} rules on {} source(s) ({}) with {} (KV {}, decoder on {}), window {} frames, every {} frame(s), schedule {}; {}",
-        file.rules.len(),
-        specs.len(),
-        names.join(", "),
-        model.display(),
-        pipeline.kv_policy(),
-        pipeline.decoder_device(),
-        file.window,
-        file.every,
-        serde_json::to_value(file.schedule)?
-            .as_str()
-            .unwrap_or("round_robin"),
-        plan.describe()
-    );
-
     let mut runs: Vec<SourceRun> = specs
         .iter()
         .zip(parked)
@@ -289,6 +272,23 @@ fn run(cli: &Cli) -> Result<()> {
     let questions = file.rules.iter().map(|r| r.question.clone()).collect();
     let timeout = Duration::from_millis(cli.timeout_ms);
     let mut sources = Sources::start(&specs, file.schedule, questions, timeout)?;
+    let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    eprintln!(
+        "jetvlm-analytics: {} rules on {} source(s) ({}) with {} (KV {}, decoder on {}), window {} frames, every {} frame(s), schedule {}; {}",
+        file.rules.len(),
+        specs.len(),
+        names.join(", "),
+        model.display(),
+        pipeline.kv_policy(),
+        pipeline.decoder_device(),
+        file.window,
+        file.every,
+        serde_json::to_value(file.schedule)?
+            .as_str()
+            .unwrap_or("round_robin"),
+        plan.describe()
+    );
+
     let started = Instant::now();
     loop {
         match sources.next() {

@@ -203,20 +203,20 @@ fn capture_loop(
 ) {
     let post = |notices: Vec<Notice>, frame: Option<Captured>, finished: bool| -> bool {
         let mut slots = inbox.lock();
+        // Wait for the scheduler to take the previous frame: what this capture reports
+        // (and its frame) comes after it, in order.
+        while slots[i].frame.is_some() && !slots[i].stopped && !shutdown.load(Ordering::SeqCst) {
+            slots = inbox
+                .changed
+                .wait_timeout(slots, Duration::from_millis(200))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
         slots[i].notices.extend(notices);
-        if let Some(f) = frame {
-            // Wait for the scheduler to take the previous frame.
-            while slots[i].frame.is_some() && !slots[i].stopped && !shutdown.load(Ordering::SeqCst)
-            {
-                slots = inbox
-                    .changed
-                    .wait_timeout(slots, Duration::from_millis(200))
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|p| p.into_inner().0);
-            }
-            if !slots[i].stopped {
-                slots[i].frame = Some(f);
-            }
+        if let Some(f) = frame
+            && !slots[i].stopped
+        {
+            slots[i].frame = Some(f);
         }
         slots[i].finished |= finished;
         let go_on = !slots[i].stopped && !shutdown.load(Ordering::SeqCst);
