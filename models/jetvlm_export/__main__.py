@@ -17,7 +17,7 @@ def parse(argv):
     ap = argparse.ArgumentParser(
         prog="jetvlm export",
         description="Export a Hugging Face vision-language checkpoint (LLaVA-1.5, "
-        "Idefics3/SmolVLM) to a jetvlm model package.",
+        "Idefics3/SmolVLM, InternVL3) to a jetvlm model package.",
         epilog="example: jetvlm export ~/hf/llava-1.5-7b-hf --out models/llava-1.5-7b",
     )
     ap.add_argument("hf_dir", type=Path, help="Hugging Face model directory (config.json, safetensors, tokenizer, processor)")
@@ -64,6 +64,12 @@ def export(args) -> None:
         cfg = AutoConfig.from_pretrained(str(hf))
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"transformers cannot read {hf / 'config.json'}: {e}") from None
+    processor_files = ("preprocessor_config.json", "processor_config.json")
+    if not any((hf / name).is_file() for name in processor_files):
+        raise ExportError(
+            f"{hf} has no {' or '.join(processor_files)} (the image processor's settings, "
+            "which the package's preprocessing reproduces)"
+        )
     native = family.native_size(cfg)
     frame = args.frame_size or native
     if frame <= 0:
@@ -97,8 +103,7 @@ def export(args) -> None:
     img = common.probe_image(frame, frame)
     pv = common.normalise(img, pre["mean"], pre["std"])
     if frame == native:
-        kwargs = {"do_image_splitting": False} if family.name == "idefics3" else {}
-        got = ip(images=[Image.fromarray(img)], return_tensors="np", **kwargs)["pixel_values"]
+        got = ip(images=[Image.fromarray(img)], return_tensors="np", **family.one_frame)["pixel_values"]
         got = np.asarray(got, dtype=np.float32).reshape(-1, 3, frame, frame)[-1:]
         common.check_close("manifest preprocessing vs the processor (probe image)", pv, got, 2e-2)
     with torch.no_grad():

@@ -65,34 +65,56 @@ def staged_output(out: Path, force: bool):
 # ---------------------------------------------------------------- language model
 
 
-def load_state(hf_dir: Path) -> dict:
-    """tensor name -> shard file, from model.safetensors or its index."""
+@contextmanager
+def open_safetensors(path: Path):
+    """`safe_open` whose failures (missing, truncated or malformed file, unreadable tensor)
+    are one ExportError naming the file."""
     from safetensors import safe_open
 
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the Rust reader raises its own error types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{path} is not a readable safetensors file: {first}") from None
+
+
+def load_state(hf_dir: Path) -> dict:
+    """tensor name -> shard file, from model.safetensors or its index. Every shard's header
+    is read here, so a corrupt file is refused before anything is written."""
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map", {})
-        return {name: hf_dir / shard for name, shard in weight_map.items()}
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ExportError(f"{index} has no weight_map")
+        files = {name: hf_dir / str(shard) for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            with open_safetensors(shard) as f:
+                held = set(f.keys())
+            missing = [n for n, s in files.items() if s == shard and n not in held]
+            if missing:
+                raise ExportError(f"{shard} lacks {missing[0]}, which {index.name} places there")
+        return files
     single = hf_dir / "model.safetensors"
     if not single.is_file():
         raise ExportError(
             f"no model.safetensors or model.safetensors.index.json in {hf_dir} "
             "(only safetensors checkpoints are read)"
         )
-    with safe_open(str(single), framework="pt") as f:
+    with open_safetensors(single) as f:
         return {name: single for name in f.keys()}
 
 
 def load_tensors(files: dict, names) -> dict:
     """The named tensors (torch), reading each shard once."""
-    from safetensors import safe_open
-
     by_file: dict = {}
     for n in names:
         by_file.setdefault(files[n], []).append(n)
     out = {}
     for path, ns in by_file.items():
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             for n in ns:
                 out[n] = f.get_tensor(n)
     return out

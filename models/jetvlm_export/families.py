@@ -11,6 +11,7 @@ A family provides:
     encoder(...)         a torch module [1,3,F,F] -> [1,T,hidden] with the checkpoint's weights
     preprocessing(...)   the manifest's vision fields + notes on what jetvlm does differently
     frame_text(proc)     text before and after a frame's embeddings (the expanded image tokens)
+    one_frame            image processor keyword arguments that give one frame (no tiling)
 """
 
 import torch
@@ -84,6 +85,7 @@ class Llava:
     the "default" strategy), 2-layer MLP projector; a Llama/Mistral/Qwen2 language model."""
 
     name = "llava"
+    one_frame: dict = {}
     model_types = ("llava",)
     lm_key = "text_config"
     lm_prefixes = ("model.language_model.", "language_model.model.")
@@ -168,6 +170,7 @@ class Idefics3:
     processor's tiling of large images into sub-images is not reproduced."""
 
     name = "idefics3"
+    one_frame = {"do_image_splitting": False}
     model_types = ("idefics3", "smolvlm")
     lm_key = "text_config"
     lm_prefixes = ("model.text_model.", "text_model.model.", "model.language_model.")
@@ -256,7 +259,133 @@ class Idefics3:
         return processor.image_token
 
 
-FAMILIES = [Llava(), Idefics3()]
+class InternVL:
+    """InternVL3 (transformers' native `InternVLForConditionalGeneration`): InternViT vision
+    tower (CLS token, learned positions, layer scale), the hidden states of
+    `vision_feature_layer` without CLS, pixel shuffle by `downsample_ratio`, a LayerNorm + MLP
+    projector; a Qwen2 language model. One frame at the tower's size: the processor's
+    `crop_to_patches` tiling of large images is not reproduced."""
+
+    name = "internvl"
+    one_frame = {"crop_to_patches": False}
+    model_types = ("internvl",)
+    lm_key = "text_config"
+    lm_prefixes = ("model.language_model.", "language_model.model.")
+    lm_heads = ("lm_head.weight", "language_model.lm_head.weight")
+    vision_prefixes = ("model.vision_tower.", "vision_tower.")
+    projector_prefixes = ("model.multi_modal_projector.", "multi_modal_projector.")
+
+    @staticmethod
+    def _square(value, what):
+        v = list(value) if isinstance(value, (list, tuple)) else [value, value]
+        if len(v) != 2 or v[0] != v[1]:
+            raise ExportError(f"vision_config.{what} {value} is not square (jetvlm frames are square)")
+        return int(v[0])
+
+    def _shuffle(self, cfg) -> int:
+        r = float(cfg.downsample_ratio)
+        inv = round(1 / r) if r > 0 else 0
+        if inv < 1 or abs(inv * r - 1) > 1e-9:
+            raise ExportError(f"downsample_ratio {cfg.downsample_ratio} is not 1/n for a whole n")
+        return inv
+
+    def native_size(self, cfg) -> int:
+        return self._square(cfg.vision_config.image_size, "image_size")
+
+    def check(self, cfg, frame_size: int) -> None:
+        if cfg.vision_feature_select_strategy != "default":
+            raise ExportError(
+                f"vision_feature_select_strategy `{cfg.vision_feature_select_strategy}` is not "
+                "supported (default: the CLS token dropped)"
+            )
+        if not isinstance(cfg.vision_feature_layer, int):
+            raise ExportError(f"vision_feature_layer {cfg.vision_feature_layer} is not supported (one layer)")
+        step = self._square(cfg.vision_config.patch_size, "patch_size") * self._shuffle(cfg)
+        if frame_size % step:
+            raise ExportError(
+                f"--frame-size {frame_size} is not a multiple of patch size x pixel shuffle ({step})"
+            )
+
+    def tokens_per_frame(self, cfg, frame_size: int) -> int:
+        n = frame_size // self._square(cfg.vision_config.patch_size, "patch_size")
+        return (n // self._shuffle(cfg)) ** 2
+
+    def encoder(self, cfg, files, frame_size: int):
+        from transformers.models.internvl.modeling_internvl import (
+            InternVLModel,
+            InternVLMultiModalProjector,
+            InternVLVisionModel,
+        )
+
+        tower = _load(InternVLVisionModel(cfg.vision_config), files, self.vision_prefixes, "vision tower")
+        projector = _load(InternVLMultiModalProjector(cfg), files, self.projector_prefixes, "projector")
+        emb = tower.embeddings
+        patch = self._square(cfg.vision_config.patch_size, "patch_size")
+        n = frame_size // patch
+        layer = int(cfg.vision_feature_layer)
+        n_layers = len(tower.encoder.layer)
+        if not -n_layers - 1 <= layer <= n_layers:
+            raise ExportError(f"vision_feature_layer {layer} is outside the tower's {n_layers} layers")
+        keep = layer % (n_layers + 1)  # hidden state index: 0 the embeddings, i after layer i
+        ratio = float(cfg.downsample_ratio)
+        # The learned positions at this frame size (resampled by the model's own bicubic
+        # interpolation when it is not the trained size): a constant of the graph.
+        with torch.no_grad():
+            if emb.position_embeddings is None:
+                pos = None
+            else:
+                probe = torch.zeros(1, n * n + 1, int(cfg.vision_config.hidden_size))
+                pos = emb.interpolate_pos_encoding(probe, frame_size, frame_size).detach().clone()
+
+        class InternVLImagePath(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.tower, self.projector = tower, projector
+                if pos is not None:
+                    self.register_buffer("pos", pos, persistent=False)
+                else:
+                    self.pos = None
+
+            def forward(self, pixel_values):
+                e = self.tower.embeddings
+                x = e.patch_embeddings(pixel_values)
+                x = torch.cat((e.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+                if self.pos is not None:
+                    x = x + self.pos
+                for i in range(keep):
+                    x = self.tower.encoder.layer[i](x)
+                if keep == n_layers:
+                    x = self.tower.layernorm(x)
+                x = x[:, 1:, :].reshape(x.shape[0], n, n, -1)
+                x = InternVLModel.pixel_shuffle(None, x, scale_factor=ratio)
+                return self.projector(x.reshape(x.shape[0], -1, x.shape[-1]))
+
+        return InternVLImagePath().eval()
+
+    def preprocessing(self, ip, frame_size: int) -> dict:
+        mean, std = _normalisation(ip)
+        notes = []
+        interp = _interpolation(ip, notes)
+        h, w = _size(getattr(ip, "size", None), "height"), _size(getattr(ip, "size", None), "width")
+        notes.insert(
+            0,
+            f"processor: resizes the frame to {h}x{w} ({interp}), rescales by 1/255, normalises "
+            "with mean/std",
+        )
+        notes.append(
+            "the processor (crop_to_patches) also tiles large or non-square images into tiles of "
+            "this size plus a thumbnail; jetvlm feeds one frame (as with crop_to_patches=False)"
+        )
+        return {"resize": "stretch", "interpolation": interp, "mean": mean, "std": std, "notes": notes}
+
+    def frame_text(self, processor) -> tuple:
+        return processor.start_image_token, processor.end_image_token
+
+    def image_token(self, processor) -> str:
+        return processor.image_token
+
+
+FAMILIES = [Llava(), Idefics3(), InternVL()]
 
 
 def family_for(model_type: str):

@@ -1,14 +1,15 @@
 //! `jetvlm export` and the packages it writes, on tiny random Hugging Face checkpoints
-//! (tests/fixtures/hf_vlms, built with transformers by tests/fixtures/make_hf_vlms.py): LLaVA-1.5
-//! and Idefics3/SmolVLM. `jetvlm ask` on the committed exported package gives, token for token,
-//! transformers' `generate` on the same image and question. The tests that export again need
-//! torch and transformers in .venv (`.ci/setup --dev`) and skip with a printed reason without
-//! them.
+//! (tests/fixtures/hf_vlms, built with transformers by tests/fixtures/make_hf_vlms.py): LLaVA-1.5,
+//! Idefics3/SmolVLM and InternVL3. `jetvlm ask` on the committed exported package gives, token
+//! for token, transformers' `generate` on the same image and question; where expected.json holds
+//! transformers' first-token logits, the decoder's are within 1e-4 of them with the exact f32
+//! cache. The tests that export again need torch and transformers in .venv (`.ci/setup --dev`)
+//! and skip with a printed reason without them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const FAMILIES: [&str; 3] = ["llava", "idefics3", "smolvlm"];
+const FAMILIES: [&str; 4] = ["llava", "idefics3", "smolvlm", "internvl"];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -80,6 +81,83 @@ fn assert_matches_transformers(family: &str, pkg: &Path) {
 fn exported_packages_answer_like_transformers() {
     for family in FAMILIES {
         assert_matches_transformers(family, &fixture(family).join("pkg"));
+    }
+}
+
+fn probe_frame(family: &str) -> jetvlm_camera::Frame {
+    let exp = expected(family);
+    let path = fixture(family).join(exp["image"].as_str().unwrap());
+    let img = jetvlm_vision::RgbImage::open(&path).unwrap();
+    jetvlm_camera::Frame {
+        index: 0,
+        timestamp: std::time::Duration::ZERO,
+        width: img.width,
+        height: img.height,
+        rgb: img.data,
+    }
+}
+
+/// The decoder's first-token logits on `pkg` with the KV policy `kv`, and their max abs
+/// difference from transformers'.
+fn first_token_logits_diff(family: &str, pkg: &Path, kv: &str) -> f32 {
+    let exp = expected(family);
+    let want: Vec<f32> = exp["first_token_logits"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{family}: expected.json has no first_token_logits"))
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let cfg = jetvlm_runtime::RuntimeConfig {
+        kv_policy: Some(kv.to_string()),
+        max_new_tokens: 1,
+        ..jetvlm_runtime::RuntimeConfig::default()
+    };
+    let mut p = jetvlm_runtime::Pipeline::load(pkg, cfg).unwrap();
+    let got = p
+        .first_token_logits(&[probe_frame(family)], exp["question"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(got.len(), want.len(), "{family}: vocabulary");
+    got.iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+}
+
+/// Families whose expected.json holds transformers' first-token logits (16 greedy tokens).
+fn with_logits() -> Vec<&'static str> {
+    FAMILIES
+        .into_iter()
+        .filter(|f| expected(f).get("first_token_logits").is_some())
+        .collect()
+}
+
+/// With the exact f32 cache only float summation order differs from PyTorch: max |diff| <
+/// 1e-4 on logits of magnitude ~1-10. The mixed cache (INT4 frame K/V) runs and its
+/// difference is reported; it stays below 1 (a bound that catches a broken layout, not a
+/// fidelity claim for random weights).
+#[test]
+fn first_token_logits_match_transformers() {
+    let families = with_logits();
+    assert!(families.contains(&"internvl"), "{families:?}");
+    for family in families {
+        let pkg = fixture(family).join("pkg");
+        let d = first_token_logits_diff(family, &pkg, "f32");
+        eprintln!("{family}: kv f32: first-token logits max |diff| vs transformers = {d:e}");
+        assert!(d < 1e-4, "{family}: kv f32: max |diff| {d}");
+        let m = first_token_logits_diff(family, &pkg, "mixed");
+        eprintln!("{family}: kv mixed: first-token logits max |diff| vs transformers = {m:e}");
+        assert!(
+            m.is_finite() && m < 1.0,
+            "{family}: kv mixed: max |diff| {m}"
+        );
+        let exp = expected(family);
+        assert!(exp["max_new_tokens"].as_u64().unwrap() >= 16, "{family}");
+        let v = ask(family, &pkg, exp["image"].as_str().unwrap(), "mixed");
+        assert_eq!(
+            v["token_ids"].as_array().unwrap().len(),
+            exp["max_new_tokens"].as_u64().unwrap() as usize,
+            "{family}: kv mixed"
+        );
     }
 }
 
@@ -291,6 +369,88 @@ fn export_refuses_unsupported_families_and_options() {
     assert_eq!(res.status.code(), Some(2), "{err}");
     assert!(err.contains("--force"), "{err}");
     assert!(out.join("keep").is_file());
+}
+
+/// A copy of `family`'s checkpoint in `dir/hf`.
+fn copied_checkpoint(dir: &Path, family: &str) -> PathBuf {
+    let src = fixture(family).join("hf");
+    let dst = dir.join("hf");
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    dst
+}
+
+#[test]
+fn export_refuses_bad_input_with_one_line() {
+    if !exporter_available("export_refuses_bad_input_with_one_line") {
+        return;
+    }
+    // A directory that is not a checkpoint at all.
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = tmp.path().join("pkg");
+    let res = export(&empty, &out, &[]);
+    assert_refused(&res, tmp.path(), &out, "config.json does not exist");
+
+    // A plain language model, not a VLM.
+    let tmp = tempfile::tempdir().unwrap();
+    let llm = tmp.path().join("llm");
+    std::fs::create_dir(&llm).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("internvl").join("pkg/decoder/config.json")).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(llm.join("config.json"), cfg.to_string()).unwrap();
+    let out = tmp.path().join("pkg");
+    let res = export(&llm, &out, &[]);
+    assert_refused(
+        &res,
+        tmp.path(),
+        &out,
+        "model_type `qwen2` is not supported",
+    );
+
+    // A checkpoint without its processor file.
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = copied_checkpoint(tmp.path(), "internvl");
+    std::fs::remove_file(hf.join("processor_config.json")).unwrap();
+    let out = tmp.path().join("pkg");
+    let res = export(&hf, &out, &[]);
+    assert_refused(&res, tmp.path(), &out, "processor_config.json");
+
+    // A truncated and a garbage safetensors file.
+    for (what, cut) in [("truncated", true), ("garbage", false)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let hf = copied_checkpoint(tmp.path(), "internvl");
+        let st = hf.join("model.safetensors");
+        let bytes = std::fs::read(&st).unwrap();
+        let bad = if cut {
+            bytes[..bytes.len() / 2].to_vec()
+        } else {
+            vec![0xff; 64]
+        };
+        std::fs::write(&st, bad).unwrap();
+        let out = tmp.path().join("pkg");
+        let res = export(&hf, &out, &[]);
+        assert_refused(&res, tmp.path(), &out, "is not a readable safetensors file");
+        eprintln!("{what}: {}", String::from_utf8_lossy(&res.stderr).trim());
+    }
+
+    // An option the family cannot take: an InternVL frame that the pixel shuffle cannot split.
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = copied_checkpoint(tmp.path(), "internvl");
+    let out = tmp.path().join("pkg");
+    let res = export(&hf, &out, &["--frame-size", "72"]);
+    assert_refused(
+        &res,
+        tmp.path(),
+        &out,
+        "not a multiple of patch size x pixel shuffle (16)",
+    );
 }
 
 #[test]

@@ -53,6 +53,11 @@ pub enum RopeScaling {
     },
     /// Linear position interpolation.
     Linear { factor: f64 },
+    /// Qwen2-VL / Qwen2.5-VL multimodal RoPE: plain frequencies, but a frame token's
+    /// rotation takes its temporal, row and column position for the frequency pairs of
+    /// `section[0]`, `section[1]` and `section[2]` (they sum to `head_dim / 2`). Read from
+    /// `mrope_section` (with `rope_type` `mrope` in older configs, `default` in newer ones).
+    MRope { section: [usize; 3] },
 }
 
 /// The validated language-model configuration: every shape the decoder, the KV cache and
@@ -404,6 +409,18 @@ impl ModelConfig {
         }
         match &self.rope_scaling {
             RopeScaling::Default => {}
+            RopeScaling::MRope { section } => {
+                let sum = section.iter().try_fold(0usize, |a, &x| a.checked_add(x));
+                if sum != Some(self.head_dim / 2) {
+                    return Err(bad(
+                        &format!("{rope}.mrope_section"),
+                        format!(
+                            "{section:?} must sum to head_dim / 2 = {}",
+                            self.head_dim / 2
+                        ),
+                    ));
+                }
+            }
             RopeScaling::Linear { factor } => positive(&format!("{rope}.factor"), *factor)?,
             RopeScaling::Llama3 {
                 factor,
@@ -521,8 +538,35 @@ fn parse_rope_scaling(
         .rope_type
         .or_else(|| obj.get("type").and_then(Value::as_str).map(str::to_string))
         .unwrap_or_else(|| "default".into());
+    // M-RoPE is named by its sections: newer configs keep `rope_type: default` beside them.
+    if let Some(sec) = obj.get("mrope_section").filter(|v| !v.is_null()) {
+        if kind != "default" && kind != "mrope" {
+            return Err(ConfigError::invalid(
+                path,
+                format!("{field}.rope_type"),
+                format!("`{kind}` with mrope_section is not supported (default or mrope)"),
+            ));
+        }
+        let parts: Option<Vec<usize>> = sec
+            .as_array()
+            .map(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+            .unwrap_or(None);
+        return match parts.as_deref() {
+            Some(&[t, h, w]) => Ok(RopeScaling::MRope { section: [t, h, w] }),
+            _ => Err(ConfigError::invalid(
+                path,
+                format!("{field}.mrope_section"),
+                format!("expected three non-negative integers, got {sec}"),
+            )),
+        };
+    }
     match kind.as_str() {
-        "default" | "mrope" => Ok(RopeScaling::Default),
+        "default" => Ok(RopeScaling::Default),
+        "mrope" => Err(ConfigError::invalid(
+            path,
+            format!("{field}.mrope_section"),
+            "missing (rope_type mrope needs the three section sizes)",
+        )),
         "linear" => Ok(RopeScaling::Linear {
             factor: raw.factor.unwrap_or(1.0),
         }),
@@ -729,6 +773,33 @@ mod tests {
                 .to_string()
                 .contains("rms_norm_eps")
         );
+    }
+
+    #[test]
+    fn mrope_sections_are_read_from_both_config_generations() {
+        let mut v = base();
+        v["architectures"] = json!(["Qwen2VLForConditionalGeneration"]);
+        v["model_type"] = json!("qwen2_vl");
+        v["rope_scaling"] = json!({"type": "mrope", "mrope_section": [8, 12, 12]});
+        let c = ModelConfig::from_value(&v, p()).unwrap();
+        assert_eq!(
+            c.rope_scaling,
+            RopeScaling::MRope {
+                section: [8, 12, 12]
+            }
+        );
+        let mut v = base();
+        v["rope_parameters"] =
+            json!({"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]});
+        let c = ModelConfig::from_value(&v, p()).unwrap();
+        assert!(matches!(c.rope_scaling, RopeScaling::MRope { .. }));
+        // Sections that do not cover head_dim / 2 (32), or a bare `mrope`, name the field.
+        let (field, msg) = rejected(|v| {
+            v["rope_scaling"] = json!({"type": "mrope", "mrope_section": [16, 24, 24]})
+        });
+        assert_eq!(field, "rope_scaling.mrope_section", "{msg}");
+        let (field, msg) = rejected(|v| v["rope_scaling"] = json!({"type": "mrope"}));
+        assert_eq!(field, "rope_scaling.mrope_section", "{msg}");
     }
 
     #[test]

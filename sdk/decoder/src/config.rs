@@ -50,6 +50,19 @@ impl Config {
                 ));
             }
         }
+        if let jetvlm_core::hf::RopeScaling::MRope { .. } = model.rope_scaling {
+            let key = if get("rope_parameters").is_some_and(Value::is_object) {
+                "rope_parameters.mrope_section"
+            } else {
+                "rope_scaling.mrope_section"
+            };
+            return Err(unsupported(
+                key,
+                "M-RoPE (Qwen2-VL / Qwen2.5-VL: three position components per frame token) is \
+                 not implemented by this decoder; plain RoPE would give wrong image positions"
+                    .into(),
+            ));
+        }
         if get("mlp_bias").and_then(Value::as_bool).unwrap_or(false) {
             return Err(unsupported(
                 "mlp_bias",
@@ -103,6 +116,26 @@ mod tests {
             Config::from_value(&v, p),
             Err(DecoderError::Unsupported { .. })
         ));
+    }
+
+    #[test]
+    fn mrope_is_refused_naming_the_field() {
+        let p = Path::new("config.json");
+        let mut v = base();
+        v["rope_scaling"] = json!({"type": "mrope", "mrope_section": [2, 3, 3]});
+        let e = Config::from_value(&v, p).unwrap_err();
+        assert!(matches!(e, DecoderError::Unsupported { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("rope_scaling.mrope_section") && msg.contains("M-RoPE"),
+            "{msg}"
+        );
+        assert_eq!(msg.lines().count(), 1, "{msg}");
+        let mut v = base();
+        v["rope_parameters"] =
+            json!({"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]});
+        let msg = Config::from_value(&v, p).unwrap_err().to_string();
+        assert!(msg.contains("rope_parameters.mrope_section"), "{msg}");
     }
 
     #[test]

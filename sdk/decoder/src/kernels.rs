@@ -681,7 +681,8 @@ impl Rope {
             .map(|i| 1.0 / base.powf((2 * i) as f64 / d as f64))
             .collect();
         match &cfg.rope_scaling {
-            RopeScaling::Default => {}
+            // M-RoPE's frequencies are the plain ones; only the positions differ.
+            RopeScaling::Default | RopeScaling::MRope { .. } => {}
             RopeScaling::Linear { factor } => {
                 for f in &mut inv_freq {
                     *f /= factor;
