@@ -64,6 +64,9 @@ enum Command {
     Quantize(cmd::quantize::QuantizeArgs),
     /// Check every CUDA kernel against its CPU reference (PASS/FAIL per kernel).
     Selftest(cmd::selftest::SelftestArgs),
+    /// Serve a model package: an OpenAI-compatible API (chat completions with images and the
+    /// live camera), /metrics, /health and a live web view.
+    Serve(cmd::serve::ServeArgs),
     /// Can this board (or a root file system) run the model package with the config? Board,
     /// JetPack, memory plan, CUDA, NVRTC, ONNX Runtime providers, caches, cameras, disk; the
     /// exit status is the verdict.
@@ -90,6 +93,7 @@ fn run(command: Command) -> Result<()> {
         Command::Export(args) => cmd::export::run(args),
         Command::Quantize(args) => cmd::quantize::run(args),
         Command::Selftest(args) => cmd::selftest::run(args),
+        Command::Serve(args) => cmd::serve::run(args),
         Command::Doctor(args) => cmd::doctor::run(args),
     }
 }

@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod plan;
 pub mod quantize;
 pub mod selftest;
+pub mod serve;
 pub mod synth;
 pub mod watch;
 
