@@ -9,13 +9,43 @@ pub enum CameraError {
     #[error("invalid source URI `{uri}`: {reason}")]
     InvalidUri { uri: String, reason: String },
     #[error(
-        "unsupported source scheme `{scheme}` in `{uri}` (expected synthetic://, file://, dir:// or v4l2://)"
+        "unsupported source scheme `{scheme}` in `{uri}` (expected synthetic://, file://, dir://, v4l2://, rtsp://, csi:// or gst://)"
     )]
     UnsupportedScheme { uri: String, scheme: String },
     #[error(
         "`{uri}` needs V4L2 support, but jetvlm was not compiled with it (rebuild with `--features v4l`)"
     )]
     NotCompiledWithV4l { uri: String },
+    #[error(
+        "`{uri}` needs GStreamer, but jetvlm was not compiled with it (rebuild with `--features gstreamer`)"
+    )]
+    NotCompiledWithGstreamer { uri: String },
+    /// A GStreamer element the source needs is not installed.
+    #[error("`{uri}` needs the GStreamer element `{element}`, which is not installed ({hint})")]
+    GstElementMissing {
+        uri: String,
+        element: String,
+        hint: String,
+    },
+    /// The stream's codec has no decoder among the installed GStreamer plugins.
+    #[error(
+        "`{uri}`: no GStreamer decoder for {codec} is installed (gstreamer1.0-libav and gstreamer1.0-plugins-good/bad/ugly cover the common codecs)"
+    )]
+    NoDecoder { uri: String, codec: String },
+    /// A GStreamer pipeline failed (build, start, or a stream error of a file source).
+    #[error("`{uri}`: {op}: {reason}")]
+    Gst {
+        uri: String,
+        op: &'static str,
+        reason: String,
+    },
+    /// A live source lost its stream and every reconnection attempt failed.
+    #[error("`{uri}`: stream lost and not restored after {attempts} attempts: {reason}")]
+    SourceLost {
+        uri: String,
+        attempts: u32,
+        reason: String,
+    },
     #[error("reading image {path}: {source}")]
     ReadImage {
         path: PathBuf,

@@ -58,6 +58,11 @@ pub trait FrameSource: Send {
     fn take_events(&mut self) -> Vec<SourceEvent> {
         Vec::new()
     }
+    /// `true` while a live source has lost its stream and is reconnecting (its captures time
+    /// out until then; it bounds its own attempts and fails when they are used up).
+    fn reconnecting(&self) -> bool {
+        false
+    }
 }
 
 /// A change in a live source's connection, reported by [`FrameSource::take_events`].

@@ -3,21 +3,31 @@
 //! - [`FrameSource`]: the capture interface; end of stream and timeout are [`Capture`]
 //!   statuses, errors are real failures only.
 //! - [`open`]: a source from a URI (`synthetic://scene?fps=10&seed=7`, `file://img.png`,
-//!   `dir://frames/`, `v4l2:///dev/video0`), parsed by [`SourceUri`].
+//!   `dir://frames/`, `v4l2:///dev/video0`, `rtsp://cam/stream`, `file://clip.mp4`, `csi://0`,
+//!   `gst://... ! appsink`), parsed by [`SourceUri`].
 //! - [`scene`]: the deterministic synthetic camera scene (objects that move, enter and leave)
 //!   with its per-frame ground truth; [`synthetic::SyntheticSource`] streams it.
 //! - [`qa`]: video-analytics questions and answers generated from scene ground truth (the
 //!   dataset the bundled demo model is trained and evaluated on).
-//! - [`still`]: image files and directories of images; [`v4l2`]: V4L2 cameras (feature `v4l`).
+//! - [`still`]: image files and directories of images; [`v4l2`]: V4L2 cameras (feature `v4l`);
+//!   [`gst`]: RTSP, video files, CSI sensors and pipelines through GStreamer (feature
+//!   `gstreamer`).
 
 pub mod error;
 pub mod frame;
+#[cfg(feature = "gstreamer")]
+#[path = "gst.rs"]
+pub mod gst;
+#[cfg(not(feature = "gstreamer"))]
+#[path = "gst_stub.rs"]
+pub mod gst;
 pub mod pixel;
 pub mod qa;
 pub mod rng;
 pub mod scene;
 pub mod still;
 pub mod synthetic;
+pub mod tap;
 pub mod uri;
 #[cfg(feature = "v4l")]
 #[path = "v4l2.rs"]
@@ -28,4 +38,5 @@ pub mod v4l2;
 
 pub use error::CameraError;
 pub use frame::{Capture, Frame, FrameSource, SourceEvent};
+pub use tap::EventTap;
 pub use uri::{SourceUri, open};

@@ -1,7 +1,8 @@
 //! Frame source URIs (`SourceUri::parse`) and the options read from them. Only sources that
 //! open nothing are opened: `synthetic://` (one small frame rendered, never paced) and
-//! `v4l2://` in this build without the `v4l` feature (a typed error). `file://` and `dir://`
-//! would read the fuzzed path, so only their parse is checked.
+//! `v4l2://` and the GStreamer schemes in this build without the `v4l` and `gstreamer`
+//! features (a typed error). `file://` and `dir://` would read the fuzzed path, so only their
+//! parse is checked.
 
 #![no_main]
 
@@ -40,6 +41,18 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         Scheme::V4l2 => {
+            let _ = jetvlm_camera::open(text).map(|_| ());
+        }
+        Scheme::Rtsp | Scheme::Video | Scheme::Csi | Scheme::Gst => {
+            // The options parse (bounded values, credentials kept out of the shown URI);
+            // this build has no GStreamer, so opening is a typed error and touches nothing.
+            if let Ok(opts) = uri.gst_options() {
+                assert!(opts.retry.backoff <= opts.retry.backoff_max);
+            }
+            if uri.credentials.is_some() {
+                assert!(uri.redacted().contains("***@"));
+                assert!(!uri.path.contains('@') || !uri.path[..uri.path.find('/').unwrap_or(uri.path.len())].contains('@'));
+            }
             let _ = jetvlm_camera::open(text).map(|_| ());
         }
         Scheme::File | Scheme::Dir => {}

@@ -5,16 +5,19 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
+use jetvlm_camera::{EventTap, FrameSource, SourceEvent};
 use jetvlm_runtime::RuntimeConfig;
 use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct WatchArgs {
     /// Frame source URI: synthetic://scene?fps=10&seed=7, dir://frames/, file://img.png,
-    /// v4l2:///dev/video0 (feature `v4l`).
+    /// v4l2:///dev/video0 (feature `v4l`); rtsp://[user:pass@]host/path, file://clip.mp4,
+    /// csi://0, gst://...!appsink (feature `gstreamer`). See docs/cameras.md.
     #[arg(default_value = "synthetic://scene")]
     pub source: String,
     /// Model package directory (default: the bundled demo model, models/demo).
@@ -97,6 +100,68 @@ struct Summary {
     position_rebases: u64,
     /// KV bytes cached at the end.
     kv_bytes: u64,
+    /// Times a live source lost its stream, and times it came back.
+    source_lost: u64,
+    source_restored: u64,
+}
+
+/// A connection event of a live source, as a JSON line (`watch --json`).
+#[derive(Serialize)]
+struct EventReport<'a> {
+    /// `source_lost` or `source_restored`.
+    event: &'static str,
+    /// The source URI, credentials redacted.
+    source: &'a str,
+    /// Wall-clock time of the report, milliseconds since the Unix epoch.
+    unix_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outage_ms: Option<f64>,
+}
+
+/// Prints a source event (a JSON line, or a table line) as it happens.
+fn report_event(event: &SourceEvent, source: &str, json: bool) -> std::io::Result<()> {
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let (line, report) = match event {
+        SourceEvent::Lost { reason } => (
+            format!("-- {source}: source lost ({reason}); reconnecting"),
+            EventReport {
+                event: "source_lost",
+                source,
+                unix_ms,
+                reason: Some(reason),
+                attempts: None,
+                outage_ms: None,
+            },
+        ),
+        SourceEvent::Restored { attempts, outage } => (
+            format!(
+                "-- {source}: source restored after {attempts} attempt(s), {:.1} s without frames",
+                outage.as_secs_f64()
+            ),
+            EventReport {
+                event: "source_restored",
+                source,
+                unix_ms,
+                reason: None,
+                attempts: Some(*attempts),
+                outage_ms: Some(outage.as_secs_f64() * 1e3),
+            },
+        ),
+    };
+    let mut out = std::io::stdout().lock();
+    if json {
+        let text = serde_json::to_string(&report).map_err(std::io::Error::other)?;
+        writeln!(out, "{text}")?;
+    } else {
+        writeln!(out, "{line}")?;
+    }
+    out.flush()
 }
 
 pub fn run(args: WatchArgs) -> Result<()> {
@@ -112,8 +177,10 @@ pub fn run(args: WatchArgs) -> Result<()> {
     super::apply_device(&mut cfg, args.device)?;
     let (model, mut pipeline) = super::load_pipeline(args.model.as_deref(), cfg)?;
     let question = super::question_or_default(&pipeline, args.question.as_deref())?;
+    // The URI as shown: credentials (rtsp://user:pass@...) never reach the output.
+    let shown = jetvlm_camera::uri::redact(&args.source);
     let mut source = jetvlm_camera::open(&args.source)
-        .with_context(|| format!("opening frame source {}", args.source))?;
+        .with_context(|| format!("opening frame source {shown}"))?;
     let timeout = Duration::from_millis(args.timeout_ms);
 
     let stdout = std::io::stdout();
@@ -122,7 +189,7 @@ pub fn run(args: WatchArgs) -> Result<()> {
         writeln!(
             out,
             "watching {} with {} (encoder on {}, KV {}, decoder on {}), window {} frames; question: {question}",
-            args.source,
+            source.describe(),
             model.display(),
             pipeline.execution_provider(),
             pipeline.kv_policy(),
@@ -149,16 +216,28 @@ pub fn run(args: WatchArgs) -> Result<()> {
     let mut session = pipeline.session()?;
     let mut seen = 0u64;
     let (mut judged, mut right) = (0u64, 0u64);
+    // Connection events of a live source are printed as they happen (also mid-outage), and
+    // a reconnecting source's timeouts are waited out: it bounds its own retries.
+    let (lost, restored) = (AtomicU64::new(0), AtomicU64::new(0));
+    let mut event_error = None;
+    let mut tap = EventTap::new(source.as_mut(), |e| {
+        let n = match e {
+            SourceEvent::Lost { .. } => &lost,
+            SourceEvent::Restored { .. } => &restored,
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+        if let Err(err) = report_event(e, &shown, args.json) {
+            event_error.get_or_insert(err);
+        }
+    });
     while args.frames == 0 || seen < args.frames {
-        let Some(id) =
-            jetvlm_app::next_frame(&mut session, source.as_mut(), timeout, &args.source)?
-        else {
+        let Some(id) = jetvlm_app::next_frame(&mut session, &mut tap, timeout, &shown)? else {
             break;
         };
         seen += 1;
         let cached = session.frames();
         let latest = cached.iter().find(|f| f.id == id).copied();
-        let truth = source
+        let truth = tap
             .ground_truth()
             .and_then(|t| jetvlm_camera::qa::single_frame_answer(&question, t));
         let answer = session.ask(&question)?.finish()?;
@@ -213,7 +292,11 @@ pub fn run(args: WatchArgs) -> Result<()> {
         }
         out.flush()?;
     }
-    anyhow::ensure!(seen > 0, "{}: the source gave no frames", args.source);
+    drop(tap);
+    if let Some(e) = event_error {
+        return Err(e).context("writing a source event");
+    }
+    anyhow::ensure!(seen > 0, "{shown}: the source gave no frames");
     if args.json {
         let summary = Summary {
             summary: true,
@@ -222,6 +305,8 @@ pub fn run(args: WatchArgs) -> Result<()> {
             answers_right: right,
             position_rebases: session.rebases(),
             kv_bytes: session.kv_memory().total_bytes,
+            source_lost: lost.load(Ordering::Relaxed),
+            source_restored: restored.load(Ordering::Relaxed),
         };
         writeln!(out, "{}", serde_json::to_string(&summary)?)?;
     }
