@@ -136,7 +136,8 @@ impl fmt::Display for Exit {
 impl StdError for Exit {}
 
 impl Exit {
-    pub fn new(code: ExitCode, message: impl Into<String>) -> anyhow::Error {
+    /// The error `message` that exits with `code`.
+    pub fn error(code: ExitCode, message: impl Into<String>) -> anyhow::Error {
         anyhow::Error::new(Exit {
             code,
             message: message.into(),
@@ -147,17 +148,17 @@ impl Exit {
 /// An invalid input (exit 3), for a check made in an app rather than by a library's typed
 /// error: `--camera 0x480`, a flag value out of range.
 pub fn bad_input(message: impl Into<String>) -> anyhow::Error {
-    Exit::new(ExitCode::BadInput, message)
+    Exit::error(ExitCode::BadInput, message)
 }
 
 /// A model or workload that does not fit (exit 4).
 pub fn does_not_fit(message: impl Into<String>) -> anyhow::Error {
-    Exit::new(ExitCode::DoesNotFit, message)
+    Exit::error(ExitCode::DoesNotFit, message)
 }
 
 /// A check that ran and failed (exit 5).
 pub fn check_failed(message: impl Into<String>) -> anyhow::Error {
-    Exit::new(ExitCode::CheckFailed, message)
+    Exit::error(ExitCode::CheckFailed, message)
 }
 
 /// The exit status of an error: an [`Exit`] anywhere in its chain gives its own; otherwise

@@ -11,6 +11,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    jetvlm ask --image frame.png \"what is in the picture?\"\n  \
+    jetvlm ask --image a.png --image b.png \"what appeared?\" --json\n  \
+    jetvlm ask --image frame.png --device cuda \"what is in the picture?\"   # --features cuda")]
 pub struct AskArgs {
     /// Model package directory (holding jetvlm.yaml); default: the bundled demo model.
     #[arg(long)]
@@ -37,6 +41,7 @@ pub struct AskArgs {
     /// Sampling temperature (0 = greedy, the default).
     #[arg(long)]
     pub temperature: Option<f32>,
+    /// Seed of the sampler's random numbers (with a temperature above 0).
     #[arg(long)]
     pub seed: Option<u64>,
     #[command(flatten)]

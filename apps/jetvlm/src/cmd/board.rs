@@ -8,6 +8,11 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    jetvlm board list\n  \
+    jetvlm board show orin-nano-8gb --json\n  \
+    jetvlm board detect\n  \
+    jetvlm board detect --root Linux_for_Tegra/rootfs --json")]
 pub struct BoardArgs {
     /// Directory of extra board YAML files (board name = file stem).
     #[arg(long, global = true, value_name = "DIR")]
@@ -20,6 +25,7 @@ pub struct BoardArgs {
 pub enum BoardCommand {
     /// Known boards: memory, usable budget, bandwidth, GPU, JetPack.
     List {
+        /// Print the profiles as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -27,14 +33,17 @@ pub enum BoardCommand {
     Show {
         /// Board name or path to a board YAML.
         name: String,
+        /// Print the profile as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Detect the board from /proc/device-tree/model, /etc/nv_tegra_release, /proc/meminfo.
     Detect {
-        /// Root of the file system to read (for testing on a copied tree).
-        #[arg(long, default_value = "/")]
+        /// Root of the file system to read (/proc, /etc): a copied or mounted Jetson root
+        /// file system.
+        #[arg(long, value_name = "DIR", default_value = "/")]
         root: PathBuf,
+        /// Print what was read and the board as JSON.
         #[arg(long)]
         json: bool,
     },

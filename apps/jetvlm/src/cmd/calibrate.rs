@@ -23,6 +23,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    jetvlm calibrate --out kv-calibration.yaml\n  \
+    jetvlm calibrate --model my-package --source dir://sample-frames/ --out kv-calibration.yaml")]
 pub struct CalibrateArgs {
     /// Where to write the calibration file (YAML).
     #[arg(long)]

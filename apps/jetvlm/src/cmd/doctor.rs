@@ -32,16 +32,16 @@ use std::path::{Path, PathBuf};
     8 could not check (a file it needs is unreadable); 2 and 3 as for every command.")]
 pub struct DoctorArgs {
     /// Model package directory (holding jetvlm.yaml); default: the bundled demo model.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long)]
     pub model: Option<PathBuf>,
     /// Runtime config YAML (KV policy, device, execution providers, ...) the service runs
     /// with; default: the built-in defaults.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long)]
     pub config: Option<PathBuf>,
     /// Frame source URI the service reads: v4l2:///dev/video0 (feature `v4l`),
     /// synthetic://scene, dir://frames/, file://img.png. A v4l2:// source must exist under
     /// the root and this build must open it; without --source the cameras found are listed.
-    #[arg(long, value_name = "URI")]
+    #[arg(long)]
     pub source: Option<String>,
     /// Root of the file system to check (/proc, /etc, /dev, the library directories): a
     /// Jetson root file system on a flashing host, or / for the running system.
@@ -172,7 +172,7 @@ pub fn run(args: DoctorArgs) -> Result<()> {
         ExitCode::CouldNotCheck => format!("could not check: {}", names(Status::Error)),
         _ => format!("ready with warnings: {}", names(Status::Warn)),
     };
-    Err(jetvlm_app::Exit::new(code, message))
+    Err(jetvlm_app::Exit::error(code, message))
 }
 
 /// Runs every check.

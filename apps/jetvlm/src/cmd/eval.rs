@@ -13,6 +13,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    jetvlm eval --count 300\n  \
+    jetvlm eval --kv-calibration models/demo/kv-calibration.yaml --json")]
 pub struct EvalArgs {
     /// Model package directory (default: the bundled demo model, models/demo).
     #[arg(long)]

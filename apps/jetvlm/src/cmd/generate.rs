@@ -15,6 +15,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    jetvlm generate --model path/to/hf-model --prompt \"Hello\" --max-tokens 32 --kv mixed --json\n  \
+    jetvlm generate --model models/demo --prompt \"Hello\" --greedy")]
 pub struct GenerateArgs {
     /// Decoder directory in Hugging Face layout (config.json, *.safetensors, tokenizer.json),
     /// or a jetvlm model package (its decoder is used).
@@ -42,14 +45,19 @@ pub struct GenerateArgs {
     /// Greedy decoding (overrides the sampling options).
     #[arg(long)]
     pub greedy: bool,
+    /// Softmax temperature; 0 picks the most likely token.
     #[arg(long, default_value_t = 0.7)]
     pub temperature: f32,
+    /// Keep the k most likely tokens (0: all).
     #[arg(long, default_value_t = 50)]
     pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p, in (0, 1].
     #[arg(long, default_value_t = 0.9)]
     pub top_p: f32,
+    /// Divides positive and multiplies negative logits of tokens already seen (1: off).
     #[arg(long, default_value_t = 1.0)]
     pub repetition_penalty: f32,
+    /// Seed of the sampler's random numbers.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Stop when this text appears (repeatable).

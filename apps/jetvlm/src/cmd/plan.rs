@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 
 /// Arguments of `jetvlm plan`.
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    jetvlm plan --board orin-nano-8gb --model tests/fixtures/configs/smolvlm-256m\n  \
+    jetvlm plan --model path/to/hf-model --frames 32 --json        # the board this runs on\n  \
+    jetvlm plan --board orin-nano-4gb --model my-package --kv-calibration kv-calibration.yaml")]
 pub struct PlanArgs {
     /// Board name (e.g. orin-nano-8gb; `jetvlm board list` shows all) or a path to a board
     /// YAML. Detected from /proc/device-tree/model when omitted.
@@ -22,7 +26,7 @@ pub struct PlanArgs {
     pub boards_dir: Option<PathBuf>,
     /// Model: a directory with a Hugging Face config.json, a path to config.json, or a
     /// jetvlm model package directory (jetvlm.yaml).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long)]
     pub model: PathBuf,
     /// Camera frames kept in the context.
     #[arg(long, default_value_t = 16)]
@@ -75,7 +79,12 @@ pub struct PlanArgs {
     pub budget_mib: Option<u64>,
     /// Root of the file system to read (/proc, /etc) when detecting the board: a copied or
     /// mounted Jetson root file system.
-    #[arg(long = "root", alias = "sys-root", value_name = "DIR", default_value = "/")]
+    #[arg(
+        long = "root",
+        alias = "sys-root",
+        value_name = "DIR",
+        default_value = "/"
+    )]
     pub sys_root: PathBuf,
     /// Print the plan as JSON.
     #[arg(long)]
@@ -561,12 +570,7 @@ mod tests {
     #[test]
     fn detected_board_plans_against_mem_available() {
         let root = fixture("board/detect/orin-nano-8gb");
-        let a = args(&[
-            "--model",
-            &fixture("configs/smolvlm-256m"),
-            "--root",
-            &root,
-        ]);
+        let a = args(&["--model", &fixture("configs/smolvlm-256m"), "--root", &root]);
         let p = build(&a).unwrap();
         assert_eq!(p.board, "orin-nano-8gb");
         assert_eq!(p.budget_bytes, 5_123_456 * 1024);

@@ -7,6 +7,10 @@ use jetvlm_core::Device;
 use jetvlm_cuda::{CudaDevice, compile_all, nvrtc_version, sources::CHECKED_ARCHS};
 
 #[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    jetvlm selftest --device cuda                                # --features cuda, on the GPU\n  \
+    jetvlm selftest --device cuda --nvrtc-only --sm 87           # compile only, no GPU\n  \
+    jetvlm selftest --device sim --decoder-fixtures tests/fixtures/decoder")]
 pub struct SelftestArgs {
     /// Device whose kernels are tested (`cuda`; the CPU kernels are tested by `cargo test`).
     #[arg(long, default_value = "cuda")]
@@ -27,8 +31,8 @@ pub struct SelftestArgs {
     /// tests/fixtures/decoder) on the GPU and compare the tokens with the CPU path.
     #[arg(long)]
     decoder_fixtures: Option<std::path::PathBuf>,
-    /// Greedy tokens per decoder fixture.
-    #[arg(long, default_value_t = 32)]
+    /// Greedy tokens per decoder fixture (at least 1).
+    #[arg(long, default_value_t = 32, value_parser = super::at_least_one)]
     decoder_tokens: usize,
 }
 

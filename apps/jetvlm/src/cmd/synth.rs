@@ -7,6 +7,9 @@ use jetvlm_camera::qa::{DatasetConfig, write_dataset_replacing};
 use jetvlm_camera::scene::SceneConfig;
 
 #[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    jetvlm synth --out /tmp/frames --count 100 --seed 3\n  \
+    jetvlm synth --out /tmp/frames --count 1 --multi-fraction 1 --frames 2-2 --seed 3 --force")]
 pub struct SynthArgs {
     /// Output directory (must not exist, or be empty, unless --force); written atomically.
     #[arg(long)]

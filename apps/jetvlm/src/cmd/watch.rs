@@ -14,6 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    jetvlm watch \"synthetic://scene?seed=7\" --window 4 --question \"how many objects are there?\"\n  \
+    jetvlm watch dir://frames/ --json\n  \
+    jetvlm watch v4l2:///dev/video0 --model my-package --kv mixed        # --features v4l\n  \
+    jetvlm watch v4l2:///dev/video0 --model my-package --kv-calibration kv-calibration.yaml")]
 pub struct WatchArgs {
     /// Frame source URI: synthetic://scene?fps=10&seed=7, dir://frames/, file://img.png,
     /// v4l2:///dev/video0 (feature `v4l`); rtsp://[user:pass@]host/path, file://clip.mp4,

@@ -29,6 +29,7 @@ pub struct KvArgs {
     /// KV heads (grouped-query attention).
     #[arg(long, default_value_t = 3)]
     pub kv_heads: usize,
+    /// Elements per attention head.
     #[arg(long, default_value_t = 64)]
     pub head_dim: usize,
     /// Mixed policy to compare with FP16.

@@ -12,6 +12,9 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 
 #[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    jetvlm bench kv --json\n  \
+    jetvlm bench decode --model models/gen/smollm2-135m-random --context 1024,8192 --steps 32")]
 pub struct BenchArgs {
     #[command(subcommand)]
     pub which: BenchCommand,
