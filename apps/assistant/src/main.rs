@@ -12,6 +12,10 @@
 //! fails (too long for the model, say), an unknown command or a line that is not UTF-8 text
 //! is reported and the assistant goes on; a camera that fails ends it with one error line and
 //! a non-zero exit.
+//!
+//! With `--serve` the questions come over HTTP instead of stdin: the same camera, window and
+//! model behind `jetvlm serve`'s OpenAI-compatible API (`camera://window` is this window),
+//! `/metrics` and the live web view; both run the `jetvlm-serve` library.
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -55,6 +59,22 @@ struct Cli {
     /// Log filter in RUST_LOG syntax; RUST_LOG wins when set.
     #[arg(long, default_value = "warn")]
     log: String,
+    /// Answer over HTTP instead of stdin: an OpenAI-compatible API, /metrics and a live web
+    /// view (what `jetvlm serve` runs; see docs/serve.md).
+    #[arg(long)]
+    serve: bool,
+    /// With --serve: the address to listen on (a non-loopback one without --api-key warns).
+    #[arg(long, default_value = "127.0.0.1", requires = "serve")]
+    host: std::net::IpAddr,
+    /// With --serve: the port (0: any free port, printed on stderr).
+    #[arg(long, default_value_t = 8080, requires = "serve")]
+    port: u16,
+    /// With --serve: require `Authorization: Bearer KEY` (default: $JETVLM_API_KEY).
+    #[arg(long, requires = "serve")]
+    api_key: Option<String>,
+    /// With --serve: requests that may wait for the model (more get 429).
+    #[arg(long, default_value_t = 8, requires = "serve")]
+    queue: usize,
 }
 
 /// The `:` commands, for the error an unknown one gets.
@@ -129,6 +149,9 @@ fn run(cli: &Cli) -> Result<()> {
     jetvlm_app::apply_kv(&mut cfg, cli.kv.clone(), None);
     cfg.window_frames = cli.window;
     cfg.max_new_tokens = cli.max_tokens;
+    if cli.serve {
+        return serve(cli, model, cfg);
+    }
     let mut pipeline = Pipeline::load(&model, cfg)
         .with_context(|| format!("loading model package {}", model.display()))?;
     let mut source = jetvlm_camera::open(&cli.source)
@@ -261,6 +284,29 @@ fn run(cli: &Cli) -> Result<()> {
         }
         out.flush()?;
     }
+    Ok(())
+}
+
+/// `--serve`: the same source, window and model behind the `jetvlm-serve` library.
+fn serve(cli: &Cli, model: PathBuf, cfg: RuntimeConfig) -> Result<()> {
+    let mut opts = jetvlm_serve::ServeOptions::new(model, cfg);
+    opts.source = Some(cli.source.clone());
+    opts.host = cli.host;
+    opts.port = cli.port;
+    opts.api_key = match &cli.api_key {
+        Some(k) => Some(k.clone()),
+        None => std::env::var("JETVLM_API_KEY")
+            .ok()
+            .filter(|k| !k.is_empty()),
+    };
+    opts.queue = cli.queue;
+    opts.capture_timeout = Duration::from_millis(cli.timeout_ms);
+    jetvlm_serve::serve(opts, |addr| {
+        eprintln!(
+            "jetvlm-assistant: serving on http://{addr} (camera {}, window {} frames); see docs/serve.md",
+            cli.source, cli.window
+        );
+    })?;
     Ok(())
 }
 

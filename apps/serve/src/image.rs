@@ -99,8 +99,14 @@ fn parse_data(url: &str, param: &str, max_bytes: usize) -> Result<ImageRef, ApiE
     }
     let payload = payload.trim();
     // Decoded size, from the text alone: refuse before decoding.
-    let decoded = payload.len() / 4 * 3;
-    if decoded > max_bytes.saturating_add(3) {
+    let padding = payload
+        .bytes()
+        .rev()
+        .take_while(|b| *b == b'=')
+        .count()
+        .min(2);
+    let decoded = (payload.len() / 4 * 3).saturating_sub(padding);
+    if decoded > max_bytes {
         return Err(too_large(param, decoded, max_bytes));
     }
     let bytes = base64::engine::general_purpose::STANDARD
