@@ -1149,7 +1149,10 @@ fn free_bytes(path: &Path) -> std::io::Result<u64> {
     }
     // SAFETY: statvfs returned 0, so it filled the struct.
     let st = unsafe { st.assume_init() };
-    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    // The field types are the C library's (u64 on the 64-bit targets, narrower elsewhere).
+    #[allow(clippy::unnecessary_cast)]
+    let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+    Ok(free)
 }
 
 fn disk_check(cx: &Context<'_>) -> Check {
