@@ -64,9 +64,8 @@ struct Cli {
     /// Capture timeout per frame, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
-    /// Log filter in RUST_LOG syntax; RUST_LOG wins when set.
-    #[arg(long, default_value = "warn")]
-    log: String,
+    #[command(flatten)]
+    log: jetvlm_app::LogArgs,
 }
 
 /// One line of output: an answer and the event it made.
@@ -198,7 +197,7 @@ const TEMPLATE_TOKENS: u64 = 32;
 
 fn main() {
     let cli = Cli::parse();
-    jetvlm_app::init_logging(&cli.log, false);
+    cli.log.init();
     jetvlm_app::exit_on_error(run(&cli));
 }
 

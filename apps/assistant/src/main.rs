@@ -56,9 +56,8 @@ struct Cli {
     /// One JSON object per answer instead of text.
     #[arg(long)]
     json: bool,
-    /// Log filter in RUST_LOG syntax; RUST_LOG wins when set.
-    #[arg(long, default_value = "warn")]
-    log: String,
+    #[command(flatten)]
+    log: jetvlm_app::LogArgs,
     /// Answer over HTTP instead of stdin: an OpenAI-compatible API, /metrics and a live web
     /// view (what `jetvlm serve` runs; see docs/serve.md).
     #[arg(long)]
@@ -120,7 +119,7 @@ struct Reply<'a> {
 
 fn main() {
     let cli = Cli::parse();
-    jetvlm_app::init_logging(&cli.log, false);
+    cli.log.init();
     jetvlm_app::exit_on_error(run(&cli));
 }
 

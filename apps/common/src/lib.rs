@@ -57,6 +57,33 @@ pub fn apply_kv(cfg: &mut RuntimeConfig, kv: Option<String>, calibration: Option
     }
 }
 
+/// The logging flags of every jetvlm binary, defined once: `--log FILTER` and
+/// `--log-format text|json` (global: before or after a subcommand).
+#[derive(clap::Args, Clone, Debug)]
+pub struct LogArgs {
+    /// Log filter in RUST_LOG syntax (e.g. `info`, `jetvlm_kvcache=debug`); RUST_LOG wins
+    /// when set.
+    #[arg(long, global = true, default_value = "warn")]
+    pub log: String,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format`: text lines, or one JSON object per line (for journald and collectors).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogArgs {
+    /// Sets up logging as the flags say ([`init_logging`]).
+    pub fn init(&self) {
+        init_logging(&self.log, self.log_format == LogFormat::Json);
+    }
+}
+
 /// tracing on stderr: `RUST_LOG` if set, else `filter` (RUST_LOG syntax), else `warn`; text,
 /// or JSON lines with `json`. A second call is a no-op.
 pub fn init_logging(filter: &str, json: bool) {
@@ -82,5 +109,28 @@ pub fn exit_on_error(result: anyhow::Result<()>) {
         let prefix = if code.is_error() { "error" } else { "warning" };
         eprintln!("{prefix}: {}", jetvlm_core::error_line(e.as_ref()));
         std::process::exit(code.code());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        log: LogArgs,
+    }
+
+    #[test]
+    fn log_flags_default_to_warn_text_and_take_json() {
+        let d = Cli::try_parse_from(["x"]).unwrap().log;
+        assert_eq!((d.log.as_str(), d.log_format), ("warn", LogFormat::Text));
+        let j = Cli::try_parse_from(["x", "--log", "info", "--log-format", "json"])
+            .unwrap()
+            .log;
+        assert_eq!((j.log.as_str(), j.log_format), ("info", LogFormat::Json));
+        assert!(Cli::try_parse_from(["x", "--log-format", "xml"]).is_err());
     }
 }

@@ -4,7 +4,7 @@
 //! `run` function; this file only parses, sets up logging and dispatches.
 
 use anyhow::Result;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 mod cmd;
 
@@ -16,21 +16,10 @@ mod cmd;
     after_help = jetvlm_app::ExitCode::help_table()
 )]
 struct Cli {
-    /// Log filter in RUST_LOG syntax (e.g. `info`, `jetvlm_kvcache=debug`); RUST_LOG wins
-    /// when set.
-    #[arg(long, global = true, default_value = "warn")]
-    log: String,
-    /// Log line format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: jetvlm_app::LogArgs,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -75,7 +64,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    jetvlm_app::init_logging(&cli.log, cli.log_format == LogFormat::Json);
+    cli.log.init();
     jetvlm_app::exit_on_error(run(cli.command));
 }
 

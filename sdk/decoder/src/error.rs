@@ -115,6 +115,23 @@ pub enum DecoderError {
     #[error("forward input: {0}")]
     Input(String),
 
+    /// A weight of the checkpoint is NaN or infinite (a damaged or badly converted file).
+    #[error(
+        "tensor `{name}` in {path}: element {index} is {value}; the checkpoint is damaged or was converted with an overflow (re-download or re-export it)"
+    )]
+    NonFiniteWeight {
+        name: String,
+        path: PathBuf,
+        index: usize,
+        value: f32,
+    },
+
+    /// The forward pass produced NaN or infinite values although every weight is finite.
+    #[error(
+        "{what} are not finite (NaN or infinite) although every weight is: an activation overflowed"
+    )]
+    NonFiniteOutput { what: &'static str },
+
     /// The KV cache refused an operation.
     #[error("KV cache: {0}")]
     Kv(#[from] jetvlm_kvcache::KvError),

@@ -130,8 +130,18 @@ impl WeightSink for CpuSink {
     fn matrix(&mut self, t: &Tensor) -> Result<Tensor> {
         Ok(t.clone())
     }
+    /// Norms and biases are small: a NaN or infinity in one is an error naming it at load.
     fn vector(&mut self, t: &Tensor) -> Result<Vec<f32>> {
-        Ok(t.to_f32_vec())
+        let v = t.to_f32_vec();
+        if let Some(index) = v.iter().position(|x| !x.is_finite()) {
+            return Err(DecoderError::NonFiniteWeight {
+                name: t.name().to_string(),
+                path: t.path().to_path_buf(),
+                index,
+                value: v[index],
+            });
+        }
+        Ok(v)
     }
 }
 
@@ -344,7 +354,7 @@ impl Model {
             if let Err(e) = run {
                 // Leave the cache as it was before this span.
                 let _ = cache.truncate_last(n);
-                return Err(e);
+                return Err(self.blame_non_finite(e));
             }
             if mode == LogitsMode::All {
                 hidden_rows.extend_from_slice(&acts.x);
@@ -367,7 +377,36 @@ impl Model {
             &mut normed,
             &mut data,
         )?;
+        if data.iter().any(|v| !v.is_finite()) {
+            return Err(self.blame_non_finite(DecoderError::NonFiniteOutput { what: "logits" }));
+        }
         Ok(Logits { data, rows, vocab })
+    }
+
+    /// The matrix whose NaN or infinity made a forward pass fail with `e` (a non-finite K/V
+    /// the cache refused, or non-finite logits), named by its checkpoint name; `e` itself
+    /// when no weight is at fault or `e` is another error. Norms and biases were checked at
+    /// load; the matrices are scanned only here, after a failure, so loading stays as fast
+    /// as mapping the file.
+    fn blame_non_finite(&self, e: DecoderError) -> DecoderError {
+        let non_finite = matches!(
+            e,
+            DecoderError::NonFiniteOutput { .. }
+                | DecoderError::Kv(jetvlm_kvcache::KvError::NonFinite { .. })
+        );
+        if !non_finite {
+            return e;
+        }
+        let w = &self.weights;
+        let layers = w
+            .layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].map(|lin| &lin.w));
+        std::iter::once(&w.embed)
+            .chain(layers)
+            .chain(w.lm_head.as_ref())
+            .find_map(|t| t.check_finite().err())
+            .unwrap_or(e)
     }
 }
 

@@ -267,6 +267,39 @@ impl Tensor {
         }
     }
 
+    /// The first element that is NaN or infinite, with its index; `None` when every element
+    /// is finite. A quantized matrix is checked on its dequantized values (a bad scale shows).
+    /// Reads the tensor a row at a time.
+    pub fn first_non_finite(&self) -> Option<(usize, f32)> {
+        let n = self.numel();
+        let row = self.shape.last().copied().unwrap_or(n).clamp(1, n.max(1));
+        let data = self.data();
+        let mut buf = vec![0f32; row];
+        let mut start = 0;
+        while start < n {
+            let len = row.min(n - start);
+            data.to_f32_into(start, &mut buf[..len]);
+            if let Some(i) = buf[..len].iter().position(|v| !v.is_finite()) {
+                return Some((start + i, buf[i]));
+            }
+            start += len;
+        }
+        None
+    }
+
+    /// An error naming this tensor when one of its elements is NaN or infinite.
+    pub fn check_finite(&self) -> Result<()> {
+        match self.first_non_finite() {
+            None => Ok(()),
+            Some((index, value)) => Err(DecoderError::NonFiniteWeight {
+                name: self.name.clone(),
+                path: self.path.clone(),
+                index,
+                value,
+            }),
+        }
+    }
+
     /// All elements as f32 (a copy).
     pub fn to_f32_vec(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.numel()];
