@@ -89,8 +89,21 @@ struct Conn {
 }
 
 impl Drop for Conn {
+    /// Stops the pipeline on a thread of its own: rtspsrc can deadlock when it is set to NULL
+    /// while its own thread is tearing down a failed connection (seen with GStreamer 1.22
+    /// after a server died), and a capture must never hang on that. A teardown that never
+    /// finishes leaks that thread and pipeline, not the caller.
     fn drop(&mut self) {
-        let _ = self.pipeline.set_state(gst::State::Null);
+        let pipeline = self.pipeline.clone();
+        let stop = move || {
+            let _ = pipeline.set_state(gst::State::Null);
+        };
+        let spawned = std::thread::Builder::new()
+            .name("jetvlm-gst-stop".into())
+            .spawn(stop.clone());
+        if spawned.is_err() {
+            stop();
+        }
     }
 }
 
@@ -131,6 +144,8 @@ pub struct GstSource {
     /// The next timestamp `fps=` lets through.
     next_due: Option<Duration>,
     next_index: u64,
+    /// A file (or non-live pipeline) reached its end; every later capture says so.
+    ended: bool,
 }
 
 impl std::fmt::Debug for GstSource {
@@ -177,6 +192,7 @@ impl GstSource {
             last_frame_at: None,
             next_due: None,
             next_index: 0,
+            ended: false,
         };
         src.conn = Some(src.build()?);
         let deadline = Instant::now() + src.opts.retry.stall.max(Duration::from_secs(1));
@@ -368,7 +384,10 @@ impl GstSource {
         let bus = pipeline
             .bus()
             .ok_or_else(|| err("building the pipeline", "the pipeline has no bus".into()))?;
-        let started = pipeline.set_state(gst::State::Playing);
+        // Paused first: a live pipeline says so (no preroll) before it plays.
+        let started = pipeline
+            .set_state(gst::State::Paused)
+            .and_then(|paused| pipeline.set_state(gst::State::Playing).map(|_| paused));
         let conn = Conn {
             pipeline,
             sink,
@@ -699,6 +718,9 @@ impl FrameSource for GstSource {
             }
             return Ok(Capture::Frame(frame));
         }
+        if self.ended {
+            return Ok(Capture::EndOfStream);
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let now = Instant::now();
@@ -737,6 +759,7 @@ impl FrameSource for GstSource {
                     if self.rewind()? {
                         continue;
                     }
+                    self.ended = true;
                     return Ok(Capture::EndOfStream);
                 }
                 Some(BusNews::Eos) => {
