@@ -176,3 +176,157 @@ fn plan_weight_bits_agrees_with_the_loaded_quantized_decoder() {
     assert!(!ok && stderr.contains("--weight-group 128"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
+
+/// `bench decode --weights bf16,q8,q4g32` measures every format in one run: a row per
+/// weights x KV policy, each format's bytes as loaded (4 bits read fewer bytes per token than
+/// 8, and 8 fewer than BF16), prefill tokens/s; a bad entry is one line naming the flag.
+#[test]
+fn bench_decode_compares_weight_formats_in_one_run() {
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/decoder/llama_bf16"
+    );
+    let (ok, stdout, stderr) = jetvlm(&[
+        "bench",
+        "decode",
+        "--model",
+        model,
+        "--weights",
+        "bf16,q8,q4g32",
+        "--context",
+        "48",
+        "--frame-tokens",
+        "16",
+        "--steps",
+        "2",
+        "--prefill",
+        "real",
+        "--no-flush",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 6, "3 formats x 2 KV policies");
+    let read = |w: &str| -> u64 {
+        let r: Vec<_> = rows.iter().filter(|r| r["weights"] == w).collect();
+        assert_eq!(r.len(), 2, "{w}");
+        assert!(
+            r.iter()
+                .all(|r| r["prefill_tokens_per_s"].as_f64().unwrap() > 0.0
+                    && r["bandwidth_fraction"].as_f64().unwrap() > 0.0)
+        );
+        r[0]["weight_bytes_per_token"].as_u64().unwrap()
+    };
+    let (bf16, q8, q4) = (read("bf16"), read("q8"), read("q4g32"));
+    assert!(q4 < q8 && q8 < bf16, "{q4} {q8} {bf16}");
+    let w = v["weights"].as_array().unwrap();
+    assert!(
+        w[2]["description"]
+            .as_str()
+            .unwrap()
+            .starts_with("int4 g32"),
+        "{w:?}"
+    );
+    assert_eq!(w[1]["bytes_read_per_token"].as_u64(), Some(q8));
+
+    for bad in ["q3", "q4g48", "int4", "bf17"] {
+        let (ok, _, stderr) = jetvlm(&[
+            "bench",
+            "decode",
+            "--model",
+            model,
+            "--weights",
+            bad,
+            "--context",
+            "48",
+        ]);
+        assert!(
+            !ok && stderr.contains(&format!("--weights {bad}")),
+            "{bad}: {stderr}"
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+}
+
+/// Pre-quantized checkpoints through the CLI: an AWQ directory converts without --bits and
+/// `generate` runs it; `plan` on it charges what the converted decoder holds; quantizing
+/// flags with a pre-quantized model, an unknown format and a truncated GGUF are one line each.
+#[test]
+fn prequantized_checkpoints_convert_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
+    let awq = format!("{fixtures}/quant/awq");
+    let out = tmp.path().join("awq");
+    let out_s = out.to_str().unwrap();
+    let (ok, stdout, stderr) = jetvlm(&["quantize", "--model", &awq, "--out", out_s]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("21 matrices from awq as INT4 g32"),
+        "{stdout}"
+    );
+    let ids = greedy_ids(out_s);
+    assert_eq!(ids.as_array().unwrap().len(), 12);
+    let plan = |dir: &str| -> u64 {
+        let (ok, stdout, stderr) = jetvlm(&[
+            "plan",
+            "--model",
+            dir,
+            "--board",
+            "orin-nano-8gb",
+            "--tokens-per-frame",
+            "1",
+            "--json",
+        ]);
+        assert!(ok, "{stderr}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        v["memory"]["weights_bytes"].as_u64().unwrap()
+    };
+    let held = jetvlm_decoder::Model::load(&out, &jetvlm_decoder::LoadOptions::default())
+        .unwrap()
+        .weight_bytes_held();
+    for dir in [awq.as_str(), out_s] {
+        let p = plan(dir);
+        assert!(
+            (p as f64 - held as f64).abs() <= 0.02 * held as f64,
+            "{dir}: plan {p} vs {held}"
+        );
+    }
+
+    let gguf = format!("{fixtures}/quant/gguf_q8_0/model.gguf");
+    let llama = format!("{fixtures}/decoder/llama");
+    let cut = tmp.path().join("cut.gguf");
+    std::fs::write(&cut, &std::fs::read(&gguf).unwrap()[..1000]).unwrap();
+    let cfg_dir = tmp.path().join("fp8");
+    std::fs::create_dir(&cfg_dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(format!("{awq}/{f}"), cfg_dir.join(f)).unwrap();
+    }
+    let cfg = cfg_dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"awq\"", "\"fp8\"");
+    std::fs::write(&cfg, text).unwrap();
+    let bad = tmp.path().join("bad");
+    let bad_s = bad.to_str().unwrap();
+    for (args, want) in [
+        (vec!["--model", awq.as_str(), "--bits", "4"], "--bits"),
+        (vec!["--model", cfg_dir.to_str().unwrap()], "`fp8`"),
+        (
+            vec!["--model", llama.as_str(), "--from", cut.to_str().unwrap()],
+            "truncated",
+        ),
+        (
+            vec!["--model", llama.as_str()],
+            "--bits 4 or --bits 8 is required",
+        ),
+    ] {
+        let mut a = vec!["quantize"];
+        a.extend(args);
+        a.extend(["--out", bad_s]);
+        let (ok, _, stderr) = jetvlm(&a);
+        assert!(!ok && stderr.contains(want), "{a:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(!bad.exists());
+    }
+}

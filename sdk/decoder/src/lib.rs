@@ -11,6 +11,7 @@
 //!   Weight-only INT8/INT4 matrices (`jetvlm quantize`) run their own matrix-vector rows,
 //!   dequantizing in registers.
 //! - [`quantize`]: a decoder's layer matrices written INT8/INT4 (`jetvlm quantize`).
+//! - [`import`]: AWQ, GPTQ and GGUF checkpoints converted to that layout.
 //! - [`kv`]: the KV cache calls the forward pass makes ([`KvStore`], implemented by
 //!   `jetvlm_kvcache::MixedKvCache`) and the exact [`F32KvCache`] reference.
 //! - [`model`]: [`Model::load`] and [`Model::forward`] over spans of text ids and injected
@@ -25,6 +26,7 @@ pub mod arch;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod import;
 pub mod kernels;
 pub mod kv;
 pub mod model;

@@ -82,7 +82,7 @@ struct Out {
     data: Vec<u8>,
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> DecoderError + '_ {
+pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> DecoderError + '_ {
     move |source| DecoderError::Io {
         path: path.to_path_buf(),
         source,
@@ -263,7 +263,33 @@ pub fn quantize_dir(src: &Path, dst: &Path, opts: &QuantizeOptions) -> Result<Qu
         }
     }
 
-    // Write into a temporary directory beside `dst`, then rename.
+    let meta: HashMap<String, String> = [(
+        "jetvlm_quantization".to_string(),
+        format!("int{} g{}", opts.format.bits(), opts.format.group()),
+    )]
+    .into();
+    let (files, bytes_out) = write_dir(src, dst, views, &raw, meta)?;
+    Ok(QuantizeReport {
+        matrices,
+        copied,
+        bytes_in: ws.file_bytes(),
+        bytes_out,
+        files,
+    })
+}
+
+/// Writes `views` as `dst/model.safetensors` (with `meta` and `format: pt`), `raw` as its
+/// `config.json`, and copies the other files of `src` (tokenizer, generation config; not its
+/// weights or config). Everything goes into a temporary directory beside `dst`, renamed into
+/// place at the end, so `dst` is never half written. Returns the files copied and the bytes
+/// of the weight file.
+pub(crate) fn write_dir(
+    src: &Path,
+    dst: &Path,
+    views: Vec<(String, safetensors::tensor::TensorView<'_>)>,
+    raw: &serde_json::Value,
+    mut meta: HashMap<String, String>,
+) -> Result<(Vec<String>, u64)> {
     let parent = dst
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -275,17 +301,10 @@ pub fn quantize_dir(src: &Path, dst: &Path, opts: &QuantizeOptions) -> Result<Qu
         .unwrap_or_else(|| "quantized".into());
     let tmp = parent.join(format!(".{leaf}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
+    meta.insert("format".into(), "pt".into());
     let result = (|| -> Result<Vec<String>> {
         std::fs::create_dir(&tmp).map_err(io(&tmp))?;
         let st_path = tmp.join("model.safetensors");
-        let meta: HashMap<String, String> = [
-            ("format".to_string(), "pt".to_string()),
-            (
-                "jetvlm_quantization".to_string(),
-                format!("int{} g{}", opts.format.bits(), opts.format.group()),
-            ),
-        ]
-        .into();
         safetensors::serialize_to_file(views, Some(meta), &st_path).map_err(|e| {
             DecoderError::Safetensors {
                 path: st_path.clone(),
@@ -294,7 +313,7 @@ pub fn quantize_dir(src: &Path, dst: &Path, opts: &QuantizeOptions) -> Result<Qu
         })?;
         let cfg_out = tmp.join("config.json");
         let text =
-            serde_json::to_string_pretty(&raw).map_err(|e| DecoderError::Input(e.to_string()))?;
+            serde_json::to_string_pretty(raw).map_err(|e| DecoderError::Input(e.to_string()))?;
         std::fs::write(&cfg_out, text + "\n").map_err(io(&cfg_out))?;
         let mut files = Vec::new();
         for e in std::fs::read_dir(src).map_err(io(src))?.flatten() {
@@ -302,7 +321,8 @@ pub fn quantize_dir(src: &Path, dst: &Path, opts: &QuantizeOptions) -> Result<Qu
             let name = e.file_name().to_string_lossy().into_owned();
             let skip = name == "config.json"
                 || name == "model.safetensors.index.json"
-                || p.extension().is_some_and(|x| x == "safetensors")
+                || p.extension()
+                    .is_some_and(|x| x == "safetensors" || x == "gguf")
                 || !p.is_file();
             if !skip {
                 std::fs::copy(&p, tmp.join(&name)).map_err(io(&p))?;
@@ -322,13 +342,7 @@ pub fn quantize_dir(src: &Path, dst: &Path, opts: &QuantizeOptions) -> Result<Qu
     let bytes_out = std::fs::metadata(dst.join("model.safetensors"))
         .map_err(io(dst))?
         .len();
-    Ok(QuantizeReport {
-        matrices,
-        copied,
-        bytes_in: ws.file_bytes(),
-        bytes_out,
-        files,
-    })
+    Ok((files, bytes_out))
 }
 
 fn quant_err(name: &str, path: &Path) -> impl Fn(jetvlm_quant::QuantError) -> DecoderError {

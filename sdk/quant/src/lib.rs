@@ -11,6 +11,9 @@
 //!   `mixed`, `mixed:bits=4,group=32,...`), shared by the KV cache, the planner and the CLI.
 //! - [`weight`]: weight-only INT8 (symmetric) and INT4 (asymmetric) formats of linear layers,
 //!   with their reference quantize / dequantize ([`WeightFormat`]).
+//! - [`gguf`]: a GGUF reader with bounds checks, and Q8_0 / Q4_0 blocks converted to the
+//!   weight formats (losslessly).
+//! - [`packed`]: the AWQ (GEMM) and GPTQ 4-bit layouts converted to INT4 weight rows.
 //! - [`reference`](mod@reference): the plain, obviously-correct quantize / dequantize every
 //!   fast kernel is compared with, and the error bound each element must meet.
 //!
@@ -21,7 +24,9 @@
 //! codes in order with one mask and one shift.
 
 pub mod format;
+pub mod gguf;
 pub mod layer;
+pub mod packed;
 pub mod policy;
 pub mod reference;
 pub mod weight;
@@ -62,6 +67,8 @@ pub enum QuantError {
         got: usize,
         expected: usize,
     },
+    #[error("{op}: {msg}")]
+    Packed { op: &'static str, msg: String },
     #[error("{op}: non-finite input value {value} at index {index}")]
     NonFinite {
         op: &'static str,

@@ -153,6 +153,12 @@ fn weight_format(args: &PlanArgs, config_path: &Path) -> Result<WeightFormat> {
         field("bits"),
         field("group_size"),
     ) {
+        // AWQ / GPTQ are charged as `jetvlm quantize` converts them (INT4, same groups).
+        (Some("awq" | "gptq"), Some(4), Some(g @ (32 | 64 | 128))) => Ok(WeightFormat::Quantized {
+            bits: 4,
+            group: g as u16,
+            head_int8: false,
+        }),
         (Some("jetvlm"), Some(bits @ (4 | 8)), Some(g @ (32 | 64 | 128))) => {
             Ok(WeightFormat::Quantized {
                 bits: bits as u8,
@@ -161,7 +167,7 @@ fn weight_format(args: &PlanArgs, config_path: &Path) -> Result<WeightFormat> {
             })
         }
         _ => anyhow::bail!(
-            "{}: quantization_config {q} is not a format this planner charges (jetvlm, 4 or 8 bits, group 32/64/128); pass --weight-bits",
+            "{}: quantization_config {q} is not a format this planner charges (jetvlm 4 or 8 bits, awq or gptq 4 bits; group 32/64/128); pass --weight-bits",
             config_path.display()
         ),
     }

@@ -1,32 +1,43 @@
 //! `jetvlm quantize`: a decoder's layer matrices written weight-only INT8 or INT4
 //! (round-to-nearest, groups along each row), loadable by the CPU decoder directly.
 //!
-//! The layout and config entry are documented in `jetvlm_decoder::quantize`.
+//! The layout and config entry are documented in `jetvlm_decoder::quantize`. Pre-quantized
+//! checkpoints (AWQ, GPTQ, GGUF) are converted into it (`jetvlm_decoder::import`).
 
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
+use jetvlm_decoder::import;
 use jetvlm_decoder::quantize::{QuantizeOptions, quantize_dir};
 use jetvlm_quant::WeightFormat;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  \
     jetvlm quantize --model models/gen/smollm2-135m-random --bits 4 --out models/gen/smollm2-135m-q4\n  \
-    jetvlm quantize --model ~/hf/Qwen2.5-0.5B --bits 8 --group 128 --head-bits 8 --out q8\n\n\
+    jetvlm quantize --model ~/hf/Qwen2.5-0.5B --bits 8 --group 128 --head-bits 8 --out q8\n  \
+    jetvlm quantize --model ~/hf/Qwen2.5-3B-Instruct-AWQ --out qwen-awq\n  \
+    jetvlm quantize --model ~/hf/SmolLM2-135M --from smollm2-135m-q4_0.gguf --out smol-q4_0\n\n\
     Writes <name>.qweight (I8 codes, or U8 with two 4-bit codes per byte), <name>.scales (F16)\n\
     and, for 4 bits, <name>.zeros (F16) for every layer matrix; embeddings, norms and biases\n\
     are copied as stored, and config.json gains a quantization_config entry. Quantized\n\
-    decoders run on the CPU (--device cpu).")]
+    decoders run on the CPU (--device cpu). An AWQ (GEMM) or GPTQ (4-bit) checkpoint given as\n\
+    --model is converted to this layout (no --bits); so is a GGUF file (Q4_0, Q8_0) given\n\
+    with --from, --model then naming the Hugging Face directory it came from.")]
 pub struct QuantizeArgs {
     /// Decoder directory (config.json + safetensors), or a model package (its decoder).
     #[arg(long)]
     pub model: PathBuf,
-    /// Bits per weight of the layer matrices.
+    /// Bits per weight of the layer matrices (not with a pre-quantized --model or --from).
     #[arg(long, value_enum)]
-    pub bits: Bits,
-    /// Weights per group (one FP16 scale, and zero for 4 bits, per group along a row).
-    #[arg(long, value_enum, default_value_t = Group::G64)]
-    pub group: Group,
+    pub bits: Option<Bits>,
+    /// A GGUF file (Q4_0 / Q8_0 matrices) of the --model decoder, converted instead of
+    /// quantizing --model's weights.
+    #[arg(long, value_name = "FILE.gguf")]
+    pub from: Option<PathBuf>,
+    /// Weights per group (one FP16 scale, and zero for 4 bits, per group along a row);
+    /// default 64.
+    #[arg(long, value_enum)]
+    pub group: Option<Group>,
     /// Quantize the LM head too (8 bits; a tied head gets its own INT8 copy and the
     /// embedding table stays as stored). Default: the head stays as stored.
     #[arg(long, value_enum)]
@@ -61,16 +72,6 @@ pub enum HeadBits {
 }
 
 pub fn run(args: QuantizeArgs) -> Result<()> {
-    let bits = match args.bits {
-        Bits::B4 => 4,
-        Bits::B8 => 8,
-    };
-    let group = match args.group {
-        Group::G32 => 32,
-        Group::G64 => 64,
-        Group::G128 => 128,
-    };
-    let format = WeightFormat::new(bits, group)?;
     let src = super::decoder_dir(&args.model)?;
     if !src.join("config.json").is_file() {
         bail!(
@@ -79,6 +80,23 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
             src.display()
         );
     }
+    let method = import::quant_method(&src)?;
+    if args.from.is_some() || method.is_some() {
+        return convert(&args, &src, method);
+    }
+    let Some(bits) = args.bits else {
+        bail!("--bits 4 or --bits 8 is required (or a pre-quantized --model, or --from FILE.gguf)");
+    };
+    let bits = match bits {
+        Bits::B4 => 4,
+        Bits::B8 => 8,
+    };
+    let group = match args.group.unwrap_or(Group::G64) {
+        Group::G32 => 32,
+        Group::G64 => 64,
+        Group::G128 => 128,
+    };
+    let format = WeightFormat::new(bits, group)?;
     let opts = QuantizeOptions {
         format,
         head_int8: args.head_bits.is_some(),
@@ -100,6 +118,51 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         mb(r.bytes_in),
         mb(r.bytes_out),
         r.bytes_in as f64 / r.bytes_out.max(1) as f64,
+        r.files.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Converts a pre-quantized checkpoint (`--from FILE.gguf`, or an AWQ / GPTQ `--model`).
+fn convert(args: &QuantizeArgs, src: &Path, method: Option<String>) -> Result<()> {
+    if args.bits.is_some() || args.group.is_some() || args.head_bits.is_some() {
+        bail!(
+            "--bits, --group and --head-bits quantize an unquantized model; {} is converted in its own format (drop them)",
+            args.from.as_ref().map_or_else(
+                || format!(
+                    "--model {} ({})",
+                    args.model.display(),
+                    method.as_deref().unwrap_or("")
+                ),
+                |f| format!("--from {}", f.display())
+            )
+        );
+    }
+    let t0 = std::time::Instant::now();
+    let r = match &args.from {
+        Some(gguf) => import::import_gguf(src, gguf, &args.out)
+            .map_err(|e| anyhow::anyhow!("converting --from {}: {e}", gguf.display()))?,
+        None => import::import_checkpoint(src, &args.out)
+            .map_err(|e| anyhow::anyhow!("converting {}: {e}", src.display()))?,
+    };
+    println!(
+        "wrote {}: {} matrices from {} as INT{} g{}{}, {} tensors copied, weights {:.1} MB, {} other files copied, {:.1} s",
+        args.out.display(),
+        r.matrices,
+        r.source,
+        r.format.bits(),
+        r.format.group(),
+        if r.requantized > 0 {
+            format!(
+                " ({} act-order matrices quantized again in contiguous groups)",
+                r.requantized
+            )
+        } else {
+            String::new()
+        },
+        r.copied,
+        r.bytes_out as f64 / 1e6,
         r.files.len(),
         t0.elapsed().as_secs_f64()
     );

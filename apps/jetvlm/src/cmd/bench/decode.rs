@@ -10,16 +10,24 @@
 //! sharing the cores slow all of them alike; the load average is reported with the figures.
 //! Bandwidth is measured before and after the decode steps and the higher figure is the
 //! roofline, so a measurement slowed by other processes does not flatter the fraction.
+//!
+//! `--weights bf16,q8,q4` compares weight formats in the same run: each is loaded (converted
+//! at load, or quantized by `jetvlm quantize`'s code into a temporary directory that is
+//! removed once mapped, or read from a prequantized directory) and its decode steps join the
+//! same interleaved rounds.
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use jetvlm_core::DType;
 use jetvlm_core::{TokenKind, sysinfo};
+use jetvlm_decoder::quantize::{QuantizeOptions, quantize_dir};
 use jetvlm_decoder::{Input, LoadOptions, Model, sampler::argmax};
 use jetvlm_kvcache::policy::split_policies;
 use jetvlm_kvcache::{KvPolicy, MixedKvCache};
+use jetvlm_quant::WeightFormat;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Args, Debug)]
@@ -52,6 +60,12 @@ pub struct DecodeArgs {
     /// own `key=value` pieces stay with it); repeatable.
     #[arg(long, default_value = "fp16,mixed")]
     pub kv: Vec<String>,
+    /// Weight formats to compare, comma-separated: `stored` (as the model holds them),
+    /// `bf16`, `f16`, `f32` (converted at load), `q8`, `q4` (quantized as `jetvlm quantize
+    /// --bits 8|4 --head-bits 8` does, groups of 64; `q4g32`, `q8g128` name the group), or
+    /// a directory holding the same decoder already quantized. CPU only.
+    #[arg(long, value_delimiter = ',', default_value = "stored")]
+    pub weights: Vec<String>,
     /// Do not evict the last-level cache between decode steps.
     #[arg(long)]
     pub no_flush: bool,
@@ -96,14 +110,90 @@ impl DecodeArgs {
     }
 }
 
-/// One context x policy row (shared with the CUDA bench).
+/// A `--weights` entry.
+#[derive(Clone, Debug, PartialEq)]
+enum WeightChoice {
+    Stored,
+    Convert(DType),
+    Quantize(WeightFormat),
+    Dir(PathBuf),
+}
+
+/// Parses one `--weights` entry (`stored`, `bf16`, `q4`, `q8g128`, a directory).
+fn parse_weights(s: &str) -> Result<WeightChoice> {
+    let bad = || {
+        anyhow::anyhow!(
+            "--weights {s}: expected stored, bf16, f16, f32, q8 or q4 (optionally with a group: q4g32, q4g64, q4g128), or a decoder directory"
+        )
+    };
+    Ok(match s {
+        "stored" => WeightChoice::Stored,
+        "bf16" => WeightChoice::Convert(DType::BF16),
+        "f16" => WeightChoice::Convert(DType::F16),
+        "f32" => WeightChoice::Convert(DType::F32),
+        _ if s.starts_with('q') && !Path::new(s).exists() => {
+            let (bits, group) = s[1..].split_once('g').unwrap_or((&s[1..], "64"));
+            let bits: u32 = bits.parse().map_err(|_| bad())?;
+            let group: usize = group.parse().map_err(|_| bad())?;
+            WeightChoice::Quantize(
+                WeightFormat::new(bits, group)
+                    .map_err(|e| anyhow::anyhow!("--weights {s}: {e}"))?,
+            )
+        }
+        _ if Path::new(s).join("config.json").is_file() => WeightChoice::Dir(PathBuf::from(s)),
+        _ => return Err(bad()),
+    })
+}
+
+/// Loads `--model` in the format `choice` names.
+fn load_weights(model: &Path, name: &str, choice: &WeightChoice) -> Result<Model> {
+    let ctx = || {
+        format!(
+            "--weights {name}: loading the decoder from {}",
+            model.display()
+        )
+    };
+    Ok(match choice {
+        WeightChoice::Stored => Model::load(model, &LoadOptions::default()).with_context(ctx)?,
+        WeightChoice::Convert(dt) => {
+            Model::load(model, &LoadOptions { dtype: Some(*dt) }).with_context(ctx)?
+        }
+        WeightChoice::Dir(dir) => Model::load(dir, &LoadOptions::default())
+            .with_context(|| format!("--weights {name}: loading {}", dir.display()))?,
+        WeightChoice::Quantize(format) => {
+            let tmp =
+                std::env::temp_dir().join(format!("jetvlm-bench-{}-{name}", std::process::id()));
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp)
+                    .with_context(|| format!("removing {}", tmp.display()))?;
+            }
+            eprintln!("--weights {name}: quantizing {}...", model.display());
+            let opts = QuantizeOptions {
+                format: *format,
+                head_int8: true,
+            };
+            let loaded = quantize_dir(model, &tmp, &opts)
+                .with_context(|| format!("--weights {name}: quantizing {}", model.display()))
+                .and_then(|_| Model::load(&tmp, &LoadOptions::default()).with_context(ctx));
+            // The model maps its file: the directory can go now.
+            let _ = std::fs::remove_dir_all(&tmp);
+            loaded?
+        }
+    })
+}
+
+/// One context x weights x policy row (shared with the CUDA bench).
 #[derive(Serialize)]
 pub(super) struct Row {
     pub(super) context: usize,
+    /// The `--weights` entry (`stored` when not given).
+    pub(super) weights: String,
     pub(super) kv: String,
     pub(super) prefill: &'static str,
     pub(super) prefill_tokens: usize,
     pub(super) ttft_ms: f64,
+    /// `prefill_tokens / TTFT`.
+    pub(super) prefill_tokens_per_s: f64,
     pub(super) tpot_ms: f64,
     pub(super) tpot_p10_ms: f64,
     pub(super) tpot_p90_ms: f64,
@@ -117,10 +207,22 @@ pub(super) struct Row {
     pub(super) roofline_tpot_ms: f64,
 }
 
+/// One `--weights` entry as loaded.
+#[derive(Serialize)]
+struct WeightsInfo {
+    name: String,
+    /// `Model::weight_description` (`int4 g64, LM head int8 g64, embeddings bf16`).
+    description: String,
+    /// Bytes of the weight buffers the loaded model holds.
+    bytes_held: u64,
+    bytes_read_per_token: u64,
+}
+
 #[derive(Serialize)]
 struct Report {
     model: String,
     weight_dtype: String,
+    weights: Vec<WeightsInfo>,
     threads: usize,
     llc_bytes: Option<u64>,
     /// The higher of the two bandwidth measurements (BW % and roof ms use it).
@@ -149,8 +251,10 @@ fn load_average() -> Option<String> {
     )
 }
 
-/// One policy's filled cache and its decode timings.
+/// One weights x policy's filled cache and its decode timings.
 struct PolicyRun {
+    /// Index into the loaded models.
+    model: usize,
     name: String,
     cache: MixedKvCache,
     ttft_ms: f64,
@@ -187,12 +291,50 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
+    if args.device != jetvlm_core::Device::Cpu && args.weights.iter().any(|w| w != "stored") {
+        bail!("--weights compares weight formats on the CPU decoder (--device cpu)");
+    }
     #[cfg(feature = "cuda")]
     if args.device == jetvlm_core::Device::Cuda {
         return super::decode_cuda::run(&args, package_policy.as_ref());
     }
-    let model = Model::load(&args.model, &LoadOptions::default())
-        .with_context(|| format!("loading the decoder from {}", args.model.display()))?;
+    let choices = args
+        .weights
+        .iter()
+        .map(|w| Ok((w.clone(), parse_weights(w)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut models = Vec::with_capacity(choices.len());
+    for (name, choice) in &choices {
+        models.push(load_weights(&args.model, name, choice)?);
+    }
+    let weights_info: Vec<WeightsInfo> = models
+        .iter()
+        .zip(&choices)
+        .map(|(m, (name, _))| WeightsInfo {
+            name: name.clone(),
+            description: m.weight_description(),
+            bytes_held: m.weight_bytes_held(),
+            bytes_read_per_token: m.weight_bytes_read_per_token(),
+        })
+        .collect();
+    let model = &models[0];
+    let shape = |m: &Model| {
+        let c = &m.config().model;
+        (
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.intermediate_size,
+            c.vocab_size,
+            c.head_dim,
+        )
+    };
+    if let Some(m) = models.iter().find(|m| shape(m) != shape(model)) {
+        bail!(
+            "--weights: the formats are not the same decoder ({} and {} differ in shape)",
+            model.weight_description(),
+            m.weight_description()
+        );
+    }
     // As `ask` and `watch` run them on the same --model (a package's block sizes, the group
     // fitted to the head dim), and so named.
     let policies =
@@ -216,53 +358,56 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
         // Every policy's cache is filled first; their decode steps are then timed in turn
         // (one step of each policy per round), so load from other processes during the
         // run falls on all policies alike.
-        let mut runs = Vec::with_capacity(policies.len());
-        for policy in &policies {
-            let name = policy.name();
-            eprintln!(
-                "context {context}, KV {name}: filling ({})...",
-                if real { "prefill" } else { "synthetic" }
-            );
-            let mut cache = MixedKvCache::new(
-                model.cache_shape(),
-                policy.clone(),
-                context + args.steps + 8,
-            )?;
-            let (ttft_ms, prefill_tokens, next) = if real {
-                let (ms, tok) = prefill(
-                    &model,
-                    &mut cache,
-                    frame_total,
-                    text_total,
-                    args.frame_tokens,
-                    &mut rng,
+        let mut runs = Vec::with_capacity(policies.len() * models.len());
+        for (mi, (model, (wname, _))) in models.iter().zip(&choices).enumerate() {
+            for policy in &policies {
+                let name = policy.name();
+                eprintln!(
+                    "context {context}, weights {wname}, KV {name}: filling ({})...",
+                    if real { "prefill" } else { "synthetic" }
+                );
+                let mut cache = MixedKvCache::new(
+                    model.cache_shape(),
+                    policy.clone(),
+                    context + args.steps + 8,
                 )?;
-                (ms, context, tok)
-            } else {
-                synthetic_fill(
-                    &model,
-                    &mut cache,
-                    frame_total,
-                    text_total,
-                    args.frame_tokens,
-                    &mut rng,
-                )?;
-                // TTFT on a separate real prefill of the same layout, shorter.
-                let n = args.ttft_tokens.min(context).max(1);
-                let (f, t) = layout(n, args.text_fraction, args.frame_tokens);
-                let mut c2 = MixedKvCache::new(model.cache_shape(), policy.clone(), n + 1)?;
-                let (ms, _) = prefill(&model, &mut c2, f, t, args.frame_tokens, &mut rng)?;
-                (ms, n, rng.random_range(0..model.vocab_size() as u32))
-            };
-            runs.push(PolicyRun {
-                name,
-                cache,
-                ttft_ms,
-                prefill_tokens,
-                next,
-                times: Vec::with_capacity(args.steps),
-                kv_read: 0,
-            });
+                let (ttft_ms, prefill_tokens, next) = if real {
+                    let (ms, tok) = prefill(
+                        &model,
+                        &mut cache,
+                        frame_total,
+                        text_total,
+                        args.frame_tokens,
+                        &mut rng,
+                    )?;
+                    (ms, context, tok)
+                } else {
+                    synthetic_fill(
+                        &model,
+                        &mut cache,
+                        frame_total,
+                        text_total,
+                        args.frame_tokens,
+                        &mut rng,
+                    )?;
+                    // TTFT on a separate real prefill of the same layout, shorter.
+                    let n = args.ttft_tokens.min(context).max(1);
+                    let (f, t) = layout(n, args.text_fraction, args.frame_tokens);
+                    let mut c2 = MixedKvCache::new(model.cache_shape(), policy.clone(), n + 1)?;
+                    let (ms, _) = prefill(&model, &mut c2, f, t, args.frame_tokens, &mut rng)?;
+                    (ms, n, rng.random_range(0..model.vocab_size() as u32))
+                };
+                runs.push(PolicyRun {
+                    model: mi,
+                    name,
+                    cache,
+                    ttft_ms,
+                    prefill_tokens,
+                    next,
+                    times: Vec::with_capacity(args.steps),
+                    kv_read: 0,
+                });
+            }
         }
         // Two warm-up rounds, then timed rounds (LLC evicted before each step).
         eprintln!(
@@ -276,7 +421,7 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
                 }
                 flush(&mut flusher);
                 let t = Instant::now();
-                let logits = model.forward(&[Input::text(&[r.next])], &mut r.cache)?;
+                let logits = models[r.model].forward(&[Input::text(&[r.next])], &mut r.cache)?;
                 r.next = argmax(logits.last());
                 if s >= 2 {
                     r.times.push(t.elapsed().as_secs_f64());
@@ -289,15 +434,17 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
             times.sort_by(f64::total_cmp);
             let mean = times.iter().sum::<f64>() / times.len() as f64;
             let pct = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize] * 1e3;
-            let wbytes = model.weight_bytes_read_per_token();
+            let wbytes = models[r.model].weight_bytes_read_per_token();
             let bytes = (wbytes + r.kv_read) as f64;
             let achieved = bytes / mean / 1e9;
             rows.push(Row {
                 context,
+                weights: choices[r.model].0.clone(),
                 kv: r.name,
                 prefill: if real { "real" } else { "synthetic" },
                 prefill_tokens: r.prefill_tokens,
                 ttft_ms: r.ttft_ms,
+                prefill_tokens_per_s: r.prefill_tokens as f64 / (r.ttft_ms / 1e3),
                 tpot_ms: mean * 1e3,
                 tpot_p10_ms: pct(0.1),
                 tpot_p90_ms: pct(0.9),
@@ -325,6 +472,7 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
     let report = Report {
         model: args.model.display().to_string(),
         weight_dtype: model.weight_description(),
+        weights: weights_info,
         threads,
         llc_bytes: llc,
         bandwidth_gbs: best_gbs,
@@ -449,10 +597,16 @@ pub(super) fn mb(b: u64) -> f64 {
 }
 
 fn print_table(r: &Report) {
-    println!(
-        "model {} ({} weights), {} threads",
-        r.model, r.weight_dtype, r.threads
-    );
+    println!("model {}, {} threads", r.model, r.threads);
+    for w in &r.weights {
+        println!(
+            "weights {:<10} {} ({:.1} MB held, {:.1} MB read per token)",
+            w.name,
+            w.description,
+            mb(w.bytes_held),
+            mb(w.bytes_read_per_token)
+        );
+    }
     println!(
         "last-level cache {}, measured read bandwidth {:.2} GB/s (higher of {:.2} before and {:.2} after the decode steps; buffer {:.0} MB){}",
         r.llc_bytes
@@ -480,11 +634,13 @@ fn print_table(r: &Report) {
 /// `gbs_decimals` for GB/s: a GPU's TPOT needs more digits than a CPU's).
 pub(super) fn print_rows(rows: &[Row], tpot_decimals: usize, gbs_decimals: usize) {
     println!(
-        "{:>7} {:<28} {:>9} {:>10} {:>9} {:>8} {:>8} {:>9} {:>8} {:>7} {:>9}",
+        "{:>7} {:<10} {:<28} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>7} {:>9}",
         "context",
+        "weights",
         "kv",
         "prefill",
         "TTFT ms",
+        "pf tok/s",
         "TPOT ms",
         "W MB/t",
         "KV MB/t",
@@ -495,8 +651,9 @@ pub(super) fn print_rows(rows: &[Row], tpot_decimals: usize, gbs_decimals: usize
     );
     for x in rows {
         println!(
-            "{:>7} {:<28} {:>9} {:>10.1} {:>9.t$} {:>8.1} {:>8.2} {:>9.2} {:>8.g$} {:>6.1}% {:>9.t$}",
+            "{:>7} {:<10} {:<28} {:>9} {:>10.1} {:>9.0} {:>9.t$} {:>8.1} {:>8.2} {:>9.2} {:>8.g$} {:>6.1}% {:>9.t$}",
             x.context,
+            x.weights,
             x.kv,
             format!(
                 "{}{}",
@@ -508,6 +665,7 @@ pub(super) fn print_rows(rows: &[Row], tpot_decimals: usize, gbs_decimals: usize
                 }
             ),
             x.ttft_ms,
+            x.prefill_tokens_per_s,
             x.tpot_ms,
             mb(x.weight_bytes_per_token),
             mb(x.kv_bytes_per_token),

@@ -244,10 +244,12 @@ pub fn run(args: &DecodeArgs, package: Option<&KvPolicy>) -> Result<()> {
             let (text_tokens, frame_tokens) = session.cache().table().token_counts();
             rows.push(Row {
                 context,
+                weights: "stored".into(),
                 kv: name,
                 prefill: if real { "real" } else { "synthetic" },
                 prefill_tokens,
                 ttft_ms,
+                prefill_tokens_per_s: prefill_tokens as f64 / (ttft_ms / 1e3),
                 tpot_ms: mean * 1e3,
                 tpot_p10_ms: pct(0.1),
                 tpot_p90_ms: pct(0.9),
