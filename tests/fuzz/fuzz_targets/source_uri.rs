@@ -51,7 +51,10 @@ fuzz_target!(|data: &[u8]| {
             }
             if uri.credentials.is_some() {
                 assert!(uri.redacted().contains("***@"));
-                assert!(!uri.path.contains('@') || !uri.path[..uri.path.find('/').unwrap_or(uri.path.len())].contains('@'));
+                assert!(
+                    !uri.path.contains('@')
+                        || !uri.path[..uri.path.find('/').unwrap_or(uri.path.len())].contains('@')
+                );
             }
             let _ = jetvlm_camera::open(text).map(|_| ());
         }
