@@ -335,3 +335,63 @@ fn health_models_and_errors_over_raw_http_without_a_camera() {
     assert!(String::from_utf8_lossy(&body).contains("<canvas id=\"latency\""));
     assert_eq!(server.stop().code(), Some(0));
 }
+
+#[test]
+fn a_client_that_leaves_while_queued_cancels_its_request() {
+    use base64::Engine;
+    let server = std::sync::Arc::new(Server::start(&["--queue", "16"]));
+    // Requests of 4 images each keep the model busy for a while.
+    let mut scene = jetvlm_camera::open("synthetic://scene?seed=5&pace=0").unwrap();
+    let Capture::Frame(f) = scene.capture(Duration::from_secs(1)).unwrap() else {
+        panic!("no frame")
+    };
+    let mut png = Vec::new();
+    image::RgbImage::from_raw(f.width, f.height, f.rgb)
+        .unwrap()
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let uri = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&png)
+    );
+    let part = serde_json::json!({"type": "image_url", "image_url": {"url": uri}});
+    let body = serde_json::json!({"model": "jetvlm-demo-scenes", "messages": [{"role": "user",
+        "content": [part, part, part, part, {"type": "text", "text": QUESTION}]}]})
+    .to_string();
+    let busy: Vec<_> = (0..8)
+        .map(|_| {
+            let (server, body) = (server.clone(), body.clone());
+            std::thread::spawn(move || {
+                server
+                    .request("POST", "/v1/chat/completions", &[], body.as_bytes())
+                    .0
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(30));
+    // A client that sends its request and goes away before the model reaches it.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(&server.addr).unwrap();
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    for t in busy {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+    let (_, _, m) = server.request("GET", "/metrics", &[], b"");
+    let m = String::from_utf8(m).unwrap();
+    let cancelled = metric(&m, "jetvlm_generations_total{outcome=\"cancelled\"}");
+    assert_eq!(cancelled, Some(1.0), "{m}");
+    assert_eq!(
+        metric(&m, "jetvlm_generations_total{outcome=\"stop\"}"),
+        Some(8.0)
+    );
+    let server = std::sync::Arc::try_unwrap(server).ok().unwrap();
+    assert_eq!(server.stop().code(), Some(0));
+}

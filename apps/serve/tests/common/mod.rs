@@ -107,7 +107,7 @@ fn wait_for(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
 pub struct Server {
     child: Option<Child>,
     pub addr: String,
-    stderr: mpsc::Receiver<String>,
+    stderr: std::sync::Mutex<mpsc::Receiver<String>>,
 }
 
 impl Server {
@@ -152,7 +152,7 @@ impl Server {
         let mut server = Server {
             child: Some(child),
             addr,
-            stderr: rx,
+            stderr: std::sync::Mutex::new(rx),
         };
         let t0 = Instant::now();
         loop {
@@ -256,7 +256,10 @@ impl Server {
 
     /// Lines the server printed on stderr so far.
     pub fn stderr_lines(&self) -> Vec<String> {
-        self.stderr.try_iter().collect()
+        match self.stderr.lock() {
+            Ok(rx) => rx.try_iter().collect(),
+            Err(_) => Vec::new(),
+        }
     }
 }
 
