@@ -13,16 +13,29 @@ TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}  # ONNX vs PyTorch, times the output's 
 NEEDS = ("torch", "transformers", "onnx", "onnxruntime", "safetensors", "numpy", "PIL")
 
 
+def frame_size(text: str):
+    """`--frame-size`: `N` (N x N) or `WIDTHxHEIGHT`."""
+    parts = text.lower().split("x")
+    try:
+        if len(parts) == 1:
+            return int(parts[0]), int(parts[0])
+        if len(parts) == 2:
+            return int(parts[0]), int(parts[1])
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not N or WIDTHxHEIGHT")
+
+
 def parse(argv):
     ap = argparse.ArgumentParser(
         prog="jetvlm export",
         description="Export a Hugging Face vision-language checkpoint (LLaVA-1.5, "
-        "Idefics3/SmolVLM, InternVL3) to a jetvlm model package.",
+        "Idefics3/SmolVLM, InternVL3, Qwen2.5-VL) to a jetvlm model package.",
         epilog="example: jetvlm export ~/hf/llava-1.5-7b-hf --out models/llava-1.5-7b",
     )
     ap.add_argument("hf_dir", type=Path, help="Hugging Face model directory (config.json, safetensors, tokenizer, processor)")
     ap.add_argument("--out", type=Path, required=True, help="package directory to write")
-    ap.add_argument("--frame-size", type=int, default=None, help="encoder input side in pixels (default: the vision tower's native size)")
+    ap.add_argument("--frame-size", type=frame_size, default=None, metavar="N|WxH", help="encoder input size in pixels, N for N x N (default: the vision tower's native size; Qwen2.5-VL: 448x448)")
     ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="precision inside the ONNX encoder (its input and output stay f32)")
     ap.add_argument("--name", default=None, help="package name (default: the checkpoint directory's name)")
     ap.add_argument("--kv-policy", default="mixed", help="kv.policy written to the manifest (default: mixed)")
@@ -43,7 +56,6 @@ def check_dependencies():
 
 def export(args) -> None:
     check_dependencies()
-    import numpy as np
     import torch
     from PIL import Image
     from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
@@ -71,14 +83,19 @@ def export(args) -> None:
             "which the package's preprocessing reproduces)"
         )
     native = family.native_size(cfg)
-    frame = args.frame_size or native
-    if frame <= 0:
-        raise ExportError(f"--frame-size {frame} must be positive")
+    nw, nh = (native, native) if isinstance(native, int) else native
+    fw, fh = args.frame_size or (nw, nh)
+    if fw <= 0 or fh <= 0:
+        raise ExportError(f"--frame-size {fw}x{fh} must be positive")
+    if family.square and fw != fh:
+        raise ExportError(f"--frame-size {fw}x{fh}: {family.name} frames are square (pass one number)")
+    # Square families take the side, the others (width, height).
+    frame = fw if family.square else (fw, fh)
     family.check(cfg, frame)
     log(f"{hf}: {family.name} ({raw['model_type']}), vision tower {cfg.vision_config.model_type}, "
         f"language model {cfg.text_config.model_type}")
-    if frame != native:
-        log(f"warning: frame {frame}x{frame} differs from the trained {native}x{native} "
+    if family.square and fw != nw:
+        log(f"warning: frame {fw}x{fh} differs from the trained {nw}x{nh} "
             "(the vision tower's position embeddings are resampled; answers may degrade)")
     try:
         processor = AutoProcessor.from_pretrained(str(hf))
@@ -92,7 +109,8 @@ def export(args) -> None:
     pre = family.preprocessing(ip, frame)
     text_type = cfg.text_config.model_type
     archs = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-    if text_type not in archs:
+    text_as = {"qwen2_5_vl_text": "qwen2"}.get(text_type, text_type)  # the same layer recipe
+    if text_as not in archs:
         raise ExportError(f"language model `{text_type}` is not supported (llama, mistral, qwen2)")
 
     files = common.load_state(hf)
@@ -100,12 +118,15 @@ def export(args) -> None:
     tokens = family.tokens_per_frame(cfg, frame)
     hidden = int(cfg.text_config.hidden_size)
 
-    img = common.probe_image(frame, frame)
+    img = common.probe_image(fw, fh)
     pv = common.normalise(img, pre["mean"], pre["std"])
-    if frame == native:
-        got = ip(images=[Image.fromarray(img)], return_tensors="np", **family.one_frame)["pixel_values"]
-        got = np.asarray(got, dtype=np.float32).reshape(-1, 3, frame, frame)[-1:]
-        common.check_close("manifest preprocessing vs the processor (probe image)", pv, got, 2e-2)
+    if (fw, fh) == (nw, nh) or not family.square:
+        got = family.processor_pixels(ip, Image.fromarray(img), fw, fh)
+        if got is None:
+            log(f"note: the processor resizes a {fw}x{fh} image to another size; the "
+                "preprocessing check is skipped")
+        else:
+            common.check_close("manifest preprocessing vs the processor (probe image)", pv, got, 2e-2)
     with torch.no_grad():
         ref = module(torch.from_numpy(pv)).numpy()
     if ref.shape != (1, tokens, hidden):
@@ -113,19 +134,20 @@ def export(args) -> None:
 
     with common.staged_output(args.out, args.force) as tmp:
         onnx_path = tmp / "vision.onnx"
-        log(f"exporting the vision encoder ({args.dtype}, {frame}x{frame} -> {tokens}x{hidden})")
+        log(f"exporting the vision encoder ({args.dtype}, {fw}x{fh} -> {tokens}x{hidden})")
         common.export_onnx(module, torch.from_numpy(pv), onnx_path, args.dtype, tokens, hidden)
         out = common.run_onnx(onnx_path, pv)
         diff = common.check_close("vision.onnx (ONNX Runtime) vs PyTorch (probe image)", out, ref, TOLERANCE[args.dtype])
 
         dec = tmp / "decoder"
         dec.mkdir()
-        text = common.text_config(raw, cfg.text_config, family.lm_key, archs[text_type], text_type)
+        text = common.text_config(raw, cfg.text_config, family.lm_key, archs[text_as], text_as)
+        text.update(family.decoder_fields(cfg, frame))
         n, nbytes, has_head = common.write_language_model(files, family.lm_prefixes, family.lm_heads, dec)
         # The weights decide: without an LM head tensor the head is the embedding table.
         text["tie_word_embeddings"] = not has_head
         (dec / "config.json").write_text(json.dumps(text, indent=2) + "\n")
-        log(f"language model: {n} tensors, {nbytes / 2**20:.1f} MiB -> decoder/ ({archs[text_type]})")
+        log(f"language model: {n} tensors, {nbytes / 2**20:.1f} MiB -> decoder/ ({archs[text_as]})")
         common.save_tokenizer(hf, dec)
 
         tok = processor.tokenizer
@@ -145,7 +167,7 @@ def export(args) -> None:
                     f"Exported by `jetvlm export` from {hf.resolve().name} ({raw['model_type']}).",
                     f"vision.onnx: {args.dtype}, ONNX Runtime vs PyTorch max abs diff {diff:.2e} on a probe image.",
                 ],
-                "vision": {"height": frame, "width": frame, "tokens_per_frame": tokens, **pre},
+                "vision": {"height": fh, "width": fw, "tokens_per_frame": tokens, **pre},
                 "prompt": prompt,
                 "kv_policy": args.kv_policy,
             },

@@ -12,8 +12,14 @@ A family provides:
     preprocessing(...)   the manifest's vision fields + notes on what jetvlm does differently
     frame_text(proc)     text before and after a frame's embeddings (the expanded image tokens)
     one_frame            image processor keyword arguments that give one frame (no tiling)
+    square               whether frames are square (`--frame-size N`); otherwise the family
+                         takes (width, height) where the others take the side
+    processor_pixels(..) the processor's pixel values of an image as [1,3,H,W], to check the
+                         manifest's preprocessing against (None: the processor picks another size)
+    decoder_fields(..)   fields the decoder's config.json needs beyond the text config
 """
 
+import numpy as np
 import torch
 
 from .common import ExportError, load_tensors, strip_prefix
@@ -80,12 +86,25 @@ def _normalisation(ip) -> tuple:
     return mean, std
 
 
-class Llava:
+class Family:
+    """Defaults shared by the families."""
+
+    one_frame: dict = {}
+    square = True
+
+    def processor_pixels(self, ip, image, width: int, height: int):
+        got = ip(images=[image], return_tensors="np", **self.one_frame)["pixel_values"]
+        return np.asarray(got, dtype=np.float32).reshape(-1, 3, height, width)[-1:]
+
+    def decoder_fields(self, cfg, frame) -> dict:
+        return {}
+
+
+class Llava(Family):
     """LLaVA-1.5: CLIP vision tower, hidden states of `vision_feature_layer` (CLS dropped with
     the "default" strategy), 2-layer MLP projector; a Llama/Mistral/Qwen2 language model."""
 
     name = "llava"
-    one_frame: dict = {}
     model_types = ("llava",)
     lm_key = "text_config"
     lm_prefixes = ("model.language_model.", "language_model.model.")
@@ -164,7 +183,7 @@ class Llava:
         return processor.image_token
 
 
-class Idefics3:
+class Idefics3(Family):
     """Idefics3 / SmolVLM: SigLIP-style vision transformer, pixel-shuffle connector, a Llama
     language model. One frame at the vision tower's size (the processor's global image); the
     processor's tiling of large images into sub-images is not reproduced."""
@@ -259,7 +278,7 @@ class Idefics3:
         return processor.image_token
 
 
-class InternVL:
+class InternVL(Family):
     """InternVL3 (transformers' native `InternVLForConditionalGeneration`): InternViT vision
     tower (CLS token, learned positions, layer scale), the hidden states of
     `vision_feature_layer` without CLS, pixel shuffle by `downsample_ratio`, a LayerNorm + MLP
@@ -385,7 +404,112 @@ class InternVL:
         return processor.image_token
 
 
-FAMILIES = [Llava(), Idefics3(), InternVL()]
+class Qwen25VL(Family):
+    """Qwen2.5-VL: the vision transformer (2D RoPE, window attention with full attention in
+    `fullatt_block_indexes`, 2x2 patch merger) exported at one fixed frame size (the processor
+    keeps any multiple of patch x merge within its pixel bounds; jetvlm fixes it), a Qwen2
+    language model with M-RoPE: a frame's tokens rotate by (frame start, row, column), written
+    to the decoder's config as `mrope_frame_grid`."""
+
+    name = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+    square = False
+    lm_key = "text_config"
+    lm_prefixes = ("model.language_model.", "model.")
+    lm_heads = ("lm_head.weight",)
+    vision_prefixes = ("model.visual.", "visual.")
+    default_frame = (448, 448)
+
+    def native_size(self, cfg):
+        return self.default_frame
+
+    def _steps(self, cfg):
+        vc = cfg.vision_config
+        return int(vc.patch_size), int(vc.spatial_merge_size), int(vc.temporal_patch_size)
+
+    def check(self, cfg, frame) -> None:
+        p, m, _ = self._steps(cfg)
+        w, h = frame
+        if w % (p * m) or h % (p * m):
+            raise ExportError(
+                f"--frame-size {w}x{h}: both sides must be multiples of patch size x merge size ({p * m})"
+            )
+        section = (cfg.text_config.rope_parameters or {}).get("mrope_section")
+        if not section or len(section) != 3:
+            raise ExportError(f"text_config.rope_parameters.mrope_section {section} is not three sizes")
+
+    def grid(self, cfg, frame):
+        """Rows and columns of a frame's tokens (after the 2x2 merge)."""
+        p, m, _ = self._steps(cfg)
+        w, h = frame
+        return h // (p * m), w // (p * m)
+
+    def tokens_per_frame(self, cfg, frame) -> int:
+        rows, cols = self.grid(cfg, frame)
+        return rows * cols
+
+    def decoder_fields(self, cfg, frame) -> dict:
+        rows, cols = self.grid(cfg, frame)
+        return {"mrope_frame_grid": [rows, cols]}
+
+    def encoder(self, cfg, files, frame):
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+            Qwen2_5_VisionTransformerPretrainedModel as Vit,
+        )
+
+        vit = _load(Vit(cfg.vision_config), files, self.vision_prefixes, "vision transformer")
+        p, m, t = self._steps(cfg)
+        w, h = frame
+        gh, gw = h // p, w // p
+        grid = torch.tensor([[1, gh, gw]], dtype=torch.long)
+
+        class Qwen25VLImagePath(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.vit = vit
+                self.register_buffer("grid", grid, persistent=False)
+
+            def forward(self, pixel_values):
+                # The processor's patch order: merge windows row-major, then the 2x2 patches
+                # of a window, each patch C x T x p x p (the frame repeated in time).
+                x = pixel_values[0].reshape(3, gh // m, m, p, gw // m, m, p)
+                x = x.permute(1, 4, 2, 5, 0, 3, 6).unsqueeze(5)
+                x = x.expand(gh // m, gw // m, m, m, 3, t, p, p).reshape(gh * gw, 3 * t * p * p)
+                return self.vit(x, grid_thw=self.grid).pooler_output.unsqueeze(0)
+
+        return Qwen25VLImagePath().eval()
+
+    def processor_pixels(self, ip, image, width: int, height: int):
+        out = ip(images=[image], return_tensors="np")
+        p, m, t = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+        if [int(x) for x in out["image_grid_thw"][0]] != [1, height // p, width // p]:
+            return None
+        gh, gw = height // p, width // p
+        x = np.asarray(out["pixel_values"], dtype=np.float32)
+        x = x.reshape(gh // m, gw // m, m, m, 3, t, p, p)[:, :, :, :, :, 0]
+        x = x.transpose(4, 0, 2, 5, 1, 3, 6).reshape(1, 3, height, width)
+        return np.ascontiguousarray(x)
+
+    def preprocessing(self, ip, frame) -> dict:
+        mean, std = _normalisation(ip)
+        notes = []
+        interp = _interpolation(ip, notes)
+        w, h = frame
+        notes.insert(
+            0,
+            f"processor: resizes to multiples of {ip.patch_size * ip.merge_size} within its pixel "
+            f"bounds, keeping the aspect ratio ({interp}); jetvlm stretches every frame to {w}x{h}",
+        )
+        return {"resize": "stretch", "interpolation": interp, "mean": mean, "std": std, "notes": notes}
+
+    def frame_text(self, processor) -> tuple:
+        return "", ""
+
+    def image_token(self, processor) -> str:
+        return processor.image_token
+
+
+FAMILIES = [Llava(), Idefics3(), InternVL(), Qwen25VL()]
 
 
 def family_for(model_type: str):

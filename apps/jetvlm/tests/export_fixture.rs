@@ -1,6 +1,6 @@
 //! `jetvlm export` and the packages it writes, on tiny random Hugging Face checkpoints
 //! (tests/fixtures/hf_vlms, built with transformers by tests/fixtures/make_hf_vlms.py): LLaVA-1.5,
-//! Idefics3/SmolVLM and InternVL3. `jetvlm ask` on the committed exported package gives, token
+//! Idefics3/SmolVLM, InternVL3 and Qwen2.5-VL (M-RoPE, a 3x5 frame grid). `jetvlm ask` on the committed exported package gives, token
 //! for token, transformers' `generate` on the same image and question; where expected.json holds
 //! transformers' first-token logits, the decoder's are within 1e-4 of them with the exact f32
 //! cache. The tests that export again need torch and transformers in .venv (`.ci/setup --dev`)
@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const FAMILIES: [&str; 4] = ["llava", "idefics3", "smolvlm", "internvl"];
+const FAMILIES: [&str; 5] = ["llava", "idefics3", "smolvlm", "internvl", "qwen2_5_vl"];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -161,6 +161,98 @@ fn first_token_logits_match_transformers() {
     }
 }
 
+/// M-RoPE in a camera session: a long-running Qwen2.5-VL session whose position limit makes
+/// every push evict the oldest frame and re-base, then answers exactly like a fresh session
+/// that only saw the kept frames (their M-RoPE positions, (start, row, column) with the text
+/// after each frame at start + 5 for the 3x5 grid, are the same in both).
+#[test]
+fn mrope_session_with_eviction_matches_a_fresh_prefill_of_the_kept_frames() {
+    let family = "qwen2_5_vl";
+    let exp = expected(family);
+    let q = exp["question"].as_str().unwrap().to_string();
+    let pkg = fixture(family).join("pkg");
+    let window = 2;
+    let base = jetvlm_runtime::RuntimeConfig {
+        kv_policy: Some("fp16".into()),
+        max_new_tokens: 16,
+        window_frames: window,
+        ..jetvlm_runtime::RuntimeConfig::default()
+    };
+    let frames: Vec<jetvlm_camera::Frame> = (0..5u64)
+        .map(|i| {
+            let mut f = probe_frame(family);
+            f.index = i;
+            // Every frame differs: colours shifted by the index.
+            f.rgb
+                .iter_mut()
+                .for_each(|v| *v = v.wrapping_add(37 * i as u8));
+            f
+        })
+        .collect();
+
+    let mut fresh_pipe = jetvlm_runtime::Pipeline::load(&pkg, base.clone()).unwrap();
+    let mut fresh = fresh_pipe.session().unwrap();
+    for f in &frames[frames.len() - window..] {
+        fresh.push_frame(f).unwrap();
+    }
+    let want = fresh.ask(&q).unwrap().finish().unwrap().token_ids;
+    assert_eq!(fresh.rebases(), 0);
+    let prefix = fresh.prefix_tokens();
+    drop(fresh);
+
+    // Room for the prefix, one kept frame (5 positions: the longer side of its 3x5 grid), the
+    // new frame's 15 tokens, a question and its answer: every push after the second re-bases.
+    let (tpf, ppf) = (15, 5);
+    let limit = prefix + ppf + tpf + 64 + base.max_new_tokens;
+    let mut p = jetvlm_runtime::Pipeline::load(
+        &pkg,
+        jetvlm_runtime::RuntimeConfig {
+            session_max_position: Some(limit),
+            ..base
+        },
+    )
+    .unwrap();
+    let mut s = p.session().unwrap();
+    let mut answers = Vec::new();
+    for f in &frames {
+        s.push_frame(f).unwrap();
+        answers.push(s.ask(&q).unwrap().finish().unwrap().token_ids);
+    }
+    assert_eq!(s.rebases(), frames.len() as u64 - window as u64);
+    assert_eq!(s.frames().len(), window);
+    assert_eq!(answers.last().unwrap(), &want);
+    // The frames matter: the answer about other frames differs.
+    assert_ne!(answers[1], want);
+    let got = s.ask(&q).unwrap().finish().unwrap().token_ids;
+    assert_eq!(got, want);
+}
+
+/// The device decoder has no M-RoPE kernel: `--device sim` (the CUDA path's host logic) on
+/// the Qwen2.5-VL package is refused with one line naming M-RoPE, never run as plain RoPE.
+#[test]
+fn mrope_on_the_device_path_is_refused_with_one_line() {
+    let family = "qwen2_5_vl";
+    let exp = expected(family);
+    let out = jetvlm()
+        .arg("ask")
+        .arg("--model")
+        .arg(fixture(family).join("pkg"))
+        .arg("--image")
+        .arg(fixture(family).join(exp["image"].as_str().unwrap()))
+        .arg(exp["question"].as_str().unwrap())
+        .args(["--device", "sim", "--max-tokens", "2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("M-RoPE") && lines[0].contains("mrope_section"),
+        "{err}"
+    );
+}
+
 /// Whether the project venv can run the exporter; prints why not.
 fn exporter_available(test: &str) -> bool {
     let python = root().join(".venv/bin/python");
@@ -209,11 +301,11 @@ fn export_again_gives_the_committed_package_and_answer() {
         let exp = expected(family);
         let name = format!("tiny-random-{family}");
         let question = exp["question"].as_str().unwrap();
-        let res = export(
-            &fixture(family).join("hf"),
-            &out,
-            &["--name", &name, "--question", question],
-        );
+        let mut args = vec!["--name", &name, "--question", question];
+        if let Some(extra) = exp.get("export_args").and_then(|a| a.as_array()) {
+            args.extend(extra.iter().map(|a| a.as_str().unwrap()));
+        }
+        let res = export(&fixture(family).join("hf"), &out, &args);
         let stdout = String::from_utf8_lossy(&res.stdout);
         assert!(
             res.status.success(),

@@ -57,7 +57,12 @@ pub enum RopeScaling {
     /// rotation takes its temporal, row and column position for the frequency pairs of
     /// `section[0]`, `section[1]` and `section[2]` (they sum to `head_dim / 2`). Read from
     /// `mrope_section` (with `rope_type` `mrope` in older configs, `default` in newer ones).
-    MRope { section: [usize; 3] },
+    /// `frame_grid` is `[rows, columns]` of a frame's tokens (`mrope_frame_grid`, which `jetvlm
+    /// export` writes for the package's fixed frame size); Hugging Face configs lack it.
+    MRope {
+        section: [usize; 3],
+        frame_grid: Option<[usize; 2]>,
+    },
 }
 
 /// The validated language-model configuration: every shape the decoder, the KV cache and
@@ -295,8 +300,27 @@ impl ModelConfig {
             None => f64_field("rope_theta")?.unwrap_or(10_000.0),
         };
         let max_position_embeddings = usize_field("max_position_embeddings")?.unwrap_or(4096);
-        let rope_scaling =
+        let mut rope_scaling =
             parse_rope_scaling(rope_scaling_obj, path, &rope_field, max_position_embeddings)?;
+        if let RopeScaling::MRope { frame_grid, .. } = &mut rope_scaling
+            && let Some(v) = get("mrope_frame_grid")
+        {
+            let grid: Option<Vec<usize>> = v
+                .as_array()
+                .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect());
+            match grid.as_deref() {
+                Some(&[r, c]) if r > 0 && c > 0 && r.checked_mul(c).is_some() => {
+                    *frame_grid = Some([r, c])
+                }
+                _ => {
+                    return Err(ConfigError::invalid(
+                        path,
+                        field("mrope_frame_grid"),
+                        format!("expected [rows, columns] of positive integers, got {v}"),
+                    ));
+                }
+            }
+        }
 
         let rms_norm_eps = f64_field("rms_norm_eps")?.unwrap_or(1e-6);
         let tie_word_embeddings = get("tie_word_embeddings")
@@ -409,7 +433,7 @@ impl ModelConfig {
         }
         match &self.rope_scaling {
             RopeScaling::Default => {}
-            RopeScaling::MRope { section } => {
+            RopeScaling::MRope { section, .. } => {
                 let sum = section.iter().try_fold(0usize, |a, &x| a.checked_add(x));
                 if sum != Some(self.head_dim / 2) {
                     return Err(bad(
@@ -552,7 +576,10 @@ fn parse_rope_scaling(
             .map(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
             .unwrap_or(None);
         return match parts.as_deref() {
-            Some(&[t, h, w]) => Ok(RopeScaling::MRope { section: [t, h, w] }),
+            Some(&[t, h, w]) => Ok(RopeScaling::MRope {
+                section: [t, h, w],
+                frame_grid: None,
+            }),
             _ => Err(ConfigError::invalid(
                 path,
                 format!("{field}.mrope_section"),
@@ -785,9 +812,22 @@ mod tests {
         assert_eq!(
             c.rope_scaling,
             RopeScaling::MRope {
-                section: [8, 12, 12]
+                section: [8, 12, 12],
+                frame_grid: None
             }
         );
+        v["mrope_frame_grid"] = json!([3, 5]);
+        let c = ModelConfig::from_value(&v, p()).unwrap();
+        assert!(matches!(
+            c.rope_scaling,
+            RopeScaling::MRope {
+                frame_grid: Some([3, 5]),
+                ..
+            }
+        ));
+        v["mrope_frame_grid"] = json!([3, 0]);
+        let e = ModelConfig::from_value(&v, p()).unwrap_err();
+        assert_eq!(e.field(), Some("mrope_frame_grid"), "{e}");
         let mut v = base();
         v["rope_parameters"] =
             json!({"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]});

@@ -78,6 +78,15 @@ impl<G: Gpu> DeviceDecoder<G> {
     /// Loads the decoder in `dir` (config.json + safetensors) onto `dev`.
     pub fn load(dev: &G, dir: &Path) -> Result<Self, CudaError> {
         let config = Config::from_dir(dir).map_err(model_err(dir))?;
+        if let jetvlm_core::hf::RopeScaling::MRope { .. } = config.model.rope_scaling {
+            return Err(model_err(dir)(jetvlm_decoder::DecoderError::Unsupported {
+                path: config.path.clone(),
+                field: "mrope_section".into(),
+                msg: "M-RoPE (Qwen2-VL / Qwen2.5-VL) runs on the CPU decoder only (--device cpu); \
+                      the device decoder has no M-RoPE kernel yet"
+                    .into(),
+            }));
+        }
         let ws = Weights::open(dir).map_err(model_err(dir))?;
         let weights =
             arch::load(&config.model, &ws, None, &mut Upload(dev)).map_err(|e| match e {

@@ -13,8 +13,8 @@
 
 use crate::error::{DecoderError, Result};
 use crate::weights::{Tensor, Weights};
-use jetvlm_core::DType;
-use jetvlm_core::hf::ModelConfig;
+use jetvlm_core::hf::{ModelConfig, RopeScaling};
+use jetvlm_core::{DType, TokenKind};
 
 /// Prefixes under which checkpoints keep the language model's tensors: plain Llama/Qwen2,
 /// SmolVLM (Idefics3), Qwen2-VL (newer layout), LLaVA; each with its LM head's name.
@@ -24,6 +24,88 @@ pub const PREFIXES: &[(&str, &str)] = &[
     ("model.language_model.", "lm_head.weight"),
     ("language_model.model.", "language_model.lm_head.weight"),
 ];
+
+/// Where a span's tokens sit. `cache`: one position per token, what the KV cache records and
+/// continues from (`next_position` is one past the largest). `mrope`: with M-RoPE, each frame
+/// token's (temporal, row, column) rotation positions; `None` when every token rotates at its
+/// cache position (text, and all tokens under plain RoPE).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpanPositions {
+    pub cache: Vec<u32>,
+    pub mrope: Option<Vec<[u32; 3]>>,
+}
+
+/// The positions of `n` tokens of `kind` appended at position `start`, for every backend.
+/// Plain RoPE, and text under M-RoPE: `start, start + 1, ...`. An M-RoPE frame of the config's
+/// `rows x cols` grid (row-major tokens): token (r, c) rotates at (start, start + r,
+/// start + c), and the text after the frame continues at `start + max(rows, cols)`, as
+/// transformers' `get_rope_index` places an image; the cache records `start + max(r, c)`, so
+/// its next position is exactly that.
+pub fn span_positions(
+    c: &ModelConfig,
+    kind: TokenKind,
+    start: u32,
+    n: usize,
+) -> Result<SpanPositions> {
+    let end = u32::try_from(n)
+        .ok()
+        .and_then(|n| start.checked_add(n))
+        .ok_or_else(|| {
+            DecoderError::Input(format!(
+                "{n} tokens after position {start} pass the largest position {}",
+                u32::MAX
+            ))
+        })?;
+    let grid = match (&c.rope_scaling, kind) {
+        (RopeScaling::MRope { frame_grid, .. }, TokenKind::Frame) => {
+            Some(frame_grid.ok_or_else(|| {
+                DecoderError::Input(
+                    "an M-RoPE frame needs the frame grid (mrope_frame_grid of the decoder's \
+                     config.json)"
+                        .into(),
+                )
+            })?)
+        }
+        _ => None,
+    };
+    let Some([rows, cols]) = grid else {
+        return Ok(SpanPositions {
+            cache: (start..end).collect(),
+            mrope: None,
+        });
+    };
+    if rows.checked_mul(cols) != Some(n) || n == 0 {
+        return Err(DecoderError::Input(format!(
+            "a frame of {n} tokens does not fill the M-RoPE frame grid {rows}x{cols} \
+             (mrope_frame_grid of the decoder's config.json)"
+        )));
+    }
+    // rows, cols <= n, so every position below is at most start + n - 1.
+    let mut cache = Vec::with_capacity(n);
+    let mut mrope = Vec::with_capacity(n);
+    for r in 0..rows as u32 {
+        for col in 0..cols as u32 {
+            cache.push(start + r.max(col));
+            mrope.push([start, start + r, start + col]);
+        }
+    }
+    Ok(SpanPositions {
+        cache,
+        mrope: Some(mrope),
+    })
+}
+
+/// RoPE positions a frame of `tokens` tokens takes ([`span_positions`]): `max(rows, cols)`
+/// of its M-RoPE grid, else one per token.
+pub fn frame_positions(c: &ModelConfig, tokens: usize) -> usize {
+    match &c.rope_scaling {
+        RopeScaling::MRope {
+            frame_grid: Some([rows, cols]),
+            ..
+        } if rows.checked_mul(*cols) == Some(tokens) => (*rows).max(*cols),
+        _ => tokens,
+    }
+}
 
 /// A weight matrix `[rows, cols]` (`y = x W^T + b`) in a backend's types: `W` the matrix,
 /// `V` an f32 vector.
@@ -363,4 +445,51 @@ pub fn final_logits<O: TensorOps>(
 ) -> std::result::Result<(), O::Error> {
     ops.rms_norm(normed, hidden, &w.norm, rows, c.rms_norm_eps as f32)?;
     ops.matmul(w.head(), c.vocab_size, c.hidden_size, normed, rows, logits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config(rope: serde_json::Value) -> ModelConfig {
+        let mut v = json!({"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "vocab_size": 10});
+        if !rope.is_null() {
+            v["rope_scaling"] = json!({"type": "mrope", "mrope_section": [2, 3, 3]});
+            v["mrope_frame_grid"] = rope;
+        }
+        ModelConfig::from_value(&v, std::path::Path::new("config.json")).unwrap()
+    }
+
+    /// A 2x3 frame at 5: rotation (5, 5 + row, 5 + column), the text after it at 5 + 3;
+    /// text and plain RoPE count one by one.
+    #[test]
+    fn mrope_frames_take_rows_and_columns_and_text_continues_after_the_longer_side() {
+        let c = config(json!([2, 3]));
+        let p = span_positions(&c, TokenKind::Frame, 5, 6).unwrap();
+        assert_eq!(p.cache, vec![5, 6, 7, 6, 6, 7]);
+        assert_eq!(
+            p.mrope.unwrap(),
+            vec![
+                [5, 5, 5],
+                [5, 5, 6],
+                [5, 5, 7],
+                [5, 6, 5],
+                [5, 6, 6],
+                [5, 6, 7]
+            ]
+        );
+        let t = span_positions(&c, TokenKind::Text, 8, 3).unwrap();
+        assert_eq!((t.cache, t.mrope), (vec![8, 9, 10], None));
+        let e = span_positions(&c, TokenKind::Frame, 0, 5).unwrap_err();
+        assert!(e.to_string().contains("2x3"), "{e}");
+        let plain = config(serde_json::Value::Null);
+        let f = span_positions(&plain, TokenKind::Frame, 5, 6).unwrap();
+        assert_eq!((f.cache, f.mrope), ((5..11).collect(), None));
+        assert!(span_positions(&plain, TokenKind::Text, u32::MAX - 1, 2).is_err());
+        assert_eq!(frame_positions(&c, 6), 3);
+        assert_eq!(frame_positions(&plain, 6), 6);
+    }
 }

@@ -50,16 +50,15 @@ impl Config {
                 ));
             }
         }
-        if let jetvlm_core::hf::RopeScaling::MRope { .. } = model.rope_scaling {
-            let key = if get("rope_parameters").is_some_and(Value::is_object) {
-                "rope_parameters.mrope_section"
-            } else {
-                "rope_scaling.mrope_section"
-            };
+        if let jetvlm_core::hf::RopeScaling::MRope {
+            frame_grid: None, ..
+        } = model.rope_scaling
+        {
             return Err(unsupported(
-                key,
-                "M-RoPE (Qwen2-VL / Qwen2.5-VL: three position components per frame token) is \
-                 not implemented by this decoder; plain RoPE would give wrong image positions"
+                "mrope_frame_grid",
+                "missing: M-RoPE (Qwen2-VL / Qwen2.5-VL, `mrope_section`) places a frame's tokens \
+                 by row and column, which needs the frame's token grid; `jetvlm export` writes it \
+                 for the package's frame size"
                     .into(),
             ));
         }
@@ -119,7 +118,7 @@ mod tests {
     }
 
     #[test]
-    fn mrope_is_refused_naming_the_field() {
+    fn mrope_without_its_frame_grid_is_refused_naming_the_field() {
         let p = Path::new("config.json");
         let mut v = base();
         v["rope_scaling"] = json!({"type": "mrope", "mrope_section": [2, 3, 3]});
@@ -127,15 +126,19 @@ mod tests {
         assert!(matches!(e, DecoderError::Unsupported { .. }), "{e}");
         let msg = e.to_string();
         assert!(
-            msg.contains("rope_scaling.mrope_section") && msg.contains("M-RoPE"),
+            msg.contains("mrope_frame_grid") && msg.contains("M-RoPE"),
             "{msg}"
         );
         assert_eq!(msg.lines().count(), 1, "{msg}");
-        let mut v = base();
-        v["rope_parameters"] =
-            json!({"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]});
-        let msg = Config::from_value(&v, p).unwrap_err().to_string();
-        assert!(msg.contains("rope_parameters.mrope_section"), "{msg}");
+        v["mrope_frame_grid"] = json!([2, 3]);
+        let c = Config::from_value(&v, p).unwrap();
+        assert!(matches!(
+            c.model.rope_scaling,
+            jetvlm_core::hf::RopeScaling::MRope {
+                frame_grid: Some([2, 3]),
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -664,11 +664,13 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Rotary embedding tables: inverse frequencies for half the head dimension.
+/// Rotary embedding tables: inverse frequencies for half the head dimension, and M-RoPE's
+/// sections when the model has them.
 #[derive(Clone, Debug)]
 pub struct Rope {
     inv_freq: Vec<f64>,
     head_dim: usize,
+    mrope_section: Option<[usize; 3]>,
 }
 
 impl Rope {
@@ -709,9 +711,14 @@ impl Rope {
                 }
             }
         }
+        let mrope_section = match &cfg.rope_scaling {
+            RopeScaling::MRope { section, .. } => Some(*section),
+            _ => None,
+        };
         Rope {
             inv_freq,
             head_dim: d,
+            mrope_section,
         }
     }
 
@@ -723,13 +730,29 @@ impl Rope {
     /// Rotates `x: [n, heads, head_dim]` in place, token `i` at `positions[i]` (the
     /// half-split "rotate_half" layout Llama and Qwen2 checkpoints use).
     pub fn apply(&self, x: &mut [f32], heads: usize, positions: &[u32]) {
+        self.rotate(x, heads, positions.len(), |t, _| positions[t]);
+    }
+
+    /// M-RoPE in place on `x[positions.len()][heads][head_dim]`: frequency pair `i` of token
+    /// `t` turns by `positions[t][s] * inv_freq[i]`, `s` the M-RoPE section holding `i`
+    /// (temporal, row, column), as transformers' `apply_multimodal_rotary_pos_emb`. Without
+    /// sections (not an M-RoPE model) it is [`Rope::apply`] at the temporal positions.
+    pub fn apply_mrope(&self, x: &mut [f32], heads: usize, positions: &[[u32; 3]]) {
+        let h = self.head_dim / 2;
+        let [s0, s1, _] = self.mrope_section.unwrap_or([h, 0, 0]);
+        let section = |i: usize| usize::from(i >= s0) + usize::from(i >= s0 + s1);
+        self.rotate(x, heads, positions.len(), |t, i| positions[t][section(i)]);
+    }
+
+    /// Rotates `n` tokens' heads, frequency pair `i` of token `t` at position `pos(t, i)`.
+    fn rotate(&self, x: &mut [f32], heads: usize, n: usize, pos: impl Fn(usize, usize) -> u32) {
         let d = self.head_dim;
         let h = d / 2;
         let mut cos = vec![0f32; h];
         let mut sin = vec![0f32; h];
-        for (t, &p) in positions.iter().enumerate() {
+        for t in 0..n {
             for i in 0..h {
-                let a = p as f64 * self.inv_freq[i];
+                let a = pos(t, i) as f64 * self.inv_freq[i];
                 cos[i] = a.cos() as f32;
                 sin[i] = a.sin() as f32;
             }
@@ -932,6 +955,49 @@ mod tests {
         let n1: f32 = y[64..].iter().map(|v| v * v).sum();
         assert!((n0 - n1).abs() < 1e-4 * n0);
         assert!(max_err(&x[64..], &y[64..]) > 1e-3);
+    }
+
+    /// M-RoPE against a direct transcription of transformers' recipe (cos/sin per component,
+    /// sections picked, then `q * cos + rotate_half(q) * sin`); equal components are plain
+    /// RoPE.
+    #[test]
+    fn mrope_matches_the_sectioned_rotation_and_reduces_to_rope() {
+        let cfg = jetvlm_core::hf::ModelConfig::from_value(
+            &serde_json::json!({"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64,
+                "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+                "vocab_size": 10, "rope_theta": 1e6,
+                "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}),
+            std::path::Path::new("config.json"),
+        )
+        .unwrap();
+        let rope = Rope::new(&cfg);
+        let mut rng = StdRng::seed_from_u64(3);
+        let (heads, d) = (4, 16);
+        let x = rand_vec(3 * heads * d, &mut rng);
+        let pos = [[7u32, 7, 7], [7, 9, 12], [40, 41, 50]];
+        let mut got = x.clone();
+        rope.apply_mrope(&mut got, heads, &pos);
+        let sec = [0, 0, 1, 1, 1, 2, 2, 2];
+        let mut want = x.clone();
+        for (t, p) in pos.iter().enumerate() {
+            for head in want[t * heads * d..(t + 1) * heads * d].chunks_exact_mut(d) {
+                let orig = head.to_vec();
+                for j in 0..d {
+                    let i = j % (d / 2);
+                    let a = p[sec[i]] as f64 * rope.inv_freq()[i];
+                    let rot = if j < d / 2 {
+                        -orig[j + d / 2]
+                    } else {
+                        orig[j - d / 2]
+                    };
+                    head[j] = (orig[j] as f64 * a.cos() + rot as f64 * a.sin()) as f32;
+                }
+            }
+        }
+        assert!(max_err(&got, &want) < 1e-5, "{}", max_err(&got, &want));
+        let mut plain = x[..heads * d].to_vec();
+        rope.apply(&mut plain, heads, &[7]);
+        assert_eq!(&got[..heads * d], &plain[..]);
     }
 
     #[test]

@@ -334,9 +334,8 @@ impl Model {
                     data, kind, frame, ..
                 } => (data.to_vec(), *kind, *frame),
             };
-            let start = cache.next_position();
-            let positions: Vec<u32> = (0..n as u32).map(|i| start + i).collect();
-            let span = cache.append_span(kind, &positions, frame)?;
+            let pos = arch::span_positions(c, kind, cache.next_position(), n)?;
+            let span = cache.append_span(kind, &pos.cache, frame)?;
             let mut acts = Activations::new(c, n, x, |len| Ok::<_, DecoderError>(vec![0f32; len]))?;
             let salience = cache
                 .wants_salience(&span)
@@ -344,7 +343,8 @@ impl Model {
             let mut ops = CpuOps {
                 c,
                 rope: &self.rope,
-                positions: &positions,
+                positions: &pos.cache,
+                mrope: pos.mrope.as_deref(),
                 span: &span,
                 cache,
                 salience,
@@ -416,6 +416,8 @@ struct CpuOps<'s, C: KvStore> {
     c: &'s jetvlm_core::hf::ModelConfig,
     rope: &'s Rope,
     positions: &'s [u32],
+    /// M-RoPE positions of a frame span (see [`arch::span_positions`]).
+    mrope: Option<&'s [[u32; 3]]>,
     span: &'s C::Span,
     cache: &'s mut C,
     /// Salience of a frame whose precision waits for it, and each layer's K/V as written.
@@ -543,8 +545,12 @@ impl<C: KvStore> TensorOps for CpuOps<'_, C> {
 impl<C: KvStore> LayerOps for CpuOps<'_, C> {
     fn rope(&mut self, x: &mut Vec<f32>, heads: usize, n: usize) -> Result<()> {
         let d = self.c.head_dim;
-        self.rope
-            .apply(&mut x[..n * heads * d], heads, self.positions);
+        match self.mrope {
+            Some(m) => self.rope.apply_mrope(&mut x[..n * heads * d], heads, m),
+            None => self
+                .rope
+                .apply(&mut x[..n * heads * d], heads, self.positions),
+        }
         Ok(())
     }
 

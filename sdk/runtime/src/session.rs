@@ -340,8 +340,12 @@ impl StreamSession<'_> {
         if next + upcoming <= self.max_position() {
             return Ok(());
         }
-        let fresh =
-            self.prefix_ids.len() + self.window.len() * self.pipe.package.tokens_per_frame();
+        // Positions per frame: its tokens, or under M-RoPE the longer side of its grid.
+        let per_frame = jetvlm_decoder::arch::frame_positions(
+            &self.pipe.package.decoder_config,
+            self.pipe.package.tokens_per_frame(),
+        );
+        let fresh = self.prefix_ids.len() + self.window.len() * per_frame;
         if fresh >= next {
             // Re-basing would not lower the positions: the window itself is too long (said
             // once, when the session started).

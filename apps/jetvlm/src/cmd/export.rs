@@ -25,9 +25,10 @@ pub struct ExportArgs {
     /// Package directory to write (written beside it, renamed into place when complete).
     #[arg(long)]
     pub out: PathBuf,
-    /// Encoder input side in pixels (default: the vision tower's native size).
-    #[arg(long)]
-    pub frame_size: Option<u32>,
+    /// Encoder input size in pixels: N (N x N) or WIDTHxHEIGHT (Qwen2.5-VL); default: the
+    /// vision tower's native size (Qwen2.5-VL: 448x448).
+    #[arg(long, value_name = "N|WxH", value_parser = parse_frame_size)]
+    pub frame_size: Option<String>,
     /// Precision inside the ONNX encoder (its input and output stay f32).
     #[arg(long, value_enum, default_value_t = ExportDType::Fp32)]
     pub dtype: ExportDType,
@@ -112,8 +113,8 @@ pub fn run(args: ExportArgs) -> Result<()> {
         .arg("--kv-policy")
         .arg(&args.kv_policy)
         .env("PYTHONPATH", prepend_path(&root.join("models")));
-    if let Some(n) = args.frame_size {
-        cmd.arg("--frame-size").arg(n.to_string());
+    if let Some(size) = &args.frame_size {
+        cmd.arg("--frame-size").arg(size);
     }
     for (flag, value) in [
         ("--name", &args.name),
@@ -145,4 +146,17 @@ fn prepend_path(dir: &Path) -> std::ffi::OsString {
         paths.extend(std::env::split_paths(&old));
     }
     std::env::join_paths(paths).unwrap_or_else(|_| dir.as_os_str().to_owned())
+}
+
+/// `--frame-size`: `N` or `WIDTHxHEIGHT`, positive integers (the exporter checks them against
+/// the family's patch grid).
+fn parse_frame_size(s: &str) -> Result<String, String> {
+    let ok = |p: &str| p.parse::<u32>().is_ok_and(|n| n > 0);
+    match s.split_once('x') {
+        None if ok(s) => Ok(s.to_string()),
+        Some((w, h)) if ok(w) && ok(h) => Ok(s.to_string()),
+        _ => Err(format!(
+            "`{s}` is not N or WIDTHxHEIGHT (positive integers)"
+        )),
+    }
 }
