@@ -3,6 +3,7 @@
 //! retries, the KV flags.
 
 pub mod exit;
+pub mod notify;
 
 pub use exit::{Exit, ExitCode, bad_input, check_failed, classify, does_not_fit};
 

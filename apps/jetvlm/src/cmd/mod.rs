@@ -3,12 +3,15 @@
 pub mod ask;
 pub mod bench;
 pub mod board;
+pub mod bundle;
 pub mod calibrate;
 pub mod doctor;
 pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod gpu;
+pub mod install;
+pub mod manifest;
 pub mod plan;
 pub mod quantize;
 pub mod selftest;

@@ -183,6 +183,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
             "jetvlm serve: listening on http://{addr} (model {} loading; GET /health is 200 once it is ready)",
             model.display()
         );
+        // Under systemd (Type=notify): READY=1 once /health is 200, watchdog pings while it
+        // answers.
+        jetvlm_app::notify::serve_notifications(addr);
     })?;
     Ok(())
 }
