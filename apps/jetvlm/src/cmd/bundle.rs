@@ -75,11 +75,11 @@ impl ServiceCommand {
 #[derive(Args, Debug)]
 pub struct MakeArgs {
     /// The model package directory (jetvlm.yaml) to ship.
-    #[arg(long, required = true, value_name = "PKG")]
+    #[arg(long, required = true)]
     pub model: Option<PathBuf>,
     /// The runtime config the service runs with (installed as /etc/jetvlm/runtime.yaml);
     /// default: every field at its default.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long)]
     pub config: Option<PathBuf>,
     /// Target triple of the binaries (aarch64-unknown-linux-gnu for Jetson); default: this
     /// machine's.
@@ -99,7 +99,7 @@ pub struct MakeArgs {
     pub service: ServiceCommand,
     /// The analytics rules file (with --service analytics; installed as
     /// /etc/jetvlm/analytics.yaml).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long)]
     pub rules: Option<PathBuf>,
     /// Address `jetvlm serve` listens on (the env file's JETVLM_HOST).
     #[arg(long, default_value = "127.0.0.1")]
