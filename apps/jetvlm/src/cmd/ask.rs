@@ -39,13 +39,15 @@ pub struct AskArgs {
     #[arg(long, value_parser = super::at_least_one)]
     pub max_tokens: Option<usize>,
     /// Sampling temperature (0 = greedy, the default).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub temperature: Option<f32>,
     /// Seed of the sampler's random numbers (with a temperature above 0).
     #[arg(long)]
     pub seed: Option<u64>,
     #[command(flatten)]
     pub encoder: super::EncoderArgs,
+    #[command(flatten)]
+    pub image_limits: super::ImageLimitArgs,
     /// Print one JSON object (text, token ids, timings, KV bytes, execution provider).
     #[arg(long)]
     pub json: bool,
@@ -79,10 +81,11 @@ pub fn run(args: AskArgs) -> Result<()> {
     args.encoder.apply(&mut cfg);
     super::apply_device(&mut cfg, args.device)?;
 
+    let limits = args.image_limits.limits();
     let mut frames = Vec::with_capacity(args.images.len());
     for (i, path) in args.images.iter().enumerate() {
-        let img =
-            RgbImage::open(path).with_context(|| format!("reading image {}", path.display()))?;
+        let img = RgbImage::open_with_limits(path, &limits)
+            .with_context(|| format!("reading image {}", path.display()))?;
         frames.push(Frame {
             index: i as u64,
             timestamp: Duration::ZERO,

@@ -53,7 +53,7 @@ pub struct CalibrateArgs {
     /// Largest relative RMS attention-output error a layer may have (per layer, against
     /// the exact f32 cache). Default: the base policy's worst layer error, so that no layer
     /// does worse than the base policy's worst layer.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub target: Option<f64>,
     /// Base policy: text precision, FP16 budget and block sizes (default: the package's
     /// kv.policy).

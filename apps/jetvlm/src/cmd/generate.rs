@@ -46,16 +46,16 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub greedy: bool,
     /// Softmax temperature; 0 picks the most likely token.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Keep the k most likely tokens (0: all).
     #[arg(long, default_value_t = 50)]
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches p, in (0, 1].
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Divides positive and multiplies negative logits of tokens already seen (1: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
     /// Seed of the sampler's random numbers.
     #[arg(long, default_value_t = 0)]

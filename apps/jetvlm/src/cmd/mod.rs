@@ -53,6 +53,33 @@ impl EncoderArgs {
     }
 }
 
+/// Limits on the image files a command decodes ([`jetvlm_core::ImageLimits`]): a file whose
+/// header declares more pixels is refused before any pixel is decoded.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ImageLimitArgs {
+    /// Largest image accepted, in pixels (width x height, from the file's header; default
+    /// 40000000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_image_pixels: Option<u64>,
+    /// Largest single allocation an image decoder may make, in MiB (default 512).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub max_image_alloc_mib: Option<u64>,
+}
+
+impl ImageLimitArgs {
+    /// The limits: the defaults with the flags given over them.
+    pub fn limits(&self) -> jetvlm_core::ImageLimits {
+        let mut l = jetvlm_core::ImageLimits::default();
+        if let Some(p) = self.max_image_pixels {
+            l.max_pixels = p;
+        }
+        if let Some(m) = self.max_image_alloc_mib {
+            l.max_alloc_bytes = m << 20;
+        }
+        l
+    }
+}
+
 /// The model package a command uses: the one given, else the bundled demo model
 /// (`models/demo`), looked up from the working directory and from the executable's location
 /// upwards (so `cargo run` and an installed tree both find it), or `$JETVLM_MODEL`.

@@ -30,7 +30,7 @@ pub struct SynthArgs {
     #[arg(long, default_value = "128x128")]
     pub size: String,
     /// Fraction of clips that are multi-frame.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     pub multi_fraction: f32,
     /// Questions per clip (distinct categories).
     #[arg(long, default_value_t = 3)]

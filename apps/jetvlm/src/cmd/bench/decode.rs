@@ -46,7 +46,7 @@ pub struct DecodeArgs {
     #[arg(long, default_value_t = 64)]
     pub frame_tokens: usize,
     /// Fraction of the context that is text (the rest are frame tokens).
-    #[arg(long, default_value_t = 0.10)]
+    #[arg(long, default_value_t = 0.10, allow_negative_numbers = true)]
     pub text_fraction: f64,
     /// How the context is filled: `real` runs the prefill through the model (and times it
     /// as TTFT), `synthetic` writes random K/V straight into the cache and times TTFT on a

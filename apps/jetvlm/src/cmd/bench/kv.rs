@@ -36,7 +36,7 @@ pub struct KvArgs {
     #[arg(long, default_value = "mixed")]
     pub mixed: String,
     /// Fraction of the context that is text (the rest are frame tokens).
-    #[arg(long, default_value_t = 0.10)]
+    #[arg(long, default_value_t = 0.10, allow_negative_numbers = true)]
     pub text_fraction: f64,
     /// Tokens per camera frame.
     #[arg(long, default_value_t = 64)]
