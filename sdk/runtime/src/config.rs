@@ -52,6 +52,25 @@ impl Default for Sampling {
 }
 
 impl Sampling {
+    /// Checks every field against its domain (the decoder's [`SamplerConfig::validate`]):
+    /// `temperature` finite and >= 0, `top_p` in (0, 1], `repetition_penalty` finite and > 0.
+    /// Errors name `path` (the YAML file, or what set the sampling) and `sampling.<field>`.
+    pub fn validate(&self, path: &Path) -> Result<(), RuntimeError> {
+        match self.to_sampler().validate() {
+            Ok(()) => Ok(()),
+            Err(jetvlm_decoder::DecoderError::Sampling {
+                field,
+                value,
+                expected,
+            }) => Err(RuntimeError::Config(jetvlm_core::ConfigError::invalid(
+                path,
+                format!("sampling.{field}"),
+                format!("{value} is out of range: {expected}"),
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The decoder's sampler settings.
     pub fn to_sampler(&self) -> SamplerConfig {
         SamplerConfig {
@@ -193,17 +212,7 @@ impl RuntimeConfig {
                 );
             }
         }
-        if let Err(jetvlm_decoder::DecoderError::Sampling {
-            field,
-            value,
-            expected,
-        }) = self.sampling.to_sampler().validate()
-        {
-            return bad(
-                &format!("sampling.{field}"),
-                &format!("{value} is out of range: {expected}"),
-            );
-        }
+        self.sampling.validate(path)?;
         if self.capacity_tokens == Some(0) {
             return bad("capacity_tokens", "must be positive");
         }

@@ -4,7 +4,7 @@
 use crate::cache::{KvBackend, KvChoice, KvStats};
 use crate::device::{DeviceBackend, DeviceDecoding, GpuDecoder};
 use crate::prompt::{Part, PromptTemplate};
-use crate::{RuntimeConfig, RuntimeError};
+use crate::{RuntimeConfig, RuntimeError, Sampling};
 use jetvlm_camera::Frame;
 use jetvlm_core::{Device, FrameId};
 use jetvlm_decoder::{
@@ -257,9 +257,19 @@ impl Pipeline {
         &self.package
     }
 
-    /// The runtime configuration it was loaded with.
+    /// The runtime configuration it was loaded with (its `sampling` as last set by
+    /// [`Pipeline::set_sampling`]).
     pub fn config(&self) -> &RuntimeConfig {
         &self.cfg
+    }
+
+    /// Replaces the sampling of the answers started from here on (questions to the pipeline
+    /// and to its sessions), after the checks a runtime config's `sampling` gets
+    /// ([`Sampling::validate`]); on an error, naming `sampling.<field>`, nothing changes.
+    pub fn set_sampling(&mut self, sampling: Sampling) -> Result<(), RuntimeError> {
+        sampling.validate(Path::new("<Pipeline::set_sampling>"))?;
+        self.cfg.sampling = sampling;
+        Ok(())
     }
 
     /// The CPU decoder; `None` when the decoder runs on a device (`device: cuda` or `sim`).
@@ -770,5 +780,74 @@ impl Iterator for TokenStream<'_> {
             }
             Err(e) => Err(e),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_sampling_checks_like_the_config_and_reaches_the_sampler() {
+        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/demo");
+        let mut p = Pipeline::load(&demo, RuntimeConfig::default()).unwrap();
+        let greedy = Sampling::default();
+        for (bad, field) in [
+            (
+                Sampling {
+                    temperature: f32::NAN,
+                    ..Sampling::default()
+                },
+                "sampling.temperature",
+            ),
+            (
+                Sampling {
+                    temperature: -1.0,
+                    ..Sampling::default()
+                },
+                "sampling.temperature",
+            ),
+            (
+                Sampling {
+                    top_p: 0.0,
+                    ..Sampling::default()
+                },
+                "sampling.top_p",
+            ),
+            (
+                Sampling {
+                    top_p: 1.5,
+                    ..Sampling::default()
+                },
+                "sampling.top_p",
+            ),
+            (
+                Sampling {
+                    repetition_penalty: f32::INFINITY,
+                    ..Sampling::default()
+                },
+                "sampling.repetition_penalty",
+            ),
+        ] {
+            let err = p.set_sampling(bad.clone()).unwrap_err();
+            assert!(
+                matches!(&err, RuntimeError::Config(jetvlm_core::ConfigError::Invalid { field: f, .. }) if f == field),
+                "{bad:?}: {err}"
+            );
+            // A refused sampling changes nothing.
+            assert_eq!(p.config().sampling, greedy);
+            assert_eq!(p.generate_options().sampler, greedy.to_sampler());
+        }
+        let sampled = Sampling {
+            temperature: 1.0,
+            top_p: 0.9,
+            seed: 7,
+            ..Sampling::default()
+        };
+        p.set_sampling(sampled.clone()).unwrap();
+        assert_eq!(p.config().sampling, sampled);
+        assert_eq!(p.generate_options().sampler, sampled.to_sampler());
+        p.set_sampling(greedy.clone()).unwrap();
+        assert_eq!(p.generate_options().sampler, greedy.to_sampler());
     }
 }
