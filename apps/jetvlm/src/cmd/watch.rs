@@ -297,7 +297,6 @@ pub fn run(args: WatchArgs) -> Result<()> {
         }
         out.flush()?;
     }
-    drop(tap);
     if let Some(e) = event_error {
         return Err(e).context("writing a source event");
     }
