@@ -396,12 +396,22 @@ struct Shared {
     state: Mutex<State>,
     counters: Counters,
     stop: AtomicBool,
+    /// Set with `stop`: when the flush gives up.
+    flush_until: Mutex<Option<Instant>>,
 }
 
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic elsewhere while holding the lock leaves consistent data (plain queues).
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When the end-of-run flush gives up (`None` while the run goes on).
+    fn flush_deadline(&self) -> Option<Instant> {
+        if !self.stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        *self.flush_until.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -422,6 +432,7 @@ impl MqttSink {
             state: Mutex::new(State::default()),
             counters: Counters::default(),
             stop: AtomicBool::new(false),
+            flush_until: Mutex::new(None),
         });
         let thread = {
             let (cfg, client, shared) = (cfg.clone(), client.clone(), shared.clone());
@@ -468,6 +479,12 @@ impl MqttSink {
     /// Waits up to `flush_timeout_ms` for the queue to be delivered, publishes the
     /// `offline` status, disconnects; returns the summary line.
     pub fn finish(self) -> String {
+        *self
+            .shared
+            .flush_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) =
+            Some(Instant::now() + Duration::from_millis(self.cfg.flush_timeout_ms));
         self.shared.stop.store(true, Ordering::SeqCst);
         let limit = Duration::from_millis(self.cfg.flush_timeout_ms) + Duration::from_secs(2);
         if !join_within(self.thread, limit) {
@@ -494,13 +511,9 @@ fn drive(cfg: MqttConfig, client: Client, mut connection: rumqttc::Connection, s
     let counters = &shared.counters;
     let status = cfg.status_topic();
     let mut attempt = 0u32;
-    let mut flush_deadline: Option<Instant> = None;
     let mut goodbye_sent = false;
     loop {
-        if shared.stop.load(Ordering::SeqCst) {
-            let deadline = *flush_deadline.get_or_insert_with(|| {
-                Instant::now() + Duration::from_millis(cfg.flush_timeout_ms)
-            });
+        if let Some(deadline) = shared.flush_deadline() {
             let mut st = shared.state();
             let idle = st.events_held() == 0;
             if !st.connected && (idle || Instant::now() >= deadline) {
@@ -584,13 +597,16 @@ fn drive(cfg: MqttConfig, client: Client, mut connection: rumqttc::Connection, s
                         cfg.queue
                     );
                 } else {
-                    tracing::warn!("mqtt {line}");
+                    tracing::info!("mqtt {line}");
                 }
-                // Back off, waking for the end of the run.
+                // Back off; the end of the run cuts the wait short once its flush time is
+                // over.
                 let wait = backoff(Duration::from_millis(100), attempt, Duration::from_secs(5));
                 attempt = attempt.saturating_add(1);
                 let until = Instant::now() + wait;
-                while Instant::now() < until && !shared.stop.load(Ordering::SeqCst) {
+                while Instant::now() < until
+                    && shared.flush_deadline().is_none_or(|d| Instant::now() < d)
+                {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
