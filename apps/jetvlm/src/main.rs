@@ -53,18 +53,6 @@ enum Command {
     Quantize(cmd::quantize::QuantizeArgs),
     /// Check every CUDA kernel against its CPU reference (PASS/FAIL per kernel).
     Selftest(cmd::selftest::SelftestArgs),
-    /// A deployable bundle for a target (binaries, model package, runtime config, systemd
-    /// unit, env file, manifest.json with SHA-256 of every file); `bundle verify` checks one.
-    Bundle(cmd::bundle::BundleArgs),
-    /// Install a bundle into a root filesystem (/opt/jetvlm, /etc/jetvlm, the systemd unit,
-    /// enabled) without running anything from it; --uninstall reverses it.
-    Install(cmd::install::InstallArgs),
-    /// A deployable bundle for a target (binaries, model package, runtime config, systemd
-    /// unit, env file, manifest.json with SHA-256 of every file); `bundle verify` checks one.
-    Bundle(cmd::bundle::BundleArgs),
-    /// Install a bundle into a root filesystem (/opt/jetvlm, /etc/jetvlm, the systemd unit,
-    /// enabled) without running anything from it; --uninstall reverses it.
-    Install(cmd::install::InstallArgs),
     /// Serve a model package: an OpenAI-compatible API (chat completions with images and the
     /// live camera), /metrics, /health and a live web view.
     Serve(cmd::serve::ServeArgs),
@@ -72,6 +60,12 @@ enum Command {
     /// JetPack, memory plan, CUDA, NVRTC, ONNX Runtime providers, caches, cameras, disk; the
     /// exit status is the verdict.
     Doctor(cmd::doctor::DoctorArgs),
+    /// A deployable bundle for a target (binaries, model package, runtime config, systemd
+    /// unit, env file, manifest.json with SHA-256 of every file); `bundle verify` checks one.
+    Bundle(cmd::bundle::BundleArgs),
+    /// Install a bundle into a root filesystem (/opt/jetvlm, /etc/jetvlm, the systemd unit,
+    /// enabled) without running anything from it; --uninstall reverses it.
+    Install(cmd::install::InstallArgs),
 }
 
 fn main() {
@@ -94,12 +88,10 @@ fn run(command: Command) -> Result<()> {
         Command::Export(args) => cmd::export::run(args),
         Command::Quantize(args) => cmd::quantize::run(args),
         Command::Selftest(args) => cmd::selftest::run(args),
-        Command::Bundle(args) => cmd::bundle::run(args),
-        Command::Install(args) => cmd::install::run(args),
-        Command::Bundle(args) => cmd::bundle::run(args),
-        Command::Install(args) => cmd::install::run(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Doctor(args) => cmd::doctor::run(args),
+        Command::Bundle(args) => cmd::bundle::run(args),
+        Command::Install(args) => cmd::install::run(args),
     }
 }
 
