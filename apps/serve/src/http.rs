@@ -456,6 +456,7 @@ async fn chat_inner(st: AppState, req: Request) -> Result<Response, ApiError> {
         images,
         max_tokens: request.max_tokens,
         stop: request.stop.clone(),
+        sampling: request.sampling.clone(),
         cancel,
         deadline,
         enqueued: Instant::now(),

@@ -22,6 +22,9 @@ pub struct ChatRequest {
     pub question: String,
     /// Its image parts, in order.
     pub images: Vec<ImageRef>,
+    /// The sampling of this answer: the configured one with the request's `temperature`,
+    /// `top_p` and `seed` in their place.
+    pub sampling: Sampling,
 }
 
 /// What a request is checked against.
@@ -31,7 +34,8 @@ pub struct Limits<'a> {
     pub model: &'a str,
     /// Most tokens per answer (the runtime config's `max_new_tokens`).
     pub max_tokens: usize,
-    /// The sampling the loaded pipeline runs with.
+    /// The configured sampling (the runtime config's); a request's `temperature`, `top_p`
+    /// and `seed` replace its fields for that request.
     pub sampling: &'a Sampling,
     /// Most decoded bytes per image.
     pub max_image_bytes: usize,
@@ -86,7 +90,7 @@ pub fn parse(body: &Value, limits: &Limits<'_>) -> Result<ChatRequest, ApiError>
             format!("n = {n}: this server gives one choice"),
         ));
     }
-    check_sampling(obj, limits.sampling)?;
+    let sampling = read_sampling(obj, limits.sampling)?;
     for (key, what) in [
         ("tools", "tool calls"),
         ("functions", "function calls"),
@@ -143,6 +147,7 @@ pub fn parse(body: &Value, limits: &Limits<'_>) -> Result<ChatRequest, ApiError>
         stop,
         question,
         images,
+        sampling,
     })
 }
 
@@ -186,44 +191,42 @@ fn check_max_tokens(param: &str, n: u64, max: usize) -> Result<usize, ApiError> 
     Ok(n as usize)
 }
 
-/// `temperature`, `top_p` and `seed` are accepted when they ask for the sampling the loaded
-/// pipeline runs with (set in the runtime config, `--config`); a pipeline's sampler is fixed
-/// when it loads, so a request asking for another is refused rather than answered with a
-/// sampling it did not ask for.
-fn check_sampling(obj: &Map<String, Value>, s: &Sampling) -> Result<(), ApiError> {
-    let differs = |param: &str, asked: String, runs: String| {
-        invalid(
-            param,
-            format!(
-                "{param} = {asked}: this server samples with {param} = {runs} (the runtime \
-                 config given with --config); omit {param} or send {runs}"
-            ),
-        )
-    };
-    if let Some(t) = opt_f64(obj, "temperature")?
-        && (t - s.temperature as f64).abs() > 1e-6
-    {
-        return Err(differs(
-            "temperature",
-            t.to_string(),
-            s.temperature.to_string(),
-        ));
+/// OpenAI's largest `temperature`.
+pub const MAX_TEMPERATURE: f64 = 2.0;
+
+/// The configured sampling with the request's `temperature` (0..=2, OpenAI's range; 0 is
+/// greedy), `top_p` and `seed` (an integer; a negative one is taken as its two's complement)
+/// in their place, checked by the runtime's own sampling checks (`top_p` in (0, 1]).
+fn read_sampling(obj: &Map<String, Value>, configured: &Sampling) -> Result<Sampling, ApiError> {
+    let mut s = configured.clone();
+    if let Some(t) = opt_f64(obj, "temperature")? {
+        if !(0.0..=MAX_TEMPERATURE).contains(&t) {
+            return Err(invalid(
+                "temperature",
+                format!("temperature = {t}: must lie in 0..={MAX_TEMPERATURE} (0 is greedy)"),
+            ));
+        }
+        s.temperature = t as f32;
     }
-    if let Some(p) = opt_f64(obj, "top_p")?
-        && (p - s.top_p as f64).abs() > 1e-6
-        // Greedy decoding ignores top_p.
-        && s.temperature > 0.0
-    {
-        return Err(differs("top_p", p.to_string(), s.top_p.to_string()));
+    if let Some(p) = opt_f64(obj, "top_p")? {
+        s.top_p = p as f32;
     }
-    if let Some(seed) = opt_u64(obj, "seed")?
-        && seed != s.seed
-        // Greedy decoding draws no random numbers.
-        && s.temperature > 0.0
-    {
-        return Err(differs("seed", seed.to_string(), s.seed.to_string()));
+    match obj.get("seed") {
+        None | Some(Value::Null) => {}
+        Some(v) => {
+            s.seed = v
+                .as_u64()
+                .or_else(|| v.as_i64().map(|i| i as u64))
+                .ok_or_else(|| invalid("seed", "must be an integer"))?;
+        }
     }
-    Ok(())
+    match s.to_sampler().validate() {
+        Ok(()) => Ok(s),
+        Err(e @ jetvlm_decoder::DecoderError::Sampling { field, .. }) => {
+            Err(invalid(field, e.to_string()))
+        }
+        Err(e) => Err(invalid("body", e.to_string())),
+    }
 }
 
 /// The question (the last user message's text parts, joined by newlines) and its images.
@@ -491,7 +494,7 @@ mod tests {
             (json!({"model": "other"}), "model"),
             (json!({"max_tokens": 0}), "max_tokens"),
             (json!({"max_tokens": 17}), "max_tokens"),
-            (json!({"temperature": 0.7}), "temperature"),
+            (json!({"temperature": 2.5}), "temperature"),
             (json!({"n": 2}), "n"),
             (json!({"stop": ["a", 3]}), "stop[1]"),
             (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
@@ -531,24 +534,54 @@ mod tests {
     }
 
     #[test]
-    fn sampling_other_than_the_pipelines_is_refused_only_where_it_matters() {
-        let greedy = Sampling::default();
-        // Greedy: seed and top_p do not change the answer.
-        assert!(parse(&req(json!({"seed": 5, "top_p": 0.5})), &limits(&greedy)).is_ok());
-        let sampled = Sampling {
+    fn request_sampling_replaces_the_configured_one_within_openais_ranges() {
+        let configured = Sampling {
             temperature: 0.7,
+            top_k: 40,
             seed: 3,
             ..Sampling::default()
         };
-        assert!(
-            parse(
-                &req(json!({"temperature": 0.7, "seed": 3})),
-                &limits(&sampled)
-            )
-            .is_ok()
+        // Nothing asked: the configured sampling.
+        let r = parse(&req(json!({})), &limits(&configured)).unwrap();
+        assert_eq!(r.sampling, configured);
+        // Asked fields replace the configured ones; the others stay.
+        let r = parse(
+            &req(json!({"temperature": 1.5, "top_p": 0.5, "seed": 9})),
+            &limits(&configured),
+        )
+        .unwrap();
+        assert_eq!(
+            r.sampling,
+            Sampling {
+                temperature: 1.5,
+                top_p: 0.5,
+                seed: 9,
+                ..configured.clone()
+            }
         );
-        let e = parse(&req(json!({"seed": 4})), &limits(&sampled)).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("seed"));
+        let r = parse(&req(json!({"temperature": 0})), &limits(&configured)).unwrap();
+        assert_eq!(r.sampling.temperature, 0.0);
+        let r = parse(
+            &req(json!({"temperature": 2, "seed": -1})),
+            &limits(&configured),
+        )
+        .unwrap();
+        assert_eq!((r.sampling.temperature, r.sampling.seed), (2.0, u64::MAX));
+        for (extra, param) in [
+            (json!({"temperature": 3}), "temperature"),
+            (json!({"temperature": -1}), "temperature"),
+            (json!({"temperature": 2.0001}), "temperature"),
+            (json!({"temperature": "hot"}), "temperature"),
+            (json!({"top_p": 0}), "top_p"),
+            (json!({"top_p": 1.5}), "top_p"),
+            (json!({"top_p": -0.5}), "top_p"),
+            (json!({"seed": 1.5}), "seed"),
+            (json!({"seed": "7"}), "seed"),
+        ] {
+            let e = parse(&req(extra.clone()), &limits(&configured)).unwrap_err();
+            assert_eq!(e.status.as_u16(), 400, "{extra}");
+            assert_eq!(e.param.as_deref(), Some(param), "{extra}: {}", e.message);
+        }
     }
 
     #[test]

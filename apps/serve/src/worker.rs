@@ -14,7 +14,7 @@ use crate::openai::{Finish, Usage};
 use crate::{ModelInfo, Sample, Shared, StandingAnswer, StandingQuestion};
 use jetvlm_camera::Frame;
 use jetvlm_decoder::FinishReason;
-use jetvlm_runtime::{KvStats, ParkedSession, Pipeline, RuntimeConfig, TokenStream};
+use jetvlm_runtime::{KvStats, ParkedSession, Pipeline, RuntimeConfig, Sampling, TokenStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +51,8 @@ pub struct Job {
     pub images: Images,
     pub max_tokens: usize,
     pub stop: Vec<String>,
+    /// The sampling of this answer (the configured one unless the request asked otherwise).
+    pub sampling: Sampling,
     /// Set when the client went away (the handler or its stream was dropped).
     pub cancel: Arc<AtomicBool>,
     /// The per-request time limit.
@@ -146,6 +148,9 @@ struct Worker {
     every: u64,
     tokens_per_frame: usize,
     started: Instant,
+    /// The runtime config's sampling: the pipeline's between requests (standing questions
+    /// use it), restored after every request that asked for another.
+    configured: Sampling,
 }
 
 /// Loads the model, publishes it as ready, then answers jobs until the server stops.
@@ -182,6 +187,7 @@ pub fn run(
         tokens_per_frame,
         started: shared.started,
         shared: shared.clone(),
+        configured: pipeline.config().sampling.clone(),
     };
     if shared.camera.is_some() {
         let session = pipeline
@@ -329,17 +335,17 @@ impl Worker {
             return;
         }
         let kind = job.images.kind();
-        let result = match &job.images {
-            Images::Frames(frames) => self.one_shot(pipeline, &job, frames, &[]),
-            Images::CameraLatest => match self.shared.camera.as_ref().and_then(|c| c.latest()) {
+        let result = self.with_sampling(pipeline, &job.sampling, |w, pipeline| match &job.images {
+            Images::Frames(frames) => w.one_shot(pipeline, &job, frames, &[]),
+            Images::CameraLatest => match w.shared.camera.as_ref().and_then(|c| c.latest()) {
                 Some(f) => {
                     let frames = [Frame::clone(&f)];
-                    self.one_shot(pipeline, &job, &frames, &[f.index])
+                    w.one_shot(pipeline, &job, &frames, &[f.index])
                 }
-                None => Err(self.no_frame()),
+                None => Err(w.no_frame()),
             },
-            Images::CameraWindow => self.window(pipeline, &job),
-        };
+            Images::CameraWindow => w.window(pipeline, &job),
+        });
         match result {
             Ok((Ended::Finished(_), done)) => {
                 let done = *done;
@@ -378,6 +384,34 @@ impl Worker {
                 let _ = job.events.send(Event::Failed(e));
             }
         }
+    }
+
+    /// Runs `answer` with the pipeline sampling as `sampling` asks, then restores the
+    /// configured sampling, whatever the answer's outcome (finished, failed, cancelled).
+    fn with_sampling<T>(
+        &mut self,
+        pipeline: &mut Pipeline,
+        sampling: &Sampling,
+        answer: impl FnOnce(&mut Self, &mut Pipeline) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        if *sampling == self.configured {
+            return answer(self, pipeline);
+        }
+        // The request's fields passed the same checks when it was read; a refusal here is a
+        // 400 naming the runtime's field all the same.
+        if let Err(e) = pipeline.set_sampling(sampling.clone()) {
+            return Err(ApiError::invalid(
+                "sampling",
+                "invalid_value",
+                jetvlm_core::error_line(&e),
+            ));
+        }
+        let result = answer(self, pipeline);
+        if let Err(e) = pipeline.set_sampling(self.configured.clone()) {
+            // The configured sampling was checked when the pipeline loaded.
+            tracing::error!("restoring the configured sampling: {e}");
+        }
+        result
     }
 
     fn no_frame(&self) -> ApiError {

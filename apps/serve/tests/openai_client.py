@@ -113,6 +113,47 @@ def main():
         "finish_reason": r.choices[0].finish_reason,
     }
 
+    # Per-request sampling: temperature 0 is the greedy answer; a seed at temperature 1
+    # gives the same answer twice; at temperature 2 a text-only question the demo model is
+    # unsure of ("what shape is the red object?" with no image) is asked twice per seed,
+    # seeds 0..8; a request without sampling fields after sampled ones is greedy again (the
+    # configured sampling is restored); values outside OpenAI's ranges are 400s naming them.
+    def sampled(messages=None, **kw):
+        r = client.chat.completions.create(
+            model=model, messages=messages or image_message(data_uri(a.image), a.question), **kw
+        )
+        return r.choices[0].message.content
+
+    sampling = {"t0": sampled(temperature=0, seed=5)}
+    sampling["seed7"] = [sampled(temperature=1.0, seed=7), sampled(temperature=1.0, seed=7)]
+    unsure = [{"role": "user", "content": "what shape is the red object?"}]
+    sampling["unsure_greedy"] = sampled(unsure)
+    sampling["by_seed"] = [
+        [sampled(unsure, temperature=2.0, top_p=1.0, seed=s) for _ in range(2)] for s in range(8)
+    ]
+    sampling["after"] = sampled()
+    # Right after a sampled answer that differs from the greedy one, a request without
+    # sampling fields is greedy.
+    other = [s for s, p in enumerate(sampling["by_seed"]) if p[0] != sampling["unsure_greedy"]]
+    if other:
+        sampling["unsure_other"] = sampled(unsure, temperature=2.0, seed=other[0])
+        sampling["unsure_after"] = sampled(unsure)
+    errors = {}
+    for name, kw, param in [
+        ("temperature_3", {"temperature": 3}, "temperature"),
+        ("temperature_neg", {"temperature": -1}, "temperature"),
+        ("top_p_0", {"top_p": 0}, "top_p"),
+        ("seed_float", {"seed": 1.5}, "seed"),
+    ]:
+        try:
+            sampled(**kw)
+            check(False, f"{name} was accepted")
+        except openai.BadRequestError as e:
+            check(e.status_code == 400, f"{name}: {e.status_code}")
+            errors[name] = check_error_body(e.response.json(), 400, name, param)
+    sampling["400"] = errors
+    out["sampling"] = sampling
+
     # The same question streamed: chunks join to the same text, usage in the last chunk.
     chunks = list(
         client.chat.completions.create(

@@ -2,7 +2,8 @@
 //! Python client (apps/serve/tests/openai_client.py): a `data:` image answer equal to
 //! `jetvlm ask` on the same image, a streamed answer whose chunks join to the same text,
 //! `camera://latest` answers against the synthetic scene's ground truth, `camera://window`
-//! questions that cost only their own tokens, usage counts, 401/413/429/400 with OpenAI error
+//! questions that cost only their own tokens, per-request sampling (temperature 0 is greedy,
+//! a seed repeats its answer, out-of-range values are 400s), usage counts, 401/413/429/400 with OpenAI error
 //! bodies, the metrics that saw all of it, and a SIGTERM that exits 0.
 
 mod common;
@@ -163,6 +164,42 @@ fn openai_client_against_jetvlm_serve() {
         Some(generated)
     );
     assert!(r["stream_answer"]["chunks"].as_u64().unwrap() >= 3);
+
+    // Per-request sampling: temperature 0 is the greedy answer, a seed at temperature 1
+    // repeats its answer, and the configured (greedy) sampling is back for the next request.
+    let s = &r["sampling"];
+    assert_eq!(s["t0"], ask["text"], "temperature 0 vs greedy");
+    assert_eq!(s["seed7"][0], s["seed7"][1], "same seed, same answer");
+    assert_eq!(
+        s["after"], ask["text"],
+        "greedy again after sampled requests"
+    );
+    // Temperature 2 on a question the model is unsure of: each seed repeats its answer,
+    // and the seeds do not all agree (the request's seed and temperature reach the sampler).
+    let mut by_seed = std::collections::BTreeSet::new();
+    for (seed, pair) in s["by_seed"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(pair[0], pair[1], "seed {seed} at temperature 2");
+        by_seed.insert(pair[0].as_str().unwrap().to_string());
+    }
+    assert!(
+        by_seed.len() >= 2,
+        "temperature 2, seeds 0..8 all gave {by_seed:?}"
+    );
+    // The request after a sampled answer other than the greedy one is greedy again.
+    assert_ne!(s["unsure_other"], s["unsure_greedy"], "{s}");
+    assert_eq!(
+        s["unsure_after"], s["unsure_greedy"],
+        "greedy after a sampled answer"
+    );
+    for (name, param) in [
+        ("temperature_3", "temperature"),
+        ("temperature_neg", "temperature"),
+        ("top_p_0", "top_p"),
+        ("seed_float", "seed"),
+    ] {
+        assert_eq!(s["400"][name]["param"], param, "{name}");
+        assert_eq!(s["400"][name]["code"], "invalid_value", "{name}");
+    }
 
     // camera://latest against the scene's ground truth, frame by frame.
     let latest = r["latest"].as_array().unwrap();
