@@ -132,10 +132,14 @@ impl Broker {
             child: None,
             starts: 0,
         };
+        // `user root`: started as root (CI, containers), mosquitto would otherwise switch to
+        // the `mosquitto` user, which cannot write the persistence file in this test's
+        // directory (mode 0700): sessions and queued QoS 1 messages would not survive a
+        // restart. Started as any other user, mosquitto ignores `user`.
         std::fs::write(
             dir.join("mosquitto.conf"),
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nlog_dest stderr\n",
+                "user root\nlistener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nlog_dest stderr\n",
                 b.port,
                 dir.display()
             ),
@@ -169,7 +173,8 @@ impl Broker {
         );
     }
 
-    /// Stops the broker (SIGTERM: it saves its sessions) and waits for it to exit.
+    /// Stops the broker (SIGTERM: it saves its sessions, checked in its log) and waits for it
+    /// to exit.
     pub fn down(&mut self) {
         if let Some(mut c) = self.child.take() {
             // The pid of a child this test started and has not reaped yet.
@@ -185,6 +190,12 @@ impl Broker {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = c.wait();
+            let log = self.dir.join(format!("broker-{}.log", self.starts));
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            assert!(
+                log.contains("Saving in-memory database") && !log.contains("Error saving"),
+                "mosquitto did not save its sessions on stop: {log}"
+            );
         }
     }
 }
