@@ -212,7 +212,10 @@ fn a_source_that_ends_early_ends_the_run_and_the_window_stays() {
     let mut s = p.session().unwrap();
     let mut src = Faulty::new(&[Pass, Stall, Pass, Pass, End]);
     let mut got = 0;
-    while let Some(_) = jetvlm_app::next_frame(&mut s, &mut src, TIMEOUT, URI).unwrap() {
+    while jetvlm_app::next_frame(&mut s, &mut src, TIMEOUT, URI)
+        .unwrap()
+        .is_some()
+    {
         got += 1;
     }
     assert_eq!(got, 3);

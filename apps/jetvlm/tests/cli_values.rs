@@ -47,9 +47,12 @@ fn ask(extra: &[&str]) -> (bool, String, String) {
     jetvlm(&args)
 }
 
+/// Runs a command with extra arguments: (succeeded, stdout, stderr).
+type Run = dyn Fn(&[&str]) -> (bool, String, String);
+
 #[test]
 fn a_negative_number_after_a_space_is_the_flags_value() {
-    let cases: [(&dyn Fn(&[&str]) -> (bool, String, String), &str, &str); 4] = [
+    let cases: [(&Run, &str, &str); 4] = [
         (&generate, "--temperature", "-1"),
         (&generate, "--top-p", "-0.5"),
         (&generate, "--repetition-penalty", "-2"),

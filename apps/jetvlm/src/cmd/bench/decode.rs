@@ -373,7 +373,7 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
                 )?;
                 let (ttft_ms, prefill_tokens, next) = if real {
                     let (ms, tok) = prefill(
-                        &model,
+                        model,
                         &mut cache,
                         frame_total,
                         text_total,
@@ -383,7 +383,7 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
                     (ms, context, tok)
                 } else {
                     synthetic_fill(
-                        &model,
+                        model,
                         &mut cache,
                         frame_total,
                         text_total,
@@ -394,7 +394,7 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
                     let n = args.ttft_tokens.min(context).max(1);
                     let (f, t) = layout(n, args.text_fraction, args.frame_tokens);
                     let mut c2 = MixedKvCache::new(model.cache_shape(), policy.clone(), n + 1)?;
-                    let (ms, _) = prefill(&model, &mut c2, f, t, args.frame_tokens, &mut rng)?;
+                    let (ms, _) = prefill(model, &mut c2, f, t, args.frame_tokens, &mut rng)?;
                     (ms, n, rng.random_range(0..model.vocab_size() as u32))
                 };
                 runs.push(PolicyRun {
