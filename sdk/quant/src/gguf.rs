@@ -9,7 +9,7 @@
 //! Strings are a `u64` length and UTF-8 bytes; everything is little-endian.
 //!
 //! Blocks ([`BlockQ8_0`], [`BlockQ4_0`]) hold 32 weights along a row with an FP16 scale `d`:
-//! Q8_0 `w = d * q` (`q: i8`) is [`WeightFormat`] INT8 g32 as it stands; Q4_0
+//! Q8_0 `w = d * q` (`q: i8`) is [`WeightFormat`](crate::weight::WeightFormat) INT8 g32 as it stands; Q4_0
 //! `w = d * (q - 8)` (`q` in `0..16`, byte `j` holds `q[j]` in its low nibble and `q[j + 16]`
 //! in its high one, the packing of this crate) is INT4 g32 with `scale = d`,
 //! `zero = -8 d` (exact in FP16).

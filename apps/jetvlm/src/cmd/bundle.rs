@@ -86,7 +86,7 @@ pub struct MakeArgs {
     #[arg(long, value_name = "TRIPLE")]
     pub target: Option<String>,
     /// Directory holding jetvlm, jetvlm-analytics and jetvlm-assistant for the target;
-    /// default: this executable's directory for the host target, target/<TRIPLE>/release
+    /// default: this executable's directory for the host target, `target/<TRIPLE>/release`
     /// for another.
     #[arg(long, value_name = "DIR")]
     pub bin_dir: Option<PathBuf>,
@@ -120,7 +120,7 @@ pub struct MakeArgs {
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
-    /// A bundle directory, a .tar.zst bundle, /opt/jetvlm/<version>, or a root filesystem
+    /// A bundle directory, a .tar.zst bundle, `/opt/jetvlm/<version>`, or a root filesystem
     /// with jetvlm installed.
     pub path: PathBuf,
     /// Also require the bundle to be for this target triple.

@@ -27,7 +27,7 @@ const RECORD_FORMAT: u32 = 1;
     sudo jetvlm install /opt/jetvlm/0.1.0-1a2b3c4d --root /    (roll back to an installed version)\n  \
     sudo jetvlm install --uninstall --root Linux_for_Tegra/rootfs")]
 pub struct InstallArgs {
-    /// The bundle: a directory, a .tar.zst, or an installed /opt/jetvlm/<version>.
+    /// The bundle: a directory, a .tar.zst, or an installed `/opt/jetvlm/<version>`.
     #[arg(required_unless_present = "uninstall")]
     pub bundle: Option<PathBuf>,
     /// The root filesystem to install into (`/` on the board itself).

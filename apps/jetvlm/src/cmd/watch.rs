@@ -21,7 +21,7 @@ use std::time::Duration;
     jetvlm watch v4l2:///dev/video0 --model my-package --kv-calibration kv-calibration.yaml")]
 pub struct WatchArgs {
     /// Frame source URI: synthetic://scene?fps=10&seed=7, dir://frames/, file://img.png,
-    /// v4l2:///dev/video0 (feature `v4l`); rtsp://[user:pass@]host/path, file://clip.mp4,
+    /// v4l2:///dev/video0 (feature `v4l`); `rtsp://[user:pass@]host/path`, file://clip.mp4,
     /// csi://0, gst://...!appsink (feature `gstreamer`). See docs/cameras.md.
     #[arg(default_value = "synthetic://scene")]
     pub source: String,
