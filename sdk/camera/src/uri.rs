@@ -74,7 +74,7 @@ pub fn redact(uri: &str) -> String {
     let Some((scheme, rest)) = uri.split_once("://") else {
         return uri.to_string();
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     match rest[..authority_end].rfind('@') {
         Some(at) => format!("{scheme}://***{}", &rest[at..]),
         None => uri.to_string(),
@@ -590,6 +590,18 @@ pub fn open(uri: &str) -> Result<Box<dyn FrameSource>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `source_uri` fuzz target: a `#` in the password ended the redaction early
+    /// while the parser (rightly) read it as part of the password.
+    #[test]
+    fn redaction_covers_every_credential_the_parser_reads() {
+        let u = SourceUri::parse("rtsp://cam:pa#ss@10.0.0.5:8554/live?transport=tcp").unwrap();
+        let c = u.credentials.as_ref().unwrap();
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("cam", "pa#ss"));
+        let shown = u.redacted();
+        assert_eq!(shown, "rtsp://***@10.0.0.5:8554/live?transport=tcp");
+        assert!(!shown.contains("pa#"));
+    }
 
     #[test]
     fn parses_synthetic_options() {

@@ -1,5 +1,6 @@
 //! The analytics app's rules file. `jetvlm-analytics` is a binary crate, so its `rules`
-//! module is compiled into this target as it stands (`#[path]`) and fuzzed through
+//! module (with the `sinks` module its file's `sinks:` section is read by) is compiled into
+//! this target as it stands (`#[path]`) and fuzzed through
 //! `RulesFile::load`, `runtime_config` (with a fixed runtime config beside the rules file)
 //! and each rule's `Monitor` fed the text after the first NUL, line by line, as answers.
 
@@ -8,6 +9,9 @@
 #[allow(dead_code)]
 #[path = "../../../apps/analytics/src/rules.rs"]
 mod rules;
+#[allow(dead_code)]
+#[path = "../../../apps/analytics/src/sinks/mod.rs"]
+mod sinks;
 
 use jetvlm_fuzz::{split_nul, write};
 use libfuzzer_sys::fuzz_target;
