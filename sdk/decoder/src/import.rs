@@ -15,7 +15,7 @@
 
 use crate::config::Config;
 use crate::error::{DecoderError, Result};
-use crate::quantize::{io, write_dir};
+use crate::quantize::{insert_quantization_config, io, write_dir};
 use crate::weights::Weights;
 use half::f16;
 use jetvlm_quant::WeightFormat;
@@ -85,35 +85,6 @@ fn push_int4(
             },
         ));
     }
-}
-
-/// The config written beside the converted weights.
-fn jetvlm_config(
-    raw: &mut serde_json::Value,
-    path: &Path,
-    bits: u32,
-    group: usize,
-    head: Option<u32>,
-    from: &str,
-) -> Result<()> {
-    let obj = raw
-        .as_object_mut()
-        .ok_or_else(|| DecoderError::Unsupported {
-            path: path.to_path_buf(),
-            field: "(top level)".into(),
-            msg: "not a JSON object".into(),
-        })?;
-    obj.insert(
-        "quantization_config".into(),
-        serde_json::json!({
-            "quant_method": "jetvlm",
-            "bits": bits,
-            "group_size": group,
-            "lm_head_bits": head,
-            "converted_from": from,
-        }),
-    );
-    Ok(())
 }
 
 fn serialize<'a>(
@@ -356,7 +327,7 @@ pub fn import_checkpoint(src: &Path, dst: &Path) -> Result<ImportReport> {
         views.push(((*n).clone(), table[*n].1.clone()));
     }
     let copied = names.len();
-    jetvlm_config(&mut raw, &config_path, 4, group, None, &method)?;
+    insert_quantization_config(&mut raw, &config_path, 4, group, None, Some(&method))?;
     let meta = [(
         "jetvlm_quantization".to_string(),
         format!("int4 g{group} from {method}"),
@@ -645,7 +616,7 @@ pub fn import_gguf(src: &Path, gguf: &Path, dst: &Path) -> Result<ImportReport> 
             }
         }
     }
-    jetvlm_config(&mut raw, &config_path, bits, 32, head_bits, "gguf")?;
+    insert_quantization_config(&mut raw, &config_path, bits, 32, head_bits, Some("gguf"))?;
     let views = serialize(&out, dst)?;
     let meta = [(
         "jetvlm_quantization".to_string(),

@@ -240,22 +240,14 @@ pub fn quantize_dir(src: &Path, dst: &Path, opts: &QuantizeOptions) -> Result<Qu
     }
 
     // Config: the format, and an untied head when a tied one was quantized.
-    let obj = raw
-        .as_object_mut()
-        .ok_or_else(|| DecoderError::Unsupported {
-            path: config_path.clone(),
-            field: "(top level)".into(),
-            msg: "not a JSON object".into(),
-        })?;
-    obj.insert(
-        "quantization_config".into(),
-        serde_json::json!({
-            "quant_method": "jetvlm",
-            "bits": opts.format.bits(),
-            "group_size": opts.format.group(),
-            "lm_head_bits": if opts.head_int8 { Some(8) } else { None },
-        }),
-    );
+    let obj = insert_quantization_config(
+        &mut raw,
+        &config_path,
+        opts.format.bits(),
+        opts.format.group(),
+        opts.head_int8.then_some(8),
+        None,
+    )?;
     if head_source.is_some() {
         obj.insert("tie_word_embeddings".into(), false.into());
         if let Some(t) = obj.get_mut("text_config").and_then(|t| t.as_object_mut()) {
@@ -385,4 +377,35 @@ pub fn quantize_matrix(
         zeros.extend(q.zeros);
     }
     Ok((codes, scales, zeros))
+}
+
+/// Writes the `quantization_config` entry (`quant_method: jetvlm`) a quantized decoder's
+/// config.json declares its format with, for `jetvlm quantize` and for converted AWQ, GPTQ
+/// and GGUF checkpoints (`from`: what it was converted from); returns the config object.
+pub(crate) fn insert_quantization_config<'a>(
+    raw: &'a mut serde_json::Value,
+    path: &Path,
+    bits: u32,
+    group: usize,
+    head_bits: Option<u32>,
+    from: Option<&str>,
+) -> Result<&'a mut serde_json::Map<String, serde_json::Value>> {
+    let obj = raw
+        .as_object_mut()
+        .ok_or_else(|| DecoderError::Unsupported {
+            path: path.to_path_buf(),
+            field: "(top level)".into(),
+            msg: "not a JSON object".into(),
+        })?;
+    let mut q = serde_json::json!({
+        "quant_method": "jetvlm",
+        "bits": bits,
+        "group_size": group,
+        "lm_head_bits": head_bits,
+    });
+    if let (Some(from), Some(q)) = (from, q.as_object_mut()) {
+        q.insert("converted_from".into(), from.into());
+    }
+    obj.insert("quantization_config".into(), q);
+    Ok(obj)
 }
