@@ -75,11 +75,95 @@ impl WeightSink for Names {
     }
 }
 
-/// An output tensor: safetensors dtype, shape and bytes.
-struct Out {
-    dtype: safetensors::Dtype,
+/// Which part of a quantized matrix a view holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    Codes,
+    Scales,
+    Zeros,
+}
+
+/// One part of a matrix quantized on demand, when the safetensors writer asks for its
+/// bytes (each part quantizes the matrix again: round-to-nearest is deterministic).
+struct QuantPart<'a> {
+    ws: &'a Weights,
+    /// The source tensor's name.
+    name: String,
+    rows: usize,
+    cols: usize,
+    format: WeightFormat,
+    part: Part,
     shape: Vec<usize>,
-    data: Vec<u8>,
+    /// The first error met while quantizing (the writer's `View::data` cannot fail).
+    failure: &'a std::cell::RefCell<Option<DecoderError>>,
+}
+
+impl QuantPart<'_> {
+    fn quantize(&self) -> Result<Vec<u8>> {
+        let t = self.ws.get(&self.name, &[self.rows, self.cols])?;
+        let (codes, scales, zeros) = quantize_matrix(&t, self.rows, self.cols, self.format)?;
+        Ok(match self.part {
+            Part::Codes => codes,
+            Part::Scales => bytemuck::cast_slice(&scales).to_vec(),
+            Part::Zeros => bytemuck::cast_slice(&zeros).to_vec(),
+        })
+    }
+}
+
+/// A tensor of the output: copied as stored, or a part of a quantized matrix.
+enum OutView<'a> {
+    Stored(safetensors::tensor::TensorView<'a>),
+    Quant(QuantPart<'a>),
+}
+
+impl safetensors::View for OutView<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self {
+            OutView::Stored(v) => v.dtype(),
+            OutView::Quant(q) => match q.part {
+                Part::Codes if q.format.bits() == 8 => safetensors::Dtype::I8,
+                Part::Codes => safetensors::Dtype::U8,
+                Part::Scales | Part::Zeros => safetensors::Dtype::F16,
+            },
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        match self {
+            OutView::Stored(v) => v.shape(),
+            OutView::Quant(q) => &q.shape,
+        }
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            OutView::Stored(v) => v.data().into(),
+            OutView::Quant(q) => match q.quantize() {
+                Ok(bytes) if bytes.len() == self.data_len() => bytes.into(),
+                result => {
+                    let mut failure = q.failure.borrow_mut();
+                    if failure.is_none() {
+                        *failure = Some(result.err().unwrap_or_else(|| DecoderError::Quantized {
+                            name: q.name.clone(),
+                            path: q.ws.files().first().map(|p| p.to_path_buf()).unwrap_or_default(),
+                            msg: "quantized to an unexpected size".into(),
+                        }));
+                    }
+                    vec![0u8; self.data_len()].into()
+                }
+            },
+        }
+    }
+    fn data_len(&self) -> usize {
+        match self {
+            OutView::Stored(v) => v.data_len(),
+            OutView::Quant(q) => {
+                let elems: usize = q.shape.iter().product();
+                match q.part {
+                    Part::Codes => elems,
+                    Part::Scales | Part::Zeros => elems * 2,
+                }
+            }
+        }
+    }
 }
 
 pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> DecoderError + '_ {
@@ -151,51 +235,48 @@ pub fn quantize_dir(src: &Path, dst: &Path, opts: &QuantizeOptions) -> Result<Qu
         }
     }
 
-    let mut out: Vec<(String, Out)> = Vec::new();
     let quantized: HashMap<&str, ()> = jobs
         .iter()
         .filter(|(n, ..)| Some(n) != head_source.as_ref())
         .map(|(n, ..)| (n.as_str(), ()))
         .collect();
+    // Each quantized matrix becomes lazy views of its parts, quantized when the writer
+    // reaches them: the output is streamed, at most one matrix's parts are held at a time.
+    let failure = std::cell::RefCell::new(None);
+    let mut views: Vec<(String, OutView<'_>)> = Vec::new();
     for (name, rows, cols, fmt) in &jobs {
-        let t = ws.get(name, &[*rows, *cols])?;
         let stem_name = if Some(name) == head_source.as_ref() {
             head_name.clone()
         } else {
             name.clone()
         };
         let stem = stem_name.strip_suffix(".weight").unwrap_or(&stem_name);
-        let (codes, scales, zeros) = quantize_matrix(&t, *rows, *cols, *fmt)?;
         let groups = fmt.groups_per_row(*cols);
-        let (code_dtype, code_cols) = if fmt.bits() == 8 {
-            (safetensors::Dtype::I8, *cols)
+        let code_shape = if fmt.bits() == 8 {
+            vec![*rows, *cols]
         } else {
-            (safetensors::Dtype::U8, cols / 2)
+            vec![*rows, cols / 2]
         };
-        out.push((
-            format!("{stem}.qweight"),
-            Out {
-                dtype: code_dtype,
-                shape: vec![*rows, code_cols],
-                data: codes,
-            },
-        ));
-        out.push((
-            format!("{stem}.scales"),
-            Out {
-                dtype: safetensors::Dtype::F16,
-                shape: vec![*rows, groups],
-                data: bytemuck::cast_slice(&scales).to_vec(),
-            },
-        ));
+        let mut parts = vec![
+            (Part::Codes, "qweight", code_shape),
+            (Part::Scales, "scales", vec![*rows, groups]),
+        ];
         if fmt.has_zeros() {
-            out.push((
-                format!("{stem}.zeros"),
-                Out {
-                    dtype: safetensors::Dtype::F16,
-                    shape: vec![*rows, groups],
-                    data: bytemuck::cast_slice(&zeros).to_vec(),
-                },
+            parts.push((Part::Zeros, "zeros", vec![*rows, groups]));
+        }
+        for (part, suffix, shape) in parts {
+            views.push((
+                format!("{stem}.{suffix}"),
+                OutView::Quant(QuantPart {
+                    ws: &ws,
+                    name: name.clone(),
+                    rows: *rows,
+                    cols: *cols,
+                    format: *fmt,
+                    part,
+                    shape,
+                    failure: &failure,
+                }),
             ));
         }
     }
@@ -213,7 +294,6 @@ pub fn quantize_dir(src: &Path, dst: &Path, opts: &QuantizeOptions) -> Result<Qu
         })
         .collect::<Result<Vec<_>>>()?;
     let mut copied = 0;
-    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
     for (path, map) in &maps {
         let st =
             safetensors::SafeTensors::deserialize(map).map_err(|e| DecoderError::Safetensors {
@@ -224,19 +304,9 @@ pub fn quantize_dir(src: &Path, dst: &Path, opts: &QuantizeOptions) -> Result<Qu
             if quantized.contains_key(name.as_str()) {
                 continue;
             }
-            views.push((name, view));
+            views.push((name, OutView::Stored(view)));
             copied += 1;
         }
-    }
-    for (name, o) in &out {
-        let v = safetensors::tensor::TensorView::new(o.dtype, o.shape.clone(), &o.data).map_err(
-            |e| DecoderError::Quantized {
-                name: name.clone(),
-                path: dst.to_path_buf(),
-                msg: e.to_string(),
-            },
-        )?;
-        views.push((name.clone(), v));
     }
 
     // Config: the format, and an untied head when a tied one was quantized.
@@ -260,7 +330,16 @@ pub fn quantize_dir(src: &Path, dst: &Path, opts: &QuantizeOptions) -> Result<Qu
         format!("int{} g{}", opts.format.bits(), opts.format.group()),
     )]
     .into();
-    let (files, bytes_out) = write_dir(src, dst, views, &raw, meta)?;
+    let written = write_dir(src, dst, views, &raw, meta);
+    // A matrix that failed to quantize was written as zeros: its error wins, and the
+    // output goes.
+    if let Some(e) = failure.into_inner() {
+        if written.is_ok() {
+            let _ = std::fs::remove_dir_all(dst);
+        }
+        return Err(e);
+    }
+    let (files, bytes_out) = written?;
     Ok(QuantizeReport {
         matrices,
         copied,
@@ -275,10 +354,10 @@ pub fn quantize_dir(src: &Path, dst: &Path, opts: &QuantizeOptions) -> Result<Qu
 /// weights or config). Everything goes into a temporary directory beside `dst`, renamed into
 /// place at the end, so `dst` is never half written. Returns the files copied and the bytes
 /// of the weight file.
-pub(crate) fn write_dir(
+pub(crate) fn write_dir<V: safetensors::View>(
     src: &Path,
     dst: &Path,
-    views: Vec<(String, safetensors::tensor::TensorView<'_>)>,
+    views: Vec<(String, V)>,
     raw: &serde_json::Value,
     mut meta: HashMap<String, String>,
 ) -> Result<(Vec<String>, u64)> {
