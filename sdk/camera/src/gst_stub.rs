@@ -1,9 +1,6 @@
 //! GStreamer sources: this build has no GStreamer support, so opening one is a typed error.
 
-use std::time::Duration;
-
 use crate::error::{CameraError, Result};
-use crate::frame::{Capture, FrameSource};
 use crate::uri::GstOptions;
 
 /// Stand-in for the GStreamer source when the `gstreamer` feature is off; it cannot be
@@ -22,20 +19,4 @@ impl GstSource {
     }
 }
 
-impl FrameSource for GstSource {
-    fn capture(&mut self, _timeout: Duration) -> Result<Capture> {
-        match self._never {}
-    }
-
-    fn frame_size(&self) -> Option<(u32, u32)> {
-        match self._never {}
-    }
-
-    fn fps(&self) -> Option<f64> {
-        match self._never {}
-    }
-
-    fn describe(&self) -> String {
-        match self._never {}
-    }
-}
+uninhabited_source!(GstSource);

@@ -13,6 +13,33 @@
 //!   [`gst`]: RTSP, video files, CSI sensors and pipelines through GStreamer (feature
 //!   `gstreamer`).
 
+/// The [`FrameSource`] impl of a source type this build leaves out (its feature is off): the
+/// type holds an `Infallible`, so no value exists and every method is unreachable.
+macro_rules! uninhabited_source {
+    ($source:ty) => {
+        impl $crate::frame::FrameSource for $source {
+            fn capture(
+                &mut self,
+                _timeout: std::time::Duration,
+            ) -> $crate::error::Result<$crate::frame::Capture> {
+                match self._never {}
+            }
+
+            fn frame_size(&self) -> Option<(u32, u32)> {
+                match self._never {}
+            }
+
+            fn fps(&self) -> Option<f64> {
+                match self._never {}
+            }
+
+            fn describe(&self) -> String {
+                match self._never {}
+            }
+        }
+    };
+}
+
 pub mod error;
 pub mod frame;
 #[cfg(feature = "gstreamer")]

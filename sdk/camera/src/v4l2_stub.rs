@@ -1,9 +1,6 @@
 //! V4L2 cameras: this build has no V4L2 support, so opening one is a typed error.
 
-use std::time::Duration;
-
 use crate::error::{CameraError, Result};
-use crate::frame::{Capture, FrameSource};
 
 /// Stand-in for the V4L2 source when the `v4l` feature is off; it cannot be constructed.
 #[derive(Debug)]
@@ -25,20 +22,4 @@ impl V4l2Source {
     }
 }
 
-impl FrameSource for V4l2Source {
-    fn capture(&mut self, _timeout: Duration) -> Result<Capture> {
-        match self._never {}
-    }
-
-    fn frame_size(&self) -> Option<(u32, u32)> {
-        match self._never {}
-    }
-
-    fn fps(&self) -> Option<f64> {
-        match self._never {}
-    }
-
-    fn describe(&self) -> String {
-        match self._never {}
-    }
-}
+uninhabited_source!(V4l2Source);

@@ -22,6 +22,25 @@ pub use config::ConfigError;
 pub use image_limits::ImageLimits;
 pub use types::{DType, Device, FrameId, TokenKind};
 
+/// The entries of `dir` whose file name starts with `prefix`, sorted by path (empty when
+/// `dir` cannot be read): versioned installs (`cuda-12.6`, `python3.12`, `libfoo.so.1.2`).
+pub fn entries_starting_with(dir: &std::path::Path, prefix: &str) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<std::path::PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
 /// An error and its causes as one line for a terminal: causes joined with `: `, a cause whose
 /// text the line already holds left out (errors often embed their source's message), and
 /// line breaks inside a message (lists of problems) folded into `; `.

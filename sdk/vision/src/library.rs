@@ -121,18 +121,7 @@ fn venv_roots() -> Vec<PathBuf> {
 
 /// `<lib>/python3*/<pkgs>/onnxruntime/capi/libonnxruntime.so*`
 fn find_in_python_lib(lib: &Path, pkgs: &str) -> Option<PathBuf> {
-    let mut pythons: Vec<PathBuf> = std::fs::read_dir(lib)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("python3"))
-        })
-        .collect();
-    pythons.sort();
-    pythons
+    jetvlm_core::entries_starting_with(lib, "python3")
         .iter()
         .rev()
         .find_map(|py| find_lib_in(&py.join(pkgs).join("onnxruntime/capi")))
@@ -144,18 +133,8 @@ fn find_lib_in(dir: &Path) -> Option<PathBuf> {
     if plain.is_file() {
         return Some(plain);
     }
-    let mut versioned: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| {
-            p.is_file()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("libonnxruntime.so."))
-        })
-        .collect();
-    versioned.sort();
+    let mut versioned = jetvlm_core::entries_starting_with(dir, "libonnxruntime.so.");
+    versioned.retain(|p| p.is_file());
     versioned.pop()
 }
 

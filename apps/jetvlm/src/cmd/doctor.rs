@@ -640,22 +640,13 @@ fn find_lib(dirs: &[PathBuf], stem: &str) -> Option<FoundLib> {
 fn lib_dirs(cx: &Context<'_>) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = LIB_DIRS.iter().map(|d| cx.root.join(d)).collect();
     // Versioned CUDA installs (/usr/local/cuda-12.6) when the /usr/local/cuda link is absent.
-    if let Ok(entries) = std::fs::read_dir(cx.root.join("usr/local")) {
-        let mut cudas: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("cuda-"))
-            })
-            .collect();
-        cudas.sort();
-        for c in cudas.iter().rev() {
-            dirs.push(c.join("lib64"));
-            dirs.push(c.join("targets/aarch64-linux/lib"));
-            dirs.push(c.join("targets/x86_64-linux/lib"));
-        }
+    for c in jetvlm_core::entries_starting_with(&cx.root.join("usr/local"), "cuda-")
+        .iter()
+        .rev()
+    {
+        dirs.push(c.join("lib64"));
+        dirs.push(c.join("targets/aarch64-linux/lib"));
+        dirs.push(c.join("targets/x86_64-linux/lib"));
     }
     dirs
 }

@@ -12,7 +12,6 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -738,30 +737,26 @@ fn temp_beside(path: &Path) -> Result<PathBuf> {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let tmp = temp_beside(path)?;
-    let result = (|| -> Result<()> {
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("setting the mode of {}", tmp.display()))?;
-        f.sync_all()
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    replace_atomic(path, mode, |tmp| {
+        std::fs::write(tmp, bytes).with_context(|| format!("writing {}", tmp.display()))
+    })
 }
 
 fn copy_atomic(src: &Path, path: &Path, mode: u32) -> Result<()> {
+    replace_atomic(path, mode, |tmp| {
+        std::fs::copy(src, tmp)
+            .map(drop)
+            .with_context(|| format!("copying {} to {}", src.display(), tmp.display()))
+    })
+}
+
+/// Replaces `path` with a file that `fill` writes beside it: the mode is set and the data
+/// synced before the rename, and the temporary file is removed on any error, so `path` holds
+/// the old file or the whole new one.
+fn replace_atomic(path: &Path, mode: u32, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = temp_beside(path)?;
     let result = (|| -> Result<()> {
-        std::fs::copy(src, &tmp)
-            .with_context(|| format!("copying {} to {}", src.display(), tmp.display()))?;
+        fill(&tmp)?;
         let f = std::fs::File::options()
             .write(true)
             .open(&tmp)
