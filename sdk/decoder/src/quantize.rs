@@ -60,6 +60,7 @@ impl WeightSink for Names {
     type W = String;
     type V = ();
     type Error = DecoderError;
+    const RUNS_GEMMA3: bool = true;
     fn matrix(&mut self, t: &Tensor) -> Result<String> {
         if t.quant_format().is_some() {
             return Err(DecoderError::Quantized {
@@ -141,10 +142,17 @@ impl safetensors::View for OutView<'_> {
                 result => {
                     let mut failure = q.failure.borrow_mut();
                     if failure.is_none() {
-                        *failure = Some(result.err().unwrap_or_else(|| DecoderError::Quantized {
-                            name: q.name.clone(),
-                            path: q.ws.files().first().map(|p| p.to_path_buf()).unwrap_or_default(),
-                            msg: "quantized to an unexpected size".into(),
+                        *failure = Some(result.err().unwrap_or_else(|| {
+                            DecoderError::Quantized {
+                                name: q.name.clone(),
+                                path: q
+                                    .ws
+                                    .files()
+                                    .first()
+                                    .map(|p| p.to_path_buf())
+                                    .unwrap_or_default(),
+                                msg: "quantized to an unexpected size".into(),
+                            }
                         }));
                     }
                     vec![0u8; self.data_len()].into()
