@@ -4,7 +4,8 @@
 //!   statuses, errors are real failures only.
 //! - [`open`]: a source from a URI (`synthetic://scene?fps=10&seed=7`, `file://img.png`,
 //!   `dir://frames/`, `v4l2:///dev/video0`, `rtsp://cam/stream`, `file://clip.mp4`, `csi://0`,
-//!   `gst://... ! appsink`), parsed by [`SourceUri`].
+//!   `gst://... ! appsink`), parsed by [`SourceUri`]; [`open_with_limits`] decodes image
+//!   files under given [`jetvlm_core::ImageLimits`].
 //! - [`scene`]: the deterministic synthetic camera scene (objects that move, enter and leave)
 //!   with its per-frame ground truth; [`synthetic::SyntheticSource`] streams it.
 //! - [`qa`]: video-analytics questions and answers generated from scene ground truth (the
@@ -66,4 +67,4 @@ pub mod v4l2;
 pub use error::CameraError;
 pub use frame::{Capture, Frame, FrameSource, SourceEvent};
 pub use tap::EventTap;
-pub use uri::{SourceUri, open};
+pub use uri::{SourceUri, open, open_with_limits};

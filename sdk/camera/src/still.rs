@@ -76,22 +76,35 @@ pub struct FileSource {
     path: PathBuf,
     done: bool,
     size: Option<(u32, u32)>,
+    limits: ImageLimits,
 }
 
 impl FileSource {
+    /// The image at `path` under the default [`ImageLimits`].
     pub fn new(path: impl Into<PathBuf>) -> Result<Self> {
+        Self::with_limits(path, ImageLimits::default())
+    }
+
+    /// The image at `path`, decoded under `limits`: a file whose header declares more
+    /// pixels is refused here, when the source opens, before any pixel is decoded.
+    pub fn with_limits(path: impl Into<PathBuf>, limits: ImageLimits) -> Result<Self> {
         let path = path.into();
         if !is_image(&path) {
             return Err(CameraError::UnsupportedImage { path });
         }
-        let size = image::image_dimensions(&path).map_err(|source| CameraError::ReadImage {
-            path: path.clone(),
-            source,
-        })?;
+        let (width, height) =
+            image::image_dimensions(&path).map_err(|source| CameraError::ReadImage {
+                path: path.clone(),
+                source,
+            })?;
+        if let Some(reason) = limits.refusal(width, height) {
+            return Err(CameraError::ImageTooLarge { path, reason });
+        }
         Ok(Self {
             path,
             done: false,
-            size: Some(size),
+            size: Some((width, height)),
+            limits,
         })
     }
 }
@@ -101,7 +114,7 @@ impl FrameSource for FileSource {
         if self.done {
             return Ok(Capture::EndOfStream);
         }
-        let frame = load_frame(&self.path, 0, Duration::ZERO)?;
+        let frame = load_frame_with_limits(&self.path, 0, Duration::ZERO, &self.limits)?;
         self.done = true;
         Ok(Capture::Frame(frame))
     }
@@ -246,29 +259,7 @@ impl FrameSource for DirSource {
 mod tests {
     use super::*;
 
-    /// A valid 1x1 PNG whose IHDR is rewritten to declare `width x height` (CRC fixed): a
-    /// file of a few dozen bytes that claims a huge image.
-    fn png_declaring(width: u32, height: u32) -> Vec<u8> {
-        let mut png = Vec::new();
-        image::RgbImage::new(1, 1)
-            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-            .unwrap();
-        png[16..20].copy_from_slice(&width.to_be_bytes());
-        png[20..24].copy_from_slice(&height.to_be_bytes());
-        let mut c = !0u32;
-        for &b in &png[12..29] {
-            c ^= b as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xedb8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-            }
-        }
-        png[29..33].copy_from_slice(&(!c).to_be_bytes());
-        png
-    }
+    use jetvlm_core::image_limits::png_declaring;
 
     fn frames(src: &mut DirSource) -> Result<Vec<Frame>> {
         let mut out = Vec::new();
@@ -337,6 +328,39 @@ mod tests {
         assert_eq!(skipped[0].0, "b.png");
         assert_eq!(skipped[1].0, "c.png");
         assert!(skipped[1].1.contains("12000x12000"), "{skipped:?}");
+    }
+
+    #[test]
+    fn the_shared_generator_makes_a_png_that_decodes_at_its_declared_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("one.png");
+        std::fs::write(&path, png_declaring(1, 1)).unwrap();
+        let f = load_frame(&path, 0, Duration::ZERO).unwrap();
+        assert_eq!(
+            (f.width, f.height, f.rgb.as_slice()),
+            (1, 1, &[0u8, 0, 0][..])
+        );
+        std::fs::write(&path, png_declaring(300, 200)).unwrap();
+        assert_eq!(image::image_dimensions(&path).unwrap(), (300, 200));
+    }
+
+    #[test]
+    fn a_file_source_applies_its_limits_when_it_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("photo.png");
+        image::RgbImage::new(4, 3).save(&path).unwrap();
+        let mut src = FileSource::with_limits(&path, ImageLimits::with_max_pixels(12)).unwrap();
+        match src.capture(Duration::ZERO).unwrap() {
+            Capture::Frame(f) => assert_eq!((f.width, f.height), (4, 3)),
+            other => panic!("expected a frame, got {other:?}"),
+        }
+        match FileSource::with_limits(&path, ImageLimits::with_max_pixels(11)) {
+            Err(e @ CameraError::ImageTooLarge { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("photo.png") && msg.contains("4x3"), "{msg}");
+            }
+            other => panic!("expected ImageTooLarge, got {other:?}"),
+        }
     }
 
     #[test]

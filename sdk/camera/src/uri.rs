@@ -16,6 +16,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use jetvlm_core::ImageLimits;
+
 use crate::error::{CameraError, Result};
 use crate::frame::FrameSource;
 use crate::gst::GstSource;
@@ -553,20 +555,26 @@ fn percent_decode(s: &str) -> Option<String> {
 
 /// Opens the source a URI names.
 pub fn open(uri: &str) -> Result<Box<dyn FrameSource>> {
+    open_with_limits(uri, &ImageLimits::default())
+}
+
+/// [`open`], with image files (`file://` stills and the images of a `dir://` source)
+/// decoded under `limits`: an image whose header declares more pixels is refused before
+/// any pixel is decoded (a `file://` source when it opens; a `dir://` source reports and
+/// skips that image and goes on).
+pub fn open_with_limits(uri: &str, limits: &ImageLimits) -> Result<Box<dyn FrameSource>> {
     let u = SourceUri::parse(uri)?;
     Ok(match u.scheme {
         Scheme::Synthetic => Box::new(SyntheticSource::new(u.synthetic_options()?, uri)?),
         Scheme::File => {
             u.check_keys(&[])?;
-            Box::new(FileSource::new(&u.path)?)
+            Box::new(FileSource::with_limits(&u.path, *limits)?)
         }
         Scheme::Dir => {
             u.check_keys(&["fps", "loop"])?;
-            Box::new(DirSource::new(
-                &u.path,
-                u.fps(10.0)?,
-                u.flag("loop", false)?,
-            )?)
+            Box::new(
+                DirSource::new(&u.path, u.fps(10.0)?, u.flag("loop", false)?)?.with_limits(*limits),
+            )
         }
         Scheme::V4l2 => {
             u.check_keys(&["width", "height", "fps"])?;

@@ -48,6 +48,10 @@ pub struct WatchArgs {
     pub kv_calibration: Option<PathBuf>,
     #[command(flatten)]
     pub encoder: super::EncoderArgs,
+    // Limits on the image files a file:// or dir:// source decodes (the flags of `ask`); a
+    // dir:// image over them is reported and skipped.
+    #[command(flatten)]
+    pub image_limits: super::ImageLimitArgs,
     /// Runtime config YAML; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -184,7 +188,7 @@ pub fn run(args: WatchArgs) -> Result<()> {
     let question = super::question_or_default(&pipeline, args.question.as_deref())?;
     // The URI as shown: credentials (rtsp://user:pass@...) never reach the output.
     let shown = jetvlm_camera::uri::redact(&args.source);
-    let mut source = jetvlm_camera::open(&args.source)
+    let mut source = jetvlm_camera::open_with_limits(&args.source, &args.image_limits.limits())
         .with_context(|| format!("opening frame source {shown}"))?;
     let timeout = Duration::from_millis(args.timeout_ms);
 
