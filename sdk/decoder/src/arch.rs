@@ -159,6 +159,9 @@ pub trait WeightSink {
     type W;
     type V;
     type Error: From<DecoderError>;
+    /// Whether the backend runs Gemma 3's layer recipe; [`load`] refuses a Gemma 3 config for
+    /// a backend that does not.
+    const RUNS_GEMMA3: bool = false;
     fn matrix(&mut self, t: &Tensor) -> std::result::Result<Self::W, Self::Error>;
     fn vector(&mut self, t: &Tensor) -> std::result::Result<Self::V, Self::Error>;
 }
