@@ -22,3 +22,31 @@ extern "C" __global__ void rope_f32(float* __restrict__ x, const unsigned int* _
         head[i + half_dim] = b * c + a * s;
     }
 }
+
+// M-RoPE (Qwen2-VL / Qwen2.5-VL, transformers' apply_multimodal_rotary_pos_emb): each token has
+// three positions (temporal, row, column), positions3[n_tokens][3]; frequency pair i turns by
+// the position of the section holding it: i < s0 temporal, s0 <= i < s0 + s1 row, else column
+// (s0 + s1 + s2 = head_dim / 2, checked on the host). Rotates the whole head (rotary_dim =
+// head_dim), rotate-half layout, angle pos * inv_freq in f32 as in rope_f32.
+extern "C" __global__ void rope_mrope_f32(float* __restrict__ x, const unsigned int* __restrict__ positions3,
+                                          const float* __restrict__ inv_freq, unsigned int n_tokens,
+                                          unsigned int n_heads, unsigned int head_dim, unsigned int s0,
+                                          unsigned int s1) {
+    unsigned int half_dim = head_dim / 2;
+    size_t total = (size_t)n_tokens * n_heads * half_dim;
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        unsigned int i = (unsigned int)(idx % half_dim);
+        size_t th = idx / half_dim;  // token * n_heads + head
+        size_t t = th / n_heads;
+        unsigned int section = (i >= s0) + (i >= s0 + s1);
+        float angle = (float)positions3[3 * t + section] * inv_freq[i];
+        float s, c;
+        sincosf(angle, &s, &c);
+        float* head = x + th * head_dim;
+        float a = head[i];
+        float b = head[i + half_dim];
+        head[i] = a * c - b * s;
+        head[i + half_dim] = b * c + a * s;
+    }
+}

@@ -72,6 +72,47 @@ pub(crate) fn check_rope(
     check_len(OP, "inv_freq", inv_freq, rotary_dim / 2)
 }
 
+/// M-RoPE over `n_tokens` x `n_heads` heads of `head_dim` with three positions per token and
+/// sections `section` (temporal, row, column frequency pairs, summing to `head_dim / 2`).
+pub(crate) fn check_rope_mrope(
+    [x, positions3, inv_freq]: [usize; 3],
+    n_tokens: usize,
+    n_heads: usize,
+    head_dim: usize,
+    section: [usize; 3],
+) -> Result<(), CudaError> {
+    const OP: &str = "rope mrope";
+    if !head_dim.is_multiple_of(2) || section.iter().sum::<usize>() != head_dim / 2 {
+        return Err(shape(
+            OP,
+            format!(
+                "mrope_section {section:?} must cover head_dim / 2 = {} frequency pairs (head_dim {head_dim} even)",
+                head_dim / 2
+            ),
+        ));
+    }
+    check_len(OP, "x", x, n_tokens * n_heads * head_dim)?;
+    check_len(OP, "positions", positions3, 3 * n_tokens)?;
+    check_len(OP, "inv_freq", inv_freq, head_dim / 2)
+}
+
+/// A quantized matrix of `have = (rows, cols)` used as `want = (rows, cols)`.
+pub(crate) fn check_quant_shape(
+    have: (usize, usize),
+    want: (usize, usize),
+) -> Result<(), CudaError> {
+    if have != want {
+        return Err(shape(
+            "quantized gemv",
+            format!(
+                "matrix is {}x{}, the product needs {}x{}",
+                have.0, have.1, want.0, want.1
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// `len` tokens written into block `block` of a pool of `blocks` blocks from slot
 /// `tok_offset`.
 pub(crate) fn check_span(
@@ -236,4 +277,68 @@ pub(crate) fn token_rows(
     check_len(op, "k", k_len, r.end)?;
     check_len(op, "v", v_len, r.end)?;
     Ok(r)
+}
+
+/// A quantized checkpoint matrix (`t`, its view `q`) in the kernels' host layout (the
+/// simulated device's copy).
+pub(crate) fn quant_matrix(
+    t: &jetvlm_decoder::Tensor,
+    q: &jetvlm_decoder::QuantData<'_>,
+) -> Result<crate::reference::QuantMatrix, CudaError> {
+    check_quant_tensor(t, q)?;
+    Ok(crate::reference::QuantMatrix {
+        format: q.format,
+        rows: q.rows(),
+        cols: q.cols,
+        codes: q.codes.to_vec(),
+        scales: q.scales.to_vec(),
+        zeros: q.zeros.to_vec(),
+    })
+}
+
+/// The parts of quantized tensor `t` (its view `q`) hold a whole `[rows, cols]` matrix of its
+/// format, the tensor's shape: an error naming the tensor and its file otherwise.
+pub(crate) fn check_quant_tensor(
+    t: &jetvlm_decoder::Tensor,
+    q: &jetvlm_decoder::QuantData<'_>,
+) -> Result<(), CudaError> {
+    let bad = |message: String| CudaError::Model {
+        path: t.path().to_path_buf(),
+        message: format!("tensor `{}`: {message}", t.name()),
+    };
+    let f = q.format;
+    let (rows, cols) = match t.shape() {
+        &[r, c] => (r, c),
+        s => {
+            return Err(bad(format!(
+                "a quantized matrix of shape {s:?} (needs 2 dims)"
+            )));
+        }
+    };
+    f.check_cols(cols).map_err(|e| bad(e.to_string()))?;
+    let groups = rows
+        .checked_mul(f.groups_per_row(cols))
+        .ok_or_else(|| bad(format!("{rows}x{cols} overflows")))?;
+    let code_bytes = rows
+        .checked_mul(f.code_bytes_per_row(cols))
+        .ok_or_else(|| bad(format!("{rows}x{cols} overflows")))?;
+    let want = [
+        ("codes", q.codes.len(), code_bytes),
+        ("scales", q.scales.len(), groups),
+        (
+            "zeros",
+            q.zeros.len(),
+            if f.has_zeros() { groups } else { 0 },
+        ),
+    ];
+    for (what, have, need) in want {
+        if have != need || q.cols != cols {
+            return Err(bad(format!(
+                "{what}: {have} elements for a {rows}x{cols} INT{} g{} matrix (needs {need})",
+                f.bits(),
+                f.group()
+            )));
+        }
+    }
+    Ok(())
 }

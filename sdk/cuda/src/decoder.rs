@@ -1,7 +1,8 @@
 //! The decoder on a device: the architecture of [`jetvlm_decoder::arch`] (tensor names,
 //! layer recipe) over a [`Gpu`]'s operations. Weights are read from the Hugging Face files and
-//! uploaded in their stored precision (f32, f16 or bf16); the forward pass runs spans of token
-//! ids or embeddings, writes K/V into the device mixed KV pools (FP16 text blocks, quantized
+//! uploaded in their stored precision (f32, f16 or bf16, or the weight-only INT8/INT4 layout of
+//! `jetvlm quantize`); the forward pass runs spans of token ids or embeddings at the positions
+//! of [`arch::span_positions`] (M-RoPE frames at their temporal, row and column positions), writes K/V into the device mixed KV pools (FP16 text blocks, quantized
 //! frame blocks, placed by [`KvBlockTable`]) and attends over them with the fused attention
 //! kernel.
 //!
@@ -9,8 +10,9 @@
 //! on [`crate::SimDevice`] their CPU twins, so everything here runs in the tests of a machine
 //! without a GPU.
 //!
-//! Matrix products are the `gemv` kernel (up to 8 tokens share each weight read), so decode
-//! and prefill run the same code; prefill runs in chunks of [`PREFILL_CHUNK`] tokens.
+//! Matrix products are the `gemv` kernels (up to 8 tokens share each weight read), so decode
+//! and prefill run the same code, except quantized matrices, which prefill with a tiled GEMM;
+//! prefill runs in chunks of [`PREFILL_CHUNK`] tokens.
 
 use std::path::Path;
 
@@ -18,6 +20,7 @@ use jetvlm_core::{FrameId, TokenKind};
 use jetvlm_decoder::arch::{self, Activations, DecoderWeights, LayerOps, TensorOps, WeightSink};
 use jetvlm_decoder::kernels::Rope;
 use jetvlm_decoder::{Config, Tensor, Weights};
+use jetvlm_quant::WeightFormat;
 
 use crate::error::CudaError;
 use crate::gpu::{Gpu, PlanInfo, PoolMemory, PoolsInfo, Splits};
@@ -42,6 +45,10 @@ pub struct DeviceDecoder<G: Gpu> {
     config: Config,
     weights: DecoderWeights<G::Weights, G::Weights>,
     inv_freq: G::Buf,
+    /// M-RoPE sections (Qwen2-VL / Qwen2.5-VL): frame tokens rotate with `rope_mrope`.
+    mrope_section: Option<[usize; 3]>,
+    /// The weight-only format of the quantized matrices, if any.
+    quant_format: Option<WeightFormat>,
 }
 
 impl<G: Gpu> std::fmt::Debug for DeviceDecoder<G> {
@@ -53,19 +60,17 @@ impl<G: Gpu> std::fmt::Debug for DeviceDecoder<G> {
     }
 }
 
-/// Uploads a checkpoint's tensors: matrices in their stored precision, vectors as f32.
-struct Upload<'d, G: Gpu>(&'d G);
+/// Uploads a checkpoint's tensors: matrices in their stored precision, vectors as f32; notes
+/// the weight format of the first quantized matrix.
+struct Upload<'d, G: Gpu>(&'d G, Option<WeightFormat>);
 
 impl<G: Gpu> WeightSink for Upload<'_, G> {
     type W = G::Weights;
     type V = G::Weights;
     type Error = CudaError;
     fn matrix(&mut self, t: &Tensor) -> Result<G::Weights, CudaError> {
-        if t.quant_format().is_some() {
-            return Err(CudaError::QuantizedWeights {
-                name: t.name().to_string(),
-                path: t.path().to_path_buf(),
-            });
+        if self.1.is_none() {
+            self.1 = t.quant_format();
         }
         self.0.upload_tensor(t)
     }
@@ -78,21 +83,13 @@ impl<G: Gpu> DeviceDecoder<G> {
     /// Loads the decoder in `dir` (config.json + safetensors) onto `dev`.
     pub fn load(dev: &G, dir: &Path) -> Result<Self, CudaError> {
         let config = Config::from_dir(dir).map_err(model_err(dir))?;
-        if let jetvlm_core::hf::RopeScaling::MRope { .. } = config.model.rope_scaling {
-            return Err(model_err(dir)(jetvlm_decoder::DecoderError::Unsupported {
-                path: config.path.clone(),
-                field: "mrope_section".into(),
-                msg: "M-RoPE (Qwen2-VL / Qwen2.5-VL) runs on the CPU decoder only (--device cpu); \
-                      the device decoder has no M-RoPE kernel yet"
-                    .into(),
-            }));
-        }
         let ws = Weights::open(dir).map_err(model_err(dir))?;
-        let weights =
-            arch::load(&config.model, &ws, None, &mut Upload(dev)).map_err(|e| match e {
-                CudaError::Decoder(d) => model_err(dir)(d),
-                e => e,
-            })?;
+        let mut sink = Upload(dev, None);
+        let weights = arch::load(&config.model, &ws, None, &mut sink).map_err(|e| match e {
+            CudaError::Decoder(d) => model_err(dir)(d),
+            e => e,
+        })?;
+        let quant_format = sink.1;
         let inv: Vec<f32> = Rope::new(&config.model)
             .inv_freq()
             .iter()
@@ -100,10 +97,16 @@ impl<G: Gpu> DeviceDecoder<G> {
             .collect();
         let inv_freq = dev.upload(&inv)?;
         dev.synchronize()?;
+        let mrope_section = match config.model.rope_scaling {
+            jetvlm_core::hf::RopeScaling::MRope { section, .. } => Some(section),
+            _ => None,
+        };
         Ok(Self {
             config,
             weights,
             inv_freq,
+            mrope_section,
+            quant_format,
         })
     }
 
@@ -116,9 +119,21 @@ impl<G: Gpu> DeviceDecoder<G> {
     pub fn hidden_size(&self) -> usize {
         self.config.model.hidden_size
     }
-    /// Stored type of the weight matrices.
+    /// Stored type of the weight matrices (of the embedding table when the layers are
+    /// quantized: see [`Self::quant_format`]).
     pub fn weight_dtype(&self) -> jetvlm_core::DType {
         self.weights.dtype
+    }
+    /// The weight-only format (INT8 / INT4, group) of a quantized decoder's matrices.
+    pub fn quant_format(&self) -> Option<WeightFormat> {
+        self.quant_format
+    }
+    /// The weights in words: `f32`, or `INT4 g32` for a quantized decoder.
+    pub fn weights_name(&self) -> String {
+        match self.quant_format {
+            Some(f) => format!("INT{} g{}", f.bits(), f.group()),
+            None => self.weights.dtype.to_string(),
+        }
     }
     /// Weight bytes one decode step reads (every matrix, norms, LM head).
     pub fn weight_bytes_read_per_token(&self) -> u64 {
@@ -589,6 +604,19 @@ impl<'a, G: Gpu> DeviceSession<'a, G> {
         let h = c.hidden_size;
         let mut last_n = 0;
         for inp in inputs.iter().filter(|i| !i.is_empty()) {
+            // Positions of the whole span (an M-RoPE frame's follow its grid), then the span
+            // in chunks.
+            let first =
+                u32::try_from(self.cache.table.next_position()).map_err(|_| CudaError::Shape {
+                    op: "device forward",
+                    message: format!(
+                        "position {} passes the largest position {}",
+                        self.cache.table.next_position(),
+                        u32::MAX
+                    ),
+                })?;
+            let pos = arch::span_positions(c, inp.kind(), first, inp.len())
+                .map_err(model_err(&self.model.config.path))?;
             let mut start = 0;
             while start < inp.len() {
                 let n = (inp.len() - start).min(PREFILL_CHUNK);
@@ -603,10 +631,18 @@ impl<'a, G: Gpu> DeviceSession<'a, G> {
                         .dev
                         .write(&mut self.s.acts.x, &data[start * h..(start + n) * h])?,
                 }
-                self.run_chunk(n, inp.kind(), inp.frame())?;
+                let chunk = ChunkPositions {
+                    rope: &pos.cache[start..start + n],
+                    mrope: pos.mrope.as_ref().map(|m| &m[start..start + n]),
+                };
+                self.run_chunk(n, inp.kind(), inp.frame(), chunk)?;
                 start += n;
                 last_n = n;
             }
+            // The next token follows the span's largest position (fewer positions than tokens
+            // after an M-RoPE frame).
+            let next = pos.cache.iter().max().map_or(first, |&p| p + 1);
+            self.cache.table.set_next_position(next as usize)?;
         }
         // Logits of the last token of the last chunk (its row is still in `x`).
         let s = &mut self.s;
@@ -630,18 +666,34 @@ impl<'a, G: Gpu> DeviceSession<'a, G> {
         n: usize,
         kind: TokenKind,
         frame: Option<FrameId>,
+        pos: ChunkPositions<'_>,
     ) -> Result<(), CudaError> {
         let dev = self.dev;
         let c = &self.model.config.model;
-        let first = self.cache.table.next_position();
+        // Causal order: the tokens' append order (under M-RoPE a frame's rotation positions
+        // repeat and the order runs ahead of them).
+        let first = self.cache.table.next_order();
         // Blocks holding earlier tokens: what an offloaded step streams to the device.
         let before = self.cache.table.used_blocks();
         let placements = match frame {
             Some(f) => self.cache.table.append_frame(f, n)?,
             None => self.cache.table.append(kind, n)?,
         };
-        let positions: Vec<u32> = (first..first + n).map(|p| p as u32).collect();
-        let q_order: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        let q_order: Vec<i32> = (first..first + n)
+            .map(|o| {
+                i32::try_from(o).map_err(|_| CudaError::Shape {
+                    op: "device forward",
+                    message: format!("token order {o} passes {}", i32::MAX),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let mrope = match (pos.mrope, self.model.mrope_section) {
+            (Some(m), Some(section)) => {
+                let flat: Vec<u32> = m.iter().flatten().copied().collect();
+                Some((dev.upload_ids(&flat)?, section))
+            }
+            _ => None,
+        };
         // One attention plan per distinct layer layout (one, unless the policy is calibrated
         // with a frame format per layer); `plan_of[layer]` picks it.
         let mut plans: Vec<G::Plan> = Vec::new();
@@ -666,7 +718,8 @@ impl<'a, G: Gpu> DeviceSession<'a, G> {
         }
         let mut ops = StepOps {
             dev,
-            positions: dev.upload_ids(&positions)?,
+            positions: dev.upload_ids(pos.rope)?,
+            mrope,
             inv_freq: &self.model.inv_freq,
             head_dim: c.head_dim,
             cache: &mut self.cache,
@@ -681,6 +734,14 @@ impl<'a, G: Gpu> DeviceSession<'a, G> {
         ops.start()?;
         arch::run_layers(&mut ops, c, &self.model.weights.layers, &mut self.s.acts, n)
     }
+}
+
+/// The positions of one chunk of a span: one rotation position per token, and an M-RoPE
+/// frame's three (see [`arch::SpanPositions`]).
+#[derive(Clone, Copy)]
+struct ChunkPositions<'p> {
+    rope: &'p [u32],
+    mrope: Option<&'p [[u32; 3]]>,
 }
 
 /// The device's [`TensorOps`]: one kernel each.
@@ -758,6 +819,8 @@ impl<G: Gpu> TensorOps for Kernels<'_, G> {
 struct StepOps<'s, G: Gpu> {
     dev: &'s G,
     positions: G::Ids,
+    /// An M-RoPE frame chunk: its (temporal, row, column) positions and the sections.
+    mrope: Option<(G::Ids, [usize; 3])>,
     inv_freq: &'s G::Buf,
     head_dim: usize,
     cache: &'s mut DeviceKvCache<G>,
@@ -830,8 +893,14 @@ impl<G: Gpu> LayerOps for StepOps<'_, G> {
 
     fn rope(&mut self, x: &mut G::Buf, heads: usize, n: usize) -> Result<(), CudaError> {
         let d = self.head_dim;
-        self.dev
-            .rope(x, &self.positions, self.inv_freq, n, heads, d, d)
+        match &self.mrope {
+            Some((p3, section)) => self
+                .dev
+                .rope_mrope(x, p3, self.inv_freq, n, heads, d, *section),
+            None => self
+                .dev
+                .rope(x, &self.positions, self.inv_freq, n, heads, d, d),
+        }
     }
 
     /// Writes the step's K/V into the layer's pools and attends; offloaded, also into the

@@ -120,6 +120,18 @@ impl Gpu for CudaDevice {
     ) -> Result<(), CudaError> {
         match self.never {}
     }
+    fn rope_mrope(
+        &self,
+        _: &mut Never,
+        _: &Never,
+        _: &Never,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: [usize; 3],
+    ) -> Result<(), CudaError> {
+        match self.never {}
+    }
     fn residual_add(&self, _: &mut Never, _: &Never, _: usize) -> Result<(), CudaError> {
         match self.never {}
     }

@@ -57,7 +57,8 @@ pub trait Gpu: Sized {
     type Buf: Send;
     /// u32 values in device memory (positions).
     type Ids: Send;
-    /// A weight tensor in its stored precision (matrices) or f32 (norms, biases).
+    /// A weight tensor in its stored precision (matrices, weight-only quantized ones
+    /// included) or f32 (norms, biases).
     type Weights: Send + Sync;
     /// One layer's KV pools.
     type Pools: PoolsInfo + Send;
@@ -76,7 +77,8 @@ pub trait Gpu: Sized {
     fn zeros(&self, len: usize) -> Result<Self::Buf, CudaError>;
     fn upload(&self, data: &[f32]) -> Result<Self::Buf, CudaError>;
     fn upload_ids(&self, data: &[u32]) -> Result<Self::Ids, CudaError>;
-    /// A tensor in its stored precision.
+    /// A tensor in its stored precision: f32, f16, bf16, or a weight-only INT8/INT4 matrix
+    /// (codes, scales and zeros as `jetvlm quantize` stores them).
     fn upload_tensor(&self, t: &Tensor) -> Result<Self::Weights, CudaError>;
     /// Elements of a weight tensor.
     fn weights_len(w: &Self::Weights) -> usize;
@@ -115,7 +117,8 @@ pub trait Gpu: Sized {
         dim: usize,
         eps: f32,
     ) -> Result<(), CudaError>;
-    /// `y[t][r] = sum_c w[r][c] x[t][c]` for `n_tok` tokens.
+    /// `y[t][r] = sum_c w[r][c] x[t][c]` for `n_tok` tokens (a quantized `w` dequantized as
+    /// it is read: a GEMV for decode, a tiled GEMM for prefill).
     fn gemv(
         &self,
         y: &mut Self::Buf,
@@ -144,6 +147,20 @@ pub trait Gpu: Sized {
         n_heads: usize,
         head_dim: usize,
         rotary_dim: usize,
+    ) -> Result<(), CudaError>;
+    /// M-RoPE in place on `x[n_tokens][n_heads][head_dim]` (Qwen2-VL / Qwen2.5-VL):
+    /// `positions3[n_tokens][3]` (temporal, row, column); frequency pair `i` turns by the
+    /// position of the section of `section` that holds it.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_mrope(
+        &self,
+        x: &mut Self::Buf,
+        positions3: &Self::Ids,
+        inv_freq: &Self::Buf,
+        n_tokens: usize,
+        n_heads: usize,
+        head_dim: usize,
+        section: [usize; 3],
     ) -> Result<(), CudaError>;
     /// `x[..n] += y[..n]`.
     fn residual_add(&self, x: &mut Self::Buf, y: &Self::Buf, n: usize) -> Result<(), CudaError>;

@@ -291,6 +291,8 @@ pub struct TableMark {
     next_text: usize,
     next_frame: usize,
     next_pos: usize,
+    position_lag: usize,
+    lag_order: usize,
     next_seq: usize,
     tokens: (usize, usize),
 }
@@ -310,8 +312,13 @@ pub struct KvBlockTable {
     entries: Vec<BlockEntry>,
     /// The frame each entry belongs to (`None`: text, or frames appended without an id).
     owners: Vec<Option<FrameId>>,
-    /// Order index (and RoPE position) of the next token.
+    /// Order index of the next token (tokens appended so far, less those truncated).
     next_pos: usize,
+    /// How far the next token's RoPE position trails its order index: an M-RoPE frame takes
+    /// fewer positions than tokens ([`Self::set_next_position`]); 0 under plain RoPE.
+    position_lag: usize,
+    /// The order index where the lag was last set: tokens before it stay.
+    lag_order: usize,
     /// Tokens appended since the last clear (truncation does not rewind it): sink tokens
     /// are the first `policy.sinks` of them, as in the CPU cache.
     next_seq: usize,
@@ -333,6 +340,8 @@ impl KvBlockTable {
             entries: Vec::new(),
             owners: Vec::new(),
             next_pos: 0,
+            position_lag: 0,
+            lag_order: 0,
             next_seq: 0,
             text_tokens: 0,
             frame_tokens: 0,
@@ -346,10 +355,33 @@ impl KvBlockTable {
     pub fn len(&self) -> usize {
         self.text_tokens + self.frame_tokens
     }
-    /// Order index and RoPE position of the next token: tokens appended so far, less those
-    /// truncated (evicted frames keep their positions taken).
+    /// RoPE position of the next token: its order index ([`Self::next_order`]) less the
+    /// positions M-RoPE frames did not take (evicted frames keep their positions taken).
     pub fn next_position(&self) -> usize {
+        self.next_pos - self.position_lag
+    }
+    /// Order index of the next token (the causal order the attention context lists): tokens
+    /// appended so far, less those truncated.
+    pub fn next_order(&self) -> usize {
         self.next_pos
+    }
+    /// Sets the RoPE position of the next token to `position` after a span whose positions
+    /// did not advance one per token (an M-RoPE frame: `max(rows, cols)` positions for
+    /// `rows x cols` tokens). Positions never run ahead of the order index; tokens before
+    /// this point can no longer be truncated ([`Self::truncate_last`] drops text only).
+    pub fn set_next_position(&mut self, position: usize) -> Result<(), CudaError> {
+        if position > self.next_pos {
+            return Err(CudaError::Shape {
+                op: "device KV cache",
+                message: format!(
+                    "next position {position} is past the next token's order {}",
+                    self.next_pos
+                ),
+            });
+        }
+        self.position_lag = self.next_pos - position;
+        self.lag_order = self.next_pos;
+        Ok(())
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -608,6 +640,8 @@ impl KvBlockTable {
             next_text: self.next_text,
             next_frame: self.next_frame,
             next_pos: self.next_pos,
+            position_lag: self.position_lag,
+            lag_order: self.lag_order,
             next_seq: self.next_seq,
             tokens: (self.text_tokens, self.frame_tokens),
         }
@@ -636,6 +670,8 @@ impl KvBlockTable {
         self.next_text = mark.next_text;
         self.next_frame = mark.next_frame;
         self.next_pos = mark.next_pos;
+        self.position_lag = mark.position_lag;
+        self.lag_order = mark.lag_order;
         self.next_seq = mark.next_seq;
         (self.text_tokens, self.frame_tokens) = mark.tokens;
     }
@@ -649,6 +685,8 @@ impl KvBlockTable {
         self.entries.clear();
         self.owners.clear();
         self.next_pos = 0;
+        self.position_lag = 0;
+        self.lag_order = 0;
         self.next_seq = 0;
         self.text_tokens = 0;
         self.frame_tokens = 0;
@@ -701,6 +739,14 @@ impl KvBlockTable {
             return Err(CudaError::Shape {
                 op: "device KV cache",
                 message: format!("cannot drop {n} tokens: {} are cached", self.len()),
+            });
+        }
+        if self.position_lag > 0 && self.next_pos - n < self.lag_order {
+            return Err(CudaError::Shape {
+                op: "device KV cache",
+                message: format!(
+                    "cannot drop the newest {n} tokens: they reach into an M-RoPE frame"
+                ),
             });
         }
         let mut left = n;

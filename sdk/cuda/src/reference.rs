@@ -2,7 +2,7 @@
 //! its twin on the same inputs and compares them; the twins accumulate in f64.
 
 use half::f16;
-use jetvlm_quant::ScaleZero;
+use jetvlm_quant::{ScaleZero, WeightFormat};
 
 use crate::layout::{BlockEntry, BlockKind, KvLayout};
 
@@ -118,6 +118,115 @@ pub fn gemv(w: &[f32], x: &[f32], rows: usize, cols: usize, n_tok: usize) -> Vec
                 .zip(xr)
                 .map(|(&a, &b)| a as f64 * b as f64)
                 .sum::<f64>() as f32;
+        }
+    }
+    y
+}
+
+/// M-RoPE in place on `x[n_tokens][n_heads][head_dim]` (kernel `rope_mrope_f32`): token `t`
+/// has three positions `positions3[3 t..3 t + 3]` (temporal, row, column); frequency pair `i`
+/// turns by the position of the section holding it (`i < s0`: temporal, `i < s0 + s1`: row,
+/// else column), over the whole head. The angle is `pos * inv_freq` in f32, as the kernel
+/// computes it.
+pub fn rope_mrope(
+    x: &mut [f32],
+    positions3: &[u32],
+    inv_freq: &[f32],
+    n_heads: usize,
+    head_dim: usize,
+    [s0, s1]: [usize; 2],
+) {
+    let half = head_dim / 2;
+    for (t, pos) in positions3.chunks_exact(3).enumerate() {
+        for h in 0..n_heads {
+            let head = &mut x[(t * n_heads + h) * head_dim..(t * n_heads + h + 1) * head_dim];
+            for i in 0..half {
+                let section = usize::from(i >= s0) + usize::from(i >= s0 + s1);
+                let angle = (pos[section] as f32 * inv_freq[i]) as f64;
+                let (s, c) = angle.sin_cos();
+                let (a, b) = (head[i] as f64, head[i + half] as f64);
+                head[i] = (a * c - b * s) as f32;
+                head[i + half] = (b * c + a * s) as f32;
+            }
+        }
+    }
+}
+
+/// A weight-only quantized `[rows][cols]` matrix as the `gemv_q*` / `gemm_q*` kernels read it
+/// (the layout of `jetvlm quantize`, `jetvlm_quant::weight`): codes row by row (INT8: one
+/// `i8` per weight; INT4: `cols / 2` bytes in chunks of 32 codes, byte `i` holding code `i` in
+/// its low nibble and code `i + 16` in its high one), one FP16 scale per group and, for INT4,
+/// one FP16 zero per group (`w = zero + scale * code`; INT8: `w = scale * code`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantMatrix {
+    pub format: WeightFormat,
+    pub rows: usize,
+    pub cols: usize,
+    pub codes: Vec<u8>,
+    pub scales: Vec<f16>,
+    /// Empty for INT8.
+    pub zeros: Vec<f16>,
+}
+
+impl QuantMatrix {
+    /// Quantizes `w` (`[rows][cols]`) row by row with `jetvlm_quant`'s reference
+    /// round-to-nearest ([`jetvlm_quant::weight::quantize_row`]).
+    pub fn quantize(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        format: WeightFormat,
+    ) -> Result<Self, jetvlm_quant::QuantError> {
+        let mut m = QuantMatrix {
+            format,
+            rows,
+            cols,
+            codes: Vec::with_capacity(rows * format.code_bytes_per_row(cols)),
+            scales: Vec::with_capacity(rows * format.groups_per_row(cols)),
+            zeros: Vec::new(),
+        };
+        for row in w.chunks_exact(cols.max(1)).take(rows) {
+            let q = jetvlm_quant::weight::quantize_row(row, format)?;
+            m.codes.extend_from_slice(&q.codes);
+            m.scales.extend_from_slice(&q.scales);
+            m.zeros.extend_from_slice(&q.zeros);
+        }
+        Ok(m)
+    }
+
+    /// Code of weight `(r, c)` as the kernels unpack it (INT8 sign-extended).
+    pub fn code(&self, r: usize, c: usize) -> i32 {
+        if self.format.bits() == 8 {
+            self.codes[r * self.cols + c] as i8 as i32
+        } else {
+            let byte = self.codes[r * self.cols / 2 + (c / 32) * 16 + (c % 32) % 16];
+            ((byte >> (4 * ((c % 32) / 16))) & 0xf) as i32
+        }
+    }
+}
+
+/// Twin of `gemv_q8`/`gemv_q4` (decode) and `gemm_q8`/`gemm_q4` (prefill):
+/// `y[t][r] = sum_c w[r][c] x[t][c]`, each group summed as the kernels do,
+/// `scale * sum(code * x) + zero * sum(x)`, in f64.
+pub fn gemv_quant(m: &QuantMatrix, x: &[f32], n_tok: usize) -> Vec<f32> {
+    let (rows, cols, g) = (m.rows, m.cols, m.format.group());
+    let groups = cols / g;
+    let mut y = vec![0.0f32; n_tok * rows];
+    for t in 0..n_tok {
+        let xr = &x[t * cols..(t + 1) * cols];
+        for r in 0..rows {
+            let mut acc = 0.0f64;
+            for gi in 0..groups {
+                let (mut dot, mut sum) = (0.0f64, 0.0f64);
+                for c in gi * g..(gi + 1) * g {
+                    dot += m.code(r, c) as f64 * xr[c] as f64;
+                    sum += xr[c] as f64;
+                }
+                let s = m.scales[r * groups + gi].to_f64();
+                let z = m.zeros.get(r * groups + gi).map_or(0.0, |z| z.to_f64());
+                acc += s * dot + z * sum;
+            }
+            y[t * rows + r] = acc as f32;
         }
     }
     y
@@ -530,6 +639,90 @@ mod tests {
         let v0: Vec<f32> = v[..64].iter().map(|&x| f16::from_f32(x).to_f32()).collect();
         assert_eq!(&out[..64], &v0[..]);
         assert_ne!(&out[2 * 64..3 * 64], &v0[..]);
+    }
+
+    /// The quantized product's twin (the kernels' nibble and group formulas) against
+    /// `jetvlm_quant`'s reference dequantization and a plain product, within the f64
+    /// summation's rounding, for INT8 and INT4 with every group size.
+    #[test]
+    fn quantized_gemv_twin_matches_the_reference_dequantization() {
+        let mut rng = Rng::new(16);
+        for bits in [8u32, 4] {
+            for group in [32usize, 64, 128] {
+                let format = WeightFormat::new(bits, group).unwrap();
+                let (rows, cols, n_tok) = (37, 256, 3);
+                let w = rng.outlier_normals(rows * cols, cols);
+                let x = rng.normals(n_tok * cols);
+                let m = QuantMatrix::quantize(&w, rows, cols, format).unwrap();
+                let mut deq = vec![0f32; rows * cols];
+                let gpr = format.groups_per_row(cols);
+                let cb = format.code_bytes_per_row(cols);
+                for (r, out) in deq.chunks_exact_mut(cols).enumerate() {
+                    let zeros = if bits == 4 {
+                        &m.zeros[r * gpr..(r + 1) * gpr]
+                    } else {
+                        &[][..]
+                    };
+                    jetvlm_quant::weight::dequantize_row(
+                        format,
+                        &m.codes[r * cb..(r + 1) * cb],
+                        &m.scales[r * gpr..(r + 1) * gpr],
+                        zeros,
+                        out,
+                    );
+                }
+                let want = gemv(&deq, &x, rows, cols, n_tok);
+                let got = gemv_quant(&m, &x, n_tok);
+                let err = normalized_error(&got, &want);
+                assert!(err < 1e-6, "INT{bits} g{group}: error {err:e}");
+                // The product is of the quantized weights, not the originals: the error
+                // against those is the format's, far above the summation's.
+                let exact = gemv(&w, &x, rows, cols, n_tok);
+                let fmt_err = normalized_error(&got, &exact);
+                assert!(
+                    fmt_err > 1e-5 && fmt_err < 0.2,
+                    "INT{bits} g{group}: {fmt_err:e}"
+                );
+            }
+        }
+    }
+
+    /// M-RoPE's twin against the CPU decoder's `Rope::apply_mrope` (sections [2, 3, 3] of a
+    /// 16-wide head), and with three equal positions it is plain RoPE.
+    #[test]
+    fn mrope_twin_matches_the_cpu_decoder_and_reduces_to_rope() {
+        let v = serde_json::json!({"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 10, "rope_theta": 1e4,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            "mrope_frame_grid": [2, 3]});
+        let c = jetvlm_core::hf::ModelConfig::from_value(&v, std::path::Path::new("config.json"))
+            .unwrap();
+        let cpu = jetvlm_decoder::kernels::Rope::new(&c);
+        let inv: Vec<f32> = cpu.inv_freq().iter().map(|&f| f as f32).collect();
+        let (heads, d) = (4, c.head_dim);
+        assert_eq!(d, 16);
+        let mut rng = Rng::new(17);
+        let pos: Vec<[u32; 3]> = (0..6)
+            .map(|_| [rng.below(50), rng.below(50), rng.below(50)])
+            .collect();
+        let x = rng.normals(pos.len() * heads * d);
+        let mut want = x.clone();
+        cpu.apply_mrope(&mut want, heads, &pos);
+        let mut got = x.clone();
+        let flat: Vec<u32> = pos.iter().flatten().copied().collect();
+        rope_mrope(&mut got, &flat, &inv, heads, d, [2, 3]);
+        let err = normalized_error(&got, &want);
+        assert!(err < 1e-5, "{err:e}");
+        // The sections matter: rotating every pair at the temporal position differs.
+        let mut temporal = x.clone();
+        let t: Vec<u32> = pos.iter().map(|p| p[0]).collect();
+        rope(&mut temporal, &t, &inv, heads, d, d);
+        assert!(normalized_error(&temporal, &want) > 1e-2);
+        let same: Vec<u32> = t.iter().flat_map(|&p| [p, p, p]).collect();
+        let mut m = x.clone();
+        rope_mrope(&mut m, &same, &inv, heads, d, [2, 3]);
+        assert_eq!(m, temporal);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use jetvlm_decoder::{Tensor, TensorData};
 use crate::error::CudaError;
 use crate::gpu::{Gpu, PlanInfo, PoolMemory, PoolsInfo, Splits};
 use crate::layout::{BlockEntry, KvLayout};
-use crate::reference::{self, HostPools};
+use crate::reference::{self, HostPools, QuantMatrix};
 
 /// A simulated GPU: host buffers and the kernels' CPU twins.
 #[derive(Debug, Default)]
@@ -38,18 +38,37 @@ impl SimDevice {
 
 use crate::checks::{check_len, shape};
 
-/// A weight tensor: its values widened to f32 (the kernels widen as they read) and the type
-/// it is stored in.
+/// A weight tensor: its values widened to f32 (the float kernels widen as they read) and the
+/// type it is stored in, or a weight-only quantized matrix as the `gemv_q*` kernels read it.
 #[derive(Debug)]
 pub struct SimWeights {
     data: Vec<f32>,
     dtype: DType,
+    quant: Option<QuantMatrix>,
 }
 
 impl SimWeights {
-    /// Type the tensor is stored in on a GPU.
+    /// Type the tensor is stored in on a GPU (I8 / U8 codes for a quantized matrix).
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+    /// Elements (a quantized matrix: rows x cols).
+    fn len(&self) -> usize {
+        match &self.quant {
+            Some(q) => q.rows * q.cols,
+            None => self.data.len(),
+        }
+    }
+    /// The f32 values of a float tensor; an error naming `op` for a quantized one (only
+    /// matrix products read those).
+    fn floats(&self, op: &'static str) -> Result<&[f32], CudaError> {
+        match self.quant {
+            None => Ok(&self.data),
+            Some(_) => Err(shape(
+                op,
+                "a weight-only quantized matrix is read by the matrix product only".into(),
+            )),
+        }
     }
 }
 
@@ -173,25 +192,29 @@ impl Gpu for SimDevice {
             TensorData::F32(_) => DType::F32,
             TensorData::F16(_) => DType::F16,
             TensorData::BF16(_) => DType::BF16,
-            TensorData::Quant(_) => {
-                return Err(CudaError::QuantizedWeights {
-                    name: t.name().to_string(),
-                    path: t.path().to_path_buf(),
+            TensorData::Quant(q) => {
+                let m = crate::checks::quant_matrix(t, &q)?;
+                return Ok(SimWeights {
+                    data: Vec::new(),
+                    dtype: t.data().dtype(),
+                    quant: Some(m),
                 });
             }
         };
         Ok(SimWeights {
             data: t.to_f32_vec(),
             dtype,
+            quant: None,
         })
     }
     fn weights_len(w: &SimWeights) -> usize {
-        w.data.len()
+        w.len()
     }
     fn upload_vector(&self, v: &[f32]) -> Result<SimWeights, CudaError> {
         Ok(SimWeights {
             data: v.to_vec(),
             dtype: DType::F32,
+            quant: None,
         })
     }
     fn download(&self, b: &Vec<f32>) -> Result<Vec<f32>, CudaError> {
@@ -226,8 +249,9 @@ impl Gpu for SimDevice {
         ids: &[u32],
         hidden: usize,
     ) -> Result<(), CudaError> {
-        crate::checks::check_embedding(table.data.len(), hidden, ids, out.len())?;
-        let rows = reference::embedding_gather(&table.data, hidden, ids);
+        let table = table.floats("embedding gather")?;
+        crate::checks::check_embedding(table.len(), hidden, ids, out.len())?;
+        let rows = reference::embedding_gather(table, hidden, ids);
         out[..rows.len()].copy_from_slice(&rows);
         Ok(())
     }
@@ -240,8 +264,9 @@ impl Gpu for SimDevice {
         dim: usize,
         eps: f32,
     ) -> Result<(), CudaError> {
-        crate::checks::check_rmsnorm([x.len(), out.len(), weight.data.len()], rows, dim)?;
-        let y = reference::rmsnorm(&x[..rows * dim], &weight.data[..dim], dim, eps);
+        let weight = weight.floats("rmsnorm")?;
+        crate::checks::check_rmsnorm([x.len(), out.len(), weight.len()], rows, dim)?;
+        let y = reference::rmsnorm(&x[..rows * dim], &weight[..dim], dim, eps);
         out[..y.len()].copy_from_slice(&y);
         Ok(())
     }
@@ -254,8 +279,14 @@ impl Gpu for SimDevice {
         cols: usize,
         n_tok: usize,
     ) -> Result<(), CudaError> {
-        crate::checks::check_gemv([w.data.len(), x.len(), y.len()], rows, cols, n_tok)?;
-        let out = reference::gemv(&w.data, &x[..n_tok * cols], rows, cols, n_tok);
+        crate::checks::check_gemv([w.len(), x.len(), y.len()], rows, cols, n_tok)?;
+        let out = match &w.quant {
+            Some(q) => {
+                crate::checks::check_quant_shape((q.rows, q.cols), (rows, cols))?;
+                reference::gemv_quant(q, &x[..n_tok * cols], n_tok)
+            }
+            None => reference::gemv(&w.data, &x[..n_tok * cols], rows, cols, n_tok),
+        };
         y[..out.len()].copy_from_slice(&out);
         Ok(())
     }
@@ -266,9 +297,10 @@ impl Gpu for SimDevice {
         rows: usize,
         n_tok: usize,
     ) -> Result<(), CudaError> {
-        crate::checks::check_bias_add([y.len(), b.data.len()], rows, n_tok)?;
+        let b = b.floats("bias add")?;
+        crate::checks::check_bias_add([y.len(), b.len()], rows, n_tok)?;
         if rows > 0 {
-            reference::bias_add(&mut y[..rows * n_tok], &b.data[..rows]);
+            reference::bias_add(&mut y[..rows * n_tok], &b[..rows]);
         }
         Ok(())
     }
@@ -296,6 +328,33 @@ impl Gpu for SimDevice {
             n_heads,
             head_dim,
             rotary_dim,
+        );
+        Ok(())
+    }
+    fn rope_mrope(
+        &self,
+        x: &mut Vec<f32>,
+        positions3: &Vec<u32>,
+        inv_freq: &Vec<f32>,
+        n_tokens: usize,
+        n_heads: usize,
+        head_dim: usize,
+        section: [usize; 3],
+    ) -> Result<(), CudaError> {
+        crate::checks::check_rope_mrope(
+            [x.len(), positions3.len(), inv_freq.len()],
+            n_tokens,
+            n_heads,
+            head_dim,
+            section,
+        )?;
+        reference::rope_mrope(
+            &mut x[..n_tokens * n_heads * head_dim],
+            &positions3[..3 * n_tokens],
+            inv_freq,
+            n_heads,
+            head_dim,
+            [section[0], section[1]],
         );
         Ok(())
     }

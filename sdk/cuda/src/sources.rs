@@ -72,12 +72,17 @@ pub const KERNELS: &[KernelSource] = &[
     KernelSource {
         file: "rope.cu",
         source: kernel_file!("rope.cu"),
-        functions: &["rope_f32"],
+        functions: &["rope_f32", "rope_mrope_f32"],
     },
     KernelSource {
         file: "gemv.cu",
         source: kernel_file!("gemv.cu"),
         functions: &["gemv_f32", "gemv_f16", "gemv_bf16"],
+    },
+    KernelSource {
+        file: "gemv_quant.cu",
+        source: kernel_file!("gemv_quant.cu"),
+        functions: &["gemv_q8", "gemv_q4", "gemm_q8", "gemm_q4"],
     },
     KernelSource {
         file: "kv_quant.cu",

@@ -9,7 +9,7 @@ use jetvlm_decoder::{Tensor, TensorData};
 
 use super::device::{CudaDevice, driver_err};
 use super::kv::{AttentionPlan, DeviceKvPools};
-use super::ops::{DeviceWeights, check_len, shape};
+use super::ops::{DeviceWeights, QuantWeights, check_len, shape};
 use crate::error::CudaError;
 use crate::gpu::{Gpu, PlanInfo, PoolMemory, PoolsInfo, Splits};
 use crate::layout::{BlockEntry, KvLayout};
@@ -106,11 +106,20 @@ impl Gpu for CudaDevice {
             TensorData::F32(s) => DeviceWeights::F32(upload_slice::<f32>(self, s)?),
             TensorData::F16(s) => DeviceWeights::F16(upload_slice::<f16>(self, s)?),
             TensorData::BF16(s) => DeviceWeights::BF16(upload_slice::<bf16>(self, s)?),
-            TensorData::Quant(_) => {
-                return Err(CudaError::QuantizedWeights {
-                    name: t.name().to_string(),
-                    path: t.path().to_path_buf(),
-                });
+            TensorData::Quant(q) => {
+                crate::checks::check_quant_tensor(t, &q)?;
+                DeviceWeights::Quant(QuantWeights {
+                    format: q.format,
+                    rows: q.rows(),
+                    cols: q.cols,
+                    codes: upload_slice::<u8>(self, q.codes)?,
+                    scales: upload_slice::<f16>(self, q.scales)?,
+                    zeros: if q.format.has_zeros() {
+                        Some(upload_slice::<f16>(self, q.zeros)?)
+                    } else {
+                        None
+                    },
+                })
             }
         })
     }
@@ -204,6 +213,20 @@ impl Gpu for CudaDevice {
     ) -> Result<(), CudaError> {
         CudaDevice::rope(
             self, x, positions, inv_freq, n_tokens, n_heads, head_dim, rotary_dim,
+        )
+    }
+    fn rope_mrope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        positions3: &CudaSlice<u32>,
+        inv_freq: &CudaSlice<f32>,
+        n_tokens: usize,
+        n_heads: usize,
+        head_dim: usize,
+        section: [usize; 3],
+    ) -> Result<(), CudaError> {
+        CudaDevice::rope_mrope(
+            self, x, positions3, inv_freq, n_tokens, n_heads, head_dim, section,
         )
     }
     fn residual_add(

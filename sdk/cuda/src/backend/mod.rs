@@ -15,7 +15,7 @@ pub use gpu_impl::CudaQueue;
 pub use kv::{AttentionPlan, DeviceKvPools};
 pub use memory::MappedHostBuffer;
 pub use nvrtc::{compile_cubin, nvrtc_available, nvrtc_version};
-pub use ops::DeviceWeights;
+pub use ops::{DeviceWeights, QUANT_GEMV_MAX_TOKENS, QuantWeights};
 
 use crate::error::CudaError;
 use crate::selftest::CompiledKernel;

@@ -13,6 +13,21 @@ pub enum DeviceWeights {
     F32(CudaSlice<f32>),
     F16(CudaSlice<f16>),
     BF16(CudaSlice<bf16>),
+    /// A weight-only INT8/INT4 matrix (kernels/gemv_quant.cu).
+    Quant(QuantWeights),
+}
+
+/// A weight-only quantized `[rows, cols]` matrix on the device, in the layout of
+/// [`crate::reference::QuantMatrix`]: codes, FP16 scales and (INT4) FP16 zeros per group.
+#[derive(Debug)]
+pub struct QuantWeights {
+    pub format: jetvlm_quant::WeightFormat,
+    pub rows: usize,
+    pub cols: usize,
+    pub codes: CudaSlice<u8>,
+    pub scales: CudaSlice<f16>,
+    /// INT4 only.
+    pub zeros: Option<CudaSlice<f16>>,
 }
 
 impl DeviceWeights {
@@ -21,21 +36,32 @@ impl DeviceWeights {
             DeviceWeights::F32(s) => s.len(),
             DeviceWeights::F16(s) => s.len(),
             DeviceWeights::BF16(s) => s.len(),
+            DeviceWeights::Quant(q) => q.rows * q.cols,
         }
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    fn suffix(&self) -> &'static str {
+    /// The kernel suffix of a float tensor; an error naming `op` for a quantized matrix
+    /// (only the matrix product reads those).
+    fn suffix(&self, op: &'static str) -> Result<&'static str, CudaError> {
         match self {
-            DeviceWeights::F32(_) => "f32",
-            DeviceWeights::F16(_) => "f16",
-            DeviceWeights::BF16(_) => "bf16",
+            DeviceWeights::F32(_) => Ok("f32"),
+            DeviceWeights::F16(_) => Ok("f16"),
+            DeviceWeights::BF16(_) => Ok("bf16"),
+            DeviceWeights::Quant(_) => Err(shape(
+                op,
+                "a weight-only quantized matrix is read by the matrix product only".into(),
+            )),
         }
     }
 }
 
 pub(crate) use crate::checks::{check_len, shape};
+
+/// Tokens up to which a quantized matrix product runs the decode kernels (`gemv_q*`, 8 tokens
+/// per weight read); more run the tiled prefill kernels (`gemm_q*`).
+pub const QUANT_GEMV_MAX_TOKENS: usize = 8;
 
 /// Grid-stride launch over `n` items, 256 threads a block.
 pub(crate) fn linear(n: usize) -> LaunchConfig {
@@ -215,7 +241,7 @@ impl CudaDevice {
             u32_of(OP, "vocab", vocab)?,
         );
         let cfg = linear(ids.len() * hidden);
-        let name = format!("embedding_gather_{}", table.suffix());
+        let name = format!("embedding_gather_{}", table.suffix(OP)?);
         match table {
             DeviceWeights::F32(t) => launch!(
                 self,
@@ -253,6 +279,7 @@ impl CudaDevice {
                 &h,
                 &v
             ),
+            DeviceWeights::Quant(_) => unreachable!("suffix() refused a quantized table"),
         }
         Ok(())
     }
@@ -278,11 +305,12 @@ impl CudaDevice {
             shared_mem_bytes: 0,
         };
         let d = u32_of(OP, "dim", dim)?;
-        let name = format!("rmsnorm_{}", weight.suffix());
+        let name = format!("rmsnorm_{}", weight.suffix(OP)?);
         match weight {
             DeviceWeights::F32(w) => launch!(self, "rmsnorm.cu", &name, cfg, out, x, w, &d, &eps),
             DeviceWeights::F16(w) => launch!(self, "rmsnorm.cu", &name, cfg, out, x, w, &d, &eps),
             DeviceWeights::BF16(w) => launch!(self, "rmsnorm.cu", &name, cfg, out, x, w, &d, &eps),
+            DeviceWeights::Quant(_) => unreachable!("suffix() refused a quantized weight"),
         }
         Ok(())
     }
@@ -364,12 +392,138 @@ impl CudaDevice {
             u32_of(OP, "cols", cols)?,
             u32_of(OP, "tokens", n_tok)?,
         );
-        let name = format!("gemv_{}", w.suffix());
         match w {
-            DeviceWeights::F32(ws) => launch!(self, "gemv.cu", &name, cfg, y, ws, x, &r, &c, &n),
-            DeviceWeights::F16(ws) => launch!(self, "gemv.cu", &name, cfg, y, ws, x, &r, &c, &n),
-            DeviceWeights::BF16(ws) => launch!(self, "gemv.cu", &name, cfg, y, ws, x, &r, &c, &n),
+            DeviceWeights::F32(ws) => {
+                launch!(self, "gemv.cu", "gemv_f32", cfg, y, ws, x, &r, &c, &n)
+            }
+            DeviceWeights::F16(ws) => {
+                launch!(self, "gemv.cu", "gemv_f16", cfg, y, ws, x, &r, &c, &n)
+            }
+            DeviceWeights::BF16(ws) => {
+                launch!(self, "gemv.cu", "gemv_bf16", cfg, y, ws, x, &r, &c, &n)
+            }
+            DeviceWeights::Quant(q) => self.gemv_quant(y, q, x, rows, cols, n_tok, None)?,
         }
+        Ok(())
+    }
+
+    /// [`Self::gemv`] of a quantized matrix: the warp-per-row `gemv_q*` kernels for up to
+    /// [`QUANT_GEMV_MAX_TOKENS`] tokens (decode), the tiled `gemm_q*` kernels above (prefill);
+    /// `force_gemm` picks one (the selftest runs both on the same shapes).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_quant(
+        &self,
+        y: &mut CudaSlice<f32>,
+        q: &QuantWeights,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        n_tok: usize,
+        force_gemm: Option<bool>,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "quantized gemv";
+        crate::checks::check_quant_shape((q.rows, q.cols), (rows, cols))?;
+        crate::checks::check_gemv([q.rows * q.cols, x.len(), y.len()], rows, cols, n_tok)?;
+        if rows == 0 || n_tok == 0 {
+            return Ok(());
+        }
+        let (r, c, n) = (
+            u32_of(OP, "rows", rows)?,
+            u32_of(OP, "cols", cols)?,
+            u32_of(OP, "tokens", n_tok)?,
+        );
+        let g = u32_of(OP, "group", q.format.group())?;
+        let gemm = force_gemm.unwrap_or(n_tok > QUANT_GEMV_MAX_TOKENS);
+        let (rows_per, toks_per) = if gemm { (64, 32) } else { (8, 8) };
+        let grid_y = n_tok.div_ceil(toks_per);
+        if grid_y > 65_535 {
+            return Err(shape(
+                OP,
+                format!("{n_tok} tokens in one call (at most {})", 65_535 * toks_per),
+            ));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32_of(OP, "rows", rows.div_ceil(rows_per))?,
+                grid_y as u32,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let file = "gemv_quant.cu";
+        match (&q.zeros, q.format.bits(), gemm) {
+            (None, 8, false) => launch!(
+                self, file, "gemv_q8", cfg, y, &q.codes, &q.scales, x, &r, &c, &g, &n
+            ),
+            (None, 8, true) => launch!(
+                self, file, "gemm_q8", cfg, y, &q.codes, &q.scales, x, &r, &c, &g, &n
+            ),
+            (Some(z), 4, false) => {
+                launch!(
+                    self, file, "gemv_q4", cfg, y, &q.codes, &q.scales, z, x, &r, &c, &g, &n
+                )
+            }
+            (Some(z), 4, true) => {
+                launch!(
+                    self, file, "gemm_q4", cfg, y, &q.codes, &q.scales, z, x, &r, &c, &g, &n
+                )
+            }
+            (z, bits, _) => {
+                return Err(shape(
+                    OP,
+                    format!(
+                        "INT{bits} weights {} zeros: the kernels take INT8 without, INT4 with",
+                        if z.is_some() { "with" } else { "without" }
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// M-RoPE in place on `x[n_tokens][n_heads][head_dim]`, `positions3[n_tokens][3]`
+    /// (temporal, row, column), `inv_freq[head_dim / 2]`, frequency pairs split by `section`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_mrope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        positions3: &CudaSlice<u32>,
+        inv_freq: &CudaSlice<f32>,
+        n_tokens: usize,
+        n_heads: usize,
+        head_dim: usize,
+        section: [usize; 3],
+    ) -> Result<(), CudaError> {
+        const OP: &str = "rope mrope";
+        crate::checks::check_rope_mrope(
+            [x.len(), positions3.len(), inv_freq.len()],
+            n_tokens,
+            n_heads,
+            head_dim,
+            section,
+        )?;
+        let (t, h, d, s0, s1) = (
+            u32_of(OP, "tokens", n_tokens)?,
+            u32_of(OP, "heads", n_heads)?,
+            u32_of(OP, "head_dim", head_dim)?,
+            u32_of(OP, "section", section[0])?,
+            u32_of(OP, "section", section[1])?,
+        );
+        launch!(
+            self,
+            "rope.cu",
+            "rope_mrope_f32",
+            linear(n_tokens * n_heads * head_dim / 2),
+            x,
+            positions3,
+            inv_freq,
+            &t,
+            &h,
+            &d,
+            &s0,
+            &s1
+        );
         Ok(())
     }
 }
