@@ -6,7 +6,7 @@
 use crate::error::{DecoderError, Result};
 use jetvlm_core::{FrameId, TokenKind};
 pub use jetvlm_kvcache::CacheShape;
-use jetvlm_kvcache::{MixedKvCache, Span};
+use jetvlm_kvcache::{AttendMask, MixedKvCache, Span};
 use rayon::prelude::*;
 
 /// What the forward pass needs from a KV cache. `Send` so that a forward pass can run on
@@ -33,6 +33,24 @@ pub trait KvStore: Send {
     fn write(&mut self, layer: usize, span: &Self::Span, k: &[f32], v: &[f32]) -> Result<()>;
     /// Causal grouped-query attention of the span's queries over the cache.
     fn attend(&self, layer: usize, span: &Self::Span, q: &[f32], out: &mut [f32]) -> Result<()>;
+    /// [`KvStore::attend`] under `mask` (Gemma 3): with `whole_span` each query also sees the
+    /// span's later tokens; with `window` only keys fewer than that many tokens back. A cache
+    /// without masks refuses anything but the causal default.
+    fn attend_masked(
+        &self,
+        layer: usize,
+        span: &Self::Span,
+        q: &[f32],
+        out: &mut [f32],
+        mask: AttendMask,
+    ) -> Result<()> {
+        if mask == AttendMask::default() {
+            return self.attend(layer, span, q, out);
+        }
+        Err(DecoderError::Input(format!(
+            "this KV cache has no attention mask ({mask:?})"
+        )))
+    }
     /// Drops the most recent `n` tokens.
     fn truncate_last(&mut self, n: usize) -> Result<()>;
     /// Whether the span's precision waits for its tokens' salience: the forward pass then
@@ -85,6 +103,18 @@ impl KvStore for MixedKvCache {
     }
     fn attend(&self, layer: usize, span: &Span, q: &[f32], out: &mut [f32]) -> Result<()> {
         Ok(MixedKvCache::attend(self, layer, span, q, out)?)
+    }
+    fn attend_masked(
+        &self,
+        layer: usize,
+        span: &Span,
+        q: &[f32],
+        out: &mut [f32],
+        mask: AttendMask,
+    ) -> Result<()> {
+        Ok(MixedKvCache::attend_masked(
+            self, layer, span, q, out, mask,
+        )?)
     }
     fn truncate_last(&mut self, n: usize) -> Result<()> {
         Ok(MixedKvCache::truncate_last(self, n)?)
@@ -220,6 +250,19 @@ impl KvStore for F32KvCache {
         Ok(())
     }
     fn attend(&self, layer: usize, span: &F32Span, q: &[f32], out: &mut [f32]) -> Result<()> {
+        self.attend_masked(layer, span, q, out, AttendMask::default())
+    }
+    /// Exact: query `t` of the span sees keys `j` with `t_seq - window < j` and `j <= t_seq`
+    /// (every key of its span with `whole_span`), as transformers' Gemma 3 masks compose the
+    /// sliding window with the image block mask.
+    fn attend_masked(
+        &self,
+        layer: usize,
+        span: &F32Span,
+        q: &[f32],
+        out: &mut [f32],
+        mask: AttendMask,
+    ) -> Result<()> {
         let CacheShape {
             q_heads,
             kv_heads,
@@ -246,8 +289,15 @@ impl KvStore for F32KvCache {
             let h = qi % q_heads;
             let kvh = h / group;
             let qv = &q[qi * d..(qi + 1) * d];
-            let upto = span.start + t + 1;
-            let scores: Vec<f64> = (0..upto)
+            let upto = if mask.whole_span {
+                span.start + span.len
+            } else {
+                span.start + t + 1
+            };
+            let from = mask
+                .window
+                .map_or(0, |w| (span.start + t + 1).saturating_sub(w));
+            let scores: Vec<f64> = (from..upto)
                 .map(|j| {
                     let kr = &kc[(j * kv_heads + kvh) * d..(j * kv_heads + kvh + 1) * d];
                     kr.iter()
@@ -262,7 +312,7 @@ impl KvStore for F32KvCache {
             let z: f64 = w.iter().sum();
             for (e, ov) in o.iter_mut().enumerate() {
                 let mut acc = 0f64;
-                for (j, wj) in w.iter().enumerate() {
+                for (j, wj) in (from..).zip(&w) {
                     acc += wj * vc[(j * kv_heads + kvh) * d + e] as f64;
                 }
                 *ov = (acc / z) as f32;
@@ -292,6 +342,136 @@ impl KvStore for F32KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Plain softmax attention of one query over `keys` (f64), for the mask tests.
+    fn softmax_attend(q: &[f32], keys: &[&[f32]], vals: &[&[f32]]) -> Vec<f32> {
+        let d = q.len();
+        let s: Vec<f64> = keys
+            .iter()
+            .map(|k| {
+                k.iter()
+                    .zip(q)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+            })
+            .map(|x| x / (d as f64).sqrt())
+            .collect();
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let z: f64 = w.iter().sum();
+        (0..d)
+            .map(|e| {
+                (w.iter()
+                    .zip(vals)
+                    .map(|(p, v)| p * v[e] as f64)
+                    .sum::<f64>()
+                    / z) as f32
+            })
+            .collect()
+    }
+
+    /// Gemma 3's masks on both caches: a frame span after 5 text tokens whose queries see
+    /// the whole frame (`whole_span`), and a window of 4 that the exact cache applies
+    /// (query t sees keys t-3..=t) and the mixed cache refuses once the context reaches past
+    /// it; the mixed cache's masked attention (FP16 keys) agrees with the exact one.
+    #[test]
+    fn gemma_masks_whole_frame_and_window() {
+        let shape = CacheShape {
+            layers: 1,
+            q_heads: 2,
+            kv_heads: 1,
+            head_dim: 32,
+        };
+        let d = 32;
+        let val = |i: usize, c: usize| ((i * 7 + c * 3) % 11) as f32 / 5.0 - 1.0;
+        let rows = |from: usize, n: usize| -> Vec<f32> {
+            (from..from + n)
+                .flat_map(|i| (0..d).map(move |c| val(i, c)))
+                .collect()
+        };
+        let mut exact = F32KvCache::new(shape, 64);
+        let mut mixed = MixedKvCache::new(shape, jetvlm_kvcache::KvPolicy::fp16(), 64).unwrap();
+        let text: Vec<u32> = (0..5).collect();
+        let frame: Vec<u32> = (5..9).collect();
+        let (te, tm) = (
+            exact.append_span(TokenKind::Text, &text, None).unwrap(),
+            KvStore::append_span(&mut mixed, TokenKind::Text, &text, None).unwrap(),
+        );
+        let (k, v) = (rows(0, 5), rows(50, 5));
+        exact.write(0, &te, &k, &v).unwrap();
+        KvStore::write(&mut mixed, 0, &tm, &k, &v).unwrap();
+        let f: FrameId = 1;
+        let (fe, fm) = (
+            exact
+                .append_span(TokenKind::Frame, &frame, Some(f))
+                .unwrap(),
+            KvStore::append_span(&mut mixed, TokenKind::Frame, &frame, Some(f)).unwrap(),
+        );
+        let (k2, v2) = (rows(5, 4), rows(55, 4));
+        exact.write(0, &fe, &k2, &v2).unwrap();
+        KvStore::write(&mut mixed, 0, &fm, &k2, &v2).unwrap();
+        let keys: Vec<f32> = [k, k2].concat();
+        let vals: Vec<f32> = [v, v2].concat();
+        let key = |j: usize| &keys[j * d..(j + 1) * d];
+        let value = |j: usize| &vals[j * d..(j + 1) * d];
+        let q: Vec<f32> = rows(20, 8);
+        let mask = |whole_span, window| AttendMask { whole_span, window };
+        for (whole, window) in [
+            (false, None),
+            (true, None),
+            (false, Some(4)),
+            (true, Some(4)),
+        ] {
+            let mut got = vec![0f32; 8 * d];
+            exact
+                .attend_masked(0, &fe, &q, &mut got, mask(whole, window))
+                .unwrap();
+            for t in 0..4 {
+                let at: usize = 5 + t;
+                let upto = if whole { 9 } else { at + 1 };
+                let from = window.map_or(0, |w: usize| (at + 1).saturating_sub(w));
+                let ks: Vec<&[f32]> = (from..upto).map(key).collect();
+                let vs: Vec<&[f32]> = (from..upto).map(value).collect();
+                for h in 0..2 {
+                    let qh = &q[(t * 2 + h) * d..][..d];
+                    let want = softmax_attend(qh, &ks, &vs);
+                    let g = &got[(t * 2 + h) * d..][..d];
+                    let err = g
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(err < 1e-6, "whole {whole} window {window:?} t {t}: {err}");
+                }
+            }
+            let mut m = vec![0f32; 8 * d];
+            let res = KvStore::attend_masked(&mixed, 0, &fm, &q, &mut m, mask(whole, window));
+            if window.is_some() {
+                let e = res.unwrap_err().to_string();
+                assert!(
+                    e.contains("sliding_window") && e.contains("5 tokens back"),
+                    "{e}"
+                );
+                continue;
+            }
+            res.unwrap();
+            let err = m
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 2e-2, "mixed vs exact, whole {whole}: {err}");
+        }
+        // The bidirectional frame differs from the causal one (the mask matters).
+        let (mut causal, mut both) = (vec![0f32; 8 * d], vec![0f32; 8 * d]);
+        exact
+            .attend_masked(0, &fe, &q, &mut causal, mask(false, None))
+            .unwrap();
+        exact
+            .attend_masked(0, &fe, &q, &mut both, mask(true, None))
+            .unwrap();
+        assert_ne!(causal, both);
+    }
 
     #[test]
     fn single_token_attends_to_itself() {

@@ -340,6 +340,16 @@ impl Tensor {
         })
     }
 
+    /// `f` applied to every value, as an owned f32 tensor of the same name, file and shape
+    /// (a weight stored as `w` and applied as `1 + w`, as Gemma's RMSNorm does).
+    pub fn map_f32(&self, f: impl Fn(f32) -> f32) -> Tensor {
+        let values: Vec<f32> = self.to_f32_vec().into_iter().map(f).collect();
+        Tensor {
+            path: self.path.clone(),
+            ..Tensor::from_f32(&self.name, self.shape.clone(), &values)
+        }
+    }
+
     /// Builds an owned f32 tensor (tests, synthetic weights).
     pub fn from_f32(name: &str, shape: Vec<usize>, values: &[f32]) -> Tensor {
         Tensor {

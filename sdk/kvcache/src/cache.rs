@@ -51,6 +51,17 @@ impl CacheShape {
 /// A block of one pool: (pool, block id).
 type BlockKey = (PoolKind, u32);
 
+/// Which keys a query sees beyond the causal default ([`MixedKvCache::attend_masked`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttendMask {
+    /// Every query of the span also sees the span's later tokens (bidirectional inside the
+    /// span: Gemma 3's image tokens of one frame).
+    pub whole_span: bool,
+    /// Sliding window: a query sees only keys fewer than this many tokens back in cache order
+    /// (Gemma 3's local layers).
+    pub window: Option<usize>,
+}
+
 /// Bytes held by the cache, by precision.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct KvMemory {
@@ -433,9 +444,47 @@ impl MixedKvCache {
         q: &[f32],
         out: &mut [f32],
     ) -> Result<(), KvError> {
+        self.attend_masked_with(kernel, layer, span, q, out, AttendMask::default())
+    }
+
+    /// [`Self::attend`] under `mask`: with `whole_span` every query of the span also sees
+    /// the span's later tokens (Gemma 3's bidirectional image tokens; with a causal
+    /// cache order that is "every key up to the span's last token"). A `window` the cached
+    /// context passes is refused ([`KvError::WindowExceeded`]): the kernels read each block
+    /// from its first token, so a key too far back cannot be skipped.
+    pub fn attend_masked(
+        &self,
+        layer: usize,
+        span: &Span,
+        q: &[f32],
+        out: &mut [f32],
+        mask: AttendMask,
+    ) -> Result<(), KvError> {
+        self.attend_masked_with(self.kernel, layer, span, q, out, mask)
+    }
+
+    /// [`Self::attend_masked`] with an explicit kernel.
+    pub fn attend_masked_with(
+        &self,
+        kernel: Kernel,
+        layer: usize,
+        span: &Span,
+        q: &[f32],
+        out: &mut [f32],
+        mask: AttendMask,
+    ) -> Result<(), KvError> {
         let op = "attend";
         self.check_layer(op, layer)?;
         self.cells.check_span(op, span)?;
+        if let Some(window) = mask.window
+            && !span.is_empty()
+        {
+            let oldest = self.cells.blocks().filter_map(|b| b.seqs.first()).min();
+            let back = oldest.map_or(0, |&o| span.seq(0).saturating_sub(o) as usize);
+            if back >= window {
+                return Err(KvError::WindowExceeded { window, back });
+            }
+        }
         let expected = span.len() * self.shape.q_heads * self.shape.head_dim;
         if q.len() != expected {
             return Err(KvError::ShapeMismatch {
@@ -464,6 +513,7 @@ impl MixedKvCache {
                 s.kv_heads,
                 s.head_dim,
                 span,
+                mask.whole_span,
                 q,
                 out,
             );
@@ -482,7 +532,7 @@ impl MixedKvCache {
             d: s.head_dim,
             vgroup,
         };
-        attention::attend_fast(&ctx, span, q, out, kernel);
+        attention::attend_fast(&ctx, span, mask.whole_span, q, out, kernel);
         Ok(())
     }
 

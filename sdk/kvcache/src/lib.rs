@@ -22,7 +22,7 @@ pub mod policy;
 pub mod pool;
 
 pub use attention::Kernel;
-pub use cache::{CacheShape, KvMemory, MixedKvCache};
+pub use cache::{AttendMask, CacheShape, KvMemory, MixedKvCache};
 pub use cells::Span;
 pub use error::KvError;
 pub use policy::{KeyMode, KvPolicy, LayerFormat, PolicyError};

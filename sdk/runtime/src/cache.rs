@@ -260,6 +260,25 @@ impl KvStore for KvBackend {
         }
     }
 
+    fn attend_masked(
+        &self,
+        layer: usize,
+        span: &BackendSpan,
+        q: &[f32],
+        out: &mut [f32],
+        mask: jetvlm_kvcache::AttendMask,
+    ) -> jetvlm_decoder::Result<()> {
+        match (&self.inner, span) {
+            (Inner::Mixed(c), BackendSpan::Mixed(s)) => {
+                KvStore::attend_masked(c.as_ref(), layer, s, q, out, mask)
+            }
+            (Inner::Exact(c), BackendSpan::Exact(s)) => {
+                KvStore::attend_masked(c, layer, s, q, out, mask)
+            }
+            _ => Err(span_mismatch()),
+        }
+    }
+
     fn truncate_last(&mut self, n: usize) -> jetvlm_decoder::Result<()> {
         match &mut self.inner {
             Inner::Mixed(c) => KvStore::truncate_last(c.as_mut(), n)?,

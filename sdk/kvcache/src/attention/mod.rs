@@ -231,7 +231,14 @@ struct BlockRef<'a> {
 }
 
 /// Fused attention of `span`'s queries (see `MixedKvCache::attend`).
-pub(crate) fn attend_fast(ctx: &Ctx<'_>, span: &Span, q: &[f32], out: &mut [f32], kernel: Kernel) {
+pub(crate) fn attend_fast(
+    ctx: &Ctx<'_>,
+    span: &Span,
+    whole_span: bool,
+    q: &[f32],
+    out: &mut [f32],
+    kernel: Kernel,
+) {
     let f = fns(kernel);
     let (d, kvh) = (ctx.d, ctx.kv_heads);
     let g = ctx.q_heads / kvh;
@@ -273,7 +280,7 @@ pub(crate) fn attend_fast(ctx: &Ctx<'_>, span: &Span, q: &[f32], out: &mut [f32]
                 ctx,
                 &f,
                 &blocks[lo..hi],
-                span.seq(i),
+                span.seq(if whole_span { nq - 1 } else { i }),
                 kh,
                 &q[(i * ctx.q_heads + kh * g) * d..][..g * d],
                 buf,

@@ -56,7 +56,7 @@ fn dequant_quant(l: &QuantLayout, seg: &[u8], t: usize, k: &mut [f32], v: &mut [
     dequant_rows(l, vrow, v);
 }
 
-/// Reference attention of `span`'s queries over the cache (see `MixedKvCache::attend`).
+/// Reference attention of `span`'s queries over the cache (see `MixedKvCache::attend_masked`).
 pub fn attend(
     cells: &Cells,
     pools: &[Option<Pool>; 2],
@@ -65,6 +65,7 @@ pub fn attend(
     kv_heads: usize,
     d: usize,
     span: &Span,
+    whole_span: bool,
     q: &[f32],
     out: &mut [f32],
 ) {
@@ -72,7 +73,8 @@ pub fn attend(
     let scale = 1.0 / (d as f64).sqrt();
     let (mut kbuf, mut vbuf) = (vec![0f32; d], vec![0f32; d]);
     for i in 0..span.len() {
-        let qseq = span.seq(i);
+        // The last key a query sees: its own token, or the span's last with `whole_span`.
+        let qseq = span.seq(if whole_span { span.len() - 1 } else { i });
         for kh in 0..kv_heads {
             let mut keys: Vec<Vec<f32>> = Vec::new();
             let mut vals: Vec<Vec<f32>> = Vec::new();
