@@ -110,9 +110,9 @@ impl DecodeArgs {
     }
 }
 
-/// A `--weights` entry.
+/// A `--weights` entry (`bench decode`, `eval`).
 #[derive(Clone, Debug, PartialEq)]
-enum WeightChoice {
+pub(crate) enum WeightChoice {
     Stored,
     Convert(DType),
     Quantize(WeightFormat),
@@ -120,7 +120,7 @@ enum WeightChoice {
 }
 
 /// Parses one `--weights` entry (`stored`, `bf16`, `q4`, `q8g128`, a directory).
-fn parse_weights(s: &str) -> Result<WeightChoice> {
+pub(crate) fn parse_weights(s: &str) -> Result<WeightChoice> {
     let bad = || {
         anyhow::anyhow!(
             "--weights {s}: expected stored, bf16, f16, f32, q8 or q4 (optionally with a group: q4g32, q4g64, q4g128), or a decoder directory"
