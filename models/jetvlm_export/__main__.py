@@ -30,12 +30,12 @@ def parse(argv):
     ap = argparse.ArgumentParser(
         prog="jetvlm export",
         description="Export a Hugging Face vision-language checkpoint (LLaVA-1.5, "
-        "Idefics3/SmolVLM, InternVL3, Qwen2.5-VL) to a jetvlm model package.",
+        "Idefics3/SmolVLM, InternVL3, Qwen2.5-VL, Qwen3-VL) to a jetvlm model package.",
         epilog="example: jetvlm export ~/hf/llava-1.5-7b-hf --out models/llava-1.5-7b",
     )
     ap.add_argument("hf_dir", type=Path, help="Hugging Face model directory (config.json, safetensors, tokenizer, processor)")
     ap.add_argument("--out", type=Path, required=True, help="package directory to write")
-    ap.add_argument("--frame-size", type=frame_size, default=None, metavar="N|WxH", help="encoder input size in pixels, N for N x N (default: the vision tower's native size; Qwen2.5-VL: 448x448)")
+    ap.add_argument("--frame-size", type=frame_size, default=None, metavar="N|WxH", help="encoder input size in pixels, N for N x N (default: the vision tower's native size; Qwen2.5-VL, Qwen3-VL: 448x448)")
     ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="precision inside the ONNX encoder (its input and output stay f32)")
     ap.add_argument("--name", default=None, help="package name (default: the checkpoint directory's name)")
     ap.add_argument("--kv-policy", default="mixed", help="kv.policy written to the manifest (default: mixed)")
@@ -108,15 +108,18 @@ def export(args) -> None:
     ip = processor.image_processor
     pre = family.preprocessing(ip, frame)
     text_type = cfg.text_config.model_type
-    archs = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-    text_as = {"qwen2_5_vl_text": "qwen2"}.get(text_type, text_type)  # the same layer recipe
+    archs = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    # The same layer recipe (Qwen3-VL's text model is Qwen3's; its M-RoPE comes from the
+    # family's decoder fields).
+    text_as = {"qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3"}.get(text_type, text_type)
     if text_as not in archs:
-        raise ExportError(f"language model `{text_type}` is not supported (llama, mistral, qwen2)")
+        raise ExportError(f"language model `{text_type}` is not supported (llama, mistral, qwen2, qwen3)")
 
     files = common.load_state(hf)
     module = family.encoder(cfg, files, frame)
     tokens = family.tokens_per_frame(cfg, frame)
     hidden = int(cfg.text_config.hidden_size)
+    deep = family.deepstack_layers(cfg)
 
     img = common.probe_image(fw, fh)
     pv = common.normalise(img, pre["mean"], pre["std"])
@@ -128,16 +131,29 @@ def export(args) -> None:
         else:
             common.check_close("manifest preprocessing vs the processor (probe image)", pv, got, 2e-2)
     with torch.no_grad():
-        ref = module(torch.from_numpy(pv)).numpy()
+        ref = module(torch.from_numpy(pv))
+    # DeepStack families give a second tensor: the features added after the first layers.
+    ref_deep = ref[1].numpy() if deep else None
+    ref = (ref[0] if deep else ref).numpy()
     if ref.shape != (1, tokens, hidden):
         raise ExportError(f"image path gives {list(ref.shape)}, expected [1, {tokens}, {hidden}]", 1)
+    if deep and ref_deep.shape != (1, deep, tokens, hidden):
+        raise ExportError(
+            f"image path gives deepstack features {list(ref_deep.shape)}, expected [1, {deep}, {tokens}, {hidden}]", 1
+        )
 
     with common.staged_output(args.out, args.force) as tmp:
         onnx_path = tmp / "vision.onnx"
         log(f"exporting the vision encoder ({args.dtype}, {fw}x{fh} -> {tokens}x{hidden})")
-        common.export_onnx(module, torch.from_numpy(pv), onnx_path, args.dtype, tokens, hidden)
-        out = common.run_onnx(onnx_path, pv)
-        diff = common.check_close("vision.onnx (ONNX Runtime) vs PyTorch (probe image)", out, ref, TOLERANCE[args.dtype])
+        common.export_onnx(module, torch.from_numpy(pv), onnx_path, args.dtype, tokens, hidden, deep)
+        outs = common.run_onnx_outputs(onnx_path, pv)
+        diff = common.check_close("vision.onnx (ONNX Runtime) vs PyTorch (probe image)", outs[0], ref, TOLERANCE[args.dtype])
+        if deep:
+            deep_diff = common.check_close(
+                "vision.onnx deepstack_embeds (ONNX Runtime) vs PyTorch (probe image)",
+                outs[1], ref_deep, TOLERANCE[args.dtype],
+            )
+            diff = max(diff, deep_diff)
 
         dec = tmp / "decoder"
         dec.mkdir()
@@ -167,7 +183,10 @@ def export(args) -> None:
                     f"Exported by `jetvlm export` from {hf.resolve().name} ({raw['model_type']}).",
                     f"vision.onnx: {args.dtype}, ONNX Runtime vs PyTorch max abs diff {diff:.2e} on a probe image.",
                 ],
-                "vision": {"height": fh, "width": fw, "tokens_per_frame": tokens, **pre},
+                "vision": {
+                    "height": fh, "width": fw, "tokens_per_frame": tokens,
+                    "deepstack_output": family.deepstack_output if deep else None, **pre,
+                },
                 "prompt": prompt,
                 "kv_policy": args.kv_policy,
             },

@@ -91,6 +91,11 @@ class Family:
 
     one_frame: dict = {}
     square = True
+    # DeepStack (Qwen3-VL): the ONNX output of the per-layer features, or None.
+    deepstack_output = None
+
+    def deepstack_layers(self, cfg) -> int:
+        return 0
 
     def processor_pixels(self, ip, image, width: int, height: int):
         got = ip(images=[image], return_tensors="np", **self.one_frame)["pixel_values"]
@@ -509,7 +514,85 @@ class Qwen25VL(Family):
         return processor.image_token
 
 
-FAMILIES = [Llava(), Idefics3(), InternVL(), Qwen25VL()]
+class Qwen3VL(Qwen25VL):
+    """Qwen3-VL: the vision transformer (learned position table resampled bilinearly to the
+    frame's patch grid, 2D RoPE, full attention, 2x2 patch merger) exported at one fixed
+    frame size, plus DeepStack: the blocks in `deepstack_visual_indexes` each feed a merger
+    whose features are added to the frame tokens' hidden states after the first decoder
+    layers (the encoder's second output, `deepstack_embeds` [1, layers, tokens, hidden]). A
+    Qwen3 language model (q/k RMSNorm per head) with interleaved M-RoPE: frequency pair i
+    rotates by the row for i % 3 == 1, the column for i % 3 == 2 (within the sections), the
+    frame start otherwise."""
+
+    name = "qwen3_vl"
+    model_types = ("qwen3_vl",)
+    lm_prefixes = ("model.language_model.",)
+    deepstack_output = "deepstack_embeds"
+
+    def check(self, cfg, frame) -> None:
+        super().check(cfg, frame)
+        section = cfg.text_config.rope_parameters["mrope_section"]
+        half = int(cfg.text_config.head_dim) // 2
+        if sum(section) != half or 3 * max(section[1], section[2]) > half:
+            raise ExportError(
+                f"text_config.rope_parameters.mrope_section {section} does not interleave over "
+                f"head_dim / 2 = {half} frequency pairs"
+            )
+        n = len(self.deepstack_indexes(cfg))
+        if n > int(cfg.text_config.num_hidden_layers):
+            raise ExportError(
+                f"vision_config.deepstack_visual_indexes has {n} entries, more than the "
+                f"language model's {cfg.text_config.num_hidden_layers} layers"
+            )
+
+    @staticmethod
+    def deepstack_indexes(cfg):
+        return [int(i) for i in (cfg.vision_config.deepstack_visual_indexes or [])]
+
+    def deepstack_layers(self, cfg) -> int:
+        return len(self.deepstack_indexes(cfg))
+
+    def decoder_fields(self, cfg, frame) -> dict:
+        rope = dict(cfg.text_config.rope_parameters)
+        # transformers' Qwen3-VL always interleaves the sections; the decoder reads it here.
+        rope["mrope_interleaved"] = True
+        return {
+            **super().decoder_fields(cfg, frame),
+            "rope_parameters": rope,
+            "deepstack_layers": self.deepstack_layers(cfg),
+        }
+
+    def encoder(self, cfg, files, frame):
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel as Vit
+
+        vit = _load(Vit(cfg.vision_config), files, self.vision_prefixes, "vision transformer")
+        p, m, t = self._steps(cfg)
+        w, h = frame
+        gh, gw = h // p, w // p
+        grid = torch.tensor([[1, gh, gw]], dtype=torch.long)
+        deep = self.deepstack_layers(cfg)
+
+        class Qwen3VLImagePath(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.vit = vit
+                self.register_buffer("grid", grid, persistent=False)
+
+            def forward(self, pixel_values):
+                # The processor's patch order, as Qwen2.5-VL's.
+                x = pixel_values[0].reshape(3, gh // m, m, p, gw // m, m, p)
+                x = x.permute(1, 4, 2, 5, 0, 3, 6).unsqueeze(5)
+                x = x.expand(gh // m, gw // m, m, m, 3, t, p, p).reshape(gh * gw, 3 * t * p * p)
+                out = self.vit(x, grid_thw=self.grid)
+                main = out.pooler_output.unsqueeze(0)
+                if not deep:
+                    return main
+                return main, torch.stack(list(out.deepstack_features)).unsqueeze(0)
+
+        return Qwen3VLImagePath().eval()
+
+
+FAMILIES = [Llava(), Idefics3(), InternVL(), Qwen25VL(), Qwen3VL()]
 
 
 def family_for(model_type: str):

@@ -32,7 +32,7 @@ use sinks::{Outgoing, Sinks};
 use sources::{Captured, Next, Notice, Sources};
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -88,8 +88,11 @@ struct Record<'a> {
     /// The renderer's answer (synthetic sources, questions its dataset asks).
     #[serde(skip_serializing_if = "Option::is_none")]
     truth: Option<&'a str>,
+    /// When the frame was taken, in ms since the Unix epoch (the source's capture time:
+    /// `FrameSource::capture_time`, else when the capture returned it).
+    captured_unix_ms: f64,
     ttft_ms: f64,
-    /// From the frame's capture to this answer.
+    /// From the frame's capture (`captured_unix_ms`) to this answer.
     latency_ms: f64,
     kv_bytes: u64,
 }
@@ -101,6 +104,8 @@ struct SourceRecord<'a> {
     source: &'a str,
     event: &'static str,
     seq: u64,
+    /// When the scheduler took the event, in ms since the Unix epoch.
+    unix_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -340,7 +345,19 @@ fn analyse(
     all: bool,
     emit: &mut Emitter<'_>,
 ) -> Result<()> {
-    let Captured { frame, at, truths } = captured;
+    let Captured {
+        frame,
+        captured,
+        truths,
+    } = captured;
+    let age = || {
+        SystemTime::now()
+            .duration_since(captured)
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64()
+            * 1e3
+    };
+    let captured_unix_ms = unix_ms(captured);
     session.push_frame(&frame)?;
     run.seen += 1;
     run.first.get_or_insert_with(Instant::now);
@@ -396,8 +413,9 @@ fn analyse(
                 seq,
                 previous: previous.as_deref(),
                 truth: truth.as_deref(),
+                captured_unix_ms,
                 ttft_ms: answer.stats.ttft_ms,
-                latency_ms: at.elapsed().as_secs_f64() * 1e3,
+                latency_ms: age(),
                 kv_bytes: answer.stats.kv.total_bytes,
             };
             let json = serde_json::to_string(&record)?;
@@ -409,7 +427,7 @@ fn analyse(
         }
     }
     run.analysed += 1;
-    run.latencies.push(at.elapsed().as_secs_f64() * 1e3);
+    run.latencies.push(age());
     run.last = Some(Instant::now());
     Ok(())
 }
@@ -421,6 +439,7 @@ fn source_event(run: &mut SourceRun, notice: &Notice, emit: &mut Emitter<'_>) ->
         source: &run.name,
         event: "",
         seq,
+        unix_ms: unix_ms(SystemTime::now()),
         reason: None,
         attempts: None,
         outage_ms: None,
@@ -457,6 +476,12 @@ fn source_event(run: &mut SourceRun, notice: &Notice, emit: &mut Emitter<'_>) ->
     }
     let name = run.name.clone();
     emit.event(&name, event, json)
+}
+
+/// Milliseconds since the Unix epoch (0 for a time before it).
+fn unix_ms(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
 /// The `p`-th percentile (0-100) of `values`, nearest rank.

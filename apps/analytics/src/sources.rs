@@ -13,13 +13,15 @@ use jetvlm_camera::{Capture, Frame, FrameSource, SourceEvent};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 /// A captured frame waiting for the model.
 pub struct Captured {
     pub frame: Frame,
-    /// When `capture` returned it (latency is measured from here).
-    pub at: Instant,
+    /// When the frame was taken, by the wall clock: the source's own capture time where it
+    /// knows one ([`FrameSource::capture_time`]: live GStreamer sources), else the moment
+    /// `capture` returned it. Latency is measured from here; `oldest_first` orders by it.
+    pub captured: SystemTime,
     /// The scene's answer to each rule's question, where the source knows it.
     pub truths: Vec<Option<String>>,
 }
@@ -160,7 +162,7 @@ impl Sources {
                 Schedule::RoundRobin => (1..=n).map(|k| (self.last + k) % n).find(|&i| ready(i)),
                 Schedule::OldestFirst => (0..n)
                     .filter(|&i| ready(i))
-                    .min_by_key(|&i| slots[i].frame.as_ref().map(|f| f.at)),
+                    .min_by_key(|&i| slots[i].frame.as_ref().map(|f| f.captured)),
             };
             if let Some(i) = pick {
                 self.last = i;
@@ -239,7 +241,7 @@ fn capture_loop(
         let (frame, finished) = match outcome {
             Ok(Capture::Frame(frame)) => {
                 timeouts = 0;
-                let at = Instant::now();
+                let captured = src.capture_time().unwrap_or_else(SystemTime::now);
                 let truths = questions
                     .iter()
                     .map(|q| {
@@ -247,7 +249,14 @@ fn capture_loop(
                             .and_then(|t| jetvlm_camera::qa::single_frame_answer(q, t))
                     })
                     .collect();
-                (Some(Captured { frame, at, truths }), false)
+                (
+                    Some(Captured {
+                        frame,
+                        captured,
+                        truths,
+                    }),
+                    false,
+                )
             }
             Ok(Capture::EndOfStream) => {
                 notices.push(Notice::Ended);

@@ -63,6 +63,13 @@ pub trait FrameSource: Send {
     fn reconnecting(&self) -> bool {
         false
     }
+    /// Wall-clock time at which the most recently captured frame was taken, for sources
+    /// that know it better than the moment [`FrameSource::capture`] returned it (a live
+    /// GStreamer source: its pipeline clock at the frame's timestamp, see docs/cameras.md).
+    /// `None`: the frame is as old as the capture that returned it.
+    fn capture_time(&self) -> Option<std::time::SystemTime> {
+        None
+    }
 }
 
 /// A change in a live source's connection, reported by [`FrameSource::take_events`].

@@ -12,11 +12,18 @@
 //!   [`FrameSource::capture`], and reports [`SourceEvent::Restored`] with the first new frame.
 //! - Files deliver every frame (or at most `fps=` per second), end with
 //!   [`Capture::EndOfStream`], or start over with `loop=1`.
-//! - Timestamps are the stream's own (buffer PTS), relative to its first frame; they keep
-//!   increasing across reconnections and loops.
+//! - [`Frame::timestamp`] is the stream's own time (buffer PTS), relative to its first frame;
+//!   it keeps increasing across reconnections and loops.
+//! - [`FrameSource::capture_time`] is the wall-clock time a live source's frame was taken:
+//!   the pipeline clock at the frame's running time (base time + PTS), read against the
+//!   system's real-time clock. For `rtsp://` (`buffer-mode=none`) that is the arrival of the
+//!   stream's first packet plus the sender's RTP time since, so it excludes the jitter
+//!   buffer's `latency`, the decoder and the wait in the appsink; for `csi://` the sensor's
+//!   own capture time. Files and non-live pipelines have none (a frame is as old as the
+//!   capture that decoded it).
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
@@ -133,8 +140,11 @@ pub struct GstSource {
     events: Vec<SourceEvent>,
     /// The decoder `decodebin` picked (factory name), filled in from its thread.
     decoder: Arc<Mutex<Option<String>>>,
-    /// A frame captured while opening, handed out by the first capture.
-    pending: Option<Frame>,
+    /// A frame captured while opening (and its capture time), handed out by the first
+    /// capture.
+    pending: Option<(Frame, Option<SystemTime>)>,
+    /// Wall-clock capture time of the frame the last capture returned (live sources).
+    captured_at: Option<SystemTime>,
     size: Option<(u32, u32)>,
     stream_fps: Option<f64>,
     /// Added to the current pipeline's PTS (reconnections and loops keep time increasing).
@@ -185,6 +195,7 @@ impl GstSource {
             events: Vec::new(),
             decoder: Arc::new(Mutex::new(None)),
             pending: None,
+            captured_at: None,
             size: None,
             stream_fps: None,
             ts_base: Duration::ZERO,
@@ -210,8 +221,8 @@ impl GstSource {
                 }
             }
             if let Some(sample) = conn.sink.try_pull_sample(clock(POLL)) {
-                if let Some(frame) = src.take_sample(&sample)? {
-                    src.pending = Some(frame);
+                if let Some(taken) = src.take_sample(&sample)? {
+                    src.pending = Some(taken);
                     break;
                 }
                 continue;
@@ -416,8 +427,9 @@ impl GstSource {
         Ok(conn)
     }
 
-    /// Turns a sample into a frame; `None` when `fps=` skips it.
-    fn take_sample(&mut self, sample: &gst::Sample) -> Result<Option<Frame>> {
+    /// Turns a sample into a frame and its wall-clock capture time (live sources); `None`
+    /// when `fps=` skips it.
+    fn take_sample(&mut self, sample: &gst::Sample) -> Result<Option<(Frame, Option<SystemTime>)>> {
         let bad = |reason: String| CameraError::Gst {
             uri: self.uri.clone(),
             op: "reading a frame",
@@ -453,6 +465,11 @@ impl GstSource {
         let first = *conn
             .first_pts
             .get_or_insert(pts.unwrap_or(gst::ClockTime::ZERO));
+        let captured_at = if self.live {
+            wall_clock_of(&conn.pipeline, sample.segment(), pts)
+        } else {
+            None
+        };
         let since_first = pts
             .map(|p| Duration::from_nanos(p.saturating_sub(first).nseconds()))
             .unwrap_or_else(|| {
@@ -497,13 +514,16 @@ impl GstSource {
             rgb.extend_from_slice(&data[y * stride..y * stride + row]);
         }
         self.size = Some((w, h));
-        Ok(Some(Frame {
-            index,
-            timestamp: ts,
-            width: w,
-            height: h,
-            rgb,
-        }))
+        Ok(Some((
+            Frame {
+                index,
+                timestamp: ts,
+                width: w,
+                height: h,
+                rgb,
+            },
+            captured_at,
+        )))
     }
 
     /// The live source lost its stream (or a reconnection attempt failed): drop the pipeline,
@@ -645,6 +665,26 @@ fn find_appsink(pipeline: &gst::Pipeline) -> std::result::Result<gst_app::AppSin
     }
 }
 
+/// The wall-clock time of a buffer at `pts` in `segment`: its running time against the
+/// pipeline's running time now, applied to the system's real-time clock now. `None` when the
+/// pipeline has no clock yet or the buffer has no time.
+fn wall_clock_of(
+    pipeline: &gst::Pipeline,
+    segment: Option<&gst::Segment>,
+    pts: Option<gst::ClockTime>,
+) -> Option<SystemTime> {
+    let running = segment?
+        .downcast_ref::<gst::ClockTime>()?
+        .to_running_time(pts?)?;
+    let now_running = pipeline.current_running_time()?;
+    let now = SystemTime::now();
+    if running <= now_running {
+        now.checked_sub(Duration::from_nanos((now_running - running).nseconds()))
+    } else {
+        now.checked_add(Duration::from_nanos((running - now_running).nseconds()))
+    }
+}
+
 fn clock(d: Duration) -> gst::ClockTime {
     gst::ClockTime::from_nseconds(d.as_nanos().min(u64::MAX as u128) as u64)
 }
@@ -705,17 +745,17 @@ fn bus_error(uri: &str, op: &'static str, e: &gst::message::Error) -> CameraErro
 
 impl FrameSource for GstSource {
     fn capture(&mut self, timeout: Duration) -> Result<Capture> {
-        if let Some(frame) = self.pending.take() {
+        if let Some(opened) = self.pending.take() {
             // A live source hands out a newer frame if one came since opening.
             let newer = match (&self.conn, self.live) {
                 (Some(conn), true) => conn.sink.try_pull_sample(gst::ClockTime::ZERO),
                 _ => None,
             };
-            if let Some(sample) = newer
-                && let Some(fresh) = self.take_sample(&sample)?
-            {
-                return Ok(Capture::Frame(fresh));
-            }
+            let (frame, at) = match newer {
+                Some(sample) => self.take_sample(&sample)?.unwrap_or(opened),
+                None => opened,
+            };
+            self.captured_at = at;
             return Ok(Capture::Frame(frame));
         }
         if self.ended {
@@ -791,7 +831,10 @@ impl FrameSource for GstSource {
                     });
                 }
                 match self.take_sample(&sample)? {
-                    Some(frame) => return Ok(Capture::Frame(frame)),
+                    Some((frame, at)) => {
+                        self.captured_at = at;
+                        return Ok(Capture::Frame(frame));
+                    }
                     None => continue,
                 }
             }
@@ -839,6 +882,10 @@ impl FrameSource for GstSource {
 
     fn reconnecting(&self) -> bool {
         self.outage.is_some()
+    }
+
+    fn capture_time(&self) -> Option<SystemTime> {
+        self.captured_at
     }
 }
 

@@ -65,6 +65,10 @@ impl<F: FnMut(&SourceEvent) + Send> FrameSource for EventTap<'_, F> {
     fn reconnecting(&self) -> bool {
         self.inner.reconnecting()
     }
+
+    fn capture_time(&self) -> Option<std::time::SystemTime> {
+        self.inner.capture_time()
+    }
 }
 
 #[cfg(test)]

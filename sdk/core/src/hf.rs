@@ -17,6 +17,9 @@ pub enum Architecture {
     Llama,
     Mistral,
     Qwen2,
+    /// Qwen3: Qwen2's layer without q/k/v biases, with an RMSNorm over each query and key
+    /// head before RoPE (`q_norm`, `k_norm`).
+    Qwen3,
 }
 
 impl Architecture {
@@ -25,6 +28,7 @@ impl Architecture {
             "LlamaForCausalLM" | "LlamaModel" => Some(Architecture::Llama),
             "MistralForCausalLM" | "MistralModel" => Some(Architecture::Mistral),
             "Qwen2ForCausalLM" | "Qwen2Model" => Some(Architecture::Qwen2),
+            "Qwen3ForCausalLM" | "Qwen3Model" => Some(Architecture::Qwen3),
             _ => None,
         }
     }
@@ -34,6 +38,7 @@ impl Architecture {
             "llama" => Some(Architecture::Llama),
             "mistral" => Some(Architecture::Mistral),
             "qwen2" | "qwen2_vl" | "qwen2_5_vl" => Some(Architecture::Qwen2),
+            "qwen3" => Some(Architecture::Qwen3),
             _ => None,
         }
     }
@@ -59,9 +64,13 @@ pub enum RopeScaling {
     /// `mrope_section` (with `rope_type` `mrope` in older configs, `default` in newer ones).
     /// `frame_grid` is `[rows, columns]` of a frame's tokens (`mrope_frame_grid`, which `jetvlm
     /// export` writes for the package's fixed frame size); Hugging Face configs lack it.
+    /// `interleaved` (Qwen3-VL, `mrope_interleaved`): the row takes pairs `i % 3 == 1` below
+    /// `3 * section[1]`, the column pairs `i % 3 == 2` below `3 * section[2]`, the temporal
+    /// position the others, instead of three contiguous runs.
     MRope {
         section: [usize; 3],
         frame_grid: Option<[usize; 2]>,
+        interleaved: bool,
     },
 }
 
@@ -86,6 +95,12 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry biases (Qwen2 always; Llama when `attention_bias`).
     pub attention_bias: bool,
+    /// An RMSNorm of `head_dim` over every query and key head before RoPE (Qwen3).
+    pub qk_norm: bool,
+    /// DeepStack (Qwen3-VL, `deepstack_layers`): a frame carries this many extra feature
+    /// sets from the vision encoder; set `i` is added to the frame tokens' hidden states after
+    /// decoder layer `i`. 0 without DeepStack.
+    pub deepstack_layers: usize,
     pub dtype: DType,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -116,7 +131,12 @@ impl ModelConfig {
         let bias = if self.attention_bias { q + 2 * kv } else { 0 };
         let attn = h * q + 2 * h * kv + q * h + bias;
         let mlp = 3 * h * i;
-        let norms = 2 * h;
+        let qk_norms = if self.qk_norm {
+            2 * self.head_dim as u64
+        } else {
+            0
+        };
+        let norms = 2 * h + qk_norms;
         let layer = attn + mlp + norms;
         let emb = self.vocab_size as u64 * h;
         let head = if self.tie_word_embeddings { 0 } else { emb };
@@ -218,7 +238,7 @@ impl ModelConfig {
                     field("architectures"),
                     format!(
                         "unsupported architecture `{shown}` (supported: LlamaForCausalLM, \
-                         MistralForCausalLM, Qwen2ForCausalLM)"
+                         MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"
                     ),
                 ));
             }
@@ -302,6 +322,18 @@ impl ModelConfig {
         let max_position_embeddings = usize_field("max_position_embeddings")?.unwrap_or(4096);
         let mut rope_scaling =
             parse_rope_scaling(rope_scaling_obj, path, &rope_field, max_position_embeddings)?;
+        if let RopeScaling::MRope { interleaved, .. } = &mut rope_scaling
+            && let Some(v) = rope_scaling_obj.and_then(|o| o.get("mrope_interleaved"))
+            && !v.is_null()
+        {
+            *interleaved = v.as_bool().ok_or_else(|| {
+                ConfigError::invalid(
+                    path,
+                    format!("{rope_field}.mrope_interleaved"),
+                    format!("expected true or false, got {v}"),
+                )
+            })?;
+        }
         if let RopeScaling::MRope { frame_grid, .. } = &mut rope_scaling
             && let Some(v) = get("mrope_frame_grid")
         {
@@ -332,6 +364,18 @@ impl ModelConfig {
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
         };
+        let qk_norm = architecture == Architecture::Qwen3;
+        let deepstack_layers = usize_field("deepstack_layers")?.unwrap_or(0);
+        if deepstack_layers > num_hidden_layers {
+            return Err(ConfigError::invalid(
+                path,
+                field("deepstack_layers"),
+                format!(
+                    "{deepstack_layers} DeepStack layers, more than num_hidden_layers \
+                     {num_hidden_layers}"
+                ),
+            ));
+        }
         let dtype = match get("dtype").or_else(|| get("torch_dtype")) {
             None => DType::F32,
             Some(v) => {
@@ -380,6 +424,8 @@ impl ModelConfig {
             max_position_embeddings,
             tie_word_embeddings,
             attention_bias,
+            qk_norm,
+            deepstack_layers,
             dtype,
             bos_token_id,
             eos_token_ids,
@@ -579,6 +625,7 @@ fn parse_rope_scaling(
             Some(&[t, h, w]) => Ok(RopeScaling::MRope {
                 section: [t, h, w],
                 frame_grid: None,
+                interleaved: false,
             }),
             _ => Err(ConfigError::invalid(
                 path,
@@ -813,7 +860,8 @@ mod tests {
             c.rope_scaling,
             RopeScaling::MRope {
                 section: [8, 12, 12],
-                frame_grid: None
+                frame_grid: None,
+                interleaved: false,
             }
         );
         v["mrope_frame_grid"] = json!([3, 5]);
@@ -840,6 +888,44 @@ mod tests {
         assert_eq!(field, "rope_scaling.mrope_section", "{msg}");
         let (field, msg) = rejected(|v| v["rope_scaling"] = json!({"type": "mrope"}));
         assert_eq!(field, "rope_scaling.mrope_section", "{msg}");
+    }
+
+    /// Qwen3 (the language model of an exported Qwen3-VL): q/k norms, interleaved M-RoPE and
+    /// DeepStack layers are read; a bad `mrope_interleaved` or too many DeepStack layers name
+    /// their field.
+    #[test]
+    fn qwen3_vl_decoder_fields_are_read() {
+        let mut v = base();
+        v["architectures"] = json!(["Qwen3ForCausalLM"]);
+        v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 1e6,
+            "mrope_section": [12, 10, 10], "mrope_interleaved": true});
+        v["deepstack_layers"] = json!(2);
+        let c = ModelConfig::from_value(&v, p()).unwrap();
+        assert_eq!(c.architecture, Architecture::Qwen3);
+        assert!(c.qk_norm && !c.attention_bias);
+        assert_eq!(c.deepstack_layers, 2);
+        assert!(matches!(
+            c.rope_scaling,
+            RopeScaling::MRope {
+                section: [12, 10, 10],
+                interleaved: true,
+                ..
+            }
+        ));
+        let per_layer = |c: &ModelConfig| c.num_parameters();
+        let mut plain = c.clone();
+        plain.qk_norm = false;
+        assert_eq!(
+            per_layer(&c) - per_layer(&plain),
+            2 * (c.head_dim * c.num_hidden_layers) as u64
+        );
+        v["rope_parameters"]["mrope_interleaved"] = json!("yes");
+        let e = ModelConfig::from_value(&v, p()).unwrap_err();
+        assert_eq!(e.field(), Some("rope_parameters.mrope_interleaved"), "{e}");
+        v["rope_parameters"]["mrope_interleaved"] = json!(true);
+        v["deepstack_layers"] = json!(c.num_hidden_layers + 1);
+        let e = ModelConfig::from_value(&v, p()).unwrap_err();
+        assert_eq!(e.field(), Some("deepstack_layers"), "{e}");
     }
 
     #[test]

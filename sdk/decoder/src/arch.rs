@@ -5,9 +5,11 @@
 //! simulated device) implement those operations; they hold no tensor name and no layer order
 //! of their own.
 //!
-//! Llama, Mistral and Qwen2 share this recipe: pre-norm (RMSNorm) attention with grouped
-//! query heads, RoPE on q and k, optional q/k/v biases (Qwen2), a SwiGLU MLP, a final RMSNorm
-//! and an LM head that may be tied to the embedding table. A new family adds its options to
+//! Llama, Mistral, Qwen2 and Qwen3 share this recipe: pre-norm (RMSNorm) attention with
+//! grouped query heads, optional q/k/v biases (Qwen2), an optional RMSNorm over every query
+//! and key head (Qwen3), RoPE on q and k, a SwiGLU MLP, a final RMSNorm and an LM head that may
+//! be tied to the embedding table. DeepStack (Qwen3-VL) adds a frame's extra visual features
+//! to its tokens' hidden states after the first layers ([`run_layers_with_deepstack`]). A new family adds its options to
 //! `ModelConfig`, its tensor names to [`load`] and its steps to [`run_layers`]; a weight
 //! format plugs in at [`TensorOps::matmul`].
 
@@ -123,6 +125,9 @@ pub struct Layer<W, V> {
     pub input_norm: V,
     pub q: Linear<W, V>,
     pub k: Linear<W, V>,
+    /// RMSNorm weights `[head_dim]` over each query and key head (Qwen3), before RoPE.
+    pub q_norm: Option<V>,
+    pub k_norm: Option<V>,
     pub v: Linear<W, V>,
     pub o: Linear<W, V>,
     pub post_norm: V,
@@ -216,6 +221,12 @@ pub fn load<S: WeightSink>(
     let norm = |sink: &mut S, name: String| -> std::result::Result<S::V, S::Error> {
         sink.vector(&ws.get(&name, &[h])?)
     };
+    let head_norm = |sink: &mut S, name: String| -> std::result::Result<Option<S::V>, S::Error> {
+        if !c.qk_norm {
+            return Ok(None);
+        }
+        Ok(Some(sink.vector(&ws.get(&name, &[c.head_dim])?)?))
+    };
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("{prefix}layers.{i}");
@@ -224,6 +235,8 @@ pub fn load<S: WeightSink>(
             input_norm: norm(sink, format!("{p}.input_layernorm.weight"))?,
             q: linear(sink, format!("{p}.self_attn.q_proj"), qd, h, b)?,
             k: linear(sink, format!("{p}.self_attn.k_proj"), kvd, h, b)?,
+            q_norm: head_norm(sink, format!("{p}.self_attn.q_norm.weight"))?,
+            k_norm: head_norm(sink, format!("{p}.self_attn.k_norm.weight"))?,
             v: linear(sink, format!("{p}.self_attn.v_proj"), kvd, h, b)?,
             o: linear(sink, format!("{p}.self_attn.o_proj"), h, qd, false)?,
             post_norm: norm(sink, format!("{p}.post_attention_layernorm.weight"))?,
@@ -232,8 +245,11 @@ pub fn load<S: WeightSink>(
             down: linear(sink, format!("{p}.mlp.down_proj"), h, inter, false)?,
         });
     }
-    // Two norms per layer and the final one.
+    // Two norms per layer and the final one (and the q/k head norms).
     bytes += (2 * c.num_hidden_layers as u64 + 1) * 4 * h as u64;
+    if c.qk_norm {
+        bytes += c.num_hidden_layers as u64 * 2 * 4 * c.head_dim as u64;
+    }
     let embed_t = matrix_tensor(&format!("{prefix}embed_tokens.weight"), &[c.vocab_size, h])?;
     let dtype = embed_t.dtype();
     let embed = sink.matrix(&embed_t)?;
@@ -371,6 +387,9 @@ pub struct Activations<A> {
     pub q: A,
     pub k: A,
     pub v: A,
+    /// The q/k head norms' output (swapped with `q`, then `k`): with q/k norms `q`, `k` and
+    /// `qk` are all `[n, heads * head_dim]`, so the swaps keep every buffer large enough.
+    pub qk: A,
     pub att: A,
     pub tmp: A,
     pub gate: A,
@@ -391,12 +410,14 @@ impl<A> Activations<A> {
         let qd = n * c.num_attention_heads * c.head_dim;
         let kvd = n * c.num_key_value_heads * c.head_dim;
         let inter = n * c.intermediate_size;
+        let (kd, qk) = if c.qk_norm { (qd, qd) } else { (kvd, 1) };
         Ok(Self {
             x,
             xn: alloc(h)?,
             q: alloc(qd)?,
-            k: alloc(kvd)?,
+            k: alloc(kd)?,
             v: alloc(kvd)?,
+            qk: alloc(qk)?,
             att: alloc(qd)?,
             tmp: alloc(h)?,
             gate: alloc(inter)?,
@@ -414,6 +435,21 @@ pub fn run_layers<O: LayerOps>(
     a: &mut Activations<O::Act>,
     n: usize,
 ) -> std::result::Result<(), O::Error> {
+    run_layers_with_deepstack(ops, c, layers, a, n, &[])
+}
+
+/// [`run_layers`] for a span whose `n` tokens are one frame of a DeepStack model:
+/// `deepstack[i]` (`[n, hidden]`, the frame's `i`-th set of extra visual features) is added to
+/// the hidden states after layer `i`, as transformers' `Qwen3VLTextModel` does for the
+/// image tokens. Empty for text and for models without DeepStack.
+pub fn run_layers_with_deepstack<O: LayerOps>(
+    ops: &mut O,
+    c: &ModelConfig,
+    layers: &[Layer<O::W, O::V>],
+    a: &mut Activations<O::Act>,
+    n: usize,
+    deepstack: &[O::Act],
+) -> std::result::Result<(), O::Error> {
     let eps = c.rms_norm_eps as f32;
     let h = c.hidden_size;
     let inter = c.intermediate_size;
@@ -421,6 +457,14 @@ pub fn run_layers<O: LayerOps>(
         ops.begin_layer(li)?;
         ops.rms_norm(&mut a.xn, &a.x, &l.input_norm, n, eps)?;
         ops.linears([&l.q, &l.k, &l.v], &a.xn, n, [&mut a.q, &mut a.k, &mut a.v])?;
+        if let Some(w) = &l.q_norm {
+            ops.rms_norm(&mut a.qk, &a.q, w, n * c.num_attention_heads, eps)?;
+            std::mem::swap(&mut a.q, &mut a.qk);
+        }
+        if let Some(w) = &l.k_norm {
+            ops.rms_norm(&mut a.qk, &a.k, w, n * c.num_key_value_heads, eps)?;
+            std::mem::swap(&mut a.k, &mut a.qk);
+        }
         ops.rope(&mut a.q, c.num_attention_heads, n)?;
         ops.rope(&mut a.k, c.num_key_value_heads, n)?;
         ops.attention(li, &a.q, &a.k, &a.v, &mut a.att, n)?;
@@ -431,6 +475,9 @@ pub fn run_layers<O: LayerOps>(
         ops.swiglu(&mut a.act, &a.gate, &a.up, n * inter)?;
         ops.linear(&l.down, &a.act, n, &mut a.tmp)?;
         ops.add(&mut a.x, &a.tmp, n * h)?;
+        if let Some(features) = deepstack.get(li) {
+            ops.add(&mut a.x, features, n * h)?;
+        }
     }
     Ok(())
 }

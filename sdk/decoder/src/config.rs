@@ -62,6 +62,12 @@ impl Config {
                     .into(),
             ));
         }
+        if model.architecture == jetvlm_core::hf::Architecture::Qwen3 && model.attention_bias {
+            return Err(unsupported(
+                "attention_bias",
+                "Qwen3 with attention biases (on q/k/v and o_proj) is not supported".into(),
+            ));
+        }
         if get("mlp_bias").and_then(Value::as_bool).unwrap_or(false) {
             return Err(unsupported(
                 "mlp_bias",

@@ -671,6 +671,8 @@ pub struct Rope {
     inv_freq: Vec<f64>,
     head_dim: usize,
     mrope_section: Option<[usize; 3]>,
+    /// Interleaved M-RoPE sections (Qwen3-VL).
+    mrope_interleaved: bool,
 }
 
 impl Rope {
@@ -711,14 +713,19 @@ impl Rope {
                 }
             }
         }
-        let mrope_section = match &cfg.rope_scaling {
-            RopeScaling::MRope { section, .. } => Some(*section),
-            _ => None,
+        let (mrope_section, mrope_interleaved) = match &cfg.rope_scaling {
+            RopeScaling::MRope {
+                section,
+                interleaved,
+                ..
+            } => (Some(*section), *interleaved),
+            _ => (None, false),
         };
         Rope {
             inv_freq,
             head_dim: d,
             mrope_section,
+            mrope_interleaved,
         }
     }
 
@@ -737,9 +744,21 @@ impl Rope {
     /// `t` turns by `positions[t][s] * inv_freq[i]`, `s` the M-RoPE section holding `i`
     /// (temporal, row, column), as transformers' `apply_multimodal_rotary_pos_emb`. Without
     /// sections (not an M-RoPE model) it is [`Rope::apply`] at the temporal positions.
+    /// Interleaved (Qwen3-VL, transformers' `Qwen3VLTextRotaryEmbedding`): pair `i` takes the
+    /// row when `i % 3 == 1` and `i < 3 * section[1]`, the column when `i % 3 == 2` and
+    /// `i < 3 * section[2]`, the temporal position otherwise.
     pub fn apply_mrope(&self, x: &mut [f32], heads: usize, positions: &[[u32; 3]]) {
         let h = self.head_dim / 2;
-        let [s0, s1, _] = self.mrope_section.unwrap_or([h, 0, 0]);
+        let [s0, s1, s2] = self.mrope_section.unwrap_or([h, 0, 0]);
+        if self.mrope_interleaved {
+            let section = |i: usize| match i % 3 {
+                1 if i < 3 * s1 => 1,
+                2 if i < 3 * s2 => 2,
+                _ => 0,
+            };
+            self.rotate(x, heads, positions.len(), |t, i| positions[t][section(i)]);
+            return;
+        }
         let section = |i: usize| usize::from(i >= s0) + usize::from(i >= s0 + s1);
         self.rotate(x, heads, positions.len(), |t, i| positions[t][section(i)]);
     }
@@ -998,6 +1017,63 @@ mod tests {
         let mut plain = x[..heads * d].to_vec();
         rope.apply(&mut plain, heads, &[7]);
         assert_eq!(&got[..heads * d], &plain[..]);
+    }
+
+    /// Interleaved M-RoPE (Qwen3-VL) against transformers' recomposition: start from the
+    /// temporal angle of every pair, then overwrite `slice(1, 3 * section[1], 3)` with the row
+    /// and `slice(2, 3 * section[2], 3)` with the column.
+    #[test]
+    fn interleaved_mrope_matches_transformers_recomposition() {
+        let cfg = jetvlm_core::hf::ModelConfig::from_value(
+            &serde_json::json!({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64,
+                "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+                "vocab_size": 10, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                "mrope_section": [4, 2, 2], "mrope_interleaved": true}}),
+            std::path::Path::new("config.json"),
+        )
+        .unwrap();
+        let rope = Rope::new(&cfg);
+        let (heads, d) = (4, 16);
+        let section = [4usize, 2, 2];
+        let mut sec = [0usize; 8];
+        for (dim, offset) in [(1usize, 1usize), (2, 2)] {
+            for i in (offset..3 * section[dim]).step_by(3) {
+                sec[i] = dim;
+            }
+        }
+        assert_eq!(sec, [0, 1, 2, 0, 1, 2, 0, 0]);
+        let mut rng = StdRng::seed_from_u64(5);
+        let x = rand_vec(2 * heads * d, &mut rng);
+        let pos = [[3u32, 5, 11], [20, 22, 21]];
+        let mut got = x.clone();
+        rope.apply_mrope(&mut got, heads, &pos);
+        let mut want = x.clone();
+        for (t, p) in pos.iter().enumerate() {
+            for head in want[t * heads * d..(t + 1) * heads * d].chunks_exact_mut(d) {
+                let orig = head.to_vec();
+                for j in 0..d {
+                    let i = j % (d / 2);
+                    let a = p[sec[i]] as f64 * rope.inv_freq()[i];
+                    let rot = if j < d / 2 {
+                        -orig[j + d / 2]
+                    } else {
+                        orig[j - d / 2]
+                    };
+                    head[j] = (orig[j] as f64 * a.cos() + rot as f64 * a.sin()) as f32;
+                }
+            }
+        }
+        assert!(max_err(&got, &want) < 1e-5, "{}", max_err(&got, &want));
+        // Not the contiguous layout: the same sections read as Qwen2.5-VL's differ.
+        let mut contiguous = cfg.clone();
+        contiguous.rope_scaling = jetvlm_core::hf::RopeScaling::MRope {
+            section: [4, 2, 2],
+            frame_grid: None,
+            interleaved: false,
+        };
+        let mut other = x.clone();
+        Rope::new(&contiguous).apply_mrope(&mut other, heads, &pos);
+        assert!(max_err(&other, &want) > 1e-2);
     }
 
     #[test]

@@ -28,12 +28,14 @@ pub enum Input<'a> {
     /// Token ids, embedded by the model's embedding table.
     Text { ids: &'a [u32] },
     /// Precomputed embeddings `[n, hidden]` row-major (vision-encoder output projected to
-    /// the decoder's hidden size). `frame` is required for `TokenKind::Frame`.
+    /// the decoder's hidden size). `frame` is required for `TokenKind::Frame`. `deepstack`:
+    /// a DeepStack frame's extra features `[deepstack_layers, n, hidden]` (empty otherwise).
     Embeddings {
         data: &'a [f32],
         n: usize,
         kind: TokenKind,
         frame: Option<FrameId>,
+        deepstack: &'a [f32],
     },
 }
 
@@ -49,6 +51,29 @@ impl<'a> Input<'a> {
             n,
             kind: TokenKind::Frame,
             frame: Some(frame),
+            deepstack: &[],
+        }
+    }
+
+    /// This frame with its DeepStack features `[deepstack_layers, n, hidden]` (what the
+    /// vision encoder's `deepstack_embeds` output gave for it); an empty slice leaves it
+    /// without. Other inputs are returned unchanged.
+    pub fn with_deepstack(self, features: &'a [f32]) -> Self {
+        match self {
+            Input::Embeddings {
+                data,
+                n,
+                kind,
+                frame,
+                ..
+            } => Input::Embeddings {
+                data,
+                n,
+                kind,
+                frame,
+                deepstack: features,
+            },
+            other => other,
         }
     }
 
@@ -59,6 +84,7 @@ impl<'a> Input<'a> {
             n,
             kind: TokenKind::Text,
             frame: None,
+            deepstack: &[],
         }
     }
 
@@ -224,6 +250,7 @@ impl Model {
         n += vec(&w.norm);
         for l in &w.layers {
             n += vec(&l.input_norm) + vec(&l.post_norm);
+            n += l.q_norm.as_ref().map_or(0, vec) + l.k_norm.as_ref().map_or(0, vec);
             for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
                 n += lin.w.held_bytes() + lin.bias.as_ref().map_or(0, vec);
             }
@@ -307,11 +334,25 @@ impl Model {
                     n,
                     kind,
                     frame,
+                    deepstack,
                 } => {
                     if data.len() != n * h {
                         return Err(DecoderError::Input(format!(
                             "span {i}: {} embedding values for {n} tokens of hidden size {h}",
                             data.len()
+                        )));
+                    }
+                    // A DeepStack model's frame needs its features (without them its
+                    // answer would silently differ); anything else must not carry any.
+                    let layers = self.config.model.deepstack_layers;
+                    let want = if *kind == TokenKind::Frame { layers } else { 0 };
+                    let per_layer = n * h;
+                    if deepstack.len() != want * per_layer {
+                        return Err(DecoderError::Input(format!(
+                            "span {i}: {} DeepStack values for a {kind:?} span of {n} tokens; \
+                             the model takes {want} x {n} x {h} (deepstack_layers {layers} of \
+                             the decoder's config.json, for frames)",
+                            deepstack.len()
                         )));
                     }
                     if *kind == TokenKind::Frame && frame.is_none() {
@@ -328,12 +369,19 @@ impl Model {
         let mut last_hidden = vec![0f32; h];
         for inp in inputs.iter().filter(|i| !i.is_empty()) {
             let n = inp.len();
-            let (x, kind, frame) = match inp {
-                Input::Text { ids } => (self.embed(ids)?, TokenKind::Text, None),
+            let (x, kind, frame, deepstack) = match inp {
+                Input::Text { ids } => (self.embed(ids)?, TokenKind::Text, None, &[][..]),
                 Input::Embeddings {
-                    data, kind, frame, ..
-                } => (data.to_vec(), *kind, *frame),
+                    data,
+                    kind,
+                    frame,
+                    deepstack,
+                    ..
+                } => (data.to_vec(), *kind, *frame, *deepstack),
             };
+            // Checked above: `deepstack_layers` sets of `n * h` values, or none.
+            let deepstack: Vec<Vec<f32>> =
+                deepstack.chunks_exact(n * h).map(<[f32]>::to_vec).collect();
             let pos = arch::span_positions(c, kind, cache.next_position(), n)?;
             let span = cache.append_span(kind, &pos.cache, frame)?;
             let mut acts = Activations::new(c, n, x, |len| Ok::<_, DecoderError>(vec![0f32; len]))?;
@@ -349,8 +397,15 @@ impl Model {
                 cache,
                 salience,
             };
-            let run = arch::run_layers(&mut ops, c, &self.weights.layers, &mut acts, n)
-                .and_then(|()| ops.settle());
+            let run = arch::run_layers_with_deepstack(
+                &mut ops,
+                c,
+                &self.weights.layers,
+                &mut acts,
+                n,
+                &deepstack,
+            )
+            .and_then(|()| ops.settle());
             if let Err(e) = run {
                 // Leave the cache as it was before this span.
                 let _ = cache.truncate_last(n);
