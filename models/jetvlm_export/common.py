@@ -302,9 +302,12 @@ def normalise(img: np.ndarray, mean, std) -> np.ndarray:
 # ---------------------------------------------------------------- ONNX
 
 
-def export_onnx(module, pixel_values, path: Path, dtype: str, tokens: int, hidden: int) -> None:
+def export_onnx(
+    module, pixel_values, path: Path, dtype: str, tokens: int, hidden: int, deepstack: int = 0
+) -> None:
     """Exports `module` ([1,3,H,W] -> [1,T,hidden]) with f32 input and output; `fp16` runs
-    the weights and activations in half precision inside the graph."""
+    the weights and activations in half precision inside the graph. With `deepstack` layers
+    the module returns a second tensor, `deepstack_embeds` [1, deepstack, T, hidden]."""
     import onnx
     import torch
 
@@ -316,7 +319,10 @@ def export_onnx(module, pixel_values, path: Path, dtype: str, tokens: int, hidde
 
         def forward(self, pixel_values):
             x = pixel_values.half() if self.half else pixel_values
-            return self.inner(x).float()
+            out = self.inner(x)
+            if isinstance(out, tuple):
+                return tuple(o.float() for o in out)
+            return out.float()
 
     wrapped = F32Io(module, dtype == "fp16").eval()
     with torch.no_grad(), warnings.catch_warnings():
@@ -327,8 +333,12 @@ def export_onnx(module, pixel_values, path: Path, dtype: str, tokens: int, hidde
             (pixel_values,),
             str(path),
             input_names=["pixel_values"],
-            output_names=["image_embeds"],
-            dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
+            output_names=["image_embeds"] + (["deepstack_embeds"] if deepstack else []),
+            dynamic_axes={
+                "pixel_values": {0: "batch"},
+                "image_embeds": {0: "batch"},
+                **({"deepstack_embeds": {0: "batch"}} if deepstack else {}),
+            },
             opset_version=17,
             dynamo=False,
         )
@@ -339,15 +349,25 @@ def export_onnx(module, pixel_values, path: Path, dtype: str, tokens: int, hidde
     for axis, size in ((1, tokens), (2, hidden)):
         dims[axis].ClearField("dim_param")
         dims[axis].dim_value = size
+    if deepstack:
+        dims = proto.graph.output[1].type.tensor_type.shape.dim
+        for axis, size in ((1, deepstack), (2, tokens), (3, hidden)):
+            dims[axis].ClearField("dim_param")
+            dims[axis].dim_value = size
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
 
 
 def run_onnx(path: Path, pixel_values: np.ndarray) -> np.ndarray:
+    return run_onnx_outputs(path, pixel_values)[0]
+
+
+def run_onnx_outputs(path: Path, pixel_values: np.ndarray) -> list:
+    """Every output of the encoder (image_embeds, then deepstack_embeds if it has them)."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"pixel_values": pixel_values})[0]
+    return sess.run(None, {"pixel_values": pixel_values})
 
 
 def check_close(what: str, got: np.ndarray, ref: np.ndarray, tol: float) -> float:
@@ -392,6 +412,10 @@ def write_manifest(path: Path, m: dict) -> None:
         f"  tokens_per_frame: {v['tokens_per_frame']}",
         "  input_name: pixel_values",
         "  output_name: image_embeds",
+    ]
+    if v.get("deepstack_output"):
+        lines.append(f"  deepstack_output: {v['deepstack_output']}")
+    lines += [
         "decoder:",
         "  dir: decoder",
         "prompt:",

@@ -9,7 +9,14 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const FAMILIES: [&str; 5] = ["llava", "idefics3", "smolvlm", "internvl", "qwen2_5_vl"];
+const FAMILIES: [&str; 6] = [
+    "llava",
+    "idefics3",
+    "smolvlm",
+    "internvl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -167,7 +174,19 @@ fn first_token_logits_match_transformers() {
 /// after each frame at start + 5 for the 3x5 grid, are the same in both).
 #[test]
 fn mrope_session_with_eviction_matches_a_fresh_prefill_of_the_kept_frames() {
-    let family = "qwen2_5_vl";
+    assert_session_with_eviction_matches_a_fresh_prefill("qwen2_5_vl");
+}
+
+/// Qwen3-VL in a camera session (interleaved M-RoPE on the 3x5 grid, DeepStack): every
+/// re-base prefills the kept frames again from their stored embeddings *and* DeepStack
+/// features, and the session then answers exactly like a fresh one that only saw the kept
+/// frames.
+#[test]
+fn qwen3_vl_session_with_eviction_matches_a_fresh_prefill_of_the_kept_frames() {
+    assert_session_with_eviction_matches_a_fresh_prefill("qwen3_vl");
+}
+
+fn assert_session_with_eviction_matches_a_fresh_prefill(family: &str) {
     let exp = expected(family);
     let q = exp["question"].as_str().unwrap().to_string();
     let pkg = fixture(family).join("pkg");
@@ -203,6 +222,12 @@ fn mrope_session_with_eviction_matches_a_fresh_prefill_of_the_kept_frames() {
     // Room for the prefix, one kept frame (5 positions: the longer side of its 3x5 grid), the
     // new frame's 15 tokens, a question and its answer: every push after the second re-bases.
     let (tpf, ppf) = (15, 5);
+    let decoder = jetvlm_decoder::Config::from_dir(&pkg.join("decoder")).unwrap();
+    assert_eq!(
+        jetvlm_decoder::arch::frame_positions(&decoder.model, tpf),
+        ppf,
+        "{family}"
+    );
     let limit = prefix + ppf + tpf + 64 + base.max_new_tokens;
     let mut p = jetvlm_runtime::Pipeline::load(
         &pkg,
@@ -251,6 +276,168 @@ fn mrope_on_the_device_path_is_refused_with_one_line() {
         lines[0].contains("M-RoPE") && lines[0].contains("mrope_section"),
         "{err}"
     );
+}
+
+/// Interleaved M-RoPE and DeepStack have no device kernels: `--device sim` on the Qwen3-VL
+/// package is refused with one line naming `mrope_interleaved`, before any weight is
+/// uploaded, never run with contiguous sections or without DeepStack.
+#[test]
+fn qwen3_vl_on_the_device_path_is_refused_with_one_line() {
+    let family = "qwen3_vl";
+    let exp = expected(family);
+    let out = jetvlm()
+        .arg("ask")
+        .arg("--model")
+        .arg(fixture(family).join("pkg"))
+        .arg("--image")
+        .arg(fixture(family).join(exp["image"].as_str().unwrap()))
+        .arg(exp["question"].as_str().unwrap())
+        .args(["--device", "sim", "--max-tokens", "2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("interleaved M-RoPE") && lines[0].contains("mrope_interleaved"),
+        "{err}"
+    );
+}
+
+/// A copy of `family`'s exported package in `dir/pkg`, its decoder config.json and manifest
+/// edited.
+fn edited_package(
+    dir: &Path,
+    family: &str,
+    config: impl FnOnce(&mut serde_json::Value),
+    manifest: impl FnOnce(String) -> String,
+) -> PathBuf {
+    let src = fixture(family).join("pkg");
+    let dst = dir.join("pkg");
+    std::fs::create_dir_all(dst.join("decoder")).unwrap();
+    for sub in ["", "decoder"] {
+        for e in std::fs::read_dir(src.join(sub)).unwrap() {
+            let e = e.unwrap();
+            if e.path().is_file() {
+                std::fs::copy(e.path(), dst.join(sub).join(e.file_name())).unwrap();
+            }
+        }
+    }
+    let cfg_path = dst.join("decoder/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    config(&mut cfg);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let yaml = std::fs::read_to_string(dst.join("jetvlm.yaml")).unwrap();
+    std::fs::write(dst.join("jetvlm.yaml"), manifest(yaml)).unwrap();
+    dst
+}
+
+/// Qwen3-VL's two departures from Qwen2.5-VL both matter on the fixture: the same package
+/// without DeepStack (no deepstack_layers, no deepstack_output), or with M-RoPE's contiguous
+/// sections instead of interleaved ones, is far from transformers' first-token logits, while
+/// the package as exported is within 1e-4 (first_token_logits_match_transformers).
+#[test]
+fn qwen3_vl_deepstack_and_interleaved_mrope_change_the_logits() {
+    let family = "qwen3_vl";
+    let tmp = tempfile::tempdir().unwrap();
+    let no_deepstack = edited_package(
+        &tmp.path().join("a"),
+        family,
+        |c| c["deepstack_layers"] = 0.into(),
+        |m| m.replace("  deepstack_output: deepstack_embeds\n", ""),
+    );
+    let d = first_token_logits_diff(family, &no_deepstack, "f32");
+    eprintln!("{family} without DeepStack: first-token logits max |diff| = {d:e}");
+    assert!(d > 1e-2, "{d}");
+    let contiguous = edited_package(
+        &tmp.path().join("b"),
+        family,
+        |c| c["rope_parameters"]["mrope_interleaved"] = false.into(),
+        |m| m,
+    );
+    let d = first_token_logits_diff(family, &contiguous, "f32");
+    eprintln!("{family} with contiguous M-RoPE sections: first-token logits max |diff| = {d:e}");
+    assert!(d > 1e-3, "{d}");
+}
+
+/// A DeepStack package whose manifest does not name the encoder's DeepStack output, or names
+/// one the decoder does not take, is refused at load naming `vision.deepstack_output`; a
+/// frame without its DeepStack features is refused by the decoder naming deepstack_layers
+/// (never run without them).
+#[test]
+fn qwen3_vl_deepstack_without_its_features_is_refused() {
+    let family = "qwen3_vl";
+    let tmp = tempfile::tempdir().unwrap();
+    let unnamed = edited_package(
+        &tmp.path().join("a"),
+        family,
+        |_| {},
+        |m| m.replace("  deepstack_output: deepstack_embeds\n", ""),
+    );
+    let e = jetvlm_vision::ModelPackage::load(&unnamed)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("vision.deepstack_output") && e.contains("missing"),
+        "{e}"
+    );
+    let unwanted = edited_package(
+        &tmp.path().join("b"),
+        family,
+        |c| c["deepstack_layers"] = 0.into(),
+        |m| m,
+    );
+    let e = jetvlm_vision::ModelPackage::load(&unwanted)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("vision.deepstack_output"), "{e}");
+    let wrong = edited_package(
+        &tmp.path().join("c"),
+        family,
+        |_| {},
+        |m| {
+            m.replace(
+                "deepstack_output: deepstack_embeds",
+                "deepstack_output: image_embeds",
+            )
+        },
+    );
+    let e = jetvlm_vision::ModelPackage::load(&wrong)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("vision.deepstack_output") && e.contains("[batch, 2, 15, 64]"),
+        "{e}"
+    );
+
+    let dir = fixture(family).join("pkg/decoder");
+    let model = jetvlm_decoder::Model::load(&dir, &Default::default()).unwrap();
+    let (n, h) = (15, model.hidden_size());
+    let frame = vec![0.1f32; n * h];
+    let mut cache = jetvlm_decoder::F32KvCache::new(model.cache_shape(), 64);
+    let e = model
+        .forward(&[jetvlm_decoder::Input::frame(&frame, n, 0)], &mut cache)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("deepstack_layers 2"), "{e}");
+    let short = vec![0.1f32; n * h];
+    let e = model
+        .forward(
+            &[jetvlm_decoder::Input::frame(&frame, n, 0).with_deepstack(&short)],
+            &mut cache,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("DeepStack"), "{e}");
+    let full = vec![0.1f32; 2 * n * h];
+    model
+        .forward(
+            &[jetvlm_decoder::Input::frame(&frame, n, 0).with_deepstack(&full)],
+            &mut cache,
+        )
+        .unwrap();
 }
 
 /// Whether the project venv can run the exporter; prints why not.
@@ -324,6 +511,20 @@ fn export_again_gives_the_committed_package_and_answer() {
             .and_then(|d| d.parse().ok())
             .unwrap_or_else(|| panic!("{line}"));
         assert!(diff < 1e-4, "{family}: {line}");
+        // DeepStack families check their second output too.
+        let deep = stdout
+            .lines()
+            .find(|l| l.contains("deepstack_embeds (ONNX Runtime) vs PyTorch"));
+        assert_eq!(deep.is_some(), family == "qwen3_vl", "{family}: {stdout}");
+        if let Some(line) = deep {
+            let d: f64 = line
+                .split("max abs diff ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|d| d.parse().ok())
+                .unwrap_or_else(|| panic!("{line}"));
+            assert!(d < 1e-4, "{family}: {line}");
+        }
         assert_eq!(
             manifest_body(&out),
             manifest_body(&fixture(family).join("pkg")),

@@ -684,7 +684,8 @@ pub(crate) fn inputs<'a>(
         .iter()
         .map(|s| match s {
             Span::Text(t) => Input::text(t),
-            Span::Frame(i) => Input::frame(&embeds[*i].data, embeds[*i].tokens, ids[*i]),
+            Span::Frame(i) => Input::frame(&embeds[*i].data, embeds[*i].tokens, ids[*i])
+                .with_deepstack(&embeds[*i].deepstack),
         })
         .collect()
 }

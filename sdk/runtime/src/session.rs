@@ -20,7 +20,7 @@ use crate::pipeline::{DecoderOn, Pipeline, Stats, TokenStream};
 use jetvlm_camera::{Capture, Frame, FrameSource};
 use jetvlm_core::FrameId;
 use jetvlm_decoder::{Input, KvStore, LogitsMode};
-use jetvlm_vision::ImageView;
+use jetvlm_vision::{Embeddings, ImageView};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -81,8 +81,9 @@ pub struct StreamSession<'p> {
     prefix_ids: Vec<u32>,
     /// Encoder time of the frames currently cached, by id.
     encoder_ms: VecDeque<f64>,
-    /// Embeddings of the frames currently cached, for re-basing positions.
-    embeddings: VecDeque<Vec<f32>>,
+    /// Embeddings of the frames currently cached (with their DeepStack features), for
+    /// re-basing positions.
+    embeddings: VecDeque<Embeddings>,
     rebases: u64,
     /// The pipeline's own CPU cache while a resumed session's cache is in its place
     /// ([`Pipeline::resume`]); put back by [`StreamSession::park`].
@@ -234,7 +235,7 @@ pub struct ParkedSession {
     question_mark: Option<(usize, u32)>,
     prefix_ids: Vec<u32>,
     encoder_ms: VecDeque<f64>,
-    embeddings: VecDeque<Vec<f32>>,
+    embeddings: VecDeque<Embeddings>,
     rebases: u64,
 }
 
@@ -308,7 +309,7 @@ impl StreamSession<'_> {
         append(
             self.pipe,
             &mut self.store,
-            &[Input::frame(&emb.data, emb.tokens, id)],
+            &[Input::frame(&emb.data, emb.tokens, id).with_deepstack(&emb.deepstack)],
         )?;
         self.window.push_back(CachedFrame {
             id,
@@ -317,7 +318,7 @@ impl StreamSession<'_> {
             encoder_ms: enc_ms,
         });
         self.encoder_ms.push_back(enc_ms);
-        self.embeddings.push_back(emb.data);
+        self.embeddings.push_back(emb);
         Ok(id)
     }
 
@@ -381,7 +382,7 @@ impl StreamSession<'_> {
             append(
                 self.pipe,
                 &mut self.store,
-                &[Input::frame(emb, tpf, frame.id)],
+                &[Input::frame(&emb.data, tpf, frame.id).with_deepstack(&emb.deepstack)],
             )
             .map_err(|e| (i, e))?;
         }

@@ -18,6 +18,9 @@ pub struct Embeddings {
     pub tokens: usize,
     pub hidden: usize,
     pub data: Vec<f32>,
+    /// DeepStack features `[deepstack_layers, tokens, hidden]` (the encoder's
+    /// `deepstack_output`); empty for encoders without them.
+    pub deepstack: Vec<f32>,
 }
 
 /// Timing and provider facts of an encoder.
@@ -74,6 +77,9 @@ pub struct EncoderSpec {
     pub hidden_size: usize,
     pub input_name: Option<String>,
     pub output_name: Option<String>,
+    /// The DeepStack output and the decoder's `deepstack_layers` (0: none).
+    pub deepstack_output: Option<String>,
+    pub deepstack_layers: usize,
     pub tensorrt: TensorRtSettings,
 }
 
@@ -94,6 +100,8 @@ impl EncoderSpec {
             hidden_size: pkg.decoder_config.hidden_size,
             input_name: v.input_name.clone(),
             output_name: v.output_name.clone(),
+            deepstack_output: v.deepstack_output.clone(),
+            deepstack_layers: pkg.decoder_config.deepstack_layers,
             tensorrt,
         }
     }
@@ -299,11 +307,17 @@ impl OrtEncoder {
             });
         }
         let per = t * h;
+        let deep = deepstack_of(&self.spec, &outputs, batch)?;
+        let per_deep = self.spec.deepstack_layers * per;
         let result = (0..batch)
             .map(|b| Embeddings {
                 tokens: t,
                 hidden: h,
                 data: data[b * per..(b + 1) * per].to_vec(),
+                deepstack: deep
+                    .get(b * per_deep..(b + 1) * per_deep)
+                    .unwrap_or_default()
+                    .to_vec(),
             })
             .collect();
         let ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -312,6 +326,49 @@ impl OrtEncoder {
         self.stats.encode_ms_total += ms;
         Ok(result)
     }
+}
+
+/// The DeepStack output of a run, `[batch, deepstack_layers, tokens, hidden]` flat (empty
+/// without DeepStack), its shape checked.
+fn deepstack_of(
+    spec: &EncoderSpec,
+    outputs: &ort::session::SessionOutputs<'_>,
+    batch: usize,
+) -> Result<Vec<f32>, VisionError> {
+    let Some(name) = &spec.deepstack_output else {
+        return Ok(Vec::new());
+    };
+    let model = spec.model.clone();
+    let out = outputs
+        .get(name.as_str())
+        .ok_or_else(|| VisionError::ModelMismatch {
+            model: model.clone(),
+            message: format!("no output `{name}` (vision.deepstack_output) after run"),
+        })?;
+    let (shape, data) = out
+        .try_extract_tensor::<f32>()
+        .map_err(|e| VisionError::Ort {
+            op: "reading the encoder's DeepStack output",
+            model: model.clone(),
+            source: Box::new(e),
+        })?;
+    let dims: Vec<i64> = shape.iter().copied().collect();
+    let (l, t, h) = (
+        spec.deepstack_layers,
+        spec.tokens_per_frame,
+        spec.hidden_size,
+    );
+    if dims != [batch as i64, l as i64, t as i64, h as i64] {
+        return Err(VisionError::BadOutput {
+            model,
+            shape: dims,
+            message: format!(
+                "expected [{batch}, {l}, {t}, {h}] (batch, deepstack_layers, \
+                     tokens_per_frame, hidden_size) from `{name}`"
+            ),
+        });
+    }
+    Ok(data.to_vec())
 }
 
 /// Concatenates single-frame inputs along the batch axis.

@@ -88,6 +88,11 @@ pub struct VisionSection {
     /// Output tensor name (default: the model's first output).
     #[serde(default)]
     pub output_name: Option<String>,
+    /// DeepStack (Qwen3-VL): the output `[batch, deepstack_layers, tokens_per_frame,
+    /// hidden_size]` of the features the decoder adds after its first layers; required when
+    /// the decoder's config.json sets `deepstack_layers`.
+    #[serde(default)]
+    pub deepstack_output: Option<String>,
     /// TensorRT execution provider settings for this encoder.
     #[serde(default)]
     pub tensorrt: Option<TensorRtSection>,
@@ -328,6 +333,7 @@ impl ModelPackage {
 
         if let Some(sig) = &signature {
             check_signature(v, sig, decoder_config.as_ref(), &mut issues);
+            check_deepstack(v, sig, decoder_config.as_ref(), &mut issues);
         }
 
         let p = &manifest.prompt;
@@ -593,6 +599,76 @@ fn check_signature(
                 }
             }
         }
+    }
+}
+
+/// The DeepStack output against the decoder's `deepstack_layers`: named exactly when the
+/// decoder takes the features, `[batch, layers, tokens_per_frame, hidden_size]` f32.
+fn check_deepstack(
+    v: &VisionSection,
+    sig: &OnnxSignature,
+    decoder: Option<&ModelConfig>,
+    issues: &mut Vec<Issue>,
+) {
+    let Some(cfg) = decoder else { return };
+    let layers = cfg.deepstack_layers;
+    let field = "vision.deepstack_output";
+    let name = match (&v.deepstack_output, layers) {
+        (None, 0) => return,
+        (None, n) => {
+            issues.push(Issue::new(
+                field,
+                format!(
+                    "missing: the decoder adds DeepStack features after its first {n} layers \
+                     (deepstack_layers), which the encoder output named here gives"
+                ),
+            ));
+            return;
+        }
+        (Some(name), 0) => {
+            issues.push(Issue::new(
+                field,
+                format!("`{name}` is named but the decoder's config.json has no deepstack_layers"),
+            ));
+            return;
+        }
+        (Some(name), _) => name,
+    };
+    let Some(out) = sig.outputs.iter().find(|o| &o.name == name) else {
+        let names: Vec<&str> = sig.outputs.iter().map(|o| o.name.as_str()).collect();
+        issues.push(Issue::new(
+            field,
+            format!(
+                "encoder has no output `{name}` (outputs: [{}])",
+                names.join(", ")
+            ),
+        ));
+        return;
+    };
+    let want = [
+        None,
+        Some(layers as i64),
+        Some(v.tokens_per_frame as i64),
+        Some(cfg.hidden_size as i64),
+    ];
+    let fits = out.shape.len() == 4
+        && out
+            .shape
+            .iter()
+            .zip(want)
+            .all(|(got, want)| !matches!((got, want), (Some(g), Some(w)) if *g != w));
+    if out.elem != ElemType::F32 || !fits {
+        issues.push(Issue::new(
+            field,
+            format!(
+                "encoder output `{name}` is {} {}, expected f32 [batch, {layers}, {}, {}] \
+                 (deepstack_layers, tokens_per_frame, hidden_size)",
+                out.elem,
+                fmt_shape(&out.shape),
+                v.tokens_per_frame,
+                cfg.hidden_size
+            ),
+        ));
     }
 }
 
