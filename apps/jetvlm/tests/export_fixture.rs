@@ -252,30 +252,103 @@ fn assert_session_with_eviction_matches_a_fresh_prefill(family: &str) {
     assert_eq!(got, want);
 }
 
-/// The device decoder has no M-RoPE kernel: `--device sim` (the CUDA path's host logic) on
-/// the Qwen2.5-VL package is refused with one line naming M-RoPE, never run as plain RoPE.
+/// M-RoPE on the device path: `--device sim` (the CUDA path's host logic with the kernels'
+/// CPU twins; frame tokens rotate with `rope_mrope_f32` at (start, row, column), the text
+/// after a frame at start + 5) gives transformers' greedy tokens on the Qwen2.5-VL package,
+/// as the CPU does, with the FP16 and the mixed cache. The 3x5 grid is not square, so rows
+/// and columns cannot be swapped unnoticed.
 #[test]
-fn mrope_on_the_device_path_is_refused_with_one_line() {
+fn mrope_on_the_device_path_gives_the_cpu_tokens() {
     let family = "qwen2_5_vl";
     let exp = expected(family);
-    let out = jetvlm()
-        .arg("ask")
-        .arg("--model")
-        .arg(fixture(family).join("pkg"))
-        .arg("--image")
-        .arg(fixture(family).join(exp["image"].as_str().unwrap()))
-        .arg(exp["question"].as_str().unwrap())
-        .args(["--device", "sim", "--max-tokens", "2"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{err}");
+    let ask_on = |device: &str, kv: &str| -> serde_json::Value {
+        let out = jetvlm()
+            .arg("ask")
+            .arg("--model")
+            .arg(fixture(family).join("pkg"))
+            .arg("--image")
+            .arg(fixture(family).join(exp["image"].as_str().unwrap()))
+            .arg(exp["question"].as_str().unwrap())
+            .args(["--max-tokens", &exp["max_new_tokens"].to_string()])
+            .args(["--json", "--kv", kv, "--device", device])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{device} {kv}: {err}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let sim = ask_on("sim", "fp16");
     assert!(
-        lines[0].contains("M-RoPE") && lines[0].contains("mrope_section"),
-        "{err}"
+        sim["decoder_device"].as_str().unwrap().starts_with("sim"),
+        "{sim}"
     );
+    assert_eq!(sim["token_ids"], exp["greedy_tokens"], "sim, kv fp16");
+    let cpu = ask_on("cpu", "mixed");
+    assert_eq!(
+        ask_on("sim", "mixed")["token_ids"],
+        cpu["token_ids"],
+        "kv mixed"
+    );
+}
+
+/// A device camera session on Qwen2.5-VL (the simulated device): pushing frames past the
+/// window evicts the oldest and re-bases the M-RoPE positions, and the answer equals a fresh
+/// device session's over the kept frames and the CPU session's.
+#[test]
+fn mrope_device_session_with_eviction_matches_a_fresh_prefill_and_the_cpu() {
+    let family = "qwen2_5_vl";
+    let exp = expected(family);
+    let q = exp["question"].as_str().unwrap().to_string();
+    let pkg = fixture(family).join("pkg");
+    let window = 2;
+    let config = |device| jetvlm_runtime::RuntimeConfig {
+        kv_policy: Some("fp16".into()),
+        max_new_tokens: 16,
+        window_frames: window,
+        device,
+        ..jetvlm_runtime::RuntimeConfig::default()
+    };
+    let frames: Vec<jetvlm_camera::Frame> = (0..4u64)
+        .map(|i| {
+            let mut f = probe_frame(family);
+            f.index = i;
+            f.rgb
+                .iter_mut()
+                .for_each(|v| *v = v.wrapping_add(37 * i as u8));
+            f
+        })
+        .collect();
+    let fresh = |device| {
+        let mut pipe = jetvlm_runtime::Pipeline::load(&pkg, config(device)).unwrap();
+        let mut s = pipe.session().unwrap();
+        for f in &frames[frames.len() - window..] {
+            s.push_frame(f).unwrap();
+        }
+        (
+            s.ask(&q).unwrap().finish().unwrap().token_ids,
+            s.prefix_tokens(),
+        )
+    };
+    let (want, prefix) = fresh(jetvlm_core::Device::Cpu);
+    assert_eq!(fresh(jetvlm_core::Device::Sim).0, want);
+    // Room for one kept frame (5 positions), the new frame and a question: every push after
+    // the second re-bases.
+    let limit = prefix + 5 + 15 + 64 + 16;
+    let mut p = jetvlm_runtime::Pipeline::load(
+        &pkg,
+        jetvlm_runtime::RuntimeConfig {
+            session_max_position: Some(limit),
+            ..config(jetvlm_core::Device::Sim)
+        },
+    )
+    .unwrap();
+    let mut s = p.session().unwrap();
+    for f in &frames {
+        s.push_frame(f).unwrap();
+        s.ask(&q).unwrap().finish().unwrap();
+    }
+    assert_eq!(s.rebases(), frames.len() as u64 - window as u64);
+    assert_eq!(s.ask(&q).unwrap().finish().unwrap().token_ids, want);
 }
 
 /// Interleaved M-RoPE and DeepStack have no device kernels: `--device sim` on the Qwen3-VL

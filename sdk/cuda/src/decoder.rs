@@ -79,10 +79,35 @@ impl<G: Gpu> WeightSink for Upload<'_, G> {
     }
 }
 
+/// Options the device decoder has no kernels for, refused with one line naming the field
+/// before any weight is uploaded (never run as a near miss): Qwen3-VL's interleaved M-RoPE
+/// and DeepStack features.
+fn refuse_cpu_only(config: &Config) -> Result<(), jetvlm_decoder::DecoderError> {
+    let unsupported = |field: &str, what: &str| jetvlm_decoder::DecoderError::Unsupported {
+        path: config.path.clone(),
+        field: field.into(),
+        msg: format!("{what} runs on the CPU decoder only (--device cpu)"),
+    };
+    if let jetvlm_core::hf::RopeScaling::MRope {
+        interleaved: true, ..
+    } = config.model.rope_scaling
+    {
+        return Err(unsupported(
+            "mrope_interleaved",
+            "interleaved M-RoPE (Qwen3-VL)",
+        ));
+    }
+    if config.model.deepstack_layers > 0 {
+        return Err(unsupported("deepstack_layers", "DeepStack (Qwen3-VL)"));
+    }
+    Ok(())
+}
+
 impl<G: Gpu> DeviceDecoder<G> {
     /// Loads the decoder in `dir` (config.json + safetensors) onto `dev`.
     pub fn load(dev: &G, dir: &Path) -> Result<Self, CudaError> {
         let config = Config::from_dir(dir).map_err(model_err(dir))?;
+        refuse_cpu_only(&config).map_err(model_err(dir))?;
         let ws = Weights::open(dir).map_err(model_err(dir))?;
         let mut sink = Upload(dev, None);
         let weights = arch::load(&config.model, &ws, None, &mut sink).map_err(|e| match e {

@@ -379,8 +379,10 @@ impl KvBlockTable {
                 ),
             });
         }
-        self.position_lag = self.next_pos - position;
-        self.lag_order = self.next_pos;
+        if position != self.next_position() {
+            self.position_lag = self.next_pos - position;
+            self.lag_order = self.next_pos;
+        }
         Ok(())
     }
     pub fn is_empty(&self) -> bool {
@@ -1248,6 +1250,39 @@ mod tests {
     /// Appends rolled back to a mark leave the table as it was at the mark: entries,
     /// positions, counts, and the free blocks (reused ones given back), so the same appends
     /// made again land in the same places.
+    /// An M-RoPE frame takes fewer positions than tokens: the next RoPE position trails the
+    /// order index, text after it continues from there, a rollback or clear restores it, and
+    /// a truncation reaching into the frame is refused (the question after it can be dropped).
+    #[test]
+    fn mrope_positions_trail_the_order_and_roll_back() {
+        let mut t = KvBlockTable::new(policy("fp16", 2, 64), 16, 0);
+        t.append(TokenKind::Text, 4).unwrap();
+        let mark = t.mark();
+        t.append_frame(7, 15).unwrap();
+        // A 3x5 grid at 4: positions 4..=8, the next text at 9.
+        t.set_next_position(9).unwrap();
+        assert_eq!((t.next_order(), t.next_position()), (19, 9));
+        t.append(TokenKind::Text, 3).unwrap();
+        assert_eq!((t.next_order(), t.next_position()), (22, 12));
+        // A text span's own positions leave the lag alone.
+        t.set_next_position(12).unwrap();
+        t.truncate_last(3).unwrap();
+        assert_eq!((t.next_order(), t.next_position()), (19, 9));
+        let before = (t.entries().to_vec(), t.len(), t.next_position());
+        assert!(t.truncate_last(4).is_err());
+        assert_eq!((t.entries().to_vec(), t.len(), t.next_position()), before);
+        assert!(t.set_next_position(20).is_err());
+        // Evicting the frame keeps later positions.
+        t.evict_frame(7).unwrap();
+        assert_eq!(t.next_position(), 9);
+        t.rollback(mark);
+        assert_eq!((t.next_order(), t.next_position(), t.len()), (4, 4, 4));
+        t.append_frame(8, 15).unwrap();
+        t.set_next_position(9).unwrap();
+        t.clear();
+        assert_eq!((t.next_order(), t.next_position()), (0, 0));
+    }
+
     #[test]
     fn rollback_undoes_appends_since_the_mark() {
         for name in ["mixed", "mixed:keys=token", "fp16"] {

@@ -131,7 +131,7 @@ fn a_damaged_quantized_matrix_is_refused_naming_the_tensor() {
     let (a, b) = (off[0].as_u64().unwrap(), off[1].as_u64().unwrap());
     header[name]["data_offsets"] = serde_json::json!([a, a + (b - a) / 2]);
     let mut h = serde_json::to_vec(&header).unwrap();
-    while (8 + h.len()) % 8 != 0 {
+    while !(8 + h.len()).is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

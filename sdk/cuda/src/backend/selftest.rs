@@ -3,7 +3,7 @@
 use half::{bf16, f16};
 
 use super::device::CudaDevice;
-use super::ops::{DeviceWeights, launch, linear};
+use super::ops::{DeviceWeights, QuantWeights, launch, linear};
 use crate::error::CudaError;
 use crate::gpu::Splits;
 use crate::inputs::Rng;
@@ -63,6 +63,7 @@ impl CudaDevice {
             self.check_elementwise(&mut rng, outliers, &mut out)?;
             self.check_rmsnorm_rope(&mut rng, outliers, &mut out)?;
             self.check_gemv(&mut rng, outliers, &mut out)?;
+            self.check_gemv_quant(&mut rng, outliers, &mut out)?;
         }
         self.check_kv(&mut rng, &mut out)?;
         self.check_memory(&mut rng, &mut out)?;
@@ -252,6 +253,42 @@ impl CudaDevice {
                 1e-5,
             ));
         }
+        // M-RoPE: Qwen2.5-VL's sections of a 128-wide head, and a small head.
+        for (heads, head_dim, section, theta) in [
+            (4usize, 128usize, [16usize, 24, 24], 1e6f64),
+            (2, 32, [6, 5, 5], 1e4),
+        ] {
+            let n_tok = 15;
+            let x = values(rng, n_tok * heads * head_dim, head_dim, outliers);
+            let positions: Vec<u32> = (0..3 * n_tok).map(|_| rng.below(32_768)).collect();
+            let inv = cpu::rope_inv_freq(theta, head_dim);
+            let mut d = self.upload(&x)?;
+            self.rope_mrope(
+                &mut d,
+                &self.upload(&positions)?,
+                &self.upload(&inv)?,
+                n_tok,
+                heads,
+                head_dim,
+                section,
+            )?;
+            let mut want = x.clone();
+            cpu::rope_mrope(
+                &mut want,
+                &positions,
+                &inv,
+                heads,
+                head_dim,
+                [section[0], section[1]],
+            );
+            let case = format!("{} dim {head_dim} sections {section:?}", kind(outliers));
+            out.push(check(
+                "rope_mrope_f32",
+                case,
+                normalized_error(&self.download(&d)?, &want),
+                1e-5,
+            ));
+        }
         Ok(())
     }
 
@@ -275,6 +312,64 @@ impl CudaDevice {
                 );
                 let case = format!("{} {dtype} {rows}x{cols} x{n_tok}", kind(outliers));
                 out.push(check("gemv", case, err, 2e-5));
+            }
+        }
+        Ok(())
+    }
+
+    /// The quantized products (`gemv_q8`/`gemv_q4` for decode, `gemm_q8`/`gemm_q4` for
+    /// prefill) against their twin on weights quantized by `jetvlm_quant`'s reference, each
+    /// kernel on the same shapes: one token, a tile and a remainder, rows that are not a
+    /// multiple of the 64-row tile, every group size.
+    fn check_gemv_quant(
+        &self,
+        rng: &mut Rng,
+        outliers: bool,
+        out: &mut Vec<KernelCheck>,
+    ) -> Result<(), CudaError> {
+        let cases = [
+            (576usize, 576usize, 1usize, 32usize),
+            (129, 1536, 11, 64),
+            (200, 384, 37, 128),
+        ];
+        for (rows, cols, n_tok, group) in cases {
+            let w = values(rng, rows * cols, cols, outliers);
+            let x = values(rng, n_tok * cols, cols, outliers);
+            let dx = self.upload(&x)?;
+            for bits in [8u32, 4] {
+                let format = jetvlm_quant::WeightFormat::new(bits, group)
+                    .map_err(|e| crate::checks::shape("selftest", e.to_string()))?;
+                let m = cpu::QuantMatrix::quantize(&w, rows, cols, format)
+                    .map_err(|e| crate::checks::shape("selftest", e.to_string()))?;
+                let q = QuantWeights {
+                    format,
+                    rows,
+                    cols,
+                    codes: self.upload(&m.codes)?,
+                    scales: self.upload(&m.scales)?,
+                    zeros: if bits == 4 {
+                        Some(self.upload(&m.zeros)?)
+                    } else {
+                        None
+                    },
+                };
+                let want = cpu::gemv_quant(&m, &x, n_tok);
+                for gemm in [false, true] {
+                    let mut y = self.zeros::<f32>(n_tok * rows)?;
+                    self.gemv_quant(&mut y, &q, &dx, rows, cols, n_tok, Some(gemm))?;
+                    let err = normalized_error(&self.download(&y)?, &want);
+                    let case = format!(
+                        "{} INT{bits} g{group} {rows}x{cols} x{n_tok}",
+                        kind(outliers)
+                    );
+                    let kernel = match (gemm, bits) {
+                        (false, 8) => "gemv_q8",
+                        (false, _) => "gemv_q4",
+                        (true, 8) => "gemm_q8",
+                        (true, _) => "gemm_q4",
+                    };
+                    out.push(check(kernel, case, err, 5e-5));
+                }
             }
         }
         Ok(())
