@@ -112,6 +112,7 @@ def export(args) -> None:
     # The same layer recipe (Qwen3-VL's text model is Qwen3's; its M-RoPE comes from the
     # family's decoder fields).
     text_as = {"qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3"}.get(text_type, text_type)
+    archs["gemma3_text"] = "Gemma3ForCausalLM"  # Gemma 3's own layer recipe (decoder arch.rs)
     if text_as not in archs:
         raise ExportError(f"language model `{text_type}` is not supported (llama, mistral, qwen2, qwen3)")
 

@@ -592,7 +592,105 @@ class Qwen3VL(Qwen25VL):
         return Qwen3VLImagePath().eval()
 
 
-FAMILIES = [Llava(), Idefics3(), InternVL(), Qwen25VL(), Qwen3VL()]
+class Gemma3(Family):
+    """Gemma 3 (`Gemma3ForConditionalGeneration`): a SigLIP vision tower (its last hidden
+    state, no pooling head), the pooled projector (the patch grid average-pooled to
+    `mm_tokens_per_image` tokens, Gemma's RMSNorm with (1 + w), a projection to the text
+    width), and the Gemma 3 language model (its own layer recipe in jetvlm's decoder). One
+    frame at the tower's size: pan-and-scan crops (off in the processor by default) are not
+    reproduced."""
+
+    name = "gemma3"
+    one_frame = {"do_pan_and_scan": False}
+    model_types = ("gemma3",)
+    lm_key = "text_config"
+    lm_prefixes = ("model.language_model.", "language_model.model.")
+    lm_heads = ("lm_head.weight", "language_model.lm_head.weight")
+    vision_prefixes = ("model.vision_tower.", "vision_tower.")
+    projector_prefixes = ("model.multi_modal_projector.", "multi_modal_projector.")
+
+    def native_size(self, cfg) -> int:
+        return int(cfg.vision_config.image_size)
+
+    def _pool(self, cfg) -> tuple:
+        """(patches per side, tokens per side) of the projector's average pool."""
+        patches = int(cfg.vision_config.image_size) // int(cfg.vision_config.patch_size)
+        n = int(cfg.mm_tokens_per_image)
+        side = int(round(n**0.5))
+        if side * side != n or side == 0 or patches % side:
+            raise ExportError(
+                f"mm_tokens_per_image {n} is not a square whose side divides the "
+                f"{patches}x{patches} patch grid"
+            )
+        return patches, side
+
+    def check(self, cfg, frame_size: int) -> None:
+        vt = cfg.vision_config.model_type
+        if vt != "siglip_vision_model":
+            raise ExportError(f"Gemma 3 with a `{vt}` vision tower is not supported (SigLIP)")
+        self._pool(cfg)
+        if frame_size != self.native_size(cfg):
+            raise ExportError(
+                f"--frame-size {frame_size}: Gemma 3's projector pools the {self.native_size(cfg)}"
+                "-pixel frame's patch grid it was trained on; other sizes are not supported"
+            )
+
+    def tokens_per_frame(self, cfg, frame_size: int) -> int:
+        return int(cfg.mm_tokens_per_image)
+
+    def encoder(self, cfg, files, frame_size: int):
+        from transformers import AutoModel
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+
+        tower = _load(AutoModel.from_config(cfg.vision_config), files, self.vision_prefixes, "vision tower")
+        projector = _load(Gemma3MultiModalProjector(cfg), files, self.projector_prefixes, "projector")
+
+        class Gemma3ImagePath(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.tower, self.projector = tower, projector
+
+            def forward(self, pixel_values):
+                return self.projector(self.tower(pixel_values).last_hidden_state)
+
+        return Gemma3ImagePath().eval()
+
+    def preprocessing(self, ip, frame_size: int) -> dict:
+        mean, std = _normalisation(ip)
+        notes = []
+        interp = _interpolation(ip, notes)
+        h, w = _size(getattr(ip, "size", None), "height"), _size(getattr(ip, "size", None), "width")
+        notes.insert(
+            0,
+            f"processor: resizes the frame to {h}x{w} ({interp}), rescales by 1/255, normalises "
+            "with mean/std",
+        )
+        if getattr(ip, "do_pan_and_scan", False):
+            notes.append(
+                "the processor also adds pan-and-scan crops of wide or tall images; jetvlm feeds "
+                "one frame (as with do_pan_and_scan=False)"
+            )
+        return {"resize": "stretch", "interpolation": interp, "mean": mean, "std": std, "notes": notes}
+
+    def frame_text(self, processor) -> tuple:
+        # The processor replaces each `<start_of_image>` of the chat template with
+        # "\n\n<start_of_image>" + the image tokens + "<end_of_image>\n\n".
+        full, token = processor.full_image_sequence, processor.tokenizer.image_token
+        if token not in full:
+            raise ExportError(f"the processor's image sequence has no `{token}`")
+        return full[: full.index(token)], full[full.rindex(token) + len(token) :]
+
+    def image_token(self, processor) -> str:
+        # What the chat template writes for an image (the processor expands it).
+        return processor.boi_token
+
+    def decoder_fields(self, cfg, frame) -> dict:
+        # transformers' Gemma3ForConditionalGeneration takes the LM head's logits as they are
+        # (only the text-only Gemma3ForCausalLM softcaps them): the package answers as the VLM.
+        return {"final_logit_softcapping": None}
+
+
+FAMILIES = [Llava(), Idefics3(), InternVL(), Qwen25VL(), Qwen3VL(), Gemma3()]
 
 
 def family_for(model_type: str):

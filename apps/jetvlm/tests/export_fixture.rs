@@ -1,6 +1,7 @@
 //! `jetvlm export` and the packages it writes, on tiny random Hugging Face checkpoints
 //! (tests/fixtures/hf_vlms, built with transformers by tests/fixtures/make_hf_vlms.py): LLaVA-1.5,
-//! Idefics3/SmolVLM, InternVL3 and Qwen2.5-VL (M-RoPE, a 3x5 frame grid). `jetvlm ask` on the committed exported package gives, token
+//! Idefics3/SmolVLM, InternVL3, Qwen2.5-VL (M-RoPE, a 3x5 frame grid) and Gemma 3 (GeGLU,
+//! sliding-window and global layers, an image's tokens attended both ways). `jetvlm ask` on the committed exported package gives, token
 //! for token, transformers' `generate` on the same image and question (16 greedy tokens), and the
 //! decoder's first-token logits are within 1e-4 of transformers' with the exact f32 cache. The
 //! tests that export again need torch and transformers in .venv (`.ci/setup --dev`)
@@ -9,13 +10,14 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const FAMILIES: [&str; 6] = [
+const FAMILIES: [&str; 7] = [
     "llava",
     "idefics3",
     "smolvlm",
     "internvl",
     "qwen2_5_vl",
     "qwen3_vl",
+    "gemma3",
 ];
 
 fn root() -> PathBuf {
@@ -367,6 +369,103 @@ fn qwen3_vl_on_the_device_path_is_refused_with_one_line() {
     assert!(
         lines[0].contains("interleaved M-RoPE") && lines[0].contains("mrope_interleaved"),
         "{err}"
+    );
+}
+
+/// Gemma 3 runs on the CPU decoder only: `--device sim` (the CUDA path's host logic) on its
+/// package is refused with one line naming the config field, never run as another recipe.
+#[test]
+fn gemma3_on_the_device_path_is_refused_with_one_line() {
+    let family = "gemma3";
+    let exp = expected(family);
+    let out = jetvlm()
+        .arg("ask")
+        .arg("--model")
+        .arg(fixture(family).join("pkg"))
+        .arg("--image")
+        .arg(fixture(family).join(exp["image"].as_str().unwrap()))
+        .arg(exp["question"].as_str().unwrap())
+        .args(["--device", "sim", "--max-tokens", "2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("Gemma 3") && lines[0].contains("architectures"),
+        "{err}"
+    );
+}
+
+/// Gemma 3's package with its decoder's `sliding_window` set to 8 (the prompt is 51
+/// tokens): with the exact f32 cache the first-token logits are transformers' for that window
+/// (the local layer's window composed with the image's bidirectional block; they differ from
+/// the full-context logits by far more than the bound), and the mixed cache, whose kernels
+/// read every block from its first token, refuses with an error naming sliding_window.
+#[test]
+fn gemma3_sliding_window_matches_transformers_and_the_mixed_cache_refuses_past_it() {
+    let family = "gemma3";
+    let exp = expected(family);
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = tmp.path().join("pkg");
+    let src = fixture(family).join("pkg");
+    for sub in ["", "decoder"] {
+        std::fs::create_dir_all(pkg.join(sub)).unwrap();
+        for e in std::fs::read_dir(src.join(sub)).unwrap() {
+            let e = e.unwrap();
+            if e.path().is_file() {
+                std::fs::copy(e.path(), pkg.join(sub).join(e.file_name())).unwrap();
+            }
+        }
+    }
+    let cfg_path = pkg.join("decoder/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["sliding_window"] = serde_json::json!(8);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let logits = |key: &str| -> Vec<f32> {
+        exp[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("expected.json has no {key}"))
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let max_diff = |a: &[f32], b: &[f32]| {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let (want, full) = (
+        logits("sliding_window_8_first_token_logits"),
+        logits("first_token_logits"),
+    );
+    assert!(
+        max_diff(&want, &full) > 1.0,
+        "the window changes the logits"
+    );
+    let run = |kv: &str| {
+        let cfg = jetvlm_runtime::RuntimeConfig {
+            kv_policy: Some(kv.to_string()),
+            max_new_tokens: 1,
+            ..jetvlm_runtime::RuntimeConfig::default()
+        };
+        let mut p = jetvlm_runtime::Pipeline::load(&pkg, cfg).unwrap();
+        p.first_token_logits(&[probe_frame(family)], exp["question"].as_str().unwrap())
+    };
+    let got = run("f32").unwrap();
+    let d = max_diff(&got, &want);
+    eprintln!(
+        "gemma3: sliding window 8, kv f32: first-token logits max |diff| vs transformers = {d:e}"
+    );
+    assert!(d < 1e-4, "max |diff| {d}");
+    let e = format!("{:#}", run("mixed").unwrap_err());
+    assert!(
+        e.contains("sliding_window") && e.contains("--kv f32"),
+        "{e}"
     );
 }
 

@@ -20,6 +20,10 @@ pub enum Architecture {
     /// Qwen3: Qwen2's layer without q/k/v biases, with an RMSNorm over each query and key
     /// head before RoPE (`q_norm`, `k_norm`).
     Qwen3,
+    /// Gemma 3's text model: RMSNorm with (1 + w) around attention and MLP (four per layer),
+    /// q/k norms, a GeGLU MLP, embeddings scaled by sqrt(hidden), interleaved sliding-window
+    /// and global layers ([`Gemma3Options`]).
+    Gemma3,
 }
 
 impl Architecture {
@@ -29,6 +33,7 @@ impl Architecture {
             "MistralForCausalLM" | "MistralModel" => Some(Architecture::Mistral),
             "Qwen2ForCausalLM" | "Qwen2Model" => Some(Architecture::Qwen2),
             "Qwen3ForCausalLM" | "Qwen3Model" => Some(Architecture::Qwen3),
+            "Gemma3ForCausalLM" | "Gemma3TextModel" => Some(Architecture::Gemma3),
             _ => None,
         }
     }
@@ -38,7 +43,10 @@ impl Architecture {
             "llama" => Some(Architecture::Llama),
             "mistral" => Some(Architecture::Mistral),
             "qwen2" | "qwen2_vl" | "qwen2_5_vl" => Some(Architecture::Qwen2),
-            "qwen3" => Some(Architecture::Qwen3),
+            // A Hugging Face Qwen3-VL config (its language model; the decoder refuses to run
+            // it before `jetvlm export` writes its frame grid and DeepStack layers).
+            "qwen3" | "qwen3_vl" | "qwen3_vl_text" => Some(Architecture::Qwen3),
+            "gemma3_text" => Some(Architecture::Gemma3),
             _ => None,
         }
     }
@@ -74,6 +82,24 @@ pub enum RopeScaling {
     },
 }
 
+/// What Gemma 3's text model adds to the shared recipe, read from its `config.json`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gemma3Options {
+    /// Attention scores scale by `query_pre_attn_scalar^-1/2` (not `head_dim^-1/2`).
+    pub query_pre_attn_scalar: f64,
+    /// A local layer's query sees the keys fewer than this many tokens back
+    /// (`sliding_window`).
+    pub sliding_window: usize,
+    /// Per layer, whether it is a local (sliding-window) layer (`layer_types`; older configs:
+    /// every `sliding_window_pattern`-th layer is global).
+    pub sliding_layers: Vec<bool>,
+    /// RoPE base of the local layers (`rope_parameters.sliding_attention.rope_theta`, older
+    /// `rope_local_base_freq`); the global layers use the model's `rope_theta` and scaling.
+    pub local_rope_theta: f64,
+    /// Logits become `cap * tanh(logits / cap)` (`final_logit_softcapping`).
+    pub final_logit_softcapping: Option<f64>,
+}
+
 /// The validated language-model configuration: every shape the decoder, the KV cache and
 /// the memory planner need.
 #[derive(Clone, Debug, PartialEq)]
@@ -101,6 +127,8 @@ pub struct ModelConfig {
     /// sets from the vision encoder; set `i` is added to the frame tokens' hidden states after
     /// decoder layer `i`. 0 without DeepStack.
     pub deepstack_layers: usize,
+    /// Gemma 3's options (`Some` exactly for [`Architecture::Gemma3`]).
+    pub gemma3: Option<Gemma3Options>,
     pub dtype: DType,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -136,7 +164,8 @@ impl ModelConfig {
         } else {
             0
         };
-        let norms = 2 * h + qk_norms;
+        // Gemma 3 norms before and after attention and the MLP.
+        let norms = if self.gemma3.is_some() { 4 * h } else { 2 * h } + qk_norms;
         let layer = attn + mlp + norms;
         let emb = self.vocab_size as u64 * h;
         let head = if self.tie_word_embeddings { 0 } else { emb };
@@ -238,7 +267,8 @@ impl ModelConfig {
                     field("architectures"),
                     format!(
                         "unsupported architecture `{shown}` (supported: LlamaForCausalLM, \
-                         MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"
+                         MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, \
+                         Gemma3ForCausalLM)"
                     ),
                 ));
             }
@@ -301,19 +331,25 @@ impl ModelConfig {
         }
 
         // RoPE: newer `rope_parameters`, older `rope_theta` + `rope_scaling`.
-        let rope_params = get("rope_parameters").filter(|v| v.is_object());
+        // Gemma 3 keeps one RoPE per layer type: the global layers' is the model's RoPE (the
+        // local layers' base is read into `Gemma3Options`).
+        let rope_root = get("rope_parameters").filter(|v| v.is_object());
+        let rope_global = rope_root
+            .and_then(|p| p.get("full_attention"))
+            .filter(|v| v.is_object());
+        let rope_params = rope_global.or(rope_root);
         let rope_scaling_obj =
             rope_params.or_else(|| get("rope_scaling").filter(|v| v.is_object()));
-        let rope_field = if rope_params.is_some() {
-            field("rope_parameters")
-        } else {
-            field("rope_scaling")
+        let rope_field = match (rope_global, rope_params) {
+            (Some(_), _) => field("rope_parameters.full_attention"),
+            (None, Some(_)) => field("rope_parameters"),
+            _ => field("rope_scaling"),
         };
         let rope_theta = match rope_params.and_then(|p| p.get("rope_theta")) {
             Some(v) => v.as_f64().ok_or_else(|| {
                 ConfigError::invalid(
                     path,
-                    field("rope_parameters.rope_theta"),
+                    format!("{rope_field}.rope_theta"),
                     format!("expected a number, got {v}"),
                 )
             })?,
@@ -364,7 +400,18 @@ impl ModelConfig {
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
         };
-        let qk_norm = architecture == Architecture::Qwen3;
+        let qk_norm = matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3);
+        let gemma3 = match architecture {
+            Architecture::Gemma3 => Some(gemma3_options(
+                &get,
+                &field,
+                path,
+                rope_root,
+                num_hidden_layers,
+                head_dim,
+            )?),
+            _ => None,
+        };
         let deepstack_layers = usize_field("deepstack_layers")?.unwrap_or(0);
         if deepstack_layers > num_hidden_layers {
             return Err(ConfigError::invalid(
@@ -426,6 +473,7 @@ impl ModelConfig {
             attention_bias,
             qk_norm,
             deepstack_layers,
+            gemma3,
             dtype,
             bos_token_id,
             eos_token_ids,
@@ -472,8 +520,8 @@ impl ModelConfig {
         }
         positive("rms_norm_eps", self.rms_norm_eps)?;
         let rope = rope_field.strip_prefix(prefix).unwrap_or(rope_field);
-        if rope == "rope_parameters" {
-            positive("rope_parameters.rope_theta", self.rope_theta)?;
+        if rope.starts_with("rope_parameters") {
+            positive(&format!("{rope}.rope_theta"), self.rope_theta)?;
         } else {
             positive("rope_theta", self.rope_theta)?;
         }
@@ -581,6 +629,143 @@ impl ModelConfig {
         // Every per-token and per-chunk size the planner derives stays far below this.
         Some((params.checked_mul(16)?, kv_elements.checked_mul(16)?))
     }
+}
+
+/// Gemma 3's options from its config (`get` reads the text config, then the top level;
+/// `field` prefixes a key for errors). Fields transformers' Gemma 3 has but jetvlm does not
+/// run (score softcapping, bidirectional text attention, a non-default local RoPE, biases)
+/// are refused naming the field.
+fn gemma3_options<'a>(
+    get: &impl Fn(&str) -> Option<&'a Value>,
+    field: &impl Fn(&str) -> String,
+    path: &Path,
+    rope_root: Option<&'a Value>,
+    layers: usize,
+    head_dim: usize,
+) -> Result<Gemma3Options, ConfigError> {
+    let bad = |key: &str, msg: String| ConfigError::invalid(path, field(key), msg);
+    let number = |key: &str| -> Result<Option<f64>, ConfigError> {
+        match get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
+                _ => Err(bad(key, format!("expected a positive number, got {v}"))),
+            },
+        }
+    };
+    if let Some(v) = get("attn_logit_softcapping") {
+        return Err(bad(
+            "attn_logit_softcapping",
+            format!(
+                "{v} is not supported: jetvlm's attention kernels have no score softcapping \
+                 (transformers' Gemma 3 attention does not apply it either)"
+            ),
+        ));
+    }
+    if get("use_bidirectional_attention").and_then(Value::as_bool) == Some(true) {
+        return Err(bad(
+            "use_bidirectional_attention",
+            "true (an embedding model's bidirectional text attention) is not supported".into(),
+        ));
+    }
+    if get("attention_bias").and_then(Value::as_bool) == Some(true) {
+        return Err(bad(
+            "attention_bias",
+            "true is not supported for Gemma 3 (no q/k/v/o biases)".into(),
+        ));
+    }
+    let query_pre_attn_scalar = number("query_pre_attn_scalar")?.unwrap_or(head_dim as f64);
+    let sliding_window = match get("sliding_window") {
+        None => 4096,
+        Some(v) => match v.as_u64() {
+            Some(w) if w > 0 => w as usize,
+            _ => {
+                return Err(bad(
+                    "sliding_window",
+                    format!("expected a positive integer, got {v}"),
+                ));
+            }
+        },
+    };
+    let sliding_layers = match get("layer_types") {
+        Some(v) => {
+            let types = v.as_array().ok_or_else(|| {
+                bad(
+                    "layer_types",
+                    format!("expected a list of layer types, got {v}"),
+                )
+            })?;
+            if types.len() != layers {
+                return Err(bad(
+                    "layer_types",
+                    format!("{} entries for num_hidden_layers {layers}", types.len()),
+                ));
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(bad(
+                        "layer_types",
+                        format!("`{t}` is not sliding_attention or full_attention"),
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        None => {
+            let pattern = match get("sliding_window_pattern") {
+                None => 6,
+                Some(v) => match v.as_u64() {
+                    Some(p) if p > 0 => p as usize,
+                    _ => {
+                        return Err(bad(
+                            "sliding_window_pattern",
+                            format!("expected a positive integer, got {v}"),
+                        ));
+                    }
+                },
+            };
+            (0..layers).map(|i| (i + 1) % pattern != 0).collect()
+        }
+    };
+    let local = rope_root
+        .and_then(|p| p.get("sliding_attention"))
+        .filter(|v| v.is_object());
+    let local_rope_theta = match local {
+        Some(l) => {
+            let kind = l
+                .get("rope_type")
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            if kind != "default" {
+                return Err(bad(
+                    "rope_parameters.sliding_attention.rope_type",
+                    format!("`{kind}` is not supported for the local layers (default)"),
+                ));
+            }
+            match l.get("rope_theta") {
+                None => 10_000.0,
+                Some(v) => match v.as_f64() {
+                    Some(x) if x.is_finite() && x > 0.0 => x,
+                    _ => {
+                        return Err(bad(
+                            "rope_parameters.sliding_attention.rope_theta",
+                            format!("expected a positive number, got {v}"),
+                        ));
+                    }
+                },
+            }
+        }
+        None => number("rope_local_base_freq")?.unwrap_or(10_000.0),
+    };
+    Ok(Gemma3Options {
+        query_pre_attn_scalar,
+        sliding_window,
+        sliding_layers,
+        local_rope_theta,
+        final_logit_softcapping: number("final_logit_softcapping")?,
+    })
 }
 
 #[derive(Deserialize)]
@@ -919,6 +1104,14 @@ mod tests {
             per_layer(&c) - per_layer(&plain),
             2 * (c.head_dim * c.num_hidden_layers) as u64
         );
+        // A Hugging Face Qwen3-VL config reads as its Qwen3 language model.
+        let mut hf = v.clone();
+        hf["architectures"] = json!(["Qwen3VLForConditionalGeneration"]);
+        hf["model_type"] = json!("qwen3_vl");
+        assert_eq!(
+            ModelConfig::from_value(&hf, p()).unwrap().architecture,
+            Architecture::Qwen3
+        );
         v["rope_parameters"]["mrope_interleaved"] = json!("yes");
         let e = ModelConfig::from_value(&v, p()).unwrap_err();
         assert_eq!(e.field(), Some("rope_parameters.mrope_interleaved"), "{e}");
@@ -926,6 +1119,96 @@ mod tests {
         v["deepstack_layers"] = json!(c.num_hidden_layers + 1);
         let e = ModelConfig::from_value(&v, p()).unwrap_err();
         assert_eq!(e.field(), Some("deepstack_layers"), "{e}");
+    }
+
+    /// Gemma 3's text config as transformers 5 writes it (one RoPE per layer type, layer
+    /// types listed) and the older form (top-level rope_theta/rope_scaling,
+    /// rope_local_base_freq, sliding_window_pattern) give the same options; what jetvlm does
+    /// not run is refused naming the field.
+    #[test]
+    fn gemma3_options_are_read_and_refusals_name_the_field() {
+        let newer = json!({"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+            "vocab_size": 100, "query_pre_attn_scalar": 24, "sliding_window": 512,
+            "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention",
+                "sliding_attention", "sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+            "final_logit_softcapping": null, "attn_logit_softcapping": null,
+            "hidden_activation": "gelu_pytorch_tanh"});
+        let c = ModelConfig::from_value(&newer, p()).unwrap();
+        assert_eq!(c.architecture, Architecture::Gemma3);
+        assert!(c.qk_norm);
+        assert_eq!(c.rope_theta, 1e6);
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 8.0 });
+        let g = c.gemma3.clone().unwrap();
+        assert_eq!(
+            g,
+            Gemma3Options {
+                query_pre_attn_scalar: 24.0,
+                sliding_window: 512,
+                sliding_layers: vec![true, true, true, true, true, false],
+                local_rope_theta: 1e4,
+                final_logit_softcapping: None,
+            }
+        );
+        let mut older = newer.clone();
+        let o = older.as_object_mut().unwrap();
+        o.remove("layer_types");
+        o.remove("rope_parameters");
+        o.insert("rope_theta".into(), json!(1e6));
+        o.insert(
+            "rope_scaling".into(),
+            json!({"rope_type": "linear", "factor": 8.0}),
+        );
+        o.insert("rope_local_base_freq".into(), json!(1e4));
+        assert_eq!(ModelConfig::from_value(&older, p()).unwrap(), c);
+        // Four norms per layer (and the q/k norms) in the parameter count.
+        let plain = ModelConfig {
+            gemma3: None,
+            ..c.clone()
+        };
+        assert_eq!(
+            c.num_parameters() - plain.num_parameters(),
+            2 * (c.hidden_size * c.num_hidden_layers) as u64
+        );
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(&str, Edit)> = vec![
+            (
+                "attn_logit_softcapping",
+                Box::new(|v| v["attn_logit_softcapping"] = json!(50.0)),
+            ),
+            (
+                "use_bidirectional_attention",
+                Box::new(|v| v["use_bidirectional_attention"] = json!(true)),
+            ),
+            (
+                "layer_types",
+                Box::new(|v| v["layer_types"] = json!(["full_attention"])),
+            ),
+            (
+                "rope_parameters.sliding_attention.rope_type",
+                Box::new(|v| {
+                    v["rope_parameters"]["sliding_attention"]["rope_type"] = json!("linear")
+                }),
+            ),
+            (
+                "sliding_window",
+                Box::new(|v| v["sliding_window"] = json!(0)),
+            ),
+            (
+                "rope_parameters.full_attention.rope_theta",
+                Box::new(|v| v["rope_parameters"]["full_attention"]["rope_theta"] = json!(-1.0)),
+            ),
+        ];
+        for (field, edit) in cases {
+            let mut v = newer.clone();
+            edit(&mut v);
+            let e = ModelConfig::from_value(&v, p()).unwrap_err();
+            assert_eq!(e.field(), Some(field), "{e}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::error::{DecoderError, Result};
 use crate::weights::{Tensor, Weights};
 use jetvlm_core::hf::{ModelConfig, RopeScaling};
 use jetvlm_core::{DType, TokenKind};
+pub use jetvlm_kvcache::AttendMask;
 
 /// Prefixes under which checkpoints keep the language model's tensors: plain Llama/Qwen2,
 /// SmolVLM (Idefics3), Qwen2-VL (newer layout), LLaVA; each with its LM head's name.
@@ -130,7 +131,12 @@ pub struct Layer<W, V> {
     pub k_norm: Option<V>,
     pub v: Linear<W, V>,
     pub o: Linear<W, V>,
+    /// The norm before the MLP (`post_attention_layernorm`; Gemma 3's
+    /// `pre_feedforward_layernorm`).
     pub post_norm: V,
+    /// Gemma 3: the norms of the attention and the MLP outputs before each residual add
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`).
+    pub out_norms: Option<[V; 2]>,
     pub gate: Linear<W, V>,
     pub up: Linear<W, V>,
     pub down: Linear<W, V>,
@@ -164,8 +170,9 @@ pub trait WeightSink {
     type W;
     type V;
     type Error: From<DecoderError>;
-    /// Whether the backend runs Gemma 3's layer recipe; [`load`] refuses a Gemma 3 config for
-    /// a backend that does not.
+    /// Whether the backend runs Gemma 3's layer recipe ([`TensorOps::geglu`],
+    /// [`TensorOps::softcap`], [`LayerOps::rope_local`], [`LayerOps::attention_masked`]);
+    /// [`load`] refuses a Gemma 3 config for a backend that does not.
     const RUNS_GEMMA3: bool = false;
     fn matrix(&mut self, t: &Tensor) -> std::result::Result<Self::W, Self::Error>;
     fn vector(&mut self, t: &Tensor) -> std::result::Result<Self::V, Self::Error>;
@@ -180,6 +187,17 @@ pub fn load<S: WeightSink>(
     convert: Option<DType>,
     sink: &mut S,
 ) -> std::result::Result<DecoderWeights<S::W, S::V>, S::Error> {
+    if c.gemma3.is_some() && !S::RUNS_GEMMA3 {
+        return Err(DecoderError::Unsupported {
+            path: ws.dir().join("config.json"),
+            field: "architectures".into(),
+            msg: "Gemma 3 (Gemma3ForCausalLM) runs on the CPU decoder only (--device cpu); the \
+                  device decoder lacks its layer recipe (GeGLU, output norms, sliding-window \
+                  layers, bidirectional frame attention)"
+                .into(),
+        }
+        .into());
+    }
     let (prefix, head_name) = PREFIXES
         .iter()
         .find(|(p, _)| ws.contains(&format!("{p}embed_tokens.weight")))
@@ -218,15 +236,28 @@ pub fn load<S: WeightSink>(
             bias,
         })
     };
+    // Gemma's RMSNorm weights are stored as `w` and applied as `1 + w` (in f32, as
+    // transformers does); its query norm also carries the attention scale
+    // `query_pre_attn_scalar^-1/2` in place of the kernels' `head_dim^-1/2`.
+    let gemma = |t: Tensor, scale: f32| match c.gemma3 {
+        Some(_) => t.map_f32(|w| (1.0 + w) * scale),
+        None => t,
+    };
+    let q_scale = c.gemma3.as_ref().map_or(1.0, |g| {
+        (c.head_dim as f64 / g.query_pre_attn_scalar).sqrt() as f32
+    });
     let norm = |sink: &mut S, name: String| -> std::result::Result<S::V, S::Error> {
-        sink.vector(&ws.get(&name, &[h])?)
+        sink.vector(&gemma(ws.get(&name, &[h])?, 1.0))
     };
-    let head_norm = |sink: &mut S, name: String| -> std::result::Result<Option<S::V>, S::Error> {
-        if !c.qk_norm {
-            return Ok(None);
-        }
-        Ok(Some(sink.vector(&ws.get(&name, &[c.head_dim])?)?))
-    };
+    let head_norm =
+        |sink: &mut S, name: String, scale: f32| -> std::result::Result<Option<S::V>, S::Error> {
+            if !c.qk_norm {
+                return Ok(None);
+            }
+            Ok(Some(
+                sink.vector(&gemma(ws.get(&name, &[c.head_dim])?, scale))?,
+            ))
+        };
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("{prefix}layers.{i}");
@@ -235,11 +266,21 @@ pub fn load<S: WeightSink>(
             input_norm: norm(sink, format!("{p}.input_layernorm.weight"))?,
             q: linear(sink, format!("{p}.self_attn.q_proj"), qd, h, b)?,
             k: linear(sink, format!("{p}.self_attn.k_proj"), kvd, h, b)?,
-            q_norm: head_norm(sink, format!("{p}.self_attn.q_norm.weight"))?,
-            k_norm: head_norm(sink, format!("{p}.self_attn.k_norm.weight"))?,
+            q_norm: head_norm(sink, format!("{p}.self_attn.q_norm.weight"), q_scale)?,
+            k_norm: head_norm(sink, format!("{p}.self_attn.k_norm.weight"), 1.0)?,
             v: linear(sink, format!("{p}.self_attn.v_proj"), kvd, h, b)?,
             o: linear(sink, format!("{p}.self_attn.o_proj"), h, qd, false)?,
-            post_norm: norm(sink, format!("{p}.post_attention_layernorm.weight"))?,
+            post_norm: match c.gemma3 {
+                Some(_) => norm(sink, format!("{p}.pre_feedforward_layernorm.weight"))?,
+                None => norm(sink, format!("{p}.post_attention_layernorm.weight"))?,
+            },
+            out_norms: match c.gemma3 {
+                Some(_) => Some([
+                    norm(sink, format!("{p}.post_attention_layernorm.weight"))?,
+                    norm(sink, format!("{p}.post_feedforward_layernorm.weight"))?,
+                ]),
+                None => None,
+            },
             gate: linear(sink, format!("{p}.mlp.gate_proj"), inter, h, false)?,
             up: linear(sink, format!("{p}.mlp.up_proj"), inter, h, false)?,
             down: linear(sink, format!("{p}.mlp.down_proj"), h, inter, false)?,
@@ -249,6 +290,9 @@ pub fn load<S: WeightSink>(
     bytes += (2 * c.num_hidden_layers as u64 + 1) * 4 * h as u64;
     if c.qk_norm {
         bytes += c.num_hidden_layers as u64 * 2 * 4 * c.head_dim as u64;
+    }
+    if c.gemma3.is_some() {
+        bytes += c.num_hidden_layers as u64 * 2 * 4 * h as u64;
     }
     let embed_t = matrix_tensor(&format!("{prefix}embed_tokens.weight"), &[c.vocab_size, h])?;
     let dtype = embed_t.dtype();
@@ -279,7 +323,7 @@ pub trait TensorOps {
     type W;
     type V;
     type Act;
-    type Error;
+    type Error: From<DecoderError>;
     /// RMSNorm of `n` rows of `w`'s width.
     fn rms_norm(
         &mut self,
@@ -349,6 +393,32 @@ pub trait TensorOps {
         up: &Self::Act,
         len: usize,
     ) -> std::result::Result<(), Self::Error>;
+    /// `out[..len] = gelu_tanh(gate) * up` (Gemma's GeGLU, GELU's tanh approximation). A
+    /// backend without it is refused Gemma 3 at load ([`WeightSink::RUNS_GEMMA3`]).
+    fn geglu(
+        &mut self,
+        _out: &mut Self::Act,
+        _gate: &Self::Act,
+        _up: &Self::Act,
+        _len: usize,
+    ) -> std::result::Result<(), Self::Error> {
+        Err(missing_op("geglu").into())
+    }
+    /// `x[..len] = cap * tanh(x / cap)` (Gemma's final logit softcapping).
+    fn softcap(
+        &mut self,
+        _x: &mut Self::Act,
+        _len: usize,
+        _cap: f32,
+    ) -> std::result::Result<(), Self::Error> {
+        Err(missing_op("softcap").into())
+    }
+}
+
+/// The error of an operation a backend lacks (it is refused the architecture that needs it at
+/// load, so this is never reached through [`load`]).
+fn missing_op(op: &str) -> DecoderError {
+    DecoderError::Input(format!("this decoder backend has no `{op}` operation"))
 }
 
 /// What a decoder layer needs beyond [`TensorOps`]: positions and the KV cache of the step.
@@ -376,6 +446,34 @@ pub trait LayerOps: TensorOps {
         out: &mut Self::Act,
         n: usize,
     ) -> std::result::Result<(), Self::Error>;
+    /// RoPE with the local layers' base (Gemma 3's sliding-window layers).
+    fn rope_local(
+        &mut self,
+        _x: &mut Self::Act,
+        _heads: usize,
+        _n: usize,
+    ) -> std::result::Result<(), Self::Error> {
+        Err(missing_op("rope_local").into())
+    }
+    /// [`LayerOps::attention`] under Gemma 3's mask: `mask.window` for a local layer, and
+    /// with `mask.whole_span` a frame span's tokens see each other both ways (transformers'
+    /// `token_type_ids` block mask over an image's tokens); a text span stays causal.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_masked(
+        &mut self,
+        layer: usize,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        out: &mut Self::Act,
+        n: usize,
+        mask: AttendMask,
+    ) -> std::result::Result<(), Self::Error> {
+        if mask == AttendMask::default() {
+            return self.attention(layer, q, k, v, out, n);
+        }
+        Err(missing_op("attention_masked").into())
+    }
 }
 
 /// The activations of one forward step (`n` tokens).
@@ -465,16 +563,40 @@ pub fn run_layers_with_deepstack<O: LayerOps>(
             ops.rms_norm(&mut a.qk, &a.k, w, n * c.num_key_value_heads, eps)?;
             std::mem::swap(&mut a.k, &mut a.qk);
         }
-        ops.rope(&mut a.q, c.num_attention_heads, n)?;
-        ops.rope(&mut a.k, c.num_key_value_heads, n)?;
-        ops.attention(li, &a.q, &a.k, &a.v, &mut a.att, n)?;
+        match &c.gemma3 {
+            // Gemma 3: a local layer rotates with its own base and sees its window; an
+            // image's tokens see each other both ways in every layer.
+            Some(g) => {
+                let local = g.sliding_layers.get(li).copied().unwrap_or(false);
+                let mask = AttendMask {
+                    whole_span: true,
+                    window: local.then_some(g.sliding_window),
+                };
+                if local {
+                    ops.rope_local(&mut a.q, c.num_attention_heads, n)?;
+                    ops.rope_local(&mut a.k, c.num_key_value_heads, n)?;
+                } else {
+                    ops.rope(&mut a.q, c.num_attention_heads, n)?;
+                    ops.rope(&mut a.k, c.num_key_value_heads, n)?;
+                }
+                ops.attention_masked(li, &a.q, &a.k, &a.v, &mut a.att, n, mask)?;
+            }
+            None => {
+                ops.rope(&mut a.q, c.num_attention_heads, n)?;
+                ops.rope(&mut a.k, c.num_key_value_heads, n)?;
+                ops.attention(li, &a.q, &a.k, &a.v, &mut a.att, n)?;
+            }
+        }
         ops.linear(&l.o, &a.att, n, &mut a.tmp)?;
-        ops.add(&mut a.x, &a.tmp, n * h)?;
+        residual_add(ops, a, l.out_norms.as_ref().map(|[att, _]| att), n, h, eps)?;
         ops.rms_norm(&mut a.xn, &a.x, &l.post_norm, n, eps)?;
         ops.linears([&l.gate, &l.up], &a.xn, n, [&mut a.gate, &mut a.up])?;
-        ops.swiglu(&mut a.act, &a.gate, &a.up, n * inter)?;
+        match c.gemma3 {
+            Some(_) => ops.geglu(&mut a.act, &a.gate, &a.up, n * inter)?,
+            None => ops.swiglu(&mut a.act, &a.gate, &a.up, n * inter)?,
+        }
         ops.linear(&l.down, &a.act, n, &mut a.tmp)?;
-        ops.add(&mut a.x, &a.tmp, n * h)?;
+        residual_add(ops, a, l.out_norms.as_ref().map(|[_, mlp]| mlp), n, h, eps)?;
         if let Some(features) = deepstack.get(li) {
             ops.add(&mut a.x, features, n * h)?;
         }
@@ -482,8 +604,26 @@ pub fn run_layers_with_deepstack<O: LayerOps>(
     Ok(())
 }
 
+/// `x += tmp`, or with Gemma 3's output norm `x += rms_norm(tmp)` (through `xn`).
+fn residual_add<O: TensorOps>(
+    ops: &mut O,
+    a: &mut Activations<O::Act>,
+    out_norm: Option<&O::V>,
+    n: usize,
+    h: usize,
+    eps: f32,
+) -> std::result::Result<(), O::Error> {
+    match out_norm {
+        Some(w) => {
+            ops.rms_norm(&mut a.xn, &a.tmp, w, n, eps)?;
+            ops.add(&mut a.x, &a.xn, n * h)
+        }
+        None => ops.add(&mut a.x, &a.tmp, n * h),
+    }
+}
+
 /// Logits `[rows, vocab]` of `rows` hidden states: the final RMSNorm into `normed`, then the
-/// LM head into `logits`.
+/// LM head into `logits` (Gemma 3: softcapped when its config says so).
 pub fn final_logits<O: TensorOps>(
     ops: &mut O,
     c: &ModelConfig,
@@ -494,7 +634,11 @@ pub fn final_logits<O: TensorOps>(
     logits: &mut O::Act,
 ) -> std::result::Result<(), O::Error> {
     ops.rms_norm(normed, hidden, &w.norm, rows, c.rms_norm_eps as f32)?;
-    ops.matmul(w.head(), c.vocab_size, c.hidden_size, normed, rows, logits)
+    ops.matmul(w.head(), c.vocab_size, c.hidden_size, normed, rows, logits)?;
+    if let Some(cap) = c.gemma3.as_ref().and_then(|g| g.final_logit_softcapping) {
+        ops.softcap(logits, rows * c.vocab_size, cap as f32)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -41,12 +41,20 @@ impl Config {
             field: field.to_string(),
             msg,
         };
-        if let Some(act) = get("hidden_act").or_else(|| get("hidden_activation")) {
+        // Gemma 3's MLP is GeGLU with the tanh approximation of GELU; the others' SwiGLU.
+        let act_field = ["hidden_act", "hidden_activation"]
+            .into_iter()
+            .find_map(|k| get(k).map(|v| (k, v)));
+        if let Some((key, act)) = act_field {
             let a = act.as_str().unwrap_or("");
-            if a != "silu" && a != "swish" {
+            let (ok, wanted) = match model.gemma3 {
+                Some(_) => (a == "gelu_pytorch_tanh", "gelu_pytorch_tanh"),
+                None => (a == "silu" || a == "swish", "silu"),
+            };
+            if !ok {
                 return Err(unsupported(
-                    "hidden_act",
-                    format!("activation {act} not supported (silu)"),
+                    key,
+                    format!("activation {act} not supported ({wanted})"),
                 ));
             }
         }
@@ -121,6 +129,27 @@ mod tests {
             Config::from_value(&v, p),
             Err(DecoderError::Unsupported { .. })
         ));
+    }
+
+    /// Gemma 3's MLP is GeGLU with GELU's tanh approximation: another activation is refused
+    /// naming `hidden_activation`; the others' SwiGLU does not take it.
+    #[test]
+    fn gemma3_takes_gelu_tanh_only() {
+        let p = Path::new("config.json");
+        let mut v = json!({"architectures": ["Gemma3ForCausalLM"], "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 100,
+            "hidden_activation": "gelu_pytorch_tanh"});
+        assert!(Config::from_value(&v, p).unwrap().model.gemma3.is_some());
+        v["hidden_activation"] = json!("gelu");
+        let e = Config::from_value(&v, p).unwrap_err().to_string();
+        assert!(
+            e.contains("hidden_activation") && e.contains("gelu_pytorch_tanh"),
+            "{e}"
+        );
+        let mut llama = base();
+        llama["hidden_act"] = json!("gelu_pytorch_tanh");
+        assert!(Config::from_value(&llama, p).is_err());
     }
 
     #[test]

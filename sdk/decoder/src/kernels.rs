@@ -664,6 +664,24 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `out = gelu_tanh(gate) * up`: Gemma's GeGLU with GELU's tanh approximation
+/// (`gelu_pytorch_tanh`: `0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))`), in f64.
+pub fn geglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    let k = (2.0 / std::f64::consts::PI).sqrt();
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        let g = g as f64;
+        *o = (0.5 * g * (1.0 + (k * (g + 0.044715 * g * g * g)).tanh()) * u as f64) as f32;
+    }
+}
+
+/// `x = cap * tanh(x / cap)` (logit softcapping), in f64.
+pub fn softcap(x: &mut [f32], cap: f32) {
+    let cap = cap as f64;
+    for v in x {
+        *v = (cap * (*v as f64 / cap).tanh()) as f32;
+    }
+}
+
 /// Rotary embedding tables: inverse frequencies for half the head dimension, and M-RoPE's
 /// sections when the model has them.
 #[derive(Clone, Debug)]
@@ -791,6 +809,28 @@ impl Rope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Gemma's GeGLU (`gelu_pytorch_tanh`) and logit softcapping at known points.
+    #[test]
+    fn geglu_and_softcap_values() {
+        let mut out = [0f32; 3];
+        geglu(&[1.0, -2.0, 0.0], &[2.0, 0.5, 7.0], &mut out);
+        // gelu_tanh(1) = 0.8411920, gelu_tanh(-2) = -0.0454023, gelu_tanh(0) = 0.
+        let want = [0.841_192_f32 * 2.0, -0.045_402_3 * 0.5, 0.0];
+        for (g, w) in out.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+        }
+        let mut x = [30.0f32, -60.0, 0.5];
+        softcap(&mut x, 30.0);
+        let want = [
+            30.0 * 1f32.tanh(),
+            -30.0 * 2f32.tanh(),
+            30.0 * (0.5f32 / 30.0).tanh(),
+        ];
+        for (g, w) in x.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+        }
+    }
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
     fn rand_vec(n: usize, rng: &mut StdRng) -> Vec<f32> {

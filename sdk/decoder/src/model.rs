@@ -141,6 +141,8 @@ pub struct Model {
     config: Config,
     weights: DecoderWeights<Tensor, Vec<f32>>,
     rope: Rope,
+    /// Gemma 3's local layers' RoPE (their own base, no scaling).
+    rope_local: Option<Rope>,
 }
 
 pub use crate::arch::PREFIXES;
@@ -153,6 +155,7 @@ impl WeightSink for CpuSink {
     type W = Tensor;
     type V = Vec<f32>;
     type Error = DecoderError;
+    const RUNS_GEMMA3: bool = true;
     fn matrix(&mut self, t: &Tensor) -> Result<Tensor> {
         Ok(t.clone())
     }
@@ -184,10 +187,18 @@ impl Model {
     pub fn from_weights(config: Config, ws: &Weights, opts: &LoadOptions) -> Result<Self> {
         let weights = arch::load(&config.model, ws, opts.dtype, &mut CpuSink)?;
         let rope = Rope::new(&config.model);
+        let rope_local = config.model.gemma3.as_ref().map(|g| {
+            Rope::new(&jetvlm_core::hf::ModelConfig {
+                rope_theta: g.local_rope_theta,
+                rope_scaling: jetvlm_core::hf::RopeScaling::Default,
+                ..config.model.clone()
+            })
+        });
         Ok(Model {
             config,
             weights,
             rope,
+            rope_local,
         })
     }
 
@@ -250,6 +261,7 @@ impl Model {
         n += vec(&w.norm);
         for l in &w.layers {
             n += vec(&l.input_norm) + vec(&l.post_norm);
+            n += l.out_norms.as_ref().map_or(0, |[a, m]| vec(a) + vec(m));
             n += l.q_norm.as_ref().map_or(0, vec) + l.k_norm.as_ref().map_or(0, vec);
             for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
                 n += lin.w.held_bytes() + lin.bias.as_ref().map_or(0, vec);
@@ -272,6 +284,14 @@ impl Model {
                 )));
             }
             data.to_f32_into(id as usize * h, &mut out[i * h..(i + 1) * h]);
+        }
+        if self.config.model.gemma3.is_some() {
+            // Gemma scales its token embeddings by sqrt(hidden), the factor and the product
+            // in the table's type (transformers' `Gemma3TextScaledWordEmbedding`); frame
+            // embeddings are not scaled.
+            let dt = self.weights.dtype;
+            let scale = round_to(dt, (h as f32).sqrt());
+            out.iter_mut().for_each(|x| *x = round_to(dt, *x * scale));
         }
         Ok(out)
     }
@@ -391,6 +411,8 @@ impl Model {
             let mut ops = CpuOps {
                 c,
                 rope: &self.rope,
+                rope_local: self.rope_local.as_ref(),
+                kind,
                 positions: &pos.cache,
                 mrope: pos.mrope.as_deref(),
                 span: &span,
@@ -465,11 +487,23 @@ impl Model {
     }
 }
 
+/// `x` rounded to `dtype` (f16, bf16) and back; f32 unchanged.
+fn round_to(dtype: DType, x: f32) -> f32 {
+    match dtype {
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
 /// The CPU operations of a forward step over a [`KvStore`]: the kernels of
 /// [`crate::kernels`] on `Vec<f32>` activations.
 struct CpuOps<'s, C: KvStore> {
     c: &'s jetvlm_core::hf::ModelConfig,
     rope: &'s Rope,
+    rope_local: Option<&'s Rope>,
+    /// Kind of the step's span (Gemma 3's frames attend within themselves both ways).
+    kind: TokenKind,
     positions: &'s [u32],
     /// M-RoPE positions of a frame span (see [`arch::span_positions`]).
     mrope: Option<&'s [[u32; 3]]>,
@@ -550,6 +584,20 @@ macro_rules! cpu_kernels {
             kernels::swiglu(&gate[..len], &up[..len], &mut out[..len]);
             Ok(())
         }
+        fn geglu(
+            &mut self,
+            out: &mut Vec<f32>,
+            gate: &Vec<f32>,
+            up: &Vec<f32>,
+            len: usize,
+        ) -> Result<()> {
+            kernels::geglu(&gate[..len], &up[..len], &mut out[..len]);
+            Ok(())
+        }
+        fn softcap(&mut self, x: &mut Vec<f32>, len: usize, cap: f32) -> Result<()> {
+            kernels::softcap(&mut x[..len], cap);
+            Ok(())
+        }
     };
 }
 
@@ -609,6 +657,15 @@ impl<C: KvStore> LayerOps for CpuOps<'_, C> {
         Ok(())
     }
 
+    fn rope_local(&mut self, x: &mut Vec<f32>, heads: usize, n: usize) -> Result<()> {
+        let d = self.c.head_dim;
+        let rope = self.rope_local.ok_or_else(|| {
+            DecoderError::Input("a local-layer RoPE without Gemma 3's local base".into())
+        })?;
+        rope.apply(&mut x[..n * heads * d], heads, self.positions);
+        Ok(())
+    }
+
     fn attention(
         &mut self,
         layer: usize,
@@ -616,9 +673,34 @@ impl<C: KvStore> LayerOps for CpuOps<'_, C> {
         k: &Vec<f32>,
         v: &Vec<f32>,
         out: &mut Vec<f32>,
-        _n: usize,
+        n: usize,
     ) -> Result<()> {
+        self.attention_masked(layer, q, k, v, out, n, arch::AttendMask::default())
+    }
+
+    /// `whole_span` applies to frame spans only: text stays causal.
+    fn attention_masked(
+        &mut self,
+        layer: usize,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &mut Vec<f32>,
+        n: usize,
+        mask: arch::AttendMask,
+    ) -> Result<()> {
+        let mask = arch::AttendMask {
+            whole_span: mask.whole_span && self.kind == TokenKind::Frame,
+            ..mask
+        };
         let c = self.c;
+        // The buffers may be longer than the step's rows (q/k norms swap in a wider one).
+        let (qd, kvd) = (
+            n * c.num_attention_heads * c.head_dim,
+            n * c.num_key_value_heads * c.head_dim,
+        );
+        let (q, k, v) = (&q[..qd], &k[..kvd], &v[..kvd]);
+        let out = &mut out[..qd];
         if let Some((s, kv)) = self.salience.as_mut() {
             s.add_layer(
                 q,
@@ -627,10 +709,10 @@ impl<C: KvStore> LayerOps for CpuOps<'_, C> {
                 c.num_key_value_heads,
                 c.head_dim,
             );
-            kv.push((k.clone(), v.clone()));
+            kv.push((k.to_vec(), v.to_vec()));
         }
         self.cache.write(layer, self.span, k, v)?;
-        self.cache.attend(layer, self.span, q, out)
+        self.cache.attend_masked(layer, self.span, q, out, mask)
     }
 }
 
