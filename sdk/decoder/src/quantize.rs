@@ -25,7 +25,9 @@ use crate::arch::{self, PREFIXES, WeightSink};
 use crate::config::Config;
 use crate::error::{DecoderError, Result};
 use crate::weights::{Tensor, Weights};
-use jetvlm_quant::{QuantRow, WeightFormat};
+use jetvlm_quant::QuantRow;
+/// The format of quantized layer matrices ([`QuantizeOptions::format`]).
+pub use jetvlm_quant::WeightFormat;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
@@ -495,4 +497,42 @@ pub(crate) fn insert_quantization_config<'a>(
     }
     obj.insert("quantization_config".into(), q);
     Ok(obj)
+}
+
+/// Replaces the decoder directory `dir` (a model package's `decoder.dir`, as `jetvlm export
+/// --weight-bits` leaves it) by its quantized form: [`quantize_dir`] writes beside it, then
+/// the two are swapped by renames and the dense directory is removed. On any failure `dir`
+/// is left as it was.
+pub fn quantize_in_place(dir: &Path, opts: &QuantizeOptions) -> Result<QuantizeReport> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let leaf = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| {
+            DecoderError::Input(format!("{} names no directory to quantize", dir.display()))
+        })?;
+    let pid = std::process::id();
+    let quantized = parent.join(format!(".{leaf}.quantized-{pid}"));
+    let dense = parent.join(format!(".{leaf}.dense-{pid}"));
+    for stale in [&quantized, &dense] {
+        if stale.exists() {
+            std::fs::remove_dir_all(stale).map_err(io(stale))?;
+        }
+    }
+    let report = quantize_dir(dir, &quantized, opts)?;
+    if let Err(e) = std::fs::rename(dir, &dense) {
+        let _ = std::fs::remove_dir_all(&quantized);
+        return Err(io(dir)(e));
+    }
+    if let Err(e) = std::fs::rename(&quantized, dir) {
+        // Put the dense decoder back.
+        let _ = std::fs::rename(&dense, dir);
+        let _ = std::fs::remove_dir_all(&quantized);
+        return Err(io(dir)(e));
+    }
+    std::fs::remove_dir_all(&dense).map_err(io(&dense))?;
+    Ok(report)
 }

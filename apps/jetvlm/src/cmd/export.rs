@@ -7,6 +7,7 @@
 //! on failure, one line; its exit status is passed on (2: the checkpoint or an option is
 //! refused, 1: a check failed).
 
+use super::quantize::{Bits, Group, HeadBits};
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
@@ -15,7 +16,8 @@ use std::process::Command;
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  \
     jetvlm export ~/hf/llava-1.5-7b-hf --out models/llava-1.5-7b\n  \
-    jetvlm export ~/hf/SmolVLM-256M-Instruct --out models/smolvlm-256m --dtype fp16\n\n\
+    jetvlm export ~/hf/SmolVLM-256M-Instruct --out models/smolvlm-256m --dtype fp16\n  \
+    jetvlm export ~/hf/SmolVLM-256M-Instruct --out models/smolvlm-256m-q4 --weight-bits 4\n\n\
     Families: LLaVA-1.5 (model_type llava), Idefics3 / SmolVLM (idefics3, smolvlm; one frame\n\
     at the vision tower's size, no tiling). Needs torch and transformers in .venv\n\
     (.ci/setup --dev).")]
@@ -50,6 +52,16 @@ pub struct ExportArgs {
     /// Python interpreter with torch and transformers (default: the project's .venv).
     #[arg(long)]
     pub python: Option<PathBuf>,
+    /// Write the package's decoder quantized (weight-only, as `jetvlm quantize --bits` does)
+    /// instead of in the checkpoint's precision.
+    #[arg(long, value_enum)]
+    pub weight_bits: Option<Bits>,
+    /// Weights per group of the quantized decoder (default 64).
+    #[arg(long, value_enum, requires = "weight_bits")]
+    pub weight_group: Option<Group>,
+    /// Quantize the decoder's LM head to INT8 too.
+    #[arg(long, value_enum, requires = "weight_bits")]
+    pub head_bits: Option<HeadBits>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -132,10 +144,52 @@ pub fn run(args: ExportArgs) -> Result<()> {
         .status()
         .with_context(|| format!("running {} -m jetvlm_export", python.display()))?;
     match status.code() {
-        Some(0) => Ok(()),
+        Some(0) => match args.weight_bits {
+            None => Ok(()),
+            Some(bits) => quantize_decoder(&args, bits),
+        },
         // The exporter has printed its one-line reason.
         Some(code) => std::process::exit(code),
         None => bail!("the exporter was killed by a signal ({status})"),
+    }
+}
+
+/// `--weight-bits`: the exported package's decoder replaced by its quantized form (by
+/// `jetvlm quantize`'s code, the one writer of the format). On failure the package is
+/// removed: it was written by this command, and a package with a dense decoder is not what
+/// was asked for.
+fn quantize_decoder(args: &ExportArgs, bits: Bits) -> Result<()> {
+    let opts = super::quantize::options(bits, args.weight_group, args.head_bits)?;
+    let result = super::decoder_dir(&args.out).and_then(|dir| {
+        jetvlm_decoder::quantize::quantize_in_place(&dir, &opts)
+            .map(|r| (dir, r))
+            .map_err(anyhow::Error::from)
+    });
+    match result {
+        Ok((dir, r)) => {
+            println!(
+                "quantized the decoder {}: {} matrices INT{} g{}{}, weights {:.1} MB -> {:.1} MB",
+                dir.display(),
+                r.matrices,
+                opts.format.bits(),
+                opts.format.group(),
+                if opts.head_int8 {
+                    " (LM head INT8)"
+                } else {
+                    ""
+                },
+                r.bytes_in as f64 / 1e6,
+                r.bytes_out as f64 / 1e6
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&args.out);
+            Err(e.context(format!(
+                "--weight-bits: quantizing the decoder of {} (the package was removed)",
+                args.out.display()
+            )))
+        }
     }
 }
 

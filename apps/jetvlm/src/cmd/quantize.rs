@@ -87,20 +87,8 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     let Some(bits) = args.bits else {
         bail!("--bits 4 or --bits 8 is required (or a pre-quantized --model, or --from FILE.gguf)");
     };
-    let bits = match bits {
-        Bits::B4 => 4,
-        Bits::B8 => 8,
-    };
-    let group = match args.group.unwrap_or(Group::G64) {
-        Group::G32 => 32,
-        Group::G64 => 64,
-        Group::G128 => 128,
-    };
-    let format = WeightFormat::new(bits, group)?;
-    let opts = QuantizeOptions {
-        format,
-        head_int8: args.head_bits.is_some(),
-    };
+    let opts = options(bits, args.group, args.head_bits)?;
+    let (bits, group) = (opts.format.bits(), opts.format.group());
     let t0 = std::time::Instant::now();
     let r = quantize_dir(&src, &args.out, &opts)
         .map_err(|e| anyhow::anyhow!("quantizing {}: {e}", src.display()))?;
@@ -122,6 +110,28 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The quantizer's options from the flags (`jetvlm quantize --bits --group --head-bits`,
+/// `jetvlm export --weight-bits --weight-group --head-bits`); the group defaults to 64.
+pub fn options(
+    bits: Bits,
+    group: Option<Group>,
+    head_bits: Option<HeadBits>,
+) -> Result<QuantizeOptions> {
+    let bits = match bits {
+        Bits::B4 => 4,
+        Bits::B8 => 8,
+    };
+    let group = match group.unwrap_or(Group::G64) {
+        Group::G32 => 32,
+        Group::G64 => 64,
+        Group::G128 => 128,
+    };
+    Ok(QuantizeOptions {
+        format: WeightFormat::new(bits, group)?,
+        head_int8: head_bits.is_some(),
+    })
 }
 
 /// Converts a pre-quantized checkpoint (`--from FILE.gguf`, or an AWQ / GPTQ `--model`).
