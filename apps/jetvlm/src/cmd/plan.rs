@@ -51,7 +51,7 @@ pub struct PlanArgs {
     /// Bits per language-model weight (32, 16, 8, 4); 8 and 4 are charged as `jetvlm
     /// quantize --bits` writes them (layer matrices quantized, embeddings as stored). Default:
     /// the model's quantization_config if it has one, else the config's dtype.
-    #[arg(long)]
+    #[arg(long, value_parser = weight_bits)]
     pub weight_bits: Option<u8>,
     /// Group size of 8- and 4-bit layer matrices (as `jetvlm quantize --group`).
     #[arg(long, requires = "weight_bits", value_parser = ["32", "64", "128"])]
@@ -89,6 +89,15 @@ pub struct PlanArgs {
     /// Print the plan as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--weight-bits`: a width the planner charges ([`WeightFormat::from_bits`]), refused by
+/// the parser so the error names the flag.
+fn weight_bits(s: &str) -> Result<u8, String> {
+    match s.parse::<u8>() {
+        Ok(bits) if WeightFormat::from_bits(bits).is_ok() => Ok(bits),
+        _ => Err(format!("must be 32, 16, 8 or 4, got {s}")),
+    }
 }
 
 /// Loads the registry with `--boards-dir` applied.
