@@ -469,6 +469,54 @@ fn gemma3_sliding_window_matches_transformers_and_the_mixed_cache_refuses_past_i
     );
 }
 
+/// The values of a nested JSON array of numbers, flattened row-major.
+fn flat_f32(v: &serde_json::Value) -> Vec<f32> {
+    match v {
+        serde_json::Value::Array(a) => a.iter().flat_map(flat_f32).collect(),
+        x => vec![x.as_f64().unwrap() as f32],
+    }
+}
+
+/// The committed encoders, run by jetvlm's ONNX Runtime encoder on the probe with the
+/// manifest's preprocessing, give transformers' `get_image_features` on the processor's pixel
+/// values (and for Qwen3-VL its DeepStack features) within 1e-4: the exporter's encoder check,
+/// without torch (for the families whose expected.json records the features).
+#[test]
+fn committed_encoders_match_transformers_image_features() {
+    let mut checked = Vec::new();
+    for family in FAMILIES {
+        let exp = expected(family);
+        let Some(want) = exp.get("image_features") else {
+            continue;
+        };
+        let pkg = jetvlm_vision::ModelPackage::load(&fixture(family).join("pkg")).unwrap();
+        let mut enc = jetvlm_vision::OrtEncoder::from_package(&pkg, &Default::default()).unwrap();
+        let frame = probe_frame(family);
+        let view = jetvlm_vision::ImageView::new(frame.width, frame.height, &frame.rgb).unwrap();
+        let got = jetvlm_vision::VisionEncoder::encode(&mut enc, &view).unwrap();
+        let diff = |a: &[f32], b: &[f32]| {
+            assert_eq!(a.len(), b.len(), "{family}");
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        let d = diff(&got.data, &flat_f32(want));
+        eprintln!("{family}: encoder vs transformers' image features: max |diff| = {d:e}");
+        assert!(d < 1e-4, "{family}: {d}");
+        match exp.get("deepstack_features") {
+            Some(deep) => {
+                let d = diff(&got.deepstack, &flat_f32(deep));
+                eprintln!("{family}: DeepStack features vs transformers': max |diff| = {d:e}");
+                assert!(d < 1e-4, "{family}: {d}");
+            }
+            None => assert!(got.deepstack.is_empty(), "{family}"),
+        }
+        checked.push(family);
+    }
+    assert!(checked.contains(&"qwen3_vl"), "{checked:?}");
+}
+
 /// A copy of `family`'s exported package in `dir/pkg`, its decoder config.json and manifest
 /// edited.
 fn edited_package(
