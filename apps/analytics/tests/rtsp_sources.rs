@@ -10,16 +10,14 @@
 #![cfg(feature = "gstreamer")]
 
 mod common;
+#[path = "../../../tests/support/rtsp.rs"]
+mod rtsp_support;
 
 use common::{demo_model, free_port, run};
-use jetvlm_camera::qa::single_frame_answer;
-use jetvlm_camera::scene::{Scene, SceneConfig};
+use rtsp_support::{Clip, Server, make_clip};
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 const FPS: u64 = 10;
 /// Clip length: longer than any run below reads, so every judged frame is on the clip.
@@ -32,120 +30,7 @@ const QUESTION: &str = "how many objects are there?";
 const MARGIN_PCT: f64 = 5.0;
 /// Clip frames an RTSP client may miss at its start (see `score_rtsp`).
 const MAX_SKIP: usize = 4;
-const PYTHON: &str = "/usr/bin/python3";
 const LIMIT: Duration = Duration::from_secs(180);
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
-
-struct Clip {
-    _dir: tempfile::TempDir,
-    frames: PathBuf,
-    mp4: PathBuf,
-    truth: Vec<String>,
-}
-
-fn make_clip(seed: u64) -> Clip {
-    let dir = tempfile::tempdir().unwrap();
-    let frames = dir.path().join("frames");
-    std::fs::create_dir(&frames).unwrap();
-    let cfg = SceneConfig::default();
-    let (w, h) = (cfg.width, cfg.height);
-    let mut scene = Scene::new(cfg, seed).unwrap();
-    let mut truth = Vec::new();
-    for i in 0..FRAMES {
-        if i > 0 {
-            scene.step();
-        }
-        let pixels = scene.render();
-        truth.push(single_frame_answer(QUESTION, &scene.truth()).unwrap());
-        image::save_buffer(
-            frames.join(format!("frame_{i:05}.png")),
-            &pixels,
-            w,
-            h,
-            image::ExtendedColorType::Rgb8,
-        )
-        .unwrap();
-    }
-    let mp4 = dir.path().join("clip.mp4");
-    let child = Command::new(PYTHON)
-        .arg(fixture("make_clip.py"))
-        .arg(&frames)
-        .arg(&mp4)
-        .args(["--fps", &FPS.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run make_clip.py (Debian's python3-gi; .ci/setup installs it)");
-    let out = wait_child(child, Duration::from_secs(120));
-    assert!(out, "make_clip.py failed");
-    Clip {
-        _dir: dir,
-        frames,
-        mp4,
-        truth,
-    }
-}
-
-fn wait_child(mut c: Child, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(s) = c.try_wait().unwrap() {
-            return s.success();
-        }
-        if Instant::now() >= deadline {
-            let _ = c.kill();
-            let _ = c.wait();
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The test RTSP server; killed when dropped.
-struct Server {
-    child: Child,
-}
-
-impl Server {
-    fn start(port: u16, clip: &Path) -> Server {
-        let mut child = Command::new(PYTHON)
-            .arg(fixture("rtsp_server.py"))
-            .args(["--port", &port.to_string()])
-            .arg("--clip")
-            .arg(clip)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start rtsp_server.py");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(l) if l.starts_with("ready ") => Server { child },
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the RTSP server did not start: {other:?}");
-            }
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn write_rules(dir: &Path, name: &str, sources: &[(String, String)]) -> String {
     let mut text = String::from("window: 2\nsources:\n");
@@ -208,6 +93,49 @@ fn score_rtsp(records: &[Value], source: &str, truth: &[String]) -> (usize, usiz
         .unwrap_or((0, 0, 0))
 }
 
+/// A source's answers carry the wall-clock capture time of their frame: in the past, spaced
+/// like the stream's own timestamps (the sender's RTP times); their latency runs from it and
+/// includes the answer's own time to first token.
+fn check_capture_times(records: &[Value], source: &str) {
+    let answers: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["source"] == source && r["answer"].is_string())
+        .collect();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1e3;
+    for w in answers.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        let captured =
+            b["captured_unix_ms"].as_f64().unwrap() - a["captured_unix_ms"].as_f64().unwrap();
+        let stream = b["timestamp_ms"].as_f64().unwrap() - a["timestamp_ms"].as_f64().unwrap();
+        assert!(stream > 0.0, "{a} {b}");
+        // Both clocks run at the sender's frame rate; they differ by the network's jitter.
+        assert!(
+            (captured - stream).abs() < 50.0,
+            "capture {captured} ms vs stream {stream} ms apart: {a} {b}"
+        );
+    }
+    for r in &answers {
+        let captured = r["captured_unix_ms"].as_f64().unwrap();
+        assert!(captured <= now_ms && captured > now_ms - 600_000.0, "{r}");
+        let latency = r["latency_ms"].as_f64().unwrap();
+        assert!(latency >= r["ttft_ms"].as_f64().unwrap(), "{r}");
+    }
+    let lat: Vec<f64> = answers
+        .iter()
+        .map(|r| r["latency_ms"].as_f64().unwrap())
+        .collect();
+    eprintln!(
+        "{source}: capture-to-answer latency {:.0}-{:.0} ms over {} answers",
+        lat.iter().copied().fold(f64::INFINITY, f64::min),
+        lat.iter().copied().fold(0.0, f64::max),
+        lat.len()
+    );
+}
+
 fn rtsp(port: u16) -> String {
     format!(
         "rtsp://127.0.0.1:{port}/clip?transport=tcp&stall_ms=1500&backoff_ms=200&backoff_max_ms=1000&retries=30"
@@ -218,7 +146,10 @@ fn rtsp(port: u16) -> String {
 fn two_and_four_rtsp_sources_answer_at_their_png_rate() {
     let dir = tempfile::tempdir().unwrap();
     let model = demo_model();
-    let clips: Vec<Clip> = [3u64, 5, 7, 11].iter().map(|&s| make_clip(s)).collect();
+    let clips: Vec<Clip> = [3u64, 5, 7, 11]
+        .iter()
+        .map(|&s| make_clip(s, FRAMES, FPS, QUESTION))
+        .collect();
     // Each clip's PNG frames alone: the rate to meet.
     let mut png = Vec::new();
     for (k, c) in clips.iter().enumerate() {
@@ -248,7 +179,7 @@ fn two_and_four_rtsp_sources_answer_at_their_png_rate() {
         let _servers: Vec<Server> = ports
             .iter()
             .zip(&clips)
-            .map(|(&p, c)| Server::start(p, &c.mp4))
+            .map(|(&p, c)| Server::start(p, &c.mp4, None))
             .collect();
         let sources: Vec<(String, String)> = ports
             .iter()
@@ -281,6 +212,7 @@ fn two_and_four_rtsp_sources_answer_at_their_png_rate() {
                 "{name}: {}",
                 out.stdout
             );
+            check_capture_times(&records, &name);
             let (right, judged, skip) = score_rtsp(&records, &name, &clips[k].truth);
             assert_eq!(judged, RTSP_FRAMES, "{name}");
             let rate = pct(right, judged);

@@ -2,7 +2,9 @@
 //! broker of the test's own (every event on its topic; QoS 1 across a broker restart: every
 //! event sent is received), an HTTP webhook receiver (POSTed JSON, a failed request retried),
 //! and a broker that refuses the connection (failures counted, the analysis goes on, no
-//! hang). Each run has a deadline.
+//! hang); a TLS listener with a CA and server certificate made by the test (`openssl`) and a
+//! password file (`mosquitto_passwd`): the sink with the rules file's CA and credentials
+//! delivers every event, a wrong password is counted. Each run has a deadline.
 
 mod common;
 
@@ -65,8 +67,9 @@ fn counts(stderr: &str, sink: &str) -> (u64, u64, u64, u64) {
 
 /// `mosquitto_sub` on `jetvlm/#` with a persistent QoS 1 session (it reconnects by itself
 /// after a broker restart; the broker keeps its session and queued messages in its
-/// persistence file meanwhile); lines `topic payload` go to `out`.
-fn subscribe(port: u16, out: &Path, client: &str) -> Child {
+/// persistence file meanwhile); lines `topic payload` go to `out`. `conn`: the client's TLS
+/// and credential options.
+fn subscribe(port: u16, out: &Path, client: &str, conn: &[&str]) -> Child {
     Command::new("mosquitto_sub")
         .args([
             "-h",
@@ -77,6 +80,7 @@ fn subscribe(port: u16, out: &Path, client: &str) -> Child {
             "jetvlm/#",
             "-v",
         ])
+        .args(conn)
         .args(["-q", "1", "-c", "-i", client])
         .stdout(std::fs::File::create(out).unwrap())
         .stderr(Stdio::null())
@@ -85,7 +89,7 @@ fn subscribe(port: u16, out: &Path, client: &str) -> Child {
 }
 
 /// Publishes probes until the subscriber has one: it is subscribed.
-fn until_subscribed(port: u16, out: &Path) {
+fn until_subscribed(port: u16, out: &Path, conn: &[&str]) {
     assert!(
         wait_until(Duration::from_secs(15), || {
             let _ = Command::new("mosquitto_pub")
@@ -99,6 +103,8 @@ fn until_subscribed(port: u16, out: &Path) {
                     "-m",
                     "{}",
                 ])
+                .args(conn)
+                .stderr(Stdio::null())
                 .status();
             std::thread::sleep(Duration::from_millis(100));
             std::fs::read_to_string(out)
@@ -133,8 +139,8 @@ fn mqtt_gets_every_event_on_its_topic_across_a_broker_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Broker::start(dir.path());
     let sub_out = dir.path().join("sub.txt");
-    let sub = subscribe(broker.port, &sub_out, "test-sub");
-    until_subscribed(broker.port, &sub_out);
+    let sub = subscribe(broker.port, &sub_out, "test-sub", &[]);
+    until_subscribed(broker.port, &sub_out, &[]);
     // Paced sources (10 frames/s, 40 frames): the run lasts seconds, the broker goes away
     // and comes back in the middle of it.
     let rules = write_rules(
@@ -199,6 +205,176 @@ fn mqtt_gets_every_event_on_its_topic_across_a_broker_restart() {
         .unwrap();
     let status: Value = serde_json::from_slice(&status.stdout).expect("a retained status");
     assert_eq!(status["status"], "offline");
+}
+
+/// Runs `openssl` with `args` in `dir`; fails the test on an error.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl (Debian package openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`ca.crt`) and a server certificate it signed for 127.0.0.1 and localhost
+/// (`server.crt`, `server.key`), P-256 keys, valid for a day.
+fn make_certs(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "1", "-subj", "/CN=jetvlm test CA"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.crt"]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req", "-subj", "/CN=localhost"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
+    openssl(dir, &csr);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ],
+    );
+}
+
+#[test]
+fn mqtts_with_the_rules_files_ca_and_a_password_gets_every_event_and_a_wrong_password_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_certs(d);
+    let made = Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(d.join("passwd"))
+        .args(["jetvlm", "s3cret-pw"])
+        .output()
+        .expect("mosquitto_passwd (Debian package mosquitto)");
+    assert!(made.status.success(), "{made:?}");
+    let broker = Broker::start_with(
+        d,
+        &format!(
+            "allow_anonymous false\npassword_file {}\n",
+            d.join("passwd").display()
+        ),
+        &format!(
+            "cafile {0}/ca.crt\ncertfile {0}/server.crt\nkeyfile {0}/server.key\n",
+            d.display()
+        ),
+    );
+    let ca = d.join("ca.crt");
+    let conn = [
+        "--cafile",
+        ca.to_str().unwrap(),
+        "-u",
+        "jetvlm",
+        "-P",
+        "s3cret-pw",
+    ];
+    let sub_out = d.join("sub.txt");
+    let sub = subscribe(broker.port, &sub_out, "tls-sub", &conn);
+    until_subscribed(broker.port, &sub_out, &conn);
+    // The CA file is named relative to the rules file (both in the test's directory).
+    let sink = |password: &str| {
+        format!(
+            "  mqtt: {{url: \"mqtts://127.0.0.1:{}\", username: jetvlm, password: \"{password}\", tls: {{ca: ca.crt}}, qos: 1, client_id: tls-1, flush_timeout_ms: 3000}}\n",
+            broker.port
+        )
+    };
+    let model = demo_model();
+    let rules = write_rules(d, 8, "pace=0", &sink("s3cret-pw"));
+    let out = run(&[&rules, "--model", model.to_str().unwrap()], LIMIT);
+    assert!(out.ok, "{}", out.stderr);
+    let sent = events(&out.records());
+    assert!(sent.len() >= 4, "{}", out.stdout);
+    let complete = wait_until(Duration::from_secs(20), || {
+        let got: BTreeSet<u64> = received(&sub_out)
+            .iter()
+            .filter_map(|(_, v)| v["seq"].as_u64())
+            .collect();
+        got.len() == sent.len()
+    });
+    let got = received(&sub_out);
+    stop(sub);
+    assert!(
+        complete,
+        "sent {}, received {}: {}",
+        sent.len(),
+        got.len(),
+        out.stderr
+    );
+    for (topic, v) in &got {
+        let e = &sent[&v["seq"].as_u64().unwrap()];
+        assert_eq!(v, e, "the payload is the stdout line");
+        assert_eq!(*topic, topic_of(e));
+    }
+    let (offered, delivered, dropped, errors) = counts(&out.stderr, "mqtt");
+    assert_eq!(
+        (offered, delivered, dropped, errors),
+        (sent.len() as u64, sent.len() as u64, 0, 0),
+        "{}",
+        out.stderr
+    );
+
+    // The wrong password: the broker refuses the client; counted, said once, the analysis
+    // runs to the end, and no password is printed.
+    let rules = write_rules(d, 4, "pace=0", &sink("wrong-pw"));
+    let out = run(&[&rules, "--model", model.to_str().unwrap()], LIMIT);
+    assert!(out.ok, "{}", out.stderr);
+    let sent = events(&out.records()).len() as u64;
+    let (offered, delivered, dropped, errors) = counts(&out.stderr, "mqtt");
+    assert_eq!(
+        (offered, delivered, dropped),
+        (sent, 0, sent),
+        "{}",
+        out.stderr
+    );
+    assert!(errors >= 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("source gate: 4 frames, 4 analysed"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("wrong-pw") && !out.stdout.contains("wrong-pw"),
+        "{}",
+        out.stderr
+    );
+    eprintln!(
+        "wrong password: {}",
+        out.stderr
+            .lines()
+            .find(|l| l.contains("mqtts://"))
+            .unwrap_or("")
+    );
 }
 
 #[test]

@@ -125,7 +125,14 @@ pub fn mosquitto() -> PathBuf {
 }
 
 impl Broker {
+    /// An anonymous broker on a plain TCP listener.
     pub fn start(dir: &Path) -> Broker {
+        Self::start_with(dir, "allow_anonymous true\n", "")
+    }
+
+    /// A broker with `general` configuration lines (authentication) and `listener` lines for
+    /// its one listener (TLS files).
+    pub fn start_with(dir: &Path, general: &str, listener: &str) -> Broker {
         let mut b = Broker {
             port: free_port(),
             dir: dir.to_path_buf(),
@@ -139,7 +146,7 @@ impl Broker {
         std::fs::write(
             dir.join("mosquitto.conf"),
             format!(
-                "user root\nlistener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nlog_dest stderr\n",
+                "user root\n{general}listener {} 127.0.0.1\n{listener}persistence true\npersistence_location {}/\nlog_dest stderr\n",
                 b.port,
                 dir.display()
             ),
