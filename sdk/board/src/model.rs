@@ -18,14 +18,24 @@
 //!   connector. Idefics3/SmolVLM connector: `Linear(h * scale_factor^2 -> text_hidden)`;
 //!   LLaVA: `Linear(h -> text_hidden) + Linear(text_hidden -> text_hidden)`; otherwise
 //!   `Linear(h -> text_hidden)`.
+//!   Gemma 3 (`mm_tokens_per_image`): `Linear(h -> text_hidden)` after the pooling.
+//!   InternVL (`downsample_ratio` r, sizes as `[n, n]`): `LN + Linear(h / r^2 -> text_hidden)
+//!   + Linear(text_hidden -> text_hidden)`, one token per `1 / r^2` patches.
 //! - Qwen2-VL (`depth`, `embed_dim`): `depth * (4 e^2 + 2 e m)` with `m = e * mlp_ratio` +
 //!   patch embedding `channels * temporal_patch * patch^2 * e` + merger
 //!   `(e s^2)^2 + e s^2 * out_hidden` with `s = spatial_merge_size` (no position table: RoPE).
+//!   Qwen2.5-VL and Qwen3-VL (`depth`, `hidden_size` e, `intermediate_size` m,
+//!   `out_hidden_size`): the same with a gated MLP (`3 e m`) for Qwen2.5-VL, and for Qwen3-VL a
+//!   learned position table (`num_position_embeddings * e`) and one more merger per DeepStack
+//!   layer (`deepstack_visual_indexes`).
 //!
 //! Tokens per frame (one camera frame = one image):
 //! - Idefics3/SmolVLM: `(image_size / patch_size)^2 / scale_factor^2` (one 512 px tile of
 //!   SmolVLM-256M = 64 tokens; frames are resized to one tile, not split).
-//! - Qwen2-VL: `(448 / (patch * merge))^2` for a 448x448 frame (256 tokens).
+//! - Qwen2-VL, Qwen2.5-VL, Qwen3-VL: `(448 / (patch * merge))^2` for a 448x448 frame (256
+//!   tokens; 196 for Qwen3-VL's 16-pixel patches).
+//! - InternVL: `(image_size / patch_size)^2 * downsample_ratio^2` (256 for InternVL3).
+//! - Gemma 3: `mm_tokens_per_image` (256; the 64x64 patches are pooled 4x4).
 //! - LLaVA: `(image_size / patch_size)^2`.
 
 use crate::BoardError;
@@ -280,6 +290,37 @@ fn display_name(path: &Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
+/// A size that is one integer, or a square `[n, n]` (InternVL's `image_size` and
+/// `patch_size`); `None` for anything else.
+fn square_side(v: &Value) -> Option<u64> {
+    match v.as_array().map(Vec::as_slice) {
+        Some([a, b]) => a.as_u64().filter(|&a| Some(a) == b.as_u64()),
+        Some(_) => None,
+        None => v.as_u64(),
+    }
+}
+
+/// InternVL's pixel-shuffle factor: `1 / downsample_ratio` (default 0.5, so 2), which must be
+/// a whole number.
+fn internvl_shuffle(raw: &Value, path: &Path) -> Result<u64, ConfigError> {
+    let ratio = match raw.get("downsample_ratio").filter(|v| !v.is_null()) {
+        None => 0.5,
+        Some(v) => v.as_f64().unwrap_or(f64::NAN),
+    };
+    let factor = 1.0 / ratio;
+    if ratio > 0.0 && ratio <= 1.0 && (factor - factor.round()).abs() < 1e-6 {
+        Ok(factor.round() as u64)
+    } else {
+        Err(ConfigError::invalid(
+            path,
+            "downsample_ratio",
+            format!(
+                "must be 1/n for a whole n (0.5 shuffles 2x2 patches into one token), got {ratio}"
+            ),
+        ))
+    }
+}
+
 /// Estimates the encoder from `vision_config`; returns it and the default tokens per frame.
 fn estimate_vision(
     raw: &Value,
@@ -290,11 +331,11 @@ fn estimate_vision(
     let num = |key: &str| -> Result<Option<u64>, ConfigError> {
         match vc.get(key).filter(|v| !v.is_null()) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            Some(v) => square_side(v).map(Some).ok_or_else(|| {
                 ConfigError::invalid(
                     path,
                     format!("vision_config.{key}"),
-                    format!("expected a non-negative integer, got {v}"),
+                    format!("expected a non-negative integer (or [n, n]), got {v}"),
                 )
             }),
         }
@@ -324,28 +365,49 @@ fn estimate_vision(
         .unwrap_or(text.dtype)
         .size_bytes() as u64;
 
-    if vc.get("embed_dim").is_some() && vc.get("depth").is_some() {
-        // Qwen2-VL vision transformer + patch merger.
-        let e = need("embed_dim")?;
+    // Qwen2.5-VL and Qwen3-VL name the tower's width `hidden_size` and the merger's output
+    // `out_hidden_size` (Qwen2-VL: `embed_dim` and `hidden_size`).
+    let newer_qwen = vc.get("embed_dim").is_none() && vc.get("out_hidden_size").is_some();
+    if (vc.get("embed_dim").is_some() || newer_qwen) && vc.get("depth").is_some() {
+        // Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision transformer + patch merger.
         let depth = need("depth")?;
-        let mlp_ratio = vc.get("mlp_ratio").and_then(Value::as_f64).unwrap_or(4.0);
-        if !(mlp_ratio.is_finite() && mlp_ratio > 0.0 && e as f64 * mlp_ratio < u64::MAX as f64) {
-            return Err(ConfigError::invalid(
-                path,
-                "vision_config.mlp_ratio",
-                format!(
-                    "must be a positive number with embed_dim x mlp_ratio below 2^64, got {mlp_ratio}"
-                ),
-            )
-            .into());
-        }
-        let m = (e as f64 * mlp_ratio).round() as u64;
+        let (e, m) = if newer_qwen {
+            (need("hidden_size")?, need("intermediate_size")?)
+        } else {
+            let e = need("embed_dim")?;
+            let mlp_ratio = vc.get("mlp_ratio").and_then(Value::as_f64).unwrap_or(4.0);
+            if !(mlp_ratio.is_finite() && mlp_ratio > 0.0 && e as f64 * mlp_ratio < u64::MAX as f64)
+            {
+                return Err(ConfigError::invalid(
+                    path,
+                    "vision_config.mlp_ratio",
+                    format!(
+                        "must be a positive number with embed_dim x mlp_ratio below 2^64, got {mlp_ratio}"
+                    ),
+                )
+                .into());
+            }
+            (e, (e as f64 * mlp_ratio).round() as u64)
+        };
+        // Qwen2.5-VL's MLP is gated (three matrices); Qwen2-VL's and Qwen3-VL's have two.
+        let mlp_matrices = if model_type == "qwen2_5_vl" { 3 } else { 2 };
+        // Qwen3-VL: a learned position table, and a merger per DeepStack feature set.
+        let positions = num("num_position_embeddings")?.unwrap_or(0);
+        let deepstack = vc
+            .get("deepstack_visual_indexes")
+            .and_then(Value::as_array)
+            .map_or(0, |a| a.len() as u64);
         let heads = num("num_heads")?.unwrap_or((e / 64).max(1));
         let patch = num("patch_size")?.unwrap_or(14);
         let channels = num("in_chans")?.or(num("in_channels")?).unwrap_or(3);
         let temporal = num("temporal_patch_size")?.unwrap_or(2);
         let merge = num("spatial_merge_size")?.unwrap_or(2);
-        let out = num("hidden_size")?.unwrap_or(text_hidden);
+        let out = if newer_qwen {
+            num("out_hidden_size")?
+        } else {
+            num("hidden_size")?
+        }
+        .unwrap_or(text_hidden);
         let q = "the vision encoder estimate (vision_config)";
         let merged = product(
             q,
@@ -353,6 +415,32 @@ fn estimate_vision(
                 ("vision_config.embed_dim", e),
                 ("vision_config.spatial_merge_size", merge),
                 ("vision_config.spatial_merge_size", merge),
+            ],
+        )?;
+        // The patch merger: Linear(e s^2 -> e s^2) and Linear(e s^2 -> out).
+        let merger = sum(
+            q,
+            &[
+                (
+                    "vision_config.spatial_merge_size",
+                    product(
+                        q,
+                        &[
+                            ("vision_config.spatial_merge_size", merged),
+                            ("vision_config.spatial_merge_size", merged),
+                        ],
+                    )?,
+                ),
+                (
+                    "vision_config.hidden_size",
+                    product(
+                        q,
+                        &[
+                            ("vision_config.spatial_merge_size", merged),
+                            ("vision_config.hidden_size", out),
+                        ],
+                    )?,
+                ),
             ],
         )?;
         let layer = sum(
@@ -374,7 +462,7 @@ fn estimate_vision(
                     product(
                         q,
                         &[
-                            ("", 2),
+                            ("", mlp_matrices),
                             ("vision_config.embed_dim", e),
                             ("vision_config.mlp_ratio", m),
                         ],
@@ -413,18 +501,18 @@ fn estimate_vision(
                     product(
                         q,
                         &[
-                            ("vision_config.spatial_merge_size", merged),
-                            ("vision_config.spatial_merge_size", merged),
+                            ("vision_config.deepstack_visual_indexes", 1 + deepstack),
+                            ("vision_config.spatial_merge_size", merger),
                         ],
                     )?,
                 ),
                 (
-                    "vision_config.hidden_size",
+                    "vision_config.num_position_embeddings",
                     product(
                         q,
                         &[
-                            ("vision_config.spatial_merge_size", merged),
-                            ("vision_config.hidden_size", out),
+                            ("vision_config.num_position_embeddings", positions),
+                            ("vision_config.embed_dim", e),
                         ],
                     )?,
                 ),
@@ -510,6 +598,61 @@ fn estimate_vision(
             )?,
             product(q, &[("scale_factor", s), ("scale_factor", s)])?,
         ),
+        // InternVL: pixel shuffle by 1 / downsample_ratio, then LayerNorm + Linear(h r^-2 ->
+        // text_hidden) + Linear(text_hidden -> text_hidden).
+        _ if model_type == "internvl" => {
+            let r = internvl_shuffle(raw, path)?;
+            (
+                "internvl",
+                sum(
+                    q,
+                    &[
+                        (
+                            hh,
+                            product(
+                                q,
+                                &[
+                                    (hh, h),
+                                    ("downsample_ratio", r),
+                                    ("downsample_ratio", r),
+                                    ("hidden_size", text_hidden),
+                                ],
+                            )?,
+                        ),
+                        (
+                            "hidden_size",
+                            product(
+                                q,
+                                &[("hidden_size", text_hidden), ("hidden_size", text_hidden)],
+                            )?,
+                        ),
+                    ],
+                )?,
+                product(q, &[("downsample_ratio", r), ("downsample_ratio", r)])?,
+            )
+        }
+        // Gemma 3: the patches average-pooled to `mm_tokens_per_image` tokens, then
+        // Linear(h -> text_hidden).
+        _ if raw.get("mm_tokens_per_image").is_some() => {
+            let tokens = raw
+                .get("mm_tokens_per_image")
+                .and_then(Value::as_u64)
+                .filter(|&t| t > 0 && patches % t == 0)
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        path,
+                        "mm_tokens_per_image",
+                        format!(
+                            "must be a positive integer that divides the {patches} patches of a frame"
+                        ),
+                    )
+                })?;
+            (
+                "gemma3",
+                product(q, &[(hh, h), ("hidden_size", text_hidden)])?,
+                patches / tokens,
+            )
+        }
         _ if model_type.starts_with("llava") => (
             "llava",
             sum(
