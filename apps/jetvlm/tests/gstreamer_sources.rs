@@ -10,16 +10,17 @@
 
 #![cfg(feature = "gstreamer")]
 
+#[path = "../../../tests/support/rtsp.rs"]
+mod rtsp_support;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use jetvlm_camera::qa::single_frame_answer;
-use jetvlm_camera::scene::{Scene, SceneConfig};
 use jetvlm_camera::{CameraError, Capture, FrameSource, SourceEvent};
+use rtsp_support::{Clip, Server, free_port, wait_output};
 use serde_json::Value;
 
 const FPS: u64 = 10;
@@ -28,48 +29,9 @@ const QUESTION: &str = "how many objects are there?";
 /// The RTSP and MP4 answer rates may fall this far (in percentage points) below the PNG rate.
 const MARGIN_PCT: f64 = 5.0;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
-
-/// Debian's Python (python3-gi lives there, not in the project's venv).
-const PYTHON: &str = "/usr/bin/python3";
-
-/// Waits for `child` up to `limit`; kills it and fails the test past that.
-fn wait_output(mut child: Child, limit: Duration, what: &str) -> (bool, String, String) {
-    let mut out = child.stdout.take();
-    let mut err = child.stderr.take();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(o) = out.as_mut() {
-            let _ = o.read_to_string(&mut s);
-        }
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(e) = err.as_mut() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stdout = reader.join().unwrap_or_default();
-    let stderr = err_reader.join().unwrap_or_default();
-    (status.success(), stdout, stderr)
+/// The clip of the scene with `seed`: `FRAMES` frames at `FPS`, truth for `QUESTION`.
+fn make_clip(seed: u64) -> Clip {
+    rtsp_support::make_clip(seed, FRAMES, FPS, QUESTION)
 }
 
 fn jetvlm(args: &[&str]) -> Command {
@@ -79,123 +41,6 @@ fn jetvlm(args: &[&str]) -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     c
-}
-
-/// A clip of the synthetic scene: numbered PNGs, the H.264 MP4 made from them, and the
-/// ground-truth answer of every frame.
-struct Clip {
-    _dir: tempfile::TempDir,
-    frames: PathBuf,
-    mp4: PathBuf,
-    truth: Vec<String>,
-    rgb: Vec<Vec<u8>>,
-}
-
-fn make_clip(seed: u64) -> Clip {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let frames = dir.path().join("frames");
-    std::fs::create_dir(&frames).expect("frames dir");
-    let cfg = SceneConfig::default();
-    let (w, h) = (cfg.width, cfg.height);
-    let mut scene = Scene::new(cfg, seed).expect("scene");
-    let (mut truth, mut rgb) = (Vec::new(), Vec::new());
-    let mut truth_lines = String::new();
-    for i in 0..FRAMES {
-        if i > 0 {
-            scene.step();
-        }
-        let pixels = scene.render();
-        let t = scene.truth();
-        let answer = single_frame_answer(QUESTION, &t).expect("the scene answers the question");
-        truth_lines.push_str(&format!(
-            "{{\"frame\":{i},\"question\":\"{QUESTION}\",\"answer\":\"{answer}\"}}\n"
-        ));
-        image::save_buffer(
-            frames.join(format!("frame_{i:05}.png")),
-            &pixels,
-            w,
-            h,
-            image::ExtendedColorType::Rgb8,
-        )
-        .expect("write PNG");
-        truth.push(answer);
-        rgb.push(pixels);
-    }
-    // The ground truth beside the frames, for a person reading a failure.
-    std::fs::write(dir.path().join("truth.jsonl"), truth_lines).expect("truth");
-    let mp4 = dir.path().join("clip.mp4");
-    let child = Command::new(PYTHON)
-        .arg(fixture("make_clip.py"))
-        .arg(&frames)
-        .arg(&mp4)
-        .args(["--fps", &FPS.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run make_clip.py");
-    let (ok, _, err) = wait_output(child, Duration::from_secs(120), "make_clip.py");
-    assert!(ok, "make_clip.py: {err}");
-    Clip {
-        _dir: dir,
-        frames,
-        mp4,
-        truth,
-        rgb,
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// The test RTSP server; killed when dropped.
-struct Server {
-    child: Child,
-}
-
-impl Server {
-    fn start(port: u16, clip: &Path, auth: Option<(&str, &str)>) -> Self {
-        let mut cmd = Command::new(PYTHON);
-        cmd.arg(fixture("rtsp_server.py"))
-            .args(["--port", &port.to_string()])
-            .arg("--clip")
-            .arg(clip)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if let Some((user, password)) = auth {
-            cmd.args(["--user", user, "--password", password]);
-        }
-        let mut child = cmd.spawn().expect("start rtsp_server.py");
-        let stdout = child.stdout.take().expect("server stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(line) if line.starts_with("ready ") => Server { child },
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the RTSP server did not start: {other:?}");
-            }
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// `watch --json` started in the background; its JSON lines arrive on a channel.
@@ -467,11 +312,27 @@ fn live_rtsp_source_reports_loss_and_fails_when_its_retries_run_out() {
         "rtsp://127.0.0.1:{port}/clip?transport=tcp&retries=2&backoff_ms=100&stall_ms=1000"
     );
     let mut src = jetvlm_camera::open(&uri).expect("open");
+    // Each frame's wall-clock capture time: in the past, and spaced like the stream's
+    // timestamps (the sender's RTP times, here the clip's 10 fps).
+    let mut times = Vec::new();
     for _ in 0..3 {
-        assert!(matches!(
-            src.capture(Duration::from_secs(5)).expect("capture"),
-            Capture::Frame(_)
-        ));
+        let Capture::Frame(f) = src.capture(Duration::from_secs(5)).expect("capture") else {
+            panic!("no frame");
+        };
+        let at = src.capture_time().expect("a live source's capture time");
+        assert!(at <= SystemTime::now(), "a capture time in the future");
+        times.push((f.timestamp, at));
+    }
+    for w in times.windows(2) {
+        let (stream, wall) = (
+            w[1].0 - w[0].0,
+            w[1].1.duration_since(w[0].1).expect("increasing"),
+        );
+        let apart = stream.as_secs_f64() - wall.as_secs_f64();
+        assert!(
+            apart.abs() < 0.005,
+            "{stream:?} in the stream, {wall:?} by the wall clock"
+        );
     }
     server.kill();
     let start = Instant::now();
@@ -581,6 +442,8 @@ fn gst_pipelines_pass_through_and_live_ones_give_the_newest_frame() {
     let mut src = jetvlm_camera::open(red).expect("open the pipeline");
     let frames = drain(src.as_mut(), usize::MAX);
     assert_eq!(frames.len(), 6);
+    // A non-live pipeline (like a file) has no capture time of its own.
+    assert_eq!(src.capture_time(), None);
     for (i, f) in frames.iter().enumerate() {
         assert_eq!((f.width, f.height), (64, 48));
         assert_eq!(f.timestamp, Duration::from_millis(100 * i as u64));
@@ -602,6 +465,12 @@ fn gst_pipelines_pass_through_and_live_ones_give_the_newest_frame() {
         "a stale frame: {:?}",
         f.timestamp
     );
+    // Its wall-clock capture time is the live source's clock at the frame: a moment ago, not
+    // when the waiting started.
+    let age = SystemTime::now()
+        .duration_since(src.capture_time().expect("a live source's capture time"))
+        .expect("a capture time in the past");
+    assert!(age < Duration::from_millis(200), "captured {age:?} ago");
     assert!(src.take_events().is_empty());
 }
 
