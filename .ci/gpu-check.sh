@@ -14,7 +14,9 @@
 # its CPU twin, cold kernel cache); the same warm plus GPU greedy generation on the decoder
 # fixtures against the CPU path; NVRTC compile; the device test executable; `generate
 # --device cuda` against the CPU run; `ask --device cuda` on the LLaVA fixture against
-# transformers' tokens; `watch --device cuda` on the demo package against the ground truth; `bench kv --device cuda` (32/32/64 at 32k, 9/3/64 at
+# transformers' tokens; `ask --device cuda` on the Qwen2.5-VL fixture (M-RoPE) against
+# transformers' tokens; quantized decoders (INT8, INT4) against the CPU decoder; `watch
+# --device cuda` on the demo package against the ground truth; `bench kv --device cuda` (32/32/64 at 32k, 9/3/64 at
 # 8k/32k/128k) and PyTorch SDPA on the same GPU; `bench decode --device cuda` with the KV in
 # device memory and offloaded to host memory, on a random SmolLM2-135M-shaped model generated
 # there. Exit status is non-zero when any step fails; a machine without a GPU gets one clear
@@ -150,6 +152,50 @@ else:
 PY
 }
 
+# `ask --device cuda` on the Qwen2.5-VL fixture package (M-RoPE, a 3x5 frame grid): greedy tokens
+# (FP16 KV) equal transformers'.
+ask_mrope_matches_transformers() {
+  local out=${OUT:-gpu-check-out} fx=tests/fixtures/hf_vlms/qwen2_5_vl
+  local q n img
+  q=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["question"])' "$fx/expected.json")
+  n=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["max_new_tokens"])' "$fx/expected.json")
+  img=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["image"])' "$fx/expected.json")
+  "$dist/jetvlm" ask --model "$fx/pkg" --image "$fx/$img" "$q" --max-tokens "$n" --kv fp16 --json \
+    --device cuda --ort-library "$dist/libonnxruntime.so" > "$out/ask-qwen2_5_vl-cuda.json" || return 1
+  cat "$out/ask-qwen2_5_vl-cuda.json"
+  python3 - "$fx/expected.json" "$out/ask-qwen2_5_vl-cuda.json" <<'PY'
+import json, sys
+exp, got = (json.load(open(p)) for p in sys.argv[1:3])
+if got["token_ids"] == exp["greedy_tokens"] and got["decoder_device"].startswith("cuda"):
+    print(f"PASS ask --device cuda (M-RoPE): {len(got['token_ids'])} tokens equal transformers' ({got['decoder_device']})")
+else:
+    print(f"FAIL ask --device cuda (M-RoPE): {got['token_ids']} vs transformers {exp['greedy_tokens']}")
+    sys.exit(1)
+PY
+}
+
+# Quantized decoders on the GPU: the llama and qwen2 decoder fixtures quantized here by
+# `jetvlm quantize` (INT8 g32; INT4 g32 with an INT8 head), then the decoder check (greedy
+# tokens, prompt logits, offloaded KV, mixed frames, a camera session) of the GPU against the
+# CPU decoder on the same quantized files.
+quantized_on_gpu() {
+  local dir=${TMPDIR:-/tmp}/jetvlm-gpu-check-quantized rc=0
+  rm -rf "$dir"
+  local spec
+  for spec in "8 32" "4 32 --head-bits 8"; do
+    set -- $spec
+    local tag="q$1g$2"
+    for fx in llama qwen2; do
+      "$dist/jetvlm" quantize --model "tests/fixtures/decoder/$fx" --bits "$1" --group "$2" "${@:3}" \
+        --out "$dir/$tag/$fx" > /dev/null || return 1
+      cp "tests/fixtures/decoder/$fx/expected.json" "$dir/$tag/$fx/"
+    done
+    echo "-- $tag"
+    "$dist/jetvlm" selftest --device cuda --seed 3 --decoder-fixtures "$dir/$tag" || rc=1
+  done
+  return "$rc"
+}
+
 # `watch --device cuda` with the demo package on a synthetic scene: answers vs the renderer's
 # ground truth, and vs the CPU decoder on the same frames. `watch-check TAG [ARGS...]` passes
 # ARGS to both runs (e.g. the demo's KV calibration) and names the output files after TAG.
@@ -205,6 +251,10 @@ run() {
     step "generate --device cuda (qwen2 fixture, fp16 KV) == CPU" 30 generate-qwen2.txt .ci/gpu-check.sh generate-check qwen2 fp16
     step "generate --device cuda (llama fixture, mixed KV) == CPU" 30 generate-llama.txt .ci/gpu-check.sh generate-check llama mixed
     step "ask --device cuda (LLaVA fixture, fp16 KV) == transformers" 30 ask-vlm.txt .ci/gpu-check.sh ask-check
+    step "ask --device cuda (Qwen2.5-VL fixture, M-RoPE, fp16 KV) == transformers" 30 ask-qwen2_5_vl.txt \
+      .ci/gpu-check.sh ask-mrope-check
+    TAIL=12 step "quantized decoders (INT8 g32, INT4 g32 + INT8 head) GPU vs CPU" 90 quantized.txt \
+      .ci/gpu-check.sh quantized-check
     step "watch --device cuda (demo package, 12 frames)" 60 watch-cuda.txt .ci/gpu-check.sh watch-check default
     step "watch --device cuda --kv-calibration (a frame format per layer)" 60 watch-cuda-calibrated.txt \
       .ci/gpu-check.sh watch-check calibrated --kv-calibration models/demo/kv-calibration.yaml
@@ -260,6 +310,8 @@ case "$mode" in
   run) run ;;
   generate-check) shift; generate_matches_cpu "$@" ;;
   ask-check) ask_matches_transformers ;;
+  ask-mrope-check) ask_mrope_matches_transformers ;;
+  quantized-check) quantized_on_gpu ;;
   watch-check) shift; watch_on_gpu "$@" ;;
   *) echo "usage: $0 [prepare|run]" >&2; exit 2 ;;
 esac

@@ -183,3 +183,102 @@ fn kv_offload_without_cuda_is_refused() {
         "{stderr}"
     );
 }
+
+/// A decoder quantized by `jetvlm quantize` (INT8 g32; INT4 g32 with an INT8 head) on the
+/// device path: `generate --device sim` (the device decoder's host logic with the CPU twins
+/// of the `gemv_q*` / `gemm_q*` kernels) gives the CPU decoder's greedy tokens, with the
+/// FP16 and the mixed KV cache.
+#[test]
+fn a_quantized_decoder_on_the_simulated_device_gives_the_cpu_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (bits, head) in [("8", false), ("4", true)] {
+        let out = tmp.path().join(format!("q{bits}"));
+        let out_s = out.to_str().unwrap();
+        let model = fixture();
+        let mut q = vec![
+            "quantize", "--model", &model, "--bits", bits, "--group", "32", "--out", out_s,
+        ];
+        if head {
+            q.extend(["--head-bits", "8"]);
+        }
+        let (ok, _, stderr) = jetvlm(&q);
+        assert!(ok, "{stderr}");
+        for kv in ["fp16", "mixed"] {
+            let tokens = |device: &str| {
+                let (ok, stdout, stderr) = jetvlm(&[
+                    "generate",
+                    "--model",
+                    out_s,
+                    "--prompt-ids",
+                    "5,6,7,8,9",
+                    "--max-tokens",
+                    "16",
+                    "--greedy",
+                    "--ignore-eos",
+                    "--json",
+                    "--kv",
+                    kv,
+                    "--device",
+                    device,
+                ]);
+                assert!(ok, "INT{bits} {kv} {device}: {stderr}");
+                let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+                v["token_ids"].clone()
+            };
+            let cpu = tokens("cpu");
+            assert_eq!(cpu.as_array().unwrap().len(), 16);
+            assert_eq!(tokens("sim"), cpu, "INT{bits} kv {kv}");
+        }
+    }
+}
+
+/// `jetvlm plan` charges a quantized decoder the bytes the device decoder holds after
+/// loading it (codes, FP16 scales and zeros, norms as f32: measured on the uploaded buffers
+/// of the simulated device), within 2%, for INT4 and INT8 with and without an INT8 head.
+#[test]
+fn plan_charges_what_the_device_decoder_holds_for_quantized_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/decoder/llama_bf16"
+    );
+    for (bits, group, head) in [("4", "32", true), ("4", "64", false), ("8", "32", false)] {
+        let out = tmp.path().join(format!("q{bits}g{group}{head}"));
+        let out_s = out.to_str().unwrap();
+        let mut q = vec![
+            "quantize", "--model", model, "--bits", bits, "--group", group, "--out", out_s,
+        ];
+        if head {
+            q.extend(["--head-bits", "8"]);
+        }
+        let (ok, _, stderr) = jetvlm(&q);
+        assert!(ok, "{stderr}");
+        let (ok, stdout, stderr) = jetvlm(&[
+            "plan",
+            "--model",
+            out_s,
+            "--board",
+            "orin-nano-8gb",
+            "--tokens-per-frame",
+            "1",
+            "--json",
+        ]);
+        assert!(ok, "{stderr}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let planned = v["memory"]["weights_bytes"].as_u64().unwrap();
+        let dev = jetvlm_cuda::SimDevice::new();
+        let held = jetvlm_cuda::DeviceDecoder::load(&dev, &out)
+            .unwrap()
+            .weight_bytes_held();
+        let float = jetvlm_cuda::DeviceDecoder::load(&dev, std::path::Path::new(model))
+            .unwrap()
+            .weight_bytes_held();
+        let err = (planned as f64 - held as f64).abs() / held as f64;
+        eprintln!(
+            "INT{bits} g{group} head8 {head}: plan {planned} B, device holds {held} B ({:.2}%); BF16 {float} B",
+            100.0 * err
+        );
+        assert!(err <= 0.02, "plan {planned} vs device {held}");
+        assert!(held < float * 7 / 10, "{held} vs BF16 {float}");
+    }
+}

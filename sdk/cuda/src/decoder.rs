@@ -49,6 +49,8 @@ pub struct DeviceDecoder<G: Gpu> {
     mrope_section: Option<[usize; 3]>,
     /// The weight-only format of the quantized matrices, if any.
     quant_format: Option<WeightFormat>,
+    /// Device bytes of every uploaded weight.
+    weight_bytes_held: u64,
 }
 
 impl<G: Gpu> std::fmt::Debug for DeviceDecoder<G> {
@@ -61,8 +63,8 @@ impl<G: Gpu> std::fmt::Debug for DeviceDecoder<G> {
 }
 
 /// Uploads a checkpoint's tensors: matrices in their stored precision, vectors as f32; notes
-/// the weight format of the first quantized matrix.
-struct Upload<'d, G: Gpu>(&'d G, Option<WeightFormat>);
+/// the weight format of the first quantized matrix and counts the device bytes.
+struct Upload<'d, G: Gpu>(&'d G, Option<WeightFormat>, u64);
 
 impl<G: Gpu> WeightSink for Upload<'_, G> {
     type W = G::Weights;
@@ -72,10 +74,14 @@ impl<G: Gpu> WeightSink for Upload<'_, G> {
         if self.1.is_none() {
             self.1 = t.quant_format();
         }
-        self.0.upload_tensor(t)
+        let w = self.0.upload_tensor(t)?;
+        self.2 += G::weights_bytes(&w) as u64;
+        Ok(w)
     }
     fn vector(&mut self, t: &Tensor) -> Result<G::Weights, CudaError> {
-        self.0.upload_vector(&t.to_f32_vec())
+        let w = self.0.upload_vector(&t.to_f32_vec())?;
+        self.2 += G::weights_bytes(&w) as u64;
+        Ok(w)
     }
 }
 
@@ -109,12 +115,12 @@ impl<G: Gpu> DeviceDecoder<G> {
         let config = Config::from_dir(dir).map_err(model_err(dir))?;
         refuse_cpu_only(&config).map_err(model_err(dir))?;
         let ws = Weights::open(dir).map_err(model_err(dir))?;
-        let mut sink = Upload(dev, None);
+        let mut sink = Upload(dev, None, 0);
         let weights = arch::load(&config.model, &ws, None, &mut sink).map_err(|e| match e {
             CudaError::Decoder(d) => model_err(dir)(d),
             e => e,
         })?;
-        let quant_format = sink.1;
+        let (quant_format, weight_bytes_held) = (sink.1, sink.2);
         let inv: Vec<f32> = Rope::new(&config.model)
             .inv_freq()
             .iter()
@@ -132,6 +138,7 @@ impl<G: Gpu> DeviceDecoder<G> {
             inv_freq,
             mrope_section,
             quant_format,
+            weight_bytes_held,
         })
     }
 
@@ -148,6 +155,11 @@ impl<G: Gpu> DeviceDecoder<G> {
     /// quantized: see [`Self::quant_format`]).
     pub fn weight_dtype(&self) -> jetvlm_core::DType {
         self.weights.dtype
+    }
+    /// Bytes the uploaded weights occupy in device memory (what `jetvlm plan` charges for
+    /// them).
+    pub fn weight_bytes_held(&self) -> u64 {
+        self.weight_bytes_held
     }
     /// The weight-only format (INT8 / INT4, group) of a quantized decoder's matrices.
     pub fn quant_format(&self) -> Option<WeightFormat> {

@@ -65,6 +65,9 @@ impl Gpu for CudaDevice {
     fn weights_len(w: &Never) -> usize {
         match *w {}
     }
+    fn weights_bytes(w: &Never) -> usize {
+        match *w {}
+    }
     fn upload_vector(&self, _: &[f32]) -> Result<Never, CudaError> {
         match self.never {}
     }

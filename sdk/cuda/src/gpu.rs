@@ -82,6 +82,9 @@ pub trait Gpu: Sized {
     fn upload_tensor(&self, t: &Tensor) -> Result<Self::Weights, CudaError>;
     /// Elements of a weight tensor.
     fn weights_len(w: &Self::Weights) -> usize;
+    /// Bytes a weight tensor occupies in device memory (a quantized matrix: its codes,
+    /// scales and zeros).
+    fn weights_bytes(w: &Self::Weights) -> usize;
     /// f32 weights (norms, biases).
     fn upload_vector(&self, v: &[f32]) -> Result<Self::Weights, CudaError>;
     /// Copies a buffer back to the host (waits for the compute queue).

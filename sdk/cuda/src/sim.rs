@@ -210,6 +210,12 @@ impl Gpu for SimDevice {
     fn weights_len(w: &SimWeights) -> usize {
         w.len()
     }
+    fn weights_bytes(w: &SimWeights) -> usize {
+        match &w.quant {
+            Some(q) => q.codes.len() + 2 * (q.scales.len() + q.zeros.len()),
+            None => w.data.len() * w.dtype.size_bytes(),
+        }
+    }
     fn upload_vector(&self, v: &[f32]) -> Result<SimWeights, CudaError> {
         Ok(SimWeights {
             data: v.to_vec(),

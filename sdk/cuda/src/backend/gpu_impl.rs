@@ -126,6 +126,16 @@ impl Gpu for CudaDevice {
     fn weights_len(w: &DeviceWeights) -> usize {
         w.len()
     }
+    fn weights_bytes(w: &DeviceWeights) -> usize {
+        match w {
+            DeviceWeights::F32(s) => 4 * s.len(),
+            DeviceWeights::F16(s) => 2 * s.len(),
+            DeviceWeights::BF16(s) => 2 * s.len(),
+            DeviceWeights::Quant(q) => {
+                q.codes.len() + 2 * (q.scales.len() + q.zeros.as_ref().map_or(0, |z| z.len()))
+            }
+        }
+    }
     fn upload_vector(&self, v: &[f32]) -> Result<DeviceWeights, CudaError> {
         Ok(DeviceWeights::F32(CudaDevice::upload(self, v)?))
     }
