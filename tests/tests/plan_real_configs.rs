@@ -81,17 +81,20 @@ fn internvl_sizes_and_ratio_outside_what_is_planned_name_the_field() {
     let tmp = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(config("internvl3-1b").join("config.json")).unwrap();
     let base: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let cases: [(&str, fn(&mut serde_json::Value)); 2] = [
-        ("vision_config.image_size", |v| {
-            v["vision_config"]["image_size"] = serde_json::json!([448, 336])
-        }),
-        ("downsample_ratio", |v| {
-            v["downsample_ratio"] = serde_json::json!(0.3)
-        }),
-    ];
-    for (field, edit) in cases {
+    for (field, pointer, value) in [
+        (
+            "vision_config.image_size",
+            "/vision_config/image_size",
+            serde_json::json!([448, 336]),
+        ),
+        (
+            "downsample_ratio",
+            "/downsample_ratio",
+            serde_json::json!(0.3),
+        ),
+    ] {
         let mut v = base.clone();
-        edit(&mut v);
+        *v.pointer_mut(pointer).unwrap() = value;
         let path = tmp.path().join("config.json");
         std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
         let msg = ModelSpec::load(&path).unwrap_err().to_string();
