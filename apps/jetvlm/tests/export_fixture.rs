@@ -180,6 +180,14 @@ fn qwen3_vl_session_with_eviction_matches_a_fresh_prefill_of_the_kept_frames() {
     assert_session_with_eviction_matches_a_fresh_prefill("qwen3_vl");
 }
 
+/// Gemma 3 in a camera session (plain RoPE; each frame's tokens attend to each other both
+/// ways, also when a re-base prefills the kept frames again): with eviction and re-basing it
+/// answers like a fresh session of the kept frames.
+#[test]
+fn gemma3_session_with_eviction_matches_a_fresh_prefill_of_the_kept_frames() {
+    assert_session_with_eviction_matches_a_fresh_prefill("gemma3");
+}
+
 fn assert_session_with_eviction_matches_a_fresh_prefill(family: &str) {
     let exp = expected(family);
     let q = exp["question"].as_str().unwrap().to_string();
@@ -213,9 +221,20 @@ fn assert_session_with_eviction_matches_a_fresh_prefill(family: &str) {
     let prefix = fresh.prefix_tokens();
     drop(fresh);
 
-    // Room for the prefix, one kept frame (5 positions: the longer side of its 3x5 grid), the
-    // new frame's 15 tokens, a question and its answer: every push after the second re-bases.
-    let (tpf, ppf) = (15, 5);
+    // Room for the prefix, one kept frame (M-RoPE: 5 positions, the longer side of its 3x5
+    // grid; Gemma 3: one per token), the new frame's tokens, a question and its answer: every
+    // push after the second re-bases.
+    let tpf = jetvlm_vision::ModelPackage::load(&pkg)
+        .unwrap()
+        .manifest
+        .vision
+        .tokens_per_frame;
+    let (want_tpf, ppf) = if family == "gemma3" {
+        (16, 16)
+    } else {
+        (15, 5)
+    };
+    assert_eq!(tpf, want_tpf, "{family}");
     let decoder = jetvlm_decoder::Config::from_dir(&pkg.join("decoder")).unwrap();
     assert_eq!(
         jetvlm_decoder::arch::frame_positions(&decoder.model, tpf),
