@@ -179,6 +179,7 @@ impl Model {
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let config = Config::from_dir(dir)?;
         let weights = Weights::open(dir)?;
+        crate::quantize::check_declared_quantization(&config, &weights)?;
         Self::from_weights(config, &weights, opts)
     }
 

@@ -536,3 +536,116 @@ pub fn quantize_in_place(dir: &Path, opts: &QuantizeOptions) -> Result<QuantizeR
     std::fs::remove_dir_all(&dense).map_err(io(&dense))?;
     Ok(report)
 }
+
+/// Records the format of every matrix the architecture reads (`None`: stored dense).
+struct Formats;
+
+impl WeightSink for Formats {
+    type W = (String, Option<WeightFormat>);
+    type V = ();
+    type Error = DecoderError;
+    const RUNS_GEMMA3: bool = true;
+    fn matrix(&mut self, t: &Tensor) -> Result<Self::W> {
+        Ok((t.name().to_string(), t.quant_format()))
+    }
+    fn vector(&mut self, _: &Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// When the decoder's `config.json` declares a `quantization_config`, it must describe the
+/// tensors the decoder will read: `quant_method` `jetvlm` (AWQ and GPTQ checkpoints are
+/// converted by `jetvlm quantize` first), every layer matrix quantized in the declared
+/// `bits` and `group_size`, and the LM head INT8 exactly when `lm_head_bits` is 8. The
+/// memory planner charges the declared format, so a contradiction is refused, naming the
+/// field and the first tensor that disagrees.
+pub fn check_declared_quantization(config: &Config, ws: &Weights) -> Result<()> {
+    let path = ws.dir().join("config.json");
+    let raw: serde_json::Value = jetvlm_core::config::load_json(&path)?;
+    let Some(q) = raw.get("quantization_config") else {
+        return Ok(());
+    };
+    let bad = |field: &str, msg: String| DecoderError::Unsupported {
+        path: path.clone(),
+        field: format!("quantization_config.{field}"),
+        msg,
+    };
+    match q.get("quant_method").and_then(|m| m.as_str()) {
+        Some("jetvlm") => {}
+        Some(m @ ("awq" | "gptq")) => {
+            return Err(bad(
+                "quant_method",
+                format!(
+                    "`{m}` checkpoints are converted first: jetvlm quantize --model {} --out DIR",
+                    ws.dir().display()
+                ),
+            ));
+        }
+        other => {
+            return Err(bad(
+                "quant_method",
+                format!(
+                    "unknown format {}; the decoder loads `jetvlm` (written by jetvlm quantize)",
+                    other.map_or_else(|| "(missing)".into(), |m| format!("`{m}`"))
+                ),
+            ));
+        }
+    }
+    let number = |field: &str| -> Result<Option<u64>> {
+        match q.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| bad(field, format!("{v} is not a whole number"))),
+        }
+    };
+    let bits = number("bits")?.ok_or_else(|| bad("bits", "missing".into()))?;
+    let group = number("group_size")?.ok_or_else(|| bad("group_size", "missing".into()))?;
+    let head_bits = number("lm_head_bits")?;
+    let w = arch::load(&config.model, ws, None, &mut Formats)?;
+    for l in &w.layers {
+        for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+            let (name, fmt) = &lin.w;
+            let Some(fmt) = fmt else {
+                return Err(bad(
+                    "bits",
+                    format!("declares {bits} bits but `{name}` is stored unquantized"),
+                ));
+            };
+            if u64::from(fmt.bits()) != bits {
+                return Err(bad(
+                    "bits",
+                    format!(
+                        "declares {bits} but `{name}` is stored with {} bits",
+                        fmt.bits()
+                    ),
+                ));
+            }
+            if fmt.group() as u64 != group {
+                return Err(bad(
+                    "group_size",
+                    format!(
+                        "declares {group} but `{name}` is stored in groups of {}",
+                        fmt.group()
+                    ),
+                ));
+            }
+        }
+    }
+    let (head_name, head_fmt) = w.lm_head.as_ref().unwrap_or(&w.embed);
+    let head_stored = head_fmt.map(|f| u64::from(f.bits()));
+    if head_stored != head_bits {
+        let says =
+            |b: Option<u64>| b.map_or_else(|| "unquantized".to_string(), |b| format!("{b} bits"));
+        return Err(bad(
+            "lm_head_bits",
+            format!(
+                "declares the LM head {} but `{head_name}` is stored {}",
+                says(head_bits),
+                says(head_stored)
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -519,3 +519,64 @@ fn fidelity_of_each_weight_format() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// A quantized directory whose `quantization_config` is damaged or disagrees with its
+/// tensors: one line naming the field, never a silently different model.
+#[test]
+fn inconsistent_quantization_config_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clean = tmp.path().join("clean");
+    let opts = QuantizeOptions {
+        format: WeightFormat::new(4, 32).unwrap(),
+        head_int8: false,
+    };
+    quantize_dir(&fixture("llama"), &clean, &opts).unwrap();
+    // (what, quantization_config fields to set, words the message must contain)
+    let cases: Vec<(&str, Vec<(&str, serde_json::Value)>, Vec<&str>)> = vec![
+        (
+            "an unknown format",
+            vec![("quant_method", "fp8".into())],
+            vec!["quant_method", "fp8"],
+        ),
+        (
+            "bits that disagree with the tensors",
+            vec![("bits", 8.into())],
+            vec!["bits"],
+        ),
+        (
+            "a group size that disagrees with the tensors",
+            vec![("group_size", 64.into())],
+            vec!["group"],
+        ),
+        (
+            "an INT8 LM head declared, the head stored as is",
+            vec![("lm_head_bits", 8.into())],
+            vec!["lm_head_bits", "lm_head.weight"],
+        ),
+        (
+            "an AWQ checkpoint's method (not converted)",
+            vec![("quant_method", "awq".into())],
+            vec!["quant_method", "jetvlm quantize --model"],
+        ),
+    ];
+    for (i, (what, set, words)) in cases.into_iter().enumerate() {
+        let dir = tmp.path().join(format!("case{i}"));
+        std::fs::create_dir(&dir).unwrap();
+        for e in std::fs::read_dir(&clean).unwrap().flatten() {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        let path = dir.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for (k, v) in set {
+            cfg["quantization_config"][k] = v;
+        }
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let msg = load_error(&dir);
+        println!("{what}: {msg}");
+        assert!(
+            words.iter().all(|w| msg.contains(w)) && !msg.contains('\n'),
+            "{what}: {msg}"
+        );
+    }
+}
