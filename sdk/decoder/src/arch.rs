@@ -9,9 +9,16 @@
 //! grouped query heads, optional q/k/v biases (Qwen2), an optional RMSNorm over every query
 //! and key head (Qwen3), RoPE on q and k, a SwiGLU MLP, a final RMSNorm and an LM head that may
 //! be tied to the embedding table. DeepStack (Qwen3-VL) adds a frame's extra visual features
-//! to its tokens' hidden states after the first layers ([`run_layers_with_deepstack`]). A new family adds its options to
-//! `ModelConfig`, its tensor names to [`load`] and its steps to [`run_layers`]; a weight
-//! format plugs in at [`TensorOps::matmul`].
+//! to its tokens' hidden states after the first layers ([`run_layers_with_deepstack`]).
+//! Gemma 3 (`ModelConfig::gemma3`) varies it: RMSNorm weights applied as `1 + w` (folded at
+//! load), norms of the attention and MLP outputs before each residual add, q/k norms carrying
+//! the `query_pre_attn_scalar` score scale, a GeGLU MLP ([`TensorOps::geglu`]), local layers
+//! with their own RoPE base ([`LayerOps::rope_local`]) and sliding window, a frame's tokens
+//! attending to each other both ways ([`LayerOps::attention_masked`]), and optional final
+//! logit softcapping; a backend that lacks those operations is refused Gemma 3 at load
+//! ([`WeightSink::RUNS_GEMMA3`]). A new family adds its options to `ModelConfig`, its tensor
+//! names to [`load`] and its steps to [`run_layers`]; a weight format plugs in at
+//! [`TensorOps::matmul`].
 
 use crate::error::{DecoderError, Result};
 use crate::weights::{Tensor, Weights};
