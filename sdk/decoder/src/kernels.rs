@@ -5,6 +5,7 @@
 //! Weight matrices are Hugging Face `Linear` weights: row-major `[out, in]`, so `y = W x`.
 //! Every fast kernel has a plain reference twin (`*_ref`) and a test comparing them.
 
+use crate::qkernels::QuantizedX;
 use crate::weights::TensorData;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -19,7 +20,8 @@ pub fn dot(w: TensorData<'_>, start: usize, x: &[f32]) -> f32 {
         TensorData::BF16(s) => dot_bf16(&s[start..start + n], x),
         TensorData::Quant(q) => {
             let mut y = [0f32];
-            crate::qkernels::gemv_rows(&q, start / q.cols, x, &mut y);
+            let qx = crate::qkernels::QuantizedX::new(&x[..q.cols]);
+            crate::qkernels::gemv_rows(&q, start / q.cols, &qx, &mut y);
             y[0]
         }
     }
@@ -212,10 +214,22 @@ fn gemv_chunk(rows: usize, cols: usize) -> usize {
     by_threads.max(min_rows).max(1)
 }
 
-/// `ys[j] = W[r0 + j, :] . x`: a run of consecutive rows (AVX-512 where the CPU has it).
-fn gemv_rows(w: TensorData<'_>, r0: usize, cols: usize, x: &[f32], ys: &mut [f32]) {
+/// `ys[j] = W[r0 + j, :] . x`: a run of consecutive rows (AVX-512 where the CPU has it). A
+/// quantized `W` reads `x` quantized to INT8 (`qx`, made once per product; made here when
+/// `None`).
+fn gemv_rows(
+    w: TensorData<'_>,
+    r0: usize,
+    cols: usize,
+    x: &[f32],
+    qx: Option<&QuantizedX>,
+    ys: &mut [f32],
+) {
     if let TensorData::Quant(q) = w {
-        crate::qkernels::gemv_rows(&q, r0, x, ys);
+        match qx {
+            Some(qx) => crate::qkernels::gemv_rows(&q, r0, qx, ys),
+            None => crate::qkernels::gemv_rows(&q, r0, &QuantizedX::new(&x[..cols]), ys),
+        }
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -263,15 +277,21 @@ pub(crate) struct GemvJob<'w, 'y> {
 
 /// Several matrix-vector products over the same input `x` (a layer's q/k/v, or gate/up) in
 /// one parallel region: the rows of all weights are split into tasks together, so the
-/// threads meet once instead of once per weight.
+/// threads meet once instead of once per weight. When a weight is quantized, `x` is
+/// quantized to INT8 once for all of them.
 pub(crate) fn gemv_many(jobs: &mut [GemvJob<'_, '_>], cols: usize, x: &[f32]) {
     debug_assert_eq!(x.len(), cols);
     let total_rows: usize = jobs.iter().map(|j| j.y.len()).sum();
+    let qx = jobs
+        .iter()
+        .any(|j| matches!(j.w, TensorData::Quant(_)))
+        .then(|| QuantizedX::new(&x[..cols]));
+    let qx = qx.as_ref();
     let chunk = gemv_chunk(total_rows, cols);
     if chunk >= total_rows {
         for j in jobs.iter_mut() {
             debug_assert_eq!(j.w.len(), j.y.len() * cols);
-            gemv_rows(j.w, 0, cols, x, j.y);
+            gemv_rows(j.w, 0, cols, x, qx, j.y);
         }
         return;
     }
@@ -286,7 +306,7 @@ pub(crate) fn gemv_many(jobs: &mut [GemvJob<'_, '_>], cols: usize, x: &[f32]) {
     }
     tasks
         .into_par_iter()
-        .for_each(|(w, r0, ys)| gemv_rows(w, r0, cols, x, ys));
+        .for_each(|(w, r0, ys)| gemv_rows(w, r0, cols, x, qx, ys));
 }
 
 /// `y[r] = W[r, :] . x` for a row-major `[rows, cols]` weight, rows in parallel.
@@ -424,7 +444,7 @@ mod avx512 {
 /// (`fcvtl`) or BF16 (widen by a 16-bit shift) in registers, f32 accumulation in four
 /// independent registers.
 #[cfg(target_arch = "aarch64")]
-mod neon {
+pub(crate) mod neon {
     use half::{bf16, f16};
     use std::arch::aarch64::*;
 
@@ -452,7 +472,7 @@ mod neon {
     /// mantissa moved into f32 position and scaled by 2^112, which is exact for normal and
     /// subnormal halves; infinities and NaNs get the all-ones exponent; then the sign.
     #[inline(always)]
-    pub(super) unsafe fn f16x4_to_f32(h: uint32x4_t) -> float32x4_t {
+    pub(crate) unsafe fn f16x4_to_f32(h: uint32x4_t) -> float32x4_t {
         // SAFETY: register-only NEON operations (baseline on aarch64).
         unsafe {
             let sign = vshlq_n_u32::<16>(vandq_u32(h, vdupq_n_u32(0x8000)));

@@ -97,13 +97,15 @@ fn logits(m: &Model, ids: &[u32], last: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>)
 fn converted_checkpoints_match_python_dequantized_logits() {
     // (fixture, prefill bound, decode bound) relative to the largest logit. Exact conversions
     // differ from the Python reference only by f32 summation order (and AWQ/GPTQ zeros
-    // rounded to FP16); decode may quantize activations to INT8 per group (VNNI path).
-    // GPTQ act-order is quantized again in contiguous groups: INT4 round-to-nearest error.
+    // rounded to FP16). Decode quantizes each matrix's input to INT8 per block of 32 (every
+    // activation within 1/254 of its block's largest): 0.6-1.7% of the largest logit on these
+    // fixtures, bound 3%. GPTQ act-order is quantized again in contiguous groups: INT4
+    // round-to-nearest error.
     for (name, pre_tol, dec_tol) in [
-        ("gguf_q8_0", 1e-4, 1e-4),
-        ("gguf_q4_0", 1e-4, 1e-4),
-        ("awq", 2e-3, 2e-3),
-        ("gptq", 2e-3, 5e-2),
+        ("gguf_q8_0", 1e-4, 3e-2),
+        ("gguf_q4_0", 1e-4, 3e-2),
+        ("awq", 2e-3, 3e-2),
+        ("gptq", 2e-3, 3e-2),
         ("gptq_actorder", 0.08, 0.08),
     ] {
         let (ids, want) = expected(&fixtures().join("quant").join(name));
