@@ -11,7 +11,9 @@
 //! Answers go to stdout as text or, with `--json`, one JSON object per line. A question that
 //! fails (too long for the model, say), an unknown command or a line that is not UTF-8 text
 //! is reported and the assistant goes on; a camera that fails ends it with one error line and
-//! a non-zero exit.
+//! a non-zero exit. A live camera (`rtsp://`, `csi://`) that loses its stream reconnects with
+//! backoff; `source_lost` / `source_restored` are printed as they happen (with `--json`, one
+//! object each: `{"event","source","unix_ms","reason"|"attempts","outage_ms"}`).
 //!
 //! With `--serve` the questions come over HTTP instead of stdin: the same camera, window and
 //! model behind `jetvlm serve`'s OpenAI-compatible API (`camera://window` is this window),
@@ -19,6 +21,7 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use jetvlm_camera::{EventTap, SourceEvent};
 use jetvlm_runtime::{Pipeline, RuntimeConfig, StreamSession};
 use serde::Serialize;
 use std::io::{BufRead, Write};
@@ -29,7 +32,8 @@ use std::time::Duration;
 #[command(name = "jetvlm-assistant", version, about)]
 struct Cli {
     /// Frame source URI: v4l2:///dev/video0 (feature `v4l`), synthetic://scene?seed=7,
-    /// dir://frames/, file://img.png.
+    /// dir://frames/, file://img.png; rtsp://, video files, csi://N, gst:// (feature
+    /// `gstreamer`; docs/cameras.md).
     #[arg(default_value = "synthetic://scene")]
     source: String,
     /// Model package directory (default: $JETVLM_MODEL).
@@ -153,12 +157,14 @@ fn run(cli: &Cli) -> Result<()> {
     }
     let mut pipeline = Pipeline::load(&model, cfg)
         .with_context(|| format!("loading model package {}", model.display()))?;
+    // The URI as shown: credentials (rtsp://user:pass@...) never reach the output.
+    let shown = jetvlm_camera::uri::redact(&cli.source);
     let mut source = jetvlm_camera::open(&cli.source)
-        .with_context(|| format!("opening frame source {}", cli.source))?;
+        .with_context(|| format!("opening frame source {shown}"))?;
     eprintln!(
         "jetvlm-assistant: {} on {} (KV {}, decoder on {}), window {} frames; one question per line, :frames, :quit",
         model.display(),
-        cli.source,
+        source.describe(),
         pipeline.kv_policy(),
         pipeline.decoder_device(),
         cli.window
@@ -226,15 +232,12 @@ fn run(cli: &Cli) -> Result<()> {
                 source.as_mut(),
                 cli.fresh,
                 timeout,
-                &cli.source,
+                &shown,
+                cli.json,
             )?;
         }
         let frames = session.frames();
-        anyhow::ensure!(
-            !frames.is_empty(),
-            "{}: the source gave no frames",
-            cli.source
-        );
+        anyhow::ensure!(!frames.is_empty(), "{shown}: the source gave no frames");
         let newest = frames.iter().map(|f| f.index).max();
         let truth = source
             .ground_truth()
@@ -310,18 +313,68 @@ fn serve(cli: &Cli, model: PathBuf, cfg: RuntimeConfig) -> Result<()> {
 }
 
 /// Takes `n` new frames into the session; returns true when the source has ended (the
-/// window keeps what it has).
+/// window keeps what it has). A live source's connection events are printed as they happen
+/// (also in the middle of an outage), and its reconnection timeouts are waited out: the
+/// source bounds its own retries.
 fn take_frames(
     session: &mut StreamSession<'_>,
     source: &mut dyn jetvlm_camera::FrameSource,
     n: usize,
     timeout: Duration,
     uri: &str,
+    json: bool,
 ) -> Result<bool> {
-    for _ in 0..n {
-        if jetvlm_app::next_frame(session, source, timeout, uri)?.is_none() {
-            return Ok(true);
+    let mut failed = None;
+    let ended = {
+        let mut tap = EventTap::new(source, |e| {
+            if let Err(err) = print_source_event(e, uri, json) {
+                failed.get_or_insert(err);
+            }
+        });
+        let mut ended = false;
+        for _ in 0..n {
+            if jetvlm_app::next_frame(session, &mut tap, timeout, uri)?.is_none() {
+                ended = true;
+                break;
+            }
         }
+        ended
+    };
+    if let Some(err) = failed {
+        return Err(err).context("writing a source event to stdout");
     }
-    Ok(false)
+    Ok(ended)
+}
+
+/// A live source's connection event, as `watch` prints it: one JSON object with `--json`,
+/// else one text line.
+fn print_source_event(event: &SourceEvent, source: &str, json: bool) -> std::io::Result<()> {
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let (line, value) = match event {
+        SourceEvent::Lost { reason } => (
+            format!("-- {source}: source lost ({reason}); reconnecting"),
+            serde_json::json!({
+                "event": "source_lost", "source": source, "unix_ms": unix_ms, "reason": reason,
+            }),
+        ),
+        SourceEvent::Restored { attempts, outage } => (
+            format!(
+                "-- {source}: source restored after {attempts} attempt(s), {:.1} s without frames",
+                outage.as_secs_f64()
+            ),
+            serde_json::json!({
+                "event": "source_restored", "source": source, "unix_ms": unix_ms,
+                "attempts": attempts, "outage_ms": outage.as_secs_f64() * 1e3,
+            }),
+        ),
+    };
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{value}")?;
+    } else {
+        writeln!(out, "{line}")?;
+    }
+    out.flush()
 }
