@@ -15,7 +15,9 @@
 //!   `gstreamer`).
 
 /// The [`FrameSource`] impl of a source type this build leaves out (its feature is off): the
-/// type holds an `Infallible`, so no value exists and every method is unreachable.
+/// type holds an `Infallible`, so no value exists and every method is unreachable. (A build
+/// with both features has no stub to use it.)
+#[cfg(not(all(feature = "gstreamer", feature = "v4l")))]
 macro_rules! uninhabited_source {
     ($source:ty) => {
         impl $crate::frame::FrameSource for $source {
