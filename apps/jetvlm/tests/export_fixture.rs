@@ -592,6 +592,53 @@ fn qwen3_vl_deepstack_and_interleaved_mrope_change_the_logits() {
     assert!(d > 1e-3, "{d}");
 }
 
+/// The q/k head norms are part of the one decoder definition, so the device path runs them:
+/// the Qwen3-VL package's Qwen3 language model with plain RoPE and without DeepStack (what the
+/// device takes) gives the same greedy tokens on the simulated device (`--device sim`, the
+/// CUDA path's host logic over its kernels' CPU twins) as on the CPU decoder.
+#[test]
+fn qwen3_qk_norms_run_alike_on_the_simulated_device_and_the_cpu() {
+    let family = "qwen3_vl";
+    let exp = expected(family);
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = edited_package(
+        tmp.path(),
+        family,
+        |c| {
+            let o = c.as_object_mut().unwrap();
+            o.remove("mrope_frame_grid");
+            o.insert("deepstack_layers".into(), 0.into());
+            let rope = o["rope_parameters"].as_object_mut().unwrap();
+            rope.remove("mrope_section");
+            rope.remove("mrope_interleaved");
+        },
+        |m| m.replace("  deepstack_output: deepstack_embeds\n", ""),
+    );
+    let run = |device: &str| {
+        let out = jetvlm()
+            .arg("ask")
+            .arg("--model")
+            .arg(&plain)
+            .arg("--image")
+            .arg(fixture(family).join(exp["image"].as_str().unwrap()))
+            .arg(exp["question"].as_str().unwrap())
+            .args(["--max-tokens", "16", "--json", "--kv", "fp16"])
+            .args(["--device", device])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{device}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["token_ids"].clone()
+    };
+    let cpu = run("cpu");
+    assert_eq!(cpu.as_array().unwrap().len(), 16);
+    assert_eq!(run("sim"), cpu);
+}
+
 /// A DeepStack package whose manifest does not name the encoder's DeepStack output, or names
 /// one the decoder does not take, is refused at load naming `vision.deepstack_output`; a
 /// frame without its DeepStack features is refused by the decoder naming deepstack_layers
