@@ -420,10 +420,9 @@ fn gemma3_on_the_device_path_is_refused_with_one_line() {
 /// Gemma 3's package with its decoder's `sliding_window` set to 8 (the prompt is 51
 /// tokens): with the exact f32 cache the first-token logits are transformers' for that window
 /// (the local layer's window composed with the image's bidirectional block; they differ from
-/// the full-context logits by far more than the bound), and the mixed cache, whose kernels
-/// read every block from its first token, refuses with an error naming sliding_window.
+/// the full-context logits by far more than the bound), and the mixed cache runs it too.
 #[test]
-fn gemma3_sliding_window_matches_transformers_and_the_mixed_cache_refuses_past_it() {
+fn gemma3_sliding_window_matches_transformers() {
     let family = "gemma3";
     let exp = expected(family);
     let tmp = tempfile::tempdir().unwrap();
@@ -480,11 +479,11 @@ fn gemma3_sliding_window_matches_transformers_and_the_mixed_cache_refuses_past_i
         "gemma3: sliding window 8, kv f32: first-token logits max |diff| vs transformers = {d:e}"
     );
     assert!(d < 1e-4, "max |diff| {d}");
-    let e = format!("{:#}", run("mixed").unwrap_err());
-    assert!(
-        e.contains("sliding_window") && e.contains("--kv f32"),
-        "{e}"
-    );
+    // The mixed cache skips the keys before the window too (INT4 frames: a bound that
+    // catches a broken mask, not a fidelity claim for random weights).
+    let m = max_diff(&run("mixed").unwrap(), &want);
+    eprintln!("gemma3: sliding window 8, kv mixed: first-token logits max |diff| = {m:e}");
+    assert!(m.is_finite() && m < 1.0, "kv mixed: max |diff| {m}");
 }
 
 /// The values of a nested JSON array of numbers, flattened row-major.

@@ -449,9 +449,10 @@ impl MixedKvCache {
 
     /// [`Self::attend`] under `mask`: with `whole_span` every query of the span also sees
     /// the span's later tokens (Gemma 3's bidirectional image tokens; with a causal
-    /// cache order that is "every key up to the span's last token"). A `window` the cached
-    /// context passes is refused ([`KvError::WindowExceeded`]): the kernels read each block
-    /// from its first token, so a key too far back cannot be skipped.
+    /// cache order that is "every key up to the span's last token"); with `window` a query
+    /// sees only keys fewer than that many tokens back in cache order (Gemma 3's local
+    /// layers: blocks before the window are skipped, a straddling block's earlier tokens
+    /// get zero weight).
     pub fn attend_masked(
         &self,
         layer: usize,
@@ -476,15 +477,6 @@ impl MixedKvCache {
         let op = "attend";
         self.check_layer(op, layer)?;
         self.cells.check_span(op, span)?;
-        if let Some(window) = mask.window
-            && !span.is_empty()
-        {
-            let oldest = self.cells.blocks().filter_map(|b| b.seqs.first()).min();
-            let back = oldest.map_or(0, |&o| span.seq(0).saturating_sub(o) as usize);
-            if back >= window {
-                return Err(KvError::WindowExceeded { window, back });
-            }
-        }
         let expected = span.len() * self.shape.q_heads * self.shape.head_dim;
         if q.len() != expected {
             return Err(KvError::ShapeMismatch {
@@ -514,6 +506,7 @@ impl MixedKvCache {
                 s.head_dim,
                 span,
                 mask.whole_span,
+                mask.window,
                 q,
                 out,
             );
@@ -532,7 +525,7 @@ impl MixedKvCache {
             d: s.head_dim,
             vgroup,
         };
-        attention::attend_fast(&ctx, span, mask.whole_span, q, out, kernel);
+        attention::attend_fast(&ctx, span, mask.whole_span, mask.window, q, out, kernel);
         Ok(())
     }
 

@@ -55,10 +55,4 @@ pub enum KvError {
         index: usize,
         value: f32,
     },
-    #[error(
-        "attend: the cached context reaches {back} tokens back, past the model's sliding window \
-         of {window} (sliding_window), which the mixed cache's attention cannot skip; keep the \
-         context shorter (fewer frames, a lower session_max_position) or use --kv f32"
-    )]
-    WindowExceeded { window: usize, back: usize },
 }

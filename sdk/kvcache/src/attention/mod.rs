@@ -235,6 +235,7 @@ pub(crate) fn attend_fast(
     ctx: &Ctx<'_>,
     span: &Span,
     whole_span: bool,
+    window: Option<usize>,
     q: &[f32],
     out: &mut [f32],
     kernel: Kernel,
@@ -281,6 +282,7 @@ pub(crate) fn attend_fast(
                 &f,
                 &blocks[lo..hi],
                 span.seq(if whole_span { nq - 1 } else { i }),
+                window_start(span.seq(i), window),
                 kh,
                 &q[(i * ctx.q_heads + kh * g) * d..][..g * d],
                 buf,
@@ -316,12 +318,24 @@ pub(crate) fn attend_fast(
     }
 }
 
-/// One (query, KV head, chunk) pass; writes `[g][m, l, acc[d]]` into `buf`.
+/// The first sequence number a query at `qseq` sees under a sliding `window` (keys fewer
+/// than `window` tokens back: `qseq - window < seq`); 0 without one.
+pub(crate) fn window_start(qseq: u32, window: Option<usize>) -> u32 {
+    window.map_or(0, |w| {
+        let w = u32::try_from(w).unwrap_or(u32::MAX);
+        (qseq + 1).saturating_sub(w)
+    })
+}
+
+/// One (query, KV head, chunk) pass over the keys with sequence numbers `first_seq..=qseq`;
+/// writes `[g][m, l, acc[d]]` into `buf`.
+#[allow(clippy::too_many_arguments)]
 fn run_task(
     ctx: &Ctx<'_>,
     f: &Fns,
     blocks: &[BlockRef<'_>],
     qseq: u32,
+    first_seq: u32,
     kh: usize,
     q: &[f32],
     buf: &mut [f32],
@@ -356,13 +370,18 @@ fn run_task(
         } else {
             b.seqs.partition_point(|&s| s <= qseq)
         };
-        if n == 0 {
+        // Keys before the window: a block wholly before it is skipped; in a block that
+        // straddles it, the kernels score every token from the block's first and the scores
+        // before the window are set to -inf before the softmax (weight 0).
+        let skip = b.seqs.partition_point(|&s| s < first_seq);
+        if n == 0 || skip >= n {
             continue;
         }
         let seg = pool.segment(ctx.layer, b.id, kh);
         match pool.layout() {
             PoolLayout::Fp16(l) => {
                 (f.fp16_scores)(&prep, seg, l, n, &mut st.s);
+                mask_before(&mut st, skip);
                 (f.prefetch)(later[0]);
                 (f.softmax)(&mut st, n);
                 (f.prefetch)(later[1]);
@@ -371,6 +390,7 @@ fn run_task(
             }
             PoolLayout::Quant(l) => {
                 (f.quant_scores)(&mut prep, seg, l, n, &mut st.s);
+                mask_before(&mut st, skip);
                 (f.prefetch)(later[0]);
                 (f.softmax)(&mut st, n);
                 (f.prefetch)(later[1]);
@@ -394,6 +414,13 @@ fn run_task(
                 *o = a + z;
             }
         }
+    }
+}
+
+/// Scores of a block's first `skip` tokens (before a sliding window) to -inf, for every head.
+fn mask_before(st: &mut State, skip: usize) {
+    for h in 0..st.g {
+        st.s[sidx(h, 0)..sidx(h, skip)].fill(f32::NEG_INFINITY);
     }
 }
 

@@ -66,6 +66,7 @@ pub fn attend(
     d: usize,
     span: &Span,
     whole_span: bool,
+    window: Option<usize>,
     q: &[f32],
     out: &mut [f32],
 ) {
@@ -75,6 +76,8 @@ pub fn attend(
     for i in 0..span.len() {
         // The last key a query sees: its own token, or the span's last with `whole_span`.
         let qseq = span.seq(if whole_span { span.len() - 1 } else { i });
+        // The first key a query sees under a sliding window.
+        let from = super::window_start(span.seq(i), window);
         for kh in 0..kv_heads {
             let mut keys: Vec<Vec<f32>> = Vec::new();
             let mut vals: Vec<Vec<f32>> = Vec::new();
@@ -84,7 +87,7 @@ pub fn attend(
                 };
                 let seg = pool.segment(layer, b.id, kh);
                 for (slot, &s) in b.seqs.iter().enumerate() {
-                    if s <= qseq {
+                    if (from..=qseq).contains(&s) {
                         dequant_token(pool.layout(), seg, slot, &mut kbuf, &mut vbuf);
                         keys.push(kbuf.clone());
                         vals.push(vbuf.clone());
