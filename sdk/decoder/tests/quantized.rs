@@ -532,7 +532,8 @@ fn inconsistent_quantization_config_is_refused() {
     };
     quantize_dir(&fixture("llama"), &clean, &opts).unwrap();
     // (what, quantization_config fields to set, words the message must contain)
-    let cases: Vec<(&str, Vec<(&str, serde_json::Value)>, Vec<&str>)> = vec![
+    type Fields = Vec<(&'static str, serde_json::Value)>;
+    let cases: Vec<(&str, Fields, Vec<&str>)> = vec![
         (
             "an unknown format",
             vec![("quant_method", "fp8".into())],
