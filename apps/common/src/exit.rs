@@ -251,7 +251,6 @@ fn cuda(e: &jetvlm_cuda::CudaError) -> ExitCode {
         C::Decoder(d) => decoder(d),
         C::Model { .. }
         | C::DecoderModel { .. }
-        | C::QuantizedWeights { .. }
         | C::Policy { .. } => ExitCode::BadInput,
         C::KvFull { .. } => ExitCode::DoesNotFit,
         _ => ExitCode::Failure,

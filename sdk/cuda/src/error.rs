@@ -74,12 +74,6 @@ pub enum CudaError {
         #[source]
         source: Box<jetvlm_decoder::DecoderError>,
     },
-    /// A weight matrix of the checkpoint is quantized (`jetvlm quantize`); the device
-    /// decoder reads F32/F16/BF16 matrices only.
-    #[error(
-        "tensor `{name}` in {path}: quantized weights run on the CPU decoder only for now (load the unquantized model on the device)"
-    )]
-    QuantizedWeights { name: String, path: PathBuf },
     #[error("KV policy {policy} on the device: {message}")]
     Policy { policy: String, message: String },
     #[error("device KV cache full: {message}")]
