@@ -248,6 +248,9 @@ if [ "$import" -eq 1 ] && [ "$need_import" -eq 1 ]; then
   "$jetvlm" quantize --model "$untied" --from "$q40h8" --out "$imported" >&2
 fi
 jetvlm_commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ -n "$(git status --porcelain -- sdk apps Cargo.toml Cargo.lock 2>/dev/null)" ]; then
+  jetvlm_commit="$jetvlm_commit with uncommitted changes"
+fi
 
 # 4. Interleaved rounds.
 tmp=$(mktemp -d)
@@ -269,7 +272,7 @@ run_llama() {
 }
 run_jetvlm() {
   local r=$1
-  log "round $r: jetvlm bench decode --weights bf16,q8,q4 --context $contexts"
+  log "round $r: jetvlm bench decode --weights $jweights --context $contexts"
   RAYON_NUM_THREADS=$threads "$jetvlm" bench decode --model "$model" --weights "$jweights" \
     --context "$contexts" --steps "$tokens" --ttft-tokens "$prefill" $noflush --json \
     > "$tmp/jetvlm-$r.json" 2> "$tmp/jetvlm.err" \
