@@ -31,6 +31,50 @@ def fixture(rel):
     return (ROOT / rel).read_bytes()
 
 
+# --- gguf --------------------------------------------------------------------------------
+def gguf_string(text):
+    b = text.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def gguf(metadata, tensors, version=3, data=b""):
+    """A GGUF file: metadata [(key, type id, packed value)], tensors [(name, dims, ggml type,
+    offset)], then the data section at the next multiple of 32."""
+    out = b"GGUF" + struct.pack("<IQQ", version, len(tensors), len(metadata))
+    for key, ty, value in metadata:
+        out += gguf_string(key) + struct.pack("<I", ty) + value
+    for name, dims, ty, offset in tensors:
+        out += gguf_string(name) + struct.pack("<I", len(dims))
+        out += b"".join(struct.pack("<Q", d) for d in dims)
+        out += struct.pack("<IQ", ty, offset)
+    out += b"\0" * (-len(out) % 32)
+    return out + data
+
+
+def gguf_seeds():
+    meta = [
+        ("general.architecture", 8, gguf_string("llama")),
+        ("llama.block_count", 4, struct.pack("<I", 2)),
+        ("llama.rope.freq_base", 6, struct.pack("<f", 10000.0)),
+        ("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2) + gguf_string("a") + gguf_string("b")),
+    ]
+    q8_block = struct.pack("<e", 0.5) + bytes(range(32))
+    q4_block = struct.pack("<e", 0.25) + bytes(range(0, 256, 16))
+    data = q8_block * 2 + b"\0" * (-68 % 32) + q4_block * 2
+    q4_at = 68 + (-68 % 32)
+    seed("gguf", "q8-q4-tensors.gguf", gguf(meta, [
+        ("blk.0.attn_q.weight", [32, 2], 8, 0),
+        ("blk.0.ffn_up.weight", [64, 1], 2, q4_at),
+    ], data=data))
+    seed("gguf", "f32-f16-bf16-v2.gguf", gguf(
+        [("general.alignment", 4, struct.pack("<I", 32))],
+        [("a", [4], 0, 0), ("b", [4], 1, 32), ("c", [2, 2], 30, 64)],
+        version=2, data=struct.pack("<4f", 1, 2, 3, 4) + b"\0" * 16 + b"\1" * 8 + b"\0" * 24 + b"\2" * 8))
+    seed("gguf", "k-quant-listed-only.gguf", gguf(meta[:1], [("q4k", [256], 12, 0)]))
+    seed("gguf", "truncated-data.gguf", gguf(meta[:1], [("w", [32], 8, 0)], data=q8_block[:20]))
+    seed("gguf", "rows-not-whole-blocks.gguf", gguf([], [("w", [31], 2, 0)], data=q4_block))
+
+
 # --- safetensors -------------------------------------------------------------------------
 
 def safetensors(tensors, metadata=None, pad=True):
@@ -449,6 +493,7 @@ rules:
 
 if __name__ == "__main__":
     safetensors_seeds()
+    gguf_seeds()
     image_seeds()
     onnx_seeds()
     text_seeds()

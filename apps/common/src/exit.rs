@@ -249,9 +249,7 @@ fn cuda(e: &jetvlm_cuda::CudaError) -> ExitCode {
     use jetvlm_cuda::CudaError as C;
     match e {
         C::Decoder(d) => decoder(d),
-        C::Model { .. }
-        | C::DecoderModel { .. }
-        | C::Policy { .. } => ExitCode::BadInput,
+        C::Model { .. } | C::DecoderModel { .. } | C::Policy { .. } => ExitCode::BadInput,
         C::KvFull { .. } => ExitCode::DoesNotFit,
         _ => ExitCode::Failure,
     }

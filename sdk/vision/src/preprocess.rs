@@ -897,39 +897,11 @@ mod tests {
 
     /// A valid 1x1 PNG whose IHDR is rewritten to declare `width x height` (CRC fixed): a
     /// file of a few dozen bytes that claims a huge image.
-    fn png_declaring(width: u32, height: u32) -> Vec<u8> {
-        let mut png = Vec::new();
-        image::RgbImage::new(1, 1)
-            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-            .unwrap();
-        // Signature (8), IHDR length (4), "IHDR" (4), width, height, ..., CRC over type+data.
-        png[16..20].copy_from_slice(&width.to_be_bytes());
-        png[20..24].copy_from_slice(&height.to_be_bytes());
-        let crc = crc32(&png[12..29]);
-        png[29..33].copy_from_slice(&crc.to_be_bytes());
-        png
-    }
-
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut c = !0u32;
-        for &b in bytes {
-            c ^= b as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xedb8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-            }
-        }
-        !c
-    }
-
     #[test]
     fn an_image_declaring_huge_dimensions_is_refused_before_decoding() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bomb.png");
-        let png = png_declaring(12000, 12000);
+        let png = jetvlm_core::image_limits::png_declaring(12000, 12000);
         assert!(png.len() < 100);
         std::fs::write(&path, &png).unwrap();
         match RgbImage::open(&path) {
