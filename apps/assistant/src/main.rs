@@ -21,7 +21,7 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use jetvlm_camera::{EventTap, SourceEvent};
+use jetvlm_camera::EventTap;
 use jetvlm_runtime::{Pipeline, RuntimeConfig, StreamSession};
 use serde::Serialize;
 use std::io::{BufRead, Write};
@@ -327,7 +327,7 @@ fn take_frames(
     let mut failed = None;
     let ended = {
         let mut tap = EventTap::new(source, |e| {
-            if let Err(err) = print_source_event(e, uri, json) {
+            if let Err(err) = jetvlm_app::print_source_event(e, uri, json) {
                 failed.get_or_insert(err);
             }
         });
@@ -344,37 +344,4 @@ fn take_frames(
         return Err(err).context("writing a source event to stdout");
     }
     Ok(ended)
-}
-
-/// A live source's connection event, as `watch` prints it: one JSON object with `--json`,
-/// else one text line.
-fn print_source_event(event: &SourceEvent, source: &str, json: bool) -> std::io::Result<()> {
-    let unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let (line, value) = match event {
-        SourceEvent::Lost { reason } => (
-            format!("-- {source}: source lost ({reason}); reconnecting"),
-            serde_json::json!({
-                "event": "source_lost", "source": source, "unix_ms": unix_ms, "reason": reason,
-            }),
-        ),
-        SourceEvent::Restored { attempts, outage } => (
-            format!(
-                "-- {source}: source restored after {attempts} attempt(s), {:.1} s without frames",
-                outage.as_secs_f64()
-            ),
-            serde_json::json!({
-                "event": "source_restored", "source": source, "unix_ms": unix_ms,
-                "attempts": attempts, "outage_ms": outage.as_secs_f64() * 1e3,
-            }),
-        ),
-    };
-    let mut out = std::io::stdout().lock();
-    if json {
-        writeln!(out, "{value}")?;
-    } else {
-        writeln!(out, "{line}")?;
-    }
-    out.flush()
 }

@@ -7,9 +7,11 @@ pub mod notify;
 
 pub use exit::{Exit, ExitCode, bad_input, check_failed, classify, does_not_fit};
 
-use jetvlm_camera::FrameSource;
+use jetvlm_camera::{FrameSource, SourceEvent};
 use jetvlm_core::FrameId;
 use jetvlm_runtime::{RuntimeConfig, RuntimeError, SessionCapture, StreamSession};
+use serde::Serialize;
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
@@ -134,4 +136,64 @@ mod tests {
         assert_eq!((j.log.as_str(), j.log_format), ("info", LogFormat::Json));
         assert!(Cli::try_parse_from(["x", "--log-format", "xml"]).is_err());
     }
+}
+
+/// A connection event of a live source, as a JSON line (`--json` of `watch` and the assistant).
+#[derive(Serialize)]
+struct EventReport<'a> {
+    /// `source_lost` or `source_restored`.
+    event: &'static str,
+    /// The source URI, credentials redacted.
+    source: &'a str,
+    /// Wall-clock time of the report, milliseconds since the Unix epoch.
+    unix_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outage_ms: Option<f64>,
+}
+
+/// Prints a live source's connection event as it happens: one JSON line with `json`, else
+/// one text line. `source` is the URI as it may be shown (credentials redacted).
+pub fn print_source_event(event: &SourceEvent, source: &str, json: bool) -> std::io::Result<()> {
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let (line, report) = match event {
+        SourceEvent::Lost { reason } => (
+            format!("-- {source}: source lost ({reason}); reconnecting"),
+            EventReport {
+                event: "source_lost",
+                source,
+                unix_ms,
+                reason: Some(reason),
+                attempts: None,
+                outage_ms: None,
+            },
+        ),
+        SourceEvent::Restored { attempts, outage } => (
+            format!(
+                "-- {source}: source restored after {attempts} attempt(s), {:.1} s without frames",
+                outage.as_secs_f64()
+            ),
+            EventReport {
+                event: "source_restored",
+                source,
+                unix_ms,
+                reason: None,
+                attempts: Some(*attempts),
+                outage_ms: Some(outage.as_secs_f64() * 1e3),
+            },
+        ),
+    };
+    let mut out = std::io::stdout().lock();
+    if json {
+        let text = serde_json::to_string(&report).map_err(std::io::Error::other)?;
+        writeln!(out, "{text}")?;
+    } else {
+        writeln!(out, "{line}")?;
+    }
+    out.flush()
 }

@@ -114,65 +114,6 @@ struct Summary {
     source_restored: u64,
 }
 
-/// A connection event of a live source, as a JSON line (`watch --json`).
-#[derive(Serialize)]
-struct EventReport<'a> {
-    /// `source_lost` or `source_restored`.
-    event: &'static str,
-    /// The source URI, credentials redacted.
-    source: &'a str,
-    /// Wall-clock time of the report, milliseconds since the Unix epoch.
-    unix_ms: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    attempts: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    outage_ms: Option<f64>,
-}
-
-/// Prints a source event (a JSON line, or a table line) as it happens.
-fn report_event(event: &SourceEvent, source: &str, json: bool) -> std::io::Result<()> {
-    let unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let (line, report) = match event {
-        SourceEvent::Lost { reason } => (
-            format!("-- {source}: source lost ({reason}); reconnecting"),
-            EventReport {
-                event: "source_lost",
-                source,
-                unix_ms,
-                reason: Some(reason),
-                attempts: None,
-                outage_ms: None,
-            },
-        ),
-        SourceEvent::Restored { attempts, outage } => (
-            format!(
-                "-- {source}: source restored after {attempts} attempt(s), {:.1} s without frames",
-                outage.as_secs_f64()
-            ),
-            EventReport {
-                event: "source_restored",
-                source,
-                unix_ms,
-                reason: None,
-                attempts: Some(*attempts),
-                outage_ms: Some(outage.as_secs_f64() * 1e3),
-            },
-        ),
-    };
-    let mut out = std::io::stdout().lock();
-    if json {
-        let text = serde_json::to_string(&report).map_err(std::io::Error::other)?;
-        writeln!(out, "{text}")?;
-    } else {
-        writeln!(out, "{line}")?;
-    }
-    out.flush()
-}
-
 pub fn run(args: WatchArgs) -> Result<()> {
     let mut cfg = match &args.config {
         Some(p) => RuntimeConfig::from_yaml(p)?,
@@ -235,7 +176,7 @@ pub fn run(args: WatchArgs) -> Result<()> {
             SourceEvent::Restored { .. } => &restored,
         };
         n.fetch_add(1, Ordering::Relaxed);
-        if let Err(err) = report_event(e, &shown, args.json) {
+        if let Err(err) = jetvlm_app::print_source_event(e, &shown, args.json) {
             event_error.get_or_insert(err);
         }
     });
