@@ -1,7 +1,8 @@
 //! `jetvlm plan` numbers for SmolVLM-256M and Qwen2-VL-2B on orin-nano-8gb, checked against a
 //! hand calculation written out here from the published shapes (not from the planner's
-//! helpers), and the headline property: text FP16 + frames INT4 fits at least 2.5x as many
-//! frames as all-FP16 when frames dominate the context.
+//! helpers), and the headline property: text FP16 + frames INT4 fits about as many more frames
+//! than all-FP16 as a frame token's KV and kept embedding shrink (2.5x and more with BF16
+//! weights) when frames dominate the context.
 
 use jetvlm_board::plan::{self, PlanOptions, WeightFormat, Workload};
 use jetvlm_board::{BoardRegistry, KvPrecision, ModelSpec};
@@ -199,12 +200,15 @@ fn smolvlm_256m_on_orin_nano_8gb_matches_hand_calculation() {
     assert_eq!(p.kv_bytes, 192 * 23_040 + 1024 * 6_480);
     let acts = SMOL_LM.activations(1216) + smol_vision_activations();
     assert_eq!(p.memory.activation_bytes, acts);
+    // The runtime keeps each frame's f32 embeddings: 1024 tokens x 576 x 4 bytes.
+    assert_eq!(p.memory.frame_features_bytes, 1024 * 576 * 4);
     assert_eq!(p.memory.camera_bytes, CAMERA);
     assert_eq!(p.memory.runtime_bytes, RUNTIME_ORIN);
     let total = SMOL_LM.params() * 2
         + smol_vision_params() * 2
         + 192 * 23_040
         + 1024 * 6_480
+        + 1024 * 576 * 4
         + acts
         + CAMERA
         + RUNTIME_ORIN;
@@ -222,10 +226,12 @@ fn smolvlm_256m_on_orin_nano_8gb_matches_hand_calculation() {
     );
 
     // Max frames, by walking N with the hand formulas.
-    let fixed = total - p.kv_bytes + 192 * 23_040;
-    let fp16 = hand_max_frames(fixed, 192, 64, |ft, _| ft * SMOL_LM.kv_fp16_per_token());
+    let fixed = total - p.kv_bytes - p.memory.frame_features_bytes + 192 * 23_040;
+    let fp16 = hand_max_frames(fixed, 192, 64, |ft, _| {
+        ft * (SMOL_LM.kv_fp16_per_token() + 576 * 4)
+    });
     let mixed = hand_max_frames(fixed, 192, 64, |ft, ctx| {
-        mixed_frame_bytes(&SMOL_LM, ft, ctx, false)
+        mixed_frame_bytes(&SMOL_LM, ft, ctx, false) + ft * 576 * 4
     });
     assert_eq!(p.max_frames_fp16, fp16);
     assert_eq!(p.max_frames_mixed, mixed);
@@ -270,8 +276,16 @@ fn qwen2_vl_2b_on_orin_nano_8gb_matches_hand_calculation() {
     );
     let acts = QWEN_LM.activations(4288) + qwen_vision_activations();
     assert_eq!(p.memory.activation_bytes, acts);
-    let total =
-        QWEN_LM.params() * 2 + qwen_vision_params() * 2 + p.kv_bytes + acts + CAMERA + RUNTIME_ORIN;
+    // Each frame's f32 embeddings: 4096 tokens x 1536 x 4 bytes.
+    let features = 4096 * 1536 * 4;
+    assert_eq!(p.memory.frame_features_bytes, features);
+    let total = QWEN_LM.params() * 2
+        + qwen_vision_params() * 2
+        + p.kv_bytes
+        + features
+        + acts
+        + CAMERA
+        + RUNTIME_ORIN;
     assert_eq!(p.total_bytes, total);
     assert!(
         p.fits,
@@ -287,10 +301,12 @@ fn qwen2_vl_2b_on_orin_nano_8gb_matches_hand_calculation() {
     let tpot = (QWEN_LM.params_read_per_token() * 2 + p.kv_bytes) as f64 / BW_ORIN_NANO_8GB * 1e3;
     assert!((p.tpot_floor_ms - tpot).abs() < 1e-9);
 
-    let fixed = total - p.kv_bytes + 192 * 28_672;
-    let fp16 = hand_max_frames(fixed, 192, 256, |ft, _| ft * QWEN_LM.kv_fp16_per_token());
+    let fixed = total - p.kv_bytes - features + 192 * 28_672;
+    let fp16 = hand_max_frames(fixed, 192, 256, |ft, _| {
+        ft * (QWEN_LM.kv_fp16_per_token() + 1536 * 4)
+    });
     let mixed = hand_max_frames(fixed, 192, 256, |ft, ctx| {
-        mixed_frame_bytes(&QWEN_LM, ft, ctx, false)
+        mixed_frame_bytes(&QWEN_LM, ft, ctx, false) + ft * 1536 * 4
     });
     assert_eq!(p.max_frames_fp16, fp16);
     assert_eq!(p.max_frames_mixed, mixed);
@@ -321,7 +337,11 @@ fn four_bit_weights_match_hand_calculation_and_leave_room_for_more_frames() {
     let hand = matrices * 9 / 16 + rest * 2;
     assert_eq!(q4.memory.weights_bytes, hand);
     assert!(q4.max_frames_mixed > bf16.max_frames_mixed);
-    assert!(q4.max_frames_mixed as f64 >= 2.5 * q4.max_frames_fp16 as f64);
+    // Each frame token costs its KV and its f32 embedding (1536 x 4 bytes, the same under
+    // every policy), so the gain approaches (28,672 + 6,144) / (8,064 + 6,144) = 2.45x.
+    let bound = (28_672.0 + 6_144.0) / (8_064.0 + 6_144.0);
+    let gain = q4.max_frames_mixed as f64 / q4.max_frames_fp16 as f64;
+    assert!(gain >= 0.98 * bound, "{gain} vs {bound}");
     // A decode step reads all of it (the tied head is the embedding table).
     let tpot = (hand + q4.kv_bytes) as f64 / BW_ORIN_NANO_8GB * 1e3;
     assert!((q4.tpot_floor_ms - tpot).abs() < 1e-9);
@@ -441,4 +461,32 @@ fn per_layer_frame_formats_are_charged_layer_by_layer() {
     assert!("mixed:layers=3c64".parse::<KvPrecision>().is_err());
     assert!("fp16:layers=4c64".parse::<KvPrecision>().is_err());
     assert!("mixed:bits=16,layers=4c64".parse::<KvPrecision>().is_err());
+}
+
+#[test]
+fn qwen3_vl_frames_are_charged_their_deepstack_features() {
+    // Qwen3-VL-2B: the text hidden size is 2048 and vision_config lists three DeepStack
+    // layers, so the runtime keeps 1 + 3 f32 vectors of 2048 per frame token (the embedding
+    // and the three feature sets); 16 frames of 196 tokens.
+    let board = BoardRegistry::bundled().get("orin-nano-8gb").unwrap();
+    let model = ModelSpec::load(&fixture("configs/qwen3-vl-2b")).unwrap();
+    assert_eq!(model.text.deepstack_layers, 3);
+    let w = workload(196, 16);
+    let p = plan_default(&board, &model, &w, KvPrecision::mixed());
+    assert_eq!(p.deepstack_layers, 3);
+    assert_eq!(p.memory.frame_features_bytes, 16 * 196 * 2048 * 4 * 4);
+    // Every frame costs them: one frame fewer frees its KV and its features.
+    let less = plan_default(&board, &model, &workload(196, 15), KvPrecision::mixed());
+    assert_eq!(
+        p.total_bytes - less.total_bytes,
+        (p.kv_bytes - less.kv_bytes) + 196 * 2048 * 4 * 4
+    );
+    // Qwen2.5-VL has no DeepStack: its frames keep their embeddings only.
+    let q25 = ModelSpec::load(&fixture("configs/qwen2.5-vl-3b")).unwrap();
+    assert_eq!(q25.text.deepstack_layers, 0);
+    let p25 = plan_default(&board, &q25, &workload(256, 16), KvPrecision::mixed());
+    assert_eq!(
+        p25.memory.frame_features_bytes,
+        16 * 256 * q25.text.hidden_size as u64 * 4
+    );
 }

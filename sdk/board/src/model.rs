@@ -27,7 +27,8 @@
 //!   Qwen2.5-VL and Qwen3-VL (`depth`, `hidden_size` e, `intermediate_size` m,
 //!   `out_hidden_size`): the same with a gated MLP (`3 e m`) for Qwen2.5-VL, and for Qwen3-VL a
 //!   learned position table (`num_position_embeddings * e`) and one more merger per DeepStack
-//!   layer (`deepstack_visual_indexes`).
+//!   layer (`deepstack_visual_indexes`; their count is the decoder's `deepstack_layers`, the
+//!   feature sets a frame carries, which the planner charges per frame token).
 //!
 //! Tokens per frame (one camera frame = one image):
 //! - Idefics3/SmolVLM: `(image_size / patch_size)^2 / scale_factor^2` (one 512 px tile of
@@ -161,7 +162,29 @@ impl ModelSpec {
     /// Reads a Hugging Face `config.json` (language model + `vision_config` when present).
     pub fn from_hf_config(path: &Path) -> Result<Self, BoardError> {
         let raw: Value = jetvlm_core::config::load_json(path)?;
-        let text = ModelConfig::from_value(&raw, path)?;
+        let mut text = ModelConfig::from_value(&raw, path)?;
+        // Qwen3-VL: a frame carries one DeepStack feature set per vision layer listed here
+        // (a jetvlm package's decoder config says `deepstack_layers` itself).
+        if text.deepstack_layers == 0
+            && let Some(indexes) = raw
+                .get("vision_config")
+                .and_then(|v| v.get("deepstack_visual_indexes"))
+                .and_then(Value::as_array)
+        {
+            if indexes.len() > text.num_hidden_layers {
+                return Err(ConfigError::invalid(
+                    path,
+                    "vision_config.deepstack_visual_indexes",
+                    format!(
+                        "{} DeepStack feature sets, more than the decoder's {} layers",
+                        indexes.len(),
+                        text.num_hidden_layers
+                    ),
+                )
+                .into());
+            }
+            text.deepstack_layers = indexes.len();
+        }
         let (vision, tokens_per_frame) = match raw.get("vision_config").filter(|v| v.is_object()) {
             Some(vc) => {
                 let (enc, tpf) = estimate_vision(&raw, vc, &text, path)?;

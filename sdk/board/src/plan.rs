@@ -12,7 +12,14 @@
 //! - **vision encoder**: its parameters at its dtype (see [`crate::model`]; the vision
 //!   encoder is not affected by `--weight-bits`).
 //! - **KV cache**, text and frame parts: `layers * kv_heads * 2 (K and V)` vectors of
-//!   `head_dim` per token, each at its format's bytes (see [`crate::policy`]).
+//!   `head_dim` per token, each at its format's bytes (see [`crate::policy`]). Every layer
+//!   keeps the whole context, Gemma 3's sliding-window (local) layers too: the cache's blocks
+//!   hold every layer's K and V of their tokens, and a local layer's attention skips the
+//!   blocks before its window without freeing them.
+//! - **frame features**: the encoder output of every frame in the context, kept by the
+//!   runtime to prefill it (and, in a session, to prefill it again after a re-base):
+//!   `frames * tokens_per_frame * hidden * 4 * (1 + deepstack_layers)` bytes (f32
+//!   embeddings and, for Qwen3-VL, one DeepStack feature set per `deepstack_layers`).
 //! - **activations / workspace** (an estimate): with `C = min(prefill_chunk, context)`,
 //!   decoder buffers `C * (4 h + q_dim + 2 kv_dim + 3 i) * 4` bytes (f32 residual, norm,
 //!   attention output, o-proj output, q/k/v, MLP gate/up/act), attention scratch
@@ -471,6 +478,22 @@ pub fn kv_usage(
     })
 }
 
+/// Bytes of the encoder outputs the runtime keeps for the workload's frames: per frame token
+/// its f32 embedding and, with DeepStack (`deepstack_layers`), one f32 feature vector per
+/// DeepStack layer (`jetvlm_vision::Embeddings::data` and `deepstack`, held for every frame
+/// of a prompt and of a session's window). An overflow error names the flags at fault.
+pub fn frame_feature_bytes(text: &ModelConfig, workload: &Workload) -> Result<u64, BoardError> {
+    product(
+        "the frame feature bytes",
+        &[
+            (FRAME_TOKENS, workload.frame_tokens()?),
+            ("hidden_size", text.hidden_size as u64),
+            ("deepstack_layers", 1 + text.deepstack_layers as u64),
+            ("f32 bytes", 4),
+        ],
+    )
+}
+
 /// The activation / workspace estimate, by part.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Activations {
@@ -657,6 +680,8 @@ pub struct MemoryBreakdown {
     pub vision_encoder_bytes: u64,
     pub kv_text_bytes: u64,
     pub kv_frame_bytes: u64,
+    /// The frames' encoder outputs the runtime keeps (see [`frame_feature_bytes`]).
+    pub frame_features_bytes: u64,
     pub activation_bytes: u64,
     pub camera_bytes: u64,
     pub runtime_bytes: u64,
@@ -685,6 +710,7 @@ impl MemoryBreakdown {
                 ),
                 (TEXT_TOKENS, self.kv_text_bytes),
                 (FRAME_TOKENS, self.kv_frame_bytes),
+                (FRAME_TOKENS, self.frame_features_bytes),
                 ("the activations (--prefill-chunk)", self.activation_bytes),
                 (
                     "the camera buffers (--camera, --camera-buffers)",
@@ -726,6 +752,7 @@ pub fn memory(
         vision_encoder_bytes: model.vision.as_ref().map_or(0, |v| v.bytes),
         kv_text_bytes: usage.text_bytes,
         kv_frame_bytes: usage.frame_bytes,
+        frame_features_bytes: frame_feature_bytes(&model.text, workload)?,
         activation_bytes: activations(model, workload, opts)?.total()?,
         camera_bytes: if workload.frames > 0 {
             opts.camera.bytes()?
@@ -831,6 +858,8 @@ pub struct Plan {
     pub kv: KvUsage,
     pub vision_params: Option<u64>,
     pub vision_source: Option<VisionSource>,
+    /// DeepStack feature sets a frame token carries besides its embedding (Qwen3-VL).
+    pub deepstack_layers: usize,
     pub total_bytes: u64,
     pub budget_bytes: u64,
     pub budget_source: String,
@@ -959,6 +988,7 @@ pub fn plan(
         kv: usage,
         vision_params: model.vision.as_ref().and_then(|v| v.params),
         vision_source: model.vision.as_ref().map(|v| v.source.clone()),
+        deepstack_layers: model.text.deepstack_layers,
         total_bytes: total,
         budget_bytes: budget,
         budget_source,

@@ -134,7 +134,7 @@ proptest! {
             Ok(p) => {
                 prop_assert!(!overflows, "{w:?}, vision {vision_bytes}, camera x{camera_buffers}: planned, fits = {}", p.fits);
                 let m = &p.memory;
-                let sum = [m.weights_bytes, m.vision_encoder_bytes, m.kv_text_bytes, m.kv_frame_bytes, m.activation_bytes, m.camera_bytes, m.runtime_bytes]
+                let sum = [m.weights_bytes, m.vision_encoder_bytes, m.kv_text_bytes, m.kv_frame_bytes, m.frame_features_bytes, m.activation_bytes, m.camera_bytes, m.runtime_bytes]
                     .iter()
                     .map(|&x| x as u128)
                     .sum::<u128>();

@@ -367,6 +367,14 @@ pub fn render(p: &Plan) -> String {
             ),
             m.kv_frame_bytes,
         ),
+        (
+            if p.deepstack_layers > 0 {
+                format!("frame features (+{} DeepStack)", p.deepstack_layers)
+            } else {
+                "frame features".into()
+            },
+            m.frame_features_bytes,
+        ),
         ("activations / workspace".into(), m.activation_bytes),
         ("camera buffers".into(), m.camera_bytes),
         ("CUDA runtime".into(), m.runtime_bytes),
