@@ -272,7 +272,28 @@ fn assert_session_with_eviction_matches_a_fresh_prefill(family: &str) {
 /// and columns cannot be swapped unnoticed.
 #[test]
 fn mrope_on_the_device_path_gives_the_cpu_tokens() {
-    let family = "qwen2_5_vl";
+    assert_device_path_gives_transformers_tokens("qwen2_5_vl");
+}
+
+/// Qwen3-VL on the device path (`--device sim`): interleaved M-RoPE
+/// (`rope_mrope_interleaved_f32`), DeepStack features added after the first decoder layers,
+/// q/k norms: transformers' greedy tokens with the FP16 cache, the CPU's with the mixed one.
+#[test]
+fn qwen3_vl_on_the_device_path_gives_transformers_tokens() {
+    assert_device_path_gives_transformers_tokens("qwen3_vl");
+}
+
+/// Gemma 3 on the device path (`--device sim`): GeGLU, (1 + w) norms, q/k norms, scaled
+/// embeddings, local and global layers, the image's tokens attending both ways:
+/// transformers' greedy tokens with the FP16 cache, the CPU's with the mixed one.
+#[test]
+fn gemma3_on_the_device_path_gives_transformers_tokens() {
+    assert_device_path_gives_transformers_tokens("gemma3");
+}
+
+/// `ask --device sim` on `family`'s package: transformers' greedy tokens with the FP16 cache,
+/// and the CPU decoder's tokens with the mixed cache.
+fn assert_device_path_gives_transformers_tokens(family: &str) {
     let exp = expected(family);
     let ask_on = |device: &str, kv: &str| -> serde_json::Value {
         let out = jetvlm()
@@ -295,12 +316,15 @@ fn mrope_on_the_device_path_gives_the_cpu_tokens() {
         sim["decoder_device"].as_str().unwrap().starts_with("sim"),
         "{sim}"
     );
-    assert_eq!(sim["token_ids"], exp["greedy_tokens"], "sim, kv fp16");
+    assert_eq!(
+        sim["token_ids"], exp["greedy_tokens"],
+        "{family}: sim, kv fp16"
+    );
     let cpu = ask_on("cpu", "mixed");
     assert_eq!(
         ask_on("sim", "mixed")["token_ids"],
         cpu["token_ids"],
-        "kv mixed"
+        "{family}: kv mixed"
     );
 }
 
@@ -309,7 +333,19 @@ fn mrope_on_the_device_path_gives_the_cpu_tokens() {
 /// device session's over the kept frames and the CPU session's.
 #[test]
 fn mrope_device_session_with_eviction_matches_a_fresh_prefill_and_the_cpu() {
-    let family = "qwen2_5_vl";
+    assert_device_session_with_eviction("qwen2_5_vl");
+}
+
+/// The same on Qwen3-VL: interleaved M-RoPE positions re-based, each kept frame's DeepStack
+/// features re-run with it.
+#[test]
+fn qwen3_vl_device_session_with_eviction_matches_a_fresh_prefill_and_the_cpu() {
+    assert_device_session_with_eviction("qwen3_vl");
+}
+
+/// A device camera session on `family` (a 3x5 M-RoPE frame grid, 15 tokens a frame) with
+/// eviction and re-basing against a fresh device session over the kept frames and the CPU's.
+fn assert_device_session_with_eviction(family: &str) {
     let exp = expected(family);
     let q = exp["question"].as_str().unwrap().to_string();
     let pkg = fixture(family).join("pkg");
@@ -362,59 +398,6 @@ fn mrope_device_session_with_eviction_matches_a_fresh_prefill_and_the_cpu() {
     }
     assert_eq!(s.rebases(), frames.len() as u64 - window as u64);
     assert_eq!(s.ask(&q).unwrap().finish().unwrap().token_ids, want);
-}
-
-/// Interleaved M-RoPE and DeepStack have no device kernels: `--device sim` on the Qwen3-VL
-/// package is refused with one line naming `mrope_interleaved`, before any weight is
-/// uploaded, never run with contiguous sections or without DeepStack.
-#[test]
-fn qwen3_vl_on_the_device_path_is_refused_with_one_line() {
-    let family = "qwen3_vl";
-    let exp = expected(family);
-    let out = jetvlm()
-        .arg("ask")
-        .arg("--model")
-        .arg(fixture(family).join("pkg"))
-        .arg("--image")
-        .arg(fixture(family).join(exp["image"].as_str().unwrap()))
-        .arg(exp["question"].as_str().unwrap())
-        .args(["--device", "sim", "--max-tokens", "2"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    assert!(
-        lines[0].contains("interleaved M-RoPE") && lines[0].contains("mrope_interleaved"),
-        "{err}"
-    );
-}
-
-/// Gemma 3 runs on the CPU decoder only: `--device sim` (the CUDA path's host logic) on its
-/// package is refused with one line naming the config field, never run as another recipe.
-#[test]
-fn gemma3_on_the_device_path_is_refused_with_one_line() {
-    let family = "gemma3";
-    let exp = expected(family);
-    let out = jetvlm()
-        .arg("ask")
-        .arg("--model")
-        .arg(fixture(family).join("pkg"))
-        .arg("--image")
-        .arg(fixture(family).join(exp["image"].as_str().unwrap()))
-        .arg(exp["question"].as_str().unwrap())
-        .args(["--device", "sim", "--max-tokens", "2"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    assert!(
-        lines[0].contains("Gemma 3") && lines[0].contains("architectures"),
-        "{err}"
-    );
 }
 
 /// Gemma 3's package with its decoder's `sliding_window` set to 8 (the prompt is 51

@@ -4,7 +4,9 @@
 // The context is a list of entries, one per cached block, each int4 {kind, block, len, order}:
 // kind 0 = FP16 text block, 1 = quantized frame block; `len` valid tokens starting at the
 // block's first slot; `order` is the append-order index of the block's first token. A query with
-// order index qo attends to every key with order <= qo (decode passes INT_MAX: everything).
+// order index qo attends to every key with order <= qo (decode passes INT_MAX: everything) and
+// order >= its q_first (a sliding window's first key; 0 without one). Blocks wholly before the
+// window are skipped; in a block that straddles its start the earlier tokens are not read.
 //
 // Grid: x = split, y = kv_head * head_chunks + chunk, z = query token. 128 threads = 4 warps.
 // Each warp takes tokens of the split's entries in turn and keeps an online softmax for up to
@@ -36,10 +38,11 @@ __device__ __forceinline__ unsigned int code_at(const unsigned char* row, unsign
     return (byte >> ((j / chunk_bytes) * bits)) & ((1u << bits) - 1u);
 }
 
-// Tokens warp, warp + ATTN_WARPS, ... of a block (those with order <= qo), U at a time: the
+// Tokens warp, warp + ATTN_WARPS, ... of a block (those with qf <= order <= qo), U at a time: the
 // loads of all U tokens are issued before the first update.
 template <int U, int E_T, typename Load, typename Update>
-__device__ __forceinline__ void attend_tokens(int warp, int len, int order0, int qo, Load& load, Update& update) {
+__device__ __forceinline__ void attend_tokens(int warp, int len, int order0, int qf, int qo, Load& load,
+                                              Update& update) {
     for (int t = warp; t < len; t += U * ATTN_WARPS) {
         if (order0 + t > qo) break;  // orders grow along the block
         float kf[U][E_T], vf[U][E_T];
@@ -47,7 +50,7 @@ __device__ __forceinline__ void attend_tokens(int warp, int len, int order0, int
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int tu = t + u * ATTN_WARPS;
-            has[u] = tu < len && order0 + tu <= qo;
+            has[u] = tu < len && order0 + tu <= qo && order0 + tu >= qf;
             if (has[u]) load(tu, kf[u], vf[u]);
         }
 #pragma unroll
@@ -57,14 +60,15 @@ __device__ __forceinline__ void attend_tokens(int warp, int len, int order0, int
 }
 
 #define ATTN_PARAMS                                                                                        \
-    const float *__restrict__ q, const int *__restrict__ q_order, const int4 *__restrict__ entries,          \
+    const float *__restrict__ q, const int *__restrict__ q_order, const int *__restrict__ q_first,          \
+        const int4 *__restrict__ entries,                                                                    \
         int n_entries, int entries_per_split, const unsigned short *__restrict__ k_text,                     \
         const unsigned short *__restrict__ v_text, const unsigned char *__restrict__ k_codes,                \
         const unsigned int *__restrict__ k_params, const unsigned char *__restrict__ v_codes,                \
         const unsigned int *__restrict__ v_params, int Hq, int Hkv, int D, int T, int group, int bits,      \
         int key_per_channel, float softmax_scale, float *__restrict__ part_acc, float *__restrict__ part_ml
 #define ATTN_ARGS                                                                                          \
-    q, q_order, entries, n_entries, entries_per_split, k_text, v_text, k_codes, k_params, v_codes, v_params, \
+    q, q_order, q_first, entries, n_entries, entries_per_split, k_text, v_text, k_codes, k_params, v_codes, v_params, \
         Hq, Hkv, D, T, group, bits, key_per_channel, softmax_scale, part_acc, part_ml
 
 template <int ATTN_MAX_E, int ATTN_MAX_G>
@@ -83,6 +87,7 @@ __device__ __forceinline__ void mixed_attention_partial_t(ATTN_PARAMS) {
     const int gc = min(ATTN_MAX_G, G - chunk * ATTN_MAX_G);
     const int qi = blockIdx.z;
     const int qo = q_order[qi];
+    const int qf = q_first[qi];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int E = D / 32;
     const int d0 = lane * E;
@@ -109,6 +114,7 @@ __device__ __forceinline__ void mixed_attention_partial_t(ATTN_PARAMS) {
         const int4 ent = entries[ei];
         const bool frame = ent.x != 0;
         const int blk = ent.y, len = ent.z, order0 = ent.w;
+        if (order0 + len <= qf) continue;  // the whole block before the window
         // Per-channel key parameters of this block for this lane's elements.
         float kc_s[ATTN_MAX_E], kc_z[ATTN_MAX_E];
         if (frame && key_per_channel) {
@@ -192,9 +198,9 @@ __device__ __forceinline__ void mixed_attention_partial_t(ATTN_PARAMS) {
         constexpr int U = ATTN_MAX_G == 1 ? 8 / ATTN_MAX_E : (ATTN_MAX_E >= 4 ? 1 : 4 / ATTN_MAX_E);
         constexpr int UF = (ATTN_MAX_G == 1 && ATTN_MAX_E == 2) ? 2 * U : U;
         if (frame) {
-            attend_tokens<UF, ATTN_MAX_E>(warp, len, order0, qo, load, update);
+            attend_tokens<UF, ATTN_MAX_E>(warp, len, order0, qf, qo, load, update);
         } else {
-            attend_tokens<U, ATTN_MAX_E>(warp, len, order0, qo, load, update);
+            attend_tokens<U, ATTN_MAX_E>(warp, len, order0, qf, qo, load, update);
         }
     }
 

@@ -1,4 +1,5 @@
-// Element-wise decoder kernels: residual add, SwiGLU, embedding gather.
+// Element-wise decoder kernels: residual add, SwiGLU, GeGLU, softcapping, scaling, embedding
+// gather.
 // Activations are f32; embedding tables are f32, f16 or bf16 (bf16 passed as raw u16 bits).
 // Helpers (h2f, f2h, bf2f, f16_t, bf16_t, NEG_INF, load_elem): common.cuh, prepended by
 // sources.rs.
@@ -17,6 +18,43 @@ extern "C" __global__ void swiglu_f32(float* __restrict__ out, const float* __re
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         float g = gate[i];
         out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+// out[i] = gelu_tanh(gate[i]) * up[i]: Gemma's GeGLU with GELU's tanh approximation
+// (gelu_pytorch_tanh), gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))).
+extern "C" __global__ void geglu_f32(float* __restrict__ out, const float* __restrict__ gate,
+                                     const float* __restrict__ up, unsigned int n) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float g = gate[i];
+        float inner = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+        out[i] = 0.5f * g * (1.0f + tanhf(inner)) * up[i];
+    }
+}
+
+// x[i] = cap * tanh(x[i] / cap): Gemma's final logit softcapping.
+extern "C" __global__ void softcap_f32(float* __restrict__ x, unsigned int n, float cap) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        x[i] = cap * tanhf(x[i] / cap);
+    }
+}
+
+// f rounded to the nearest bfloat16 (ties to even), as f32; NaN unchanged.
+__device__ __forceinline__ float round_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return f;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return __uint_as_float(u & 0xffff0000u);
+}
+
+// x[i] = round(x[i] * scale), the product in f32 rounded to nearest even in `mode`'s precision
+// (0: f32, 1: f16, 2: bf16): Gemma's token embeddings scaled by sqrt(hidden) in the embedding
+// table's type (transformers' Gemma3TextScaledWordEmbedding).
+extern "C" __global__ void scale_round_f32(float* __restrict__ x, unsigned int n, float scale,
+                                           unsigned int mode) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float p = x[i] * scale;
+        x[i] = mode == 1 ? h2f(f2h(p)) : (mode == 2 ? round_bf16(p) : p);
     }
 }
 

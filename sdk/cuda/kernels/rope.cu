@@ -50,3 +50,32 @@ extern "C" __global__ void rope_mrope_f32(float* __restrict__ x, const unsigned 
         head[i + half_dim] = b * c + a * s;
     }
 }
+
+// Interleaved M-RoPE (Qwen3-VL, transformers' Qwen3VLTextRotaryEmbedding): frequency pair i
+// turns by the row position when i % 3 == 1 and i < 3 * s1, the column position when
+// i % 3 == 2 and i < 3 * s2, the temporal position otherwise. Layout and angle as in
+// rope_mrope_f32.
+extern "C" __global__ void rope_mrope_interleaved_f32(float* __restrict__ x,
+                                                      const unsigned int* __restrict__ positions3,
+                                                      const float* __restrict__ inv_freq, unsigned int n_tokens,
+                                                      unsigned int n_heads, unsigned int head_dim,
+                                                      unsigned int s1, unsigned int s2) {
+    unsigned int half_dim = head_dim / 2;
+    size_t total = (size_t)n_tokens * n_heads * half_dim;
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        unsigned int i = (unsigned int)(idx % half_dim);
+        size_t th = idx / half_dim;  // token * n_heads + head
+        size_t t = th / n_heads;
+        unsigned int r = i % 3;
+        unsigned int section = (r == 1 && i < 3 * s1) ? 1 : ((r == 2 && i < 3 * s2) ? 2 : 0);
+        float angle = (float)positions3[3 * t + section] * inv_freq[i];
+        float s, c;
+        sincosf(angle, &s, &c);
+        float* head = x + th * head_dim;
+        float a = head[i];
+        float b = head[i + half_dim];
+        head[i] = a * c - b * s;
+        head[i + half_dim] = b * c + a * s;
+    }
+}

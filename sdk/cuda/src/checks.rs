@@ -176,6 +176,20 @@ pub(crate) fn check_attention(
     validate_entries(layout, entries, blocks.0, blocks.1)
 }
 
+/// The window starts `q_from` of an attention of `n_q` queries: none, or one per query.
+pub(crate) fn check_q_from(q_from: &[i32], n_q: usize) -> Result<(), CudaError> {
+    if !q_from.is_empty() && q_from.len() != n_q {
+        return Err(shape(
+            "mixed attention",
+            format!(
+                "{} window starts for {n_q} queries (none or one each)",
+                q_from.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A plan made for `plan` (layout, blocks) run on pools of `pools` (layout, blocks).
 pub(crate) fn check_plan_on_pools(
     plan: (&KvLayout, (usize, usize)),
@@ -257,11 +271,19 @@ pub(crate) fn check_residual_add([x, y]: [usize; 2], n: usize) -> Result<(), Cud
 }
 
 /// `out[..n] = silu(gate) * up`.
-pub(crate) fn check_swiglu([out, gate, up]: [usize; 3], n: usize) -> Result<(), CudaError> {
-    const OP: &str = "swiglu";
-    check_len(OP, "out", out, n)?;
-    check_len(OP, "gate", gate, n)?;
-    check_len(OP, "up", up, n)
+pub(crate) fn check_swiglu(lens: [usize; 3], n: usize) -> Result<(), CudaError> {
+    check_gated("swiglu", lens, n)
+}
+
+/// `out[..n] = act(gate) * up` of operation `op` (SwiGLU, GeGLU).
+pub(crate) fn check_gated(
+    op: &'static str,
+    [out, gate, up]: [usize; 3],
+    n: usize,
+) -> Result<(), CudaError> {
+    check_len(op, "out", out, n)?;
+    check_len(op, "gate", gate, n)?;
+    check_len(op, "up", up, n)
 }
 
 /// The element range of tokens `src_token..src_token + len` of K and V buffers of

@@ -16,16 +16,18 @@
 
 use std::path::Path;
 
-use jetvlm_core::{FrameId, TokenKind};
-use jetvlm_decoder::arch::{self, Activations, DecoderWeights, LayerOps, TensorOps, WeightSink};
+use jetvlm_core::{DType, FrameId, TokenKind};
+use jetvlm_decoder::arch::{
+    self, Activations, AttendMask, DecoderWeights, LayerOps, TensorOps, WeightSink,
+};
 use jetvlm_decoder::kernels::Rope;
 use jetvlm_decoder::{Config, Tensor, Weights};
 use jetvlm_quant::WeightFormat;
 
 use crate::error::CudaError;
-use crate::gpu::{Gpu, PlanInfo, PoolMemory, PoolsInfo, Splits};
+use crate::gpu::{Gpu, PoolMemory, PoolsInfo, Splits};
 use crate::kvtable::{DevicePolicy, KvBlockTable, Placement};
-use crate::layout::BlockKind;
+use crate::layout::{BlockKind, KvLayout};
 
 pub use crate::kvtable::PREFILL_CHUNK;
 
@@ -40,13 +42,25 @@ pub(crate) fn model_err<E: Into<jetvlm_decoder::DecoderError>>(
     }
 }
 
+/// M-RoPE's frequency sections (temporal, row, column) and whether they interleave
+/// (Qwen3-VL) or are contiguous (Qwen2-VL / Qwen2.5-VL).
+#[derive(Clone, Copy, Debug)]
+struct MRope {
+    section: [usize; 3],
+    interleaved: bool,
+}
+
 /// A decoder loaded onto a device.
 pub struct DeviceDecoder<G: Gpu> {
     config: Config,
     weights: DecoderWeights<G::Weights, G::Weights>,
     inv_freq: G::Buf,
-    /// M-RoPE sections (Qwen2-VL / Qwen2.5-VL): frame tokens rotate with `rope_mrope`.
-    mrope_section: Option<[usize; 3]>,
+    /// Gemma 3: the local (sliding-window) layers' inverse frequencies (their own base).
+    inv_freq_local: Option<G::Buf>,
+    /// M-RoPE (Qwen2-VL / Qwen2.5-VL / Qwen3-VL): frame tokens rotate with `rope_mrope`.
+    mrope_section: Option<MRope>,
+    /// Gemma 3: token embeddings are scaled by `sqrt(hidden)`, rounded to the table's type.
+    embed_scale: Option<(f32, DType)>,
     /// The weight-only format of the quantized matrices, if any.
     quant_format: Option<WeightFormat>,
     /// Device bytes of every uploaded weight.
@@ -70,6 +84,7 @@ impl<G: Gpu> WeightSink for Upload<'_, G> {
     type W = G::Weights;
     type V = G::Weights;
     type Error = CudaError;
+    const RUNS_GEMMA3: bool = true;
     fn matrix(&mut self, t: &Tensor) -> Result<G::Weights, CudaError> {
         if self.1.is_none() {
             self.1 = t.quant_format();
@@ -85,35 +100,10 @@ impl<G: Gpu> WeightSink for Upload<'_, G> {
     }
 }
 
-/// Options the device decoder has no kernels for, refused with one line naming the field
-/// before any weight is uploaded (never run as a near miss): Qwen3-VL's interleaved M-RoPE
-/// and DeepStack features.
-fn refuse_cpu_only(config: &Config) -> Result<(), jetvlm_decoder::DecoderError> {
-    let unsupported = |field: &str, what: &str| jetvlm_decoder::DecoderError::Unsupported {
-        path: config.path.clone(),
-        field: field.into(),
-        msg: format!("{what} runs on the CPU decoder only (--device cpu)"),
-    };
-    if let jetvlm_core::hf::RopeScaling::MRope {
-        interleaved: true, ..
-    } = config.model.rope_scaling
-    {
-        return Err(unsupported(
-            "mrope_interleaved",
-            "interleaved M-RoPE (Qwen3-VL)",
-        ));
-    }
-    if config.model.deepstack_layers > 0 {
-        return Err(unsupported("deepstack_layers", "DeepStack (Qwen3-VL)"));
-    }
-    Ok(())
-}
-
 impl<G: Gpu> DeviceDecoder<G> {
     /// Loads the decoder in `dir` (config.json + safetensors) onto `dev`.
     pub fn load(dev: &G, dir: &Path) -> Result<Self, CudaError> {
         let config = Config::from_dir(dir).map_err(model_err(dir))?;
-        refuse_cpu_only(&config).map_err(model_err(dir))?;
         let ws = Weights::open(dir).map_err(model_err(dir))?;
         let mut sink = Upload(dev, None, 0);
         let weights = arch::load(&config.model, &ws, None, &mut sink).map_err(|e| match e {
@@ -121,22 +111,35 @@ impl<G: Gpu> DeviceDecoder<G> {
             e => e,
         })?;
         let (quant_format, weight_bytes_held) = (sink.1, sink.2);
-        let inv: Vec<f32> = Rope::new(&config.model)
-            .inv_freq()
-            .iter()
-            .map(|&f| f as f32)
-            .collect();
-        let inv_freq = dev.upload(&inv)?;
+        let inv_freq_of = |c: &jetvlm_core::hf::ModelConfig| {
+            let inv: Vec<f32> = Rope::new(c).inv_freq().iter().map(|&f| f as f32).collect();
+            dev.upload(&inv)
+        };
+        let inv_freq = inv_freq_of(&config.model)?;
+        let inv_freq_local = match arch::local_rope_config(&config.model) {
+            Some(local) => Some(inv_freq_of(&local)?),
+            None => None,
+        };
         dev.synchronize()?;
         let mrope_section = match config.model.rope_scaling {
-            jetvlm_core::hf::RopeScaling::MRope { section, .. } => Some(section),
+            jetvlm_core::hf::RopeScaling::MRope {
+                section,
+                interleaved,
+                ..
+            } => Some(MRope {
+                section,
+                interleaved,
+            }),
             _ => None,
         };
+        let embed_scale = arch::embedding_scale(&config.model, weights.dtype);
         Ok(Self {
             config,
             weights,
             inv_freq,
+            inv_freq_local,
             mrope_section,
+            embed_scale,
             quant_format,
             weight_bytes_held,
         })
@@ -386,12 +389,16 @@ pub enum DeviceInput<'a> {
     Ids { ids: &'a [u32], kind: TokenKind },
     /// Embeddings `[n][hidden]` (e.g. a camera frame's projected vision features). With a
     /// `frame` id (frame tokens only) the tokens get blocks of their own, which
-    /// [`DeviceKvCache::evict_frame`] gives back.
+    /// [`DeviceKvCache::evict_frame`] gives back. `deepstack`: a DeepStack model's frame
+    /// carries its extra visual features `[deepstack_layers][n][hidden]`, added to the
+    /// hidden states after the first layers ([`arch::run_layers_with_deepstack`]); empty
+    /// otherwise.
     Embeddings {
         data: &'a [f32],
         n: usize,
         kind: TokenKind,
         frame: Option<FrameId>,
+        deepstack: &'a [f32],
     },
 }
 
@@ -607,6 +614,7 @@ impl<'a, G: Gpu> DeviceSession<'a, G> {
                     n,
                     kind,
                     frame,
+                    deepstack,
                 } => {
                     if data.len() != n * h {
                         return Err(bad(format!(
@@ -616,6 +624,27 @@ impl<'a, G: Gpu> DeviceSession<'a, G> {
                     }
                     if frame.is_some() && *kind != TokenKind::Frame {
                         return Err(bad(format!("span {i}: a frame id on {kind:?} tokens")));
+                    }
+                    // A DeepStack model's frame needs its features (without them its answer
+                    // would silently differ); anything else must not carry any.
+                    let layers = c.deepstack_layers;
+                    let want = if *kind == TokenKind::Frame { layers } else { 0 };
+                    if Some(deepstack.len()) != want.checked_mul(n * h) {
+                        return Err(bad(format!(
+                            "span {i}: {} DeepStack values for a {kind:?} span of {n} tokens; \
+                             the model takes {want} x {n} x {h} (deepstack_layers {layers} of \
+                             the decoder's config.json, for frames)",
+                            deepstack.len()
+                        )));
+                    }
+                    // Gemma 3's frame tokens see each other both ways: the whole frame runs
+                    // in one chunk.
+                    if c.gemma3.is_some() && *kind == TokenKind::Frame && *n > PREFILL_CHUNK {
+                        return Err(bad(format!(
+                            "span {i}: a Gemma 3 frame of {n} tokens; the device decoder runs \
+                             a frame's bidirectional attention in one chunk of at most \
+                             {PREFILL_CHUNK} tokens (--device cpu runs it)"
+                        )));
                     }
                 }
             }
@@ -657,22 +686,39 @@ impl<'a, G: Gpu> DeviceSession<'a, G> {
             let mut start = 0;
             while start < inp.len() {
                 let n = (inp.len() - start).min(PREFILL_CHUNK);
+                let mut deepstack = Vec::new();
                 match inp {
-                    DeviceInput::Ids { ids, .. } => self.dev.embedding(
-                        &mut self.s.acts.x,
-                        &self.model.weights.embed,
-                        &ids[start..start + n],
-                        h,
-                    )?,
-                    DeviceInput::Embeddings { data, .. } => self
-                        .dev
-                        .write(&mut self.s.acts.x, &data[start * h..(start + n) * h])?,
+                    DeviceInput::Ids { ids, .. } => {
+                        self.dev.embedding(
+                            &mut self.s.acts.x,
+                            &self.model.weights.embed,
+                            &ids[start..start + n],
+                            h,
+                        )?;
+                        if let Some((scale, dtype)) = self.model.embed_scale {
+                            self.dev
+                                .scale_round(&mut self.s.acts.x, n * h, scale, dtype)?;
+                        }
+                    }
+                    DeviceInput::Embeddings {
+                        data,
+                        deepstack: features,
+                        n: total,
+                        ..
+                    } => {
+                        self.dev
+                            .write(&mut self.s.acts.x, &data[start * h..(start + n) * h])?;
+                        // This chunk's rows of each DeepStack layer's features.
+                        for layer in features.chunks_exact(total * h) {
+                            deepstack.push(self.dev.upload(&layer[start * h..(start + n) * h])?);
+                        }
+                    }
                 }
                 let chunk = ChunkPositions {
                     rope: &pos.cache[start..start + n],
                     mrope: pos.mrope.as_ref().map(|m| &m[start..start + n]),
                 };
-                self.run_chunk(n, inp.kind(), inp.frame(), chunk)?;
+                self.run_chunk(n, inp.kind(), inp.frame(), chunk, &deepstack)?;
                 start += n;
                 last_n = n;
             }
@@ -697,13 +743,15 @@ impl<'a, G: Gpu> DeviceSession<'a, G> {
     }
 
     /// Runs the `n` tokens in `s.acts.x` through every layer, caching them as `kind` (as part
-    /// of camera frame `frame`, if given).
+    /// of camera frame `frame`, if given); `deepstack`: the chunk's DeepStack features, one
+    /// `[n][hidden]` buffer per layer they are added after.
     fn run_chunk(
         &mut self,
         n: usize,
         kind: TokenKind,
         frame: Option<FrameId>,
         pos: ChunkPositions<'_>,
+        deepstack: &[G::Buf],
     ) -> Result<(), CudaError> {
         let dev = self.dev;
         let c = &self.model.config.model;
@@ -716,14 +764,11 @@ impl<'a, G: Gpu> DeviceSession<'a, G> {
             Some(f) => self.cache.table.append_frame(f, n)?,
             None => self.cache.table.append(kind, n)?,
         };
-        let q_order: Vec<i32> = (first..first + n)
-            .map(|o| {
-                i32::try_from(o).map_err(|_| CudaError::Shape {
-                    op: "device forward",
-                    message: format!("token order {o} passes {}", i32::MAX),
-                })
-            })
-            .collect::<Result<_, _>>()?;
+        // Every order of the chunk fits the kernels' i32 (checked on the last).
+        i32::try_from(first + n - 1).map_err(|_| CudaError::Shape {
+            op: "device forward",
+            message: format!("token order {} passes {}", first + n - 1, i32::MAX),
+        })?;
         let mrope = match (pos.mrope, self.model.mrope_section) {
             (Some(m), Some(section)) => {
                 let flat: Vec<u32> = m.iter().flatten().copied().collect();
@@ -731,45 +776,34 @@ impl<'a, G: Gpu> DeviceSession<'a, G> {
             }
             _ => None,
         };
-        // One attention plan per distinct layer layout (one, unless the policy is calibrated
-        // with a frame format per layer); `plan_of[layer]` picks it.
-        let mut plans: Vec<G::Plan> = Vec::new();
-        let mut plan_of = Vec::with_capacity(self.cache.layers.len());
-        for li in 0..self.cache.layers.len() {
-            let layout = self.cache.table.policy().layout_of(li);
-            let i = match plans.iter().position(|p| *p.layout() == layout) {
-                Some(i) => i,
-                None => {
-                    plans.push(dev.attention_plan(
-                        &layout,
-                        self.cache.table.pool_blocks(),
-                        c.num_attention_heads,
-                        self.cache.table.entries(),
-                        &q_order,
-                        Splits::Auto,
-                    )?);
-                    plans.len() - 1
-                }
-            };
-            plan_of.push(i);
-        }
         let mut ops = StepOps {
             dev,
             positions: dev.upload_ids(pos.rope)?,
             mrope,
             inv_freq: &self.model.inv_freq,
+            inv_freq_local: self.model.inv_freq_local.as_ref(),
             head_dim: c.head_dim,
+            q_heads: c.num_attention_heads,
+            first,
+            n,
+            frame_span: kind == TokenKind::Frame,
             cache: &mut self.cache,
             placements: &placements,
-            plans,
-            plan_of,
+            plans: Vec::new(),
             before,
             next_copied: None,
             this_copied: None,
             attn_done: None,
         };
         ops.start()?;
-        arch::run_layers(&mut ops, c, &self.model.weights.layers, &mut self.s.acts, n)
+        arch::run_layers_with_deepstack(
+            &mut ops,
+            c,
+            &self.model.weights.layers,
+            &mut self.s.acts,
+            n,
+            deepstack,
+        )
     }
 }
 
@@ -835,6 +869,18 @@ macro_rules! device_tensor_ops {
         ) -> Result<(), CudaError> {
             self.$dev().swiglu(out, gate, up, len)
         }
+        fn geglu(
+            &mut self,
+            out: &mut G::Buf,
+            gate: &G::Buf,
+            up: &G::Buf,
+            len: usize,
+        ) -> Result<(), CudaError> {
+            self.$dev().geglu(out, gate, up, len)
+        }
+        fn softcap(&mut self, x: &mut G::Buf, len: usize, cap: f32) -> Result<(), CudaError> {
+            self.$dev().softcap(x, len, cap)
+        }
     };
 }
 
@@ -856,14 +902,25 @@ impl<G: Gpu> TensorOps for Kernels<'_, G> {
 struct StepOps<'s, G: Gpu> {
     dev: &'s G,
     positions: G::Ids,
-    /// An M-RoPE frame chunk: its (temporal, row, column) positions and the sections.
-    mrope: Option<(G::Ids, [usize; 3])>,
+    /// An M-RoPE frame chunk: its (temporal, row, column) positions, the sections and
+    /// whether they interleave.
+    mrope: Option<(G::Ids, MRope)>,
     inv_freq: &'s G::Buf,
+    /// Gemma 3's local layers' frequencies.
+    inv_freq_local: Option<&'s G::Buf>,
     head_dim: usize,
+    q_heads: usize,
+    /// The chunk's first token order and its tokens.
+    first: usize,
+    n: usize,
+    /// The chunk is (part of) a frame span: Gemma 3's frame tokens see each other both ways.
+    frame_span: bool,
     cache: &'s mut DeviceKvCache<G>,
     placements: &'s [Placement],
-    plans: Vec<G::Plan>,
-    plan_of: Vec<usize>,
+    /// One attention plan per (layer layout, mask) the step's layers use: one, unless the
+    /// policy is calibrated with a frame format per layer or the model has sliding-window
+    /// layers.
+    plans: Vec<(KvLayout, AttendMask, G::Plan)>,
     /// Blocks holding the tokens before this step (what an offloaded step streams).
     before: (usize, usize),
     /// Offloaded: the copy of the next layer's K/V into its staging pools.
@@ -880,6 +937,48 @@ impl<G: Gpu> StepOps<'_, G> {
     }
     fn hidden(&self, w: &G::Weights) -> usize {
         G::weights_len(w)
+    }
+
+    /// The plan of layer `layer`'s attention under `mask` (made on first use): query `i`
+    /// sees keys up to its own order, or with `mask.whole_span` on a frame span up to the
+    /// span's last (the whole span is in this chunk: `forward` checks it), and with
+    /// `mask.window` from `window - 1` tokens before its own order (the CPU cache's
+    /// `window_start`).
+    fn plan_index(&mut self, layer: usize, mask: AttendMask) -> Result<usize, CudaError> {
+        let layout = self.cache.table.policy().layout_of(layer);
+        let mask = AttendMask {
+            whole_span: mask.whole_span && self.frame_span,
+            ..mask
+        };
+        if let Some(i) = self
+            .plans
+            .iter()
+            .position(|(l, m, _)| *l == layout && *m == mask)
+        {
+            return Ok(i);
+        }
+        // Orders fit i32 (`run_chunk` checked the chunk's last).
+        let (first, last) = (self.first, self.first + self.n - 1);
+        let q_order: Vec<i32> = (first..=last)
+            .map(|o| if mask.whole_span { last } else { o } as i32)
+            .collect();
+        let q_from: Vec<i32> = match mask.window {
+            Some(w) => (first..=last)
+                .map(|o| (o + 1).saturating_sub(w) as i32)
+                .collect(),
+            None => Vec::new(),
+        };
+        let plan = self.dev.attention_plan(
+            &layout,
+            self.cache.table.pool_blocks(),
+            self.q_heads,
+            self.cache.table.entries(),
+            &q_order,
+            &q_from,
+            Splits::Auto,
+        )?;
+        self.plans.push((layout, mask, plan));
+        Ok(self.plans.len() - 1)
     }
 
     /// Offloaded: queues the copy of layer 0's K/V once the host pools hold every earlier
@@ -931,17 +1030,26 @@ impl<G: Gpu> LayerOps for StepOps<'_, G> {
     fn rope(&mut self, x: &mut G::Buf, heads: usize, n: usize) -> Result<(), CudaError> {
         let d = self.head_dim;
         match &self.mrope {
-            Some((p3, section)) => self
-                .dev
-                .rope_mrope(x, p3, self.inv_freq, n, heads, d, *section),
+            Some((p3, m)) => {
+                self.dev
+                    .rope_mrope(x, p3, self.inv_freq, n, heads, d, m.section, m.interleaved)
+            }
             None => self
                 .dev
                 .rope(x, &self.positions, self.inv_freq, n, heads, d, d),
         }
     }
 
-    /// Writes the step's K/V into the layer's pools and attends; offloaded, also into the
-    /// staging copy (once its copy is done), and attends there.
+    /// Gemma 3's local layers: RoPE at the chunk's positions with the local base.
+    fn rope_local(&mut self, x: &mut G::Buf, heads: usize, n: usize) -> Result<(), CudaError> {
+        let d = self.head_dim;
+        let inv = self.inv_freq_local.ok_or_else(|| CudaError::Shape {
+            op: "rope",
+            message: "a local-layer RoPE without Gemma 3's local base".into(),
+        })?;
+        self.dev.rope(x, &self.positions, inv, n, heads, d, d)
+    }
+
     fn attention(
         &mut self,
         layer: usize,
@@ -949,10 +1057,26 @@ impl<G: Gpu> LayerOps for StepOps<'_, G> {
         k: &G::Buf,
         v: &G::Buf,
         out: &mut G::Buf,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        self.attention_masked(layer, q, k, v, out, n, AttendMask::default())
+    }
+
+    /// Writes the step's K/V into the layer's pools and attends under `mask`; offloaded,
+    /// also into the staging copy (once its copy is done), and attends there.
+    fn attention_masked(
+        &mut self,
+        layer: usize,
+        q: &G::Buf,
+        k: &G::Buf,
+        v: &G::Buf,
+        out: &mut G::Buf,
         _n: usize,
+        mask: AttendMask,
     ) -> Result<(), CudaError> {
         let dev = self.dev;
-        let plan = &mut self.plans[self.plan_of[layer]];
+        let i = self.plan_index(layer, mask)?;
+        let plan = &mut self.plans[i].2;
         write_placements(dev, &mut self.cache.layers[layer], self.placements, k, v)?;
         match self.cache.offload.as_mut() {
             Some(off) => {

@@ -311,6 +311,7 @@ fn rolling_session<G: Gpu>(
         n: 64,
         kind: jetvlm_core::TokenKind::Frame,
         frame: Some(i as u64),
+        deepstack: &[],
     };
     session.forward(&[DeviceInput::Ids {
         ids: prefix,

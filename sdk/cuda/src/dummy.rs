@@ -132,6 +132,7 @@ impl Gpu for CudaDevice {
         _: usize,
         _: usize,
         _: [usize; 3],
+        _: bool,
     ) -> Result<(), CudaError> {
         match self.never {}
     }
@@ -139,6 +140,21 @@ impl Gpu for CudaDevice {
         match self.never {}
     }
     fn swiglu(&self, _: &mut Never, _: &Never, _: &Never, _: usize) -> Result<(), CudaError> {
+        match self.never {}
+    }
+    fn geglu(&self, _: &mut Never, _: &Never, _: &Never, _: usize) -> Result<(), CudaError> {
+        match self.never {}
+    }
+    fn softcap(&self, _: &mut Never, _: usize, _: f32) -> Result<(), CudaError> {
+        match self.never {}
+    }
+    fn scale_round(
+        &self,
+        _: &mut Never,
+        _: usize,
+        _: f32,
+        _: jetvlm_core::DType,
+    ) -> Result<(), CudaError> {
         match self.never {}
     }
     fn kv_pools(&self, _: KvLayout, _: usize, _: usize, _: PoolMemory) -> Result<Never, CudaError> {
@@ -174,6 +190,7 @@ impl Gpu for CudaDevice {
         _: (usize, usize),
         _: usize,
         _: &[BlockEntry],
+        _: &[i32],
         _: &[i32],
         _: Splits,
     ) -> Result<Never, CudaError> {

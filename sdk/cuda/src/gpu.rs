@@ -151,9 +151,11 @@ pub trait Gpu: Sized {
         head_dim: usize,
         rotary_dim: usize,
     ) -> Result<(), CudaError>;
-    /// M-RoPE in place on `x[n_tokens][n_heads][head_dim]` (Qwen2-VL / Qwen2.5-VL):
-    /// `positions3[n_tokens][3]` (temporal, row, column); frequency pair `i` turns by the
-    /// position of the section of `section` that holds it.
+    /// M-RoPE in place on `x[n_tokens][n_heads][head_dim]`: `positions3[n_tokens][3]`
+    /// (temporal, row, column); frequency pair `i` turns by the position of the section of
+    /// `section` that holds it: contiguous sections (Qwen2-VL / Qwen2.5-VL,
+    /// `rope_mrope_f32`), or with `interleaved` Qwen3-VL's interleaving
+    /// (`rope_mrope_interleaved_f32`).
     #[allow(clippy::too_many_arguments)]
     fn rope_mrope(
         &self,
@@ -164,6 +166,7 @@ pub trait Gpu: Sized {
         n_heads: usize,
         head_dim: usize,
         section: [usize; 3],
+        interleaved: bool,
     ) -> Result<(), CudaError>;
     /// `x[..n] += y[..n]`.
     fn residual_add(&self, x: &mut Self::Buf, y: &Self::Buf, n: usize) -> Result<(), CudaError>;
@@ -174,6 +177,25 @@ pub trait Gpu: Sized {
         gate: &Self::Buf,
         up: &Self::Buf,
         n: usize,
+    ) -> Result<(), CudaError>;
+    /// `out[..n] = gelu_tanh(gate) * up` (Gemma's GeGLU).
+    fn geglu(
+        &self,
+        out: &mut Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        n: usize,
+    ) -> Result<(), CudaError>;
+    /// `x[..n] = cap * tanh(x / cap)` (Gemma's final logit softcapping).
+    fn softcap(&self, x: &mut Self::Buf, n: usize, cap: f32) -> Result<(), CudaError>;
+    /// `x[..n] = round(x * scale)`, the product in f32 rounded to `round` (f16, bf16; f32
+    /// keeps it): Gemma's embedding scaling in the table's type.
+    fn scale_round(
+        &self,
+        x: &mut Self::Buf,
+        n: usize,
+        scale: f32,
+        round: jetvlm_core::DType,
     ) -> Result<(), CudaError>;
 
     /// Zeroed pools for `text_blocks` FP16 and `frame_blocks` quantized blocks in `memory`.
@@ -211,7 +233,9 @@ pub trait Gpu: Sized {
         src_token: usize,
     ) -> Result<(), CudaError>;
     /// Prepares attention of `q_order.len()` queries with `q_heads` heads over `entries` of
-    /// pools with `layout` and `blocks`; query `i` sees keys with order <= `q_order[i]`.
+    /// pools with `layout` and `blocks`; query `i` sees keys with order <= `q_order[i]` and,
+    /// when `q_from` is not empty (one per query), >= `q_from[i]` (a sliding window).
+    #[allow(clippy::too_many_arguments)]
     fn attention_plan(
         &self,
         layout: &KvLayout,
@@ -219,6 +243,7 @@ pub trait Gpu: Sized {
         q_heads: usize,
         entries: &[BlockEntry],
         q_order: &[i32],
+        q_from: &[i32],
         splits: Splits,
     ) -> Result<Self::Plan, CudaError>;
     /// Runs a prepared attention on one layer's pools: `q` in, `out` written (same shape).

@@ -47,6 +47,45 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// `gelu_tanh(gate) * up` (kernel `geglu_f32`): Gemma's GeGLU with GELU's tanh
+/// approximation (`gelu_pytorch_tanh`: `0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))`),
+/// in f64.
+pub fn geglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let k = (2.0 / std::f64::consts::PI).sqrt();
+    gate.iter()
+        .zip(up)
+        .map(|(&g, &u)| {
+            let g = g as f64;
+            (0.5 * g * (1.0 + (k * (g + 0.044_715 * g * g * g)).tanh()) * u as f64) as f32
+        })
+        .collect()
+}
+
+/// `x = cap * tanh(x / cap)` in place (kernel `softcap_f32`: Gemma's final logit
+/// softcapping), in f64.
+pub fn softcap(x: &mut [f32], cap: f32) {
+    let cap = cap as f64;
+    for v in x {
+        *v = (cap * (*v as f64 / cap).tanh()) as f32;
+    }
+}
+
+/// `x = round(x * scale)` in place, the product in f32 and rounded (to nearest even) to
+/// `round`'s precision (kernel `scale_round_f32`): Gemma's token embeddings scaled by
+/// `sqrt(hidden)` in the embedding table's type, as transformers'
+/// `Gemma3TextScaledWordEmbedding` computes them. `DType::F32` (or any other) keeps the f32
+/// product.
+pub fn scale_round(x: &mut [f32], scale: f32, round: jetvlm_core::DType) {
+    for v in x {
+        let p = *v * scale;
+        *v = match round {
+            jetvlm_core::DType::F16 => f16::from_f32(p).to_f32(),
+            jetvlm_core::DType::BF16 => half::bf16::from_f32(p).to_f32(),
+            _ => p,
+        };
+    }
+}
+
 /// Rows of `table` (`[vocab][hidden]`, already widened to f32) for `ids`
 /// (kernels `embedding_gather_*`). Ids must be inside the vocabulary.
 pub fn embedding_gather(table: &[f32], hidden: usize, ids: &[u32]) -> Vec<f32> {
@@ -136,12 +175,49 @@ pub fn rope_mrope(
     head_dim: usize,
     [s0, s1]: [usize; 2],
 ) {
+    rope_sections(x, positions3, inv_freq, n_heads, head_dim, |i| {
+        usize::from(i >= s0) + usize::from(i >= s0 + s1)
+    });
+}
+
+/// Interleaved M-RoPE in place on `x[n_tokens][n_heads][head_dim]` (kernel
+/// `rope_mrope_interleaved_f32`; Qwen3-VL, transformers' `Qwen3VLTextRotaryEmbedding`):
+/// frequency pair `i` turns by the row position when `i % 3 == 1` and `i < 3 * s1`, the
+/// column position when `i % 3 == 2` and `i < 3 * s2`, the temporal position otherwise. The
+/// angle is `pos * inv_freq` in f32, as the kernel computes it.
+pub fn rope_mrope_interleaved(
+    x: &mut [f32],
+    positions3: &[u32],
+    inv_freq: &[f32],
+    n_heads: usize,
+    head_dim: usize,
+    [s1, s2]: [usize; 2],
+) {
+    rope_sections(x, positions3, inv_freq, n_heads, head_dim, |i| {
+        match i % 3 {
+            1 if i < 3 * s1 => 1,
+            2 if i < 3 * s2 => 2,
+            _ => 0,
+        }
+    });
+}
+
+/// Rotate-half RoPE over whole heads, frequency pair `i` of token `t` at
+/// `positions3[3 t + section(i)]`.
+fn rope_sections(
+    x: &mut [f32],
+    positions3: &[u32],
+    inv_freq: &[f32],
+    n_heads: usize,
+    head_dim: usize,
+    section: impl Fn(usize) -> usize,
+) {
     let half = head_dim / 2;
     for (t, pos) in positions3.chunks_exact(3).enumerate() {
         for h in 0..n_heads {
             let head = &mut x[(t * n_heads + h) * head_dim..(t * n_heads + h + 1) * head_dim];
             for i in 0..half {
-                let section = usize::from(i >= s0) + usize::from(i >= s0 + s1);
+                let section = section(i);
                 let angle = (pos[section] as f32 * inv_freq[i]) as f64;
                 let (s, c) = angle.sin_cos();
                 let (a, b) = (head[i] as f64, head[i + half] as f64);
@@ -427,17 +503,32 @@ pub fn attention(
     q_heads: usize,
     entries: &[BlockEntry],
 ) -> Vec<f32> {
+    attention_from(pools, q, q_order, &[], q_heads, entries)
+}
+
+/// [`attention`] where query `i` sees only keys whose order is in `q_from[i]..=q_order[i]`
+/// (a sliding window's first key; an empty `q_from` starts every query at 0).
+pub fn attention_from(
+    pools: &HostPools,
+    q: &[f32],
+    q_order: &[i32],
+    q_from: &[i32],
+    q_heads: usize,
+    entries: &[BlockEntry],
+) -> Vec<f32> {
     let l = pools.layout;
     let d_n = l.head_dim;
     let group = q_heads / l.kv_heads;
     let scale = 1.0 / (d_n as f64).sqrt();
     let mut out = vec![0.0f32; q.len()];
     for (qi, &qo) in q_order.iter().enumerate() {
+        let from = q_from.get(qi).copied().unwrap_or(0) as i64;
         for kvh in 0..l.kv_heads {
             let mut keys = Vec::new();
             for e in entries {
                 for t in 0..e.len as usize {
-                    if e.order as i64 + t as i64 <= qo as i64 {
+                    let order = e.order as i64 + t as i64;
+                    if order <= qo as i64 && order >= from {
                         keys.push(pools.token(e.kind, e.block as usize, t, kvh));
                     }
                 }
@@ -723,6 +814,139 @@ mod tests {
         let mut m = x.clone();
         rope_mrope(&mut m, &same, &inv, heads, d, [2, 3]);
         assert_eq!(m, temporal);
+    }
+
+    /// GeGLU, softcapping and the embedding scaling against the formulas at known points and
+    /// against the CPU decoder's kernels on random inputs (what the arch says, both backends
+    /// do).
+    #[test]
+    fn gemma_twins_match_the_math_and_the_cpu_decoder() {
+        // gelu_tanh(1) = 0.8411920, gelu_tanh(-2) = -0.0454023, gelu_tanh(0) = 0.
+        let g = geglu(&[1.0, -2.0, 0.0], &[1.0, 2.0, 5.0]);
+        assert!((g[0] - 0.841_192).abs() < 1e-6, "{g:?}");
+        assert!((g[1] + 2.0 * 0.045_402_3).abs() < 1e-6, "{g:?}");
+        assert_eq!(g[2], 0.0);
+        let mut rng = Rng::new(21);
+        let (gate, up) = (rng.outlier_normals(1024, 64), rng.normals(1024));
+        let mut cpu = vec![0f32; gate.len()];
+        jetvlm_decoder::kernels::geglu(&gate, &up, &mut cpu);
+        assert!(normalized_error(&geglu(&gate, &up), &cpu) < 1e-6);
+        // GeGLU is not SwiGLU: mixing them up is far outside the bound (on unit normals,
+        // where the two activations differ most).
+        let (g, u) = (rng.normals(256), rng.normals(256));
+        assert!(normalized_error(&swiglu(&g, &u), &geglu(&g, &u)) > 1e-2);
+
+        // cap * tanh(x / cap): tanh(1) * cap at cap, near x for small x, inside (-cap, cap).
+        let mut x = vec![30.0f32, -30.0, 1e-3, 1e6];
+        softcap(&mut x, 30.0);
+        assert!((x[0] - 30.0 * 1f32.tanh()).abs() < 1e-5 && (x[1] + x[0]).abs() < 1e-6);
+        assert!(
+            (x[2] - 1e-3).abs() < 1e-9 && x[3] <= 30.0 && x[3] > 29.99,
+            "{x:?}"
+        );
+        let logits = rng.outlier_normals(1024, 64);
+        let (mut a, mut b) = (logits.clone(), logits.clone());
+        softcap(&mut a, 5.0);
+        jetvlm_decoder::kernels::softcap(&mut b, 5.0);
+        assert!(normalized_error(&a, &b) < 1e-6);
+
+        // The product in f32, rounded to nearest even in the table's type: 1 + 2^-8 is half a
+        // bf16 step above 1 (ties to 1), 1 + 3 * 2^-8 rounds up to 1 + 2^-6; f16 keeps
+        // 1 + 2^-10 and rounds 1 + 2^-12 to 1; f32 keeps the product.
+        use jetvlm_core::DType;
+        let v = [
+            1.0 + 2f32.powi(-8),
+            1.0 + 3.0 * 2f32.powi(-8),
+            1.0 + 2f32.powi(-10),
+        ];
+        let mut bf = v;
+        scale_round(&mut bf, 1.0, DType::BF16);
+        assert_eq!(bf, [1.0, 1.0 + 2f32.powi(-6), 1.0]);
+        let mut h = [1.0 + 2f32.powi(-10), 1.0 + 2f32.powi(-12)];
+        scale_round(&mut h, 1.0, DType::F16);
+        assert_eq!(h, [1.0 + 2f32.powi(-10), 1.0]);
+        let mut f = [0.1f32, -3.3];
+        scale_round(&mut f, 8.0, DType::F32);
+        assert_eq!(f, [0.1f32 * 8.0, -3.3f32 * 8.0]);
+    }
+
+    /// Interleaved M-RoPE's twin against the CPU decoder's `Rope::apply_mrope` for Qwen3-VL's
+    /// interleaved sections ([4, 2, 2] of a 16-wide head); the contiguous twin on the same
+    /// sections differs.
+    #[test]
+    fn interleaved_mrope_twin_matches_the_cpu_decoder() {
+        let v = serde_json::json!({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 10, "head_dim": 16,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                "mrope_section": [4, 2, 2], "mrope_interleaved": true},
+            "mrope_frame_grid": [2, 3]});
+        let c = jetvlm_core::hf::ModelConfig::from_value(&v, std::path::Path::new("config.json"))
+            .unwrap();
+        assert!(matches!(
+            c.rope_scaling,
+            jetvlm_core::hf::RopeScaling::MRope {
+                interleaved: true,
+                ..
+            }
+        ));
+        let cpu = jetvlm_decoder::kernels::Rope::new(&c);
+        let inv: Vec<f32> = cpu.inv_freq().iter().map(|&f| f as f32).collect();
+        let (heads, d) = (4, 16);
+        let mut rng = Rng::new(23);
+        let pos: Vec<[u32; 3]> = (0..6)
+            .map(|_| [rng.below(50), rng.below(50), rng.below(50)])
+            .collect();
+        let flat: Vec<u32> = pos.iter().flatten().copied().collect();
+        let x = rng.normals(pos.len() * heads * d);
+        let mut want = x.clone();
+        cpu.apply_mrope(&mut want, heads, &pos);
+        let mut got = x.clone();
+        rope_mrope_interleaved(&mut got, &flat, &inv, heads, d, [2, 2]);
+        let err = normalized_error(&got, &want);
+        assert!(err < 1e-5, "{err:e}");
+        let mut contiguous = x.clone();
+        rope_mrope(&mut contiguous, &flat, &inv, heads, d, [4, 2]);
+        assert!(normalized_error(&contiguous, &want) > 1e-2);
+    }
+
+    /// A window's first key: a query starting at its own order returns its own value; one
+    /// starting at order 2 equals plain attention over tokens 2..=5 stored alone.
+    #[test]
+    fn attention_from_sees_only_the_window() {
+        let l = layout(8, false);
+        let mut rng = Rng::new(29);
+        let (k, v) = (
+            rng.normals(6 * l.row_elems()),
+            rng.normals(6 * l.row_elems()),
+        );
+        let mut all = HostPools::new(l, 1, 0);
+        all.store_text(0, 0, &k, &v);
+        let entry = |order, len| BlockEntry {
+            kind: BlockKind::Text,
+            block: 0,
+            len,
+            order,
+        };
+        let q = rng.normals(4 * 64);
+        let own = attention_from(&all, &q, &[5], &[5], 4, &[entry(0, 6)]);
+        for hq in 0..4 {
+            let kvh = hq / 2;
+            let v5: Vec<f32> = v[(5 * 2 + kvh) * 64..(5 * 2 + kvh + 1) * 64]
+                .iter()
+                .map(|&x| f16::from_f32(x).to_f32())
+                .collect();
+            assert_eq!(&own[hq * 64..(hq + 1) * 64], &v5[..]);
+        }
+        let mut tail = HostPools::new(l, 1, 0);
+        let r = 2 * l.row_elems();
+        tail.store_text(0, 0, &k[r..], &v[r..]);
+        let want = attention(&tail, &q, &[5], 4, &[entry(2, 4)]);
+        assert_eq!(
+            attention_from(&all, &q, &[5], &[2], 4, &[entry(0, 6)]),
+            want
+        );
+        assert_ne!(attention(&all, &q, &[5], 4, &[entry(0, 6)]), want);
     }
 
     #[test]

@@ -152,6 +152,8 @@ pub struct SimPlan {
     q_heads: usize,
     entries: Vec<BlockEntry>,
     q_order: Vec<i32>,
+    /// Each query's first key (empty: 0).
+    q_from: Vec<i32>,
 }
 
 impl PlanInfo for SimPlan {
@@ -346,6 +348,7 @@ impl Gpu for SimDevice {
         n_heads: usize,
         head_dim: usize,
         section: [usize; 3],
+        interleaved: bool,
     ) -> Result<(), CudaError> {
         crate::checks::check_rope_mrope(
             [x.len(), positions3.len(), inv_freq.len()],
@@ -354,14 +357,17 @@ impl Gpu for SimDevice {
             head_dim,
             section,
         )?;
-        reference::rope_mrope(
+        let (x, p) = (
             &mut x[..n_tokens * n_heads * head_dim],
             &positions3[..3 * n_tokens],
-            inv_freq,
-            n_heads,
-            head_dim,
-            [section[0], section[1]],
         );
+        if interleaved {
+            let s = [section[1], section[2]];
+            reference::rope_mrope_interleaved(x, p, inv_freq, n_heads, head_dim, s);
+        } else {
+            let s = [section[0], section[1]];
+            reference::rope_mrope(x, p, inv_freq, n_heads, head_dim, s);
+        }
         Ok(())
     }
     fn residual_add(&self, x: &mut Vec<f32>, y: &Vec<f32>, n: usize) -> Result<(), CudaError> {
@@ -379,6 +385,34 @@ impl Gpu for SimDevice {
         crate::checks::check_swiglu([out.len(), gate.len(), up.len()], n)?;
         let y = reference::swiglu(&gate[..n], &up[..n]);
         out[..n].copy_from_slice(&y);
+        Ok(())
+    }
+    fn geglu(
+        &self,
+        out: &mut Vec<f32>,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        crate::checks::check_gated("geglu", [out.len(), gate.len(), up.len()], n)?;
+        let y = reference::geglu(&gate[..n], &up[..n]);
+        out[..n].copy_from_slice(&y);
+        Ok(())
+    }
+    fn softcap(&self, x: &mut Vec<f32>, n: usize, cap: f32) -> Result<(), CudaError> {
+        check_len("softcap", "x", x.len(), n)?;
+        reference::softcap(&mut x[..n], cap);
+        Ok(())
+    }
+    fn scale_round(
+        &self,
+        x: &mut Vec<f32>,
+        n: usize,
+        scale: f32,
+        round: DType,
+    ) -> Result<(), CudaError> {
+        check_len("scale round", "x", x.len(), n)?;
+        reference::scale_round(&mut x[..n], scale, round);
         Ok(())
     }
 
@@ -445,15 +479,18 @@ impl Gpu for SimDevice {
         q_heads: usize,
         entries: &[BlockEntry],
         q_order: &[i32],
+        q_from: &[i32],
         _splits: Splits,
     ) -> Result<SimPlan, CudaError> {
         crate::checks::check_attention(layout, blocks, q_heads, entries, q_order.len())?;
+        crate::checks::check_q_from(q_from, q_order.len())?;
         Ok(SimPlan {
             layout: *layout,
             blocks,
             q_heads,
             entries: entries.to_vec(),
             q_order: q_order.to_vec(),
+            q_from: q_from.to_vec(),
         })
     }
     fn attend(
@@ -473,10 +510,11 @@ impl Gpu for SimDevice {
         check_len(OP, "q", q.len(), n)?;
         check_len(OP, "out", out.len(), n)?;
         pools.compute(self, OP)?;
-        let y = reference::attention(
+        let y = reference::attention_from(
             &pools.host,
             &q[..n],
             &plan.q_order,
+            &plan.q_from,
             plan.q_heads,
             &plan.entries,
         );

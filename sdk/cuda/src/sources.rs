@@ -56,6 +56,9 @@ pub const KERNELS: &[KernelSource] = &[
         functions: &[
             "residual_add_f32",
             "swiglu_f32",
+            "geglu_f32",
+            "softcap_f32",
+            "scale_round_f32",
             "embedding_gather_f32",
             "embedding_gather_f16",
             "embedding_gather_bf16",
@@ -72,7 +75,7 @@ pub const KERNELS: &[KernelSource] = &[
     KernelSource {
         file: "rope.cu",
         source: kernel_file!("rope.cu"),
-        functions: &["rope_f32", "rope_mrope_f32"],
+        functions: &["rope_f32", "rope_mrope_f32", "rope_mrope_interleaved_f32"],
     },
     KernelSource {
         file: "gemv.cu",

@@ -117,6 +117,30 @@ pub fn frame_positions(c: &ModelConfig, tokens: usize) -> usize {
     }
 }
 
+/// Gemma 3: the configuration its local (sliding-window) layers rotate with: their own RoPE
+/// base, no scaling ([`LayerOps::rope_local`]); `None` for other models.
+pub fn local_rope_config(c: &ModelConfig) -> Option<ModelConfig> {
+    c.gemma3.as_ref().map(|g| ModelConfig {
+        rope_theta: g.local_rope_theta,
+        rope_scaling: RopeScaling::Default,
+        ..c.clone()
+    })
+}
+
+/// Gemma 3: token embeddings are multiplied by `sqrt(hidden)`, the factor and the product
+/// rounded to the embedding table's type `table` (transformers'
+/// `Gemma3TextScaledWordEmbedding`); returns the rounded factor and that type. `None` for
+/// other models (and frame embeddings are never scaled).
+pub fn embedding_scale(c: &ModelConfig, table: DType) -> Option<(f32, DType)> {
+    let s = (c.hidden_size as f32).sqrt();
+    let s = match table {
+        DType::F16 => half::f16::from_f32(s).to_f32(),
+        DType::BF16 => half::bf16::from_f32(s).to_f32(),
+        _ => s,
+    };
+    c.gemma3.as_ref().map(|_| (s, table))
+}
+
 /// A weight matrix `[rows, cols]` (`y = x W^T + b`) in a backend's types: `W` the matrix,
 /// `V` an f32 vector.
 #[derive(Debug)]

@@ -117,7 +117,6 @@ impl<G: Gpu> GpuDecoder<G> {
                         .into(),
             });
         };
-        refuse_cpu_only_options(&jetvlm_decoder::Config::from_dir(dir)?)?;
         let model = DeviceDecoder::load(&dev, dir)?;
         let c = &model.config().model;
         let policy = DevicePolicy::new(policy, c.num_key_value_heads, c.head_dim)?;
@@ -310,33 +309,6 @@ pub(crate) fn kv_stats<G: Gpu>(cache: &DeviceKvCache<G>, frame_tokens: usize) ->
     }
 }
 
-/// Qwen3-VL's interleaved M-RoPE and DeepStack have no device kernels: a decoder config with
-/// either is refused with one line naming the field, before any weight is uploaded (never
-/// run with contiguous sections or without the frames' DeepStack features).
-fn refuse_cpu_only_options(config: &jetvlm_decoder::Config) -> Result<(), RuntimeError> {
-    let c = &config.model;
-    let path = config.path.display();
-    let refuse = |what: String| RuntimeError::Unsupported {
-        op: "a device decoder",
-        message: format!("{what} runs on the CPU decoder only (--device cpu)"),
-    };
-    if let jetvlm_core::hf::RopeScaling::MRope {
-        interleaved: true, ..
-    } = c.rope_scaling
-    {
-        return Err(refuse(format!(
-            "interleaved M-RoPE (mrope_interleaved in {path})"
-        )));
-    }
-    if c.deepstack_layers > 0 {
-        return Err(refuse(format!(
-            "DeepStack (deepstack_layers {} in {path})",
-            c.deepstack_layers
-        )));
-    }
-    Ok(())
-}
-
 /// The error of a session whose device cache an earlier failure took down with it.
 pub(crate) fn lost() -> RuntimeError {
     RuntimeError::Unsupported {
@@ -367,19 +339,18 @@ fn device_inputs<'i>(inputs: &[Input<'i>]) -> Vec<DeviceInput<'i>> {
                 ids,
                 kind: TokenKind::Text,
             },
-            // DeepStack features never reach here: `refuse_cpu_only_options` refuses such
-            // models.
             Input::Embeddings {
                 data,
                 n,
                 kind,
                 frame,
-                ..
+                deepstack,
             } => DeviceInput::Embeddings {
                 data,
                 n,
                 kind,
                 frame,
+                deepstack,
             },
         })
         .collect()

@@ -234,9 +234,18 @@ impl Gpu for CudaDevice {
         n_heads: usize,
         head_dim: usize,
         section: [usize; 3],
+        interleaved: bool,
     ) -> Result<(), CudaError> {
         CudaDevice::rope_mrope(
-            self, x, positions3, inv_freq, n_tokens, n_heads, head_dim, section,
+            self,
+            x,
+            positions3,
+            inv_freq,
+            n_tokens,
+            n_heads,
+            head_dim,
+            section,
+            interleaved,
         )
     }
     fn residual_add(
@@ -255,6 +264,27 @@ impl Gpu for CudaDevice {
         n: usize,
     ) -> Result<(), CudaError> {
         CudaDevice::swiglu(self, out, gate, up, n)
+    }
+    fn geglu(
+        &self,
+        out: &mut CudaSlice<f32>,
+        gate: &CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        CudaDevice::geglu(self, out, gate, up, n)
+    }
+    fn softcap(&self, x: &mut CudaSlice<f32>, n: usize, cap: f32) -> Result<(), CudaError> {
+        CudaDevice::softcap(self, x, n, cap)
+    }
+    fn scale_round(
+        &self,
+        x: &mut CudaSlice<f32>,
+        n: usize,
+        scale: f32,
+        round: jetvlm_core::DType,
+    ) -> Result<(), CudaError> {
+        CudaDevice::scale_round(self, x, n, scale, round)
     }
 
     fn kv_pools(
@@ -301,9 +331,12 @@ impl Gpu for CudaDevice {
         q_heads: usize,
         entries: &[BlockEntry],
         q_order: &[i32],
+        q_from: &[i32],
         splits: Splits,
     ) -> Result<AttentionPlan, CudaError> {
-        CudaDevice::attention_plan(self, layout, blocks, q_heads, entries, q_order, splits)
+        CudaDevice::attention_plan_from(
+            self, layout, blocks, q_heads, entries, q_order, q_from, splits,
+        )
     }
     fn attend(
         &self,

@@ -94,6 +94,8 @@ pub struct AttentionPlan {
     kernel: String,
     entries: CudaSlice<i32>,
     order: CudaSlice<i32>,
+    /// Each query's first key (0 without a window).
+    first: CudaSlice<i32>,
     part_acc: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
 }
@@ -361,9 +363,31 @@ impl CudaDevice {
         q_order: &[i32],
         splits: Splits,
     ) -> Result<AttentionPlan, CudaError> {
+        self.attention_plan_from(layout, blocks, q_heads, entries, q_order, &[], splits)
+    }
+
+    /// [`Self::attention_plan`] where query `i` also sees only keys with order >=
+    /// `q_from[i]` (a sliding window's first key), when `q_from` is not empty.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_plan_from(
+        &self,
+        layout: &KvLayout,
+        blocks: (usize, usize),
+        q_heads: usize,
+        entries: &[BlockEntry],
+        q_order: &[i32],
+        q_from: &[i32],
+        splits: Splits,
+    ) -> Result<AttentionPlan, CudaError> {
         let l = *layout;
         let n_q = q_order.len();
         crate::checks::check_attention(&l, blocks, q_heads, entries, n_q)?;
+        crate::checks::check_q_from(q_from, n_q)?;
+        let first: Vec<i32> = if q_from.is_empty() {
+            vec![0; n_q]
+        } else {
+            q_from.to_vec()
+        };
         let group = q_heads / l.kv_heads;
         let (kernel, per_block) = partial_kernel(l.head_dim, group);
         let chunks = group.div_ceil(per_block);
@@ -402,6 +426,7 @@ impl CudaDevice {
             kernel,
             entries: self.upload(&flat)?,
             order: self.upload(q_order)?,
+            first: self.upload(&first)?,
             part_acc: self.zeros::<f32>(parts * l.head_dim)?,
             part_ml: self.zeros::<f32>(parts * 2)?,
         })
@@ -461,6 +486,7 @@ impl CudaDevice {
             cfg,
             q,
             &plan.order,
+            &plan.first,
             &plan.entries,
             &ints[0],
             &ints[1],

@@ -220,6 +220,77 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// `out = gelu_tanh(gate) * up` (Gemma's GeGLU).
+    pub fn geglu(
+        &self,
+        out: &mut CudaSlice<f32>,
+        gate: &CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "geglu";
+        crate::checks::check_gated(OP, [out.len(), gate.len(), up.len()], n)?;
+        let n32 = u32_of(OP, "n", n)?;
+        launch!(
+            self,
+            "elementwise.cu",
+            "geglu_f32",
+            linear(n),
+            out,
+            gate,
+            up,
+            &n32
+        );
+        Ok(())
+    }
+
+    /// `x[..n] = cap * tanh(x / cap)` (Gemma's final logit softcapping).
+    pub fn softcap(&self, x: &mut CudaSlice<f32>, n: usize, cap: f32) -> Result<(), CudaError> {
+        const OP: &str = "softcap";
+        check_len(OP, "x", x.len(), n)?;
+        let n32 = u32_of(OP, "n", n)?;
+        launch!(
+            self,
+            "elementwise.cu",
+            "softcap_f32",
+            linear(n),
+            x,
+            &n32,
+            &cap
+        );
+        Ok(())
+    }
+
+    /// `x[..n] = round(x * scale)`, the f32 product rounded to `round` (f16, bf16; other
+    /// types keep it): Gemma's embedding scaling in the table's type.
+    pub fn scale_round(
+        &self,
+        x: &mut CudaSlice<f32>,
+        n: usize,
+        scale: f32,
+        round: jetvlm_core::DType,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "scale round";
+        check_len(OP, "x", x.len(), n)?;
+        let n32 = u32_of(OP, "n", n)?;
+        let mode: u32 = match round {
+            jetvlm_core::DType::F16 => 1,
+            jetvlm_core::DType::BF16 => 2,
+            _ => 0,
+        };
+        launch!(
+            self,
+            "elementwise.cu",
+            "scale_round_f32",
+            linear(n),
+            x,
+            &n32,
+            &scale,
+            &mode
+        );
+        Ok(())
+    }
+
     /// `out[t] = table[ids[t]]` for a `[vocab][hidden]` table; ids outside the vocabulary are
     /// an error naming the id.
     pub fn embedding(
@@ -483,7 +554,9 @@ impl CudaDevice {
     }
 
     /// M-RoPE in place on `x[n_tokens][n_heads][head_dim]`, `positions3[n_tokens][3]`
-    /// (temporal, row, column), `inv_freq[head_dim / 2]`, frequency pairs split by `section`.
+    /// (temporal, row, column), `inv_freq[head_dim / 2]`, frequency pairs split by `section`
+    /// in contiguous sections (`rope_mrope_f32`) or, `interleaved`, as Qwen3-VL interleaves
+    /// them (`rope_mrope_interleaved_f32`).
     #[allow(clippy::too_many_arguments)]
     pub fn rope_mrope(
         &self,
@@ -494,6 +567,7 @@ impl CudaDevice {
         n_heads: usize,
         head_dim: usize,
         section: [usize; 3],
+        interleaved: bool,
     ) -> Result<(), CudaError> {
         const OP: &str = "rope mrope";
         crate::checks::check_rope_mrope(
@@ -503,17 +577,24 @@ impl CudaDevice {
             head_dim,
             section,
         )?;
+        // The kernels' two section arguments: (temporal, row) pairs of the contiguous
+        // layout, (row, column) of the interleaved one.
+        let (first, kernel) = if interleaved {
+            (1, "rope_mrope_interleaved_f32")
+        } else {
+            (0, "rope_mrope_f32")
+        };
         let (t, h, d, s0, s1) = (
             u32_of(OP, "tokens", n_tokens)?,
             u32_of(OP, "heads", n_heads)?,
             u32_of(OP, "head_dim", head_dim)?,
-            u32_of(OP, "section", section[0])?,
-            u32_of(OP, "section", section[1])?,
+            u32_of(OP, "section", section[first])?,
+            u32_of(OP, "section", section[first + 1])?,
         );
         launch!(
             self,
             "rope.cu",
-            "rope_mrope_f32",
+            kernel,
             linear(n_tokens * n_heads * head_dim / 2),
             x,
             positions3,

@@ -183,6 +183,48 @@ impl CudaDevice {
             normalized_error(&self.download(&o)?, &cpu::swiglu(&a, &b)),
             1e-5,
         ));
+        let mut o = self.zeros::<f32>(n)?;
+        self.geglu(&mut o, &self.upload(&a)?, &self.upload(&b)?, n)?;
+        out.push(check(
+            "geglu_f32",
+            kind(outliers),
+            normalized_error(&self.download(&o)?, &cpu::geglu(&a, &b)),
+            1e-5,
+        ));
+        // Logit-sized values around the cap (Gemma 2's 30), and well inside it.
+        for cap in [30.0f32, 1.5] {
+            let logits: Vec<f32> = a.iter().map(|v| v * 20.0).collect();
+            let mut x = self.upload(&logits)?;
+            self.softcap(&mut x, n, cap)?;
+            let mut want = logits.clone();
+            cpu::softcap(&mut want, cap);
+            out.push(check(
+                "softcap_f32",
+                format!("{} cap {cap}", kind(outliers)),
+                normalized_error(&self.download(&x)?, &want),
+                1e-5,
+            ));
+        }
+        // Gemma's embedding scaling: sqrt(hidden) rounded as the table's type, the product
+        // rounded the same way; both sides round an identical f32 product, so exactly equal.
+        for dtype in [
+            jetvlm_core::DType::F32,
+            jetvlm_core::DType::F16,
+            jetvlm_core::DType::BF16,
+        ] {
+            let mut s = [(2304f32).sqrt()];
+            cpu::scale_round(&mut s, 1.0, dtype);
+            let mut x = self.upload(&a)?;
+            self.scale_round(&mut x, n, s[0], dtype)?;
+            let mut want = a.clone();
+            cpu::scale_round(&mut want, s[0], dtype);
+            out.push(check(
+                "scale_round_f32",
+                format!("{} {dtype}", kind(outliers)),
+                normalized_error(&self.download(&x)?, &want),
+                0.0,
+            ));
+        }
 
         let (vocab, hidden) = (1000, 96);
         let table = values(rng, vocab * hidden, hidden, outliers);
@@ -253,10 +295,13 @@ impl CudaDevice {
                 1e-5,
             ));
         }
-        // M-RoPE: Qwen2.5-VL's sections of a 128-wide head, and a small head.
-        for (heads, head_dim, section, theta) in [
-            (4usize, 128usize, [16usize, 24, 24], 1e6f64),
-            (2, 32, [6, 5, 5], 1e4),
+        // M-RoPE: Qwen2.5-VL's sections of a 128-wide head, and a small head; interleaved:
+        // Qwen3-VL's sections of a 128-wide head, and the tiny fixture's.
+        for (heads, head_dim, section, theta, interleaved) in [
+            (4usize, 128usize, [16usize, 24, 24], 1e6f64, false),
+            (2, 32, [6, 5, 5], 1e4, false),
+            (4, 128, [24, 20, 20], 5e6, true),
+            (2, 32, [6, 5, 5], 1e4, true),
         ] {
             let n_tok = 15;
             let x = values(rng, n_tok * heads * head_dim, head_dim, outliers);
@@ -271,19 +316,21 @@ impl CudaDevice {
                 heads,
                 head_dim,
                 section,
+                interleaved,
             )?;
             let mut want = x.clone();
-            cpu::rope_mrope(
-                &mut want,
-                &positions,
-                &inv,
-                heads,
-                head_dim,
-                [section[0], section[1]],
-            );
+            let kernel = if interleaved {
+                let s = [section[1], section[2]];
+                cpu::rope_mrope_interleaved(&mut want, &positions, &inv, heads, head_dim, s);
+                "rope_mrope_interleaved_f32"
+            } else {
+                let s = [section[0], section[1]];
+                cpu::rope_mrope(&mut want, &positions, &inv, heads, head_dim, s);
+                "rope_mrope_f32"
+            };
             let case = format!("{} dim {head_dim} sections {section:?}", kind(outliers));
             out.push(check(
-                "rope_mrope_f32",
+                kernel,
                 case,
                 normalized_error(&self.download(&d)?, &want),
                 1e-5,
@@ -559,6 +606,38 @@ impl CudaDevice {
             err,
             1e-4,
         ));
+        // Sliding window (Gemma 3's local layers): each query sees the 37 keys up to its own,
+        // so whole blocks are skipped and the window starts inside a block; queries seeing
+        // the span's last key (Gemma 3's bidirectional frame tokens) with the window of each.
+        let window = 37;
+        let q_last: Vec<i32> = q_order.iter().map(|_| total - 4).collect();
+        let q_from: Vec<i32> = q_order.iter().map(|&o| o + 1 - window).collect();
+        for (what, seen) in [("causal", &q_order), ("to the span's end", &q_last)] {
+            let want = cpu::attention_from(&got, &q, seen, &q_from, q_heads, &entries);
+            let plan_from = |splits| {
+                self.attention_plan_from(
+                    &layout,
+                    (text_blocks, frame_blocks),
+                    q_heads,
+                    &entries,
+                    seen,
+                    &q_from,
+                    splits,
+                )
+            };
+            for splits in [Splits::Fixed(1), Splits::Fixed(5)] {
+                let mut plan = plan_from(splits)?;
+                let mut o = self.zeros::<f32>(n_q * q_heads * dh)?;
+                self.attend(&pools, &mut plan, &self.upload(&q)?, &mut o)?;
+                let err = normalized_error(&self.download(&o)?, &want);
+                out.push(check(
+                    "mixed_attention window",
+                    format!("{case} {window} keys {what} splits {}", plan.splits()),
+                    err,
+                    1e-4,
+                ));
+            }
+        }
         Ok(())
     }
 }
