@@ -54,11 +54,93 @@ def check_dependencies():
         )
 
 
+def tile_expansion(tiles: dict, tokens: int, image_token: str, suffix: str) -> str:
+    """What the manifest's tile layout expands one image to (image tokens where jetvlm places
+    embeddings), as the runtime's prompt builder lays it out."""
+    out = ""
+    for r in range(tiles["rows"]):
+        for c in range(tiles["cols"]):
+            out += tiles["tile_prefix"].replace("{row}", str(r + 1)).replace("{col}", str(c + 1))
+            out += image_token * tokens
+        out += tiles["row_suffix"]
+    return out + tiles["global_prefix"] + image_token * tokens + suffix
+
+
+def cut_tiles(img, tiles: dict, interpolation: str):
+    """The manifest's tiling of an RGB8 frame (PIL): resized to `scaled`, then to whole tiles,
+    cut row-major, the whole-tile image resized to one tile last (as the runtime does)."""
+    from PIL import Image
+
+    filt = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}[interpolation]
+    t = tiles["tile"]
+    img = img.resize(tuple(tiles["scaled"]), filt).resize((tiles["cols"] * t, tiles["rows"] * t), filt)
+    out = [img.crop((c * t, r * t, (c + 1) * t, (r + 1) * t)) for r in range(tiles["rows"]) for c in range(tiles["cols"])]
+    return out + [img.resize((t, t), filt)]
+
+
+def check_tile_pixels(ip, tiles: dict, pre: dict) -> None:
+    """The processor's pixel values of a probe frame, per tile, against the manifest's
+    tiling and normalisation."""
+    import numpy as np
+    from PIL import Image
+
+    from . import common
+
+    w, h = tiles["frame"]
+    img = Image.fromarray(common.probe_image(w, h))
+    got = np.asarray(ip(images=[img], return_tensors="np")["pixel_values"][0], dtype=np.float32)
+    mine = np.concatenate(
+        [common.normalise(np.asarray(t), pre["mean"], pre["std"]) for t in cut_tiles(img, tiles, pre["interpolation"])]
+    )
+    common.check_close("manifest tiling and preprocessing vs the processor (probe frame, every tile)", mine, got, 2e-2)
+
+
+def check_tile_layout(processor, tiles: dict, tokens: int, image_token: str, suffix: str) -> None:
+    """The processor on a probe image of the frame size gives the manifest's grid and as many
+    images, and its text for the image tokenizes as the manifest's layout does."""
+    from PIL import Image
+
+    from . import common
+
+    w, h = tiles["frame"]
+    img = Image.fromarray(common.probe_image(w, h))
+    ip = processor.image_processor
+    got = ip(images=[img], return_row_col_info=True, return_tensors="np")
+    rows, cols = int(got["rows"][0][0]), int(got["cols"][0][0])
+    if (rows, cols) != (tiles["rows"], tiles["cols"]):
+        raise ExportError(
+            f"the processor splits a {w}x{h} image into {rows}x{cols} tiles, the exporter computed "
+            f"{tiles['rows']}x{tiles['cols']}", 1)
+    n = rows * cols + 1
+    if got["pixel_values"].shape[1] != n:
+        raise ExportError(f"the processor gives {got['pixel_values'].shape[1]} images for a {w}x{h} frame, expected {n}", 1)
+    want = processor(text=[image_token], images=[[img]])["input_ids"][0]
+    mine = processor.tokenizer(tile_expansion(tiles, tokens, image_token, suffix))["input_ids"]
+    if list(want) != list(mine):
+        raise ExportError(
+            f"the manifest's tile layout gives {len(mine)} tokens, the processor {len(want)} for a {w}x{h} frame", 1)
+    log(f"tile layout: {rows}x{cols} tiles + global, {len(want)} tokens per frame as the processor's")
+
+
+def load_processor(hf: Path):
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(hf))
+        # The image processor's PIL backend: the filters jetvlm's preprocessing reproduces
+        # (with torchvision installed, transformers would resize with torch's kernels).
+        processor.image_processor = AutoImageProcessor.from_pretrained(str(hf), backend="pil")
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"cannot load the processor of {hf}: {first}") from None
+    return processor
+
+
 def export(args) -> None:
     check_dependencies()
     import torch
     from PIL import Image
-    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -87,6 +169,15 @@ def export(args) -> None:
     fw, fh = args.frame_size or (nw, nh)
     if fw <= 0 or fh <= 0:
         raise ExportError(f"--frame-size {fw}x{fh} must be positive")
+    processor = load_processor(hf)
+    # A family whose processor splits large images into tiles (Idefics3/SmolVLM): the frame
+    # size is the camera's, the encoder runs per tile at the tile size.
+    tiles = family.tiles(cfg, processor.image_processor, (fw, fh)) if args.frame_size else None
+    if tiles is not None:
+        fw = fh = tiles["tile"]
+        if not tiles["rows"]:
+            log(f"the processor does not split a {args.frame_size[0]}x{args.frame_size[1]} frame: one image")
+            tiles = None
     if family.square and fw != fh:
         raise ExportError(f"--frame-size {fw}x{fh}: {family.name} frames are square (pass one number)")
     # Square families take the side, the others (width, height).
@@ -97,16 +188,13 @@ def export(args) -> None:
     if family.square and fw != nw:
         log(f"warning: frame {fw}x{fh} differs from the trained {nw}x{nh} "
             "(the vision tower's position embeddings are resampled; answers may degrade)")
-    try:
-        processor = AutoProcessor.from_pretrained(str(hf))
-        # The image processor's PIL backend: the filters jetvlm's preprocessing reproduces
-        # (with torchvision installed, transformers would resize with torch's kernels).
-        processor.image_processor = AutoImageProcessor.from_pretrained(str(hf), backend="pil")
-    except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"cannot load the processor of {hf}: {first}") from None
     ip = processor.image_processor
     pre = family.preprocessing(ip, frame)
+    if tiles is not None:
+        pre["notes"] = [
+            f"processor: splits a {tiles['frame'][0]}x{tiles['frame'][1]} frame into tiles "
+            f"(vision.tiles) with {pre['interpolation']} resizes, rescales by 1/255, normalises with mean/std"
+        ]
     text_type = cfg.text_config.model_type
     archs = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
     # The same layer recipe (Qwen3-VL's text model is Qwen3's; its M-RoPE comes from the
@@ -124,7 +212,9 @@ def export(args) -> None:
 
     img = common.probe_image(fw, fh)
     pv = common.normalise(img, pre["mean"], pre["std"])
-    if (fw, fh) == (nw, nh) or not family.square:
+    if tiles is not None:
+        check_tile_pixels(ip, tiles, pre)
+    elif (fw, fh) == (nw, nh) or not family.square:
         got = family.processor_pixels(ip, Image.fromarray(img), fw, fh)
         if got is None:
             log(f"note: the processor resizes a {fw}x{fh} image to another size; the "
@@ -171,6 +261,11 @@ def export(args) -> None:
         image_token = family.image_token(processor)
         prompt = common.derive_prompt(processor, tok, image_token, args.template)
         fam_prefix, fam_suffix = family.frame_text(processor)
+        if tiles is not None:
+            # The tiles' text comes before each tile; the global image's before it.
+            fam_prefix = ""
+            tiles.update(family.tile_text(processor), global_image=True)
+            check_tile_layout(processor, tiles, tokens, image_token, fam_suffix)
         prompt["frame_prefix"] = prompt["frame_prefix"] + fam_prefix
         prompt["frame_suffix"] = fam_suffix + prompt["frame_suffix"]
         prompt["default_question"] = args.question
@@ -190,10 +285,16 @@ def export(args) -> None:
                 },
                 "prompt": prompt,
                 "kv_policy": args.kv_policy,
+                "tiles": tiles,
             },
         )
     log(f"prompt: {json.dumps(prompt['template'])}, frame {json.dumps(prompt['frame_prefix'])}"
         f" + {tokens} embeddings + {json.dumps(prompt['frame_suffix'])}, bos {prompt['add_bos']}")
+    if tiles is not None:
+        n = tiles["rows"] * tiles["cols"] + 1
+        log(f"tiles: a {tiles['frame'][0]}x{tiles['frame'][1]} frame -> {tiles['rows']} rows x "
+            f"{tiles['cols']} columns of {fw}x{fh} tiles + the global image: {n} encoder runs, "
+            f"{n * tokens} image tokens per frame")
     for note in pre["notes"]:
         log(f"note: {note}")
     log(f"wrote {args.out} in {time.time() - started:.1f}s")

@@ -415,6 +415,24 @@ def write_manifest(path: Path, m: dict) -> None:
     ]
     if v.get("deepstack_output"):
         lines.append(f"  deepstack_output: {v['deepstack_output']}")
+    t = m.get("tiles")
+    if t:
+        (fw, fh), (sw, sh) = t["frame"], t["scaled"]
+        lines += [
+            "  tiles:",
+            f"    # processor: resizes a {fw}x{fh} frame to {sw}x{sh} (longest edge), then to whole "
+            f"tiles ({t['cols'] * t['tile']}x{t['rows'] * t['tile']}), cuts {t['rows']} rows x "
+            f"{t['cols']} columns of {t['tile']}x{t['tile']} tiles (row-major) and adds that image "
+            f"resized to one tile (the global image); tokens_per_frame is per tile",
+            f"    frame: {{height: {fh}, width: {fw}}}",
+            f"    scaled: {{height: {sh}, width: {sw}}}",
+            f"    rows: {t['rows']}",
+            f"    cols: {t['cols']}",
+            f"    global_image: {'true' if t['global_image'] else 'false'}",
+            f"    tile_prefix: {yaml_str(t['tile_prefix'])}",
+            f"    row_suffix: {yaml_str(t['row_suffix'])}",
+            f"    global_prefix: {yaml_str(t['global_prefix'])}",
+        ]
     lines += [
         "decoder:",
         "  dir: decoder",

@@ -104,6 +104,10 @@ class Family:
     def decoder_fields(self, cfg, frame) -> dict:
         return {}
 
+    def tiles(self, cfg, ip, frame):
+        """The processor's tiling of `frame` (width, height) images; None: not tiled."""
+        return None
+
 
 class Llava(Family):
     """LLaVA-1.5: CLIP vision tower, hidden states of `vision_feature_layer` (CLS dropped with
@@ -190,8 +194,10 @@ class Llava(Family):
 
 class Idefics3(Family):
     """Idefics3 / SmolVLM: SigLIP-style vision transformer, pixel-shuffle connector, a Llama
-    language model. One frame at the vision tower's size (the processor's global image); the
-    processor's tiling of large images into sub-images is not reproduced."""
+    language model. By default one frame at the vision tower's size (the processor's global
+    image, as with `do_image_splitting=False`). With `--frame-size WxH` and a processor that
+    splits images, the package reproduces the processor's tiling of WxH frames (`tiles`):
+    the encoder runs once per tile and once on the global image, at the tile size."""
 
     name = "idefics3"
     one_frame = {"do_image_splitting": False}
@@ -214,7 +220,7 @@ class Idefics3(Family):
         if frame_size > self.native_size(cfg):
             raise ExportError(
                 f"--frame-size {frame_size} is above the vision tower's {self.native_size(cfg)} "
-                "(larger images are tiled by the processor, which jetvlm does not do)"
+                "(the processor has do_image_splitting off: it resizes every image to one tile)"
             )
 
     def tokens_per_frame(self, cfg, frame_size: int) -> int:
@@ -270,14 +276,72 @@ class Idefics3(Family):
         if getattr(ip, "do_image_splitting", False):
             notes.append(
                 "the processor also tiles large images into sub-images plus this global image; "
-                "jetvlm feeds the global image only (one frame, no tiling)"
+                "without --frame-size WxH jetvlm feeds the global image only (one frame, no tiling)"
             )
         return {"resize": "stretch", "interpolation": interp, "mean": mean, "std": std, "notes": notes}
 
     def frame_text(self, processor) -> tuple:
         fake = processor.fake_image_token
-        glob = getattr(processor, "global_image_token", None) or getattr(processor, "global_image_tag", "<global-img>")
-        return fake + glob, fake
+        return fake + self._global_token(processor), fake
+
+    @staticmethod
+    def _global_token(processor) -> str:
+        return getattr(processor, "global_image_token", None) or getattr(processor, "global_image_tag", "<global-img>")
+
+    def tiles(self, cfg, ip, frame):
+        """The processor's image splitting of a `frame` = (width, height) image, by the image
+        processor module's own resize rules: None when the processor does not split images
+        (then `--frame-size` is the encoder's size, as for the other families); else the
+        longest-edge resize (`scaled`), the resize to whole tiles, and the grid (rows = cols
+        = 0: the processor would not split this frame)."""
+        if not getattr(ip, "do_image_splitting", False):
+            return None
+        import math
+        import sys
+
+        rules = sys.modules[type(ip).__module__]
+        tile = _size(getattr(ip, "max_image_size", None), "longest_edge")
+        if tile is None or int(tile) != self.native_size(cfg):
+            raise ExportError(
+                f"the processor's tile size (max_image_size.longest_edge {tile}) differs from the "
+                f"vision tower's {self.native_size(cfg)}; jetvlm runs the encoder at one size"
+            )
+        tile = int(tile)
+        w, h = frame
+        if getattr(ip, "do_resize", True):
+            longest = _size(getattr(ip, "size", None), "longest_edge")
+            if longest is None:
+                raise ExportError("the processor's size has no longest_edge (Idefics3 resizes by it)")
+            h1, w1 = rules._resize_output_size_rescale_to_max_len(h, w, max_len=int(longest))
+            h1, w1 = rules._resize_output_size_scale_below_upper_bound(h1, w1, max_len=rules.MAX_IMAGE_SIZE)
+        else:
+            h1, w1 = h, w
+        # resize_for_vision_encoder: whole tiles, the aspect ratio of the scaled image.
+        aspect = w1 / h1
+        if w1 >= h1:
+            w2 = math.ceil(w1 / tile) * tile
+            h2 = math.ceil(int(w2 / aspect) / tile) * tile
+        else:
+            h2 = math.ceil(h1 / tile) * tile
+            w2 = math.ceil(int(h2 * aspect) / tile) * tile
+        split = h2 > tile or w2 > tile
+        return {
+            "tile": tile,
+            "frame": (w, h),
+            "scaled": (w1, h1),
+            "rows": h2 // tile if split else 0,
+            "cols": w2 // tile if split else 0,
+        }
+
+    def tile_text(self, processor) -> dict:
+        """The processor's text around a split image's tiles: before tile (row, col)
+        (`{row}`, `{col}` 1-based), after each row, before the global image."""
+        fake = processor.fake_image_token
+        return {
+            "tile_prefix": fake + "<row_{row}_col_{col}>",
+            "row_suffix": "\n",
+            "global_prefix": "\n" + fake + self._global_token(processor),
+        }
 
     def image_token(self, processor) -> str:
         return processor.image_token

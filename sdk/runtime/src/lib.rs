@@ -16,6 +16,7 @@
 //! - [`RuntimeError`]: the one error type; the crate it came from is kept as its source.
 //!
 //! Inside: `prompt` lays the manifest's template out as ordered text and frame parts;
+//! `tiles` cuts a frame into the tiles of a package that splits frames (`vision.tiles`);
 //! `cache` puts the mixed KV cache and the exact f32 reference behind one interface;
 //! `device` runs the decoder on a GPU (`device: cuda`, feature `cuda`) or on the simulated
 //! device (`device: sim`).
@@ -46,6 +47,7 @@ mod error;
 mod pipeline;
 mod prompt;
 mod session;
+mod tiles;
 
 pub use cache::KvStats;
 pub use config::{RuntimeConfig, Sampling};

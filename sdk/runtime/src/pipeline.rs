@@ -4,6 +4,7 @@
 use crate::cache::{KvBackend, KvChoice, KvStats};
 use crate::device::{DeviceBackend, DeviceDecoding, GpuDecoder};
 use crate::prompt::{Part, PromptTemplate};
+use crate::tiles::Tiler;
 use crate::{RuntimeConfig, RuntimeError, Sampling};
 use jetvlm_camera::Frame;
 use jetvlm_core::{Device, FrameId};
@@ -12,7 +13,7 @@ use jetvlm_decoder::{
     Tokenizer,
 };
 use jetvlm_kvcache::CacheShape;
-use jetvlm_vision::package::Issue;
+use jetvlm_vision::package::{Issue, TileSection};
 use jetvlm_vision::{Embeddings, ImageView, ModelPackage, OrtEncoder, VisionEncoder};
 use serde::Serialize;
 use std::path::Path;
@@ -74,6 +75,15 @@ pub struct Token {
 pub(crate) enum Span {
     Text(Vec<u32>),
     Frame(usize),
+    /// Tokens `offset..offset + tokens` of frame `frame`'s embeddings (one encoder run of a
+    /// tiled frame), cached under the id at `slot` of the prompt's frame ids (each tile is
+    /// a frame of its own in the cache).
+    Tile {
+        frame: usize,
+        offset: usize,
+        tokens: usize,
+        slot: usize,
+    },
 }
 
 /// A prompt laid out for the decoder, with its frames encoded.
@@ -181,6 +191,8 @@ pub struct Pipeline {
     pub(crate) bos: Option<u32>,
     pub(crate) stop_tokens: Vec<u32>,
     pub(crate) next_frame: FrameId,
+    /// Cuts frames into tiles (a package with `vision.tiles`).
+    pub(crate) tiler: Option<Tiler>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -220,7 +232,9 @@ impl Pipeline {
             ));
         }
         let (bos, stop_tokens) = special_tokens(&package, &tokenizer)?;
-        let template = PromptTemplate::new(&package.manifest.prompt);
+        let template = PromptTemplate::new(&package.manifest.prompt)
+            .with_tiles(package.manifest.vision.tiles.as_ref());
+        let tiler = Tiler::new(&package);
         // The window's frames, the prompt's text and the answer.
         let capacity = cfg.capacity_tokens.unwrap_or(
             cfg.window_frames * package.tokens_per_frame()
@@ -249,6 +263,7 @@ impl Pipeline {
             bos,
             stop_tokens,
             next_frame: 0,
+            tiler,
         })
     }
 
@@ -313,7 +328,8 @@ impl Pipeline {
     }
 
     /// Encodes frames (one batch when the encoder allows) and returns their embeddings and
-    /// the time spent.
+    /// the time spent. A tiled package's frame gives all its encoder runs' embeddings in
+    /// one, row-major tiles then the global image.
     pub fn encode_frames(
         &mut self,
         frames: &[Frame],
@@ -321,15 +337,81 @@ impl Pipeline {
         let t0 = Instant::now();
         let mut views = Vec::with_capacity(frames.len());
         for f in frames {
-            views.push(ImageView::new(f.width, f.height, &f.rgb).map_err(|source| {
-                RuntimeError::Frame {
-                    index: f.index,
-                    source: Box::new(source),
-                }
-            })?);
+            views.push(frame_view(f)?);
         }
-        let out = self.encoder.encode_batch(&views)?;
+        let out = if self.tiler.is_some() {
+            let mut out = Vec::with_capacity(frames.len());
+            for (f, view) in frames.iter().zip(&views) {
+                out.push(self.encode_view(view, f.index)?);
+            }
+            out
+        } else {
+            self.encoder.encode_batch(&views)?
+        };
         Ok((out, t0.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// One frame's embeddings: one encoder run, or (tiled package) a run per tile, the
+    /// tiles' embeddings concatenated in prompt order. `index`: the frame's index in its
+    /// stream, for errors.
+    pub(crate) fn encode_view(
+        &mut self,
+        view: &ImageView,
+        index: u64,
+    ) -> Result<Embeddings, RuntimeError> {
+        let Some(tiler) = &mut self.tiler else {
+            return Ok(VisionEncoder::encode(&mut self.encoder, view)?);
+        };
+        let frame_err = |source| RuntimeError::Frame {
+            index,
+            source: Box::new(source),
+        };
+        let t = tiler.tile();
+        let tiles = tiler.cut(view).map_err(frame_err)?;
+        let mut views = Vec::with_capacity(tiles.len());
+        for tile in &tiles {
+            views.push(ImageView::new(t, t, tile).map_err(frame_err)?);
+        }
+        let runs = self.encoder.encode_batch(&views)?;
+        let hidden = self.encoder.hidden_size();
+        let mut data = Vec::with_capacity(runs.iter().map(|e| e.data.len()).sum());
+        let mut tokens = 0;
+        for e in runs {
+            tokens += e.tokens;
+            data.extend_from_slice(&e.data);
+        }
+        Ok(Embeddings {
+            tokens,
+            hidden,
+            data,
+            deepstack: Vec::new(),
+        })
+    }
+
+    /// The encoder's input for each of the frame's encoder runs (a tiled package: row-major
+    /// tiles, then the global image; else the one preprocessed frame), as f32 NCHW: what the
+    /// encoder is fed, for checking against the model's processor.
+    pub fn encoder_inputs(&mut self, frame: &Frame) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        let view = frame_view(frame)?;
+        let frame_err = |source| RuntimeError::Frame {
+            index: frame.index,
+            source: Box::new(source),
+        };
+        let images = match &mut self.tiler {
+            Some(tiler) => {
+                let t = tiler.tile();
+                let tiles = tiler.cut(&view).map_err(frame_err)?;
+                tiles.into_iter().map(|rgb| (t, t, rgb)).collect()
+            }
+            None => vec![(view.width(), view.height(), view.data().to_vec())],
+        };
+        let pre = self.encoder.preprocessor();
+        let mut out = Vec::with_capacity(images.len());
+        for (w, h, rgb) in &images {
+            let v = ImageView::new(*w, *h, rgb).map_err(frame_err)?;
+            out.push(pre.run(&v).map_err(frame_err)?.data.to_f32());
+        }
+        Ok(out)
     }
 
     /// Tokenizes text (no special tokens added).
@@ -354,6 +436,19 @@ impl Pipeline {
                     }
                     spans.push(Span::Frame(i));
                 }
+                Part::Tile { frame, tile } => {
+                    if !pending.is_empty() {
+                        spans.push(Span::Text(std::mem::take(&mut pending)));
+                    }
+                    let v = &self.package.manifest.vision;
+                    let runs = v.tiles.as_ref().map_or(1, TileSection::runs);
+                    spans.push(Span::Tile {
+                        frame,
+                        offset: tile * v.tokens_per_frame,
+                        tokens: v.tokens_per_frame,
+                        slot: frame * runs + tile,
+                    });
+                }
             }
         }
         if !pending.is_empty() {
@@ -377,6 +472,7 @@ impl Pipeline {
             .flat_map(|s| match s {
                 Span::Text(ids) => ids,
                 Span::Frame(_) => vec![placeholder; tpf],
+                Span::Tile { tokens, .. } => vec![placeholder; tokens],
             })
             .collect())
     }
@@ -407,6 +503,7 @@ impl Pipeline {
             .map(|s| match s {
                 Span::Text(ids) => ids.len(),
                 Span::Frame(_) => tpf,
+                Span::Tile { tokens, .. } => *tokens,
             })
             .sum();
         warn_past_trained_frames(&self.package, frames.len(), "a question");
@@ -421,10 +518,18 @@ impl Pipeline {
         }
         self.ensure_capacity(prompt_tokens + self.cfg.max_new_tokens)?;
         self.cache.clear();
-        let ids: Vec<FrameId> = (0..frames.len() as u64)
-            .map(|i| self.next_frame + i)
-            .collect();
-        self.next_frame += frames.len() as u64;
+        // A cache id per frame, or per encoder run of a tiled frame (each tile is cached as a
+        // frame of its own).
+        let runs = self
+            .package
+            .manifest
+            .vision
+            .tiles
+            .as_ref()
+            .map_or(1, TileSection::runs);
+        let n_ids = (frames.len() * runs) as u64;
+        let ids: Vec<FrameId> = (0..n_ids).map(|i| self.next_frame + i).collect();
+        self.next_frame += n_ids;
         Ok(Prepared {
             spans,
             embeds,
@@ -481,7 +586,7 @@ impl Pipeline {
             .iter()
             .flat_map(|s| match s {
                 Span::Text(ids) => ids.clone(),
-                Span::Frame(_) => Vec::new(),
+                Span::Frame(_) | Span::Tile { .. } => Vec::new(),
             })
             .collect();
         let stats = Stats {
@@ -640,6 +745,14 @@ pub(crate) fn warn_past_trained_frames(package: &ModelPackage, frames: usize, wh
     }
 }
 
+/// A frame as an image view (its size checked against its pixels).
+fn frame_view(f: &Frame) -> Result<ImageView<'_>, RuntimeError> {
+    ImageView::new(f.width, f.height, &f.rgb).map_err(|source| RuntimeError::Frame {
+        index: f.index,
+        source: Box::new(source),
+    })
+}
+
 fn prompt_error(package: &ModelPackage, message: String) -> RuntimeError {
     RuntimeError::Prompt {
         manifest: package.manifest_path.clone(),
@@ -686,6 +799,19 @@ pub(crate) fn inputs<'a>(
             Span::Text(t) => Input::text(t),
             Span::Frame(i) => Input::frame(&embeds[*i].data, embeds[*i].tokens, ids[*i])
                 .with_deepstack(&embeds[*i].deepstack),
+            Span::Tile {
+                frame,
+                offset,
+                tokens,
+                slot,
+            } => {
+                let h = embeds[*frame].hidden;
+                Input::frame(
+                    &embeds[*frame].data[offset * h..(offset + tokens) * h],
+                    *tokens,
+                    ids[*slot],
+                )
+            }
         })
         .collect()
 }

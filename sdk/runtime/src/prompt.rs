@@ -2,9 +2,12 @@
 //!
 //! `{frames}` expands, for each frame i (oldest first, 1-based), to `frame_prefix` (with
 //! `{i}` = i), the frame's embeddings, then `frame_suffix`; `{question}` is the question.
+//! A package that splits frames into tiles (`vision.tiles`) lays a frame's embeddings out as
+//! its processor does: `tile_prefix` (`{row}`, `{col}`) and each tile's embeddings row by
+//! row, `row_suffix` after each row, then `global_prefix` and the global image's.
 //! Adjacent text is merged, so each text part is tokenized as one string.
 
-use jetvlm_vision::package::PromptSection;
+use jetvlm_vision::package::{PromptSection, TileSection};
 
 /// One part of a prompt, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -12,6 +15,11 @@ pub enum Part {
     Text(String),
     /// The frame at this index of the frames given.
     Frame(usize),
+    /// Encoder run `tile` (row-major tiles, then the global image) of frame `frame`.
+    Tile {
+        frame: usize,
+        tile: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +37,8 @@ pub struct PromptTemplate {
     frame_suffix: String,
     /// Text placed before the template in a streaming session (system prompt).
     system: Option<String>,
+    /// How a frame is split into tiles (`None`: one run per frame).
+    tiles: Option<TileSection>,
 }
 
 impl PromptTemplate {
@@ -59,6 +69,15 @@ impl PromptTemplate {
             frame_prefix: p.frame_prefix.clone(),
             frame_suffix: p.frame_suffix.clone(),
             system: p.system.clone(),
+            tiles: None,
+        }
+    }
+
+    /// This template for a package whose frames are split into `tiles`.
+    pub fn with_tiles(self, tiles: Option<&TileSection>) -> Self {
+        PromptTemplate {
+            tiles: tiles.cloned(),
+            ..self
         }
     }
 
@@ -75,7 +94,7 @@ impl PromptTemplate {
                             &mut parts,
                             &self.frame_prefix.replace("{i}", &(i + 1).to_string()),
                         );
-                        parts.push(Part::Frame(i));
+                        self.push_frame(&mut parts, i);
                         push_text(
                             &mut parts,
                             &self.frame_suffix.replace("{i}", &(i + 1).to_string()),
@@ -85,6 +104,27 @@ impl PromptTemplate {
             }
         }
         parts
+    }
+
+    /// Frame `i`'s embeddings: the whole frame, or its tiles with their text.
+    fn push_frame(&self, parts: &mut Vec<Part>, i: usize) {
+        let Some(t) = &self.tiles else {
+            parts.push(Part::Frame(i));
+            return;
+        };
+        let mut tile = 0;
+        for row in 0..t.rows {
+            for col in 0..t.cols {
+                push_text(parts, &t.tile_text(row, col));
+                parts.push(Part::Tile { frame: i, tile });
+                tile += 1;
+            }
+            push_text(parts, &t.row_suffix);
+        }
+        if t.global_image {
+            push_text(parts, &t.global_prefix);
+            parts.push(Part::Tile { frame: i, tile });
+        }
     }
 
     /// For a streaming session: the text kept before the frames (system prompt and the
@@ -181,5 +221,69 @@ mod tests {
         let q_first = PromptTemplate::new(&section("{question} {frames}", ""));
         assert_eq!(q_first.session_split("x"), None);
         assert_eq!(q_first.layout(0, "x"), vec![Part::Text("x ".into())]);
+    }
+
+    /// A 2 x 3 grid with the global image, as Idefics3's processor lays out a split image:
+    /// `<fake><row_r_col_c>` + tile per tile, "\n" after each row, then
+    /// "\n<fake><global-img>" + the global image + the frame suffix; rows before columns.
+    #[test]
+    fn tiled_frames_lay_out_rows_then_columns_then_the_global_image() {
+        let mut p = section("U:{frames}{question}", "");
+        p.frame_suffix = "<f>".into();
+        let tiles = TileSection {
+            frame: jetvlm_vision::package::ImageSize {
+                width: 130,
+                height: 80,
+            },
+            scaled: jetvlm_vision::package::ImageSize {
+                width: 96,
+                height: 60,
+            },
+            rows: 2,
+            cols: 3,
+            global_image: true,
+            tile_prefix: "<f><row_{row}_col_{col}>".into(),
+            row_suffix: "\n".into(),
+            global_prefix: "\n<f><g>".into(),
+        };
+        let t = PromptTemplate::new(&p).with_tiles(Some(&tiles));
+        let tile = |frame, tile| Part::Tile { frame, tile };
+        let text = |s: &str| Part::Text(s.into());
+        assert_eq!(
+            t.layout(1, "q"),
+            vec![
+                text("U:<f><row_1_col_1>"),
+                tile(0, 0),
+                text("<f><row_1_col_2>"),
+                tile(0, 1),
+                text("<f><row_1_col_3>"),
+                tile(0, 2),
+                text("\n<f><row_2_col_1>"),
+                tile(0, 3),
+                text("<f><row_2_col_2>"),
+                tile(0, 4),
+                text("<f><row_2_col_3>"),
+                tile(0, 5),
+                text("\n\n<f><g>"),
+                tile(0, 6),
+                text("<f>q"),
+            ]
+        );
+        // Without the global image the frame suffix follows the last row.
+        let no_global = TileSection {
+            global_image: false,
+            ..tiles
+        };
+        let t = PromptTemplate::new(&p).with_tiles(Some(&no_global));
+        let parts = t.layout(2, "q");
+        assert_eq!(
+            parts
+                .iter()
+                .filter(|p| matches!(p, Part::Tile { .. }))
+                .count(),
+            12
+        );
+        assert_eq!(parts[parts.len() - 2], tile(1, 5));
+        assert_eq!(parts[parts.len() - 1], text("\n<f>q"));
     }
 }

@@ -5,7 +5,9 @@
 //! question and its answer are rolled back before the next frame or question.
 //!
 //! Frames in a session carry no per-frame prefix text (`frame_prefix`/`frame_suffix`), so an
-//! evicted frame leaves nothing behind in the cache.
+//! evicted frame leaves nothing behind in the cache. A tiled package's frame (`vision.tiles`)
+//! is cached as one frame of all its tiles' embeddings (the package's tokens per frame),
+//! without the tile text.
 //!
 //! Evicting a frame does not move the RoPE positions of the tokens after it, so positions keep
 //! growing while the camera runs. Before they pass the model's trained range
@@ -288,7 +290,7 @@ impl StreamSession<'_> {
             }
         })?;
         let t0 = Instant::now();
-        let emb = jetvlm_vision::VisionEncoder::encode(&mut self.pipe.encoder, &view)?;
+        let emb = self.pipe.encode_view(&view, frame.index)?;
         let enc_ms = t0.elapsed().as_secs_f64() * 1e3;
         while self.window.len() >= self.pipe.cfg.window_frames {
             if let Some(old) = self.window.pop_front() {

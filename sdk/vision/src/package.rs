@@ -56,7 +56,7 @@ pub struct Manifest {
     pub kv: KvSection,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageSize {
     pub height: u32,
@@ -96,6 +96,76 @@ pub struct VisionSection {
     /// TensorRT execution provider settings for this encoder.
     #[serde(default)]
     pub tensorrt: Option<TensorRtSection>,
+    /// Frames split into tiles (Idefics3/SmolVLM image splitting): the encoder runs once per
+    /// tile and once on the global image, each at `image_size`, and `tokens_per_frame` is
+    /// per run. Absent: one encoder run per frame.
+    #[serde(default)]
+    pub tiles: Option<TileSection>,
+}
+
+/// Most tiles of a frame (rows x cols); Idefics3's 4096-pixel bound at its smallest tile
+/// gives far fewer.
+pub const MAX_TILES: u32 = 1024;
+
+/// `vision.tiles`: how a frame is cut into tiles, as the model's processor does it (the
+/// Idefics3 image processor with `do_image_splitting`): every frame is resized to `scaled`
+/// (the processor's longest-edge resize of a `frame`-sized image), then to whole tiles
+/// (`cols x rows` tiles of `image_size`), cut row-major; the global image is that
+/// whole-tile image resized to one tile. All resizes use `vision.interpolation` on 8-bit
+/// RGB, as the processor's PIL backend does.
+///
+/// In a prompt a frame is `prompt.frame_prefix`, then for each row and column
+/// `tile_prefix` (`{row}`, `{col}`: 1-based) and the tile's embeddings, `row_suffix` after
+/// each row, then `global_prefix`, the global image's embeddings and `prompt.frame_suffix`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TileSection {
+    /// The frame size the grid was computed for (`jetvlm export --frame-size`); frames of
+    /// another size are resized to `scaled` all the same (a stretch when their aspect ratio
+    /// differs).
+    pub frame: ImageSize,
+    /// The processor's first resize of a `frame`-sized image (its longest edge to the
+    /// processor's `size.longest_edge`).
+    pub scaled: ImageSize,
+    pub rows: u32,
+    pub cols: u32,
+    /// Whether the whole frame, resized to one tile, follows the tiles.
+    #[serde(default = "yes")]
+    pub global_image: bool,
+    /// Text before each tile's embeddings; `{row}` and `{col}` are its 1-based row and
+    /// column.
+    #[serde(default)]
+    pub tile_prefix: String,
+    /// Text after each row of tiles.
+    #[serde(default)]
+    pub row_suffix: String,
+    /// Text before the global image's embeddings.
+    #[serde(default)]
+    pub global_prefix: String,
+}
+
+impl TileSection {
+    /// Encoder runs per frame: the tiles and the global image. Validated packages keep it
+    /// within [`MAX_TILES`] + 1.
+    pub fn runs(&self) -> usize {
+        (self.rows as usize).saturating_mul(self.cols as usize) + usize::from(self.global_image)
+    }
+
+    /// `tile_prefix` of the tile at 0-based `row`, `col`.
+    pub fn tile_text(&self, row: u32, col: u32) -> String {
+        self.tile_prefix
+            .replace("{row}", &(row + 1).to_string())
+            .replace("{col}", &(col + 1).to_string())
+    }
+}
+
+impl VisionSection {
+    /// Image tokens of one frame: `tokens_per_frame` per encoder run, times the runs of a
+    /// tiled frame (saturating; a validated package keeps it small).
+    pub fn frame_tokens(&self) -> usize {
+        let runs = self.tiles.as_ref().map_or(1, TileSection::runs);
+        self.tokens_per_frame.saturating_mul(runs)
+    }
 }
 
 /// TensorRT build settings; the engine is built once per board and cached.
@@ -380,6 +450,9 @@ impl ModelPackage {
                 "must name a KV policy (e.g. mixed, fp16)",
             ));
         }
+        if let Some(t) = &v.tiles {
+            check_tiles(v, t, &mut issues);
+        }
         if let Some(trt) = &v.tensorrt
             && trt.workspace_mb == Some(0)
         {
@@ -424,8 +497,9 @@ impl ModelPackage {
         }
     }
 
+    /// Image tokens of one frame (all its tiles when `vision.tiles` splits frames).
     pub fn tokens_per_frame(&self) -> usize {
-        self.manifest.vision.tokens_per_frame
+        self.manifest.vision.frame_tokens()
     }
 
     /// The TensorRT engine cache directory, resolved against the package.
@@ -598,6 +672,86 @@ fn check_signature(
                     ));
                 }
             }
+        }
+    }
+}
+
+/// `vision.tiles` against the rest of the vision section: square tiles of `image_size`
+/// stretched to (the processor cuts them), a grid of at least one tile and at most
+/// [`MAX_TILES`], sizes in range, placeholders known, no DeepStack.
+fn check_tiles(v: &VisionSection, t: &TileSection, issues: &mut Vec<Issue>) {
+    let (tw, th) = (v.image_size.width, v.image_size.height);
+    if tw != th {
+        issues.push(Issue::new(
+            "vision.tiles",
+            format!("tiles are square: vision.image_size is {tw}x{th}"),
+        ));
+    }
+    if v.resize != ResizeMode::Stretch {
+        issues.push(Issue::new(
+            "vision.resize",
+            "must be stretch with vision.tiles (the tiles are cut at the encoder's size)",
+        ));
+    }
+    if v.deepstack_output.is_some() {
+        issues.push(Issue::new(
+            "vision.tiles",
+            "a DeepStack encoder (vision.deepstack_output) cannot run on tiles",
+        ));
+    }
+    for (field, size) in [
+        ("vision.tiles.frame", t.frame),
+        ("vision.tiles.scaled", t.scaled),
+    ] {
+        if !(1..=8192).contains(&size.width) || !(1..=8192).contains(&size.height) {
+            issues.push(Issue::new(
+                field,
+                format!(
+                    "{}x{} is out of range (1..=8192 each side)",
+                    size.width, size.height
+                ),
+            ));
+        }
+    }
+    for (field, n) in [("vision.tiles.rows", t.rows), ("vision.tiles.cols", t.cols)] {
+        if n == 0 {
+            issues.push(Issue::new(field, "must be at least 1"));
+        } else if u64::from(n) * u64::from(tw.max(th)) > 65536 {
+            issues.push(Issue::new(
+                field,
+                format!("{n} tiles of {tw} pixels pass 65536 pixels"),
+            ));
+        }
+    }
+    if u64::from(t.rows) * u64::from(t.cols) > u64::from(MAX_TILES) {
+        issues.push(Issue::new(
+            "vision.tiles",
+            format!("{} x {} tiles is more than {MAX_TILES}", t.rows, t.cols),
+        ));
+    }
+    for (field, text, known) in [
+        (
+            "vision.tiles.tile_prefix",
+            &t.tile_prefix,
+            &["{row}", "{col}"][..],
+        ),
+        ("vision.tiles.row_suffix", &t.row_suffix, &[][..]),
+        ("vision.tiles.global_prefix", &t.global_prefix, &[][..]),
+    ] {
+        let stripped = known.iter().fold(text.clone(), |s, k| s.replace(k, ""));
+        if let Some(at) = stripped.find(['{', '}']) {
+            let names = if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            };
+            issues.push(Issue::new(
+                field,
+                format!(
+                    "unknown placeholder near `{}` (known: {names})",
+                    stripped[at..].chars().take(12).collect::<String>()
+                ),
+            ));
         }
     }
 }

@@ -52,7 +52,7 @@ impl Interpolation {
     }
 
     /// The kernel's support radius at scale 1.
-    fn support(self) -> f64 {
+    pub fn support(self) -> f64 {
         match self {
             Interpolation::Bilinear => 1.0,
             Interpolation::Bicubic => 2.0,
@@ -61,7 +61,7 @@ impl Interpolation {
     }
 
     /// The kernel at distance `x` (in source pixels at scale 1).
-    fn kernel(self, x: f64) -> f64 {
+    pub fn kernel(self, x: f64) -> f64 {
         let x = x.abs();
         match self {
             Interpolation::Bilinear => (1.0 - x).max(0.0),
