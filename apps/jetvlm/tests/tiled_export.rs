@@ -437,3 +437,28 @@ fn export_writes_the_processors_tile_grid() {
     );
     assert_eq!(body(&tiled), body(&fixture().join("pkg")));
 }
+
+/// `jetvlm plan` on the tiled package charges a frame's 28 tokens (7 encoder runs of 4), not
+/// one tile's 4: ten frames need 280 frame tokens.
+#[test]
+fn plan_charges_every_tile_of_a_frame() {
+    let out = jetvlm()
+        .arg("plan")
+        .args(["--board", "orin-nano-8gb", "--frames", "10", "--json"])
+        .arg("--model")
+        .arg(fixture().join("pkg"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = plan.to_string();
+    assert!(
+        text.contains("\"tokens_per_frame\":28"),
+        "{}",
+        serde_json::to_string_pretty(&plan).unwrap()
+    );
+}

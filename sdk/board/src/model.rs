@@ -117,6 +117,22 @@ struct Manifest {
 struct ManifestVision {
     encoder: String,
     tokens_per_frame: u64,
+    /// A frame split into tiles (`jetvlm_vision::package::TileSection`): `tokens_per_frame`
+    /// is per encoder run, a frame has `rows * cols` tiles plus the global image.
+    #[serde(default)]
+    tiles: Option<ManifestTiles>,
+}
+
+#[derive(Deserialize)]
+struct ManifestTiles {
+    rows: u64,
+    cols: u64,
+    #[serde(default = "global_image_default")]
+    global_image: bool,
+}
+
+fn global_image_default() -> bool {
+    true
 }
 
 #[derive(Deserialize)]
@@ -263,7 +279,23 @@ impl ModelSpec {
             source: VisionSource::OnnxFile { path: encoder },
             shape: None,
         });
-        spec.tokens_per_frame = Some(manifest.vision.tokens_per_frame);
+        let runs = match &manifest.vision.tiles {
+            None => Some(1),
+            Some(t) => t
+                .rows
+                .checked_mul(t.cols)
+                .and_then(|n| n.checked_add(u64::from(t.global_image))),
+        };
+        let frame_tokens = runs.and_then(|r| r.checked_mul(manifest.vision.tokens_per_frame));
+        let Some(frame_tokens) = frame_tokens else {
+            return Err(ConfigError::invalid(
+                manifest_path,
+                "vision.tiles",
+                "rows x cols x tokens_per_frame overflows 64 bits",
+            )
+            .into());
+        };
+        spec.tokens_per_frame = Some(frame_tokens);
         spec.default_kv = manifest.kv.and_then(|k| k.policy);
         spec.name = display_name(manifest_path);
         Ok(spec)
