@@ -14,8 +14,10 @@
 # its CPU twin, cold kernel cache); the same warm plus GPU greedy generation on the decoder
 # fixtures against the CPU path; NVRTC compile; the device test executable; `generate
 # --device cuda` against the CPU run; `ask --device cuda` on the LLaVA fixture against
-# transformers' tokens; `ask --device cuda` on the Qwen2.5-VL fixture (M-RoPE) against
-# transformers' tokens; quantized decoders (INT8, INT4) against the CPU decoder; `watch
+# transformers' tokens; `ask --device cuda` on the Qwen2.5-VL (M-RoPE), Qwen3-VL (interleaved
+# M-RoPE, DeepStack) and Gemma 3 (sliding-window and global layers, bidirectional frame tokens)
+# fixtures against transformers' tokens; the Gemma 3 and Qwen3-VL device decoder (window 8,
+# eviction) against the CPU decoder; quantized decoders (INT8, INT4) against the CPU decoder; `watch
 # --device cuda` on the demo package against the ground truth; `bench kv --device cuda` (32/32/64 at 32k, 9/3/64 at
 # 8k/32k/128k) and PyTorch SDPA on the same GPU; `bench decode --device cuda` with the KV in
 # device memory and offloaded to host memory, on a random SmolLM2-135M-shaped model generated
@@ -43,9 +45,14 @@ prepare() {
   local paths
   paths=$(cargo test --release -p jetvlm-tests --features jetvlm-runtime/cuda --test device_paths --no-run \
     --message-format=json 2>/dev/null | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
+  # Gemma 3 and Qwen3-VL: the device decoder through the GPU's kernels against the CPU's.
+  local families
+  families=$(cargo test --release -p jetvlm-cuda --features cuda --test families --no-run --message-format=json 2>/dev/null \
+    | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
   mkdir -p "$dist"
   cp "$CARGO_TARGET_DIR/release/jetvlm" "$dist/jetvlm"
   [ -n "$exe" ] && cp "$exe" "$dist/cuda-device-test"
+  [ -n "$families" ] && cp "$families" "$dist/cuda-families-test"
   [ -n "$paths" ] && cp "$paths" "$dist/device-paths-test"
   # Debug info makes the binary several times larger than what can be carried.
   # The ONNX Runtime library of the setup's wheel, for `ask --device cuda` (the vision
@@ -55,7 +62,7 @@ prepare() {
   [ -n "$ort" ] && cp "$ort" "$dist/libonnxruntime.so"
   if command -v strip >/dev/null; then
     strip "$dist/jetvlm"
-    for t in cuda-device-test device-paths-test; do [ -f "$dist/$t" ] && strip "$dist/$t"; done
+    for t in cuda-device-test cuda-families-test device-paths-test; do [ -f "$dist/$t" ] && strip "$dist/$t"; done
   fi
   if "$dist/jetvlm" selftest --device cuda --nvrtc-only --sm 87 2>&1 | grep -q "without CUDA support"; then
     echo "gpu-check: $dist/jetvlm was built without the cuda feature" >&2
@@ -152,24 +159,26 @@ else:
 PY
 }
 
-# `ask --device cuda` on the Qwen2.5-VL fixture package (M-RoPE, a 3x5 frame grid): greedy tokens
-# (FP16 KV) equal transformers'.
-ask_mrope_matches_transformers() {
-  local out=${OUT:-gpu-check-out} fx=tests/fixtures/hf_vlms/qwen2_5_vl
+# `ask --device cuda` on a tests/fixtures/hf_vlms package (default qwen2_5_vl: M-RoPE, a 3x5
+# frame grid; qwen3_vl; gemma3): greedy tokens (FP16 KV) equal transformers'.
+ask_family_matches_transformers() {
+  local out=${OUT:-gpu-check-out} family=${1:-qwen2_5_vl}
+  local fx=tests/fixtures/hf_vlms/$family
   local q n img
   q=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["question"])' "$fx/expected.json")
   n=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["max_new_tokens"])' "$fx/expected.json")
   img=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["image"])' "$fx/expected.json")
   "$dist/jetvlm" ask --model "$fx/pkg" --image "$fx/$img" "$q" --max-tokens "$n" --kv fp16 --json \
-    --device cuda --ort-library "$dist/libonnxruntime.so" > "$out/ask-qwen2_5_vl-cuda.json" || return 1
-  cat "$out/ask-qwen2_5_vl-cuda.json"
-  python3 - "$fx/expected.json" "$out/ask-qwen2_5_vl-cuda.json" <<'PY'
+    --device cuda --ort-library "$dist/libonnxruntime.so" > "$out/ask-$family-cuda.json" || return 1
+  cat "$out/ask-$family-cuda.json"
+  python3 - "$fx/expected.json" "$out/ask-$family-cuda.json" "$family" <<'PY'
 import json, sys
 exp, got = (json.load(open(p)) for p in sys.argv[1:3])
+family = sys.argv[3]
 if got["token_ids"] == exp["greedy_tokens"] and got["decoder_device"].startswith("cuda"):
-    print(f"PASS ask --device cuda (M-RoPE): {len(got['token_ids'])} tokens equal transformers' ({got['decoder_device']})")
+    print(f"PASS ask --device cuda ({family}): {len(got['token_ids'])} tokens equal transformers' ({got['decoder_device']})")
 else:
-    print(f"FAIL ask --device cuda (M-RoPE): {got['token_ids']} vs transformers {exp['greedy_tokens']}")
+    print(f"FAIL ask --device cuda ({family}): {got['token_ids']} vs transformers {exp['greedy_tokens']}")
     sys.exit(1)
 PY
 }
@@ -252,7 +261,15 @@ run() {
     step "generate --device cuda (llama fixture, mixed KV) == CPU" 30 generate-llama.txt .ci/gpu-check.sh generate-check llama mixed
     step "ask --device cuda (LLaVA fixture, fp16 KV) == transformers" 30 ask-vlm.txt .ci/gpu-check.sh ask-check
     step "ask --device cuda (Qwen2.5-VL fixture, M-RoPE, fp16 KV) == transformers" 30 ask-qwen2_5_vl.txt \
-      .ci/gpu-check.sh ask-mrope-check
+      .ci/gpu-check.sh ask-family-check qwen2_5_vl
+    step "ask --device cuda (Qwen3-VL fixture, interleaved M-RoPE, DeepStack, fp16 KV) == transformers" 30 \
+      ask-qwen3_vl.txt .ci/gpu-check.sh ask-family-check qwen3_vl
+    step "ask --device cuda (Gemma 3 fixture, fp16 KV) == transformers" 30 ask-gemma3.txt \
+      .ci/gpu-check.sh ask-family-check gemma3
+    if [ -x "$dist/cuda-families-test" ]; then
+      step "Gemma 3 / Qwen3-VL device decoder (window 8, eviction) GPU == CPU" 60 families-test.txt \
+        "$dist/cuda-families-test" on_a_gpu --nocapture --test-threads 1
+    fi
     TAIL=12 step "quantized decoders (INT8 g32, INT4 g32 + INT8 head) GPU vs CPU" 90 quantized.txt \
       .ci/gpu-check.sh quantized-check
     step "watch --device cuda (demo package, 12 frames)" 60 watch-cuda.txt .ci/gpu-check.sh watch-check default
@@ -310,7 +327,8 @@ case "$mode" in
   run) run ;;
   generate-check) shift; generate_matches_cpu "$@" ;;
   ask-check) ask_matches_transformers ;;
-  ask-mrope-check) ask_mrope_matches_transformers ;;
+  ask-mrope-check) ask_family_matches_transformers qwen2_5_vl ;;
+  ask-family-check) shift; ask_family_matches_transformers "$@" ;;
   quantized-check) quantized_on_gpu ;;
   watch-check) shift; watch_on_gpu "$@" ;;
   *) echo "usage: $0 [prepare|run]" >&2; exit 2 ;;

@@ -4,13 +4,15 @@
 //! `expected.json` with its image tokens replaced by one frame of embeddings (Qwen3-VL's with
 //! its DeepStack features) gives the CPU's prompt logits and 16 greedy tokens. Gemma 3 with a
 //! sliding window shorter than the prompt, its bidirectional frame attention, Qwen3-VL with
-//! frame eviction, and what the device still refuses, each with one line.
+//! frame eviction, and what the device still refuses, each with one line. With the `cuda`
+//! feature the same runs go through the GPU's kernels when a device is present
+//! (`.ci/gpu-check.sh` carries this test executable there).
 
 use jetvlm_core::TokenKind;
 use jetvlm_cuda::inputs::Rng;
 use jetvlm_cuda::reference::normalized_error;
 use jetvlm_cuda::{
-    DeviceDecoder, DeviceInput, DeviceKvCache, DevicePolicy, DeviceSession, PREFILL_CHUNK,
+    DeviceDecoder, DeviceInput, DeviceKvCache, DevicePolicy, DeviceSession, Gpu, PREFILL_CHUNK,
     PoolMemory, SimDevice,
 };
 use jetvlm_decoder::{Input, LoadOptions, Model};
@@ -23,10 +25,17 @@ const TOKENS: usize = 16;
 /// FP16 K/V (measured 5e-6 to 2.5e-5).
 const LOGITS_TOLERANCE: f64 = 1e-4;
 
+/// A family's committed fixture: next to this crate in the source tree, else under the
+/// working directory (a test executable carried to a GPU machine runs from the repository
+/// root).
 fn family_dir(family: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/hf_vlms")
-        .join(family)
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf_vlms");
+    let root = if here.is_dir() {
+        here
+    } else {
+        PathBuf::from("tests/fixtures/hf_vlms")
+    };
+    root.join(family)
 }
 
 /// The fixture prompt split around its image tokens (the longest run of one repeated id):
@@ -133,14 +142,18 @@ fn cpu_run(dir: &Path, spans: &[Span<'_>], policy: KvPolicy) -> (Vec<f32>, Vec<u
     (first, out)
 }
 
-/// The same on the simulated device.
-fn device_run(dir: &Path, spans: &[Span<'_>], policy: KvPolicy) -> (Vec<f32>, Vec<u32>) {
-    let dev = SimDevice::new();
-    let model = DeviceDecoder::load(&dev, dir).unwrap();
+/// The same on `dev`.
+fn device_run<G: Gpu>(
+    dev: &G,
+    dir: &Path,
+    spans: &[Span<'_>],
+    policy: KvPolicy,
+) -> (Vec<f32>, Vec<u32>) {
+    let model = DeviceDecoder::load(dev, dir).unwrap();
     let c = model.config().model.clone();
     let p = DevicePolicy::new(&policy, c.num_key_value_heads, c.head_dim).unwrap();
     let cache = DeviceKvCache::new(
-        &dev,
+        dev,
         p,
         c.num_hidden_layers,
         256,
@@ -149,7 +162,7 @@ fn device_run(dir: &Path, spans: &[Span<'_>], policy: KvPolicy) -> (Vec<f32>, Ve
         PoolMemory::Device,
     )
     .unwrap();
-    let mut s = DeviceSession::new(&dev, &model, cache).unwrap();
+    let mut s = DeviceSession::new(dev, &model, cache).unwrap();
     fn text(ids: &[u32]) -> DeviceInput<'_> {
         DeviceInput::Ids {
             ids,
@@ -198,15 +211,29 @@ fn device_run(dir: &Path, spans: &[Span<'_>], policy: KvPolicy) -> (Vec<f32>, Ve
     (first, out)
 }
 
-/// Device against CPU on `spans` with FP16 K/V: equal greedy tokens, prompt logits within
-/// the bound. Returns the device's prompt logits.
+/// The simulated device against CPU on `spans` with FP16 K/V: equal greedy tokens, prompt
+/// logits within the bound. Returns the device's prompt logits.
 fn assert_device_matches_cpu(what: &str, dir: &Path, spans: &[Span<'_>]) -> Vec<f32> {
+    assert_matches_cpu_on(&SimDevice::new(), LOGITS_TOLERANCE, what, dir, spans)
+}
+
+/// [`assert_device_matches_cpu`] on `dev` with the logits held to `tolerance`.
+fn assert_matches_cpu_on<G: Gpu>(
+    dev: &G,
+    tolerance: f64,
+    what: &str,
+    dir: &Path,
+    spans: &[Span<'_>],
+) -> Vec<f32> {
     let (cl, ct) = cpu_run(dir, spans, KvPolicy::fp16());
-    let (dl, dt) = device_run(dir, spans, KvPolicy::fp16());
+    let (dl, dt) = device_run(dev, dir, spans, KvPolicy::fp16());
     let err = normalized_error(&dl, &cl);
-    eprintln!("{what}: device vs CPU prompt logits {err:.3e}, tokens {dt:?}");
+    eprintln!(
+        "{what} on {}: device vs CPU prompt logits {err:.3e}, tokens {dt:?}",
+        dev.name()
+    );
     assert_eq!(dt, ct, "{what}: device greedy tokens");
-    assert!(err <= LOGITS_TOLERANCE, "{what}: logits error {err:e}");
+    assert!(err <= tolerance, "{what}: logits error {err:e}");
     dl
 }
 
@@ -226,7 +253,7 @@ fn gemma3_and_qwen3_vl_on_the_simulated_device_give_the_cpu_tokens_and_logits() 
         ];
         assert_device_matches_cpu(family, &dir, &spans);
         let (cl, _) = cpu_run(&dir, &spans, KvPolicy::mixed());
-        let (dl, _) = device_run(&dir, &spans, KvPolicy::mixed());
+        let (dl, _) = device_run(&SimDevice::new(), &dir, &spans, KvPolicy::mixed());
         let err = normalized_error(&dl, &cl);
         eprintln!("{family}: mixed KV, device vs CPU prompt logits {err:.3e}");
         assert!(err <= 1e-3, "{family} mixed: {err:e}");
@@ -306,7 +333,7 @@ fn qwen3_vl_frame_eviction_runs_alike_on_the_device() {
         Span::Frame { id: 3, n },
         Span::Text(&after),
     ];
-    let (k, _) = device_run(&dir, &kept, KvPolicy::fp16());
+    let (k, _) = device_run(&SimDevice::new(), &dir, &kept, KvPolicy::fp16());
     assert!(normalized_error(&e, &k) > 1e-3);
 }
 
@@ -353,5 +380,43 @@ fn the_device_refuses_what_it_cannot_run_with_one_line() {
             s.cache().is_empty(),
             "{family}: the refused span left tokens behind"
         );
+    }
+}
+
+/// On a GPU (the `cuda` feature and a device present): the same runs through the CUDA
+/// kernels (GeGLU, softcapping, scaled embeddings, interleaved M-RoPE, the windowed and
+/// bidirectional attention) give the CPU's tokens, the logits within the decoder check's
+/// FP16-K/V bound (1e-3); without a device it prints why it skips.
+#[cfg(feature = "cuda")]
+#[test]
+fn gemma3_and_qwen3_vl_on_a_gpu_give_the_cpu_tokens_and_logits() {
+    let dev = match jetvlm_cuda::CudaDevice::open(0) {
+        Ok(dev) => dev,
+        Err(e) => {
+            assert!(e.is_unavailable(), "unexpected error: {e}");
+            eprintln!("skipped: {e}");
+            return;
+        }
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let windowed = edited_decoder(tmp.path(), "gemma3", |c| c["sliding_window"] = 8.into());
+    for (what, family, dir) in [
+        ("gemma3", "gemma3", family_dir("gemma3").join("pkg/decoder")),
+        ("gemma3 window 8", "gemma3", windowed),
+        (
+            "qwen3_vl",
+            "qwen3_vl",
+            family_dir("qwen3_vl").join("pkg/decoder"),
+        ),
+    ] {
+        let (before, n, after) = prompt(family);
+        let spans = [
+            Span::Text(&before),
+            Span::Frame { id: 1, n },
+            Span::Frame { id: 2, n },
+            Span::Evict(1),
+            Span::Text(&after),
+        ];
+        assert_matches_cpu_on(&dev, 1e-3, what, &dir, &spans);
     }
 }
