@@ -43,8 +43,53 @@ pub(crate) struct QuantizedX {
     /// lane): AVX-512 scales the 16 lanes of a pair of blocks with one load.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     lanes: Vec<f32>,
+    /// `q` in the nibble order of INT4 codes ([`nibble_order`]): the AVX-512 and AVX2 INT4
+    /// kernels multiply the low nibbles of a run of code bytes by one contiguous half and
+    /// the high nibbles by the other.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    nib: Vec<i8>,
+    /// Each block's `d` 4 times, one per 32-bit lane of its dot product in nibble order
+    /// (16 code bytes of a block fill one 128-bit lane).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    lanes4: Vec<f32>,
     /// f32 sums of `x` over groups of 32, 64 and 128 values (INT4's zeros multiply them).
     sums: [Vec<f32>; 3],
+}
+
+/// Values of the spans of [`nibble_order`] at value `e` of a row of `len` (a multiple of
+/// 32): 128 while 128 remain, then 64, then 32.
+#[inline(always)]
+fn nibble_span(e: usize, len: usize) -> usize {
+    let left = len - e;
+    if left >= 128 {
+        128
+    } else if left >= 64 {
+        64
+    } else {
+        32
+    }
+}
+
+/// `q` (whole blocks of 32) reordered to match INT4 code bytes: a 32-code chunk of a row is
+/// 16 bytes, byte `i` holding code `i` (low nibble) and code `i + 16` (high nibble). The row
+/// is cut into spans of 128 values (then one of 64 and one of 32 for the rest,
+/// [`nibble_span`]); a span of `c` chunks is stored as the first 16 values of each chunk in
+/// turn, then the last 16 of each. The low nibbles of the span's `8 c` code bytes then meet
+/// its first half, the high nibbles its second half, lane by lane.
+fn nibble_order(q: &[i8]) -> Vec<i8> {
+    let mut out = vec![0i8; q.len()];
+    let mut e = 0;
+    while e < q.len() {
+        let span = nibble_span(e, q.len());
+        let half = span / 2;
+        for c in 0..span / QBLOCK {
+            let src = &q[e + c * QBLOCK..e + (c + 1) * QBLOCK];
+            out[e + c * 16..e + c * 16 + 16].copy_from_slice(&src[..16]);
+            out[e + half + c * 16..e + half + c * 16 + 16].copy_from_slice(&src[16..]);
+        }
+        e += span;
+    }
+    out
 }
 
 /// `v` rounded to the nearest integer, ties to even, for `|v| < 2^22`: adding and taking
@@ -76,6 +121,8 @@ impl QuantizedX {
             s32.push(xs.iter().sum::<f32>());
         }
         let lanes = d.iter().flat_map(|&s| [s; 8]).collect();
+        let lanes4 = d.iter().flat_map(|&s| [s; 4]).collect();
+        let nib = nibble_order(&q);
         let pairs = |s: &[f32]| -> Vec<f32> { s.chunks_exact(2).map(|p| p[0] + p[1]).collect() };
         let s64 = pairs(&s32);
         let s128 = pairs(&s64);
@@ -84,6 +131,8 @@ impl QuantizedX {
             q,
             d,
             lanes,
+            nib,
+            lanes4,
             sums: [s32, s64, s128],
         }
     }
@@ -342,14 +391,23 @@ mod avx512 {
     }
 }
 
-/// AVX-512 VNNI rows. `vpdpbusd` multiplies unsigned bytes by signed bytes: INT4 codes
-/// (0..=15) go in as they are, 64 per instruction (two 32-code chunks loaded as 32 bytes,
-/// spread over the four 128-bit lanes and shifted so that lane order is code order); INT8
-/// codes go in as magnitudes (`|c|`, with `c = -128` read as 128) with their signs moved
-/// onto `x`. The 16 i32 lanes of a 64-value pair of blocks (8 per block) are converted to
-/// f32 and scaled by the blocks' `d` lane by lane; groups of 64 and 128 then take their
-/// scale once, groups of 32 per block. A row's scales and zeros are converted 16 at a time
-/// (`vcvtph2ps`).
+/// AVX-512 VNNI rows. `vpdpbusd` multiplies unsigned bytes by signed bytes.
+///
+/// INT4 codes (0..=15) go in as they are, 128 per step: a 64-byte load of code bytes, its
+/// low nibbles against the first half of the span of `x` in nibble order
+/// ([`QuantizedX`]'s `nib`), its high nibbles against the second half, both into the same
+/// 16 i32 lanes (4 per block); then f32, times each lane's block `d` and group scale (a
+/// row's scales converted 16 groups at a time, `vcvtph2ps`, and spread over the lanes by a
+/// permutation). Four rows go together sharing the loads of `x`, and the code bytes 4 KiB
+/// ahead are prefetched: a step is so short that the core alone does not keep enough
+/// cache-line reads in flight to stream the weights from DRAM (measured with
+/// `examples/qgemv_probe.rs`: about 1.5x the old kernel, which unpacked the nibbles in code
+/// order with a permutation and a variable shift).
+///
+/// INT8 codes go in as magnitudes (`|c|`, with `c = -128` read as 128) with their signs
+/// moved onto `x`, one row after another, 64 per instruction; the 16 i32 lanes of a pair of
+/// blocks (8 per block) are converted to f32 and scaled by the blocks' `d` lane by lane;
+/// groups of 64 and 128 then take their scale once, groups of 32 per block.
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::QuantizedX;
@@ -363,57 +421,40 @@ mod vnni {
             && is_x86_feature_detected!("avx512vnni")
     }
 
-    /// Integer dot products of values `e..e + 64` (two blocks): 16 lanes, 8 per block.
+    /// How far ahead of the rows being read INT4 code bytes are prefetched.
+    const PREFETCH_BYTES: usize = 4096;
+
+    /// INT8 integer dot products of values `e..e + 64` (two blocks): 16 lanes, 8 per block.
     ///
     /// # Safety
-    /// The CPU features of [`rows`]; codes of values `e..e + 64` inside the row at `cp`,
+    /// The CPU features of [`rows`]; codes `e..e + 64` inside the row at `cp`,
     /// `xp[e..e + 64]` readable.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn dot64<const INT8: bool>(cp: *const u8, xp: *const i8, e: usize) -> __m512i {
+    unsafe fn dot64(cp: *const u8, xp: *const i8, e: usize) -> __m512i {
         // SAFETY: in bounds by the caller's contract.
         unsafe {
             let x = _mm512_loadu_si512(xp.add(e) as *const _);
-            if INT8 {
-                let w = _mm512_loadu_si512(cp.add(e) as *const _);
-                let neg = _mm512_movepi8_mask(w);
-                let xs = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
-                _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), xs)
-            } else {
-                // 32 bytes = chunks A and B; 64-bit lanes [A, A, B, B] as 128-bit lanes,
-                // the second copy of each shifted by 4: A low nibbles (codes 0..16), A high
-                // (16..32), B low (32..48), B high (48..64).
-                let v = _mm512_castsi256_si512(_mm256_loadu_si256(cp.add(e / 2) as *const _));
-                let spread = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0), v);
-                let shifted = _mm512_srlv_epi64(spread, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
-                let w = _mm512_and_si512(shifted, _mm512_set1_epi8(0x0f));
-                _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x)
-            }
+            let w = _mm512_loadu_si512(cp.add(e) as *const _);
+            let neg = _mm512_movepi8_mask(w);
+            let xs = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), xs)
         }
     }
 
-    /// Integer dot products of values `e..e + 32` (one block): 8 lanes.
+    /// INT8 integer dot products of values `e..e + 32` (one block): 8 lanes.
     ///
     /// # Safety
     /// As [`dot64`] for 32 values.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn dot32<const INT8: bool>(cp: *const u8, xp: *const i8, e: usize) -> __m256i {
+    unsafe fn dot32(cp: *const u8, xp: *const i8, e: usize) -> __m256i {
         // SAFETY: in bounds by the caller's contract.
         unsafe {
             let x = _mm256_loadu_si256(xp.add(e) as *const _);
-            if INT8 {
-                let w = _mm256_loadu_si256(cp.add(e) as *const _);
-                let xs = _mm256_sign_epi8(x, w);
-                _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), xs)
-            } else {
-                let v = _mm_loadu_si128(cp.add(e / 2) as *const _);
-                let w = _mm256_and_si256(
-                    _mm256_set_m128i(_mm_srli_epi16::<4>(v), v),
-                    _mm256_set1_epi8(0x0f),
-                );
-                _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
-            }
+            let w = _mm256_loadu_si256(cp.add(e) as *const _);
+            let xs = _mm256_sign_epi8(x, w);
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), xs)
         }
     }
 
@@ -426,89 +467,199 @@ mod vnni {
         // SAFETY: as this function's contract, rows r0..r0 + ys.len() in turn.
         unsafe {
             if q.format.bits() == 8 {
-                // INT8 rows one at a time: four interleaved rows (each 64 bytes per step)
-                // streamed from DRAM measured 2-2.5x slower here than one row after another.
+                // One row after another: four interleaved rows (each 64 bytes per step)
+                // streamed from DRAM measured 2-2.5x slower here, and software prefetch
+                // gained nothing.
                 for y in ys.chunks_exact_mut(1) {
-                    rows_n::<1, true>(q, r, qx, y);
+                    rows_int8(q, r, qx, y);
                     r += 1;
                 }
             } else {
+                let row_bytes = q.format.code_bytes_per_row(q.cols);
                 let mut chunks = ys.chunks_exact_mut(4);
                 for y in &mut chunks {
-                    rows_n::<4, false>(q, r, qx, y);
+                    prefetch(
+                        q.codes,
+                        (r * row_bytes + PREFETCH_BYTES)..((r + 4) * row_bytes + PREFETCH_BYTES),
+                    );
+                    rows_int4::<4>(q, r, qx, y);
                     r += 4;
                 }
                 for y in chunks.into_remainder().chunks_exact_mut(1) {
-                    rows_n::<1, false>(q, r, qx, y);
+                    rows_int4::<1>(q, r, qx, y);
                     r += 1;
                 }
             }
         }
     }
 
-    /// `R` rows at once (`ys.len() == R`): independent accumulators, and each load of `x`
-    /// and of the blocks' scales serves every row.
+    /// Prefetches the cache lines of `bytes[range]` into L1 (the part inside `bytes`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn prefetch(bytes: &[u8], range: std::ops::Range<usize>) {
+        let end = range.end.min(bytes.len());
+        let mut i = range.start;
+        while i < end {
+            // SAFETY: a hint; the address lies inside `bytes`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(i) as *const i8) };
+            i += 64;
+        }
+    }
+
+    /// Lane indices of a 128-value INT4 step into the 16 group scales of its chunk, and
+    /// their increment per step: lane `l` holds block `l / 4`, of group `8 l / g` from the
+    /// step's first.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn scale_lanes(g: usize) -> (__m512i, __m512i) {
+        match g {
+            32 => (
+                _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                _mm512_set1_epi32(4),
+            ),
+            64 => (
+                _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                _mm512_set1_epi32(2),
+            ),
+            _ => (_mm512_setzero_si512(), _mm512_set1_epi32(1)),
+        }
+    }
+
+    /// INT4 rows `r0..r0 + R` (`ys.len() == R`), 128 codes of each per step; a row's last
+    /// span may be 64 or 32 codes ([`super::nibble_span`], masked loads). The zero terms
+    /// (`zero_g * sum_g(x)`) start the accumulators.
     ///
     /// # Safety
-    /// As [`rows`].
+    /// As [`rows`] for rows `r0..r0 + R`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn rows_n<const R: usize, const INT8: bool>(
+    unsafe fn rows_int4<const R: usize>(
         q: &QuantData<'_>,
         r0: usize,
         qx: &QuantizedX,
         ys: &mut [f32],
     ) {
         let g = q.format.group();
-        let groups = q.format.groups_per_row(q.cols);
+        let cols = q.cols;
+        let groups = q.format.groups_per_row(cols);
         let sums = qx.group_sums(g);
-        let (xp, lp) = (qx.q.as_ptr(), qx.lanes.as_ptr());
         let row: [_; R] = std::array::from_fn(|k| q.row(r0 + k));
         let cp: [*const u8; R] = std::array::from_fn(|k| row[k].0.as_ptr());
-        let mut ws = [[0f32; 16]; R];
+        let (xp, lp) = (qx.nib.as_ptr(), qx.lanes4.as_ptr());
+        let m4 = _mm512_set1_epi8(0x0f);
+        let (base, step) = scale_lanes(g);
         let mut total = [_mm512_setzero_ps(); R];
-        let mut ztotal = [_mm512_setzero_ps(); R];
-        let mut tail = [_mm256_setzero_ps(); R];
+        let mut sv = [_mm512_setzero_ps(); R];
         let mut g0 = 0;
         while g0 < groups {
             let n = (groups - g0).min(16);
             let m = ((1u32 << n) - 1) as __mmask16;
-            // SAFETY: scales/zeros/sums[g0..g0 + n] are in bounds (masked loads), the codes
-            // and x of groups g0..g0 + n lie inside the rows and `qx` (cols values, cols / 4
-            // lanes); `ws` rows hold 16.
+            // SAFETY: scales/zeros/sums[g0..g0 + n] are in bounds (masked loads); the spans
+            // of values g0 * g..(g0 + n) * g lie inside the rows' codes (half a byte each),
+            // `qx.nib` (cols values) and `qx.lanes4` (a lane per 8 values); the loads of a
+            // short last span are masked to it.
             unsafe {
+                let xs = _mm512_maskz_loadu_ps(m, sums.as_ptr().add(g0));
                 for k in 0..R {
                     let (_, scales, zeros) = row[k];
-                    let sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                    sv[k] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
                         m,
                         scales.as_ptr().add(g0) as *const i16,
                     ));
-                    _mm512_storeu_ps(ws[k].as_mut_ptr(), sv);
-                    if !INT8 {
-                        let zv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                            m,
-                            zeros.as_ptr().add(g0) as *const i16,
-                        ));
-                        let xs = _mm512_maskz_loadu_ps(m, sums.as_ptr().add(g0));
-                        ztotal[k] = _mm512_fmadd_ps(zv, xs, ztotal[k]);
-                    }
+                    let zv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                        m,
+                        zeros.as_ptr().add(g0) as *const i16,
+                    ));
+                    total[k] = _mm512_fmadd_ps(zv, xs, total[k]);
                 }
+                let end = (g0 + n) * g;
+                let mut e = g0 * g;
+                let mut idx = base;
+                while e + 128 <= end {
+                    let xl = _mm512_loadu_si512(xp.add(e) as *const _);
+                    let xh = _mm512_loadu_si512(xp.add(e + 64) as *const _);
+                    let l = _mm512_loadu_ps(lp.add(e / 8));
+                    for k in 0..R {
+                        let v = _mm512_loadu_si512(cp[k].add(e / 2) as *const _);
+                        let lo = _mm512_and_si512(v, m4);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                        let acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl);
+                        let acc = _mm512_dpbusd_epi32(acc, hi, xh);
+                        let f = _mm512_mul_ps(_mm512_permutexvar_ps(idx, sv[k]), l);
+                        total[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), f, total[k]);
+                    }
+                    idx = _mm512_add_epi32(idx, step);
+                    e += 128;
+                }
+                while e < end {
+                    // A last span of t = 64 or 32 values: t / 2 code bytes, halves of t / 2.
+                    let t = super::nibble_span(e, cols);
+                    let bm = (1u64 << (t / 2)) - 1;
+                    let xl = _mm512_maskz_loadu_epi8(bm, xp.add(e));
+                    let xh = _mm512_maskz_loadu_epi8(bm, xp.add(e + t / 2));
+                    let lm = ((1u32 << (t / 8)) - 1) as __mmask16;
+                    let l = _mm512_maskz_loadu_ps(lm, lp.add(e / 8));
+                    for k in 0..R {
+                        let v = _mm512_maskz_loadu_epi8(bm, cp[k].add(e / 2) as *const i8);
+                        let lo = _mm512_and_si512(v, m4);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                        let acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl);
+                        let acc = _mm512_dpbusd_epi32(acc, hi, xh);
+                        let f = _mm512_mul_ps(_mm512_permutexvar_ps(idx, sv[k]), l);
+                        total[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), f, total[k]);
+                    }
+                    // The next span starts t / g groups on (g <= t here: g divides cols).
+                    idx = _mm512_add_epi32(idx, _mm512_set1_epi32((t / g.min(t)) as i32));
+                    e += t;
+                }
+            }
+            g0 += n;
+        }
+        for k in 0..R {
+            ys[k] = _mm512_reduce_add_ps(total[k]);
+        }
+    }
+
+    /// INT8 row `r` (`ys.len() == 1`).
+    ///
+    /// # Safety
+    /// As [`rows`] for row `r`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn rows_int8(q: &QuantData<'_>, r: usize, qx: &QuantizedX, ys: &mut [f32]) {
+        let g = q.format.group();
+        let groups = q.format.groups_per_row(q.cols);
+        let (xp, lp) = (qx.q.as_ptr(), qx.lanes.as_ptr());
+        let (codes, scales, _) = q.row(r);
+        let cp = codes.as_ptr();
+        let mut ws = [0f32; 16];
+        let mut total = _mm512_setzero_ps();
+        let mut tail = _mm256_setzero_ps();
+        let mut g0 = 0;
+        while g0 < groups {
+            let n = (groups - g0).min(16);
+            let m = ((1u32 << n) - 1) as __mmask16;
+            // SAFETY: scales[g0..g0 + n] are in bounds (masked load), the codes and x of
+            // groups g0..g0 + n lie inside the row and `qx` (cols values, cols / 4 lanes);
+            // `ws` holds 16.
+            unsafe {
+                let sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                    m,
+                    scales.as_ptr().add(g0) as *const i16,
+                ));
+                _mm512_storeu_ps(ws.as_mut_ptr(), sv);
                 if g >= 64 {
-                    for gi in 0..n {
+                    for (gi, &s) in ws[..n].iter().enumerate() {
                         let e0 = (g0 + gi) * g;
-                        let mut acc = [_mm512_setzero_ps(); R];
+                        let mut acc = _mm512_setzero_ps();
                         let mut e = e0;
                         while e < e0 + g {
                             let l = _mm512_loadu_ps(lp.add(e / 4));
-                            for k in 0..R {
-                                let dot = _mm512_cvtepi32_ps(dot64::<INT8>(cp[k], xp, e));
-                                acc[k] = _mm512_fmadd_ps(dot, l, acc[k]);
-                            }
+                            let dot = _mm512_cvtepi32_ps(dot64(cp, xp, e));
+                            acc = _mm512_fmadd_ps(dot, l, acc);
                             e += 64;
                         }
-                        for k in 0..R {
-                            total[k] = _mm512_fmadd_ps(_mm512_set1_ps(ws[k][gi]), acc[k], total[k]);
-                        }
+                        total = _mm512_fmadd_ps(_mm512_set1_ps(s), acc, total);
                     }
                 } else {
                     // Groups of 32: a pair of groups per 64 values, each lane scaled by its
@@ -517,35 +668,28 @@ mod vnni {
                     while gi + 2 <= n {
                         let e = (g0 + gi) * 32;
                         let l = _mm512_loadu_ps(lp.add(e / 4));
-                        for k in 0..R {
-                            let dot = _mm512_cvtepi32_ps(dot64::<INT8>(cp[k], xp, e));
-                            let sv = _mm512_mask_blend_ps(
-                                0xff00,
-                                _mm512_set1_ps(ws[k][gi]),
-                                _mm512_set1_ps(ws[k][gi + 1]),
-                            );
-                            total[k] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, l), total[k]);
-                        }
+                        let dot = _mm512_cvtepi32_ps(dot64(cp, xp, e));
+                        let sv = _mm512_mask_blend_ps(
+                            0xff00,
+                            _mm512_set1_ps(ws[gi]),
+                            _mm512_set1_ps(ws[gi + 1]),
+                        );
+                        total = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, l), total);
                         gi += 2;
                     }
                     if gi < n {
                         let e = (g0 + gi) * 32;
                         let l = _mm256_loadu_ps(lp.add(e / 4));
-                        for k in 0..R {
-                            let dot = _mm256_cvtepi32_ps(dot32::<INT8>(cp[k], xp, e));
-                            let f = _mm256_mul_ps(_mm256_set1_ps(ws[k][gi]), l);
-                            tail[k] = _mm256_fmadd_ps(dot, f, tail[k]);
-                        }
+                        let dot = _mm256_cvtepi32_ps(dot32(cp, xp, e));
+                        let f = _mm256_mul_ps(_mm256_set1_ps(ws[gi]), l);
+                        tail = _mm256_fmadd_ps(dot, f, tail);
                     }
                 }
             }
             g0 += n;
         }
-        for k in 0..R {
-            let t = _mm512_maskz_mov_ps(0x00ff, _mm512_castps256_ps512(tail[k]));
-            let t = _mm512_add_ps(_mm512_add_ps(total[k], t), ztotal[k]);
-            ys[k] = _mm512_reduce_add_ps(t);
-        }
+        let t = _mm512_maskz_mov_ps(0x00ff, _mm512_castps256_ps512(tail));
+        ys[0] = _mm512_reduce_add_ps(_mm512_add_ps(total, t));
     }
 }
 
@@ -817,6 +961,7 @@ mod tests {
                 );
             }
             assert_eq!(qx.lanes[b * 8..b * 8 + 8], [d; 8]);
+            assert_eq!(qx.lanes4[b * 4..b * 4 + 4], [d; 4]);
         }
         assert!(qx.q[64..96].iter().all(|&v| v == 0) && qx.d[2] == 0.0);
         for (gi, group) in [32usize, 64, 128].into_iter().enumerate() {
@@ -832,6 +977,45 @@ mod tests {
         assert_eq!(round_even(2.5), 2.0);
         assert_eq!(round_even(-3.5), -4.0);
         assert_eq!(round_even(126.6), 127.0);
+    }
+
+    /// The nibble order pairs each INT4 code with its own value of `x`: the low nibble of
+    /// byte `i` of a span's code bytes meets `nib[e + i]`, the high nibble
+    /// `nib[e + span / 2 + i]`, and that sums to `codes . q` for every row length.
+    #[test]
+    fn nibble_order_pairs_codes_with_their_values() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for len in [32usize, 64, 96, 128, 160, 224, 576, 1120] {
+            let q: Vec<i8> = (0..len).map(|_| rng.random_range(-127i8..=127)).collect();
+            let codes: Vec<u8> = (0..len).map(|_| rng.random_range(0u8..16)).collect();
+            // The row's code bytes as the formats store them: chunk of 32 codes -> 16 bytes.
+            let bytes: Vec<u8> = codes
+                .chunks_exact(32)
+                .flat_map(|c| (0..16).map(move |i| c[i] | (c[i + 16] << 4)))
+                .collect();
+            let nib = nibble_order(&q);
+            let want: i32 = codes
+                .iter()
+                .zip(&q)
+                .map(|(&c, &x)| c as i32 * x as i32)
+                .sum();
+            let mut got = 0i32;
+            let mut e = 0;
+            while e < len {
+                let span = nibble_span(e, len);
+                for (i, &b) in bytes[e / 2..(e + span) / 2].iter().enumerate() {
+                    got += (b & 0x0f) as i32 * nib[e + i] as i32;
+                    got += (b >> 4) as i32 * nib[e + span / 2 + i] as i32;
+                }
+                e += span;
+            }
+            assert_eq!(got, want, "row of {len}");
+            let mut sorted = nib.clone();
+            sorted.sort();
+            let mut orig = q.clone();
+            orig.sort();
+            assert_eq!(sorted, orig, "a permutation of q ({len})");
+        }
     }
 
     /// The bound of the activation quantization on row `r`: each code meets an `x` off by
@@ -867,7 +1051,9 @@ mod tests {
         assert!(kernels.contains(&Kernel::Avx2) || !is_x86_feature_detected!("avx2"));
         for bits in [4u32, 8] {
             for group in [32usize, 64, 128] {
-                for cols in [384usize, 32 * 35, 96] {
+                // Rows of whole 128-code steps, with a last span of 64 and/or 32 codes, and
+                // more than the 16 groups a scale load covers.
+                for cols in [384usize, 32 * 35, 96, 64 * 19, 128 * 17] {
                     if !cols.is_multiple_of(group) {
                         continue;
                     }
