@@ -35,7 +35,7 @@ def parse(argv):
     )
     ap.add_argument("hf_dir", type=Path, help="Hugging Face model directory (config.json, safetensors, tokenizer, processor)")
     ap.add_argument("--out", type=Path, required=True, help="package directory to write")
-    ap.add_argument("--frame-size", type=frame_size, default=None, metavar="N|WxH", help="encoder input size in pixels, N for N x N (default: the vision tower's native size; Qwen2.5-VL, Qwen3-VL: 448x448)")
+    ap.add_argument("--frame-size", type=frame_size, default=None, metavar="N|WxH", help="encoder input size in pixels, N for N x N (default: the vision tower's native size; Qwen2.5-VL, Qwen3-VL: 448x448); Idefics3/SmolVLM whose processor splits images: the frame size, cut into the processor's tiles")
     ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="precision inside the ONNX encoder (its input and output stay f32)")
     ap.add_argument("--name", default=None, help="package name (default: the checkpoint directory's name)")
     ap.add_argument("--kv-policy", default="mixed", help="kv.policy written to the manifest (default: mixed)")
@@ -66,19 +66,28 @@ def tile_expansion(tiles: dict, tokens: int, image_token: str, suffix: str) -> s
     return out + tiles["global_prefix"] + image_token * tokens + suffix
 
 
-def cut_tiles(img, tiles: dict, interpolation: str):
-    """The manifest's tiling of an RGB8 frame (PIL): resized to `scaled`, then to whole tiles,
-    cut row-major, the whole-tile image resized to one tile last (as the runtime does)."""
+def cut_tiles(img, tiles: dict, interpolation: str, scaled):
+    """The manifest's tiling of an RGB8 frame (PIL): resized by its longest edge (`scaled`:
+    (w, h) -> size), then to whole tiles, cut row-major, the whole-tile image resized to one
+    tile last (as the runtime does)."""
     from PIL import Image
 
     filt = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}[interpolation]
     t = tiles["tile"]
-    img = img.resize(tuple(tiles["scaled"]), filt).resize((tiles["cols"] * t, tiles["rows"] * t), filt)
+    img = img.resize(scaled(*img.size), filt)
+    if not tiles["rows"]:
+        return [img.resize((t, t), filt)]
+    img = img.resize((tiles["cols"] * t, tiles["rows"] * t), filt)
     out = [img.crop((c * t, r * t, (c + 1) * t, (r + 1) * t)) for r in range(tiles["rows"]) for c in range(tiles["cols"])]
     return out + [img.resize((t, t), filt)]
 
 
-def check_tile_pixels(ip, tiles: dict, pre: dict) -> None:
+def processor_kwargs(tiles: dict) -> dict:
+    """An image that is not split is what the processor gives without splitting."""
+    return {} if tiles["rows"] else {"do_image_splitting": False}
+
+
+def check_tile_pixels(ip, tiles: dict, pre: dict, scaled) -> None:
     """The processor's pixel values of a probe frame, per tile, against the manifest's
     tiling and normalisation."""
     import numpy as np
@@ -88,9 +97,9 @@ def check_tile_pixels(ip, tiles: dict, pre: dict) -> None:
 
     w, h = tiles["frame"]
     img = Image.fromarray(common.probe_image(w, h))
-    got = np.asarray(ip(images=[img], return_tensors="np")["pixel_values"][0], dtype=np.float32)
+    got = np.asarray(ip(images=[img], return_tensors="np", **processor_kwargs(tiles))["pixel_values"][0], dtype=np.float32)
     mine = np.concatenate(
-        [common.normalise(np.asarray(t), pre["mean"], pre["std"]) for t in cut_tiles(img, tiles, pre["interpolation"])]
+        [common.normalise(np.asarray(t), pre["mean"], pre["std"]) for t in cut_tiles(img, tiles, pre["interpolation"], scaled)]
     )
     common.check_close("manifest tiling and preprocessing vs the processor (probe frame, every tile)", mine, got, 2e-2)
 
@@ -105,7 +114,7 @@ def check_tile_layout(processor, tiles: dict, tokens: int, image_token: str, suf
     w, h = tiles["frame"]
     img = Image.fromarray(common.probe_image(w, h))
     ip = processor.image_processor
-    got = ip(images=[img], return_row_col_info=True, return_tensors="np")
+    got = ip(images=[img], return_row_col_info=True, return_tensors="np", **processor_kwargs(tiles))
     rows, cols = int(got["rows"][0][0]), int(got["cols"][0][0])
     if (rows, cols) != (tiles["rows"], tiles["cols"]):
         raise ExportError(
@@ -114,7 +123,7 @@ def check_tile_layout(processor, tiles: dict, tokens: int, image_token: str, suf
     n = rows * cols + 1
     if got["pixel_values"].shape[1] != n:
         raise ExportError(f"the processor gives {got['pixel_values'].shape[1]} images for a {w}x{h} frame, expected {n}", 1)
-    want = processor(text=[image_token], images=[[img]])["input_ids"][0]
+    want = processor(text=[image_token], images=[[img]], **processor_kwargs(tiles))["input_ids"][0]
     mine = processor.tokenizer(tile_expansion(tiles, tokens, image_token, suffix))["input_ids"]
     if list(want) != list(mine):
         raise ExportError(
@@ -172,12 +181,13 @@ def export(args) -> None:
     processor = load_processor(hf)
     # A family whose processor splits large images into tiles (Idefics3/SmolVLM): the frame
     # size is the camera's, the encoder runs per tile at the tile size.
-    tiles = family.tiles(cfg, processor.image_processor, (fw, fh)) if args.frame_size else None
+    tiles = family.tiles(cfg, processor.image_processor, args.frame_size and (fw, fh))
     if tiles is not None:
         fw = fh = tiles["tile"]
         if not tiles["rows"]:
-            log(f"the processor does not split a {args.frame_size[0]}x{args.frame_size[1]} frame: one image")
-            tiles = None
+            w, h = tiles["frame"]
+            log(f"one image per frame: a {w}x{h} frame resized to {tiles['scaled'][0]}x"
+                f"{tiles['scaled'][1]}, then to {fw}x{fh} (the processor without splitting)")
     if family.square and fw != fh:
         raise ExportError(f"--frame-size {fw}x{fh}: {family.name} frames are square (pass one number)")
     # Square families take the side, the others (width, height).
@@ -191,9 +201,10 @@ def export(args) -> None:
     ip = processor.image_processor
     pre = family.preprocessing(ip, frame)
     if tiles is not None:
+        what = "splits" if tiles["rows"] else "resizes (longest edge, then to one tile)"
         pre["notes"] = [
-            f"processor: splits a {tiles['frame'][0]}x{tiles['frame'][1]} frame into tiles "
-            f"(vision.tiles) with {pre['interpolation']} resizes, rescales by 1/255, normalises with mean/std"
+            f"processor: {what} a {tiles['frame'][0]}x{tiles['frame'][1]} frame (vision.tiles) "
+            f"with {pre['interpolation']} resizes, rescales by 1/255, normalises with mean/std"
         ]
     text_type = cfg.text_config.model_type
     archs = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -213,7 +224,7 @@ def export(args) -> None:
     img = common.probe_image(fw, fh)
     pv = common.normalise(img, pre["mean"], pre["std"])
     if tiles is not None:
-        check_tile_pixels(ip, tiles, pre)
+        check_tile_pixels(ip, tiles, pre, lambda w, h: family.scaled(ip, tiles["longest_edge"], w, h))
     elif (fw, fh) == (nw, nh) or not family.square:
         got = family.processor_pixels(ip, Image.fromarray(img), fw, fh)
         if got is None:
@@ -264,7 +275,7 @@ def export(args) -> None:
         if tiles is not None:
             # The tiles' text comes before each tile; the global image's before it.
             fam_prefix = ""
-            tiles.update(family.tile_text(processor), global_image=True)
+            tiles.update(family.tile_text(processor, tiles["rows"] > 0), global_image=True)
             check_tile_layout(processor, tiles, tokens, image_token, fam_suffix)
         prompt["frame_prefix"] = prompt["frame_prefix"] + fam_prefix
         prompt["frame_suffix"] = fam_suffix + prompt["frame_suffix"]
@@ -290,7 +301,7 @@ def export(args) -> None:
         )
     log(f"prompt: {json.dumps(prompt['template'])}, frame {json.dumps(prompt['frame_prefix'])}"
         f" + {tokens} embeddings + {json.dumps(prompt['frame_suffix'])}, bos {prompt['add_bos']}")
-    if tiles is not None:
+    if tiles is not None and tiles["rows"]:
         n = tiles["rows"] * tiles["cols"] + 1
         log(f"tiles: a {tiles['frame'][0]}x{tiles['frame'][1]} frame -> {tiles['rows']} rows x "
             f"{tiles['cols']} columns of {fw}x{fh} tiles + the global image: {n} encoder runs, "

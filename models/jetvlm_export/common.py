@@ -418,14 +418,19 @@ def write_manifest(path: Path, m: dict) -> None:
     t = m.get("tiles")
     if t:
         (fw, fh), (sw, sh) = t["frame"], t["scaled"]
+        if t["rows"]:
+            what = (
+                f"then to whole tiles ({t['cols'] * t['tile']}x{t['rows'] * t['tile']}), cuts "
+                f"{t['rows']} rows x {t['cols']} columns of {t['tile']}x{t['tile']} tiles (row-major) "
+                "and adds that image resized to one tile (the global image); tokens_per_frame is per tile"
+            )
+        else:
+            what = f"then to one {t['tile']}x{t['tile']} tile (not split: the global image only)"
         lines += [
             "  tiles:",
-            f"    # processor: resizes a {fw}x{fh} frame to {sw}x{sh} (longest edge), then to whole "
-            f"tiles ({t['cols'] * t['tile']}x{t['rows'] * t['tile']}), cuts {t['rows']} rows x "
-            f"{t['cols']} columns of {t['tile']}x{t['tile']} tiles (row-major) and adds that image "
-            f"resized to one tile (the global image); tokens_per_frame is per tile",
+            f"    # processor: resizes a {fw}x{fh} frame to {sw}x{sh} (longest edge), {what}",
             f"    frame: {{height: {fh}, width: {fw}}}",
-            f"    scaled: {{height: {sh}, width: {sw}}}",
+            *([f"    longest_edge: {t['longest_edge']}"] if t["longest_edge"] is not None else []),
             f"    rows: {t['rows']}",
             f"    cols: {t['cols']}",
             f"    global_image: {'true' if t['global_image'] else 'false'}",

@@ -289,17 +289,18 @@ class Idefics3(Family):
         return getattr(processor, "global_image_token", None) or getattr(processor, "global_image_tag", "<global-img>")
 
     def tiles(self, cfg, ip, frame):
-        """The processor's image splitting of a `frame` = (width, height) image, by the image
-        processor module's own resize rules: None when the processor does not split images
-        (then `--frame-size` is the encoder's size, as for the other families); else the
-        longest-edge resize (`scaled`), the resize to whole tiles, and the grid (rows = cols
-        = 0: the processor would not split this frame)."""
-        if not getattr(ip, "do_image_splitting", False):
+        """The processor's image splitting of a `frame` = (width, height) image (None: the
+        package's frame size; a processor that does not split images then keeps one image,
+        otherwise None: `--frame-size` is the encoder's size, as for the other families).
+        By the image processor module's own resize rules: the longest-edge resize (`scaled`),
+        the resize to whole tiles, and the grid; rows = cols = 0: the image is not split
+        (one image: `scaled` resized to one tile). None: nothing to reproduce beyond one
+        resize to the tile (the longest-edge resize of a tile-sized frame is no resize)."""
+        split = getattr(ip, "do_image_splitting", False)
+        if frame is not None and not split:
             return None
         import math
-        import sys
 
-        rules = sys.modules[type(ip).__module__]
         tile = _size(getattr(ip, "max_image_size", None), "longest_edge")
         if tile is None or int(tile) != self.native_size(cfg):
             raise ExportError(
@@ -307,15 +308,20 @@ class Idefics3(Family):
                 f"vision tower's {self.native_size(cfg)}; jetvlm runs the encoder at one size"
             )
         tile = int(tile)
-        w, h = frame
+        w, h = frame or (tile, tile)
+        longest = None
         if getattr(ip, "do_resize", True):
             longest = _size(getattr(ip, "size", None), "longest_edge")
             if longest is None:
                 raise ExportError("the processor's size has no longest_edge (Idefics3 resizes by it)")
-            h1, w1 = rules._resize_output_size_rescale_to_max_len(h, w, max_len=int(longest))
-            h1, w1 = rules._resize_output_size_scale_below_upper_bound(h1, w1, max_len=rules.MAX_IMAGE_SIZE)
-        else:
-            h1, w1 = h, w
+            longest = int(longest)
+        w1, h1 = self.scaled(ip, longest, w, h)
+        plan = {"tile": tile, "frame": (w, h), "scaled": (w1, h1), "longest_edge": longest, "rows": 0, "cols": 0}
+        if frame is None:
+            # One image (the processor without splitting): the frame resized by its longest
+            # edge, then to one tile; nothing to write when the first resize leaves a
+            # tile-sized frame alone.
+            return None if (w1, h1) == (tile, tile) else plan
         # resize_for_vision_encoder: whole tiles, the aspect ratio of the scaled image.
         aspect = w1 / h1
         if w1 >= h1:
@@ -324,23 +330,32 @@ class Idefics3(Family):
         else:
             h2 = math.ceil(h1 / tile) * tile
             w2 = math.ceil(int(h2 * aspect) / tile) * tile
-        split = h2 > tile or w2 > tile
-        return {
-            "tile": tile,
-            "frame": (w, h),
-            "scaled": (w1, h1),
-            "rows": h2 // tile if split else 0,
-            "cols": w2 // tile if split else 0,
-        }
+        if h2 > tile or w2 > tile:
+            plan.update(rows=h2 // tile, cols=w2 // tile)
+        return plan
 
-    def tile_text(self, processor) -> dict:
+    @staticmethod
+    def scaled(ip, longest, w: int, h: int) -> tuple:
+        """(width, height) of a w x h image after the processor's longest-edge resize, by its
+        module's own functions (the runtime's `TileSection::scaled`); unchanged without one."""
+        import sys
+
+        if longest is None:
+            return w, h
+        rules = sys.modules[type(ip).__module__]
+        h1, w1 = rules._resize_output_size_rescale_to_max_len(h, w, max_len=longest)
+        h1, w1 = rules._resize_output_size_scale_below_upper_bound(h1, w1, max_len=rules.MAX_IMAGE_SIZE)
+        return w1, h1
+
+    def tile_text(self, processor, split: bool) -> dict:
         """The processor's text around a split image's tiles: before tile (row, col)
-        (`{row}`, `{col}` 1-based), after each row, before the global image."""
+        (`{row}`, `{col}` 1-based), after each row, before the global image (an image that is
+        not split: only the global image's)."""
         fake = processor.fake_image_token
         return {
-            "tile_prefix": fake + "<row_{row}_col_{col}>",
-            "row_suffix": "\n",
-            "global_prefix": "\n" + fake + self._global_token(processor),
+            "tile_prefix": fake + "<row_{row}_col_{col}>" if split else "",
+            "row_suffix": "\n" if split else "",
+            "global_prefix": ("\n" if split else "") + fake + self._global_token(processor),
         }
 
     def image_token(self, processor) -> str:

@@ -278,6 +278,74 @@ fn tiled_session_evicts_whole_frames() {
     assert_ne!(answers[1], want, "the frames matter");
 }
 
+fn f32_file(name: &str) -> Vec<f32> {
+    std::fs::read(fixture().join(name))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// The same checkpoint exported without `--frame-size` (`unsplit/jetvlm.yaml`, sharing
+/// pkg/'s encoder and decoder: `vision.tiles` with rows and cols 0): the processor without
+/// splitting resizes the 130x80 frame by its longest edge to 96x60, then to one 32x32 tile,
+/// and so does the runtime (pixel values equal; one resize straight to 32x32 would differ);
+/// `ask` gives transformers' 16 greedy tokens and prompt length without splitting, and the
+/// first-token logits are within 1e-4.
+#[test]
+fn unsplit_package_resizes_like_the_processor_without_splitting() {
+    let exp = expected();
+    let pkg = fixture().join(exp["unsplit_package"].as_str().unwrap());
+    let tiles = jetvlm_vision::ModelPackage::load(&pkg)
+        .unwrap()
+        .manifest
+        .vision
+        .tiles
+        .unwrap();
+    assert_eq!((tiles.rows, tiles.cols, tiles.runs()), (0, 0, 1));
+    let probe = frame(exp["image"].as_str().unwrap(), 0);
+    let mut p = load(&pkg, "f32");
+    let got = p.encoder_inputs(&probe).unwrap();
+    assert_eq!(got.len(), 1);
+    let want = f32_file(exp["unsplit_pixels"].as_str().unwrap());
+    let d = max_diff(&got[0], &want);
+    eprintln!("unsplit: pixel values max |diff| vs transformers = {d:e}");
+    assert!(d < 1e-4, "{d}");
+    // One resize straight to the tile is not what the processor does: it is off by whole
+    // 8-bit levels (2/255 after normalisation by std 0.5 per level).
+    let img = jetvlm_vision::RgbImage::open(&fixture().join("probe.png")).unwrap();
+    let cfg = jetvlm_vision::ModelPackage::load(&pkg)
+        .unwrap()
+        .preprocess_config();
+    let once = jetvlm_vision::preprocess::preprocess_reference(&cfg, &img.view().unwrap());
+    let off = max_diff(&once.data.to_f32(), &want);
+    eprintln!("unsplit: one resize straight to the tile: max |diff| = {off:e}");
+    assert!(off > 7e-3, "{off}");
+
+    let logits: Vec<f32> = exp["unsplit_first_token_logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let q = exp["question"].as_str().unwrap();
+    let d = max_diff(
+        &p.first_token_logits(std::slice::from_ref(&probe), q)
+            .unwrap(),
+        &logits,
+    );
+    eprintln!("unsplit: kv f32: first-token logits max |diff| vs transformers = {d:e}");
+    assert!(d < 1e-4, "{d}");
+    let v = ask(&pkg, exp["image"].as_str().unwrap(), "f32");
+    assert_eq!(v["token_ids"], exp["unsplit_greedy_tokens"]);
+    assert_eq!(
+        v["prompt_tokens"].as_u64().unwrap() as usize,
+        exp["unsplit_input_ids"].as_array().unwrap().len()
+    );
+    let mixed = ask(&pkg, exp["image"].as_str().unwrap(), "mixed");
+    assert_eq!(mixed["token_ids"].as_array().unwrap().len(), 16);
+}
+
 /// A copy of the tiled package in `dir` with its manifest edited.
 fn edited(dir: &Path, edit: impl FnOnce(String) -> String) -> PathBuf {
     let src = fixture().join("pkg");
@@ -307,7 +375,13 @@ fn bad_tiles_are_refused_naming_the_field() {
             "    rows: 2\n",
             "    rows: 0\n",
             "vision.tiles.rows",
-            "at least 1",
+            "both 0 (the frame is not split) or both at least 1",
+        ),
+        (
+            "    rows: 2\n    cols: 3\n    global_image: true\n",
+            "    rows: 0\n    cols: 0\n    global_image: false\n",
+            "vision.tiles.global_image",
+            "must be true",
         ),
         (
             "    cols: 3\n",
@@ -322,9 +396,9 @@ fn bad_tiles_are_refused_naming_the_field() {
             "more than 1024",
         ),
         (
-            "    scaled: {height: 60, width: 96}\n",
-            "    scaled: {height: 0, width: 96}\n",
-            "vision.tiles.scaled",
+            "    longest_edge: 96\n",
+            "    longest_edge: 0\n",
+            "vision.tiles.longest_edge",
             "out of range",
         ),
         (
@@ -390,7 +464,7 @@ fn exporter_available(test: &str) -> bool {
 
 /// `jetvlm export --frame-size 130x80` on the checkpoint writes the committed manifest (the
 /// grid, the sizes and the tile text checked by the exporter against the processor) and
-/// reports the tiling.
+/// reports the tiling; without `--frame-size` it writes the unsplit manifest.
 #[test]
 fn export_writes_the_processors_tile_grid() {
     if !exporter_available("export_writes_the_processors_tile_grid") {
@@ -436,6 +510,25 @@ fn export_writes_the_processors_tile_grid() {
         "{stdout}"
     );
     assert_eq!(body(&tiled), body(&fixture().join("pkg")));
+    // Without --frame-size: one image per frame, the committed unsplit manifest (which names
+    // pkg/'s files).
+    let plain = tmp.path().join("plain");
+    let stdout = export(&plain, &[]);
+    assert!(
+        stdout.contains("one image per frame: a 32x32 frame resized to 96x96, then to 32x32"),
+        "{stdout}"
+    );
+    let shared = |lines: Vec<String>| -> Vec<String> {
+        lines
+            .into_iter()
+            .map(|l| l.replace("../pkg/", ""))
+            .filter(|l| !l.starts_with("name:"))
+            .collect()
+    };
+    assert_eq!(
+        shared(body(&plain)),
+        shared(body(&fixture().join("unsplit")))
+    );
 }
 
 /// `jetvlm plan` on the tiled package charges a frame's 28 tokens (7 encoder runs of 4), not

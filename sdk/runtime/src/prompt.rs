@@ -235,10 +235,7 @@ mod tests {
                 width: 130,
                 height: 80,
             },
-            scaled: jetvlm_vision::package::ImageSize {
-                width: 96,
-                height: 60,
-            },
+            longest_edge: Some(96),
             rows: 2,
             cols: 3,
             global_image: true,

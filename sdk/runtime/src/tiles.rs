@@ -1,7 +1,9 @@
 //! Frames cut into tiles as an Idefics3/SmolVLM processor splits an image
-//! (`do_image_splitting`, the package's `vision.tiles`): the frame resized to `scaled` (the
-//! processor's longest-edge resize), then to whole tiles, cut row-major, and that whole-tile
-//! image resized to one tile (the global image).
+//! (`do_image_splitting`, the package's `vision.tiles`): the frame resized by its longest
+//! edge (`TileSection::scaled`), then to whole tiles, cut row-major, and that whole-tile
+//! image resized to one tile (the global image). A package whose frames are not split but
+//! whose processor resizes them by their longest edge first (rows and cols 0) gets that
+//! resize and then one to the tile.
 //!
 //! Every resize is PIL's 8-bit resampling, which the processor's PIL backend runs: the
 //! filter's taps from `round(center - support)` to `round(center + support)`, coefficients
@@ -43,9 +45,19 @@ impl Tiler {
     /// image.
     pub(crate) fn cut(&self, img: &ImageView) -> Result<Vec<Vec<u8>>, VisionError> {
         let t = &self.tiles;
-        let (sw, sh) = (t.scaled.width, t.scaled.height);
+        let (sw, sh) = t.scaled(img.width(), img.height());
         let (gw, gh) = (t.cols * self.tile, t.rows * self.tile);
         let scaled = resize(img, sw, sh, self.interpolation)?;
+        if t.rows == 0 || t.cols == 0 {
+            // Not split: the scaled frame resized to one tile.
+            let view = ImageView::new(sw, sh, &scaled)?;
+            return Ok(vec![resize(
+                &view,
+                self.tile,
+                self.tile,
+                self.interpolation,
+            )?]);
+        }
         let grid = resize(
             &ImageView::new(sw, sh, &scaled)?,
             gw,
@@ -213,6 +225,43 @@ mod tests {
         let img = ImageView::new(30, 20, &g).unwrap();
         assert_eq!(resize(&img, 30, 20, Interpolation::Lanczos).unwrap(), g);
         assert!(resize(&img, 0, 20, Interpolation::Lanczos).is_err());
+    }
+
+    /// `TileSection::scaled` gives what the processor's two functions give (values printed by
+    /// `_resize_output_size_rescale_to_max_len` and `_resize_output_size_scale_below_upper_bound`
+    /// of transformers' SmolVLM image processor): truncation, the even side, the 4096 bound.
+    #[test]
+    fn longest_edge_resize_is_the_processors() {
+        let tiles = |longest| TileSection {
+            frame: jetvlm_vision::package::ImageSize {
+                width: 1,
+                height: 1,
+            },
+            longest_edge: Some(longest),
+            rows: 1,
+            cols: 1,
+            global_image: true,
+            tile_prefix: String::new(),
+            row_suffix: String::new(),
+            global_prefix: String::new(),
+        };
+        for ((w, h, l), want) in [
+            ((130, 80, 96), (96, 60)),
+            ((260, 160, 96), (96, 60)),
+            ((32, 32, 96), (96, 96)),
+            ((1280, 720, 2048), (2048, 1152)),
+            ((80, 130, 96), (60, 96)),
+            ((1000, 3, 8000), (4096, 12)),
+            ((3, 1000, 8000), (12, 4096)),
+            ((641, 479, 2048), (2048, 1530)),
+        ] {
+            assert_eq!(tiles(l).scaled(w, h), want, "{w}x{h} to {l}");
+        }
+        let none = TileSection {
+            longest_edge: None,
+            ..tiles(1)
+        };
+        assert_eq!(none.scaled(130, 80), (130, 80));
     }
 
     /// The windows are PIL's: taps from round(center - support) to round(center + support),

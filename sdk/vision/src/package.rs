@@ -108,11 +108,13 @@ pub struct VisionSection {
 pub const MAX_TILES: u32 = 1024;
 
 /// `vision.tiles`: how a frame is cut into tiles, as the model's processor does it (the
-/// Idefics3 image processor with `do_image_splitting`): every frame is resized to `scaled`
-/// (the processor's longest-edge resize of a `frame`-sized image), then to whole tiles
-/// (`cols x rows` tiles of `image_size`), cut row-major; the global image is that
-/// whole-tile image resized to one tile. All resizes use `vision.interpolation` on 8-bit
-/// RGB, as the processor's PIL backend does.
+/// Idefics3 image processor with `do_image_splitting`): every frame is resized so its
+/// longest edge is `longest_edge` ([`TileSection::scaled`]), then to whole tiles (`cols x
+/// rows` tiles of `image_size`), cut row-major; the global image is that whole-tile image
+/// resized to one tile. `rows` and `cols` 0: the frame is not split, only its longest-edge
+/// resize resized to one tile (the processor without splitting, whose longest-edge resize is
+/// not a no-op). All resizes use `vision.interpolation` on 8-bit RGB, as the processor's PIL
+/// backend does.
 ///
 /// In a prompt a frame is `prompt.frame_prefix`, then for each row and column
 /// `tile_prefix` (`{row}`, `{col}`: 1-based) and the tile's embeddings, `row_suffix` after
@@ -121,12 +123,12 @@ pub const MAX_TILES: u32 = 1024;
 #[serde(deny_unknown_fields)]
 pub struct TileSection {
     /// The frame size the grid was computed for (`jetvlm export --frame-size`); frames of
-    /// another size are resized to `scaled` all the same (a stretch when their aspect ratio
-    /// differs).
+    /// another size get the same grid (the processor might pick another for them).
     pub frame: ImageSize,
-    /// The processor's first resize of a `frame`-sized image (its longest edge to the
-    /// processor's `size.longest_edge`).
-    pub scaled: ImageSize,
+    /// The processor's `size.longest_edge`: each frame is first resized so its longest edge
+    /// is this ([`TileSection::scaled`]); absent: not resized first (`do_resize` off).
+    #[serde(default)]
+    pub longest_edge: Option<u32>,
     pub rows: u32,
     pub cols: u32,
     /// Whether the whole frame, resized to one tile, follows the tiles.
@@ -149,6 +151,34 @@ impl TileSection {
     /// within [`MAX_TILES`] + 1.
     pub fn runs(&self) -> usize {
         (self.rows as usize).saturating_mul(self.cols as usize) + usize::from(self.global_image)
+    }
+
+    /// The size a `width x height` frame is resized to first: the Idefics3 processor's
+    /// `_resize_output_size_rescale_to_max_len` (the longest edge to `longest_edge`, the other
+    /// side from the aspect ratio, truncated and made even) and
+    /// `_resize_output_size_scale_below_upper_bound` (at most 4096 pixels a side); the frame's
+    /// own size without `longest_edge`.
+    pub fn scaled(&self, width: u32, height: u32) -> (u32, u32) {
+        let Some(longest) = self.longest_edge else {
+            return (width, height);
+        };
+        let even = |v: u32| if v % 2 == 1 { v + 1 } else { v };
+        let (w, h) = (f64::from(width.max(1)), f64::from(height.max(1)));
+        let aspect = w / h;
+        let (mut w1, mut h1) = if width >= height {
+            (longest, even((f64::from(longest) / aspect) as u32))
+        } else {
+            (even((f64::from(longest) * aspect) as u32), longest)
+        };
+        (w1, h1) = (w1.max(1), h1.max(1));
+        const MAX_SIDE: u32 = 4096;
+        let aspect = f64::from(w1) / f64::from(h1);
+        if w1 >= h1 && w1 > MAX_SIDE {
+            (w1, h1) = (MAX_SIDE, (f64::from(MAX_SIDE) / aspect) as u32);
+        } else if h1 > w1 && h1 > MAX_SIDE {
+            (w1, h1) = ((f64::from(MAX_SIDE) * aspect) as u32, MAX_SIDE);
+        }
+        (w1.max(1), h1.max(1))
     }
 
     /// `tile_prefix` of the tile at 0-based `row`, `col`.
@@ -677,8 +707,8 @@ fn check_signature(
 }
 
 /// `vision.tiles` against the rest of the vision section: square tiles of `image_size`
-/// stretched to (the processor cuts them), a grid of at least one tile and at most
-/// [`MAX_TILES`], sizes in range, placeholders known, no DeepStack.
+/// stretched to (the processor cuts them), a grid of at most [`MAX_TILES`] (or none: rows
+/// and cols 0, the global image only), sizes in range, placeholders known, no DeepStack.
 fn check_tiles(v: &VisionSection, t: &TileSection, issues: &mut Vec<Issue>) {
     let (tw, th) = (v.image_size.width, v.image_size.height);
     if tw != th {
@@ -699,24 +729,40 @@ fn check_tiles(v: &VisionSection, t: &TileSection, issues: &mut Vec<Issue>) {
             "a DeepStack encoder (vision.deepstack_output) cannot run on tiles",
         ));
     }
-    for (field, size) in [
-        ("vision.tiles.frame", t.frame),
-        ("vision.tiles.scaled", t.scaled),
-    ] {
-        if !(1..=8192).contains(&size.width) || !(1..=8192).contains(&size.height) {
-            issues.push(Issue::new(
-                field,
-                format!(
-                    "{}x{} is out of range (1..=8192 each side)",
-                    size.width, size.height
-                ),
-            ));
-        }
+    if !(1..=8192).contains(&t.frame.width) || !(1..=8192).contains(&t.frame.height) {
+        issues.push(Issue::new(
+            "vision.tiles.frame",
+            format!(
+                "{}x{} is out of range (1..=8192 each side)",
+                t.frame.width, t.frame.height
+            ),
+        ));
+    }
+    if let Some(l) = t.longest_edge
+        && !(1..=8192).contains(&l)
+    {
+        issues.push(Issue::new(
+            "vision.tiles.longest_edge",
+            format!("{l} is out of range (1..=8192)"),
+        ));
+    }
+    if (t.rows == 0) != (t.cols == 0) {
+        issues.push(Issue::new(
+            "vision.tiles.rows",
+            format!(
+                "rows {} and cols {}: both 0 (the frame is not split) or both at least 1",
+                t.rows, t.cols
+            ),
+        ));
+    }
+    if t.rows == 0 && t.cols == 0 && !t.global_image {
+        issues.push(Issue::new(
+            "vision.tiles.global_image",
+            "must be true when rows and cols are 0 (the frame is one image)",
+        ));
     }
     for (field, n) in [("vision.tiles.rows", t.rows), ("vision.tiles.cols", t.cols)] {
-        if n == 0 {
-            issues.push(Issue::new(field, "must be at least 1"));
-        } else if u64::from(n) * u64::from(tw.max(th)) > 65536 {
+        if u64::from(n) * u64::from(tw.max(th)) > 65536 {
             issues.push(Issue::new(
                 field,
                 format!("{n} tiles of {tw} pixels pass 65536 pixels"),

@@ -17,10 +17,11 @@ use std::process::Command;
 #[command(after_help = "Examples:\n  \
     jetvlm export ~/hf/llava-1.5-7b-hf --out models/llava-1.5-7b\n  \
     jetvlm export ~/hf/SmolVLM-256M-Instruct --out models/smolvlm-256m --dtype fp16\n  \
-    jetvlm export ~/hf/SmolVLM-256M-Instruct --out models/smolvlm-256m-q4 --weight-bits 4\n\n\
+    jetvlm export ~/hf/SmolVLM-256M-Instruct --out models/smolvlm-256m-q4 --weight-bits 4\n  \
+    jetvlm export ~/hf/SmolVLM-256M-Instruct --out models/smolvlm-720p --frame-size 1280x720\n\n\
     Families: LLaVA-1.5 (model_type llava), Idefics3 / SmolVLM (idefics3, smolvlm; one frame\n\
-    at the vision tower's size, no tiling). Needs torch and transformers in .venv\n\
-    (.ci/setup --dev).")]
+    at the vision tower's size, or with --frame-size WxH the processor's tiles of WxH frames).\n\
+    Needs torch and transformers in .venv (.ci/setup --dev).")]
 pub struct ExportArgs {
     /// Hugging Face model directory (config.json, safetensors, tokenizer, processor config).
     pub hf_dir: PathBuf,
@@ -28,7 +29,8 @@ pub struct ExportArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Encoder input size in pixels: N (N x N) or WIDTHxHEIGHT (Qwen2.5-VL); default: the
-    /// vision tower's native size (Qwen2.5-VL: 448x448).
+    /// vision tower's native size (Qwen2.5-VL: 448x448). Idefics3/SmolVLM whose processor
+    /// splits images: the camera's frame size, cut into the processor's tiles.
     #[arg(long, value_name = "N|WxH", value_parser = parse_frame_size)]
     pub frame_size: Option<String>,
     /// Precision inside the ONNX encoder (its input and output stay f32).
