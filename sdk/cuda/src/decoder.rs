@@ -4,7 +4,9 @@
 //! `jetvlm quantize`); the forward pass runs spans of token ids or embeddings at the positions
 //! of [`arch::span_positions`] (M-RoPE frames at their temporal, row and column positions), writes K/V into the device mixed KV pools (FP16 text blocks, quantized
 //! frame blocks, placed by [`KvBlockTable`]) and attends over them with the fused attention
-//! kernel.
+//! kernel. Every family of the architecture runs here: Qwen3-VL frames carry their DeepStack
+//! features ([`DeviceInput::Embeddings`]), Gemma 3's local layers attend within their window
+//! and a frame's tokens see each other both ways (one attention plan per layout and mask).
 //!
 //! Written once for every [`Gpu`]: on [`crate::CudaDevice`] the operations are CUDA kernels,
 //! on [`crate::SimDevice`] their CPU twins, so everything here runs in the tests of a machine

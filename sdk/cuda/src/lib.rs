@@ -13,8 +13,10 @@
 //! - [`gpu`]: [`Gpu`], the operations the device decoder launches, as one trait.
 //!   [`CudaDevice`] runs them as CUDA kernels; [`SimDevice`] (the simulated device) runs each
 //!   kernel's CPU twin on host buffers, so the device path runs and is tested without a GPU.
-//! - [`decoder`]: written once over [`Gpu`]: [`DeviceDecoder`] (Llama / Qwen2 weights from
-//!   the Hugging Face files, uploaded chunk by chunk in their stored precision),
+//! - [`decoder`]: written once over [`Gpu`]: [`DeviceDecoder`] (every family of
+//!   `jetvlm_decoder::arch`: Llama, Qwen2, Qwen3 with M-RoPE or Qwen3-VL's interleaved M-RoPE
+//!   and DeepStack, Gemma 3; weights from the Hugging Face files, uploaded chunk by chunk in
+//!   their stored precision),
 //!   [`DeviceKvCache`] (per-layer mixed pools in device memory, or offloaded to pinned host
 //!   memory and streamed per layer over PCIe on a copy stream), [`DeviceSession::forward`]
 //!   (prefill and decode).

@@ -309,6 +309,32 @@ fn gemma3_sliding_window_and_bidirectional_frames_run_alike_on_the_device() {
     assert!(d > 1e-2, "the bidirectional frame changed nothing: {d:e}");
 }
 
+/// Gemma 3's final logit softcapping (`final_logit_softcapping`; the fixture has none, so a
+/// copy sets 10): the device's capped logits are the CPU's, all within [-10, 10], and differ
+/// from the uncapped ones.
+#[test]
+fn gemma3_logit_softcapping_runs_alike_on_the_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (before, n, after) = prompt("gemma3");
+    let capped = edited_decoder(tmp.path(), "gemma3", |c| {
+        c["final_logit_softcapping"] = 10.0.into()
+    });
+    let spans = [
+        Span::Text(&before),
+        Span::Frame { id: 1, n },
+        Span::Text(&after),
+    ];
+    let c = assert_device_matches_cpu("gemma3 softcap 10", &capped, &spans);
+    assert!(c.iter().all(|v| v.abs() <= 10.0), "{c:?}");
+    let (f, _) = device_run(
+        &SimDevice::new(),
+        &family_dir("gemma3").join("pkg/decoder"),
+        &spans,
+        KvPolicy::fp16(),
+    );
+    assert!(normalized_error(&c, &f) > 1e-2);
+}
+
 /// Qwen3-VL camera-style session on the device: text, frames 1 and 2 (interleaved M-RoPE
 /// grids, DeepStack), frame 1 evicted, frame 3, the question: the device gives the CPU
 /// cache's tokens and logits; the evicted frame mattered (the answer without evicting it
@@ -400,9 +426,13 @@ fn gemma3_and_qwen3_vl_on_a_gpu_give_the_cpu_tokens_and_logits() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let windowed = edited_decoder(tmp.path(), "gemma3", |c| c["sliding_window"] = 8.into());
+    let capped = edited_decoder(&tmp.path().join("capped"), "gemma3", |c| {
+        c["final_logit_softcapping"] = 10.0.into()
+    });
     for (what, family, dir) in [
         ("gemma3", "gemma3", family_dir("gemma3").join("pkg/decoder")),
         ("gemma3 window 8", "gemma3", windowed),
+        ("gemma3 softcap 10", "gemma3", capped),
         (
             "qwen3_vl",
             "qwen3_vl",

@@ -188,13 +188,7 @@ impl Model {
     pub fn from_weights(config: Config, ws: &Weights, opts: &LoadOptions) -> Result<Self> {
         let weights = arch::load(&config.model, ws, opts.dtype, &mut CpuSink)?;
         let rope = Rope::new(&config.model);
-        let rope_local = config.model.gemma3.as_ref().map(|g| {
-            Rope::new(&jetvlm_core::hf::ModelConfig {
-                rope_theta: g.local_rope_theta,
-                rope_scaling: jetvlm_core::hf::RopeScaling::Default,
-                ..config.model.clone()
-            })
-        });
+        let rope_local = arch::local_rope_config(&config.model).map(|c| Rope::new(&c));
         Ok(Model {
             config,
             weights,
@@ -286,12 +280,9 @@ impl Model {
             }
             data.to_f32_into(id as usize * h, &mut out[i * h..(i + 1) * h]);
         }
-        if self.config.model.gemma3.is_some() {
-            // Gemma scales its token embeddings by sqrt(hidden), the factor and the product
-            // in the table's type (transformers' `Gemma3TextScaledWordEmbedding`); frame
-            // embeddings are not scaled.
-            let dt = self.weights.dtype;
-            let scale = round_to(dt, (h as f32).sqrt());
+        // Gemma scales its token embeddings by sqrt(hidden), the factor and the product in
+        // the table's type; frame embeddings are not scaled.
+        if let Some((scale, dt)) = arch::embedding_scale(&self.config.model, self.weights.dtype) {
             out.iter_mut().for_each(|x| *x = round_to(dt, *x * scale));
         }
         Ok(out)
