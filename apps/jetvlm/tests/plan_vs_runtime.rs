@@ -10,6 +10,10 @@
 //!   context (the window is 8 tokens here, the context about 80): the planner charges every
 //!   layer for every token, as the cache holds them;
 //! - the total of the three within 2%.
+//!
+//! And on GGUF files converted by `jetvlm quantize --from` (a tied Q8_0 embedding table, a
+//! Q4_K file with a tied Q6_K table, a Q4_0 file with a Q8_0 head): `plan` on the converted
+//! directory charges the weights the loaded decoder holds, within 2%.
 
 mod common;
 use common::jetvlm;
@@ -164,4 +168,50 @@ fn qwen3_vl_plan_charges_its_deepstack_features() {
             .unwrap();
     assert_eq!(p["deepstack_layers"], 2, "the fixture carries DeepStack");
     check("qwen3_vl", &pkg);
+}
+
+#[test]
+fn converted_gguf_plans_what_the_decoder_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    for (name, src) in [
+        ("gguf_q8_0_tied", "decoder/llama"),
+        ("gguf_q4_k", "quant/gguf_q4_k/hf"),
+        ("gguf_q4_0", "decoder/llama"),
+    ] {
+        let out = tmp.path().join(name);
+        let gguf = fixtures.join("quant").join(name).join("model.gguf");
+        let (ok, _, stderr) = jetvlm(&[
+            "quantize",
+            "--model",
+            fixtures.join(src).to_str().unwrap(),
+            "--from",
+            gguf.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{name}: {stderr}");
+        let (ok, stdout, stderr) = jetvlm(&[
+            "plan",
+            "--model",
+            out.to_str().unwrap(),
+            "--board",
+            "orin-nano-8gb",
+            "--tokens-per-frame",
+            "1",
+            "--json",
+        ]);
+        assert!(ok, "{name}: {stderr}");
+        let p: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let planned = p["memory"]["weights_bytes"].as_u64().unwrap();
+        let held = jetvlm_decoder::Model::load(&out, &jetvlm_decoder::LoadOptions::default())
+            .unwrap()
+            .weight_bytes_held();
+        let err = (planned as f64 - held as f64).abs() / held as f64;
+        eprintln!(
+            "{name}: plan {planned} B, decoder holds {held} B ({:.2}%)",
+            100.0 * err
+        );
+        assert!(err <= 0.02, "{name}: plan {planned} vs held {held}");
+    }
 }

@@ -144,11 +144,14 @@ pub enum WeightFormat {
     /// `jetvlm quantize --bits B` writes by default).
     Bits(u8),
     /// The layout of `jetvlm quantize --bits B --group G [--head-bits 8]`: layer matrices
-    /// weight-only INT8/INT4 in groups of `group`, the rest as stored.
+    /// weight-only INT8/INT4 in groups of `group`, the rest as stored. `embed_bits`: the
+    /// embedding table stored quantized too, at these bits in groups of `group` (a converted
+    /// GGUF whose table is quantized; tied, it is the LM head).
     Quantized {
         bits: u8,
         group: u16,
         head_int8: bool,
+        embed_bits: Option<u8>,
     },
 }
 
@@ -183,6 +186,7 @@ impl WeightFormat {
                 bits,
                 group,
                 head_int8,
+                ..
             } => (bits, group, head_int8),
             _ => return Ok(None),
         };
@@ -209,6 +213,20 @@ impl WeightFormat {
         bytes.ok_or_else(|| overflow("the weight bytes", &[("the parameter count", params)]))
     }
 
+    /// The embedding table's quantized format, when it has one (`embed_bits`).
+    pub fn embed_format(&self) -> Result<Option<jetvlm_quant::WeightFormat>, BoardError> {
+        match *self {
+            WeightFormat::Quantized {
+                group,
+                embed_bits: Some(b),
+                ..
+            } => jetvlm_quant::WeightFormat::new(b as u32, group as usize)
+                .map(Some)
+                .map_err(|e| BoardError::InvalidWorkload(format!("embed_bits: {e}"))),
+            _ => Ok(None),
+        }
+    }
+
     /// Bits per weight of the layer matrices, scales and zeros included.
     pub fn bits_per_weight(&self, native: DType) -> f64 {
         match (self.quantized(), self) {
@@ -220,17 +238,26 @@ impl WeightFormat {
 
     pub fn describe(&self, native: DType) -> String {
         match (self.quantized(), self) {
-            (Ok(Some((f, head))), _) => format!(
-                "layer matrices int{} g{} ({} bits/weight), embeddings {native}, LM head {}",
-                f.bits(),
-                f.group(),
-                f.bits_per_weight(),
-                if head {
-                    format!("int8 g{}", f.group())
-                } else {
-                    native.to_string()
-                }
-            ),
+            (Ok(Some((f, head))), _) => {
+                let embed = self.embed_format().ok().flatten();
+                format!(
+                    "layer matrices int{} g{} ({} bits/weight), embeddings {}, LM head {}",
+                    f.bits(),
+                    f.group(),
+                    f.bits_per_weight(),
+                    embed.map_or_else(
+                        || native.to_string(),
+                        |e| format!("int{} g{}", e.bits(), e.group())
+                    ),
+                    if head {
+                        format!("int8 g{}", f.group())
+                    } else if embed.is_some() {
+                        "the embedding table when tied, else as stored".into()
+                    } else {
+                        native.to_string()
+                    }
+                )
+            }
             (_, WeightFormat::Native) => format!("{native} (from config)"),
             (_, WeightFormat::Bits(b)) => format!("{b}-bit"),
             _ => "invalid".into(),
@@ -240,8 +267,9 @@ impl WeightFormat {
 
 /// Bytes of a decoder's weights in `format`, as the CPU decoder holds them. Quantized:
 /// every layer matrix in its format (`jetvlm_quant::WeightFormat::matrix_bytes`), the
-/// embedding table, norms and biases at the config's dtype, the LM head at the config's dtype
-/// (tied: none) or INT8. An overflow is an error; a group that does not divide a matrix's
+/// embedding table at the config's dtype (or its `embed_bits` format), norms and biases at
+/// the config's dtype, the LM head at the config's dtype (tied: none, the table serves) or
+/// INT8. An overflow is an error; a group that does not divide a matrix's
 /// columns is an error naming `--weight-group`.
 pub fn weight_bytes(text: &ModelConfig, format: WeightFormat) -> Result<WeightBytes, BoardError> {
     let native = text.dtype.size_bytes() as u128;
@@ -281,6 +309,20 @@ pub fn weight_bytes(text: &ModelConfig, format: WeightFormat) -> Result<WeightBy
     }
     let layers = text.num_hidden_layers as u128;
     let untied = if text.tie_word_embeddings { 0 } else { emb };
+    let table = match format.embed_format()? {
+        Some(e) => {
+            if !h.is_multiple_of(e.group() as u128) {
+                return Err(BoardError::InvalidWorkload(format!(
+                    "embed_bits group {} does not divide the embedding table's {h} columns",
+                    e.group()
+                )));
+            }
+            text.vocab_size as u128
+                * (h * e.bits() as u128 / 8
+                    + h / e.group() as u128 * (if e.has_zeros() { 4 } else { 2 }))
+        }
+        None => emb * native,
+    };
     // Norms, biases and whatever else the family holds, as stored.
     let rest = (text.num_parameters() as u128)
         .checked_sub(layers * layer_params + emb + untied)
@@ -296,12 +338,12 @@ pub fn weight_bytes(text: &ModelConfig, format: WeightFormat) -> Result<WeightBy
         untied * native
     };
     let layers_bytes = layers * layer + rest * native;
-    let total = layers_bytes + emb * native + head;
+    let total = layers_bytes + table + head;
     let read = layers_bytes
         + if head_int8 || !text.tie_word_embeddings {
             head
         } else {
-            emb * native
+            table
         };
     Ok(WeightBytes {
         total: u64::try_from(total).map_err(|_| too_big())?,

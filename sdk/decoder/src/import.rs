@@ -4,24 +4,37 @@
 //! - a Hugging Face directory whose `config.json` has `quantization_config.quant_method`
 //!   `awq` (GEMM layout) or `gptq` (4 bits; with or without act-order):
 //!   [`import_checkpoint`]; the layouts are documented in [`jetvlm_quant::packed`];
-//! - a GGUF file (llama.cpp; Q4_0, Q8_0, F32, F16, BF16 tensors) with the Hugging Face
-//!   directory it was converted from (its `config.json` and tokenizer): [`import_gguf`].
-//!   Llama's q/k rows, which llama.cpp's converter permutes, are put back in Hugging Face
-//!   order; a quantized embedding table is stored F32 (exactly its values); the output head
-//!   keeps its format.
+//! - a GGUF file (llama.cpp; Q4_0, Q8_0, Q4_K, Q6_K, F32, F16, BF16 tensors) with the
+//!   Hugging Face directory it was converted from (its `config.json` and tokenizer):
+//!   [`import_gguf`]. Llama's q/k rows, which llama.cpp's converter permutes, are put back in
+//!   Hugging Face order. Each quantized tensor becomes the format that holds its blocks
+//!   ([`jetvlm_quant::gguf`]: Q8_0 / Q4_0 exactly, Q4_K but for FP16 rounding of its scales,
+//!   Q6_K as INT8 g32 by round-to-nearest). The layer matrices take one format: INT4 g32 when
+//!   any is 4-bit, and then the 8- and 6-bit layer matrices (llama.cpp's Q4_K_M keeps some
+//!   `attn_v` / `ffn_down` in Q6_K) are quantized again to INT4 g32, round-to-nearest. A
+//!   quantized embedding table stays in its blocks (the lookup dequantizes one row at a
+//!   time); without `output.weight` it is tied to the LM head, which is then that quantized
+//!   table. The output head keeps its format.
+//!
+//! Conversions stream: the output's tensors are views that convert one matrix when the
+//! safetensors writer reaches them (sources memory-mapped), so a conversion holds at most one
+//! matrix converted, never the whole model. A matrix that fails to convert fails the whole
+//! conversion and nothing is left behind.
 //!
 //! The output's `config.json` records `quantization_config` `{"quant_method": "jetvlm",
-//! "bits", "group_size", "lm_head_bits", "converted_from"}`.
+//! "bits", "group_size", "lm_head_bits", "converted_from"}` and, for a GGUF, `"embed_bits"`
+//! (the quantized embedding table's bits, or null).
 
 use crate::config::Config;
 use crate::error::{DecoderError, Result};
 use crate::quantize::{insert_quantization_config, io, write_dir};
 use crate::weights::Weights;
 use half::f16;
+use jetvlm_quant::QuantRow;
 use jetvlm_quant::WeightFormat;
-use jetvlm_quant::gguf::{GgmlType, Gguf};
-use jetvlm_quant::packed::{Int4Matrix, awq_to_int4, gptq_to_int4};
-use jetvlm_quant::weight::dequantize_row;
+use jetvlm_quant::gguf::{GgmlType, Gguf, GgufTensor};
+use jetvlm_quant::packed::{awq_to_int4, gptq_to_int4};
+use jetvlm_quant::weight::{dequantize_row, quantize_row};
 use safetensors::Dtype;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -52,56 +65,298 @@ pub fn quant_method(dir: &Path) -> Result<Option<String>> {
         .map(str::to_ascii_lowercase))
 }
 
-/// An output tensor.
-struct Out {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
+/// Which part of a converted matrix a view holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    Codes,
+    Scales,
+    Zeros,
 }
 
-fn push_int4(
-    out: &mut Vec<(String, Out)>,
-    stem: &str,
+/// How a matrix of the output is made from the source's bytes (mapped, never copied whole).
+enum Source<'a> {
+    Awq {
+        qweight: &'a [u8],
+        qzeros: &'a [u8],
+        scales: &'a [u8],
+        group: usize,
+    },
+    Gptq {
+        qweight: &'a [u8],
+        qzeros: &'a [u8],
+        scales: &'a [u8],
+        g_idx: Option<&'a [u8]>,
+        group: usize,
+    },
+    /// GGUF blocks of `ty`; output row `r` is the file's row `order[r]`; quantized again into
+    /// `requant` (INT4 g32) when set.
+    Gguf {
+        ty: GgmlType,
+        bytes: &'a [u8],
+        order: Vec<usize>,
+        requant: Option<WeightFormat>,
+    },
+}
+
+/// A `[rows, cols]` matrix of the output in `format`, converted when the writer asks for it.
+struct Matrix<'a> {
+    /// The source tensor, for errors.
+    name: String,
+    path: PathBuf,
     rows: usize,
     cols: usize,
-    m: &Int4Matrix,
-    group: usize,
+    format: WeightFormat,
+    source: Source<'a>,
+}
+
+impl Matrix<'_> {
+    /// The whole matrix in `format`, rows in Hugging Face order.
+    fn convert(&self) -> Result<QuantRow> {
+        let err = |msg: String| DecoderError::Quantized {
+            name: self.name.clone(),
+            path: self.path.clone(),
+            msg,
+        };
+        let (in_f, out_f) = (self.cols, self.rows);
+        let row = match &self.source {
+            Source::Awq {
+                qweight,
+                qzeros,
+                scales,
+                group,
+            } => {
+                let m = awq_to_int4(
+                    &le_i32(qweight),
+                    &le_i32(qzeros),
+                    &le_f16(scales),
+                    in_f,
+                    out_f,
+                    *group,
+                )
+                .map_err(|e| err(e.to_string()))?;
+                QuantRow {
+                    codes: m.codes,
+                    scales: m.scales,
+                    zeros: m.zeros,
+                }
+            }
+            Source::Gptq {
+                qweight,
+                qzeros,
+                scales,
+                g_idx,
+                group,
+            } => {
+                let g_idx = g_idx.map(le_i32);
+                let m = gptq_to_int4(
+                    &le_i32(qweight),
+                    &le_i32(qzeros),
+                    &le_f16(scales),
+                    g_idx.as_deref(),
+                    in_f,
+                    out_f,
+                    *group,
+                )
+                .map_err(|e| err(e.to_string()))?;
+                QuantRow {
+                    codes: m.codes,
+                    scales: m.scales,
+                    zeros: m.zeros,
+                }
+            }
+            Source::Gguf {
+                ty,
+                bytes,
+                order,
+                requant,
+            } => {
+                let (fmt, stored) =
+                    jetvlm_quant::gguf::to_quant_row(*ty, bytes).map_err(|e| err(e.to_string()))?;
+                let (cb, gpr) = (fmt.code_bytes_per_row(in_f), fmt.groups_per_row(in_f));
+                let z = |r: usize| {
+                    if fmt.has_zeros() {
+                        &stored.zeros[r * gpr..(r + 1) * gpr]
+                    } else {
+                        &[][..]
+                    }
+                };
+                let mut out = QuantRow::default();
+                let mut vals = vec![0f32; if requant.is_some() { in_f } else { 0 }];
+                for &r in order {
+                    let codes = &stored.codes[r * cb..(r + 1) * cb];
+                    let scales = &stored.scales[r * gpr..(r + 1) * gpr];
+                    match requant {
+                        Some(to) => {
+                            dequantize_row(fmt, codes, scales, z(r), &mut vals);
+                            let q = quantize_row(&vals, *to).map_err(|e| err(e.to_string()))?;
+                            out.codes.extend(q.codes);
+                            out.scales.extend(q.scales);
+                            out.zeros.extend(q.zeros);
+                        }
+                        None => {
+                            out.codes.extend_from_slice(codes);
+                            out.scales.extend_from_slice(scales);
+                            out.zeros.extend_from_slice(z(r));
+                        }
+                    }
+                }
+                out
+            }
+        };
+        let want = self.format.matrix_bytes(out_f, in_f);
+        let got = row.codes.len() + 2 * (row.scales.len() + row.zeros.len());
+        if got != want {
+            return Err(err(format!(
+                "converted to {got} bytes, a [{out_f}, {in_f}] {} g{} matrix takes {want}",
+                if self.format.bits() == 8 {
+                    "INT8"
+                } else {
+                    "INT4"
+                },
+                self.format.group()
+            )));
+        }
+        Ok(row)
+    }
+}
+
+/// A tensor of the output: bytes as stored, a float matrix whose rows are put back in
+/// Hugging Face order, or a part of a converted matrix. Views are filled when the
+/// safetensors writer reaches them, so the output is streamed: at most one matrix is held
+/// converted at a time.
+enum View<'a> {
+    Stored {
+        dtype: Dtype,
+        shape: Vec<usize>,
+        data: &'a [u8],
+    },
+    Rows {
+        dtype: Dtype,
+        shape: Vec<usize>,
+        data: &'a [u8],
+        /// Output row `r` is stored row `order[r]`.
+        order: Vec<usize>,
+    },
+    Part {
+        m: &'a Matrix<'a>,
+        part: Part,
+        shape: Vec<usize>,
+        /// The first conversion error (the writer's `View::data` cannot fail).
+        failure: &'a std::cell::RefCell<Option<DecoderError>>,
+    },
+}
+
+impl safetensors::View for View<'_> {
+    fn dtype(&self) -> Dtype {
+        match self {
+            View::Stored { dtype, .. } | View::Rows { dtype, .. } => *dtype,
+            View::Part { m, part, .. } => match part {
+                Part::Codes if m.format.bits() == 8 => Dtype::I8,
+                Part::Codes => Dtype::U8,
+                Part::Scales | Part::Zeros => Dtype::F16,
+            },
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        match self {
+            View::Stored { shape, .. } | View::Rows { shape, .. } | View::Part { shape, .. } => {
+                shape
+            }
+        }
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            View::Stored { data, .. } => (*data).into(),
+            View::Rows { data, order, .. } => {
+                let row = data.len() / order.len().max(1);
+                let mut out = Vec::with_capacity(data.len());
+                for &r in order {
+                    out.extend_from_slice(&data[r * row..(r + 1) * row]);
+                }
+                out.into()
+            }
+            View::Part {
+                m, part, failure, ..
+            } => match m.convert() {
+                Ok(row) => match part {
+                    Part::Codes => row.codes.into(),
+                    Part::Scales => bytemuck::cast_slice(&row.scales).to_vec().into(),
+                    Part::Zeros => bytemuck::cast_slice(&row.zeros).to_vec().into(),
+                },
+                Err(e) => {
+                    failure.borrow_mut().get_or_insert(e);
+                    vec![0u8; self.data_len()].into()
+                }
+            },
+        }
+    }
+    fn data_len(&self) -> usize {
+        match self {
+            View::Stored { data, .. } | View::Rows { data, .. } => data.len(),
+            View::Part { shape, part, .. } => {
+                let elems: usize = shape.iter().product();
+                match part {
+                    Part::Codes => elems,
+                    Part::Scales | Part::Zeros => 2 * elems,
+                }
+            }
+        }
+    }
+}
+
+/// The views of a converted matrix's parts, named after `stem`.
+fn parts<'a>(
+    views: &mut Vec<(String, View<'a>)>,
+    stem: &str,
+    m: &'a Matrix<'a>,
+    failure: &'a std::cell::RefCell<Option<DecoderError>>,
 ) {
-    out.push((
-        format!("{stem}.qweight"),
-        Out {
-            dtype: Dtype::U8,
-            shape: vec![rows, cols / 2],
-            data: m.codes.clone(),
-        },
-    ));
-    for (suffix, v) in [("scales", &m.scales), ("zeros", &m.zeros)] {
-        out.push((
+    let (rows, cols, f) = (m.rows, m.cols, m.format);
+    let groups = f.groups_per_row(cols);
+    let codes = if f.bits() == 8 {
+        vec![rows, cols]
+    } else {
+        vec![rows, cols / 2]
+    };
+    let mut list = vec![
+        (Part::Codes, "qweight", codes),
+        (Part::Scales, "scales", vec![rows, groups]),
+    ];
+    if f.has_zeros() {
+        list.push((Part::Zeros, "zeros", vec![rows, groups]));
+    }
+    for (part, suffix, shape) in list {
+        views.push((
             format!("{stem}.{suffix}"),
-            Out {
-                dtype: Dtype::F16,
-                shape: vec![rows, cols / group],
-                data: bytemuck::cast_slice(v).to_vec(),
+            View::Part {
+                m,
+                part,
+                shape,
+                failure,
             },
         ));
     }
 }
 
-fn serialize<'a>(
-    out: &'a [(String, Out)],
+/// Writes `views` with [`write_dir`]; a matrix that failed to convert was written as zeros,
+/// so its error wins and the output goes.
+fn write_views(
+    src: &Path,
     dst: &Path,
-) -> Result<Vec<(String, safetensors::tensor::TensorView<'a>)>> {
-    out.iter()
-        .map(|(name, o)| {
-            safetensors::tensor::TensorView::new(o.dtype, o.shape.clone(), &o.data)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| DecoderError::Quantized {
-                    name: name.clone(),
-                    path: dst.to_path_buf(),
-                    msg: e.to_string(),
-                })
-        })
-        .collect()
+    views: Vec<(String, View<'_>)>,
+    raw: &serde_json::Value,
+    meta: HashMap<String, String>,
+    failure: &std::cell::RefCell<Option<DecoderError>>,
+) -> Result<(Vec<String>, u64)> {
+    let written = write_dir(src, dst, views, raw, meta);
+    let failed = failure.borrow_mut().take();
+    if let Some(e) = failed {
+        if written.is_ok() {
+            let _ = std::fs::remove_dir_all(dst);
+        }
+        return Err(e);
+    }
+    written
 }
 
 fn le_i32(b: &[u8]) -> Vec<i32> {
@@ -255,7 +510,8 @@ pub fn import_checkpoint(src: &Path, dst: &Path) -> Result<ImportReport> {
             });
         }
     }
-    let mut out: Vec<(String, Out)> = Vec::new();
+    // Each matrix becomes lazy views of its parts, converted when the writer reaches them.
+    let mut matrices: Vec<Matrix<'_>> = Vec::new();
     let mut skip: Vec<String> = Vec::new();
     let mut requantized = 0;
     for stem in &stems {
@@ -276,9 +532,9 @@ pub fn import_checkpoint(src: &Path, dst: &Path) -> Result<ImportReport> {
             }
             Ok((v.shape().to_vec(), v.data()))
         };
-        let (qshape, qw) = part("qweight", Dtype::I32)?;
-        let (_, qz) = part("qzeros", Dtype::I32)?;
-        let (sshape, sc) = part("scales", Dtype::F16)?;
+        let (qshape, qweight) = part("qweight", Dtype::I32)?;
+        let (_, qzeros) = part("qzeros", Dtype::I32)?;
+        let (sshape, scales) = part("scales", Dtype::F16)?;
         let path = &table[&format!("{stem}.qweight")].0;
         let (in_f, out_f) = match (awq, qshape.as_slice(), sshape.as_slice()) {
             (true, [i, _], [_, o]) => (*i, *o),
@@ -291,40 +547,64 @@ pub fn import_checkpoint(src: &Path, dst: &Path) -> Result<ImportReport> {
                 });
             }
         };
-        let m = if awq {
-            awq_to_int4(&le_i32(qw), &le_i32(qz), &le_f16(sc), in_f, out_f, group)
+        let source = if awq {
+            Source::Awq {
+                qweight,
+                qzeros,
+                scales,
+                group,
+            }
         } else {
             let g_idx = match table.contains_key(&format!("{stem}.g_idx")) {
-                true => Some(le_i32(part("g_idx", Dtype::I32)?.1)),
+                true => Some(part("g_idx", Dtype::I32)?.1),
                 false => None,
             };
-            gptq_to_int4(
-                &le_i32(qw),
-                &le_i32(qz),
-                &le_f16(sc),
-                g_idx.as_deref(),
-                in_f,
-                out_f,
+            // Act-order (groups that are not contiguous runs) is quantized again.
+            if let Some(g) = g_idx
+                && le_i32(g)
+                    .iter()
+                    .enumerate()
+                    .any(|(i, &gi)| gi as i64 != (i / group) as i64)
+            {
+                requantized += 1;
+            }
+            Source::Gptq {
+                qweight,
+                qzeros,
+                scales,
+                g_idx,
                 group,
-            )
-        }
-        .map_err(|e| DecoderError::Quantized {
+            }
+        };
+        matrices.push(Matrix {
             name: format!("{stem}.qweight"),
             path: path.clone(),
-            msg: e.to_string(),
-        })?;
-        requantized += m.requantized as usize;
-        push_int4(&mut out, stem, out_f, in_f, &m, group);
+            rows: out_f,
+            cols: in_f,
+            format: WeightFormat::new(4, group).map_err(|e| DecoderError::Input(e.to_string()))?,
+            source,
+        });
         for s in ["qweight", "qzeros", "scales", "g_idx"] {
             skip.push(format!("{stem}.{s}"));
         }
     }
-    let matrices = stems.len();
+    let failure = std::cell::RefCell::new(None);
+    let mut views: Vec<(String, View<'_>)> = Vec::new();
+    for (stem, m) in stems.iter().zip(&matrices) {
+        parts(&mut views, stem, m, &failure);
+    }
     let mut names: Vec<&String> = table.keys().filter(|n| !skip.contains(n)).collect();
     names.sort();
-    let mut views = serialize(&out, dst)?;
     for n in &names {
-        views.push(((*n).clone(), table[*n].1.clone()));
+        let v = &table[*n].1;
+        views.push((
+            (*n).clone(),
+            View::Stored {
+                dtype: v.dtype(),
+                shape: v.shape().to_vec(),
+                data: v.data(),
+            },
+        ));
     }
     let copied = names.len();
     insert_quantization_config(&mut raw, &config_path, 4, group, None, Some(&method))?;
@@ -333,10 +613,10 @@ pub fn import_checkpoint(src: &Path, dst: &Path) -> Result<ImportReport> {
         format!("int4 g{group} from {method}"),
     )]
     .into();
-    let (files, bytes_out) = write_dir(src, dst, views, &raw, meta)?;
+    let (files, bytes_out) = write_views(src, dst, views, &raw, meta, &failure)?;
     Ok(ImportReport {
         source: method,
-        matrices,
+        matrices: matrices.len(),
         requantized,
         copied,
         format: WeightFormat::new(4, group).map_err(|e| DecoderError::Input(e.to_string()))?,
@@ -444,10 +724,41 @@ pub fn import_gguf(src: &Path, gguf: &Path, dst: &Path) -> Result<ImportReport> 
             msg: "--model must be the unquantized decoder the GGUF file was converted from".into(),
         });
     }
-    let mut out: Vec<(String, Out)> = Vec::new();
-    let (mut matrices, mut copied) = (0, 0);
-    let (mut layer_bits, mut head_bits, mut embed_dtype) = (None::<u32>, None::<u32>, None::<&str>);
+    // The layer matrices' format: INT4 g32 when any is 4-bit (Q4_0, Q4_K), else INT8 g32.
+    // A decoder holds one layer format, so the 8- and 6-bit layer matrices of a 4-bit file
+    // (llama.cpp's Q4_K_M keeps some attn_v / ffn_down in Q6_K) are quantized again.
+    let is_layer =
+        |t: &GgufTensor| hf_name(&t.name).is_some_and(|n| n.starts_with("model.layers."));
+    let quantized = |ty: GgmlType| {
+        matches!(
+            ty,
+            GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K
+        )
+    };
+    let layer_types: Vec<GgmlType> = g
+        .tensors
+        .iter()
+        .filter(|t| is_layer(t) && quantized(t.ty))
+        .map(|t| t.ty)
+        .collect();
+    let bits = if layer_types
+        .iter()
+        .any(|t| matches!(t, GgmlType::Q4_0 | GgmlType::Q4_K))
+    {
+        4
+    } else if !layer_types.is_empty() {
+        8
+    } else {
+        return Err(bad(
+            "no Q4_0, Q4_K, Q8_0 or Q6_K layer matrices in the file".into(),
+        ));
+    };
+    let layer_fmt = WeightFormat::new(bits, 32).map_err(|e| bad(e.to_string()))?;
     let has_head = g.tensor("output.weight").is_some();
+    let (mut copied, mut requantized) = (0, 0);
+    let (mut head_bits, mut embed_bits, mut embed_dtype) = (None::<u32>, None::<u32>, None::<&str>);
+    let mut matrices: Vec<(String, Matrix<'_>)> = Vec::new();
+    let mut views: Vec<(String, View<'_>)> = Vec::new();
     for t in &g.tensors {
         let Some(name) = hf_name(&t.name) else {
             continue;
@@ -465,32 +776,42 @@ pub fn import_gguf(src: &Path, gguf: &Path, dst: &Path) -> Result<ImportReport> 
             _ => None,
         };
         let is_embed = name.ends_with("embed_tokens.weight");
+        let order = |rows: usize| -> Result<Vec<usize>> {
+            match heads {
+                Some(n) if n == 0 || !rows.is_multiple_of(2 * n) => Err(err(format!(
+                    "{rows} rows do not split into {n} heads of even size"
+                ))),
+                Some(n) => Ok(unpermute_rows(rows, n)),
+                None => Ok((0..rows).collect()),
+            }
+        };
         match t.ty {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
-                let (dtype, size) = match t.ty {
-                    GgmlType::F32 => (Dtype::F32, 4),
-                    GgmlType::F16 => (Dtype::F16, 2),
-                    _ => (Dtype::BF16, 2),
+                let (dtype, hf) = match t.ty {
+                    GgmlType::F32 => (Dtype::F32, "float32"),
+                    GgmlType::F16 => (Dtype::F16, "float16"),
+                    _ => (Dtype::BF16, "bfloat16"),
                 };
-                let mut data = bytes.to_vec();
-                if let (Some(n), [rows, cols]) = (heads, shape.as_slice()) {
-                    let row = cols * size;
-                    for (r, from) in unpermute_rows(*rows, n).into_iter().enumerate() {
-                        data[r * row..(r + 1) * row]
-                            .copy_from_slice(&bytes[from * row..(from + 1) * row]);
-                    }
-                }
                 if is_embed {
-                    embed_dtype = Some(match t.ty {
-                        GgmlType::F32 => "float32",
-                        GgmlType::F16 => "float16",
-                        _ => "bfloat16",
-                    });
+                    embed_dtype = Some(hf);
                 }
-                out.push((name, Out { dtype, shape, data }));
+                let view = match (heads, shape.as_slice()) {
+                    (Some(_), [rows, _]) => View::Rows {
+                        dtype,
+                        order: order(*rows)?,
+                        shape,
+                        data: bytes,
+                    },
+                    _ => View::Stored {
+                        dtype,
+                        shape,
+                        data: bytes,
+                    },
+                };
+                views.push((name, view));
                 copied += 1;
             }
-            GgmlType::Q4_0 | GgmlType::Q8_0 => {
+            GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K => {
                 let [rows, cols] = shape[..] else {
                     return Err(err(format!(
                         "{} tensor of {} dimensions (a matrix expected)",
@@ -498,110 +819,66 @@ pub fn import_gguf(src: &Path, gguf: &Path, dst: &Path) -> Result<ImportReport> 
                         t.dims.len()
                     )));
                 };
-                let bits = if t.ty == GgmlType::Q4_0 { 4 } else { 8 };
-                let fmt = WeightFormat::new(bits, 32).map_err(|e| err(e.to_string()))?;
-                let jetvlm_quant::QuantRow {
-                    codes,
-                    scales,
-                    zeros,
-                } = if bits == 4 {
-                    jetvlm_quant::gguf::q4_0_to_int4(bytes)
-                } else {
-                    jetvlm_quant::gguf::q8_0_to_int8(bytes)
-                }
-                .map_err(|e| err(e.to_string()))?;
-                let cb = fmt.code_bytes_per_row(cols);
-                let gpr = fmt.groups_per_row(cols);
-                let order: Vec<usize> = match heads {
-                    Some(n) => unpermute_rows(rows, n),
-                    None => (0..rows).collect(),
+                // Its own format: INT8 g32 for Q8_0 / Q6_K, INT4 g32 for Q4_0 / Q4_K.
+                let own = match t.ty {
+                    GgmlType::Q4_0 | GgmlType::Q4_K => 4,
+                    _ => 8,
                 };
-                let span = |r: usize| order[r] * gpr..(order[r] + 1) * gpr;
-                if is_embed {
-                    // Dequantized to F32: exactly the GGUF's values.
-                    let mut vals = vec![0f32; rows * cols];
-                    for (r, o) in vals.chunks_exact_mut(cols).enumerate() {
-                        let z = if bits == 4 { &zeros[span(r)] } else { &[] };
-                        dequantize_row(
-                            fmt,
-                            &codes[order[r] * cb..(order[r] + 1) * cb],
-                            &scales[span(r)],
-                            z,
-                            o,
-                        );
-                    }
+                let is_head = name.starts_with("lm_head");
+                let requant = (!is_head && !is_embed && own != bits).then_some(layer_fmt);
+                let format = match requant {
+                    Some(f) => f,
+                    None => WeightFormat::new(own, 32).map_err(|e| err(e.to_string()))?,
+                };
+                if is_head {
+                    head_bits = Some(own);
+                } else if is_embed {
+                    // The embedding table stays in its blocks (the lookup dequantizes one row
+                    // at a time); tied, it is the quantized LM head too.
+                    embed_bits = Some(own);
                     embed_dtype = Some("float32");
-                    out.push((
-                        name,
-                        Out {
-                            dtype: Dtype::F32,
-                            shape,
-                            data: bytemuck::cast_slice(&vals).to_vec(),
-                        },
-                    ));
-                    copied += 1;
-                    continue;
-                }
-                let stem = name.strip_suffix(".weight").unwrap_or(&name).to_string();
-                let mut m = Int4Matrix {
-                    format: Some(fmt),
-                    ..Default::default()
-                };
-                for r in 0..rows {
-                    m.codes
-                        .extend_from_slice(&codes[order[r] * cb..(order[r] + 1) * cb]);
-                    m.scales.extend_from_slice(&scales[span(r)]);
-                    if bits == 4 {
-                        m.zeros.extend_from_slice(&zeros[span(r)]);
+                    if !has_head {
+                        head_bits = Some(own);
                     }
                 }
-                if bits == 4 {
-                    push_int4(&mut out, &stem, rows, cols, &m, 32);
-                } else {
-                    out.push((
-                        format!("{stem}.qweight"),
-                        Out {
-                            dtype: Dtype::I8,
-                            shape: vec![rows, cols],
-                            data: m.codes,
+                requantized += requant.is_some() as usize;
+                let stem = name.strip_suffix(".weight").unwrap_or(&name).to_string();
+                matrices.push((
+                    stem,
+                    Matrix {
+                        name: t.name.clone(),
+                        path: gguf.to_path_buf(),
+                        rows,
+                        cols,
+                        format,
+                        source: Source::Gguf {
+                            ty: t.ty,
+                            bytes,
+                            order: order(rows)?,
+                            requant,
                         },
-                    ));
-                    out.push((
-                        format!("{stem}.scales"),
-                        Out {
-                            dtype: Dtype::F16,
-                            shape: vec![rows, gpr],
-                            data: bytemuck::cast_slice(&m.scales).to_vec(),
-                        },
-                    ));
-                }
-                if name.starts_with("lm_head") {
-                    head_bits = Some(bits);
-                } else if layer_bits.is_some_and(|b| b != bits) {
-                    return Err(err(format!(
-                        "{} after {}-bit layer matrices: mixed layer formats are not converted",
-                        t.ty,
-                        layer_bits.unwrap_or(0)
-                    )));
-                } else {
-                    layer_bits = Some(bits);
-                }
-                matrices += 1;
+                    },
+                ));
             }
             GgmlType::Other(_) => {
                 return Err(err(format!(
-                    "{}: only Q4_0, Q8_0, F32, F16 and BF16 tensors are converted",
+                    "{}: only Q4_0, Q4_K, Q8_0, Q6_K, F32, F16 and BF16 tensors are converted",
                     t.ty
                 )));
             }
         }
     }
-    let bits =
-        layer_bits.ok_or_else(|| bad("no Q4_0 or Q8_0 layer matrices in the file".into()))?;
+    let failure = std::cell::RefCell::new(None);
+    for (stem, m) in &matrices {
+        parts(&mut views, stem, m, &failure);
+    }
     let obj = raw
         .as_object_mut()
         .ok_or_else(|| bad("config.json is not a JSON object".into()))?;
     obj.insert("tie_word_embeddings".into(), (!has_head).into());
+    if let Some(t) = obj.get_mut("text_config").and_then(|t| t.as_object_mut()) {
+        t.insert("tie_word_embeddings".into(), (!has_head).into());
+    }
     if let Some(dt) = embed_dtype {
         for key in ["torch_dtype", "dtype"] {
             if obj.contains_key(key) {
@@ -616,20 +893,24 @@ pub fn import_gguf(src: &Path, gguf: &Path, dst: &Path) -> Result<ImportReport> 
             }
         }
     }
-    insert_quantization_config(&mut raw, &config_path, bits, 32, head_bits, Some("gguf"))?;
-    let views = serialize(&out, dst)?;
+    let q = insert_quantization_config(&mut raw, &config_path, bits, 32, head_bits, Some("gguf"))?
+        .get_mut("quantization_config")
+        .and_then(|q| q.as_object_mut());
+    if let Some(q) = q {
+        q.insert("embed_bits".into(), embed_bits.into());
+    }
     let meta = [(
         "jetvlm_quantization".to_string(),
         format!("int{bits} g32 from gguf"),
     )]
     .into();
-    let (files, bytes_out) = write_dir(src, dst, views, &raw, meta)?;
+    let (files, bytes_out) = write_views(src, dst, views, &raw, meta, &failure)?;
     Ok(ImportReport {
         source: "gguf".into(),
-        matrices,
-        requantized: 0,
+        matrices: matrices.len(),
+        requantized,
         copied,
-        format: WeightFormat::new(bits, 32).map_err(|e| DecoderError::Input(e.to_string()))?,
+        format: layer_fmt,
         bytes_out,
         files,
     })

@@ -13,6 +13,22 @@
 //! `w = d * (q - 8)` (`q` in `0..16`, byte `j` holds `q[j]` in its low nibble and `q[j + 16]`
 //! in its high one, the packing of this crate) is INT4 g32 with `scale = d`,
 //! `zero = -8 d` (exact in FP16).
+//!
+//! K-quants come in super-blocks of 256 weights along a row ([`BlockQ4K`], [`BlockQ6K`],
+//! llama.cpp's `block_q4_K` / `block_q6_K`; the layouts of its `dequantize_row_q4_K` /
+//! `dequantize_row_q6_K`):
+//!
+//! - Q4_K: FP16 `d` and `dmin`, 12 bytes of 6-bit sub-block scales `sc[j]` and mins `m[j]`
+//!   (8 sub-blocks of 32), 128 bytes of 4-bit codes; `w = d sc[j] q - dmin m[j]`. It becomes
+//!   INT4 g32 with `scale = fp16(d sc[j])`, `zero = fp16(-dmin m[j])` and the same codes
+//!   (re-packed): the only change is rounding the two products to FP16, at most 2^-11 of
+//!   each, so a weight moves by at most `2^-11 (15 |d sc[j]| + |dmin m[j]|)`, about 1/2048 of
+//!   its group's range.
+//! - Q6_K: 128 bytes of low 4 bits and 64 of high 2 bits of 6-bit codes, 16 signed 8-bit
+//!   sub-block scales (sub-blocks of 16), FP16 `d`; `w = d scale[j] (q - 32)`. A group of 32
+//!   spans two sub-blocks with different scales, so it becomes INT8 g32 by round-to-nearest
+//!   from its exact values ([`crate::weight::quantize_row`]): a weight moves by at most half
+//!   an INT8 step, 1/254 of its group's largest magnitude.
 
 use crate::QuantError;
 use crate::weight::QuantRow;
@@ -37,13 +53,45 @@ pub struct BlockQ4_0 {
 }
 const _: () = assert!(size_of::<BlockQ4_0>() == 18);
 
-/// Tensor element types this reader knows (ggml type ids).
+/// Weights in one K-quant super-block.
+pub const QK_K: usize = 256;
+
+/// A Q4_K super-block: 256 weights in 8 sub-blocks of 32, `w = d sc[j] q - dmin m[j]`
+/// (`sc`, `m`: 6 bits each, packed in `scales`; see [`q4_k_scale_min`]); byte `l` of the 32
+/// bytes of sub-block pair `p` holds code `l` of sub-block `2p` in its low nibble and code `l`
+/// of sub-block `2p + 1` in its high one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ4K {
+    pub d: f16,
+    pub dmin: f16,
+    pub scales: [u8; 12],
+    pub qs: [u8; QK_K / 2],
+}
+const _: () = assert!(size_of::<BlockQ4K>() == 144);
+
+/// A Q6_K super-block: 256 weights in 16 sub-blocks of 16, `w = d scales[j] (q - 32)` with
+/// 6-bit `q` (low 4 bits in `ql`, high 2 in `qh`; see [`q6_k_dequantize`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ6K {
+    pub ql: [u8; QK_K / 2],
+    pub qh: [u8; QK_K / 4],
+    pub scales: [i8; QK_K / 16],
+    pub d: f16,
+}
+const _: () = assert!(size_of::<BlockQ6K>() == 210);
+
+/// Tensor element types this reader knows (ggml type ids), named as ggml names them.
+#[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgmlType {
     F32,
     F16,
     Q4_0,
     Q8_0,
+    Q4_K,
+    Q6_K,
     BF16,
     /// Any other ggml type (K-quants, IQ formats, ...): listed, not converted.
     Other(u32),
@@ -56,6 +104,8 @@ impl GgmlType {
             1 => GgmlType::F16,
             2 => GgmlType::Q4_0,
             8 => GgmlType::Q8_0,
+            12 => GgmlType::Q4_K,
+            14 => GgmlType::Q6_K,
             30 => GgmlType::BF16,
             other => GgmlType::Other(other),
         }
@@ -68,7 +118,22 @@ impl GgmlType {
             GgmlType::F16 | GgmlType::BF16 => n.checked_mul(2),
             GgmlType::Q8_0 if n.is_multiple_of(32) => (n / 32).checked_mul(34),
             GgmlType::Q4_0 if n.is_multiple_of(32) => (n / 32).checked_mul(18),
+            GgmlType::Q4_K if n.is_multiple_of(QK_K as u64) => {
+                (n / QK_K as u64).checked_mul(size_of::<BlockQ4K>() as u64)
+            }
+            GgmlType::Q6_K if n.is_multiple_of(QK_K as u64) => {
+                (n / QK_K as u64).checked_mul(size_of::<BlockQ6K>() as u64)
+            }
             _ => None,
+        }
+    }
+
+    /// Weights per block of a block-quantized type (a row must be whole blocks); 1 otherwise.
+    pub fn block_len(self) -> u64 {
+        match self {
+            GgmlType::Q4_0 | GgmlType::Q8_0 => 32,
+            GgmlType::Q4_K | GgmlType::Q6_K => QK_K as u64,
+            _ => 1,
         }
     }
 }
@@ -298,11 +363,11 @@ impl Gguf {
             let (start, len) = match ty {
                 GgmlType::Other(_) => (0, 0),
                 _ => {
-                    if !dims[0].is_multiple_of(32) && matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0)
-                    {
+                    if !dims[0].is_multiple_of(ty.block_len()) {
                         return Err(bad(format!(
-                            "{ty} rows of {} values are not whole blocks of 32",
-                            dims[0]
+                            "{ty} rows of {} values are not whole blocks of {}",
+                            dims[0],
+                            ty.block_len()
                         )));
                     }
                     let len = ty
@@ -385,6 +450,143 @@ pub fn q4_0_to_int4(bytes: &[u8]) -> Result<QuantRow, QuantError> {
     })
 }
 
+/// The 6-bit scale and min of sub-block `j` (0..8) of a Q4_K super-block's 12 `scales`
+/// bytes (llama.cpp's `get_scale_min_k4`).
+pub fn q4_k_scale_min(j: usize, q: &[u8; 12]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+fn f16_at(b: &[u8], at: usize) -> f16 {
+    f16::from_le_bytes([b[at], b[at + 1]])
+}
+
+/// A finite FP16 of `x`, or an error naming the super-block and what overflowed.
+fn finite_f16(x: f32, op: &'static str, block: usize, what: &str) -> Result<f16, QuantError> {
+    let h = f16::from_f32(x);
+    if h.is_finite() {
+        Ok(h)
+    } else {
+        Err(QuantError::Packed {
+            op,
+            msg: format!("super-block {block}: {what} {x} is not a finite FP16"),
+        })
+    }
+}
+
+/// Q4_K super-blocks (`bytes`, whole super-blocks) as INT4 g32 codes, scales and zeros: per
+/// sub-block `scale = fp16(d sc)`, `zero = fp16(-dmin m)`, the codes re-packed (see the
+/// module docs for the error of the two roundings). A non-finite `d`, `dmin` or product is
+/// an error.
+pub fn q4_k_to_int4(bytes: &[u8]) -> Result<QuantRow, QuantError> {
+    const OP: &str = "Q4_K";
+    let bs = size_of::<BlockQ4K>();
+    check_blocks(OP, bytes, bs)?;
+    let n = bytes.len() / bs;
+    let (mut codes, mut scales, mut zeros) = (
+        Vec::with_capacity(QK_K / 2 * n),
+        Vec::with_capacity(8 * n),
+        Vec::with_capacity(8 * n),
+    );
+    for (bi, b) in bytes.chunks_exact(bs).enumerate() {
+        let (d, dmin) = (f16_at(b, 0).to_f32(), f16_at(b, 2).to_f32());
+        let mut sm = [0u8; 12];
+        sm.copy_from_slice(&b[4..16]);
+        let qs = &b[16..bs];
+        for j in 0..8 {
+            let (sc, m) = q4_k_scale_min(j, &sm);
+            scales.push(finite_f16(d * sc as f32, OP, bi, "d x scale")?);
+            zeros.push(finite_f16(-dmin * m as f32, OP, bi, "dmin x min")?);
+            let pair = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+            let code = |l: usize| {
+                if j % 2 == 0 {
+                    pair[l] & 0x0F
+                } else {
+                    pair[l] >> 4
+                }
+            };
+            codes.extend((0..16).map(|i| code(i) | (code(i + 16) << 4)));
+        }
+    }
+    Ok(QuantRow {
+        codes,
+        scales,
+        zeros,
+    })
+}
+
+/// Q6_K super-blocks (whole ones) dequantized into `out` (256 values each): llama.cpp's
+/// `dequantize_row_q6_K`.
+pub fn q6_k_dequantize(bytes: &[u8], out: &mut [f32]) -> Result<(), QuantError> {
+    let bs = size_of::<BlockQ6K>();
+    check_blocks("Q6_K", bytes, bs)?;
+    let n = bytes.len() / bs;
+    if out.len() != n * QK_K {
+        return Err(QuantError::BufferSize {
+            op: "Q6_K",
+            got: out.len(),
+            expected: n * QK_K,
+        });
+    }
+    for (b, o) in bytes.chunks_exact(bs).zip(out.chunks_exact_mut(QK_K)) {
+        let (ql, qh) = (&b[..128], &b[128..192]);
+        let sc = |j: usize| b[192 + j] as i8 as f32;
+        let d = f16_at(b, 208).to_f32();
+        // Two halves of 128 weights; in each, weight 32 k + c (k < 4) takes its low 4 bits
+        // from byte c (k even) or c + 32 (k odd) of the half's 64 `ql` bytes (low nibble for
+        // k < 2, high for k >= 2) and its high 2 bits from bits 2k of `qh` byte c.
+        for h in 0..2 {
+            for k in 0..4 {
+                for c in 0..32 {
+                    let lo = (ql[64 * h + c + 32 * (k % 2)] >> (4 * (k / 2))) & 0x0F;
+                    let hi = (qh[32 * h + c] >> (2 * k)) & 0x03;
+                    let q = (lo | (hi << 4)) as i32 - 32;
+                    let e = 128 * h + 32 * k + c;
+                    o[e] = d * sc(e / 16) * q as f32;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Q6_K super-blocks as INT8 g32: dequantized, then quantized round-to-nearest in groups of
+/// 32 (see the module docs for the error).
+pub fn q6_k_to_int8(bytes: &[u8]) -> Result<QuantRow, QuantError> {
+    let n = bytes.len() / size_of::<BlockQ6K>();
+    let mut x = vec![0f32; n * QK_K];
+    q6_k_dequantize(bytes, &mut x)?;
+    crate::weight::quantize_row(&x, crate::weight::WeightFormat::new(8, 32)?)
+}
+
+/// The blocks of a quantized GGUF tensor (`ty` Q8_0, Q4_0, Q4_K or Q6_K) in this crate's
+/// format that holds them (INT8 g32 for the 8- and 6-bit types, INT4 g32 for the 4-bit ones;
+/// see the module docs for which are exact).
+pub fn to_quant_row(
+    ty: GgmlType,
+    bytes: &[u8],
+) -> Result<(crate::weight::WeightFormat, QuantRow), QuantError> {
+    let (bits, row) = match ty {
+        GgmlType::Q8_0 => (8, q8_0_to_int8(bytes)?),
+        GgmlType::Q4_0 => (4, q4_0_to_int4(bytes)?),
+        GgmlType::Q4_K => (4, q4_k_to_int4(bytes)?),
+        GgmlType::Q6_K => (8, q6_k_to_int8(bytes)?),
+        other => {
+            return Err(QuantError::Packed {
+                op: "GGUF conversion",
+                msg: format!("{other} is not a block-quantized type"),
+            });
+        }
+    };
+    Ok((crate::weight::WeightFormat::new(bits, 32)?, row))
+}
+
 fn check_blocks(op: &'static str, bytes: &[u8], block: usize) -> Result<(), QuantError> {
     if bytes.len().is_multiple_of(block) {
         Ok(())
@@ -465,6 +667,124 @@ mod tests {
         assert!(q8_0_to_int8(&b8[..33]).is_err());
     }
 
+    /// A small deterministic generator for test blocks.
+    fn lcg(seed: &mut u64) -> u32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*seed >> 33) as u32
+    }
+
+    /// Packs a Q4_K super-block the way llama.cpp's `quantize_row_q4_K_ref` lays it out.
+    fn pack_q4_k(d: f32, dmin: f32, sc: [u8; 8], m: [u8; 8], q: &[u8; 256]) -> Vec<u8> {
+        let mut b = f16::from_f32(d).to_le_bytes().to_vec();
+        b.extend(f16::from_f32(dmin).to_le_bytes());
+        let mut s = [0u8; 12];
+        for j in 0..8 {
+            if j < 4 {
+                s[j] = sc[j];
+                s[j + 4] = m[j];
+            } else {
+                s[j + 4] = (sc[j] & 0x0F) | ((m[j] & 0x0F) << 4);
+                s[j - 4] |= (sc[j] >> 4) << 6;
+                s[j] |= (m[j] >> 4) << 6;
+            }
+        }
+        b.extend(s);
+        for p in 0..4 {
+            b.extend((0..32).map(|l| q[64 * p + l] | (q[64 * p + 32 + l] << 4)));
+        }
+        b
+    }
+
+    #[test]
+    fn q4_k_converts_to_int4_within_the_fp16_rounding_of_its_scales() {
+        let mut seed = 7u64;
+        let fmt = WeightFormat::new(4, 32).unwrap();
+        let mut bytes = Vec::new();
+        let mut want = Vec::new();
+        for blk in 0..3 {
+            let (d, dmin) = (0.013 * (blk + 1) as f32, 0.007 * (blk + 1) as f32);
+            let sc: [u8; 8] = std::array::from_fn(|_| (lcg(&mut seed) % 64) as u8);
+            let m: [u8; 8] = std::array::from_fn(|_| (lcg(&mut seed) % 64) as u8);
+            let q: [u8; 256] = std::array::from_fn(|_| (lcg(&mut seed) % 16) as u8);
+            let b = pack_q4_k(d, dmin, sc, m, &q);
+            assert_eq!(b.len(), size_of::<BlockQ4K>());
+            let (d, dmin) = (
+                f16::from_f32(d).to_f32() as f64,
+                f16::from_f32(dmin).to_f32() as f64,
+            );
+            for (i, &qi) in q.iter().enumerate() {
+                let j = i / 32;
+                want.push(d * sc[j] as f64 * qi as f64 - dmin * m[j] as f64);
+            }
+            bytes.extend(b);
+        }
+        let row = q4_k_to_int4(&bytes).unwrap();
+        assert_eq!(row.scales.len(), 24);
+        let mut got = vec![0f32; want.len()];
+        dequantize_row(fmt, &row.codes, &row.scales, &row.zeros, &mut got);
+        for (g, w) in want.chunks(32).zip(got.chunks(32)) {
+            let range = g.iter().fold(0f64, |a, v| a.max(v.abs()));
+            for (a, b) in g.iter().zip(w) {
+                // 2^-11 of 15 d sc + dmin m, each below the group's magnitude x 2.
+                assert!(
+                    (a - *b as f64).abs() <= range * 2.0 / 2048.0 + 1e-6,
+                    "{a} {b}"
+                );
+            }
+        }
+        // A truncated super-block, and an infinite d, are errors.
+        assert!(q4_k_to_int4(&bytes[..143]).is_err());
+        let mut inf = bytes.clone();
+        inf[..2].copy_from_slice(&f16::INFINITY.to_le_bytes());
+        let e = q4_k_to_int4(&inf).unwrap_err().to_string();
+        assert!(e.contains("super-block 0") && e.contains("finite"), "{e}");
+    }
+
+    #[test]
+    fn q6_k_dequantizes_exactly_and_converts_to_int8_within_half_a_step() {
+        let mut seed = 11u64;
+        let q: [u8; 256] = std::array::from_fn(|_| (lcg(&mut seed) % 64) as u8);
+        let sc: [i8; 16] = std::array::from_fn(|_| (lcg(&mut seed) % 255) as i32 as i8);
+        let d = 0.003f32;
+        // llama.cpp's packing: in each half of 128, weight 32k + c's low nibble goes to byte
+        // c + 32 (k % 2) of the half's `ql` (high nibble when k >= 2), its top 2 bits to bits
+        // 2k of `qh` byte c.
+        let (mut ql, mut qh) = ([0u8; 128], [0u8; 64]);
+        for h in 0..2 {
+            for k in 0..4 {
+                for c in 0..32 {
+                    let v = q[128 * h + 32 * k + c];
+                    ql[64 * h + c + 32 * (k % 2)] |= (v & 0x0F) << (4 * (k / 2));
+                    qh[32 * h + c] |= (v >> 4) << (2 * k);
+                }
+            }
+        }
+        let mut b = ql.to_vec();
+        b.extend(qh);
+        b.extend(sc.iter().map(|&x| x as u8));
+        b.extend(f16::from_f32(d).to_le_bytes());
+        assert_eq!(b.len(), size_of::<BlockQ6K>());
+        let d = f16::from_f32(d).to_f32();
+        let want: Vec<f32> = (0..256)
+            .map(|e| d * sc[e / 16] as f32 * (q[e] as i32 - 32) as f32)
+            .collect();
+        let mut got = vec![0f32; 256];
+        q6_k_dequantize(&b, &mut got).unwrap();
+        assert_eq!(got, want);
+        let (fmt, row) = to_quant_row(GgmlType::Q6_K, &b).unwrap();
+        assert_eq!((fmt.bits(), fmt.group()), (8, 32));
+        dequantize_row(fmt, &row.codes, &row.scales, &[], &mut got);
+        for (g, w) in want.chunks(32).zip(got.chunks(32)) {
+            let amax = g.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for (a, b) in g.iter().zip(w) {
+                assert!((a - b).abs() <= amax / 254.0 * 1.01 + 1e-7, "{a} {b}");
+            }
+        }
+        assert!(q6_k_dequantize(&b[..209], &mut got).is_err());
+    }
+
     #[test]
     fn parses_and_checks_bounds() {
         let q8 = vec![0u8; 34 * 2];
@@ -496,6 +816,22 @@ mod tests {
             e.msg.contains("tensor `w`") && e.msg.contains("blocks of 32"),
             "{e}"
         );
+        // K-quant rows must be whole super-blocks of 256; a Q4_K tensor whose data the file
+        // does not hold is truncated.
+        let f = write_gguf(&[("w", vec![128, 2], 12, vec![0; 144])]);
+        let e = Gguf::parse(&f).unwrap_err();
+        assert!(
+            e.msg.contains("Q4_K") && e.msg.contains("blocks of 256"),
+            "{e}"
+        );
+        let f = write_gguf(&[("w", vec![256, 2], 12, vec![0; 144])]);
+        let e = Gguf::parse(&f[..f.len() - 100]).unwrap_err();
+        assert!(
+            e.msg.contains("tensor `w`") && e.msg.contains("outside"),
+            "{e}"
+        );
+        let f = write_gguf(&[("w", vec![256, 1], 14, vec![0; 210])]);
+        assert_eq!(Gguf::parse(&f).unwrap().tensor("w").unwrap().len, 210);
         assert!(
             Gguf::parse(b"GGML\x03\0\0\0")
                 .unwrap_err()

@@ -1,11 +1,12 @@
 //! `Gguf::parse` (the reader behind `jetvlm quantize --from FILE.gguf`) on the fuzzed bytes.
 //! A file it accepts must describe tensors whose bytes lie inside the file, sized for their
 //! dimensions and type, and the Q8_0 / Q4_0 conversions of those bytes must give one code per
-//! weight (two per byte for Q4_0) and one scale per block of 32.
+//! weight (two per byte for Q4_0) and one scale per block of 32; the Q4_K / Q6_K conversions
+//! give one INT4 / INT8 code per weight and one scale per 32, or an error.
 
 #![no_main]
 
-use jetvlm_quant::gguf::{GgmlType, Gguf, q4_0_to_int4, q8_0_to_int8};
+use jetvlm_quant::gguf::{GgmlType, Gguf, QK_K, q4_0_to_int4, q8_0_to_int8, to_quant_row};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -42,6 +43,15 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(row.codes.len() as u64, n / 2);
                 assert_eq!(row.scales.len() as u64, n / 32);
                 assert_eq!(row.zeros.len() as u64, n / 32);
+            }
+            GgmlType::Q4_K | GgmlType::Q6_K => {
+                // Whole super-blocks: converted, or refused with an error (a non-finite
+                // scale), never a panic.
+                if let Ok((fmt, row)) = to_quant_row(t.ty, bytes) {
+                    assert_eq!(row.codes.len() as u64, n * fmt.bits() as u64 / 8);
+                    assert_eq!(row.scales.len() as u64, n / 32);
+                    assert_eq!(n % QK_K as u64, 0);
+                }
             }
             _ => {}
         }

@@ -142,6 +142,7 @@ fn weight_format(args: &PlanArgs, config_path: &Path) -> Result<WeightFormat> {
                 bits,
                 group: group(args.weight_group.as_deref()),
                 head_int8: args.head_bits.is_some(),
+                embed_bits: None,
             },
             (f, _) => {
                 anyhow::ensure!(
@@ -167,12 +168,23 @@ fn weight_format(args: &PlanArgs, config_path: &Path) -> Result<WeightFormat> {
             bits: 4,
             group: g as u16,
             head_int8: false,
+            embed_bits: None,
         }),
         (Some("jetvlm"), Some(bits @ (4 | 8)), Some(g @ (32 | 64 | 128))) => {
+            // A converted GGUF's quantized embedding table (`embed_bits`); tied, it is the
+            // LM head (`lm_head_bits` says its bits), not a copy.
+            let embed_bits = match field("embed_bits") {
+                Some(b @ (4 | 8)) => Some(b as u8),
+                _ => None,
+            };
+            let tied = jetvlm_core::hf::ModelConfig::from_value(&raw, config_path)
+                .map(|c| c.tie_word_embeddings)
+                .unwrap_or(false);
             Ok(WeightFormat::Quantized {
                 bits: bits as u8,
                 group: g as u16,
-                head_int8: field("lm_head_bits") == Some(8),
+                head_int8: field("lm_head_bits") == Some(8) && !(tied && embed_bits.is_some()),
+                embed_bits,
             })
         }
         _ => anyhow::bail!(

@@ -21,8 +21,9 @@ use std::path::{Path, PathBuf};
     and, for 4 bits, <name>.zeros (F16) for every layer matrix; embeddings, norms and biases\n\
     are copied as stored, and config.json gains a quantization_config entry. Quantized\n\
     decoders run on the CPU (--device cpu). An AWQ (GEMM) or GPTQ (4-bit) checkpoint given as\n\
-    --model is converted to this layout (no --bits); so is a GGUF file (Q4_0, Q8_0) given\n\
-    with --from, --model then naming the Hugging Face directory it came from.")]
+    --model is converted to this layout (no --bits); so is a GGUF file (Q4_0, Q8_0, Q4_K,\n\
+    Q6_K) given with --from, --model then naming the Hugging Face directory it came from.\n\
+    Conversions stream: one matrix is converted at a time.")]
 pub struct QuantizeArgs {
     /// Decoder directory (config.json + safetensors), or a model package (its decoder).
     #[arg(long)]
@@ -30,7 +31,7 @@ pub struct QuantizeArgs {
     /// Bits per weight of the layer matrices (not with a pre-quantized --model or --from).
     #[arg(long, value_enum)]
     pub bits: Option<Bits>,
-    /// A GGUF file (Q4_0 / Q8_0 matrices) of the --model decoder, converted instead of
+    /// A GGUF file (Q4_0 / Q8_0 / Q4_K / Q6_K matrices) of the --model decoder, converted instead of
     /// quantizing --model's weights.
     #[arg(long, value_name = "FILE.gguf")]
     pub from: Option<PathBuf>,
@@ -165,8 +166,13 @@ fn convert(args: &QuantizeArgs, src: &Path, method: Option<String>) -> Result<()
         r.format.group(),
         if r.requantized > 0 {
             format!(
-                " ({} act-order matrices quantized again in contiguous groups)",
-                r.requantized
+                " ({} matrices quantized again: {})",
+                r.requantized,
+                if r.source == "gguf" {
+                    "8- or 6-bit layer matrices of a 4-bit file, round-to-nearest INT4"
+                } else {
+                    "act-order, in contiguous groups"
+                }
             )
         } else {
             String::new()
