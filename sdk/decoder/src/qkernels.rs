@@ -11,8 +11,9 @@
 //!
 //! Kernels, picked at run time ([`Kernel::picked`]), each for INT4 and INT8 at every group
 //! size (32, 64, 128):
-//! - AVX-512 VNNI: `vpdpbusd`, 64 codes per instruction (INT4 nibbles unpacked in registers;
-//!   INT8 codes as magnitudes, their signs moved onto `x`);
+//! - AVX-512 VNNI: `vpdpbusd`, 64 codes per instruction (INT4 code bytes against `x` kept in
+//!   their nibble order; INT8 codes offset to unsigned), four rows at a time with software
+//!   prefetch;
 //! - AVX2: `vpmaddubsw` + `vpmaddwd`, 32 codes per block;
 //! - NEON with the dot-product extension (`sdot`, Cortex-A78AE and later), 16 codes per
 //!   instruction;
@@ -52,6 +53,11 @@ pub(crate) struct QuantizedX {
     /// (16 code bytes of a block fill one 128-bit lane).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     lanes4: Vec<f32>,
+    /// `-128` times the sum of each 4 values of `q` (one per 32-bit lane): the AVX-512
+    /// INT8 kernel multiplies `x` by the codes offset to unsigned (`c + 128`) and starts
+    /// each lane's sum from this.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    corr: Vec<i32>,
     /// f32 sums of `x` over groups of 32, 64 and 128 values (INT4's zeros multiply them).
     sums: [Vec<f32>; 3],
 }
@@ -123,6 +129,10 @@ impl QuantizedX {
         let lanes = d.iter().flat_map(|&s| [s; 8]).collect();
         let lanes4 = d.iter().flat_map(|&s| [s; 4]).collect();
         let nib = nibble_order(&q);
+        let corr = q
+            .chunks_exact(4)
+            .map(|c| -128 * c.iter().map(|&v| v as i32).sum::<i32>())
+            .collect();
         let pairs = |s: &[f32]| -> Vec<f32> { s.chunks_exact(2).map(|p| p[0] + p[1]).collect() };
         let s64 = pairs(&s32);
         let s128 = pairs(&s64);
@@ -133,6 +143,7 @@ impl QuantizedX {
             lanes,
             nib,
             lanes4,
+            corr,
             sums: [s32, s64, s128],
         }
     }
@@ -396,18 +407,16 @@ mod avx512 {
 /// INT4 codes (0..=15) go in as they are, 128 per step: a 64-byte load of code bytes, its
 /// low nibbles against the first half of the span of `x` in nibble order
 /// ([`QuantizedX`]'s `nib`), its high nibbles against the second half, both into the same
-/// 16 i32 lanes (4 per block); then f32, times each lane's block `d` and group scale (a
-/// row's scales converted 16 groups at a time, `vcvtph2ps`, and spread over the lanes by a
-/// permutation). Four rows go together sharing the loads of `x`, and the code bytes 4 KiB
-/// ahead are prefetched: a step is so short that the core alone does not keep enough
-/// cache-line reads in flight to stream the weights from DRAM (measured with
-/// `examples/qgemv_probe.rs`: about 1.5x the old kernel, which unpacked the nibbles in code
-/// order with a permutation and a variable shift).
+/// 16 i32 lanes (4 per block). INT8 codes go in offset to unsigned (`c + 128`), 64 per
+/// step, each lane started from `-128` times the sum of its 4 values of `x`. The lanes are
+/// then converted to f32 and multiplied by their block's `d` and group's scale (a row's
+/// scales converted 16 groups at a time, `vcvtph2ps`, and spread over the lanes by a
+/// permutation).
 ///
-/// INT8 codes go in as magnitudes (`|c|`, with `c = -128` read as 128) with their signs
-/// moved onto `x`, one row after another, 64 per instruction; the 16 i32 lanes of a pair of
-/// blocks (8 per block) are converted to f32 and scaled by the blocks' `d` lane by lane;
-/// groups of 64 and 128 then take their scale once, groups of 32 per block.
+/// Four rows go together sharing the loads of `x`, and the code bytes 4 KiB ahead are
+/// prefetched: a step is so short that the core alone does not keep enough cache-line reads
+/// in flight to stream the weights from DRAM (four interleaved rows without the prefetch
+/// measured slower than one row at a time). `examples/qgemv_probe.rs` measures them.
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::QuantizedX;
@@ -421,42 +430,8 @@ mod vnni {
             && is_x86_feature_detected!("avx512vnni")
     }
 
-    /// How far ahead of the rows being read INT4 code bytes are prefetched.
+    /// How far ahead of the rows being read their code bytes are prefetched.
     const PREFETCH_BYTES: usize = 4096;
-
-    /// INT8 integer dot products of values `e..e + 64` (two blocks): 16 lanes, 8 per block.
-    ///
-    /// # Safety
-    /// The CPU features of [`rows`]; codes `e..e + 64` inside the row at `cp`,
-    /// `xp[e..e + 64]` readable.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn dot64(cp: *const u8, xp: *const i8, e: usize) -> __m512i {
-        // SAFETY: in bounds by the caller's contract.
-        unsafe {
-            let x = _mm512_loadu_si512(xp.add(e) as *const _);
-            let w = _mm512_loadu_si512(cp.add(e) as *const _);
-            let neg = _mm512_movepi8_mask(w);
-            let xs = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), xs)
-        }
-    }
-
-    /// INT8 integer dot products of values `e..e + 32` (one block): 8 lanes.
-    ///
-    /// # Safety
-    /// As [`dot64`] for 32 values.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn dot32(cp: *const u8, xp: *const i8, e: usize) -> __m256i {
-        // SAFETY: in bounds by the caller's contract.
-        unsafe {
-            let x = _mm256_loadu_si256(xp.add(e) as *const _);
-            let w = _mm256_loadu_si256(cp.add(e) as *const _);
-            let xs = _mm256_sign_epi8(x, w);
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), xs)
-        }
-    }
 
     /// # Safety
     /// Requires AVX-512F/BW/VL and VNNI; rows `r0..r0 + ys.len()` inside `q`, `qx` quantized
@@ -466,29 +441,27 @@ mod vnni {
         let mut r = r0;
         // SAFETY: as this function's contract, rows r0..r0 + ys.len() in turn.
         unsafe {
-            if q.format.bits() == 8 {
-                // One row after another: four interleaved rows (each 64 bytes per step)
-                // streamed from DRAM measured 2-2.5x slower here, and software prefetch
-                // gained nothing.
-                for y in ys.chunks_exact_mut(1) {
-                    rows_int8(q, r, qx, y);
-                    r += 1;
-                }
-            } else {
-                let row_bytes = q.format.code_bytes_per_row(q.cols);
-                let mut chunks = ys.chunks_exact_mut(4);
-                for y in &mut chunks {
-                    prefetch(
-                        q.codes,
-                        (r * row_bytes + PREFETCH_BYTES)..((r + 4) * row_bytes + PREFETCH_BYTES),
-                    );
+            let row_bytes = q.format.code_bytes_per_row(q.cols);
+            let mut chunks = ys.chunks_exact_mut(4);
+            for y in &mut chunks {
+                prefetch(
+                    q.codes,
+                    (r * row_bytes + PREFETCH_BYTES)..((r + 4) * row_bytes + PREFETCH_BYTES),
+                );
+                if q.format.bits() == 8 {
+                    rows_int8::<4>(q, r, qx, y);
+                } else {
                     rows_int4::<4>(q, r, qx, y);
-                    r += 4;
                 }
-                for y in chunks.into_remainder().chunks_exact_mut(1) {
+                r += 4;
+            }
+            for y in chunks.into_remainder().chunks_exact_mut(1) {
+                if q.format.bits() == 8 {
+                    rows_int8::<1>(q, r, qx, y);
+                } else {
                     rows_int4::<1>(q, r, qx, y);
-                    r += 1;
                 }
+                r += 1;
             }
         }
     }
@@ -620,76 +593,88 @@ mod vnni {
         }
     }
 
-    /// INT8 row `r` (`ys.len() == 1`).
+    /// INT8 rows `r0..r0 + R` (`ys.len() == R`), 64 codes of each per step: the codes
+    /// offset to unsigned (`c + 128`, an exclusive or of the sign bit) times `x`, each i32
+    /// lane started from `-128` times the sum of its 4 values of `x` (`qx.corr`), which
+    /// leaves `codes . x` exactly; then f32, times each lane's block `d` (8 lanes per block)
+    /// and group scale. A row's last 32 codes (a width that is not a multiple of 64) go
+    /// through masked loads.
     ///
     /// # Safety
-    /// As [`rows`] for row `r`.
+    /// As [`rows`] for rows `r0..r0 + R`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn rows_int8(q: &QuantData<'_>, r: usize, qx: &QuantizedX, ys: &mut [f32]) {
+    unsafe fn rows_int8<const R: usize>(
+        q: &QuantData<'_>,
+        r0: usize,
+        qx: &QuantizedX,
+        ys: &mut [f32],
+    ) {
         let g = q.format.group();
-        let groups = q.format.groups_per_row(q.cols);
-        let (xp, lp) = (qx.q.as_ptr(), qx.lanes.as_ptr());
-        let (codes, scales, _) = q.row(r);
-        let cp = codes.as_ptr();
-        let mut ws = [0f32; 16];
-        let mut total = _mm512_setzero_ps();
-        let mut tail = _mm256_setzero_ps();
+        let cols = q.cols;
+        let groups = q.format.groups_per_row(cols);
+        let row: [_; R] = std::array::from_fn(|k| q.row(r0 + k));
+        let cp: [*const u8; R] = std::array::from_fn(|k| row[k].0.as_ptr());
+        let (xp, lp, kp) = (qx.q.as_ptr(), qx.lanes.as_ptr(), qx.corr.as_ptr());
+        let flip = _mm512_set1_epi8(-128);
+        // Lane l of a 64-value step covers values 4 l..4 l + 4: group (4 l) / g from the step's.
+        let base = match g {
+            32 => _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+            _ => _mm512_setzero_si512(),
+        };
+        let mut total = [_mm512_setzero_ps(); R];
+        let mut sv = [_mm512_setzero_ps(); R];
         let mut g0 = 0;
         while g0 < groups {
             let n = (groups - g0).min(16);
             let m = ((1u32 << n) - 1) as __mmask16;
-            // SAFETY: scales[g0..g0 + n] are in bounds (masked load), the codes and x of
-            // groups g0..g0 + n lie inside the row and `qx` (cols values, cols / 4 lanes);
-            // `ws` holds 16.
+            // SAFETY: scales[g0..g0 + n] are in bounds (masked loads); the codes, `qx.q`,
+            // `qx.corr` and `qx.lanes` of values g0 * g..(g0 + n) * g lie inside the rows and
+            // `qx` (cols values, a lane per 4); a last 32 values are loaded masked.
             unsafe {
-                let sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                    m,
-                    scales.as_ptr().add(g0) as *const i16,
-                ));
-                _mm512_storeu_ps(ws.as_mut_ptr(), sv);
-                if g >= 64 {
-                    for (gi, &s) in ws[..n].iter().enumerate() {
-                        let e0 = (g0 + gi) * g;
-                        let mut acc = _mm512_setzero_ps();
-                        let mut e = e0;
-                        while e < e0 + g {
-                            let l = _mm512_loadu_ps(lp.add(e / 4));
-                            let dot = _mm512_cvtepi32_ps(dot64(cp, xp, e));
-                            acc = _mm512_fmadd_ps(dot, l, acc);
-                            e += 64;
-                        }
-                        total = _mm512_fmadd_ps(_mm512_set1_ps(s), acc, total);
+                for k in 0..R {
+                    sv[k] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                        m,
+                        row[k].1.as_ptr().add(g0) as *const i16,
+                    ));
+                }
+                let e0 = g0 * g;
+                let end = (g0 + n) * g;
+                let mut e = e0;
+                while e + 64 <= end {
+                    let x = _mm512_loadu_si512(xp.add(e) as *const _);
+                    let c = _mm512_loadu_si512(kp.add(e / 4) as *const _);
+                    let l = _mm512_loadu_ps(lp.add(e / 4));
+                    let idx = _mm512_add_epi32(base, _mm512_set1_epi32(((e - e0) / g) as i32));
+                    for k in 0..R {
+                        let w = _mm512_loadu_si512(cp[k].add(e) as *const _);
+                        let acc = _mm512_dpbusd_epi32(c, _mm512_xor_si512(w, flip), x);
+                        let f = _mm512_mul_ps(_mm512_permutexvar_ps(idx, sv[k]), l);
+                        total[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), f, total[k]);
                     }
-                } else {
-                    // Groups of 32: a pair of groups per 64 values, each lane scaled by its
-                    // block's d and its group's scale.
-                    let mut gi = 0;
-                    while gi + 2 <= n {
-                        let e = (g0 + gi) * 32;
-                        let l = _mm512_loadu_ps(lp.add(e / 4));
-                        let dot = _mm512_cvtepi32_ps(dot64(cp, xp, e));
-                        let sv = _mm512_mask_blend_ps(
-                            0xff00,
-                            _mm512_set1_ps(ws[gi]),
-                            _mm512_set1_ps(ws[gi + 1]),
-                        );
-                        total = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, l), total);
-                        gi += 2;
+                    e += 64;
+                }
+                while e < end {
+                    let bm: u64 = (1u64 << 32) - 1;
+                    let lm: __mmask16 = 0x00ff;
+                    let x = _mm512_maskz_loadu_epi8(bm, xp.add(e));
+                    let c = _mm512_maskz_loadu_epi32(lm, kp.add(e / 4));
+                    let l = _mm512_maskz_loadu_ps(lm, lp.add(e / 4));
+                    let idx = _mm512_add_epi32(base, _mm512_set1_epi32(((e - e0) / g) as i32));
+                    for k in 0..R {
+                        let w = _mm512_maskz_loadu_epi8(bm, cp[k].add(e) as *const i8);
+                        let acc = _mm512_dpbusd_epi32(c, _mm512_xor_si512(w, flip), x);
+                        let f = _mm512_mul_ps(_mm512_permutexvar_ps(idx, sv[k]), l);
+                        total[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), f, total[k]);
                     }
-                    if gi < n {
-                        let e = (g0 + gi) * 32;
-                        let l = _mm256_loadu_ps(lp.add(e / 4));
-                        let dot = _mm256_cvtepi32_ps(dot32(cp, xp, e));
-                        let f = _mm256_mul_ps(_mm256_set1_ps(ws[gi]), l);
-                        tail = _mm256_fmadd_ps(dot, f, tail);
-                    }
+                    e += 64;
                 }
             }
             g0 += n;
         }
-        let t = _mm512_maskz_mov_ps(0x00ff, _mm512_castps256_ps512(tail));
-        ys[0] = _mm512_reduce_add_ps(_mm512_add_ps(total, t));
+        for k in 0..R {
+            ys[k] = _mm512_reduce_add_ps(total[k]);
+        }
     }
 }
 
@@ -962,6 +947,10 @@ mod tests {
             }
             assert_eq!(qx.lanes[b * 8..b * 8 + 8], [d; 8]);
             assert_eq!(qx.lanes4[b * 4..b * 4 + 4], [d; 4]);
+            for k in b * 8..b * 8 + 8 {
+                let s: i32 = qx.q[4 * k..4 * k + 4].iter().map(|&v| v as i32).sum();
+                assert_eq!(qx.corr[k], -128 * s);
+            }
         }
         assert!(qx.q[64..96].iter().all(|&v| v == 0) && qx.d[2] == 0.0);
         for (gi, group) in [32usize, 64, 128].into_iter().enumerate() {
