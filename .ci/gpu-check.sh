@@ -47,7 +47,7 @@ prepare() {
     --message-format=json 2>/dev/null | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
   # Gemma 3 and Qwen3-VL: the device decoder through the GPU's kernels against the CPU's.
   local families
-  families=$(cargo test --release -p jetvlm-cuda --features cuda --test families --no-run --message-format=json 2>/dev/null \
+  families=$(cargo test --release -p jetvlm-cuda --features cuda --test simulated --no-run --message-format=json 2>/dev/null \
     | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)
   mkdir -p "$dist"
   cp "$CARGO_TARGET_DIR/release/jetvlm" "$dist/jetvlm"
