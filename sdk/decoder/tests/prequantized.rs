@@ -268,6 +268,42 @@ fn bad_prequantized_input_is_one_clear_error() {
         let want = if len < 4 { "truncated" } else { "GGUF" };
         one_line_error(import_gguf(&llama, &cut, &out), &out, &[want, "cut.gguf"]);
     }
+    // Q4_K: a truncated file; a tensor whose rows are not whole super-blocks of 256 (its
+    // dims rewritten to [128, 512] in the header, the same element count); a super-block
+    // whose FP16 `d` is infinite (found while converting: nothing is left behind).
+    let k = std::fs::read(fixtures().join("quant/gguf_q4_k/model.gguf")).unwrap();
+    let k_src = fixtures().join("quant/gguf_q4_k/hf");
+    for len in [k.len() / 3, k.len() - 7] {
+        std::fs::write(&cut, &k[..len]).unwrap();
+        one_line_error(import_gguf(&k_src, &cut, &out), &out, &["GGUF", "cut.gguf"]);
+    }
+    let g = jetvlm_quant::gguf::Gguf::parse(&k).unwrap();
+    let t = g.tensor("blk.0.attn_q.weight").unwrap();
+    assert_eq!(t.ty, jetvlm_quant::gguf::GgmlType::Q4_K);
+    let at = k
+        .windows(b"blk.0.attn_q.weight".len())
+        .position(|w| w == b"blk.0.attn_q.weight")
+        .unwrap()
+        + b"blk.0.attn_q.weight".len();
+    let mut bad_dims = k.clone();
+    assert_eq!(&bad_dims[at..at + 4], &2u32.to_le_bytes());
+    bad_dims[at + 4..at + 12].copy_from_slice(&128u64.to_le_bytes());
+    bad_dims[at + 12..at + 20].copy_from_slice(&512u64.to_le_bytes());
+    std::fs::write(&cut, &bad_dims).unwrap();
+    one_line_error(
+        import_gguf(&k_src, &cut, &out),
+        &out,
+        &["blk.0.attn_q.weight", "Q4_K rows of 128", "blocks of 256"],
+    );
+    let mut inf = k.clone();
+    inf[t.start..t.start + 2].copy_from_slice(&half::f16::INFINITY.to_le_bytes());
+    std::fs::write(&cut, &inf).unwrap();
+    one_line_error(
+        import_gguf(&k_src, &cut, &out),
+        &out,
+        &["blk.0.attn_q.weight", "super-block 0", "finite"],
+    );
+
     // A GGUF of another model than --model's config.
     one_line_error(
         import_gguf(

@@ -4,6 +4,10 @@
 //! of the weights (peak about the quantized file plus one layer), and `quantize_dir` streams
 //! (peak about the source weights it reads, mapped, plus one matrix; not the whole output).
 //!
+//! Converting a pre-quantized checkpoint streams too: `import_checkpoint` on a random AWQ
+//! (GEMM) checkpoint of the same shapes peaks at about the source it reads (mapped) plus one
+//! matrix, not the whole converted output.
+//!
 //! The model is a random BF16 Llama of 77 MB written into the test's temporary directory
 //! (12 layers, hidden 512, MLP 1536, vocabulary 4096, tied embeddings): one layer is 6 MB
 //! in BF16, so a dense BF16 copy (72 MB more) or a whole INT8 output held in memory (41 MB)
@@ -118,6 +122,122 @@ fn write_random_model(dir: &Path) {
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
 }
 
+/// Writes a random AWQ (GEMM, 4 bits, group 64) checkpoint of the same shapes into `dir`:
+/// per layer matrix `qweight` I32 `[in, out / 8]`, `qzeros` I32 `[in / 64, out / 8]`,
+/// `scales` F16 `[in / 64, out]`; the embedding table and norms F16. Returns the largest
+/// matrix's parameter count.
+fn write_random_awq(dir: &Path) -> usize {
+    const GROUP: usize = 64;
+    std::fs::create_dir_all(dir).unwrap();
+    let mut config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": MLP,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "head_dim": HEAD_DIM,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": true,
+        "hidden_act": "silu",
+        "torch_dtype": "float16",
+        "bos_token_id": 1,
+        "eos_token_id": 2
+    });
+    config["quantization_config"] = serde_json::json!({
+        "quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": true,
+        "version": "gemm"
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut ints =
+        |n: usize| -> Vec<u8> { (0..n).flat_map(|_| (next() as u32).to_le_bytes()).collect() };
+    let halves = |n: usize, v: f32| -> Vec<u8> {
+        std::iter::repeat_n(half::f16::from_f32(v).to_le_bytes(), n)
+            .flatten()
+            .collect()
+    };
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = vec![
+        (
+            "model.embed_tokens.weight".into(),
+            safetensors::Dtype::F16,
+            vec![VOCAB, HIDDEN],
+            halves(VOCAB * HIDDEN, 0.01),
+        ),
+        (
+            "model.norm.weight".into(),
+            safetensors::Dtype::F16,
+            vec![HIDDEN],
+            halves(HIDDEN, 1.0),
+        ),
+    ];
+    let mut largest = 0;
+    for l in 0..LAYERS {
+        let p = format!("model.layers.{l}");
+        let q = HEADS * HEAD_DIM;
+        let kv = KV_HEADS * HEAD_DIM;
+        for (name, out_f, in_f) in [
+            ("self_attn.q_proj", q, HIDDEN),
+            ("self_attn.k_proj", kv, HIDDEN),
+            ("self_attn.v_proj", kv, HIDDEN),
+            ("self_attn.o_proj", HIDDEN, q),
+            ("mlp.gate_proj", MLP, HIDDEN),
+            ("mlp.up_proj", MLP, HIDDEN),
+            ("mlp.down_proj", HIDDEN, MLP),
+        ] {
+            largest = largest.max(out_f * in_f);
+            let i32s = safetensors::Dtype::I32;
+            tensors.push((
+                format!("{p}.{name}.qweight"),
+                i32s,
+                vec![in_f, out_f / 8],
+                ints(in_f * out_f / 8),
+            ));
+            tensors.push((
+                format!("{p}.{name}.qzeros"),
+                i32s,
+                vec![in_f / GROUP, out_f / 8],
+                ints(in_f / GROUP * out_f / 8),
+            ));
+            tensors.push((
+                format!("{p}.{name}.scales"),
+                safetensors::Dtype::F16,
+                vec![in_f / GROUP, out_f],
+                halves(in_f / GROUP * out_f, 0.002),
+            ));
+        }
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            tensors.push((
+                format!("{p}.{norm}.weight"),
+                safetensors::Dtype::F16,
+                vec![HIDDEN],
+                halves(HIDDEN, 1.0),
+            ));
+        }
+    }
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    largest
+}
+
 /// This process's peak resident set (`VmHWM`), bytes.
 fn peak_rss() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -160,6 +280,10 @@ fn child() {
                 head_int8: false,
             };
             quantize_dir(Path::new(src), Path::new(dst), &opts).unwrap();
+        }
+        Some("import") => {
+            let (src, dst) = (parts.next().unwrap(), parts.next().unwrap());
+            jetvlm_decoder::import::import_checkpoint(Path::new(src), Path::new(dst)).unwrap();
         }
         other => panic!("unknown {CHILD_ENV} task {other:?}"),
     }
@@ -266,4 +390,40 @@ fn quantized_loading_and_quantizing_keep_memory_near_the_quantized_size() {
         // The bound separates: the dense BF16 model alone would not fit under it.
         assert!(src_bytes > bound - idle);
     }
+}
+
+#[test]
+fn converting_an_awq_checkpoint_streams() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("awq");
+    let largest = write_random_awq(&src) as u64;
+    let src_bytes = std::fs::metadata(src.join("model.safetensors"))
+        .unwrap()
+        .len();
+    let idle = measure("idle");
+    let out = tmp.path().join("int4");
+    let peak = measure(&format!("import:{}:{}", src.display(), out.display()));
+    let out_bytes = std::fs::metadata(out.join("model.safetensors"))
+        .unwrap()
+        .len();
+    // One matrix converting: its source unpacked to i32 codes and f16 scales / zeros
+    // (about 4.3 bytes a weight, all three parts), and the converted part (under one byte a
+    // weight).
+    let matrix = largest * 6;
+    let bound = idle + src_bytes + matrix + (8 << 20);
+    println!(
+        "import_checkpoint AWQ -> INT4 g64: peak RSS {:.1} MB (idle child {:.1} MB, source {:.1} MB, output {:.1} MB, largest matrix {:.1} M weights); bound {:.1} MB",
+        peak as f64 / MB,
+        idle as f64 / MB,
+        src_bytes as f64 / MB,
+        out_bytes as f64 / MB,
+        largest as f64 / 1e6,
+        bound as f64 / MB
+    );
+    assert!(peak <= bound, "import peaked at {peak} bytes > {bound}");
+    // The bound separates: holding the whole converted output as well would cross it.
+    assert!(
+        out_bytes > bound - idle - src_bytes,
+        "{out_bytes} vs the bound's slack"
+    );
 }
