@@ -594,9 +594,9 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// `Y[n, rows] = X[n, cols] W^T` (prefill). One token uses [`gemv`]; otherwise the weight
-/// is processed in tiles of output rows, each converted from its stored type to f32 and
-/// multiplied with the `gemm` crate, tiles in parallel.
+/// `Y[n, rows] = X[n, cols] W^T` (prefill). One token uses [`gemv`]; several tokens with
+/// quantized weights run the integer GEMM of `qgemm` (INT8 activations per block of 32, the
+/// decode kernels' activations); float weights run [`matmul_tiles`].
 pub fn matmul(w: TensorData<'_>, rows: usize, cols: usize, x: &[f32], n: usize, y: &mut [f32]) {
     assert_eq!(x.len(), n * cols, "matmul input length");
     assert_eq!(y.len(), n * rows, "matmul output length");
@@ -604,6 +604,28 @@ pub fn matmul(w: TensorData<'_>, rows: usize, cols: usize, x: &[f32], n: usize, 
         gemv(w, rows, cols, x, y);
         return;
     }
+    if let TensorData::Quant(q) = w {
+        assert!(q.rows() == rows && q.cols == cols, "quantized matmul shape");
+        crate::qgemm::matmul(&q, x, n, y);
+        return;
+    }
+    matmul_tiles(w, rows, cols, x, n, y);
+}
+
+/// `Y[n, rows] = X[n, cols] W^T` in tiles of output rows, each converted from its stored
+/// type to f32 and multiplied with the `gemm` crate, tiles in parallel: [`matmul`]'s path for
+/// float weights; for quantized weights it is the f32 path (tiles dequantized) that the
+/// integer GEMM replaces, kept for comparison (`examples/prefill_gemm.rs`).
+pub fn matmul_tiles(
+    w: TensorData<'_>,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+) {
+    assert_eq!(x.len(), n * cols, "matmul input length");
+    assert_eq!(y.len(), n * rows, "matmul output length");
     let tiles = rows.div_ceil(TILE_ROWS);
     let dst = SendPtr(y.as_mut_ptr());
     let dst = &dst;

@@ -30,6 +30,7 @@ pub mod import;
 pub mod kernels;
 pub mod kv;
 pub mod model;
+mod qgemm;
 mod qkernels;
 pub mod quantize;
 pub mod salience;

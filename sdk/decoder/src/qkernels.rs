@@ -148,8 +148,20 @@ impl QuantizedX {
         }
     }
 
+    /// The INT8 values, `x.len()` rounded up to whole blocks (prefill's tests).
+    #[cfg(test)]
+    pub(crate) fn codes(&self) -> &[i8] {
+        &self.q
+    }
+
+    /// Each block's scale `d` (prefill's tests).
+    #[cfg(test)]
+    pub(crate) fn block_scales(&self) -> &[f32] {
+        &self.d
+    }
+
     /// Sums of `x` per group of `group` (32, 64 or 128) values.
-    fn group_sums(&self, group: usize) -> &[f32] {
+    pub(crate) fn group_sums(&self, group: usize) -> &[f32] {
         match group {
             32 => &self.sums[0],
             64 => &self.sums[1],
@@ -1177,8 +1189,9 @@ mod tests {
         }
     }
 
-    /// The prefill path (tiles dequantized, then gemm) and the fused decode path (INT8
-    /// activations) agree with the reference on a whole quantized matrix.
+    /// The f32 prefill path (tiles dequantized, then gemm), the integer prefill GEMM and the
+    /// fused decode path (both INT8 activations) agree with the reference on a whole
+    /// quantized matrix.
     #[test]
     fn quantized_matmul_matches_the_reference() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(8);
@@ -1192,12 +1205,20 @@ mod tests {
             let mut want = vec![0f32; n * rows];
             crate::kernels::matmul_ref(t.data(), rows, cols, &x, n, &mut want);
             let mut got = vec![0f32; n * rows];
-            crate::kernels::matmul(t.data(), rows, cols, &x, n, &mut got);
+            crate::kernels::matmul_tiles(t.data(), rows, cols, &x, n, &mut got);
+            let mut int = vec![0f32; n * rows];
+            crate::kernels::matmul(t.data(), rows, cols, &x, n, &mut int);
             let mut one = vec![0f32; rows];
             crate::kernels::matmul(t.data(), rows, cols, &x[..cols], 1, &mut one);
             let scale: f32 = want.iter().map(|v| v.abs()).fold(0.0, f32::max);
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() <= 1e-4 * scale, "{bits}b prefill: {a} vs {b}");
+            }
+            for (a, b) in int.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-2 * scale,
+                    "{bits}b integer prefill: {a} vs {b}"
+                );
             }
             // Decode quantizes x to INT8 per block of 32: within 1% here.
             let d = crate::kernels::dot(t.data(), 7 * cols, &x[..cols]);
