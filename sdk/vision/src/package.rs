@@ -761,11 +761,13 @@ fn check_tiles(v: &VisionSection, t: &TileSection, issues: &mut Vec<Issue>) {
             "must be true when rows and cols are 0 (the frame is one image)",
         ));
     }
+    // The whole-tile image the tiles are cut from (the processor keeps images within 4096
+    // pixels a side before rounding up to whole tiles).
     for (field, n) in [("vision.tiles.rows", t.rows), ("vision.tiles.cols", t.cols)] {
-        if u64::from(n) * u64::from(tw.max(th)) > 65536 {
+        if u64::from(n) * u64::from(tw.max(th)) > 8192 {
             issues.push(Issue::new(
                 field,
-                format!("{n} tiles of {tw} pixels pass 65536 pixels"),
+                format!("{n} tiles of {tw} pixels pass 8192 pixels"),
             ));
         }
     }
