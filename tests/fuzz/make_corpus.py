@@ -71,6 +71,14 @@ def gguf_seeds():
         [("a", [4], 0, 0), ("b", [4], 1, 32), ("c", [2, 2], 30, 64)],
         version=2, data=struct.pack("<4f", 1, 2, 3, 4) + b"\0" * 16 + b"\1" * 8 + b"\0" * 24 + b"\2" * 8))
     seed("gguf", "k-quant-listed-only.gguf", gguf(meta[:1], [("q4k", [256], 12, 0)]))
+    # One Q4_K super-block (d, dmin, 12 scale bytes, 128 code bytes) and one Q6_K (128 + 64
+    # code bytes, 16 scales, d).
+    q4k = struct.pack("<ee", 0.01, 0.02) + bytes(range(7, 19)) + bytes(range(128))
+    q6k = bytes(range(128)) + bytes(range(64)) + bytes(range(1, 17)) + struct.pack("<e", 0.003)
+    seed("gguf", "q4k-q6k-tensors.gguf", gguf(meta[:1], [
+        ("blk.0.attn_q.weight", [256, 1], 12, 0),
+        ("output.weight", [256, 1], 14, 160),
+    ], data=q4k + b"\0" * 16 + q6k))
     seed("gguf", "truncated-data.gguf", gguf(meta[:1], [("w", [32], 8, 0)], data=q8_block[:20]))
     seed("gguf", "rows-not-whole-blocks.gguf", gguf([], [("w", [31], 2, 0)], data=q4_block))
 
