@@ -575,8 +575,8 @@ fn qwen3_vl_deepstack_and_interleaved_mrope_change_the_logits() {
 }
 
 /// The q/k head norms are part of the one decoder definition, so the device path runs them:
-/// the Qwen3-VL package's Qwen3 language model with plain RoPE and without DeepStack (what the
-/// device takes) gives the same greedy tokens on the simulated device (`--device sim`, the
+/// the Qwen3-VL package's Qwen3 language model with plain RoPE and without DeepStack (the q/k
+/// norms alone) gives the same greedy tokens on the simulated device (`--device sim`, the
 /// CUDA path's host logic over its kernels' CPU twins) as on the CPU decoder.
 #[test]
 fn qwen3_qk_norms_run_alike_on_the_simulated_device_and_the_cpu() {
