@@ -30,8 +30,8 @@ pub struct DecoderCheck {
     /// Normalised error of the GPU prompt logits against the CPU's.
     pub logits_error: f64,
     /// The bound `logits_error` is held to: FP16-K/V rounding (1e-3), and for quantized
-    /// weights also the CPU decode kernels' INT8 activations (1e-2; the device's quantized
-    /// products take f32 activations, `gemv_rows_ref`'s arithmetic).
+    /// weights also the CPU kernels' INT8 activations (decode and prefill; 1e-2; the
+    /// device's quantized products take f32 activations, `gemv_rows_ref`'s arithmetic).
     pub logits_tolerance: f64,
     /// Greedy tokens recorded from transformers, when the fixture has them.
     pub transformers: Option<Vec<u32>>,

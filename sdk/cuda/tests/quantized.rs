@@ -79,10 +79,17 @@ fn device_logits(dir: &Path, prompt: &[u32]) -> (Vec<f32>, u64) {
     (logits, model.weight_bytes_read_per_token())
 }
 
+/// Bound on the device's prompt logits against the CPU decoder's on the same quantized files:
+/// the CPU's integer kernels (decode and prefill) quantize activations to INT8 per block of 32,
+/// the device's products take them in f32; the decoder crate holds its INT8-activation logits
+/// to 3% (`sdk/decoder/tests/prequantized.rs`).
+const ACTIVATIONS: f64 = 3e-2;
+
 /// The device runs the quantized matrices as stored (codes, scales, zeros), not the float
-/// ones: INT4 prompt logits are the CPU decoder's on the same files (1e-4, FP16 K/V and f32 sums) and differ from
-/// the float model's by the format's error; the device counts the weight bytes a decode step
-/// reads as the CPU decoder does (what `jetvlm plan` charges).
+/// ones: INT4 prompt logits are the CPU decoder's on the same files within the INT8
+/// activations' bound (measured 1.9e-2) and differ from the float model's by the format's
+/// error, several times that (1.6e-1); the device counts the weight bytes a decode step reads
+/// as the CPU decoder does (what `jetvlm plan` charges).
 #[test]
 fn quantized_weights_run_as_stored_and_count_as_stored() {
     let tmp = tempfile::tempdir().unwrap();
@@ -101,10 +108,13 @@ fn quantized_weights_run_as_stored_and_count_as_stored() {
     let err = normalized_error(&dq, &cq);
     let fmt = normalized_error(&dq, &df);
     eprintln!("INT4 g32 llama: device vs CPU {err:.3e}, vs float model {fmt:.3e}");
-    assert!(err <= 1e-4, "device vs CPU on the quantized model: {err:e}");
     assert!(
-        fmt > 1e-3,
-        "quantized logits equal the float model's: {fmt:e}"
+        err <= ACTIVATIONS,
+        "device vs CPU on the quantized model: {err:e}"
+    );
+    assert!(
+        fmt > 3.0 * ACTIVATIONS,
+        "quantized logits near the float model's: {fmt:e}"
     );
     assert_eq!(dq_bytes, cq_bytes);
     assert!(dq_bytes * 3 < df_bytes, "{dq_bytes} vs float {df_bytes}");
