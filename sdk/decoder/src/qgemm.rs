@@ -364,6 +364,7 @@ fn tiles<const RT: usize>(
             let r0 = ti * RT;
             let m = (rows - r0).min(RT);
             repack(tile, r0, m);
+            prefetch_rows(q, r0 + RT, RT);
             let mut out = [[0f32; RT]; T];
             for (c, tk) in toks.chunks(T).enumerate() {
                 let t0 = c * T;
@@ -381,6 +382,29 @@ fn tiles<const RT: usize>(
                 }
             }
         });
+}
+
+/// Asks for the codes of rows `r0..r0 + m` (the next tile; clipped to the matrix) to be
+/// brought into L2 while this tile's tokens run: repacking reads the weights once per
+/// product, from DRAM when the model is larger than the last-level cache.
+#[inline]
+fn prefetch_rows(q: &QuantData<'_>, r0: usize, m: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let rb = q.format.code_bytes_per_row(q.cols);
+        let len = q.codes.len();
+        let (a, b) = ((r0 * rb).min(len), ((r0 + m) * rb).min(len));
+        for line in q.codes[a..b].chunks(64) {
+            // SAFETY: a prefetch of an address inside `q.codes`; it reads nothing.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                    line.as_ptr() as *const i8
+                )
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (q, r0, m);
 }
 
 /// AVX-512 VNNI tiles: 16 rows per vector, two vectors.
