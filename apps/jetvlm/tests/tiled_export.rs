@@ -241,7 +241,7 @@ fn tiled_first_token_logits_match_transformers() {
 /// A camera session caches each frame's 7 encoder runs (28 tokens) as one frame: the cache
 /// holds the prefix plus 28 tokens per kept frame, pushing past the window evicts a whole
 /// frame, and with a position limit that re-bases every push the answer equals a fresh
-/// session's over the kept frames.
+/// session's over the kept frames, on the CPU and on the simulated device.
 #[test]
 fn tiled_session_evicts_whole_frames() {
     let exp = expected();
@@ -278,31 +278,36 @@ fn tiled_session_evicts_whole_frames() {
     let want = fresh.ask(q).unwrap().finish().unwrap().token_ids;
     drop(fresh);
 
+    // On the CPU and on the simulated device (device KV pools sized from the package's
+    // tokens per frame).
     let limit = prefix + tpf + tpf + 64 + base.max_new_tokens;
-    let mut p = jetvlm_runtime::Pipeline::load(
-        &pkg,
-        jetvlm_runtime::RuntimeConfig {
-            session_max_position: Some(limit),
-            ..base
-        },
-    )
-    .unwrap();
-    let mut s = p.session().unwrap();
-    let mut answers = Vec::new();
-    for f in &frames {
-        s.push_frame(f).unwrap();
-        assert_eq!(
-            s.cached_tokens(),
-            prefix + s.frames().len() * tpf,
-            "frame {}",
-            f.index
-        );
-        answers.push(s.ask(q).unwrap().finish().unwrap().token_ids);
+    for device in [jetvlm_core::Device::Cpu, jetvlm_core::Device::Sim] {
+        let mut p = jetvlm_runtime::Pipeline::load(
+            &pkg,
+            jetvlm_runtime::RuntimeConfig {
+                session_max_position: Some(limit),
+                device,
+                ..base.clone()
+            },
+        )
+        .unwrap();
+        let mut s = p.session().unwrap();
+        let mut answers = Vec::new();
+        for f in &frames {
+            s.push_frame(f).unwrap();
+            assert_eq!(
+                s.cached_tokens(),
+                prefix + s.frames().len() * tpf,
+                "{device}: frame {}",
+                f.index
+            );
+            answers.push(s.ask(q).unwrap().finish().unwrap().token_ids);
+        }
+        assert_eq!(s.frames().len(), window);
+        assert_eq!(s.rebases(), frames.len() as u64 - window as u64, "{device}");
+        assert_eq!(answers.last().unwrap(), &want, "{device}");
+        assert_ne!(answers[1], want, "{device}: the frames matter");
     }
-    assert_eq!(s.frames().len(), window);
-    assert_eq!(s.rebases(), frames.len() as u64 - window as u64);
-    assert_eq!(answers.last().unwrap(), &want);
-    assert_ne!(answers[1], want, "the frames matter");
 }
 
 fn f32_file(name: &str) -> Vec<f32> {
