@@ -9,9 +9,10 @@
 //!   [`import_gguf`]. Llama's q/k rows, which llama.cpp's converter permutes, are put back in
 //!   Hugging Face order. Each quantized tensor becomes the format that holds its blocks
 //!   ([`jetvlm_quant::gguf`]: Q8_0 / Q4_0 exactly, Q4_K but for FP16 rounding of its scales,
-//!   Q6_K as INT8 g32 by round-to-nearest). The layer matrices take one format: INT4 g32 when
-//!   any is 4-bit, and then the 8- and 6-bit layer matrices (llama.cpp's Q4_K_M keeps some
-//!   `attn_v` / `ffn_down` in Q6_K) are quantized again to INT4 g32, round-to-nearest. A
+//!   Q6_K as INT8 g32 by round-to-nearest). The layer matrices' base format is INT4 g32 when
+//!   any is 4-bit, else INT8 g32; the 8- and 6-bit layer matrices of a 4-bit file
+//!   (llama.cpp's Q4_K_M keeps some `attn_v` / `ffn_down` in Q6_K) stay INT8 g32, each
+//!   declared in `quantization_config.overrides` ([`jetvlm_quant::qconfig`]). A
 //!   quantized embedding table stays in its blocks (the lookup dequantizes one row at a
 //!   time); without `output.weight` it is tied to the LM head, which is then that quantized
 //!   table. The output head keeps its format.
@@ -23,7 +24,8 @@
 //!
 //! The output's `config.json` records `quantization_config` `{"quant_method": "jetvlm",
 //! "bits", "group_size", "lm_head_bits", "converted_from"}` and, for a GGUF, `"embed_bits"`
-//! (the quantized embedding table's bits, or null).
+//! (the quantized embedding table's bits, or null) and the `"overrides"` of matrices kept in
+//! another format than the base one.
 
 use crate::config::Config;
 use crate::error::{DecoderError, Result};
@@ -31,10 +33,9 @@ use crate::quantize::{insert_quantization_config, io, write_dir};
 use crate::weights::Weights;
 use half::f16;
 use jetvlm_quant::QuantRow;
-use jetvlm_quant::WeightFormat;
 use jetvlm_quant::gguf::{GgmlType, Gguf, GgufTensor};
 use jetvlm_quant::packed::{awq_to_int4, gptq_to_int4};
-use jetvlm_quant::weight::{dequantize_row, quantize_row};
+use jetvlm_quant::{Layers, MatrixRole, QuantizationConfig, WeightFormat};
 use safetensors::Dtype;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -49,8 +50,11 @@ pub struct ImportReport {
     pub requantized: usize,
     /// Tensors copied as stored (or dequantized: a GGUF embedding table).
     pub copied: usize,
-    /// Format of the layer matrices.
+    /// Base format of the layer matrices.
     pub format: WeightFormat,
+    /// Layer matrices held in another format than `format` (a GGUF's 8- or 6-bit matrices
+    /// in a 4-bit file, INT8 g32), declared in `quantization_config.overrides`.
+    pub own_format: usize,
     pub bytes_out: u64,
     pub files: Vec<String>,
 }
@@ -88,13 +92,12 @@ enum Source<'a> {
         g_idx: Option<&'a [u8]>,
         group: usize,
     },
-    /// GGUF blocks of `ty`; output row `r` is the file's row `order[r]`; quantized again into
-    /// `requant` (INT4 g32) when set.
+    /// GGUF blocks of `ty` in the format that holds them; output row `r` is the file's row
+    /// `order[r]`.
     Gguf {
         ty: GgmlType,
         bytes: &'a [u8],
         order: Vec<usize>,
-        requant: Option<WeightFormat>,
     },
 }
 
@@ -164,12 +167,7 @@ impl Matrix<'_> {
                     zeros: m.zeros,
                 }
             }
-            Source::Gguf {
-                ty,
-                bytes,
-                order,
-                requant,
-            } => {
+            Source::Gguf { ty, bytes, order } => {
                 let (fmt, stored) =
                     jetvlm_quant::gguf::to_quant_row(*ty, bytes).map_err(|e| err(e.to_string()))?;
                 let (cb, gpr) = (fmt.code_bytes_per_row(in_f), fmt.groups_per_row(in_f));
@@ -181,24 +179,12 @@ impl Matrix<'_> {
                     }
                 };
                 let mut out = QuantRow::default();
-                let mut vals = vec![0f32; if requant.is_some() { in_f } else { 0 }];
                 for &r in order {
-                    let codes = &stored.codes[r * cb..(r + 1) * cb];
-                    let scales = &stored.scales[r * gpr..(r + 1) * gpr];
-                    match requant {
-                        Some(to) => {
-                            dequantize_row(fmt, codes, scales, z(r), &mut vals);
-                            let q = quantize_row(&vals, *to).map_err(|e| err(e.to_string()))?;
-                            out.codes.extend(q.codes);
-                            out.scales.extend(q.scales);
-                            out.zeros.extend(q.zeros);
-                        }
-                        None => {
-                            out.codes.extend_from_slice(codes);
-                            out.scales.extend_from_slice(scales);
-                            out.zeros.extend_from_slice(z(r));
-                        }
-                    }
+                    out.codes
+                        .extend_from_slice(&stored.codes[r * cb..(r + 1) * cb]);
+                    out.scales
+                        .extend_from_slice(&stored.scales[r * gpr..(r + 1) * gpr]);
+                    out.zeros.extend_from_slice(z(r));
                 }
                 out
             }
@@ -607,7 +593,10 @@ pub fn import_checkpoint(src: &Path, dst: &Path) -> Result<ImportReport> {
         ));
     }
     let copied = names.len();
-    insert_quantization_config(&mut raw, &config_path, 4, group, None, Some(&method))?;
+    let format = WeightFormat::new(4, group).map_err(|e| DecoderError::Input(e.to_string()))?;
+    let mut qc = QuantizationConfig::new(format);
+    qc.converted_from = Some(method.clone());
+    insert_quantization_config(&mut raw, &config_path, &qc)?;
     let meta = [(
         "jetvlm_quantization".to_string(),
         format!("int4 g{group} from {method}"),
@@ -619,7 +608,8 @@ pub fn import_checkpoint(src: &Path, dst: &Path) -> Result<ImportReport> {
         matrices: matrices.len(),
         requantized,
         copied,
-        format: WeightFormat::new(4, group).map_err(|e| DecoderError::Input(e.to_string()))?,
+        format,
+        own_format: 0,
         bytes_out,
         files,
     })
@@ -652,6 +642,14 @@ fn hf_name(gguf: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// The layer and matrix of a Hugging Face layer matrix name
+/// (`model.layers.3.mlp.down_proj.weight`).
+fn layer_matrix(hf: &str) -> Option<(usize, MatrixRole)> {
+    let rest = hf.strip_prefix("model.layers.")?.strip_suffix(".weight")?;
+    let (layer, role) = rest.split_once('.')?;
+    Some((layer.parse().ok()?, MatrixRole::from_name(role)?))
 }
 
 /// HF row of each GGUF row of a q/k projection llama.cpp permuted (`n_head` heads).
@@ -724,9 +722,9 @@ pub fn import_gguf(src: &Path, gguf: &Path, dst: &Path) -> Result<ImportReport> 
             msg: "--model must be the unquantized decoder the GGUF file was converted from".into(),
         });
     }
-    // The layer matrices' format: INT4 g32 when any is 4-bit (Q4_0, Q4_K), else INT8 g32.
-    // A decoder holds one layer format, so the 8- and 6-bit layer matrices of a 4-bit file
-    // (llama.cpp's Q4_K_M keeps some attn_v / ffn_down in Q6_K) are quantized again.
+    // The layer matrices' base format: INT4 g32 when any is 4-bit (Q4_0, Q4_K), else INT8
+    // g32. The 8- and 6-bit layer matrices of a 4-bit file (llama.cpp's Q4_K_M keeps some
+    // attn_v / ffn_down in Q6_K) stay INT8 g32, declared as overrides.
     let is_layer =
         |t: &GgufTensor| hf_name(&t.name).is_some_and(|n| n.starts_with("model.layers."));
     let quantized = |ty: GgmlType| {
@@ -755,7 +753,8 @@ pub fn import_gguf(src: &Path, gguf: &Path, dst: &Path) -> Result<ImportReport> 
     };
     let layer_fmt = WeightFormat::new(bits, 32).map_err(|e| bad(e.to_string()))?;
     let has_head = g.tensor("output.weight").is_some();
-    let (mut copied, mut requantized) = (0, 0);
+    let mut copied = 0;
+    let mut overrides: Vec<(usize, MatrixRole, WeightFormat)> = Vec::new();
     let (mut head_bits, mut embed_bits, mut embed_dtype) = (None::<u32>, None::<u32>, None::<&str>);
     let mut matrices: Vec<(String, Matrix<'_>)> = Vec::new();
     let mut views: Vec<(String, View<'_>)> = Vec::new();
@@ -825,11 +824,14 @@ pub fn import_gguf(src: &Path, gguf: &Path, dst: &Path) -> Result<ImportReport> 
                     _ => 8,
                 };
                 let is_head = name.starts_with("lm_head");
-                let requant = (!is_head && !is_embed && own != bits).then_some(layer_fmt);
-                let format = match requant {
-                    Some(f) => f,
-                    None => WeightFormat::new(own, 32).map_err(|e| err(e.to_string()))?,
-                };
+                let format = WeightFormat::new(own, 32).map_err(|e| err(e.to_string()))?;
+                if !is_head && !is_embed && own != bits {
+                    // A layer matrix in its own format (an override of the base format).
+                    let (layer, role) = layer_matrix(&name).ok_or_else(|| {
+                        err(format!("{} tensor `{name}` is not a layer matrix", t.ty))
+                    })?;
+                    overrides.push((layer, role, format));
+                }
                 if is_head {
                     head_bits = Some(own);
                 } else if is_embed {
@@ -841,7 +843,6 @@ pub fn import_gguf(src: &Path, gguf: &Path, dst: &Path) -> Result<ImportReport> 
                         head_bits = Some(own);
                     }
                 }
-                requantized += requant.is_some() as usize;
                 let stem = name.strip_suffix(".weight").unwrap_or(&name).to_string();
                 matrices.push((
                     stem,
@@ -855,7 +856,6 @@ pub fn import_gguf(src: &Path, gguf: &Path, dst: &Path) -> Result<ImportReport> 
                             ty: t.ty,
                             bytes,
                             order: order(rows)?,
-                            requant,
                         },
                     },
                 ));
@@ -893,12 +893,25 @@ pub fn import_gguf(src: &Path, gguf: &Path, dst: &Path) -> Result<ImportReport> 
             }
         }
     }
-    let q = insert_quantization_config(&mut raw, &config_path, bits, 32, head_bits, Some("gguf"))?
-        .get_mut("quantization_config")
-        .and_then(|q| q.as_object_mut());
-    if let Some(q) = q {
-        q.insert("embed_bits".into(), embed_bits.into());
+    let mut qc = QuantizationConfig::new(layer_fmt);
+    qc.lm_head_bits = head_bits;
+    qc.embed_bits = embed_bits;
+    qc.converted_from = Some("gguf".into());
+    // A matrix kept in its own format in every layer is one `layers.*` entry.
+    for role in MatrixRole::ALL {
+        let of_role: Vec<_> = overrides.iter().filter(|o| o.1 == role).collect();
+        let every_layer = of_role.len() == c.num_hidden_layers
+            && (0..c.num_hidden_layers).all(|l| of_role.iter().any(|o| o.0 == l))
+            && of_role.iter().all(|o| o.2 == of_role[0].2);
+        if every_layer {
+            qc.set_override(Layers::All, role, of_role[0].2);
+        } else {
+            for o in of_role {
+                qc.set_override(Layers::One(o.0), role, o.2);
+            }
+        }
     }
+    insert_quantization_config(&mut raw, &config_path, &qc)?;
     let meta = [(
         "jetvlm_quantization".to_string(),
         format!("int{bits} g32 from gguf"),
@@ -908,9 +921,10 @@ pub fn import_gguf(src: &Path, gguf: &Path, dst: &Path) -> Result<ImportReport> 
     Ok(ImportReport {
         source: "gguf".into(),
         matrices: matrices.len(),
-        requantized,
+        requantized: 0,
         copied,
         format: layer_fmt,
+        own_format: overrides.len(),
         bytes_out,
         files,
     })

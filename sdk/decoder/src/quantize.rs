@@ -25,9 +25,9 @@ use crate::arch::{self, PREFIXES, WeightSink};
 use crate::config::Config;
 use crate::error::{DecoderError, Result};
 use crate::weights::{Tensor, Weights};
-use jetvlm_quant::QuantRow;
 /// The format of quantized layer matrices ([`QuantizeOptions::format`]).
 pub use jetvlm_quant::WeightFormat;
+use jetvlm_quant::{MatrixRole, QuantRow, QuantizationConfig};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
@@ -320,14 +320,9 @@ pub fn quantize_dir(src: &Path, dst: &Path, opts: &QuantizeOptions) -> Result<Qu
     }
 
     // Config: the format, and an untied head when a tied one was quantized.
-    let obj = insert_quantization_config(
-        &mut raw,
-        &config_path,
-        opts.format.bits(),
-        opts.format.group(),
-        opts.head_int8.then_some(8),
-        None,
-    )?;
+    let mut qc = QuantizationConfig::new(opts.format);
+    qc.lm_head_bits = opts.head_int8.then_some(8);
+    let obj = insert_quantization_config(&mut raw, &config_path, &qc)?;
     if head_source.is_some() {
         obj.insert("tie_word_embeddings".into(), false.into());
         if let Some(t) = obj.get_mut("text_config").and_then(|t| t.as_object_mut()) {
@@ -469,15 +464,12 @@ pub fn quantize_matrix(
 }
 
 /// Writes the `quantization_config` entry (`quant_method: jetvlm`) a quantized decoder's
-/// config.json declares its format with, for `jetvlm quantize` and for converted AWQ, GPTQ
-/// and GGUF checkpoints (`from`: what it was converted from); returns the config object.
+/// config.json declares its format with ([`QuantizationConfig::to_json`]), for `jetvlm
+/// quantize` and for converted AWQ, GPTQ and GGUF checkpoints; returns the config object.
 pub(crate) fn insert_quantization_config<'a>(
     raw: &'a mut serde_json::Value,
     path: &Path,
-    bits: u32,
-    group: usize,
-    head_bits: Option<u32>,
-    from: Option<&str>,
+    q: &QuantizationConfig,
 ) -> Result<&'a mut serde_json::Map<String, serde_json::Value>> {
     let obj = raw
         .as_object_mut()
@@ -486,16 +478,7 @@ pub(crate) fn insert_quantization_config<'a>(
             field: "(top level)".into(),
             msg: "not a JSON object".into(),
         })?;
-    let mut q = serde_json::json!({
-        "quant_method": "jetvlm",
-        "bits": bits,
-        "group_size": group,
-        "lm_head_bits": head_bits,
-    });
-    if let (Some(from), Some(q)) = (from, q.as_object_mut()) {
-        q.insert("converted_from".into(), from.into());
-    }
-    obj.insert("quantization_config".into(), q);
+    obj.insert("quantization_config".into(), q.to_json());
     Ok(obj)
 }
 
@@ -555,10 +538,11 @@ impl WeightSink for Formats {
 
 /// When the decoder's `config.json` declares a `quantization_config`, it must describe the
 /// tensors the decoder will read: `quant_method` `jetvlm` (AWQ and GPTQ checkpoints are
-/// converted by `jetvlm quantize` first), every layer matrix quantized in the declared
-/// `bits` and `group_size`, and the LM head INT8 exactly when `lm_head_bits` is 8. The
-/// memory planner charges the declared format, so a contradiction is refused, naming the
-/// field and the first tensor that disagrees.
+/// converted by `jetvlm quantize` first), every layer matrix quantized in its own format
+/// ([`QuantizationConfig::matrix_format`]: `bits` / `group_size`, or the override naming
+/// it), and the LM head INT8 exactly when `lm_head_bits` is 8. The memory planner charges
+/// the declared formats, so a contradiction is refused, naming the field and the first
+/// tensor that disagrees.
 pub fn check_declared_quantization(config: &Config, ws: &Weights) -> Result<()> {
     let path = ws.dir().join("config.json");
     let raw: serde_json::Value = jetvlm_core::config::load_json(&path)?;
@@ -591,48 +575,73 @@ pub fn check_declared_quantization(config: &Config, ws: &Weights) -> Result<()> 
             ));
         }
     }
-    let number = |field: &str| -> Result<Option<u64>> {
-        match q.get(field) {
-            None | Some(serde_json::Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| bad(field, format!("{v} is not a whole number"))),
-        }
-    };
-    let bits = number("bits")?.ok_or_else(|| bad("bits", "missing".into()))?;
-    let group = number("group_size")?.ok_or_else(|| bad("group_size", "missing".into()))?;
-    let head_bits = number("lm_head_bits")?;
+    let qc = QuantizationConfig::from_json(q)
+        .and_then(|qc| qc.check_layers(config.model.num_hidden_layers).map(|()| qc))
+        .map_err(|e| match e {
+            jetvlm_quant::QuantError::Config { field, msg } => bad(&field, msg),
+            e => bad("(entry)", e.to_string()),
+        })?;
     let w = arch::load(&config.model, ws, None, &mut Formats)?;
-    for l in &w.layers {
-        for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+    for (i, l) in w.layers.iter().enumerate() {
+        let lins = [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down];
+        for (role, lin) in MatrixRole::ALL.into_iter().zip(lins) {
             let (name, fmt) = &lin.w;
+            let want = qc.matrix_format(i, role);
+            // The field that declares this matrix's format.
+            let (bits_field, group_field) =
+                match jetvlm_quant::qconfig::matrix_override(&qc.overrides, i, role) {
+                    Some(o) => (
+                        format!("overrides.{}.bits", o.key()),
+                        format!("overrides.{}.group_size", o.key()),
+                    ),
+                    None => ("bits".to_string(), "group_size".to_string()),
+                };
             let Some(fmt) = fmt else {
                 return Err(bad(
-                    "bits",
-                    format!("declares {bits} bits but `{name}` is stored unquantized"),
+                    &bits_field,
+                    format!(
+                        "declares {} bits but `{name}` is stored unquantized",
+                        want.bits()
+                    ),
                 ));
             };
-            if u64::from(fmt.bits()) != bits {
+            if fmt.bits() != want.bits() {
                 return Err(bad(
-                    "bits",
+                    &bits_field,
                     format!(
-                        "declares {bits} but `{name}` is stored with {} bits",
+                        "declares {} but `{name}` is stored with {} bits",
+                        want.bits(),
                         fmt.bits()
                     ),
                 ));
             }
-            if fmt.group() as u64 != group {
+            if fmt.group() != want.group() {
                 return Err(bad(
-                    "group_size",
+                    &group_field,
                     format!(
-                        "declares {group} but `{name}` is stored in groups of {}",
+                        "declares {} but `{name}` is stored in groups of {}",
+                        want.group(),
                         fmt.group()
                     ),
                 ));
             }
         }
     }
+    let (embed_name, embed_fmt) = &w.embed;
+    let embed_stored = embed_fmt.map(|f| f.bits());
+    if embed_stored != qc.embed_bits {
+        let says =
+            |b: Option<u32>| b.map_or_else(|| "unquantized".to_string(), |b| format!("{b} bits"));
+        return Err(bad(
+            "embed_bits",
+            format!(
+                "declares the embedding table {} but `{embed_name}` is stored {}",
+                says(qc.embed_bits),
+                says(embed_stored)
+            ),
+        ));
+    }
+    let head_bits = qc.lm_head_bits.map(u64::from);
     let (head_name, head_fmt) = w.lm_head.as_ref().unwrap_or(&w.embed);
     let head_stored = head_fmt.map(|f| u64::from(f.bits()));
     if head_stored != head_bits {

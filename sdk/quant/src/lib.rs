@@ -13,6 +13,8 @@
 //!   with their reference quantize / dequantize ([`WeightFormat`]).
 //! - [`gguf`]: a GGUF reader with bounds checks, and Q8_0 / Q4_0 blocks converted to the
 //!   weight formats (losslessly).
+//! - [`qconfig`]: [`QuantizationConfig`], a quantized decoder's format description (the
+//!   `quantization_config` of its config.json: one layer format and per-matrix overrides).
 //! - [`packed`]: the AWQ (GEMM) and GPTQ 4-bit layouts converted to INT4 weight rows.
 //! - [`reference`](mod@reference): the plain, obviously-correct quantize / dequantize every
 //!   fast kernel is compared with, and the error bound each element must meet.
@@ -28,6 +30,7 @@ pub mod gguf;
 pub mod layer;
 pub mod packed;
 pub mod policy;
+pub mod qconfig;
 pub mod reference;
 pub mod weight;
 
@@ -38,6 +41,7 @@ pub use format::{
 };
 pub use layer::{KeyMode, LayerFormat};
 pub use policy::{KvPolicy, PolicyError, split_policies};
+pub use qconfig::{Layers, MatrixOverride, MatrixRole, QuantizationConfig};
 pub use reference::{
     code_of, dequantize_groups, dequantize_row, element_error_bound, quantize_groups, quantize_row,
     row_params,
@@ -69,6 +73,8 @@ pub enum QuantError {
     },
     #[error("{op}: {msg}")]
     Packed { op: &'static str, msg: String },
+    #[error("quantization_config.{field}: {msg}")]
+    Config { field: String, msg: String },
     #[error("{op}: non-finite input value {value} at index {index}")]
     NonFinite {
         op: &'static str,

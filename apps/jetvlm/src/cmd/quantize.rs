@@ -164,18 +164,12 @@ fn convert(args: &QuantizeArgs, src: &Path, method: Option<String>) -> Result<()
         r.source,
         r.format.bits(),
         r.format.group(),
-        if r.requantized > 0 {
-            format!(
-                " ({} matrices quantized again: {})",
-                r.requantized,
-                if r.source == "gguf" {
-                    "8- or 6-bit layer matrices of a 4-bit file, round-to-nearest INT4"
-                } else {
-                    "act-order, in contiguous groups"
-                }
-            )
-        } else {
-            String::new()
+        match (r.requantized, r.own_format) {
+            (0, 0) => String::new(),
+            (0, n) => format!(
+                " ({n} 8- or 6-bit layer matrices of a 4-bit file kept as INT8 g32: quantization_config.overrides)"
+            ),
+            (n, _) => format!(" ({n} matrices quantized again: act-order, in contiguous groups)"),
         },
         r.copied,
         r.bytes_out as f64 / 1e6,
