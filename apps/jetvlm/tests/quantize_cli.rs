@@ -515,6 +515,9 @@ mod plan_vs_runtime {
         for (name, src) in [
             ("gguf_q8_0_tied", "decoder/llama"),
             ("gguf_q4_k", "quant/gguf_q4_k/hf"),
+            // llama.cpp's Q4_K_M mix: its INT8 attn_v / ffn_down charged at their own format
+            // (quantization_config.overrides).
+            ("gguf_q4_k_m", "quant/gguf_q4_k/hf"),
             ("gguf_q4_0", "decoder/llama"),
         ] {
             let out = tmp.path().join(name);

@@ -133,7 +133,7 @@ impl Workload {
 }
 
 /// Storage of the language model's weights.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightFormat {
     /// The dtype `config.json` declares.
@@ -146,12 +146,15 @@ pub enum WeightFormat {
     /// The layout of `jetvlm quantize --bits B --group G [--head-bits 8]`: layer matrices
     /// weight-only INT8/INT4 in groups of `group`, the rest as stored. `embed_bits`: the
     /// embedding table stored quantized too, at these bits in groups of `group` (a converted
-    /// GGUF whose table is quantized; tied, it is the LM head).
+    /// GGUF whose table is quantized; tied, it is the LM head). `overrides`: layer matrices
+    /// in their own format (`quantization_config.overrides`, e.g. a llama.cpp Q4_K_M file's
+    /// 8-bit `attn_v` / `ffn_down`), charged at it.
     Quantized {
         bits: u8,
         group: u16,
         head_int8: bool,
         embed_bits: Option<u8>,
+        overrides: Vec<jetvlm_quant::MatrixOverride>,
     },
 }
 
@@ -228,6 +231,7 @@ impl WeightFormat {
     }
 
     /// Bits per weight of the layer matrices, scales and zeros included.
+    /// (The base format: matrices that `overrides` name may hold more.)
     pub fn bits_per_weight(&self, native: DType) -> f64 {
         match (self.quantized(), self) {
             (Ok(Some((f, _))), _) => f.bits_per_weight(),
@@ -240,8 +244,15 @@ impl WeightFormat {
         match (self.quantized(), self) {
             (Ok(Some((f, head))), _) => {
                 let embed = self.embed_format().ok().flatten();
+                let own = match self {
+                    WeightFormat::Quantized { overrides, .. } if !overrides.is_empty() => {
+                        let list: Vec<String> = overrides.iter().map(|o| o.to_string()).collect();
+                        format!(" (in their own format: {})", list.join(", "))
+                    }
+                    _ => String::new(),
+                };
                 format!(
-                    "layer matrices int{} g{} ({} bits/weight), embeddings {}, LM head {}",
+                    "layer matrices int{} g{} ({} bits/weight){own}, embeddings {}, LM head {}",
                     f.bits(),
                     f.group(),
                     f.bits_per_weight(),
@@ -266,12 +277,13 @@ impl WeightFormat {
 }
 
 /// Bytes of a decoder's weights in `format`, as the CPU decoder holds them. Quantized:
-/// every layer matrix in its format (`jetvlm_quant::WeightFormat::matrix_bytes`), the
+/// every layer matrix in its own format (the base one or the override naming it,
+/// `jetvlm_quant::qconfig::matrix_format`; `jetvlm_quant::WeightFormat::matrix_bytes`), the
 /// embedding table at the config's dtype (or its `embed_bits` format), norms and biases at
 /// the config's dtype, the LM head at the config's dtype (tied: none, the table serves) or
 /// INT8. An overflow is an error; a group that does not divide a matrix's
 /// columns is an error naming `--weight-group`.
-pub fn weight_bytes(text: &ModelConfig, format: WeightFormat) -> Result<WeightBytes, BoardError> {
+pub fn weight_bytes(text: &ModelConfig, format: &WeightFormat) -> Result<WeightBytes, BoardError> {
     let native = text.dtype.size_bytes() as u128;
     let emb = text.vocab_size as u128 * text.hidden_size as u128;
     let Some((f, head_int8)) = format.quantized()? else {
@@ -291,23 +303,65 @@ pub fn weight_bytes(text: &ModelConfig, format: WeightFormat) -> Result<WeightBy
     let kv = (text.num_key_value_heads * text.head_dim) as u128;
     let i = text.intermediate_size as u128;
     let group = f.group() as u128;
-    let params = if f.has_zeros() { 4 } else { 2 };
-    let matrix = |rows: u128, cols: u128| -> Result<u128, BoardError> {
-        if cols == 0 || !cols.is_multiple_of(group) {
+    let overrides: &[jetvlm_quant::MatrixOverride] = match format {
+        WeightFormat::Quantized { overrides, .. } => overrides,
+        _ => &[],
+    };
+    for o in overrides {
+        if let jetvlm_quant::Layers::One(n) = o.layers
+            && n >= text.num_hidden_layers
+        {
             return Err(BoardError::InvalidWorkload(format!(
-                "--weight-group {group} does not divide a {cols}-column layer matrix of this model (use a group that divides {cols})"
+                "quantization_config.overrides.{} names layer {n} of a decoder with {} layers",
+                o.key(),
+                text.num_hidden_layers
             )));
         }
-        Ok(rows * (cols * f.bits() as u128 / 8 + cols / group * params))
+    }
+    // One matrix in its format `m`; `key` names what set it.
+    let matrix = |rows: u128,
+                  cols: u128,
+                  m: jetvlm_quant::WeightFormat,
+                  key: &str|
+     -> Result<u128, BoardError> {
+        let g = m.group() as u128;
+        if cols == 0 || !cols.is_multiple_of(g) {
+            return Err(BoardError::InvalidWorkload(format!(
+                "{key} {g} does not divide a {cols}-column layer matrix of this model (use a group that divides {cols})"
+            )));
+        }
+        let params = if m.has_zeros() { 4 } else { 2 };
+        Ok(rows * (cols * m.bits() as u128 / 8 + cols / g * params))
     };
     let shapes = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)];
-    let mut layer = 0u128;
-    let mut layer_params = 0u128;
-    for (r, c) in shapes {
-        layer += matrix(r, c)?;
-        layer_params += r * c;
-    }
     let layers = text.num_hidden_layers as u128;
+    let mut layers_matrices = 0u128;
+    let mut layer_params = 0u128;
+    for (role, (r, c)) in jetvlm_quant::MatrixRole::ALL.into_iter().zip(shapes) {
+        layer_params += r * c;
+        // The layers an override names for this matrix, then the rest at its `*` format.
+        let mut named = 0u128;
+        for o in overrides.iter().filter(|o| o.role == role) {
+            if let jetvlm_quant::Layers::One(_) = o.layers {
+                let key = format!("quantization_config.overrides.{}.group_size", o.key());
+                layers_matrices += matrix(r, c, o.format, &key)?;
+                named += 1;
+            }
+        }
+        let rest_fmt = overrides
+            .iter()
+            .find(|o| o.role == role && o.layers == jetvlm_quant::Layers::All);
+        let (m, key) = match rest_fmt {
+            Some(o) => (
+                o.format,
+                format!("quantization_config.overrides.{}.group_size", o.key()),
+            ),
+            None => (f, "--weight-group".to_string()),
+        };
+        if named < layers {
+            layers_matrices += (layers - named) * matrix(r, c, m, &key)?;
+        }
+    }
     let untied = if text.tie_word_embeddings { 0 } else { emb };
     let table = match format.embed_format()? {
         Some(e) => {
@@ -337,7 +391,7 @@ pub fn weight_bytes(text: &ModelConfig, format: WeightFormat) -> Result<WeightBy
     } else {
         untied * native
     };
-    let layers_bytes = layers * layer + rest * native;
+    let layers_bytes = layers_matrices + rest * native;
     let total = layers_bytes + table + head;
     let read = layers_bytes
         + if head_int8 || !text.tie_word_embeddings {
@@ -790,7 +844,7 @@ pub fn memory(
     check(workload, opts)?;
     let usage = kv_usage(&model.text, workload, kv)?;
     let mem = MemoryBreakdown {
-        weights_bytes: weight_bytes(&model.text, opts.weights)?.total,
+        weights_bytes: weight_bytes(&model.text, &opts.weights)?.total,
         vision_encoder_bytes: model.vision.as_ref().map_or(0, |v| v.bytes),
         kv_text_bytes: usage.text_bytes,
         kv_frame_bytes: usage.frame_bytes,
@@ -868,7 +922,7 @@ pub fn tpot_floor_ms(
     kv: &KvPrecision,
     opts: &PlanOptions,
 ) -> Result<f64, BoardError> {
-    let weights = weight_bytes(&model.text, opts.weights)?.read_per_token;
+    let weights = weight_bytes(&model.text, &opts.weights)?.read_per_token;
     let kv_bytes = kv_usage(&model.text, workload, kv)?.total_bytes;
     Ok((weights as f64 + kv_bytes as f64) / board.bandwidth_bytes_per_s() * 1e3)
 }
@@ -982,7 +1036,7 @@ pub fn plan(
 
     let max_pos = model.text.max_position_embeddings as u64;
     let max_frames_context = max_pos.saturating_sub(usage.text_tokens) / workload.tokens_per_frame;
-    let weight_read = weight_bytes(&model.text, opts.weights)?.read_per_token;
+    let weight_read = weight_bytes(&model.text, &opts.weights)?.read_per_token;
 
     let mut notes = Vec::new();
     if let Some(v) = &model.vision {
@@ -1143,4 +1197,92 @@ fn advice(
     msg.push_str(&fixes.join("; or "));
     msg.push('.');
     Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jetvlm_quant::{Layers, MatrixOverride, MatrixRole};
+
+    fn fmt(bits: u32, group: usize) -> jetvlm_quant::WeightFormat {
+        jetvlm_quant::WeightFormat::new(bits, group).unwrap()
+    }
+
+    /// Each layer matrix is charged at its own format: an override for every layer, one for
+    /// a single layer (which wins over `*`), the base format for the rest.
+    #[test]
+    fn overridden_matrices_are_charged_at_their_own_format() {
+        let raw = serde_json::json!({
+            "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+            "num_hidden_layers": 3, "vocab_size": 1000, "tie_word_embeddings": false,
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 256, "torch_dtype": "float16",
+        });
+        let text = ModelConfig::from_value(&raw, std::path::Path::new("config.json")).unwrap();
+        let with = |overrides: Vec<MatrixOverride>| WeightFormat::Quantized {
+            bits: 4,
+            group: 32,
+            head_int8: false,
+            embed_bits: None,
+            overrides,
+        };
+        let o = |layers, role, format| MatrixOverride {
+            layers,
+            role,
+            format,
+        };
+        let base = weight_bytes(&text, &with(vec![])).unwrap();
+        let mixed = weight_bytes(
+            &text,
+            &with(vec![
+                o(Layers::All, MatrixRole::Down, fmt(8, 32)),
+                o(Layers::One(1), MatrixRole::Down, fmt(8, 128)),
+                o(Layers::One(2), MatrixRole::V, fmt(8, 64)),
+            ]),
+        )
+        .unwrap();
+        let (i4, h, kv) = (fmt(4, 32), 256, 2 * 64);
+        let more = 2 * (fmt(8, 32).matrix_bytes(h, 512) - i4.matrix_bytes(h, 512))
+            + (fmt(8, 128).matrix_bytes(h, 512) - i4.matrix_bytes(h, 512))
+            + (fmt(8, 64).matrix_bytes(kv, h) - i4.matrix_bytes(kv, h));
+        assert_eq!(mixed.total - base.total, more as u64);
+        assert_eq!(mixed.read_per_token - base.read_per_token, more as u64);
+        assert!(
+            with(vec![o(Layers::All, MatrixRole::V, fmt(8, 32))])
+                .describe(DType::F16)
+                .contains("layers.*.self_attn.v_proj int8 g32")
+        );
+
+        // A layer the decoder lacks; a group that does not divide the matrix, named.
+        let e = weight_bytes(
+            &text,
+            &with(vec![o(Layers::One(3), MatrixRole::Up, fmt(8, 32))]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("overrides.layers.3.mlp.up_proj") && e.contains("3 layers"),
+            "{e}"
+        );
+        let narrow = ModelConfig::from_value(
+            &serde_json::json!({
+                "model_type": "llama", "hidden_size": 256, "intermediate_size": 480,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+                "num_hidden_layers": 3, "vocab_size": 1000, "rms_norm_eps": 1e-5,
+                "max_position_embeddings": 256, "torch_dtype": "float16",
+            }),
+            std::path::Path::new("config.json"),
+        )
+        .unwrap();
+        let e = weight_bytes(
+            &narrow,
+            &with(vec![o(Layers::All, MatrixRole::Down, fmt(8, 64))]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("overrides.layers.*.mlp.down_proj.group_size 64") && e.contains("480"),
+            "{e}"
+        );
+    }
 }

@@ -143,6 +143,7 @@ fn weight_format(args: &PlanArgs, config_path: &Path) -> Result<WeightFormat> {
                 group: group(args.weight_group.as_deref()),
                 head_int8: args.head_bits.is_some(),
                 embed_bits: None,
+                overrides: Vec::new(),
             },
             (f, _) => {
                 anyhow::ensure!(
@@ -169,22 +170,24 @@ fn weight_format(args: &PlanArgs, config_path: &Path) -> Result<WeightFormat> {
             group: g as u16,
             head_int8: false,
             embed_bits: None,
+            overrides: Vec::new(),
         }),
-        (Some("jetvlm"), Some(bits @ (4 | 8)), Some(g @ (32 | 64 | 128))) => {
-            // A converted GGUF's quantized embedding table (`embed_bits`); tied, it is the
-            // LM head (`lm_head_bits` says its bits), not a copy.
-            let embed_bits = match field("embed_bits") {
-                Some(b @ (4 | 8)) => Some(b as u8),
-                _ => None,
-            };
+        (Some("jetvlm"), ..) => {
+            // The one definition of the format (jetvlm_quant::QuantizationConfig): the base
+            // layer format, per-matrix overrides, a converted GGUF's quantized embedding
+            // table (`embed_bits`; tied, it is the LM head, `lm_head_bits` says its bits).
+            let qc = jetvlm_quant::QuantizationConfig::from_json(q)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
             let tied = jetvlm_core::hf::ModelConfig::from_value(&raw, config_path)
                 .map(|c| c.tie_word_embeddings)
                 .unwrap_or(false);
+            let embed_bits = qc.embed_bits.map(|b| b as u8);
             Ok(WeightFormat::Quantized {
-                bits: bits as u8,
-                group: g as u16,
-                head_int8: field("lm_head_bits") == Some(8) && !(tied && embed_bits.is_some()),
+                bits: qc.format.bits() as u8,
+                group: qc.format.group() as u16,
+                head_int8: qc.lm_head_bits == Some(8) && !(tied && embed_bits.is_some()),
                 embed_bits,
+                overrides: qc.overrides,
             })
         }
         _ => anyhow::bail!(
