@@ -10,6 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// SmolVLM with image splitting: the tiled package (`tests/fixtures/hf_vlms/smolvlm_tiles`).
+mod tiled;
+
 const FAMILIES: [&str; 7] = [
     "llava",
     "idefics3",
