@@ -10,8 +10,10 @@
 //! repacks its tile once ([`Tile`]): 4 consecutive code bytes of the `L` rows side by side in
 //! one vector, so that one instruction multiplies 4 codes of `L` rows with the same 4 bytes
 //! of `x` broadcast, and every lane ends a block holding its row's whole block dot product
-//! (no horizontal sums). The task then runs all tokens through the tile 4 at a time: each
-//! vector of codes loaded serves 4 tokens and each broadcast of `x` serves `L * R` rows.
+//! (no horizontal sums). The task then runs all tokens through the tile 2 at a time: each
+//! vector of codes loaded serves 2 tokens and each broadcast of `x` serves `L * R` rows
+//! (4 tokens at a time measured slower with AVX-512, its accumulators spilled; AVX2 has
+//! half the registers).
 //!
 //! Per ISA (picked at run time with the decode kernels' [`Kernel`]):
 //! - AVX-512 VNNI: `vpdpbusd` (unsigned codes times signed `x`); INT8 codes are biased by
@@ -33,7 +35,7 @@ use rayon::prelude::*;
 const R: usize = 2;
 
 /// Tokens per register tile.
-const T: usize = 4;
+const T: usize = 2;
 
 /// The activations of `n` tokens quantized for the integer products: each token's row
 /// exactly as [`QuantizedX::new`] quantizes it (INT8 values, block scales `d`, f32 group
@@ -344,8 +346,8 @@ fn portable(q: &QuantData<'_>, x: &[f32], y: &mut [f32]) {
 }
 
 /// Runs every tile of `L * R = RT` rows as a task: `repack(tile, r0, m)`, then the tokens
-/// 4 at a time through `kernel(tile, tokens, out)`, which writes `out[t][..RT]` for each of
-/// its `tokens.len()` (1..=4) tokens.
+/// [`T`] at a time through `kernel(tile, tokens, out)`, which writes `out[t][..RT]` for each
+/// of its `tokens.len()` (1..=T) tokens.
 fn tiles<const RT: usize>(
     q: &QuantData<'_>,
     acts: &Acts,
@@ -422,12 +424,8 @@ mod vnni {
         // SAFETY: the caller's contract.
         unsafe {
             match (toks.len(), q.format.bits() == 8) {
-                (4, false) => run::<4, false>(tile, q, toks, out),
-                (3, false) => run::<3, false>(tile, q, toks, out),
                 (2, false) => run::<2, false>(tile, q, toks, out),
                 (_, false) => run::<1, false>(tile, q, toks, out),
-                (4, true) => run::<4, true>(tile, q, toks, out),
-                (3, true) => run::<3, true>(tile, q, toks, out),
                 (2, true) => run::<2, true>(tile, q, toks, out),
                 (_, true) => run::<1, true>(tile, q, toks, out),
             }
@@ -632,12 +630,8 @@ mod avx2 {
         // SAFETY: the caller's contract.
         unsafe {
             match (toks.len(), q.format.bits() == 8) {
-                (4, false) => run::<4, false>(tile, q, toks, out),
-                (3, false) => run::<3, false>(tile, q, toks, out),
                 (2, false) => run::<2, false>(tile, q, toks, out),
                 (_, false) => run::<1, false>(tile, q, toks, out),
-                (4, true) => run::<4, true>(tile, q, toks, out),
-                (3, true) => run::<3, true>(tile, q, toks, out),
                 (2, true) => run::<2, true>(tile, q, toks, out),
                 (_, true) => run::<1, true>(tile, q, toks, out),
             }
@@ -759,12 +753,8 @@ mod neon {
         // SAFETY: the caller's contract.
         unsafe {
             match (toks.len(), q.format.bits() == 8) {
-                (4, false) => run::<4, false>(tile, q, toks, out),
-                (3, false) => run::<3, false>(tile, q, toks, out),
                 (2, false) => run::<2, false>(tile, q, toks, out),
                 (_, false) => run::<1, false>(tile, q, toks, out),
-                (4, true) => run::<4, true>(tile, q, toks, out),
-                (3, true) => run::<3, true>(tile, q, toks, out),
                 (2, true) => run::<2, true>(tile, q, toks, out),
                 (_, true) => run::<1, true>(tile, q, toks, out),
             }
