@@ -8,8 +8,9 @@
 //!   in their stored type.
 //! - [`kernels`]: matrix-vector (decode) and matrix-matrix (prefill) products that convert
 //!   F16/BF16 in the kernel, RMSNorm, SwiGLU, RoPE; each with a reference twin.
-//!   Weight-only INT8/INT4 matrices (`jetvlm quantize`) run their own matrix-vector rows,
-//!   dequantizing in registers.
+//!   Weight-only INT8/INT4 matrices (`jetvlm quantize`) run integer products with the
+//!   activations quantized to INT8 per block of 32: decode's matrix-vector rows and
+//!   prefill's tiled GEMM (`qgemm`).
 //! - [`quantize`]: a decoder's layer matrices written INT8/INT4 (`jetvlm quantize`).
 //! - [`import`]: AWQ, GPTQ and GGUF checkpoints converted to that layout.
 //! - [`kv`]: the KV cache calls the forward pass makes ([`KvStore`], implemented by
