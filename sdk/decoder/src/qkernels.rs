@@ -478,6 +478,41 @@ mod vnni {
         }
     }
 
+    /// `ys[k]` = the sum of the lanes of `t[k]`; four rows reduced together (a transpose
+    /// by 128-bit lanes, then sums within them).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn reduce<const R: usize>(t: &[__m512; R], ys: &mut [f32]) {
+        if R != 4 {
+            for k in 0..R {
+                ys[k] = _mm512_reduce_add_ps(t[k]);
+            }
+            return;
+        }
+        // 128-bit lanes summed in pairs: [t0 0+1 | t0 2+3 | t1 0+1 | t1 2+3], [t2 | t3].
+        let a = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(t[0], t[1]),
+            _mm512_shuffle_f32x4::<0xdd>(t[0], t[1]),
+        );
+        let b = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(t[2], t[3]),
+            _mm512_shuffle_f32x4::<0xdd>(t[2], t[3]),
+        );
+        // One 128-bit lane per row: [t0 | t1 | t2 | t3].
+        let c = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(a, b),
+            _mm512_shuffle_f32x4::<0xdd>(a, b),
+        );
+        let c = _mm512_add_ps(c, _mm512_permute_ps::<0x4e>(c));
+        let c = _mm512_add_ps(c, _mm512_permute_ps::<0xb1>(c));
+        let mut out = [0f32; 16];
+        // SAFETY: `out` holds 16 floats.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), c) };
+        for (k, y) in ys.iter_mut().take(4).enumerate() {
+            *y = out[4 * k];
+        }
+    }
+
     /// Prefetches the cache lines of `bytes[range]` into L1 (the part inside `bytes`).
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -600,9 +635,7 @@ mod vnni {
             }
             g0 += n;
         }
-        for k in 0..R {
-            ys[k] = _mm512_reduce_add_ps(total[k]);
-        }
+        reduce(&total, ys);
     }
 
     /// INT8 rows `r0..r0 + R` (`ys.len() == R`), 64 codes of each per step: the codes
@@ -684,9 +717,7 @@ mod vnni {
             }
             g0 += n;
         }
-        for k in 0..R {
-            ys[k] = _mm512_reduce_add_ps(total[k]);
-        }
+        reduce(&total, ys);
     }
 }
 
