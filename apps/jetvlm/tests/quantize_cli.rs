@@ -508,6 +508,78 @@ mod plan_vs_runtime {
         check("qwen3_vl", &pkg);
     }
 
+    /// `jetvlm quantize --bits 4 --keep-8bit ...`: the named matrices INT8 (every layer's
+    /// `mlp.down_proj`, layer 1's `v_proj`), declared per matrix; plan charges each at its
+    /// own format and equals what the decoder holds, which the all-INT4 charge would miss by
+    /// more than the 2% bound; a matrix that is not a layer matrix is refused naming the flag.
+    #[test]
+    fn keep_8bit_plans_what_the_decoder_holds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("q4m");
+        let quantize = |extra: &[&str], out: &Path| {
+            let mut a = vec![
+                "quantize",
+                "--model",
+                super::MODEL,
+                "--bits",
+                "4",
+                "--group",
+                "32",
+                "--out",
+                out.to_str().unwrap(),
+            ];
+            a.extend_from_slice(extra);
+            jetvlm(&a)
+        };
+        let (ok, _, stderr) = quantize(
+            &[
+                "--keep-8bit",
+                "mlp.down_proj",
+                "--keep-8bit",
+                "layers.1.self_attn.v_proj",
+            ],
+            &out,
+        );
+        assert!(ok, "{stderr}");
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        let o = &cfg["quantization_config"]["overrides"];
+        assert_eq!(o["layers.*.mlp.down_proj"]["bits"], 8, "{o}");
+        assert_eq!(o["layers.1.self_attn.v_proj"]["group_size"], 32, "{o}");
+        let plan = |dir: &Path| {
+            let (ok, stdout, stderr) = jetvlm(&[
+                "plan",
+                "--model",
+                dir.to_str().unwrap(),
+                "--board",
+                "orin-nano-8gb",
+                "--tokens-per-frame",
+                "1",
+                "--json",
+            ]);
+            assert!(ok, "{stderr}");
+            let p: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+            p["memory"]["weights_bytes"].as_u64().unwrap()
+        };
+        let planned = plan(&out);
+        let m = jetvlm_decoder::Model::load(&out, &jetvlm_decoder::LoadOptions::default()).unwrap();
+        let held = m.weight_bytes_held();
+        let plain = tmp.path().join("q4");
+        assert!(quantize(&[], &plain).0);
+        let all_int4 = plan(&plain);
+        eprintln!("--keep-8bit: plan {planned} B, held {held} B, all-INT4 plan {all_int4} B");
+        assert_eq!(planned, held);
+        assert!((planned - all_int4) as f64 > 0.02 * held as f64);
+
+        let bad = tmp.path().join("bad");
+        let (ok, _, stderr) = quantize(&["--keep-8bit", "mlp.fc1"], &bad);
+        assert!(!ok && stderr.contains("--keep-8bit `mlp.fc1`"), "{stderr}");
+        let (ok, _, stderr) = quantize(&["--keep-8bit", "layers.7.mlp.up_proj"], &bad);
+        assert!(!ok && stderr.contains("names layer 7"), "{stderr}");
+        assert!(!bad.exists());
+    }
+
     #[test]
     fn converted_gguf_plans_what_the_decoder_holds() {
         let tmp = tempfile::tempdir().unwrap();

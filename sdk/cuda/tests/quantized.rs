@@ -53,6 +53,39 @@ fn the_simulated_device_gives_the_cpu_tokens_on_quantized_decoders() {
     }
 }
 
+/// A decoder whose layer matrices mix formats (INT4 g32 with llama.cpp Q4_K_M's choice of
+/// INT8 g32 `v_proj` and `down_proj`, `quantization_config.overrides`): the device reads each
+/// matrix in its own format and gives the CPU decoder's 32 greedy tokens.
+#[test]
+fn the_simulated_device_runs_a_decoder_of_mixed_formats() {
+    use jetvlm_decoder::quantize::quantize_dir_mixed;
+    use jetvlm_quant::{Layers, MatrixOverride, MatrixRole};
+    let tmp = tempfile::tempdir().unwrap();
+    let int8 = WeightFormat::new(8, 32).unwrap();
+    let keep = [MatrixRole::V, MatrixRole::Down].map(|role| MatrixOverride {
+        layers: Layers::All,
+        role,
+        format: int8,
+    });
+    let opts = QuantizeOptions {
+        format: WeightFormat::new(4, 32).unwrap(),
+        head_int8: true,
+    };
+    for name in ["llama", "qwen2"] {
+        let src = fixtures().join(name);
+        let dst = tmp.path().join(name);
+        quantize_dir_mixed(&src, &dst, &opts, &keep).unwrap();
+        std::fs::copy(src.join("expected.json"), dst.join("expected.json")).unwrap();
+    }
+    let checks = decoder_check(&SimDevice::new(), tmp.path(), 32).unwrap();
+    assert_eq!(checks.len(), 2, "{checks:?}");
+    for c in &checks {
+        eprintln!("INT4 g32 + INT8 v/down: {}", c.line());
+        assert!(c.passed(), "{}", c.line());
+        assert_eq!(c.gpu.len(), 32);
+    }
+}
+
 /// Prompt logits of the decoder in `dir` on the simulated device (FP16 KV).
 fn device_logits(dir: &Path, prompt: &[u32]) -> (Vec<f32>, u64) {
     let dev = SimDevice::new();

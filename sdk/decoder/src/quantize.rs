@@ -27,7 +27,7 @@ use crate::error::{DecoderError, Result};
 use crate::weights::{Tensor, Weights};
 /// The format of quantized layer matrices ([`QuantizeOptions::format`]).
 pub use jetvlm_quant::WeightFormat;
-use jetvlm_quant::{MatrixRole, QuantRow, QuantizationConfig};
+use jetvlm_quant::{MatrixOverride, MatrixRole, QuantRow, QuantizationConfig};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
@@ -185,6 +185,17 @@ pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> DecoderError + '_ {
 
 /// Quantizes the decoder in `src` into the new directory `dst` (which must not exist).
 pub fn quantize_dir(src: &Path, dst: &Path, opts: &QuantizeOptions) -> Result<QuantizeReport> {
+    quantize_dir_mixed(src, dst, opts, &[])
+}
+
+/// [`quantize_dir`] with some layer matrices in their own format (`overrides`, e.g. every
+/// `mlp.down_proj` INT8 in an INT4 model), declared in `quantization_config.overrides`.
+pub fn quantize_dir_mixed(
+    src: &Path,
+    dst: &Path,
+    opts: &QuantizeOptions,
+    overrides: &[MatrixOverride],
+) -> Result<QuantizeReport> {
     if dst.exists() {
         return Err(DecoderError::Input(format!(
             "output {} already exists; remove it or choose another --out",
@@ -201,15 +212,23 @@ pub fn quantize_dir(src: &Path, dst: &Path, opts: &QuantizeOptions) -> Result<Qu
             msg: "the model is already quantized; quantize the unquantized model".into(),
         });
     }
+    let mut qc = QuantizationConfig::new(opts.format);
+    qc.lm_head_bits = opts.head_int8.then_some(8);
+    for o in overrides {
+        qc.set_override(o.layers, o.role, o.format);
+    }
+    qc.check_layers(config.model.num_hidden_layers)
+        .map_err(|e| DecoderError::Input(e.to_string()))?;
     let ws = Weights::open(src)?;
     let names = arch::load(&config.model, &ws, None, &mut Names)?;
     let c = &config.model;
 
     // (tensor name, rows, cols, format) of every matrix to quantize.
     let mut jobs: Vec<(String, usize, usize, WeightFormat)> = Vec::new();
-    for l in &names.layers {
-        for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
-            jobs.push((lin.w.clone(), lin.rows, lin.cols, opts.format));
+    for (i, l) in names.layers.iter().enumerate() {
+        let lins = [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down];
+        for (role, lin) in MatrixRole::ALL.into_iter().zip(lins) {
+            jobs.push((lin.w.clone(), lin.rows, lin.cols, qc.matrix_format(i, role)));
         }
     }
     let prefix = names
@@ -320,8 +339,6 @@ pub fn quantize_dir(src: &Path, dst: &Path, opts: &QuantizeOptions) -> Result<Qu
     }
 
     // Config: the format, and an untied head when a tied one was quantized.
-    let mut qc = QuantizationConfig::new(opts.format);
-    qc.lm_head_bits = opts.head_int8.then_some(8);
     let obj = insert_quantization_config(&mut raw, &config_path, &qc)?;
     if head_source.is_some() {
         obj.insert("tie_word_embeddings".into(), false.into());

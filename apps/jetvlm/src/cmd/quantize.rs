@@ -7,14 +7,15 @@
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use jetvlm_decoder::import;
-use jetvlm_decoder::quantize::{QuantizeOptions, quantize_dir};
-use jetvlm_quant::WeightFormat;
+use jetvlm_decoder::quantize::{QuantizeOptions, quantize_dir_mixed};
+use jetvlm_quant::{Layers, MatrixOverride, MatrixRole, WeightFormat};
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  \
     jetvlm quantize --model models/gen/smollm2-135m-random --bits 4 --out models/gen/smollm2-135m-q4\n  \
     jetvlm quantize --model ~/hf/Qwen2.5-0.5B --bits 8 --group 128 --head-bits 8 --out q8\n  \
+    jetvlm quantize --model ~/hf/Qwen2.5-0.5B --bits 4 --group 32 --keep-8bit self_attn.v_proj --keep-8bit mlp.down_proj --out q4m\n  \
     jetvlm quantize --model ~/hf/Qwen2.5-3B-Instruct-AWQ --out qwen-awq\n  \
     jetvlm quantize --model ~/hf/SmolLM2-135M --from smollm2-135m-q4_0.gguf --out smol-q4_0\n\n\
     Writes <name>.qweight (I8 codes, or U8 with two 4-bit codes per byte), <name>.scales (F16)\n\
@@ -43,6 +44,12 @@ pub struct QuantizeArgs {
     /// embedding table stays as stored). Default: the head stays as stored.
     #[arg(long, value_enum)]
     pub head_bits: Option<HeadBits>,
+    /// With --bits 4: keep these layer matrices INT8 (same group), as llama.cpp's Q4_K_M
+    /// keeps attn_v and ffn_down at more bits. A matrix of every layer (`mlp.down_proj`,
+    /// `self_attn.v_proj`, ...) or of one (`layers.3.mlp.down_proj`); repeatable. Declared in
+    /// quantization_config.overrides.
+    #[arg(long = "keep-8bit", value_name = "MATRIX")]
+    pub keep_8bit: Vec<String>,
     /// Directory to write (must not exist; written beside it and renamed into place).
     #[arg(long)]
     pub out: PathBuf,
@@ -90,18 +97,25 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     };
     let opts = options(bits, args.group, args.head_bits)?;
     let (bits, group) = (opts.format.bits(), opts.format.group());
+    let keep = keep_8bit(&args.keep_8bit, opts.format)?;
     let t0 = std::time::Instant::now();
-    let r = quantize_dir(&src, &args.out, &opts)
+    let r = quantize_dir_mixed(&src, &args.out, &opts, &keep)
         .map_err(|e| anyhow::anyhow!("quantizing {}: {e}", src.display()))?;
     let mb = |b: u64| b as f64 / 1e6;
     println!(
-        "wrote {}: {} matrices INT{bits} g{group}{}, {} tensors copied, weights {:.1} MB -> {:.1} MB ({:.2}x), {} other files copied, {:.1} s",
+        "wrote {}: {} matrices INT{bits} g{group}{}{}, {} tensors copied, weights {:.1} MB -> {:.1} MB ({:.2}x), {} other files copied, {:.1} s",
         args.out.display(),
         r.matrices,
         if opts.head_int8 {
             " (LM head INT8)"
         } else {
             ""
+        },
+        if keep.is_empty() {
+            String::new()
+        } else {
+            let k: Vec<String> = keep.iter().map(|o| o.key()).collect();
+            format!(" (INT8 g{group}: {})", k.join(", "))
         },
         r.copied,
         mb(r.bytes_in),
@@ -135,11 +149,45 @@ pub fn options(
     })
 }
 
+/// `--keep-8bit` values as overrides: INT8 in the layer format's group.
+fn keep_8bit(values: &[String], format: WeightFormat) -> Result<Vec<MatrixOverride>> {
+    if values.is_empty() {
+        return Ok(Vec::new());
+    }
+    if format.bits() != 4 {
+        bail!("--keep-8bit applies to --bits 4 (the layer matrices are already 8-bit)");
+    }
+    let int8 = WeightFormat::new(8, format.group())?;
+    values
+        .iter()
+        .map(|v| {
+            let (layers, role) = match MatrixRole::from_name(v) {
+                Some(role) => (Layers::All, role),
+                None => MatrixOverride::parse_key(v).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--keep-8bit `{v}`: expected a layer matrix ({}) or layers.<N|*>.<matrix>",
+                        MatrixRole::ALL.map(|r| r.name()).join(", ")
+                    )
+                })?,
+            };
+            Ok(MatrixOverride {
+                layers,
+                role,
+                format: int8,
+            })
+        })
+        .collect()
+}
+
 /// Converts a pre-quantized checkpoint (`--from FILE.gguf`, or an AWQ / GPTQ `--model`).
 fn convert(args: &QuantizeArgs, src: &Path, method: Option<String>) -> Result<()> {
-    if args.bits.is_some() || args.group.is_some() || args.head_bits.is_some() {
+    if args.bits.is_some()
+        || args.group.is_some()
+        || args.head_bits.is_some()
+        || !args.keep_8bit.is_empty()
+    {
         bail!(
-            "--bits, --group and --head-bits quantize an unquantized model; {} is converted in its own format (drop them)",
+            "--bits, --group, --head-bits and --keep-8bit quantize an unquantized model; {} is converted in its own format (drop them)",
             args.from.as_ref().map_or_else(
                 || format!(
                     "--model {} ({})",
