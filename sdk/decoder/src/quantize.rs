@@ -15,7 +15,8 @@
 //! INT4 bytes hold codes in chunks of 32 (byte `i` of a chunk: code `i` in the low nibble,
 //! code `i + 16` in the high one). `config.json` gains
 //! `"quantization_config": {"quant_method": "jetvlm", "bits": B, "group_size": G,
-//! "lm_head_bits": 8 | null}`; a tied LM head quantized to INT8 is written as its own
+//! "lm_head_bits": 8 | null}` plus the `overrides` of matrices kept in their own format
+//! ([`quantize_dir_mixed`]; the entry is [`jetvlm_quant::QuantizationConfig`]); a tied LM head quantized to INT8 is written as its own
 //! `lm_head` tensors and `tie_word_embeddings` becomes `false` (the embedding table stays as
 //! stored). The other files of the directory (tokenizer, chat template, generation config)
 //! are copied. Everything is written into a temporary directory beside the output and
