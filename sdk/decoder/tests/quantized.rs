@@ -348,8 +348,10 @@ fn quantize_refusals_are_clear() {
     assert!(
         out.join("tokenizer.json").is_file() && !out.join("model.safetensors.index.json").exists()
     );
-    // LoadOptions::dtype dequantizes the matrices into dense ones (same logits within f32
-    // rounding).
+    // LoadOptions::dtype dequantizes the matrices into dense ones: the same logits up to
+    // the quantized model's INT8 activations (prefill's integer GEMM and decode quantize x
+    // per block of 32; the dense model multiplies f32), within the 3% the prequantized decode
+    // tests allow.
     let q = Model::load(&out, &LoadOptions::default()).unwrap();
     let d = Model::load(
         &out,
@@ -362,7 +364,9 @@ fn quantize_refusals_are_clear() {
     let p = prompt("llama");
     let (a, ..) = run(&q, &p, 0);
     let (b, ..) = run(&d, &p, 0);
-    assert!(rel_err(&a, &b) < 1e-4);
+    let err = rel_err(&a, &b);
+    println!("quantized vs dequantized prompt logits: max rel err {err:.4}");
+    assert!(err < 3e-2, "{err}");
 }
 
 /// The bundled demo model's decoder (`models/demo/decoder`, f32, hidden 192).
