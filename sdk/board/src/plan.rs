@@ -245,9 +245,25 @@ impl WeightFormat {
             (Ok(Some((f, head))), _) => {
                 let embed = self.embed_format().ok().flatten();
                 let own = match self {
-                    WeightFormat::Quantized { overrides, .. } if !overrides.is_empty() => {
+                    WeightFormat::Quantized { overrides, .. } if overrides.is_empty() => {
+                        String::new()
+                    }
+                    WeightFormat::Quantized { overrides, .. } if overrides.len() <= 4 => {
                         let list: Vec<String> = overrides.iter().map(|o| o.to_string()).collect();
                         format!(" (in their own format: {})", list.join(", "))
+                    }
+                    WeightFormat::Quantized { overrides, .. } => {
+                        let mut formats: Vec<String> = overrides
+                            .iter()
+                            .map(|o| format!("int{} g{}", o.format.bits(), o.format.group()))
+                            .collect();
+                        formats.sort();
+                        formats.dedup();
+                        format!(
+                            " ({} overrides in their own format: {})",
+                            overrides.len(),
+                            formats.join(", ")
+                        )
                     }
                     _ => String::new(),
                 };
