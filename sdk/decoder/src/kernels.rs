@@ -991,13 +991,20 @@ mod tests {
     #[test]
     fn swiglu_matches_reference() {
         let n = 1543;
-        let gate: Vec<f32> = (0..n).map(|i| ((i * 7919) % 2001) as f32 * 0.03 - 30.0).collect();
-        let up: Vec<f32> = (0..n).map(|i| ((i * 104_729) % 997) as f32 * 0.01 - 5.0).collect();
+        let gate: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 2001) as f32 * 0.03 - 30.0)
+            .collect();
+        let up: Vec<f32> = (0..n)
+            .map(|i| ((i * 104_729) % 997) as f32 * 0.01 - 5.0)
+            .collect();
         let (mut fast, mut want) = (vec![0f32; n], vec![0f32; n]);
         swiglu(&gate, &up, &mut fast);
         swiglu_ref(&gate, &up, &mut want);
         for ((f, w), g) in fast.iter().zip(&want).zip(&gate) {
-            assert!((f - w).abs() <= 1e-6 * w.abs().max(1e-3), "silu({g}): {f} vs {w}");
+            assert!(
+                (f - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                "silu({g}): {f} vs {w}"
+            );
         }
         // Large negative gates: silu -> 0 without NaN; large positive: silu(g) = g.
         let mut out = [0f32; 4];
