@@ -43,7 +43,8 @@ use crate::BoardError;
 use crate::plan::{product, sum};
 use jetvlm_core::ConfigError;
 use jetvlm_core::hf::ModelConfig;
-use serde::{Deserialize, Serialize};
+use jetvlm_core::manifest::{MANIFEST, Manifest};
+use serde::Serialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -105,52 +106,12 @@ pub struct ModelSpec {
     pub default_kv: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct Manifest {
-    vision: ManifestVision,
-    decoder: ManifestDecoder,
-    #[serde(default)]
-    kv: Option<ManifestKv>,
-}
-
-#[derive(Deserialize)]
-struct ManifestVision {
-    encoder: String,
-    tokens_per_frame: u64,
-    /// A frame split into tiles (`jetvlm_vision::package::TileSection`): `tokens_per_frame`
-    /// is per encoder run, a frame has `rows * cols` tiles plus the global image.
-    #[serde(default)]
-    tiles: Option<ManifestTiles>,
-}
-
-#[derive(Deserialize)]
-struct ManifestTiles {
-    rows: u64,
-    cols: u64,
-    #[serde(default = "global_image_default")]
-    global_image: bool,
-}
-
-fn global_image_default() -> bool {
-    true
-}
-
-#[derive(Deserialize)]
-struct ManifestDecoder {
-    dir: String,
-}
-
-#[derive(Deserialize)]
-struct ManifestKv {
-    policy: Option<String>,
-}
-
 impl ModelSpec {
     /// Loads a model from a directory (`config.json` or a jetvlm package with `jetvlm.yaml`)
     /// or a path to `config.json` / `jetvlm.yaml`.
     pub fn load(path: &Path) -> Result<Self, BoardError> {
         if path.is_dir() {
-            let manifest = path.join("jetvlm.yaml");
+            let manifest = path.join(MANIFEST);
             if manifest.is_file() {
                 return Self::from_package(&manifest);
             }
@@ -163,7 +124,7 @@ impl ModelSpec {
             });
         }
         if path.is_file() {
-            let is_manifest = path.file_name().and_then(|n| n.to_str()) == Some("jetvlm.yaml");
+            let is_manifest = path.file_name().and_then(|n| n.to_str()) == Some(MANIFEST);
             return if is_manifest {
                 Self::from_package(path)
             } else {
@@ -218,9 +179,11 @@ impl ModelSpec {
         })
     }
 
-    /// Reads a jetvlm package manifest and the decoder config it names.
+    /// Reads a jetvlm package manifest through the package schema
+    /// ([`jetvlm_core::manifest::Manifest::load`], whose errors name the file and every field
+    /// at fault, as `ModelPackage::load` does) and the decoder config it names.
     pub fn from_package(manifest_path: &Path) -> Result<Self, BoardError> {
-        let manifest: Manifest = jetvlm_core::config::load_yaml(manifest_path)?;
+        let manifest = Manifest::load(manifest_path)?;
         let root = manifest_path.parent().unwrap_or(Path::new("."));
         let config_path = root.join(&manifest.decoder.dir).join("config.json");
         if !config_path.is_file() {
@@ -232,6 +195,7 @@ impl ModelSpec {
             .into());
         }
         let mut spec = Self::from_hf_config(&config_path)?;
+        // The manifest's checks found the encoder a regular file.
         let encoder = root.join(&manifest.vision.encoder);
         let meta = std::fs::metadata(&encoder).map_err(|e| {
             ConfigError::invalid(
@@ -240,22 +204,6 @@ impl ModelSpec {
                 format!("cannot read {}: {e}", encoder.display()),
             )
         })?;
-        if !meta.is_file() {
-            return Err(ConfigError::invalid(
-                manifest_path,
-                "vision.encoder",
-                format!(
-                    "{} is {}, not an .onnx file",
-                    encoder.display(),
-                    if meta.is_dir() {
-                        "a directory"
-                    } else {
-                        "not a regular file"
-                    }
-                ),
-            )
-            .into());
-        }
         // ONNX files over 2 GB keep their tensors in an external data file beside them.
         let mut bytes = meta.len();
         for suffix in [".data", "_data"] {
@@ -265,38 +213,16 @@ impl ModelSpec {
                 bytes += m.len();
             }
         }
-        if manifest.vision.tokens_per_frame == 0 {
-            return Err(ConfigError::invalid(
-                manifest_path,
-                "vision.tokens_per_frame",
-                "must be greater than zero",
-            )
-            .into());
-        }
         spec.vision = Some(VisionEncoder {
             params: None,
             bytes,
             source: VisionSource::OnnxFile { path: encoder },
             shape: None,
         });
-        let runs = match &manifest.vision.tiles {
-            None => Some(1),
-            Some(t) => t
-                .rows
-                .checked_mul(t.cols)
-                .and_then(|n| n.checked_add(u64::from(t.global_image))),
-        };
-        let frame_tokens = runs.and_then(|r| r.checked_mul(manifest.vision.tokens_per_frame));
-        let Some(frame_tokens) = frame_tokens else {
-            return Err(ConfigError::invalid(
-                manifest_path,
-                "vision.tiles",
-                "rows x cols x tokens_per_frame overflows 64 bits",
-            )
-            .into());
-        };
-        spec.tokens_per_frame = Some(frame_tokens);
-        spec.default_kv = manifest.kv.and_then(|k| k.policy);
+        // All tiles and the global image of a tiled frame; the manifest's checks keep it
+        // within usize.
+        spec.tokens_per_frame = Some(manifest.vision.frame_tokens() as u64);
+        spec.default_kv = Some(manifest.kv.policy);
         spec.name = display_name(manifest_path);
         Ok(spec)
     }

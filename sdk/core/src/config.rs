@@ -30,6 +30,13 @@ pub enum ConfigError {
         field: String,
         message: String,
     },
+    /// A model package manifest (`jetvlm.yaml`) with problems, every one listed
+    /// ([`crate::manifest::describe`]).
+    #[error("{}", crate::manifest::describe(path, issues))]
+    Manifest {
+        path: PathBuf,
+        issues: Vec<crate::manifest::Issue>,
+    },
 }
 
 impl ConfigError {
@@ -47,7 +54,8 @@ impl ConfigError {
         match self {
             ConfigError::Io { path, .. }
             | ConfigError::Parse { path, .. }
-            | ConfigError::Invalid { path, .. } => path,
+            | ConfigError::Invalid { path, .. }
+            | ConfigError::Manifest { path, .. } => path,
         }
     }
 
@@ -58,6 +66,11 @@ impl ConfigError {
             ConfigError::Parse { field, .. } | ConfigError::Invalid { field, .. } => {
                 (!field.is_empty()).then_some(field.as_str())
             }
+            // The first problem's field.
+            ConfigError::Manifest { issues, .. } => issues
+                .first()
+                .map(|i| i.field.as_str())
+                .filter(|f| !f.is_empty()),
         }
     }
 }

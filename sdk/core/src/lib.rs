@@ -4,6 +4,8 @@
 //!   cache picks its precision from this tag.
 //! - [`DType`], [`Device`]: storage types and where computation runs.
 //! - [`hf`]: Hugging Face `config.json` schema -> validated [`hf::ModelConfig`].
+//! - [`manifest`]: the model package manifest `jetvlm.yaml`, its one schema and the checks
+//!   that need no other file.
 //! - [`image_limits`]: how large an image file a decoder accepts (checked from the header).
 //! - [`sysinfo`]: last-level cache size and measured memory read bandwidth.
 //! - [`mem`]: [`mem::PageBuffer`], zeroed page-backed memory (2 MiB huge pages when large)
@@ -14,6 +16,7 @@
 pub mod config;
 pub mod hf;
 pub mod image_limits;
+pub mod manifest;
 pub mod mem;
 pub mod sysinfo;
 mod types;

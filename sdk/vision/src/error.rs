@@ -76,7 +76,7 @@ pub enum VisionError {
     },
 
     /// The model package manifest (jetvlm.yaml) is invalid; every problem found is listed.
-    #[error("{}: {} problem(s):\n{}", manifest.display(), issues.len(), issues.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
+    #[error("{}", jetvlm_core::manifest::describe(manifest, issues))]
     Package {
         manifest: PathBuf,
         issues: Vec<crate::package::Issue>,

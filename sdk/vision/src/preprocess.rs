@@ -11,125 +11,17 @@ use crate::VisionError;
 use fast_image_resize as fr;
 use half::f16;
 use jetvlm_core::ImageLimits;
-use serde::{Deserialize, Serialize};
 
-/// How a frame of another aspect ratio is fitted to the encoder's input size.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ResizeMode {
-    /// Scale each axis independently to the target size.
-    #[default]
-    Stretch,
-    /// Scale so the target is covered, then cut the centre.
-    CenterCrop,
-    /// Scale so the frame fits inside, then pad (with the mean colour, i.e. zero after
-    /// normalisation).
-    Letterbox,
-}
+/// The frame-to-encoder settings a manifest names (`vision.resize`, `vision.interpolation`,
+/// `vision.layout`, `vision.input_dtype`), defined with the manifest's schema.
+pub use jetvlm_core::manifest::{InputDType, Interpolation, Layout, ResizeMode};
 
-/// The resampling filter of the resize, defined as PIL defines it (the model's processor
-/// names one: CLIP's bicubic, Idefics3's Lanczos); the filter widens by the scale factor when
-/// shrinking.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Interpolation {
-    /// Triangle filter, support 1.
-    #[default]
-    Bilinear,
-    /// Keys cubic with a = -0.5 (Catmull-Rom), support 2.
-    Bicubic,
-    /// Lanczos, 3 lobes, support 3.
-    Lanczos,
-}
-
-impl Interpolation {
-    fn filter(self) -> fr::FilterType {
-        match self {
-            Interpolation::Bilinear => fr::FilterType::Bilinear,
-            Interpolation::Bicubic => fr::FilterType::CatmullRom,
-            Interpolation::Lanczos => fr::FilterType::Lanczos3,
-        }
-    }
-
-    /// The kernel's support radius at scale 1.
-    pub fn support(self) -> f64 {
-        match self {
-            Interpolation::Bilinear => 1.0,
-            Interpolation::Bicubic => 2.0,
-            Interpolation::Lanczos => 3.0,
-        }
-    }
-
-    /// The kernel at distance `x` (in source pixels at scale 1).
-    pub fn kernel(self, x: f64) -> f64 {
-        let x = x.abs();
-        match self {
-            Interpolation::Bilinear => (1.0 - x).max(0.0),
-            Interpolation::Bicubic => {
-                let a = -0.5;
-                if x < 1.0 {
-                    ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-                } else if x < 2.0 {
-                    (((x - 5.0) * x + 8.0) * x - 4.0) * a
-                } else {
-                    0.0
-                }
-            }
-            Interpolation::Lanczos => {
-                let sinc = |t: f64| {
-                    if t == 0.0 {
-                        1.0
-                    } else {
-                        let p = std::f64::consts::PI * t;
-                        p.sin() / p
-                    }
-                };
-                if x < 3.0 {
-                    sinc(x) * sinc(x / 3.0)
-                } else {
-                    0.0
-                }
-            }
-        }
-    }
-}
-
-impl std::fmt::Display for Interpolation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Interpolation::Bilinear => "bilinear",
-            Interpolation::Bicubic => "bicubic",
-            Interpolation::Lanczos => "lanczos",
-        })
-    }
-}
-
-/// Memory layout of the encoder input.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Layout {
-    #[default]
-    Nchw,
-    Nhwc,
-}
-
-/// Element type of the encoder input. `U8` feeds raw pixels (the model normalises inside).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum InputDType {
-    #[default]
-    F32,
-    F16,
-    U8,
-}
-
-impl std::fmt::Display for InputDType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            InputDType::F32 => "f32",
-            InputDType::F16 => "f16",
-            InputDType::U8 => "u8",
-        })
+/// The resampling filter of `fast_image_resize` that computes `interp`.
+fn filter(interp: Interpolation) -> fr::FilterType {
+    match interp {
+        Interpolation::Bilinear => fr::FilterType::Bilinear,
+        Interpolation::Bicubic => fr::FilterType::CatmullRom,
+        Interpolation::Lanczos => fr::FilterType::Lanczos3,
     }
 }
 
@@ -418,7 +310,7 @@ impl Preprocessor {
                 let src =
                     fr::images::ImageRef::new(img.width, img.height, img.data, fr::PixelType::U8x3)
                         .map_err(|e| resize_err(&e))?;
-                let alg = fr::ResizeAlg::Convolution(self.cfg.interpolation.filter());
+                let alg = fr::ResizeAlg::Convolution(filter(self.cfg.interpolation));
                 let crop = fr::ResizeOptions::new()
                     .resize_alg(alg)
                     .crop(cx as f64, cy as f64, cw as f64, ch as f64);
