@@ -810,7 +810,7 @@ pub fn exp_poly(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // 1.5 * 2^23: adding it rounds to a whole number (ties to even) held in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.33).min(88.37);
+    let x = x.clamp(-87.33, 88.37);
     let t = x * LOG2E + ROUND;
     let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
@@ -819,7 +819,8 @@ pub fn exp_poly(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    // Cephes' 5.0000001201e-1 is 0.5 in f32.
+    p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
     // n in [-126, 127]: its bits sit in t's low mantissa bits (t = ROUND + n).
     let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
