@@ -232,8 +232,36 @@ impl Model {
             Some((None, dt)) => dt.to_string(),
             None => "tied".into(),
         };
+        // Per-matrix formats (quantization_config.overrides): matrices held in another format
+        // than the first layer's query are listed with how many layers hold them so.
+        let mut other: Vec<(String, &str, usize)> = Vec::new();
+        for l in &w.layers {
+            for (name, m) in [
+                ("q_proj", &l.q),
+                ("k_proj", &l.k),
+                ("v_proj", &l.v),
+                ("o_proj", &l.o),
+                ("gate_proj", &l.gate),
+                ("up_proj", &l.up),
+                ("down_proj", &l.down),
+            ] {
+                let Some(g) = m.w.quant_format() else { continue };
+                if (g.bits(), g.group()) == (f.bits(), f.group()) {
+                    continue;
+                }
+                let label = format!("int{} g{}", g.bits(), g.group());
+                match other.iter_mut().find(|(l, n, _)| *l == label && *n == name) {
+                    Some(entry) => entry.2 += 1,
+                    None => other.push((label, name, 1)),
+                }
+            }
+        }
+        let others: String = other
+            .iter()
+            .map(|(label, name, count)| format!(" + {name} {label} in {count} layers"))
+            .collect();
         format!(
-            "int{} g{}, LM head {head}, embeddings {}",
+            "int{} g{}{others}, LM head {head}, embeddings {}",
             f.bits(),
             f.group(),
             w.dtype
