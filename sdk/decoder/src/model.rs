@@ -245,7 +245,9 @@ impl Model {
                 ("up_proj", &l.up),
                 ("down_proj", &l.down),
             ] {
-                let Some(g) = m.w.quant_format() else { continue };
+                let Some(g) = m.w.quant_format() else {
+                    continue;
+                };
                 if (g.bits(), g.group()) == (f.bits(), f.group()) {
                     continue;
                 }

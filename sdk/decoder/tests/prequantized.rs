@@ -394,7 +394,10 @@ fn q4_k_m_keeps_its_8_bit_matrices_declared_per_matrix() {
     let described = m.weight_description();
     for name in ["v_proj", "down_proj"] {
         let want = format!(" + {name} int8 g32 in {layers} layers");
-        assert!(described.starts_with("int4 g32") && described.contains(&want), "{described}");
+        assert!(
+            described.starts_with("int4 g32") && described.contains(&want),
+            "{described}"
+        );
     }
     for l in 0..layers {
         for (stem, dtype, zeros) in [
