@@ -201,6 +201,7 @@ impl Emitter<'_> {
 const TEMPLATE_TOKENS: u64 = 32;
 
 fn main() {
+    jetvlm_app::pipe::init();
     let cli = Cli::parse();
     cli.log.init();
     jetvlm_app::exit_on_error(run(&cli));

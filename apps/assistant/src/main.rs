@@ -122,6 +122,7 @@ struct Reply<'a> {
 }
 
 fn main() {
+    jetvlm_app::pipe::init();
     let cli = Cli::parse();
     cli.log.init();
     jetvlm_app::exit_on_error(run(&cli));

@@ -1,9 +1,10 @@
 //! What the jetvlm binaries (`jetvlm`, `jetvlm-analytics`, `jetvlm-assistant`) share: the
-//! exit statuses ([`exit`]), logging on stderr, one-line error exits, frame capture with
-//! retries, the KV flags.
+//! exit statuses ([`exit`]), a quiet end on a closed stdout ([`pipe`]), logging on stderr,
+//! one-line error exits, frame capture with retries, the KV flags.
 
 pub mod exit;
 pub mod notify;
+pub mod pipe;
 
 pub use exit::{Exit, ExitCode, bad_input, check_failed, classify, does_not_fit};
 
@@ -108,6 +109,10 @@ pub fn init_logging(filter: &str, json: bool) {
 /// (`warning: ` and status 6 for doctor's "ready with warnings").
 pub fn exit_on_error(result: anyhow::Result<()>) {
     if let Err(e) = result {
+        // `jetvlm plan | head -1`: the reader has gone; end as a Unix tool ends.
+        if pipe::is_broken_pipe(e.as_ref()) && pipe::stdout_closed() {
+            pipe::die_of_sigpipe();
+        }
         let code = classify(&e);
         let prefix = if code.is_error() { "error" } else { "warning" };
         eprintln!("{prefix}: {}", jetvlm_core::error_line(e.as_ref()));

@@ -69,6 +69,7 @@ enum Command {
 }
 
 fn main() {
+    jetvlm_app::pipe::init();
     let cli = Cli::parse();
     cli.log.init();
     jetvlm_app::exit_on_error(run(cli.command));

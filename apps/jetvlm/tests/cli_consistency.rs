@@ -408,3 +408,115 @@ fn each_documented_exit_status_comes_from_its_case() {
         }
     }
 }
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A package's `jetvlm.yaml` is read through one schema: `jetvlm plan` refuses a bad field
+/// with the error line `jetvlm ask` gives (the file, the count, each field and its problem),
+/// including a field the planner itself never uses (`vision.mean`).
+#[test]
+fn plan_and_ask_refuse_a_bad_manifest_with_the_same_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(Path::new(&fixture("vlm")), dir.path());
+    let manifest = dir.path().join("jetvlm.yaml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let broken = text
+        .replace(
+            "mean: [0.48145466, 0.4578275, 0.40821073]",
+            "mean: [0.48145466, 0.4578275]",
+        )
+        .replace(
+            "  tokens_per_frame: 16\n",
+            "  tokens_per_frame: 16\n  tiles: {frame: {height: 64, width: 64}, rows: 0, cols: 2}\n",
+        );
+    assert_eq!(
+        broken.matches("tiles:").count(),
+        1 + text.matches("tiles:").count()
+    );
+    assert!(!broken.contains("0.40821073"));
+    std::fs::write(&manifest, broken).unwrap();
+    let pkg = dir.path().display().to_string();
+    let image = fixture("vlm/image.png");
+    let plan = support::jetvlm(&["plan", "--board", "orin-nano-8gb", "--model", &pkg]);
+    let ask = support::jetvlm(&["ask", "--model", &pkg, "--image", &image, "what is there?"]);
+    for (name, run) in [("plan", &plan), ("ask", &ask)] {
+        assert_eq!(run.code, Some(3), "{name}: {}", run.stderr);
+    }
+    let line = plan.stderr.trim().strip_prefix("error: ").unwrap_or("");
+    assert!(
+        line.starts_with(&format!("{}: 2 problem(s); ", manifest.display()))
+            && line.contains("`vision.mean`: needs 3 values (R, G, B), got 2")
+            && line.contains("`vision.tiles.rows`: rows 0 and cols 2"),
+        "plan: {}",
+        plan.stderr
+    );
+    assert!(
+        ask.stderr.trim().ends_with(line),
+        "ask: {}\nplan: {}",
+        ask.stderr,
+        plan.stderr
+    );
+}
+
+/// A closed stdout ends a command as it ends a Unix tool (`jetvlm plan ... | head -1`): killed
+/// by SIGPIPE, nothing on stderr; not a panic (status 101) nor an error line.
+#[test]
+fn a_closed_stdout_ends_commands_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let smol = fixture("configs/smolvlm-256m");
+    let commands: [&[&str]; 3] = [
+        &["plan", "--board", "orin-nano-8gb", "--model", &smol],
+        &[
+            "plan",
+            "--board",
+            "orin-nano-8gb",
+            "--model",
+            &smol,
+            "--json",
+        ],
+        &["board", "list", "--json"],
+    ];
+    for args in commands {
+        // The reading end is closed before the command writes its first line.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_jetvlm"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("jetvlm {args:?} ran past 60 s with its stdout closed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(
+            (status.code(), status.signal()),
+            (None, Some(13)),
+            "jetvlm {args:?}: {status:?}, stderr: {stderr}"
+        );
+        assert!(stderr.is_empty(), "jetvlm {args:?}: {stderr}");
+    }
+}
