@@ -660,3 +660,73 @@ fn not_a_file(path: &Path, what: &str) -> String {
         Ok(_) => format!("{} is not a regular file, not {what}", path.display()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(rel)
+    }
+
+    #[test]
+    fn the_repository_packages_pass_the_manifest_checks() {
+        for rel in [
+            "models/demo",
+            "tests/fixtures/vlm",
+            "tests/fixtures/configs/package-demo",
+        ] {
+            let m = Manifest::load(&repo(rel).join(MANIFEST)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(m.vision.tiles.is_none(), "{rel}");
+            assert_eq!(m.vision.frame_tokens(), m.vision.tokens_per_frame, "{rel}");
+        }
+        // 2 rows x 3 columns of tiles and the global image, 4 tokens each.
+        let tiled = repo("tests/fixtures/hf_vlms/smolvlm_tiles/pkg").join(MANIFEST);
+        let m = Manifest::load(&tiled).unwrap_or_else(|e| panic!("{e}"));
+        let t = m.vision.tiles.as_ref().unwrap();
+        assert_eq!((t.rows, t.cols, t.global_image), (2, 3, true));
+        assert_eq!(m.vision.frame_tokens(), 4 * 7);
+    }
+
+    #[test]
+    fn problems_are_listed_with_their_fields_and_a_frame_that_overflows_is_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = repo("tests/fixtures/configs/package-demo");
+        std::fs::copy(src.join("vision.onnx"), dir.path().join("vision.onnx")).unwrap();
+        let text = std::fs::read_to_string(src.join(MANIFEST)).unwrap();
+        let huge = usize::MAX / 2 + 1;
+        let broken = text
+            .replace("format: 1", "format: 2")
+            .replace(
+                "  tokens_per_frame: 16\n",
+                &format!(
+                    "  tokens_per_frame: {huge}\n  tiles: {{frame: {{height: 128, width: 128}}, rows: 1, cols: 1}}\n"
+                ),
+            )
+            .replace("policy: mixed", "policy: \" \"");
+        let path = dir.path().join(MANIFEST);
+        std::fs::write(&path, broken).unwrap();
+        let err = Manifest::load(&path).unwrap_err();
+        let ConfigError::Manifest { issues, .. } = &err else {
+            panic!("{err}");
+        };
+        let fields: Vec<&str> = issues.iter().map(|i| i.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["format", "kv.policy", "vision.tokens_per_frame"],
+            "{err}"
+        );
+        assert_eq!(err.field(), Some("format"));
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "{}: 3 problem(s):\n  - `format`: ",
+                path.display()
+            )),
+            "{text}"
+        );
+        assert!(text.contains("2 runs of a tiled frame overflows"), "{text}");
+    }
+}
