@@ -10,49 +10,21 @@
 //! session caches all the tiles of a frame as one frame and evicts them together.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const FAMILY: &str = "smolvlm_tiles";
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use super::{exporter_available, jetvlm};
 
 fn fixture() -> PathBuf {
-    root().join("tests/fixtures/hf_vlms").join(FAMILY)
+    super::fixture(FAMILY)
 }
 
 fn expected() -> serde_json::Value {
-    let path = fixture().join("expected.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap()
-}
-
-fn jetvlm() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_jetvlm"));
-    cmd.env_remove("ORT_DYLIB_PATH");
-    cmd
+    super::expected(FAMILY)
 }
 
 fn ask(pkg: &Path, image: &str, kv: &str) -> serde_json::Value {
-    let exp = expected();
-    let out = jetvlm()
-        .arg("ask")
-        .arg("--model")
-        .arg(pkg)
-        .arg("--image")
-        .arg(fixture().join(image))
-        .arg(exp["question"].as_str().unwrap())
-        .args(["--max-tokens", &exp["max_new_tokens"].to_string()])
-        .args(["--json", "--kv", kv])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ask --kv {kv}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    super::ask(FAMILY, pkg, image, kv)
 }
 
 fn frame(image: &str, index: u64) -> jetvlm_camera::Frame {
@@ -476,22 +448,6 @@ fn bad_tiles_are_refused_naming_the_field() {
             "{field}: {err}"
         );
     }
-}
-
-/// Whether the project venv can run the exporter; prints why not.
-fn exporter_available(test: &str) -> bool {
-    let python = root().join(".venv/bin/python");
-    let ok = Command::new(&python)
-        .args(["-c", "import torch, transformers"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!(
-            "skipping {test}: {} lacks torch/transformers (.ci/setup --dev installs them)",
-            python.display()
-        );
-    }
-    ok
 }
 
 /// `jetvlm export --frame-size 130x80` on the checkpoint writes the committed manifest (the
