@@ -421,8 +421,18 @@ fn a_client_that_leaves_while_queued_cancels_its_request() {
     for t in busy {
         assert_eq!(t.join().unwrap(), 200);
     }
-    let (_, _, m) = server.request("GET", "/metrics", &[], b"");
-    let m = String::from_utf8(m).unwrap();
+    // The left request is counted when the worker reaches it, which may be just after the
+    // busy ones are answered: poll the metrics for up to 10 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let (_, _, m) = server.request("GET", "/metrics", &[], b"");
+        let m = String::from_utf8(m).unwrap();
+        let counted = metric(&m, "jetvlm_generations_total{outcome=\"cancelled\"}").is_some();
+        if counted || std::time::Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let cancelled = metric(&m, "jetvlm_generations_total{outcome=\"cancelled\"}");
     assert_eq!(cancelled, Some(1.0), "{m}");
     assert_eq!(
