@@ -870,18 +870,7 @@ mod tests {
     /// A random `[rows, cols]` matrix quantized by the reference; INT8 with every 7th code
     /// -128 (a GGUF Q8_0 file may hold it; the quantizer never writes it).
     fn random_matrix(rng: &mut impl Rng, fmt: WeightFormat, rows: usize, cols: usize) -> Tensor {
-        let (mut codes, mut scales, mut zeros) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..rows {
-            let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-0.3f32..0.5)).collect();
-            let q = jetvlm_quant::weight::quantize_row(&x, fmt).unwrap();
-            codes.extend(q.codes);
-            scales.extend(q.scales);
-            zeros.extend(q.zeros);
-        }
-        if fmt.bits() == 8 {
-            codes.iter_mut().step_by(7).for_each(|c| *c = 0x80);
-        }
-        Tensor::quantized("w", fmt, [rows, cols], &codes, &scales, &zeros).unwrap()
+        crate::qkernels::tests::random_matrix_with(rng, fmt, rows, cols, true)
     }
 
     fn quant(t: &Tensor) -> QuantData<'_> {

@@ -929,7 +929,7 @@ mod neon {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::weights::{Tensor, TensorData};
     use jetvlm_quant::WeightFormat;
@@ -937,6 +937,18 @@ mod tests {
 
     /// A random `[rows, cols]` matrix quantized by the reference.
     fn random_matrix(rng: &mut impl Rng, fmt: WeightFormat, rows: usize, cols: usize) -> Tensor {
+        random_matrix_with(rng, fmt, rows, cols, false)
+    }
+
+    /// [`random_matrix`]; with `int8_min`, every 7th INT8 code is -128 (a GGUF Q8_0 file may
+    /// hold it; the quantizer never writes it).
+    pub(crate) fn random_matrix_with(
+        rng: &mut impl Rng,
+        fmt: WeightFormat,
+        rows: usize,
+        cols: usize,
+        int8_min: bool,
+    ) -> Tensor {
         let (mut codes, mut scales, mut zeros) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rows {
             let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-0.3f32..0.5)).collect();
@@ -944,6 +956,9 @@ mod tests {
             codes.extend(q.codes);
             scales.extend(q.scales);
             zeros.extend(q.zeros);
+        }
+        if int8_min && fmt.bits() == 8 {
+            codes.iter_mut().step_by(7).for_each(|c| *c = 0x80);
         }
         Tensor::quantized("w", fmt, [rows, cols], &codes, &scales, &zeros).unwrap()
     }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 const FAMILY: &str = "smolvlm_tiles";
 
-use super::{exporter_available, jetvlm};
+use super::{exporter_available, flat_f32, jetvlm};
 
 fn fixture() -> PathBuf {
     super::fixture(FAMILY)
@@ -184,12 +184,7 @@ fn tiled_prompt_ids_are_the_processors() {
 #[test]
 fn tiled_first_token_logits_match_transformers() {
     let exp = expected();
-    let want: Vec<f32> = exp["first_token_logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
+    let want: Vec<f32> = flat_f32(&exp["first_token_logits"]);
     let q = exp["question"].as_str().unwrap();
     let probe = frame(exp["image"].as_str().unwrap(), 0);
     let d = max_diff(
@@ -326,12 +321,7 @@ fn unsplit_package_resizes_like_the_processor_without_splitting() {
     eprintln!("unsplit: one resize straight to the tile: max |diff| = {off:e}");
     assert!(off > 7e-3, "{off}");
 
-    let logits: Vec<f32> = exp["unsplit_first_token_logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
+    let logits: Vec<f32> = flat_f32(&exp["unsplit_first_token_logits"]);
     let q = exp["question"].as_str().unwrap();
     let d = max_diff(
         &p.first_token_logits(std::slice::from_ref(&probe), q)
