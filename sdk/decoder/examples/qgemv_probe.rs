@@ -5,10 +5,12 @@
 //! they read. The layer matrices of one format exceed a server's last-level cache, so each
 //! pass reads them from DRAM.
 //!
-//!     cargo run --release -p jetvlm-decoder --example qgemv_probe -- [--passes N] [--head] [FORMAT...]
+//!     cargo run --release -p jetvlm-decoder --example qgemv_probe -- [--passes N] [--layers N] [--head] [FORMAT...]
 //!
 //! FORMAT: `bf16`, `q8`, `q4` (groups of 64), `q4g32`, `q4g128`, `q8g32`, `q8g128`; default
 //! `q4 q8 bf16`. `--head` adds the 49152x576 LM head (INT8 g64 for the quantized formats).
+//! `--layers N` (default 30) sets how many layers of matrices a pass reads: a few layers fit
+//! the last-level cache and measure the kernels' arithmetic ceiling instead of DRAM's.
 //! Threads: rayon's (`RAYON_NUM_THREADS`).
 
 use half::f16;
@@ -20,12 +22,14 @@ use std::time::Instant;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut passes = 20usize;
     let mut head = false;
+    let mut layers = 30usize;
     let mut formats = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--passes" => passes = args.next().ok_or("--passes needs a value")?.parse()?,
             "--head" => head = true,
+            "--layers" => layers = args.next().ok_or("--layers needs a value")?.parse()?,
             _ => formats.push(a),
         }
     }
@@ -37,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut stacks = Vec::new();
     for f in &formats {
         let mut mats = Vec::new();
-        for _ in 0..30 {
+        for _ in 0..layers {
             for &(r, c) in &shapes {
                 mats.push(make(f, r, c, &mut seed)?);
             }
