@@ -14,6 +14,10 @@
 // Prefill (gemm_q8, gemm_q4): a 64-row x 32-token output tile per 256-thread block; each
 // 32-wide step of the columns dequantizes a 64x32 weight tile and a 32x32 activation tile into
 // shared memory, and every thread accumulates 8 rows of one token.
+// Embedding lookup of a quantized table (embedding_gather_q8, embedding_gather_q4): the rows of
+// the looked-up ids dequantized, one output value per thread (grid-stride); each value rounded
+// as the CPU decoder's lookup and jetvlm_quant's dequantize_row round it, the product then the
+// sum (__fmul_rn / __fadd_rn: no fused multiply-add), so the rows are the CPU's exactly.
 // Helpers (h2f, f16_t): common.cuh, prepended by sources.rs.
 
 #define QGEMV_ROWS_PER_BLOCK 8
@@ -227,4 +231,49 @@ extern "C" __global__ void __launch_bounds__(256) gemm_q4(float* y, const unsign
                                                           unsigned int cols, unsigned int group,
                                                           unsigned int n_tok) {
     gemm_quant<true>(y, codes, scales, zeros, x, rows, cols, group, n_tok);
+}
+
+// out[t][c] = table[ids[t]][c] dequantized, for a [vocab][hidden] table in the layout above;
+// ids outside the vocabulary give a zero row (the host validates ids before launching, so
+// this only guards memory).
+template <bool Q4>
+__device__ void embedding_gather_quant(float* __restrict__ out, const unsigned char* __restrict__ codes,
+                                       const f16_t* __restrict__ scales, const f16_t* __restrict__ zeros,
+                                       const unsigned int* __restrict__ ids, unsigned int n_ids,
+                                       unsigned int hidden, unsigned int vocab, unsigned int group) {
+    size_t total = (size_t)n_ids * hidden;
+    size_t groups = hidden / group;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t t = i / hidden;
+        size_t c = i - t * hidden;
+        unsigned int id = ids[t];
+        if (id >= vocab) {
+            out[i] = 0.0f;
+            continue;
+        }
+        size_t g = (size_t)id * groups + c / group;
+        float s = h2f(scales[g].bits);
+        float w;
+        if (Q4) {
+            unsigned char byte = codes[(size_t)id * (hidden / 2) + (c / 32) * 16 + (c % 32) % 16];
+            float code = (float)((byte >> (4 * ((c % 32) / 16))) & 0xfu);
+            w = __fadd_rn(h2f(zeros[g].bits), __fmul_rn(s, code));
+        } else {
+            w = __fmul_rn(s, (float)(signed char)codes[(size_t)id * hidden + c]);
+        }
+        out[i] = w;
+    }
+}
+
+extern "C" __global__ void embedding_gather_q8(float* out, const unsigned char* codes, const f16_t* scales,
+                                               const unsigned int* ids, unsigned int n_ids,
+                                               unsigned int hidden, unsigned int vocab, unsigned int group) {
+    embedding_gather_quant<false>(out, codes, scales, nullptr, ids, n_ids, hidden, vocab, group);
+}
+extern "C" __global__ void embedding_gather_q4(float* out, const unsigned char* codes, const f16_t* scales,
+                                               const f16_t* zeros, const unsigned int* ids,
+                                               unsigned int n_ids, unsigned int hidden, unsigned int vocab,
+                                               unsigned int group) {
+    embedding_gather_quant<true>(out, codes, scales, zeros, ids, n_ids, hidden, vocab, group);
 }

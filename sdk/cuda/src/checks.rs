@@ -51,6 +51,17 @@ pub(crate) fn check_embedding(
     Ok(vocab)
 }
 
+/// A quantized embedding table of rows `cols` wide read in rows of `hidden`.
+pub(crate) fn check_quant_table(cols: usize, hidden: usize) -> Result<(), CudaError> {
+    if cols != hidden {
+        return Err(shape(
+            "embedding gather",
+            format!("quantized table rows of {cols} read as rows of hidden {hidden}"),
+        ));
+    }
+    Ok(())
+}
+
 /// RoPE over `n_tokens` x `n_heads` heads of `head_dim`, rotating `rotary_dim` of them.
 pub(crate) fn check_rope(
     lens: [usize; 3],

@@ -170,12 +170,12 @@ impl<G: Gpu> DeviceDecoder<G> {
     pub fn quant_format(&self) -> Option<WeightFormat> {
         self.quant_format
     }
-    /// The weights in words: `f32`, or `INT4 g32` for a quantized decoder.
+    /// The weights in words, as the CPU decoder's `Model::weight_description` gives them
+    /// ([`jetvlm_decoder::model::describe_weights`]): `f32`, or for a quantized decoder
+    /// every matrix format (`int4 g32 + v_proj int8 g32 in 30 layers, LM head tied,
+    /// embeddings int8 g32`).
     pub fn weights_name(&self) -> String {
-        match self.quant_format {
-            Some(f) => format!("INT{} g{}", f.bits(), f.group()),
-            None => self.weights.dtype.to_string(),
-        }
+        jetvlm_decoder::model::describe_weights(&self.weights)
     }
     /// Weight bytes one decode step reads (every matrix, norms, LM head).
     pub fn weight_bytes_read_per_token(&self) -> u64 {

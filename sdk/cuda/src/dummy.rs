@@ -33,6 +33,15 @@ impl PlanInfo for Never {
     }
 }
 
+impl jetvlm_decoder::model::MatrixFormat for Never {
+    fn quant_format(&self) -> Option<jetvlm_quant::WeightFormat> {
+        match *self {}
+    }
+    fn dtype(&self) -> jetvlm_core::DType {
+        match *self {}
+    }
+}
+
 /// Every operation of a device that cannot exist: callers need no `cfg` to name the CUDA
 /// backend in a build without it.
 impl Gpu for CudaDevice {

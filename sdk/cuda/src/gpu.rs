@@ -58,8 +58,9 @@ pub trait Gpu: Sized {
     /// u32 values in device memory (positions).
     type Ids: Send;
     /// A weight tensor in its stored precision (matrices, weight-only quantized ones
-    /// included) or f32 (norms, biases).
-    type Weights: Send + Sync;
+    /// included) or f32 (norms, biases); its format describes the decoder's weights
+    /// ([`jetvlm_decoder::model::describe_weights`]).
+    type Weights: Send + Sync + jetvlm_decoder::model::MatrixFormat;
     /// One layer's KV pools.
     type Pools: PoolsInfo + Send;
     /// An attention context prepared once per forward step.

@@ -308,6 +308,29 @@ pub fn gemv_quant(m: &QuantMatrix, x: &[f32], n_tok: usize) -> Vec<f32> {
     y
 }
 
+/// Twin of `embedding_gather_q8` / `embedding_gather_q4`: rows `ids` of a quantized table
+/// `m` (`[vocab][hidden]`) dequantized, `scale * code` (INT8) or `zero + scale * code`
+/// (INT4), the product and the sum each rounded to f32 (no fused multiply-add), as
+/// `jetvlm_quant`'s `dequantize_row` and the CPU decoder's lookup compute them. Ids must be
+/// inside the vocabulary.
+pub fn embedding_gather_quant(m: &QuantMatrix, ids: &[u32]) -> Vec<f32> {
+    let (cols, g) = (m.cols, m.format.group());
+    let groups = cols / g;
+    let mut out = Vec::with_capacity(ids.len() * cols);
+    for &id in ids {
+        let r = id as usize;
+        for c in 0..cols {
+            let s = m.scales[r * groups + c / g].to_f32();
+            let w = s * m.code(r, c) as f32;
+            out.push(match m.zeros.get(r * groups + c / g) {
+                Some(z) => z.to_f32() + w,
+                None => w,
+            });
+        }
+    }
+    out
+}
+
 /// FP16 (scale, zero) of `values`: `jetvlm_quant`'s `row_params`, which the kernels mirror.
 pub fn range_params(values: &[f32], bits: u32) -> [f16; 2] {
     let p = jetvlm_quant::reference::row_params(values, bits);
@@ -769,6 +792,52 @@ mod tests {
                 // The product is of the quantized weights, not the originals: the error
                 // against those is the format's, far above the summation's.
                 let exact = gemv(&w, &x, rows, cols, n_tok);
+                let fmt_err = normalized_error(&got, &exact);
+                assert!(
+                    fmt_err > 1e-5 && fmt_err < 0.2,
+                    "INT{bits} g{group}: {fmt_err:e}"
+                );
+            }
+        }
+    }
+
+    /// The quantized lookup's twin (the kernels' nibble and group formulas) gives
+    /// `jetvlm_quant`'s reference dequantization of each looked-up row exactly, for INT8 and
+    /// INT4 with every group size, repeated and last ids included; and the rows are the
+    /// quantized table's, within the format's error of the float one.
+    #[test]
+    fn quantized_embedding_twin_matches_the_reference_dequantization() {
+        let mut rng = Rng::new(17);
+        for bits in [8u32, 4] {
+            for group in [32usize, 64, 128] {
+                let format = WeightFormat::new(bits, group).unwrap();
+                let (vocab, hidden) = (53, 256);
+                let w = rng.outlier_normals(vocab * hidden, hidden);
+                let m = QuantMatrix::quantize(&w, vocab, hidden, format).unwrap();
+                let ids = [0u32, 52, 7, 7, 31];
+                let (gpr, cb) = (
+                    format.groups_per_row(hidden),
+                    format.code_bytes_per_row(hidden),
+                );
+                let mut want = vec![0f32; ids.len() * hidden];
+                for (&id, out) in ids.iter().zip(want.chunks_exact_mut(hidden)) {
+                    let r = id as usize;
+                    let zeros = if bits == 4 {
+                        &m.zeros[r * gpr..(r + 1) * gpr]
+                    } else {
+                        &[][..]
+                    };
+                    jetvlm_quant::weight::dequantize_row(
+                        format,
+                        &m.codes[r * cb..(r + 1) * cb],
+                        &m.scales[r * gpr..(r + 1) * gpr],
+                        zeros,
+                        out,
+                    );
+                }
+                let got = embedding_gather_quant(&m, &ids);
+                assert_eq!(got, want, "INT{bits} g{group}");
+                let exact = embedding_gather(&w, hidden, &ids);
                 let fmt_err = normalized_error(&got, &exact);
                 assert!(
                     fmt_err > 1e-5 && fmt_err < 0.2,

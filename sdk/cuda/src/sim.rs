@@ -66,9 +66,19 @@ impl SimWeights {
             None => Ok(&self.data),
             Some(_) => Err(shape(
                 op,
-                "a weight-only quantized matrix is read by the matrix product only".into(),
+                "a weight-only quantized matrix is read by the matrix product and the embedding lookup only"
+                    .into(),
             )),
         }
+    }
+}
+
+impl jetvlm_decoder::model::MatrixFormat for SimWeights {
+    fn quant_format(&self) -> Option<jetvlm_quant::WeightFormat> {
+        self.quant.as_ref().map(|q| q.format)
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
     }
 }
 
@@ -257,9 +267,14 @@ impl Gpu for SimDevice {
         ids: &[u32],
         hidden: usize,
     ) -> Result<(), CudaError> {
-        let table = table.floats("embedding gather")?;
         crate::checks::check_embedding(table.len(), hidden, ids, out.len())?;
-        let rows = reference::embedding_gather(table, hidden, ids);
+        let rows = match &table.quant {
+            Some(q) => {
+                crate::checks::check_quant_table(q.cols, hidden)?;
+                reference::embedding_gather_quant(q, ids)
+            }
+            None => reference::embedding_gather(&table.data, hidden, ids),
+        };
         out[..rows.len()].copy_from_slice(&rows);
         Ok(())
     }

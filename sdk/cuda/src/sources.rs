@@ -85,7 +85,14 @@ pub const KERNELS: &[KernelSource] = &[
     KernelSource {
         file: "gemv_quant.cu",
         source: kernel_file!("gemv_quant.cu"),
-        functions: &["gemv_q8", "gemv_q4", "gemm_q8", "gemm_q4"],
+        functions: &[
+            "gemv_q8",
+            "gemv_q4",
+            "gemm_q8",
+            "gemm_q4",
+            "embedding_gather_q8",
+            "embedding_gather_q4",
+        ],
     },
     KernelSource {
         file: "kv_quant.cu",

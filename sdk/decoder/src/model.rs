@@ -21,6 +21,75 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
 }
 
+/// What [`describe_weights`] reads of a backend's weight matrix: its weight-only format
+/// (INT8 / INT4 and group) when quantized, and the type it is stored in.
+pub trait MatrixFormat {
+    fn quant_format(&self) -> Option<jetvlm_quant::WeightFormat>;
+    fn dtype(&self) -> DType;
+}
+
+impl MatrixFormat for Tensor {
+    fn quant_format(&self) -> Option<jetvlm_quant::WeightFormat> {
+        Tensor::quant_format(self)
+    }
+    fn dtype(&self) -> DType {
+        Tensor::dtype(self)
+    }
+}
+
+/// A decoder's weights in a few words, for any backend's matrices (one definition: the CPU
+/// [`Model`] and the device decoder print this): the stored type (`bf16`), or for a quantized
+/// decoder (`jetvlm quantize`, converted GGUF/AWQ/GPTQ) the layers' format, each matrix held
+/// in another format with the number of layers holding it so, the LM head's format and the
+/// embedding table's (`int4 g32 + v_proj int8 g32 in 30 layers, LM head tied, embeddings
+/// int8 g32`).
+pub fn describe_weights<W: MatrixFormat, V>(w: &DecoderWeights<W, V>) -> String {
+    let Some(f) = w.layers.first().and_then(|l| l.q.w.quant_format()) else {
+        return w.dtype.to_string();
+    };
+    let format_of = |m: &W| match m.quant_format() {
+        Some(g) => format!("int{} g{}", g.bits(), g.group()),
+        None => m.dtype().to_string(),
+    };
+    let head = w.lm_head.as_ref().map_or_else(|| "tied".into(), format_of);
+    // Per-matrix formats (quantization_config.overrides): matrices held in another format
+    // than the first layer's query are listed with how many layers hold them so.
+    let mut other: Vec<(String, &str, usize)> = Vec::new();
+    for l in &w.layers {
+        for (name, m) in [
+            ("q_proj", &l.q),
+            ("k_proj", &l.k),
+            ("v_proj", &l.v),
+            ("o_proj", &l.o),
+            ("gate_proj", &l.gate),
+            ("up_proj", &l.up),
+            ("down_proj", &l.down),
+        ] {
+            let Some(g) = m.w.quant_format() else {
+                continue;
+            };
+            if (g.bits(), g.group()) == (f.bits(), f.group()) {
+                continue;
+            }
+            let label = format!("int{} g{}", g.bits(), g.group());
+            match other.iter_mut().find(|(l, n, _)| *l == label && *n == name) {
+                Some(entry) => entry.2 += 1,
+                None => other.push((label, name, 1)),
+            }
+        }
+    }
+    let others: String = other
+        .iter()
+        .map(|(label, name, count)| format!(" + {name} {label} in {count} layers"))
+        .collect();
+    format!(
+        "int{} g{}{others}, LM head {head}, embeddings {}",
+        f.bits(),
+        f.group(),
+        format_of(&w.embed)
+    )
+}
+
 /// One span of forward input. Each span becomes one `append_span` in the cache, tagged with
 /// its kind (text tokens FP16, frame tokens quantized under the mixed policy).
 #[derive(Clone, Copy, Debug)]
@@ -219,55 +288,10 @@ impl Model {
         self.weights.dtype
     }
 
-    /// The weights in a few words: the stored type (`bf16`), or for a quantized decoder
-    /// (`jetvlm quantize`) the layers' format, the LM head's and the embeddings' type
-    /// (`int4 g64, LM head int8 g64, embeddings bf16`).
+    /// The weights in a few words ([`describe_weights`]: `bf16`, or
+    /// `int4 g64 + v_proj int8 g64 in 30 layers, LM head int8 g64, embeddings bf16`).
     pub fn weight_description(&self) -> String {
-        let w = &self.weights;
-        let Some(f) = w.layers.first().and_then(|l| l.q.w.quant_format()) else {
-            return w.dtype.to_string();
-        };
-        let head = match w.lm_head.as_ref().map(|h| (h.quant_format(), h.dtype())) {
-            Some((Some(h), _)) => format!("int{} g{}", h.bits(), h.group()),
-            Some((None, dt)) => dt.to_string(),
-            None => "tied".into(),
-        };
-        // Per-matrix formats (quantization_config.overrides): matrices held in another format
-        // than the first layer's query are listed with how many layers hold them so.
-        let mut other: Vec<(String, &str, usize)> = Vec::new();
-        for l in &w.layers {
-            for (name, m) in [
-                ("q_proj", &l.q),
-                ("k_proj", &l.k),
-                ("v_proj", &l.v),
-                ("o_proj", &l.o),
-                ("gate_proj", &l.gate),
-                ("up_proj", &l.up),
-                ("down_proj", &l.down),
-            ] {
-                let Some(g) = m.w.quant_format() else {
-                    continue;
-                };
-                if (g.bits(), g.group()) == (f.bits(), f.group()) {
-                    continue;
-                }
-                let label = format!("int{} g{}", g.bits(), g.group());
-                match other.iter_mut().find(|(l, n, _)| *l == label && *n == name) {
-                    Some(entry) => entry.2 += 1,
-                    None => other.push((label, name, 1)),
-                }
-            }
-        }
-        let others: String = other
-            .iter()
-            .map(|(label, name, count)| format!(" + {name} {label} in {count} layers"))
-            .collect();
-        format!(
-            "int{} g{}{others}, LM head {head}, embeddings {}",
-            f.bits(),
-            f.group(),
-            w.dtype
-        )
+        describe_weights(&self.weights)
     }
 
     /// Weight bytes one decode step reads: every layer matrix, norms, and the LM head (the

@@ -51,8 +51,29 @@ impl DeviceWeights {
             DeviceWeights::BF16(_) => Ok("bf16"),
             DeviceWeights::Quant(_) => Err(shape(
                 op,
-                "a weight-only quantized matrix is read by the matrix product only".into(),
+                "a weight-only quantized matrix is read by the matrix product and the \
+                 embedding lookup only"
+                    .into(),
             )),
+        }
+    }
+}
+
+impl jetvlm_decoder::model::MatrixFormat for DeviceWeights {
+    fn quant_format(&self) -> Option<jetvlm_quant::WeightFormat> {
+        match self {
+            DeviceWeights::Quant(q) => Some(q.format),
+            _ => None,
+        }
+    }
+    fn dtype(&self) -> jetvlm_core::DType {
+        match self {
+            DeviceWeights::F32(_) => jetvlm_core::DType::F32,
+            DeviceWeights::F16(_) => jetvlm_core::DType::F16,
+            DeviceWeights::BF16(_) => jetvlm_core::DType::BF16,
+            // The codes' type, as the CPU decoder's tensors name it.
+            DeviceWeights::Quant(q) if q.format.bits() == 8 => jetvlm_core::DType::I8,
+            DeviceWeights::Quant(_) => jetvlm_core::DType::U8,
         }
     }
 }
@@ -292,7 +313,8 @@ impl CudaDevice {
     }
 
     /// `out[t] = table[ids[t]]` for a `[vocab][hidden]` table; ids outside the vocabulary are
-    /// an error naming the id.
+    /// an error naming the id. A quantized table's rows are dequantized as they are read
+    /// (`embedding_gather_q8` / `embedding_gather_q4`).
     pub fn embedding(
         &self,
         out: &mut CudaSlice<f32>,
@@ -312,6 +334,52 @@ impl CudaDevice {
             u32_of(OP, "vocab", vocab)?,
         );
         let cfg = linear(ids.len() * hidden);
+        if let DeviceWeights::Quant(q) = table {
+            crate::checks::check_quant_table(q.cols, hidden)?;
+            let g = u32_of(OP, "group", q.format.group())?;
+            let file = "gemv_quant.cu";
+            match (&q.zeros, q.format.bits()) {
+                (None, 8) => launch!(
+                    self,
+                    file,
+                    "embedding_gather_q8",
+                    cfg,
+                    out,
+                    &q.codes,
+                    &q.scales,
+                    &d_ids,
+                    &n,
+                    &h,
+                    &v,
+                    &g
+                ),
+                (Some(z), 4) => launch!(
+                    self,
+                    file,
+                    "embedding_gather_q4",
+                    cfg,
+                    out,
+                    &q.codes,
+                    &q.scales,
+                    z,
+                    &d_ids,
+                    &n,
+                    &h,
+                    &v,
+                    &g
+                ),
+                (z, bits) => {
+                    return Err(shape(
+                        OP,
+                        format!(
+                            "INT{bits} table {} zeros: the kernels take INT8 without, INT4 with",
+                            if z.is_some() { "with" } else { "without" }
+                        ),
+                    ));
+                }
+            }
+            return Ok(());
+        }
         let name = format!("embedding_gather_{}", table.suffix(OP)?);
         match table {
             DeviceWeights::F32(t) => launch!(

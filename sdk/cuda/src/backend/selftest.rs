@@ -367,7 +367,8 @@ impl CudaDevice {
     /// The quantized products (`gemv_q8`/`gemv_q4` for decode, `gemm_q8`/`gemm_q4` for
     /// prefill) against their twin on weights quantized by `jetvlm_quant`'s reference, each
     /// kernel on the same shapes: one token, a tile and a remainder, rows that are not a
-    /// multiple of the 64-row tile, every group size.
+    /// multiple of the 64-row tile, every group size; and the quantized table lookup
+    /// (`embedding_gather_q8`/`embedding_gather_q4`).
     fn check_gemv_quant(
         &self,
         rng: &mut Rng,
@@ -418,6 +419,39 @@ impl CudaDevice {
                     out.push(check(kernel, case, err, 5e-5));
                 }
             }
+        }
+        // The lookup of a quantized table (a GGUF's tied Q8_0 / Q6_K table): the rows
+        // dequantized as the twin rounds them (product, then sum), so exactly equal.
+        let (vocab, hidden) = (300usize, 256usize);
+        let table = values(rng, vocab * hidden, hidden, outliers);
+        let ids: Vec<u32> = (0..37).map(|_| rng.below(vocab as u32)).collect();
+        for (bits, group) in [(8u32, 32usize), (8, 128), (4, 32), (4, 64)] {
+            let format = jetvlm_quant::WeightFormat::new(bits, group)
+                .map_err(|e| crate::checks::shape("selftest", e.to_string()))?;
+            let m = cpu::QuantMatrix::quantize(&table, vocab, hidden, format)
+                .map_err(|e| crate::checks::shape("selftest", e.to_string()))?;
+            let q = DeviceWeights::Quant(QuantWeights {
+                format,
+                rows: vocab,
+                cols: hidden,
+                codes: self.upload(&m.codes)?,
+                scales: self.upload(&m.scales)?,
+                zeros: if bits == 4 {
+                    Some(self.upload(&m.zeros)?)
+                } else {
+                    None
+                },
+            });
+            let mut o = self.zeros::<f32>(ids.len() * hidden)?;
+            self.embedding(&mut o, &q, &ids, hidden)?;
+            let err = normalized_error(&self.download(&o)?, &cpu::embedding_gather_quant(&m, &ids));
+            let kernel = if bits == 8 {
+                "embedding_gather_q8"
+            } else {
+                "embedding_gather_q4"
+            };
+            let case = format!("{} INT{bits} g{group} {vocab}x{hidden}", kind(outliers));
+            out.push(check(kernel, case, err, 0.0));
         }
         Ok(())
     }
