@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use jetvlm_core::TokenKind;
-use jetvlm_kvcache::{Kernel, KvPolicy, MixedKvCache};
+use jetvlm_kvcache::{AttendMask, Kernel, KvPolicy, MixedKvCache};
 
 /// Every fast kernel this CPU runs (on an AVX-512 machine: portable, AVX2 and AVX-512, so
 /// the fallbacks are tested too).
@@ -200,6 +200,61 @@ fn decode_kernels_match_reference_on_outlier_keys() {
                     e < 1e-3,
                     "{policy} {kern:?} shape ({q},{kv},{d}): rel err {e}"
                 );
+            }
+        }
+    }
+}
+
+/// A 1006-token context split into 1 to 4 chunks per KV head (pools of 1, 2, 3 and 8
+/// threads), under sliding windows that start inside a block, on a block boundary, or
+/// cover everything, for FP16 blocks of 16 and 32 tokens and the mixed policy's frame
+/// blocks.
+#[test]
+fn decode_kernels_match_reference_in_chunks_and_windows() {
+    for policy in [
+        "fp16",
+        "fp16:fblock=16",
+        "mixed",
+        "mixed:qblock=16,fblock=16",
+    ] {
+        let policy: KvPolicy = policy.parse().unwrap();
+        let (q, kv, d) = (9, 3, 64);
+        let mut rng = rng(900);
+        let mut cache = MixedKvCache::new(shape(1, q, kv, d), policy.clone(), 4096).unwrap();
+        fill(&mut cache, &mut rng, 301, 11, 64, true);
+        let p = cache.next_position();
+        let span = cache.append_span(TokenKind::Text, &[p], None).unwrap();
+        let k = rand_kv(&mut rng, 1, kv, d, false);
+        let v = rand_kv(&mut rng, 1, kv, d, false);
+        cache.write(0, &span, &k, &v).unwrap();
+        let qv = rand_q(&mut rng, 1, q, d);
+        for window in [None, Some(1), Some(17), Some(64), Some(333), Some(100_000)] {
+            let mask = AttendMask {
+                whole_span: false,
+                window,
+            };
+            let mut want = vec![0f32; q * d];
+            cache
+                .attend_masked_with(Kernel::Reference, 0, &span, &qv, &mut want, mask)
+                .unwrap();
+            for threads in [1, 2, 3, 8] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                for kern in kernels() {
+                    let mut got = vec![0f32; q * d];
+                    pool.install(|| {
+                        cache
+                            .attend_masked_with(kern, 0, &span, &qv, &mut got, mask)
+                            .unwrap()
+                    });
+                    let e = rel_err(&got, &want);
+                    assert!(
+                        e < 1e-3,
+                        "{policy} {kern:?} window {window:?} {threads} threads: rel err {e}"
+                    );
+                }
             }
         }
     }

@@ -30,8 +30,14 @@ use crate::layout::{Fp16Layout, QuantLayout};
 use crate::pool::{Pool, PoolLayout};
 use rayon::prelude::*;
 
-/// How many blocks ahead a task prefetches.
-const PREFETCH_AHEAD: usize = 2;
+/// How many blocks ahead a task prefetches, by the pool of the block it reads: an FP16
+/// block prefetches its own values while its keys are scored (0: the hardware prefetcher
+/// follows a run of FP16 blocks, and hints further ahead only compete with it: the
+/// attention bench's `dram` case on one thread, 1.32-1.36 ms at 0, 1.38-1.40 at 1,
+/// 1.43-1.52 at 2);
+/// a quantized block, which takes longer per byte, prefetches the next block (mixed policy:
+/// 1.05 ms at 1, 1.12-1.16 at 0, 1.12 at 2).
+const PREFETCH_AHEAD: [usize; 2] = [0, 1];
 
 /// Largest query heads per KV head the fast kernels take.
 pub const MAX_GQA: usize = 16;
@@ -255,12 +261,16 @@ pub(crate) fn attend_fast(
     let nq = span.len();
     let threads = rayon::current_num_threads().max(1);
     let per_q = nq * kvh;
-    // At least 4 tasks per thread and, where the blocks allow, a multiple of the thread
-    // count, so both threads get the same share.
-    let chunks = if per_q >= 4 * threads {
+    // At least 2 tasks per thread and, where the blocks allow, a multiple of the thread
+    // count, so both threads get the same share. Fewer, longer tasks stream more of each
+    // run of blocks (a task's first block is read cold): decode with 3 KV heads on 2
+    // threads takes 6 tasks, not 12 (`cargo bench -p jetvlm-kvcache --bench attention --
+    // dram/fp16/avx512`, 30 layers x 1024 tokens from DRAM: 0.80-0.93 ms instead of
+    // 0.91-1.29 on a busy machine).
+    let chunks = if per_q >= 2 * threads {
         1
     } else {
-        let mut c = (4 * threads).div_ceil(per_q);
+        let mut c = (2 * threads).div_ceil(per_q);
         while !(per_q * c).is_multiple_of(threads) {
             c += 1;
         }
@@ -348,13 +358,15 @@ fn run_task(
             continue;
         };
         // Prefetch PREFETCH_AHEAD blocks ahead (the first block also fetches the ones
-        // before it), the far block in four pieces spread over this block's steps: a
+        // before it; at 0, the block's own pieces after its first quarter), the far block
+        // in four pieces spread over this block's steps: a
         // burst of a whole segment's lines stalls the kernel's loads behind full miss
         // buffers (one thread from DRAM, FP16: ~1200 us per call with one burst, ~1050
         // with two pieces, ~840 with four).
-        let from = if bi == 0 { 1 } else { bi + PREFETCH_AHEAD };
+        let ahead = PREFETCH_AHEAD[b.pool as usize];
+        let from = if bi == 0 { 1 } else { bi + ahead };
         let mut later: [&[u8]; 3] = [&[]; 3];
-        for next in blocks.iter().take(bi + PREFETCH_AHEAD + 1).skip(from) {
+        for next in blocks.iter().take(bi + ahead + 1).skip(from) {
             if let Some(np) = &ctx.pools[next.pool as usize] {
                 let seg = np.segment(ctx.layer, next.id, kh);
                 let q = (seg.len() / 4).div_ceil(64) * 64;
