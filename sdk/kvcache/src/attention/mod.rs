@@ -150,6 +150,7 @@ fn avx512_available() -> bool {
 }
 
 /// The scaled queries of one KV head's query heads, and per-group sums of them.
+#[derive(Default)]
 pub(crate) struct Prep {
     pub g: usize,
     pub d: usize,
@@ -162,6 +163,7 @@ pub(crate) struct Prep {
 }
 
 /// Running online-softmax state of one task.
+#[derive(Default)]
 pub(crate) struct State {
     pub g: usize,
     pub d: usize,
@@ -351,82 +353,84 @@ fn run_task(
     buf: &mut [f32],
 ) {
     let (g, d) = (ctx.q_heads / ctx.kv_heads, ctx.d);
-    let mut prep = Prep::new(g, d, ctx.vgroup, q);
-    let mut st = State::new(g, d);
-    for (bi, b) in blocks.iter().enumerate() {
-        let Some(pool) = &ctx.pools[b.pool as usize] else {
-            continue;
-        };
-        // Prefetch PREFETCH_AHEAD blocks ahead (the first block also fetches the ones
-        // before it; at 0, the block's own pieces after its first quarter), the far block
-        // in four pieces spread over this block's steps: a
-        // burst of a whole segment's lines stalls the kernel's loads behind full miss
-        // buffers (one thread from DRAM, FP16: ~1200 us per call with one burst, ~1050
-        // with two pieces, ~840 with four).
-        let ahead = PREFETCH_AHEAD[b.pool as usize];
-        let from = if bi == 0 { 1 } else { bi + ahead };
-        let mut later: [&[u8]; 3] = [&[]; 3];
-        for next in blocks.iter().take(bi + ahead + 1).skip(from) {
-            if let Some(np) = &ctx.pools[next.pool as usize] {
-                let seg = np.segment(ctx.layer, next.id, kh);
-                let q = (seg.len() / 4).div_ceil(64) * 64;
-                let (a, rest) = seg.split_at(q.min(seg.len()));
-                (f.prefetch)(a);
-                let (b, rest) = rest.split_at(q.min(rest.len()));
-                let (c, e) = rest.split_at(q.min(rest.len()));
-                later = [b, c, e];
+    SCRATCH.with_borrow_mut(|(prep, st)| {
+        prep.reset(g, d, ctx.vgroup, q);
+        st.reset(g, d);
+        for (bi, b) in blocks.iter().enumerate() {
+            let Some(pool) = &ctx.pools[b.pool as usize] else {
+                continue;
+            };
+            // Prefetch PREFETCH_AHEAD blocks ahead (the first block also fetches the ones
+            // before it; at 0, the block's own pieces after its first quarter), the far block
+            // in four pieces spread over this block's steps: a
+            // burst of a whole segment's lines stalls the kernel's loads behind full miss
+            // buffers (one thread from DRAM, FP16: ~1200 us per call with one burst, ~1050
+            // with two pieces, ~840 with four).
+            let ahead = PREFETCH_AHEAD[b.pool as usize];
+            let from = if bi == 0 { 1 } else { bi + ahead };
+            let mut later: [&[u8]; 3] = [&[]; 3];
+            for next in blocks.iter().take(bi + ahead + 1).skip(from) {
+                if let Some(np) = &ctx.pools[next.pool as usize] {
+                    let seg = np.segment(ctx.layer, next.id, kh);
+                    let q = (seg.len() / 4).div_ceil(64) * 64;
+                    let (a, rest) = seg.split_at(q.min(seg.len()));
+                    (f.prefetch)(a);
+                    let (b, rest) = rest.split_at(q.min(rest.len()));
+                    let (c, e) = rest.split_at(q.min(rest.len()));
+                    later = [b, c, e];
+                }
+            }
+            let n = if b.seqs.last().is_some_and(|&s| s <= qseq) {
+                b.seqs.len()
+            } else {
+                b.seqs.partition_point(|&s| s <= qseq)
+            };
+            // Keys before the window: a block wholly before it is skipped; in a block that
+            // straddles it, the kernels score every token from the block's first and the scores
+            // before the window are set to -inf before the softmax (weight 0).
+            let skip = b.seqs.partition_point(|&s| s < first_seq);
+            if n == 0 || skip >= n {
+                continue;
+            }
+            let seg = pool.segment(ctx.layer, b.id, kh);
+            match pool.layout() {
+                PoolLayout::Fp16(l) => {
+                    (f.fp16_scores)(prep, seg, l, n, &mut st.s);
+                    mask_before(st, skip);
+                    (f.prefetch)(later[0]);
+                    (f.softmax)(st, n);
+                    (f.prefetch)(later[1]);
+                    (f.fp16_accum)(st, seg, l, n);
+                    (f.prefetch)(later[2]);
+                }
+                PoolLayout::Quant(l) => {
+                    (f.quant_scores)(prep, seg, l, n, &mut st.s);
+                    mask_before(st, skip);
+                    (f.prefetch)(later[0]);
+                    (f.softmax)(st, n);
+                    (f.prefetch)(later[1]);
+                    (f.quant_accum)(st, seg, l, n);
+                    (f.prefetch)(later[2]);
+                }
             }
         }
-        let n = if b.seqs.last().is_some_and(|&s| s <= qseq) {
-            b.seqs.len()
-        } else {
-            b.seqs.partition_point(|&s| s <= qseq)
-        };
-        // Keys before the window: a block wholly before it is skipped; in a block that
-        // straddles it, the kernels score every token from the block's first and the scores
-        // before the window are set to -inf before the softmax (weight 0).
-        let skip = b.seqs.partition_point(|&s| s < first_seq);
-        if n == 0 || skip >= n {
-            continue;
-        }
-        let seg = pool.segment(ctx.layer, b.id, kh);
-        match pool.layout() {
-            PoolLayout::Fp16(l) => {
-                (f.fp16_scores)(&prep, seg, l, n, &mut st.s);
-                mask_before(&mut st, skip);
-                (f.prefetch)(later[0]);
-                (f.softmax)(&mut st, n);
-                (f.prefetch)(later[1]);
-                (f.fp16_accum)(&mut st, seg, l, n);
-                (f.prefetch)(later[2]);
-            }
-            PoolLayout::Quant(l) => {
-                (f.quant_scores)(&mut prep, seg, l, n, &mut st.s);
-                mask_before(&mut st, skip);
-                (f.prefetch)(later[0]);
-                (f.softmax)(&mut st, n);
-                (f.prefetch)(later[1]);
-                (f.quant_accum)(&mut st, seg, l, n);
-                (f.prefetch)(later[2]);
+        (f.finish)(st);
+        for h in 0..g {
+            let b = &mut buf[h * (d + 2)..][..d + 2];
+            b[0] = st.m[h];
+            b[1] = st.l[h];
+            for (gi, (o, a)) in b[2..]
+                .chunks_mut(ctx.vgroup)
+                .zip(st.acc[h * d..][..d].chunks(ctx.vgroup))
+                .enumerate()
+            {
+                let z = st.zacc[gidx(h, gi)];
+                for (o, a) in o.iter_mut().zip(a) {
+                    *o = a + z;
+                }
             }
         }
-    }
-    (f.finish)(&mut st);
-    for h in 0..g {
-        let b = &mut buf[h * (d + 2)..][..d + 2];
-        b[0] = st.m[h];
-        b[1] = st.l[h];
-        for (gi, (o, a)) in b[2..]
-            .chunks_mut(ctx.vgroup)
-            .zip(st.acc[h * d..][..d].chunks(ctx.vgroup))
-            .enumerate()
-        {
-            let z = st.zacc[gidx(h, gi)];
-            for (o, a) in o.iter_mut().zip(a) {
-                *o = a + z;
-            }
-        }
-    }
+    })
 }
 
 /// Scores of a block's first `skip` tokens (before a sliding window) to -inf, for every head.
@@ -436,43 +440,51 @@ fn mask_before(st: &mut State, skip: usize) {
     }
 }
 
+thread_local! {
+    /// Each thread's task state, reused by every task it runs (allocating it per task cost
+    /// about a tenth of a decode call's time in malloc, free and calloc).
+    static SCRATCH: std::cell::RefCell<(Prep, State)> =
+        std::cell::RefCell::new((Prep::default(), State::default()));
+}
+
+/// Sets `v` to `len` zeros (keeping its allocation).
+fn zeroed(v: &mut Vec<f32>, len: usize) {
+    v.clear();
+    v.resize(len, 0.0);
+}
+
 impl Prep {
-    fn new(g: usize, d: usize, group: usize, q: &[f32]) -> Self {
-        let mut p = Prep {
-            g,
-            d,
-            q: vec![0.0; g * d],
-            qsum: vec![0.0; g * MAX_GROUPS],
-            scratch: vec![0.0; g * d],
-        };
+    /// The state of a task of `g` query heads (queries `q`), as freshly allocated.
+    fn reset(&mut self, g: usize, d: usize, group: usize, q: &[f32]) {
+        (self.g, self.d) = (g, d);
+        zeroed(&mut self.q, g * d);
+        zeroed(&mut self.qsum, g * MAX_GROUPS);
+        zeroed(&mut self.scratch, g * d);
         let scale = 1.0 / (d as f32).sqrt();
         for h in 0..g {
             for c in 0..d {
-                p.q[h * d + c] = q[h * d + c] * scale;
+                self.q[h * d + c] = q[h * d + c] * scale;
             }
             for gi in 0..d / group {
-                p.qsum[h * MAX_GROUPS + gi] = p.q[h * d + gi * group..][..group].iter().sum();
+                self.qsum[h * MAX_GROUPS + gi] = self.q[h * d + gi * group..][..group].iter().sum();
             }
         }
-        p
     }
 }
 
 impl State {
-    fn new(g: usize, d: usize) -> Self {
-        State {
-            g,
-            d,
-            m: [f32::NEG_INFINITY; MAX_GQA],
-            l: [0.0; MAX_GQA],
-            acc: vec![0.0; g * d],
-            qacc: vec![0.0; g * d],
-            zacc: vec![0.0; g * MAX_GROUPS],
-            s: vec![0.0; g * MAX_BLOCK_TOKENS],
-            w: vec![0.0; g * MAX_BLOCK_TOKENS],
-            lv: vec![0.0; g * 16],
-            zv: vec![0.0; g * MAX_GROUPS * 16],
-        }
+    /// An empty state of `g` query heads, as freshly allocated.
+    fn reset(&mut self, g: usize, d: usize) {
+        (self.g, self.d) = (g, d);
+        self.m = [f32::NEG_INFINITY; MAX_GQA];
+        self.l = [0.0; MAX_GQA];
+        zeroed(&mut self.acc, g * d);
+        zeroed(&mut self.qacc, g * d);
+        zeroed(&mut self.zacc, g * MAX_GROUPS);
+        zeroed(&mut self.s, g * MAX_BLOCK_TOKENS);
+        zeroed(&mut self.w, g * MAX_BLOCK_TOKENS);
+        zeroed(&mut self.lv, g * 16);
+        zeroed(&mut self.zv, g * MAX_GROUPS * 16);
     }
 }
 
