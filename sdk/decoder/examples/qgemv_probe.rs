@@ -5,10 +5,13 @@
 //! they read. The layer matrices of one format exceed a server's last-level cache, so each
 //! pass reads them from DRAM.
 //!
-//!     cargo run --release -p jetvlm-decoder --example qgemv_probe -- [--passes N] [--layers N] [--head] [FORMAT...]
+//!     cargo run --release -p jetvlm-decoder --example qgemv_probe -- [--passes N] [--layers N] [--banded] [--head] [FORMAT...]
 //!
 //! FORMAT: `bf16`, `q8`, `q4` (groups of 64), `q4g32`, `q4g128`, `q8g32`, `q8g128`; default
 //! `q4 q8 bf16`. `--head` adds the 49152x576 LM head (INT8 g64 for the quantized formats).
+//! `--banded` puts the quantized matrices in the banded layout, in huge pages, as the CPU
+//! decoder holds them where the AVX-512 VNNI kernel runs (`band_in_huge_pages`); without it
+//! they stay row-major on ordinary pages.
 //! `--layers N` (default 30) sets how many layers of matrices a pass reads: a few layers fit
 //! the last-level cache and measure the kernels' arithmetic ceiling instead of DRAM's.
 //! Threads: rayon's (`RAYON_NUM_THREADS`).
@@ -23,12 +26,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut passes = 20usize;
     let mut head = false;
     let mut layers = 30usize;
+    let mut banded = false;
     let mut formats = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--passes" => passes = args.next().ok_or("--passes needs a value")?.parse()?,
             "--head" => head = true,
+            "--banded" => banded = true,
             "--layers" => layers = args.next().ok_or("--layers needs a value")?.parse()?,
             _ => formats.push(a),
         }
@@ -49,6 +54,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if head {
             let hf = if f == "bf16" { "bf16" } else { "q8" };
             mats.push(make(hf, 49152, 576, &mut seed)?);
+        }
+        if banded {
+            // As the CPU decoder holds banded matrices.
+            jetvlm_decoder::weights::band_in_huge_pages(mats.iter_mut());
         }
         stacks.push(mats);
     }

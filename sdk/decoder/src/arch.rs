@@ -193,6 +193,24 @@ impl<W, V> DecoderWeights<W, V> {
     pub fn head(&self) -> &W {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
+
+    /// Every matrix: the embedding table, each layer's q, k, v, o, gate, up and down, the
+    /// LM head when untied.
+    pub fn matrices_mut(&mut self) -> impl Iterator<Item = &mut W> {
+        std::iter::once(&mut self.embed)
+            .chain(self.layers.iter_mut().flat_map(|l| {
+                [
+                    &mut l.q.w,
+                    &mut l.k.w,
+                    &mut l.v.w,
+                    &mut l.o.w,
+                    &mut l.gate.w,
+                    &mut l.up.w,
+                    &mut l.down.w,
+                ]
+            }))
+            .chain(self.lm_head.as_mut())
+    }
 }
 
 /// How a backend takes a checkpoint's tensors: matrices in their stored (or converted)

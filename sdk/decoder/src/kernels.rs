@@ -206,12 +206,16 @@ mod simd {
 }
 
 /// Rows per rayon task in the matrix-vector product: large enough that scheduling costs
-/// little next to reading the rows.
+/// little next to reading the rows, and a multiple of 16 rows.
 fn gemv_chunk(rows: usize, cols: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let by_threads = rows.div_ceil(threads * 4);
     let min_rows = (16 * 1024 / cols.max(1)).max(1); // at least ~16K elements per task
-    by_threads.max(min_rows).max(1)
+    // Whole bands of a banded quantized matrix (`QuantData::banded`).
+    by_threads
+        .max(min_rows)
+        .max(1)
+        .next_multiple_of(crate::weights::BAND)
 }
 
 /// `ys[j] = W[r0 + j, :] . x`: a run of consecutive rows (AVX-512 where the CPU has it). A

@@ -255,7 +255,12 @@ impl Model {
     /// Builds the model from opened weights, layer by layer ([`crate::arch::load`]); every
     /// missing or misshapen tensor is an error naming it and its file.
     pub fn from_weights(config: Config, ws: &Weights, opts: &LoadOptions) -> Result<Self> {
-        let weights = arch::load(&config.model, ws, opts.dtype, &mut CpuSink)?;
+        let mut weights = arch::load(&config.model, ws, opts.dtype, &mut CpuSink)?;
+        // Where the AVX-512 VNNI decode kernel runs, quantized matrices are held in the
+        // layout it reads (`QuantData::banded`), in huge pages, one copy.
+        if crate::qkernels::Kernel::picked() == crate::qkernels::Kernel::Vnni {
+            crate::weights::band_in_huge_pages(weights.matrices_mut());
+        }
         let rope = Rope::new(&config.model);
         let rope_local = arch::local_rope_config(&config.model).map(|c| Rope::new(&c));
         Ok(Model {

@@ -28,7 +28,7 @@
 //! dot product is exact in all of them).
 
 use crate::qkernels::{Kernel, QBLOCK, QuantizedX};
-use crate::weights::QuantData;
+use crate::weights::{BAND, QuantData, RowBuf};
 use rayon::prelude::*;
 
 /// Vectors of rows per tile.
@@ -107,7 +107,13 @@ impl Acts {
 /// vectorizes: `max |x|` as the largest of the magnitudes' bit patterns (the same order for
 /// finite values), the rounding read from the bits of `v + 1.5 * 2^23` (its low mantissa
 /// bits hold `round_even(v) + 2^22`) instead of a saturating cast.
-fn quantize_token(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [f32], group: usize) {
+pub(crate) fn quantize_token(
+    x: &[f32],
+    q: &mut [i8],
+    d: &mut [f32],
+    sums: &mut [f32],
+    group: usize,
+) {
     const MAGIC: f32 = 12_582_912.0;
     const MAGIC_BITS: i32 = 0x4b40_0000;
     for ((xs, qs), db) in x
@@ -193,6 +199,8 @@ struct Tile {
     zeros: Vec<f32>,
     /// One row's codes unpacked (scratch).
     row: Vec<u8>,
+    /// One row of a banded matrix gathered (scratch).
+    buf: RowBuf,
 }
 
 impl Tile {
@@ -207,8 +215,30 @@ impl Tile {
         self.scales.resize(groups * rt, 0.0);
         self.zeros.clear();
         self.zeros.resize(groups * rt, 0.0);
+        if q.banded && r0.is_multiple_of(BAND) && m.is_multiple_of(BAND) {
+            // A band's parameters are already 16 rows side by side per group.
+            for (v, band) in (r0 / BAND..(r0 + m) / BAND).enumerate() {
+                let base = band * BAND * groups;
+                for gi in 0..groups {
+                    let src = base + gi * BAND..base + (gi + 1) * BAND;
+                    let dst = gi * rt + v * BAND..gi * rt + (v + 1) * BAND;
+                    for (d, s) in self.scales[dst.clone()]
+                        .iter_mut()
+                        .zip(&q.scales[src.clone()])
+                    {
+                        *d = s.to_f32();
+                    }
+                    if !q.zeros.is_empty() {
+                        for (d, z) in self.zeros[dst].iter_mut().zip(&q.zeros[src]) {
+                            *d = z.to_f32();
+                        }
+                    }
+                }
+            }
+            return;
+        }
         for i in 0..m {
-            let (_, scales, zeros) = q.row(r0 + i);
+            let (_, scales, zeros) = q.row_into(r0 + i, &mut self.buf);
             for (gi, s) in scales.iter().enumerate() {
                 self.scales[gi * rt + i] = s.to_f32();
             }
@@ -228,7 +258,7 @@ impl Tile {
         self.params::<L>(q, r0, m);
         self.row.resize(q.cols, 0);
         for i in 0..m {
-            let codes = q.row(r0 + i).0;
+            let codes = q.row_into(r0 + i, &mut self.buf).0;
             if q.format.bits() == 8 {
                 for (o, &c) in self.row.iter_mut().zip(codes) {
                     *o = c ^ flip;
@@ -297,8 +327,15 @@ pub(crate) fn matmul_with(kernel: Kernel, q: &QuantData<'_>, x: &[f32], n: usize
                 &acts,
                 n,
                 y,
-                // SAFETY: the CPU has the instructions (checked); r0 + m <= rows.
-                |tile, r0, m| unsafe { vnni::repack(tile, q, r0, m) },
+                // SAFETY: the CPU has the instructions (checked); r0 + m <= rows (r0 a
+                // multiple of 32, m of 16 when banded: whole bands).
+                |tile, r0, m| unsafe {
+                    if q.banded {
+                        vnni::repack_banded(tile, q, r0, m)
+                    } else {
+                        vnni::repack(tile, q, r0, m)
+                    }
+                },
                 // SAFETY: the tile was repacked from `q` for 16 lanes and the tokens'
                 // activations from `cols` values.
                 |tile, toks, out| unsafe { vnni::tile(tile, q, toks, out) },
@@ -530,6 +567,51 @@ mod vnni {
                     }
                 }
                 b0 += nb;
+            }
+        }
+    }
+
+    /// [`repack`] of a banded matrix ([`QuantData::banded`]): a band's vectors are already
+    /// 4 bytes of each of its 16 rows, and its INT8 codes already offset to unsigned, so
+    /// the tile's vectors are copied (INT4: split into low and high nibbles).
+    ///
+    /// # Safety
+    /// Requires AVX-512F/BW; `q.banded`, `r0` a multiple of 16, `r0 + m <= q.rows()`,
+    /// `0 < m <= 32`, `m` a multiple of 16.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn repack_banded(tile: &mut Tile, q: &QuantData<'_>, r0: usize, m: usize) {
+        tile.params::<16>(q, r0, m);
+        let rb = q.format.code_bytes_per_row(q.cols);
+        let blocks = q.cols / QBLOCK;
+        let int8 = q.format.bits() == 8;
+        let dst = tile.codes.as_mut_ptr() as *mut __m512i;
+        let m4 = _mm512_set1_epi8(0x0f);
+        // Vectors of the tile past m stay zero (params); their outputs are not written.
+        for v in 0..m.div_ceil(16).min(R) {
+            // SAFETY: band (r0 + 16 v) / 16 lies inside `q.codes` (r0 + 16 v < r0 + m <=
+            // rows), `blocks * rb / blocks * 16` bytes; dst holds blocks * R * STEPS vectors.
+            unsafe {
+                let src = q.codes.as_ptr().add((r0 + 16 * v) * rb) as *const __m512i;
+                for b in 0..blocks {
+                    let d = dst.add((b * R + v) * STEPS);
+                    if int8 {
+                        for j in 0..STEPS {
+                            _mm512_storeu_si512(
+                                d.add(j),
+                                _mm512_loadu_si512(src.add(b * STEPS + j)),
+                            );
+                        }
+                    } else {
+                        for j in 0..STEPS / 2 {
+                            let cv = _mm512_loadu_si512(src.add(b * STEPS / 2 + j));
+                            _mm512_storeu_si512(d.add(j), _mm512_and_si512(cv, m4));
+                            _mm512_storeu_si512(
+                                d.add(j + STEPS / 2),
+                                _mm512_and_si512(_mm512_srli_epi16::<4>(cv), m4),
+                            );
+                        }
+                    }
+                }
             }
         }
     }
@@ -984,6 +1066,51 @@ mod tests {
                             assert_eq!(x, y, "{bits}b c{cols} r0 {r0} word {k}");
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// A banded matrix (the CPU decoder's layout under VNNI) repacks into the row-major
+    /// matrix's tile exactly (whole and half tiles), and its product is the row-major
+    /// matrix's, bit for bit (same tiles, same kernel), on every kernel this CPU runs.
+    #[test]
+    fn kernels_qgemm_banded_matrices_equal_the_row_major_ones() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+        for bits in [4u32, 8] {
+            for (group, cols) in [(32usize, 32usize * 7), (64, 576), (128, 128 * 3)] {
+                let fmt = WeightFormat::new(bits, group).unwrap();
+                let t = random_matrix(&mut rng, fmt, 48, cols);
+                let b = t.banded().expect("whole bands");
+                let (q, qb) = (quant(&t), quant(&b));
+                #[cfg(target_arch = "x86_64")]
+                if Kernel::Vnni.available() {
+                    for (r0, m) in [(0usize, 32usize), (32, 16)] {
+                        let (mut a, mut c) = (Tile::default(), Tile::default());
+                        // SAFETY: VNNI checked; r0 + m <= 48, whole bands.
+                        unsafe {
+                            vnni::repack(&mut a, &q, r0, m);
+                            vnni::repack_banded(&mut c, &qb, r0, m);
+                        }
+                        assert_eq!(a.scales, c.scales);
+                        assert_eq!(a.zeros, c.zeros);
+                        for (k, (x, y)) in a.codes.iter().zip(&c.codes).enumerate() {
+                            let lane = (k % 16) + 16 * ((k / (16 * STEPS)) % R);
+                            if lane < m {
+                                assert_eq!(x, y, "{bits}b g{group} r0 {r0} word {k}");
+                            }
+                        }
+                    }
+                }
+                let n = 5;
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|_| rng.random_range(-2.0f32..2.0))
+                    .collect();
+                for k in Kernel::ALL.into_iter().filter(|k| k.available()) {
+                    let (mut y0, mut y1) = (vec![0f32; n * 48], vec![0f32; n * 48]);
+                    matmul_with(k, &q, &x, n, &mut y0);
+                    matmul_with(k, &qb, &x, n, &mut y1);
+                    assert_eq!(y0, y1, "{k:?} {bits}b g{group}");
                 }
             }
         }

@@ -27,7 +27,7 @@
 //! (tested). Row dequantization (prefill tiles) has an AVX-512 path giving the reference's
 //! values exactly.
 
-use crate::weights::QuantData;
+use crate::weights::{BAND, QuantData, RowBuf};
 
 /// Values per INT8 activation block.
 pub(crate) const QBLOCK: usize = 32;
@@ -40,26 +40,50 @@ pub(crate) struct QuantizedX {
     len: usize,
     q: Vec<i8>,
     d: Vec<f32>,
+    /// The layouts only the row-major AVX-512 kernel reads, made on its first use (the
+    /// banded kernel, which the decoder runs where AVX-512 VNNI is, needs none of them).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    row_major: std::sync::OnceLock<RowMajorX>,
+    /// f32 sums of `x` over groups of 32, 64 and 128 values (INT4's zeros multiply them).
+    sums: [Vec<f32>; 3],
+    /// `-128` times the sum of each block's INT8 values: the banded INT8 kernel
+    /// ([`crate::weights::QuantData::banded`]) starts each block's lanes from it.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    bcorr: Vec<i32>,
+}
+
+/// `x` laid out for the row-major AVX-512 kernel ([`QuantizedX::row_major`]).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct RowMajorX {
     /// Each block's `d` 8 times, one per 32-bit lane of the block's dot product (4 bytes per
     /// lane): AVX-512 scales the 16 lanes of a pair of blocks with one load.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     lanes: Vec<f32>,
-    /// `q` in the nibble order of INT4 codes ([`nibble_order`]): the AVX-512 and AVX2 INT4
-    /// kernels multiply the low nibbles of a run of code bytes by one contiguous half and
-    /// the high nibbles by the other.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    /// `q` in the nibble order of INT4 codes ([`nibble_order`]): the AVX-512 INT4 kernel
+    /// multiplies the low nibbles of a run of code bytes by one contiguous half and the high
+    /// nibbles by the other.
     nib: Vec<i8>,
     /// Each block's `d` 4 times, one per 32-bit lane of its dot product in nibble order
     /// (16 code bytes of a block fill one 128-bit lane).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     lanes4: Vec<f32>,
     /// `-128` times the sum of each 4 values of `q` (one per 32-bit lane): the AVX-512
     /// INT8 kernel multiplies `x` by the codes offset to unsigned (`c + 128`) and starts
     /// each lane's sum from this.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     corr: Vec<i32>,
-    /// f32 sums of `x` over groups of 32, 64 and 128 values (INT4's zeros multiply them).
-    sums: [Vec<f32>; 3],
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+impl RowMajorX {
+    fn new(q: &[i8], d: &[f32]) -> Self {
+        RowMajorX {
+            lanes: d.iter().flat_map(|&s| [s; 8]).collect(),
+            lanes4: d.iter().flat_map(|&s| [s; 4]).collect(),
+            nib: nibble_order(q),
+            corr: q
+                .chunks_exact(4)
+                .map(|c| -128 * c.iter().map(|&v| v as i32).sum::<i32>())
+                .collect(),
+        }
+    }
 }
 
 /// Values of the spans of [`nibble_order`] at value `e` of a row of `len` (a multiple of
@@ -114,7 +138,17 @@ impl QuantizedX {
         let mut q = vec![0i8; nb * QBLOCK];
         let mut d = Vec::with_capacity(nb);
         let mut s32 = Vec::with_capacity(nb);
-        for (xs, qs) in x.chunks(QBLOCK).zip(q.chunks_exact_mut(QBLOCK)) {
+        if x.len().is_multiple_of(QBLOCK) {
+            // Whole blocks: prefill's vectorized quantizer, the same values (tested).
+            d.resize(nb, 0.0);
+            s32.resize(nb, 0.0);
+            crate::qgemm::quantize_token(x, &mut q, &mut d, &mut s32, QBLOCK);
+        }
+        for (xs, qs) in x
+            .chunks(QBLOCK)
+            .zip(q.chunks_exact_mut(QBLOCK))
+            .filter(|_| !x.len().is_multiple_of(QBLOCK))
+        {
             let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = amax / 127.0;
             let inv = if scale > 0.0 { 127.0 / amax } else { 0.0 };
@@ -126,11 +160,8 @@ impl QuantizedX {
             d.push(scale);
             s32.push(xs.iter().sum::<f32>());
         }
-        let lanes = d.iter().flat_map(|&s| [s; 8]).collect();
-        let lanes4 = d.iter().flat_map(|&s| [s; 4]).collect();
-        let nib = nibble_order(&q);
-        let corr = q
-            .chunks_exact(4)
+        let bcorr = q
+            .chunks_exact(QBLOCK)
             .map(|c| -128 * c.iter().map(|&v| v as i32).sum::<i32>())
             .collect();
         let pairs = |s: &[f32]| -> Vec<f32> { s.chunks_exact(2).map(|p| p[0] + p[1]).collect() };
@@ -140,12 +171,17 @@ impl QuantizedX {
             len: x.len(),
             q,
             d,
-            lanes,
-            nib,
-            lanes4,
-            corr,
+            row_major: std::sync::OnceLock::new(),
             sums: [s32, s64, s128],
+            bcorr,
         }
+    }
+
+    /// The row-major AVX-512 kernel's layouts of `x`, made on first use.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn row_major(&self) -> &RowMajorX {
+        self.row_major
+            .get_or_init(|| RowMajorX::new(&self.q, &self.d))
     }
 
     /// The INT8 values, `x.len()` rounded up to whole blocks (prefill's tests).
@@ -244,6 +280,22 @@ pub(crate) fn gemv_rows_with(
             && r0 + ys.len() <= q.rows(),
         "quantized gemv bounds"
     );
+    if q.banded {
+        // Whole bands on the banded VNNI kernel; anything else (another kernel's test, rows
+        // that are not whole bands) reads the rows gathered, on the portable kernel.
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Vnni
+            && vnni::available()
+            && r0.is_multiple_of(BAND)
+            && ys.len().is_multiple_of(BAND)
+        {
+            // SAFETY: the CPU has the instructions (checked); bounds asserted above, whole
+            // bands (checked).
+            unsafe { vnni::bands(q, r0, qx, ys) };
+            return;
+        }
+        return rows_portable(q, r0, qx, ys);
+    }
     match kernel {
         #[cfg(target_arch = "x86_64")]
         Kernel::Vnni if vnni::available() => {
@@ -291,8 +343,9 @@ fn rows_portable(q: &QuantData<'_>, r0: usize, qx: &QuantizedX, ys: &mut [f32]) 
     let bpg = g / QBLOCK;
     let int8 = q.format.bits() == 8;
     let sums = qx.group_sums(g);
+    let mut buf = RowBuf::default();
     for (j, y) in ys.iter_mut().enumerate() {
-        let (codes, scales, zeros) = q.row(r0 + j);
+        let (codes, scales, zeros) = q.row_into(r0 + j, &mut buf);
         let mut total = 0f32;
         for (gi, s) in scales.iter().enumerate() {
             let acc: f32 = (gi * bpg..(gi + 1) * bpg)
@@ -312,8 +365,9 @@ fn rows_portable(q: &QuantData<'_>, r0: usize, qx: &QuantizedX, ys: &mut [f32]) 
 #[cfg(test)]
 pub(crate) fn gemv_rows_ref(q: &QuantData<'_>, r0: usize, x: &[f32], ys: &mut [f32]) {
     let mut row = vec![0f32; q.cols];
+    let mut buf = RowBuf::default();
     for (j, y) in ys.iter_mut().enumerate() {
-        let (codes, scales, zeros) = q.row(r0 + j);
+        let (codes, scales, zeros) = q.row_into(r0 + j, &mut buf);
         jetvlm_quant::weight::dequantize_row(q.format, codes, scales, zeros, &mut row);
         *y = row
             .iter()
@@ -339,7 +393,8 @@ pub(crate) fn dequantize_row(q: &QuantData<'_>, r: usize, out: &mut [f32]) {
 /// Portable [`dequantize_row`].
 fn dequantize_row_portable(q: &QuantData<'_>, r: usize, out: &mut [f32]) {
     let g = q.format.group();
-    let (codes, scales, zeros) = q.row(r);
+    let mut buf = RowBuf::default();
+    let (codes, scales, zeros) = q.row_into(r, &mut buf);
     for (gi, (o, &s)) in out.chunks_exact_mut(g).zip(scales).enumerate() {
         let s = s.to_f32();
         if q.format.bits() == 8 {
@@ -362,7 +417,7 @@ fn dequantize_row_portable(q: &QuantData<'_>, r: usize, out: &mut [f32]) {
 /// AVX-512 row dequantization (prefill tiles).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use crate::weights::QuantData;
+    use crate::weights::{QuantData, RowBuf};
     use std::arch::x86_64::*;
 
     /// Row `r` dequantized, 16 values per vector; `zero + scale * code` rounded as the
@@ -374,7 +429,8 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dequantize_row(q: &QuantData<'_>, r: usize, out: &mut [f32]) {
         let g = q.format.group();
-        let (codes, scales, zeros) = q.row(r);
+        let mut buf = RowBuf::default();
+        let (codes, scales, zeros) = q.row_into(r, &mut buf);
         let (cp, op) = (codes.as_ptr(), out.as_mut_ptr());
         let mask = _mm_set1_epi8(0x0f);
         for (gi, s) in scales.iter().enumerate() {
@@ -445,6 +501,10 @@ mod vnni {
     /// How far ahead of the rows being read their code bytes are prefetched.
     const PREFETCH_BYTES: usize = 4096;
 
+    /// How far ahead of a block of a band its code bytes are prefetched, a line per vector
+    /// (a prefetch past the matrix is a hint that touches nothing).
+    const BAND_PREFETCH: usize = 2048;
+
     /// # Safety
     /// Requires AVX-512F/BW/VL and VNNI; rows `r0..r0 + ys.len()` inside `q`, `qx` quantized
     /// from `q.cols` values, `q.cols` a multiple of the group (asserted by the caller).
@@ -475,6 +535,145 @@ mod vnni {
                 }
                 r += 1;
             }
+        }
+    }
+
+    /// Banded rows `r0..r0 + ys.len()` (whole bands of 16, [`QuantData::banded`]), one band
+    /// at a time: one 64-byte load holds 4 code bytes of each of the band's 16 rows, and
+    /// `vpdpbusd` multiplies them by the same 4 values of `x` (broadcast), so each i32 lane
+    /// gathers one row's block dot product and no horizontal sums are needed; a block's
+    /// lanes are then converted and scaled once for all 16 rows.
+    ///
+    /// # Safety
+    /// As [`rows`]; `q.banded`, `r0` and `ys.len()` multiples of [`super::BAND`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn bands(q: &QuantData<'_>, r0: usize, qx: &QuantizedX, ys: &mut [f32]) {
+        for (i, y) in ys.chunks_exact_mut(super::BAND).enumerate() {
+            let band = r0 / super::BAND + i;
+            // SAFETY: as this function's contract, band `band` lies inside `q`.
+            unsafe {
+                if q.format.bits() == 8 {
+                    band_int8(q, band, qx, y);
+                } else {
+                    band_int4(q, band, qx, y);
+                }
+            }
+        }
+    }
+
+    /// `x[i..i + 4]` (INT8) broadcast to every 32-bit lane.
+    ///
+    /// # Safety
+    /// AVX-512F; `xp + i..xp + i + 4` readable.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn x4(xp: *const i8, i: usize) -> __m512i {
+        // SAFETY: the caller reads inside `x`.
+        _mm512_set1_epi32(unsafe { (xp.add(i) as *const i32).read_unaligned() })
+    }
+
+    /// INT4 band `band` into `ys` (16 rows). A block of 32 codes is 16 bytes of each row,
+    /// 4 vectors of the band: vector `c` holds bytes `4 c..4 c + 4` of each row, codes
+    /// `4 c..4 c + 4` in their low nibbles and `16 + 4 c..` in their high ones. The high
+    /// nibbles are multiplied in place (`byte & 0xf0`, 16 times the code) into their own
+    /// lanes, exactly 16 times their sum, shifted back before the low nibbles' sum is added.
+    ///
+    /// # Safety
+    /// As [`bands`] for one band.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn band_int4(q: &QuantData<'_>, band: usize, qx: &QuantizedX, ys: &mut [f32]) {
+        let g = q.format.group();
+        let groups = q.format.groups_per_row(q.cols);
+        let bpg = g / super::QBLOCK;
+        let band_bytes = super::BAND * q.format.code_bytes_per_row(q.cols);
+        let sums = qx.group_sums(g);
+        let lo_mask = _mm512_set1_epi8(0x0f);
+        let hi_mask = _mm512_set1_epi8(0xf0u8 as i8);
+        // SAFETY: the band's codes (band_bytes), parameters (16 per group) and `x` (cols
+        // values, a scale per block) are inside their slices.
+        unsafe {
+            let cp = q.codes.as_ptr().add(band * band_bytes);
+            let sp = q.scales.as_ptr().add(band * super::BAND * groups);
+            let zp = q.zeros.as_ptr().add(band * super::BAND * groups);
+            let (xp, dp) = (qx.q.as_ptr(), qx.d.as_ptr());
+            let mut total = _mm512_setzero_ps();
+            for gi in 0..groups {
+                let s = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(gi * 16) as *const __m256i));
+                let z = _mm512_cvtph_ps(_mm256_loadu_si256(zp.add(gi * 16) as *const __m256i));
+                total = _mm512_fmadd_ps(z, _mm512_set1_ps(sums[gi]), total);
+                let mut tg = _mm512_setzero_ps();
+                for b in gi * bpg..(gi + 1) * bpg {
+                    let (vp, x) = (cp.add(b * 256), xp.add(b * super::QBLOCK));
+                    for l in 0..4 {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            vp.wrapping_add(BAND_PREFETCH + l * 64) as *const i8
+                        );
+                    }
+                    let mut lo = _mm512_setzero_si512();
+                    let mut hi = _mm512_setzero_si512();
+                    for c in 0..4 {
+                        let v = _mm512_loadu_si512(vp.add(c * 64) as *const _);
+                        lo = _mm512_dpbusd_epi32(lo, _mm512_and_si512(v, lo_mask), x4(x, 4 * c));
+                        hi = _mm512_dpbusd_epi32(
+                            hi,
+                            _mm512_and_si512(v, hi_mask),
+                            x4(x, 16 + 4 * c),
+                        );
+                    }
+                    let acc = _mm512_add_epi32(lo, _mm512_srai_epi32::<4>(hi));
+                    tg = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(*dp.add(b)), tg);
+                }
+                total = _mm512_fmadd_ps(tg, s, total);
+            }
+            _mm512_storeu_ps(ys.as_mut_ptr(), total);
+        }
+    }
+
+    /// INT8 band `band` into `ys` (16 rows). A block of 32 codes is 32 bytes of each row,
+    /// 8 vectors of the band, the codes stored offset to unsigned (`c + 128`); a block's
+    /// lanes start from `-128` times the block's sum of `x` (`qx.bcorr`), which leaves
+    /// `codes . x` exactly. Two accumulators (even and odd vectors) halve the chain.
+    ///
+    /// # Safety
+    /// As [`bands`] for one band.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn band_int8(q: &QuantData<'_>, band: usize, qx: &QuantizedX, ys: &mut [f32]) {
+        let g = q.format.group();
+        let groups = q.format.groups_per_row(q.cols);
+        let bpg = g / super::QBLOCK;
+        let band_bytes = super::BAND * q.format.code_bytes_per_row(q.cols);
+        // SAFETY: as in `band_int4`.
+        unsafe {
+            let cp = q.codes.as_ptr().add(band * band_bytes);
+            let sp = q.scales.as_ptr().add(band * super::BAND * groups);
+            let (xp, dp, kp) = (qx.q.as_ptr(), qx.d.as_ptr(), qx.bcorr.as_ptr());
+            let mut total = _mm512_setzero_ps();
+            for gi in 0..groups {
+                let s = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(gi * 16) as *const __m256i));
+                let mut tg = _mm512_setzero_ps();
+                for b in gi * bpg..(gi + 1) * bpg {
+                    let (vp, x) = (cp.add(b * 512), xp.add(b * super::QBLOCK));
+                    for l in 0..8 {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            vp.wrapping_add(BAND_PREFETCH + l * 64) as *const i8
+                        );
+                    }
+                    let mut a0 = _mm512_set1_epi32(*kp.add(b));
+                    let mut a1 = _mm512_setzero_si512();
+                    for c in (0..8).step_by(2) {
+                        let v0 = _mm512_loadu_si512(vp.add(c * 64) as *const _);
+                        let v1 = _mm512_loadu_si512(vp.add(c * 64 + 64) as *const _);
+                        a0 = _mm512_dpbusd_epi32(a0, v0, x4(x, 4 * c));
+                        a1 = _mm512_dpbusd_epi32(a1, v1, x4(x, 4 * c + 4));
+                    }
+                    let acc = _mm512_add_epi32(a0, a1);
+                    tg = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(*dp.add(b)), tg);
+                }
+                total = _mm512_fmadd_ps(tg, s, total);
+            }
+            _mm512_storeu_ps(ys.as_mut_ptr(), total);
         }
     }
 
@@ -565,7 +764,8 @@ mod vnni {
         let sums = qx.group_sums(g);
         let row: [_; R] = std::array::from_fn(|k| q.row(r0 + k));
         let cp: [*const u8; R] = std::array::from_fn(|k| row[k].0.as_ptr());
-        let (xp, lp) = (qx.nib.as_ptr(), qx.lanes4.as_ptr());
+        let rm = qx.row_major();
+        let (xp, lp) = (rm.nib.as_ptr(), rm.lanes4.as_ptr());
         let m4 = _mm512_set1_epi8(0x0f);
         let (base, step) = scale_lanes(g);
         let mut total = [_mm512_setzero_ps(); R];
@@ -576,7 +776,7 @@ mod vnni {
             let m = ((1u32 << n) - 1) as __mmask16;
             // SAFETY: scales/zeros/sums[g0..g0 + n] are in bounds (masked loads); the spans
             // of values g0 * g..(g0 + n) * g lie inside the rows' codes (half a byte each),
-            // `qx.nib` (cols values) and `qx.lanes4` (a lane per 8 values); the loads of a
+            // `nib` (cols values) and `lanes4` (a lane per 8 values); the loads of a
             // short last span are masked to it.
             unsafe {
                 let xs = _mm512_maskz_loadu_ps(m, sums.as_ptr().add(g0));
@@ -660,7 +860,8 @@ mod vnni {
         let groups = q.format.groups_per_row(cols);
         let row: [_; R] = std::array::from_fn(|k| q.row(r0 + k));
         let cp: [*const u8; R] = std::array::from_fn(|k| row[k].0.as_ptr());
-        let (xp, lp, kp) = (qx.q.as_ptr(), qx.lanes.as_ptr(), qx.corr.as_ptr());
+        let rm = qx.row_major();
+        let (xp, lp, kp) = (qx.q.as_ptr(), rm.lanes.as_ptr(), rm.corr.as_ptr());
         let flip = _mm512_set1_epi8(-128);
         // Lane l of a 64-value step covers values 4 l..4 l + 4: group (4 l) / g from the step's.
         let base = match g {
@@ -674,7 +875,7 @@ mod vnni {
             let n = (groups - g0).min(16);
             let m = ((1u32 << n) - 1) as __mmask16;
             // SAFETY: scales[g0..g0 + n] are in bounds (masked loads); the codes, `qx.q`,
-            // `qx.corr` and `qx.lanes` of values g0 * g..(g0 + n) * g lie inside the rows and
+            // `corr` and `lanes` of values g0 * g..(g0 + n) * g lie inside the rows and
             // `qx` (cols values, a lane per 4); a last 32 values are loaded masked.
             unsafe {
                 for k in 0..R {
@@ -976,48 +1177,52 @@ pub(crate) mod tests {
     #[test]
     fn activation_blocks_are_within_half_a_step() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let mut x: Vec<f32> = (0..400).map(|_| rng.random_range(-3.0f32..2.0)).collect();
-        x[64..96].fill(0.0);
-        x[100] = 40.0;
-        let qx = QuantizedX::new(&x);
-        assert_eq!(qx.q.len(), 416);
-        assert_eq!(qx.d.len(), 13);
-        assert!(qx.q[400..].iter().all(|&v| v == 0));
-        for (b, xs) in x.chunks(QBLOCK).enumerate() {
-            let d = qx.d[b];
-            let top = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-            assert_eq!(d, top / 127.0, "block {b}");
-            if top > 0.0 {
-                assert!(
-                    qx.q[b * 32..b * 32 + xs.len()]
+        let mut all: Vec<f32> = (0..416).map(|_| rng.random_range(-3.0f32..2.0)).collect();
+        all[64..96].fill(0.0);
+        all[100] = 40.0;
+        // A partial last block (the scalar path), whole blocks (prefill's quantizer).
+        for len in [400usize, 416] {
+            let x = &all[..len];
+            let qx = QuantizedX::new(x);
+            assert_eq!(qx.q.len(), 416);
+            assert_eq!(qx.d.len(), 13);
+            assert!(qx.q[len..].iter().all(|&v| v == 0));
+            for (b, xs) in x.chunks(QBLOCK).enumerate() {
+                let d = qx.d[b];
+                let top = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert_eq!(d, top / 127.0, "block {b}");
+                if top > 0.0 {
+                    assert!(
+                        qx.q[b * 32..b * 32 + xs.len()]
+                            .iter()
+                            .any(|v| v.abs() == 127)
+                    );
+                }
+                for (i, &v) in xs.iter().enumerate() {
+                    let k = b * 32 + i;
+                    assert!(qx.q[k] != -128);
+                    let err = (qx.value(k) - v).abs();
+                    assert!(
+                        err <= 0.5 * d * (1.0 + 1e-5),
+                        "x[{k}] = {v}: {err} > d / 2 = {d}"
+                    );
+                }
+                assert_eq!(qx.row_major().lanes[b * 8..b * 8 + 8], [d; 8]);
+                assert_eq!(qx.row_major().lanes4[b * 4..b * 4 + 4], [d; 4]);
+                for k in b * 8..b * 8 + 8 {
+                    let s: i32 = qx.q[4 * k..4 * k + 4].iter().map(|&v| v as i32).sum();
+                    assert_eq!(qx.row_major().corr[k], -128 * s);
+                }
+            }
+            assert!(qx.q[64..96].iter().all(|&v| v == 0) && qx.d[2] == 0.0);
+            for (gi, group) in [32usize, 64, 128].into_iter().enumerate() {
+                for (k, s) in qx.sums[gi].iter().enumerate() {
+                    let want: f64 = x[k * group..((k + 1) * group).min(len)]
                         .iter()
-                        .any(|v| v.abs() == 127)
-                );
-            }
-            for (i, &v) in xs.iter().enumerate() {
-                let k = b * 32 + i;
-                assert!(qx.q[k] != -128);
-                let err = (qx.value(k) - v).abs();
-                assert!(
-                    err <= 0.5 * d * (1.0 + 1e-5),
-                    "x[{k}] = {v}: {err} > d / 2 = {d}"
-                );
-            }
-            assert_eq!(qx.lanes[b * 8..b * 8 + 8], [d; 8]);
-            assert_eq!(qx.lanes4[b * 4..b * 4 + 4], [d; 4]);
-            for k in b * 8..b * 8 + 8 {
-                let s: i32 = qx.q[4 * k..4 * k + 4].iter().map(|&v| v as i32).sum();
-                assert_eq!(qx.corr[k], -128 * s);
-            }
-        }
-        assert!(qx.q[64..96].iter().all(|&v| v == 0) && qx.d[2] == 0.0);
-        for (gi, group) in [32usize, 64, 128].into_iter().enumerate() {
-            for (k, s) in qx.sums[gi].iter().enumerate() {
-                let want: f64 = x[k * group..((k + 1) * group).min(400)]
-                    .iter()
-                    .map(|&v| v as f64)
-                    .sum();
-                assert!((*s as f64 - want).abs() < 1e-4, "g{group} sum {k}");
+                        .map(|&v| v as f64)
+                        .sum();
+                    assert!((*s as f64 - want).abs() < 1e-4, "g{group} sum {k}");
+                }
             }
         }
         // Ties round to even.
@@ -1115,7 +1320,6 @@ pub(crate) mod tests {
                     let mut port = vec![0f32; rows];
                     rows_portable(&q, 0, &qx, &mut port);
                     let mut deq = vec![0f32; cols];
-                    let sums = qx.group_sums(group);
                     for (r, (&p, &w)) in port.iter().zip(&want).enumerate() {
                         dequantize_row(&q, r, &mut deq);
                         let mag: f32 = deq.iter().zip(&x).map(|(w, v)| (w * v).abs()).sum();
@@ -1136,27 +1340,7 @@ pub(crate) mod tests {
                         gemv_rows_with(k, &q, 2, &qx, &mut got);
                         for (j, &y) in got.iter().enumerate() {
                             let r = j + 2;
-                            let (c, s, z) = q.row(r);
-                            // Magnitude of the twin's terms.
-                            let mut terms = 0f32;
-                            for b in 0..cols / QBLOCK {
-                                let bd = (b * 32..b * 32 + 32)
-                                    .map(|i| {
-                                        let code = jetvlm_quant::unpack_code(c, bits, i);
-                                        let code = if bits == 8 {
-                                            code as u8 as i8 as f32
-                                        } else {
-                                            code as f32
-                                        };
-                                        (code * qx.q[i] as f32).abs()
-                                    })
-                                    .sum::<f32>();
-                                terms += s[b * 32 / group].to_f32().abs() * qx.d[b] * bd;
-                            }
-                            for (zi, zv) in z.iter().enumerate() {
-                                terms += (zv.to_f32() * sums[zi]).abs();
-                            }
-                            let bound = 2.0 * cols as f32 * f32::EPSILON * terms + 1e-6;
+                            let bound = order_bound(&q, r, &qx);
                             let d = (y - port[r]).abs();
                             assert!(
                                 d <= bound,
@@ -1173,6 +1357,95 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    /// How far a kernel's row may be from the portable twin's (f32 summation order only):
+    /// `2 cols eps` times the magnitude of the twin's terms.
+    fn order_bound(q: &QuantData<'_>, r: usize, qx: &QuantizedX) -> f32 {
+        let (bits, group, cols) = (q.format.bits(), q.format.group(), q.cols);
+        let sums = qx.group_sums(group);
+        let mut buf = RowBuf::default();
+        let (c, s, z) = q.row_into(r, &mut buf);
+        let mut terms = 0f32;
+        for b in 0..cols / QBLOCK {
+            let bd = (b * 32..b * 32 + 32)
+                .map(|i| {
+                    let code = jetvlm_quant::unpack_code(c, bits, i);
+                    let code = if bits == 8 {
+                        code as u8 as i8 as f32
+                    } else {
+                        code as f32
+                    };
+                    (code * qx.q[i] as f32).abs()
+                })
+                .sum::<f32>();
+            terms += s[b * 32 / group].to_f32().abs() * qx.d[b] * bd;
+        }
+        for (zi, zv) in z.iter().enumerate() {
+            terms += (zv.to_f32() * sums[zi]).abs();
+        }
+        2.0 * cols as f32 * f32::EPSILON * terms + 1e-6
+    }
+
+    /// A banded matrix holds the row-major one's rows exactly (gathered back by `row_into`,
+    /// dequantized), and every kernel's product on it is the portable twin's on the
+    /// row-major matrix up to f32 summation order (the banded VNNI kernel on whole bands;
+    /// rows that are not whole bands, and other kernels, read gathered rows: exactly the
+    /// twin). Shapes the layout does not cover are not banded.
+    #[test]
+    fn banded_matrices_match_the_row_major_ones() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let kernels: Vec<Kernel> = Kernel::ALL.into_iter().filter(|k| k.available()).collect();
+        for bits in [4u32, 8] {
+            for group in [32usize, 64, 128] {
+                for cols in [576usize, 32 * 35, 96, 128 * 17] {
+                    if !cols.is_multiple_of(group) {
+                        continue;
+                    }
+                    let fmt = WeightFormat::new(bits, group).unwrap();
+                    let rows = 3 * BAND;
+                    let t = random_matrix_with(&mut rng, fmt, rows, cols, true);
+                    let q = quant(&t);
+                    let b = t.banded().expect("whole bands");
+                    let qb = quant(&b);
+                    assert!(qb.banded && !q.banded);
+                    assert_eq!(b.held_bytes(), t.held_bytes());
+                    assert!(b.banded().is_none(), "banded twice");
+                    let (mut buf, mut d0, mut d1) =
+                        (RowBuf::default(), vec![0f32; cols], vec![0f32; cols]);
+                    for r in 0..rows {
+                        assert_eq!(qb.row_into(r, &mut buf), q.row(r), "row {r}");
+                        dequantize_row(&q, r, &mut d0);
+                        dequantize_row(&qb, r, &mut d1);
+                        assert_eq!(d0, d1, "dequantized row {r}");
+                    }
+                    let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+                    let qx = QuantizedX::new(&x);
+                    let mut port = vec![0f32; rows];
+                    rows_portable(&q, 0, &qx, &mut port);
+                    for &k in &kernels {
+                        let mut got = vec![0f32; 2 * BAND];
+                        gemv_rows_with(k, &qb, BAND, &qx, &mut got);
+                        for (j, &y) in got.iter().enumerate() {
+                            let r = BAND + j;
+                            let (d, bound) = ((y - port[r]).abs(), order_bound(&q, r, &qx));
+                            assert!(
+                                d <= bound,
+                                "{k:?} banded {bits}b g{group} c{cols} row {r}: {y} vs {} ({d} > {bound})",
+                                port[r]
+                            );
+                        }
+                        // Not whole bands: the twin on gathered rows, exactly.
+                        let mut odd = vec![0f32; 5];
+                        gemv_rows_with(k, &qb, 3, &qx, &mut odd);
+                        assert_eq!(odd, port[3..8], "{k:?} rows 3..8");
+                    }
+                }
+            }
+        }
+        let fmt = WeightFormat::new(4, 32).unwrap();
+        let t = random_matrix_with(&mut rng, fmt, BAND + 3, 64, false);
+        assert!(t.banded().is_none(), "rows not a multiple of 16");
     }
 
     /// INT8 codes of -128 (possible in a GGUF Q8_0 file, never written by the quantizer)

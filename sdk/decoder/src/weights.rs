@@ -33,6 +33,12 @@ enum Bytes {
         words: Arc<Vec<u32>>,
         len: usize,
     },
+    /// A range of a page-backed buffer shared by several tensors ([`pack_in_huge_pages`]).
+    Paged {
+        buf: Arc<jetvlm_core::mem::PageBuffer>,
+        start: usize,
+        len: usize,
+    },
 }
 
 impl Bytes {
@@ -40,6 +46,7 @@ impl Bytes {
         match self {
             Bytes::Mapped { map, start, len } => &map[*start..*start + *len],
             Bytes::Owned { words, len } => &bytemuck::cast_slice::<u32, u8>(words)[..*len],
+            Bytes::Paged { buf, start, len } => &buf.bytes()[*start..*start + *len],
         }
     }
 
@@ -49,6 +56,66 @@ impl Bytes {
         Bytes::Owned {
             words: Arc::new(words),
             len: bytes.len(),
+        }
+    }
+}
+
+/// Puts every quantized matrix among `tensors` that the banded layout covers
+/// ([`QuantData::banded`], [`Tensor::banded`]) into that layout, all of them in one
+/// page-backed buffer advised as 2 MiB transparent huge pages (each part 64-byte aligned);
+/// other tensors are left as they are. A decode step streams every matrix once: on 4 KiB
+/// pages it takes a TLB miss, and the hardware prefetcher starts over, every 4 KiB. Each
+/// matrix is banded straight from the file's mapping into the buffer and its mapped pages
+/// are then released ([`Tensor::release_mapping`]), so loading holds one copy.
+pub fn band_in_huge_pages<'t>(tensors: impl Iterator<Item = &'t mut Tensor>) {
+    let mut tensors: Vec<&mut Tensor> = tensors.filter(|t| t.bandable()).collect();
+    // Bytes of the codes, scales and zeros (0 for INT8) of each.
+    let lens: Vec<[usize; 3]> = tensors
+        .iter()
+        .map(|t| {
+            let TensorData::Quant(q) = t.data() else {
+                unreachable!("bandable tensors are quantized")
+            };
+            [q.codes.len(), 2 * q.scales.len(), 2 * q.zeros.len()]
+        })
+        .collect();
+    let total: usize = lens.iter().flatten().map(|n| n.next_multiple_of(64)).sum();
+    if total == 0 {
+        return;
+    }
+    let mut buf = jetvlm_core::mem::PageBuffer::zeroed(total);
+    let mut rest = buf.bytes_mut();
+    for (t, len) in tensors.iter().zip(&lens) {
+        let mut take = |n: usize| {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n.next_multiple_of(64));
+            rest = tail;
+            &mut head[..n]
+        };
+        let (c, sc, z) = (take(len[0]), take(len[1]), take(len[2]));
+        t.band_into(c, bytemuck::cast_slice_mut(sc), bytemuck::cast_slice_mut(z));
+        t.release_mapping();
+    }
+    let buf = Arc::new(buf);
+    let mut at = 0;
+    let mut paged = |n: usize| {
+        let b = Bytes::Paged {
+            buf: buf.clone(),
+            start: at,
+            len: n,
+        };
+        at += n.next_multiple_of(64);
+        b
+    };
+    for (t, len) in tensors.iter_mut().zip(&lens) {
+        t.bytes = paged(len[0]);
+        let scales = paged(len[1]);
+        let zeros = paged(len[2]);
+        if let Some(q) = t.quant.as_mut() {
+            q.scales = scales;
+            if q.zeros.is_some() {
+                q.zeros = Some(zeros);
+            }
+            q.banded = true;
         }
     }
 }
@@ -71,6 +138,8 @@ struct QuantParts {
     format: WeightFormat,
     scales: Bytes,
     zeros: Option<Bytes>,
+    /// The banded layout ([`QuantData::banded`]).
+    banded: bool,
 }
 
 /// A typed view of a tensor's elements.
@@ -83,9 +152,22 @@ pub enum TensorData<'a> {
     Quant(QuantData<'a>),
 }
 
-/// A quantized `[rows, cols]` matrix: row `r`'s codes are
+/// Rows per band of the banded layout ([`QuantData::banded`]).
+pub const BAND: usize = 16;
+
+/// A quantized `[rows, cols]` matrix, `groups = cols / group` parameters per row.
+///
+/// Row-major (`banded == false`, the file layout): row `r`'s codes are
 /// `codes[r * code_bytes_per_row(cols)..]`, its group parameters `scales[r * groups..]` and
-/// (INT4) `zeros[r * groups..]`, `groups = cols / group`.
+/// (INT4) `zeros[r * groups..]`.
+///
+/// Banded (`banded == true`, the CPU decoder's layout where the AVX-512 VNNI kernel runs,
+/// made by [`Tensor::banded`]): the same bytes, rows interleaved in bands of [`BAND`] so
+/// that one 64-byte vector holds 4 code bytes of each of 16 rows: code bytes `4 c..4 c + 4`
+/// of row `r` at `(r / 16) * 16 * row_bytes + c * 64 + (r % 16) * 4`, INT8 codes stored
+/// offset to unsigned (`code ^ 0x80`); parameter `g` of row `r` at
+/// `(r / 16) * 16 * groups + g * 16 + r % 16`. The kernel then multiplies 4 codes of 16
+/// rows by 4 values of `x` per instruction and scales 16 rows' sums per vector.
 #[derive(Clone, Copy, Debug)]
 pub struct QuantData<'a> {
     pub format: WeightFormat,
@@ -94,6 +176,29 @@ pub struct QuantData<'a> {
     pub scales: &'a [f16],
     /// Empty for INT8 (symmetric).
     pub zeros: &'a [f16],
+    /// The banded layout (see above) instead of row-major.
+    pub banded: bool,
+}
+
+/// Scratch for [`QuantData::row_into`]: one row of a banded matrix in row-major form.
+#[derive(Clone, Debug, Default)]
+pub struct RowBuf {
+    codes: Vec<u8>,
+    scales: Vec<f16>,
+    zeros: Vec<f16>,
+}
+
+/// Offset of code bytes `4 c..4 c + 4` of row `r` in the banded layout (`row_bytes` a
+/// multiple of 4).
+#[inline(always)]
+pub(crate) fn band_code_offset(row_bytes: usize, r: usize, c: usize) -> usize {
+    (r / BAND) * BAND * row_bytes + c * 4 * BAND + (r % BAND) * 4
+}
+
+/// Index of group parameter `g` of row `r` in the banded layout.
+#[inline(always)]
+pub(crate) fn band_param_index(groups: usize, r: usize, g: usize) -> usize {
+    (r / BAND) * BAND * groups + g * BAND + r % BAND
 }
 
 impl QuantData<'_> {
@@ -102,9 +207,41 @@ impl QuantData<'_> {
         self.scales.len() / self.format.groups_per_row(self.cols)
     }
 
-    /// Codes, scales and zeros of row `r`.
+    /// Codes, scales and zeros of row `r` in the row-major form (of a banded matrix:
+    /// gathered into `buf`).
+    pub fn row_into<'s>(
+        &'s self,
+        r: usize,
+        buf: &'s mut RowBuf,
+    ) -> (&'s [u8], &'s [f16], &'s [f16]) {
+        if !self.banded {
+            return self.row(r);
+        }
+        let rb = self.format.code_bytes_per_row(self.cols);
+        let g = self.format.groups_per_row(self.cols);
+        let flip = if self.format.bits() == 8 { 0x80 } else { 0 };
+        buf.codes.clear();
+        for c in 0..rb / 4 {
+            let o = band_code_offset(rb, r, c);
+            buf.codes
+                .extend(self.codes[o..o + 4].iter().map(|&b| b ^ flip));
+        }
+        buf.scales.clear();
+        buf.scales
+            .extend((0..g).map(|k| self.scales[band_param_index(g, r, k)]));
+        buf.zeros.clear();
+        if !self.zeros.is_empty() {
+            buf.zeros
+                .extend((0..g).map(|k| self.zeros[band_param_index(g, r, k)]));
+        }
+        (&buf.codes, &buf.scales, &buf.zeros)
+    }
+
+    /// Codes, scales and zeros of row `r` of a row-major matrix ([`Self::row_into`] reads
+    /// either layout).
     #[inline]
     pub fn row(&self, r: usize) -> (&[u8], &[f16], &[f16]) {
+        assert!(!self.banded, "row() of a banded matrix (row_into reads it)");
         let cb = self.format.code_bytes_per_row(self.cols);
         let g = self.format.groups_per_row(self.cols);
         let zeros = if self.zeros.is_empty() {
@@ -123,7 +260,8 @@ impl QuantData<'_> {
     #[inline]
     pub fn get(&self, i: usize) -> f32 {
         let (r, c) = (i / self.cols, i % self.cols);
-        let (codes, scales, zeros) = self.row(r);
+        let mut buf = RowBuf::default();
+        let (codes, scales, zeros) = self.row_into(r, &mut buf);
         let g = c / self.format.group();
         let s = scales[g].to_f32();
         if self.format.bits() == 8 {
@@ -258,6 +396,7 @@ impl Tensor {
                     .zeros
                     .as_ref()
                     .map_or(&[][..], |z| bytemuck::cast_slice(z.as_slice())),
+                banded: q.banded,
             });
         }
         match self.dtype {
@@ -406,8 +545,102 @@ impl Tensor {
                 zeros: format
                     .has_zeros()
                     .then(|| Bytes::owned(bytemuck::cast_slice(zeros))),
+                banded: false,
             }),
         })
+    }
+
+    /// Whether this is a row-major quantized matrix the banded layout covers
+    /// ([`QuantData::banded`]: rows a multiple of [`BAND`], a row of codes a multiple of 4
+    /// bytes).
+    fn bandable(&self) -> bool {
+        let Some(q) = self.quant.as_ref() else {
+            return false;
+        };
+        let (rows, cols) = (self.shape[0], self.shape[1]);
+        !q.banded
+            && rows > 0
+            && rows.is_multiple_of(BAND)
+            && q.format.code_bytes_per_row(cols).is_multiple_of(4)
+    }
+
+    /// Writes this (bandable) matrix's codes, scales and zeros in the banded layout into
+    /// buffers of the same sizes.
+    fn band_into(&self, codes: &mut [u8], scales: &mut [f16], zeros: &mut [f16]) {
+        let TensorData::Quant(d) = self.data() else {
+            unreachable!("bandable tensors are quantized")
+        };
+        let (rows, cols) = (d.rows(), d.cols);
+        let rb = d.format.code_bytes_per_row(cols);
+        let groups = d.format.groups_per_row(cols);
+        let flip = if d.format.bits() == 8 { 0x80 } else { 0 };
+        for r in 0..rows {
+            let (c, s, z) = d.row(r);
+            for (k, four) in c.chunks_exact(4).enumerate() {
+                let o = band_code_offset(rb, r, k);
+                for (dst, &b) in codes[o..o + 4].iter_mut().zip(four) {
+                    *dst = b ^ flip;
+                }
+            }
+            for k in 0..groups {
+                scales[band_param_index(groups, r, k)] = s[k];
+                if !z.is_empty() {
+                    zeros[band_param_index(groups, r, k)] = z[k];
+                }
+            }
+        }
+    }
+
+    /// This quantized matrix in the banded layout ([`QuantData::banded`]): an owned copy of
+    /// the same size. `None` for a float tensor, one already banded, or a shape the layout
+    /// does not cover (rows not a multiple of [`BAND`], a row of codes not a multiple of 4
+    /// bytes). The CPU decoder bands its matrices with [`band_in_huge_pages`].
+    pub fn banded(&self) -> Option<Tensor> {
+        if !self.bandable() {
+            return None;
+        }
+        let q = self.quant.as_ref()?;
+        let TensorData::Quant(d) = self.data() else {
+            return None;
+        };
+        let mut codes = vec![0u8; d.codes.len()];
+        let mut scales = vec![f16::ZERO; d.scales.len()];
+        let mut zeros = vec![f16::ZERO; d.zeros.len()];
+        self.band_into(&mut codes, &mut scales, &mut zeros);
+        Some(Tensor {
+            bytes: Bytes::owned(&codes),
+            quant: Some(QuantParts {
+                format: q.format,
+                scales: Bytes::owned(bytemuck::cast_slice(&scales)),
+                zeros: q
+                    .zeros
+                    .as_ref()
+                    .map(|_| Bytes::owned(bytemuck::cast_slice(&zeros))),
+                banded: true,
+            }),
+            ..self.clone()
+        })
+    }
+
+    /// Lets the kernel drop this tensor's pages of a memory-mapped file from the process
+    /// (`MADV_DONTNEED`; they stay in the page cache and fault back in if read again) once
+    /// an owned copy replaced it, so that loading does not hold both. Owned buffers are kept.
+    pub fn release_mapping(&self) {
+        let parts = std::iter::once(&self.bytes).chain(
+            self.quant
+                .iter()
+                .flat_map(|q| std::iter::once(&q.scales).chain(q.zeros.as_ref())),
+        );
+        for b in parts {
+            if let Bytes::Mapped { map, start, len } = b {
+                // SAFETY: the mapping is read-only and file-backed: dropped pages are read
+                // from the file again on the next access, with the same contents.
+                #[cfg(unix)]
+                let _ = unsafe {
+                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *start, *len)
+                };
+            }
+        }
     }
 }
 
@@ -827,6 +1060,7 @@ impl Weights {
                 format,
                 scales,
                 zeros,
+                banded: false,
             }),
         })
     }
