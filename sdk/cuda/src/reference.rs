@@ -270,6 +270,25 @@ impl QuantMatrix {
         Ok(m)
     }
 
+    /// Row `r` dequantized by `jetvlm_quant`'s reference into `out` (`cols` values).
+    #[cfg(test)]
+    fn dequantize_row_ref(&self, r: usize, out: &mut [f32]) {
+        let gpr = self.format.groups_per_row(self.cols);
+        let cb = self.format.code_bytes_per_row(self.cols);
+        let zeros = if self.zeros.is_empty() {
+            &[][..]
+        } else {
+            &self.zeros[r * gpr..(r + 1) * gpr]
+        };
+        jetvlm_quant::weight::dequantize_row(
+            self.format,
+            &self.codes[r * cb..(r + 1) * cb],
+            &self.scales[r * gpr..(r + 1) * gpr],
+            zeros,
+            out,
+        );
+    }
+
     /// Code of weight `(r, c)` as the kernels unpack it (INT8 sign-extended).
     pub fn code(&self, r: usize, c: usize) -> i32 {
         if self.format.bits() == 8 {
@@ -769,21 +788,8 @@ mod tests {
                 let x = rng.normals(n_tok * cols);
                 let m = QuantMatrix::quantize(&w, rows, cols, format).unwrap();
                 let mut deq = vec![0f32; rows * cols];
-                let gpr = format.groups_per_row(cols);
-                let cb = format.code_bytes_per_row(cols);
                 for (r, out) in deq.chunks_exact_mut(cols).enumerate() {
-                    let zeros = if bits == 4 {
-                        &m.zeros[r * gpr..(r + 1) * gpr]
-                    } else {
-                        &[][..]
-                    };
-                    jetvlm_quant::weight::dequantize_row(
-                        format,
-                        &m.codes[r * cb..(r + 1) * cb],
-                        &m.scales[r * gpr..(r + 1) * gpr],
-                        zeros,
-                        out,
-                    );
+                    m.dequantize_row_ref(r, out);
                 }
                 let want = gemv(&deq, &x, rows, cols, n_tok);
                 let got = gemv_quant(&m, &x, n_tok);
@@ -815,25 +821,9 @@ mod tests {
                 let w = rng.outlier_normals(vocab * hidden, hidden);
                 let m = QuantMatrix::quantize(&w, vocab, hidden, format).unwrap();
                 let ids = [0u32, 52, 7, 7, 31];
-                let (gpr, cb) = (
-                    format.groups_per_row(hidden),
-                    format.code_bytes_per_row(hidden),
-                );
                 let mut want = vec![0f32; ids.len() * hidden];
                 for (&id, out) in ids.iter().zip(want.chunks_exact_mut(hidden)) {
-                    let r = id as usize;
-                    let zeros = if bits == 4 {
-                        &m.zeros[r * gpr..(r + 1) * gpr]
-                    } else {
-                        &[][..]
-                    };
-                    jetvlm_quant::weight::dequantize_row(
-                        format,
-                        &m.codes[r * cb..(r + 1) * cb],
-                        &m.scales[r * gpr..(r + 1) * gpr],
-                        zeros,
-                        out,
-                    );
+                    m.dequantize_row_ref(id as usize, out);
                 }
                 let got = embedding_gather_quant(&m, &ids);
                 assert_eq!(got, want, "INT{bits} g{group}");

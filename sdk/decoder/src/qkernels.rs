@@ -27,7 +27,7 @@
 //! (tested). Row dequantization (prefill tiles) has an AVX-512 path giving the reference's
 //! values exactly.
 
-use crate::weights::{BAND, QuantData, RowBuf};
+use crate::weights::{QuantData, RowBuf};
 
 /// Values per INT8 activation block.
 pub(crate) const QBLOCK: usize = 32;
@@ -286,8 +286,8 @@ pub(crate) fn gemv_rows_with(
         #[cfg(target_arch = "x86_64")]
         if kernel == Kernel::Vnni
             && vnni::available()
-            && r0.is_multiple_of(BAND)
-            && ys.len().is_multiple_of(BAND)
+            && r0.is_multiple_of(crate::weights::BAND)
+            && ys.len().is_multiple_of(crate::weights::BAND)
         {
             // SAFETY: the CPU has the instructions (checked); bounds asserted above, whole
             // bands (checked).
@@ -545,11 +545,11 @@ mod vnni {
     /// lanes are then converted and scaled once for all 16 rows.
     ///
     /// # Safety
-    /// As [`rows`]; `q.banded`, `r0` and `ys.len()` multiples of [`super::BAND`].
+    /// As [`rows`]; `q.banded`, `r0` and `ys.len()` multiples of [`crate::weights::BAND`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn bands(q: &QuantData<'_>, r0: usize, qx: &QuantizedX, ys: &mut [f32]) {
-        for (i, y) in ys.chunks_exact_mut(super::BAND).enumerate() {
-            let band = r0 / super::BAND + i;
+        for (i, y) in ys.chunks_exact_mut(crate::weights::BAND).enumerate() {
+            let band = r0 / crate::weights::BAND + i;
             // SAFETY: as this function's contract, band `band` lies inside `q`.
             unsafe {
                 if q.format.bits() == 8 {
@@ -586,7 +586,7 @@ mod vnni {
         let g = q.format.group();
         let groups = q.format.groups_per_row(q.cols);
         let bpg = g / super::QBLOCK;
-        let band_bytes = super::BAND * q.format.code_bytes_per_row(q.cols);
+        let band_bytes = crate::weights::BAND * q.format.code_bytes_per_row(q.cols);
         let sums = qx.group_sums(g);
         let lo_mask = _mm512_set1_epi8(0x0f);
         let hi_mask = _mm512_set1_epi8(0xf0u8 as i8);
@@ -594,8 +594,8 @@ mod vnni {
         // values, a scale per block) are inside their slices.
         unsafe {
             let cp = q.codes.as_ptr().add(band * band_bytes);
-            let sp = q.scales.as_ptr().add(band * super::BAND * groups);
-            let zp = q.zeros.as_ptr().add(band * super::BAND * groups);
+            let sp = q.scales.as_ptr().add(band * crate::weights::BAND * groups);
+            let zp = q.zeros.as_ptr().add(band * crate::weights::BAND * groups);
             let (xp, dp) = (qx.q.as_ptr(), qx.d.as_ptr());
             let mut total = _mm512_setzero_ps();
             for gi in 0..groups {
@@ -643,11 +643,11 @@ mod vnni {
         let g = q.format.group();
         let groups = q.format.groups_per_row(q.cols);
         let bpg = g / super::QBLOCK;
-        let band_bytes = super::BAND * q.format.code_bytes_per_row(q.cols);
+        let band_bytes = crate::weights::BAND * q.format.code_bytes_per_row(q.cols);
         // SAFETY: as in `band_int4`.
         unsafe {
             let cp = q.codes.as_ptr().add(band * band_bytes);
-            let sp = q.scales.as_ptr().add(band * super::BAND * groups);
+            let sp = q.scales.as_ptr().add(band * crate::weights::BAND * groups);
             let (xp, dp, kp) = (qx.q.as_ptr(), qx.d.as_ptr(), qx.bcorr.as_ptr());
             let mut total = _mm512_setzero_ps();
             for gi in 0..groups {
@@ -1132,7 +1132,7 @@ mod neon {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::weights::{Tensor, TensorData};
+    use crate::weights::{BAND, Tensor, TensorData};
     use jetvlm_quant::WeightFormat;
     use rand::{Rng, SeedableRng};
 
