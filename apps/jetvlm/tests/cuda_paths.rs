@@ -268,19 +268,7 @@ fn plan_charges_what_the_device_decoder_holds_for_quantized_weights() {
         }
         let (ok, _, stderr) = jetvlm(&q);
         assert!(ok, "{stderr}");
-        let (ok, stdout, stderr) = jetvlm(&[
-            "plan",
-            "--model",
-            out_s,
-            "--board",
-            "orin-nano-8gb",
-            "--tokens-per-frame",
-            "1",
-            "--json",
-        ]);
-        assert!(ok, "{stderr}");
-        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-        let planned = v["memory"]["weights_bytes"].as_u64().unwrap();
+        let planned = common::planned_weight_bytes(out_s, &[]);
         let dev = jetvlm_cuda::SimDevice::new();
         let held = jetvlm_cuda::DeviceDecoder::load(&dev, &out)
             .unwrap()

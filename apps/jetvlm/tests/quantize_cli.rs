@@ -102,23 +102,7 @@ fn plan_weight_bits_agrees_with_the_loaded_quantized_decoder() {
         env!("CARGO_MANIFEST_DIR"),
         "/../../tests/fixtures/decoder/llama_bf16"
     );
-    let plan_bytes = |dir: &str, extra: &[&str]| -> u64 {
-        let mut args = vec![
-            "plan",
-            "--model",
-            dir,
-            "--board",
-            "orin-nano-8gb",
-            "--tokens-per-frame",
-            "1",
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        let (ok, stdout, stderr) = jetvlm(&args);
-        assert!(ok, "{stderr}");
-        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-        v["memory"]["weights_bytes"].as_u64().unwrap()
-    };
+    let plan_bytes = common::planned_weight_bytes;
     let native = plan_bytes(model, &[]);
     let bf16 = jetvlm_decoder::Model::load(
         std::path::Path::new(model),
@@ -268,21 +252,7 @@ fn prequantized_checkpoints_convert_through_the_cli() {
     );
     let ids = greedy_ids(out_s);
     assert_eq!(ids.as_array().unwrap().len(), 12);
-    let plan = |dir: &str| -> u64 {
-        let (ok, stdout, stderr) = jetvlm(&[
-            "plan",
-            "--model",
-            dir,
-            "--board",
-            "orin-nano-8gb",
-            "--tokens-per-frame",
-            "1",
-            "--json",
-        ]);
-        assert!(ok, "{stderr}");
-        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-        v["memory"]["weights_bytes"].as_u64().unwrap()
-    };
+    let plan = |dir: &str| common::planned_weight_bytes(dir, &[]);
     let held = jetvlm_decoder::Model::load(&out, &jetvlm_decoder::LoadOptions::default())
         .unwrap()
         .weight_bytes_held();
@@ -547,21 +517,7 @@ mod plan_vs_runtime {
         let o = &cfg["quantization_config"]["overrides"];
         assert_eq!(o["layers.*.mlp.down_proj"]["bits"], 8, "{o}");
         assert_eq!(o["layers.1.self_attn.v_proj"]["group_size"], 32, "{o}");
-        let plan = |dir: &Path| {
-            let (ok, stdout, stderr) = jetvlm(&[
-                "plan",
-                "--model",
-                dir.to_str().unwrap(),
-                "--board",
-                "orin-nano-8gb",
-                "--tokens-per-frame",
-                "1",
-                "--json",
-            ]);
-            assert!(ok, "{stderr}");
-            let p: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-            p["memory"]["weights_bytes"].as_u64().unwrap()
-        };
+        let plan = |dir: &Path| super::common::planned_weight_bytes(dir.to_str().unwrap(), &[]);
         let planned = plan(&out);
         let m = jetvlm_decoder::Model::load(&out, &jetvlm_decoder::LoadOptions::default()).unwrap();
         let held = m.weight_bytes_held();
@@ -604,19 +560,7 @@ mod plan_vs_runtime {
                 out.to_str().unwrap(),
             ]);
             assert!(ok, "{name}: {stderr}");
-            let (ok, stdout, stderr) = jetvlm(&[
-                "plan",
-                "--model",
-                out.to_str().unwrap(),
-                "--board",
-                "orin-nano-8gb",
-                "--tokens-per-frame",
-                "1",
-                "--json",
-            ]);
-            assert!(ok, "{name}: {stderr}");
-            let p: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-            let planned = p["memory"]["weights_bytes"].as_u64().unwrap();
+            let planned = super::common::planned_weight_bytes(out.to_str().unwrap(), &[]);
             let held = jetvlm_decoder::Model::load(&out, &jetvlm_decoder::LoadOptions::default())
                 .unwrap()
                 .weight_bytes_held();

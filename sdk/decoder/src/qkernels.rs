@@ -1,6 +1,6 @@
 //! CPU kernels of weight-only quantized matrices ([`QuantData`]): the matrix-vector rows of
-//! decode, by integer dot products, and the row dequantization prefill tiles and embedding
-//! lookups use (prefill then runs the f32 `gemm` path of [`crate::kernels`]).
+//! decode, by integer dot products, and the row dequantization embedding lookups use
+//! (prefill runs the integer GEMM of [`crate::qgemm`] on the same activations).
 //!
 //! Decode quantizes its input `x` once per matrix-vector product (shared by every matrix that
 //! reads it: a layer's q/k/v, or gate/up) to INT8 in blocks of 32 values with one f32 scale
@@ -11,9 +11,10 @@
 //!
 //! Kernels, picked at run time ([`Kernel::picked`]), each for INT4 and INT8 at every group
 //! size (32, 64, 128):
-//! - AVX-512 VNNI: `vpdpbusd`, 64 codes per instruction (INT4 code bytes against `x` kept in
-//!   their nibble order; INT8 codes offset to unsigned), four rows at a time with software
-//!   prefetch;
+//! - AVX-512 VNNI: `vpdpbusd`, 64 codes per instruction. On the banded layout the CPU
+//!   decoder holds ([`QuantData::banded`]): 4 codes of 16 rows against 4 values of `x`
+//!   broadcast, one lane per row. On a row-major matrix: INT4 code bytes against `x` kept in
+//!   their nibble order, INT8 codes offset to unsigned, four rows at a time;
 //! - AVX2: `vpmaddubsw` + `vpmaddwd`, 32 codes per block;
 //! - NEON with the dot-product extension (`sdot`, Cortex-A78AE and later), 16 codes per
 //!   instruction;
@@ -143,22 +144,9 @@ impl QuantizedX {
             d.resize(nb, 0.0);
             s32.resize(nb, 0.0);
             crate::qgemm::quantize_token(x, &mut q, &mut d, &mut s32, QBLOCK);
-        }
-        for (xs, qs) in x
-            .chunks(QBLOCK)
-            .zip(q.chunks_exact_mut(QBLOCK))
-            .filter(|_| !x.len().is_multiple_of(QBLOCK))
-        {
-            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
-            let inv = if scale > 0.0 { 127.0 / amax } else { 0.0 };
-            for (o, &v) in qs.iter_mut().zip(xs) {
-                // |v * inv| <= 127 (up to rounding): the cast does not saturate; a NaN
-                // becomes 0 (and the NaN scale makes the logits non-finite, an error).
-                *o = round_even(v * inv) as i32 as i8;
-            }
-            d.push(scale);
-            s32.push(xs.iter().sum::<f32>());
+        } else {
+            // A partial last block (padded with zeros), block by block.
+            Self::quantize_blocks(x, &mut q, &mut d, &mut s32);
         }
         let bcorr = q
             .chunks_exact(QBLOCK)
@@ -174,6 +162,24 @@ impl QuantizedX {
             row_major: std::sync::OnceLock::new(),
             sums: [s32, s64, s128],
             bcorr,
+        }
+    }
+
+    /// `x` quantized block by block into `q` (whole blocks, zero-padded), pushing each
+    /// block's scale to `d` and its f32 sum to `s32`: the scalar path, for a partial last
+    /// block.
+    fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut Vec<f32>, s32: &mut Vec<f32>) {
+        for (xs, qs) in x.chunks(QBLOCK).zip(q.chunks_exact_mut(QBLOCK)) {
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale > 0.0 { 127.0 / amax } else { 0.0 };
+            for (o, &v) in qs.iter_mut().zip(xs) {
+                // |v * inv| <= 127 (up to rounding): the cast does not saturate; a NaN
+                // becomes 0 (and the NaN scale makes the logits non-finite, an error).
+                *o = round_even(v * inv) as i32 as i8;
+            }
+            d.push(scale);
+            s32.push(xs.iter().sum::<f32>());
         }
     }
 
@@ -1418,6 +1424,9 @@ pub(crate) mod tests {
                         dequantize_row(&q, r, &mut d0);
                         dequantize_row(&qb, r, &mut d1);
                         assert_eq!(d0, d1, "dequantized row {r}");
+                        for c in (0..cols).step_by(7) {
+                            assert_eq!(qb.get(r * cols + c), d0[c], "element ({r}, {c})");
+                        }
                     }
                     let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0f32..2.0)).collect();
                     let qx = QuantizedX::new(&x);

@@ -33,7 +33,7 @@ enum Bytes {
         words: Arc<Vec<u32>>,
         len: usize,
     },
-    /// A range of a page-backed buffer shared by several tensors ([`pack_in_huge_pages`]).
+    /// A range of a page-backed buffer shared by several tensors ([`band_in_huge_pages`]).
     Paged {
         buf: Arc<jetvlm_core::mem::PageBuffer>,
         start: usize,
@@ -256,18 +256,40 @@ impl QuantData<'_> {
         )
     }
 
-    /// Element `i` (row-major) dequantized.
+    /// Element `i` (row-major) dequantized. A banded matrix gathers only the 32-code block
+    /// holding it (4 or 8 code bytes of its row at a time), not the row.
     #[inline]
     pub fn get(&self, i: usize) -> f32 {
         let (r, c) = (i / self.cols, i % self.cols);
-        let mut buf = RowBuf::default();
-        let (codes, scales, zeros) = self.row_into(r, &mut buf);
         let g = c / self.format.group();
-        let s = scales[g].to_f32();
-        if self.format.bits() == 8 {
-            s * codes[c] as i8 as f32
+        let groups = self.format.groups_per_row(self.cols);
+        let rb = self.format.code_bytes_per_row(self.cols);
+        let (p, code) = if self.banded {
+            // Bytes of one 32-code block; the block's bytes are whole 4-byte chunks.
+            let bb = self.format.code_bytes_per_row(32);
+            let flip = if self.format.bits() == 8 { 0x80 } else { 0 };
+            let mut block = [0u8; 32];
+            for (j, four) in block[..bb].chunks_exact_mut(4).enumerate() {
+                let o = band_code_offset(rb, r, (c / 32) * bb / 4 + j);
+                for (d, &b) in four.iter_mut().zip(&self.codes[o..o + 4]) {
+                    *d = b ^ flip;
+                }
+            }
+            (
+                band_param_index(groups, r, g),
+                jetvlm_quant::unpack_code(&block[..bb], self.format.bits(), c % 32),
+            )
         } else {
-            zeros[g].to_f32() + s * jetvlm_quant::unpack_code(codes, 4, c) as f32
+            (
+                r * groups + g,
+                jetvlm_quant::unpack_code(&self.codes[r * rb..(r + 1) * rb], self.format.bits(), c),
+            )
+        };
+        let s = self.scales[p].to_f32();
+        if self.format.bits() == 8 {
+            s * code as i8 as f32
+        } else {
+            self.zeros[p].to_f32() + s * code as f32
         }
     }
 }
