@@ -134,6 +134,11 @@ mod imp {
 }
 
 impl PageBuffer {
+    /// The buffer as 64-bit words (a trailing partial word is left out).
+    pub fn words(&self) -> &[u64] {
+        let b = self.bytes();
+        bytemuck::cast_slice(&b[..b.len() / 8 * 8])
+    }
     /// The buffer as mutable 64-bit words (a trailing partial word is left out).
     pub fn words_mut(&mut self) -> &mut [u64] {
         let b = self.bytes_mut();

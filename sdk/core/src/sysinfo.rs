@@ -117,30 +117,80 @@ pub fn measure_read_bandwidth(min_bytes: usize) -> BandwidthReport {
 
 /// [`measure_read_bandwidth`] with an exact buffer size, thread count and number of runs.
 pub fn measure_read_bandwidth_with(bytes: usize, threads: usize, runs: usize) -> BandwidthReport {
-    let threads = threads.max(1);
     let runs = runs.max(1);
-    let words = (bytes / 8).max(threads * 64);
-    // Each thread touches (and so places) its own slice first. The buffer is backed like
-    // the KV cache pools (huge pages where the kernel gives them), so attention and this
-    // probe pay the same address translation.
-    let mut pages = crate::mem::PageBuffer::zeroed(words * 8);
-    let buf = pages.words_mut();
-    let chunk = words.div_ceil(threads);
-    std::thread::scope(|s| {
-        for (i, part) in buf.chunks_mut(chunk).enumerate() {
-            s.spawn(move || {
-                for (j, w) in part.iter_mut().enumerate() {
-                    *w = (i as u64) << 32 | j as u64;
-                }
-            });
-        }
-    });
+    let probe = ReadProbe::new(bytes, threads);
     let mut best = f64::INFINITY;
     for run in 0..=runs {
+        let secs = probe.read();
+        if run > 0 {
+            best = best.min(secs);
+        }
+    }
+    BandwidthReport {
+        gbs: probe.bytes() as f64 / best / 1e9,
+        buffer_bytes: probe.bytes(),
+        threads: probe.threads,
+        runs,
+        best_seconds: best,
+        llc_bytes: last_level_cache_bytes(),
+    }
+}
+
+/// A buffer that `threads` cores read in one timed pass, each its own contiguous slice: one
+/// sample of the streaming read bandwidth per [`ReadProbe::read`], and, when the buffer
+/// exceeds the last-level cache, an eviction of that cache (reads only: no dirty lines are
+/// left to write back). [`measure_read_bandwidth`] takes the best of several passes; `jetvlm
+/// bench decode` reads one between decode steps, so the bandwidth it holds a step against
+/// is measured at the same moment as the step.
+pub struct ReadProbe {
+    pages: crate::mem::PageBuffer,
+    threads: usize,
+    chunk: usize,
+}
+
+impl ReadProbe {
+    /// A probe of at least `bytes` (whole 64-bit words, at least 64 per thread) read by
+    /// `threads` threads (at least one). Each thread touches (and so places) its own slice
+    /// first. The buffer is backed like the KV cache pools (huge pages where the kernel gives
+    /// them), so attention and the probe pay the same address translation.
+    pub fn new(bytes: usize, threads: usize) -> Self {
+        let threads = threads.max(1);
+        let words = (bytes / 8).max(threads * 64);
+        let mut pages = crate::mem::PageBuffer::zeroed(words * 8);
+        let chunk = words.div_ceil(threads);
+        std::thread::scope(|s| {
+            for (i, part) in pages.words_mut().chunks_mut(chunk).enumerate() {
+                s.spawn(move || {
+                    for (j, w) in part.iter_mut().enumerate() {
+                        *w = (i as u64) << 32 | j as u64;
+                    }
+                });
+            }
+        });
+        Self {
+            pages,
+            threads,
+            chunk,
+        }
+    }
+
+    /// Bytes one pass reads.
+    pub fn bytes(&self) -> usize {
+        self.pages.words().len() * 8
+    }
+
+    /// Threads one pass uses.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Reads the whole buffer once; the seconds it took.
+    pub fn read(&self) -> f64 {
+        let words = self.pages.words();
         let start = Instant::now();
         let total: u64 = std::thread::scope(|s| {
-            let handles: Vec<_> = buf
-                .chunks(chunk)
+            let handles: Vec<_> = words
+                .chunks(self.chunk)
                 .map(|part| s.spawn(move || sum_words(black_box(part))))
                 .collect();
             handles
@@ -150,18 +200,7 @@ pub fn measure_read_bandwidth_with(bytes: usize, threads: usize, runs: usize) ->
         });
         let secs = start.elapsed().as_secs_f64();
         black_box(total);
-        if run > 0 {
-            best = best.min(secs);
-        }
-    }
-    let buffer_bytes = words * 8;
-    BandwidthReport {
-        gbs: buffer_bytes as f64 / best / 1e9,
-        buffer_bytes,
-        threads,
-        runs,
-        best_seconds: best,
-        llc_bytes: last_level_cache_bytes(),
+        secs
     }
 }
 
@@ -239,5 +278,18 @@ mod tests {
         assert_eq!(r.buffer_bytes, 1 << 20);
         assert!(r.gbs > 0.0 && r.gbs.is_finite());
         assert!((r.gbs - r.buffer_bytes as f64 / r.best_seconds / 1e9).abs() < 1e-6 * r.gbs);
+    }
+
+    #[test]
+    fn a_probe_reads_its_whole_buffer_on_every_thread() {
+        // Fewer bytes than 64 words per thread round up; a pass takes measurable time.
+        let p = ReadProbe::new(100, 3);
+        assert_eq!((p.bytes(), p.threads()), (3 * 64 * 8, 3));
+        let words = p.pages.words();
+        // Every thread placed its slice (slice index in the high half of each word).
+        for (i, part) in words.chunks(p.chunk).enumerate() {
+            assert!(part.iter().enumerate().all(|(j, &w)| w == (i as u64) << 32 | j as u64));
+        }
+        assert!(p.read() > 0.0);
     }
 }

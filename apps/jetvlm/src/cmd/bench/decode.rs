@@ -3,13 +3,18 @@
 //! 10% of the context cached as camera-frame tokens), held against the roofline
 //! `TPOT >= (weight bytes + KV bytes read per token) / measured DRAM bandwidth`.
 //!
-//! Between timed decode steps a buffer of twice the last-level cache is read (outside the
-//! timed region), so weights and KV come from DRAM as they must on a Jetson, whose CPU has a
-//! few MB of cache, not from a large server L3. `--no-flush` turns this off. The policies'
-//! decode steps are timed in turn (one step of each per round), so that other processes
-//! sharing the cores slow all of them alike; the load average is reported with the figures.
-//! Bandwidth is measured before and after the decode steps and the higher figure is the
-//! roofline, so a measurement slowed by other processes does not flatter the fraction.
+//! Before every timed decode step the bandwidth probe's buffer (at least four times the
+//! last-level cache) is read on every core, outside the timed region, so weights and KV come
+//! from DRAM as they must on a Jetson, whose CPU has a few MB of cache, not from a large
+//! server L3; `--no-flush` turns this off. The policies' decode steps are timed in turn (one
+//! step of each per round), so that other processes sharing the cores slow all of them alike;
+//! the load average is reported with the figures.
+//!
+//! Each of those reads is timed too: a row's `BW %` holds its mean step against the probe
+//! reads just before its steps (the bandwidth of the same moments, where a shared machine's
+//! bandwidth moves during a run). `peak %` holds it against the peak: the best of several
+//! probe passes before and after all the decode steps. Without the flush both columns use
+//! the peak.
 //!
 //! `--weights bf16,q8,q4` compares weight formats in the same run: each is loaded (converted
 //! at load, or quantized by `jetvlm quantize`'s code into a temporary directory that is
@@ -203,7 +208,14 @@ pub(super) struct Row {
     pub(super) text_tokens: usize,
     pub(super) frame_tokens: usize,
     pub(super) achieved_gbs: f64,
+    /// The read bandwidth of the probe passes timed just before this row's steps (their
+    /// bytes over their mean time); `None` where none were timed (`--no-flush`, CUDA).
+    pub(super) bandwidth_during_gbs: Option<f64>,
+    /// `achieved_gbs` over `bandwidth_during_gbs`, or over the peak where that is `None`.
     pub(super) bandwidth_fraction: f64,
+    /// `achieved_gbs` over the peak bandwidth.
+    pub(super) peak_fraction: f64,
+    /// Bytes per token at the bandwidth of `bandwidth_fraction`.
     pub(super) roofline_tpot_ms: f64,
 }
 
@@ -225,7 +237,7 @@ struct Report {
     weights: Vec<WeightsInfo>,
     threads: usize,
     llc_bytes: Option<u64>,
-    /// The higher of the two bandwidth measurements (BW % and roof ms use it).
+    /// The peak: the higher of the two bandwidth measurements (`peak %` uses it).
     bandwidth_gbs: f64,
     /// Measured before the first and after the last decode step: a measurement slowed by
     /// other processes would flatter BW %, so the higher one is used.
@@ -261,6 +273,8 @@ struct PolicyRun {
     prefill_tokens: usize,
     next: u32,
     times: Vec<f64>,
+    /// Seconds of the probe pass before each timed step.
+    probe_times: Vec<f64>,
     kv_read: u64,
 }
 
@@ -344,12 +358,9 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
     eprintln!("measuring memory bandwidth...");
     let bw = sysinfo::measure_read_bandwidth(0);
     let llc = sysinfo::last_level_cache_bytes();
-    let flush_bytes = if args.no_flush {
-        0
-    } else {
-        2 * llc.unwrap_or(64 << 20) as usize
-    };
-    let flusher: Vec<u64> = (0..flush_bytes as u64 / 8).collect();
+    // The probe's buffer: evicts the last-level cache and times a bandwidth sample.
+    let probe = (!args.no_flush)
+        .then(|| sysinfo::ReadProbe::new(bw.buffer_bytes, bw.threads));
     let mut rows = Vec::new();
     let mut rng = StdRng::seed_from_u64(7);
     for &context in &args.context {
@@ -405,6 +416,7 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
                     prefill_tokens,
                     next,
                     times: Vec::with_capacity(args.steps),
+                    probe_times: Vec::with_capacity(args.steps),
                     kv_read: 0,
                 });
             }
@@ -419,12 +431,13 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
                 if s == args.steps / 2 + 2 {
                     r.kv_read = r.cache.memory().attention_read_bytes;
                 }
-                flush(&flusher);
+                let probe_secs = probe.as_ref().map(sysinfo::ReadProbe::read);
                 let t = Instant::now();
                 let logits = models[r.model].forward(&[Input::text(&[r.next])], &mut r.cache)?;
                 r.next = argmax(logits.last());
                 if s >= 2 {
                     r.times.push(t.elapsed().as_secs_f64());
+                    r.probe_times.extend(probe_secs);
                 }
             }
         }
@@ -437,6 +450,10 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
             let wbytes = models[r.model].weight_bytes_read_per_token();
             let bytes = (wbytes + r.kv_read) as f64;
             let achieved = bytes / mean / 1e9;
+            let during = probe.as_ref().and_then(|p| {
+                let n = r.probe_times.len();
+                (n > 0).then(|| p.bytes() as f64 * n as f64 / r.probe_times.iter().sum::<f64>() / 1e9)
+            });
             rows.push(Row {
                 context,
                 weights: choices[r.model].0.clone(),
@@ -454,20 +471,24 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
                 text_tokens: mem.text_tokens,
                 frame_tokens: mem.frame_tokens,
                 achieved_gbs: achieved,
-                // Set against the higher bandwidth measurement below.
+                bandwidth_during_gbs: during,
+                // Set against the peak bandwidth below.
                 bandwidth_fraction: 0.0,
+                peak_fraction: 0.0,
                 roofline_tpot_ms: 0.0,
             });
         }
     }
-    drop(flusher);
+    drop(probe);
     eprintln!("measuring memory bandwidth again...");
     let bw_end = sysinfo::measure_read_bandwidth(0);
     let best_gbs = bw.gbs.max(bw_end.gbs);
     for row in &mut rows {
         let bytes = (row.weight_bytes_per_token + row.kv_bytes_per_token) as f64;
-        row.bandwidth_fraction = row.achieved_gbs / best_gbs;
-        row.roofline_tpot_ms = bytes / (best_gbs * 1e9) * 1e3;
+        let held = row.bandwidth_during_gbs.unwrap_or(best_gbs);
+        row.bandwidth_fraction = row.achieved_gbs / held;
+        row.peak_fraction = row.achieved_gbs / best_gbs;
+        row.roofline_tpot_ms = bytes / (held * 1e9) * 1e3;
     }
     let report = Report {
         model: args.model.display().to_string(),
@@ -576,14 +597,6 @@ fn synthetic_fill(
 /// it. Only reads: a written buffer would leave the cache full of dirty lines, and the timed
 /// step after it would pay their write-back to DRAM (up to the cache's size of writes on
 /// top of the step's own reads), which a decode loop does not do.
-fn flush(buf: &[u64]) {
-    let mut acc = 0u64;
-    for w in buf.iter().step_by(8) {
-        acc = acc.wrapping_add(*w);
-    }
-    std::hint::black_box(acc);
-}
-
 /// Whether `--prefill` runs the real prefill at `context` (`auto`: up to `auto_limit`).
 pub(super) fn real_prefill(prefill: &str, context: usize, auto_limit: usize) -> Result<bool> {
     Ok(match prefill {
@@ -610,7 +623,7 @@ fn print_table(r: &Report) {
         );
     }
     println!(
-        "last-level cache {}, measured read bandwidth {:.2} GB/s (higher of {:.2} before and {:.2} after the decode steps; buffer {:.0} MB){}",
+        "last-level cache {}, peak read bandwidth {:.2} GB/s (higher of {:.2} before and {:.2} after the decode steps; buffer {:.0} MB){}",
         r.llc_bytes
             .map_or("unknown".into(), |b| format!("{:.0} MB", mb(b))),
         r.bandwidth_gbs,
@@ -618,7 +631,7 @@ fn print_table(r: &Report) {
         r.bandwidth_end_gbs,
         mb(r.bandwidth_buffer_bytes as u64),
         if r.llc_flushed_between_steps {
-            ", LLC evicted between decode steps"
+            ", read before every decode step (evicting the LLC; BW % against those reads)"
         } else {
             ""
         }
@@ -636,7 +649,7 @@ fn print_table(r: &Report) {
 /// `gbs_decimals` for GB/s: a GPU's TPOT needs more digits than a CPU's).
 pub(super) fn print_rows(rows: &[Row], tpot_decimals: usize, gbs_decimals: usize) {
     println!(
-        "{:>7} {:<10} {:<28} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>7} {:>9}",
+        "{:>7} {:<10} {:<28} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7} {:>7} {:>9}",
         "context",
         "weights",
         "kv",
@@ -648,12 +661,14 @@ pub(super) fn print_rows(rows: &[Row], tpot_decimals: usize, gbs_decimals: usize
         "KV MB/t",
         "KV MB",
         "GB/s",
+        "BW GB/s",
         "BW %",
+        "peak %",
         "roof ms"
     );
     for x in rows {
         println!(
-            "{:>7} {:<10} {:<28} {:>9} {:>10.1} {:>9.0} {:>9.t$} {:>8.1} {:>8.2} {:>9.2} {:>8.g$} {:>6.1}% {:>9.t$}",
+            "{:>7} {:<10} {:<28} {:>9} {:>10.1} {:>9.0} {:>9.t$} {:>8.1} {:>8.2} {:>9.2} {:>8.g$} {:>8} {:>6.1}% {:>6.1}% {:>9.t$}",
             x.context,
             x.weights,
             x.kv,
@@ -673,7 +688,10 @@ pub(super) fn print_rows(rows: &[Row], tpot_decimals: usize, gbs_decimals: usize
             mb(x.kv_bytes_per_token),
             mb(x.kv_bytes_total),
             x.achieved_gbs,
+            x.bandwidth_during_gbs
+                .map_or("peak".into(), |b| format!("{b:.gbs_decimals$}")),
             100.0 * x.bandwidth_fraction,
+            100.0 * x.peak_fraction,
             x.roofline_tpot_ms,
             t = tpot_decimals,
             g = gbs_decimals

@@ -259,7 +259,9 @@ pub fn run(args: &DecodeArgs, package: Option<&KvPolicy>) -> Result<()> {
                 text_tokens,
                 frame_tokens,
                 achieved_gbs: achieved,
+                bandwidth_during_gbs: None,
                 bandwidth_fraction: achieved / bw.read_gbs,
+                peak_fraction: achieved / bw.read_gbs,
                 roofline_tpot_ms: roofline_s * 1e3,
             });
         }
