@@ -764,12 +764,25 @@ pub fn matmul_ref(w: TensorData<'_>, rows: usize, cols: usize, x: &[f32], n: usi
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
     for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let ms = sum_squares(xr) / d as f32;
         let inv = 1.0 / (ms + eps).sqrt();
         for ((o, &xv), &wv) in or.iter_mut().zip(xr).zip(w) {
             *o = wv * (xv * inv);
         }
     }
+}
+
+/// The sum of squares in 16 independent lanes (so that it vectorizes instead of running one
+/// chain of adds: twice per layer and token), the lanes then summed in order, the tail last.
+fn sum_squares(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v * v;
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|v| v * v).sum::<f32>()
 }
 
 /// SwiGLU: `out = silu(gate) * up`, with [`exp_poly`] in vector registers (AVX2 on x86_64 when
@@ -954,30 +967,91 @@ impl Rope {
     fn rotate(&self, x: &mut [f32], heads: usize, n: usize, pos: impl Fn(usize, usize) -> u32) {
         let d = self.head_dim;
         let h = d / 2;
-        let mut cos = vec![0f32; h];
-        let mut sin = vec![0f32; h];
-        for t in 0..n {
-            for i in 0..h {
-                let a = pos(t, i) as f64 * self.inv_freq[i];
-                cos[i] = a.cos() as f32;
-                sin[i] = a.sin() as f32;
+        ROTATION.with_borrow_mut(|last| {
+            for t in 0..n {
+                last.turn_to(&self.inv_freq[..h], |i| pos(t, i));
+                let row = &mut x[t * heads * d..(t + 1) * heads * d];
+                rotate_heads(row, d, &last.cos, &last.sin);
             }
-            let row = &mut x[t * heads * d..(t + 1) * heads * d];
-            for head in row.chunks_exact_mut(d) {
-                let (a, b) = head.split_at_mut(h);
-                for i in 0..h {
-                    let (x1, x2) = (a[i], b[i]);
-                    a[i] = x1 * cos[i] - x2 * sin[i];
-                    b[i] = x2 * cos[i] + x1 * sin[i];
-                }
-            }
+        });
+    }
+}
+
+/// The angles a token's frequency pairs last turned by on this thread, with their cosines and
+/// sines: a decode step rotates the queries and keys of every layer at the same position, so
+/// the trigonometry runs once a step instead of twice a layer. Keyed by the frequencies and
+/// positions themselves (exact: the same inputs give the same values).
+#[derive(Default)]
+struct Rotation {
+    inv_freq: Vec<f64>,
+    pos: Vec<u32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rotation {
+    fn turn_to(&mut self, inv_freq: &[f64], pos: impl Fn(usize) -> u32) {
+        let h = inv_freq.len();
+        let same = self.inv_freq == inv_freq && (0..h).all(|i| self.pos[i] == pos(i));
+        if same {
+            return;
+        }
+        self.inv_freq.clear();
+        self.inv_freq.extend_from_slice(inv_freq);
+        self.pos.clear();
+        self.pos.extend((0..h).map(&pos));
+        self.cos.clear();
+        self.sin.clear();
+        for (&p, &f) in self.pos.iter().zip(inv_freq) {
+            let a = p as f64 * f;
+            self.cos.push(a.cos() as f32);
+            self.sin.push(a.sin() as f32);
         }
     }
+}
+
+thread_local! {
+    static ROTATION: std::cell::RefCell<Rotation> = std::cell::RefCell::new(Rotation::default());
+}
+
+/// Rotates each `d`-wide head of `row`: pair `i` (elements `i` and `i + d/2`) by the angle
+/// whose cosine and sine are `cos[i]`, `sin[i]`.
+fn rotate_heads(row: &mut [f32], d: usize, cos: &[f32], sin: &[f32]) {
+    let h = d / 2;
+    for head in row.chunks_exact_mut(d) {
+        let (a, b) = head.split_at_mut(h);
+        for i in 0..h {
+            let (x1, x2) = (a[i], b[i]);
+            a[i] = x1 * cos[i] - x2 * sin[i];
+            b[i] = x2 * cos[i] + x1 * sin[i];
+        }
+    }
+}
+
+/// Whether every value is finite, in chunks without an early exit inside them, so that the
+/// check vectorizes (a vocabulary of logits per decoded token).
+pub fn all_finite(v: &[f32]) -> bool {
+    v.chunks(1024)
+        .all(|c| c.iter().fold(true, |ok, x| ok & x.is_finite()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_finite_finds_any_nan_or_infinity() {
+        let mut v = vec![1.5f32; 3000];
+        assert!(all_finite(&v) && all_finite(&[]));
+        for i in [0, 1023, 1024, 2999] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                v[i] = bad;
+                assert!(!all_finite(&v), "{bad} at {i}");
+                v[i] = f32::MAX;
+                assert!(all_finite(&v));
+            }
+        }
+    }
 
     #[test]
     fn exp_poly_matches_exp() {
@@ -1256,6 +1330,48 @@ mod tests {
         assert!(max_err(&x[64..], &y[64..]) > 1e-3);
     }
 
+    /// The cosines and sines a thread keeps from its last rotation are reused only for the
+    /// same frequencies and positions: two RoPE bases and repeated, changed and shared
+    /// positions, in turn on one thread, each equal to the rotation computed afresh.
+    #[test]
+    fn rope_reuses_its_angles_only_for_the_same_frequencies_and_positions() {
+        let ropes: Vec<Rope> = [1e4, 1e6]
+            .iter()
+            .map(|theta| {
+                Rope::new(
+                    &jetvlm_core::hf::ModelConfig::from_value(
+                        &serde_json::json!({"architectures": ["LlamaForCausalLM"],
+                            "hidden_size": 64, "intermediate_size": 128,
+                            "num_hidden_layers": 1, "num_attention_heads": 4,
+                            "vocab_size": 10, "rope_theta": theta}),
+                        std::path::Path::new("config.json"),
+                    )
+                    .unwrap(),
+                )
+            })
+            .collect();
+        let (heads, d) = (4, 16);
+        let mut rng = StdRng::seed_from_u64(11);
+        let x = rand_vec(heads * d, &mut rng);
+        for (r, p) in [(0, 5u32), (0, 5), (1, 5), (1, 6), (0, 6), (0, 5), (1, 5)] {
+            let rope = &ropes[r];
+            let mut got = x.clone();
+            rope.apply(&mut got, heads, &[p]);
+            let mut want = x.clone();
+            for head in want.chunks_exact_mut(d) {
+                let (a, b) = head.split_at_mut(d / 2);
+                for i in 0..d / 2 {
+                    let ang = p as f64 * rope.inv_freq()[i];
+                    let (c, s) = (ang.cos() as f32, ang.sin() as f32);
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * c - x2 * s;
+                    b[i] = x2 * c + x1 * s;
+                }
+            }
+            assert_eq!(got, want, "base {r}, position {p}");
+        }
+    }
+
     /// M-RoPE against a direct transcription of transformers' recipe (cos/sin per component,
     /// sections picked, then `q * cos + rotate_half(q) * sin`); equal components are plain
     /// RoPE.
@@ -1354,6 +1470,22 @@ mod tests {
         let mut other = x.clone();
         Rope::new(&contiguous).apply_mrope(&mut other, heads, &pos);
         assert!(max_err(&other, &want) > 1e-2);
+    }
+
+    #[test]
+    fn sum_squares_matches_the_f64_sum() {
+        let mut x = 99u32;
+        for n in [0, 1, 15, 16, 17, 576, 2049] {
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+                })
+                .collect();
+            let want: f64 = v.iter().map(|&a| a as f64 * a as f64).sum();
+            let got = sum_squares(&v) as f64;
+            assert!((got - want).abs() <= 1e-6 * want.max(1e-30), "{n}: {got} vs {want}");
+        }
     }
 
     #[test]

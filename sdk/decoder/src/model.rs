@@ -505,7 +505,7 @@ impl Model {
             &mut normed,
             &mut data,
         )?;
-        if data.iter().any(|v| !v.is_finite()) {
+        if !kernels::all_finite(&data) {
             return Err(self.blame_non_finite(DecoderError::NonFiniteOutput { what: "logits" }));
         }
         Ok(Logits { data, rows, vocab })

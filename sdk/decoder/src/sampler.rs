@@ -94,15 +94,30 @@ pub struct Sampler {
 
 /// Index of the largest value (the first one on ties); NaN never wins.
 pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut bv = f32::NEG_INFINITY;
-    for (i, &x) in v.iter().enumerate() {
-        if x > bv {
-            bv = x;
-            best = i;
+    // Two passes that vectorize (a 49k-token vocabulary: a few us instead of ~40 in one
+    // chain of compares): the largest value in 16 independent lanes, NaN never taken, then
+    // the first chunk and index holding it.
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
         }
     }
-    best as u32
+    let best = lanes
+        .into_iter()
+        .chain(chunks.remainder().iter().copied())
+        .fold(f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
+    if best == f32::NEG_INFINITY {
+        return 0;
+    }
+    let chunk = v
+        .chunks(256)
+        .position(|c| c.iter().fold(false, |hit, &x| hit | (x == best)))
+        .unwrap_or(0);
+    let within = v[chunk * 256..].iter().position(|&x| x == best).unwrap_or(0);
+    (chunk * 256 + within) as u32
 }
 
 impl Sampler {
@@ -211,6 +226,47 @@ pub fn sample_filtered(logits: &[f32], temperature: f32, top_k: usize, top_p: f3
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_is_the_first_largest_ignoring_nan() {
+        // The scalar definition: first index of the strictly largest value; NaN never wins.
+        fn reference(v: &[f32]) -> u32 {
+            let (mut best, mut bv) = (0, f32::NEG_INFINITY);
+            for (i, &x) in v.iter().enumerate() {
+                if x > bv {
+                    (best, bv) = (i, x);
+                }
+            }
+            best as u32
+        }
+        let mut x = 12345u32;
+        for case in 0..400 {
+            let n = 1 + case % 97;
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    match x >> 28 {
+                        0 => f32::NAN,
+                        1 => f32::NEG_INFINITY,
+                        2 => f32::INFINITY,
+                        3 => -0.0,
+                        // Few distinct values: many ties.
+                        _ => ((x >> 8) % 7) as f32 - 3.0,
+                    }
+                })
+                .collect();
+            assert_eq!(argmax(&v), reference(&v), "{v:?}");
+        }
+        for v in [
+            vec![],
+            vec![f32::NAN; 5],
+            vec![f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY],
+            vec![f32::NAN, f32::NEG_INFINITY, -1.0],
+            vec![-0.0, 0.0, 0.0],
+        ] {
+            assert_eq!(argmax(&v), reference(&v), "{v:?}");
+        }
+    }
 
     #[test]
     fn greedy_is_argmax_and_ignores_seed() {
