@@ -288,7 +288,11 @@ mod tests {
         let words = p.pages.words();
         // Every thread placed its slice (slice index in the high half of each word).
         for (i, part) in words.chunks(p.chunk).enumerate() {
-            assert!(part.iter().enumerate().all(|(j, &w)| w == (i as u64) << 32 | j as u64));
+            assert!(
+                part.iter()
+                    .enumerate()
+                    .all(|(j, &w)| w == (i as u64) << 32 | j as u64)
+            );
         }
         assert!(p.read() > 0.0);
     }

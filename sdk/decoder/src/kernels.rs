@@ -1484,7 +1484,10 @@ mod tests {
                 .collect();
             let want: f64 = v.iter().map(|&a| a as f64 * a as f64).sum();
             let got = sum_squares(&v) as f64;
-            assert!((got - want).abs() <= 1e-6 * want.max(1e-30), "{n}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-6 * want.max(1e-30),
+                "{n}: {got} vs {want}"
+            );
         }
     }
 

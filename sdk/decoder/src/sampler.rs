@@ -116,7 +116,10 @@ pub fn argmax(v: &[f32]) -> u32 {
         .chunks(256)
         .position(|c| c.iter().fold(false, |hit, &x| hit | (x == best)))
         .unwrap_or(0);
-    let within = v[chunk * 256..].iter().position(|&x| x == best).unwrap_or(0);
+    let within = v[chunk * 256..]
+        .iter()
+        .position(|&x| x == best)
+        .unwrap_or(0);
     (chunk * 256 + within) as u32
 }
 

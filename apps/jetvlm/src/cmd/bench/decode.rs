@@ -362,8 +362,7 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
     let bw = sysinfo::measure_read_bandwidth(0);
     let llc = sysinfo::last_level_cache_bytes();
     // The probe's buffer: evicts the last-level cache and times a bandwidth sample.
-    let probe = (!args.no_flush)
-        .then(|| sysinfo::ReadProbe::new(bw.buffer_bytes, bw.threads));
+    let probe = (!args.no_flush).then(|| sysinfo::ReadProbe::new(bw.buffer_bytes, bw.threads));
     let mut fastest_read: Option<f64> = None;
     let mut rows = Vec::new();
     let mut rng = StdRng::seed_from_u64(7);
@@ -460,7 +459,8 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
             let achieved = bytes / mean / 1e9;
             let during = probe.as_ref().and_then(|p| {
                 let n = r.probe_times.len();
-                (n > 0).then(|| p.bytes() as f64 * n as f64 / r.probe_times.iter().sum::<f64>() / 1e9)
+                (n > 0)
+                    .then(|| p.bytes() as f64 * n as f64 / r.probe_times.iter().sum::<f64>() / 1e9)
             });
             rows.push(Row {
                 context,
@@ -639,7 +639,9 @@ fn print_table(r: &Report) {
         r.bandwidth_start_gbs,
         r.bandwidth_end_gbs,
         r.bandwidth_between_steps_max_gbs
-            .map_or(String::new(), |g| format!(" and {g:.2} in one read between them")),
+            .map_or(String::new(), |g| format!(
+                " and {g:.2} in one read between them"
+            )),
         mb(r.bandwidth_buffer_bytes as u64),
         if r.llc_flushed_between_steps {
             ", read before every decode step (evicting the LLC; BW % against those reads)"
