@@ -71,7 +71,9 @@ pub struct DecodeArgs {
     /// a directory holding the same decoder already quantized. CPU only.
     #[arg(long, value_delimiter = ',', default_value = "stored")]
     pub weights: Vec<String>,
-    /// Do not evict the last-level cache between decode steps.
+    /// Do not read the bandwidth probe's buffer before each decode step (which evicts the
+    /// last-level cache and gives BW % the bandwidth of the same moments; without it BW %
+    /// uses the peak).
     #[arg(long)]
     pub no_flush: bool,
     /// Print JSON instead of a table.
