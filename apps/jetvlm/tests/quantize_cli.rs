@@ -187,12 +187,47 @@ fn bench_decode_compares_weight_formats_in_one_run() {
         "--prefill",
         "real",
         "--no-flush",
+        "--phases",
         "--json",
     ]);
     assert!(ok, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 6, "3 formats x 2 KV policies");
+    // --phases: every phase of the steps, in order, within the step's time; without the
+    // flush no probe reads were timed.
+    for r in rows {
+        let ph = r["phases"].as_array().unwrap();
+        let names: Vec<&str> = ph.iter().map(|p| p["phase"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "norm",
+                "qkv",
+                "rope",
+                "attention",
+                "o",
+                "norm2",
+                "gate/up",
+                "act",
+                "down",
+                "residual",
+                "head"
+            ]
+        );
+        let ms = |n: &str| {
+            ph[names.iter().position(|&x| x == n).unwrap()]["ms"]
+                .as_f64()
+                .unwrap()
+        };
+        assert!(
+            ms("qkv") > 0.0 && ms("attention") > 0.0 && ms("head") > 0.0,
+            "{r}"
+        );
+        let sum: f64 = names.iter().map(|&n| ms(n)).sum();
+        assert!(sum <= r["tpot_ms"].as_f64().unwrap() * 1.0001, "{r}");
+        assert!(r["bandwidth_during_gbs"].is_null(), "{r}");
+    }
     let read = |w: &str| -> u64 {
         let r: Vec<_> = rows.iter().filter(|r| r["weights"] == w).collect();
         assert_eq!(r.len(), 2, "{w}");
@@ -204,6 +239,38 @@ fn bench_decode_compares_weight_formats_in_one_run() {
         r[0]["weight_bytes_per_token"].as_u64().unwrap()
     };
     let (bf16, q8, q4) = (read("bf16"), read("q8"), read("q4g32"));
+
+    // With the probe read before every step: each row has the bandwidth of its own moments,
+    // which no single read beats, so the row's share of the peak is at most its BW %.
+    let (ok, stdout, stderr) = jetvlm(&[
+        "bench",
+        "decode",
+        "--model",
+        model,
+        "--weights",
+        "q4g32",
+        "--context",
+        "48",
+        "--kv",
+        "fp16",
+        "--steps",
+        "2",
+        "--prefill",
+        "real",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let probed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let r = &probed["rows"][0];
+    let during = r["bandwidth_during_gbs"].as_f64().unwrap();
+    assert!(
+        during > 0.0 && during <= probed["bandwidth_gbs"].as_f64().unwrap() * 1.0001,
+        "{probed}"
+    );
+    assert!(
+        r["peak_fraction"].as_f64().unwrap() <= r["bandwidth_fraction"].as_f64().unwrap() * 1.0001
+    );
+    assert!(r["phases"].is_null(), "{r}");
     assert!(q4 < q8 && q8 < bf16, "{q4} {q8} {bf16}");
     let w = v["weights"].as_array().unwrap();
     assert!(

@@ -21,6 +21,7 @@
 //! [`TensorOps::matmul`].
 
 use crate::error::{DecoderError, Result};
+use crate::profile::{self, Phase};
 use crate::weights::{Tensor, Weights};
 use jetvlm_core::hf::{ModelConfig, RopeScaling};
 use jetvlm_core::{DType, TokenKind};
@@ -472,6 +473,9 @@ fn missing_op(op: &str) -> DecoderError {
 
 /// What a decoder layer needs beyond [`TensorOps`]: positions and the KV cache of the step.
 pub trait LayerOps: TensorOps {
+    /// Whether [`crate::profile`] times this backend's single-token passes (operations that
+    /// return when done: the CPU's, not a device's queued launches).
+    const TIMED: bool = false;
     /// Called before each layer's first operation (the offloaded device cache starts copying
     /// the next layer's K/V here).
     fn begin_layer(&mut self, _layer: usize) -> std::result::Result<(), Self::Error> {
@@ -600,10 +604,13 @@ pub fn run_layers_with_deepstack<O: LayerOps>(
     let eps = c.rms_norm_eps as f32;
     let h = c.hidden_size;
     let inter = c.intermediate_size;
+    let mut clock = profile::Clock::new(O::TIMED && n == 1);
     for (li, l) in layers.iter().enumerate() {
         ops.begin_layer(li)?;
         ops.rms_norm(&mut a.xn, &a.x, &l.input_norm, n, eps)?;
+        clock.lap(Phase::AttentionNorm);
         ops.linears([&l.q, &l.k, &l.v], &a.xn, n, [&mut a.q, &mut a.k, &mut a.v])?;
+        clock.lap(Phase::Qkv);
         if let Some(w) = &l.q_norm {
             ops.rms_norm(&mut a.qk, &a.q, w, n * c.num_attention_heads, eps)?;
             std::mem::swap(&mut a.q, &mut a.qk);
@@ -612,6 +619,7 @@ pub fn run_layers_with_deepstack<O: LayerOps>(
             ops.rms_norm(&mut a.qk, &a.k, w, n * c.num_key_value_heads, eps)?;
             std::mem::swap(&mut a.k, &mut a.qk);
         }
+        clock.lap(Phase::AttentionNorm);
         match &c.gemma3 {
             // Gemma 3: a local layer rotates with its own base and sees its window; an
             // image's tokens see each other both ways in every layer.
@@ -628,27 +636,36 @@ pub fn run_layers_with_deepstack<O: LayerOps>(
                     ops.rope(&mut a.q, c.num_attention_heads, n)?;
                     ops.rope(&mut a.k, c.num_key_value_heads, n)?;
                 }
+                clock.lap(Phase::Rope);
                 ops.attention_masked(li, &a.q, &a.k, &a.v, &mut a.att, n, mask)?;
             }
             None => {
                 ops.rope(&mut a.q, c.num_attention_heads, n)?;
                 ops.rope(&mut a.k, c.num_key_value_heads, n)?;
+                clock.lap(Phase::Rope);
                 ops.attention(li, &a.q, &a.k, &a.v, &mut a.att, n)?;
             }
         }
+        clock.lap(Phase::Attention);
         ops.linear(&l.o, &a.att, n, &mut a.tmp)?;
+        clock.lap(Phase::Output);
         residual_add(ops, a, l.out_norms.as_ref().map(|[att, _]| att), n, h, eps)?;
         ops.rms_norm(&mut a.xn, &a.x, &l.post_norm, n, eps)?;
+        clock.lap(Phase::MlpNorm);
         ops.linears([&l.gate, &l.up], &a.xn, n, [&mut a.gate, &mut a.up])?;
+        clock.lap(Phase::GateUp);
         match c.gemma3 {
             Some(_) => ops.geglu(&mut a.act, &a.gate, &a.up, n * inter)?,
             None => ops.swiglu(&mut a.act, &a.gate, &a.up, n * inter)?,
         }
+        clock.lap(Phase::Activation);
         ops.linear(&l.down, &a.act, n, &mut a.tmp)?;
+        clock.lap(Phase::Down);
         residual_add(ops, a, l.out_norms.as_ref().map(|[_, mlp]| mlp), n, h, eps)?;
         if let Some(features) = deepstack.get(li) {
             ops.add(&mut a.x, features, n * h)?;
         }
+        clock.lap(Phase::Residual);
     }
     Ok(())
 }

@@ -31,6 +31,7 @@ pub mod import;
 pub mod kernels;
 pub mod kv;
 pub mod model;
+pub mod profile;
 mod qgemm;
 mod qkernels;
 pub mod quantize;

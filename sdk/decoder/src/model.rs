@@ -8,6 +8,7 @@ use crate::error::{DecoderError, Result};
 use crate::kernels::{self, Rope};
 use crate::kv::CacheShape;
 use crate::kv::KvStore;
+use crate::profile::{self, Phase};
 use crate::salience::Salience;
 use crate::weights::{Tensor, Weights};
 use jetvlm_core::{DType, FrameId, TokenKind};
@@ -493,6 +494,7 @@ impl Model {
             LogitsMode::All => (total, hidden_rows),
             LogitsMode::Last => (1, last_hidden),
         };
+        let mut clock = profile::Clock::new(total == 1);
         let vocab = self.vocab_size();
         let mut normed = vec![0f32; hidden.len()];
         let mut data = vec![0f32; rows * vocab];
@@ -508,6 +510,8 @@ impl Model {
         if !kernels::all_finite(&data) {
             return Err(self.blame_non_finite(DecoderError::NonFiniteOutput { what: "logits" }));
         }
+        clock.lap(Phase::Head);
+        clock.step();
         Ok(Logits { data, rows, vocab })
     }
 
@@ -697,6 +701,8 @@ impl<C: KvStore> TensorOps for CpuOps<'_, C> {
 }
 
 impl<C: KvStore> LayerOps for CpuOps<'_, C> {
+    const TIMED: bool = true;
+
     fn rope(&mut self, x: &mut Vec<f32>, heads: usize, n: usize) -> Result<()> {
         let d = self.c.head_dim;
         match self.mrope {

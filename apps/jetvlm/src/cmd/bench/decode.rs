@@ -25,6 +25,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use jetvlm_core::DType;
 use jetvlm_core::{TokenKind, sysinfo};
+use jetvlm_decoder::profile::{self, Phase, PhaseTimes};
 use jetvlm_decoder::quantize::{QuantizeOptions, quantize_dir};
 use jetvlm_decoder::{Input, LoadOptions, Model, sampler::argmax};
 use jetvlm_kvcache::policy::split_policies;
@@ -79,6 +80,11 @@ pub struct DecodeArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also time each phase of the decode steps (norms, products, RoPE, attention, head:
+    /// `jetvlm_decoder::profile`), per row in ms per step; costs a clock read per phase (CPU
+    /// only).
+    #[arg(long)]
+    pub phases: bool,
     /// cpu, or cuda: the decoder and its KV pools on the GPU, against the device bandwidth.
     #[arg(long, default_value = "cpu")]
     pub device: jetvlm_core::Device,
@@ -219,6 +225,15 @@ pub(super) struct Row {
     pub(super) peak_fraction: f64,
     /// Bytes per token at the bandwidth of `bandwidth_fraction`.
     pub(super) roofline_tpot_ms: f64,
+    /// With `--phases`: ms per step of each phase of the decode steps, in step order.
+    pub(super) phases: Option<Vec<PhaseMs>>,
+}
+
+/// One phase's time per decode step (`--phases`).
+#[derive(Serialize)]
+pub(super) struct PhaseMs {
+    phase: &'static str,
+    ms: f64,
 }
 
 /// One `--weights` entry as loaded.
@@ -280,6 +295,8 @@ struct PolicyRun {
     times: Vec<f64>,
     /// Seconds of the probe pass before each timed step.
     probe_times: Vec<f64>,
+    /// The timed steps' phases (`--phases`).
+    phases: PhaseTimes,
     kv_read: u64,
 }
 
@@ -312,6 +329,9 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
     }
     if args.device != jetvlm_core::Device::Cpu && args.weights.iter().any(|w| w != "stored") {
         bail!("--weights compares weight formats on the CPU decoder (--device cpu)");
+    }
+    if args.device != jetvlm_core::Device::Cpu && args.phases {
+        bail!("--phases times the CPU decoder's steps (--device cpu)");
     }
     #[cfg(feature = "cuda")]
     if args.device == jetvlm_core::Device::Cuda {
@@ -422,6 +442,7 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
                     next,
                     times: Vec::with_capacity(args.steps),
                     probe_times: Vec::with_capacity(args.steps),
+                    phases: PhaseTimes::default(),
                     kv_read: 0,
                 });
             }
@@ -437,10 +458,13 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
                     r.kv_read = r.cache.memory().attention_read_bytes;
                 }
                 let probe_secs = probe.as_ref().map(sysinfo::ReadProbe::read);
+                profile::set_recording(args.phases && s >= 2);
                 let t = Instant::now();
                 let logits = models[r.model].forward(&[Input::text(&[r.next])], &mut r.cache)?;
                 r.next = argmax(logits.last());
+                let step = profile::take();
                 if s >= 2 {
+                    r.phases.add(&step);
                     r.times.push(t.elapsed().as_secs_f64());
                     r.probe_times.extend(probe_secs);
                     if let (Some(p), Some(secs)) = (&probe, probe_secs) {
@@ -482,6 +506,15 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
                 frame_tokens: mem.frame_tokens,
                 achieved_gbs: achieved,
                 bandwidth_during_gbs: during,
+                phases: args.phases.then(|| {
+                    Phase::ALL
+                        .iter()
+                        .map(|&p| PhaseMs {
+                            phase: p.name(),
+                            ms: r.phases.ms_per_step(p),
+                        })
+                        .collect()
+                }),
                 // Set against the peak bandwidth below.
                 bandwidth_fraction: 0.0,
                 peak_fraction: 0.0,
@@ -655,9 +688,33 @@ fn print_table(r: &Report) {
         println!("load average {a} at the start, {b} at the end");
     }
     print_rows(&r.rows, 2, 2);
+    print_phases(&r.rows);
     println!(
         "TTFT of a synthetic row is a real prefill of the shown token count; its context was written as random K/V."
     );
+}
+
+/// With `--phases`: each row's ms per decode step by phase, their sum and the rest of TPOT
+/// (embedding, cache bookkeeping, hand-off to the thread pool, argmax).
+fn print_phases(rows: &[Row]) {
+    let Some(first) = rows.iter().find_map(|r| r.phases.as_ref()) else {
+        return;
+    };
+    println!("ms per decode step by phase:");
+    print!("{:>7} {:<10} {:<28}", "context", "weights", "kv");
+    for p in first {
+        print!(" {:>9}", p.phase);
+    }
+    println!(" {:>9} {:>9}", "sum", "rest");
+    for r in rows {
+        let Some(ph) = &r.phases else { continue };
+        print!("{:>7} {:<10} {:<28}", r.context, r.weights, r.kv);
+        for p in ph {
+            print!(" {:>9.3}", p.ms);
+        }
+        let sum: f64 = ph.iter().map(|p| p.ms).sum();
+        println!(" {:>9.3} {:>9.3}", sum, r.tpot_ms - sum);
+    }
 }
 
 /// The per-row table of both decode benches (`tpot_decimals` for TPOT and the roofline,

@@ -262,6 +262,7 @@ pub fn run(args: &DecodeArgs, package: Option<&KvPolicy>) -> Result<()> {
                 bandwidth_during_gbs: None,
                 bandwidth_fraction: achieved / bw.read_gbs,
                 peak_fraction: achieved / bw.read_gbs,
+                phases: None,
                 roofline_tpot_ms: roofline_s * 1e3,
             });
         }
