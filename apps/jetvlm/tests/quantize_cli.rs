@@ -171,27 +171,34 @@ fn bench_decode_compares_weight_formats_in_one_run() {
         env!("CARGO_MANIFEST_DIR"),
         "/../../tests/fixtures/decoder/llama_bf16"
     );
-    let (ok, stdout, stderr) = jetvlm(&[
-        "bench",
-        "decode",
-        "--model",
-        model,
+    // One decode bench of 2 real steps at context 48, as JSON, with `extra` flags.
+    let bench = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "bench",
+            "decode",
+            "--model",
+            model,
+            "--context",
+            "48",
+            "--steps",
+            "2",
+            "--prefill",
+            "real",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = jetvlm(&args);
+        assert!(ok, "{stderr}");
+        serde_json::from_str(&stdout).unwrap()
+    };
+    let v = bench(&[
         "--weights",
         "bf16,q8,q4g32",
-        "--context",
-        "48",
         "--frame-tokens",
         "16",
-        "--steps",
-        "2",
-        "--prefill",
-        "real",
         "--no-flush",
         "--phases",
-        "--json",
     ]);
-    assert!(ok, "{stderr}");
-    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 6, "3 formats x 2 KV policies");
     // --phases: every phase of the steps, in order, within the step's time; without the
@@ -242,25 +249,7 @@ fn bench_decode_compares_weight_formats_in_one_run() {
 
     // With the probe read before every step: each row has the bandwidth of its own moments,
     // which no single read beats, so the row's share of the peak is at most its BW %.
-    let (ok, stdout, stderr) = jetvlm(&[
-        "bench",
-        "decode",
-        "--model",
-        model,
-        "--weights",
-        "q4g32",
-        "--context",
-        "48",
-        "--kv",
-        "fp16",
-        "--steps",
-        "2",
-        "--prefill",
-        "real",
-        "--json",
-    ]);
-    assert!(ok, "{stderr}");
-    let probed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let probed = bench(&["--weights", "q4g32", "--kv", "fp16"]);
     let r = &probed["rows"][0];
     let during = r["bandwidth_during_gbs"].as_f64().unwrap();
     assert!(
