@@ -187,9 +187,7 @@ fn bench_decode_compares_weight_formats_in_one_run() {
             "--json",
         ];
         args.extend_from_slice(extra);
-        let (ok, stdout, stderr) = jetvlm(&args);
-        assert!(ok, "{stderr}");
-        serde_json::from_str(&stdout).unwrap()
+        common::jetvlm_json(&args)
     };
     let v = bench(&[
         "--weights",

@@ -15,6 +15,15 @@ pub fn jetvlm(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Runs `jetvlm args` (a command given `--json`) and parses what it prints; a failure
+/// panics with its stderr.
+#[allow(dead_code)] // not every test binary that includes this module reads JSON
+pub fn jetvlm_json(args: &[&str]) -> serde_json::Value {
+    let (ok, stdout, stderr) = jetvlm(args);
+    assert!(ok, "jetvlm {}: {stderr}", args.join(" "));
+    serde_json::from_str(&stdout).expect("--json output")
+}
+
 /// The weight bytes `jetvlm plan --json` charges for the decoder in `dir` on the Orin Nano
 /// 8GB (one token per frame; `extra` adds flags such as `--weight-bits 4`).
 #[allow(dead_code)] // not every test binary that includes this module plans
@@ -30,10 +39,7 @@ pub fn planned_weight_bytes(dir: &str, extra: &[&str]) -> u64 {
         "--json",
     ];
     args.extend_from_slice(extra);
-    let (ok, stdout, stderr) = jetvlm(&args);
-    assert!(ok, "plan {dir}: {stderr}");
-    let v: serde_json::Value = serde_json::from_str(&stdout).expect("plan --json output");
-    v["memory"]["weights_bytes"]
+    jetvlm_json(&args)["memory"]["weights_bytes"]
         .as_u64()
         .expect("memory.weights_bytes in plan --json")
 }
