@@ -217,21 +217,17 @@ impl Tile {
         self.zeros.resize(groups * rt, 0.0);
         if q.banded && r0.is_multiple_of(BAND) && m.is_multiple_of(BAND) {
             // A band's parameters are already 16 rows side by side per group.
+            let widen = |dst: &mut [f32], src: &[half::f16]| {
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
+            };
             for (v, band) in (r0 / BAND..(r0 + m) / BAND).enumerate() {
                 let base = band * BAND * groups;
                 for gi in 0..groups {
                     let src = base + gi * BAND..base + (gi + 1) * BAND;
                     let dst = gi * rt + v * BAND..gi * rt + (v + 1) * BAND;
-                    for (d, s) in self.scales[dst.clone()]
-                        .iter_mut()
-                        .zip(&q.scales[src.clone()])
-                    {
-                        *d = s.to_f32();
-                    }
+                    widen(&mut self.scales[dst.clone()], &q.scales[src.clone()]);
                     if !q.zeros.is_empty() {
-                        for (d, z) in self.zeros[dst].iter_mut().zip(&q.zeros[src]) {
-                            *d = z.to_f32();
-                        }
+                        widen(&mut self.zeros[dst], &q.zeros[src]);
                     }
                 }
             }

@@ -69,51 +69,50 @@ impl Bytes {
 /// are then released ([`Tensor::release_mapping`]), so loading holds one copy.
 pub fn band_in_huge_pages<'t>(tensors: impl Iterator<Item = &'t mut Tensor>) {
     let mut tensors: Vec<&mut Tensor> = tensors.filter(|t| t.bandable()).collect();
-    // Bytes of the codes, scales and zeros (0 for INT8) of each.
-    let lens: Vec<[usize; 3]> = tensors
+    // Where each one's codes, scales and zeros (none for INT8) lie in the buffer:
+    // (start, len), every part 64-byte aligned.
+    let mut total = 0;
+    let spans: Vec<[(usize, usize); 3]> = tensors
         .iter()
         .map(|t| {
             let TensorData::Quant(q) = t.data() else {
                 unreachable!("bandable tensors are quantized")
             };
-            [q.codes.len(), 2 * q.scales.len(), 2 * q.zeros.len()]
+            [q.codes.len(), 2 * q.scales.len(), 2 * q.zeros.len()].map(|n| {
+                let start = total;
+                total += n.next_multiple_of(64);
+                (start, n)
+            })
         })
         .collect();
-    let total: usize = lens.iter().flatten().map(|n| n.next_multiple_of(64)).sum();
     if total == 0 {
         return;
     }
     let mut buf = jetvlm_core::mem::PageBuffer::zeroed(total);
-    let mut rest = buf.bytes_mut();
-    for (t, len) in tensors.iter().zip(&lens) {
-        let mut take = |n: usize| {
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n.next_multiple_of(64));
-            rest = tail;
-            &mut head[..n]
-        };
-        let (c, sc, z) = (take(len[0]), take(len[1]), take(len[2]));
-        t.band_into(c, bytemuck::cast_slice_mut(sc), bytemuck::cast_slice_mut(z));
+    let bytes = buf.bytes_mut();
+    for (t, [c, sc, z]) in tensors.iter().zip(&spans) {
+        // The three parts in order, disjoint: split at the scales' and the zeros' starts.
+        let (head, tail) = bytes.split_at_mut(sc.0);
+        let (scales, zeros) = tail.split_at_mut(z.0 - sc.0);
+        t.band_into(
+            &mut head[c.0..c.0 + c.1],
+            bytemuck::cast_slice_mut(&mut scales[..sc.1]),
+            bytemuck::cast_slice_mut(&mut zeros[..z.1]),
+        );
         t.release_mapping();
     }
     let buf = Arc::new(buf);
-    let mut at = 0;
-    let mut paged = |n: usize| {
-        let b = Bytes::Paged {
-            buf: buf.clone(),
-            start: at,
-            len: n,
-        };
-        at += n.next_multiple_of(64);
-        b
+    let paged = |(start, len): (usize, usize)| Bytes::Paged {
+        buf: buf.clone(),
+        start,
+        len,
     };
-    for (t, len) in tensors.iter_mut().zip(&lens) {
-        t.bytes = paged(len[0]);
-        let scales = paged(len[1]);
-        let zeros = paged(len[2]);
+    for (t, [c, sc, z]) in tensors.iter_mut().zip(&spans) {
+        t.bytes = paged(*c);
         if let Some(q) = t.quant.as_mut() {
-            q.scales = scales;
+            q.scales = paged(*sc);
             if q.zeros.is_some() {
-                q.zeros = Some(zeros);
+                q.zeros = Some(paged(*z));
             }
             q.banded = true;
         }

@@ -177,11 +177,7 @@ fn decode_kernels_match_reference_on_outlier_keys() {
             let mut rng = rng(500 + pi as u64);
             let mut cache = MixedKvCache::new(shape(1, q, kv, d), policy.clone(), 4096).unwrap();
             fill(&mut cache, &mut rng, 45, 3, 64, true);
-            let p = cache.next_position();
-            let span = cache.append_span(TokenKind::Text, &[p], None).unwrap();
-            let k = rand_kv(&mut rng, 1, kv, d, true);
-            let v = rand_kv(&mut rng, 1, kv, d, false);
-            cache.write(0, &span, &k, &v).unwrap();
+            let span = decode_token(&mut cache, &mut rng, true);
             // Queries partly aligned with the outlier channels, as real queries are.
             let qv: Vec<f32> = rand_q(&mut rng, 1, q, d)
                 .into_iter()
@@ -222,11 +218,7 @@ fn decode_kernels_match_reference_in_chunks_and_windows() {
         let mut rng = rng(900);
         let mut cache = MixedKvCache::new(shape(1, q, kv, d), policy.clone(), 4096).unwrap();
         fill(&mut cache, &mut rng, 301, 11, 64, true);
-        let p = cache.next_position();
-        let span = cache.append_span(TokenKind::Text, &[p], None).unwrap();
-        let k = rand_kv(&mut rng, 1, kv, d, false);
-        let v = rand_kv(&mut rng, 1, kv, d, false);
-        cache.write(0, &span, &k, &v).unwrap();
+        let span = decode_token(&mut cache, &mut rng, false);
         let qv = rand_q(&mut rng, 1, q, d);
         for window in [None, Some(1), Some(17), Some(64), Some(333), Some(100_000)] {
             let mask = AttendMask {

@@ -394,25 +394,18 @@ fn run_task(
             }
             let seg = pool.segment(ctx.layer, b.id, kh);
             match pool.layout() {
-                PoolLayout::Fp16(l) => {
-                    (f.fp16_scores)(prep, seg, l, n, &mut st.s);
-                    mask_before(st, skip);
-                    (f.prefetch)(later[0]);
-                    (f.softmax)(st, n);
-                    (f.prefetch)(later[1]);
-                    (f.fp16_accum)(st, seg, l, n);
-                    (f.prefetch)(later[2]);
-                }
-                PoolLayout::Quant(l) => {
-                    (f.quant_scores)(prep, seg, l, n, &mut st.s);
-                    mask_before(st, skip);
-                    (f.prefetch)(later[0]);
-                    (f.softmax)(st, n);
-                    (f.prefetch)(later[1]);
-                    (f.quant_accum)(st, seg, l, n);
-                    (f.prefetch)(later[2]);
-                }
+                PoolLayout::Fp16(l) => (f.fp16_scores)(prep, seg, l, n, &mut st.s),
+                PoolLayout::Quant(l) => (f.quant_scores)(prep, seg, l, n, &mut st.s),
             }
+            mask_before(st, skip);
+            (f.prefetch)(later[0]);
+            (f.softmax)(st, n);
+            (f.prefetch)(later[1]);
+            match pool.layout() {
+                PoolLayout::Fp16(l) => (f.fp16_accum)(st, seg, l, n),
+                PoolLayout::Quant(l) => (f.quant_accum)(st, seg, l, n),
+            }
+            (f.prefetch)(later[2]);
         }
         (f.finish)(st);
         for h in 0..g {

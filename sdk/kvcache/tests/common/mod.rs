@@ -89,6 +89,21 @@ pub fn fill(
     spans
 }
 
+/// Appends one decoded text token after what `cache` holds and writes random K/V for it in
+/// every layer (its keys with outlier channels when `k_outliers`): the span a decode step
+/// attends with.
+pub fn decode_token(cache: &mut MixedKvCache, rng: &mut StdRng, k_outliers: bool) -> Span {
+    let s = cache.shape();
+    let p = cache.next_position();
+    let span = cache.append_span(TokenKind::Text, &[p], None).unwrap();
+    for layer in 0..s.layers {
+        let k = rand_kv(rng, 1, s.kv_heads, s.head_dim, k_outliers);
+        let v = rand_kv(rng, 1, s.kv_heads, s.head_dim, false);
+        cache.write(layer, &span, &k, &v).unwrap();
+    }
+    span
+}
+
 pub fn shape(layers: usize, q: usize, kv: usize, d: usize) -> CacheShape {
     CacheShape {
         layers,

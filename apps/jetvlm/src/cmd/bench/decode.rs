@@ -467,10 +467,6 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
                     r.phases.add(&step);
                     r.times.push(t.elapsed().as_secs_f64());
                     r.probe_times.extend(probe_secs);
-                    if let (Some(p), Some(secs)) = (&probe, probe_secs) {
-                        let gbs = p.bytes() as f64 / secs / 1e9;
-                        fastest_read = Some(fastest_read.map_or(gbs, |f: f64| f.max(gbs)));
-                    }
                 }
             }
         }
@@ -483,11 +479,22 @@ pub fn run(mut args: DecodeArgs) -> Result<()> {
             let wbytes = models[r.model].weight_bytes_read_per_token();
             let bytes = (wbytes + r.kv_read) as f64;
             let achieved = bytes / mean / 1e9;
-            let during = probe.as_ref().and_then(|p| {
-                let n = r.probe_times.len();
-                (n > 0)
-                    .then(|| p.bytes() as f64 * n as f64 / r.probe_times.iter().sum::<f64>() / 1e9)
-            });
+            let (during, fastest) = match &probe {
+                Some(p) if !r.probe_times.is_empty() => {
+                    let gbs = |secs: f64| p.bytes() as f64 / secs / 1e9;
+                    let n = r.probe_times.len() as f64;
+                    let shortest = r.probe_times.iter().copied().fold(f64::INFINITY, f64::min);
+                    (
+                        Some(gbs(r.probe_times.iter().sum::<f64>() / n)),
+                        Some(gbs(shortest)),
+                    )
+                }
+                _ => (None, None),
+            };
+            fastest_read = match (fastest_read, fastest) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
             rows.push(Row {
                 context,
                 weights: choices[r.model].0.clone(),
@@ -637,10 +644,6 @@ fn synthetic_fill(
     Ok(())
 }
 
-/// Reads a buffer larger than the last-level cache (a word of every cache line), evicting
-/// it. Only reads: a written buffer would leave the cache full of dirty lines, and the timed
-/// step after it would pay their write-back to DRAM (up to the cache's size of writes on
-/// top of the step's own reads), which a decode loop does not do.
 /// Whether `--prefill` runs the real prefill at `context` (`auto`: up to `auto_limit`).
 pub(super) fn real_prefill(prefill: &str, context: usize, auto_limit: usize) -> Result<bool> {
     Ok(match prefill {
