@@ -10,6 +10,8 @@
 //! - [`sysinfo`]: last-level cache size and measured memory read bandwidth.
 //! - [`mem`]: [`mem::PageBuffer`], zeroed page-backed memory (2 MiB huge pages when large)
 //!   for the KV cache pools and bandwidth probes.
+//! - [`par`]: the decode step's team of threads ([`par::with_team`]) and the parallel loop
+//!   that runs on it ([`par::for_each_mut`]).
 //! - [`config`]: YAML (serde-saphyr) and JSON loading with errors that name the file, the
 //!   line and the field.
 
@@ -18,6 +20,7 @@ pub mod hf;
 pub mod image_limits;
 pub mod manifest;
 pub mod mem;
+pub mod par;
 pub mod sysinfo;
 mod types;
 

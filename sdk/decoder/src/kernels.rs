@@ -205,8 +205,8 @@ mod simd {
     }
 }
 
-/// Rows per rayon task in the matrix-vector product: large enough that scheduling costs
-/// little next to reading the rows, and a multiple of 16 rows.
+/// Rows per task of the matrix-vector product: large enough that scheduling costs little
+/// next to reading the rows, and a multiple of 16 rows.
 fn gemv_chunk(rows: usize, cols: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     // Two tasks per thread: each streams a longer run of rows (4 measured slower with the
@@ -310,9 +310,9 @@ pub(crate) fn gemv_many(jobs: &mut [GemvJob<'_, '_>], cols: usize, x: &[f32]) {
             tasks.push((w, ci * chunk, ys));
         }
     }
-    tasks
-        .into_par_iter()
-        .for_each(|(w, r0, ys)| gemv_rows(w, r0, cols, x, qx, ys));
+    jetvlm_core::par::for_each_mut(&mut tasks, |(w, r0, ys)| {
+        gemv_rows(*w, *r0, cols, x, qx, ys)
+    });
 }
 
 /// `y[r] = W[r, :] . x` for a row-major `[rows, cols]` weight, rows in parallel.

@@ -358,17 +358,28 @@ impl Model {
     ///
     /// The pass runs on a thread of the rayon pool (the calling thread waits once), so the
     /// parallel kernels inside it, a few hundred per decoded token, share their work with
-    /// the pool's other threads directly instead of each waking the calling thread.
+    /// the pool's other threads directly instead of each waking the calling thread. A
+    /// single-token pass (a decode step) holds the pool's other threads as a team for its
+    /// length (`jetvlm_core::par::with_team`): they wait for each product and attention by
+    /// spinning instead of returning to the pool between them.
     pub fn forward_with<C: KvStore>(
         &self,
         inputs: &[Input<'_>],
         cache: &mut C,
         mode: LogitsMode,
     ) -> Result<Logits> {
+        let one = inputs.iter().map(Input::len).sum::<usize>() == 1;
+        let mut run = || {
+            if one {
+                jetvlm_core::par::with_team(|| self.forward_on_pool(inputs, cache, mode))
+            } else {
+                self.forward_on_pool(inputs, cache, mode)
+            }
+        };
         if rayon::current_thread_index().is_some() {
-            self.forward_on_pool(inputs, cache, mode)
+            run()
         } else {
-            rayon::scope(|_| self.forward_on_pool(inputs, cache, mode))
+            rayon::scope(|_| run())
         }
     }
 

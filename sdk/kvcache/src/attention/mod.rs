@@ -28,7 +28,6 @@ pub mod reference;
 use crate::cells::{Cells, PoolKind, Span};
 use crate::layout::{Fp16Layout, QuantLayout};
 use crate::pool::{Pool, PoolLayout};
-use rayon::prelude::*;
 
 /// How many blocks ahead a task prefetches, by the pool of the block it reads: an FP16
 /// block prefetches its own values while its keys are scored (0: the hardware prefetcher
@@ -281,25 +280,25 @@ pub(crate) fn attend_fast(
     let chunk_len = blocks.len().div_ceil(chunks).max(1);
     let stride = g * (d + 2);
     let mut partial = vec![0f32; per_q * chunks * stride];
-    partial
-        .par_chunks_mut(stride)
-        .enumerate()
-        .for_each(|(task, buf)| {
-            let (qk, c) = (task / chunks, task % chunks);
-            let (i, kh) = (qk / kvh, qk % kvh);
-            let lo = (c * chunk_len).min(blocks.len());
-            let hi = ((c + 1) * chunk_len).min(blocks.len());
-            run_task(
-                ctx,
-                &f,
-                &blocks[lo..hi],
-                span.seq(if whole_span { nq - 1 } else { i }),
-                window_start(span.seq(i), window),
-                kh,
-                &q[(i * ctx.q_heads + kh * g) * d..][..g * d],
-                buf,
-            );
-        });
+    // One task per (query, KV head, chunk), on the decode step's team where there is one
+    // (`jetvlm_core::par`).
+    let mut tasks: Vec<(usize, &mut [f32])> = partial.chunks_mut(stride).enumerate().collect();
+    jetvlm_core::par::for_each_mut(&mut tasks, |(task, buf)| {
+        let (qk, c) = (*task / chunks, *task % chunks);
+        let (i, kh) = (qk / kvh, qk % kvh);
+        let lo = (c * chunk_len).min(blocks.len());
+        let hi = ((c + 1) * chunk_len).min(blocks.len());
+        run_task(
+            ctx,
+            &f,
+            &blocks[lo..hi],
+            span.seq(if whole_span { nq - 1 } else { i }),
+            window_start(span.seq(i), window),
+            kh,
+            &q[(i * ctx.q_heads + kh * g) * d..][..g * d],
+            buf,
+        );
+    });
     // Merge the chunks of each (query, KV head).
     for qk in 0..per_q {
         let (i, kh) = (qk / kvh, qk % kvh);
