@@ -114,8 +114,27 @@ pub(crate) fn quantize_token(
     sums: &mut [f32],
     group: usize,
 ) {
-    const MAGIC: f32 = 12_582_912.0;
-    const MAGIC_BITS: i32 = 0x4b40_0000;
+    #[cfg(target_arch = "x86_64")]
+    if quantize_avx512::available() {
+        // SAFETY: the CPU has AVX-512 F/BW (checked).
+        unsafe { quantize_avx512::blocks(x, q, d) };
+    } else {
+        quantize_blocks(x, q, d);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    quantize_blocks(x, q, d);
+    block_sums(x, sums, group);
+}
+
+/// The rounding constant of [`quantize_blocks`]: `v + 1.5 * 2^23` holds `round_even(v)`
+/// in its low mantissa bits (for `|v| <= 2^22`).
+const MAGIC: f32 = 12_582_912.0;
+/// The bits of [`MAGIC`].
+const MAGIC_BITS: i32 = 0x4b40_0000;
+
+/// The INT8 values and scales of [`quantize_token`] (whole blocks of `x`), the portable
+/// definition.
+fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32]) {
     for ((xs, qs), db) in x
         .chunks_exact(QBLOCK)
         .zip(q.chunks_exact_mut(QBLOCK))
@@ -133,6 +152,10 @@ pub(crate) fn quantize_token(
         }
         *db = scale;
     }
+}
+
+/// The f32 group sums of [`quantize_token`].
+fn block_sums(x: &[f32], sums: &mut [f32], group: usize) {
     let bpg = group / QBLOCK;
     let mut gs = sums.iter_mut();
     for xc in x.chunks(8 * QBLOCK) {
@@ -157,6 +180,58 @@ pub(crate) fn quantize_token(
             };
             if let Some(g) = gs.next() {
                 *g = v;
+            }
+        }
+    }
+}
+
+/// [`quantize_blocks`] with AVX-512: the same operations lane by lane (the magnitudes'
+/// largest bit pattern, `v * inv + MAGIC` as a product then a sum, the low byte of its bits
+/// less [`MAGIC_BITS`]), so the values and scales are bit for bit the portable ones
+/// (tested).
+#[cfg(target_arch = "x86_64")]
+mod quantize_avx512 {
+    use super::{MAGIC, MAGIC_BITS, QBLOCK};
+    use std::arch::x86_64::*;
+
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+    }
+
+    /// # Safety
+    /// Requires AVX-512 F/BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn blocks(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+        let abs = _mm512_set1_epi32(0x7fff_ffff);
+        for ((xs, qs), db) in x
+            .chunks_exact(QBLOCK)
+            .zip(q.chunks_exact_mut(QBLOCK))
+            .zip(d.iter_mut())
+        {
+            // SAFETY: each chunk holds QBLOCK = 32 values (two vectors) and 32 bytes.
+            unsafe {
+                let v0 = _mm512_loadu_ps(xs.as_ptr());
+                let v1 = _mm512_loadu_ps(xs.as_ptr().add(16));
+                let m = _mm512_max_epu32(
+                    _mm512_and_si512(_mm512_castps_si512(v0), abs),
+                    _mm512_and_si512(_mm512_castps_si512(v1), abs),
+                );
+                let amax = f32::from_bits(_mm512_reduce_max_epu32(m));
+                let scale = amax / 127.0;
+                let inv = _mm512_set1_ps(if scale > 0.0 { 127.0 / amax } else { 0.0 });
+                let (magic, bits) = (_mm512_set1_ps(MAGIC), _mm512_set1_epi32(MAGIC_BITS));
+                let r0 = _mm512_sub_epi32(
+                    _mm512_castps_si512(_mm512_add_ps(_mm512_mul_ps(v0, inv), magic)),
+                    bits,
+                );
+                let r1 = _mm512_sub_epi32(
+                    _mm512_castps_si512(_mm512_add_ps(_mm512_mul_ps(v1, inv), magic)),
+                    bits,
+                );
+                let qp = qs.as_mut_ptr() as *mut __m128i;
+                _mm_storeu_si128(qp, _mm512_cvtepi32_epi8(r0));
+                _mm_storeu_si128(qp.add(1), _mm512_cvtepi32_epi8(r1));
+                *db = scale;
             }
         }
     }
@@ -949,6 +1024,44 @@ mod tests {
     /// -128 (a GGUF Q8_0 file may hold it; the quantizer never writes it).
     fn random_matrix(rng: &mut impl Rng, fmt: WeightFormat, rows: usize, cols: usize) -> Tensor {
         crate::qkernels::tests::random_matrix_with(rng, fmt, rows, cols, true)
+    }
+
+    /// The AVX-512 quantizer writes the portable one's values and scales bit for bit,
+    /// including zero, signed-zero, subnormal, huge, infinite and NaN blocks.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_quantizer_matches_the_portable_bits() {
+        if !quantize_avx512::available() {
+            return;
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for blocks in [1usize, 2, 7, 18, 48] {
+            let mut x: Vec<f32> = (0..blocks * QBLOCK)
+                .map(|_| (rnd() % 20001) as f32 / 1000.0 - 10.0)
+                .collect();
+            let specials = [0.0, -0.0, 1e-40, -3e38, f32::INFINITY, f32::NAN];
+            for (b, v) in specials.iter().enumerate().take(blocks) {
+                let i = b * QBLOCK + (rnd() as usize % QBLOCK);
+                x[i] = *v;
+                if *v == 0.0 {
+                    x[b * QBLOCK..(b + 1) * QBLOCK].fill(*v);
+                }
+            }
+            let (mut q1, mut d1) = (vec![0i8; x.len()], vec![0f32; blocks]);
+            let (mut q2, mut d2) = (vec![0i8; x.len()], vec![0f32; blocks]);
+            quantize_blocks(&x, &mut q1, &mut d1);
+            // SAFETY: the CPU has AVX-512 F/BW (checked above).
+            unsafe { quantize_avx512::blocks(&x, &mut q2, &mut d2) };
+            assert_eq!(q1, q2, "{blocks} blocks: values");
+            let bits = |d: &[f32]| d.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&d1), bits(&d2), "{blocks} blocks: scales");
+        }
     }
 
     fn quant(t: &Tensor) -> QuantData<'_> {
