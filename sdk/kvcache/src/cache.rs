@@ -8,6 +8,7 @@ use crate::layout::{Fp16Layout, QuantLayout};
 use crate::policy::{KeyMode, KvPolicy};
 use crate::pool::{Pool, PoolLayout};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use jetvlm_core::{FrameId, TokenKind};
 use jetvlm_quant::{ScaleZero, code_of, pack_codes, packed_len, quantize_row, row_params};
 
@@ -400,14 +401,20 @@ impl MixedKvCache {
                 match &layout {
                     PoolLayout::Fp16(l) => {
                         let dst: &mut [f16] = bytemuck::cast_slice_mut(seg);
+                        // A row converted at once (F16C where the CPU has it, the same
+                        // rounding as `f16::from_f32`; `head_dim <= MAX_HEAD_DIM`, checked at
+                        // `new`): keys then go to their channel-major places, values are one
+                        // token-major run.
+                        let mut key = [f16::ZERO; MAX_HEAD_DIM];
                         for &(r, slot) in rows {
                             let t = slot as usize;
                             let (kr, vr) =
                                 (&k[(r * kvh + h) * d..][..d], &v[(r * kvh + h) * d..][..d]);
-                            for c in 0..d {
-                                dst[l.k_index(t, c)] = f16::from_f32(kr[c]);
-                                dst[l.v_index(t, c)] = f16::from_f32(vr[c]);
+                            key[..d].convert_from_f32_slice(kr);
+                            for (c, &x) in key[..d].iter().enumerate() {
+                                dst[l.k_index(t, c)] = x;
                             }
+                            dst[l.v_index(t, 0)..][..d].convert_from_f32_slice(vr);
                         }
                     }
                     PoolLayout::Quant(l) => {

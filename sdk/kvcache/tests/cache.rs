@@ -653,3 +653,43 @@ fn pending_frames_are_only_made_where_the_budget_has_room_and_settle_in_order() 
     assert_eq!(c.cells().counts().fp16_blocks, 2);
     assert_eq!(c.memory().frame_tokens, 64);
 }
+
+/// FP16 rows read back exactly as `f16::from_f32` rounds each value, at every token of a
+/// span, up to the largest head size.
+#[test]
+fn fp16_rows_store_each_value_rounded_to_nearest() {
+    use jetvlm_kvcache::attention::reference::dequant_token;
+    for d in [64, 256] {
+        let kvh = 2;
+        let mut cache =
+            MixedKvCache::new(shape(2, 4, kvh, d), "fp16".parse().unwrap(), 256).unwrap();
+        let mut rng = rng(3);
+        let pos: Vec<u32> = (0..40).collect();
+        let span = cache.append_span(TokenKind::Text, &pos, None).unwrap();
+        let mut k = rand_kv(&mut rng, 40, kvh, d, true);
+        let v = rand_kv(&mut rng, 40, kvh, d, false);
+        // Values halfway between two FP16 values round to the even one.
+        k[0] = 1.0 + 1.0 / 2048.0;
+        k[1] = -(1.0 + 3.0 / 2048.0);
+        cache.write(1, &span, &k, &v).unwrap();
+        let (mut kb, mut vb) = (vec![0f32; d], vec![0f32; d]);
+        for (i, slot) in span.slots().iter().enumerate() {
+            for h in 0..kvh {
+                let (pool, layer) = cache.pool(1, slot.pool).unwrap();
+                dequant_token(
+                    pool.layout(),
+                    pool.segment(layer, slot.id, h),
+                    slot.slot as usize,
+                    &mut kb,
+                    &mut vb,
+                );
+                for c in 0..d {
+                    let at = (i * kvh + h) * d + c;
+                    let want = |x: f32| half::f16::from_f32(x).to_f32().to_bits();
+                    assert_eq!(kb[c].to_bits(), want(k[at]), "d {d}: key {at}");
+                    assert_eq!(vb[c].to_bits(), want(v[at]), "d {d}: value {at}");
+                }
+            }
+        }
+    }
+}
