@@ -167,9 +167,10 @@ unsafe fn fp16_scores_heads<const HC: usize>(
                 let k1 =
                     unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(base.add(16) as *const __m256i)) };
                 for (h, a) in acc.iter_mut().enumerate() {
-                    let qb = _mm512_set1_ps(unsafe { *q.add(h * d + c) });
-                    a[0] = _mm512_fmadd_ps(qb, k0, a[0]);
-                    a[1] = _mm512_fmadd_ps(qb, k1, a[1]);
+                    // SAFETY: `q` holds `g * d` values, `h0 + h < g`, `c < d`.
+                    let qh = unsafe { q.add(h * d + c) };
+                    a[0] = unsafe { fma_bcst(a[0], k0, qh) };
+                    a[1] = unsafe { fma_bcst(a[1], k1, qh) };
                 }
             }
             for (h, a) in acc.iter().enumerate() {
@@ -195,6 +196,31 @@ unsafe fn fp16_scores_heads<const HC: usize>(
             t0 += 16;
         }
     }
+}
+
+/// `acc + x * *p`, `*p` broadcast by the FMA itself (an embedded-broadcast memory
+/// operand). LLVM keeps a value that several FMAs multiply in a register, loaded by a
+/// separate `vbroadcastss`, and on Zen 4 those broadcasts compete with the FMAs: the
+/// FP16 score loop ran at 17 cycles per token and head with them and 12 (its FMA count)
+/// with the broadcasts folded.
+///
+/// # Safety
+/// AVX-512F; `p` readable.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_bcst(acc: __m512, x: __m512, p: *const f32) -> __m512 {
+    let mut a = acc;
+    // SAFETY: reads the one f32 at `p` (the caller's contract); no other effect.
+    unsafe {
+        std::arch::asm!(
+            "vfmadd231ps {a}, {x}, dword ptr [{p}]{{1to16}}",
+            a = inout(zmm_reg) a,
+            x = in(zmm_reg) x,
+            p = in(reg) p,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+    a
 }
 
 /// `acc[h][c] += sum_t p[h][t] * v[t][c]` (values token-major): 64 channels per pass.
@@ -264,9 +290,10 @@ unsafe fn fp16_accum_hc<const HC: usize, const C: usize>(
             _mm512_cvtph_ps(_mm256_loadu_si256(row.add(16 * j) as *const __m256i))
         });
         for (h, a) in acc.iter_mut().enumerate() {
-            let pb = _mm512_set1_ps(unsafe { *sp.add(sidx(h0 + h, t)) });
+            // SAFETY: `sp` holds `MAX_BLOCK_TOKENS` probabilities per head, `t < n`.
+            let ph = unsafe { sp.add(sidx(h0 + h, t)) };
             for (aj, x) in a.iter_mut().zip(&vv) {
-                *aj = _mm512_fmadd_ps(pb, *x, *aj);
+                *aj = unsafe { fma_bcst(*aj, *x, ph) };
             }
         }
     }
