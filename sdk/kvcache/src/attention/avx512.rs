@@ -198,31 +198,6 @@ unsafe fn fp16_scores_heads<const HC: usize>(
     }
 }
 
-/// `acc + x * *p`, `*p` broadcast by the FMA itself (an embedded-broadcast memory
-/// operand). LLVM keeps a value that several FMAs multiply in a register, loaded by a
-/// separate `vbroadcastss`, and on Zen 4 those broadcasts compete with the FMAs: the
-/// FP16 score loop ran at 17 cycles per token and head with them and 12 (its FMA count)
-/// with the broadcasts folded.
-///
-/// # Safety
-/// AVX-512F; `p` readable.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn fma_bcst(acc: __m512, x: __m512, p: *const f32) -> __m512 {
-    let mut a = acc;
-    // SAFETY: reads the one f32 at `p` (the caller's contract); no other effect.
-    unsafe {
-        std::arch::asm!(
-            "vfmadd231ps {a}, {x}, dword ptr [{p}]{{1to16}}",
-            a = inout(zmm_reg) a,
-            x = in(zmm_reg) x,
-            p = in(reg) p,
-            options(pure, readonly, nostack, preserves_flags),
-        );
-    }
-    a
-}
-
 /// `acc[h][c] += sum_t p[h][t] * v[t][c]` (values token-major): 64 channels per pass.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn fp16_accum(st: &mut State, seg: &[u8], l: &Fp16Layout, n: usize) {
@@ -823,6 +798,31 @@ fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
         );
     }
     r
+}
+
+/// `acc + x * *p`, `*p` broadcast by the FMA itself (an embedded-broadcast memory
+/// operand). LLVM keeps a value that several FMAs multiply in a register, loaded by a
+/// separate `vbroadcastss`, and on Zen 4 those broadcasts compete with the FMAs: the
+/// FP16 score loop ran at 17 cycles per token and head with them and 12 (its FMA count)
+/// with the broadcasts folded.
+///
+/// # Safety
+/// AVX-512F; `p` readable.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_bcst(acc: __m512, x: __m512, p: *const f32) -> __m512 {
+    let mut a = acc;
+    // SAFETY: reads the one f32 at `p` (the caller's contract); no other effect.
+    unsafe {
+        std::arch::asm!(
+            "vfmadd231ps {a}, {x}, dword ptr [{p}]{{1to16}}",
+            a = inout(zmm_reg) a,
+            x = in(zmm_reg) x,
+            p = in(reg) p,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+    a
 }
 
 /// `acc + sum of 4 unsigned-times-signed byte products` per 32-bit lane (`vpdpbusd`) with
