@@ -75,6 +75,11 @@ pub fn with_team<R>(f: impl FnOnce() -> R) -> R {
     })
 }
 
+/// Whether this thread leads a team ([`with_team`]): its [`for_each_mut`] calls run on it.
+pub fn in_team() -> bool {
+    !LEADS.get().is_null()
+}
+
 /// A helper's loop: runs each region published until the leader stops.
 fn help(team: &Team) {
     // The leader itself may pop its own spawned helper job while it waits inside `f`
@@ -265,11 +270,14 @@ mod tests {
                 let mut items = vec![0u32; n];
                 pool.install(|| {
                     for_each_mut(&mut items, |x| *x += 1);
+                    assert!(!in_team());
                     with_team(|| {
+                        assert_eq!(in_team(), threads > 1);
                         for _ in 0..200 {
                             for_each_mut(&mut items, |x| *x += 1);
                         }
                     });
+                    assert!(!in_team());
                 });
                 assert!(
                     items.iter().all(|&c| c == 201),

@@ -209,9 +209,14 @@ mod simd {
 /// next to reading the rows, and a multiple of 16 rows.
 fn gemv_chunk(rows: usize, cols: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    // Two tasks per thread: each streams a longer run of rows (4 measured slower with the
-    // banded quantized kernel, qgemv_probe), and a slow thread still leaves one to take.
-    let by_threads = rows.div_ceil(threads * 2);
+    // Through rayon two tasks per thread: each streams a longer run of rows (4 measured
+    // slower with the banded quantized kernel, qgemv_probe), and a slow thread still leaves
+    // one to take. On a decode step's team four: a thread takes its own tasks in order
+    // (one stream) and a claim costs a compare-and-swap, so shorter tasks only shorten the
+    // wait for the last one (the leader's wait for its helper, `par::run_region` in a
+    // profile of `bench decode`, fell by a third; TPOT unchanged on a busy host).
+    let per_thread = if jetvlm_core::par::in_team() { 4 } else { 2 };
+    let by_threads = rows.div_ceil(threads * per_thread);
     let min_rows = (16 * 1024 / cols.max(1)).max(1); // at least ~16K elements per task
     // Whole bands of a banded quantized matrix (`QuantData::banded`).
     by_threads
