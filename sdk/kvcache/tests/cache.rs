@@ -305,7 +305,6 @@ fn per_channel_keys_beat_per_token_keys_on_outliers() {
 
 #[test]
 fn quantized_keys_and_values_are_within_half_a_step() {
-    use jetvlm_kvcache::attention::reference::dequant_token;
     for policy in [
         "mixed",
         "mixed:keys=token",
@@ -327,14 +326,7 @@ fn quantized_keys_and_values_are_within_half_a_step() {
             let (mut kb, mut vb) = (vec![0f32; d], vec![0f32; d]);
             for (i, slot) in span.slots().iter().enumerate() {
                 for h in 0..kvh {
-                    let (pool, layer) = cache.pool(0, slot.pool).unwrap();
-                    dequant_token(
-                        pool.layout(),
-                        pool.segment(layer, slot.id, h),
-                        slot.slot as usize,
-                        &mut kb,
-                        &mut vb,
-                    );
+                    read_token(&cache, 0, slot, h, &mut kb, &mut vb);
                     let row = |x: &[f32]| x[(i * kvh + h) * d..][..d].to_vec();
                     let (kr, vr) = (row(&k), row(&v));
                     // Bound: half a step of the widest group the element can be in, plus FP16 rounding.
@@ -658,7 +650,6 @@ fn pending_frames_are_only_made_where_the_budget_has_room_and_settle_in_order() 
 /// span, up to the largest head size.
 #[test]
 fn fp16_rows_store_each_value_rounded_to_nearest() {
-    use jetvlm_kvcache::attention::reference::dequant_token;
     for d in [64, 256] {
         let kvh = 2;
         let mut cache =
@@ -675,14 +666,7 @@ fn fp16_rows_store_each_value_rounded_to_nearest() {
         let (mut kb, mut vb) = (vec![0f32; d], vec![0f32; d]);
         for (i, slot) in span.slots().iter().enumerate() {
             for h in 0..kvh {
-                let (pool, layer) = cache.pool(1, slot.pool).unwrap();
-                dequant_token(
-                    pool.layout(),
-                    pool.segment(layer, slot.id, h),
-                    slot.slot as usize,
-                    &mut kb,
-                    &mut vb,
-                );
+                read_token(&cache, 1, slot, h, &mut kb, &mut vb);
                 for c in 0..d {
                     let at = (i * kvh + h) * d + c;
                     let want = |x: f32| half::f16::from_f32(x).to_f32().to_bits();
@@ -692,4 +676,23 @@ fn fp16_rows_store_each_value_rounded_to_nearest() {
             }
         }
     }
+}
+
+/// Layer `layer`'s key and value of one cached token (`slot`) for KV head `h`, as f32.
+fn read_token(
+    cache: &MixedKvCache,
+    layer: usize,
+    slot: &jetvlm_kvcache::cells::SlotRef,
+    h: usize,
+    k: &mut [f32],
+    v: &mut [f32],
+) {
+    let (pool, at) = cache.pool(layer, slot.pool).unwrap();
+    jetvlm_kvcache::attention::reference::dequant_token(
+        pool.layout(),
+        pool.segment(at, slot.id, h),
+        slot.slot as usize,
+        k,
+        v,
+    );
 }
