@@ -203,6 +203,7 @@ mod quantize_avx512 {
     #[target_feature(enable = "avx512f,avx512bw")]
     pub unsafe fn blocks(x: &[f32], q: &mut [i8], d: &mut [f32]) {
         let abs = _mm512_set1_epi32(0x7fff_ffff);
+        let (magic, bits) = (_mm512_set1_ps(MAGIC), _mm512_set1_epi32(MAGIC_BITS));
         for ((xs, qs), db) in x
             .chunks_exact(QBLOCK)
             .zip(q.chunks_exact_mut(QBLOCK))
@@ -219,7 +220,6 @@ mod quantize_avx512 {
                 let amax = f32::from_bits(_mm512_reduce_max_epu32(m));
                 let scale = amax / 127.0;
                 let inv = _mm512_set1_ps(if scale > 0.0 { 127.0 / amax } else { 0.0 });
-                let (magic, bits) = (_mm512_set1_ps(MAGIC), _mm512_set1_epi32(MAGIC_BITS));
                 let r0 = _mm512_sub_epi32(
                     _mm512_castps_si512(_mm512_add_ps(_mm512_mul_ps(v0, inv), magic)),
                     bits,
