@@ -4,9 +4,9 @@
 //! - `decode_attention_4096`: one layer of 4096 tokens (about 3 MiB FP16) that stays in the
 //!   last-level cache, so it measures the kernels' compute.
 //! - `decode_attention_30x1024_dram`: every layer of a 30-layer, 1024-token cache (23.6 MB
-//!   FP16), with a 64 MiB buffer read by the pool's threads before each step so the blocks
-//!   come from DRAM, as in a decode step whose weights evicted them; the layers run on a
-//!   pool thread as in the decoder. Throughput is against the bytes read. SIMD kernels only
+//!   FP16), with a buffer larger than the last-level cache (the bandwidth probe's size) read
+//!   by the pool's threads before each step so the blocks come from DRAM, as in a decode
+//!   step whose weights evicted them; the layers run on a pool thread as in the decoder. Throughput is against the bytes read. SIMD kernels only
 //!   (`cargo bench -p jetvlm-kvcache --bench attention -- dram/fp16/avx512`).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -94,7 +94,10 @@ fn bench(c: &mut Criterion) {
 
     let (layers, tokens) = (30, 1024);
     let mut g = c.benchmark_group("decode_attention_30x1024_dram");
-    let evict: Vec<u64> = (0..8u64 << 20).collect();
+    // Larger than the last-level cache (`bandwidth_buffer_bytes`: 4x the LLC, at least
+    // 256 MiB), or a host with a large LLC would serve the blocks from it.
+    let evict_words = jetvlm_core::sysinfo::bandwidth_buffer_bytes(64 << 20) / 8;
+    let evict: Vec<u64> = (0..evict_words as u64).collect();
     for policy in ["fp16", "mixed"] {
         let (cache, span) = build(policy, layers, tokens);
         g.throughput(Throughput::Bytes(cache.memory().attention_read_bytes));
