@@ -6,8 +6,9 @@
 //! - `decode_attention_30x1024_dram`: every layer of a 30-layer, 1024-token cache (23.6 MB
 //!   FP16), with a buffer larger than the last-level cache (the bandwidth probe's size) read
 //!   by the pool's threads before each step so the blocks come from DRAM, as in a decode
-//!   step whose weights evicted them; the layers run on a pool thread as in the decoder. Throughput is against the bytes read. SIMD kernels only
-//!   (`cargo bench -p jetvlm-kvcache --bench attention -- dram/fp16/avx512`).
+//!   step whose weights evicted them; the layers run on a pool thread as in the decoder.
+//!   Throughput is against the bytes read. SIMD kernels only (`cargo bench -p
+//!   jetvlm-kvcache --bench attention -- dram/fp16/avx512`).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use jetvlm_core::TokenKind;

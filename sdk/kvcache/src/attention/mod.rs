@@ -33,7 +33,8 @@ use crate::pool::{Pool, PoolLayout};
 /// attention bench's `dram` case, 30 layers x 1024 tokens from DRAM):
 /// - an FP16 block prefetches the next block. On a 2-core Xeon VM (AVX-512, a core
 ///   streams about 15 GB/s from DRAM on its own) that takes the FP16 case from 1.71-1.85
-///   ms to 1.27 (2 threads; 1.41 at 2 blocks ahead); on a 2-core Zen 4 VM, whose hardware
+///   ms to 1.27 (2 threads; 1.41 at 2 blocks ahead; on a busier host, alternated three
+///   times, 2.07-2.22 ms to 1.61-1.69); on a 2-core Zen 4 VM, whose hardware
 ///   prefetcher follows a run of FP16 blocks well, it measured 1.38-1.40 ms against
 ///   1.32-1.36 with no hint (one thread);
 /// - a quantized block, which takes longer per byte, prefetches the next block (mixed
