@@ -5,7 +5,7 @@
 //! they read. The layer matrices of one format exceed a server's last-level cache, so each
 //! pass reads them from DRAM.
 //!
-//!     cargo run --release -p jetvlm-decoder --example qgemv_probe -- [--passes N] [--layers N] [--banded] [--head] [FORMAT...]
+//!     cargo run --release -p jetvlm-decoder --example qgemv_probe -- [--passes N] [--layers N] [--banded] [--head] [--evict] [FORMAT...]
 //!
 //! FORMAT: `bf16`, `q8`, `q4` (groups of 64), `q4g32`, `q4g128`, `q8g32`, `q8g128`; default
 //! `q4 q8 bf16`. `--head` adds the 49152x576 LM head (INT8 g64 for the quantized formats).
@@ -14,6 +14,12 @@
 //! they stay row-major on ordinary pages.
 //! `--layers N` (default 30) sets how many layers of matrices a pass reads: a few layers fit
 //! the last-level cache and measure the kernels' arithmetic ceiling instead of DRAM's.
+//! `--evict` reads the bandwidth probe's buffer (`jetvlm_core::sysinfo::ReadProbe`, 4x the
+//! last-level cache and at least 256 MiB) before every pass, as `jetvlm bench decode` does
+//! before every step: on a host whose last-level cache holds all the layers (hundreds of MB
+//! on some servers) the passes would otherwise read it instead of DRAM. Each format's line
+//! then also shows the mean of the probe reads before its passes and the passes' share of
+//! it.
 //! Threads: rayon's (`RAYON_NUM_THREADS`).
 
 use half::f16;
@@ -27,6 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut head = false;
     let mut layers = 30usize;
     let mut banded = false;
+    let mut evict = false;
     let mut formats = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -34,6 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--passes" => passes = args.next().ok_or("--passes needs a value")?.parse()?,
             "--head" => head = true,
             "--banded" => banded = true,
+            "--evict" => evict = true,
             "--layers" => layers = args.next().ok_or("--layers needs a value")?.parse()?,
             _ => formats.push(a),
         }
@@ -66,10 +74,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let mut y = vec![0f32; 49152];
     let mut times = vec![Vec::new(); formats.len()];
+    let probe = evict.then(|| {
+        jetvlm_core::sysinfo::ReadProbe::new(
+            jetvlm_core::sysinfo::bandwidth_buffer_bytes(0),
+            rayon::current_num_threads(),
+        )
+    });
+    // Seconds of the probe read before each timed pass, per format.
+    let mut probe_times = vec![Vec::new(); formats.len()];
     // Two warm-up rounds, then `passes` rounds of one pass per format. The passes run on
     // the thread pool, as the decoder's forward step does.
     for round in 0..passes + 2 {
-        for (mats, t) in stacks.iter().zip(&mut times) {
+        for ((mats, t), pt) in stacks.iter().zip(&mut times).zip(&mut probe_times) {
+            let read = probe.as_ref().map(jetvlm_core::sysinfo::ReadProbe::read);
             let s = rayon::scope(|_| {
                 let start = Instant::now();
                 for m in mats {
@@ -80,16 +97,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             });
             if round >= 2 {
                 t.push(s);
+                pt.extend(read);
             }
         }
     }
     println!("{} threads, {passes} passes", rayon::current_num_threads());
-    for ((f, mats), t) in formats.iter().zip(&stacks).zip(&mut times) {
+    for (((f, mats), t), pt) in formats
+        .iter()
+        .zip(&stacks)
+        .zip(&mut times)
+        .zip(&probe_times)
+    {
         let bytes: usize = mats.iter().map(|m| m.held_bytes()).sum();
+        let mean = t.iter().sum::<f64>() / t.len() as f64;
         t.sort_by(f64::total_cmp);
         let (best, med) = (t[0], t[t.len() / 2]);
+        let probe_note = probe.as_ref().map_or(String::new(), |p| {
+            let gbs = p.bytes() as f64 * pt.len() as f64 / pt.iter().sum::<f64>() / 1e9;
+            let mean_gbs = bytes as f64 / mean / 1e9;
+            format!(
+                "  probe {gbs:>5.1} GB/s, mean pass {mean_gbs:>5.1} GB/s = {:>3.0}%",
+                100.0 * mean_gbs / gbs
+            )
+        });
         println!(
-            "{f:<7} {:>7.1} MB  best {:>6.2} ms {:>5.1} GB/s  median {:>6.2} ms {:>5.1} GB/s",
+            "{f:<7} {:>7.1} MB  best {:>6.2} ms {:>5.1} GB/s  median {:>6.2} ms {:>5.1} GB/s{probe_note}",
             bytes as f64 / 1e6,
             best * 1e3,
             bytes as f64 / best / 1e9,
