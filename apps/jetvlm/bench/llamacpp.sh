@@ -100,6 +100,14 @@ target=${CARGO_TARGET_DIR:-target}
 work=$target/llamacpp
 src=$work/$version/src
 build=$work/$version/build
+# Native flags without AMX: where the CPU has AMX, GGML_NATIVE compiles ggml's AMX matrix
+# path, which crashes (SIGSEGV in ggml::cpu::amx::tensor_traits::compute_forward) in a VM
+# that advertises AMX; jetvlm's kernels do not use AMX either (a Jetson has none).
+native_cflags=""
+if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+  native_cflags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  build=$work/$version/build-noamx
+fi
 log() { printf '[llamacpp] %s\n' "$*" >&2; }
 mkdir -p "$work"
 
@@ -120,8 +128,9 @@ commit=$(awk -v v="## [$version]" '$0 == v {f = 1; next} f && /^## \[/ {exit}
   f && match($0, /llama\.cpp@[0-9a-f]+/) {print substr($0, RSTART + 10, RLENGTH - 10); exit}' "$src/CHANGELOG.md")
 [ -n "$commit" ] || commit=unknown
 if [ ! -f "$build/CMakeCache.txt" ]; then
-  log "configuring llama.cpp $commit (CPU only, GGML_NATIVE)"
+  log "configuring llama.cpp $commit (CPU only, GGML_NATIVE${native_cflags:+, without AMX})"
   cmake -S "$lcpp" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -DCMAKE_C_FLAGS="$native_cflags" -DCMAKE_CXX_FLAGS="$native_cflags" \
     -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF \
     -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DGGML_CCACHE=OFF \
