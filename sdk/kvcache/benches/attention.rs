@@ -97,7 +97,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode_attention_30x1024_dram");
     // Larger than the last-level cache (`bandwidth_buffer_bytes`: 4x the LLC, at least
     // 256 MiB), or a host with a large LLC would serve the blocks from it.
-    let evict_words = jetvlm_core::sysinfo::bandwidth_buffer_bytes(64 << 20) / 8;
+    let evict_words = jetvlm_core::sysinfo::bandwidth_buffer_bytes(0) / 8;
     let evict: Vec<u64> = (0..evict_words as u64).collect();
     for policy in ["fp16", "mixed"] {
         let (cache, span) = build(policy, layers, tokens);

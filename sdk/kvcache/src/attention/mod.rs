@@ -29,18 +29,17 @@ use crate::cells::{Cells, PoolKind, Span};
 use crate::layout::{Fp16Layout, QuantLayout};
 use crate::pool::{Pool, PoolLayout};
 
-/// How many blocks ahead a task prefetches, by the pool of the block it reads (the
-/// attention bench's `dram` case, 30 layers x 1024 tokens from DRAM):
-/// - an FP16 block prefetches the next block. On a 2-core Xeon VM (AVX-512, a core
-///   streams about 15 GB/s from DRAM on its own) that takes the FP16 case from 1.71-1.85
-///   ms to 1.27 (2 threads; 1.41 at 2 blocks ahead; on a busier host, alternated three
-///   times, 2.07-2.22 ms to 1.61-1.69); on a 2-core Zen 4 VM, whose hardware
-///   prefetcher follows a run of FP16 blocks well, it measured 1.38-1.40 ms against
-///   1.32-1.36 with no hint (one thread);
-/// - a quantized block, which takes longer per byte, prefetches the next block (mixed
-///   policy, Zen 4: 1.05 ms at 1, 1.12-1.16 at 0, 1.12 at 2; Xeon: 0.72 ms at 1, 0.77 at
-///   0, 0.75 at 2).
-const PREFETCH_AHEAD: [usize; 2] = [1, 1];
+/// How many blocks ahead a task prefetches, whichever pool the block is in (the attention
+/// bench's `dram` case, 30 layers x 1024 tokens from DRAM):
+/// - FP16 blocks: on a 2-core Xeon VM (AVX-512, a core streams about 15 GB/s from DRAM on
+///   its own) one block ahead takes the FP16 case from 1.71-1.85 ms (0: a block hints only
+///   its own lines) to 1.27 (2 threads; 1.41 at 2 blocks ahead; on a busier host,
+///   alternated three times, 2.07-2.22 ms to 1.61-1.69); on a 2-core Zen 4 VM, whose
+///   hardware prefetcher follows a run of FP16 blocks well, it measured 1.38-1.40 ms
+///   against 1.32-1.36 at 0 (one thread);
+/// - quantized blocks, which take longer per byte (mixed policy, Zen 4: 1.05 ms at 1,
+///   1.12-1.16 at 0, 1.12 at 2; Xeon: 0.72 ms at 1, 0.77 at 0, 0.75 at 2).
+const PREFETCH_AHEAD: usize = 1;
 
 /// Largest query heads per KV head the fast kernels take.
 pub const MAX_GQA: usize = 16;
@@ -369,7 +368,7 @@ fn run_task(
             // burst of a whole segment's lines stalls the kernel's loads behind full miss
             // buffers (one thread from DRAM, FP16: ~1200 us per call with one burst, ~1050
             // with two pieces, ~840 with four).
-            let ahead = PREFETCH_AHEAD[b.pool as usize];
+            let ahead = PREFETCH_AHEAD;
             let from = if bi == 0 { 1 } else { bi + ahead };
             let mut later: [&[u8]; 3] = [&[]; 3];
             for next in blocks.iter().take(bi + ahead + 1).skip(from) {
