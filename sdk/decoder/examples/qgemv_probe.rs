@@ -65,7 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         if banded {
             // As the CPU decoder holds banded matrices.
-            jetvlm_decoder::weights::band_in_huge_pages(mats.iter_mut());
+            jetvlm_decoder::weights::hold_in_huge_pages(mats.iter_mut(), true);
         }
         stacks.push(mats);
     }

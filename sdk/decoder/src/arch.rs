@@ -195,11 +195,23 @@ impl<W, V> DecoderWeights<W, V> {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Every matrix: the embedding table, each layer's q, k, v, o, gate, up and down, the
-    /// LM head when untied.
-    pub fn matrices_mut(&mut self) -> impl Iterator<Item = &mut W> {
-        std::iter::once(&mut self.embed)
-            .chain(self.layers.iter_mut().flat_map(|l| {
+    /// The matrices a single-token step reads whole: each layer's q, k, v, o, gate, up and
+    /// down, then the LM head (the embedding table when tied; an untied table is read a row
+    /// per token).
+    pub fn streamed_mut(&mut self) -> impl Iterator<Item = &mut W> {
+        let DecoderWeights {
+            embed,
+            layers,
+            lm_head,
+            ..
+        } = self;
+        let head = match lm_head {
+            Some(h) => h,
+            None => embed,
+        };
+        layers
+            .iter_mut()
+            .flat_map(|l| {
                 [
                     &mut l.q.w,
                     &mut l.k.w,
@@ -209,8 +221,8 @@ impl<W, V> DecoderWeights<W, V> {
                     &mut l.up.w,
                     &mut l.down.w,
                 ]
-            }))
-            .chain(self.lm_head.as_mut())
+            })
+            .chain(std::iter::once(head))
     }
 }
 

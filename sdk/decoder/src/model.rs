@@ -257,11 +257,13 @@ impl Model {
     /// missing or misshapen tensor is an error naming it and its file.
     pub fn from_weights(config: Config, ws: &Weights, opts: &LoadOptions) -> Result<Self> {
         let mut weights = arch::load(&config.model, ws, opts.dtype, &mut CpuSink)?;
-        // Where the AVX-512 VNNI decode kernel runs, quantized matrices are held in the
-        // layout it reads (`QuantData::banded`), in huge pages, one copy.
-        if crate::qkernels::Kernel::picked() == crate::qkernels::Kernel::Vnni {
-            crate::weights::band_in_huge_pages(weights.matrices_mut());
-        }
+        // The matrices a decode step streams move into huge pages (one copy); where the
+        // AVX-512 VNNI decode kernel runs, quantized ones in the layout it reads
+        // (`QuantData::banded`).
+        crate::weights::hold_in_huge_pages(
+            weights.streamed_mut(),
+            crate::qkernels::Kernel::picked() == crate::qkernels::Kernel::Vnni,
+        );
         let rope = Rope::new(&config.model);
         let rope_local = arch::local_rope_config(&config.model).map(|c| Rope::new(&c));
         Ok(Model {

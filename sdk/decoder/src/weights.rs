@@ -33,7 +33,7 @@ enum Bytes {
         words: Arc<Vec<u32>>,
         len: usize,
     },
-    /// A range of a page-backed buffer shared by several tensors ([`band_in_huge_pages`]).
+    /// A range of a page-backed buffer shared by several tensors ([`hold_in_huge_pages`]).
     Paged {
         buf: Arc<jetvlm_core::mem::PageBuffer>,
         start: usize,
@@ -60,25 +60,33 @@ impl Bytes {
     }
 }
 
-/// Puts every quantized matrix among `tensors` that the banded layout covers
-/// ([`QuantData::banded`], [`Tensor::banded`]) into that layout, all of them in one
-/// page-backed buffer advised as 2 MiB transparent huge pages (each part 64-byte aligned);
-/// other tensors are left as they are. A decode step streams every matrix once: on 4 KiB
-/// pages it takes a TLB miss, and the hardware prefetcher starts over, every 4 KiB. Each
-/// matrix is banded straight from the file's mapping into the buffer and its mapped pages
-/// are then released ([`Tensor::release_mapping`]), so loading holds one copy.
-pub fn band_in_huge_pages<'t>(tensors: impl Iterator<Item = &'t mut Tensor>) {
-    let mut tensors: Vec<&mut Tensor> = tensors.filter(|t| t.bandable()).collect();
-    // Where each one's codes, scales and zeros (none for INT8) lie in the buffer:
-    // (start, len), every part 64-byte aligned.
+/// Moves the matrices among `tensors` that a file maps (or, with `band`, that the banded
+/// layout covers) into one page-backed buffer advised as 2 MiB transparent huge pages (each
+/// part 64-byte aligned): with `band` (where the AVX-512 VNNI kernel runs) every quantized
+/// matrix that the banded layout covers in that layout ([`QuantData::banded`],
+/// [`Tensor::banded`]); every other mapped matrix as it is stored. Other tensors are left as
+/// they are. A decode step streams every matrix once: on 4 KiB pages it takes a TLB miss,
+/// and the hardware prefetcher starts over, every 4 KiB. Each matrix is copied (banded)
+/// straight from the file's mapping into the buffer and its mapped pages are then released
+/// ([`Tensor::release_mapping`]), so loading holds one copy.
+pub fn hold_in_huge_pages<'t>(tensors: impl Iterator<Item = &'t mut Tensor>, band: bool) {
+    let mut tensors: Vec<&mut Tensor> = tensors
+        .filter(|t| {
+            (band && t.bandable())
+                || (t.shape.len() == 2 && matches!(t.bytes, Bytes::Mapped { .. }))
+        })
+        .collect();
+    // Where each one's bytes (codes), scales and zeros (none for INT8 and floats) lie in
+    // the buffer: (start, len), every part 64-byte aligned.
     let mut total = 0;
     let spans: Vec<[(usize, usize); 3]> = tensors
         .iter()
         .map(|t| {
-            let TensorData::Quant(q) = t.data() else {
-                unreachable!("bandable tensors are quantized")
+            let lens = match t.data() {
+                TensorData::Quant(q) => [q.codes.len(), 2 * q.scales.len(), 2 * q.zeros.len()],
+                _ => [t.bytes.as_slice().len(), 0, 0],
             };
-            [q.codes.len(), 2 * q.scales.len(), 2 * q.zeros.len()].map(|n| {
+            lens.map(|n| {
                 let start = total;
                 total += n.next_multiple_of(64);
                 (start, n)
@@ -94,11 +102,21 @@ pub fn band_in_huge_pages<'t>(tensors: impl Iterator<Item = &'t mut Tensor>) {
         // The three parts in order, disjoint: split at the scales' and the zeros' starts.
         let (head, tail) = bytes.split_at_mut(sc.0);
         let (scales, zeros) = tail.split_at_mut(z.0 - sc.0);
-        t.band_into(
-            &mut head[c.0..c.0 + c.1],
-            bytemuck::cast_slice_mut(&mut scales[..sc.1]),
-            bytemuck::cast_slice_mut(&mut zeros[..z.1]),
-        );
+        if band && t.bandable() {
+            t.band_into(
+                &mut head[c.0..c.0 + c.1],
+                bytemuck::cast_slice_mut(&mut scales[..sc.1]),
+                bytemuck::cast_slice_mut(&mut zeros[..z.1]),
+            );
+        } else {
+            head[c.0..c.0 + c.1].copy_from_slice(t.bytes.as_slice());
+            if let Some(q) = t.quant.as_ref() {
+                scales[..sc.1].copy_from_slice(q.scales.as_slice());
+                if let Some(zs) = &q.zeros {
+                    zeros[..z.1].copy_from_slice(zs.as_slice());
+                }
+            }
+        }
         t.release_mapping();
     }
     let buf = Arc::new(buf);
@@ -108,13 +126,14 @@ pub fn band_in_huge_pages<'t>(tensors: impl Iterator<Item = &'t mut Tensor>) {
         len,
     };
     for (t, [c, sc, z]) in tensors.iter_mut().zip(&spans) {
+        let banded = band && t.bandable();
         t.bytes = paged(*c);
         if let Some(q) = t.quant.as_mut() {
             q.scales = paged(*sc);
             if q.zeros.is_some() {
                 q.zeros = Some(paged(*z));
             }
-            q.banded = true;
+            q.banded = banded;
         }
     }
 }
@@ -615,7 +634,7 @@ impl Tensor {
     /// This quantized matrix in the banded layout ([`QuantData::banded`]): an owned copy of
     /// the same size. `None` for a float tensor, one already banded, or a shape the layout
     /// does not cover (rows not a multiple of [`BAND`], a row of codes not a multiple of 4
-    /// bytes). The CPU decoder bands its matrices with [`band_in_huge_pages`].
+    /// bytes). The CPU decoder bands its matrices with [`hold_in_huge_pages`].
     pub fn banded(&self) -> Option<Tensor> {
         if !self.bandable() {
             return None;
@@ -1223,6 +1242,69 @@ mod tests {
         assert_eq!(h.to_f32_vec(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         let f = t.converted(DType::F16).unwrap();
         assert_eq!(f.data().get(5), 6.0);
+    }
+
+    /// Mapped matrices move into the huge-page buffer with the same values: floats and,
+    /// without `band`, quantized ones as stored; with `band` quantized ones banded. Owned
+    /// tensors stay where they are.
+    #[test]
+    fn held_in_huge_pages_matrices_keep_their_values() {
+        use safetensors::{Dtype, tensor::TensorView};
+        let (rows, cols) = (32usize, 64usize);
+        let w: Vec<u8> = (0..rows * cols)
+            .flat_map(|i| bf16::from_f32((i % 13) as f32 * 0.25 - 1.0).to_le_bytes())
+            .collect();
+        let codes: Vec<u8> = (0..rows * cols / 2).map(|i| (i * 37 % 251) as u8).collect();
+        let params = |base: f32| -> Vec<u8> {
+            (0..rows)
+                .flat_map(|r| f16::from_f32(base + r as f32 * 1e-3).to_le_bytes())
+                .collect()
+        };
+        let (scales, zeros) = (params(0.01), params(-0.3));
+        let views = vec![
+            (
+                "a.weight",
+                TensorView::new(Dtype::BF16, vec![rows, cols], &w).unwrap(),
+            ),
+            (
+                "b.qweight",
+                TensorView::new(Dtype::U8, vec![rows, cols / 2], &codes).unwrap(),
+            ),
+            (
+                "b.scales",
+                TensorView::new(Dtype::F16, vec![rows, 1], &scales).unwrap(),
+            ),
+            (
+                "b.zeros",
+                TensorView::new(Dtype::F16, vec![rows, 1], &zeros).unwrap(),
+            ),
+        ];
+        let d = tempfile::tempdir().unwrap();
+        safetensors::serialize_to_file(views, None, &d.path().join("model.safetensors")).unwrap();
+        let ws = Weights::open(d.path()).unwrap();
+        let values = |t: &Tensor| t.to_f32_vec();
+        for band in [false, true] {
+            let a = ws.get("a.weight", &[rows, cols]).unwrap();
+            let b = ws.get("b.weight", &[rows, cols]).unwrap();
+            let owned = Tensor::from_f32("c", vec![2, 2], &[1.0, 2.0, 3.0, 4.0]);
+            let want = [values(&a), values(&b), values(&owned)];
+            let mut ts = [a, b, owned];
+            assert!(ts.iter().all(|t| !matches!(t.bytes, Bytes::Paged { .. })));
+            hold_in_huge_pages(ts.iter_mut(), band);
+            assert!(matches!(ts[0].bytes, Bytes::Paged { .. }));
+            assert!(matches!(ts[1].bytes, Bytes::Paged { .. }));
+            assert!(matches!(ts[2].bytes, Bytes::Owned { .. }));
+            let TensorData::Quant(q) = ts[1].data() else {
+                panic!("b is quantized")
+            };
+            assert_eq!(q.banded, band);
+            for (t, v) in ts.iter().zip(&want) {
+                assert_eq!(&values(t), v, "{} (band {band})", t.name());
+            }
+            // The buffer's parts start on cache lines.
+            assert_eq!(ts[0].bytes.as_slice().as_ptr() as usize % 64, 0);
+            assert_eq!(q.scales.as_ptr() as usize % 64, 0);
+        }
     }
 
     #[test]
