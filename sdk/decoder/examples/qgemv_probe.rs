@@ -9,8 +9,8 @@
 //!
 //! FORMAT: `bf16`, `q8`, `q4` (groups of 64), `q4g32`, `q4g128`, `q8g32`, `q8g128`; default
 //! `q4 q8 bf16`. `--head` adds the 49152x576 LM head (INT8 g64 for the quantized formats).
-//! `--banded` puts the quantized matrices in the banded layout, in huge pages, as the CPU
-//! decoder holds them where the AVX-512 VNNI kernel runs (`band_in_huge_pages`); without it
+//! `--banded` holds the matrices as the CPU decoder does where the AVX-512 VNNI kernel runs
+//! (`hold_in_huge_pages`): in huge pages, the quantized ones in the banded layout; without it
 //! they stay row-major on ordinary pages.
 //! `--layers N` (default 30) sets how many layers of matrices a pass reads: a few layers fit
 //! the last-level cache and measure the kernels' arithmetic ceiling instead of DRAM's.

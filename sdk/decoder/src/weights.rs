@@ -60,22 +60,25 @@ impl Bytes {
     }
 }
 
-/// Moves the matrices among `tensors` that a file maps (or, with `band`, that the banded
-/// layout covers) into one page-backed buffer advised as 2 MiB transparent huge pages (each
-/// part 64-byte aligned): with `band` (where the AVX-512 VNNI kernel runs) every quantized
-/// matrix that the banded layout covers in that layout ([`QuantData::banded`],
-/// [`Tensor::banded`]); every other mapped matrix as it is stored. Other tensors are left as
-/// they are. A decode step streams every matrix once: on 4 KiB pages it takes a TLB miss,
-/// and the hardware prefetcher starts over, every 4 KiB. Each matrix is copied (banded)
-/// straight from the file's mapping into the buffer and its mapped pages are then released
-/// ([`Tensor::release_mapping`]), so loading holds one copy.
+/// Moves the matrices among `tensors` into one page-backed buffer advised as 2 MiB
+/// transparent huge pages (each part 64-byte aligned): with `band` (where the AVX-512 VNNI
+/// kernel runs) every quantized matrix that the banded layout covers in that layout
+/// ([`QuantData::banded`], [`Tensor::banded`]), every other matrix (float, or quantized
+/// without `band`) as it is stored; tensors of other ranks, and matrices already in such a
+/// buffer, stay as they are. A decode step streams every matrix once: on 4 KiB pages it
+/// takes a TLB miss, and the hardware prefetcher starts over, every 4 KiB. Each matrix is
+/// copied (banded) straight from the file's mapping (or its owned copy) into the buffer,
+/// whose pages are committed as they are written, and its old storage is then released
+/// (mapped pages: [`Tensor::release_mapping`]; an owned copy is freed), so moving holds one
+/// copy plus the matrix being copied.
 pub fn hold_in_huge_pages<'t>(tensors: impl Iterator<Item = &'t mut Tensor>, band: bool) {
     let mut tensors: Vec<&mut Tensor> = tensors
         .filter(|t| {
             (band && t.bandable())
-                || (t.shape.len() == 2 && matches!(t.bytes, Bytes::Mapped { .. }))
+                || (t.shape.len() == 2 && !matches!(t.bytes, Bytes::Paged { .. }))
         })
         .collect();
+    let banded: Vec<bool> = tensors.iter().map(|t| band && t.bandable()).collect();
     // Where each one's bytes (codes), scales and zeros (none for INT8 and floats) lie in
     // the buffer: (start, len), every part 64-byte aligned.
     let mut total = 0;
@@ -98,11 +101,11 @@ pub fn hold_in_huge_pages<'t>(tensors: impl Iterator<Item = &'t mut Tensor>, ban
     }
     let mut buf = jetvlm_core::mem::PageBuffer::zeroed(total);
     let bytes = buf.bytes_mut();
-    for (t, [c, sc, z]) in tensors.iter().zip(&spans) {
+    for ((t, [c, sc, z]), &to_band) in tensors.iter_mut().zip(&spans).zip(&banded) {
         // The three parts in order, disjoint: split at the scales' and the zeros' starts.
         let (head, tail) = bytes.split_at_mut(sc.0);
         let (scales, zeros) = tail.split_at_mut(z.0 - sc.0);
-        if band && t.bandable() {
+        if to_band {
             t.band_into(
                 &mut head[c.0..c.0 + c.1],
                 bytemuck::cast_slice_mut(&mut scales[..sc.1]),
@@ -118,6 +121,13 @@ pub fn hold_in_huge_pages<'t>(tensors: impl Iterator<Item = &'t mut Tensor>, ban
             }
         }
         t.release_mapping();
+        // An owned copy is freed now (the buffer takes its place below), not at the end.
+        let empty = || Bytes::owned(&[]);
+        t.bytes = empty();
+        if let Some(q) = t.quant.as_mut() {
+            q.scales = empty();
+            q.zeros = q.zeros.as_ref().map(|_| empty());
+        }
     }
     let buf = Arc::new(buf);
     let paged = |(start, len): (usize, usize)| Bytes::Paged {
@@ -125,15 +135,14 @@ pub fn hold_in_huge_pages<'t>(tensors: impl Iterator<Item = &'t mut Tensor>, ban
         start,
         len,
     };
-    for (t, [c, sc, z]) in tensors.iter_mut().zip(&spans) {
-        let banded = band && t.bandable();
+    for ((t, [c, sc, z]), &to_band) in tensors.iter_mut().zip(&spans).zip(&banded) {
         t.bytes = paged(*c);
         if let Some(q) = t.quant.as_mut() {
             q.scales = paged(*sc);
             if q.zeros.is_some() {
                 q.zeros = Some(paged(*z));
             }
-            q.banded = banded;
+            q.banded = to_band;
         }
     }
 }
@@ -1244,9 +1253,9 @@ mod tests {
         assert_eq!(f.data().get(5), 6.0);
     }
 
-    /// Mapped matrices move into the huge-page buffer with the same values: floats and,
-    /// without `band`, quantized ones as stored; with `band` quantized ones banded. Owned
-    /// tensors stay where they are.
+    /// Matrices move into the huge-page buffer with the same values: floats (mapped or
+    /// owned) and, without `band`, quantized ones as stored; with `band` quantized ones
+    /// banded. Vectors stay where they are.
     #[test]
     fn held_in_huge_pages_matrices_keep_their_values() {
         use safetensors::{Dtype, tensor::TensorView};
@@ -1287,13 +1296,15 @@ mod tests {
             let a = ws.get("a.weight", &[rows, cols]).unwrap();
             let b = ws.get("b.weight", &[rows, cols]).unwrap();
             let owned = Tensor::from_f32("c", vec![2, 2], &[1.0, 2.0, 3.0, 4.0]);
-            let want = [values(&a), values(&b), values(&owned)];
-            let mut ts = [a, b, owned];
+            let vector = Tensor::from_f32("d", vec![3], &[1.0, 2.0, 3.0]);
+            let want = [values(&a), values(&b), values(&owned), values(&vector)];
+            let mut ts = [a, b, owned, vector];
             assert!(ts.iter().all(|t| !matches!(t.bytes, Bytes::Paged { .. })));
             hold_in_huge_pages(ts.iter_mut(), band);
-            assert!(matches!(ts[0].bytes, Bytes::Paged { .. }));
-            assert!(matches!(ts[1].bytes, Bytes::Paged { .. }));
-            assert!(matches!(ts[2].bytes, Bytes::Owned { .. }));
+            for t in &ts[..3] {
+                assert!(matches!(t.bytes, Bytes::Paged { .. }), "{}", t.name());
+            }
+            assert!(matches!(ts[3].bytes, Bytes::Owned { .. }));
             let TensorData::Quant(q) = ts[1].data() else {
                 panic!("b is quantized")
             };
